@@ -1,0 +1,251 @@
+//! HTTP/1.1 client for llama-orch sockets, with an SSE decoder for event streams.
+//!
+//! Today it speaks to an engine's Unix socket (tests, the bench and the CLI use it); the home
+//! stack adds TCP for orchestratord and pool-managerd. It owns connection setup and SSE decoding,
+//! not retries or policy.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use llorch_wire::engine::{EndEvent, EngineEvent, GenerateRequest, Health, SlotsStatus};
+use llorch_wire::sse::{Decoder, Frame};
+use llorch_wire::ErrorBody;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("HTTP error talking to {path}: {source}")]
+    Http {
+        path: PathBuf,
+        source: hyper::Error,
+    },
+    /// The server answered with an error status and (usually) a typed body.
+    #[error("{status}: {}", .body.as_ref().map(|b| b.to_string()).unwrap_or_else(|| .raw.clone()))]
+    Status {
+        status: StatusCode,
+        body: Option<ErrorBody>,
+        raw: String,
+        retry_after: Option<String>,
+    },
+    #[error("bad response: {0}")]
+    Decode(String),
+    #[error("the stream ended without an end or error event")]
+    Truncated,
+}
+
+/// A client for one Unix socket. Each request uses its own connection: on a Unix socket that
+/// costs microseconds, and it keeps a cancelled stream's connection from being reused.
+#[derive(Debug, Clone)]
+pub struct UnixClient {
+    path: PathBuf,
+}
+
+impl UnixClient {
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        Self {
+            path: path.as_ref().to_owned(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sends a request and returns the response head with its streaming body.
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ClientError> {
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.http(e))?;
+        tokio::spawn(async move {
+            // The connection ends when the response body is dropped or finished.
+            let _ = conn.await;
+        });
+        sender.send_request(req).await.map_err(|e| self.http(e))
+    }
+
+    fn http(&self, source: hyper::Error) -> ClientError {
+        ClientError::Http {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// `GET path`, decoding a JSON body whatever the status.
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(StatusCode, T), ClientError> {
+        let req = Request::get(path)
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .expect("static request");
+        let resp = self.send(req).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.http(e))?
+            .to_bytes();
+        let value = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&body))))?;
+        Ok((status, value))
+    }
+
+    /// `POST path` with raw bytes as the JSON body.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let req = Request::post(path)
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .expect("static request");
+        self.send(req).await
+    }
+
+    pub async fn health(&self) -> Result<(StatusCode, Health), ClientError> {
+        self.get_json("/health").await
+    }
+
+    pub async fn slots(&self) -> Result<SlotsStatus, ClientError> {
+        Ok(self.get_json("/slots").await?.1)
+    }
+
+    /// Starts a generation. Errors before the stream starts come back as
+    /// [`ClientError::Status`] with the engine's typed body.
+    pub async fn generate(&self, req: &GenerateRequest) -> Result<EventStream, ClientError> {
+        let body = serde_json::to_vec(req).expect("requests serialize");
+        let resp = self.post_raw("/generate", body).await?;
+        EventStream::from_response(resp, &self.path).await
+    }
+}
+
+/// Turns a non-success response into [`ClientError::Status`].
+pub async fn error_from_response(resp: Response<Incoming>) -> ClientError {
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let raw = match resp.into_body().collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        Err(e) => format!("(body unreadable: {e})"),
+    };
+    ClientError::Status {
+        status,
+        body: serde_json::from_str(&raw).ok(),
+        raw,
+        retry_after,
+    }
+}
+
+/// An SSE response body, decoded frame by frame as bytes arrive.
+pub struct EventStream {
+    body: Incoming,
+    decoder: Decoder,
+    ready: VecDeque<Frame>,
+    path: PathBuf,
+}
+
+/// The text and end event of a finished generation.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub text: String,
+    pub tokens: Vec<String>,
+    pub end: EndEvent,
+}
+
+impl EventStream {
+    pub async fn from_response(
+        resp: Response<Incoming>,
+        path: &Path,
+    ) -> Result<Self, ClientError> {
+        if resp.status() != StatusCode::OK {
+            return Err(error_from_response(resp).await);
+        }
+        Ok(Self {
+            body: resp.into_body(),
+            decoder: Decoder::default(),
+            ready: VecDeque::new(),
+            path: path.to_owned(),
+        })
+    }
+
+    /// The next SSE frame, or `None` when the body ended.
+    pub async fn next_frame(&mut self) -> Option<Result<Frame, ClientError>> {
+        loop {
+            if let Some(f) = self.ready.pop_front() {
+                return Some(Ok(f));
+            }
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.ready.extend(self.decoder.push(&data));
+                    }
+                }
+                Err(source) => {
+                    return Some(Err(ClientError::Http {
+                        path: self.path.clone(),
+                        source,
+                    }))
+                }
+            }
+        }
+    }
+
+    /// The next engine event, or `None` when the body ended.
+    pub async fn next_event(&mut self) -> Option<Result<EngineEvent, ClientError>> {
+        let frame = match self.next_frame().await? {
+            Ok(f) => f,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(EngineEvent::from_sse(&frame.event, &frame.data).map_err(ClientError::Decode))
+    }
+
+    /// Reads the stream to its end event; an `error` event is returned as its typed body.
+    pub async fn collect(mut self) -> Result<Completion, StreamFailure> {
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        while let Some(ev) = self.next_event().await {
+            match ev.map_err(StreamFailure::Client)? {
+                EngineEvent::Token(t) => {
+                    text.push_str(&t.t);
+                    tokens.push(t.t);
+                }
+                EngineEvent::End(end) => return Ok(Completion { text, tokens, end }),
+                EngineEvent::Error(body) => return Err(StreamFailure::Event(body)),
+            }
+        }
+        Err(StreamFailure::Client(ClientError::Truncated))
+    }
+}
+
+/// Why a stream did not end with an `end` event.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamFailure {
+    #[error(transparent)]
+    Client(ClientError),
+    #[error("error event: {0}")]
+    Event(ErrorBody),
+}

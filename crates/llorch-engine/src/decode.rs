@@ -1,0 +1,382 @@
+//! The decode loop: one thread owns the llama context and drives every active slot with one
+//! `llama_decode` per step (continuous batching). A request joins between two steps; prompts
+//! are evaluated in chunks inside the same batches as other slots' next tokens, so a long
+//! prompt never stalls streams already running.
+//!
+//! The loop receives jobs whose slot was already reserved in the [`SlotTable`], and it is the
+//! only place that releases a slot, exactly once per job, whatever way the job ends.
+
+use std::num::NonZeroU32;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llorch_wire::engine::{defaults, EndEvent, EngineEvent, FinishReason, TokenEvent};
+use llorch_wire::{ErrorBody, ErrorCode};
+use tokio::sync::mpsc::Sender;
+
+use crate::model::{backend, Model};
+use crate::slots::{common_prefix, SlotTable};
+use crate::text::{Output, TextStream};
+
+/// Tokens evaluated per `llama_decode` call at most (prompt chunks plus one per generating slot).
+pub const BATCH_TOKENS: usize = 512;
+
+/// Sampling settings of one request, defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: i32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub seed: u32,
+}
+
+impl Sampling {
+    fn sampler(&self, n_vocab: i32) -> LlamaSampler {
+        let mut chain = Vec::with_capacity(6);
+        if self.repeat_penalty != 1.0 {
+            chain.push(LlamaSampler::penalties(n_vocab, 64, self.repeat_penalty, 0.0, 0.0));
+        }
+        if self.temperature == 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            if self.top_k > 0 {
+                chain.push(LlamaSampler::top_k(self.top_k));
+            }
+            chain.push(LlamaSampler::top_p(self.top_p, 1));
+            chain.push(LlamaSampler::min_p(self.min_p, 1));
+            chain.push(LlamaSampler::temp(self.temperature));
+            chain.push(LlamaSampler::dist(self.seed));
+        }
+        LlamaSampler::chain_simple(chain)
+    }
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: defaults::TEMPERATURE,
+            top_p: defaults::TOP_P,
+            top_k: defaults::TOP_K,
+            min_p: defaults::MIN_P,
+            repeat_penalty: defaults::REPEAT_PENALTY,
+            seed: 0,
+        }
+    }
+}
+
+/// One admitted request, with its slot already reserved.
+pub struct Job {
+    pub slot: usize,
+    pub prompt: Vec<i32>,
+    pub sampling: Sampling,
+    pub max_tokens: u32,
+    pub stop: Vec<String>,
+    /// Bounded by the number of events the job can produce (see `http.rs`), so `try_send`
+    /// never finds it full; a closed channel means the client went away.
+    pub events: Sender<EngineEvent>,
+    /// When the engine received the request; time to first token counts from here.
+    pub received: Instant,
+    pub task_id: Option<String>,
+}
+
+pub enum Command {
+    Run(Box<Job>),
+    /// Ends every active job with a `CANCELED` error (shutdown after the grace period).
+    CancelAll(String),
+}
+
+struct Active {
+    job: Box<Job>,
+    sampler: LlamaSampler,
+    text: TextStream,
+    /// Prompt tokens not yet evaluated.
+    pending: std::collections::VecDeque<i32>,
+    /// The token sampled last step, to be evaluated next step.
+    next: Option<i32>,
+    cached: u32,
+    generated: u32,
+    events_sent: u32,
+    first_token_at: Option<Instant>,
+    /// Index in this step's batch whose logits belong to this job.
+    logits_at: Option<i32>,
+}
+
+pub struct DecodeLoop {
+    model: Arc<Model>,
+    slots: Arc<Mutex<SlotTable>>,
+    ctx_per_slot: u32,
+    /// Tokens in each slot's KV cache (sequence id = slot index).
+    kv: Vec<Vec<i32>>,
+    active: Vec<Option<Active>>,
+}
+
+/// Creates the llama context and runs the loop until `commands` is closed and no job is left.
+pub fn run(
+    model: Arc<Model>,
+    slots: Arc<Mutex<SlotTable>>,
+    ctx_per_slot: u32,
+    threads: u32,
+    commands: Receiver<Command>,
+    started: &mut dyn FnMut(),
+) -> Result<(), String> {
+    let n_slots = slots.lock().expect("slot table lock").len();
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(ctx_per_slot * n_slots as u32))
+        .with_n_seq_max(n_slots as u32)
+        .with_n_batch(BATCH_TOKENS as u32)
+        .with_n_ubatch(BATCH_TOKENS as u32)
+        .with_n_threads(threads as i32)
+        .with_n_threads_batch(threads as i32)
+        .with_kv_unified(false);
+    let model_ref = Arc::clone(&model);
+    let mut ctx = model_ref
+        .llama
+        .new_context(backend(), params)
+        .map_err(|e| format!("cannot create the llama context: {e}"))?;
+    let mut this = DecodeLoop {
+        model,
+        slots,
+        ctx_per_slot,
+        kv: vec![Vec::new(); n_slots],
+        active: (0..n_slots).map(|_| None).collect(),
+    };
+    started();
+    this.run(&mut ctx, commands);
+    Ok(())
+}
+
+impl DecodeLoop {
+    fn run(&mut self, ctx: &mut LlamaContext<'_>, commands: Receiver<Command>) {
+        let mut batch = LlamaBatch::new(BATCH_TOKENS, self.active.len() as i32);
+        let n_vocab = self.model.llama.n_vocab();
+        loop {
+            // Take new work: wait when idle, otherwise only what has arrived.
+            let idle = self.active.iter().all(Option::is_none);
+            let first = if idle {
+                match commands.recv_timeout(Duration::from_secs(1)) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                None
+            };
+            let mut incoming: Vec<Command> = first.into_iter().collect();
+            loop {
+                match commands.try_recv() {
+                    Ok(c) => incoming.push(c),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if self.active.iter().all(Option::is_none) && incoming.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            for cmd in incoming {
+                match cmd {
+                    Command::Run(job) => self.start(ctx, job, n_vocab),
+                    Command::CancelAll(why) => {
+                        for slot in 0..self.active.len() {
+                            if self.active[slot].is_some() {
+                                let err = ErrorBody::new(ErrorCode::Canceled, why.clone());
+                                self.finish(slot, Err(err));
+                            }
+                        }
+                    }
+                }
+            }
+            // A client that went away frees its slot before the next step.
+            for slot in 0..self.active.len() {
+                if self.active[slot]
+                    .as_ref()
+                    .is_some_and(|a| a.job.events.is_closed())
+                {
+                    tracing::debug!(slot, "Client went away; cancelling.");
+                    self.finish(slot, Err(ErrorBody::new(ErrorCode::Canceled, "client gone")));
+                }
+            }
+            if !self.fill_batch(&mut batch) {
+                continue;
+            }
+            if let Err(e) = ctx.decode(&mut batch) {
+                tracing::error!(error = %e, "llama_decode failed; failing the active requests.");
+                for slot in 0..self.active.len() {
+                    if self.active[slot].is_some() {
+                        let err = ErrorBody::new(
+                            ErrorCode::EngineFailed,
+                            format!("the engine could not evaluate the batch: {e}"),
+                        );
+                        // The slot's cache is in an unknown state: forget it.
+                        self.kv[slot].clear();
+                        let _ = ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+                        self.finish(slot, Err(err));
+                    }
+                }
+                continue;
+            }
+            self.sample(ctx);
+        }
+    }
+
+    fn start(&mut self, ctx: &mut LlamaContext<'_>, job: Box<Job>, n_vocab: i32) {
+        let slot = job.slot;
+        debug_assert!(self.active[slot].is_none(), "slot {slot} reserved twice");
+        // Reuse the longest prefix already in this slot's cache. At least one prompt token is
+        // evaluated again, because sampling needs its logits.
+        let mut keep = common_prefix(&self.kv[slot], &job.prompt);
+        if keep == job.prompt.len() {
+            keep -= 1;
+        }
+        if !matches!(
+            ctx.clear_kv_cache_seq(Some(slot as u32), Some(keep as u32), None),
+            Ok(true)
+        ) {
+            // The cache could not be cut at `keep` (some model kinds cannot): start over.
+            let _ = ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+            keep = 0;
+        }
+        self.kv[slot].truncate(keep);
+        let active = Active {
+            sampler: job.sampling.sampler(n_vocab),
+            text: TextStream::new(job.stop.clone()),
+            pending: job.prompt[keep..].iter().copied().collect(),
+            next: None,
+            cached: keep as u32,
+            generated: 0,
+            events_sent: 0,
+            first_token_at: None,
+            logits_at: None,
+            job,
+        };
+        self.active[slot] = Some(active);
+    }
+
+    /// Puts one token per generating slot and prompt chunks into the batch. Returns false when
+    /// there is nothing to evaluate.
+    fn fill_batch(&mut self, batch: &mut LlamaBatch) -> bool {
+        batch.clear();
+        let mut used = 0usize;
+        for (slot, a) in self.active.iter_mut().enumerate() {
+            let Some(a) = a else { continue };
+            a.logits_at = None;
+            if let Some(tok) = a.next.take() {
+                let pos = self.kv[slot].len() as i32;
+                batch
+                    .add(LlamaToken(tok), pos, &[slot as i32], true)
+                    .expect("batch sized for one token per slot");
+                self.kv[slot].push(tok);
+                a.logits_at = Some(used as i32);
+                used += 1;
+            }
+        }
+        for (slot, a) in self.active.iter_mut().enumerate() {
+            let Some(a) = a else { continue };
+            while used < BATCH_TOKENS {
+                let Some(tok) = a.pending.pop_front() else {
+                    break;
+                };
+                let last = a.pending.is_empty();
+                let pos = self.kv[slot].len() as i32;
+                batch
+                    .add(LlamaToken(tok), pos, &[slot as i32], last)
+                    .expect("batch holds BATCH_TOKENS tokens");
+                self.kv[slot].push(tok);
+                if last {
+                    a.logits_at = Some(used as i32);
+                }
+                used += 1;
+            }
+        }
+        used > 0
+    }
+
+    fn sample(&mut self, ctx: &LlamaContext<'_>) {
+        let model = Arc::clone(&self.model);
+        let vocab = model.llama.vocab();
+        let mut piece = Vec::with_capacity(32);
+        for slot in 0..self.active.len() {
+            let Some(a) = self.active[slot].as_mut() else {
+                continue;
+            };
+            let Some(idx) = a.logits_at else { continue };
+            let token = a.sampler.sample(ctx, idx);
+            let now = Instant::now();
+            a.first_token_at.get_or_insert(now);
+            if vocab.is_eog(token) {
+                self.finish(slot, Ok(FinishReason::Stop));
+                continue;
+            }
+            a.generated += 1;
+            piece.clear();
+            vocab.token_to_piece_into(token, &mut piece, false, None);
+            let (text, stopped) = match a.text.push(&piece) {
+                Output::Text(t) => (t, false),
+                Output::Stopped(t) => (t, true),
+            };
+            if !text.is_empty() {
+                let i = a.events_sent;
+                a.events_sent += 1;
+                let _ = a.job.events.try_send(EngineEvent::Token(TokenEvent { t: text, i }));
+            }
+            if stopped {
+                self.finish(slot, Ok(FinishReason::Stop));
+            } else if a.generated >= a.job.max_tokens
+                || self.kv[slot].len() + 1 >= self.ctx_per_slot as usize
+            {
+                self.finish(slot, Ok(FinishReason::Length));
+            } else {
+                a.next = Some(token.0);
+            }
+        }
+    }
+
+    /// Ends the job in `slot`: sends its last event and releases the slot (exactly once: the
+    /// job is taken out of `active` here).
+    fn finish(&mut self, slot: usize, outcome: Result<FinishReason, ErrorBody>) {
+        let Some(mut a) = self.active[slot].take() else {
+            return;
+        };
+        let now = Instant::now();
+        let event = match outcome {
+            Ok(reason) => {
+                let rest = a.text.finish();
+                if !rest.is_empty() {
+                    let i = a.events_sent;
+                    a.events_sent += 1;
+                    let _ = a.job.events.try_send(EngineEvent::Token(TokenEvent { t: rest, i }));
+                }
+                let first = a.first_token_at.unwrap_or(now);
+                EngineEvent::End(EndEvent {
+                    finish_reason: reason,
+                    prompt_tokens: a.job.prompt.len() as u32,
+                    cached_tokens: a.cached,
+                    completion_tokens: a.generated,
+                    ttft_ms: ms(first - a.job.received),
+                    decode_ms: ms(now - first),
+                    slot: slot as u32,
+                })
+            }
+            Err(body) => EngineEvent::Error(body),
+        };
+        tracing::debug!(slot, task_id = a.job.task_id.as_deref().unwrap_or(""), event = event.name(), "Request finished.");
+        let _ = a.job.events.try_send(event);
+        self.slots
+            .lock()
+            .expect("slot table lock")
+            .release(slot, self.kv[slot].clone());
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

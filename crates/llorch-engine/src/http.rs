@@ -1,0 +1,431 @@
+//! The engine's HTTP/1.1 API on its Unix socket: `GET /health`, `GET /slots`,
+//! `POST /generate` (an SSE stream). Requests are admitted here: parsed, validated, rendered,
+//! tokenized, given a slot, and handed to the decode loop. The engine never queues: when every
+//! slot is busy it answers 503 with `Retry-After` and the caller (pool-managerd, orchestratord)
+//! decides what to do.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use llorch_wire::engine::{defaults, EngineEvent, GenerateRequest, Health, HealthState};
+use llorch_wire::{ErrorBody, ErrorCode};
+use tokio::sync::mpsc;
+
+use crate::decode::{Command, Job, Sampling};
+use crate::model::{Model, Progress};
+use crate::slots::SlotTable;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+/// `Retry-After` when every slot is busy or the model is still loading.
+const RETRY_AFTER_SECS: u64 = 1;
+
+pub type ResponseBody = Either<Full<Bytes>, SseBody>;
+
+const LOADING: u8 = 0;
+const READY: u8 = 1;
+const DRAINING: u8 = 2;
+
+/// What the request handlers share. The model part is set once loading finished.
+pub struct Shared {
+    phase: AtomicU8,
+    pub progress: Arc<Progress>,
+    pub model_path: String,
+    ready: OnceLock<Ready>,
+}
+
+pub struct Ready {
+    pub model: Arc<Model>,
+    pub slots: Arc<Mutex<SlotTable>>,
+    pub commands: SyncSender<Command>,
+    pub ctx_per_slot: u32,
+}
+
+impl Shared {
+    pub fn new(model_path: String) -> Self {
+        Self {
+            phase: AtomicU8::new(LOADING),
+            progress: Arc::new(Progress::default()),
+            model_path,
+            ready: OnceLock::new(),
+        }
+    }
+
+    pub fn set_ready(&self, ready: Ready) {
+        if self.ready.set(ready).is_ok() {
+            self.phase.store(READY, Ordering::SeqCst);
+        }
+    }
+
+    pub fn ready(&self) -> Option<&Ready> {
+        self.ready.get()
+    }
+
+    /// Stops admitting new requests (SIGTERM).
+    pub fn drain(&self) {
+        self.phase.store(DRAINING, Ordering::SeqCst);
+    }
+
+    pub fn busy_slots(&self) -> usize {
+        self.ready()
+            .map(|r| r.slots.lock().expect("slot table lock").busy())
+            .unwrap_or(0)
+    }
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let received = Instant::now();
+    let resp = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/health") => health(&shared),
+        (&Method::GET, "/slots") => match shared.ready() {
+            Some(r) => json(
+                StatusCode::OK,
+                &r.slots.lock().expect("slot table lock").status(),
+            ),
+            None => unready(&shared),
+        },
+        (&Method::POST, "/generate") => match generate(&shared, req, received).await {
+            Ok(resp) => resp,
+            Err((status, body)) => error(status, body),
+        },
+        (_, "/health" | "/slots" | "/generate") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorBody::invalid("method", format!("{} is not allowed here", req.method())),
+        ),
+        (_, path) => error(
+            StatusCode::NOT_FOUND,
+            ErrorBody::invalid(
+                "path",
+                format!("no such endpoint {path}; the engine serves /health, /slots and /generate"),
+            ),
+        ),
+    };
+    Ok(resp)
+}
+
+fn health(shared: &Shared) -> Response<ResponseBody> {
+    let (status, body) = match shared.phase.load(Ordering::SeqCst) {
+        READY => (
+            StatusCode::OK,
+            Health {
+                status: HealthState::Ready,
+                reason: None,
+                progress: None,
+            },
+        ),
+        DRAINING => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Health {
+                status: HealthState::Draining,
+                reason: Some("the engine is stopping".into()),
+                progress: None,
+            },
+        ),
+        _ => {
+            let p = shared.progress.get();
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Health {
+                    status: HealthState::Loading,
+                    reason: Some(format!(
+                        "loading model {} ({:.0}%)",
+                        shared.model_path,
+                        p * 100.0
+                    )),
+                    progress: Some(p),
+                },
+            )
+        }
+    };
+    let mut resp = json(status, &body);
+    if status != StatusCode::OK {
+        resp.headers_mut()
+            .insert("retry-after", RETRY_AFTER_SECS.into());
+    }
+    resp
+}
+
+fn unready(shared: &Shared) -> Response<ResponseBody> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorBody::new(
+            ErrorCode::PoolUnready,
+            format!("the engine is still loading {}", shared.model_path),
+        )
+        .with_retry_after_ms(RETRY_AFTER_SECS * 1000),
+    )
+}
+
+type Refusal = (StatusCode, ErrorBody);
+
+async fn generate(
+    shared: &Shared,
+    req: Request<Incoming>,
+    received: Instant,
+) -> Result<Response<ResponseBody>, Refusal> {
+    let ready = match shared.phase.load(Ordering::SeqCst) {
+        READY => shared.ready().expect("ready phase has a model"),
+        DRAINING => {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorBody::new(
+                    ErrorCode::PoolUnavailable,
+                    "the engine is stopping and takes no new requests",
+                ),
+            ))
+        }
+        _ => {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorBody::new(
+                    ErrorCode::PoolUnready,
+                    format!("the engine is still loading {}", shared.model_path),
+                )
+                .with_retry_after_ms(RETRY_AFTER_SECS * 1000),
+            ))
+        }
+    };
+    let body = Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorBody::invalid(
+                        "body",
+                        format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                    ),
+                )
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::invalid("body", format!("cannot read the request body: {e}")),
+                )
+            }
+        })?
+        .to_bytes();
+    let request = parse(&body).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+    request
+        .validate()
+        .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+    let n_slots = ready.slots.lock().expect("slot table lock").len();
+    if let Some(s) = request.slot {
+        if s as usize >= n_slots {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                ErrorBody::invalid(
+                    "slot",
+                    format!("slot is {s}; this engine has slots 0 to {}", n_slots - 1),
+                ),
+            ));
+        }
+    }
+    let (text, field) = match (&request.prompt, &request.messages) {
+        (Some(p), _) => (p.clone(), "prompt"),
+        (None, Some(m)) => (
+            ready
+                .model
+                .render_chat(m)
+                .map_err(|e| (StatusCode::BAD_REQUEST, e))?,
+            "messages",
+        ),
+        (None, None) => unreachable!("validate() requires one of them"),
+    };
+    let prompt = ready.model.tokenize(&text);
+    if prompt.is_empty() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            ErrorBody::invalid(field, format!("{field} renders to no tokens")),
+        ));
+    }
+    if prompt.len() >= ready.ctx_per_slot as usize {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            ErrorBody::invalid(
+                field,
+                format!(
+                    "{field} is {} tokens; a slot of this engine holds {} tokens including the answer (shorten the {field} or give the pool a larger ctx)",
+                    prompt.len(),
+                    ready.ctx_per_slot
+                ),
+            ),
+        ));
+    }
+    let reservation = ready
+        .slots
+        .lock()
+        .expect("slot table lock")
+        .reserve(&prompt, request.slot.map(|s| s as usize));
+    let Some(reservation) = reservation else {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                ErrorCode::PoolUnavailable,
+                format!("all {n_slots} slots of this engine are busy; retry later"),
+            )
+            .with_retry_after_ms(RETRY_AFTER_SECS * 1000),
+        ));
+    };
+    let max_tokens = request.max_tokens.unwrap_or(defaults::MAX_TOKENS);
+    // Every event of a job fits: at most one token event per generated token (bounded by the
+    // slot context), one flush of held-back text and one final event. So the decode loop's
+    // `try_send` never finds the channel full, and a slow client cannot stall other slots.
+    let capacity = max_tokens.min(ready.ctx_per_slot) as usize + 2;
+    let (tx, rx) = mpsc::channel(capacity);
+    let sampling = Sampling {
+        temperature: request.temperature.unwrap_or(defaults::TEMPERATURE),
+        top_p: request.top_p.unwrap_or(defaults::TOP_P),
+        top_k: request.top_k.unwrap_or(defaults::TOP_K),
+        min_p: request.min_p.unwrap_or(defaults::MIN_P),
+        repeat_penalty: request.repeat_penalty.unwrap_or(defaults::REPEAT_PENALTY),
+        seed: request.seed.unwrap_or_else(random_seed),
+    };
+    let job = Job {
+        slot: reservation.slot,
+        prompt,
+        sampling,
+        max_tokens,
+        stop: request.stop,
+        events: tx,
+        received,
+        task_id: request.task_id,
+    };
+    if ready.commands.try_send(Command::Run(Box::new(job))).is_err() {
+        // The decode loop is gone (stopping) or, impossibly, its queue is longer than the
+        // slot count. Give the slot back.
+        ready
+            .slots
+            .lock()
+            .expect("slot table lock")
+            .release(reservation.slot, Vec::new());
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(ErrorCode::PoolUnavailable, "the decode loop is not running"),
+        ));
+    }
+    let resp = Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .header("x-llorch-slot", reservation.slot)
+        .body(Either::Right(SseBody { rx }))
+        .expect("static response");
+    Ok(resp)
+}
+
+/// Parses the body, naming the field at fault for type errors and unknown fields.
+fn parse(body: &[u8]) -> Result<GenerateRequest, ErrorBody> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ErrorBody::invalid("body", format!("the request body is not valid JSON: {inner}"))
+        } else if path == "." {
+            // Top-level problems (an unknown field, a missing value) name it in serde's text.
+            let field = unknown_field(&inner.to_string()).unwrap_or_else(|| "body".into());
+            ErrorBody::invalid(field, format!("invalid request: {inner}"))
+        } else {
+            ErrorBody::invalid(path.clone(), format!("{path}: {inner}"))
+        }
+    })
+}
+
+/// Pulls the name out of serde's "unknown field `x`, expected ..." message.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+fn random_seed() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u32
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<ResponseBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Either::Left(Full::new(Bytes::from(
+            serde_json::to_vec(body).expect("bodies serialize"),
+        ))))
+        .expect("static response")
+}
+
+fn error(status: StatusCode, body: ErrorBody) -> Response<ResponseBody> {
+    let retry = body.retry_after_ms;
+    let mut resp = json(status, &body);
+    if let Some(ms) = retry {
+        resp.headers_mut()
+            .insert("retry-after", ms.div_ceil(1000).max(1).into());
+    }
+    resp
+}
+
+/// The SSE body of one generation. It ends when the decode loop drops the sender after the
+/// final event; dropping it (the client went away) closes the channel, which the decode loop
+/// notices before its next step and cancels the job.
+pub struct SseBody {
+    rx: mpsc::Receiver<EngineEvent>,
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(ev)) => {
+                // Coalesce what is already waiting into one write.
+                let mut out = ev.to_sse();
+                while let Ok(more) = self.rx.try_recv() {
+                    out.push_str(&more.to_sse());
+                }
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        let field = |body: &str| parse(body.as_bytes()).unwrap_err().field.unwrap();
+        assert_eq!(field(r#"{"prompt":"x","max_tokens":"ten"}"#), "max_tokens");
+        assert_eq!(field(r#"{"prompt":"x","temprature":1}"#), "temprature");
+        assert_eq!(field(r#"{"prompt":"x","#), "body");
+        assert_eq!(field(r#"{"messages":[{"role":"user","content":5}]}"#), "messages[0].content");
+        assert_eq!(field(r#"[1]"#), "body");
+        let err = parse(br#"{"prompt":"x","max_tokens":-1}"#).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("max_tokens"));
+        assert_eq!(err.code, ErrorCode::InvalidParams);
+    }
+}

@@ -1,0 +1,251 @@
+//! `llorch-engine`: one process serves one GGUF model on one device set.
+//!
+//! Code map:
+//! - [`config`]: flags and the engine plan, validated before anything loads.
+//! - [`model`]: loading with llama-cpp-2, chat template rendering, tokenization.
+//! - [`http`]: the Unix-socket API; admission of a request (validate, tokenize, reserve a slot).
+//! - [`slots`]: the slot table and prefix-cache-aware slot choice.
+//! - [`decode`]: the continuous-batching decode loop that owns the llama context.
+//! - [`text`]: UTF-8-safe streaming and stop strings.
+//! - [`handoff`]: the handoff file written when ready and removed on a clean stop.
+//!
+//! The engine never listens on a network socket and never queues: it serves its slots or says
+//! it is busy.
+
+pub mod config;
+pub mod decode;
+pub mod handoff;
+pub mod http;
+pub mod model;
+pub mod slots;
+pub mod text;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use llorch_os::ListenerOrigin;
+use llorch_wire::handoff::{Handoff, HANDOFF_VERSION};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::EngineConfig;
+use crate::http::{Ready, Shared};
+use crate::model::Model;
+use crate::slots::SlotTable;
+
+/// Exit codes, after sysexits.h where one fits.
+pub mod exit {
+    /// Configuration invalid.
+    pub const USAGE: i32 = 64;
+    /// The model file is not a usable GGUF file (not GGUF, truncated, malformed).
+    pub const DATAERR: i32 = 65;
+    /// The model file does not exist or cannot be read.
+    pub const NOINPUT: i32 = 66;
+    /// The socket cannot be bound or taken.
+    pub const UNAVAILABLE: i32 = 69;
+    /// llama.cpp failed to load the model or create its context.
+    pub const SOFTWARE: i32 = 70;
+    /// The handoff file cannot be written.
+    pub const CANTCREAT: i32 = 73;
+}
+
+/// Why the engine stopped with an error; each maps to an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] llorch_gguf::GgufError),
+    #[error(transparent)]
+    Listen(#[from] llorch_os::ListenError),
+    #[error("{0}")]
+    Load(String),
+    #[error("cannot write the handoff file in {dir}: {source}")]
+    Handoff {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl EngineError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            EngineError::Model(llorch_gguf::GgufError::NotFound { .. })
+            | EngineError::Model(llorch_gguf::GgufError::Io { .. }) => exit::NOINPUT,
+            EngineError::Model(_) => exit::DATAERR,
+            EngineError::Listen(_) => exit::UNAVAILABLE,
+            EngineError::Load(_) => exit::SOFTWARE,
+            EngineError::Handoff { .. } => exit::CANTCREAT,
+        }
+    }
+}
+
+/// Checks the model file's GGUF header (exists, is GGUF, is whole) without loading it.
+pub fn check_model(config: &EngineConfig) -> Result<llorch_gguf::GgufInfo, EngineError> {
+    let info = llorch_gguf::inspect(&config.model_path)?;
+    if let Some(train) = info.context_length() {
+        if u64::from(config.ctx_per_slot) > train {
+            tracing::warn!(
+                ctx = config.ctx_per_slot,
+                trained = train,
+                "The context per slot is larger than the model was trained with; answers past {train} tokens may degrade."
+            );
+        }
+    }
+    Ok(info)
+}
+
+/// Runs the engine until `shutdown` is cancelled (SIGTERM in the binary), then drains: new
+/// requests are refused, in-flight ones get `grace_secs` to finish before they are cancelled,
+/// the handoff file is removed, and the function returns.
+pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<(), EngineError> {
+    check_model(&config)?;
+    let (listener, origin) = llorch_os::unix_listener(&config.socket)?;
+    match &origin {
+        ListenerOrigin::Inherited => tracing::info!("Serving on the inherited socket."),
+        ListenerOrigin::Bound(p) => tracing::info!(socket = %p.display(), "Serving on the socket."),
+    }
+    let shared = Arc::new(Shared::new(config.model_path.display().to_string()));
+
+    // Serve /health (503 while loading) from the start, so a caller can watch the load.
+    let stop_accepting = CancellationToken::new();
+    let server = {
+        let shared = Arc::clone(&shared);
+        let stop = stop_accepting.clone();
+        tokio::spawn(async move {
+            let graceful = GracefulShutdown::new();
+            loop {
+                let stream = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Accept failed.");
+                            continue;
+                        }
+                    },
+                    _ = stop.cancelled() => break,
+                };
+                let shared = Arc::clone(&shared);
+                let svc = service_fn(move |req| http::handle(Arc::clone(&shared), req));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "Connection ended with an error.");
+                    }
+                });
+            }
+            // Streams end once their final event is written; do not wait on a stuck client
+            // forever.
+            let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
+        })
+    };
+
+    let started = std::time::Instant::now();
+    let model = {
+        let path = config.model_path.clone();
+        let gpu_layers = config.gpu_layers;
+        let progress = Arc::clone(&shared.progress);
+        tokio::task::spawn_blocking(move || Model::load(&path, gpu_layers, progress))
+            .await
+            .expect("model loading does not panic")
+            .map_err(|e| EngineError::Load(e.to_string()))?
+    };
+    let model = Arc::new(model);
+    tracing::info!(
+        model = %config.model_id,
+        seconds = started.elapsed().as_secs_f64(),
+        chat_template = model.has_chat_template(),
+        "Model loaded."
+    );
+
+    let slots = Arc::new(Mutex::new(SlotTable::new(
+        config.slots as usize,
+        config.ctx_per_slot,
+    )));
+    let (commands, receiver) = std::sync::mpsc::sync_channel(config.slots as usize);
+    let (loop_started, loop_result) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let decode_thread = {
+        let model = Arc::clone(&model);
+        let slots = Arc::clone(&slots);
+        let ctx = config.ctx_per_slot;
+        let threads = config.threads;
+        std::thread::Builder::new()
+            .name("decode".into())
+            .spawn(move || {
+                let mut started = Some(loop_started);
+                let result = decode::run(model, slots, ctx, threads, receiver, &mut || {
+                    if let Some(tx) = started.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                });
+                if let Some(tx) = started.take() {
+                    let _ = tx.send(result.clone());
+                }
+                result
+            })
+            .expect("spawn the decode thread")
+    };
+    loop_result
+        .await
+        .map_err(|_| EngineError::Load("the decode loop did not start".into()))?
+        .map_err(EngineError::Load)?;
+
+    shared.set_ready(Ready {
+        model: Arc::clone(&model),
+        slots: Arc::clone(&slots),
+        commands: commands.clone(),
+        ctx_per_slot: config.ctx_per_slot,
+    });
+    let handoff_path = handoff::write(
+        &config.handoff_dir,
+        &Handoff {
+            version: HANDOFF_VERSION,
+            pool_id: config.pool_id.clone(),
+            model_id: config.model_id.clone(),
+            model_sha256: config.model_sha256.clone(),
+            socket: config.socket.display().to_string(),
+            slots: config.slots,
+            ctx_per_slot: config.ctx_per_slot,
+            device: config.device(),
+            engine_version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+        },
+    )
+    .map_err(|source| EngineError::Handoff {
+        dir: config.handoff_dir.clone(),
+        source,
+    })?;
+    tracing::info!(pool = %config.pool_id, handoff = %handoff_path.display(), slots = config.slots, "Engine ready.");
+
+    shutdown.cancelled().await;
+
+    // Drain: refuse new work, give in-flight requests the grace period, then cancel them.
+    tracing::info!(busy = shared.busy_slots(), grace_secs = config.grace_secs, "Stopping.");
+    shared.drain();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.grace_secs);
+    while shared.busy_slots() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if shared.busy_slots() > 0 {
+        tracing::warn!(busy = shared.busy_slots(), "Grace period over; cancelling in-flight requests.");
+        let _ = commands.try_send(decode::Command::CancelAll(
+            "the engine is stopping; the request was cancelled after the grace period".into(),
+        ));
+    }
+    stop_accepting.cancel();
+    let _ = server.await;
+    if let Err(e) = handoff::remove(&handoff_path) {
+        tracing::warn!(error = %e, file = %handoff_path.display(), "Cannot remove the handoff file.");
+    }
+    if let ListenerOrigin::Bound(p) = origin {
+        let _ = std::fs::remove_file(p);
+    }
+    drop(shared);
+    drop(commands);
+    let _ = decode_thread.join();
+    tracing::info!("Stopped.");
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The loaded model: llama.cpp's backend and weights, the chat template from the GGUF
+//! metadata, and prompt rendering and tokenization (done by request handlers, off the decode
+//! loop).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llorch_wire::engine::ChatMessage;
+use llorch_wire::ErrorBody;
+
+/// llama.cpp's backend may be initialised once per process.
+pub fn backend() -> &'static LlamaBackend {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+        LlamaBackend::init().expect("the llama.cpp backend is initialised only here")
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("llama.cpp could not load {path}: {reason}")]
+pub struct LoadError {
+    pub path: String,
+    pub reason: String,
+}
+
+/// Load progress shared with the health endpoint, as f32 bits.
+#[derive(Debug, Default)]
+pub struct Progress(AtomicU32);
+
+impl Progress {
+    pub fn set(&self, p: f32) {
+        self.0.store(p.to_bits(), Ordering::Relaxed);
+    }
+    pub fn get(&self) -> f32 {
+        f32::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+pub struct Model {
+    pub llama: LlamaModel,
+    template: Option<LlamaChatTemplate>,
+}
+
+impl Model {
+    pub fn load(path: &Path, gpu_layers: u32, progress: Arc<Progress>) -> Result<Self, LoadError> {
+        let params = LlamaModelParams::default()
+            .with_n_gpu_layers(gpu_layers)
+            .with_progress_callback(move |p| {
+                progress.set(p);
+                true
+            });
+        let llama = LlamaModel::load_from_file(backend(), path, &params).map_err(|e| LoadError {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let template = llama.chat_template(None).ok();
+        Ok(Self { llama, template })
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// Renders chat messages with the model's own template, ending with the assistant's turn.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ErrorBody> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            ErrorBody::invalid(
+                "messages",
+                "this model has no chat template in its GGUF metadata; send a prompt instead",
+            )
+        })?;
+        let chat = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                LlamaChatMessage::new(m.role.clone(), m.content.clone()).map_err(|_| {
+                    ErrorBody::invalid(
+                        format!("messages[{i}].content"),
+                        "message content must not contain NUL characters",
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.llama
+            .apply_chat_template(template, &chat, true)
+            .map_err(|e| {
+                ErrorBody::invalid(
+                    "messages",
+                    format!("the model's chat template cannot render these messages: {e}"),
+                )
+            })
+    }
+
+    /// Tokenizes prompt text the way llama.cpp's server does: special tokens in the text are
+    /// parsed, and BOS is added when the model's metadata asks for it.
+    pub fn tokenize(&self, text: &str) -> Vec<i32> {
+        self.llama
+            .vocab()
+            .tokenize(text.as_bytes(), true, true)
+            .into_iter()
+            .map(|t| t.0)
+            .collect()
+    }
+}

@@ -1,0 +1,150 @@
+//! The slot table: which slots are busy and which tokens each slot's KV cache holds. Request
+//! handlers reserve a slot here (choosing by shared prefix); the decode loop releases it and
+//! publishes the tokens it left in the cache. One short synchronous lock, never held across an
+//! await.
+
+use llorch_wire::engine::{SlotState, SlotStatus, SlotsStatus};
+
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    busy: bool,
+    /// Tokens in this slot's KV cache, as of the end of its last request.
+    cached: Vec<i32>,
+    /// Logical clock of the last reservation, for least-recently-used tie-breaks.
+    last_used: u64,
+}
+
+#[derive(Debug)]
+pub struct SlotTable {
+    slots: Vec<Slot>,
+    clock: u64,
+    ctx_per_slot: u32,
+}
+
+/// A reserved slot and how many prompt tokens its cache already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub slot: usize,
+    pub shared_prefix: usize,
+}
+
+impl SlotTable {
+    pub fn new(n: usize, ctx_per_slot: u32) -> Self {
+        Self {
+            slots: vec![Slot::default(); n],
+            clock: 0,
+            ctx_per_slot,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn busy(&self) -> usize {
+        self.slots.iter().filter(|s| s.busy).count()
+    }
+
+    /// Reserves a free slot for `prompt`: the preferred one when it is free, otherwise the free
+    /// slot sharing the longest token prefix with the prompt, ties going to the least recently
+    /// used (so the cache of a recent conversation survives longest). `None` when all are busy.
+    pub fn reserve(&mut self, prompt: &[i32], preferred: Option<usize>) -> Option<Reservation> {
+        let chosen = match preferred {
+            Some(p) if self.slots.get(p).is_some_and(|s| !s.busy) => p,
+            _ => self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.busy)
+                .max_by_key(|(i, s)| {
+                    (
+                        common_prefix(&s.cached, prompt),
+                        std::cmp::Reverse(s.last_used),
+                        std::cmp::Reverse(*i),
+                    )
+                })
+                .map(|(i, _)| i)?,
+        };
+        self.clock += 1;
+        let slot = &mut self.slots[chosen];
+        slot.busy = true;
+        slot.last_used = self.clock;
+        Some(Reservation {
+            slot: chosen,
+            shared_prefix: common_prefix(&slot.cached, prompt),
+        })
+    }
+
+    /// Returns a slot, recording the tokens its KV cache now holds.
+    pub fn release(&mut self, slot: usize, cached: Vec<i32>) {
+        let s = &mut self.slots[slot];
+        debug_assert!(s.busy, "slot {slot} released twice");
+        s.busy = false;
+        s.cached = cached;
+    }
+
+    pub fn status(&self) -> SlotsStatus {
+        SlotsStatus {
+            total: self.slots.len() as u32,
+            busy: self.busy() as u32,
+            ctx_per_slot: self.ctx_per_slot,
+            slots: self
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| SlotStatus {
+                    id: i as u32,
+                    state: if s.busy {
+                        SlotState::Busy
+                    } else {
+                        SlotState::Idle
+                    },
+                    cached_tokens: s.cached.len() as u32,
+                })
+                .collect(),
+        }
+    }
+}
+
+pub fn common_prefix(a: &[i32], b: &[i32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_longest_shared_prefix_then_least_recently_used() {
+        let mut t = SlotTable::new(3, 100);
+        // Fill caches: slot 0 has [1,2,3], slot 1 has [1,2,9,9], slot 2 empty.
+        for (want, cache) in [(0, vec![1, 2, 3]), (1, vec![1, 2, 9, 9])] {
+            let r = t.reserve(&cache, Some(want)).unwrap();
+            t.release(r.slot, cache);
+        }
+        let r = t.reserve(&[1, 2, 9, 5], None).unwrap();
+        assert_eq!(r, Reservation { slot: 1, shared_prefix: 3 });
+        // No prefix anywhere: the least recently used free slot (2 was never used).
+        let r2 = t.reserve(&[7], None).unwrap();
+        assert_eq!(r2.slot, 2);
+        let r3 = t.reserve(&[7], None).unwrap();
+        assert_eq!(r3.slot, 0);
+        assert_eq!(t.reserve(&[7], None), None, "all busy");
+        assert_eq!(t.busy(), 3);
+        t.release(1, vec![]);
+        assert_eq!(t.status().busy, 2);
+    }
+
+    #[test]
+    fn a_busy_preferred_slot_falls_back_to_another() {
+        let mut t = SlotTable::new(2, 100);
+        let a = t.reserve(&[1], Some(1)).unwrap();
+        assert_eq!(a.slot, 1);
+        let b = t.reserve(&[1], Some(1)).unwrap();
+        assert_eq!(b.slot, 0);
+    }
+}

@@ -1,0 +1,86 @@
+//! The one crate that touches the service manager's interfaces. Today: listening sockets
+//! inherited through `LISTEN_FDS` (socket activation), with direct binding as the fallback.
+//! The systemd issue adds sd_notify, watchdog, credentials and journald detection here.
+//!
+//! Nothing else in the workspace reads `LISTEN_FDS` or handles raw file descriptors.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use tokio::net::UnixListener;
+
+/// Where a listener came from, for the log line that says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerOrigin {
+    /// Passed in by the service manager (socket activation).
+    Inherited,
+    /// Bound by this process at the given path; the process removes the file when it stops.
+    Bound(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot take the inherited socket (LISTEN_FDS): {0}")]
+    Inherited(io::Error),
+    #[error("cannot bind the Unix socket {path}: {source} (check that its directory exists and is writable, and that no other process serves it)")]
+    Bind { path: PathBuf, source: io::Error },
+}
+
+/// Takes the first inherited Unix listener when the process was socket activated, and binds
+/// `path` otherwise. A stale socket file at `path` (nobody accepting on it) is replaced; a live
+/// one is an error, so two engines never fight over one socket.
+pub fn unix_listener(path: &Path) -> Result<(UnixListener, ListenerOrigin), ListenError> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if let Some(std_listener) = fds
+        .take_unix_listener(0)
+        .map_err(ListenError::Inherited)?
+    {
+        std_listener
+            .set_nonblocking(true)
+            .map_err(ListenError::Inherited)?;
+        let listener = UnixListener::from_std(std_listener).map_err(ListenError::Inherited)?;
+        return Ok((listener, ListenerOrigin::Inherited));
+    }
+    bind_unix(path).map(|l| (l, ListenerOrigin::Bound(path.to_owned())))
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {
+    let bind_err = |source| ListenError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if path.exists() {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(bind_err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is accepting connections on it",
+                )))
+            }
+            Err(_) => {
+                tracing::info!(socket = %path.display(), "Replacing a stale socket file.");
+                std::fs::remove_file(path).map_err(bind_err)?;
+            }
+        }
+    }
+    UnixListener::bind(path).map_err(bind_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn binds_replaces_stale_files_and_refuses_live_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.sock");
+        let (first, origin) = unix_listener(&path).unwrap();
+        assert_eq!(origin, ListenerOrigin::Bound(path.clone()));
+        let err = unix_listener(&path).unwrap_err();
+        assert!(err.to_string().contains("e.sock"), "{err}");
+        drop(first);
+        // The file is left behind by the dropped listener: a stale socket.
+        assert!(path.exists());
+        let (_second, _) = unix_listener(&path).unwrap();
+    }
+}

@@ -1,0 +1,506 @@
+//! The engine's HTTP API bodies: `POST /generate`, its SSE events, `GET /slots`, `GET /health`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorBody;
+
+/// Defaults applied when a request leaves a sampling field out. They follow llama.cpp's own.
+pub mod defaults {
+    pub const MAX_TOKENS: u32 = 256;
+    pub const TEMPERATURE: f32 = 0.8;
+    pub const TOP_P: f32 = 0.95;
+    pub const TOP_K: i32 = 40;
+    pub const MIN_P: f32 = 0.05;
+    pub const REPEAT_PENALTY: f32 = 1.0;
+}
+
+/// Limits on request fields, checked by [`GenerateRequest::validate`].
+pub mod limits {
+    pub const MAX_STOP_STRINGS: usize = 8;
+    pub const MAX_STOP_BYTES: usize = 256;
+    pub const MAX_TEMPERATURE: f32 = 2.0;
+    pub const MAX_REPEAT_PENALTY: f32 = 10.0;
+}
+
+/// One chat message. The engine renders a list of them with the model's own chat template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// `POST /generate`: one generation request to one engine.
+///
+/// Unknown fields are rejected so a misspelt parameter is never silently ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// Raw prompt text, sent to the model as is. Exactly one of `prompt` and `messages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Chat messages, rendered with the model's chat template from its GGUF metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// 0 means greedy decoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// 0 disables top-k.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    /// 1.0 disables the penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u32>,
+    /// Generation ends before the first occurrence of any of these; the stop string itself is
+    /// never sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    /// Preferred slot (for example the one that holds this session's KV cache). Used when free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    /// The caller's task id, for logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+}
+
+/// The roles a chat message may have.
+pub const CHAT_ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+impl GenerateRequest {
+    pub fn prompt(text: impl Into<String>) -> Self {
+        Self {
+            prompt: Some(text.into()),
+            ..Self::default()
+        }
+    }
+
+    pub fn chat(messages: Vec<ChatMessage>) -> Self {
+        Self {
+            messages: Some(messages),
+            ..Self::default()
+        }
+    }
+
+    /// Checks every field's range. The engine adds the checks that need the model (prompt
+    /// length against the slot context, slot index against the slot count).
+    pub fn validate(&self) -> Result<(), ErrorBody> {
+        match (&self.prompt, &self.messages) {
+            (Some(_), Some(_)) => {
+                return Err(ErrorBody::invalid(
+                    "messages",
+                    "give either prompt or messages, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ErrorBody::invalid(
+                    "prompt",
+                    "prompt or messages is required",
+                ))
+            }
+            (Some(p), None) if p.is_empty() => {
+                return Err(ErrorBody::invalid("prompt", "prompt must not be empty"))
+            }
+            (None, Some(m)) if m.is_empty() => {
+                return Err(ErrorBody::invalid(
+                    "messages",
+                    "messages must hold at least one message",
+                ))
+            }
+            _ => {}
+        }
+        for (i, m) in self.messages.iter().flatten().enumerate() {
+            if !CHAT_ROLES.contains(&m.role.as_str()) {
+                return Err(ErrorBody::invalid(
+                    format!("messages[{i}].role"),
+                    format!(
+                        "messages[{i}].role is {:?}; use one of {}",
+                        m.role,
+                        CHAT_ROLES.join(", ")
+                    ),
+                ));
+            }
+            if m.content.contains('\0') {
+                return Err(ErrorBody::invalid(
+                    format!("messages[{i}].content"),
+                    format!("messages[{i}].content must not contain NUL characters"),
+                ));
+            }
+        }
+        if self.max_tokens == Some(0) {
+            return Err(ErrorBody::invalid(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ));
+        }
+        check_range(
+            "temperature",
+            self.temperature,
+            0.0,
+            limits::MAX_TEMPERATURE,
+            true,
+        )?;
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(ErrorBody::invalid(
+                    "top_p",
+                    format!("top_p is {p}; it must be greater than 0 and at most 1"),
+                ));
+            }
+        }
+        if let Some(k) = self.top_k {
+            if k < 0 {
+                return Err(ErrorBody::invalid(
+                    "top_k",
+                    format!("top_k is {k}; it must be 0 (disabled) or more"),
+                ));
+            }
+        }
+        check_range("min_p", self.min_p, 0.0, 1.0, true)?;
+        if let Some(r) = self.repeat_penalty {
+            if !(r > 0.0 && r <= limits::MAX_REPEAT_PENALTY) {
+                return Err(ErrorBody::invalid(
+                    "repeat_penalty",
+                    format!(
+                        "repeat_penalty is {r}; it must be greater than 0 and at most {} (1 disables it)",
+                        limits::MAX_REPEAT_PENALTY
+                    ),
+                ));
+            }
+        }
+        if self.stop.len() > limits::MAX_STOP_STRINGS {
+            return Err(ErrorBody::invalid(
+                "stop",
+                format!(
+                    "stop has {} strings; at most {} are allowed",
+                    self.stop.len(),
+                    limits::MAX_STOP_STRINGS
+                ),
+            ));
+        }
+        for (i, s) in self.stop.iter().enumerate() {
+            if s.is_empty() || s.len() > limits::MAX_STOP_BYTES {
+                return Err(ErrorBody::invalid(
+                    format!("stop[{i}]"),
+                    format!(
+                        "stop[{i}] must be between 1 and {} bytes long",
+                        limits::MAX_STOP_BYTES
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_range(
+    field: &str,
+    value: Option<f32>,
+    min: f32,
+    max: f32,
+    inclusive: bool,
+) -> Result<(), ErrorBody> {
+    if let Some(v) = value {
+        let ok = v.is_finite() && v >= min && (v < max || (inclusive && v == max));
+        if !ok {
+            return Err(ErrorBody::invalid(
+                field,
+                format!("{field} is {v}; it must be between {min} and {max}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model's end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the slot's context is full.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// SSE `token` event: a piece of text. `i` counts events from 0, so a client can tell a gap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenEvent {
+    pub t: String,
+    pub i: u32,
+}
+
+/// SSE `end` event: the last event of a successful generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndEvent {
+    pub finish_reason: FinishReason,
+    /// Tokens in the rendered prompt.
+    pub prompt_tokens: u32,
+    /// Of those, how many were already in the slot's KV cache and were not evaluated again.
+    pub cached_tokens: u32,
+    pub completion_tokens: u32,
+    /// From the engine receiving the request to the first token being sent.
+    pub ttft_ms: f64,
+    /// From the first token to the last.
+    pub decode_ms: f64,
+    /// The slot that served the request; send it back as `slot` to reuse its cache.
+    pub slot: u32,
+}
+
+/// Every event a `POST /generate` stream can carry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    Token(TokenEvent),
+    End(EndEvent),
+    Error(ErrorBody),
+}
+
+impl EngineEvent {
+    /// The SSE `event:` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Token(_) => "token",
+            Self::End(_) => "end",
+            Self::Error(_) => "error",
+        }
+    }
+
+    /// Encodes the event as one SSE frame.
+    pub fn to_sse(&self) -> String {
+        let data = match self {
+            Self::Token(e) => serde_json::to_string(e),
+            Self::End(e) => serde_json::to_string(e),
+            Self::Error(e) => serde_json::to_string(e),
+        }
+        .expect("engine events always serialize");
+        crate::sse::frame(self.name(), &data)
+    }
+
+    /// Decodes an SSE event by name and data.
+    pub fn from_sse(event: &str, data: &str) -> Result<Self, String> {
+        let parsed = match event {
+            "token" => serde_json::from_str(data).map(Self::Token),
+            "end" => serde_json::from_str(data).map(Self::End),
+            "error" => serde_json::from_str(data).map(Self::Error),
+            other => return Err(format!("unknown engine event {other:?}")),
+        };
+        parsed.map_err(|e| format!("bad {event} event: {e}"))
+    }
+}
+
+/// `GET /slots`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotsStatus {
+    pub total: u32,
+    pub busy: u32,
+    /// Context (tokens) of each slot.
+    pub ctx_per_slot: u32,
+    pub slots: Vec<SlotStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    pub id: u32,
+    pub state: SlotState,
+    /// Tokens held in this slot's KV cache, reusable by a request with the same prefix.
+    pub cached_tokens: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotState {
+    Idle,
+    Busy,
+}
+
+/// `GET /health`: 200 with `ready`, 503 with `loading` (and why) or `draining`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: HealthState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Load progress from 0 to 1 while loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    Loading,
+    Ready,
+    Draining,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+
+    fn field_of(req: &GenerateRequest) -> String {
+        let err = req.validate().unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidParams);
+        err.field.unwrap()
+    }
+
+    #[test]
+    fn each_out_of_range_value_names_its_field() {
+        let base = GenerateRequest::prompt("hi");
+        assert!(base.validate().is_ok());
+        let cases: Vec<(GenerateRequest, &str)> = vec![
+            (GenerateRequest::default(), "prompt"),
+            (GenerateRequest::prompt(""), "prompt"),
+            (
+                GenerateRequest {
+                    messages: Some(vec![]),
+                    ..base.clone()
+                },
+                "messages",
+            ),
+            (GenerateRequest::chat(vec![]), "messages"),
+            (
+                GenerateRequest::chat(vec![ChatMessage {
+                    role: "wizard".into(),
+                    content: "x".into(),
+                }]),
+                "messages[0].role",
+            ),
+            (
+                GenerateRequest {
+                    max_tokens: Some(0),
+                    ..base.clone()
+                },
+                "max_tokens",
+            ),
+            (
+                GenerateRequest {
+                    temperature: Some(-0.1),
+                    ..base.clone()
+                },
+                "temperature",
+            ),
+            (
+                GenerateRequest {
+                    temperature: Some(f32::NAN),
+                    ..base.clone()
+                },
+                "temperature",
+            ),
+            (
+                GenerateRequest {
+                    top_p: Some(0.0),
+                    ..base.clone()
+                },
+                "top_p",
+            ),
+            (
+                GenerateRequest {
+                    top_k: Some(-1),
+                    ..base.clone()
+                },
+                "top_k",
+            ),
+            (
+                GenerateRequest {
+                    min_p: Some(1.5),
+                    ..base.clone()
+                },
+                "min_p",
+            ),
+            (
+                GenerateRequest {
+                    repeat_penalty: Some(0.0),
+                    ..base.clone()
+                },
+                "repeat_penalty",
+            ),
+            (
+                GenerateRequest {
+                    stop: vec!["a".into(), String::new()],
+                    ..base.clone()
+                },
+                "stop[1]",
+            ),
+            (
+                GenerateRequest {
+                    stop: vec!["a".into(); 9],
+                    ..base.clone()
+                },
+                "stop",
+            ),
+        ];
+        for (req, field) in cases {
+            assert_eq!(field_of(&req), field, "{req:?}");
+        }
+    }
+
+    #[test]
+    fn boundary_values_are_accepted() {
+        let req = GenerateRequest {
+            temperature: Some(0.0),
+            top_p: Some(1.0),
+            top_k: Some(0),
+            min_p: Some(0.0),
+            repeat_penalty: Some(1.0),
+            max_tokens: Some(1),
+            ..GenerateRequest::prompt("x")
+        };
+        assert!(req.validate().is_ok());
+        let req = GenerateRequest {
+            temperature: Some(2.0),
+            ..GenerateRequest::prompt("x")
+        };
+        assert!(req.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<GenerateRequest>(r#"{"prompt":"x","max_token":3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_token"), "{err}");
+    }
+
+    #[test]
+    fn events_round_trip_through_sse_encoding() {
+        let events = [
+            EngineEvent::Token(TokenEvent {
+                t: "héllo\n".into(),
+                i: 3,
+            }),
+            EngineEvent::End(EndEvent {
+                finish_reason: FinishReason::Length,
+                prompt_tokens: 10,
+                cached_tokens: 4,
+                completion_tokens: 2,
+                ttft_ms: 12.5,
+                decode_ms: 3.0,
+                slot: 1,
+            }),
+            EngineEvent::Error(ErrorBody::new(ErrorCode::Canceled, "engine stopping")),
+        ];
+        let mut decoder = crate::sse::Decoder::default();
+        let wire: String = events.iter().map(EngineEvent::to_sse).collect();
+        let decoded: Vec<EngineEvent> = decoder
+            .push(wire.as_bytes())
+            .into_iter()
+            .map(|f| EngineEvent::from_sse(&f.event, &f.data).unwrap())
+            .collect();
+        assert_eq!(decoded, events);
+    }
+}

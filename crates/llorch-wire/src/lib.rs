@@ -1,0 +1,14 @@
+//! Wire types shared by every llama-orch role.
+//!
+//! This crate owns the formats other processes (and other tools) read: the engine's HTTP request
+//! and SSE event bodies, the typed error body and its codes, the handoff file an engine writes
+//! when it is ready, and the engine plan the provisioner writes for it. It does no I/O: encoding
+//! to bytes and decoding from bytes is as far as it goes.
+
+pub mod engine;
+pub mod error;
+pub mod handoff;
+pub mod plan;
+pub mod sse;
+
+pub use error::{ErrorBody, ErrorCode};

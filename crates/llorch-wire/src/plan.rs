@@ -1,0 +1,47 @@
+//! The engine plan: everything `llorch-engine` needs to start one pool, written by
+//! `engine-provisioner` once the model is staged and verified.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the plan format.
+pub const PLAN_VERSION: u32 = 1;
+
+/// Defaults for the engine's settings when neither the plan nor a flag gives them.
+pub mod defaults {
+    pub const SLOTS: u32 = 4;
+    pub const CTX_PER_SLOT: u32 = 2048;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnginePlan {
+    pub version: u32,
+    pub pool_id: String,
+    pub model: PlannedModel,
+    /// Parallel sequences served by continuous batching.
+    pub slots: u32,
+    /// Context, in tokens, of each slot.
+    pub ctx_per_slot: u32,
+    /// CPU threads for decoding; absent means one per available core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+    /// Layers offloaded to the GPU (needs a CUDA build); 0 keeps the model on the CPU.
+    #[serde(default)]
+    pub gpu_layers: u32,
+    pub socket: String,
+    pub handoff_dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedModel {
+    pub id: String,
+    /// Absolute path of the staged GGUF file in the node's model cache.
+    pub path: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub architecture: Option<String>,
+    /// The context length the model was trained with.
+    pub context_length: Option<u64>,
+    pub has_chat_template: bool,
+}
