@@ -1,1 +1,87 @@
+//! `engine-provisioner`: stages a model into the node's content-addressed cache, verifies it
+//! (sha256 and GGUF header), and writes the engine plan for a pool.
+//!
+//! Code map: [`source`] parses where a model comes from; [`cache`] owns the cache layout and
+//! the verify-then-rename staging; [`plan`] builds and writes the engine plan. Exit codes for
+//! the binary are in [`exit`].
 
+pub mod cache;
+pub mod plan;
+pub mod source;
+
+use std::path::PathBuf;
+
+pub use cache::{Cache, Staged};
+pub use source::Source;
+
+/// Exit codes of `engine-provisioner`, one per kind of failure so scripts and systemd can tell
+/// them apart. Documented in docs/CONFIGURATION.md.
+pub mod exit {
+    pub const SHA256_MISMATCH: i32 = 10;
+    pub const NOT_GGUF: i32 = 11;
+    pub const TRUNCATED: i32 = 12;
+    pub const MALFORMED: i32 = 13;
+    pub const USAGE: i32 = 64;
+    pub const SOURCE_MISSING: i32 = 66;
+    pub const DOWNLOAD_FAILED: i32 = 69;
+    pub const CACHE_WRITE: i32 = 73;
+    pub const IO: i32 = 74;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("model source {0} does not exist")]
+    SourceMissing(PathBuf),
+    #[error("sha256 mismatch for {origin}: expected {expected}, got {actual} (the file is corrupt or not the pinned model; nothing was staged)")]
+    Sha256Mismatch {
+        origin: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(transparent)]
+    Gguf(#[from] llorch_gguf::GgufError),
+    #[error("download of {url} failed: {reason} (nothing was staged)")]
+    Download { url: String, reason: String },
+    #[error("cannot write to the model cache {path}: {source}")]
+    CacheWrite {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl ProvisionError {
+    pub fn exit_code(&self) -> i32 {
+        use llorch_gguf::GgufError as G;
+        match self {
+            Self::Usage(_) => exit::USAGE,
+            Self::SourceMissing(_) | Self::Gguf(G::NotFound { .. }) => exit::SOURCE_MISSING,
+            Self::Sha256Mismatch { .. } => exit::SHA256_MISMATCH,
+            Self::Gguf(G::NotGguf { .. }) => exit::NOT_GGUF,
+            Self::Gguf(G::Truncated { .. }) => exit::TRUNCATED,
+            Self::Gguf(G::Malformed { .. } | G::UnsupportedVersion { .. }) => exit::MALFORMED,
+            Self::Gguf(G::Io { .. }) | Self::Io { .. } => exit::IO,
+            Self::Download { .. } => exit::DOWNLOAD_FAILED,
+            Self::CacheWrite { .. } => exit::CACHE_WRITE,
+        }
+    }
+}
+
+/// Receives download or copy progress: bytes done and, when known, the total.
+pub trait Progress {
+    fn update(&mut self, done: u64, total: Option<u64>);
+    fn finish(&mut self) {}
+}
+
+/// Progress that goes nowhere.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn update(&mut self, _: u64, _: Option<u64>) {}
+}

@@ -1,0 +1,387 @@
+//! The node's model cache, addressed by content:
+//!
+//! ```text
+//! <cache>/blobs/sha256-<hex>.gguf     verified model files, named by their sha256
+//! <cache>/manifests/<model id>.json   which blob a model id uses, and where it came from
+//! <cache>/tmp/                        downloads and copies in progress (same filesystem)
+//! ```
+//!
+//! A file reaches `blobs/` only by a rename after its sha256 and GGUF header were checked, so a
+//! blob is whole and is what its name says. Two model ids with the same file share one blob.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use llorch_gguf::GgufInfo;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{Progress, ProvisionError, Source};
+
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// A model file in the cache, verified.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub info: GgufInfo,
+    /// False when the blob was already in the cache and only re-verified.
+    pub fetched: bool,
+}
+
+/// `manifests/<model id>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub id: String,
+    pub sha256: String,
+    pub source: String,
+    pub size_bytes: u64,
+}
+
+/// Removes a temporary file unless it was renamed into place.
+struct TempFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl Cache {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.root.join("blobs").join(format!("sha256-{sha256}.gguf"))
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn manifest_path(&self, model_id: &str) -> PathBuf {
+        self.root.join("manifests").join(format!("{model_id}.json"))
+    }
+
+    pub fn manifest(&self, model_id: &str) -> Option<Manifest> {
+        let text = std::fs::read(self.manifest_path(model_id)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    fn mkdirs(&self) -> Result<(), ProvisionError> {
+        for d in [self.root.join("blobs"), self.tmp_dir(), self.root.join("manifests")] {
+            std::fs::create_dir_all(&d).map_err(|source| ProvisionError::CacheWrite {
+                path: d.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Stages `source` as `model_id`. With `expected` set, the file must have that sha256;
+    /// downloads must be pinned. An existing blob with the expected hash is re-verified and
+    /// reused without fetching.
+    pub fn stage(
+        &self,
+        model_id: &str,
+        source: &Source,
+        expected: Option<&str>,
+        progress: &mut dyn Progress,
+    ) -> Result<Staged, ProvisionError> {
+        if let Some(e) = expected {
+            if !is_sha256_hex(e) {
+                return Err(ProvisionError::Usage(format!(
+                    "sha256 {e:?} is not 64 lowercase hex digits"
+                )));
+            }
+        }
+        if !valid_model_id(model_id) {
+            return Err(ProvisionError::Usage(format!(
+                "model id {model_id:?} is invalid; use 1 to 128 letters, digits, '-', '_', '.' or ':', not starting with '.'"
+            )));
+        }
+        if matches!(source, Source::Http(_)) && expected.is_none() {
+            return Err(ProvisionError::Usage(format!(
+                "downloads must be pinned: give the sha256 of {source}"
+            )));
+        }
+        self.mkdirs()?;
+        if let Some(e) = expected {
+            let blob = self.blob_path(e);
+            if blob.exists() {
+                match self.verify_existing(&blob, e, progress) {
+                    Ok(staged) => {
+                        self.write_manifest(model_id, source, &staged)?;
+                        tracing::info!(model = model_id, path = %blob.display(), "Model already staged; verified.");
+                        return Ok(staged);
+                    }
+                    Err(err) => {
+                        tracing::warn!(path = %blob.display(), error = %err, "A cached blob failed verification; fetching it again.");
+                    }
+                }
+            }
+        }
+        let tmp = self.new_temp();
+        let mut guard = TempFile {
+            path: tmp.clone(),
+            keep: false,
+        };
+        let (sha256, size) = match source {
+            Source::File(p) => copy_hashing(p, &tmp, progress)?,
+            Source::Http(url) => download_hashing(url, &tmp, progress)?,
+        };
+        progress.finish();
+        if let Some(e) = expected {
+            if e != sha256 {
+                return Err(ProvisionError::Sha256Mismatch {
+                    origin: source.to_string(),
+                    expected: e.to_string(),
+                    actual: sha256,
+                });
+            }
+        }
+        let info = llorch_gguf::inspect(&tmp).map_err(|e| rename_in_error(e, source))?;
+        let blob = self.blob_path(&sha256);
+        std::fs::rename(&tmp, &blob).map_err(|source| ProvisionError::CacheWrite {
+            path: blob.clone(),
+            source,
+        })?;
+        guard.keep = true;
+        let staged = Staged {
+            path: blob,
+            sha256,
+            size_bytes: size,
+            info,
+            fetched: true,
+        };
+        self.write_manifest(model_id, source, &staged)?;
+        tracing::info!(model = model_id, path = %staged.path.display(), bytes = size, "Model staged.");
+        Ok(staged)
+    }
+
+    fn verify_existing(
+        &self,
+        blob: &Path,
+        expected: &str,
+        progress: &mut dyn Progress,
+    ) -> Result<Staged, ProvisionError> {
+        let (sha256, size) = hash_file(blob, progress)?;
+        progress.finish();
+        if sha256 != expected {
+            return Err(ProvisionError::Sha256Mismatch {
+                origin: blob.display().to_string(),
+                expected: expected.into(),
+                actual: sha256,
+            });
+        }
+        let info = llorch_gguf::inspect(blob)?;
+        Ok(Staged {
+            path: blob.to_owned(),
+            sha256,
+            size_bytes: size,
+            info,
+            fetched: false,
+        })
+    }
+
+    fn new_temp(&self) -> PathBuf {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.tmp_dir()
+            .join(format!("{}-{n}.part", std::process::id()))
+    }
+
+    fn write_manifest(
+        &self,
+        model_id: &str,
+        source: &Source,
+        staged: &Staged,
+    ) -> Result<(), ProvisionError> {
+        let manifest = Manifest {
+            id: model_id.into(),
+            sha256: staged.sha256.clone(),
+            source: source.to_string(),
+            size_bytes: staged.size_bytes,
+        };
+        let path = self.manifest_path(model_id);
+        write_atomically(
+            &path,
+            &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"),
+        )
+        .map_err(|source| ProvisionError::CacheWrite { path, source })
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+    ));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn valid_model_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+}
+
+/// The header check ran on the temporary file; report the source the operator named.
+fn rename_in_error(e: llorch_gguf::GgufError, source: &Source) -> ProvisionError {
+    use llorch_gguf::GgufError as G;
+    let path = PathBuf::from(source.to_string());
+    ProvisionError::Gguf(match e {
+        G::NotGguf { magic, .. } => G::NotGguf { path, magic },
+        G::Truncated { needed, actual, .. } => G::Truncated {
+            path,
+            needed,
+            actual,
+        },
+        G::Malformed { reason, .. } => G::Malformed { path, reason },
+        G::UnsupportedVersion { version, .. } => G::UnsupportedVersion { path, version },
+        other => other,
+    })
+}
+
+fn hash_file(path: &Path, progress: &mut dyn Progress) -> Result<(String, u64), ProvisionError> {
+    let io = |source| ProvisionError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = File::open(path).map_err(io)?;
+    let total = f.metadata().map_err(io)?.len();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        done += n as u64;
+        progress.update(done, Some(total));
+    }
+    Ok((hex::encode(hasher.finalize()), done))
+}
+
+fn copy_hashing(
+    src: &Path,
+    dst: &Path,
+    progress: &mut dyn Progress,
+) -> Result<(String, u64), ProvisionError> {
+    let mut input = File::open(src).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => ProvisionError::SourceMissing(src.to_owned()),
+        _ => ProvisionError::Io {
+            path: src.to_owned(),
+            source,
+        },
+    })?;
+    let total = input.metadata().ok().map(|m| m.len());
+    pump(&mut input, dst, total, progress, |source| ProvisionError::Io {
+        path: src.to_owned(),
+        source,
+    })
+}
+
+fn download_hashing(
+    url: &str,
+    dst: &Path,
+    progress: &mut dyn Progress,
+) -> Result<(String, u64), ProvisionError> {
+    let fail = |reason: String| ProvisionError::Download {
+        url: url.to_string(),
+        reason,
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(30)))
+        // A large model takes as long as it takes; only the connection and the response head
+        // are bounded.
+        .timeout_recv_body(None)
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().map_err(|e| fail(e.to_string()))?;
+    let total = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut reader = resp
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .reader();
+    let (sha, size) = pump(&mut reader, dst, total, progress, |e| fail(e.to_string()))?;
+    if let Some(t) = total {
+        if size != t {
+            return Err(fail(format!("the transfer ended after {size} of {t} bytes")));
+        }
+    }
+    Ok((sha, size))
+}
+
+/// Copies `input` to a new file at `dst`, hashing as it goes.
+fn pump(
+    input: &mut dyn Read,
+    dst: &Path,
+    total: Option<u64>,
+    progress: &mut dyn Progress,
+    read_err: impl Fn(std::io::Error) -> ProvisionError,
+) -> Result<(String, u64), ProvisionError> {
+    let write_err = |source| ProvisionError::CacheWrite {
+        path: dst.to_owned(),
+        source,
+    };
+    let mut out = File::create(dst).map_err(write_err)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_err(e)),
+        };
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(write_err)?;
+        done += n as u64;
+        progress.update(done, total);
+    }
+    out.sync_all().map_err(write_err)?;
+    Ok((hex::encode(hasher.finalize()), done))
+}

@@ -1,0 +1,222 @@
+//! Runs the real `engine-provisioner` binary against files and a real HTTP server on loopback.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use engine_provisioner::exit;
+use llorch_gguf::write::TestModel;
+use sha2::{Digest, Sha256};
+
+fn provisioner(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_engine-provisioner"))
+        .args(args)
+        .env("LLORCH_LOG", "warn")
+        .output()
+        .expect("run engine-provisioner")
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Files left in the cache's blobs/ and tmp/ folders.
+fn cache_files(cache: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let list = |d: PathBuf| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .map(|r| r.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    (list(cache.join("blobs")), list(cache.join("tmp")))
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    model: Vec<u8>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let model = TestModel::default().to_bytes();
+        std::fs::write(dir.path().join("tiny.gguf"), &model).unwrap();
+        Self { dir, model }
+    }
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+    fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+    fn stage(&self, source: &str, sha256: Option<&str>, extra: &[&str]) -> Output {
+        let cache = self.cache().display().to_string();
+        let mut args = vec!["stage", "--source", source, "--cache", &cache];
+        if let Some(s) = sha256 {
+            args.extend(["--sha256", s]);
+        }
+        args.extend_from_slice(extra);
+        provisioner(&args)
+    }
+}
+
+#[test]
+fn a_good_file_is_staged_by_content_and_shared_between_model_ids() {
+    let f = Fixture::new();
+    let want = sha(&f.model);
+    let out = f.stage(&f.path("tiny.gguf"), Some(&want), &["--model-id", "a"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["sha256"], want);
+    assert_eq!(json["architecture"], "llama");
+    assert_eq!(json["context_length"], 256);
+    assert_eq!(json["has_chat_template"], true);
+    let blob = f.cache().join("blobs").join(format!("sha256-{want}.gguf"));
+    assert_eq!(std::fs::read(&blob).unwrap(), f.model);
+
+    // A second id for the same file, from a file: URL, reuses the blob.
+    let out = f.stage(&format!("file:{}", f.path("tiny.gguf")), Some(&want), &["--model-id", "b"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["fetched"], false);
+    let (blobs, tmp) = cache_files(&f.cache());
+    assert_eq!(blobs, vec![blob]);
+    assert!(tmp.is_empty());
+    for id in ["a", "b"] {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(f.cache().join(format!("manifests/{id}.json"))).unwrap())
+                .unwrap();
+        assert_eq!(m["sha256"], want);
+    }
+}
+
+#[test]
+fn a_wrong_sha256_is_refused_and_nothing_is_staged() {
+    let f = Fixture::new();
+    let wrong = "0".repeat(64);
+    let out = f.stage(&f.path("tiny.gguf"), Some(&wrong), &[]);
+    assert_eq!(out.status.code(), Some(exit::SHA256_MISMATCH), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("sha256 mismatch") && err.contains(&wrong) && err.contains(&sha(&f.model)), "{err}");
+    let (blobs, tmp) = cache_files(&f.cache());
+    assert!(blobs.is_empty() && tmp.is_empty(), "{blobs:?} {tmp:?}");
+}
+
+#[test]
+fn truncated_non_gguf_and_missing_files_get_their_own_exit_codes() {
+    let f = Fixture::new();
+    let cut = &f.model[..f.model.len() - 10];
+    std::fs::write(f.path("cut.gguf"), cut).unwrap();
+    let out = f.stage(&f.path("cut.gguf"), Some(&sha(cut)), &[]);
+    assert_eq!(out.status.code(), Some(exit::TRUNCATED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cut.gguf is truncated"), "{}", stderr(&out));
+
+    std::fs::write(f.path("notes.txt"), b"just some text, not a model").unwrap();
+    let out = f.stage(&f.path("notes.txt"), None, &[]);
+    assert_eq!(out.status.code(), Some(exit::NOT_GGUF), "{}", stderr(&out));
+    assert!(stderr(&out).contains("notes.txt is not a GGUF file"), "{}", stderr(&out));
+
+    let out = f.stage(&f.path("absent.gguf"), None, &[]);
+    assert_eq!(out.status.code(), Some(exit::SOURCE_MISSING), "{}", stderr(&out));
+    assert!(stderr(&out).contains("absent.gguf does not exist"), "{}", stderr(&out));
+
+    let out = f.stage(&f.path("tiny.gguf"), Some("xyz"), &[]);
+    assert_eq!(out.status.code(), Some(exit::USAGE), "{}", stderr(&out));
+
+    let (blobs, tmp) = cache_files(&f.cache());
+    assert!(blobs.is_empty() && tmp.is_empty(), "{blobs:?} {tmp:?}");
+}
+
+/// A one-connection-at-a-time HTTP/1.1 server on loopback. `send` decides how many body bytes
+/// go out after a header announcing all of them.
+fn serve(body: Vec<u8>, status: &'static str, send: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body[..send.min(body.len())]);
+            let _ = stream.flush();
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_download_is_verified_while_streaming_and_staged() {
+    let f = Fixture::new();
+    let url = serve(f.model.clone(), "200 OK", usize::MAX);
+    let want = sha(&f.model);
+    let out = f.stage(&format!("{url}/models/tiny.gguf"), Some(&want), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["model_id"], "tiny");
+    assert_eq!(json["fetched"], true);
+    let (blobs, tmp) = cache_files(&f.cache());
+    assert_eq!(blobs.len(), 1);
+    assert!(tmp.is_empty());
+
+    // A download with the wrong hash leaves the good blob alone and adds nothing.
+    let out = f.stage(&format!("{url}/x.gguf"), Some(&"1".repeat(64)), &[]);
+    assert_eq!(out.status.code(), Some(exit::SHA256_MISMATCH), "{}", stderr(&out));
+    let (blobs, tmp) = cache_files(&f.cache());
+    assert_eq!(blobs.len(), 1);
+    assert!(tmp.is_empty());
+}
+
+#[test]
+fn an_interrupted_download_leaves_no_partial_file() {
+    let f = Fixture::new();
+    let url = serve(f.model.clone(), "200 OK", f.model.len() / 2);
+    let out = f.stage(&format!("{url}/tiny.gguf"), Some(&sha(&f.model)), &[]);
+    assert_eq!(out.status.code(), Some(exit::DOWNLOAD_FAILED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("download of"), "{}", stderr(&out));
+    let (blobs, tmp) = cache_files(&f.cache());
+    assert!(blobs.is_empty() && tmp.is_empty(), "{blobs:?} {tmp:?}");
+}
+
+#[test]
+fn downloads_must_be_pinned_and_http_errors_are_reported() {
+    let f = Fixture::new();
+    let url = serve(b"nope".to_vec(), "404 Not Found", usize::MAX);
+    let out = f.stage(&format!("{url}/tiny.gguf"), None, &[]);
+    assert_eq!(out.status.code(), Some(exit::USAGE), "{}", stderr(&out));
+    assert!(stderr(&out).contains("pinned"), "{}", stderr(&out));
+    let out = f.stage(&format!("{url}/tiny.gguf"), Some(&sha(&f.model)), &[]);
+    assert_eq!(out.status.code(), Some(exit::DOWNLOAD_FAILED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("404"), "{}", stderr(&out));
+}
+
+#[test]
+fn plan_writes_what_the_engine_reads() {
+    let f = Fixture::new();
+    let plan = f.path("plan.json");
+    let cache = f.cache().display().to_string();
+    let source = f.path("tiny.gguf");
+    let out = provisioner(&[
+        "plan", "--source", &source, "--sha256", &sha(&f.model), "--cache", &cache, "--model-id",
+        "tiny", "--pool", "p0", "--slots", "2", "--ctx", "512", "--socket", "/run/x/p0.sock",
+        "--handoff-dir", "/run/x/handoff", "--out", &plan,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let parsed: llorch_wire::plan::EnginePlan =
+        serde_json::from_slice(&std::fs::read(&plan).unwrap()).unwrap();
+    assert_eq!(parsed.pool_id, "p0");
+    assert_eq!(parsed.slots, 2);
+    assert_eq!(parsed.model.sha256, sha(&f.model));
+    assert!(Path::new(&parsed.model.path).exists());
+}
