@@ -1,1 +1,160 @@
+//! Helpers for the end-to-end tests: find the built binaries and the default model, start an
+//! engine and wait for its handoff file, stop it with SIGTERM.
+//!
+//! The binaries are the ones `cargo build --workspace` put next to the test executable;
+//! `make test` builds them first.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use llorch_client::UnixClient;
+
+/// The default model, fetched and verified by `scripts/setup.sh`.
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("LLORCH_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("LLORCH_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("llama-orch")))
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/llama-orch")
+                });
+            cache.join("default-model/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        path.exists(),
+        "the default model is not at {}; run scripts/setup.sh (make test does) or set LLORCH_TEST_MODEL",
+        path.display()
+    );
+    path
+}
+
+/// A workspace binary built next to this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` first (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// Waits for `cond`, checking every few milliseconds, up to `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Serializes the tests that run engines: on a two-core machine, parallel engines would turn
+/// latency checks into measurements of each other.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running `llorch-engine`.
+pub struct Engine {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub handoff: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Engine {
+    /// Starts the engine on the default model with `extra` flags and waits for its handoff file.
+    pub fn start(extra: &[&str]) -> Self {
+        let mut engine = Self::spawn(&model_path(), extra);
+        engine.wait_ready();
+        engine
+    }
+
+    /// Starts the engine without waiting.
+    pub fn spawn(model: &Path, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("engine.sock");
+        let handoff_dir = dir.path().join("handoff");
+        let log = dir.path().join("engine.log");
+        let child = Command::new(bin("llorch-engine"))
+            .arg("--model")
+            .arg(model)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--handoff-dir")
+            .arg(&handoff_dir)
+            .args(["--pool", "p0", "--threads", "2"])
+            .args(extra)
+            .env("LLORCH_LOG", "info,llama-cpp-2=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn llorch-engine");
+        Self {
+            child,
+            socket,
+            handoff: handoff_dir.join("p0.json"),
+            log,
+            dir,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the handoff file, failing with the engine's log if the process exits first.
+    pub fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while !self.handoff.exists() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("engine exited with {status} before it was ready; log:\n{}", self.log_text());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "engine not ready after 60 s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn client(&self) -> UnixClient {
+        UnixClient::new(&self.socket)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        self.terminate();
+        self.child.wait().expect("wait for the engine")
+    }
+
+    pub fn terminate(&self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -79,6 +79,7 @@ pub struct Job {
     pub sampling: Sampling,
     pub max_tokens: u32,
     pub stop: Vec<String>,
+    pub ignore_eos: bool,
     /// Bounded by the number of events the job can produce (see `http.rs`), so `try_send`
     /// never finds it full; a closed channel means the client went away.
     pub events: Sender<EngineEvent>,
@@ -312,7 +313,7 @@ impl DecodeLoop {
             let token = a.sampler.sample(ctx, idx);
             let now = Instant::now();
             a.first_token_at.get_or_insert(now);
-            if vocab.is_eog(token) {
+            if vocab.is_eog(token) && !a.job.ignore_eos {
                 self.finish(slot, Ok(FinishReason::Stop));
                 continue;
             }
@@ -369,11 +370,13 @@ impl DecodeLoop {
             Err(body) => EngineEvent::Error(body),
         };
         tracing::debug!(slot, task_id = a.job.task_id.as_deref().unwrap_or(""), event = event.name(), "Request finished.");
-        let _ = a.job.events.try_send(event);
+        // Release before the final event goes out: a client that saw `end` and sends its next
+        // request at once must find the slot free.
         self.slots
             .lock()
             .expect("slot table lock")
             .release(slot, self.kv[slot].clone());
+        let _ = a.job.events.try_send(event);
     }
 }
 

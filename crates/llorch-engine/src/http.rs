@@ -300,6 +300,7 @@ async fn generate(
         sampling,
         max_tokens,
         stop: request.stop,
+        ignore_eos: request.ignore_eos,
         events: tx,
         received,
         task_id: request.task_id,

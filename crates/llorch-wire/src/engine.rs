@@ -63,6 +63,10 @@ pub struct GenerateRequest {
     /// never sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// Keep generating past the model's end-of-generation token, up to `max_tokens` (for
+    /// benchmarks that need a fixed length).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_eos: bool,
     /// Preferred slot (for example the one that holds this session's KV cache). Used when free.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u32>,

@@ -1,0 +1,457 @@
+//! End-to-end tests of `llorch-engine` on the real default model: the real binary, its real
+//! Unix socket, and a client that talks HTTP to it.
+
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use llorch_client::{ClientError, StreamFailure};
+use llorch_tests::{bin, model_path, serial, wait_for, Engine, UnixClient};
+use llorch_wire::engine::{
+    ChatMessage, EngineEvent, FinishReason, GenerateRequest, HealthState, SlotState,
+};
+use llorch_wire::handoff::Handoff;
+use llorch_wire::ErrorCode;
+
+fn user(text: &str) -> ChatMessage {
+    ChatMessage {
+        role: "user".into(),
+        content: text.into(),
+    }
+}
+
+fn greedy_chat(question: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        temperature: Some(0.0),
+        max_tokens: Some(max_tokens),
+        ..GenerateRequest::chat(vec![user(question)])
+    }
+}
+
+/// A request that generates exactly `n` tokens whatever the model says.
+fn long_request(n: u32) -> GenerateRequest {
+    GenerateRequest {
+        ignore_eos: true,
+        ..greedy_chat("Tell me a long story about a lighthouse keeper.", n)
+    }
+}
+
+async fn status_and_error(client: &UnixClient, body: &str) -> (u16, serde_json::Value) {
+    let resp = client.post_raw("/generate", body.to_string()).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_answers_are_english_repeatable_and_reuse_the_prompt_cache() {
+    let _serial = serial();
+    let engine = Engine::start(&[]);
+    let handoff: Handoff =
+        serde_json::from_slice(&std::fs::read(&engine.handoff).unwrap()).unwrap();
+    assert_eq!(handoff.pool_id, "p0");
+    assert_eq!(handoff.slots, 4);
+    assert_eq!(handoff.pid, engine.child.id());
+    assert_eq!(handoff.socket, engine.socket.display().to_string());
+    let client = engine.client();
+    let (status, health) = client.health().await.unwrap();
+    assert_eq!((status.as_u16(), health.status), (200, HealthState::Ready));
+
+    let req = greedy_chat("What is the capital of France?", 32);
+    let first = client.generate(&req).await.unwrap().collect().await.unwrap();
+    assert!(first.text.contains("Paris"), "{:?}", first.text);
+    assert_eq!(first.end.finish_reason, FinishReason::Stop);
+    assert_eq!(first.end.cached_tokens, 0);
+    // Every token event carries at least one token's text.
+    assert!(first.end.completion_tokens as usize >= first.tokens.len() && !first.tokens.is_empty());
+
+    // The same request again: the same text, and the whole prompt but its last token came
+    // from the slot's KV cache.
+    let again = client
+        .generate(&GenerateRequest {
+            slot: Some(first.end.slot),
+            ..req.clone()
+        })
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(again.text, first.text);
+    assert_eq!(again.end.slot, first.end.slot);
+    assert_eq!(again.end.cached_tokens, again.end.prompt_tokens - 1);
+
+    // A follow-up turn pays only for the new turn: the slot is found by its shared prefix.
+    let follow = GenerateRequest {
+        temperature: Some(0.0),
+        max_tokens: Some(24),
+        ..GenerateRequest::chat(vec![
+            user("What is the capital of France?"),
+            ChatMessage {
+                role: "assistant".into(),
+                content: first.text.clone(),
+            },
+            user("And of Italy?"),
+        ])
+    };
+    let second = client.generate(&follow).await.unwrap().collect().await.unwrap();
+    assert_eq!(second.end.slot, first.end.slot);
+    assert!(
+        second.end.cached_tokens >= first.end.prompt_tokens,
+        "{:?} vs first prompt {}",
+        second.end,
+        first.end.prompt_tokens
+    );
+    assert!(second.text.contains("Rome"), "{:?}", second.text);
+
+    // A fresh process gives the same greedy answer.
+    assert!(engine.stop().success());
+    let engine = Engine::start(&[]);
+    let fresh = engine.client().generate(&req).await.unwrap().collect().await.unwrap();
+    assert_eq!(fresh.text, first.text);
+    assert!(engine.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
+    let _serial = serial();
+    let engine = Engine::start(&[]);
+    let client = engine.client();
+    let questions = [
+        "What is the capital of France?",
+        "Name three primary colors.",
+        "What do bees make?",
+        "How many legs does a spider have?",
+    ];
+    let mut solo = Vec::new();
+    for q in questions {
+        let c = client.generate(&greedy_chat(q, 40)).await.unwrap().collect().await.unwrap();
+        solo.push(c);
+    }
+    // All four at once; each goes to its own slot, prompts evaluated in shared batches.
+    let tasks: Vec<_> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let client = client.clone();
+            let req = GenerateRequest {
+                // Send each prompt to a slot that holds another prompt's cache, so the prompts
+                // are evaluated again, in shared batches, not served from their solo caches.
+                slot: Some((solo[i].end.slot + 1) % 4),
+                ..greedy_chat(q, 40)
+            };
+            tokio::spawn(async move { client.generate(&req).await.unwrap().collect().await.unwrap() })
+        })
+        .collect();
+    let mut together = Vec::new();
+    for t in tasks {
+        together.push(t.await.unwrap());
+    }
+    for (s, t) in solo.iter().zip(&together) {
+        assert!(t.end.cached_tokens < s.end.prompt_tokens - 1, "{:?}", t.end);
+    }
+    let slots: std::collections::HashSet<u32> = together.iter().map(|c| c.end.slot).collect();
+    assert_eq!(slots.len(), 4, "each request had its own slot");
+    // Batched and solo decoding run different matrix shapes, so llama.cpp does not promise
+    // bit-identical logits; greedy decoding can then pick another token where two are nearly
+    // tied. We require every answer to agree with its solo answer on its first tokens and
+    // most answers to agree entirely (docs/ARCHITECTURE.md, "Batching and determinism").
+    let mut identical = 0;
+    for (s, t) in solo.iter().zip(&together) {
+        let shared = s.tokens.iter().zip(&t.tokens).take_while(|(a, b)| a == b).count();
+        eprintln!("solo {:?}\nbatched {:?}\nshared {shared} of {}", s.text, t.text, s.tokens.len());
+        assert!(shared >= 8.min(s.tokens.len()), "answers diverge early: {:?} vs {:?}", s.text, t.text);
+        if s.text == t.text {
+            identical += 1;
+        }
+    }
+    assert!(identical >= 3, "only {identical} of 4 batched answers equal their solo answers");
+    let status = client.slots().await.unwrap();
+    assert_eq!(status.busy, 0);
+    assert!(engine.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_one_stream_frees_its_slot_while_the_others_continue() {
+    let _serial = serial();
+    let engine = Engine::start(&[]);
+    let client = engine.client();
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(client.generate(&long_request(400)).await.unwrap());
+    }
+    // Read a few tokens from each, so all three are decoding.
+    for s in &mut streams {
+        for _ in 0..3 {
+            assert!(matches!(s.next_event().await, Some(Ok(EngineEvent::Token(_)))));
+        }
+    }
+    assert_eq!(client.slots().await.unwrap().busy, 3);
+    let cancelled = streams.remove(0);
+    drop(cancelled);
+    let dropped_at = Instant::now();
+    loop {
+        let status = client.slots().await.unwrap();
+        if status.busy == 2 {
+            break;
+        }
+        assert!(dropped_at.elapsed() < Duration::from_secs(1), "slot not freed: {status:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The other two are still running and finish normally with all their tokens.
+    for s in streams {
+        let done = s.collect().await.unwrap();
+        assert_eq!(done.end.completion_tokens, 400);
+        assert_eq!(done.end.finish_reason, FinishReason::Length);
+    }
+    let status = client.slots().await.unwrap();
+    assert_eq!(status.busy, 0);
+    assert!(status.slots.iter().all(|s| s.state == SlotState::Idle));
+    assert!(engine.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_engine_answers_503_with_retry_after_instead_of_queueing() {
+    let _serial = serial();
+    let engine = Engine::start(&["--slots", "1"]);
+    let client = engine.client();
+    let mut running = client.generate(&long_request(300)).await.unwrap();
+    assert!(matches!(running.next_event().await, Some(Ok(EngineEvent::Token(_)))));
+    match client.generate(&greedy_chat("Hi", 4)).await {
+        Err(ClientError::Status {
+            status,
+            body: Some(body),
+            retry_after: Some(retry),
+            ..
+        }) => {
+            assert_eq!(status.as_u16(), 503);
+            assert_eq!(body.code, ErrorCode::PoolUnavailable);
+            assert!(body.retriable);
+            assert!(retry.parse::<u64>().unwrap() >= 1);
+        }
+        Err(other) => panic!("expected a typed 503, got {other}"),
+        Ok(_) => panic!("expected a typed 503, got a stream"),
+    }
+    drop(running);
+    wait_for("the slot to be freed", Duration::from_secs(2), || {
+        std::os::unix::net::UnixStream::connect(&engine.socket).is_ok()
+    });
+    let ok = loop {
+        match client.generate(&greedy_chat("Hi", 4)).await {
+            Ok(s) => break s.collect().await.unwrap(),
+            Err(ClientError::Status { .. }) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(ok.end.completion_tokens > 0);
+    assert!(engine.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_a_400_naming_the_field_and_disturb_no_one() {
+    let _serial = serial();
+    let engine = Engine::start(&["--ctx", "512"]);
+    let client = engine.client();
+    // A stream in flight while bad requests arrive.
+    let mut running = client.generate(&long_request(120)).await.unwrap();
+    assert!(matches!(running.next_event().await, Some(Ok(EngineEvent::Token(_)))));
+
+    let too_long = serde_json::json!({ "prompt": "lighthouse ".repeat(800) }).to_string();
+    let cases: Vec<(&str, u16, &str)> = vec![
+        (r#"{"prompt": "Hi", "max_tokens": 5"#, 400, "body"),
+        (r#"not json"#, 400, "body"),
+        (r#"{"prompt": "Hi", "max_tokenz": 5}"#, 400, "max_tokenz"),
+        (r#"{"prompt": "Hi", "max_tokens": "five"}"#, 400, "max_tokens"),
+        (r#"{"prompt": "Hi", "temperature": 7}"#, 400, "temperature"),
+        (r#"{"prompt": "Hi", "top_p": 0}"#, 400, "top_p"),
+        (r#"{"prompt": "Hi", "slot": 9}"#, 400, "slot"),
+        (r#"{"messages": [{"role": "robot", "content": "Hi"}]}"#, 400, "messages[0].role"),
+        (r#"{"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}"#, 400, "messages"),
+        (r#"{}"#, 400, "prompt"),
+        (&too_long, 400, "prompt"),
+    ];
+    for (body, want_status, want_field) in cases {
+        let (status, err) = status_and_error(&client, body).await;
+        assert_eq!(status, want_status, "{body:.80}: {err}");
+        assert_eq!(err["code"], "INVALID_PARAMS", "{body:.80}: {err}");
+        assert_eq!(err["field"], want_field, "{body:.80}: {err}");
+        assert!(err["message"].as_str().unwrap().contains(want_field.split('[').next().unwrap()) || want_field == "body", "{err}");
+    }
+    let (_, err) = status_and_error(&client, &too_long).await;
+    assert!(err["message"].as_str().unwrap().contains("512"), "{err}");
+    let huge = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(5 << 20));
+    let (status, err) = status_and_error(&client, &huge).await;
+    assert_eq!(status, 413, "{err}");
+
+    // The stream that was running is intact, and the engine still serves.
+    let done = running.collect().await.unwrap();
+    assert_eq!(done.end.completion_tokens, 120);
+    let ok = client.generate(&greedy_chat("What is the capital of France?", 16)).await.unwrap();
+    assert!(ok.collect().await.unwrap().text.contains("Paris"));
+    assert!(engine.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_end_generation_and_are_never_sent() {
+    let _serial = serial();
+    let engine = Engine::start(&[]);
+    let client = engine.client();
+    let plain = client
+        .generate(&greedy_chat("What is the capital of France?", 32))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let at = plain.text.find("Paris").expect("the model names Paris");
+    let stopped = client
+        .generate(&GenerateRequest {
+            stop: vec!["aris".into()],
+            ..greedy_chat("What is the capital of France?", 32)
+        })
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(stopped.text, format!("{}P", &plain.text[..at]));
+    assert_eq!(stopped.end.finish_reason, FinishReason::Stop);
+    assert!(engine.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_streams_finish_then_removes_the_handoff_and_socket() {
+    let _serial = serial();
+    let engine = Engine::start(&["--grace", "30"]);
+    let client = engine.client();
+    let stream = client.generate(&long_request(60)).await.unwrap();
+    engine.terminate();
+    // New work is refused while draining...
+    wait_for("draining", Duration::from_secs(5), || {
+        std::fs::read_to_string(&engine.log).unwrap_or_default().contains("Stopping.")
+    });
+    match client.generate(&greedy_chat("Hi", 4)).await {
+        Err(ClientError::Status { status, .. }) => assert_eq!(status.as_u16(), 503),
+        Err(ClientError::Connect { .. }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a draining engine accepted new work"),
+    }
+    // ...and the stream in flight completes.
+    let done = stream.collect().await.unwrap();
+    assert_eq!(done.end.completion_tokens, 60);
+    let mut engine = engine;
+    let status = engine.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!engine.handoff.exists());
+    assert!(!engine.socket.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_grace_period_streams_end_with_a_canceled_event() {
+    let _serial = serial();
+    let engine = Engine::start(&["--grace", "0"]);
+    let client = engine.client();
+    let mut stream = client.generate(&long_request(1000)).await.unwrap();
+    assert!(matches!(stream.next_event().await, Some(Ok(EngineEvent::Token(_)))));
+    let status = engine.stop();
+    assert!(status.success(), "{status}");
+    match stream.collect().await {
+        Err(StreamFailure::Event(body)) => assert_eq!(body.code, ErrorCode::Canceled),
+        other => panic!("expected a CANCELED event, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_model_files_and_configuration_end_the_process_with_a_clear_message() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |model: &std::path::Path, extra: &[&str]| {
+        let out = std::process::Command::new(bin("llorch-engine"))
+            .arg("--model")
+            .arg(model)
+            .arg("--socket")
+            .arg(dir.path().join("e.sock"))
+            .arg("--handoff-dir")
+            .arg(dir.path().join("h"))
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let missing = dir.path().join("missing.gguf");
+    let (code, err) = run(&missing, &[]);
+    assert_eq!(code, Some(66), "{err}");
+    assert!(err.contains("missing.gguf") && err.contains("does not exist"), "{err}");
+
+    let truncated = dir.path().join("truncated.gguf");
+    let real = std::fs::read(model_path()).unwrap();
+    std::fs::write(&truncated, &real[..real.len() / 3]).unwrap();
+    let (code, err) = run(&truncated, &[]);
+    assert_eq!(code, Some(65), "{err}");
+    assert!(err.contains("truncated.gguf is truncated"), "{err}");
+
+    let text = dir.path().join("readme.gguf");
+    std::fs::write(&text, "# not a model\n").unwrap();
+    let (code, err) = run(&text, &[]);
+    assert_eq!(code, Some(65), "{err}");
+    assert!(err.contains("readme.gguf is not a GGUF file"), "{err}");
+
+    let (code, err) = run(&model_path(), &["--slots", "0"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("slots"), "{err}");
+
+    // None of them left a socket or handoff file behind.
+    assert!(!dir.path().join("e.sock").exists());
+    assert!(!dir.path().join("h").exists());
+
+    let (code, out) = run(&model_path(), &["--check-config"]);
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_activated_engine_serves_on_the_inherited_socket() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("activated.sock");
+    let handoff = dir.path().join("handoff/act.json");
+    // systemd-socket-activate holds the listening socket and starts the engine on the first
+    // connection, passing the socket as LISTEN_FDS=1, as systemd does.
+    let mut activator = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&socket)
+        .arg(bin("llorch-engine"))
+        .arg("--model")
+        .arg(model_path())
+        .arg("--socket")
+        .arg(dir.path().join("unused.sock"))
+        .arg("--handoff-dir")
+        .arg(dir.path().join("handoff"))
+        .args(["--pool", "act", "--threads", "2"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd) is installed by scripts/setup.sh");
+    wait_for("the activation socket", Duration::from_secs(10), || socket.exists());
+    assert!(!handoff.exists(), "the engine starts only on the first connection");
+    // The first request waits in the socket's backlog while the engine starts.
+    let client = UnixClient::new(&socket);
+    let (_, health) = client.health().await.unwrap();
+    assert!(matches!(health.status, HealthState::Loading | HealthState::Ready));
+    wait_for("the handoff file", Duration::from_secs(30), || handoff.exists());
+    let answer = client
+        .generate(&greedy_chat("What is the capital of France?", 16))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert!(answer.text.contains("Paris"));
+    assert!(!dir.path().join("unused.sock").exists(), "the engine bound nothing itself");
+    let pid = activator.id() as libc::pid_t;
+    // SAFETY: signalling the child this test spawned; systemd-socket-activate execs the engine
+    // in place, so this is the engine's pid.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    assert!(activator.wait().unwrap().success());
+    assert!(!handoff.exists());
+}
