@@ -16,7 +16,6 @@ MODEL_PATH="$MODEL_DIR/$MODEL_FILE"
 say() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- System packages -------------------------------------------------------------------------
-# Each entry is "command-or-file-to-test package".
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 # bindgen (llama-cpp-sys-2) needs libclang.
@@ -27,7 +26,8 @@ command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3-pip); fi
-command -v curl >/dev/null 2>&1 || need+=(curl)
+# The socket-activation test uses systemd-socket-activate, as systemd would pass the socket.
+command -v systemd-socket-activate >/dev/null 2>&1 || need+=(systemd)
 
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

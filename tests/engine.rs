@@ -1,5 +1,9 @@
 //! End-to-end tests of `llorch-engine` on the real default model: the real binary, its real
 //! Unix socket, and a client that talks HTTP to it.
+//!
+//! Each test holds `serial()` for its whole run, across awaits: the guard serializes whole tests
+//! (each with its own runtime), so no task of one runtime ever waits on it.
+#![allow(clippy::await_holding_lock)]
 
 use std::time::{Duration, Instant};
 
@@ -36,10 +40,16 @@ fn long_request(n: u32) -> GenerateRequest {
 }
 
 async fn status_and_error(client: &UnixClient, body: &str) -> (u16, serde_json::Value) {
-    let resp = client.post_raw("/generate", body.to_string()).await.unwrap();
+    let resp = client
+        .post_raw("/generate", body.to_string())
+        .await
+        .unwrap();
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +67,13 @@ async fn greedy_answers_are_english_repeatable_and_reuse_the_prompt_cache() {
     assert_eq!((status.as_u16(), health.status), (200, HealthState::Ready));
 
     let req = greedy_chat("What is the capital of France?", 32);
-    let first = client.generate(&req).await.unwrap().collect().await.unwrap();
+    let first = client
+        .generate(&req)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
     assert!(first.text.contains("Paris"), "{:?}", first.text);
     assert_eq!(first.end.finish_reason, FinishReason::Stop);
     assert_eq!(first.end.cached_tokens, 0);
@@ -93,7 +109,13 @@ async fn greedy_answers_are_english_repeatable_and_reuse_the_prompt_cache() {
             user("And of Italy?"),
         ])
     };
-    let second = client.generate(&follow).await.unwrap().collect().await.unwrap();
+    let second = client
+        .generate(&follow)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
     assert_eq!(second.end.slot, first.end.slot);
     assert!(
         second.end.cached_tokens >= first.end.prompt_tokens,
@@ -106,7 +128,14 @@ async fn greedy_answers_are_english_repeatable_and_reuse_the_prompt_cache() {
     // A fresh process gives the same greedy answer.
     assert!(engine.stop().success());
     let engine = Engine::start(&[]);
-    let fresh = engine.client().generate(&req).await.unwrap().collect().await.unwrap();
+    let fresh = engine
+        .client()
+        .generate(&req)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
     assert_eq!(fresh.text, first.text);
     assert!(engine.stop().success());
 }
@@ -124,7 +153,13 @@ async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
     ];
     let mut solo = Vec::new();
     for q in questions {
-        let c = client.generate(&greedy_chat(q, 40)).await.unwrap().collect().await.unwrap();
+        let c = client
+            .generate(&greedy_chat(q, 40))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
         solo.push(c);
     }
     // All four at once; each goes to its own slot, prompts evaluated in shared batches.
@@ -139,7 +174,15 @@ async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
                 slot: Some((solo[i].end.slot + 1) % 4),
                 ..greedy_chat(q, 40)
             };
-            tokio::spawn(async move { client.generate(&req).await.unwrap().collect().await.unwrap() })
+            tokio::spawn(async move {
+                client
+                    .generate(&req)
+                    .await
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap()
+            })
         })
         .collect();
     let mut together = Vec::new();
@@ -157,14 +200,32 @@ async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
     // most answers to agree entirely (docs/ARCHITECTURE.md, "Batching and determinism").
     let mut identical = 0;
     for (s, t) in solo.iter().zip(&together) {
-        let shared = s.tokens.iter().zip(&t.tokens).take_while(|(a, b)| a == b).count();
-        eprintln!("solo {:?}\nbatched {:?}\nshared {shared} of {}", s.text, t.text, s.tokens.len());
-        assert!(shared >= 8.min(s.tokens.len()), "answers diverge early: {:?} vs {:?}", s.text, t.text);
+        let shared = s
+            .tokens
+            .iter()
+            .zip(&t.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "solo {:?}\nbatched {:?}\nshared {shared} of {}",
+            s.text,
+            t.text,
+            s.tokens.len()
+        );
+        assert!(
+            shared >= 8.min(s.tokens.len()),
+            "answers diverge early: {:?} vs {:?}",
+            s.text,
+            t.text
+        );
         if s.text == t.text {
             identical += 1;
         }
     }
-    assert!(identical >= 3, "only {identical} of 4 batched answers equal their solo answers");
+    assert!(
+        identical >= 3,
+        "only {identical} of 4 batched answers equal their solo answers"
+    );
     let status = client.slots().await.unwrap();
     assert_eq!(status.busy, 0);
     assert!(engine.stop().success());
@@ -182,7 +243,10 @@ async fn cancelling_one_stream_frees_its_slot_while_the_others_continue() {
     // Read a few tokens from each, so all three are decoding.
     for s in &mut streams {
         for _ in 0..3 {
-            assert!(matches!(s.next_event().await, Some(Ok(EngineEvent::Token(_)))));
+            assert!(matches!(
+                s.next_event().await,
+                Some(Ok(EngineEvent::Token(_)))
+            ));
         }
     }
     assert_eq!(client.slots().await.unwrap().busy, 3);
@@ -194,7 +258,10 @@ async fn cancelling_one_stream_frees_its_slot_while_the_others_continue() {
         if status.busy == 2 {
             break;
         }
-        assert!(dropped_at.elapsed() < Duration::from_secs(1), "slot not freed: {status:?}");
+        assert!(
+            dropped_at.elapsed() < Duration::from_secs(1),
+            "slot not freed: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // The other two are still running and finish normally with all their tokens.
@@ -215,7 +282,10 @@ async fn a_full_engine_answers_503_with_retry_after_instead_of_queueing() {
     let engine = Engine::start(&["--slots", "1"]);
     let client = engine.client();
     let mut running = client.generate(&long_request(300)).await.unwrap();
-    assert!(matches!(running.next_event().await, Some(Ok(EngineEvent::Token(_)))));
+    assert!(matches!(
+        running.next_event().await,
+        Some(Ok(EngineEvent::Token(_)))
+    ));
     match client.generate(&greedy_chat("Hi", 4)).await {
         Err(ClientError::Status {
             status,
@@ -253,19 +323,34 @@ async fn bad_requests_get_a_400_naming_the_field_and_disturb_no_one() {
     let client = engine.client();
     // A stream in flight while bad requests arrive.
     let mut running = client.generate(&long_request(120)).await.unwrap();
-    assert!(matches!(running.next_event().await, Some(Ok(EngineEvent::Token(_)))));
+    assert!(matches!(
+        running.next_event().await,
+        Some(Ok(EngineEvent::Token(_)))
+    ));
 
     let too_long = serde_json::json!({ "prompt": "lighthouse ".repeat(800) }).to_string();
     let cases: Vec<(&str, u16, &str)> = vec![
         (r#"{"prompt": "Hi", "max_tokens": 5"#, 400, "body"),
         (r#"not json"#, 400, "body"),
         (r#"{"prompt": "Hi", "max_tokenz": 5}"#, 400, "max_tokenz"),
-        (r#"{"prompt": "Hi", "max_tokens": "five"}"#, 400, "max_tokens"),
+        (
+            r#"{"prompt": "Hi", "max_tokens": "five"}"#,
+            400,
+            "max_tokens",
+        ),
         (r#"{"prompt": "Hi", "temperature": 7}"#, 400, "temperature"),
         (r#"{"prompt": "Hi", "top_p": 0}"#, 400, "top_p"),
         (r#"{"prompt": "Hi", "slot": 9}"#, 400, "slot"),
-        (r#"{"messages": [{"role": "robot", "content": "Hi"}]}"#, 400, "messages[0].role"),
-        (r#"{"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}"#, 400, "messages"),
+        (
+            r#"{"messages": [{"role": "robot", "content": "Hi"}]}"#,
+            400,
+            "messages[0].role",
+        ),
+        (
+            r#"{"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}"#,
+            400,
+            "messages",
+        ),
         (r#"{}"#, 400, "prompt"),
         (&too_long, 400, "prompt"),
     ];
@@ -274,7 +359,14 @@ async fn bad_requests_get_a_400_naming_the_field_and_disturb_no_one() {
         assert_eq!(status, want_status, "{body:.80}: {err}");
         assert_eq!(err["code"], "INVALID_PARAMS", "{body:.80}: {err}");
         assert_eq!(err["field"], want_field, "{body:.80}: {err}");
-        assert!(err["message"].as_str().unwrap().contains(want_field.split('[').next().unwrap()) || want_field == "body", "{err}");
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .contains(want_field.split('[').next().unwrap())
+                || want_field == "body",
+            "{err}"
+        );
     }
     let (_, err) = status_and_error(&client, &too_long).await;
     assert!(err["message"].as_str().unwrap().contains("512"), "{err}");
@@ -285,7 +377,10 @@ async fn bad_requests_get_a_400_naming_the_field_and_disturb_no_one() {
     // The stream that was running is intact, and the engine still serves.
     let done = running.collect().await.unwrap();
     assert_eq!(done.end.completion_tokens, 120);
-    let ok = client.generate(&greedy_chat("What is the capital of France?", 16)).await.unwrap();
+    let ok = client
+        .generate(&greedy_chat("What is the capital of France?", 16))
+        .await
+        .unwrap();
     assert!(ok.collect().await.unwrap().text.contains("Paris"));
     assert!(engine.stop().success());
 }
@@ -327,7 +422,9 @@ async fn sigterm_lets_streams_finish_then_removes_the_handoff_and_socket() {
     engine.terminate();
     // New work is refused while draining...
     wait_for("draining", Duration::from_secs(5), || {
-        std::fs::read_to_string(&engine.log).unwrap_or_default().contains("Stopping.")
+        std::fs::read_to_string(&engine.log)
+            .unwrap_or_default()
+            .contains("Stopping.")
     });
     match client.generate(&greedy_chat("Hi", 4)).await {
         Err(ClientError::Status { status, .. }) => assert_eq!(status.as_u16(), 503),
@@ -351,7 +448,10 @@ async fn after_the_grace_period_streams_end_with_a_canceled_event() {
     let engine = Engine::start(&["--grace", "0"]);
     let client = engine.client();
     let mut stream = client.generate(&long_request(1000)).await.unwrap();
-    assert!(matches!(stream.next_event().await, Some(Ok(EngineEvent::Token(_)))));
+    assert!(matches!(
+        stream.next_event().await,
+        Some(Ok(EngineEvent::Token(_)))
+    ));
     let status = engine.stop();
     assert!(status.success(), "{status}");
     match stream.collect().await {
@@ -375,12 +475,18 @@ fn bad_model_files_and_configuration_end_the_process_with_a_clear_message() {
             .args(extra)
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let missing = dir.path().join("missing.gguf");
     let (code, err) = run(&missing, &[]);
     assert_eq!(code, Some(66), "{err}");
-    assert!(err.contains("missing.gguf") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("missing.gguf") && err.contains("does not exist"),
+        "{err}"
+    );
 
     let truncated = dir.path().join("truncated.gguf");
     let real = std::fs::read(model_path()).unwrap();
@@ -429,13 +535,23 @@ async fn a_socket_activated_engine_serves_on_the_inherited_socket() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("systemd-socket-activate (package systemd) is installed by scripts/setup.sh");
-    wait_for("the activation socket", Duration::from_secs(10), || socket.exists());
-    assert!(!handoff.exists(), "the engine starts only on the first connection");
+    wait_for("the activation socket", Duration::from_secs(10), || {
+        socket.exists()
+    });
+    assert!(
+        !handoff.exists(),
+        "the engine starts only on the first connection"
+    );
     // The first request waits in the socket's backlog while the engine starts.
     let client = UnixClient::new(&socket);
     let (_, health) = client.health().await.unwrap();
-    assert!(matches!(health.status, HealthState::Loading | HealthState::Ready));
-    wait_for("the handoff file", Duration::from_secs(30), || handoff.exists());
+    assert!(matches!(
+        health.status,
+        HealthState::Loading | HealthState::Ready
+    ));
+    wait_for("the handoff file", Duration::from_secs(30), || {
+        handoff.exists()
+    });
     let answer = client
         .generate(&greedy_chat("What is the capital of France?", 16))
         .await
@@ -444,7 +560,10 @@ async fn a_socket_activated_engine_serves_on_the_inherited_socket() {
         .await
         .unwrap();
     assert!(answer.text.contains("Paris"));
-    assert!(!dir.path().join("unused.sock").exists(), "the engine bound nothing itself");
+    assert!(
+        !dir.path().join("unused.sock").exists(),
+        "the engine bound nothing itself"
+    );
     let pid = activator.id() as libc::pid_t;
     // SAFETY: signalling the child this test spawned; systemd-socket-activate execs the engine
     // in place, so this is the engine's pid.

@@ -17,9 +17,12 @@ pub fn model_path() -> PathBuf {
         .unwrap_or_else(|| {
             let cache = std::env::var_os("LLORCH_CACHE")
                 .map(PathBuf::from)
-                .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("llama-orch")))
+                .or_else(|| {
+                    std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("llama-orch"))
+                })
                 .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/llama-orch")
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                        .join(".cache/llama-orch")
                 });
             cache.join("default-model/SmolLM2-135M-Instruct.Q4_1.gguf")
         });
@@ -51,7 +54,10 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -119,7 +125,10 @@ impl Engine {
         let start = Instant::now();
         while !self.handoff.exists() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("engine exited with {status} before it was ready; log:\n{}", self.log_text());
+                panic!(
+                    "engine exited with {status} before it was ready; log:\n{}",
+                    self.log_text()
+                );
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60),

@@ -63,7 +63,9 @@ impl Drop for TempFile {
 }
 
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl Cache {
@@ -76,7 +78,9 @@ impl Cache {
     }
 
     pub fn blob_path(&self, sha256: &str) -> PathBuf {
-        self.root.join("blobs").join(format!("sha256-{sha256}.gguf"))
+        self.root
+            .join("blobs")
+            .join(format!("sha256-{sha256}.gguf"))
     }
 
     fn tmp_dir(&self) -> PathBuf {
@@ -93,7 +97,11 @@ impl Cache {
     }
 
     fn mkdirs(&self) -> Result<(), ProvisionError> {
-        for d in [self.root.join("blobs"), self.tmp_dir(), self.root.join("manifests")] {
+        for d in [
+            self.root.join("blobs"),
+            self.tmp_dir(),
+            self.root.join("manifests"),
+        ] {
             std::fs::create_dir_all(&d).map_err(|source| ProvisionError::CacheWrite {
                 path: d.clone(),
                 source,
@@ -242,7 +250,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     let mut f = File::create(&tmp)?;
     f.write_all(bytes)?;
@@ -311,9 +321,11 @@ fn copy_hashing(
         },
     })?;
     let total = input.metadata().ok().map(|m| m.len());
-    pump(&mut input, dst, total, progress, |source| ProvisionError::Io {
-        path: src.to_owned(),
-        source,
+    pump(&mut input, dst, total, progress, |source| {
+        ProvisionError::Io {
+            path: src.to_owned(),
+            source,
+        }
     })
 }
 
@@ -340,15 +352,13 @@ fn download_hashing(
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut reader = resp
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .reader();
+    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
     let (sha, size) = pump(&mut reader, dst, total, progress, |e| fail(e.to_string()))?;
     if let Some(t) = total {
         if size != t {
-            return Err(fail(format!("the transfer ended after {size} of {t} bytes")));
+            return Err(fail(format!(
+                "the transfer ended after {size} of {t} bytes"
+            )));
         }
     }
     Ok((sha, size))

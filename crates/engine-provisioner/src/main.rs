@@ -10,7 +10,11 @@ use engine_provisioner::{exit, Cache, Progress, ProvisionError, Source};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "engine-provisioner", version, about = "Stage and verify models, and plan engines.")]
+#[command(
+    name = "engine-provisioner",
+    version,
+    about = "Stage and verify models, and plan engines."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,12 +100,22 @@ impl Progress for Reporter {
                 let decile = done * 10 / t;
                 if self.tty {
                     if self.last_decile != Some(done * 100 / t) {
-                        eprint!("\r  {:.1} / {:.1} MB ({}%)", mb(done), mb(t), done * 100 / t);
+                        eprint!(
+                            "\r  {:.1} / {:.1} MB ({}%)",
+                            mb(done),
+                            mb(t),
+                            done * 100 / t
+                        );
                         self.last_decile = Some(done * 100 / t);
                         self.shown = true;
                     }
                 } else if self.last_decile != Some(decile) {
-                    tracing::info!(bytes_done = done, bytes_total = t, "Progress {}%.", decile * 10);
+                    tracing::info!(
+                        bytes_done = done,
+                        bytes_total = t,
+                        "Progress {}%.",
+                        decile * 10
+                    );
                     self.last_decile = Some(decile);
                 }
             }
@@ -134,12 +148,8 @@ fn stage(args: &StageArgs) -> Result<(String, engine_provisioner::Staged), Provi
         last_decile: None,
         shown: false,
     };
-    let staged = Cache::new(&args.cache).stage(
-        &model_id,
-        &source,
-        args.sha256.as_deref(),
-        &mut reporter,
-    )?;
+    let staged =
+        Cache::new(&args.cache).stage(&model_id, &source, args.sha256.as_deref(), &mut reporter)?;
     Ok((model_id, staged))
 }
 

@@ -50,14 +50,26 @@ mod tests {
 
     #[test]
     fn parses_every_form() {
-        assert_eq!(Source::parse("/m/a.gguf").unwrap(), Source::File("/m/a.gguf".into()));
-        assert_eq!(Source::parse("file:/m/a.gguf").unwrap(), Source::File("/m/a.gguf".into()));
-        assert_eq!(Source::parse("file:///m/a.gguf").unwrap(), Source::File("/m/a.gguf".into()));
+        assert_eq!(
+            Source::parse("/m/a.gguf").unwrap(),
+            Source::File("/m/a.gguf".into())
+        );
+        assert_eq!(
+            Source::parse("file:/m/a.gguf").unwrap(),
+            Source::File("/m/a.gguf".into())
+        );
+        assert_eq!(
+            Source::parse("file:///m/a.gguf").unwrap(),
+            Source::File("/m/a.gguf".into())
+        );
         assert_eq!(
             Source::parse("https://h/a.gguf").unwrap(),
             Source::Http("https://h/a.gguf".into())
         );
-        assert!(Source::parse("s3://b/a.gguf").unwrap_err().to_string().contains("s3"));
+        assert!(Source::parse("s3://b/a.gguf")
+            .unwrap_err()
+            .to_string()
+            .contains("s3"));
         assert!(Source::parse("").is_err());
     }
 }

@@ -79,7 +79,11 @@ fn a_good_file_is_staged_by_content_and_shared_between_model_ids() {
     assert_eq!(std::fs::read(&blob).unwrap(), f.model);
 
     // A second id for the same file, from a file: URL, reuses the blob.
-    let out = f.stage(&format!("file:{}", f.path("tiny.gguf")), Some(&want), &["--model-id", "b"]);
+    let out = f.stage(
+        &format!("file:{}", f.path("tiny.gguf")),
+        Some(&want),
+        &["--model-id", "b"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["fetched"], false);
@@ -87,9 +91,10 @@ fn a_good_file_is_staged_by_content_and_shared_between_model_ids() {
     assert_eq!(blobs, vec![blob]);
     assert!(tmp.is_empty());
     for id in ["a", "b"] {
-        let m: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(f.cache().join(format!("manifests/{id}.json"))).unwrap())
-                .unwrap();
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(f.cache().join(format!("manifests/{id}.json"))).unwrap(),
+        )
+        .unwrap();
         assert_eq!(m["sha256"], want);
     }
 }
@@ -99,9 +104,17 @@ fn a_wrong_sha256_is_refused_and_nothing_is_staged() {
     let f = Fixture::new();
     let wrong = "0".repeat(64);
     let out = f.stage(&f.path("tiny.gguf"), Some(&wrong), &[]);
-    assert_eq!(out.status.code(), Some(exit::SHA256_MISMATCH), "{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(exit::SHA256_MISMATCH),
+        "{}",
+        stderr(&out)
+    );
     let err = stderr(&out);
-    assert!(err.contains("sha256 mismatch") && err.contains(&wrong) && err.contains(&sha(&f.model)), "{err}");
+    assert!(
+        err.contains("sha256 mismatch") && err.contains(&wrong) && err.contains(&sha(&f.model)),
+        "{err}"
+    );
     let (blobs, tmp) = cache_files(&f.cache());
     assert!(blobs.is_empty() && tmp.is_empty(), "{blobs:?} {tmp:?}");
 }
@@ -113,16 +126,33 @@ fn truncated_non_gguf_and_missing_files_get_their_own_exit_codes() {
     std::fs::write(f.path("cut.gguf"), cut).unwrap();
     let out = f.stage(&f.path("cut.gguf"), Some(&sha(cut)), &[]);
     assert_eq!(out.status.code(), Some(exit::TRUNCATED), "{}", stderr(&out));
-    assert!(stderr(&out).contains("cut.gguf is truncated"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cut.gguf is truncated"),
+        "{}",
+        stderr(&out)
+    );
 
     std::fs::write(f.path("notes.txt"), b"just some text, not a model").unwrap();
     let out = f.stage(&f.path("notes.txt"), None, &[]);
     assert_eq!(out.status.code(), Some(exit::NOT_GGUF), "{}", stderr(&out));
-    assert!(stderr(&out).contains("notes.txt is not a GGUF file"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("notes.txt is not a GGUF file"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = f.stage(&f.path("absent.gguf"), None, &[]);
-    assert_eq!(out.status.code(), Some(exit::SOURCE_MISSING), "{}", stderr(&out));
-    assert!(stderr(&out).contains("absent.gguf does not exist"), "{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(exit::SOURCE_MISSING),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("absent.gguf does not exist"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = f.stage(&f.path("tiny.gguf"), Some("xyz"), &[]);
     assert_eq!(out.status.code(), Some(exit::USAGE), "{}", stderr(&out));
@@ -172,7 +202,12 @@ fn a_download_is_verified_while_streaming_and_staged() {
 
     // A download with the wrong hash leaves the good blob alone and adds nothing.
     let out = f.stage(&format!("{url}/x.gguf"), Some(&"1".repeat(64)), &[]);
-    assert_eq!(out.status.code(), Some(exit::SHA256_MISMATCH), "{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(exit::SHA256_MISMATCH),
+        "{}",
+        stderr(&out)
+    );
     let (blobs, tmp) = cache_files(&f.cache());
     assert_eq!(blobs.len(), 1);
     assert!(tmp.is_empty());
@@ -183,7 +218,12 @@ fn an_interrupted_download_leaves_no_partial_file() {
     let f = Fixture::new();
     let url = serve(f.model.clone(), "200 OK", f.model.len() / 2);
     let out = f.stage(&format!("{url}/tiny.gguf"), Some(&sha(&f.model)), &[]);
-    assert_eq!(out.status.code(), Some(exit::DOWNLOAD_FAILED), "{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(exit::DOWNLOAD_FAILED),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("download of"), "{}", stderr(&out));
     let (blobs, tmp) = cache_files(&f.cache());
     assert!(blobs.is_empty() && tmp.is_empty(), "{blobs:?} {tmp:?}");
@@ -197,7 +237,12 @@ fn downloads_must_be_pinned_and_http_errors_are_reported() {
     assert_eq!(out.status.code(), Some(exit::USAGE), "{}", stderr(&out));
     assert!(stderr(&out).contains("pinned"), "{}", stderr(&out));
     let out = f.stage(&format!("{url}/tiny.gguf"), Some(&sha(&f.model)), &[]);
-    assert_eq!(out.status.code(), Some(exit::DOWNLOAD_FAILED), "{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(exit::DOWNLOAD_FAILED),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("404"), "{}", stderr(&out));
 }
 
@@ -208,9 +253,27 @@ fn plan_writes_what_the_engine_reads() {
     let cache = f.cache().display().to_string();
     let source = f.path("tiny.gguf");
     let out = provisioner(&[
-        "plan", "--source", &source, "--sha256", &sha(&f.model), "--cache", &cache, "--model-id",
-        "tiny", "--pool", "p0", "--slots", "2", "--ctx", "512", "--socket", "/run/x/p0.sock",
-        "--handoff-dir", "/run/x/handoff", "--out", &plan,
+        "plan",
+        "--source",
+        &source,
+        "--sha256",
+        &sha(&f.model),
+        "--cache",
+        &cache,
+        "--model-id",
+        "tiny",
+        "--pool",
+        "p0",
+        "--slots",
+        "2",
+        "--ctx",
+        "512",
+        "--socket",
+        "/run/x/p0.sock",
+        "--handoff-dir",
+        "/run/x/handoff",
+        "--out",
+        &plan,
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let parsed: llorch_wire::plan::EnginePlan =

@@ -26,10 +26,7 @@ pub enum ClientError {
         source: std::io::Error,
     },
     #[error("HTTP error talking to {path}: {source}")]
-    Http {
-        path: PathBuf,
-        source: hyper::Error,
-    },
+    Http { path: PathBuf, source: hyper::Error },
     /// The server answered with an error status and (usually) a typed body.
     #[error("{status}: {}", .body.as_ref().map(|b| b.to_string()).unwrap_or_else(|| .raw.clone()))]
     Status {
@@ -64,12 +61,13 @@ impl UnixClient {
 
     /// Sends a request and returns the response head with its streaming body.
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ClientError> {
-        let stream = UnixStream::connect(&self.path)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(&self.path)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: self.path.clone(),
+                    source,
+                })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.http(e))?;
@@ -177,10 +175,7 @@ pub struct Completion {
 }
 
 impl EventStream {
-    pub async fn from_response(
-        resp: Response<Incoming>,
-        path: &Path,
-    ) -> Result<Self, ClientError> {
+    pub async fn from_response(resp: Response<Incoming>, path: &Path) -> Result<Self, ClientError> {
         if resp.status() != StatusCode::OK {
             return Err(error_from_response(resp).await);
         }

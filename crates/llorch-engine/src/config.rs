@@ -30,7 +30,11 @@ pub struct EngineConfig {
 
 /// Command line of `llorch-engine`.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "llorch-engine", version, about = "Serve one GGUF model over a Unix socket with continuous batching.")]
+#[command(
+    name = "llorch-engine",
+    version,
+    about = "Serve one GGUF model over a Unix socket with continuous batching."
+)]
 pub struct Args {
     /// Engine plan written by `engine-provisioner plan` (JSON). Flags override its values.
     #[arg(long, env = "LLORCH_ENGINE_PLAN")]
@@ -80,7 +84,10 @@ pub enum ConfigError {
     #[error("engine plan {path} is invalid: {message}")]
     ParsePlan { path: PathBuf, message: String },
     #[error("{field} is required (give --{flag} or a --plan that sets it)")]
-    Missing { field: &'static str, flag: &'static str },
+    Missing {
+        field: &'static str,
+        flag: &'static str,
+    },
     #[error("{field} is {value}; {rule}")]
     Invalid {
         field: &'static str,
@@ -229,8 +236,7 @@ impl EngineConfig {
         let valid_id = |s: &str| {
             !s.is_empty()
                 && s.len() <= 64
-                && s
-                    .chars()
+                && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                 && !s.starts_with('.')
         };
@@ -317,7 +323,10 @@ mod tests {
         let c = Args::parse_from(["e", "--plan", plan.to_str().unwrap(), "--slots", "3"])
             .into_config()
             .unwrap();
-        assert_eq!((c.pool_id.as_str(), c.slots, c.ctx_per_slot), ("p1", 3, 512));
+        assert_eq!(
+            (c.pool_id.as_str(), c.slots, c.ctx_per_slot),
+            ("p1", 3, 512)
+        );
         assert_eq!(c.model_sha256, "ab");
         std::fs::write(&plan, r#"{"version":1,"pool_id":"p1","bogus":1}"#).unwrap();
         let err = Args::parse_from(["e", "--plan", plan.to_str().unwrap()])

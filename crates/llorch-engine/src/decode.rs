@@ -42,7 +42,13 @@ impl Sampling {
     fn sampler(&self, n_vocab: i32) -> LlamaSampler {
         let mut chain = Vec::with_capacity(6);
         if self.repeat_penalty != 1.0 {
-            chain.push(LlamaSampler::penalties(n_vocab, 64, self.repeat_penalty, 0.0, 0.0));
+            chain.push(LlamaSampler::penalties(
+                n_vocab,
+                64,
+                self.repeat_penalty,
+                0.0,
+                0.0,
+            ));
         }
         if self.temperature == 0.0 {
             chain.push(LlamaSampler::greedy());
@@ -203,7 +209,10 @@ impl DecodeLoop {
                     .is_some_and(|a| a.job.events.is_closed())
                 {
                     tracing::debug!(slot, "Client went away; cancelling.");
-                    self.finish(slot, Err(ErrorBody::new(ErrorCode::Canceled, "client gone")));
+                    self.finish(
+                        slot,
+                        Err(ErrorBody::new(ErrorCode::Canceled, "client gone")),
+                    );
                 }
             }
             if !self.fill_batch(&mut batch) {
@@ -327,7 +336,10 @@ impl DecodeLoop {
             if !text.is_empty() {
                 let i = a.events_sent;
                 a.events_sent += 1;
-                let _ = a.job.events.try_send(EngineEvent::Token(TokenEvent { t: text, i }));
+                let _ = a
+                    .job
+                    .events
+                    .try_send(EngineEvent::Token(TokenEvent { t: text, i }));
             }
             if stopped {
                 self.finish(slot, Ok(FinishReason::Stop));
@@ -354,7 +366,10 @@ impl DecodeLoop {
                 if !rest.is_empty() {
                     let i = a.events_sent;
                     a.events_sent += 1;
-                    let _ = a.job.events.try_send(EngineEvent::Token(TokenEvent { t: rest, i }));
+                    let _ = a
+                        .job
+                        .events
+                        .try_send(EngineEvent::Token(TokenEvent { t: rest, i }));
                 }
                 let first = a.first_token_at.unwrap_or(now);
                 EngineEvent::End(EndEvent {
@@ -369,7 +384,12 @@ impl DecodeLoop {
             }
             Err(body) => EngineEvent::Error(body),
         };
-        tracing::debug!(slot, task_id = a.job.task_id.as_deref().unwrap_or(""), event = event.name(), "Request finished.");
+        tracing::debug!(
+            slot,
+            task_id = a.job.task_id.as_deref().unwrap_or(""),
+            event = event.name(),
+            "Request finished."
+        );
         // Release before the final event goes out: a client that saw `end` and sends its next
         // request at once must find the slot free.
         self.slots

@@ -305,7 +305,11 @@ async fn generate(
         received,
         task_id: request.task_id,
     };
-    if ready.commands.try_send(Command::Run(Box::new(job))).is_err() {
+    if ready
+        .commands
+        .try_send(Command::Run(Box::new(job)))
+        .is_err()
+    {
         // The decode loop is gone (stopping) or, impossibly, its queue is longer than the
         // slot count. Give the slot back.
         ready
@@ -335,7 +339,10 @@ fn parse(body: &[u8]) -> Result<GenerateRequest, ErrorBody> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
-            ErrorBody::invalid("body", format!("the request body is not valid JSON: {inner}"))
+            ErrorBody::invalid(
+                "body",
+                format!("the request body is not valid JSON: {inner}"),
+            )
         } else if path == "." {
             // Top-level problems (an unknown field, a missing value) name it in serde's text.
             let field = unknown_field(&inner.to_string()).unwrap_or_else(|| "body".into());
@@ -423,7 +430,10 @@ mod tests {
         assert_eq!(field(r#"{"prompt":"x","max_tokens":"ten"}"#), "max_tokens");
         assert_eq!(field(r#"{"prompt":"x","temprature":1}"#), "temprature");
         assert_eq!(field(r#"{"prompt":"x","#), "body");
-        assert_eq!(field(r#"{"messages":[{"role":"user","content":5}]}"#), "messages[0].content");
+        assert_eq!(
+            field(r#"{"messages":[{"role":"user","content":5}]}"#),
+            "messages[0].content"
+        );
         assert_eq!(field(r#"[1]"#), "body");
         let err = parse(br#"{"prompt":"x","max_tokens":-1}"#).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("max_tokens"));

@@ -223,14 +223,21 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
     shutdown.cancelled().await;
 
     // Drain: refuse new work, give in-flight requests the grace period, then cancel them.
-    tracing::info!(busy = shared.busy_slots(), grace_secs = config.grace_secs, "Stopping.");
+    tracing::info!(
+        busy = shared.busy_slots(),
+        grace_secs = config.grace_secs,
+        "Stopping."
+    );
     shared.drain();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(config.grace_secs);
     while shared.busy_slots() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if shared.busy_slots() > 0 {
-        tracing::warn!(busy = shared.busy_slots(), "Grace period over; cancelling in-flight requests.");
+        tracing::warn!(
+            busy = shared.busy_slots(),
+            "Grace period over; cancelling in-flight requests."
+        );
         let _ = commands.try_send(decode::Command::CancelAll(
             "the engine is stopping; the request was cancelled after the grace period".into(),
         ));

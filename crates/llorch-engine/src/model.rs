@@ -54,10 +54,11 @@ impl Model {
                 progress.set(p);
                 true
             });
-        let llama = LlamaModel::load_from_file(backend(), path, &params).map_err(|e| LoadError {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let llama =
+            LlamaModel::load_from_file(backend(), path, &params).map_err(|e| LoadError {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
         let template = llama.chat_template(None).ok();
         Ok(Self { llama, template })
     }

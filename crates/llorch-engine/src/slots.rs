@@ -127,7 +127,13 @@ mod tests {
             t.release(r.slot, cache);
         }
         let r = t.reserve(&[1, 2, 9, 5], None).unwrap();
-        assert_eq!(r, Reservation { slot: 1, shared_prefix: 3 });
+        assert_eq!(
+            r,
+            Reservation {
+                slot: 1,
+                shared_prefix: 3
+            }
+        );
         // No prefix anywhere: the least recently used free slot (2 was never used).
         let r2 = t.reserve(&[7], None).unwrap();
         assert_eq!(r2.slot, 2);

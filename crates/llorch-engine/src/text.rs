@@ -122,7 +122,10 @@ mod tests {
         assert_eq!(s.push(&euro[..1]), Output::Text(String::new()));
         assert_eq!(s.push(&euro[1..2]), Output::Text(String::new()));
         assert_eq!(s.push(&euro[2..]), Output::Text("€".into()));
-        let (text, _) = run(&[], &[b"a", &"é".as_bytes()[..1], &"é".as_bytes()[1..], b"b"]);
+        let (text, _) = run(
+            &[],
+            &[b"a", &"é".as_bytes()[..1], &"é".as_bytes()[1..], b"b"],
+        );
         assert_eq!(text, "aéb");
     }
 

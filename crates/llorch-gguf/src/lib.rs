@@ -98,7 +98,9 @@ pub enum GgufError {
     NotFound { path: PathBuf },
     #[error("cannot read model file {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path} is not a GGUF file (it starts with {magic:?}, a GGUF file starts with \"GGUF\")")]
+    #[error(
+        "{path} is not a GGUF file (it starts with {magic:?}, a GGUF file starts with \"GGUF\")"
+    )]
     NotGguf { path: PathBuf, magic: String },
     #[error("{path} is truncated: it has {actual} bytes but its header describes {needed} (download it again)")]
     Truncated {
@@ -180,7 +182,9 @@ struct Reader<R> {
 impl<R: Read + Seek> Reader<R> {
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], ParseError> {
         let mut buf = [0u8; N];
-        self.inner.read_exact(&mut buf).map_err(|e| self.eof(e, N as u64))?;
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| self.eof(e, N as u64))?;
         self.pos += N as u64;
         Ok(buf)
     }
@@ -238,7 +242,10 @@ impl<R: Read + Seek> Reader<R> {
             .map_err(|e| self.eof(e, len))?;
         self.pos += len;
         String::from_utf8(buf).map_err(|_| {
-            ParseError::Malformed(format!("a string that is not UTF-8 before offset {}", self.pos))
+            ParseError::Malformed(format!(
+                "a string that is not UTF-8 before offset {}",
+                self.pos
+            ))
         })
     }
 
@@ -296,7 +303,7 @@ fn scalar_size(ty: u32) -> Option<u64> {
     match ty {
         0 | 1 | 7 => Some(1),
         2 | 3 => Some(2),
-        4 | 5 | 6 => Some(4),
+        4..=6 => Some(4),
         10..=12 => Some(8),
         _ => None,
     }

@@ -31,10 +31,7 @@ pub enum ListenError {
 /// one is an error, so two engines never fight over one socket.
 pub fn unix_listener(path: &Path) -> Result<(UnixListener, ListenerOrigin), ListenError> {
     let mut fds = listenfd::ListenFd::from_env();
-    if let Some(std_listener) = fds
-        .take_unix_listener(0)
-        .map_err(ListenError::Inherited)?
-    {
+    if let Some(std_listener) = fds.take_unix_listener(0).map_err(ListenError::Inherited)? {
         std_listener
             .set_nonblocking(true)
             .map_err(ListenError::Inherited)?;

@@ -1,0 +1,37 @@
+# The human entry point. `make run` and `make test` are the two quick-start commands; both work
+# on a fresh Debian or Ubuntu machine with a Rust toolchain (scripts/setup.sh installs the rest
+# when run as root or with sudo, and fetches the default model once).
+
+SHELL := /bin/bash
+LLORCH_CACHE ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/llama-orch
+export LLORCH_CACHE
+MODEL := $(LLORCH_CACHE)/default-model/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+CARGO ?= cargo
+
+.PHONY: run test setup build bench lint fmt
+
+## Set up, build, and stream an answer from the engine on the default model.
+run: build
+	target/debug/llorch demo --model "$(MODEL)" --sha256 $(MODEL_SHA256)
+
+## Set up, build, and run every test (unit, integration, end to end on the real model).
+test: build
+	$(CARGO) test --workspace
+
+setup:
+	scripts/setup.sh >/dev/null
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+## Engine throughput and latency next to an in-process llama.cpp loop (docs/PERFORMANCE.md).
+bench: setup
+	$(CARGO) bench -p llorch-engine --bench throughput
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
