@@ -17,7 +17,8 @@ run: build
 
 ## Set up, build, and run every test (unit, integration, end to end on the real model).
 test: build
-	$(CARGO) test --workspace
+	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test.log
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log
 
 setup:
 	scripts/setup.sh >/dev/null

@@ -338,7 +338,10 @@ fn parse(body: &[u8]) -> Result<GenerateRequest, ErrorBody> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
+        if path.starts_with('[') {
+            // A top-level array: the body is not an object at all.
+            ErrorBody::invalid("body", "the request body must be a JSON object")
+        } else if inner.is_syntax() || inner.is_eof() {
             ErrorBody::invalid(
                 "body",
                 format!("the request body is not valid JSON: {inner}"),
