@@ -16,7 +16,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use llorch_wire::engine::{defaults, EndEvent, EngineEvent, FinishReason, TokenEvent};
+use llorch_wire::engine::{EndEvent, EngineEvent, FinishReason, TokenEvent};
 use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::mpsc::Sender;
 
@@ -62,19 +62,6 @@ impl Sampling {
             chain.push(LlamaSampler::dist(self.seed));
         }
         LlamaSampler::chain_simple(chain)
-    }
-}
-
-impl Default for Sampling {
-    fn default() -> Self {
-        Self {
-            temperature: defaults::TEMPERATURE,
-            top_p: defaults::TOP_P,
-            top_k: defaults::TOP_K,
-            min_p: defaults::MIN_P,
-            repeat_penalty: defaults::REPEAT_PENALTY,
-            seed: 0,
-        }
     }
 }
 
