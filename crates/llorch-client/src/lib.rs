@@ -1,8 +1,11 @@
 //! HTTP/1.1 client for llama-orch sockets, with an SSE decoder for event streams.
 //!
-//! Today it speaks to an engine's Unix socket (tests, the bench and the CLI use it); the home
-//! stack adds TCP for orchestratord and pool-managerd. It owns connection setup and SSE decoding,
-//! not retries or policy.
+//! [`UnixClient`] speaks to an engine's Unix socket (tests, the bench, pool-managerd);
+//! [`HttpClient`] speaks to orchestratord and pool-managerd over TCP or a Unix socket. The crate
+//! owns connection setup and SSE decoding, not retries or policy.
+
+mod http;
+pub use http::{status_of, HttpClient};
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -31,10 +34,17 @@ pub enum ClientError {
     #[error("{status}: {}", .body.as_ref().map(|b| b.to_string()).unwrap_or_else(|| .raw.clone()))]
     Status {
         status: StatusCode,
-        body: Option<ErrorBody>,
+        /// Boxed: the typed body is large next to the other variants.
+        body: Option<Box<ErrorBody>>,
         raw: String,
         retry_after: Option<String>,
     },
+    #[error("cannot reach {address}: {reason}")]
+    Unreachable { address: String, reason: String },
+    #[error("HTTP error talking to {address}: {reason}")]
+    Transport { address: String, reason: String },
+    #[error("bad address {0:?}: use unix:/path/to.sock or http://host:port")]
+    Address(String),
     #[error("bad response: {0}")]
     Decode(String),
     #[error("the stream ended without an end or error event")]
@@ -152,7 +162,7 @@ pub async fn error_from_response(resp: Response<Incoming>) -> ClientError {
     };
     ClientError::Status {
         status,
-        body: serde_json::from_str(&raw).ok(),
+        body: serde_json::from_str(&raw).ok().map(Box::new),
         raw,
         retry_after,
     }

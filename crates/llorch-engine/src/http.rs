@@ -334,32 +334,7 @@ async fn generate(
 
 /// Parses the body, naming the field at fault for type errors and unknown fields.
 fn parse(body: &[u8]) -> Result<GenerateRequest, ErrorBody> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path.starts_with('[') {
-            // A top-level array: the body is not an object at all.
-            ErrorBody::invalid("body", "the request body must be a JSON object")
-        } else if inner.is_syntax() || inner.is_eof() {
-            ErrorBody::invalid(
-                "body",
-                format!("the request body is not valid JSON: {inner}"),
-            )
-        } else if path == "." {
-            // Top-level problems (an unknown field, a missing value) name it in serde's text.
-            let field = unknown_field(&inner.to_string()).unwrap_or_else(|| "body".into());
-            ErrorBody::invalid(field, format!("invalid request: {inner}"))
-        } else {
-            ErrorBody::invalid(path.clone(), format!("{path}: {inner}"))
-        }
-    })
-}
-
-/// Pulls the name out of serde's "unknown field `x`, expected ..." message.
-fn unknown_field(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
-    Some(rest[..rest.find('`')?].to_string())
+    llorch_wire::json::parse(body)
 }
 
 /// A seed for a request that gave none. Every `RandomState` gets fresh random keys, so the
@@ -418,26 +393,5 @@ impl Body for SseBody {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parse_errors_name_the_field() {
-        let field = |body: &str| parse(body.as_bytes()).unwrap_err().field.unwrap();
-        assert_eq!(field(r#"{"prompt":"x","max_tokens":"ten"}"#), "max_tokens");
-        assert_eq!(field(r#"{"prompt":"x","temprature":1}"#), "temprature");
-        assert_eq!(field(r#"{"prompt":"x","#), "body");
-        assert_eq!(
-            field(r#"{"messages":[{"role":"user","content":5}]}"#),
-            "messages[0].content"
-        );
-        assert_eq!(field(r#"[1]"#), "body");
-        let err = parse(br#"{"prompt":"x","max_tokens":-1}"#).unwrap_err();
-        assert_eq!(err.field.as_deref(), Some("max_tokens"));
-        assert_eq!(err.code, ErrorCode::InvalidParams);
     }
 }

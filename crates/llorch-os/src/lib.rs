@@ -7,7 +7,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use tokio::net::UnixListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, UnixListener};
 
 /// Where a listener came from, for the log line that says so.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +26,8 @@ pub enum ListenError {
     Inherited(io::Error),
     #[error("cannot bind the Unix socket {path}: {source} (check that its directory exists and is writable, and that no other process serves it)")]
     Bind { path: PathBuf, source: io::Error },
+    #[error("cannot listen on {addr}: {source} (is another process using the port? choose another address)")]
+    BindTcp { addr: SocketAddr, source: io::Error },
 }
 
 /// Takes the first inherited Unix listener when the process was socket activated, and binds
@@ -39,6 +43,26 @@ pub fn unix_listener(path: &Path) -> Result<(UnixListener, ListenerOrigin), List
         return Ok((listener, ListenerOrigin::Inherited));
     }
     bind_unix(path).map(|l| (l, ListenerOrigin::Bound(path.to_owned())))
+}
+
+/// Takes the first inherited TCP listener when the process was socket activated, and binds
+/// `addr` otherwise.
+pub async fn tcp_listener(addr: SocketAddr) -> Result<(TcpListener, ListenerOrigin), ListenError> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if let Some(std_listener) = fds.take_tcp_listener(0).map_err(ListenError::Inherited)? {
+        std_listener
+            .set_nonblocking(true)
+            .map_err(ListenError::Inherited)?;
+        let listener = TcpListener::from_std(std_listener).map_err(ListenError::Inherited)?;
+        return Ok((listener, ListenerOrigin::Inherited));
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ListenError::BindTcp { addr, source })?;
+    Ok((
+        listener,
+        ListenerOrigin::Bound(PathBuf::from(addr.to_string())),
+    ))
 }
 
 fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {

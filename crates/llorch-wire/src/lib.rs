@@ -8,7 +8,10 @@
 pub mod engine;
 pub mod error;
 pub mod handoff;
+pub mod json;
+pub mod node;
 pub mod plan;
 pub mod sse;
+pub mod task;
 
 pub use error::{ErrorBody, ErrorCode};

@@ -1,0 +1,228 @@
+//! The native task API of orchestratord (`/v2`): task requests, the 202 answer, task events,
+//! sessions, and the views of pools, nodes and capabilities that clients and the CLI read.
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{ChatMessage, FinishReason};
+use crate::node::PoolState;
+
+/// Task priority: `interactive` tasks are always dispatched before `batch` tasks.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Interactive => "interactive",
+            Self::Batch => "batch",
+        }
+    }
+}
+
+/// Placement hints of a task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementHints {
+    /// Run only on this pool; an error when the pool does not exist or does not serve the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_pool_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefer_pools: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoid_pools: Vec<String>,
+    /// With `prefer_pools`: whether other pools may serve the task (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_fallback: Option<bool>,
+}
+
+/// `POST /v2/tasks`. Field names follow the original llama-orch design.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRequest {
+    /// Client-chosen id; generated when absent. A duplicate of a known task is a 409.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// A model id from `GET /v1/models` or `GET /v2/meta/capabilities`.
+    pub model_ref: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub priority: Priority,
+    /// Milliseconds from submission by which the task must have started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementHints>,
+    /// Accepted for compatibility with the original API; only `completion` exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// Accepted for compatibility; only `llamacpp` exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    /// Accepted for compatibility: the context the task needs; checked against the pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctx: Option<u32>,
+}
+
+/// The 202 answer to `POST /v2/tasks`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskAccepted {
+    pub task_id: String,
+    /// Tasks ahead of this one for the same model (0: next to start).
+    pub queue_position: u32,
+    /// Predicted wait until the task starts, from the measured rate at which slots free up.
+    pub predicted_start_ms: u64,
+    pub streams: TaskStreams,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStreams {
+    /// Path of the SSE event stream.
+    pub sse: String,
+}
+
+/// SSE `started`: the task left the queue and runs on a pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartedEvent {
+    pub task_id: String,
+    pub pool_id: String,
+    pub node_id: String,
+    pub queue_ms: u64,
+}
+
+/// SSE `metrics`: sent once, after the last token and before `end`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsEvent {
+    pub tokens_out: u32,
+    /// Tokens of the prompt found in the slot's KV cache.
+    pub cached_tokens: u32,
+    pub tokens_per_second: f64,
+}
+
+/// SSE `end`: the last event of a task that finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEnd {
+    pub task_id: String,
+    pub tokens_in: u32,
+    pub tokens_out: u32,
+    pub queue_ms: u64,
+    /// From submission to the first token, as orchestratord saw it.
+    pub ttft_ms: u64,
+    pub decode_time_ms: u64,
+    pub finish_reason: FinishReason,
+}
+
+/// `GET /v2/tasks/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    pub task_id: String,
+    /// `queued`, `running`, `done`, `failed` or `canceled`.
+    pub state: String,
+    pub model_ref: String,
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
+}
+
+/// `GET /v2/sessions/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub pool_id: String,
+    /// The slot holding the session's KV cache, sent to the engine as a preference.
+    pub slot: u32,
+    pub turns: u32,
+    pub expires_in_ms: u64,
+}
+
+/// One pool in `GET /v2/pools`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolView {
+    pub pool_id: String,
+    pub node_id: String,
+    pub model_id: String,
+    pub state: PoolState,
+    pub node_online: bool,
+    pub slots_total: u32,
+    /// Slots leased to running tasks by orchestratord.
+    pub slots_busy: u32,
+    pub ctx_per_slot: u32,
+    pub device: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_version: Option<String>,
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// One node in `GET /v2/nodes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub node_id: String,
+    pub address: String,
+    pub online: bool,
+    pub version: String,
+    /// Milliseconds since the last registration or heartbeat.
+    pub last_seen_ms: u64,
+    pub pools: Vec<String>,
+    pub staged_models: Vec<String>,
+}
+
+/// `GET /v2/pools`: pools and the queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolsAnswer {
+    pub pools: Vec<PoolView>,
+    pub queue: QueueView,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueView {
+    pub depth: u32,
+    pub capacity: u32,
+    pub interactive: u32,
+    pub batch: u32,
+    pub running: u32,
+    pub policy: String,
+}
+
+/// `GET /v2/meta/capabilities`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub api_version: String,
+    pub pools: Vec<PoolCapability>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolCapability {
+    pub pool_id: String,
+    pub model_id: String,
+    pub ctx_per_slot: u32,
+    pub slots: u32,
+    pub engine: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_version: Option<String>,
+    pub state: PoolState,
+}
