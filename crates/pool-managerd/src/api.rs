@@ -1,0 +1,337 @@
+//! The node API (axum): pool status, drain and resume, and the forward of generation requests
+//! to the pool's engine over its Unix socket.
+//!
+//! The forward never buffers the answer: the engine's body frames are passed on as they arrive
+//! ([`ForwardBody`]). A body that fails mid-stream (engine killed) ends with one SSE `error`
+//! event `ENGINE_FAILED`, so the caller sees a typed failure, never a silently truncated stream.
+//! When the caller goes away, the engine stream is dropped and the engine cancels the job.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use llorch_client::{ClientError, UnixClient};
+use llorch_wire::node::PoolStatus;
+use llorch_wire::{ErrorBody, ErrorCode};
+
+use crate::state::Node;
+
+/// Largest request body forwarded to an engine (the engine's own limit).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// What a caller is told to wait when a pool is not ready.
+pub const RETRY_AFTER_MS: u64 = 1000;
+
+const CORRELATION: &str = "x-correlation-id";
+
+/// The node API's routes.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v2/pools", get(pools))
+        .route("/v2/pools/{id}", get(pool))
+        .route("/v2/pools/{id}/drain", post(drain))
+        .route("/v2/pools/{id}/resume", post(resume))
+        .route("/v2/pools/{id}/generate", post(generate))
+        .with_state(node)
+}
+
+/// An error answer: status, typed body, and `Retry-After` when the body has a retry hint.
+struct ApiError(StatusCode, ErrorBody);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let retry = self.1.retry_after_ms;
+        let mut resp = (self.0, Json(self.1)).into_response();
+        if let Some(ms) = retry {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, ms.div_ceil(1000).max(1).into());
+        }
+        resp
+    }
+}
+
+fn unknown_pool(node: &Node, id: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        ErrorBody::invalid(
+            "pool_id",
+            format!(
+                "pool {id:?} is not on this node; its pools are: {} (see GET /v2/pools)",
+                node.pool_ids().join(", ")
+            ),
+        ),
+    )
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn pools(State(node): State<Arc<Node>>) -> Json<Vec<PoolStatus>> {
+    Json(node.statuses())
+}
+
+async fn pool(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<Json<PoolStatus>, ApiError> {
+    node.status(&id)
+        .map(Json)
+        .ok_or_else(|| unknown_pool(&node, &id))
+}
+
+async fn drain(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<Json<PoolStatus>, ApiError> {
+    set_draining(&node, &id, true)
+}
+
+async fn resume(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<Json<PoolStatus>, ApiError> {
+    set_draining(&node, &id, false)
+}
+
+fn set_draining(node: &Node, id: &str, draining: bool) -> Result<Json<PoolStatus>, ApiError> {
+    node.update(id, |p| {
+        if p.draining != draining {
+            tracing::info!(pool = %id, draining, "Drain flag changed by an operator.");
+        }
+        p.draining = draining;
+    })
+    .ok_or_else(|| unknown_pool(node, id))?;
+    // The flag is reported even when the state does not change (a pool not ready yet).
+    node.changed.notify_one();
+    node.status(id)
+        .map(Json)
+        .ok_or_else(|| unknown_pool(node, id))
+}
+
+async fn generate(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (socket, busy) = admit(&node, &id)?;
+    let correlation = headers.get(CORRELATION).cloned();
+    let body = Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorBody::invalid(
+                        "body",
+                        format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                    ),
+                )
+            } else {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::invalid("body", format!("cannot read the request body: {e}")),
+                )
+            }
+        })?
+        .to_bytes();
+    // Counted from here until the answer's body ends or is dropped.
+    let guard = BusyGuard::new(busy);
+    tracing::debug!(
+        pool = %id,
+        correlation_id = correlation.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+        bytes = body.len(),
+        "Forwarding a generation request."
+    );
+    let mut req = hyper::Request::post("/generate")
+        .header(header::HOST, "localhost")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .expect("static request");
+    if let Some(c) = &correlation {
+        req.headers_mut().insert(CORRELATION, c.clone());
+    }
+    let resp = UnixClient::new(&socket).send(req).await.map_err(|e| match e {
+        ClientError::Connect { .. } => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                ErrorCode::PoolUnready,
+                format!("pool {id:?}'s engine does not accept connections ({e}); it may be restarting"),
+            )
+            .with_retry_after_ms(RETRY_AFTER_MS),
+        ),
+        e => ApiError(
+            StatusCode::BAD_GATEWAY,
+            ErrorBody::new(
+                ErrorCode::EngineFailed,
+                format!("pool {id:?}'s engine failed before answering: {e}"),
+            ),
+        ),
+    })?;
+    let (parts, incoming) = resp.into_parts();
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut out = Response::builder().status(parts.status);
+    for name in [
+        header::CONTENT_TYPE,
+        header::RETRY_AFTER,
+        header::CACHE_CONTROL,
+    ] {
+        if let Some(v) = parts.headers.get(&name) {
+            out = out.header(name, v.clone());
+        }
+    }
+    if let Some(c) = correlation {
+        out = out.header(CORRELATION, c);
+    }
+    let body = ForwardBody {
+        inner: Some(incoming),
+        guard: Some(guard),
+        sse,
+        pool: id,
+    };
+    Ok(out.body(Body::new(body)).expect("valid response"))
+}
+
+/// Checks that a pool exists and takes forwards; returns its engine socket and busy counter.
+fn admit(node: &Node, id: &str) -> Result<(std::path::PathBuf, Arc<AtomicU32>), ApiError> {
+    let (socket, draining, state, busy) = node
+        .read(id, |p| {
+            (p.ready_socket(), p.draining, p.state, p.busy.clone())
+        })
+        .ok_or_else(|| unknown_pool(node, id))?;
+    if node.shutting_down.load(Ordering::SeqCst) {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                ErrorCode::PoolUnavailable,
+                "this node is shutting down and takes no new requests",
+            )
+            .with_retry_after_ms(RETRY_AFTER_MS),
+        ));
+    }
+    if draining {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                ErrorCode::PoolUnavailable,
+                format!("pool {id:?} is draining and takes no new requests (POST /v2/pools/{id}/resume)"),
+            )
+            .with_retry_after_ms(RETRY_AFTER_MS),
+        ));
+    }
+    match socket {
+        Some(s) => Ok((s, busy)),
+        None => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                ErrorCode::PoolUnready,
+                format!("pool {id:?} is {state}, not ready; retry shortly"),
+            )
+            .with_retry_after_ms(RETRY_AFTER_MS),
+        )),
+    }
+}
+
+/// Counts one forward in flight; the count drops when the guard does, whatever way the
+/// forward ends.
+struct BusyGuard(Arc<AtomicU32>);
+
+impl BusyGuard {
+    fn new(busy: Arc<AtomicU32>) -> Self {
+        busy.fetch_add(1, Ordering::SeqCst);
+        Self(busy)
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The engine's answer body, passed through frame by frame.
+struct ForwardBody {
+    inner: Option<Incoming>,
+    guard: Option<BusyGuard>,
+    sse: bool,
+    pool: String,
+}
+
+impl ForwardBody {
+    fn finish(&mut self) {
+        self.inner = None;
+        self.guard = None;
+    }
+}
+
+impl http_body::Body for ForwardBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                // Trailers are not part of the engine's protocol; skip them.
+                Err(_) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+            },
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish();
+                tracing::warn!(pool = %this.pool, error = %e, "The engine's stream broke off mid-answer.");
+                if this.sse {
+                    let body = ErrorBody::new(
+                        ErrorCode::EngineFailed,
+                        format!(
+                            "pool {:?}'s engine stopped in the middle of the answer ({e}); the node restarts it, retry the request",
+                            this.pool
+                        ),
+                    );
+                    let frame = llorch_wire::sse::frame(
+                        "error",
+                        &serde_json::to_string(&body).expect("error bodies serialize"),
+                    );
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(frame)))))
+                } else {
+                    Poll::Ready(None)
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_none()
+    }
+}

@@ -1,0 +1,615 @@
+//! The node configuration file (TOML): which node this is, where the control plane is, where the
+//! node API listens, and the pools to run. Everything is parsed and validated before a socket is
+//! bound; an error names the file, the key and what to do.
+//!
+//! This module owns parsing and validation only; the paths it derives (`RuntimeLayout`) are used
+//! by the launcher and the handoff watcher.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Most slots one pool may have (the engine's own limit).
+pub const MAX_SLOTS: u32 = 64;
+/// Smallest context per slot the engine accepts.
+pub const MIN_CTX: u32 = 64;
+/// Longest id (node, pool, model).
+pub const MAX_ID_LEN: usize = 64;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: String,
+    /// orchestratord's base URL, `http://host:port`.
+    pub control_plane: String,
+    /// Where the node API listens: `unix:/path/to.sock`, `ip:port` or `http://ip:port`.
+    pub listen: String,
+    /// Where orchestratord reaches the node API (`unix:/path` or `http://host:port`); derived
+    /// from `listen` when absent.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    pub cache_dir: PathBuf,
+    /// Engine sockets, handoff files, plans and logs go under it.
+    pub runtime_dir: PathBuf,
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// `llorch-engine`; default: next to this executable, else from `PATH`.
+    #[serde(default)]
+    pub engine_bin: Option<PathBuf>,
+    /// `engine-provisioner`; default: next to this executable, else from `PATH`.
+    #[serde(default)]
+    pub provisioner_bin: Option<PathBuf>,
+}
+
+fn default_heartbeat_secs() -> u64 {
+    llorch_wire::node::HEARTBEAT_SECS
+}
+
+/// `[[pools]]`: one model loaded by one engine.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub id: String,
+    pub slots: u32,
+    pub ctx: u32,
+    /// `cpu`, or `cuda:0` / `cuda:0,1`.
+    #[serde(default = "default_devices")]
+    pub devices: String,
+    /// CPU threads for the engine; absent means one per available core.
+    #[serde(default)]
+    pub threads: Option<u32>,
+    pub model: ModelConfig,
+}
+
+fn default_devices() -> String {
+    "cpu".into()
+}
+
+impl PoolConfig {
+    /// Layers to offload: none on the CPU, all of them on a GPU.
+    pub fn gpu_layers(&self) -> u32 {
+        if self.devices == "cpu" {
+            0
+        } else {
+            999
+        }
+    }
+
+    /// The CUDA device list (`0,1`) of a GPU pool.
+    pub fn cuda_devices(&self) -> Option<&str> {
+        self.devices.strip_prefix("cuda:")
+    }
+}
+
+/// `[pools.model]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub id: String,
+    /// A path, a `file:` URL or an `http(s)://` URL.
+    pub source: String,
+    /// Required for URLs (the provisioner refuses downloads without it).
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+/// Where the node API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl Listen {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{s:?} is not an absolute socket path; use unix:/path/to.sock"
+                ));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        let addr = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
+        addr.parse::<SocketAddr>().map(Self::Tcp).map_err(|_| {
+            format!("{s:?} is neither unix:/path/to.sock nor an ip:port such as 127.0.0.1:9200")
+        })
+    }
+
+    /// The address the control plane can use, if this one can be advertised as is.
+    fn advertised(&self) -> Option<String> {
+        match self {
+            Self::Unix(p) => Some(format!("unix:{}", p.display())),
+            Self::Tcp(a) if a.ip().is_unspecified() => None,
+            Self::Tcp(a) => Some(format!("http://{a}")),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the file and key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("{}: {key}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The key at fault, when one is.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// A checked configuration, with derived values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub config: Config,
+    pub listen: Listen,
+    /// The address sent to the control plane at registration.
+    pub advertise: String,
+}
+
+impl Checked {
+    pub fn node(&self) -> &NodeConfig {
+        &self.config.node
+    }
+
+    pub fn pools(&self) -> &[PoolConfig] {
+        &self.config.pools
+    }
+
+    pub fn layout(&self) -> RuntimeLayout {
+        RuntimeLayout::new(&self.config.node.runtime_dir)
+    }
+}
+
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<Checked, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates configuration text; `path` names the file in errors.
+pub fn parse(path: &Path, text: &str) -> Result<Checked, ConfigError> {
+    let value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    let config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+            let key = e.path().to_string();
+            // toml's value deserializer appends "in `table`" lines; the key says that already.
+            let inner = e.into_inner().to_string();
+            let inner = inner
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_end()
+                .to_string();
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: format!("{inner} (see crates/pool-managerd/examples/node.toml)"),
+            }
+        })?;
+    validate(path, config)
+}
+
+fn invalid(path: &Path, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Whether `id` is a usable node, pool or model id: `[A-Za-z0-9_.-]{1,64}`, not `.` or `..`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn check_id(path: &Path, key: &str, id: &str) -> Result<(), ConfigError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(invalid(
+            path,
+            key,
+            format!("{id:?} is not a valid id; use 1 to {MAX_ID_LEN} of A-Z a-z 0-9 _ . -"),
+        ))
+    }
+}
+
+fn validate(path: &Path, config: Config) -> Result<Checked, ConfigError> {
+    let node = &config.node;
+    check_id(path, "node.id", &node.id)?;
+    match node.control_plane.strip_prefix("http://") {
+        Some(rest)
+            if !rest.trim_end_matches('/').is_empty()
+                && !rest.trim_end_matches('/').contains('/') => {}
+        _ => {
+            return Err(invalid(
+                path,
+                "node.control_plane",
+                format!(
+                    "{:?} is not an http://host:port address of orchestratord",
+                    node.control_plane
+                ),
+            ))
+        }
+    }
+    let listen = Listen::parse(&node.listen).map_err(|m| invalid(path, "node.listen", m))?;
+    let advertise = match &node.advertise {
+        Some(a) => {
+            llorch_client::HttpClient::new(a).map_err(|_| {
+                invalid(
+                    path,
+                    "node.advertise",
+                    format!("{a:?} is neither unix:/path/to.sock nor http://host:port"),
+                )
+            })?;
+            a.trim_end_matches('/').to_string()
+        }
+        None => listen.advertised().ok_or_else(|| {
+            invalid(
+                path,
+                "node.advertise",
+                format!(
+                    "listen is {:?}, which the control plane cannot dial; set advertise to this node's http://host:port",
+                    node.listen
+                ),
+            )
+        })?,
+    };
+    if !(1..=300).contains(&node.heartbeat_secs) {
+        return Err(invalid(
+            path,
+            "node.heartbeat_secs",
+            format!(
+                "{} is out of range; use 1 to 300 seconds",
+                node.heartbeat_secs
+            ),
+        ));
+    }
+    for (key, dir) in [
+        ("node.cache_dir", &node.cache_dir),
+        ("node.runtime_dir", &node.runtime_dir),
+    ] {
+        if !dir.is_absolute() {
+            return Err(invalid(
+                path,
+                key,
+                format!("{} is not an absolute path", dir.display()),
+            ));
+        }
+    }
+    let mut seen = HashSet::new();
+    for (i, pool) in config.pools.iter().enumerate() {
+        let key = |k: &str| format!("pools[{i}].{k}");
+        check_id(path, &key("id"), &pool.id)?;
+        if !seen.insert(pool.id.as_str()) {
+            return Err(invalid(
+                path,
+                key("id"),
+                format!(
+                    "pool id {:?} is used twice; pool ids must be unique",
+                    pool.id
+                ),
+            ));
+        }
+        if !(1..=MAX_SLOTS).contains(&pool.slots) {
+            return Err(invalid(
+                path,
+                key("slots"),
+                format!("{} is out of range; use 1 to {MAX_SLOTS}", pool.slots),
+            ));
+        }
+        if pool.ctx < MIN_CTX {
+            return Err(invalid(
+                path,
+                key("ctx"),
+                format!(
+                    "{} is too small; use at least {MIN_CTX} tokens per slot",
+                    pool.ctx
+                ),
+            ));
+        }
+        if pool.threads == Some(0) {
+            return Err(invalid(
+                path,
+                key("threads"),
+                "0 threads cannot run; leave threads out to use one per core",
+            ));
+        }
+        let devices_ok = pool.devices == "cpu"
+            || pool.cuda_devices().is_some_and(|d| {
+                !d.is_empty()
+                    && d.split(',')
+                        .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            });
+        if !devices_ok {
+            return Err(invalid(
+                path,
+                key("devices"),
+                format!(
+                    "{:?} is not a device set; use \"cpu\" or \"cuda:0\" (\"cuda:0,1\")",
+                    pool.devices
+                ),
+            ));
+        }
+        check_id(path, &key("model.id"), &pool.model.id)?;
+        if pool.model.source.is_empty() {
+            return Err(invalid(
+                path,
+                key("model.source"),
+                "the model source is empty; give a path or an https:// URL",
+            ));
+        }
+        if let Some(h) = &pool.model.sha256 {
+            if h.len() != 64 || !h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(invalid(
+                    path,
+                    key("model.sha256"),
+                    "not a sha256; use 64 lowercase hex digits (sha256sum FILE)",
+                ));
+            }
+        } else if pool.model.source.starts_with("http://")
+            || pool.model.source.starts_with("https://")
+        {
+            return Err(invalid(
+                path,
+                key("model.sha256"),
+                "a model downloaded from a URL needs its sha256; add sha256 = \"<64 hex digits>\"",
+            ));
+        }
+    }
+    Ok(Checked {
+        listen,
+        advertise,
+        config,
+    })
+}
+
+/// The files a node keeps under its runtime directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeLayout {
+    pub root: PathBuf,
+}
+
+impl RuntimeLayout {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+        }
+    }
+
+    pub fn engines_dir(&self) -> PathBuf {
+        self.root.join("engines")
+    }
+
+    pub fn handoff_dir(&self) -> PathBuf {
+        self.root.join("handoff")
+    }
+
+    pub fn plans_dir(&self) -> PathBuf {
+        self.root.join("plans")
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    pub fn engine_socket(&self, pool: &str) -> PathBuf {
+        self.engines_dir().join(format!("{pool}.sock"))
+    }
+
+    pub fn handoff_file(&self, pool: &str) -> PathBuf {
+        self.handoff_dir()
+            .join(llorch_wire::handoff::Handoff::file_name(pool))
+    }
+
+    pub fn plan_file(&self, pool: &str) -> PathBuf {
+        self.plans_dir().join(format!("{pool}.json"))
+    }
+
+    pub fn provision_log(&self, pool: &str) -> PathBuf {
+        self.logs_dir().join(format!("{pool}.provision.log"))
+    }
+
+    pub fn engine_log(&self, pool: &str) -> PathBuf {
+        self.logs_dir().join(format!("{pool}.engine.log"))
+    }
+
+    /// Creates every directory.
+    pub fn create(&self) -> std::io::Result<()> {
+        for d in [
+            self.engines_dir(),
+            self.handoff_dir(),
+            self.plans_dir(),
+            self.logs_dir(),
+        ] {
+            std::fs::create_dir_all(d)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../examples/node.toml");
+
+    fn parse_str(text: &str) -> Result<Checked, ConfigError> {
+        parse(Path::new("node.toml"), text)
+    }
+
+    fn key_of(text: &str) -> String {
+        let err = parse_str(text).unwrap_err();
+        assert!(err.to_string().starts_with("node.toml: "), "{err}");
+        err.key()
+            .unwrap_or_else(|| panic!("no key in {err}"))
+            .to_string()
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let c = parse_str(EXAMPLE).unwrap();
+        assert_eq!(c.node().id, "home");
+        assert_eq!(c.node().heartbeat_secs, 5);
+        assert_eq!(
+            c.listen,
+            Listen::Unix("/run/llama-orch/pool-managerd.sock".into())
+        );
+        assert_eq!(c.advertise, "unix:/run/llama-orch/pool-managerd.sock");
+        assert_eq!(c.pools().len(), 1);
+        let p = &c.pools()[0];
+        assert_eq!((p.id.as_str(), p.slots, p.ctx), ("default", 4, 2048));
+        assert_eq!(p.model.id, "smollm2-135m");
+        assert_eq!(p.gpu_layers(), 0);
+        assert_eq!(
+            c.layout().handoff_file("default"),
+            PathBuf::from("/run/llama-orch/handoff/default.json")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = EXAMPLE.replace("slots = 4", "slots = 4\nslotz = 3");
+        assert_eq!(key_of(&text), "pools[0].slotz");
+        let err = parse_str(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("unknown field `slotz`") && !err.contains('\n'),
+            "{err}"
+        );
+        let text = EXAMPLE.replace("[node]", "[node]\ncolour = \"blue\"");
+        assert_eq!(key_of(&text), "node.colour");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert_eq!(
+            key_of(&EXAMPLE.replace("slots = 4", "slots = 0")),
+            "pools[0].slots"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("slots = 4", "slots = 65")),
+            "pools[0].slots"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("slots = 4", "slots = \"four\"")),
+            "pools[0].slots"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("ctx = 2048", "ctx = 10")),
+            "pools[0].ctx"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("heartbeat_secs = 5", "heartbeat_secs = 0")),
+            "node.heartbeat_secs"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("id = \"home\"", "id = \"a b\"")),
+            "node.id"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("http://127.0.0.1:8080", "https://cp:8080")),
+            "node.control_plane"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("unix:/run/llama-orch/pool-managerd.sock", "somewhere")),
+            "node.listen"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("devices = \"cpu\"", "devices = \"tpu\"")),
+            "pools[0].devices"
+        );
+    }
+
+    #[test]
+    fn duplicate_pool_ids_are_named() {
+        let second = &EXAMPLE[EXAMPLE.find("[[pools]]").unwrap()..];
+        let text = format!("{EXAMPLE}\n{second}");
+        let err = parse_str(&text).unwrap_err();
+        assert_eq!(err.key(), Some("pools[1].id"), "{err}");
+        assert!(err.to_string().contains("used twice"), "{err}");
+    }
+
+    #[test]
+    fn urls_need_a_sha256() {
+        let text = EXAMPLE.replace(
+            "source = \"/var/cache/llama-orch/default-model/SmolLM2-135M-Instruct.Q4_1.gguf\"",
+            "source = \"https://example.org/m.gguf\"",
+        );
+        let text = text
+            .lines()
+            .filter(|l| !l.starts_with("sha256"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(key_of(&text), "pools[0].model.sha256");
+    }
+
+    #[test]
+    fn tcp_listen_addresses() {
+        assert_eq!(
+            Listen::parse("127.0.0.1:9200")
+                .unwrap()
+                .advertised()
+                .unwrap(),
+            "http://127.0.0.1:9200"
+        );
+        assert_eq!(
+            Listen::parse("http://127.0.0.1:9200").unwrap(),
+            Listen::Tcp("127.0.0.1:9200".parse().unwrap())
+        );
+        // A wildcard address cannot be dialled: advertise must be given.
+        let text = EXAMPLE.replace("unix:/run/llama-orch/pool-managerd.sock", "0.0.0.0:9200");
+        assert_eq!(key_of(&text), "node.advertise");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file() {
+        let err = parse_str("[node\nid = 1").unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }));
+        assert!(err.to_string().starts_with("node.toml: "), "{err}");
+    }
+}

@@ -1,0 +1,222 @@
+//! The handoff watcher: learns of ready and vanished engines from `<runtime>/handoff/` through
+//! inotify (`notify`), without polling.
+//!
+//! Every event for `<pool>.json` is handled the same way: read the file again. A valid file is
+//! recorded as the pool's handoff; a missing or unreadable one clears it. Whether the pool is
+//! ready then depends on the file's pid being the engine this node started
+//! ([`crate::state::derive_state`]). Engines write a temporary file (`.<pool>.json.tmp`) and
+//! rename it into place; temporary names are ignored, the rename shows up as an event for the
+//! final name.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use llorch_wire::handoff::Handoff;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::Node;
+
+/// Events waiting for the watcher task. When it is full the notify thread waits, so no event
+/// is lost; a burst of handoff events is at most a few per pool.
+const EVENT_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot watch the handoff directory {}: {source}", dir.display())]
+pub struct WatchError {
+    pub dir: PathBuf,
+    #[source]
+    pub source: notify::Error,
+}
+
+/// Starts watching `dir` (which must exist) and reads it once; returns the task that applies
+/// events until `shutdown`.
+pub fn spawn(
+    node: Arc<Node>,
+    dir: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, WatchError> {
+    let (tx, mut rx) = mpsc::channel::<notify::Result<notify::Event>>(EVENT_QUEUE);
+    let mut watcher = notify::recommended_watcher(move |res| {
+        // Runs on notify's own thread, never inside the runtime, so blocking is allowed. An
+        // error means the watcher task ended (shutdown): nothing to deliver to.
+        let _ = tx.blocking_send(res);
+    })
+    .map_err(|source| WatchError {
+        dir: dir.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|source| WatchError {
+            dir: dir.clone(),
+            source,
+        })?;
+    // A file may exist already; the watch is in place first, so nothing falls in between.
+    for pool in node.pool_ids() {
+        refresh(&node, &dir, &pool);
+    }
+    Ok(tokio::spawn(async move {
+        // The watcher lives as long as this task.
+        let _watcher = watcher;
+        loop {
+            let res = tokio::select! {
+                r = rx.recv() => r,
+                () = shutdown.cancelled() => break,
+            };
+            match res {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "Handoff watcher error; reading every pool's handoff file again.");
+                    for pool in node.pool_ids() {
+                        refresh(&node, &dir, &pool);
+                    }
+                }
+                Some(Ok(event)) => {
+                    if event.need_rescan() {
+                        for pool in node.pool_ids() {
+                            refresh(&node, &dir, &pool);
+                        }
+                    }
+                    for path in &event.paths {
+                        if let Some(pool) = pool_of(path) {
+                            refresh(&node, &dir, pool);
+                        }
+                    }
+                }
+            }
+        }
+    }))
+}
+
+/// The pool a handoff file name belongs to: `<pool>.json`, not a hidden temporary file.
+pub fn pool_of(path: &Path) -> Option<&str> {
+    let name = path.file_name()?.to_str()?;
+    if name.starts_with('.') {
+        return None;
+    }
+    name.strip_suffix(".json").filter(|p| !p.is_empty())
+}
+
+/// Reads `<dir>/<pool>.json` again and records what it says.
+fn refresh(node: &Node, dir: &Path, pool: &str) {
+    let path = dir.join(Handoff::file_name(pool));
+    let handoff = match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<Handoff>(&bytes) {
+            Ok(h) if h.pool_id == pool => Some(h),
+            Ok(h) => {
+                tracing::warn!(file = %path.display(), pool_id = %h.pool_id, "Ignoring a handoff file whose pool_id does not match its name.");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "Ignoring a handoff file that does not parse.");
+                None
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "Cannot read a handoff file.");
+            None
+        }
+    };
+    let known = node.update(pool, |p| {
+        if p.handoff != handoff {
+            tracing::debug!(
+                pool,
+                present = handoff.is_some(),
+                pid = handoff.as_ref().map(|h| h.pid),
+                "Handoff file changed."
+            );
+            p.handoff = handoff;
+        }
+    });
+    if known.is_none() {
+        tracing::debug!(file = %path.display(), "Ignoring the handoff file of a pool this node does not run.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llorch_wire::node::PoolState;
+    use std::time::Duration;
+
+    #[test]
+    fn temporary_and_foreign_names_are_ignored() {
+        assert_eq!(pool_of(Path::new("/h/default.json")), Some("default"));
+        assert_eq!(pool_of(Path::new("/h/.default.json.tmp")), None);
+        assert_eq!(pool_of(Path::new("/h/default.json.tmp")), None);
+        assert_eq!(pool_of(Path::new("/h/.json")), None);
+        assert_eq!(pool_of(Path::new("/h/notes.txt")), None);
+    }
+
+    fn write_atomically(dir: &Path, pool: &str, pid: u32) {
+        let h = Handoff {
+            version: 1,
+            pool_id: pool.into(),
+            model_id: "m".into(),
+            model_sha256: "0".repeat(64),
+            socket: "/run/e.sock".into(),
+            slots: 1,
+            ctx_per_slot: 64,
+            device: "cpu".into(),
+            engine_version: "9.9.9".into(),
+            pid,
+        };
+        let tmp = dir.join(format!(".{pool}.json.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(&h).unwrap()).unwrap();
+        std::fs::rename(tmp, dir.join(format!("{pool}.json"))).unwrap();
+    }
+
+    async fn wait_state(node: &Node, want: PoolState) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let st = node.status("default").unwrap().state;
+            if st == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "state stayed {st}, wanted {want}"
+            );
+            tokio::time::timeout(Duration::from_millis(200), node.changed.notified())
+                .await
+                .ok();
+        }
+    }
+
+    #[tokio::test]
+    async fn files_make_the_started_engine_ready_and_removal_unready() {
+        let cfg = crate::config::parse(Path::new("t.toml"), include_str!("../examples/node.toml"))
+            .unwrap();
+        let node = Node::new(cfg.pools());
+        node.update("default", |p| {
+            p.phase = crate::state::Phase::Running;
+            p.engine_pid = Some(42);
+        });
+        let dir = tempfile::tempdir().unwrap();
+        // Present before the watcher starts, written by another engine: not ready.
+        write_atomically(dir.path(), "default", 41);
+        let stop = CancellationToken::new();
+        let task = spawn(node.clone(), dir.path().to_owned(), stop.clone()).unwrap();
+        assert_eq!(
+            node.read("default", |p| p.handoff.as_ref().map(|h| h.pid))
+                .unwrap(),
+            Some(41)
+        );
+        assert_eq!(node.status("default").unwrap().state, PoolState::Loading);
+        write_atomically(dir.path(), "default", 42);
+        wait_state(&node, PoolState::Ready).await;
+        assert_eq!(
+            node.status("default").unwrap().engine_version.as_deref(),
+            Some("9.9.9")
+        );
+        std::fs::remove_file(dir.path().join("default.json")).unwrap();
+        wait_state(&node, PoolState::Loading).await;
+        // Other pools' files are ignored.
+        write_atomically(dir.path(), "other", 42);
+        stop.cancel();
+        task.await.unwrap();
+    }
+}

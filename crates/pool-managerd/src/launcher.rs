@@ -1,0 +1,438 @@
+//! Starting and stopping a pool's provisioner and engine, behind one small trait so that the
+//! supervisor does not care how processes are started. [`ProcessLauncher`] runs them as child
+//! processes (`llorch up`, development); a systemd launcher that starts template units over
+//! D-Bus will implement the same trait.
+//!
+//! This module owns process start, stop and exit reporting; it does not decide when to restart
+//! (the supervisor does) and does not watch handoff files (the handoff watcher does).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::config::{PoolConfig, RuntimeLayout};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How long an engine may drain after SIGTERM before it is killed. The engine's own grace for
+/// in-flight requests is 10 s, so this leaves it time to finish them and remove its handoff.
+pub const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// Lines of a log kept in an error message.
+const TAIL_LINES: usize = 6;
+
+/// Starts a pool's provisioner and engine.
+pub trait Launcher: Send + Sync {
+    /// Stages the pool's model and writes its engine plan; returns the plan's path.
+    fn provision<'a>(&'a self, pool: &'a PoolConfig)
+        -> BoxFuture<'a, Result<PathBuf, LaunchError>>;
+
+    /// Starts the pool's engine from its plan. The engine writes its handoff file when ready.
+    fn start_engine<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+        plan: &'a Path,
+    ) -> BoxFuture<'a, Result<Box<dyn EngineHandle>, LaunchError>>;
+}
+
+/// A started engine. Dropping the handle kills the engine, so no path leaves an orphan.
+pub trait EngineHandle: Send {
+    /// The engine's process id while it runs.
+    fn pid(&self) -> Option<u32>;
+
+    /// Waits until the engine exits. Cancel safe: dropping the future and calling again is fine.
+    fn wait(&mut self) -> BoxFuture<'_, EngineExit>;
+
+    /// Asks the engine to stop (SIGTERM: it drains and removes its handoff file), and kills it
+    /// when it has not exited after `grace`.
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, EngineExit>;
+}
+
+/// How an engine (or provisioner) process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// The last lines of the process's log, for the operator.
+    pub log_tail: String,
+}
+
+impl EngineExit {
+    pub fn from_status(status: ExitStatus, log_tail: String) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        Self {
+            code: status.code(),
+            signal: status.signal(),
+            log_tail,
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// `exited with code 70` or `killed by signal 9 (SIGKILL)`.
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(c), _) => format!("exited with code {c}"),
+            (None, Some(s)) => format!("killed by signal {s}{}", signal_name(s)),
+            (None, None) => "ended in an unknown way".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for EngineExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())?;
+        if !self.log_tail.is_empty() {
+            write!(f, "; last log lines: {}", self.log_tail)?;
+        }
+        Ok(())
+    }
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGTERM => " (SIGTERM)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGABRT => " (SIGABRT)",
+        libc::SIGINT => " (SIGINT)",
+        libc::SIGBUS => " (SIGBUS)",
+        _ => "",
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot start {}: {source} (set node.{key} in the configuration, or put it on PATH)", bin.display())]
+    Spawn {
+        bin: PathBuf,
+        key: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("engine-provisioner {exit} (log: {})", log.display())]
+    Provision { exit: EngineExit, log: PathBuf },
+}
+
+/// Runs `engine-provisioner` and `llorch-engine` as child processes.
+#[derive(Debug, Clone)]
+pub struct ProcessLauncher {
+    pub engine_bin: PathBuf,
+    pub provisioner_bin: PathBuf,
+    pub cache_dir: PathBuf,
+    pub layout: RuntimeLayout,
+}
+
+impl ProcessLauncher {
+    pub fn new(
+        engine_bin: Option<PathBuf>,
+        provisioner_bin: Option<PathBuf>,
+        cache_dir: PathBuf,
+        layout: RuntimeLayout,
+    ) -> Self {
+        Self {
+            engine_bin: engine_bin.unwrap_or_else(|| sibling_binary("llorch-engine")),
+            provisioner_bin: provisioner_bin
+                .unwrap_or_else(|| sibling_binary("engine-provisioner")),
+            cache_dir,
+            layout,
+        }
+    }
+
+    fn log_file(&self, path: &Path) -> Result<std::fs::File, LaunchError> {
+        let io = |source| LaunchError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        // Each attempt starts a fresh log, so its tail describes this attempt only.
+        std::fs::File::create(path).map_err(io)
+    }
+}
+
+/// `name` next to the current executable, else `name` from `PATH`.
+pub fn sibling_binary(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Makes a child receive `signal` when the thread that started it dies, so that an engine
+/// never outlives a pool-managerd that was killed without a chance to stop it. Children are
+/// only spawned from tokio worker threads, which live as long as the runtime.
+fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
+    // is async-signal-safe; it touches no memory shared with the parent.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+impl Launcher for ProcessLauncher {
+    fn provision<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+    ) -> BoxFuture<'a, Result<PathBuf, LaunchError>> {
+        Box::pin(async move {
+            let plan = self.layout.plan_file(&pool.id);
+            let log_path = self.layout.provision_log(&pool.id);
+            let log = self.log_file(&log_path)?;
+            let log_out = log.try_clone().map_err(|source| LaunchError::Io {
+                path: log_path.clone(),
+                source,
+            })?;
+            let mut cmd = Command::new(&self.provisioner_bin);
+            cmd.arg("plan")
+                .arg("--source")
+                .arg(&pool.model.source)
+                .arg("--model-id")
+                .arg(&pool.model.id)
+                .arg("--cache")
+                .arg(&self.cache_dir)
+                .arg("--pool")
+                .arg(&pool.id)
+                .arg("--slots")
+                .arg(pool.slots.to_string())
+                .arg("--ctx")
+                .arg(pool.ctx.to_string())
+                .arg("--gpu-layers")
+                .arg(pool.gpu_layers().to_string())
+                .arg("--socket")
+                .arg(self.layout.engine_socket(&pool.id))
+                .arg("--handoff-dir")
+                .arg(self.layout.handoff_dir())
+                .arg("--out")
+                .arg(&plan);
+            if let Some(h) = &pool.model.sha256 {
+                cmd.arg("--sha256").arg(h);
+            }
+            if let Some(t) = pool.threads {
+                cmd.arg("--threads").arg(t.to_string());
+            }
+            cmd.stdin(Stdio::null())
+                .stdout(log_out)
+                .stderr(log)
+                .env("NO_COLOR", "1")
+                .kill_on_drop(true);
+            die_with_parent(&mut cmd, libc::SIGKILL);
+            let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+                bin: self.provisioner_bin.clone(),
+                key: "provisioner_bin",
+                source,
+            })?;
+            let status = child.wait().await.map_err(|source| LaunchError::Io {
+                path: self.provisioner_bin.clone(),
+                source,
+            })?;
+            if status.success() {
+                Ok(plan)
+            } else {
+                Err(LaunchError::Provision {
+                    exit: EngineExit::from_status(status, log_tail(&log_path)),
+                    log: log_path,
+                })
+            }
+        })
+    }
+
+    fn start_engine<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+        plan: &'a Path,
+    ) -> BoxFuture<'a, Result<Box<dyn EngineHandle>, LaunchError>> {
+        Box::pin(async move {
+            let log_path = self.layout.engine_log(&pool.id);
+            let log = self.log_file(&log_path)?;
+            let log_out = log.try_clone().map_err(|source| LaunchError::Io {
+                path: log_path.clone(),
+                source,
+            })?;
+            let mut cmd = Command::new(&self.engine_bin);
+            cmd.arg("--plan")
+                .arg(plan)
+                .stdin(Stdio::null())
+                .stdout(log_out)
+                .stderr(log)
+                .env("NO_COLOR", "1")
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_PID")
+                .env_remove("LISTEN_FDNAMES")
+                .env_remove("NOTIFY_SOCKET")
+                .kill_on_drop(true);
+            if let Some(devices) = pool.cuda_devices() {
+                cmd.env("CUDA_VISIBLE_DEVICES", devices);
+            }
+            // SIGTERM, not SIGKILL: an engine whose parent died drains and removes its handoff.
+            die_with_parent(&mut cmd, libc::SIGTERM);
+            let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+                bin: self.engine_bin.clone(),
+                key: "engine_bin",
+                source,
+            })?;
+            Ok(Box::new(ChildEngine {
+                child,
+                log: log_path,
+                exited: None,
+            }) as Box<dyn EngineHandle>)
+        })
+    }
+}
+
+/// An engine running as our child process. `kill_on_drop` kills it if the handle is dropped.
+struct ChildEngine {
+    child: Child,
+    log: PathBuf,
+    exited: Option<EngineExit>,
+}
+
+impl ChildEngine {
+    async fn reap(&mut self) -> EngineExit {
+        if let Some(e) = &self.exited {
+            return e.clone();
+        }
+        let exit = match self.child.wait().await {
+            Ok(status) => EngineExit::from_status(status, log_tail(&self.log)),
+            Err(e) => EngineExit {
+                code: None,
+                signal: None,
+                log_tail: format!("cannot wait for the engine: {e}"),
+            },
+        };
+        self.exited = Some(exit.clone());
+        exit
+    }
+}
+
+impl EngineHandle for ChildEngine {
+    fn pid(&self) -> Option<u32> {
+        if self.exited.is_some() {
+            None
+        } else {
+            self.child.id()
+        }
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, EngineExit> {
+        Box::pin(self.reap())
+    }
+
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, EngineExit> {
+        Box::pin(async move {
+            // `id()` is None once the child was reaped, so a recycled pid is never signalled.
+            if let (None, Some(pid)) = (&self.exited, self.child.id()) {
+                // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+            match tokio::time::timeout(grace, self.reap()).await {
+                Ok(exit) => exit,
+                Err(_) => {
+                    tracing::warn!(
+                        pid = self.child.id(),
+                        grace_secs = grace.as_secs(),
+                        "Engine did not stop after SIGTERM; killing it."
+                    );
+                    let _ = self.child.start_kill();
+                    self.reap().await
+                }
+            }
+        })
+    }
+}
+
+/// The last lines of a log file, joined with ` | `, read from its last 8 KiB.
+pub fn log_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let start = lines.len().saturating_sub(TAIL_LINES);
+    strip_ansi(&lines[start..].join(" | "))
+}
+
+/// Removes ANSI colour sequences (`ESC [ ... m`), in case a child coloured its log anyway.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tails_keep_the_last_lines_without_colours() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.log");
+        let text: String = (0..20).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, format!("{text}\u{1b}[31mERROR\u{1b}[0m boom\n\n")).unwrap();
+        assert_eq!(
+            log_tail(&p),
+            "line 15 | line 16 | line 17 | line 18 | line 19 | ERROR boom"
+        );
+        assert_eq!(log_tail(&dir.path().join("missing.log")), "");
+    }
+
+    #[test]
+    fn exits_are_described() {
+        let e = EngineExit {
+            code: None,
+            signal: Some(9),
+            log_tail: "loaded".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "killed by signal 9 (SIGKILL); last log lines: loaded"
+        );
+        let e = EngineExit {
+            code: Some(70),
+            signal: None,
+            log_tail: String::new(),
+        };
+        assert_eq!(e.to_string(), "exited with code 70");
+    }
+}

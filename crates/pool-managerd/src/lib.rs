@@ -1,0 +1,203 @@
+//! pool-managerd, the node agent: runs this machine's pools (provisioner and engine per pool),
+//! learns of ready engines from their handoff files, registers and heartbeats to the control
+//! plane, and serves the node API that forwards dispatched work to local engines.
+//!
+//! Modules, by what they own:
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`launcher`]: starting and stopping processes, behind the [`launcher::Launcher`] trait.
+//! - [`supervisor`]: one task per pool; restarts with backoff.
+//! - [`handoff`]: the inotify watcher of the handoff directory.
+//! - [`state`]: the shared pool table and the derived pool state.
+//! - [`api`]: the node API (axum) and the streaming forward.
+//! - [`register`]: registration and heartbeats.
+
+pub mod api;
+pub mod config;
+pub mod handoff;
+pub mod launcher;
+pub mod register;
+pub mod state;
+pub mod supervisor;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Checked, Listen};
+use crate::launcher::{Launcher, ProcessLauncher};
+use crate::state::Node;
+
+/// Exit codes, after sysexits.h.
+pub mod exit {
+    /// The configuration is invalid.
+    pub const CONFIG: i32 = 64;
+    /// The node API cannot listen, or the runtime directory cannot be prepared.
+    pub const UNAVAILABLE: i32 = 69;
+    /// An internal error.
+    pub const SOFTWARE: i32 = 70;
+}
+
+/// Why the node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot prepare the runtime directory {}: {source} (check node.runtime_dir and its permissions)", path.display())]
+    Runtime {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Listen(#[from] llorch_os::ListenError),
+    #[error("cannot listen on {addr}: {source} (check node.listen)")]
+    Tcp {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Watch(#[from] handoff::WatchError),
+    #[error("the control plane address is unusable: {0}")]
+    ControlPlane(llorch_client::ClientError),
+    #[error("the node API failed: {0}")]
+    Serve(std::io::Error),
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Runtime { .. } | Self::Listen(_) | Self::Tcp { .. } | Self::Watch(_) => {
+                exit::UNAVAILABLE
+            }
+            Self::ControlPlane(_) => exit::CONFIG,
+            Self::Serve(_) => exit::SOFTWARE,
+        }
+    }
+}
+
+/// Runs the node with child-process engines until `shutdown` is cancelled, then stops every
+/// engine and returns.
+pub async fn run(config: Checked, shutdown: CancellationToken) -> Result<(), RunError> {
+    let node = &config.config.node;
+    let launcher = Arc::new(ProcessLauncher::new(
+        node.engine_bin.clone(),
+        node.provisioner_bin.clone(),
+        node.cache_dir.clone(),
+        config.layout(),
+    ));
+    run_with(config, launcher, launcher::STOP_GRACE, shutdown).await
+}
+
+/// Runs the node with the given launcher; `grace` is how long each engine may drain on
+/// shutdown before it is killed.
+pub async fn run_with(
+    config: Checked,
+    launcher: Arc<dyn Launcher>,
+    grace: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let layout = config.layout();
+    layout.create().map_err(|source| RunError::Runtime {
+        path: layout.root.clone(),
+        source,
+    })?;
+    let node = Node::new(config.pools());
+    let client = llorch_client::HttpClient::new(&config.node().control_plane)
+        .map_err(RunError::ControlPlane)?;
+
+    // Listen first, so a bad address fails before any engine starts.
+    let mut bound = None;
+    let listener = match &config.listen {
+        Listen::Unix(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| RunError::Runtime {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+            }
+            let (l, origin) = llorch_os::unix_listener(path)?;
+            tracing::info!(socket = %path.display(), origin = ?origin, "Node API listening.");
+            if matches!(origin, llorch_os::ListenerOrigin::Bound(_)) {
+                bound = Some(path.clone());
+            }
+            Listener::Unix(l)
+        }
+        Listen::Tcp(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Tcp {
+                    addr: *addr,
+                    source,
+                })?;
+            tracing::info!(address = %addr, "Node API listening.");
+            Listener::Tcp(l)
+        }
+    };
+
+    // Tasks that must end before the engines stop (watcher, heartbeats) and the supervisors.
+    let stop_pools = CancellationToken::new();
+    let watcher = handoff::spawn(node.clone(), layout.handoff_dir(), stop_pools.clone())?;
+    let mut supervisors = Vec::new();
+    for pool in config.pools() {
+        supervisors.push(tokio::spawn(supervisor::supervise(
+            node.clone(),
+            pool.clone(),
+            launcher.clone(),
+            layout.clone(),
+            grace,
+            stop_pools.clone(),
+        )));
+    }
+    let heartbeats = tokio::spawn(register::run(
+        node.clone(),
+        client,
+        register::Identity {
+            node_id: config.node().id.clone(),
+            advertise: config.advertise.clone(),
+            heartbeat_secs: config.node().heartbeat_secs,
+        },
+        stop_pools.clone(),
+    ));
+
+    let stop_api = CancellationToken::new();
+    let app = api::router(node.clone());
+    let server = {
+        let stop_api = stop_api.clone();
+        tokio::spawn(async move {
+            let stopped = async move { stop_api.cancelled().await };
+            match listener {
+                Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(stopped).await,
+                Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(stopped).await,
+            }
+        })
+    };
+    tracing::info!(node = %config.node().id, pools = config.pools().len(), "Node started.");
+
+    shutdown.cancelled().await;
+    tracing::info!("Shutting down: no new forwards; stopping every engine.");
+    node.shutting_down.store(true, Ordering::SeqCst);
+    stop_pools.cancel();
+    for s in supervisors {
+        let _ = s.await;
+    }
+    let _ = watcher.await;
+    let _ = heartbeats.await;
+    // Engines are gone, so every forwarded stream has ended; the server stops at once.
+    stop_api.cancel();
+    let served = server.await;
+    if let Some(path) = bound {
+        // We bound the socket file ourselves, so nobody else removes it.
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("Node stopped.");
+    match served {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(RunError::Serve(e)),
+        Err(e) => Err(RunError::Serve(std::io::Error::other(e.to_string()))),
+    }
+}
+
+enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}

@@ -1,0 +1,90 @@
+//! `pool-managerd`: parses the configuration, sets up logging and signals, and runs the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::Parser;
+use pool_managerd::exit;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pool-managerd",
+    version,
+    about = "The llama-orch node agent: runs this machine's pools and forwards work to their engines."
+)]
+struct Args {
+    /// Node configuration file (TOML); see examples/node.toml.
+    #[arg(long, env = "LLORCH_NODE_CONFIG")]
+    config: PathBuf,
+    /// Validate the configuration and exit: 0 when it is usable, 64 otherwise.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("LLORCH_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let args = Args::parse();
+    let config = match pool_managerd::config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pool-managerd: {e}");
+            std::process::exit(exit::CONFIG);
+        }
+    };
+    if args.check_config {
+        println!(
+            "configuration ok: node {}, {} pool(s), listening on {}",
+            config.node().id,
+            config.pools().len(),
+            config.node().listen
+        );
+        return;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pool-managerd: cannot start the async runtime: {e}");
+            std::process::exit(exit::SOFTWARE);
+        }
+    };
+    let code = runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signal(shutdown.clone()));
+        match pool_managerd::run(config, shutdown).await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "pool-managerd stopped with an error.");
+                e.exit_code()
+            }
+        }
+    });
+    std::process::exit(code);
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("Cannot install signal handlers; stop pool-managerd with SIGKILL.");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received."),
+        _ = int.recv() => tracing::info!("SIGINT received."),
+    }
+    shutdown.cancel();
+}

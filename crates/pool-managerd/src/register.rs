@@ -1,0 +1,210 @@
+//! Registration and heartbeats to the control plane.
+//!
+//! The node registers on start, then heartbeats every `heartbeat_secs`, and at once (coalesced
+//! over [`COALESCE`]) when a pool's state changes. A heartbeat answered 404 means the control
+//! plane forgot the node (it restarted): the node registers again right away. An unreachable
+//! control plane is retried every interval and logged once when it goes away and once when it
+//! comes back. The node keeps serving either way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::StatusCode;
+use llorch_client::{status_of, ClientError, HttpClient};
+use llorch_wire::node::{Heartbeat, NodeAck, Registration};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::Node;
+
+/// State changes closer together than this go out in one heartbeat.
+pub const COALESCE: Duration = Duration::from_millis(50);
+
+/// What the heartbeat task needs to know about the node.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub node_id: String,
+    pub advertise: String,
+    pub heartbeat_secs: u64,
+}
+
+/// Sends registrations and heartbeats until `shutdown`.
+pub async fn run(
+    node: Arc<Node>,
+    client: HttpClient,
+    identity: Identity,
+    shutdown: CancellationToken,
+) {
+    let interval = Duration::from_secs(identity.heartbeat_secs);
+    let heartbeat_path = format!("/v2/nodes/{}/heartbeat", identity.node_id);
+    let mut registered = false;
+    // Assume reachable, so the first failure is logged.
+    let mut reachable = true;
+    loop {
+        let result: Result<NodeAck, ClientError> = if registered {
+            let hb = Heartbeat {
+                pools: node.statuses(),
+                staged_models: node.staged_models(),
+            };
+            client.post_json(&heartbeat_path, &hb).await
+        } else {
+            let reg = Registration {
+                node_id: identity.node_id.clone(),
+                address: identity.advertise.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                heartbeat_secs: identity.heartbeat_secs,
+                pools: node.statuses(),
+                staged_models: node.staged_models(),
+            };
+            client.post_json("/v2/nodes/register", &reg).await
+        };
+        match result {
+            Ok(ack) => {
+                if !reachable {
+                    tracing::info!(control_plane = %client.address(), "Control plane reachable again.");
+                    reachable = true;
+                }
+                if !registered {
+                    tracing::info!(
+                        control_plane = %client.address(),
+                        node = %ack.node_id,
+                        offline_after_secs = ack.offline_after_secs,
+                        "Registered with the control plane."
+                    );
+                    registered = true;
+                }
+            }
+            Err(e) if registered && status_of(&e) == Some(StatusCode::NOT_FOUND) => {
+                tracing::info!(control_plane = %client.address(), "The control plane does not know this node; registering again.");
+                registered = false;
+                reachable = true;
+                continue;
+            }
+            Err(e) => {
+                if reachable {
+                    tracing::warn!(
+                        control_plane = %client.address(),
+                        error = %e,
+                        retry_secs = identity.heartbeat_secs,
+                        "Control plane unreachable; the node keeps serving and retries every interval."
+                    );
+                    reachable = false;
+                }
+            }
+        }
+        let next = Instant::now() + interval;
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            () = node.changed.notified() => {
+                // Let a burst of changes (failed, loading, ready) settle into one heartbeat.
+                tokio::select! {
+                    () = tokio::time::sleep(COALESCE) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode as Status;
+    use axum::routing::post;
+    use axum::{Json, Router};
+
+    /// A control plane that records what it got and forgets the node after its first heartbeat.
+    #[derive(Default)]
+    struct Fake {
+        calls: Mutex<Vec<String>>,
+    }
+
+    async fn register(State(f): State<Arc<Fake>>, Json(r): Json<Registration>) -> Json<NodeAck> {
+        f.calls
+            .lock()
+            .unwrap()
+            .push(format!("register {} {}", r.node_id, r.address));
+        Json(NodeAck {
+            node_id: r.node_id,
+            offline_after_secs: 15,
+        })
+    }
+
+    async fn heartbeat(
+        State(f): State<Arc<Fake>>,
+        Path(id): Path<String>,
+        Json(h): Json<Heartbeat>,
+    ) -> Result<Json<NodeAck>, Status> {
+        let mut calls = f.calls.lock().unwrap();
+        let first = !calls.iter().any(|c| c.starts_with("heartbeat"));
+        calls.push(format!("heartbeat {id} {}", h.pools[0].state));
+        if first {
+            Err(Status::NOT_FOUND)
+        } else {
+            Ok(Json(NodeAck {
+                node_id: id,
+                offline_after_secs: 15,
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn registers_heartbeats_on_change_and_registers_again_after_404() {
+        let fake = Arc::new(Fake::default());
+        let app = Router::new()
+            .route("/v2/nodes/register", post(register))
+            .route("/v2/nodes/{id}/heartbeat", post(heartbeat))
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let cfg = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            include_str!("../examples/node.toml"),
+        )
+        .unwrap();
+        let node = Node::new(cfg.pools());
+        let stop = CancellationToken::new();
+        // A long interval: every heartbeat below is caused by a state change.
+        let task = tokio::spawn(run(
+            node.clone(),
+            HttpClient::new(&format!("http://{addr}")).unwrap(),
+            Identity {
+                node_id: "n1".into(),
+                advertise: "unix:/run/n1.sock".into(),
+                heartbeat_secs: 300,
+            },
+            stop.clone(),
+        ));
+        let calls = |n: usize| {
+            let fake = fake.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    let c = fake.calls.lock().unwrap().clone();
+                    if c.len() >= n {
+                        return c;
+                    }
+                    assert!(Instant::now() < deadline, "only {c:?}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        assert_eq!(calls(1).await, ["register n1 unix:/run/n1.sock"]);
+        node.update("default", |p| p.phase = crate::state::Phase::Failed);
+        // The change goes out at once; the 404 makes the node register again right away.
+        assert_eq!(
+            calls(3).await[1..],
+            ["heartbeat n1 failed", "register n1 unix:/run/n1.sock"]
+        );
+        node.update("default", |p| p.phase = crate::state::Phase::Provisioning);
+        assert_eq!(calls(4).await[3], "heartbeat n1 provisioning");
+        stop.cancel();
+        task.await.unwrap();
+    }
+}

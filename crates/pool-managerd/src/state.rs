@@ -1,0 +1,309 @@
+//! The node's view of its pools: one short synchronous lock around a map of pool entries,
+//! changed by the supervisors (process phase), the handoff watcher (handoff file present) and
+//! the API (drain flag, in-flight forwards). A pool's reported state is a pure function of those
+//! facts ([`derive_state`]), so no writer can leave it inconsistent.
+//!
+//! Every change of a reported state wakes the heartbeat task through a [`Notify`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use llorch_wire::handoff::Handoff;
+use llorch_wire::node::{PoolState, PoolStatus};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::config::PoolConfig;
+
+/// What the supervisor is doing with a pool's processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Provisioning,
+    /// The engine process runs (loading, or ready once its handoff file is seen).
+    Running,
+    /// Provisioning or the engine failed; waiting to retry.
+    Failed,
+    /// pool-managerd is shutting down and stopping the engine.
+    Stopping,
+    /// The engine was stopped on shutdown.
+    Stopped,
+}
+
+/// The reported state from the facts. The engine is ready only when the handoff file was written
+/// by the engine this node started (its pid), so a stale file never makes a pool ready.
+pub fn derive_state(
+    phase: Phase,
+    engine_pid: Option<u32>,
+    handoff: Option<&Handoff>,
+    draining: bool,
+) -> PoolState {
+    match phase {
+        Phase::Provisioning => PoolState::Provisioning,
+        Phase::Failed => PoolState::Failed,
+        Phase::Stopping | Phase::Stopped => PoolState::Draining,
+        Phase::Running => {
+            let ready = matches!((engine_pid, handoff), (Some(pid), Some(h)) if h.pid == pid);
+            match (ready, draining) {
+                (true, true) => PoolState::Draining,
+                (true, false) => PoolState::Ready,
+                (false, _) => PoolState::Loading,
+            }
+        }
+    }
+}
+
+/// Everything known about one pool.
+#[derive(Debug)]
+pub struct PoolEntry {
+    pub config: PoolConfig,
+    pub phase: Phase,
+    pub engine_pid: Option<u32>,
+    /// The last valid handoff file seen for this pool, whoever wrote it.
+    pub handoff: Option<Handoff>,
+    pub draining: bool,
+    pub restarts: u32,
+    pub last_error: Option<String>,
+    /// The model got past provisioning at least once.
+    pub staged: bool,
+    /// When the pool last became ready (for the backoff reset).
+    pub ready_since: Option<Instant>,
+    pub state: PoolState,
+    /// Forwards in flight; shared with the forward guards.
+    pub busy: Arc<AtomicU32>,
+}
+
+impl PoolEntry {
+    fn new(config: PoolConfig) -> Self {
+        Self {
+            config,
+            phase: Phase::Provisioning,
+            engine_pid: None,
+            handoff: None,
+            draining: false,
+            restarts: 0,
+            last_error: None,
+            staged: false,
+            ready_since: None,
+            state: PoolState::Provisioning,
+            busy: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let ready = matches!(self.state, PoolState::Ready | PoolState::Draining)
+            && self.phase == Phase::Running;
+        PoolStatus {
+            pool_id: self.config.id.clone(),
+            model_id: self.config.model.id.clone(),
+            state: self.state,
+            slots_total: self.config.slots,
+            slots_busy: self.busy.load(Ordering::SeqCst),
+            ctx_per_slot: self.config.ctx,
+            device: self.config.devices.clone(),
+            engine_version: self
+                .handoff
+                .as_ref()
+                .filter(|_| ready)
+                .map(|h| h.engine_version.clone()),
+            engine_pid: self.engine_pid,
+            restarts: self.restarts,
+            last_error: self.last_error.clone(),
+            draining: self.draining,
+        }
+    }
+
+    /// The engine's socket, when the pool can take a forward.
+    pub fn ready_socket(&self) -> Option<PathBuf> {
+        if self.state == PoolState::Ready {
+            self.handoff.as_ref().map(|h| PathBuf::from(&h.socket))
+        } else {
+            None
+        }
+    }
+}
+
+/// Shared state of the node.
+#[derive(Debug)]
+pub struct Node {
+    pools: Mutex<BTreeMap<String, PoolEntry>>,
+    /// Woken on every change of a reported state.
+    pub changed: Notify,
+    /// Set at shutdown: no new forwards.
+    pub shutting_down: AtomicBool,
+}
+
+impl Node {
+    pub fn new(pools: &[PoolConfig]) -> Arc<Self> {
+        Arc::new(Self {
+            pools: Mutex::new(
+                pools
+                    .iter()
+                    .map(|p| (p.id.clone(), PoolEntry::new(p.clone())))
+                    .collect(),
+            ),
+            changed: Notify::new(),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// Runs `f` on a pool's entry under the lock, then re-derives its state, logs and announces
+    /// a change. Returns `None` for an unknown pool.
+    pub fn update<R>(&self, pool: &str, f: impl FnOnce(&mut PoolEntry) -> R) -> Option<R> {
+        let (r, changed) = {
+            let mut pools = self.pools.lock().expect("pool table lock");
+            let entry = pools.get_mut(pool)?;
+            let before = entry.state;
+            let r = f(entry);
+            let after = derive_state(
+                entry.phase,
+                entry.engine_pid,
+                entry.handoff.as_ref(),
+                entry.draining,
+            );
+            entry.state = after;
+            if after != before {
+                if after == PoolState::Ready && before != PoolState::Draining {
+                    entry.ready_since = Some(Instant::now());
+                }
+                if !matches!(after, PoolState::Ready | PoolState::Draining) {
+                    entry.ready_since = None;
+                }
+                log_transition(entry, before, after);
+            }
+            (r, after != before)
+        };
+        if changed {
+            self.changed.notify_one();
+        }
+        Some(r)
+    }
+
+    /// Reads a pool's entry under the lock.
+    pub fn read<R>(&self, pool: &str, f: impl FnOnce(&PoolEntry) -> R) -> Option<R> {
+        let pools = self.pools.lock().expect("pool table lock");
+        pools.get(pool).map(f)
+    }
+
+    pub fn status(&self, pool: &str) -> Option<PoolStatus> {
+        self.read(pool, PoolEntry::status)
+    }
+
+    pub fn statuses(&self) -> Vec<PoolStatus> {
+        let pools = self.pools.lock().expect("pool table lock");
+        pools.values().map(PoolEntry::status).collect()
+    }
+
+    /// Model ids whose pool got past provisioning.
+    pub fn staged_models(&self) -> Vec<String> {
+        let pools = self.pools.lock().expect("pool table lock");
+        let mut ids: Vec<String> = pools
+            .values()
+            .filter(|p| p.staged)
+            .map(|p| p.config.model.id.clone())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    pub fn pool_ids(&self) -> Vec<String> {
+        let pools = self.pools.lock().expect("pool table lock");
+        pools.keys().cloned().collect()
+    }
+}
+
+fn log_transition(entry: &PoolEntry, before: PoolState, after: PoolState) {
+    let pool = entry.config.id.as_str();
+    match after {
+        PoolState::Ready => tracing::info!(
+            pool,
+            model = %entry.config.model.id,
+            pid = entry.engine_pid,
+            engine_version = entry.handoff.as_ref().map(|h| h.engine_version.as_str()),
+            "Engine ready."
+        ),
+        PoolState::Failed => tracing::warn!(
+            pool,
+            error = entry.last_error.as_deref().unwrap_or(""),
+            "Pool failed."
+        ),
+        _ => tracing::info!(pool, from = %before, to = %after, "Pool state changed."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handoff(pid: u32) -> Handoff {
+        Handoff {
+            version: 1,
+            pool_id: "p".into(),
+            model_id: "m".into(),
+            model_sha256: "0".repeat(64),
+            socket: "/run/e.sock".into(),
+            slots: 1,
+            ctx_per_slot: 64,
+            device: "cpu".into(),
+            engine_version: "0.0.0".into(),
+            pid,
+        }
+    }
+
+    #[test]
+    fn states_follow_the_facts() {
+        use Phase::*;
+        use PoolState as S;
+        let h = handoff(7);
+        assert_eq!(
+            derive_state(Provisioning, None, None, false),
+            S::Provisioning
+        );
+        assert_eq!(derive_state(Running, Some(7), None, false), S::Loading);
+        assert_eq!(derive_state(Running, Some(7), Some(&h), false), S::Ready);
+        assert_eq!(derive_state(Running, Some(7), Some(&h), true), S::Draining);
+        // Drain is only reported for a ready engine.
+        assert_eq!(derive_state(Running, Some(7), None, true), S::Loading);
+        // A stale handoff of an earlier engine does not make the pool ready.
+        assert_eq!(derive_state(Running, Some(8), Some(&h), false), S::Loading);
+        assert_eq!(derive_state(Failed, None, Some(&h), false), S::Failed);
+        assert_eq!(
+            derive_state(Stopping, Some(7), Some(&h), false),
+            S::Draining
+        );
+    }
+
+    #[tokio::test]
+    async fn changes_are_announced_and_recorded() {
+        let cfg = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            include_str!("../examples/node.toml"),
+        )
+        .unwrap();
+        let node = Node::new(cfg.pools());
+        assert_eq!(
+            node.status("default").unwrap().state,
+            PoolState::Provisioning
+        );
+        node.update("default", |p| {
+            p.phase = Phase::Running;
+            p.engine_pid = Some(7);
+        });
+        node.changed.notified().await;
+        node.update("default", |p| p.handoff = Some(handoff(7)));
+        let st = node.status("default").unwrap();
+        assert_eq!(st.state, PoolState::Ready);
+        assert_eq!(st.engine_version.as_deref(), Some("0.0.0"));
+        assert!(node.read("default", |p| p.ready_since.is_some()).unwrap());
+        assert_eq!(
+            node.read("default", |p| p.ready_socket()).unwrap(),
+            Some(PathBuf::from("/run/e.sock"))
+        );
+        node.update("default", |p| p.draining = true);
+        assert_eq!(node.status("default").unwrap().state, PoolState::Draining);
+        assert_eq!(node.read("default", |p| p.ready_socket()).unwrap(), None);
+        assert!(node.update("nope", |_| ()).is_none());
+    }
+}

@@ -1,0 +1,247 @@
+//! One task per pool: provision the model, start the engine, watch it exit, restart it with
+//! exponential backoff, and stop it on shutdown.
+//!
+//! The supervisor owns the pool's process phase and its engine handle. Readiness is not its
+//! business: the handoff watcher records the handoff file and [`crate::state::derive_state`]
+//! combines both.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{PoolConfig, RuntimeLayout};
+use crate::launcher::{EngineHandle, Launcher};
+use crate::state::{Node, Phase};
+
+/// First retry delay after a failure.
+pub const BACKOFF_START: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// An engine that was ready this long before it failed restarts from the first delay again.
+pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+
+/// Retry delays: 0.5 s, 1 s, 2 s, ... capped at 30 s.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: BACKOFF_START,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next attempt; doubles the one after it.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_START;
+    }
+}
+
+/// Runs one pool until `shutdown` is cancelled; on shutdown stops the engine (SIGTERM, grace,
+/// SIGKILL) and returns once it is gone.
+pub async fn supervise(
+    node: Arc<Node>,
+    pool: PoolConfig,
+    launcher: Arc<dyn Launcher>,
+    layout: RuntimeLayout,
+    grace: Duration,
+    shutdown: CancellationToken,
+) {
+    let id = pool.id.clone();
+    let handoff_path = layout.handoff_file(&id);
+    let mut backoff = Backoff::default();
+    let mut plan: Option<PathBuf> = None;
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let plan_path = match &plan {
+            Some(p) if p.exists() => p.clone(),
+            _ => {
+                node.update(&id, |p| {
+                    p.phase = Phase::Provisioning;
+                    p.engine_pid = None;
+                });
+                tracing::info!(pool = %id, model = %pool.model.id, "Provisioning the model.");
+                let result = tokio::select! {
+                    r = launcher.provision(&pool) => r,
+                    () = shutdown.cancelled() => break,
+                };
+                match result {
+                    Ok(p) => {
+                        node.update(&id, |e| e.staged = true);
+                        plan = Some(p.clone());
+                        p
+                    }
+                    Err(e) => {
+                        fail(&node, &id, format!("provisioning failed: {e}"));
+                        if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        // Nothing of ours serves this pool now, so a handoff file left by an engine that could
+        // not remove it (killed) is stale.
+        remove_stale_handoff(&handoff_path, None);
+        let mut engine = match launcher.start_engine(&pool, &plan_path).await {
+            Ok(h) => h,
+            Err(e) => {
+                fail(&node, &id, format!("cannot start the engine: {e}"));
+                if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let pid = engine.pid();
+        tracing::info!(pool = %id, pid, "Engine started; waiting for its handoff file.");
+        node.update(&id, |p| {
+            p.phase = Phase::Running;
+            p.engine_pid = pid;
+        });
+        tokio::select! {
+            exit = engine.wait() => {
+                let ready_for = node
+                    .read(&id, |p| p.ready_since.map(|t| t.elapsed()))
+                    .flatten();
+                if ready_for.is_some_and(|d| d >= BACKOFF_RESET_AFTER) {
+                    backoff.reset();
+                }
+                // A killed engine cannot remove its handoff file; do it for it.
+                remove_stale_handoff(&handoff_path, pid);
+                let delay = backoff.next_delay();
+                fail(&node, &id, format!("the engine {exit}"));
+                node.update(&id, |p| p.handoff = None);
+                tracing::info!(pool = %id, delay_ms = delay.as_millis() as u64, "Restarting the engine after a delay.");
+                if !sleep_or_shutdown(delay, &shutdown).await {
+                    break;
+                }
+                node.update(&id, |p| p.restarts += 1);
+            }
+            () = shutdown.cancelled() => {
+                stop_engine(&node, &id, engine, grace, &handoff_path).await;
+                return;
+            }
+        }
+    }
+    node.update(&id, |p| {
+        p.phase = Phase::Stopped;
+        p.engine_pid = None;
+    });
+}
+
+async fn stop_engine(
+    node: &Node,
+    id: &str,
+    mut engine: Box<dyn EngineHandle>,
+    grace: Duration,
+    handoff_path: &Path,
+) {
+    node.update(id, |p| p.phase = Phase::Stopping);
+    let pid = engine.pid();
+    tracing::info!(pool = %id, pid, "Stopping the engine.");
+    let exit = engine.stop(grace).await;
+    if exit.success() {
+        tracing::info!(pool = %id, "Engine stopped.");
+    } else {
+        tracing::warn!(pool = %id, exit = %exit, "Engine stopped uncleanly.");
+    }
+    remove_stale_handoff(handoff_path, pid);
+    node.update(id, |p| {
+        p.phase = Phase::Stopped;
+        p.engine_pid = None;
+    });
+}
+
+fn fail(node: &Node, id: &str, error: String) {
+    node.update(id, |p| {
+        p.phase = Phase::Failed;
+        p.engine_pid = None;
+        p.last_error = Some(error);
+    });
+}
+
+/// Sleeps, or returns false early when shutdown starts.
+async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep_until(Instant::now() + d) => true,
+        () = shutdown.cancelled() => false,
+    }
+}
+
+/// Removes the pool's handoff file when it is stale: always when `pid` is None (no engine of
+/// ours runs), otherwise only when the file names `pid` (the engine that just exited), so a
+/// file written by a newer engine is never removed.
+fn remove_stale_handoff(path: &Path, pid: Option<u32>) {
+    let stale = match pid {
+        None => path.exists(),
+        Some(pid) => std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<llorch_wire::handoff::Handoff>(&b).ok())
+            .is_none_or(|h| h.pid == pid),
+    };
+    if stale {
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(file = %path.display(), "Removed a stale handoff file."),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "Cannot remove a stale handoff file.")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_thirty_seconds_and_resets() {
+        let mut b = Backoff::default();
+        let ms: Vec<u128> = (0..9).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(
+            ms,
+            [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn only_stale_handoff_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        let h = |pid| {
+            serde_json::json!({
+                "version": 1, "pool_id": "p", "model_id": "m", "model_sha256": "0",
+                "socket": "/s", "slots": 1, "ctx_per_slot": 64, "device": "cpu",
+                "engine_version": "0", "pid": pid
+            })
+            .to_string()
+        };
+        std::fs::write(&path, h(5)).unwrap();
+        remove_stale_handoff(&path, Some(6));
+        assert!(path.exists(), "a newer engine's file stays");
+        remove_stale_handoff(&path, Some(5));
+        assert!(!path.exists());
+        std::fs::write(&path, h(5)).unwrap();
+        remove_stale_handoff(&path, None);
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,399 @@
+//! End to end on one node: the real `pool-managerd`, `engine-provisioner` and `llorch-engine`
+//! binaries with the real default model, no control plane (it points at a closed port, and the
+//! node must keep serving).
+//!
+//! Build the binaries first: `cargo build -p llorch-engine -p engine-provisioner -p pool-managerd`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use hyper::header::{HeaderName, HeaderValue};
+use llorch_client::{EventStream, HttpClient, StreamFailure};
+use llorch_wire::node::{PoolState, PoolStatus};
+use llorch_wire::{ErrorBody, ErrorCode};
+
+/// The default model, fetched and verified by `scripts/setup.sh` (same lookup as `tests/`).
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("LLORCH_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("LLORCH_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("llama-orch"))
+                })
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                        .join(".cache/llama-orch")
+                });
+            cache.join("default-model/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        path.exists(),
+        "the default model is not at {}; run scripts/setup.sh or set LLORCH_TEST_MODEL",
+        path.display()
+    );
+    path
+}
+
+/// A workspace binary in `target/debug`.
+fn workspace_bin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/debug")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build -p llorch-engine -p engine-provisioner -p pool-managerd` first",
+        path.display()
+    );
+    path
+}
+
+/// A port nobody listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The running daemon; killed on drop, so a failed test leaves nothing behind.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+fn write_config(dir: &Path, slots: &str) -> PathBuf {
+    let config = format!(
+        r#"
+[node]
+id = "test-node"
+control_plane = "http://127.0.0.1:{port}"
+listen = "unix:{dir}/node.sock"
+cache_dir = "{dir}/cache"
+runtime_dir = "{dir}/run"
+heartbeat_secs = 1
+engine_bin = "{engine}"
+provisioner_bin = "{provisioner}"
+
+[[pools]]
+id = "default"
+slots = {slots}
+ctx = 1024
+threads = 2
+
+[pools.model]
+id = "smollm2-135m"
+source = "{model}"
+"#,
+        port = closed_port(),
+        dir = dir.display(),
+        engine = workspace_bin("llorch-engine").display(),
+        provisioner = workspace_bin("engine-provisioner").display(),
+        model = model_path().display(),
+    );
+    let path = dir.join("node.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+async fn status(client: &HttpClient) -> PoolStatus {
+    client.get_json("/v2/pools/default").await.unwrap()
+}
+
+/// Polls the pool's status until `cond` holds (events arrive within milliseconds; the limit only
+/// bounds a broken run).
+async fn wait_status(
+    client: &HttpClient,
+    daemon: &Daemon,
+    what: &str,
+    limit: Duration,
+    cond: impl Fn(&PoolStatus) -> bool,
+) -> PoolStatus {
+    let start = Instant::now();
+    loop {
+        if let Ok(st) = client.get_json::<PoolStatus>("/v2/pools/default").await {
+            if cond(&st) {
+                return st;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}; last status {st:?}\n{}",
+                daemon.log()
+            );
+        } else {
+            assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for the node API ({what})\n{}",
+                daemon.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn generate(
+    client: &HttpClient,
+    body: &str,
+    correlation: &str,
+) -> hyper::Response<hyper::body::Incoming> {
+    client
+        .post_raw(
+            "/v2/pools/default/generate",
+            body.to_string(),
+            &[(
+                HeaderName::from_static("x-correlation-id"),
+                HeaderValue::from_str(correlation).unwrap(),
+            )],
+        )
+        .await
+        .unwrap()
+}
+
+const PARIS: &str = r#"{"messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16,"temperature":0}"#;
+const LONG: &str = r#"{"messages":[{"role":"user","content":"Tell me a long story."}],"max_tokens":400,"ignore_eos":true,"temperature":0}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_restarts_drains_and_stops_cleanly() {
+    let dir = tempfile::Builder::new()
+        .prefix("pm-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let config = write_config(dir.path(), "2");
+    let log = dir.path().join("pool-managerd.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_pool-managerd"))
+        .arg("--config")
+        .arg(&config)
+        .env("LLORCH_LOG", "info,pool_managerd=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon { child, log };
+    let client = HttpClient::new(&format!("unix:{}/node.sock", dir.path().display())).unwrap();
+
+    // Ready, reported with the engine's pid and version.
+    let ready = wait_status(
+        &client,
+        &daemon,
+        "the pool to become ready",
+        Duration::from_secs(120),
+        |s| s.state == PoolState::Ready,
+    )
+    .await;
+    let first_pid = ready
+        .engine_pid
+        .expect("a ready pool reports its engine pid");
+    assert!(ready.engine_version.is_some(), "{ready:?}");
+    assert_eq!(
+        (ready.slots_total, ready.ctx_per_slot, ready.restarts),
+        (2, 1024, 0)
+    );
+    let health: serde_json::Value = client.get_json("/health").await.unwrap();
+    assert_eq!(health["status"], "ok");
+    let all: Vec<PoolStatus> = client.get_json("/v2/pools").await.unwrap();
+    assert_eq!(all.len(), 1);
+
+    // A forward streams tokens and an end event, with the correlation id echoed.
+    let resp = generate(&client, PARIS, "corr-paris").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-correlation-id"], "corr-paris");
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let done = EventStream::from_response(resp, Path::new("node"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert!(done.text.contains("Paris"), "{:?}", done.text);
+    assert!(
+        done.tokens.len() > 1,
+        "tokens arrive one event at a time: {:?}",
+        done.tokens
+    );
+
+    // Unknown pools are named.
+    let err = client
+        .get_json::<PoolStatus>("/v2/pools/nope")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        llorch_client::status_of(&err),
+        Some(hyper::StatusCode::NOT_FOUND),
+        "{err}"
+    );
+
+    // The engine is killed in the middle of a long answer: the stream ends with a typed error,
+    // the pool fails, and comes back by itself.
+    let resp = generate(&client, LONG, "corr-long").await;
+    assert_eq!(resp.status(), 200);
+    let mut stream = EventStream::from_response(resp, Path::new("node"))
+        .await
+        .unwrap();
+    let first = stream.next_event().await.unwrap().unwrap();
+    assert!(
+        matches!(first, llorch_wire::engine::EngineEvent::Token(_)),
+        "{first:?}"
+    );
+    assert_eq!(status(&client).await.slots_busy, 1);
+    signal(first_pid, "KILL");
+    match stream.collect().await {
+        Err(StreamFailure::Event(body)) => {
+            assert_eq!(body.code, ErrorCode::EngineFailed, "{body:?}")
+        }
+        other => panic!("expected an ENGINE_FAILED error event, got {other:?}"),
+    }
+    let failed = wait_status(
+        &client,
+        &daemon,
+        "the pool to notice the dead engine",
+        Duration::from_secs(10),
+        |s| matches!(s.state, PoolState::Failed | PoolState::Loading) && s.last_error.is_some(),
+    )
+    .await;
+    assert!(
+        failed.last_error.as_deref().unwrap().contains("signal 9"),
+        "{failed:?}"
+    );
+    let back = wait_status(
+        &client,
+        &daemon,
+        "the pool to come back",
+        Duration::from_secs(60),
+        |s| s.state == PoolState::Ready,
+    )
+    .await;
+    assert_eq!(back.restarts, 1, "{back:?}");
+    assert_ne!(back.engine_pid, Some(first_pid));
+    assert_eq!(back.slots_busy, 0, "the broken forward no longer counts");
+
+    // Drain refuses new work with 503 POOL_UNAVAILABLE; resume takes it again.
+    let drained: PoolStatus = client
+        .post_json("/v2/pools/default/drain", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert!(drained.draining);
+    assert_eq!(drained.state, PoolState::Draining);
+    let resp = generate(&client, PARIS, "corr-drained").await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: ErrorBody =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body.code, ErrorCode::PoolUnavailable);
+    let resumed: PoolStatus = client
+        .post_json("/v2/pools/default/resume", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!((resumed.state, resumed.draining), (PoolState::Ready, false));
+    let resp = generate(&client, PARIS, "corr-resumed").await;
+    assert_eq!(resp.status(), 200);
+    let done = EventStream::from_response(resp, Path::new("node"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert!(done.text.contains("Paris"), "{:?}", done.text);
+
+    // A body over 4 MiB is refused before it reaches the engine.
+    let big = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(4 * 1024 * 1024 + 1));
+    assert_eq!(generate(&client, &big, "corr-big").await.status(), 413);
+
+    // SIGTERM: the engine stops, the handoff file and the socket go, exit 0.
+    let engine_pid = status(&client).await.engine_pid.unwrap();
+    signal(daemon.child.id(), "TERM");
+    let start = Instant::now();
+    let code = loop {
+        if let Some(s) = daemon.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "pool-managerd did not stop\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code.code(), Some(0), "{}", daemon.log());
+    assert!(
+        !Path::new(&format!("/proc/{engine_pid}")).exists(),
+        "the engine {engine_pid} outlived pool-managerd"
+    );
+    assert!(
+        !dir.path().join("run/handoff/default.json").exists(),
+        "stale handoff file"
+    );
+    assert!(!dir.path().join("node.sock").exists(), "stale node socket");
+    let log = daemon.log();
+    assert!(log.contains("Engine ready."), "{log}");
+    assert!(
+        log.contains("Removed a stale handoff file."),
+        "the killed engine's file: {log}"
+    );
+    assert!(
+        !log.contains("capital of France"),
+        "prompt text reached the log:\n{log}"
+    );
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_pool-managerd");
+    let good = write_config(dir.path(), "2");
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(&good)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = write_config(dir.path(), "0");
+    for extra in [&[][..], &["--check-config"][..]] {
+        let out = Command::new(bin)
+            .arg("--config")
+            .arg(&bad)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains("pools[0].slots"), "{stderr}");
+        assert!(stderr.contains("node.toml"), "{stderr}");
+    }
+}
