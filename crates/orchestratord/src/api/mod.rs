@@ -1,0 +1,243 @@
+//! The HTTP front: routes, the correlation id, authentication, body limits and the two error
+//! envelopes (OpenAI's under `/v1`, the native one elsewhere).
+//!
+//! - [`openai`]: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+//! - [`native`]: `/v2/tasks…`, `/v2/sessions/…`, `/v2/pools…`, `/v2/meta/capabilities`.
+//! - [`nodes`]: node registration and heartbeats, `/v2/nodes`.
+//! - [`sse`]: the streaming response body.
+
+pub mod native;
+pub mod nodes;
+pub mod openai;
+pub mod sse;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State as Ext};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use llorch_wire::{ErrorBody, ErrorCode};
+use serde::de::DeserializeOwned;
+
+use crate::auth::presented_key;
+use crate::state::{new_id, Refusal, State};
+
+pub type AppState = Arc<State>;
+
+/// The correlation id of a request, echoed from `X-Correlation-Id` or generated.
+#[derive(Debug, Clone)]
+pub struct CorrelationId(pub String);
+
+/// An error answer in the envelope of the API it belongs to.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+    pub openai: bool,
+}
+
+impl ApiError {
+    pub fn native((status, body): Refusal) -> Self {
+        Self {
+            status,
+            body,
+            openai: false,
+        }
+    }
+
+    pub fn openai((status, body): Refusal) -> Self {
+        Self {
+            status,
+            body,
+            openai: true,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let retry = self.body.retry_after_ms;
+        let json = if self.openai {
+            openai::error_envelope(self.status, &self.body)
+        } else {
+            serde_json::to_vec(&self.body).expect("bodies serialize")
+        };
+        let mut resp = (
+            self.status,
+            [("content-type", "application/json")],
+            Bytes::from(json),
+        )
+            .into_response();
+        if let Some(ms) = retry {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from(ms.div_ceil(1000).max(1)));
+        }
+        resp
+    }
+}
+
+/// The HTTP status for a final error event seen before a response started.
+pub fn status_for(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidParams => StatusCode::BAD_REQUEST,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::ModelNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru | ErrorCode::DeadlineUnmet => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        ErrorCode::PoolUnready | ErrorCode::PoolUnavailable | ErrorCode::NodeUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorCode::EngineFailed => StatusCode::BAD_GATEWAY,
+        ErrorCode::Canceled => StatusCode::from_u16(499).expect("valid status"),
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The client a request comes from (the API key's name), or an `UNAUTHORIZED` refusal.
+pub fn authenticate(state: &State, headers: &HeaderMap) -> Result<String, Refusal> {
+    let Some(keys) = &state.config.api_keys else {
+        return Ok("anonymous".into());
+    };
+    let unauthorized = |m: &str| {
+        (
+            StatusCode::UNAUTHORIZED,
+            ErrorBody::new(ErrorCode::Unauthorized, m),
+        )
+    };
+    let Some(presented) = presented_key(headers) else {
+        return Err(unauthorized(
+            "no API key: send `Authorization: Bearer <key>` (or `X-API-Key: <key>`)",
+        ));
+    };
+    match keys.check(presented) {
+        Some(name) => Ok(name.to_string()),
+        None => {
+            tracing::info!(
+                fingerprint = %crate::auth::fingerprint(presented),
+                "Refused an unknown API key."
+            );
+            Err(unauthorized(
+                "the API key is not valid; check the key you were given",
+            ))
+        }
+    }
+}
+
+/// Reads a request body up to the configured limit (413 beyond it).
+pub async fn read_body(state: &State, body: Body) -> Result<Bytes, Refusal> {
+    let limit = state.config.max_body_bytes;
+    Limited::new(body, limit)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorBody::invalid(
+                        "body",
+                        format!("the request body is larger than {limit} bytes"),
+                    ),
+                )
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::invalid("body", format!("cannot read the request body: {e}")),
+                )
+            }
+        })
+}
+
+/// Decodes a JSON body, naming the field at fault.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Refusal> {
+    llorch_wire::json::parse(bytes).map_err(|e| (StatusCode::BAD_REQUEST, e))
+}
+
+async fn correlation(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| new_id("req"));
+    req.extensions_mut().insert(CorrelationId(id.clone()));
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-correlation-id", v);
+    }
+    resp
+}
+
+async fn live() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "live"}))
+}
+
+async fn ready(Ext(state): Ext<AppState>) -> Response {
+    let ready = state.core().registry.ready_pools();
+    let body = serde_json::json!({"status": if ready > 0 {"ready"} else {"unready"}, "ready_pools": ready});
+    let status = if ready > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        format!(
+            "# HELP llorch_build_info Build information.\n# TYPE llorch_build_info gauge\nllorch_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        ),
+    )
+}
+
+async fn not_found(req: Request) -> ApiError {
+    let path = req.uri().path().to_string();
+    let body = ErrorBody::invalid(
+        "path",
+        format!("no such endpoint {} {path}; see docs/API.md", req.method()),
+    );
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        body,
+        openai: path.starts_with("/v1/"),
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v2/tasks", post(native::submit))
+        .route("/v2/tasks/{id}", get(native::task_info))
+        .route("/v2/tasks/{id}/events", get(native::events))
+        .route("/v2/tasks/{id}/cancel", post(native::cancel))
+        .route(
+            "/v2/sessions/{id}",
+            get(native::session).delete(native::delete_session),
+        )
+        .route("/v2/pools", get(native::pools))
+        .route("/v2/pools/{id}/drain", post(native::drain))
+        .route("/v2/pools/{id}/resume", post(native::resume))
+        .route("/v2/meta/capabilities", get(native::capabilities))
+        .route("/v2/nodes", get(nodes::list))
+        .route("/v2/nodes/register", post(nodes::register))
+        .route("/v2/nodes/{id}/heartbeat", post(nodes::heartbeat))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(correlation))
+        .with_state(state)
+}

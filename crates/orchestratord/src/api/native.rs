@@ -1,0 +1,332 @@
+//! The native task API (`/v2`): tasks, their event streams, cancellation, sessions, pools and
+//! capabilities.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State as Ext};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use bytes::Bytes;
+use llorch_wire::engine::GenerateRequest;
+use llorch_wire::node::PoolStatus;
+use llorch_wire::task::{
+    Capabilities, PoolCapability, PoolsAnswer, QueueView, SessionInfo, TaskInfo, TaskRequest,
+};
+use llorch_wire::{ErrorBody, ErrorCode};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{authenticate, parse, read_body, sse, ApiError, AppState, CorrelationId};
+use crate::state::{Refusal, Submission};
+use crate::tasks::{Follower, Task};
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+fn native<T>(r: std::result::Result<T, Refusal>) -> Result<T> {
+    r.map_err(ApiError::native)
+}
+
+fn unknown_task(id: &str) -> ApiError {
+    ApiError::native((
+        StatusCode::NOT_FOUND,
+        ErrorBody::invalid(
+            "task_id",
+            format!("task {id:?} is not known (finished tasks are kept for 5 minutes)"),
+        ),
+    ))
+}
+
+/// `POST /v2/tasks`.
+pub async fn submit(
+    Ext(state): Ext<AppState>,
+    Extension(cid): Extension<CorrelationId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let client = native(authenticate(&state, &headers))?;
+    let bytes = native(read_body(&state, body).await)?;
+    let req: TaskRequest = native(parse(&bytes))?;
+    if let Some(w) = req.workload.as_deref().filter(|w| *w != "completion") {
+        return Err(ApiError::native((
+            StatusCode::BAD_REQUEST,
+            ErrorBody::invalid(
+                "workload",
+                format!("workload {w:?} is not supported; use completion"),
+            ),
+        )));
+    }
+    if let Some(e) = req.engine.as_deref().filter(|e| *e != "llamacpp") {
+        return Err(ApiError::native((
+            StatusCode::BAD_REQUEST,
+            ErrorBody::invalid(
+                "engine",
+                format!("engine {e:?} is not supported; use llamacpp"),
+            ),
+        )));
+    }
+    if req.model_ref.is_empty() {
+        return Err(ApiError::native((
+            StatusCode::BAD_REQUEST,
+            ErrorBody::invalid(
+                "model_ref",
+                "model_ref must name a model (see GET /v1/models)",
+            ),
+        )));
+    }
+    let engine = GenerateRequest {
+        prompt: req.prompt,
+        messages: req.messages,
+        max_tokens: Some(req.max_tokens.unwrap_or(state.config.default_max_tokens)),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
+        stop: req.stop,
+        ..GenerateRequest::default()
+    };
+    native(engine.validate().map_err(|e| (StatusCode::BAD_REQUEST, e)))?;
+    let (_task, accepted) = native(state.submit(Submission {
+        task_id: req.task_id,
+        model: req.model_ref,
+        request: engine,
+        priority: req.priority,
+        deadline_ms: req.deadline_ms,
+        session_id: req.session_id,
+        hints: req.placement,
+        client,
+        correlation_id: cid.0,
+        ctx: req.ctx,
+    }))?;
+    Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
+}
+
+/// `GET /v2/tasks/{id}`.
+pub async fn task_info(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<TaskInfo>> {
+    native(authenticate(&state, &headers))?;
+    let task = state.task(&id).ok_or_else(|| unknown_task(&id))?;
+    let (phase, pool_id) = task.phase();
+    Ok(Json(TaskInfo {
+        task_id: task.id.clone(),
+        state: phase.as_str().into(),
+        model_ref: task.model.clone(),
+        priority: task.priority,
+        pool_id,
+        queue_position: state.queue_position(&id),
+    }))
+}
+
+/// `GET /v2/tasks/{id}/events`: the whole stream from its first event, however late the
+/// subscriber connects. Disconnecting does not cancel the task; `POST …/cancel` does.
+pub async fn events(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    native(authenticate(&state, &headers))?;
+    let task = state.task(&id).ok_or_else(|| unknown_task(&id))?;
+    let (tx, resp) = sse::channel();
+    tokio::spawn(pump(task, tx));
+    Ok(resp)
+}
+
+async fn pump(task: Arc<Task>, tx: mpsc::Sender<Bytes>) {
+    let mut follower = Follower::new(task);
+    loop {
+        let batch = tokio::select! {
+            b = follower.next_batch() => b,
+            _ = tx.closed() => return,
+        };
+        let Some(events) = batch else { return };
+        let mut out = String::new();
+        for e in &events {
+            out.push_str(&e.to_sse());
+        }
+        if tx.send(Bytes::from(out)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `POST /v2/tasks/{id}/cancel`.
+pub async fn cancel(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    native(authenticate(&state, &headers))?;
+    let task = state.task(&id).ok_or_else(|| unknown_task(&id))?;
+    let canceled = state.cancel(&task, "the task was cancelled by its client");
+    Ok((
+        StatusCode::OK,
+        Json(serde_json::json!({"task_id": id, "canceled": canceled})),
+    )
+        .into_response())
+}
+
+fn unknown_session(id: &str) -> ApiError {
+    ApiError::native((
+        StatusCode::NOT_FOUND,
+        ErrorBody::invalid(
+            "session_id",
+            format!("session {id:?} is not known or expired"),
+        ),
+    ))
+}
+
+/// `GET /v2/sessions/{id}`.
+pub async fn session(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>> {
+    native(authenticate(&state, &headers))?;
+    let now = Instant::now();
+    let core = state.core();
+    let s = core
+        .sessions
+        .get(&id, now)
+        .ok_or_else(|| unknown_session(&id))?;
+    let left = core
+        .sessions
+        .ttl()
+        .saturating_sub(now.duration_since(s.last_used));
+    Ok(Json(SessionInfo {
+        session_id: id.clone(),
+        pool_id: s.pool.1.clone(),
+        slot: s.slot,
+        turns: s.turns,
+        expires_in_ms: left.as_millis() as u64,
+    }))
+}
+
+/// `DELETE /v2/sessions/{id}`.
+pub async fn delete_session(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    native(authenticate(&state, &headers))?;
+    if state.core().sessions.remove(&id) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(unknown_session(&id))
+    }
+}
+
+/// `GET /v2/pools`: every pool with its slots, and the queue.
+pub async fn pools(Ext(state): Ext<AppState>, headers: HeaderMap) -> Result<Json<PoolsAnswer>> {
+    native(authenticate(&state, &headers))?;
+    let core = state.core();
+    let interactive = core.queue.count(llorch_wire::task::Priority::Interactive) as u32;
+    let batch = core.queue.count(llorch_wire::task::Priority::Batch) as u32;
+    Ok(Json(PoolsAnswer {
+        pools: core.registry.pool_views(),
+        queue: QueueView {
+            depth: core.queue.len() as u32,
+            capacity: core.queue.capacity() as u32,
+            interactive,
+            batch,
+            running: core.registry.total_leased(),
+            policy: core.queue.policy().as_str().into(),
+        },
+    }))
+}
+
+/// `POST /v2/pools/{id}/drain` and `…/resume`: passed to the pool's node, whose answer updates
+/// the registry at once.
+async fn pool_action(
+    state: AppState,
+    headers: HeaderMap,
+    id: String,
+    action: &str,
+) -> Result<Json<PoolStatus>> {
+    native(authenticate(&state, &headers))?;
+    let found = {
+        let core = state.core();
+        core.registry
+            .nodes
+            .values()
+            .find(|n| n.pools.iter().any(|p| p.pool_id == id))
+            .map(|n| (n.id.clone(), n.client.clone()))
+    };
+    let Some((node_id, client)) = found else {
+        return Err(ApiError::native((
+            StatusCode::NOT_FOUND,
+            ErrorBody::invalid(
+                "pool_id",
+                format!("pool {id:?} is not known; see GET /v2/pools"),
+            ),
+        )));
+    };
+    let status: PoolStatus = client
+        .post_json(&format!("/v2/pools/{id}/{action}"), &serde_json::json!({}))
+        .await
+        .map_err(|e| {
+            ApiError::native((
+                StatusCode::BAD_GATEWAY,
+                ErrorBody::new(
+                    ErrorCode::NodeUnavailable,
+                    format!("node {node_id} did not {action} pool {id}: {e}"),
+                ),
+            ))
+        })?;
+    {
+        let mut core = state.core();
+        if let Some(node) = core.registry.nodes.get_mut(&node_id) {
+            if let Some(p) = node.pools.iter_mut().find(|p| p.pool_id == id) {
+                *p = status.clone();
+            }
+        }
+    }
+    state.wake.notify_one();
+    tracing::info!(pool = %id, node = %node_id, action, "Pool {action} requested.");
+    Ok(Json(status))
+}
+
+pub async fn drain(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<PoolStatus>> {
+    pool_action(state, headers, id, "drain").await
+}
+
+pub async fn resume(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<PoolStatus>> {
+    pool_action(state, headers, id, "resume").await
+}
+
+/// `GET /v2/meta/capabilities`.
+pub async fn capabilities(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Capabilities>> {
+    native(authenticate(&state, &headers))?;
+    let core = state.core();
+    let pools = core
+        .registry
+        .pool_views()
+        .into_iter()
+        .map(|p| PoolCapability {
+            pool_id: p.pool_id,
+            model_id: p.model_id,
+            ctx_per_slot: p.ctx_per_slot,
+            slots: p.slots_total,
+            engine: "llamacpp".into(),
+            engine_version: p.engine_version,
+            state: p.state,
+        })
+        .collect();
+    Ok(Json(Capabilities {
+        api_version: "2".into(),
+        pools,
+    }))
+}

@@ -1,0 +1,138 @@
+//! Node registration and heartbeats (called by pool-managerd), and `GET /v2/nodes`.
+//!
+//! Heartbeat handling takes one short lock and never waits behind inference work.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State as Ext};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use llorch_client::HttpClient;
+use llorch_wire::node::{Heartbeat, NodeAck, Registration};
+use llorch_wire::task::NodeView;
+use llorch_wire::{ErrorBody, ErrorCode};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{authenticate, parse, read_body, ApiError, AppState};
+use crate::auth::presented_key;
+use crate::registry::Node;
+use crate::state::State;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+fn check_node_token(state: &State, headers: &HeaderMap) -> Result<()> {
+    let Some(tokens) = &state.config.node_tokens else {
+        return Ok(());
+    };
+    match presented_key(headers).and_then(|k| tokens.check(k)) {
+        Some(_) => Ok(()),
+        None => Err(ApiError::native((
+            StatusCode::UNAUTHORIZED,
+            ErrorBody::new(
+                ErrorCode::Unauthorized,
+                "node token missing or not valid; give pool-managerd the token listed in the control plane's node-tokens file",
+            ),
+        ))),
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// `POST /v2/nodes/register`.
+pub async fn register(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<NodeAck>> {
+    check_node_token(&state, &headers)?;
+    let bytes = read_body(&state, body).await.map_err(ApiError::native)?;
+    let reg: Registration = parse(&bytes).map_err(ApiError::native)?;
+    let bad = |field: &str, msg: String| {
+        ApiError::native((StatusCode::BAD_REQUEST, ErrorBody::invalid(field, msg)))
+    };
+    if !valid_id(&reg.node_id) {
+        return Err(bad(
+            "node_id",
+            format!(
+                "node_id {:?} must be 1 to 64 letters, digits, - _ .",
+                reg.node_id
+            ),
+        ));
+    }
+    if let Some(p) = reg.pools.iter().find(|p| !valid_id(&p.pool_id)) {
+        return Err(bad(
+            "pools",
+            format!(
+                "pool id {:?} must be 1 to 64 letters, digits, - _ .",
+                p.pool_id
+            ),
+        ));
+    }
+    let client = HttpClient::new(&reg.address).map_err(|e| bad("address", e.to_string()))?;
+    let heartbeat = Duration::from_secs(reg.heartbeat_secs.clamp(1, 300));
+    let node = Node {
+        id: reg.node_id.clone(),
+        address: reg.address.clone(),
+        version: reg.version,
+        heartbeat,
+        last_seen: Instant::now(),
+        online: true,
+        pools: reg.pools,
+        staged_models: reg.staged_models,
+        client,
+        lost: CancellationToken::new(),
+    };
+    let offline_after = node.offline_after();
+    tracing::info!(node = %reg.node_id, address = %reg.address, pools = node.pools.len(), "Node registered.");
+    state.core().registry.register(node);
+    state.wake.notify_one();
+    Ok(Json(NodeAck {
+        node_id: reg.node_id,
+        offline_after_secs: offline_after.as_secs(),
+    }))
+}
+
+/// `POST /v2/nodes/{id}/heartbeat`; 404 `NODE_UNAVAILABLE` tells a node the control plane does
+/// not know it (it restarted), and the node registers again.
+pub async fn heartbeat(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<NodeAck>> {
+    check_node_token(&state, &headers)?;
+    let bytes = read_body(&state, body).await.map_err(ApiError::native)?;
+    let hb: Heartbeat = parse(&bytes).map_err(ApiError::native)?;
+    let offline_after = {
+        let mut core = state.core();
+        if !core.registry.heartbeat(&id, hb.pools, hb.staged_models) {
+            return Err(ApiError::native((
+                StatusCode::NOT_FOUND,
+                ErrorBody::new(
+                    ErrorCode::NodeUnavailable,
+                    format!("node {id:?} is not registered; register again"),
+                ),
+            )));
+        }
+        core.registry.nodes[&id].offline_after()
+    };
+    state.wake.notify_one();
+    Ok(Json(NodeAck {
+        node_id: id,
+        offline_after_secs: offline_after.as_secs(),
+    }))
+}
+
+/// `GET /v2/nodes`.
+pub async fn list(Ext(state): Ext<AppState>, headers: HeaderMap) -> Result<Json<Vec<NodeView>>> {
+    authenticate(&state, &headers).map_err(ApiError::native)?;
+    Ok(Json(state.core().registry.node_views(Instant::now())))
+}

@@ -1,0 +1,65 @@
+//! The streaming response body: frames arrive on a bounded channel from the task that produces
+//! them. When the client goes away the body is dropped, the channel closes, and the producer
+//! sees `Sender::closed()` and stops (for OpenAI streams it also cancels the task).
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http_body::Frame;
+use tokio::sync::mpsc;
+
+/// Frames a producer may run ahead of a slow client. A task's events are also kept in its log,
+/// so a full channel only makes the producer wait, it never loses anything.
+pub const CHANNEL_FRAMES: usize = 64;
+
+pub struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(first)) => {
+                // Coalesce what is already waiting into one write.
+                let mut more = Vec::new();
+                while let Ok(b) = self.rx.try_recv() {
+                    more.push(b);
+                }
+                if more.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(first))));
+                }
+                let mut out =
+                    Vec::with_capacity(first.len() + more.iter().map(Bytes::len).sum::<usize>());
+                out.extend_from_slice(&first);
+                for b in more {
+                    out.extend_from_slice(&b);
+                }
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A channel and the SSE response that drains it.
+pub fn channel() -> (mpsc::Sender<Bytes>, Response) {
+    let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+    let resp = Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::new(ChannelBody { rx }))
+        .expect("static response");
+    (tx, resp)
+}

@@ -1,0 +1,145 @@
+//! orchestratord configuration: flags (each with an environment variable), validated before
+//! the listener is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::admission::Policy;
+use crate::auth::{ApiKeys, KeysError};
+
+/// Defaults worth knowing.
+pub mod defaults {
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    pub const QUEUE_CAPACITY: usize = 256;
+    pub const MAX_BODY_BYTES: usize = 1 << 20;
+    pub const SESSION_TTL_SECS: u64 = 600;
+    pub const DEFAULT_MAX_TOKENS: u32 = 1024;
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "orchestratord",
+    version,
+    about = "The llama-orch control plane: OpenAI and native APIs, admission, placement, streaming."
+)]
+pub struct Args {
+    /// Address of the public API.
+    #[arg(long, env = "LLORCH_LISTEN", default_value = defaults::LISTEN)]
+    pub listen: SocketAddr,
+    /// API key file: one `NAME KEY` per line. Default: `$CREDENTIALS_DIRECTORY/api-keys` when
+    /// that file exists. Without keys the daemon serves loopback only.
+    #[arg(long, env = "LLORCH_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
+    /// Node token file (`NAME TOKEN` lines) that pool-managerd must present to register and
+    /// heartbeat. Default: `$CREDENTIALS_DIRECTORY/node-tokens` when that file exists.
+    #[arg(long, env = "LLORCH_NODE_TOKENS")]
+    pub node_tokens: Option<PathBuf>,
+    /// Tasks that may wait in the queue.
+    #[arg(long, env = "LLORCH_QUEUE_CAPACITY", default_value_t = defaults::QUEUE_CAPACITY)]
+    pub queue_capacity: usize,
+    /// What happens when the queue is full: `reject` or `drop-lru`.
+    #[arg(long, env = "LLORCH_ADMISSION_POLICY", default_value = "reject")]
+    pub admission_policy: Policy,
+    /// Largest accepted request body.
+    #[arg(long, env = "LLORCH_MAX_BODY_BYTES", default_value_t = defaults::MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Seconds a session keeps its affinity to the pool holding its KV cache.
+    #[arg(long, env = "LLORCH_SESSION_TTL_SECS", default_value_t = defaults::SESSION_TTL_SECS)]
+    pub session_ttl_secs: u64,
+    /// `max_tokens` of a request that gives none (the engine also stops at its slot's context).
+    #[arg(long, env = "LLORCH_DEFAULT_MAX_TOKENS", default_value_t = defaults::DEFAULT_MAX_TOKENS)]
+    pub default_max_tokens: u32,
+    /// Validate the configuration (and key files) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub api_keys: Option<ApiKeys>,
+    pub node_tokens: Option<ApiKeys>,
+    pub queue_capacity: usize,
+    pub policy: Policy,
+    pub max_body_bytes: usize,
+    pub session_ttl: Duration,
+    pub default_max_tokens: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+    #[error("--listen {0} is not a loopback address and no API keys are configured; give --api-keys (or the api-keys credential) or listen on 127.0.0.1")]
+    OpenWithoutKeys(SocketAddr),
+    #[error("--{0}: {1}")]
+    Value(&'static str, String),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: defaults::LISTEN.parse().expect("valid default"),
+            api_keys: None,
+            node_tokens: None,
+            queue_capacity: defaults::QUEUE_CAPACITY,
+            policy: Policy::Reject,
+            max_body_bytes: defaults::MAX_BODY_BYTES,
+            session_ttl: Duration::from_secs(defaults::SESSION_TTL_SECS),
+            default_max_tokens: defaults::DEFAULT_MAX_TOKENS,
+        }
+    }
+}
+
+/// `$CREDENTIALS_DIRECTORY/<name>` when systemd passed such a credential.
+fn credential(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
+    p.exists().then_some(p)
+}
+
+impl Args {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let api_keys = match self.api_keys.or_else(|| credential("api-keys")) {
+            Some(p) => Some(ApiKeys::load(&p)?),
+            None => None,
+        };
+        let node_tokens = match self.node_tokens.or_else(|| credential("node-tokens")) {
+            Some(p) => Some(ApiKeys::load(&p)?),
+            None => None,
+        };
+        if api_keys.is_none() && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::OpenWithoutKeys(self.listen));
+        }
+        if self.queue_capacity == 0 || self.queue_capacity > 1_000_000 {
+            return Err(ConfigError::Value(
+                "queue-capacity",
+                format!("{} is out of range; use 1 to 1000000", self.queue_capacity),
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError::Value(
+                "max-body-bytes",
+                format!("{} is too small; use at least 1024", self.max_body_bytes),
+            ));
+        }
+        if self.default_max_tokens == 0 {
+            return Err(ConfigError::Value(
+                "default-max-tokens",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(Config {
+            listen: self.listen,
+            api_keys,
+            node_tokens,
+            queue_capacity: self.queue_capacity,
+            policy: self.admission_policy,
+            max_body_bytes: self.max_body_bytes,
+            session_ttl: Duration::from_secs(self.session_ttl_secs),
+            default_max_tokens: self.default_max_tokens,
+        })
+    }
+}

@@ -1,0 +1,406 @@
+//! Dispatch: the loop that takes queued tasks in order, places them, leases a slot and streams
+//! each task from its node; and the lease that returns the slot exactly once.
+//!
+//! A task whose pool turns out not to be ready (the node says so, or cannot be reached before
+//! the stream starts) goes back to its place in the queue and the pool is skipped until its
+//! node reports again. Once a stream has started, a failure ends the task with a typed error
+//! event (`ENGINE_FAILED`, `NODE_UNAVAILABLE`, `CANCELED`), never a silent truncation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::StatusCode;
+use llorch_client::{error_from_response, ClientError, EventStream, HttpClient};
+use llorch_wire::engine::{EngineEvent, TokenEvent};
+use llorch_wire::task::{MetricsEvent, StartedEvent, TaskEnd};
+use llorch_wire::{ErrorBody, ErrorCode};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Entry;
+use crate::placement::{place, Ask, Placement};
+use crate::registry::PoolKey;
+use crate::state::State;
+use crate::tasks::{Task, TaskEvent};
+
+/// How long a dispatch retries an engine that says all its slots are busy (a cancelled stream's
+/// slot is freed by the engine one decode step after orchestratord already returned the lease).
+const BUSY_RETRY: Duration = Duration::from_millis(10);
+const BUSY_RETRIES: u32 = 50;
+
+/// A leased slot. Dropping it returns the slot, so no path can leak it or return it twice.
+pub struct Lease {
+    state: Arc<State>,
+    pub pool: PoolKey,
+    model: String,
+    since: Instant,
+    /// Whether the hold time counts toward the service rate (false when the task never ran).
+    measured: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let held = self.measured.then(|| self.since.elapsed());
+        self.state
+            .core()
+            .registry
+            .release(&self.pool, &self.model, held);
+        self.state.wake.notify_one();
+    }
+}
+
+struct Dispatched {
+    entry: Entry<Arc<Task>>,
+    lease: Lease,
+    client: HttpClient,
+    lost: CancellationToken,
+    slot_hint: Option<u32>,
+}
+
+/// Runs until shutdown: expires deadlines, places what can be placed, starts the streams.
+pub async fn run(state: Arc<State>) {
+    loop {
+        let (expired, impossible, started, next_deadline) = take_work(&state);
+        for e in expired {
+            state.finish(
+                &e.item,
+                ErrorBody::new(
+                    ErrorCode::DeadlineUnmet,
+                    "the task's deadline_ms passed while it waited in the queue",
+                ),
+            );
+        }
+        for (e, reason) in impossible {
+            state.finish(
+                &e.item,
+                ErrorBody::new(
+                    ErrorCode::PoolUnavailable,
+                    format!("the task can no longer be placed: {reason}"),
+                ),
+            );
+        }
+        for d in started {
+            tokio::spawn(stream_task(state.clone(), d));
+        }
+        let sleep = async {
+            match next_deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = state.wake.notified() => {}
+            _ = sleep => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[allow(clippy::type_complexity)]
+fn take_work(
+    state: &Arc<State>,
+) -> (
+    Vec<Entry<Arc<Task>>>,
+    Vec<(Entry<Arc<Task>>, String)>,
+    Vec<Dispatched>,
+    Option<Instant>,
+) {
+    let now = Instant::now();
+    let mut core = state.core();
+    let expired = core.queue.expire(now);
+    let mut impossible = Vec::new();
+    let mut started = Vec::new();
+    let mut candidates = core.registry.candidates();
+    let mut free: u32 = candidates
+        .iter()
+        .filter(|c| c.node_online && c.state == llorch_wire::node::PoolState::Ready && !c.suspect)
+        .map(|c| c.free_slots)
+        .sum();
+    if free > 0 && !core.queue.is_empty() {
+        let order: Vec<Arc<Task>> = core.queue.iter().map(|e| e.item.clone()).collect();
+        for task in order {
+            if free == 0 {
+                break;
+            }
+            let session = task
+                .session_id
+                .as_deref()
+                .and_then(|s| core.sessions.get(s, now))
+                .cloned();
+            let ask = Ask {
+                model: &task.model,
+                session_pool: session.as_ref().map(|s| s.pool.1.as_str()),
+                hints: task.hints.as_ref(),
+            };
+            match place(&candidates, &ask) {
+                Placement::Wait { .. } => {}
+                Placement::Impossible { reason } => {
+                    if let Some(e) = core.queue.remove(&task.id) {
+                        impossible.push((e, reason));
+                    }
+                }
+                Placement::Place {
+                    pool_id,
+                    node_id,
+                    reasons,
+                } => {
+                    let Some(node) = core.registry.nodes.get(&node_id) else {
+                        continue;
+                    };
+                    let (client, lost) = (node.client.clone(), node.lost.clone());
+                    let Some(entry) = core.queue.take(&task.id) else {
+                        continue;
+                    };
+                    tracing::debug!(task = %task.id, pool = %pool_id, ?reasons, "Placed.");
+                    let key: PoolKey = (node_id, pool_id);
+                    core.registry.lease(&key);
+                    if let Some(c) = candidates
+                        .iter_mut()
+                        .find(|c| c.node_id == key.0 && c.pool_id == key.1)
+                    {
+                        c.free_slots -= 1;
+                    }
+                    free -= 1;
+                    let slot_hint = session.filter(|s| s.pool == key).map(|s| s.slot);
+                    started.push(Dispatched {
+                        entry,
+                        lease: Lease {
+                            state: state.clone(),
+                            pool: key,
+                            model: task.model.clone(),
+                            since: now,
+                            measured: false,
+                        },
+                        client,
+                        lost,
+                        slot_hint,
+                    });
+                }
+            }
+        }
+    }
+    let next = core.queue.next_deadline();
+    (expired, impossible, started, next)
+}
+
+/// Why a dispatch gave its task back to the queue.
+enum Outcome {
+    Done,
+    Requeue { suspect: bool },
+}
+
+async fn stream_task(state: Arc<State>, d: Dispatched) {
+    let Dispatched {
+        entry,
+        mut lease,
+        client,
+        lost,
+        slot_hint,
+    } = d;
+    let task = entry.item.clone();
+    let outcome = tokio::select! {
+        o = forward(&state, &task, &mut lease, &client, slot_hint) => o,
+        _ = task.cancel.cancelled() => {
+            state.finish(&task, ErrorBody::new(ErrorCode::Canceled, "the task was cancelled"));
+            Outcome::Done
+        }
+        _ = lost.cancelled() => {
+            state.finish(&task, ErrorBody::new(
+                ErrorCode::NodeUnavailable,
+                format!("node {} stopped reporting while it ran this task; submit it again", lease.pool.0),
+            ));
+            Outcome::Done
+        }
+    };
+    if let Outcome::Requeue { suspect } = outcome {
+        let mut core = state.core();
+        if suspect {
+            core.registry.mark_suspect(&lease.pool);
+        }
+        if !task.cancel.is_cancelled() && !task.is_finished() {
+            task.set_queued();
+            core.queue.requeue(entry);
+        }
+        drop(core);
+        if task.cancel.is_cancelled() && !task.is_finished() {
+            state.finish(
+                &task,
+                ErrorBody::new(ErrorCode::Canceled, "the task was cancelled"),
+            );
+        }
+    }
+    // The lease drops here, after the upstream stream was dropped (which cancels the engine's
+    // job), and wakes the dispatcher.
+    drop(lease);
+}
+
+async fn forward(
+    state: &Arc<State>,
+    task: &Arc<Task>,
+    lease: &mut Lease,
+    client: &HttpClient,
+    slot_hint: Option<u32>,
+) -> Outcome {
+    let mut request = task.request.clone();
+    request.slot = slot_hint;
+    request.task_id = Some(task.id.clone());
+    let body = bytes::Bytes::from(serde_json::to_vec(&request).expect("requests serialize"));
+    let path = format!("/v2/pools/{}/generate", lease.pool.1);
+    let headers = [(
+        HeaderName::from_static("x-correlation-id"),
+        HeaderValue::from_str(&task.correlation_id).unwrap_or(HeaderValue::from_static("invalid")),
+    )];
+    let mut busy_retries = 0;
+    let resp = loop {
+        match client.post_raw(&path, body.clone(), &headers).await {
+            Err(e) => {
+                tracing::warn!(task = %task.id, pool = %lease.pool.1, node = %lease.pool.0, error = %e, "Node unreachable; task goes back to the queue.");
+                return Outcome::Requeue { suspect: true };
+            }
+            Ok(resp) if resp.status() == StatusCode::OK => break resp,
+            Ok(resp) => {
+                let status = resp.status();
+                let err = error_from_response(resp).await;
+                let body = match &err {
+                    ClientError::Status { body: Some(b), .. } => (**b).clone(),
+                    other => ErrorBody::new(ErrorCode::Internal, other.to_string()),
+                };
+                match (status, body.code) {
+                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::PoolUnavailable) => {
+                        busy_retries += 1;
+                        if busy_retries > BUSY_RETRIES {
+                            return Outcome::Requeue { suspect: false };
+                        }
+                        tokio::time::sleep(BUSY_RETRY).await;
+                    }
+                    (StatusCode::SERVICE_UNAVAILABLE, _) => {
+                        tracing::info!(task = %task.id, pool = %lease.pool.1, reason = %body.message, "Pool not ready; task goes back to the queue.");
+                        return Outcome::Requeue { suspect: true };
+                    }
+                    _ => {
+                        state.finish(task, body);
+                        return Outcome::Done;
+                    }
+                }
+            }
+        }
+    };
+    lease.measured = true;
+    let started_at = Instant::now();
+    let queue_ms = started_at.duration_since(task.submitted).as_millis() as u64;
+    task.push(TaskEvent::Started(StartedEvent {
+        task_id: task.id.clone(),
+        pool_id: lease.pool.1.clone(),
+        node_id: lease.pool.0.clone(),
+        queue_ms,
+    }));
+    let mut events =
+        match EventStream::from_response(resp, std::path::Path::new(client.address())).await {
+            Ok(e) => e,
+            Err(e) => {
+                state.finish(task, ErrorBody::new(ErrorCode::EngineFailed, e.to_string()));
+                return Outcome::Done;
+            }
+        };
+    let mut first_token: Option<Instant> = None;
+    let mut i = 0u32;
+    loop {
+        match events.next_event().await {
+            Some(Ok(EngineEvent::Token(t))) => {
+                first_token.get_or_insert_with(Instant::now);
+                task.push(TaskEvent::Token(TokenEvent { t: t.t, i }));
+                i += 1;
+            }
+            Some(Ok(EngineEvent::End(end))) => {
+                let now = Instant::now();
+                let first = first_token.unwrap_or(now);
+                let decode = now.duration_since(first);
+                task.push(TaskEvent::Metrics(MetricsEvent {
+                    tokens_out: end.completion_tokens,
+                    cached_tokens: end.cached_tokens,
+                    tokens_per_second: if decode.as_secs_f64() > 0.0 {
+                        end.completion_tokens.saturating_sub(1) as f64 / decode.as_secs_f64()
+                    } else {
+                        0.0
+                    },
+                }));
+                if let Some(s) = &task.session_id {
+                    state
+                        .core()
+                        .sessions
+                        .record(s, lease.pool.clone(), end.slot, now);
+                }
+                let pushed = task.push(TaskEvent::End(TaskEnd {
+                    task_id: task.id.clone(),
+                    tokens_in: end.prompt_tokens,
+                    tokens_out: end.completion_tokens,
+                    queue_ms,
+                    ttft_ms: first.duration_since(task.submitted).as_millis() as u64,
+                    decode_time_ms: decode.as_millis() as u64,
+                    finish_reason: end.finish_reason,
+                }));
+                if pushed {
+                    state.tasks().finished(&task.id);
+                }
+                tracing::info!(
+                    task = %task.id,
+                    pool = %lease.pool.1,
+                    correlation_id = %task.correlation_id,
+                    tokens_in = end.prompt_tokens,
+                    tokens_out = end.completion_tokens,
+                    queue_ms,
+                    "Task done."
+                );
+                return Outcome::Done;
+            }
+            Some(Ok(EngineEvent::Error(body))) => {
+                if body.code == ErrorCode::EngineFailed {
+                    state.core().registry.mark_suspect(&lease.pool);
+                }
+                state.finish(task, body);
+                return Outcome::Done;
+            }
+            Some(Err(e)) => {
+                state.core().registry.mark_suspect(&lease.pool);
+                state.finish(
+                    task,
+                    ErrorBody::new(
+                        ErrorCode::EngineFailed,
+                        format!("the stream from pool {} broke: {e}", lease.pool.1),
+                    ),
+                );
+                return Outcome::Done;
+            }
+            None => {
+                state.core().registry.mark_suspect(&lease.pool);
+                state.finish(
+                    task,
+                    ErrorBody::new(
+                        ErrorCode::EngineFailed,
+                        format!(
+                            "the stream from pool {} ended without an end event",
+                            lease.pool.1
+                        ),
+                    ),
+                );
+                return Outcome::Done;
+            }
+        }
+    }
+}
+
+/// Marks nodes offline that stopped heartbeating; runs until shutdown.
+pub async fn watch_nodes(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        let lost = state.core().registry.expire_nodes(Instant::now());
+        for node in lost {
+            tracing::warn!(node = %node, "Node missed its heartbeats; marked offline.");
+        }
+    }
+}

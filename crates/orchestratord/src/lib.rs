@@ -1,0 +1,87 @@
+//! orchestratord: the control plane.
+//!
+//! Code map (where a request is admitted, placed, streamed and cancelled):
+//! - [`api`]: HTTP routes; [`api::openai`] and [`api::native`] turn requests into
+//!   [`state::Submission`]s; [`api::nodes`] takes registrations and heartbeats.
+//! - [`state`]: [`state::State::submit`] admits (model, placement feasibility, deadline, queue
+//!   policy); [`state::State::cancel`] cancels.
+//! - [`admission`]: the bounded queue (priorities, fair turns, drop-lru, deadlines) and the
+//!   service-rate estimate behind `Retry-After` and `predicted_start_ms`.
+//! - [`placement`]: the pure placement function.
+//! - [`dispatch`]: the dispatcher loop, slot leases, streaming a task from its node.
+//! - [`tasks`]: tasks and their bounded event logs (late subscribers get the whole stream).
+//! - [`registry`]: nodes, pools, leases, suspect pools, sessions.
+//! - [`auth`], [`config`].
+//!
+//! Invariants: only [`placement`] decides where a task runs; a slot lease is returned exactly
+//! once (by `Drop`); no lock is held across an `.await`.
+
+pub mod admission;
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod dispatch;
+pub mod placement;
+pub mod registry;
+pub mod state;
+pub mod tasks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Args, Config};
+pub use state::State;
+
+/// Exit codes.
+pub mod exit {
+    /// Configuration invalid.
+    pub const USAGE: i32 = 64;
+    /// The listener cannot be bound or taken.
+    pub const UNAVAILABLE: i32 = 69;
+}
+
+/// How long open streams may run after shutdown was asked before the process exits anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves the API on `listener` until `shutdown` fires.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = State::new(config);
+    serve_state(state, listener, shutdown).await
+}
+
+pub async fn serve_state(
+    state: Arc<State>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let dispatcher = tokio::spawn(dispatch::run(state.clone()));
+    let watcher = tokio::spawn(dispatch::watch_nodes(state.clone()));
+    let app = api::router(state.clone());
+    // Small SSE writes must leave at once: Nagle's algorithm would hold them for an ACK.
+    let listener = listener.tap_io(|s| {
+        let _ = s.set_nodelay(true);
+    });
+    let stop = shutdown.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        stop.cancelled().await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    shutdown.cancelled().await;
+    tracing::info!(
+        "Stopping: no new connections; open streams get {} s.",
+        SHUTDOWN_GRACE.as_secs()
+    );
+    state.shutdown.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
+    dispatcher.abort();
+    watcher.abort();
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! `orchestratord`: parses configuration, sets up logging and signals, and runs the library.
+
+use clap::Parser;
+use orchestratord::{exit, Args};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("LLORCH_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let check_only = args.check_config;
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("orchestratord: {e}");
+            std::process::exit(exit::USAGE);
+        }
+    };
+    if check_only {
+        println!("configuration ok");
+        return;
+    }
+    match &config.api_keys {
+        Some(keys) => tracing::info!(keys = keys.len(), "Client API keys loaded."),
+        None => tracing::warn!(
+            listen = %config.listen,
+            "No API keys configured: serving without authentication, on loopback only."
+        ),
+    }
+    let (listener, origin) = match llorch_os::tcp_listener(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("orchestratord: {e}");
+            std::process::exit(exit::UNAVAILABLE);
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    if config.api_keys.is_none() {
+        if let Some(a) = listener.local_addr().ok().filter(|a| !a.ip().is_loopback()) {
+            eprintln!("orchestratord: the inherited socket {a} is not loopback and no API keys are configured");
+            std::process::exit(exit::USAGE);
+        }
+    }
+    tracing::info!(listen = %addr, origin = ?origin, queue = config.queue_capacity, policy = config.policy.as_str(), "Serving the API.");
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        signals.cancel();
+    });
+    if let Err(e) = orchestratord::serve(config, listener, shutdown).await {
+        eprintln!("orchestratord: {e}");
+        std::process::exit(1);
+    }
+    tracing::info!("Stopped.");
+}

@@ -1,0 +1,303 @@
+//! Placement: a pure function from a snapshot of pools to a decision and the reasons for it.
+//!
+//! Filters first (model served, node online, pool ready, not draining, a free slot, pin and
+//! avoid and prefer-without-fallback), then a score (session affinity for KV cache reuse, then
+//! preference, then the most free slots), then a deterministic tie-break on the pool id. Only
+//! this module decides where a task runs; the dispatcher applies the decision.
+
+use llorch_wire::node::PoolState;
+use llorch_wire::task::PlacementHints;
+
+/// One pool as placement sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub pool_id: String,
+    pub node_id: String,
+    pub model_id: String,
+    pub state: PoolState,
+    pub node_online: bool,
+    /// Slots not leased to running tasks.
+    pub free_slots: u32,
+    pub slots_total: u32,
+    /// A pool whose engine just failed a request: skipped until its node reports again.
+    pub suspect: bool,
+}
+
+/// What placement is asked to place.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ask<'a> {
+    pub model: &'a str,
+    /// The pool holding the task's session (KV cache), if any.
+    pub session_pool: Option<&'a str>,
+    pub hints: Option<&'a PlacementHints>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Placement {
+    /// Run on this pool.
+    Place {
+        pool_id: String,
+        node_id: String,
+        reasons: Vec<String>,
+    },
+    /// No eligible pool has a free slot now; the task waits.
+    Wait { reasons: Vec<String> },
+    /// The hints can never be met (a pin to a pool that does not serve the model, every pool
+    /// avoided): an error for the client, never a silent fallback.
+    Impossible { reason: String },
+}
+
+/// Decides where `ask` runs given `pools`. Pure: the same inputs give the same answer.
+pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
+    let mut reasons = Vec::new();
+    let serving: Vec<&Candidate> = pools.iter().filter(|p| p.model_id == ask.model).collect();
+    if serving.is_empty() {
+        return Placement::Impossible {
+            reason: format!("no pool serves model {:?}", ask.model),
+        };
+    }
+    let empty = PlacementHints::default();
+    let hints = ask.hints.unwrap_or(&empty);
+    let eligible: Vec<&Candidate> = if let Some(pin) = &hints.pin_pool_id {
+        match serving.iter().find(|p| &p.pool_id == pin) {
+            Some(p) => vec![*p],
+            None => {
+                let reason = if pools.iter().any(|p| &p.pool_id == pin) {
+                    format!("pinned pool {pin:?} does not serve model {:?}", ask.model)
+                } else {
+                    format!("pinned pool {pin:?} does not exist")
+                };
+                return Placement::Impossible { reason };
+            }
+        }
+    } else {
+        let not_avoided: Vec<&Candidate> = serving
+            .iter()
+            .copied()
+            .filter(|p| !hints.avoid_pools.contains(&p.pool_id))
+            .collect();
+        if not_avoided.is_empty() {
+            return Placement::Impossible {
+                reason: format!("every pool serving model {:?} is in avoid_pools", ask.model),
+            };
+        }
+        if !hints.prefer_pools.is_empty() && hints.allow_fallback == Some(false) {
+            let preferred: Vec<&Candidate> = not_avoided
+                .iter()
+                .copied()
+                .filter(|p| hints.prefer_pools.contains(&p.pool_id))
+                .collect();
+            if preferred.is_empty() {
+                return Placement::Impossible {
+                    reason: format!(
+                        "none of prefer_pools serves model {:?} and allow_fallback is false",
+                        ask.model
+                    ),
+                };
+            }
+            preferred
+        } else {
+            not_avoided
+        }
+    };
+    let mut ready: Vec<&Candidate> = Vec::new();
+    for p in eligible {
+        let why_not = if !p.node_online {
+            Some("node offline")
+        } else if p.state != PoolState::Ready {
+            Some(p.state.as_str())
+        } else if p.suspect {
+            Some("engine failed, waiting for its node to report")
+        } else if p.free_slots == 0 {
+            Some("no free slot")
+        } else {
+            None
+        };
+        match why_not {
+            Some(w) => reasons.push(format!("{}: {w}", p.pool_id)),
+            None => ready.push(p),
+        }
+    }
+    let score = |p: &Candidate| -> (bool, bool, u32) {
+        (
+            ask.session_pool == Some(p.pool_id.as_str()),
+            hints.prefer_pools.contains(&p.pool_id),
+            p.free_slots,
+        )
+    };
+    // Highest score wins; among equals the smallest pool id, so the choice never depends on
+    // the order the snapshot was built in.
+    let best = ready.into_iter().max_by(|a, b| {
+        score(a)
+            .cmp(&score(b))
+            .then_with(|| b.pool_id.cmp(&a.pool_id))
+    });
+    match best {
+        Some(p) => {
+            let (session, preferred, free) = score(p);
+            if session {
+                reasons.push(format!("{}: holds the session's KV cache", p.pool_id));
+            }
+            if preferred {
+                reasons.push(format!("{}: preferred", p.pool_id));
+            }
+            reasons.push(format!("{}: {free} free slots", p.pool_id));
+            Placement::Place {
+                pool_id: p.pool_id.clone(),
+                node_id: p.node_id.clone(),
+                reasons,
+            }
+        }
+        None => Placement::Wait { reasons },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(id: &str, model: &str, free: u32) -> Candidate {
+        Candidate {
+            pool_id: id.into(),
+            node_id: "n1".into(),
+            model_id: model.into(),
+            state: PoolState::Ready,
+            node_online: true,
+            free_slots: free,
+            slots_total: 4,
+            suspect: false,
+        }
+    }
+
+    fn placed(p: Placement) -> String {
+        match p {
+            Placement::Place { pool_id, .. } => pool_id,
+            other => panic!("expected a placement, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn least_loaded_wins_and_ties_break_on_pool_id() {
+        let pools = [pool("b", "m", 2), pool("a", "m", 2), pool("c", "m", 1)];
+        let ask = Ask {
+            model: "m",
+            ..Ask::default()
+        };
+        assert_eq!(placed(place(&pools, &ask)), "a");
+        let pools = [pool("b", "m", 3), pool("a", "m", 2)];
+        assert_eq!(placed(place(&pools, &ask)), "b");
+        // Order of the snapshot does not matter.
+        let mut rev = pools.clone();
+        rev.reverse();
+        assert_eq!(place(&pools, &ask), place(&rev, &ask));
+    }
+
+    #[test]
+    fn filters_model_state_slots_and_node() {
+        let mut loading = pool("a", "m", 4);
+        loading.state = PoolState::Loading;
+        let mut offline = pool("b", "m", 4);
+        offline.node_online = false;
+        let full = pool("c", "m", 0);
+        let other = pool("d", "x", 4);
+        let mut draining = pool("e", "m", 4);
+        draining.state = PoolState::Draining;
+        let mut suspect = pool("f", "m", 4);
+        suspect.suspect = true;
+        let pools = [loading, offline, full, other, draining, suspect];
+        let ask = Ask {
+            model: "m",
+            ..Ask::default()
+        };
+        match place(&pools, &ask) {
+            Placement::Wait { reasons } => {
+                assert_eq!(reasons.len(), 5, "{reasons:?}");
+                assert!(reasons.iter().any(|r| r == "a: loading"));
+                assert!(reasons.iter().any(|r| r == "c: no free slot"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let ask = Ask {
+            model: "nope",
+            ..Ask::default()
+        };
+        assert!(matches!(place(&pools, &ask), Placement::Impossible { .. }));
+    }
+
+    #[test]
+    fn session_affinity_beats_load() {
+        let pools = [pool("a", "m", 4), pool("b", "m", 1)];
+        let ask = Ask {
+            model: "m",
+            session_pool: Some("b"),
+            hints: None,
+        };
+        assert_eq!(placed(place(&pools, &ask)), "b");
+        // A full session pool is not waited for: another pool serves the turn.
+        let pools = [pool("a", "m", 4), pool("b", "m", 0)];
+        assert_eq!(placed(place(&pools, &ask)), "a");
+    }
+
+    #[test]
+    fn pins_prefers_and_avoids() {
+        let pools = [pool("a", "m", 4), pool("b", "m", 1), pool("c", "x", 4)];
+        let pin_b = PlacementHints {
+            pin_pool_id: Some("b".into()),
+            ..PlacementHints::default()
+        };
+        fn ask(h: &PlacementHints) -> Ask<'_> {
+            Ask {
+                model: "m",
+                session_pool: None,
+                hints: Some(h),
+            }
+        }
+        assert_eq!(placed(place(&pools, &ask(&pin_b))), "b");
+        // A pin to a busy pool waits for it.
+        let busy = [pool("a", "m", 4), pool("b", "m", 0)];
+        assert!(matches!(place(&busy, &ask(&pin_b)), Placement::Wait { .. }));
+        for pin in ["c", "zz"] {
+            let h = PlacementHints {
+                pin_pool_id: Some(pin.into()),
+                ..PlacementHints::default()
+            };
+            assert!(matches!(
+                place(&pools, &ask(&h)),
+                Placement::Impossible { .. }
+            ));
+        }
+        let avoid_a = PlacementHints {
+            avoid_pools: vec!["a".into()],
+            ..PlacementHints::default()
+        };
+        assert_eq!(placed(place(&pools, &ask(&avoid_a))), "b");
+        let avoid_all = PlacementHints {
+            avoid_pools: vec!["a".into(), "b".into()],
+            ..PlacementHints::default()
+        };
+        assert!(matches!(
+            place(&pools, &ask(&avoid_all)),
+            Placement::Impossible { .. }
+        ));
+        let prefer_b = PlacementHints {
+            prefer_pools: vec!["b".into()],
+            ..PlacementHints::default()
+        };
+        assert_eq!(placed(place(&pools, &ask(&prefer_b))), "b");
+        // Without fallback, a busy preferred pool is waited for.
+        let prefer_only = PlacementHints {
+            prefer_pools: vec!["b".into()],
+            allow_fallback: Some(false),
+            ..PlacementHints::default()
+        };
+        assert!(matches!(
+            place(&busy, &ask(&prefer_only)),
+            Placement::Wait { .. }
+        ));
+        let with_fallback = PlacementHints {
+            allow_fallback: Some(true),
+            ..prefer_only.clone()
+        };
+        assert_eq!(placed(place(&busy, &ask(&with_fallback))), "a");
+    }
+}

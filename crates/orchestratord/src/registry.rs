@@ -1,0 +1,277 @@
+//! The node registry: nodes, their pools as last reported, the slots orchestratord leased on
+//! each pool, and pools marked suspect after an engine failure.
+//!
+//! orchestratord is the only client of the engines, so its lease count is the truth about busy
+//! slots; the node's report says which pools exist and whether they are ready.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use llorch_client::HttpClient;
+use llorch_wire::node::{PoolState, PoolStatus, MISSED_HEARTBEATS_OFFLINE};
+use llorch_wire::task::{NodeView, PoolView};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::ServiceRate;
+use crate::placement::Candidate;
+
+pub type PoolKey = (String, String);
+
+#[derive(Debug)]
+pub struct Node {
+    pub id: String,
+    pub address: String,
+    pub version: String,
+    pub heartbeat: Duration,
+    pub last_seen: Instant,
+    pub online: bool,
+    pub pools: Vec<PoolStatus>,
+    pub staged_models: Vec<String>,
+    pub client: HttpClient,
+    /// Fired when the node is marked offline: its running tasks end with `NODE_UNAVAILABLE`.
+    pub lost: CancellationToken,
+}
+
+impl Node {
+    pub fn offline_after(&self) -> Duration {
+        self.heartbeat * MISSED_HEARTBEATS_OFFLINE
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub nodes: BTreeMap<String, Node>,
+    leases: HashMap<PoolKey, u32>,
+    /// Pools whose engine failed a request, with the engine pid reported at that time. They are
+    /// skipped until their node reports the pool not ready or ready with another engine.
+    suspect: HashMap<PoolKey, Option<u32>>,
+    rates: HashMap<String, ServiceRate>,
+}
+
+impl Registry {
+    /// Adds or replaces a node. Leases on its pools are kept: tasks still running there hold
+    /// them and return them when they end.
+    pub fn register(&mut self, node: Node) {
+        if let Some(old) = self.nodes.insert(node.id.clone(), node) {
+            old.lost.cancel();
+        }
+    }
+
+    /// Applies a heartbeat; false when the node is unknown (it must register again).
+    pub fn heartbeat(
+        &mut self,
+        node_id: &str,
+        pools: Vec<PoolStatus>,
+        staged: Vec<String>,
+    ) -> bool {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return false;
+        };
+        if !node.online {
+            // An offline node that reports again comes back with a fresh token.
+            node.online = true;
+            node.lost = CancellationToken::new();
+            tracing::info!(node = %node_id, "Node is back online.");
+        }
+        node.last_seen = Instant::now();
+        node.staged_models = staged;
+        for p in &pools {
+            let key = (node_id.to_string(), p.pool_id.clone());
+            if let Some(pid) = self.suspect.get(&key) {
+                if p.state != PoolState::Ready || p.engine_pid != *pid {
+                    self.suspect.remove(&key);
+                }
+            }
+        }
+        node.pools = pools;
+        true
+    }
+
+    /// Marks nodes offline that missed their heartbeats; returns their ids.
+    pub fn expire_nodes(&mut self, now: Instant) -> Vec<String> {
+        let mut lost = Vec::new();
+        for node in self.nodes.values_mut() {
+            if node.online && now.duration_since(node.last_seen) > node.offline_after() {
+                node.online = false;
+                node.lost.cancel();
+                lost.push(node.id.clone());
+            }
+        }
+        lost
+    }
+
+    pub fn mark_suspect(&mut self, key: &PoolKey) {
+        let pid = self.pool(key).and_then(|p| p.engine_pid);
+        self.suspect.insert(key.clone(), pid);
+    }
+
+    pub fn pool(&self, key: &PoolKey) -> Option<&PoolStatus> {
+        self.nodes
+            .get(&key.0)?
+            .pools
+            .iter()
+            .find(|p| p.pool_id == key.1)
+    }
+
+    pub fn lease(&mut self, key: &PoolKey) {
+        *self.leases.entry(key.clone()).or_default() += 1;
+    }
+
+    pub fn release(&mut self, key: &PoolKey, model: &str, held: Option<Duration>) {
+        if let Some(n) = self.leases.get_mut(key) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(held) = held {
+            self.rates
+                .entry(model.to_string())
+                .or_default()
+                .record(held);
+        }
+    }
+
+    pub fn leased(&self, key: &PoolKey) -> u32 {
+        self.leases.get(key).copied().unwrap_or(0)
+    }
+
+    pub fn total_leased(&self) -> u32 {
+        self.leases.values().sum()
+    }
+
+    pub fn rate(&self, model: &str) -> Option<&ServiceRate> {
+        self.rates.get(model)
+    }
+
+    /// The snapshot placement decides on.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        for node in self.nodes.values() {
+            for p in &node.pools {
+                let key = (node.id.clone(), p.pool_id.clone());
+                out.push(Candidate {
+                    pool_id: p.pool_id.clone(),
+                    node_id: node.id.clone(),
+                    model_id: p.model_id.clone(),
+                    state: p.state,
+                    node_online: node.online,
+                    free_slots: p.slots_total.saturating_sub(self.leased(&key)),
+                    slots_total: p.slots_total,
+                    suspect: self.suspect.contains_key(&key),
+                });
+            }
+        }
+        out
+    }
+
+    /// Model ids served by any registered pool, whatever its state.
+    pub fn models(&self) -> Vec<String> {
+        let mut m: Vec<String> = self
+            .nodes
+            .values()
+            .flat_map(|n| n.pools.iter().map(|p| p.model_id.clone()))
+            .collect();
+        m.sort();
+        m.dedup();
+        m
+    }
+
+    pub fn ready_pools(&self) -> usize {
+        self.candidates()
+            .iter()
+            .filter(|c| c.node_online && c.state == PoolState::Ready)
+            .count()
+    }
+
+    pub fn pool_views(&self) -> Vec<PoolView> {
+        let mut out = Vec::new();
+        for node in self.nodes.values() {
+            for p in &node.pools {
+                let key = (node.id.clone(), p.pool_id.clone());
+                out.push(PoolView {
+                    pool_id: p.pool_id.clone(),
+                    node_id: node.id.clone(),
+                    model_id: p.model_id.clone(),
+                    state: p.state,
+                    node_online: node.online,
+                    slots_total: p.slots_total,
+                    slots_busy: self.leased(&key),
+                    ctx_per_slot: p.ctx_per_slot,
+                    device: p.device.clone(),
+                    engine_version: p.engine_version.clone(),
+                    restarts: p.restarts,
+                    last_error: p.last_error.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    pub fn node_views(&self, now: Instant) -> Vec<NodeView> {
+        self.nodes
+            .values()
+            .map(|n| NodeView {
+                node_id: n.id.clone(),
+                address: n.address.clone(),
+                online: n.online,
+                version: n.version.clone(),
+                last_seen_ms: now.duration_since(n.last_seen).as_millis() as u64,
+                pools: n.pools.iter().map(|p| p.pool_id.clone()).collect(),
+                staged_models: n.staged_models.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Session affinity: which pool and slot hold a session's KV cache.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub pool: PoolKey,
+    pub slot: u32,
+    pub turns: u32,
+    pub last_used: Instant,
+}
+
+#[derive(Debug)]
+pub struct Sessions {
+    ttl: Duration,
+    map: HashMap<String, Session>,
+}
+
+impl Sessions {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            map: HashMap::new(),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub fn get(&self, id: &str, now: Instant) -> Option<&Session> {
+        self.map
+            .get(id)
+            .filter(|s| now.duration_since(s.last_used) < self.ttl)
+    }
+
+    pub fn record(&mut self, id: &str, pool: PoolKey, slot: u32, now: Instant) {
+        let ttl = self.ttl;
+        self.map
+            .retain(|_, s| now.duration_since(s.last_used) < ttl);
+        let s = self.map.entry(id.to_string()).or_insert(Session {
+            pool: pool.clone(),
+            slot,
+            turns: 0,
+            last_used: now,
+        });
+        s.pool = pool;
+        s.slot = slot;
+        s.turns += 1;
+        s.last_used = now;
+    }
+
+    pub fn remove(&mut self, id: &str) -> bool {
+        self.map.remove(id).is_some()
+    }
+}

@@ -1,0 +1,343 @@
+//! Shared state: the queue, the registry and the sessions behind one short synchronous lock
+//! (never held across an `.await`), the task table, and the dispatcher's wake-up.
+//!
+//! [`State::submit`] is where a request is admitted: model lookup, feasibility of its placement
+//! hints, the deadline check against the predicted start, and the queue's policy.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hyper::StatusCode;
+use llorch_wire::engine::GenerateRequest;
+use llorch_wire::task::{PlacementHints, Priority, TaskAccepted, TaskStreams};
+use llorch_wire::{ErrorBody, ErrorCode};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::{Pushed, Queue, ServiceRate};
+use crate::config::Config;
+use crate::placement::{place, Ask, Placement};
+use crate::registry::{Registry, Sessions};
+use crate::tasks::{Task, TaskTable};
+
+/// A refusal before a stream starts: the status and the typed body.
+pub type Refusal = (StatusCode, ErrorBody);
+
+pub struct Core {
+    pub queue: Queue<Arc<Task>>,
+    pub registry: Registry,
+    pub sessions: Sessions,
+}
+
+pub struct State {
+    pub config: Config,
+    core: Mutex<Core>,
+    tasks: Mutex<TaskTable>,
+    /// Wakes the dispatcher: a task arrived, a slot freed, a node reported.
+    pub wake: Notify,
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+}
+
+/// What a front end (OpenAI or native) hands to admission.
+#[derive(Debug)]
+pub struct Submission {
+    pub task_id: Option<String>,
+    pub model: String,
+    pub request: GenerateRequest,
+    pub priority: Priority,
+    pub deadline_ms: Option<u64>,
+    pub session_id: Option<String>,
+    pub hints: Option<PlacementHints>,
+    pub client: String,
+    pub correlation_id: String,
+    /// The context the client says the task needs (native `ctx`); checked against the pools.
+    pub ctx: Option<u32>,
+}
+
+impl State {
+    pub fn new(config: Config) -> Arc<Self> {
+        let core = Core {
+            queue: Queue::new(config.queue_capacity, config.policy),
+            registry: Registry::default(),
+            sessions: Sessions::new(config.session_ttl),
+        };
+        Arc::new(Self {
+            config,
+            core: Mutex::new(core),
+            tasks: Mutex::new(TaskTable::default()),
+            wake: Notify::new(),
+            shutdown: CancellationToken::new(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().expect("core lock")
+    }
+
+    pub fn tasks(&self) -> MutexGuard<'_, TaskTable> {
+        self.tasks.lock().expect("task table lock")
+    }
+
+    pub fn task(&self, id: &str) -> Option<Arc<Task>> {
+        self.tasks().get(id)
+    }
+
+    /// Ends a task with a final event and schedules its removal.
+    pub fn finish(&self, task: &Task, body: ErrorBody) {
+        if task.fail(body) {
+            self.tasks().finished(&task.id);
+        }
+    }
+
+    /// Admits a task to the queue, or refuses it.
+    pub fn submit(self: &Arc<Self>, sub: Submission) -> Result<(Arc<Task>, TaskAccepted), Refusal> {
+        let task_id = match sub.task_id.clone() {
+            Some(id) => {
+                if id.is_empty()
+                    || id.len() > 128
+                    || !id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+                {
+                    return Err((
+                        StatusCode::BAD_REQUEST,
+                        ErrorBody::invalid(
+                            "task_id",
+                            "task_id must be 1 to 128 characters of letters, digits, - _ . :",
+                        ),
+                    ));
+                }
+                id
+            }
+            None => new_id("task"),
+        };
+        let task = Arc::new(Task::new(
+            task_id.clone(),
+            sub.model.clone(),
+            sub.priority,
+            sub.client.clone(),
+            sub.session_id.clone(),
+            sub.hints.clone(),
+            sub.request.clone(),
+            sub.correlation_id.clone(),
+        ));
+        {
+            let mut tasks = self.tasks();
+            if tasks.contains(&task_id) {
+                return Err((
+                    StatusCode::CONFLICT,
+                    ErrorBody::invalid(
+                        "task_id",
+                        format!("task {task_id:?} already exists; choose another task_id or leave it out"),
+                    ),
+                ));
+            }
+            tasks.insert(task.clone());
+        }
+        let admitted = self.admit(&task, &sub);
+        match admitted {
+            Ok((accepted, evicted)) => {
+                if let Some(victim) = evicted {
+                    tracing::info!(task = %victim.id, "Evicted from the full queue (drop-lru).");
+                    self.finish(
+                        &victim,
+                        ErrorBody {
+                            policy_label: Some("drop-lru".into()),
+                            ..ErrorBody::new(
+                                ErrorCode::QueueFullDropLru,
+                                "the queue was full and this batch task was the oldest; it was dropped for a newer task (submit again later)",
+                            )
+                        },
+                    );
+                }
+                self.wake.notify_one();
+                Ok((task, accepted))
+            }
+            Err(refusal) => {
+                self.tasks().remove(&task_id);
+                Err(refusal)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn admit(
+        &self,
+        task: &Arc<Task>,
+        sub: &Submission,
+    ) -> Result<(TaskAccepted, Option<Arc<Task>>), Refusal> {
+        let mut core = self.core();
+        let candidates = core.registry.candidates();
+        if !candidates.iter().any(|c| c.model_id == sub.model) {
+            let known = core.registry.models();
+            return Err((
+                StatusCode::NOT_FOUND,
+                ErrorBody {
+                    field: Some("model".into()),
+                    ..ErrorBody::new(
+                        ErrorCode::ModelNotFound,
+                        format!(
+                            "model {:?} is not served here; known models: {} (see GET /v1/models)",
+                            sub.model,
+                            if known.is_empty() {
+                                "none yet".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    )
+                },
+            ));
+        }
+        let session_pool = sub
+            .session_id
+            .as_deref()
+            .and_then(|s| core.sessions.get(s, Instant::now()))
+            .map(|s| s.pool.1.clone());
+        let ask = Ask {
+            model: &sub.model,
+            session_pool: session_pool.as_deref(),
+            hints: sub.hints.as_ref(),
+        };
+        if let Placement::Impossible { reason } = place(&candidates, &ask) {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                ErrorBody::invalid("placement", format!("cannot place this task: {reason}")),
+            ));
+        }
+        if let Some(ctx) = sub.ctx {
+            let max_ctx = candidates
+                .iter()
+                .filter(|c| c.model_id == sub.model)
+                .map(|c| {
+                    core.registry
+                        .pool(&(c.node_id.clone(), c.pool_id.clone()))
+                        .map_or(0, |p| p.ctx_per_slot)
+                })
+                .max()
+                .unwrap_or(0);
+            if ctx > max_ctx {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::invalid(
+                        "ctx",
+                        format!("ctx is {ctx}; pools of model {:?} hold at most {max_ctx} tokens per slot", sub.model),
+                    ),
+                ));
+            }
+        }
+        let (free, slots) = capacity_for(&candidates, &sub.model);
+        let ahead = core
+            .queue
+            .iter()
+            .filter(|e| e.model == sub.model && e.priority <= sub.priority)
+            .count() as u32;
+        let default_rate = ServiceRate::default();
+        let rate = core.registry.rate(&sub.model).unwrap_or(&default_rate);
+        let predicted = rate.predict_start(ahead, free, slots);
+        let one_slot = rate.predict_start(0, 0, slots.max(1));
+        if let Some(deadline_ms) = sub.deadline_ms {
+            if predicted > Duration::from_millis(deadline_ms) {
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorBody::new(
+                        ErrorCode::DeadlineUnmet,
+                        format!(
+                            "deadline_ms is {deadline_ms} but the task is predicted to start in {} ms ({ahead} tasks ahead); raise deadline_ms or retry later",
+                            predicted.as_millis()
+                        ),
+                    )
+                    .with_retry_after_ms(one_slot.as_millis().max(1) as u64),
+                ));
+            }
+        }
+        let deadline = sub
+            .deadline_ms
+            .map(|ms| task.submitted + Duration::from_millis(ms));
+        let policy = core.queue.policy();
+        let capacity = core.queue.capacity();
+        let pushed = core.queue.push(
+            task.id.clone(),
+            sub.model.clone(),
+            sub.client.clone(),
+            sub.priority,
+            deadline,
+            task.clone(),
+        );
+        let evicted = match pushed {
+            Ok(Pushed::Queued) => None,
+            Ok(Pushed::Evicted(id)) => self.tasks().get(&id),
+            Err(crate::admission::QueueFull) => {
+                let retry_ms = one_slot.as_millis().max(1) as u64;
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorBody {
+                        policy_label: Some(policy.as_str().into()),
+                        ..ErrorBody::new(
+                            ErrorCode::AdmissionReject,
+                            format!("the queue is full ({capacity} tasks waiting); retry after the Retry-After interval"),
+                        )
+                        .with_retry_after_ms(retry_ms)
+                    },
+                ));
+            }
+        };
+        let position = core.queue.position(&task.id).unwrap_or(0);
+        Ok((
+            TaskAccepted {
+                task_id: task.id.clone(),
+                queue_position: position,
+                predicted_start_ms: predicted.as_millis() as u64,
+                streams: TaskStreams {
+                    sse: format!("/v2/tasks/{}/events", task.id),
+                },
+            },
+            evicted,
+        ))
+    }
+
+    /// Cancels a task: a queued one leaves the queue and ends at once; a running one is
+    /// stopped by its dispatch, which frees the slot. Returns false for a finished task.
+    pub fn cancel(&self, task: &Arc<Task>, why: &str) -> bool {
+        if task.is_finished() {
+            return false;
+        }
+        let was_queued = self.core().queue.remove(&task.id).is_some();
+        task.cancel.cancel();
+        if was_queued {
+            self.finish(task, ErrorBody::new(ErrorCode::Canceled, why));
+        }
+        true
+    }
+
+    pub fn queue_position(&self, id: &str) -> Option<u32> {
+        self.core().queue.position(id)
+    }
+}
+
+/// Free and total slots of ready pools serving `model`.
+pub fn capacity_for(candidates: &[crate::placement::Candidate], model: &str) -> (u32, u32) {
+    candidates
+        .iter()
+        .filter(|c| {
+            c.model_id == model
+                && c.node_online
+                && c.state == llorch_wire::node::PoolState::Ready
+                && !c.suspect
+        })
+        .fold((0, 0), |(f, s), c| (f + c.free_slots, s + c.slots_total))
+}
+
+/// A fresh id: a prefix and 16 random hex digits.
+pub fn new_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // Every RandomState has fresh random keys; hashing a counter under it gives a random
+    // number without another dependency.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    format!("{prefix}-{:016x}", h.finish())
+}
