@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 pub use llorch_client::UnixClient;
 
+pub mod stack;
+
 /// The default model, fetched and verified by `scripts/setup.sh`.
 pub fn model_path() -> PathBuf {
     let path = std::env::var_os("LLORCH_TEST_MODEL")

@@ -1,7 +1,8 @@
-//! The `llorch` command line. Today it talks to an engine socket directly (`generate`) and
-//! runs a one-shot demo of the foundation (`demo`: stage the model, start an engine, stream an
-//! answer, stop). The home-stack issue adds `up`, `chat`, `status` and `pools`, which talk to
-//! orchestratord over HTTP.
+//! The `llorch` command line's library: `demo` (the engine alone), `up` (the home profile
+//! without systemd), `remote` (commands that talk to orchestratord) and `generate` (straight to
+//! an engine socket).
 
 pub mod demo;
 pub mod generate;
+pub mod remote;
+pub mod up;

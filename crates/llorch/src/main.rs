@@ -1,10 +1,19 @@
 //! `llorch`: parses the command line and calls the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use llorch::demo::DemoOptions;
+use llorch::remote::{self, GenerateOptions};
+use llorch::up::UpOptions;
 use llorch_wire::engine::GenerateRequest;
+
+/// The bundled default model, as `scripts/setup.sh` fetches it.
+const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const DEFAULT_MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+const DEFAULT_MODEL_ID: &str = "smollm2-135m";
 
 #[derive(Parser)]
 #[command(name = "llorch", version, about = "The llama-orch command line.")]
@@ -13,8 +22,95 @@ struct Cli {
     command: Cmd,
 }
 
+#[derive(clap::Args)]
+struct Remote {
+    /// orchestratord's URL.
+    #[arg(long, env = "LLORCH_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the home profile without systemd: orchestratord, pool-managerd and one engine on
+    /// the default model (or --model), until Ctrl-C.
+    Up {
+        /// GGUF model file (default: the bundled model fetched by scripts/setup.sh).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Expected sha256 of --model.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Model id clients use (default: smollm2-135m for the default model, else the file
+        /// name without .gguf).
+        #[arg(long)]
+        model_id: Option<String>,
+        /// Public API address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+        /// Context per slot, in tokens.
+        #[arg(long, default_value_t = 2048)]
+        ctx: u32,
+        /// Model cache directory.
+        #[arg(long, env = "LLORCH_MODEL_CACHE", default_value_os_t = default_cache())]
+        cache: PathBuf,
+        /// Runtime directory for sockets, handoff files and logs (default: a fresh temporary
+        /// directory, removed on exit).
+        #[arg(long)]
+        runtime_dir: Option<PathBuf>,
+        /// API key file for orchestratord (`NAME KEY` lines).
+        #[arg(long)]
+        api_keys: Option<PathBuf>,
+        /// Queue capacity of orchestratord.
+        #[arg(long)]
+        queue_capacity: Option<usize>,
+        /// Admission policy when the queue is full: reject or drop-lru.
+        #[arg(long)]
+        admission_policy: Option<String>,
+    },
+    /// Stream an answer to one prompt (from orchestratord, or from an engine with --engine).
+    Generate {
+        #[command(flatten)]
+        remote: Remote,
+        /// Talk to this engine socket directly instead of orchestratord.
+        #[arg(long)]
+        engine: Option<PathBuf>,
+        /// Model id (default: the first model the server lists).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: u32,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// The prompt, sent as one user message.
+        prompt: String,
+    },
+    /// Chat on the terminal; each line is a turn, the session keeps its KV cache warm.
+    Chat {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 512)]
+        max_tokens: u32,
+        /// A system message that opens the conversation.
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// Nodes, pools (state, model, slots busy/total) and the queue.
+    Status {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Drain or resume a pool.
+    Pools {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        action: PoolAction,
+    },
     /// Stage a model, start an engine, stream an answer to a prompt, stop the engine.
     Demo {
         /// GGUF model file.
@@ -31,27 +127,41 @@ enum Cmd {
         #[arg(long, default_value_t = 160)]
         max_tokens: u32,
     },
-    /// Stream an answer from an engine's Unix socket.
-    Generate {
-        /// The engine socket.
-        #[arg(long)]
-        engine: PathBuf,
-        #[arg(long, default_value_t = 256)]
-        max_tokens: u32,
-        /// Sampling temperature; 0 is greedy.
-        #[arg(long)]
-        temperature: Option<f32>,
-        /// The prompt, sent as one user message.
-        prompt: String,
-    },
+}
+
+#[derive(Subcommand)]
+enum PoolAction {
+    /// Stop placing new work on the pool; running tasks finish.
+    Drain { pool: String },
+    /// Place work on the pool again.
+    Resume { pool: String },
+}
+
+fn cache_base() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("llama-orch")
 }
 
 fn default_cache() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
+    cache_base().join("models")
+}
+
+/// Where scripts/setup.sh puts the default model (`$LLORCH_CACHE/default-model/`).
+fn default_model() -> PathBuf {
+    std::env::var_os("LLORCH_CACHE")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"));
-    base.join("llama-orch").join("models")
+        .unwrap_or_else(cache_base)
+        .join("default-model")
+        .join(DEFAULT_MODEL_FILE)
+}
+
+fn api_key() -> Option<String> {
+    std::env::var("LLORCH_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
 }
 
 #[tokio::main]
@@ -64,6 +174,120 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
+        Cmd::Up {
+            model,
+            sha256,
+            model_id,
+            listen,
+            slots,
+            ctx,
+            cache,
+            runtime_dir,
+            api_keys,
+            queue_capacity,
+            admission_policy,
+        } => {
+            let (model, sha256, model_id) = match model {
+                None => (
+                    default_model(),
+                    Some(DEFAULT_MODEL_SHA256.to_string()),
+                    model_id.unwrap_or_else(|| DEFAULT_MODEL_ID.into()),
+                ),
+                Some(m) => {
+                    let id = model_id.unwrap_or_else(|| {
+                        m.file_stem()
+                            .map(|s| s.to_string_lossy().into_owned())
+                            .unwrap_or_else(|| "model".into())
+                    });
+                    (m, sha256, id)
+                }
+            };
+            let mut orchestratord_args = Vec::new();
+            if let Some(k) = api_keys {
+                orchestratord_args.extend(["--api-keys".to_string(), k.display().to_string()]);
+            }
+            if let Some(q) = queue_capacity {
+                orchestratord_args.extend(["--queue-capacity".to_string(), q.to_string()]);
+            }
+            if let Some(p) = admission_policy {
+                orchestratord_args.extend(["--admission-policy".to_string(), p]);
+            }
+            llorch::up::run(UpOptions {
+                model,
+                sha256,
+                model_id,
+                listen,
+                slots,
+                ctx,
+                cache,
+                runtime_dir,
+                orchestratord_args,
+            })
+            .await
+        }
+        Cmd::Generate {
+            remote: r,
+            engine: Some(engine),
+            max_tokens,
+            temperature,
+            prompt,
+            ..
+        } => {
+            let _ = r;
+            let req = GenerateRequest {
+                max_tokens: Some(max_tokens),
+                temperature,
+                ..GenerateRequest::chat(vec![llorch_wire::engine::ChatMessage {
+                    role: "user".into(),
+                    content: prompt,
+                }])
+            };
+            llorch::generate::stream_to(&engine, &req, &mut std::io::stdout())
+                .await
+                .map(|_| println!())
+        }
+        Cmd::Generate {
+            remote: r,
+            engine: None,
+            model,
+            max_tokens,
+            temperature,
+            prompt,
+        } => match remote::client(&r.url, api_key()) {
+            Ok(c) => {
+                remote::generate(
+                    &c,
+                    GenerateOptions {
+                        model,
+                        max_tokens,
+                        temperature,
+                        prompt,
+                    },
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        },
+        Cmd::Chat {
+            remote: r,
+            model,
+            max_tokens,
+            system,
+        } => match remote::client(&r.url, api_key()) {
+            Ok(c) => remote::chat(&c, model, max_tokens, system).await,
+            Err(e) => Err(e),
+        },
+        Cmd::Status { remote: r } => match remote::client(&r.url, api_key()) {
+            Ok(c) => remote::status(&c, &mut std::io::stdout()).await,
+            Err(e) => Err(e),
+        },
+        Cmd::Pools { remote: r, action } => match remote::client(&r.url, api_key()) {
+            Ok(c) => match action {
+                PoolAction::Drain { pool } => remote::pool_action(&c, "drain", &pool).await,
+                PoolAction::Resume { pool } => remote::pool_action(&c, "resume", &pool).await,
+            },
+            Err(e) => Err(e),
+        },
         Cmd::Demo {
             model,
             sha256,
@@ -79,24 +303,6 @@ async fn main() {
                 max_tokens,
             })
             .await
-        }
-        Cmd::Generate {
-            engine,
-            max_tokens,
-            temperature,
-            prompt,
-        } => {
-            let req = GenerateRequest {
-                max_tokens: Some(max_tokens),
-                temperature,
-                ..GenerateRequest::chat(vec![llorch_wire::engine::ChatMessage {
-                    role: "user".into(),
-                    content: prompt,
-                }])
-            };
-            llorch::generate::stream_to(&engine, &req, &mut std::io::stdout())
-                .await
-                .map(|_| println!())
         }
     };
     if let Err(e) = result {

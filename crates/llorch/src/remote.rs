@@ -1,0 +1,247 @@
+//! Client commands that talk HTTP to orchestratord: `generate`, `chat`, `status`, `pools`.
+//! The URL comes from `--url` or `LLORCH_URL`, the key from `LLORCH_API_KEY`.
+
+use std::io::{BufRead, Write};
+
+use anyhow::{bail, Context};
+use llorch_client::HttpClient;
+use llorch_wire::engine::{ChatMessage, TokenEvent};
+use llorch_wire::node::PoolStatus;
+use llorch_wire::task::{NodeView, PoolsAnswer, TaskAccepted, TaskEnd, TaskRequest};
+use llorch_wire::ErrorBody;
+use serde_json::Value;
+
+pub fn client(url: &str, key: Option<String>) -> anyhow::Result<HttpClient> {
+    Ok(HttpClient::new(url)
+        .with_context(|| format!("--url {url}"))?
+        .with_token(key))
+}
+
+/// The model to use: the one given, else the only (or first) model the server lists.
+pub async fn pick_model(client: &HttpClient, model: Option<String>) -> anyhow::Result<String> {
+    if let Some(m) = model {
+        return Ok(m);
+    }
+    let list: Value = client
+        .get_json("/v1/models")
+        .await
+        .with_context(|| format!("cannot list models at {}", client.address()))?;
+    list["data"]
+        .as_array()
+        .and_then(|d| d.first())
+        .and_then(|m| m["id"].as_str())
+        .map(str::to_string)
+        .context("the server serves no model yet; is a pool ready? (llorch status)")
+}
+
+/// Submits a task and writes its text to `out` as it arrives; returns the text and end event.
+pub async fn run_task(
+    client: &HttpClient,
+    req: &TaskRequest,
+    out: &mut dyn Write,
+) -> anyhow::Result<(String, TaskEnd)> {
+    let accepted: TaskAccepted = client.post_json("/v2/tasks", req).await?;
+    let mut events = client.events(&accepted.streams.sse).await?;
+    let mut text = String::new();
+    while let Some(frame) = events.next_frame().await {
+        let frame = frame?;
+        match frame.event.as_str() {
+            "token" => {
+                let t: TokenEvent = serde_json::from_str(&frame.data)?;
+                out.write_all(t.t.as_bytes())?;
+                out.flush()?;
+                text.push_str(&t.t);
+            }
+            "end" => return Ok((text, serde_json::from_str(&frame.data)?)),
+            "error" => {
+                let e: ErrorBody = serde_json::from_str(&frame.data)?;
+                bail!("the task failed: {e}");
+            }
+            _ => {}
+        }
+    }
+    bail!("the stream ended without an end event")
+}
+
+fn stats(end: &TaskEnd) -> String {
+    let tps = if end.decode_time_ms > 0 {
+        end.tokens_out.saturating_sub(1) as f64 * 1000.0 / end.decode_time_ms as f64
+    } else {
+        0.0
+    };
+    format!(
+        "{} prompt tokens, {} generated, queued {} ms, first token after {} ms, {:.0} tokens/s",
+        end.tokens_in, end.tokens_out, end.queue_ms, end.ttft_ms, tps
+    )
+}
+
+pub struct GenerateOptions {
+    pub model: Option<String>,
+    pub max_tokens: u32,
+    pub temperature: Option<f32>,
+    pub prompt: String,
+}
+
+pub async fn generate(client: &HttpClient, opts: GenerateOptions) -> anyhow::Result<()> {
+    let model = pick_model(client, opts.model).await?;
+    let req = TaskRequest {
+        model_ref: model,
+        messages: Some(vec![ChatMessage {
+            role: "user".into(),
+            content: opts.prompt,
+        }]),
+        max_tokens: Some(opts.max_tokens),
+        temperature: opts.temperature,
+        ..TaskRequest::default()
+    };
+    let (_, end) = run_task(client, &req, &mut std::io::stdout()).await?;
+    println!();
+    eprintln!("llorch: {}", stats(&end));
+    Ok(())
+}
+
+/// A conversation on the terminal: each line is a user turn; the session keeps the KV cache
+/// on one pool, so later turns start fast.
+pub async fn chat(
+    client: &HttpClient,
+    model: Option<String>,
+    max_tokens: u32,
+    system: Option<String>,
+) -> anyhow::Result<()> {
+    let model = pick_model(client, model).await?;
+    let session = format!("chat-{}", std::process::id());
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: s,
+        });
+    }
+    eprintln!("llorch: chatting with {model}; an empty line or Ctrl-D ends.");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: line.trim_end().to_string(),
+        });
+        let req = TaskRequest {
+            model_ref: model.clone(),
+            session_id: Some(session.clone()),
+            messages: Some(messages.clone()),
+            max_tokens: Some(max_tokens),
+            ..TaskRequest::default()
+        };
+        let (text, end) = run_task(client, &req, &mut std::io::stdout()).await?;
+        println!();
+        eprintln!("llorch: {}", stats(&end));
+        messages.push(ChatMessage {
+            role: "assistant".into(),
+            content: text,
+        });
+    }
+    let _ = client
+        .send(
+            client
+                .request(hyper::Method::DELETE, &format!("/v2/sessions/{session}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .expect("valid request"),
+        )
+        .await;
+    Ok(())
+}
+
+/// `llorch status`: nodes, pools and the queue as tables.
+pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<()> {
+    let nodes: Vec<NodeView> = client
+        .get_json("/v2/nodes")
+        .await
+        .with_context(|| format!("cannot reach orchestratord at {}", client.address()))?;
+    let pools: PoolsAnswer = client.get_json("/v2/pools").await?;
+    let mut rows = vec![vec![
+        "NODE".to_string(),
+        "ONLINE".into(),
+        "LAST SEEN".into(),
+        "ADDRESS".into(),
+    ]];
+    for n in &nodes {
+        rows.push(vec![
+            n.node_id.clone(),
+            if n.online { "yes" } else { "no" }.into(),
+            format!("{:.1} s ago", n.last_seen_ms as f64 / 1000.0),
+            n.address.clone(),
+        ]);
+    }
+    write_table(out, &rows)?;
+    writeln!(out)?;
+    let mut rows = vec![vec![
+        "POOL".to_string(),
+        "NODE".into(),
+        "MODEL".into(),
+        "STATE".into(),
+        "SLOTS BUSY/TOTAL".into(),
+        "RESTARTS".into(),
+        "LAST ERROR".into(),
+    ]];
+    for p in &pools.pools {
+        rows.push(vec![
+            p.pool_id.clone(),
+            p.node_id.clone(),
+            p.model_id.clone(),
+            p.state.to_string(),
+            format!("{}/{}", p.slots_busy, p.slots_total),
+            p.restarts.to_string(),
+            p.last_error
+                .as_deref()
+                .map(|e| e.lines().next().unwrap_or("").chars().take(60).collect())
+                .unwrap_or_default(),
+        ]);
+    }
+    write_table(out, &rows)?;
+    let q = &pools.queue;
+    writeln!(
+        out,
+        "\nqueue: {} waiting ({} interactive, {} batch) of {}, {} running, policy {}",
+        q.depth, q.interactive, q.batch, q.capacity, q.running, q.policy
+    )?;
+    Ok(())
+}
+
+fn write_table(out: &mut dyn Write, rows: &[Vec<String>]) -> std::io::Result<()> {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect();
+        writeln!(out, "{}", line.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+/// `llorch pools drain|resume ID`.
+pub async fn pool_action(client: &HttpClient, action: &str, id: &str) -> anyhow::Result<()> {
+    let status: PoolStatus = client
+        .post_json(&format!("/v2/pools/{id}/{action}"), &serde_json::json!({}))
+        .await?;
+    println!(
+        "pool {}: {}{}",
+        status.pool_id,
+        status.state,
+        if status.draining { " (draining)" } else { "" }
+    );
+    Ok(())
+}

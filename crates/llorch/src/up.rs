@@ -1,0 +1,297 @@
+//! `llorch up`: the home profile without systemd. Writes a node configuration for one pool,
+//! starts orchestratord and pool-managerd (which starts the provisioner and the engine) as child
+//! processes, waits until a pool is ready, prints the endpoint, and on Ctrl-C (or SIGTERM)
+//! stops pool-managerd first (it stops its engines, which remove their handoff files), then
+//! orchestratord.
+//!
+//! The children run in their own process group, so a Ctrl-C in the terminal reaches only
+//! `llorch up`, which stops them in order; and each is told by the kernel to exit if `llorch up`
+//! itself dies, so nothing is left running.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use llorch_client::HttpClient;
+use tokio::process::{Child, Command};
+
+pub struct UpOptions {
+    pub model: PathBuf,
+    pub sha256: Option<String>,
+    pub model_id: String,
+    pub listen: SocketAddr,
+    pub slots: u32,
+    pub ctx: u32,
+    pub cache: PathBuf,
+    pub runtime_dir: Option<PathBuf>,
+    /// Extra flags for orchestratord (`--api-keys`, `--queue-capacity`, …).
+    pub orchestratord_args: Vec<String>,
+}
+
+/// A binary next to this executable, else from `PATH`.
+pub fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn toml_str(s: &str) -> String {
+    // TOML basic strings share JSON's escapes for everything a path can hold.
+    serde_json::to_string(s).expect("strings serialize")
+}
+
+/// The node configuration `llorch up` writes for pool-managerd.
+pub fn node_config(opts: &UpOptions, runtime: &Path) -> String {
+    let sha = opts
+        .sha256
+        .as_deref()
+        .map(|s| format!("sha256 = {}\n", toml_str(s)))
+        .unwrap_or_default();
+    format!(
+        r#"# Written by `llorch up`.
+[node]
+id = "home"
+control_plane = "http://{listen}"
+listen = {node_sock}
+cache_dir = {cache}
+runtime_dir = {runtime}
+heartbeat_secs = 5
+engine_bin = {engine}
+provisioner_bin = {provisioner}
+
+[[pools]]
+id = "default"
+slots = {slots}
+ctx = {ctx}
+devices = "cpu"
+
+[pools.model]
+id = {model_id}
+source = {source}
+{sha}"#,
+        listen = opts.listen,
+        node_sock = toml_str(&format!(
+            "unix:{}",
+            runtime.join("pool-managerd.sock").display()
+        )),
+        cache = toml_str(&opts.cache.display().to_string()),
+        runtime = toml_str(&runtime.display().to_string()),
+        engine = toml_str(&sibling("llorch-engine").display().to_string()),
+        provisioner = toml_str(&sibling("engine-provisioner").display().to_string()),
+        slots = opts.slots,
+        ctx = opts.ctx,
+        model_id = toml_str(&opts.model_id),
+        source = toml_str(&opts.model.display().to_string()),
+    )
+}
+
+/// A child daemon: stopped with SIGTERM and waited for when dropped or stopped.
+struct Daemon {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(name: &'static str, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(sibling(name));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?,
+            )
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of the new process; it is
+        // async-signal-safe and touches no memory of the parent.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| {
+            format!("cannot start {name} (build it with `cargo build --workspace`)")
+        })?;
+        Ok(Self { name, child, log })
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on the pid of our own child, which we have not reaped.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                if !status.success() {
+                    eprintln!(
+                        "llorch: {} exited with {status}:\n{}",
+                        self.name,
+                        self.tail()
+                    );
+                }
+            }
+            Err(_) => {
+                eprintln!("llorch: {} did not stop within 30 s; killing it", self.name);
+                self.child.kill().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn wait_until_ready(client: &HttpClient, daemons: &mut [&mut Daemon]) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let mut last_state = String::new();
+    loop {
+        for d in daemons.iter_mut() {
+            if let Some(status) = d.child.try_wait()? {
+                bail!(
+                    "{} exited with {status} before the stack was ready:\n{}",
+                    d.name,
+                    d.tail()
+                );
+            }
+        }
+        if let Ok(pools) = client
+            .get_json::<llorch_wire::task::PoolsAnswer>("/v2/pools")
+            .await
+        {
+            if pools
+                .pools
+                .iter()
+                .any(|p| p.state == llorch_wire::node::PoolState::Ready)
+            {
+                return Ok(());
+            }
+            let state: Vec<String> = pools
+                .pools
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {}{}",
+                        p.pool_id,
+                        p.state,
+                        p.last_error
+                            .as_deref()
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            let state = state.join(", ");
+            if !state.is_empty() && state != last_state {
+                eprintln!("llorch: pool {state}");
+                last_state = state;
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no pool was ready after 600 s; see the logs");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
+    if !opts.model.exists() {
+        bail!(
+            "model file {} does not exist; run scripts/setup.sh (or `make setup`) to fetch the default model, or give --model PATH",
+            opts.model.display()
+        );
+    }
+    let tmp;
+    let runtime = match &opts.runtime_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("llorch-up-").tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    let logs = runtime.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let config_path = runtime.join("node.toml");
+    std::fs::write(&config_path, node_config(&opts, &runtime))?;
+
+    let mut orch_args = vec!["--listen".to_string(), opts.listen.to_string()];
+    orch_args.extend(opts.orchestratord_args.iter().cloned());
+    let mut orch = Daemon::spawn("orchestratord", &orch_args, logs.join("orchestratord.log"))?;
+    let mut node = Daemon::spawn(
+        "pool-managerd",
+        &["--config".to_string(), config_path.display().to_string()],
+        logs.join("pool-managerd.log"),
+    )?;
+    eprintln!(
+        "llorch: starting orchestratord on {} and pool-managerd (model {}, {} slots); logs in {}",
+        opts.listen,
+        opts.model_id,
+        opts.slots,
+        logs.display()
+    );
+    let url = format!("http://{}", opts.listen);
+    let key = std::env::var("LLORCH_API_KEY").ok();
+    let client = HttpClient::new(&url)?.with_token(key);
+    let mut both = [&mut orch, &mut node];
+    let ready = tokio::select! {
+        r = wait_until_ready(&client, &mut both) => r,
+        _ = stop_signal() => Err(anyhow::anyhow!("interrupted before the stack was ready")),
+    };
+    if let Err(e) = ready {
+        node.stop().await?;
+        orch.stop().await?;
+        return Err(e);
+    }
+    println!(
+        "llama-orch is serving {} at {url}/v1 (OpenAI) and {url}/v2 (native)",
+        opts.model_id
+    );
+    println!(
+        "try: curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'",
+        opts.model_id
+    );
+    eprintln!("llorch: Ctrl-C stops everything.");
+    let exited = tokio::select! {
+        _ = stop_signal() => None,
+        s = orch.child.wait() => Some(("orchestratord", s)),
+        s = node.child.wait() => Some(("pool-managerd", s)),
+    };
+    if let Some((name, status)) = exited {
+        eprintln!("llorch: {name} exited unexpectedly ({status:?}); stopping the rest");
+    } else {
+        eprintln!("llorch: stopping");
+    }
+    node.stop().await?;
+    orch.stop().await?;
+    eprintln!("llorch: stopped");
+    Ok(())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

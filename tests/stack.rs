@@ -1,0 +1,817 @@
+//! End-to-end tests of the home stack: the real `orchestratord`, `pool-managerd`,
+//! `engine-provisioner` and `llorch-engine` binaries on the real default model, driven over HTTP
+//! as clients would (OpenAI-style and native), with real process crashes and restarts.
+//!
+//! Each test holds `serial()` for its whole run, across awaits: the guard serializes whole tests
+//! (each with its own runtime), so no task of one runtime ever waits on it.
+#![allow(clippy::await_holding_lock)]
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::StatusCode;
+use llorch_client::{ClientError, EventStream, HttpClient};
+use llorch_tests::serial;
+use llorch_tests::stack::{alive, signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
+use llorch_wire::engine::ChatMessage;
+use llorch_wire::sse::Frame;
+use llorch_wire::task::{PoolsAnswer, Priority, TaskAccepted, TaskEnd, TaskRequest};
+use llorch_wire::{ErrorBody, ErrorCode};
+use serde_json::{json, Value};
+
+fn user(text: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: "user".into(),
+        content: text.into(),
+    }]
+}
+
+/// A raw prompt the model continues for hundreds of tokens (it keeps counting).
+const COUNTING: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,";
+
+fn long_task(max_tokens: u32) -> TaskRequest {
+    TaskRequest {
+        model_ref: MODEL_ID.into(),
+        prompt: Some(COUNTING.into()),
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        ..TaskRequest::default()
+    }
+}
+
+/// POSTs JSON and returns status, headers and the decoded body.
+async fn post(
+    client: &HttpClient,
+    path: &str,
+    body: &Value,
+) -> (StatusCode, hyper::HeaderMap, Value) {
+    let resp = client
+        .post_raw(path, serde_json::to_vec(body).unwrap(), &[])
+        .await
+        .expect("request");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, headers, value)
+}
+
+async fn submit(client: &HttpClient, req: &TaskRequest) -> TaskAccepted {
+    client
+        .post_json("/v2/tasks", req)
+        .await
+        .expect("task accepted")
+}
+
+/// Reads an SSE stream to its end.
+async fn frames(mut s: EventStream) -> Vec<Frame> {
+    let mut out = Vec::new();
+    while let Some(f) = s.next_frame().await {
+        out.push(f.expect("frame"));
+    }
+    out
+}
+
+fn event_text(frames: &[Frame]) -> String {
+    frames
+        .iter()
+        .filter(|f| f.event == "token")
+        .map(|f| {
+            serde_json::from_str::<Value>(&f.data).unwrap()["t"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+fn end_of(frames: &[Frame]) -> TaskEnd {
+    let f = frames
+        .iter()
+        .find(|f| f.event == "end")
+        .unwrap_or_else(|| panic!("no end event in {frames:?}"));
+    serde_json::from_str(&f.data).unwrap()
+}
+
+fn error_of(frames: &[Frame]) -> ErrorBody {
+    let f = frames
+        .iter()
+        .find(|f| f.event == "error")
+        .unwrap_or_else(|| panic!("no error event in {frames:?}"));
+    serde_json::from_str(&f.data).unwrap()
+}
+
+async fn pools(client: &HttpClient) -> PoolsAnswer {
+    client.get_json("/v2/pools").await.expect("pools")
+}
+
+/// Waits until the pool shows no busy slot and an empty queue.
+async fn wait_idle(client: &HttpClient, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let p = pools(client).await;
+        if p.pools.iter().all(|p| p.slots_busy == 0) && p.queue.depth == 0 {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "slots still busy after {limit:?}: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The `data:` payloads of an OpenAI stream.
+async fn openai_stream(client: &HttpClient, body: &Value) -> Vec<String> {
+    let resp = client
+        .post_raw(
+            "/v1/chat/completions",
+            serde_json::to_vec(body).unwrap(),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let s = EventStream::from_response(resp, std::path::Path::new("orchestratord"))
+        .await
+        .unwrap();
+    frames(s).await.into_iter().map(|f| f.data).collect()
+}
+
+#[tokio::test]
+async fn openai_chat_streaming_and_not_with_usage_and_models() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions::default());
+    let c = stack.client();
+
+    let models: Value = c.get_json("/v1/models").await.unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], MODEL_ID);
+    assert_eq!(models["data"][0]["object"], "model");
+
+    let ask = json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 24,
+        "temperature": 0,
+    });
+    let (status, headers, whole) = post(&c, "/v1/chat/completions", &ask).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert!(headers.contains_key("x-correlation-id"));
+    assert_eq!(whole["object"], "chat.completion");
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    let usage = &whole["usage"];
+    let (pt, ct) = (
+        usage["prompt_tokens"].as_u64().unwrap(),
+        usage["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(pt > 5 && ct > 0 && ct <= 24, "{usage}");
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), pt + ct);
+
+    // The same request streamed: the same text, the same usage, a finish reason, [DONE] last.
+    let mut streamed = ask.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let data = openai_stream(&c, &streamed).await;
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed_text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed_text, text);
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish.len(), 1);
+    assert_eq!(*finish[0], whole["choices"][0]["finish_reason"]);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(last["usage"], *usage);
+
+    // max_tokens reached: finish_reason "length" and exactly that many completion tokens.
+    let short = json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+        "max_completion_tokens": 5,
+        "temperature": 0,
+    });
+    let (_, _, whole) = post(&c, "/v1/chat/completions", &short).await;
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(whole["usage"]["completion_tokens"], 5);
+
+    // Legacy completions.
+    let (status, _, comp) = post(
+        &c,
+        "/v1/completions",
+        &json!({"model": MODEL_ID, "prompt": COUNTING, "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{comp}");
+    assert_eq!(comp["object"], "text_completion");
+    assert!(
+        comp["choices"][0]["text"].as_str().unwrap().contains("13"),
+        "{comp}"
+    );
+    wait_idle(&c, Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn native_flow_late_subscriber_sessions_and_cancel() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions::default());
+    let c = stack.client();
+
+    let req = TaskRequest {
+        task_id: Some("t-capital".into()),
+        session_id: Some("s1".into()),
+        model_ref: MODEL_ID.into(),
+        messages: Some(user("What is the capital of France?")),
+        max_tokens: Some(24),
+        temperature: Some(0.0),
+        ..TaskRequest::default()
+    };
+    let accepted = submit(&c, &req).await;
+    assert_eq!(accepted.task_id, "t-capital");
+    assert_eq!(accepted.streams.sse, "/v2/tasks/t-capital/events");
+    assert_eq!(accepted.queue_position, 0);
+    let live = frames(c.events(&accepted.streams.sse).await.unwrap()).await;
+    let names: Vec<&str> = live.iter().map(|f| f.event.as_str()).collect();
+    assert_eq!(names.first(), Some(&"started"), "{names:?}");
+    assert_eq!(&names[names.len() - 2..], ["metrics", "end"]);
+    assert!(event_text(&live).contains("Paris"));
+    let end = end_of(&live);
+    assert_eq!(end.task_id, "t-capital");
+    assert!(end.tokens_in > 5 && end.tokens_out > 0);
+    assert_eq!(
+        end.tokens_out as usize,
+        names
+            .iter()
+            .filter(|n| **n == "token")
+            .count()
+            .max(end.tokens_out as usize)
+    );
+    assert!(end.ttft_ms >= end.queue_ms);
+    // Token indexes count from 0 without gaps.
+    for (n, f) in live.iter().filter(|f| f.event == "token").enumerate() {
+        assert_eq!(serde_json::from_str::<Value>(&f.data).unwrap()["i"], n);
+    }
+
+    // A subscriber that comes after the end gets the very same stream.
+    let late = frames(c.events(&accepted.streams.sse).await.unwrap()).await;
+    assert_eq!(late, live);
+
+    // A duplicate task id is refused.
+    let dup = c
+        .post_json::<_, TaskAccepted>("/v2/tasks", &req)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            dup,
+            ClientError::Status {
+                status: StatusCode::CONFLICT,
+                ..
+            }
+        ),
+        "{dup}"
+    );
+
+    // The session remembers the pool and slot; the next turn reuses the KV cache.
+    let s: Value = c.get_json("/v2/sessions/s1").await.unwrap();
+    assert_eq!(s["pool_id"], "default");
+    assert_eq!(s["turns"], 1);
+    let mut follow = req.clone();
+    follow.task_id = None;
+    let mut msgs = user("What is the capital of France?");
+    msgs.push(ChatMessage {
+        role: "assistant".into(),
+        content: event_text(&live),
+    });
+    msgs.push(ChatMessage {
+        role: "user".into(),
+        content: "And of Italy?".into(),
+    });
+    follow.messages = Some(msgs);
+    let a2 = submit(&c, &follow).await;
+    let second = frames(c.events(&a2.streams.sse).await.unwrap()).await;
+    let metrics: Value =
+        serde_json::from_str(&second.iter().find(|f| f.event == "metrics").unwrap().data).unwrap();
+    assert!(
+        metrics["cached_tokens"].as_u64().unwrap() >= end.tokens_in as u64,
+        "{metrics}"
+    );
+    let resp = c
+        .send(
+            c.request(hyper::Method::DELETE, "/v2/sessions/s1")
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+
+    // Cancel mid-stream: tokens stop, the stream ends with CANCELED, the slot is free.
+    let accepted = submit(&c, &long_task(600)).await;
+    let mut stream = c.events(&accepted.streams.sse).await.unwrap();
+    let mut tokens = 0;
+    while tokens < 5 {
+        let f = stream.next_frame().await.unwrap().unwrap();
+        if f.event == "token" {
+            tokens += 1;
+        }
+    }
+    let canceled: Value = c
+        .post_json(
+            &format!("/v2/tasks/{}/cancel", accepted.task_id),
+            &json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(canceled["canceled"], true);
+    let rest = frames(stream).await;
+    let err = error_of(&rest);
+    assert_eq!(err.code, ErrorCode::Canceled);
+    assert!(
+        rest.len() < 100,
+        "tokens kept coming after cancel: {}",
+        rest.len()
+    );
+    let freed = wait_idle(&c, Duration::from_secs(1)).await;
+    eprintln!("slot free {freed:?} after cancel");
+    let info: Value = c
+        .get_json(&format!("/v2/tasks/{}", accepted.task_id))
+        .await
+        .unwrap();
+    assert_eq!(info["state"], "canceled");
+
+    let caps: Value = c.get_json("/v2/meta/capabilities").await.unwrap();
+    assert_eq!(caps["pools"][0]["model_id"], MODEL_ID);
+    assert_eq!(caps["pools"][0]["slots"], 4);
+    assert_eq!(caps["pools"][0]["ctx_per_slot"], 1024);
+    assert!(caps["pools"][0]["engine_version"].is_string(), "{caps}");
+}
+
+#[tokio::test]
+async fn twelve_clients_on_four_slots_all_finish_without_leaking_leases() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions::default());
+    let c = stack.client();
+    let mut handles = Vec::new();
+    for i in 0..12 {
+        let c = c.clone();
+        handles.push(tokio::spawn(async move {
+            let req = TaskRequest {
+                model_ref: MODEL_ID.into(),
+                messages: Some(user(&format!("Write one sentence about the number {i}."))),
+                max_tokens: Some(48),
+                temperature: Some(0.0),
+                ..TaskRequest::default()
+            };
+            let a = submit(&c, &req).await;
+            let f = frames(c.events(&a.streams.sse).await.unwrap()).await;
+            (a, end_of(&f), event_text(&f))
+        }));
+    }
+    let mut queued = 0;
+    let mut max_queue_ms = 0;
+    for h in handles {
+        let (a, end, text) = h.await.unwrap();
+        assert!(!text.trim().is_empty());
+        assert!(end.tokens_out > 0);
+        if a.queue_position > 0 {
+            queued += 1;
+        }
+        // With more tasks ahead than slots, the start cannot be immediate.
+        if a.queue_position >= 4 {
+            assert!(a.predicted_start_ms > 0, "{a:?}");
+        }
+        max_queue_ms = max_queue_ms.max(end.queue_ms);
+    }
+    assert!(
+        queued >= 1 && max_queue_ms > 0,
+        "the queue was not used: {queued} queued, {max_queue_ms} ms"
+    );
+    let p = pools(&c).await;
+    assert_eq!(p.pools[0].slots_busy, 0, "{p:?}");
+    assert_eq!(p.queue.depth, 0);
+    assert_eq!(p.queue.running, 0);
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_frees_its_slot_within_a_second() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions {
+        slots: 1,
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    let body = json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Tell me a very long story about a lighthouse keeper."}],
+        "max_tokens": 800,
+        "stream": true,
+    });
+    let resp = c
+        .post_raw(
+            "/v1/chat/completions",
+            serde_json::to_vec(&body).unwrap(),
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut s = EventStream::from_response(resp, std::path::Path::new("o"))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        s.next_frame().await.unwrap().unwrap();
+    }
+    assert_eq!(pools(&c).await.pools[0].slots_busy, 1);
+    drop(s);
+    let freed = wait_idle(&c, Duration::from_secs(1)).await;
+    eprintln!("slot free {freed:?} after the client went away");
+    // The one slot serves the next client at once.
+    let (status, _, v) = post(
+        &c,
+        "/v1/chat/completions",
+        &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+}
+
+#[tokio::test]
+async fn full_queue_rejects_or_drops_lru_and_deadlines_are_enforced() {
+    let _g = serial();
+    // reject: one slot, two places in the queue.
+    let stack = Stack::start(StackOptions {
+        slots: 1,
+        queue_capacity: 2,
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    let running = submit(&c, &long_task(800)).await;
+    // Wait until it runs, so the queue holds exactly what follows.
+    let mut s = c.events(&running.streams.sse).await.unwrap();
+    assert_eq!(s.next_frame().await.unwrap().unwrap().event, "started");
+    // Deadline already unmeetable at admission: no slot frees within 1 ms.
+    let mut hurried = long_task(4);
+    hurried.deadline_ms = Some(1);
+    let err = c
+        .post_json::<_, TaskAccepted>("/v2/tasks", &hurried)
+        .await
+        .unwrap_err();
+    match err {
+        ClientError::Status {
+            status,
+            body: Some(b),
+            retry_after,
+            ..
+        } => {
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(b.code, ErrorCode::DeadlineUnmet);
+            assert!(retry_after.is_some());
+        }
+        other => panic!("{other}"),
+    }
+    // A deadline that passes admission (no service time measured yet: the prior is 1 s) but
+    // expires in the queue behind the long task.
+    let mut patient = long_task(4);
+    patient.deadline_ms = Some(1500);
+    let expiring = submit(&c, &patient).await;
+    let q2 = submit(&c, &long_task(4)).await;
+    assert_eq!(q2.queue_position, 1);
+    let (status, headers, body) = post(
+        &c,
+        "/v2/tasks",
+        &serde_json::to_value(long_task(4)).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["code"], "ADMISSION_REJECT");
+    assert_eq!(body["policy_label"], "reject");
+    assert_eq!(body["retriable"], true);
+    assert!(body["retry_after_ms"].as_u64().unwrap() > 0);
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    let expired = frames(c.events(&expiring.streams.sse).await.unwrap()).await;
+    assert_eq!(error_of(&expired).code, ErrorCode::DeadlineUnmet);
+    c.post_json::<_, Value>(&format!("/v2/tasks/{}/cancel", running.task_id), &json!({}))
+        .await
+        .unwrap();
+    // The task queued behind it now runs.
+    assert!(end_of(&frames(c.events(&q2.streams.sse).await.unwrap()).await).tokens_out > 0);
+    drop(s);
+    drop(stack);
+
+    // drop-lru: the oldest batch task is evicted and told so.
+    let stack = Stack::start(StackOptions {
+        slots: 1,
+        queue_capacity: 2,
+        policy: "drop-lru",
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    let running = submit(&c, &long_task(800)).await;
+    let mut s = c.events(&running.streams.sse).await.unwrap();
+    assert_eq!(s.next_frame().await.unwrap().unwrap().event, "started");
+    let batch = |n| TaskRequest {
+        priority: Priority::Batch,
+        ..long_task(n)
+    };
+    let oldest = submit(&c, &batch(4)).await;
+    let second = submit(&c, &batch(4)).await;
+    let newcomer = submit(&c, &long_task(4)).await;
+    let evicted = frames(c.events(&oldest.streams.sse).await.unwrap()).await;
+    let err = error_of(&evicted);
+    assert_eq!(err.code, ErrorCode::QueueFullDropLru);
+    assert_eq!(err.policy_label.as_deref(), Some("drop-lru"));
+    let p = pools(&c).await;
+    assert_eq!(p.queue.depth, 2);
+    assert_eq!(p.queue.policy, "drop-lru");
+    c.post_json::<_, Value>(&format!("/v2/tasks/{}/cancel", running.task_id), &json!({}))
+        .await
+        .unwrap();
+    // The interactive newcomer runs before the older batch task.
+    let n = end_of(&frames(c.events(&newcomer.streams.sse).await.unwrap()).await);
+    let b = end_of(&frames(c.events(&second.streams.sse).await.unwrap()).await);
+    assert!(n.queue_ms <= b.queue_ms + 5000);
+    drop(s);
+}
+
+#[tokio::test]
+async fn killing_the_engine_fails_the_stream_and_the_pool_recovers_for_queued_tasks() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions {
+        slots: 1,
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    let first_pid = stack.handoff().expect("handoff").pid;
+    let running = submit(&c, &long_task(800)).await;
+    let mut s = c.events(&running.streams.sse).await.unwrap();
+    let mut tokens = 0;
+    while tokens < 3 {
+        if s.next_frame().await.unwrap().unwrap().event == "token" {
+            tokens += 1;
+        }
+    }
+    // Two tasks wait behind it.
+    let waiting: Vec<TaskAccepted> = vec![
+        submit(
+            &c,
+            &TaskRequest {
+                messages: Some(user("Say hello.")),
+                prompt: None,
+                ..long_task(8)
+            },
+        )
+        .await,
+        submit(
+            &c,
+            &TaskRequest {
+                messages: Some(user("Say goodbye.")),
+                prompt: None,
+                ..long_task(8)
+            },
+        )
+        .await,
+    ];
+    signal(first_pid, libc::SIGKILL);
+    let rest = frames(s).await;
+    let err = error_of(&rest);
+    assert_eq!(err.code, ErrorCode::EngineFailed, "{err:?}");
+    assert!(err.retriable);
+    // The node restarts the engine by itself and the queued tasks are served.
+    for w in waiting {
+        let f = frames(c.events(&w.streams.sse).await.unwrap()).await;
+        assert!(end_of(&f).tokens_out > 0, "{f:?}\n{}", stack.logs());
+    }
+    let p = pools(&c).await;
+    assert_eq!(p.pools[0].restarts, 1, "{p:?}");
+    assert!(p.pools[0].last_error.is_some());
+    assert_eq!(p.pools[0].slots_busy, 0);
+    let second_pid = stack.handoff().expect("handoff").pid;
+    assert_ne!(first_pid, second_pid);
+    assert!(!alive(first_pid));
+}
+
+#[tokio::test]
+async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions::default());
+    let c = stack.client();
+    // A stream in flight while the bad requests arrive.
+    let bystander = submit(&c, &long_task(120)).await;
+    let watcher = {
+        let c = c.clone();
+        tokio::spawn(async move { frames(c.events(&bystander.streams.sse).await.unwrap()).await })
+    };
+
+    let chat = |extra: Value| {
+        let mut b = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    // (path, body, status, param or field)
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "/v1/chat/completions",
+            chat(json!({"model": "gpt-9"})),
+            404,
+            "model",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"temperature": "hot"})),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"temperature": 5.0})),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"max_tokens": -3})),
+            400,
+            "max_tokens",
+        ),
+        ("/v1/chat/completions", chat(json!({"n": 2})), 400, "n"),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tools": [{"type": "function"}]})),
+            400,
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"logprobs": true})),
+            400,
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"frobnicate": 1})),
+            400,
+            "frobnicate",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"messages": [{"role": "wizard", "content": "x"}]})),
+            400,
+            "messages[0].role",
+        ),
+        (
+            "/v2/tasks",
+            json!({"model_ref": "gpt-9", "prompt": "x"}),
+            404,
+            "model",
+        ),
+        (
+            "/v2/tasks",
+            json!({"model_ref": MODEL_ID, "prompt": "x", "top_p": 7}),
+            400,
+            "top_p",
+        ),
+        (
+            "/v2/tasks",
+            json!({"model_ref": MODEL_ID, "prompt": "x", "priority": "urgent"}),
+            400,
+            "priority",
+        ),
+        (
+            "/v2/tasks",
+            json!({"model_ref": MODEL_ID, "prompt": "x", "placement": {"pin_pool_id": "nope"}}),
+            400,
+            "placement",
+        ),
+        (
+            "/v2/tasks",
+            json!({"model_ref": MODEL_ID, "prompt": "x", "ctx": 100000}),
+            400,
+            "ctx",
+        ),
+        ("/v2/tasks", json!({"model_ref": MODEL_ID}), 400, "prompt"),
+    ];
+    for (path, body, status, field) in cases {
+        let (got, headers, v) = post(&c, path, &body).await;
+        assert_eq!(got.as_u16(), status, "{path} {body}: {v}");
+        assert!(headers.contains_key("x-correlation-id"));
+        if path.starts_with("/v1") {
+            assert_eq!(v["error"]["param"], field, "{body}: {v}");
+            assert!(v["error"]["message"].as_str().unwrap().len() > 10);
+            assert!(v["error"]["type"].is_string());
+        } else {
+            assert_eq!(v["field"], field, "{body}: {v}");
+            assert!(v["code"].is_string());
+        }
+    }
+    // Malformed JSON and an oversized body.
+    let resp = c
+        .post_raw("/v1/chat/completions", "{\"model\": ", &[])
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["error"]["param"], "body");
+    let huge = format!(
+        "{{\"model_ref\":\"{MODEL_ID}\",\"prompt\":\"{}\"}}",
+        "a".repeat(2 << 20)
+    );
+    let resp = c.post_raw("/v2/tasks", huge, &[]).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Missing and wrong API keys.
+    let anon = HttpClient::new(&stack.url()).unwrap();
+    let (status, _, v) = post(&anon, "/v1/chat/completions", &chat(json!({}))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let wrong = HttpClient::new(&stack.url())
+        .unwrap()
+        .with_token(Some("wrong-key-0123456789abcdef".into()));
+    let (status, _, v) = post(
+        &wrong,
+        "/v2/tasks",
+        &json!({"model_ref": MODEL_ID, "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["code"], "UNAUTHORIZED");
+    let log = stack.orch.as_ref().unwrap().log_text();
+    assert!(
+        !log.contains("wrong-key-0123456789abcdef"),
+        "a key reached the log"
+    );
+    // The correlation id is echoed.
+    let cid = (
+        HeaderName::from_static("x-correlation-id"),
+        HeaderValue::from_static("corr-123"),
+    );
+    let resp = c
+        .post_raw(
+            "/v1/chat/completions",
+            serde_json::to_vec(&chat(json!({}))).unwrap(),
+            &[cid],
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-correlation-id"], "corr-123");
+    let _ = resp.into_body().collect().await;
+    // The bystander's stream was not disturbed.
+    let f = watcher.await.unwrap();
+    assert_eq!(end_of(&f).tokens_out, 120);
+    let _ = TEST_KEY;
+}
+
+#[tokio::test]
+async fn a_restarted_control_plane_gets_the_node_back_by_itself() {
+    let _g = serial();
+    let mut stack = Stack::start(StackOptions::default());
+    let node_pid = stack.node.as_ref().unwrap().pid();
+    let status = stack.orch.as_mut().unwrap().stop();
+    assert!(status.success(), "{status}");
+    stack.orch = None;
+    stack.start_orchestratord();
+    // The node notices (its heartbeat is answered 404) and registers again.
+    stack.wait_ready();
+    let c = stack.client();
+    let (status, _, v) = post(
+        &c,
+        "/v1/chat/completions",
+        &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("Paris"));
+    assert_eq!(stack.node.as_ref().unwrap().pid(), node_pid);
+    assert!(alive(node_pid));
+    let nodes: Value = c.get_json("/v2/nodes").await.unwrap();
+    assert_eq!(nodes[0]["node_id"], "node-a");
+    assert_eq!(nodes[0]["online"], true);
+}

@@ -1,0 +1,333 @@
+//! The home stack for end-to-end tests: the real `orchestratord` and `pool-managerd` binaries
+//! (which start the real provisioner and engine on the default model), on a free port and a
+//! private runtime directory.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use llorch_client::HttpClient;
+use llorch_wire::handoff::Handoff;
+use llorch_wire::node::PoolState;
+use llorch_wire::task::PoolsAnswer;
+
+use crate::{bin, model_path};
+
+/// The API key the test stacks accept.
+pub const TEST_KEY: &str = "test-key-0123456789abcdef";
+pub const MODEL_ID: &str = "smollm2-135m";
+
+/// How a test stack is configured.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub slots: u32,
+    pub ctx: u32,
+    pub queue_capacity: usize,
+    pub policy: &'static str,
+    pub heartbeat_secs: u64,
+    pub api_keys: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            slots: 4,
+            ctx: 1024,
+            queue_capacity: 64,
+            policy: "reject",
+            heartbeat_secs: 1,
+            api_keys: true,
+        }
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        signal(self.child.id(), libc::SIGTERM);
+        self.child.wait().expect("wait for the daemon")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.child.id(), libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) with a pid the test started (or read from a handoff file it owns).
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Whether a process with this pid exists (and is not a zombie we could still reap).
+pub fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesised command name.
+    match stat.rfind(')') {
+        Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z') | None),
+        None => false,
+    }
+}
+
+pub struct Stack {
+    pub opts: StackOptions,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    // Dropped in order: the node (and its engines) before the control plane.
+    pub node: Option<Daemon>,
+    pub orch: Option<Daemon>,
+}
+
+impl Stack {
+    pub fn start(opts: StackOptions) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("llorch-stack-")
+            .tempdir()
+            .expect("temp dir");
+        let port = free_port();
+        let mut stack = Self {
+            opts,
+            dir,
+            port,
+            node: None,
+            orch: None,
+        };
+        std::fs::create_dir_all(stack.dir.path().join("logs")).expect("logs dir");
+        stack.start_orchestratord();
+        stack.start_node();
+        stack.wait_ready();
+        stack
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn runtime(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn cache(&self) -> PathBuf {
+        // One cache for every test stack: staging is then a verified copy, done once.
+        std::env::temp_dir().join("llorch-test-cache")
+    }
+
+    pub fn client(&self) -> HttpClient {
+        let c = HttpClient::new(&self.url()).expect("valid url");
+        if self.opts.api_keys {
+            c.with_token(Some(TEST_KEY.into()))
+        } else {
+            c
+        }
+    }
+
+    pub fn start_orchestratord(&mut self) {
+        let keys = self.dir.path().join("api-keys");
+        std::fs::write(
+            &keys,
+            format!("tester {TEST_KEY}\nother other-key-0123456789abcdef\n"),
+        )
+        .expect("write keys");
+        let log = self.dir.path().join("logs/orchestratord.log");
+        let mut cmd = Command::new(bin("orchestratord"));
+        cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--queue-capacity", &self.opts.queue_capacity.to_string()])
+            .args(["--admission-policy", self.opts.policy]);
+        if self.opts.api_keys {
+            cmd.arg("--api-keys").arg(&keys);
+        }
+        let child = cmd
+            .env("LLORCH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("log"),
+            )
+            .spawn()
+            .expect("spawn orchestratord");
+        let daemon = Daemon { child, log };
+        self.orch = Some(daemon);
+        let url = format!("127.0.0.1:{}", self.port);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&url).is_err() {
+            let orch = self.orch.as_mut().expect("just set");
+            if let Ok(Some(status)) = orch.child.try_wait() {
+                panic!("orchestratord exited with {status}:\n{}", orch.log_text());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "orchestratord does not accept connections"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn node_config(&self) -> String {
+        let runtime = self.runtime();
+        format!(
+            r#"[node]
+id = "node-a"
+control_plane = "{url}"
+listen = "unix:{runtime}/pool-managerd.sock"
+cache_dir = "{cache}"
+runtime_dir = "{runtime}"
+heartbeat_secs = {hb}
+engine_bin = "{engine}"
+provisioner_bin = "{provisioner}"
+
+[[pools]]
+id = "default"
+slots = {slots}
+ctx = {ctx}
+threads = 2
+
+[pools.model]
+id = "{MODEL_ID}"
+source = "{model}"
+sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+"#,
+            url = self.url(),
+            runtime = runtime.display(),
+            cache = self.cache().display(),
+            hb = self.opts.heartbeat_secs,
+            engine = bin("llorch-engine").display(),
+            provisioner = bin("engine-provisioner").display(),
+            slots = self.opts.slots,
+            ctx = self.opts.ctx,
+            model = model_path().display(),
+        )
+    }
+
+    fn start_node(&mut self) {
+        let config = self.dir.path().join("node.toml");
+        std::fs::write(&config, self.node_config()).expect("write node config");
+        let log = self.dir.path().join("logs/pool-managerd.log");
+        let child = Command::new(bin("pool-managerd"))
+            .arg("--config")
+            .arg(&config)
+            .env("LLORCH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn pool-managerd");
+        self.node = Some(Daemon { child, log });
+    }
+
+    /// Waits until orchestratord reports the pool ready with every slot free.
+    pub fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            for d in [&mut self.orch, &mut self.node].into_iter().flatten() {
+                if let Ok(Some(status)) = d.child.try_wait() {
+                    panic!(
+                        "{} exited with {status}:\n{}",
+                        d.log.display(),
+                        d.log_text()
+                    );
+                }
+            }
+            if let Some(p) = self.pools_blocking() {
+                if p.pools
+                    .iter()
+                    .any(|p| p.state == PoolState::Ready && p.slots_busy == 0)
+                {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no pool ready after 120 s\norchestratord:\n{}\npool-managerd:\n{}",
+                self.orch.as_ref().map(Daemon::log_text).unwrap_or_default(),
+                self.node.as_ref().map(Daemon::log_text).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET /v2/pools` from a plain thread (the tests' own runtimes stay free).
+    pub fn pools_blocking(&self) -> Option<PoolsAnswer> {
+        let client = self.client();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?
+                    .block_on(client.get_json::<PoolsAnswer>("/v2/pools"))
+                    .ok()
+            })
+            .join()
+            .ok()
+            .flatten()
+        })
+    }
+
+    /// The engine's handoff file, when the pool is ready.
+    pub fn handoff(&self) -> Option<Handoff> {
+        let text = std::fs::read_to_string(self.runtime().join("handoff/default.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "orchestratord:\n{}\npool-managerd:\n{}",
+            self.orch.as_ref().map(Daemon::log_text).unwrap_or_default(),
+            self.node.as_ref().map(Daemon::log_text).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.node.take();
+        self.orch.take();
+    }
+}
+
+/// Whether `path` exists, for assertions that read well.
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}
