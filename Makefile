@@ -9,10 +9,14 @@ MODEL := $(LLORCH_CACHE)/default-model/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CARGO ?= cargo
 
-.PHONY: run test setup build bench lint fmt
+.PHONY: run demo test setup build bench lint fmt
 
-## Set up, build, and stream an answer from the engine on the default model.
+## Set up, build, and run the home stack on the default model at http://127.0.0.1:8080 until Ctrl-C.
 run: build
+	target/debug/llorch up --model "$(MODEL)" --sha256 $(MODEL_SHA256) --model-id smollm2-135m
+
+## The engine alone: stage the default model, stream one answer, stop.
+demo: build
 	target/debug/llorch demo --model "$(MODEL)" --sha256 $(MODEL_SHA256)
 
 ## Set up, build, and run every test (unit, integration, end to end on the real model).

@@ -65,4 +65,17 @@ else
   mv "$src" "$MODEL_PATH.tmp" && mv "$MODEL_PATH.tmp" "$MODEL_PATH"
   say "default model verified: $MODEL_PATH"
 fi
+# --- OpenAI Python library, for the test that proves official clients work unchanged ----------
+# Installed with --target into the cache (no virtualenv needed, and allowed on distributions
+# that mark the system Python as externally managed).
+OPENAI_PKG="openai==1.109.1"
+PY_DIR="$CACHE/python"
+if ! PYTHONPATH="$PY_DIR" python3 -c 'import openai, sys; sys.exit(openai.__version__ != "1.109.1")' 2>/dev/null; then
+  say "installing $OPENAI_PKG into $PY_DIR (for the tests)"
+  rm -rf "$PY_DIR.tmp"
+  python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+    --target "$PY_DIR.tmp" "$OPENAI_PKG" 2>&1 | grep -v -e 'dependency resolver' -e 'requires' -e 'root' >&2 || true
+  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai' || { say "could not install $OPENAI_PKG"; exit 1; }
+  rm -rf "$PY_DIR" && mv "$PY_DIR.tmp" "$PY_DIR"
+fi
 echo "$MODEL_PATH"

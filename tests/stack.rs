@@ -14,7 +14,7 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::StatusCode;
 use llorch_client::{ClientError, EventStream, HttpClient};
 use llorch_tests::serial;
-use llorch_tests::stack::{alive, signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
+use llorch_tests::stack::{alive, signal, Stack, StackOptions, MODEL_ID, NODE_TOKEN, TEST_KEY};
 use llorch_wire::engine::ChatMessage;
 use llorch_wire::sse::Frame;
 use llorch_wire::task::{PoolsAnswer, Priority, TaskAccepted, TaskEnd, TaskRequest};
@@ -780,6 +780,12 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
         .unwrap();
     assert_eq!(resp.headers()["x-correlation-id"], "corr-123");
     let _ = resp.into_body().collect().await;
+    // It reached every hop's log.
+    let engine_log =
+        std::fs::read_to_string(stack.runtime().join("logs/default.engine.log")).unwrap();
+    assert!(engine_log.contains("corr-123"), "{engine_log}");
+    assert!(stack.node.as_ref().unwrap().log_text().contains("corr-123"));
+    assert!(stack.orch.as_ref().unwrap().log_text().contains("corr-123"));
     // The bystander's stream was not disturbed.
     let f = watcher.await.unwrap();
     assert_eq!(end_of(&f).tokens_out, 120);
@@ -814,4 +820,50 @@ async fn a_restarted_control_plane_gets_the_node_back_by_itself() {
     let nodes: Value = c.get_json("/v2/nodes").await.unwrap();
     assert_eq!(nodes[0]["node_id"], "node-a");
     assert_eq!(nodes[0]["online"], true);
+}
+
+#[tokio::test]
+async fn node_tokens_guard_registration_and_the_node_api() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions {
+        node_token: true,
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    // The node registered with its token, and orchestratord calls it with that token.
+    let (status, _, v) = post(
+        &c,
+        "/v1/chat/completions",
+        &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    // Registration without the token is refused...
+    let reg = json!({"node_id": "intruder", "address": "http://127.0.0.1:1", "version": "0",
+                     "heartbeat_secs": 5, "pools": []});
+    let anon = HttpClient::new(&stack.url()).unwrap();
+    let (status, _, v) = post(&anon, "/v2/nodes/register", &reg).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    let nodes: Value = c.get_json("/v2/nodes").await.unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 1);
+    // ...and so is the node API without it.
+    let node_api = HttpClient::new(&format!(
+        "unix:{}",
+        stack.runtime().join("pool-managerd.sock").display()
+    ))
+    .unwrap();
+    let err = node_api.get_json::<Value>("/v2/pools").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Status {
+                status: StatusCode::UNAUTHORIZED,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let with = node_api.with_token(Some(NODE_TOKEN.into()));
+    let pools: Value = with.get_json("/v2/pools").await.unwrap();
+    assert_eq!(pools[0]["pool_id"], "default");
 }

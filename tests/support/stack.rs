@@ -17,6 +17,8 @@ use crate::{bin, model_path};
 /// The API key the test stacks accept.
 pub const TEST_KEY: &str = "test-key-0123456789abcdef";
 pub const MODEL_ID: &str = "smollm2-135m";
+/// The node token of test stacks that require one.
+pub const NODE_TOKEN: &str = "node-token-0123456789abcdef";
 
 /// How a test stack is configured.
 #[derive(Debug, Clone)]
@@ -27,6 +29,8 @@ pub struct StackOptions {
     pub policy: &'static str,
     pub heartbeat_secs: u64,
     pub api_keys: bool,
+    /// Require a node token between orchestratord and pool-managerd.
+    pub node_token: bool,
 }
 
 impl Default for StackOptions {
@@ -38,6 +42,7 @@ impl Default for StackOptions {
             policy: "reject",
             heartbeat_secs: 1,
             api_keys: true,
+            node_token: false,
         }
     }
 }
@@ -174,6 +179,11 @@ impl Stack {
         if self.opts.api_keys {
             cmd.arg("--api-keys").arg(&keys);
         }
+        if self.opts.node_token {
+            let tokens = self.dir.path().join("node-tokens");
+            std::fs::write(&tokens, format!("node-a {NODE_TOKEN}\n")).expect("write tokens");
+            cmd.arg("--node-tokens").arg(&tokens);
+        }
         let child = cmd
             .env("LLORCH_LOG", "info")
             .stdin(Stdio::null())
@@ -206,6 +216,13 @@ impl Stack {
 
     pub fn node_config(&self) -> String {
         let runtime = self.runtime();
+        let token = if self.opts.node_token {
+            let path = self.dir.path().join("node-token");
+            std::fs::write(&path, NODE_TOKEN).expect("write node token");
+            format!("token_file = \"{}\"\n", path.display())
+        } else {
+            String::new()
+        };
         format!(
             r#"[node]
 id = "node-a"
@@ -216,7 +233,7 @@ runtime_dir = "{runtime}"
 heartbeat_secs = {hb}
 engine_bin = "{engine}"
 provisioner_bin = "{provisioner}"
-
+{token}
 [[pools]]
 id = "default"
 slots = {slots}

@@ -79,6 +79,8 @@ pub struct Job {
     /// When the engine received the request; time to first token counts from here.
     pub received: Instant,
     pub task_id: Option<String>,
+    /// The `X-Correlation-Id` of the request that carried this job, for logs.
+    pub correlation_id: Option<String>,
 }
 
 pub enum Command {
@@ -371,9 +373,12 @@ impl DecodeLoop {
             }
             Err(body) => EngineEvent::Error(body),
         };
-        tracing::debug!(
+        tracing::info!(
             slot,
             task_id = a.job.task_id.as_deref().unwrap_or(""),
+            correlation_id = a.job.correlation_id.as_deref().unwrap_or(""),
+            prompt_tokens = a.job.prompt.len(),
+            generated = a.generated,
             event = event.name(),
             "Request finished."
         );

@@ -198,6 +198,11 @@ async fn generate(
             ))
         }
     };
+    let correlation_id = req
+        .headers()
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(128).collect::<String>());
     let body = Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
@@ -304,6 +309,7 @@ async fn generate(
         events: tx,
         received,
         task_id: request.task_id,
+        correlation_id,
     };
     if ready
         .commands

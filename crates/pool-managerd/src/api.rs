@@ -35,16 +35,56 @@ pub const RETRY_AFTER_MS: u64 = 1000;
 
 const CORRELATION: &str = "x-correlation-id";
 
-/// The node API's routes.
-pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
-        .route("/health", get(health))
+/// The node API's routes. With a token, every route but `/health` requires
+/// `Authorization: Bearer <token>`, compared in constant time.
+pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
+    let protected = Router::new()
         .route("/v2/pools", get(pools))
         .route("/v2/pools/{id}", get(pool))
         .route("/v2/pools/{id}/drain", post(drain))
         .route("/v2/pools/{id}/resume", post(resume))
-        .route("/v2/pools/{id}/generate", post(generate))
+        .route("/v2/pools/{id}/generate", post(generate));
+    let protected = match token {
+        Some(t) => {
+            let t = Arc::new(t);
+            protected.layer(axum::middleware::from_fn(move |req, next| {
+                require_token(t.clone(), req, next)
+            }))
+        }
+        None => protected,
+    };
+    Router::new()
+        .route("/health", get(health))
+        .merge(protected)
         .with_state(node)
+}
+
+async fn require_token(
+    token: Arc<String>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use subtle::ConstantTimeEq;
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Equal lengths are compared in constant time; a length mismatch is refused at once, which
+    // tells an attacker only the token's length.
+    if presented.len() == token.len() && bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            ErrorBody::new(
+                ErrorCode::Unauthorized,
+                "node token missing or not valid; only the control plane calls this API",
+            ),
+        )
+        .into_response()
+    }
 }
 
 /// An error answer: status, typed body, and `Retry-After` when the body has a retry hint.
@@ -151,7 +191,7 @@ async fn generate(
         .to_bytes();
     // Counted from here until the answer's body ends or is dropped.
     let guard = BusyGuard::new(busy);
-    tracing::debug!(
+    tracing::info!(
         pool = %id,
         correlation_id = correlation.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
         bytes = body.len(),

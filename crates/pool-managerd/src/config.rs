@@ -51,6 +51,12 @@ pub struct NodeConfig {
     /// `engine-provisioner`; default: next to this executable, else from `PATH`.
     #[serde(default)]
     pub provisioner_bin: Option<PathBuf>,
+    /// File holding this node's token, shared with the control plane (whose node-tokens file
+    /// lists it). Sent when registering and heartbeating, and required from callers of the node
+    /// API. Default: `$CREDENTIALS_DIRECTORY/node-token` when that file exists. Required when
+    /// the node API listens on a non-loopback TCP address.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 fn default_heartbeat_secs() -> u64 {
@@ -166,6 +172,16 @@ impl ConfigError {
     }
 }
 
+/// A secret read from a file; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 /// A checked configuration, with derived values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checked {
@@ -173,6 +189,8 @@ pub struct Checked {
     pub listen: Listen,
     /// The address sent to the control plane at registration.
     pub advertise: String,
+    /// The node token, when one is configured.
+    pub token: Option<Secret>,
 }
 
 impl Checked {
@@ -402,10 +420,48 @@ fn validate(path: &Path, config: Config) -> Result<Checked, ConfigError> {
             ));
         }
     }
+    let token_path = node.token_file.clone().or_else(|| {
+        let p = PathBuf::from(std::env::var_os("CREDENTIALS_DIRECTORY")?).join("node-token");
+        p.exists().then_some(p)
+    });
+    let token = match token_path {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                invalid(
+                    path,
+                    "node.token_file",
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })?;
+            let t = text.trim().to_string();
+            if t.len() < 16 || t.contains(char::is_whitespace) {
+                return Err(invalid(
+                    path,
+                    "node.token_file",
+                    format!(
+                        "{} must hold one token of at least 16 characters without spaces",
+                        p.display()
+                    ),
+                ));
+            }
+            Some(Secret(t))
+        }
+        None => None,
+    };
+    if let Listen::Tcp(addr) = &listen {
+        if !addr.ip().is_loopback() && token.is_none() {
+            return Err(invalid(
+                path,
+                "node.token_file",
+                format!("the node API listens on {addr}, which is not loopback; give a token_file (or the node-token credential) so only the control plane can use it"),
+            ));
+        }
+    }
     Ok(Checked {
         listen,
         advertise,
         config,
+        token,
     })
 }
 
@@ -604,6 +660,32 @@ mod tests {
         // A wildcard address cannot be dialled: advertise must be given.
         let text = EXAMPLE.replace("unix:/run/llama-orch/pool-managerd.sock", "0.0.0.0:9200");
         assert_eq!(key_of(&text), "node.advertise");
+    }
+
+    #[test]
+    fn a_node_api_off_loopback_needs_a_token() {
+        let open = EXAMPLE
+            .replace("unix:/run/llama-orch/pool-managerd.sock", "0.0.0.0:9200")
+            .replace("# advertise = ", "advertise = ");
+        assert_eq!(key_of(&open), "node.token_file");
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "abc\n").unwrap();
+        let with = |p: &Path| {
+            format!(
+                "{}\n",
+                open.replace(
+                    "# token_file = \"/etc/llama-orch/node-token\"",
+                    &format!("token_file = \"{}\"", p.display())
+                )
+            )
+        };
+        assert_eq!(key_of(&with(&short)), "node.token_file");
+        let good = dir.path().join("good");
+        std::fs::write(&good, "node-token-0123456789\n").unwrap();
+        let c = parse_str(&with(&good)).unwrap();
+        assert_eq!(c.token, Some(Secret("node-token-0123456789".into())));
+        assert!(!format!("{c:?}").contains("node-token-0123456789"));
     }
 
     #[test]

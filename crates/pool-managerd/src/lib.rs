@@ -103,7 +103,8 @@ pub async fn run_with(
     })?;
     let node = Node::new(config.pools());
     let client = llorch_client::HttpClient::new(&config.node().control_plane)
-        .map_err(RunError::ControlPlane)?;
+        .map_err(RunError::ControlPlane)?
+        .with_token(config.token.as_ref().map(|t| t.0.clone()));
 
     // Listen first, so a bad address fails before any engine starts.
     let mut bound = None;
@@ -160,7 +161,7 @@ pub async fn run_with(
     ));
 
     let stop_api = CancellationToken::new();
-    let app = api::router(node.clone());
+    let app = api::router(node.clone(), config.token.as_ref().map(|t| t.0.clone()));
     let server = {
         let stop_api = stop_api.clone();
         tokio::spawn(async move {

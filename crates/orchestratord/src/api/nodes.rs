@@ -76,7 +76,16 @@ pub async fn register(
             ),
         ));
     }
-    let client = HttpClient::new(&reg.address).map_err(|e| bad("address", e.to_string()))?;
+    // The node's token (when the control plane requires one) also guards the node's own API.
+    let client = HttpClient::new(&reg.address)
+        .map_err(|e| bad("address", e.to_string()))?
+        .with_token(
+            state
+                .config
+                .node_tokens
+                .as_ref()
+                .and_then(|_| presented_key(&headers).map(str::to_string)),
+        );
     let heartbeat = Duration::from_secs(reg.heartbeat_secs.clamp(1, 300));
     let node = Node {
         id: reg.node_id.clone(),

@@ -1,0 +1,210 @@
+//! End-to-end tests of what a user types: `llorch up` with `llorch generate`, `status` and
+//! `pools`, and the official OpenAI Python library against the stack.
+//!
+//! Each test holds `serial()` for its whole run (see engine.rs).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use llorch_tests::stack::{alive, free_port, signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
+use llorch_tests::{bin, model_path, serial, wait_for};
+
+fn llorch(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("llorch"))
+        .args(args)
+        .env("LLORCH_URL", url)
+        .env_remove("LLORCH_API_KEY")
+        .output()
+        .expect("run llorch");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut up = Command::new(bin("llorch"))
+        .args(["up", "--listen", &listen, "--slots", "2", "--ctx", "1024"])
+        .arg("--model")
+        .arg(model_path())
+        .arg("--model-id")
+        .arg(MODEL_ID)
+        .arg("--cache")
+        .arg(std::env::temp_dir().join("llorch-test-cache"))
+        .arg("--runtime-dir")
+        .arg(&runtime)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn llorch up");
+    let (tx, rx) = mpsc::channel();
+    let stdout = up.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let stderr = up.stderr.take().unwrap();
+    let err_lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    // `llorch up` prints the endpoint once a pool is ready.
+    let first = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("llorch up printed nothing");
+    assert!(first.contains(&format!("http://{listen}/v1")), "{first}");
+    let curl = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(curl.starts_with("try: curl"), "{curl}");
+
+    let url = format!("http://{listen}");
+    let (ok, out, err) = llorch(
+        &url,
+        &[
+            "generate",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+            "What is the capital of France?",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("Paris"), "{out}");
+    assert!(err.contains("tokens/s"), "{err}");
+
+    let (ok, out, err) = llorch(&url, &["status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("home") && out.contains("yes"), "{out}");
+    let pool_line = out
+        .lines()
+        .find(|l| l.starts_with("default"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        pool_line.contains("ready") && pool_line.contains("0/2") && pool_line.contains(MODEL_ID),
+        "{out}"
+    );
+    assert!(out.contains("queue: 0 waiting"), "{out}");
+
+    let (ok, out, err) = llorch(&url, &["pools", "drain", "default"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("draining"), "{out}");
+    let (ok, out, _) = llorch(&url, &["status"]);
+    assert!(
+        ok && out
+            .lines()
+            .any(|l| l.starts_with("default") && l.contains("draining")),
+        "{out}"
+    );
+    let (ok, out, err) = llorch(&url, &["pools", "resume", "default"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("ready"), "{out}");
+    let (ok, _, err) = llorch(&url, &["pools", "drain", "nope"]);
+    assert!(!ok && err.contains("nope"), "{err}");
+
+    // Ctrl-C: everything stops, no engine is left, no handoff file stays behind.
+    let handoff = runtime.join("handoff/default.json");
+    let engine: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&handoff).unwrap()).unwrap();
+    let engine_pid = engine["pid"].as_u64().unwrap() as u32;
+    assert!(alive(engine_pid));
+    signal(up.id(), libc::SIGINT);
+    let status = up.wait().unwrap();
+    let stderr = err_lines.join().unwrap().join("\n");
+    assert!(status.success(), "{status}\n{stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+    wait_for("the engine to exit", Duration::from_secs(5), || {
+        !alive(engine_pid)
+    });
+    assert!(!handoff.exists());
+    assert!(
+        std::net::TcpStream::connect(&listen).is_err(),
+        "orchestratord still listens"
+    );
+}
+
+/// The Python `openai` package that scripts/setup.sh installs into `$LLORCH_CACHE/python`.
+fn python_path() -> PathBuf {
+    let cache = model_path()
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("cache dir")
+        .join("python");
+    assert!(
+        cache.join("openai").exists(),
+        "the openai Python package is not in {}; run scripts/setup.sh (make test does)",
+        cache.display()
+    );
+    cache
+}
+
+const SDK_SCRIPT: &str = r#"
+import sys, openai
+url, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+assert [m.id for m in client.models.list().data] == [model]
+q = [{"role": "user", "content": "What is the capital of France?"}]
+r = client.chat.completions.create(model=model, messages=q, max_tokens=16, temperature=0)
+text = r.choices[0].message.content
+assert "Paris" in text, text
+assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens > 0
+streamed, usage = "", None
+for chunk in client.chat.completions.create(model=model, messages=q, max_tokens=16, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}):
+    if chunk.choices and chunk.choices[0].delta.content:
+        streamed += chunk.choices[0].delta.content
+    if chunk.usage:
+        usage = chunk.usage
+assert streamed == text, (streamed, text)
+assert usage.completion_tokens == r.usage.completion_tokens, usage
+c = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=4, temperature=0)
+assert "5" in c.choices[0].text, c
+try:
+    client.chat.completions.create(model="gpt-9", messages=q)
+    raise SystemExit("unknown model accepted")
+except openai.NotFoundError as e:
+    assert e.code == "model_not_found", e
+try:
+    client.chat.completions.create(model=model, messages=q, n=2)
+    raise SystemExit("n=2 accepted")
+except openai.BadRequestError as e:
+    assert e.param == "n", e
+try:
+    openai.OpenAI(base_url=url + "/v1", api_key="not-a-key-0123456789", max_retries=0).models.list()
+    raise SystemExit("bad key accepted")
+except openai.AuthenticationError:
+    pass
+print("sdk ok")
+"#;
+
+#[test]
+fn the_official_openai_python_library_works_unchanged() {
+    let _g = serial();
+    let pythonpath = python_path();
+    let stack = Stack::start(StackOptions::default());
+    let out = Command::new("python3")
+        .args(["-c", SDK_SCRIPT, &stack.url(), TEST_KEY, MODEL_ID])
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("sdk ok"),
+        "{stdout}\n{stderr}\n{}",
+        stack.logs()
+    );
+}
