@@ -86,6 +86,34 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
     assert!(out.contains("Paris"), "{out}");
     assert!(err.contains("tokens/s"), "{err}");
 
+    // A two-turn chat on the terminal: the second turn relies on the first.
+    let mut chat = Command::new(bin("llorch"))
+        .args(["chat", "--temperature", "0", "--max-tokens", "24"])
+        .env("LLORCH_URL", &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = chat.stdin.take().unwrap();
+        stdin
+            .write_all(b"What is the capital of France?\nAnd of Italy?\n\n")
+            .unwrap();
+    }
+    let out = chat.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("Paris") && stdout.contains("Rome"),
+        "{stdout}"
+    );
+    assert_eq!(stderr.matches("tokens/s").count(), 2, "{stderr}");
+
     let (ok, out, err) = llorch(&url, &["status"]);
     assert!(ok, "{err}");
     assert!(out.contains("home") && out.contains("yes"), "{out}");

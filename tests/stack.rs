@@ -14,7 +14,9 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::StatusCode;
 use llorch_client::{ClientError, EventStream, HttpClient};
 use llorch_tests::serial;
-use llorch_tests::stack::{alive, signal, Stack, StackOptions, MODEL_ID, NODE_TOKEN, TEST_KEY};
+use llorch_tests::stack::{
+    alive, cpu_ticks, signal, Stack, StackOptions, MODEL_ID, NODE_TOKEN, TEST_KEY,
+};
 use llorch_wire::engine::ChatMessage;
 use llorch_wire::sse::Frame;
 use llorch_wire::task::{PoolsAnswer, Priority, TaskAccepted, TaskEnd, TaskRequest};
@@ -256,7 +258,12 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
     let live = frames(c.events(&accepted.streams.sse).await.unwrap()).await;
     let names: Vec<&str> = live.iter().map(|f| f.event.as_str()).collect();
     assert_eq!(names.first(), Some(&"started"), "{names:?}");
-    assert_eq!(&names[names.len() - 2..], ["metrics", "end"]);
+    assert_eq!(
+        &names[names.len() - 2..],
+        ["metrics", "end"],
+        "{live:?}\n{}",
+        stack.logs()
+    );
     assert!(event_text(&live).contains("Paris"));
     let end = end_of(&live);
     assert_eq!(end.task_id, "t-capital");
@@ -362,6 +369,19 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
         .await
         .unwrap();
     assert_eq!(info["state"], "canceled");
+
+    // An idle stack is idle: no daemon spins (a handoff watcher that reacted to its own reads
+    // once kept pool-managerd at a full core).
+    let pids = [
+        stack.node.as_ref().unwrap().pid(),
+        stack.orch.as_ref().unwrap().pid(),
+    ];
+    let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (pid, b) in pids.iter().zip(before) {
+        let used = cpu_ticks(*pid) - b;
+        assert!(used < 10, "pid {pid} used {used} of 100 ticks while idle");
+    }
 
     let caps: Value = c.get_json("/v2/meta/capabilities").await.unwrap();
     assert_eq!(caps["pools"][0]["model_id"], MODEL_ID);

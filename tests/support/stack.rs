@@ -102,6 +102,21 @@ pub fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// CPU time (user + system) a process used so far, in clock ticks (1/100 s on Linux).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+    // Fields after the command: state is field 3, utime 14 and stime 15 of the whole line.
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let num = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    num(11) + num(12)
+}
+
 /// Whether a process with this pid exists (and is not a zombie we could still reap).
 pub fn alive(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

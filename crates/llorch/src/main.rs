@@ -95,6 +95,9 @@ enum Cmd {
         model: Option<String>,
         #[arg(long, default_value_t = 512)]
         max_tokens: u32,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long)]
+        temperature: Option<f32>,
         /// A system message that opens the conversation.
         #[arg(long)]
         system: Option<String>,
@@ -272,9 +275,10 @@ async fn main() {
             remote: r,
             model,
             max_tokens,
+            temperature,
             system,
         } => match remote::client(&r.url, api_key()) {
-            Ok(c) => remote::chat(&c, model, max_tokens, system).await,
+            Ok(c) => remote::chat(&c, model, max_tokens, temperature, system).await,
             Err(e) => Err(e),
         },
         Cmd::Status { remote: r } => match remote::client(&r.url, api_key()) {

@@ -106,6 +106,7 @@ pub async fn chat(
     client: &HttpClient,
     model: Option<String>,
     max_tokens: u32,
+    temperature: Option<f32>,
     system: Option<String>,
 ) -> anyhow::Result<()> {
     let model = pick_model(client, model).await?;
@@ -134,6 +135,7 @@ pub async fn chat(
             session_id: Some(session.clone()),
             messages: Some(messages.clone()),
             max_tokens: Some(max_tokens),
+            temperature,
             ..TaskRequest::default()
         };
         let (text, end) = run_task(client, &req, &mut std::io::stdout()).await?;

@@ -53,7 +53,19 @@ impl Registry {
     /// Adds or replaces a node. Leases on its pools are kept: tasks still running there hold
     /// them and return them when they end.
     pub fn register(&mut self, node: Node) {
+        // A pool marked suspect keeps that mark only while the node reports the same engine.
+        for p in &node.pools {
+            let key = (node.id.clone(), p.pool_id.clone());
+            if self
+                .suspect
+                .get(&key)
+                .is_some_and(|pid| p.engine_pid != *pid)
+            {
+                self.suspect.remove(&key);
+            }
+        }
         if let Some(old) = self.nodes.insert(node.id.clone(), node) {
+            // The node restarted: whatever ran on its old engines is gone.
             old.lost.cancel();
         }
     }

@@ -73,6 +73,9 @@ pub fn spawn(
                         refresh(&node, &dir, &pool);
                     }
                 }
+                // Reading a handoff file raises open/close-nowrite (access) events of its own;
+                // reacting to them would read the file again, forever.
+                Some(Ok(event)) if event.kind.is_access() => {}
                 Some(Ok(event)) => {
                     if event.need_rescan() {
                         for pool in node.pool_ids() {
