@@ -273,6 +273,19 @@ impl Common {
         Ok(())
     }
 
+    /// The engine request for `base` (a prompt or messages) with these sampling fields.
+    fn engine_request(&self, base: GenerateRequest, max_tokens: u32) -> GenerateRequest {
+        GenerateRequest {
+            max_tokens: Some(max_tokens),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            // OpenAI seeds are 64-bit; the engine's are 32-bit: the low half keeps determinism.
+            seed: self.seed.map(|s| s as u32),
+            stop: self.stop(),
+            ..base
+        }
+    }
+
     fn stop(&self) -> Vec<String> {
         match &self.stop {
             None => Vec::new(),
@@ -330,6 +343,23 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>> {
     Ok(out)
 }
 
+/// Authenticates and decodes a request: the client's name, the shared fields (checked) and the
+/// endpoint's own.
+async fn decode<T: serde::de::DeserializeOwned>(
+    state: &State,
+    headers: &HeaderMap,
+    body: Body,
+    fields: &[&str],
+) -> Result<(String, Common, T)> {
+    let client = oai(authenticate(state, headers))?;
+    let bytes = oai(read_body(state, body).await)?;
+    known_fields(&bytes, fields)?;
+    let common: Common = oai(parse(&bytes))?;
+    let own: T = oai(parse(&bytes))?;
+    common.check()?;
+    Ok((client, common, own))
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat(
     Ext(state): Ext<AppState>,
@@ -337,12 +367,7 @@ pub async fn chat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let client = oai(authenticate(&state, &headers))?;
-    let bytes = oai(read_body(&state, body).await)?;
-    known_fields(&bytes, CHAT_FIELDS)?;
-    let common: Common = oai(parse(&bytes))?;
-    let req: ChatRequest = oai(parse(&bytes))?;
-    common.check()?;
+    let (client, common, req) = decode::<ChatRequest>(&state, &headers, body, CHAT_FIELDS).await?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) || req.functions.is_some() {
         return Err(bad(
             "tools",
@@ -377,18 +402,11 @@ pub async fn chat(
             ));
         }
     }
-    let engine = GenerateRequest {
-        max_tokens: Some(
-            req.max_completion_tokens
-                .or(common.max_tokens)
-                .unwrap_or(state.config.default_max_tokens),
-        ),
-        temperature: common.temperature,
-        top_p: common.top_p,
-        seed: common.seed.map(|s| s as u32),
-        stop: common.stop(),
-        ..GenerateRequest::chat(chat_messages(req.messages)?)
-    };
+    let max_tokens = req.max_completion_tokens.or(common.max_tokens);
+    let engine = common.engine_request(
+        GenerateRequest::chat(chat_messages(req.messages)?),
+        max_tokens.unwrap_or(state.config.default_max_tokens),
+    );
     let kind = Kind::Chat;
     run(state, cid, client, req.model, engine, &common, kind).await
 }
@@ -400,12 +418,8 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let client = oai(authenticate(&state, &headers))?;
-    let bytes = oai(read_body(&state, body).await)?;
-    known_fields(&bytes, COMPLETION_FIELDS)?;
-    let common: Common = oai(parse(&bytes))?;
-    let req: CompletionRequest = oai(parse(&bytes))?;
-    common.check()?;
+    let (client, common, req) =
+        decode::<CompletionRequest>(&state, &headers, body, COMPLETION_FIELDS).await?;
     if req.logprobs.is_some_and(|l| l > 0) {
         return Err(bad("logprobs", "logprobs are not supported by this server"));
     }
@@ -428,14 +442,10 @@ pub async fn completions(
             ))
         }
     };
-    let engine = GenerateRequest {
-        max_tokens: Some(common.max_tokens.unwrap_or(state.config.default_max_tokens)),
-        temperature: common.temperature,
-        top_p: common.top_p,
-        seed: common.seed.map(|s| s as u32),
-        stop: common.stop(),
-        ..GenerateRequest::prompt(prompt)
-    };
+    let engine = common.engine_request(
+        GenerateRequest::prompt(prompt),
+        common.max_tokens.unwrap_or(state.config.default_max_tokens),
+    );
     run(
         state,
         cid,
