@@ -30,9 +30,13 @@ setup:
 build: setup
 	$(CARGO) build --workspace --bins
 
-## Engine throughput and latency next to an in-process llama.cpp loop (docs/PERFORMANCE.md).
+## Engine throughput next to in-process llama.cpp, the stack's frontend tax, and the control
+## plane's capacity with a synthetic node (method and numbers in docs/PERFORMANCE.md).
 bench: setup
+	$(CARGO) build --release --bins
 	$(CARGO) bench -p llorch-engine --bench throughput
+	$(CARGO) bench -p orchestratord --bench frontend
+	$(CARGO) bench -p orchestratord --bench capacity
 
 lint:
 	$(CARGO) fmt --all -- --check

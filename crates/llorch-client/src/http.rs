@@ -2,18 +2,23 @@
 //! (`unix:/path/to.sock`). orchestratord uses it to reach nodes, pool-managerd to reach the
 //! control plane, and the CLI to reach orchestratord.
 //!
-//! TCP connections are pooled and reused (hyper-util's client); a Unix socket connection costs
-//! microseconds, so each Unix request opens its own, which also keeps a cancelled stream's
-//! connection from ever being reused.
+//! Connections are pooled and reused (hyper-util's client), over TCP and over Unix sockets
+//! alike. A connection goes back to the pool only after its response was read to the end; a
+//! stream dropped midway (a cancelled task) closes its connection, so the server sees the
+//! cancellation and no half-read stream is ever reused.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client as Pooled;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::de::DeserializeOwned;
@@ -22,19 +27,93 @@ use tokio::net::UnixStream;
 
 use crate::{error_from_response, ClientError, EventStream};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Target {
-    Unix(PathBuf),
-    Tcp { base: String },
+    Unix(Pooled<UnixConnector, Full<Bytes>>),
+    Tcp {
+        base: String,
+        pooled: Pooled<HttpConnector, Full<Bytes>>,
+    },
 }
 
 /// A client for one endpoint, with an optional bearer token sent on every request.
 #[derive(Clone)]
 pub struct HttpClient {
     target: Target,
-    pooled: Pooled<HttpConnector, Full<Bytes>>,
     token: Option<String>,
     address: String,
+}
+
+/// Connects hyper-util's pooled client to one Unix socket, whatever the URI says.
+#[derive(Clone)]
+struct UnixConnector(Arc<PathBuf>);
+
+impl tower_service::Service<Uri> for UnixConnector {
+    type Response = UnixConnection;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<UnixConnection>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move {
+            let stream = UnixStream::connect(&*path)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            Ok(UnixConnection(TokioIo::new(stream)))
+        })
+    }
+}
+
+struct UnixConnection(TokioIo<UnixStream>);
+
+impl Connection for UnixConnection {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for UnixConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UnixConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -52,24 +131,24 @@ impl HttpClient {
             if path.is_empty() {
                 return Err(ClientError::Address(address.into()));
             }
-            Target::Unix(PathBuf::from(path))
+            let connector = UnixConnector(Arc::new(PathBuf::from(path)));
+            Target::Unix(Pooled::builder(TokioExecutor::new()).build(connector))
         } else if let Some(rest) = address.strip_prefix("http://") {
             let rest = rest.trim_end_matches('/');
             if rest.is_empty() || rest.contains('/') {
                 return Err(ClientError::Address(address.into()));
             }
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
             Target::Tcp {
                 base: format!("http://{rest}"),
+                pooled: Pooled::builder(TokioExecutor::new()).build(connector),
             }
         } else {
             return Err(ClientError::Address(address.into()));
         };
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let pooled = Pooled::builder(TokioExecutor::new()).build(connector);
         Ok(Self {
             target,
-            pooled,
             token: None,
             address: address.trim_end_matches('/').to_string(),
         })
@@ -88,13 +167,11 @@ impl HttpClient {
     /// A request builder for `path` on this endpoint, with the host and token headers set.
     pub fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
         let uri = match &self.target {
-            Target::Unix(_) => path.to_string(),
-            Target::Tcp { base } => format!("{base}{path}"),
+            // The pooled client needs an absolute URI; the connector ignores its authority.
+            Target::Unix(_) => format!("http://localhost{path}"),
+            Target::Tcp { base, .. } => format!("{base}{path}"),
         };
         let mut b = Request::builder().method(method).uri(uri);
-        if matches!(self.target, Target::Unix(_)) {
-            b = b.header("host", "localhost");
-        }
         if let Some(t) = &self.token {
             b = b.header("authorization", format!("Bearer {t}"));
         }
@@ -103,39 +180,20 @@ impl HttpClient {
 
     /// Sends a request and returns the response head with its streaming body.
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ClientError> {
-        match &self.target {
-            Target::Unix(path) => {
-                let stream =
-                    UnixStream::connect(path)
-                        .await
-                        .map_err(|source| ClientError::Connect {
-                            path: path.clone(),
-                            source,
-                        })?;
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|e| self.transport(e))?;
-                tokio::spawn(async move {
-                    // The connection ends when the response body is dropped or finished.
-                    let _ = conn.await;
-                });
-                sender
-                    .send_request(req)
-                    .await
-                    .map_err(|e| self.transport(e))
-            }
-            Target::Tcp { .. } => self.pooled.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    ClientError::Unreachable {
-                        address: self.address.clone(),
-                        reason: error_chain(&e),
-                    }
-                } else {
-                    self.transport(e)
+        let sent = match &self.target {
+            Target::Unix(pooled) => pooled.request(req).await,
+            Target::Tcp { pooled, .. } => pooled.request(req).await,
+        };
+        sent.map_err(|e| {
+            if e.is_connect() {
+                ClientError::Unreachable {
+                    address: self.address.clone(),
+                    reason: error_chain(&e),
                 }
-            }),
-        }
+            } else {
+                self.transport(e)
+            }
+        })
     }
 
     fn transport(&self, e: impl std::error::Error) -> ClientError {

@@ -228,6 +228,13 @@ impl EventStream {
         Some(EngineEvent::from_sse(&frame.event, &frame.data).map_err(ClientError::Decode))
     }
 
+    /// The next event that already arrived and was decoded, without waiting for more bytes
+    /// (to handle a burst of events in one go).
+    pub fn next_ready_event(&mut self) -> Option<Result<EngineEvent, ClientError>> {
+        let frame = self.ready.pop_front()?;
+        Some(EngineEvent::from_sse(&frame.event, &frame.data).map_err(ClientError::Decode))
+    }
+
     /// Reads the stream to its end event; an `error` event is returned as its typed body.
     pub async fn collect(mut self) -> Result<Completion, StreamFailure> {
         let mut text = String::new();

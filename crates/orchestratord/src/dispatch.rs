@@ -305,13 +305,28 @@ async fn forward(
         };
     let mut first_token: Option<Instant> = None;
     let mut i = 0u32;
+    let mut tokens = Vec::new();
     loop {
-        match events.next_event().await {
+        // Take what already arrived in one go: a burst of tokens becomes one append to the
+        // task's log and one wake-up of its readers, not one each.
+        let next = match events.next_ready_event() {
+            Some(ev) => Some(ev),
+            None => {
+                task.push_tokens(std::mem::take(&mut tokens));
+                events.next_event().await
+            }
+        };
+        match next {
             Some(Ok(EngineEvent::Token(t))) => {
                 first_token.get_or_insert_with(Instant::now);
-                task.push(TaskEvent::Token(TokenEvent { t: t.t, i }));
+                tokens.push(TaskEvent::Token(TokenEvent { t: t.t, i }));
                 i += 1;
+                continue;
             }
+            _ => task.push_tokens(std::mem::take(&mut tokens)),
+        }
+        match next {
+            Some(Ok(EngineEvent::Token(_))) => unreachable!("handled above"),
             Some(Ok(EngineEvent::End(end))) => {
                 let now = Instant::now();
                 let first = first_token.unwrap_or(now);

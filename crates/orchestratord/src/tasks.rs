@@ -185,6 +185,23 @@ impl Task {
         true
     }
 
+    /// Appends several non-final events under one lock with one wake-up of the readers.
+    pub fn push_tokens(&self, events: Vec<TaskEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        debug_assert!(events.iter().all(|e| !e.is_final()));
+        let n = {
+            let mut log = self.lock();
+            if log.phase != Phase::Running {
+                return;
+            }
+            log.events.extend(events);
+            log.events.len()
+        };
+        self.changed.send_replace(n);
+    }
+
     /// Ends the task with an error event (no-op when it already ended).
     pub fn fail(&self, body: ErrorBody) -> bool {
         self.push(TaskEvent::Error(body))

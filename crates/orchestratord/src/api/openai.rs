@@ -544,21 +544,10 @@ async fn run(
     let include_usage = common.include_usage();
     tokio::spawn(async move {
         let _guard = guard;
-        let chunks = Chunks {
-            kind,
-            id,
-            created,
-            model,
-            include_usage,
-        };
-        if kind_is_chat(kind)
-            && tx
-                .send(chunks.frame(json!({"role": "assistant", "content": ""}), None))
-                .await
-                .is_err()
-        {
-            return;
-        }
+        let chunks = Chunks::new(kind, &id, created, &model, include_usage);
+        // The role chunk goes out with the first batch of text, in one write.
+        let mut out = Vec::new();
+        chunks.role(&mut out);
         let mut pending = Some(first);
         loop {
             let events = match pending.take() {
@@ -574,13 +563,12 @@ async fn run(
                     }
                 }
             };
-            let mut out = Vec::new();
             let mut done = false;
             for e in events {
                 match e {
-                    TaskEvent::Token(t) => out.extend_from_slice(&chunks.text(&t.t)),
+                    TaskEvent::Token(t) => chunks.text(&mut out, &t.t),
                     TaskEvent::End(end) => {
-                        out.extend_from_slice(&chunks.finish(&end));
+                        chunks.finish(&mut out, &end);
                         done = true;
                     }
                     TaskEvent::Error(body) => {
@@ -594,7 +582,12 @@ async fn run(
                     _ => {}
                 }
             }
-            if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+            if !out.is_empty()
+                && tx
+                    .send(Bytes::from(std::mem::take(&mut out)))
+                    .await
+                    .is_err()
+            {
                 return;
             }
             if done {
@@ -603,10 +596,6 @@ async fn run(
         }
     });
     Ok(resp)
-}
-
-fn kind_is_chat(kind: Kind) -> bool {
-    matches!(kind, Kind::Chat)
 }
 
 fn usage(end: &TaskEnd) -> Value {
@@ -646,68 +635,149 @@ fn whole(kind: Kind, id: &str, created: u64, model: &str, text: String, end: &Ta
     }
 }
 
+/// Encodes stream chunks. Everything but the text is the same in every chunk of a response, so
+/// it is encoded once; a token chunk is then three copies and one JSON string escape.
 struct Chunks {
     kind: Kind,
-    id: String,
-    created: u64,
-    model: String,
+    /// `data: {"id":…,"object":…,"created":…,"model":…,"system_fingerprint":null,"choices":[`
+    head: String,
+    /// `],"usage":null}\n\n` with `include_usage`, else `]}\n\n`.
+    tail: &'static str,
     include_usage: bool,
 }
 
 impl Chunks {
-    fn envelope(&self, choices: Value, usage: Option<Value>) -> Bytes {
-        let object = match self.kind {
+    fn new(kind: Kind, id: &str, created: u64, model: &str, include_usage: bool) -> Self {
+        let object = match kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Completion => "text_completion",
         };
-        let mut v = json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": choices,
-        });
-        if self.include_usage {
-            v["usage"] = usage.unwrap_or(Value::Null);
+        let head = format!(
+            r#"data: {{"id":{},"object":"{object}","created":{created},"model":{},"system_fingerprint":null,"choices":["#,
+            Value::String(id.into()),
+            Value::String(model.into()),
+        );
+        Self {
+            kind,
+            head,
+            tail: if include_usage {
+                "],\"usage\":null}\n\n"
+            } else {
+                "]}\n\n"
+            },
+            include_usage,
         }
-        Bytes::from(format!("data: {v}\n\n"))
     }
 
-    fn frame(&self, delta: Value, finish: Option<&str>) -> Bytes {
+    /// One chunk whose choice is `choice` (JSON text).
+    fn chunk(&self, out: &mut Vec<u8>, choice: &str) {
+        out.extend_from_slice(self.head.as_bytes());
+        out.extend_from_slice(choice.as_bytes());
+        out.extend_from_slice(self.tail.as_bytes());
+    }
+
+    /// The first chunk of a chat stream: the assistant's role.
+    fn role(&self, out: &mut Vec<u8>) {
+        if matches!(self.kind, Kind::Chat) {
+            self.chunk(
+                out,
+                r#"{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}"#,
+            );
+        }
+    }
+
+    fn text(&self, out: &mut Vec<u8>, t: &str) {
+        out.extend_from_slice(self.head.as_bytes());
+        out.extend_from_slice(match self.kind {
+            Kind::Chat => br#"{"index":0,"delta":{"content":"#.as_slice(),
+            Kind::Completion => br#"{"index":0,"text":"#.as_slice(),
+        });
+        serde_json::to_writer(&mut *out, t).expect("strings serialize");
+        out.extend_from_slice(match self.kind {
+            Kind::Chat => br#"},"logprobs":null,"finish_reason":null}"#.as_slice(),
+            Kind::Completion => br#","logprobs":null,"finish_reason":null}"#.as_slice(),
+        });
+        out.extend_from_slice(self.tail.as_bytes());
+    }
+
+    fn finish(&self, out: &mut Vec<u8>, end: &TaskEnd) {
+        let reason = end.finish_reason.as_str();
         let choice = match self.kind {
             Kind::Chat => {
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                format!(r#"{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"{reason}"}}"#)
             }
-            Kind::Completion => json!({
-                "index": 0,
-                "text": delta.get("content").cloned().unwrap_or(Value::String(String::new())),
-                "logprobs": null,
-                "finish_reason": finish,
-            }),
+            Kind::Completion => {
+                format!(r#"{{"index":0,"text":"","logprobs":null,"finish_reason":"{reason}"}}"#)
+            }
         };
-        self.envelope(json!([choice]), None)
-    }
-
-    fn text(&self, t: &str) -> Bytes {
-        self.frame(json!({"content": t}), None)
-    }
-
-    fn finish(&self, end: &TaskEnd) -> Vec<u8> {
-        let mut out = self
-            .frame(json!({}), Some(end.finish_reason.as_str()))
-            .to_vec();
+        self.chunk(out, &choice);
         if self.include_usage {
-            out.extend_from_slice(&self.envelope(json!([]), Some(usage(end))));
+            out.extend_from_slice(self.head.as_bytes());
+            out.extend_from_slice(format!("],\"usage\":{}}}\n\n", usage(end)).as_bytes());
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
-        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_chunks_are_openai_json() {
+        let end = TaskEnd {
+            task_id: "t".into(),
+            tokens_in: 3,
+            tokens_out: 2,
+            queue_ms: 0,
+            ttft_ms: 1,
+            decode_time_ms: 1,
+            finish_reason: llorch_wire::engine::FinishReason::Length,
+        };
+        let c = Chunks::new(Kind::Chat, "chatcmpl-1", 7, "m\"x", true);
+        let mut out = Vec::new();
+        c.role(&mut out);
+        c.text(&mut out, "a \"quoted\"\nline");
+        c.finish(&mut out, &end);
+        let text = String::from_utf8(out).unwrap();
+        let data: Vec<&str> = text
+            .split("\n\n")
+            .filter(|l| !l.is_empty())
+            .map(|l| l.strip_prefix("data: ").unwrap())
+            .collect();
+        assert_eq!(data.last(), Some(&"[DONE]"));
+        let v: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        assert_eq!(v.len(), 4);
+        assert!(v.iter().all(|c| c["object"] == "chat.completion.chunk"
+            && c["model"] == "m\"x"
+            && c["id"] == "chatcmpl-1"
+            && c["created"] == 7));
+        assert_eq!(v[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(v[1]["choices"][0]["delta"]["content"], "a \"quoted\"\nline");
+        assert!(v[1]["usage"].is_null() && v[1]["choices"][0]["finish_reason"].is_null());
+        assert_eq!(v[2]["choices"][0]["finish_reason"], "length");
+        assert_eq!(v[3]["choices"].as_array().unwrap().len(), 0);
+        assert_eq!(v[3]["usage"]["total_tokens"], 5);
+
+        let c = Chunks::new(Kind::Completion, "cmpl-1", 7, "m", false);
+        let mut out = Vec::new();
+        c.role(&mut out);
+        c.text(&mut out, "x");
+        let v: Value = serde_json::from_str(
+            std::str::from_utf8(&out)
+                .unwrap()
+                .trim()
+                .strip_prefix("data: ")
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["choices"][0]["text"], "x");
+        assert!(v.get("usage").is_none());
+    }
 
     #[test]
     fn type_errors_name_the_parameter() {
