@@ -643,7 +643,8 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
     let bystander = submit(&c, &long_task(120)).await;
     let watcher = {
         let c = c.clone();
-        tokio::spawn(async move { frames(c.events(&bystander.streams.sse).await.unwrap()).await })
+        let sse = bystander.streams.sse.clone();
+        tokio::spawn(async move { frames(c.events(&sse).await.unwrap()).await })
     };
 
     let chat = |extra: Value| {
@@ -806,6 +807,31 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
     assert!(engine_log.contains("corr-123"), "{engine_log}");
     assert!(stack.node.as_ref().unwrap().log_text().contains("corr-123"));
     assert!(stack.orch.as_ref().unwrap().log_text().contains("corr-123"));
+    // Another client's key does not see, stream or cancel this client's task.
+    let other = HttpClient::new(&stack.url())
+        .unwrap()
+        .with_token(Some("other-key-0123456789abcdef".into()));
+    let err = other
+        .get_json::<Value>(&format!("/v2/tasks/{}", bystander.task_id))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Status {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let (status, _, _) = post(
+        &other,
+        &format!("/v2/tasks/{}/cancel", bystander.task_id),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     // The bystander's stream was not disturbed.
     let f = watcher.await.unwrap();
     assert_eq!(end_of(&f).tokens_out, 120);

@@ -18,8 +18,17 @@ pub fn write(dir: &Path, handoff: &Handoff) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-/// Removes the handoff file; a file already gone is fine.
+/// Removes the handoff file if it is still this process's: an engine that outlived its node
+/// agent must not delete the file of the engine that replaced it. A file already gone is fine.
 pub fn remove(path: &Path) -> std::io::Result<()> {
+    let ours = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Handoff>(&b).ok())
+        .is_none_or(|h| h.pid == std::process::id());
+    if !ours {
+        tracing::info!(file = %path.display(), "The handoff file belongs to another engine now; leaving it.");
+        return Ok(());
+    }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),

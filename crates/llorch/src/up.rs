@@ -233,6 +233,13 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     let config_path = runtime.join("node.toml");
     std::fs::write(&config_path, node_config(&opts, &runtime))?;
 
+    // Listen for Ctrl-C and SIGTERM once, for the whole run, so no signal falls between two
+    // waits.
+    let (stopped, mut stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop_signal().await;
+        let _ = stopped.send(true);
+    });
     let mut orch_args = vec!["--listen".to_string(), opts.listen.to_string()];
     orch_args.extend(opts.orchestratord_args.iter().cloned());
     let mut orch = Daemon::spawn("orchestratord", &orch_args, logs.join("orchestratord.log"))?;
@@ -254,7 +261,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     let mut both = [&mut orch, &mut node];
     let ready = tokio::select! {
         r = wait_until_ready(&client, &mut both) => r,
-        _ = stop_signal() => Err(anyhow::anyhow!("interrupted before the stack was ready")),
+        _ = stop.wait_for(|s| *s) => Err(anyhow::anyhow!("interrupted before the stack was ready")),
     };
     if let Err(e) = ready {
         node.stop().await?;
@@ -271,7 +278,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     );
     eprintln!("llorch: Ctrl-C stops everything.");
     let exited = tokio::select! {
-        _ = stop_signal() => None,
+        _ = stop.wait_for(|s| *s) => None,
         s = orch.child.wait() => Some(("orchestratord", s)),
         s = node.child.wait() => Some(("pool-managerd", s)),
     };
@@ -280,8 +287,10 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     } else {
         eprintln!("llorch: stopping");
     }
-    node.stop().await?;
+    // Stop both even if stopping the first fails.
+    let node_stopped = node.stop().await;
     orch.stop().await?;
+    node_stopped?;
     eprintln!("llorch: stopped");
     Ok(())
 }

@@ -72,13 +72,15 @@ pub async fn run(state: Arc<State>) {
             );
         }
         for (e, reason) in impossible {
-            state.finish(
-                &e.item,
+            let body = if e.item.cancel.is_cancelled() {
+                ErrorBody::new(ErrorCode::Canceled, reason)
+            } else {
                 ErrorBody::new(
                     ErrorCode::PoolUnavailable,
                     format!("the task can no longer be placed: {reason}"),
-                ),
-            );
+                )
+            };
+            state.finish(&e.item, body);
         }
         for d in started {
             tokio::spawn(stream_task(state.clone(), d));
@@ -123,10 +125,17 @@ fn take_work(
             if free == 0 {
                 break;
             }
+            if task.cancel.is_cancelled() {
+                // Cancelled while a dispatch gave it back: end it here.
+                if let Some(e) = core.queue.remove(&task.id) {
+                    impossible.push((e, "the task was cancelled".into()));
+                }
+                continue;
+            }
             let session = task
                 .session_id
                 .as_deref()
-                .and_then(|s| core.sessions.get(s, now))
+                .and_then(|s| core.sessions.get(&task.client, s, now))
                 .cloned();
             let ask = Ask {
                 model: &task.model,
@@ -267,20 +276,35 @@ async fn forward(
                     other => ErrorBody::new(ErrorCode::Internal, other.to_string()),
                 };
                 match (status, body.code) {
-                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::PoolUnavailable) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::PoolUnavailable)
+                        if busy_retries < BUSY_RETRIES =>
+                    {
                         busy_retries += 1;
-                        if busy_retries > BUSY_RETRIES {
-                            return Outcome::Requeue { suspect: false };
-                        }
                         tokio::time::sleep(BUSY_RETRY).await;
                     }
-                    (StatusCode::SERVICE_UNAVAILABLE, _) => {
-                        tracing::info!(task = %task.id, pool = %lease.pool.1, reason = %body.message, "Pool not ready; task goes back to the queue.");
-                        return Outcome::Requeue { suspect: true };
-                    }
-                    _ => {
+                    // The engine refused the request itself (too long for a slot, …): the
+                    // client's error.
+                    (StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE, _) => {
                         state.finish(task, body);
                         return Outcome::Done;
+                    }
+                    (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => {
+                        tracing::warn!(node = %lease.pool.0, "The node refused orchestratord's node token.");
+                        state.finish(
+                            task,
+                            ErrorBody::new(
+                                ErrorCode::NodeUnavailable,
+                                format!("node {} refused the control plane's token; an operator must fix the node tokens", lease.pool.0),
+                            ),
+                        );
+                        return Outcome::Done;
+                    }
+                    // Not ready, draining, still busy after the retries, unknown pool, engine
+                    // failed before answering: the pool is skipped until its node reports
+                    // again, and the task waits in the queue.
+                    _ => {
+                        tracing::info!(task = %task.id, pool = %lease.pool.1, status = %status, reason = %body.message, "Pool cannot take the task; it goes back to the queue.");
+                        return Outcome::Requeue { suspect: true };
                     }
                 }
             }
@@ -341,10 +365,13 @@ async fn forward(
                     },
                 }));
                 if let Some(s) = &task.session_id {
-                    state
-                        .core()
-                        .sessions
-                        .record(s, lease.pool.clone(), end.slot, now);
+                    state.core().sessions.record(
+                        &task.client,
+                        s,
+                        lease.pool.clone(),
+                        end.slot,
+                        now,
+                    );
                 }
                 let pushed = task.push(TaskEvent::End(TaskEnd {
                     task_id: task.id.clone(),

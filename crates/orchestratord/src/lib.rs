@@ -80,6 +80,7 @@ pub async fn serve_state(
         SHUTDOWN_GRACE.as_secs()
     );
     state.shutdown.cancel();
+    state.fail_queued("orchestratord is stopping; submit the task again when it is back");
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
     dispatcher.abort();
     watcher.abort();

@@ -18,6 +18,10 @@ use crate::placement::Candidate;
 
 pub type PoolKey = (String, String);
 
+/// The shortest time a pool stays suspect when its node keeps reporting the same engine ready:
+/// long enough that a heartbeat sent before the node noticed a crash cannot clear the mark.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 pub struct Node {
     pub id: String,
@@ -43,9 +47,11 @@ impl Node {
 pub struct Registry {
     pub nodes: BTreeMap<String, Node>,
     leases: HashMap<PoolKey, u32>,
-    /// Pools whose engine failed a request, with the engine pid reported at that time. They are
-    /// skipped until their node reports the pool not ready or ready with another engine.
-    suspect: HashMap<PoolKey, Option<u32>>,
+    /// Pools whose engine or node failed a request, with the engine pid reported then and when
+    /// the mark was set. They are skipped until their node reports the pool not ready, or ready
+    /// with another engine, or sends any heartbeat at least [`SUSPECT_FOR`] after the mark (a
+    /// failure that did not kill the engine must not keep the pool out for good).
+    suspect: HashMap<PoolKey, (Option<u32>, Instant)>,
     rates: HashMap<String, ServiceRate>,
 }
 
@@ -59,7 +65,7 @@ impl Registry {
             if self
                 .suspect
                 .get(&key)
-                .is_some_and(|pid| p.engine_pid != *pid)
+                .is_some_and(|(pid, _)| p.engine_pid != *pid)
             {
                 self.suspect.remove(&key);
             }
@@ -90,8 +96,11 @@ impl Registry {
         node.staged_models = staged;
         for p in &pools {
             let key = (node_id.to_string(), p.pool_id.clone());
-            if let Some(pid) = self.suspect.get(&key) {
-                if p.state != PoolState::Ready || p.engine_pid != *pid {
+            if let Some((pid, since)) = self.suspect.get(&key) {
+                if p.state != PoolState::Ready
+                    || p.engine_pid != *pid
+                    || since.elapsed() >= SUSPECT_FOR
+                {
                     self.suspect.remove(&key);
                 }
             }
@@ -115,7 +124,7 @@ impl Registry {
 
     pub fn mark_suspect(&mut self, key: &PoolKey) {
         let pid = self.pool(key).and_then(|p| p.engine_pid);
-        self.suspect.insert(key.clone(), pid);
+        self.suspect.insert(key.clone(), (pid, Instant::now()));
     }
 
     pub fn pool(&self, key: &PoolKey) -> Option<&PoolStatus> {
@@ -243,10 +252,11 @@ pub struct Session {
     pub last_used: Instant,
 }
 
+/// Sessions by (client, session id): a client sees and steers only its own sessions.
 #[derive(Debug)]
 pub struct Sessions {
     ttl: Duration,
-    map: HashMap<String, Session>,
+    map: HashMap<(String, String), Session>,
 }
 
 impl Sessions {
@@ -261,17 +271,18 @@ impl Sessions {
         self.ttl
     }
 
-    pub fn get(&self, id: &str, now: Instant) -> Option<&Session> {
+    pub fn get(&self, client: &str, id: &str, now: Instant) -> Option<&Session> {
         self.map
-            .get(id)
+            .get(&(client.to_string(), id.to_string()))
             .filter(|s| now.duration_since(s.last_used) < self.ttl)
     }
 
-    pub fn record(&mut self, id: &str, pool: PoolKey, slot: u32, now: Instant) {
+    pub fn record(&mut self, client: &str, id: &str, pool: PoolKey, slot: u32, now: Instant) {
         let ttl = self.ttl;
         self.map
             .retain(|_, s| now.duration_since(s.last_used) < ttl);
-        let s = self.map.entry(id.to_string()).or_insert(Session {
+        let key = (client.to_string(), id.to_string());
+        let s = self.map.entry(key).or_insert(Session {
             pool: pool.clone(),
             slot,
             turns: 0,
@@ -283,7 +294,9 @@ impl Sessions {
         s.last_used = now;
     }
 
-    pub fn remove(&mut self, id: &str) -> bool {
-        self.map.remove(id).is_some()
+    pub fn remove(&mut self, client: &str, id: &str) -> bool {
+        self.map
+            .remove(&(client.to_string(), id.to_string()))
+            .is_some()
     }
 }

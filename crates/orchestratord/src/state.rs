@@ -192,10 +192,26 @@ impl State {
                 },
             ));
         }
+        if !candidates
+            .iter()
+            .any(|c| c.model_id == sub.model && c.node_online)
+        {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorBody::new(
+                    ErrorCode::NodeUnavailable,
+                    format!(
+                        "every node serving model {:?} is offline; retry when one reports again (see GET /v2/nodes)",
+                        sub.model
+                    ),
+                )
+                .with_retry_after_ms(5000),
+            ));
+        }
         let session_pool = sub
             .session_id
             .as_deref()
-            .and_then(|s| core.sessions.get(s, Instant::now()))
+            .and_then(|s| core.sessions.get(&sub.client, s, Instant::now()))
             .map(|s| s.pool.1.clone());
         let ask = Ask {
             model: &sub.model,
@@ -305,12 +321,33 @@ impl State {
         if task.is_finished() {
             return false;
         }
-        let was_queued = self.core().queue.remove(&task.id).is_some();
+        // The token first: a dispatch that is about to put the task back in the queue checks it
+        // under the same lock we take next, so the task is either found queued here or never
+        // requeued there.
         task.cancel.cancel();
+        let was_queued = self.core().queue.remove(&task.id).is_some();
         if was_queued {
             self.finish(task, ErrorBody::new(ErrorCode::Canceled, why));
         }
         true
+    }
+
+    /// Ends every queued task (orchestratord is stopping); running ones end with their streams.
+    pub fn fail_queued(&self, why: &str) {
+        let queued: Vec<Arc<Task>> = {
+            let mut core = self.core();
+            let ids: Vec<String> = core.queue.iter().map(|e| e.task_id.clone()).collect();
+            ids.iter()
+                .filter_map(|id| core.queue.remove(id))
+                .map(|e| e.item)
+                .collect()
+        };
+        for t in queued {
+            self.finish(
+                &t,
+                ErrorBody::new(ErrorCode::PoolUnavailable, why).with_retry_after_ms(1000),
+            );
+        }
     }
 
     pub fn queue_position(&self, id: &str) -> Option<u32> {

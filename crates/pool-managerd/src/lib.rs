@@ -149,14 +149,15 @@ pub async fn run_with(
             stop_pools.clone(),
         )));
     }
+    let identity = register::Identity {
+        node_id: config.node().id.clone(),
+        advertise: config.advertise.clone(),
+        heartbeat_secs: config.node().heartbeat_secs,
+    };
     let heartbeats = tokio::spawn(register::run(
         node.clone(),
-        client,
-        register::Identity {
-            node_id: config.node().id.clone(),
-            advertise: config.advertise.clone(),
-            heartbeat_secs: config.node().heartbeat_secs,
-        },
+        client.clone(),
+        identity.clone(),
         stop_pools.clone(),
     ));
 
@@ -177,6 +178,8 @@ pub async fn run_with(
     shutdown.cancelled().await;
     tracing::info!("Shutting down: no new forwards; stopping every engine.");
     node.shutting_down.store(true, Ordering::SeqCst);
+    // Tell the control plane first, so it stops placing work here before the engines go.
+    register::final_heartbeat(&node, &client, &identity).await;
     stop_pools.cancel();
     for s in supervisors {
         let _ = s.await;

@@ -46,7 +46,7 @@ pub async fn run(
                 pools: node.statuses(),
                 staged_models: node.staged_models(),
             };
-            client.post_json(&heartbeat_path, &hb).await
+            within(interval, client.post_json(&heartbeat_path, &hb)).await
         } else {
             let reg = Registration {
                 node_id: identity.node_id.clone(),
@@ -56,7 +56,7 @@ pub async fn run(
                 pools: node.statuses(),
                 staged_models: node.staged_models(),
             };
-            client.post_json("/v2/nodes/register", &reg).await
+            within(interval, client.post_json("/v2/nodes/register", &reg)).await
         };
         match result {
             Ok(ack) => {
@@ -104,6 +104,39 @@ pub async fn run(
             }
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// A call that takes longer than one heartbeat interval is abandoned, so a control plane that
+/// black-holes packets cannot hold the loop for the kernel's TCP timeout.
+async fn within<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Transport {
+            address: "control plane".into(),
+            reason: format!("no answer within {} s", limit.as_secs()),
+        }),
+    }
+}
+
+/// On shutdown: one last heartbeat, with every pool reported as draining, so the control plane
+/// stops placing work on this node before its engines stop. Best effort, at most one second.
+pub async fn final_heartbeat(node: &Node, client: &HttpClient, identity: &Identity) {
+    let hb = Heartbeat {
+        pools: node.statuses(),
+        staged_models: node.staged_models(),
+    };
+    let path = format!("/v2/nodes/{}/heartbeat", identity.node_id);
+    let sent = within(
+        Duration::from_secs(1),
+        client.post_json::<_, NodeAck>(&path, &hb),
+    )
+    .await;
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, "The last heartbeat did not reach the control plane.");
     }
 }
 

@@ -190,9 +190,20 @@ impl Node {
         self.read(pool, PoolEntry::status)
     }
 
+    /// Every pool's status; while the node shuts down, ready pools are reported draining.
     pub fn statuses(&self) -> Vec<PoolStatus> {
+        let stopping = self.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
         let pools = self.pools.lock().expect("pool table lock");
-        pools.values().map(PoolEntry::status).collect()
+        pools
+            .values()
+            .map(|p| {
+                let mut s = p.status();
+                if stopping && s.state == PoolState::Ready {
+                    s.state = PoolState::Draining;
+                }
+                s
+            })
+            .collect()
     }
 
     /// Model ids whose pool got past provisioning.

@@ -2,6 +2,7 @@
 //! capabilities.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State as Ext};
@@ -26,6 +27,15 @@ type Result<T> = std::result::Result<T, ApiError>;
 
 fn native<T>(r: std::result::Result<T, Refusal>) -> Result<T> {
     r.map_err(ApiError::native)
+}
+
+/// A task the client may see: with API keys, only its own (others are "not known", so ids
+/// are not probed).
+fn own_task(state: &AppState, client: &str, id: &str) -> Result<Arc<Task>> {
+    state
+        .task(id)
+        .filter(|t| t.client == client)
+        .ok_or_else(|| unknown_task(id))
 }
 
 fn unknown_task(id: &str) -> ApiError {
@@ -107,8 +117,8 @@ pub async fn task_info(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<TaskInfo>> {
-    native(authenticate(&state, &headers))?;
-    let task = state.task(&id).ok_or_else(|| unknown_task(&id))?;
+    let client = native(authenticate(&state, &headers))?;
+    let task = own_task(&state, &client, &id)?;
     let (phase, pool_id) = task.phase();
     Ok(Json(TaskInfo {
         task_id: task.id.clone(),
@@ -127,20 +137,32 @@ pub async fn events(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    native(authenticate(&state, &headers))?;
-    let task = state.task(&id).ok_or_else(|| unknown_task(&id))?;
+    let client = native(authenticate(&state, &headers))?;
+    let task = own_task(&state, &client, &id)?;
     let (tx, resp) = sse::channel();
     tokio::spawn(pump(task, tx));
     Ok(resp)
 }
 
+/// A comment line sent while a stream waits (in the queue, say), so proxies between the
+/// client and orchestratord do not time the stream out.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
 async fn pump(task: Arc<Task>, tx: mpsc::Sender<Bytes>) {
     let mut follower = Follower::new(task);
+    let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
     loop {
         let batch = tokio::select! {
             b = follower.next_batch() => b,
+            _ = idle.tick() => {
+                if tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             _ = tx.closed() => return,
         };
+        idle.reset();
         let Some(events) = batch else { return };
         let mut out = String::new();
         for e in &events {
@@ -158,8 +180,8 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    native(authenticate(&state, &headers))?;
-    let task = state.task(&id).ok_or_else(|| unknown_task(&id))?;
+    let client = native(authenticate(&state, &headers))?;
+    let task = own_task(&state, &client, &id)?;
     let canceled = state.cancel(&task, "the task was cancelled by its client");
     Ok((
         StatusCode::OK,
@@ -184,12 +206,12 @@ pub async fn session(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>> {
-    native(authenticate(&state, &headers))?;
+    let client = native(authenticate(&state, &headers))?;
     let now = Instant::now();
     let core = state.core();
     let s = core
         .sessions
-        .get(&id, now)
+        .get(&client, &id, now)
         .ok_or_else(|| unknown_session(&id))?;
     let left = core
         .sessions
@@ -210,8 +232,8 @@ pub async fn delete_session(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    native(authenticate(&state, &headers))?;
-    if state.core().sessions.remove(&id) {
+    let client = native(authenticate(&state, &headers))?;
+    if state.core().sessions.remove(&client, &id) {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(unknown_session(&id))
