@@ -31,6 +31,8 @@ pub struct StackOptions {
     pub api_keys: bool,
     /// Require a node token between orchestratord and pool-managerd.
     pub node_token: bool,
+    /// Extra environment of pool-managerd (a notify socket, say).
+    pub node_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -43,6 +45,7 @@ impl Default for StackOptions {
             heartbeat_secs: 1,
             api_keys: true,
             node_token: false,
+            node_env: Vec::new(),
         }
     }
 }
@@ -279,6 +282,7 @@ sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
         let child = Command::new(bin("pool-managerd"))
             .arg("--config")
             .arg(&config)
+            .envs(self.opts.node_env.iter().map(|(k, v)| (k, v)))
             .env("LLORCH_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

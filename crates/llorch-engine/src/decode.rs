@@ -153,11 +153,15 @@ impl DecodeLoop {
     fn run(&mut self, ctx: &mut LlamaContext<'_>, commands: Receiver<Command>) {
         let mut batch = LlamaBatch::new(BATCH_TOKENS, self.active.len() as i32);
         let n_vocab = self.model.llama.n_vocab();
+        // Fed from this loop, so a stuck decode (not just a stuck process) stops the feeding
+        // and the service manager restarts the engine. Idle, the loop still turns every second.
+        let mut watchdog = llorch_os::service::Watchdog::from_env();
         loop {
+            watchdog.feed();
             // Take new work: wait when idle, otherwise only what has arrived.
             let idle = self.active.iter().all(Option::is_none);
             let first = if idle {
-                match commands.recv_timeout(Duration::from_secs(1)) {
+                match commands.recv_timeout(watchdog.wait(Duration::from_secs(1))) {
                     Ok(c) => Some(c),
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return,

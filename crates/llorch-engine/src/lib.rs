@@ -52,6 +52,9 @@ pub mod exit {
     pub const CANTCREAT: i32 = 73;
 }
 
+/// Start time asked of the service manager each second while the model loads.
+const LOAD_EXTENSION: Duration = Duration::from_secs(10);
+
 /// Why the engine stopped with an error; each maps to an exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -144,14 +147,38 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
     };
 
     let started = std::time::Instant::now();
+    // While the model loads: a status line with the progress, and more start time each second,
+    // so the unit's start timeout need not be guessed per model.
+    llorch_os::service::status(&format!("loading model {}", config.model_id));
+    llorch_os::service::extend_timeout(LOAD_EXTENSION);
+    let loading = {
+        let progress = Arc::clone(&shared.progress);
+        let model_id = config.model_id.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + Duration::from_secs(1),
+                Duration::from_secs(1),
+            );
+            loop {
+                tick.tick().await;
+                llorch_os::service::status(&format!(
+                    "loading model {model_id} ({:.0}%)",
+                    progress.get() * 100.0
+                ));
+                llorch_os::service::extend_timeout(LOAD_EXTENSION);
+            }
+        })
+    };
     let model = {
         let path = config.model_path.clone();
         let gpu_layers = config.gpu_layers;
         let progress = Arc::clone(&shared.progress);
-        tokio::task::spawn_blocking(move || Model::load(&path, gpu_layers, progress))
+        let loaded = tokio::task::spawn_blocking(move || Model::load(&path, gpu_layers, progress))
             .await
             .expect("model loading does not panic")
-            .map_err(|e| EngineError::Load(e.to_string()))?
+            .map_err(|e| EngineError::Load(e.to_string()));
+        loading.abort();
+        loaded?
     };
     let model = Arc::new(model);
     tracing::info!(
@@ -219,8 +246,16 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         source,
     })?;
     tracing::info!(pool = %config.pool_id, handoff = %handoff_path.display(), slots = config.slots, "Engine ready.");
+    llorch_os::service::ready_with_status(&format!(
+        "serving {} on {}: {} slots of {} tokens",
+        config.model_id,
+        config.device(),
+        config.slots,
+        config.ctx_per_slot
+    ));
 
     shutdown.cancelled().await;
+    llorch_os::service::stopping();
 
     // Drain: refuse new work, give in-flight requests the grace period, then cancel them.
     tracing::info!(

@@ -4,16 +4,9 @@ use clap::Parser;
 use llorch_engine::config::Args;
 use llorch_engine::exit;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("LLORCH_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,llama-cpp-2=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    llorch_os::service::init_logging("info,llama-cpp-2=warn");
     let args = Args::parse();
     let check_only = args.check_config;
     let config = match args.into_config() {

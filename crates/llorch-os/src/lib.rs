@@ -1,8 +1,12 @@
-//! The one crate that touches the service manager's interfaces. Today: listening sockets
-//! inherited through `LISTEN_FDS` (socket activation), with direct binding as the fallback.
-//! The systemd issue adds sd_notify, watchdog, credentials and journald detection here.
+//! The one crate that touches the service manager's interfaces: listening sockets inherited
+//! through `LISTEN_FDS` (socket activation) with direct binding as the fallback, and in
+//! [`service`] sd_notify (readiness, status, start-timeout extension, stopping, watchdog),
+//! credentials and journald logging.
 //!
-//! Nothing else in the workspace reads `LISTEN_FDS` or handles raw file descriptors.
+//! Nothing else in the workspace reads `LISTEN_FDS`, `NOTIFY_SOCKET`, `WATCHDOG_USEC` or
+//! `JOURNAL_STREAM`, or handles raw file descriptors.
+
+pub mod service;
 
 use std::io;
 use std::path::{Path, PathBuf};

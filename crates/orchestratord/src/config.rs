@@ -94,11 +94,7 @@ impl Default for Config {
     }
 }
 
-/// `$CREDENTIALS_DIRECTORY/<name>` when systemd passed such a credential.
-fn credential(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
-    p.exists().then_some(p)
-}
+use llorch_os::service::credential;
 
 impl Args {
     pub fn into_config(self) -> Result<Config, ConfigError> {

@@ -60,7 +60,14 @@ struct Dispatched {
 
 /// Runs until shutdown: expires deadlines, places what can be placed, starts the streams.
 pub async fn run(state: Arc<State>) {
+    // The watchdog is fed from this loop: if dispatching wedges, the service manager restarts
+    // the daemon. A tick every second keeps an idle loop turning, and refreshes the status line.
+    let mut watchdog = llorch_os::service::Watchdog::from_env();
+    let mut tick = tokio::time::interval(watchdog.wait(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_status = String::new();
     loop {
+        watchdog.feed();
         let (expired, impossible, started, next_deadline) = take_work(&state);
         for e in expired {
             state.finish(
@@ -94,6 +101,13 @@ pub async fn run(state: Arc<State>) {
         tokio::select! {
             _ = state.wake.notified() => {}
             _ = sleep => {}
+            _ = tick.tick() => {
+                let line = state.status_line();
+                if line != last_status {
+                    llorch_os::service::status(&line);
+                    last_status = line;
+                }
+            }
             _ = state.shutdown.cancelled() => return,
         }
     }

@@ -74,7 +74,10 @@ pub async fn serve_state(
         stop.cancelled().await;
     });
     let server = tokio::spawn(async move { server.await });
+    // The listener is bound and the (empty) registry exists: requests are served from here on.
+    llorch_os::service::ready_with_status(&state.status_line());
     shutdown.cancelled().await;
+    llorch_os::service::stopping();
     tracing::info!(
         "Stopping: no new connections; open streams get {} s.",
         SHUTDOWN_GRACE.as_secs()

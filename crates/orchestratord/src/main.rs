@@ -3,16 +3,10 @@
 use clap::Parser;
 use orchestratord::{exit, Args};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("LLORCH_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    llorch_os::service::init_logging("info");
     let args = Args::parse();
     let check_only = args.check_config;
     let config = match args.into_config() {

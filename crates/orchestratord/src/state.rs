@@ -350,6 +350,25 @@ impl State {
         }
     }
 
+    /// The service manager's status line: pools, queue, slots.
+    pub fn status_line(&self) -> String {
+        let core = self.core();
+        let candidates = core.registry.candidates();
+        let ready = candidates
+            .iter()
+            .filter(|c| c.node_online && c.state == llorch_wire::node::PoolState::Ready)
+            .count();
+        let slots: u32 = candidates.iter().map(|c| c.slots_total).sum();
+        format!(
+            "{ready} of {} pools ready on {} nodes; queue {}/{}; {} of {slots} slots busy",
+            candidates.len(),
+            core.registry.nodes.len(),
+            core.queue.len(),
+            core.queue.capacity(),
+            core.registry.total_leased(),
+        )
+    }
+
     pub fn queue_position(&self, id: &str) -> Option<u32> {
         self.core().queue.position(id)
     }

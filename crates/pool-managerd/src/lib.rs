@@ -177,6 +177,7 @@ pub async fn run_with(
 
     shutdown.cancelled().await;
     tracing::info!("Shutting down: no new forwards; stopping every engine.");
+    llorch_os::service::stopping();
     node.shutting_down.store(true, Ordering::SeqCst);
     // Tell the control plane first, so it stops placing work here before the engines go.
     register::final_heartbeat(&node, &client, &identity).await;

@@ -1,12 +1,10 @@
 //! `pool-managerd`: parses the configuration, sets up logging and signals, and runs the library.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Parser;
 use pool_managerd::exit;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,13 +22,7 @@ struct Args {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("LLORCH_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    llorch_os::service::init_logging("info");
     let args = Args::parse();
     let config = match pool_managerd::config::load(&args.config) {
         Ok(c) => c,

@@ -38,6 +38,10 @@ pub async fn run(
     let interval = Duration::from_secs(identity.heartbeat_secs);
     let heartbeat_path = format!("/v2/nodes/{}/heartbeat", identity.node_id);
     let mut registered = false;
+    // Fed from this loop, the node agent's own work loop; it wakes at least every half
+    // watchdog period even between heartbeats.
+    let mut watchdog = llorch_os::service::Watchdog::from_env();
+    let mut announced_ready = false;
     // Assume reachable, so the first failure is logged.
     let mut reachable = true;
     loop {
@@ -72,6 +76,12 @@ pub async fn run(
                         "Registered with the control plane."
                     );
                     registered = true;
+                    if !announced_ready {
+                        // Ready once registered: from now on the control plane can place work
+                        // on this node.
+                        llorch_os::service::ready();
+                        announced_ready = true;
+                    }
                 }
             }
             Err(e) if registered && status_of(&e) == Some(StatusCode::NOT_FOUND) => {
@@ -92,19 +102,60 @@ pub async fn run(
                 }
             }
         }
+        llorch_os::service::status(&status_line(&node, client.address(), registered));
         let next = Instant::now() + interval;
-        tokio::select! {
-            () = tokio::time::sleep_until(next) => {}
-            () = node.changed.notified() => {
-                // Let a burst of changes (failed, loading, ready) settle into one heartbeat.
-                tokio::select! {
-                    () = tokio::time::sleep(COALESCE) => {}
-                    () = shutdown.cancelled() => return,
+        loop {
+            watchdog.feed();
+            let feed_by = watchdog
+                .period()
+                .map(|p| Instant::now() + p)
+                .unwrap_or(next)
+                .min(next);
+            tokio::select! {
+                () = tokio::time::sleep_until(feed_by) => {
+                    if Instant::now() >= next {
+                        break;
+                    }
                 }
+                () = node.changed.notified() => {
+                    // Let a burst of changes (failed, loading, ready) settle into one heartbeat.
+                    tokio::select! {
+                        () = tokio::time::sleep(COALESCE) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    break;
+                }
+                () = shutdown.cancelled() => return,
             }
-            () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// The service manager's status line: registration and each pool's state.
+fn status_line(node: &Node, control_plane: &str, registered: bool) -> String {
+    let pools: Vec<String> = node
+        .statuses()
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {} ({}/{} busy)",
+                p.pool_id, p.state, p.slots_busy, p.slots_total
+            )
+        })
+        .collect();
+    format!(
+        "{} {control_plane}; pools: {}",
+        if registered {
+            "registered with"
+        } else {
+            "not registered with"
+        },
+        if pools.is_empty() {
+            "none".to_string()
+        } else {
+            pools.join(", ")
+        }
+    )
 }
 
 /// A call that takes longer than one heartbeat interval is abandoned, so a control plane that

@@ -1,0 +1,122 @@
+//! Talking to the service manager: readiness, status lines, start-timeout extensions, stopping,
+//! the watchdog (sd_notify), and credentials (`$CREDENTIALS_DIRECTORY`).
+//!
+//! Every call is a no-op when the process was not started by a service manager
+//! (`NOTIFY_SOCKET` unset), so daemons call them unconditionally. Failures to notify are
+//! logged at debug and otherwise ignored: a daemon must not stop serving because the manager's
+//! socket hiccuped. The process environment is never changed (children started by a daemon
+//! must not inherit `NOTIFY_SOCKET`; launchers remove it from the child's environment).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use sd_notify::NotifyState;
+
+fn send(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "Cannot notify the service manager.");
+    }
+}
+
+/// `READY=1`: the daemon can serve.
+pub fn ready() {
+    send(&[NotifyState::Ready]);
+}
+
+/// `STATUS=…`: one line an operator can act on (shown by `systemctl status`).
+pub fn status(line: &str) {
+    send(&[NotifyState::Status(line)]);
+}
+
+/// `READY=1` with a status line, in one message.
+pub fn ready_with_status(line: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(line)]);
+}
+
+/// `EXTEND_TIMEOUT_USEC=…`: still starting (a long model load), give it `by` more.
+pub fn extend_timeout(by: Duration) {
+    let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
+    send(&[NotifyState::ExtendTimeoutUsec(usec)]);
+}
+
+/// `STOPPING=1`: shutdown has begun.
+pub fn stopping() {
+    send(&[NotifyState::Stopping]);
+}
+
+/// Feeds the service manager's watchdog from the loop that does the work: a loop that stops
+/// turning stops feeding it, and the manager restarts the daemon. `WATCHDOG=1` goes out at most
+/// every half `WatchdogSec`; the loop must turn at least every quarter ([`Watchdog::period`]),
+/// so no gap between two feeds reaches `WatchdogSec`. Without a watchdog (`WATCHDOG_USEC`
+/// unset) feeding does nothing.
+#[derive(Debug)]
+pub struct Watchdog {
+    interval: Option<Duration>,
+    last: Option<Instant>,
+}
+
+impl Watchdog {
+    pub fn from_env() -> Self {
+        Self {
+            interval: sd_notify::watchdog_enabled(),
+            last: None,
+        }
+    }
+
+    /// How often the work loop must turn at least (a quarter of `WatchdogSec`), if a watchdog
+    /// is on.
+    pub fn period(&self) -> Option<Duration> {
+        self.interval.map(|i| i / 4)
+    }
+
+    /// How long the loop may wait for work before it must turn again: `otherwise` without a
+    /// watchdog, else the shorter of the two.
+    pub fn wait(&self, otherwise: Duration) -> Duration {
+        self.period().map_or(otherwise, |p| p.min(otherwise))
+    }
+
+    /// Sends `WATCHDOG=1` when half of `WatchdogSec` passed since the last one.
+    pub fn feed(&mut self) {
+        let Some(interval) = self.interval else {
+            return;
+        };
+        if self.last.is_none_or(|l| l.elapsed() >= interval / 2) {
+            send(&[NotifyState::Watchdog]);
+            self.last = Some(Instant::now());
+        }
+    }
+}
+
+/// `$CREDENTIALS_DIRECTORY/<name>`, when the service manager passed such a credential
+/// (`LoadCredential=`).
+pub fn credential(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
+    p.exists().then_some(p)
+}
+
+/// Logging: to journald with structured fields when the service manager connected stderr to
+/// the journal (`JOURNAL_STREAM`), else human-readable lines on stderr. `LLORCH_LOG` sets the
+/// filter (`default` otherwise).
+pub fn init_logging(default: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("LLORCH_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald)
+                .init();
+            return;
+        }
+    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+}

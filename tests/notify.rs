@@ -1,0 +1,187 @@
+//! What each daemon tells its service manager (the sd_notify protocol), recorded on a notify
+//! socket the test owns: `STATUS=` and `EXTEND_TIMEOUT_USEC=` while starting, `READY=1` only when
+//! it can serve, `WATCHDOG=1` from its work loop at half of `WatchdogSec`, `STOPPING=1` on
+//! SIGTERM. (That systemd itself acts on them is the appliance test's part.)
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use llorch_tests::stack::{free_port, signal, Stack, StackOptions};
+use llorch_tests::{bin, model_path, serial};
+
+/// A notify socket and the messages sent to it, one datagram each.
+struct NotifySocket {
+    path: std::path::PathBuf,
+    rx: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).expect("bind the notify socket");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                if tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Self {
+            path,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a message containing `needle`; returns it.
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(m) => {
+                    self.seen.push(m.clone());
+                    if m.contains(needle) {
+                        return m;
+                    }
+                }
+                Err(_) => panic!("no {needle:?} within {limit:?}; got {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Watches for `within`; asserts `WATCHDOG=1` came at least 3 times and never more than
+    /// `limit` apart (what systemd would enforce with `WatchdogSec=limit`).
+    fn assert_watchdog(&mut self, within: Duration, limit: Duration) {
+        let deadline = Instant::now() + within;
+        let mut times = Vec::new();
+        while let Ok(m) = self
+            .rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if m.contains("WATCHDOG=1") {
+                times.push(Instant::now());
+            }
+            self.seen.push(m);
+        }
+        assert!(
+            times.len() >= 3,
+            "{} watchdog feeds: {:?}",
+            times.len(),
+            self.seen
+        );
+        for w in times.windows(2) {
+            let gap = w[1] - w[0];
+            assert!(gap < limit, "a {gap:?} gap between watchdog feeds");
+        }
+    }
+}
+
+#[test]
+fn the_engine_reports_loading_ready_watchdog_and_stopping() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut notify = NotifySocket::bind(dir.path());
+    let handoff = dir.path().join("handoff/p0.json");
+    let mut engine = Command::new(bin("llorch-engine"))
+        .arg("--model")
+        .arg(model_path())
+        .arg("--socket")
+        .arg(dir.path().join("e.sock"))
+        .arg("--handoff-dir")
+        .arg(dir.path().join("handoff"))
+        .args([
+            "--pool",
+            "p0",
+            "--model-id",
+            "smollm2",
+            "--threads",
+            "2",
+            "--slots",
+            "1",
+        ])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = notify.wait_for("STATUS=loading model smollm2", Duration::from_secs(30));
+    let extend = notify.wait_for("EXTEND_TIMEOUT_USEC=", Duration::from_secs(5));
+    let ready = notify.wait_for("READY=1", Duration::from_secs(60));
+    assert!(!first.contains("READY=1") && !extend.contains("READY=1"));
+    // READY only once the handoff file is there: the engine can serve.
+    assert!(handoff.exists());
+    assert!(
+        ready.contains("STATUS=serving smollm2 on cpu: 1 slots"),
+        "{ready}"
+    );
+    // The idle decode loop keeps a 1 s watchdog fed.
+    notify.assert_watchdog(Duration::from_secs(3), Duration::from_secs(1));
+    signal(engine.id(), libc::SIGTERM);
+    notify.wait_for("STOPPING=1", Duration::from_secs(10));
+    assert!(engine.wait().unwrap().success());
+}
+
+#[test]
+fn orchestratord_reports_ready_status_watchdog_and_stopping() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut notify = NotifySocket::bind(dir.path());
+    let port = free_port();
+    let mut orch = Command::new(bin("orchestratord"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = notify.wait_for("READY=1", Duration::from_secs(30));
+    assert!(
+        ready.contains("STATUS=0 of 0 pools ready on 0 nodes; queue 0/256"),
+        "{ready}"
+    );
+    // READY means it accepts connections.
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("orchestratord accepts");
+    notify.assert_watchdog(Duration::from_secs(3), Duration::from_secs(1));
+    signal(orch.id(), libc::SIGTERM);
+    notify.wait_for("STOPPING=1", Duration::from_secs(10));
+    assert!(orch.wait().unwrap().success());
+}
+
+#[test]
+fn pool_managerd_is_ready_once_registered_and_keeps_its_engines_off_the_socket() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut notify = NotifySocket::bind(dir.path());
+    let stack = Stack::start(StackOptions {
+        node_env: vec![
+            ("NOTIFY_SOCKET".into(), notify.path.display().to_string()),
+            ("WATCHDOG_USEC".into(), "1000000".into()),
+        ],
+        ..StackOptions::default()
+    });
+    notify.wait_for("READY=1", Duration::from_secs(30));
+    notify.wait_for("default ready (0/4 busy)", Duration::from_secs(30));
+    notify.assert_watchdog(Duration::from_secs(3), Duration::from_secs(1));
+    // The engine is pool-managerd's child: it must not talk to pool-managerd's manager.
+    assert!(
+        !notify.seen.iter().any(|m| m.contains("STATUS=serving")),
+        "{:?}",
+        notify.seen
+    );
+    drop(stack);
+    notify.wait_for("STOPPING=1", Duration::from_secs(10));
+}
