@@ -133,14 +133,32 @@ fn the_engine_reports_loading_ready_watchdog_and_stopping() {
     assert!(engine.wait().unwrap().success());
 }
 
+/// The status code of `GET path` with a bearer key, over a plain TCP connection.
+fn status_with_key(port: u16, path: &str, key: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = String::new();
+    c.read_to_string(&mut head).unwrap();
+    head.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 #[test]
-fn orchestratord_reports_ready_status_watchdog_and_stopping() {
+fn orchestratord_reports_ready_status_watchdog_reload_and_stopping() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::bind(dir.path());
     let port = free_port();
+    let keys = dir.path().join("api-keys");
+    std::fs::write(&keys, "alice alice-key-0123456789abcdef\n").unwrap();
     let mut orch = Command::new(bin("orchestratord"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--api-keys")
+        .arg(&keys)
         .env("NOTIFY_SOCKET", &notify.path)
         .env("WATCHDOG_USEC", "1000000")
         .stdin(Stdio::null())
@@ -156,6 +174,33 @@ fn orchestratord_reports_ready_status_watchdog_and_stopping() {
     // READY means it accepts connections.
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("orchestratord accepts");
     notify.assert_watchdog(Duration::from_secs(3), Duration::from_secs(1));
+    // SIGHUP re-reads the key file: RELOADING=1, then READY=1, and the new key is in force.
+    assert_eq!(
+        status_with_key(port, "/v1/models", "alice-key-0123456789abcdef"),
+        200
+    );
+    std::fs::write(&keys, "bob bob-key-0123456789abcdef\n").unwrap();
+    signal(orch.id(), libc::SIGHUP);
+    let reloading = notify.wait_for("RELOADING=1", Duration::from_secs(10));
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    notify.wait_for("READY=1", Duration::from_secs(10));
+    assert_eq!(
+        status_with_key(port, "/v1/models", "alice-key-0123456789abcdef"),
+        401
+    );
+    assert_eq!(
+        status_with_key(port, "/v1/models", "bob-key-0123456789abcdef"),
+        200
+    );
+    // A broken file keeps the keys in force.
+    std::fs::write(&keys, "bob short\n").unwrap();
+    signal(orch.id(), libc::SIGHUP);
+    notify.wait_for("RELOADING=1", Duration::from_secs(10));
+    notify.wait_for("READY=1", Duration::from_secs(10));
+    assert_eq!(
+        status_with_key(port, "/v1/models", "bob-key-0123456789abcdef"),
+        200
+    );
     signal(orch.id(), libc::SIGTERM);
     notify.wait_for("STOPPING=1", Duration::from_secs(10));
     assert!(orch.wait().unwrap().success());

@@ -39,6 +39,15 @@ pub fn extend_timeout(by: Duration) {
     send(&[NotifyState::ExtendTimeoutUsec(usec)]);
 }
 
+/// `RELOADING=1` with `MONOTONIC_USEC=`: the daemon re-reads its configuration; send
+/// [`ready`] when done.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
+}
+
 /// `STOPPING=1`: shutdown has begun.
 pub fn stopping() {
     send(&[NotifyState::Stopping]);

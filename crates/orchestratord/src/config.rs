@@ -62,6 +62,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub api_keys: Option<ApiKeys>,
     pub node_tokens: Option<ApiKeys>,
+    /// Where the keys came from, to read them again on SIGHUP.
+    pub api_keys_path: Option<PathBuf>,
+    pub node_tokens_path: Option<PathBuf>,
     pub queue_capacity: usize,
     pub policy: Policy,
     pub max_body_bytes: usize,
@@ -85,6 +88,8 @@ impl Default for Config {
             listen: defaults::LISTEN.parse().expect("valid default"),
             api_keys: None,
             node_tokens: None,
+            api_keys_path: None,
+            node_tokens_path: None,
             queue_capacity: defaults::QUEUE_CAPACITY,
             policy: Policy::Reject,
             max_body_bytes: defaults::MAX_BODY_BYTES,
@@ -98,12 +103,14 @@ use llorch_os::service::credential;
 
 impl Args {
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let api_keys = match self.api_keys.or_else(|| credential("api-keys")) {
-            Some(p) => Some(ApiKeys::load(&p)?),
+        let api_keys_path = self.api_keys.or_else(|| credential("api-keys"));
+        let node_tokens_path = self.node_tokens.or_else(|| credential("node-tokens"));
+        let api_keys = match &api_keys_path {
+            Some(p) => Some(ApiKeys::load(p)?),
             None => None,
         };
-        let node_tokens = match self.node_tokens.or_else(|| credential("node-tokens")) {
-            Some(p) => Some(ApiKeys::load(&p)?),
+        let node_tokens = match &node_tokens_path {
+            Some(p) => Some(ApiKeys::load(p)?),
             None => None,
         };
         if api_keys.is_none() && !self.listen.ip().is_loopback() {
@@ -131,6 +138,8 @@ impl Args {
             listen: self.listen,
             api_keys,
             node_tokens,
+            api_keys_path,
+            node_tokens_path,
             queue_capacity: self.queue_capacity,
             policy: self.admission_policy,
             max_body_bytes: self.max_body_bytes,

@@ -399,9 +399,13 @@ async fn forward(
                 if pushed {
                     state.tasks().finished(&task.id);
                 }
+                // Field names become journald fields (TASK_ID, POOL_ID, NODE_ID, MODEL,
+                // CORRELATION_ID) when logging to the journal.
                 tracing::info!(
-                    task = %task.id,
-                    pool = %lease.pool.1,
+                    task_id = %task.id,
+                    pool_id = %lease.pool.1,
+                    node_id = %lease.pool.0,
+                    model = %task.model,
                     correlation_id = %task.correlation_id,
                     tokens_in = end.prompt_tokens,
                     tokens_out = end.completion_tokens,

@@ -57,9 +57,35 @@ async fn main() {
         }
         signals.cancel();
     });
-    if let Err(e) = orchestratord::serve(config, listener, shutdown).await {
+    let state = orchestratord::State::new(config);
+    tokio::spawn(reload_on_hangup(state.clone()));
+    if let Err(e) = orchestratord::serve_state(state, listener, shutdown).await {
         eprintln!("orchestratord: {e}");
         std::process::exit(1);
     }
     tracing::info!("Stopped.");
+}
+
+/// SIGHUP (`systemctl reload`): read the key files again without touching running streams.
+async fn reload_on_hangup(state: std::sync::Arc<orchestratord::State>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        llorch_os::service::reloading();
+        match state.reload_keys() {
+            Ok((api, node)) => {
+                tracing::info!(
+                    api_keys = api,
+                    node_tokens = node,
+                    "Reloaded the key files."
+                )
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Reload failed; the keys in force are unchanged.")
+            }
+        }
+        llorch_os::service::ready();
+    }
 }

@@ -30,8 +30,16 @@ pub struct Core {
     pub sessions: Sessions,
 }
 
+/// Client API keys and node tokens; replaced as a whole on reload (SIGHUP).
+#[derive(Debug, Default)]
+pub struct Keys {
+    pub api: Option<crate::auth::ApiKeys>,
+    pub node: Option<crate::auth::ApiKeys>,
+}
+
 pub struct State {
     pub config: Config,
+    keys: std::sync::RwLock<Arc<Keys>>,
     core: Mutex<Core>,
     tasks: Mutex<TaskTable>,
     /// Wakes the dispatcher: a task arrived, a slot freed, a node reported.
@@ -57,7 +65,11 @@ pub struct Submission {
 }
 
 impl State {
-    pub fn new(config: Config) -> Arc<Self> {
+    pub fn new(mut config: Config) -> Arc<Self> {
+        let keys = Keys {
+            api: config.api_keys.take(),
+            node: config.node_tokens.take(),
+        };
         let core = Core {
             queue: Queue::new(config.queue_capacity, config.policy),
             registry: Registry::default(),
@@ -65,12 +77,36 @@ impl State {
         };
         Arc::new(Self {
             config,
+            keys: std::sync::RwLock::new(Arc::new(keys)),
             core: Mutex::new(core),
             tasks: Mutex::new(TaskTable::default()),
             wake: Notify::new(),
             shutdown: CancellationToken::new(),
             started: Instant::now(),
         })
+    }
+
+    /// The keys in force now.
+    pub fn keys(&self) -> Arc<Keys> {
+        self.keys.read().expect("keys lock").clone()
+    }
+
+    /// Reads the key files again (SIGHUP). A file that no longer parses leaves the keys in
+    /// force unchanged; running streams are not touched either way. Returns the key counts.
+    pub fn reload_keys(&self) -> Result<(usize, usize), crate::auth::KeysError> {
+        let load = |p: &Option<std::path::PathBuf>| -> Result<_, crate::auth::KeysError> {
+            p.as_deref().map(crate::auth::ApiKeys::load).transpose()
+        };
+        let keys = Keys {
+            api: load(&self.config.api_keys_path)?,
+            node: load(&self.config.node_tokens_path)?,
+        };
+        let counts = (
+            keys.api.as_ref().map_or(0, |k| k.len()),
+            keys.node.as_ref().map_or(0, |k| k.len()),
+        );
+        *self.keys.write().expect("keys lock") = Arc::new(keys);
+        Ok(counts)
     }
 
     pub fn core(&self) -> MutexGuard<'_, Core> {

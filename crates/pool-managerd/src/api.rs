@@ -192,7 +192,7 @@ async fn generate(
     // Counted from here until the answer's body ends or is dropped.
     let guard = BusyGuard::new(busy);
     tracing::info!(
-        pool = %id,
+        pool_id = %id,
         correlation_id = correlation.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
         bytes = body.len(),
         "Forwarding a generation request."

@@ -102,7 +102,8 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
 
 /// The client a request comes from (the API key's name), or an `UNAUTHORIZED` refusal.
 pub fn authenticate(state: &State, headers: &HeaderMap) -> Result<String, Refusal> {
-    let Some(keys) = &state.config.api_keys else {
+    let keys = state.keys();
+    let Some(keys) = &keys.api else {
         return Ok("anonymous".into());
     };
     let unauthorized = |m: &str| {

@@ -23,7 +23,8 @@ use crate::state::State;
 type Result<T> = std::result::Result<T, ApiError>;
 
 fn check_node_token(state: &State, headers: &HeaderMap) -> Result<()> {
-    let Some(tokens) = &state.config.node_tokens else {
+    let keys = state.keys();
+    let Some(tokens) = &keys.node else {
         return Ok(());
     };
     match presented_key(headers).and_then(|k| tokens.check(k)) {
@@ -81,8 +82,8 @@ pub async fn register(
         .map_err(|e| bad("address", e.to_string()))?
         .with_token(
             state
-                .config
-                .node_tokens
+                .keys()
+                .node
                 .as_ref()
                 .and_then(|_| presented_key(&headers).map(str::to_string)),
         );
