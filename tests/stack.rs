@@ -914,3 +914,38 @@ async fn node_tokens_guard_registration_and_the_node_api() {
     let pools: Value = with.get_json("/v2/pools").await.unwrap();
     assert_eq!(pools[0]["pool_id"], "default");
 }
+
+#[tokio::test]
+async fn a_wedged_engine_ends_the_stream_and_frees_the_slot() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions {
+        slots: 1,
+        orch_args: vec!["--stream-idle-secs".into(), "2".into()],
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    let engine = stack.handoff().expect("handoff").pid;
+    let running = submit(&c, &long_task(800)).await;
+    let mut s = c.events(&running.streams.sse).await.unwrap();
+    let mut tokens = 0;
+    while tokens < 3 {
+        if s.next_frame().await.unwrap().unwrap().event == "token" {
+            tokens += 1;
+        }
+    }
+    // Stopped, not dead: the socket stays, the process holds its slot, nothing comes.
+    signal(engine, libc::SIGSTOP);
+    let stopped_at = Instant::now();
+    let rest = frames(s).await;
+    let waited = stopped_at.elapsed();
+    signal(engine, libc::SIGCONT);
+    let err = error_of(&rest);
+    assert_eq!(err.code, ErrorCode::EngineFailed, "{err:?}");
+    assert!(err.message.contains("sent nothing for 2 s"), "{err:?}");
+    assert!(waited >= Duration::from_secs(1), "{waited:?}");
+    assert_eq!(pools(&c).await.pools[0].slots_busy, 0);
+    // Once it runs again, the pool serves (after its node's next heartbeat clears the mark).
+    let again = submit(&c, &long_task(4)).await;
+    let f = frames(c.events(&again.streams.sse).await.unwrap()).await;
+    assert!(end_of(&f).tokens_out > 0, "{f:?}");
+}

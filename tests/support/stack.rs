@@ -33,6 +33,8 @@ pub struct StackOptions {
     pub node_token: bool,
     /// Extra environment of pool-managerd (a notify socket, say).
     pub node_env: Vec<(String, String)>,
+    /// Extra flags of orchestratord.
+    pub orch_args: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -46,6 +48,7 @@ impl Default for StackOptions {
             api_keys: true,
             node_token: false,
             node_env: Vec::new(),
+            orch_args: Vec::new(),
         }
     }
 }
@@ -193,7 +196,8 @@ impl Stack {
         let mut cmd = Command::new(bin("orchestratord"));
         cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--queue-capacity", &self.opts.queue_capacity.to_string()])
-            .args(["--admission-policy", self.opts.policy]);
+            .args(["--admission-policy", self.opts.policy])
+            .args(&self.opts.orch_args);
         if self.opts.api_keys {
             cmd.arg("--api-keys").arg(&keys);
         }

@@ -17,6 +17,7 @@ pub mod defaults {
     pub const MAX_BODY_BYTES: usize = 1 << 20;
     pub const SESSION_TTL_SECS: u64 = 600;
     pub const DEFAULT_MAX_TOKENS: u32 = 1024;
+    pub const STREAM_IDLE_SECS: u64 = 120;
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -52,6 +53,11 @@ pub struct Args {
     /// `max_tokens` of a request that gives none (the engine also stops at its slot's context).
     #[arg(long, env = "LLORCH_DEFAULT_MAX_TOKENS", default_value_t = defaults::DEFAULT_MAX_TOKENS)]
     pub default_max_tokens: u32,
+    /// Seconds a running task may go without any event from its engine (including the time to
+    /// evaluate its prompt) before it ends with ENGINE_FAILED and its pool is skipped until its
+    /// node reports again: a wedged engine must not hold a slot forever.
+    #[arg(long, env = "LLORCH_STREAM_IDLE_SECS", default_value_t = defaults::STREAM_IDLE_SECS)]
+    pub stream_idle_secs: u64,
     /// Validate the configuration (and key files) and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -70,6 +76,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub session_ttl: Duration,
     pub default_max_tokens: u32,
+    pub stream_idle: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +102,7 @@ impl Default for Config {
             max_body_bytes: defaults::MAX_BODY_BYTES,
             session_ttl: Duration::from_secs(defaults::SESSION_TTL_SECS),
             default_max_tokens: defaults::DEFAULT_MAX_TOKENS,
+            stream_idle: Duration::from_secs(defaults::STREAM_IDLE_SECS),
         }
     }
 }
@@ -128,6 +136,12 @@ impl Args {
                 format!("{} is too small; use at least 1024", self.max_body_bytes),
             ));
         }
+        if self.stream_idle_secs == 0 {
+            return Err(ConfigError::Value(
+                "stream-idle-secs",
+                "must be at least 1".into(),
+            ));
+        }
         if self.default_max_tokens == 0 {
             return Err(ConfigError::Value(
                 "default-max-tokens",
@@ -145,6 +159,7 @@ impl Args {
             max_body_bytes: self.max_body_bytes,
             session_ttl: Duration::from_secs(self.session_ttl_secs),
             default_max_tokens: self.default_max_tokens,
+            stream_idle: Duration::from_secs(self.stream_idle_secs),
         })
     }
 }

@@ -275,8 +275,17 @@ async fn forward(
         HeaderValue::from_str(&task.correlation_id).unwrap_or(HeaderValue::from_static("invalid")),
     )];
     let mut busy_retries = 0;
+    let idle = state.config.stream_idle;
     let resp = loop {
-        match client.post_raw(&path, body.clone(), &headers).await {
+        let answered = tokio::time::timeout(idle, client.post_raw(&path, body.clone(), &headers))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Transport {
+                    address: client.address().to_string(),
+                    reason: format!("no answer within {} s", idle.as_secs()),
+                })
+            });
+        match answered {
             Err(e) => {
                 tracing::warn!(task = %task.id, pool = %lease.pool.1, node = %lease.pool.0, error = %e, "Node unreachable; task goes back to the queue.");
                 return Outcome::Requeue { suspect: true };
@@ -351,7 +360,25 @@ async fn forward(
             Some(ev) => Some(ev),
             None => {
                 task.push_tokens(std::mem::take(&mut tokens));
-                events.next_event().await
+                match tokio::time::timeout(idle, events.next_event()).await {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        state.core().registry.mark_suspect(&lease.pool);
+                        tracing::warn!(task = %task.id, pool = %lease.pool.1, idle_secs = idle.as_secs(), "No event from the engine; ending the task.");
+                        state.finish(
+                            task,
+                            ErrorBody::new(
+                                ErrorCode::EngineFailed,
+                                format!(
+                                    "pool {} sent nothing for {} s; the engine may be stuck (retry the request)",
+                                    lease.pool.1,
+                                    idle.as_secs()
+                                ),
+                            ),
+                        );
+                        return Outcome::Done;
+                    }
+                }
             }
         };
         match next {
