@@ -230,3 +230,45 @@ fn pool_managerd_is_ready_once_registered_and_keeps_its_engines_off_the_socket()
     drop(stack);
     notify.wait_for("STOPPING=1", Duration::from_secs(10));
 }
+
+#[test]
+fn orchestratord_takes_the_socket_named_api_among_several() {
+    let _g = serial();
+    let (decoy, api, own) = (free_port(), free_port(), free_port());
+    let mut activator = Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{decoy}")])
+        .args(["-l", &format!("127.0.0.1:{api}")])
+        .arg("--fdname=metrics:api")
+        .arg(bin("orchestratord"))
+        .args(["--listen", &format!("127.0.0.1:{own}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate is installed (scripts/setup.sh installs systemd)");
+    // The first connection starts orchestratord with both sockets; it serves the one named
+    // `api` and binds nothing of its own.
+    let start = Instant::now();
+    let status = loop {
+        use std::io::{Read, Write};
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", api)) {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut head = String::new();
+            let _ = c.read_to_string(&mut head);
+            if !head.is_empty() {
+                break head;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no answer on the api socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", own)).is_err());
+    signal(activator.id(), libc::SIGTERM);
+    let _ = activator.wait();
+}

@@ -104,7 +104,7 @@ pub fn check_model(config: &EngineConfig) -> Result<llorch_gguf::GgufInfo, Engin
 /// the handoff file is removed, and the function returns.
 pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<(), EngineError> {
     check_model(&config)?;
-    let (listener, origin) = llorch_os::unix_listener(&config.socket)?;
+    let (listener, origin) = llorch_os::unix_listener("engine", &config.socket)?;
     match &origin {
         ListenerOrigin::Inherited => tracing::info!("Serving on the inherited socket."),
         ListenerOrigin::Bound(p) => tracing::info!(socket = %p.display(), "Serving on the socket."),

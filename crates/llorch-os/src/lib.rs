@@ -34,12 +34,42 @@ pub enum ListenError {
     BindTcp { addr: SocketAddr, source: io::Error },
 }
 
-/// Takes the first inherited Unix listener when the process was socket activated, and binds
-/// `path` otherwise. A stale socket file at `path` (nobody accepting on it) is replaced; a live
-/// one is an error, so two engines never fight over one socket.
-pub fn unix_listener(path: &Path) -> Result<(UnixListener, ListenerOrigin), ListenError> {
+/// Which inherited socket is `name`'s: the one whose `FileDescriptorName=` (`LISTEN_FDNAMES`)
+/// is `name`, or the only one when just one was passed (systemd-socket-activate without
+/// names). `None` when nothing was inherited.
+fn inherited_index(fds: &listenfd::ListenFd, name: &str) -> Result<Option<usize>, ListenError> {
+    let n = fds.len();
+    if n == 0 {
+        return Ok(None);
+    }
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    if let Some(i) = names.split(':').position(|x| x == name) {
+        return Ok(Some(i));
+    }
+    if n == 1 {
+        return Ok(Some(0));
+    }
+    Err(ListenError::Inherited(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{n} sockets were passed ({names:?}) and none is named {name:?}; set FileDescriptorName={name} in the socket unit"),
+    )))
+}
+
+/// Takes the inherited Unix listener named `name` when the process was socket activated, and
+/// binds `path` otherwise. A stale socket file at `path` (nobody accepting on it) is replaced;
+/// a live one is an error, so two engines never fight over one socket.
+pub fn unix_listener(
+    name: &str,
+    path: &Path,
+) -> Result<(UnixListener, ListenerOrigin), ListenError> {
     let mut fds = listenfd::ListenFd::from_env();
-    if let Some(std_listener) = fds.take_unix_listener(0).map_err(ListenError::Inherited)? {
+    let index = inherited_index(&fds, name)?;
+    if let Some(std_listener) = index
+        .map(|i| fds.take_unix_listener(i))
+        .transpose()
+        .map_err(ListenError::Inherited)?
+        .flatten()
+    {
         std_listener
             .set_nonblocking(true)
             .map_err(ListenError::Inherited)?;
@@ -49,11 +79,20 @@ pub fn unix_listener(path: &Path) -> Result<(UnixListener, ListenerOrigin), List
     bind_unix(path).map(|l| (l, ListenerOrigin::Bound(path.to_owned())))
 }
 
-/// Takes the first inherited TCP listener when the process was socket activated, and binds
-/// `addr` otherwise.
-pub async fn tcp_listener(addr: SocketAddr) -> Result<(TcpListener, ListenerOrigin), ListenError> {
+/// Takes the inherited TCP listener named `name` when the process was socket activated, and
+/// binds `addr` otherwise.
+pub async fn tcp_listener(
+    name: &str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, ListenerOrigin), ListenError> {
     let mut fds = listenfd::ListenFd::from_env();
-    if let Some(std_listener) = fds.take_tcp_listener(0).map_err(ListenError::Inherited)? {
+    let index = inherited_index(&fds, name)?;
+    if let Some(std_listener) = index
+        .map(|i| fds.take_tcp_listener(i))
+        .transpose()
+        .map_err(ListenError::Inherited)?
+        .flatten()
+    {
         std_listener
             .set_nonblocking(true)
             .map_err(ListenError::Inherited)?;
@@ -99,13 +138,13 @@ mod tests {
     async fn binds_replaces_stale_files_and_refuses_live_sockets() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e.sock");
-        let (first, origin) = unix_listener(&path).unwrap();
+        let (first, origin) = unix_listener("engine", &path).unwrap();
         assert_eq!(origin, ListenerOrigin::Bound(path.clone()));
-        let err = unix_listener(&path).unwrap_err();
+        let err = unix_listener("engine", &path).unwrap_err();
         assert!(err.to_string().contains("e.sock"), "{err}");
         drop(first);
         // The file is left behind by the dropped listener: a stale socket.
         assert!(path.exists());
-        let (_second, _) = unix_listener(&path).unwrap();
+        let (_second, _) = unix_listener("engine", &path).unwrap();
     }
 }

@@ -27,7 +27,7 @@ async fn main() {
             "No API keys configured: serving without authentication, on loopback only."
         ),
     }
-    let (listener, origin) = match llorch_os::tcp_listener(config.listen).await {
+    let (listener, origin) = match llorch_os::tcp_listener("api", config.listen).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("orchestratord: {e}");

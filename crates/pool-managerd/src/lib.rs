@@ -116,7 +116,7 @@ pub async fn run_with(
                     source,
                 })?;
             }
-            let (l, origin) = llorch_os::unix_listener(path)?;
+            let (l, origin) = llorch_os::unix_listener("node-api", path)?;
             tracing::info!(socket = %path.display(), origin = ?origin, "Node API listening.");
             if matches!(origin, llorch_os::ListenerOrigin::Bound(_)) {
                 bound = Some(path.clone());
