@@ -29,7 +29,9 @@ use crate::tasks::{Task, TaskEvent};
 const BUSY_RETRY: Duration = Duration::from_millis(10);
 const BUSY_RETRIES: u32 = 50;
 
-/// A leased slot. Dropping it returns the slot, so no path can leak it or return it twice.
+/// A leased slot. It is returned exactly once: explicitly before a task's final event (so a
+/// client that saw `end` finds the slot free for its next request), or by `Drop` on any other
+/// path, so none can leak it.
 pub struct Lease {
     state: Arc<State>,
     pub pool: PoolKey,
@@ -37,16 +39,27 @@ pub struct Lease {
     since: Instant,
     /// Whether the hold time counts toward the service rate (false when the task never ran).
     measured: bool,
+    released: bool,
 }
 
-impl Drop for Lease {
-    fn drop(&mut self) {
+impl Lease {
+    /// Returns the slot now; later calls and the drop do nothing.
+    pub fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
         let held = self.measured.then(|| self.since.elapsed());
         self.state
             .core()
             .registry
             .release(&self.pool, &self.model, held);
         self.state.wake.notify_one();
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -194,6 +207,7 @@ fn take_work(
                             model: task.model.clone(),
                             since: now,
                             measured: false,
+                            released: false,
                         },
                         client,
                         lost,
@@ -225,10 +239,12 @@ async fn stream_task(state: Arc<State>, d: Dispatched) {
     let outcome = tokio::select! {
         o = forward(&state, &task, &mut lease, &client, slot_hint) => o,
         _ = task.cancel.cancelled() => {
+            lease.release();
             state.finish(&task, ErrorBody::new(ErrorCode::Canceled, "the task was cancelled"));
             Outcome::Done
         }
         _ = lost.cancelled() => {
+            lease.release();
             state.finish(&task, ErrorBody::new(
                 ErrorCode::NodeUnavailable,
                 format!("node {} stopped reporting while it ran this task; submit it again", lease.pool.0),
@@ -247,6 +263,7 @@ async fn stream_task(state: Arc<State>, d: Dispatched) {
         }
         drop(core);
         if task.cancel.is_cancelled() && !task.is_finished() {
+            lease.release();
             state.finish(
                 &task,
                 ErrorBody::new(ErrorCode::Canceled, "the task was cancelled"),
@@ -308,11 +325,13 @@ async fn forward(
                     // The engine refused the request itself (too long for a slot, …): the
                     // client's error.
                     (StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE, _) => {
+                        lease.release();
                         state.finish(task, body);
                         return Outcome::Done;
                     }
                     (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => {
                         tracing::warn!(node = %lease.pool.0, "The node refused orchestratord's node token.");
+                        lease.release();
                         state.finish(
                             task,
                             ErrorBody::new(
@@ -346,6 +365,7 @@ async fn forward(
         match EventStream::from_response(resp, std::path::Path::new(client.address())).await {
             Ok(e) => e,
             Err(e) => {
+                lease.release();
                 state.finish(task, ErrorBody::new(ErrorCode::EngineFailed, e.to_string()));
                 return Outcome::Done;
             }
@@ -365,6 +385,7 @@ async fn forward(
                     Err(_) => {
                         state.core().registry.mark_suspect(&lease.pool);
                         tracing::warn!(task = %task.id, pool = %lease.pool.1, idle_secs = idle.as_secs(), "No event from the engine; ending the task.");
+                        lease.release();
                         state.finish(
                             task,
                             ErrorBody::new(
@@ -393,6 +414,8 @@ async fn forward(
         match next {
             Some(Ok(EngineEvent::Token(_))) => unreachable!("handled above"),
             Some(Ok(EngineEvent::End(end))) => {
+                // The slot is free before the client can see the end.
+                lease.release();
                 let now = Instant::now();
                 let first = first_token.unwrap_or(now);
                 let decode = now.duration_since(first);
@@ -445,11 +468,13 @@ async fn forward(
                 if body.code == ErrorCode::EngineFailed {
                     state.core().registry.mark_suspect(&lease.pool);
                 }
+                lease.release();
                 state.finish(task, body);
                 return Outcome::Done;
             }
             Some(Err(e)) => {
                 state.core().registry.mark_suspect(&lease.pool);
+                lease.release();
                 state.finish(
                     task,
                     ErrorBody::new(
@@ -461,6 +486,7 @@ async fn forward(
             }
             None => {
                 state.core().registry.mark_suspect(&lease.pool);
+                lease.release();
                 state.finish(
                     task,
                     ErrorBody::new(
