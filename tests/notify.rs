@@ -3,88 +3,13 @@
 //! it can serve, `WATCHDOG=1` from its work loop at half of `WatchdogSec`, `STOPPING=1` on
 //! SIGTERM. (That systemd itself acts on them is the appliance test's part.)
 
-use std::os::unix::net::UnixDatagram;
-use std::path::Path;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use llorch_tests::notify::NotifySocket;
 use llorch_tests::stack::{free_port, signal, Stack, StackOptions};
 use llorch_tests::{bin, model_path, serial};
-
-/// A notify socket and the messages sent to it, one datagram each.
-struct NotifySocket {
-    path: std::path::PathBuf,
-    rx: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl NotifySocket {
-    fn bind(dir: &Path) -> Self {
-        let path = dir.join("notify.sock");
-        let sock = UnixDatagram::bind(&path).expect("bind the notify socket");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                if tx
-                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-        Self {
-            path,
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a message containing `needle`; returns it.
-    fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(m) => {
-                    self.seen.push(m.clone());
-                    if m.contains(needle) {
-                        return m;
-                    }
-                }
-                Err(_) => panic!("no {needle:?} within {limit:?}; got {:?}", self.seen),
-            }
-        }
-    }
-
-    /// Watches for `within`; asserts `WATCHDOG=1` came at least 3 times and never more than
-    /// `limit` apart (what systemd would enforce with `WatchdogSec=limit`).
-    fn assert_watchdog(&mut self, within: Duration, limit: Duration) {
-        let deadline = Instant::now() + within;
-        let mut times = Vec::new();
-        while let Ok(m) = self
-            .rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            if m.contains("WATCHDOG=1") {
-                times.push(Instant::now());
-            }
-            self.seen.push(m);
-        }
-        assert!(
-            times.len() >= 3,
-            "{} watchdog feeds: {:?}",
-            times.len(),
-            self.seen
-        );
-        for w in times.windows(2) {
-            let gap = w[1] - w[0];
-            assert!(gap < limit, "a {gap:?} gap between watchdog feeds");
-        }
-    }
-}
 
 #[test]
 fn the_engine_reports_loading_ready_watchdog_and_stopping() {
@@ -243,29 +168,28 @@ fn orchestratord_takes_the_socket_named_api_among_several() {
         .args(["--listen", &format!("127.0.0.1:{own}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("systemd-socket-activate is installed (scripts/setup.sh installs systemd)");
-    // The first connection starts orchestratord with both sockets; it serves the one named
-    // `api` and binds nothing of its own.
-    let start = Instant::now();
-    let status = loop {
+    // It says when both sockets listen; then the first connection starts orchestratord with
+    // both, and it serves the one named `api` and binds nothing of its own.
+    let mut lines = BufReader::new(activator.stderr.take().unwrap()).lines();
+    for _ in 0..2 {
+        let line = lines
+            .next()
+            .expect("systemd-socket-activate said nothing")
+            .unwrap();
+        assert!(line.starts_with("Listening on"), "{line}");
+    }
+    let status = {
         use std::io::{Read, Write};
-        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", api)) {
-            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            c.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            let mut head = String::new();
-            let _ = c.read_to_string(&mut head);
-            if !head.is_empty() {
-                break head;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no answer on the api socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", api)).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        c.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut head = String::new();
+        let _ = c.read_to_string(&mut head);
+        head
     };
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", own)).is_err());

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub use llorch_client::UnixClient;
 
+pub mod notify;
 pub mod stack;
 
 /// The default model, fetched and verified by `scripts/setup.sh`.

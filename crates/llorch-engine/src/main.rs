@@ -39,17 +39,8 @@ fn main() {
         .expect("build the tokio runtime");
     let code = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-            signals.cancel();
-        });
+        llorch_os::service::cancel_on_stop_signal(shutdown.clone())
+            .expect("install SIGTERM and SIGINT handlers");
         match llorch_engine::run(config, shutdown).await {
             Ok(()) => 0,
             Err(e) => {

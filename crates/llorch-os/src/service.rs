@@ -103,6 +103,22 @@ pub fn credential(name: &str) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// Cancels `stop` on SIGTERM (the service manager's stop) or SIGINT (Ctrl-C). The handlers are
+/// installed before this returns, so a signal that arrives early is not lost.
+pub fn cancel_on_stop_signal(stop: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received."),
+            _ = int.recv() => tracing::info!("SIGINT received."),
+        }
+        stop.cancel();
+    });
+    Ok(())
+}
+
 /// Logging: to journald with structured fields when the service manager connected stderr to
 /// the journal (`JOURNAL_STREAM`), else human-readable lines on stderr. `LLORCH_LOG` sets the
 /// filter (`default` otherwise).

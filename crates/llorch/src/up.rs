@@ -235,11 +235,8 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
 
     // Listen for Ctrl-C and SIGTERM once, for the whole run, so no signal falls between two
     // waits.
-    let (stopped, mut stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        stop_signal().await;
-        let _ = stopped.send(true);
-    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    llorch_os::service::cancel_on_stop_signal(stop.clone())?;
     let mut orch_args = vec!["--listen".to_string(), opts.listen.to_string()];
     orch_args.extend(opts.orchestratord_args.iter().cloned());
     let mut orch = Daemon::spawn("orchestratord", &orch_args, logs.join("orchestratord.log"))?;
@@ -261,7 +258,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     let mut both = [&mut orch, &mut node];
     let ready = tokio::select! {
         r = wait_until_ready(&client, &mut both) => r,
-        _ = stop.wait_for(|s| *s) => Err(anyhow::anyhow!("interrupted before the stack was ready")),
+        _ = stop.cancelled() => Err(anyhow::anyhow!("interrupted before the stack was ready")),
     };
     if let Err(e) = ready {
         node.stop().await?;
@@ -278,7 +275,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     );
     eprintln!("llorch: Ctrl-C stops everything.");
     let exited = tokio::select! {
-        _ = stop.wait_for(|s| *s) => None,
+        _ = stop.cancelled() => None,
         s = orch.child.wait() => Some(("orchestratord", s)),
         s = node.child.wait() => Some(("pool-managerd", s)),
     };
@@ -293,14 +290,4 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     node_stopped?;
     eprintln!("llorch: stopped");
     Ok(())
-}
-
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
 }

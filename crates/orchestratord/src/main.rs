@@ -46,17 +46,10 @@ async fn main() {
     }
     tracing::info!(listen = %addr, origin = ?origin, queue = config.queue_capacity, policy = config.policy.as_str(), "Serving the API.");
     let shutdown = CancellationToken::new();
-    let signals = shutdown.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-        signals.cancel();
-    });
+    if let Err(e) = llorch_os::service::cancel_on_stop_signal(shutdown.clone()) {
+        eprintln!("orchestratord: cannot install signal handlers: {e}");
+        std::process::exit(1);
+    }
     let state = orchestratord::State::new(config);
     tokio::spawn(reload_on_hangup(state.clone()));
     if let Err(e) = orchestratord::serve_state(state, listener, shutdown).await {

@@ -420,10 +420,10 @@ fn validate(path: &Path, config: Config) -> Result<Checked, ConfigError> {
             ));
         }
     }
-    let token_path = node.token_file.clone().or_else(|| {
-        let p = PathBuf::from(std::env::var_os("CREDENTIALS_DIRECTORY")?).join("node-token");
-        p.exists().then_some(p)
-    });
+    let token_path = node
+        .token_file
+        .clone()
+        .or_else(|| llorch_os::service::credential("node-token"));
     let token = match token_path {
         Some(p) => {
             let text = std::fs::read_to_string(&p).map_err(|e| {

@@ -52,7 +52,9 @@ fn main() {
     };
     let code = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(on_signal(shutdown.clone()));
+        if let Err(e) = llorch_os::service::cancel_on_stop_signal(shutdown.clone()) {
+            tracing::error!(error = %e, "Cannot install signal handlers; stop pool-managerd with SIGKILL.");
+        }
         match pool_managerd::run(config, shutdown).await {
             Ok(()) => 0,
             Err(e) => {
@@ -62,21 +64,4 @@ fn main() {
         }
     });
     std::process::exit(code);
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("Cannot install signal handlers; stop pool-managerd with SIGKILL.");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received."),
-        _ = int.recv() => tracing::info!("SIGINT received."),
-    }
-    shutdown.cancel();
 }

@@ -11,51 +11,11 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt;
 use hyper::header::{HeaderName, HeaderValue};
 use llorch_client::{EventStream, HttpClient, StreamFailure};
+use llorch_tests::notify::NotifySocket;
+use llorch_tests::stack::{free_port, signal};
+use llorch_tests::{bin, model_path};
 use llorch_wire::node::{PoolState, PoolStatus};
 use llorch_wire::{ErrorBody, ErrorCode};
-
-/// The default model, fetched and verified by `scripts/setup.sh` (same lookup as `tests/`).
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("LLORCH_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("LLORCH_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("llama-orch"))
-                })
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-                        .join(".cache/llama-orch")
-                });
-            cache.join("default-model/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.exists(),
-        "the default model is not at {}; run scripts/setup.sh or set LLORCH_TEST_MODEL",
-        path.display()
-    );
-    path
-}
-
-/// A workspace binary in `target/debug`.
-fn workspace_bin(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/debug")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo build -p llorch-engine -p engine-provisioner -p pool-managerd` first",
-        path.display()
-    );
-    path
-}
-
-/// A port nobody listens on.
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
 
 /// The running daemon; killed on drop, so a failed test leaves nothing behind.
 struct Daemon {
@@ -76,16 +36,6 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{sig} {pid} failed");
 }
 
 fn write_config(dir: &Path, slots: &str) -> PathBuf {
@@ -111,10 +61,10 @@ threads = 2
 id = "smollm2-135m"
 source = "{model}"
 "#,
-        port = closed_port(),
+        port = free_port(),
         dir = dir.display(),
-        engine = workspace_bin("llorch-engine").display(),
-        provisioner = workspace_bin("engine-provisioner").display(),
+        engine = bin("llorch-engine").display(),
+        provisioner = bin("engine-provisioner").display(),
         model = model_path().display(),
     );
     let path = dir.join("node.toml");
@@ -126,34 +76,31 @@ async fn status(client: &HttpClient) -> PoolStatus {
     client.get_json("/v2/pools/default").await.unwrap()
 }
 
-/// Polls the pool's status until `cond` holds (events arrive within milliseconds; the limit only
-/// bounds a broken run).
+/// Waits until the pool's status satisfies `cond`, looking again each time pool-managerd tells
+/// its service manager something: every state change is followed by a `STATUS=` line.
 async fn wait_status(
     client: &HttpClient,
+    notify: &mut NotifySocket,
     daemon: &Daemon,
     what: &str,
     limit: Duration,
     cond: impl Fn(&PoolStatus) -> bool,
 ) -> PoolStatus {
-    let start = Instant::now();
+    let deadline = Instant::now() + limit;
     loop {
-        if let Ok(st) = client.get_json::<PoolStatus>("/v2/pools/default").await {
-            if cond(&st) {
-                return st;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for {what}; last status {st:?}\n{}",
-                daemon.log()
-            );
-        } else {
-            assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for the node API ({what})\n{}",
-                daemon.log()
-            );
+        let st = client
+            .get_json::<PoolStatus>("/v2/pools/default")
+            .await
+            .ok();
+        if let Some(st) = st.as_ref().filter(|st| cond(st)) {
+            return st.clone();
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            notify.next(left).is_some(),
+            "timed out after {limit:?} waiting for {what}; last status {st:?}\n{}",
+            daemon.log()
+        );
     }
 }
 
@@ -185,11 +132,13 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
         .tempdir_in("/tmp")
         .unwrap();
     let config = write_config(dir.path(), "2");
+    let mut notify = NotifySocket::bind(dir.path());
     let log = dir.path().join("pool-managerd.log");
     let child = Command::new(env!("CARGO_BIN_EXE_pool-managerd"))
         .arg("--config")
         .arg(&config)
         .env("LLORCH_LOG", "info,pool_managerd=debug")
+        .env("NOTIFY_SOCKET", &notify.path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -201,6 +150,7 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
     // Ready, reported with the engine's pid and version.
     let ready = wait_status(
         &client,
+        &mut notify,
         &daemon,
         "the pool to become ready",
         Duration::from_secs(120),
@@ -265,7 +215,7 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
         "{first:?}"
     );
     assert_eq!(status(&client).await.slots_busy, 1);
-    signal(first_pid, "KILL");
+    signal(first_pid, libc::SIGKILL);
     match stream.collect().await {
         Err(StreamFailure::Event(body)) => {
             assert_eq!(body.code, ErrorCode::EngineFailed, "{body:?}")
@@ -274,6 +224,7 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
     }
     let failed = wait_status(
         &client,
+        &mut notify,
         &daemon,
         "the pool to notice the dead engine",
         Duration::from_secs(10),
@@ -286,6 +237,7 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
     );
     let back = wait_status(
         &client,
+        &mut notify,
         &daemon,
         "the pool to come back",
         Duration::from_secs(60),
@@ -330,19 +282,9 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
 
     // SIGTERM: the engine stops, the handoff file and the socket go, exit 0.
     let engine_pid = status(&client).await.engine_pid.unwrap();
-    signal(daemon.child.id(), "TERM");
-    let start = Instant::now();
-    let code = loop {
-        if let Some(s) = daemon.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "pool-managerd did not stop\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    signal(daemon.child.id(), libc::SIGTERM);
+    // Its exit is the event; it comes once every engine has stopped.
+    let code = daemon.child.wait().unwrap();
     assert_eq!(code.code(), Some(0), "{}", daemon.log());
     assert!(
         !Path::new(&format!("/proc/{engine_pid}")).exists(),
