@@ -47,7 +47,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built; run `cargo build --workspace --bins` first (make test does)",
+        "{} is not built; run `cargo build --workspace --bins` first (make test does; make bench builds --release)",
         path.display()
     );
     path

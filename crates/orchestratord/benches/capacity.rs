@@ -35,6 +35,9 @@
 //! The bench raises its own soft `RLIMIT_NOFILE` to the hard limit (orchestratord inherits it):
 //! 1,000 streams need about 2,000 descriptors in orchestratord and 2,000 here.
 
+mod common;
+use common::*;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::TcpListener as StdTcpListener;
@@ -65,37 +68,6 @@ const NODE_ID: &str = "synthetic-node";
 const FAST_MODEL: &str = "synthetic";
 const SLOW_MODEL: &str = "synthetic-slow";
 const POOL_SLOTS: u32 = 2048;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A release binary next to this bench executable (`target/release/deps/..`).
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("bench executable path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo build --release --bins` first (make bench does)",
-        path.display()
-    );
-    path
-}
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
 
 /// Raises the soft open-file limit to `want` (at most the hard limit); returns the soft limit.
 fn raise_nofile(want: u64) -> u64 {
@@ -680,16 +652,6 @@ async fn open_streams(orch: &Orch, streams: usize, tokens: u32, gap: Duration) -
         errors,
         running_seen,
     }
-}
-
-/// `/proc/loadavg`'s first three fields: how busy the (shared) machine was.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn main() {

@@ -22,7 +22,16 @@
 //!   under `$LLORCH_CACHE`, `$XDG_CACHE_HOME/llama-orch` or `~/.cache/llama-orch`).
 //! - `LLORCH_BENCH_LOG` (default `info`): the daemons' log filter.
 
-use std::net::TcpListener;
+mod common;
+use common::*;
+
+/// `LLORCH_BENCH_MODEL`, else the default model the tests use.
+fn bench_model() -> PathBuf {
+    std::env::var_os("LLORCH_BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(model_path)
+}
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,79 +47,6 @@ use serde_json::{json, Value};
 const MODEL_ID: &str = "smollm2-135m";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const POOL: &str = "default";
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn model_path() -> PathBuf {
-    std::env::var_os("LLORCH_BENCH_MODEL")
-        .or_else(|| std::env::var_os("LLORCH_TEST_MODEL"))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("LLORCH_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("llama-orch"))
-                })
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-                        .join(".cache/llama-orch")
-                });
-            cache.join("default-model/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
-}
-
-/// A release binary next to this bench executable (`target/release/deps/..`).
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("bench executable path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo build --release --bins` first (make bench does)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
-}
-
-/// Sorted copy's value at quantile `q` (nearest rank).
-fn quantile(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    let i = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
-    s[i]
-}
-
-fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
 
 /// A daemon this bench started; stopped with SIGTERM (then SIGKILL) when dropped.
 struct Daemon {
@@ -222,7 +158,7 @@ sha256 = "{MODEL_SHA256}"
             cache = cache.display(),
             engine = bin("llorch-engine").display(),
             provisioner = bin("engine-provisioner").display(),
-            model = model_path().display(),
+            model = bench_model().display(),
         );
         let config_path = dir.path().join("node.toml");
         std::fs::write(&config_path, config).expect("write node config");
@@ -356,16 +292,6 @@ fn row(name: &str, v: &[f64], unit: &str) {
     );
 }
 
-/// `/proc/loadavg`'s first three fields: how busy the (shared) machine was.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn main() {
     let reps: usize = env_or("LLORCH_BENCH_REPS", 20);
     let tokens: u32 = env_or("LLORCH_BENCH_TOKENS", 64);
@@ -375,12 +301,7 @@ fn main() {
         "LLORCH_BENCH_PROMPT",
         "Tell me about lighthouses.".to_string(),
     );
-    let model = model_path();
-    assert!(
-        model.exists(),
-        "the default model is not at {}; run scripts/setup.sh or set LLORCH_BENCH_MODEL",
-        model.display()
-    );
+    let model = bench_model();
     println!("load average before: {}", loadavg());
     println!(
         "frontend tax: {reps} pairs, max_tokens {tokens}, {slots} slot(s), {threads} threads, model {}",
