@@ -77,6 +77,16 @@ async fn frames(mut s: EventStream) -> Vec<Frame> {
     out
 }
 
+/// Reads a stream until `n` tokens went by: the task is running mid-answer.
+async fn skip_tokens(s: &mut EventStream, n: usize) {
+    let mut tokens = 0;
+    while tokens < n {
+        if s.next_frame().await.unwrap().unwrap().event == "token" {
+            tokens += 1;
+        }
+    }
+}
+
 fn event_text(frames: &[Frame]) -> String {
     frames
         .iter()
@@ -339,13 +349,7 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
     // Cancel mid-stream: tokens stop, the stream ends with CANCELED, the slot is free.
     let accepted = submit(&c, &long_task(600)).await;
     let mut stream = c.events(&accepted.streams.sse).await.unwrap();
-    let mut tokens = 0;
-    while tokens < 5 {
-        let f = stream.next_frame().await.unwrap().unwrap();
-        if f.event == "token" {
-            tokens += 1;
-        }
-    }
+    skip_tokens(&mut stream, 5).await;
     let canceled: Value = c
         .post_json(
             &format!("/v2/tasks/{}/cancel", accepted.task_id),
@@ -588,12 +592,7 @@ async fn killing_the_engine_fails_the_stream_and_the_pool_recovers_for_queued_ta
     let first_pid = stack.handoff().expect("handoff").pid;
     let running = submit(&c, &long_task(800)).await;
     let mut s = c.events(&running.streams.sse).await.unwrap();
-    let mut tokens = 0;
-    while tokens < 3 {
-        if s.next_frame().await.unwrap().unwrap().event == "token" {
-            tokens += 1;
-        }
-    }
+    skip_tokens(&mut s, 3).await;
     // Two tasks wait behind it.
     let waiting: Vec<TaskAccepted> = vec![
         submit(
@@ -927,12 +926,7 @@ async fn a_wedged_engine_ends_the_stream_and_frees_the_slot() {
     let engine = stack.handoff().expect("handoff").pid;
     let running = submit(&c, &long_task(800)).await;
     let mut s = c.events(&running.streams.sse).await.unwrap();
-    let mut tokens = 0;
-    while tokens < 3 {
-        if s.next_frame().await.unwrap().unwrap().event == "token" {
-            tokens += 1;
-        }
-    }
+    skip_tokens(&mut s, 3).await;
     // Stopped, not dead: the socket stays, the process holds its slot, nothing comes.
     signal(engine, libc::SIGSTOP);
     let stopped_at = Instant::now();

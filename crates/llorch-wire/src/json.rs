@@ -7,7 +7,20 @@ use crate::ErrorBody;
 /// Parses a JSON body into `T`. Type errors name the field by its path (`messages[0].content`),
 /// unknown fields by their name, syntax errors the body.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ErrorBody> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
+    decode(&mut serde_json::Deserializer::from_slice(body))
+}
+
+/// Decodes an already parsed JSON value into `T`, naming the field at fault as [`parse`] does
+/// (for a body that is decoded into more than one type).
+pub fn from_value<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ErrorBody> {
+    decode(value)
+}
+
+fn decode<'de, D, T>(de: D) -> Result<T, ErrorBody>
+where
+    D: serde::Deserializer<'de, Error = serde_json::Error>,
+    T: DeserializeOwned,
+{
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -65,5 +78,9 @@ mod tests {
         assert_eq!(err.code, ErrorCode::InvalidParams);
         let err = parse::<crate::task::TaskRequest>(br#"{"prompt":"x"}"#).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("model_ref"));
+        let value: serde_json::Value =
+            serde_json::from_str(r#"{"messages":[{"role":"user","content":5}]}"#).unwrap();
+        let err = from_value::<GenerateRequest>(&value).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("messages[0].content"));
     }
 }

@@ -143,7 +143,7 @@ fn take_work(
     let mut candidates = core.registry.candidates();
     let mut free: u32 = candidates
         .iter()
-        .filter(|c| c.node_online && c.state == llorch_wire::node::PoolState::Ready && !c.suspect)
+        .filter(|c| c.serving())
         .map(|c| c.free_slots)
         .sum();
     if free > 0 && !core.queue.is_empty() {

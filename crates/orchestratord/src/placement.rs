@@ -23,6 +23,13 @@ pub struct Candidate {
     pub suspect: bool,
 }
 
+impl Candidate {
+    /// Ready on an online node and not suspect: it may take work (slots permitting).
+    pub fn serving(&self) -> bool {
+        self.node_online && self.state == PoolState::Ready && !self.suspect
+    }
+}
+
 /// What placement is asked to place.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Ask<'a> {

@@ -414,12 +414,7 @@ impl State {
 pub fn capacity_for(candidates: &[crate::placement::Candidate], model: &str) -> (u32, u32) {
     candidates
         .iter()
-        .filter(|c| {
-            c.model_id == model
-                && c.node_online
-                && c.state == llorch_wire::node::PoolState::Ready
-                && !c.suspect
-        })
+        .filter(|c| c.model_id == model && c.serving())
         .fold((0, 0), |(f, s), c| (f + c.free_slots, s + c.slots_total))
 }
 

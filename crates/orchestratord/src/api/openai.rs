@@ -35,6 +35,10 @@ fn bad(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::openai((StatusCode::BAD_REQUEST, ErrorBody::invalid(param, message)))
 }
 
+fn bad_body(e: ErrorBody) -> ApiError {
+    ApiError::openai((StatusCode::BAD_REQUEST, e))
+}
+
 /// OpenAI's `{"error": {message, type, param, code}}`.
 pub fn error_envelope(status: StatusCode, body: &ErrorBody) -> Vec<u8> {
     serde_json::to_vec(&json!({ "error": error_object(status, body) })).expect("serializes")
@@ -228,10 +232,9 @@ const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "suffix", "be
 
 /// Refuses parameters this server does not know, naming the first one. (serde cannot deny
 /// unknown fields of a struct with a flattened part, so this is checked on the raw object.)
-fn known_fields(bytes: &[u8], extra: &[&str]) -> Result<()> {
-    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(bytes) else {
-        // Not an object: the typed parse names the problem.
-        return Ok(());
+fn known_fields(body: &Value, extra: &[&str]) -> Result<()> {
+    let Value::Object(map) = body else {
+        return Err(bad("body", "the request body must be a JSON object"));
     };
     for key in map.keys() {
         if !COMMON_FIELDS.contains(&key.as_str()) && !extra.contains(&key.as_str()) {
@@ -353,9 +356,11 @@ async fn decode<T: serde::de::DeserializeOwned>(
 ) -> Result<(String, Common, T)> {
     let client = oai(authenticate(state, headers))?;
     let bytes = oai(read_body(state, body).await)?;
-    known_fields(&bytes, fields)?;
-    let common: Common = oai(parse(&bytes))?;
-    let own: T = oai(parse(&bytes))?;
+    // Parsed once; the shared fields and the endpoint's own are decoded from the same value.
+    let value: Value = oai(parse(&bytes))?;
+    known_fields(&value, fields)?;
+    let common: Common = llorch_wire::json::from_value(&value).map_err(bad_body)?;
+    let own: T = llorch_wire::json::from_value(&value).map_err(bad_body)?;
     common.check()?;
     Ok((client, common, own))
 }
