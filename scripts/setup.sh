@@ -27,7 +27,10 @@ command -v make >/dev/null 2>&1 || need+=(make)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3-pip); fi
 # The socket-activation test uses systemd-socket-activate, as systemd would pass the socket.
+# (The same package brings systemd-journald and journalctl for the journal test.)
 command -v systemd-socket-activate >/dev/null 2>&1 || need+=(systemd)
+# promtool checks and unit-tests the alert rules (docs/observability).
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

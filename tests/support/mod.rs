@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub use llorch_client::UnixClient;
 
 pub mod notify;
+pub mod prom;
 pub mod stack;
 
 /// The default model, fetched and verified by `scripts/setup.sh`.

@@ -35,6 +35,8 @@ pub struct StackOptions {
     pub node_env: Vec<(String, String)>,
     /// Extra flags of orchestratord.
     pub orch_args: Vec<String>,
+    /// Extra environment of orchestratord.
+    pub orch_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -49,6 +51,7 @@ impl Default for StackOptions {
             node_token: false,
             node_env: Vec::new(),
             orch_args: Vec::new(),
+            orch_env: Vec::new(),
         }
     }
 }
@@ -207,6 +210,7 @@ impl Stack {
             cmd.arg("--node-tokens").arg(&tokens);
         }
         let child = cmd
+            .envs(self.opts.orch_env.iter().map(|(k, v)| (k, v)))
             .env("LLORCH_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -343,6 +347,11 @@ sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
             .ok()
             .flatten()
         })
+    }
+
+    /// The node API's Unix socket.
+    pub fn node_socket(&self) -> PathBuf {
+        self.runtime().join("pool-managerd.sock")
     }
 
     /// The engine's handoff file, when the pool is ready.

@@ -95,11 +95,8 @@ impl UnixClient {
         }
     }
 
-    /// `GET path`, decoding a JSON body whatever the status.
-    pub async fn get_json<T: DeserializeOwned>(
-        &self,
-        path: &str,
-    ) -> Result<(StatusCode, T), ClientError> {
+    /// `GET path`: the status and the whole body.
+    pub async fn get_bytes(&self, path: &str) -> Result<(StatusCode, Bytes), ClientError> {
         let req = Request::get(path)
             .header("host", "localhost")
             .body(Full::new(Bytes::new()))
@@ -112,6 +109,15 @@ impl UnixClient {
             .await
             .map_err(|e| self.http(e))?
             .to_bytes();
+        Ok((status, body))
+    }
+
+    /// `GET path`, decoding a JSON body whatever the status.
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(StatusCode, T), ClientError> {
+        let (status, body) = self.get_bytes(path).await?;
         let value = serde_json::from_slice(&body)
             .map_err(|e| ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&body))))?;
         Ok((status, value))

@@ -20,6 +20,7 @@ use llorch_wire::engine::{EndEvent, EngineEvent, FinishReason, TokenEvent};
 use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::mpsc::Sender;
 
+use crate::metrics::{Metrics, Throughput};
 use crate::model::{backend, Model};
 use crate::slots::{common_prefix, SlotTable};
 use crate::text::{Output, TextStream};
@@ -112,6 +113,8 @@ pub struct DecodeLoop {
     /// Tokens in each slot's KV cache (sequence id = slot index).
     kv: Vec<Vec<i32>>,
     active: Vec<Option<Active>>,
+    metrics: Arc<Metrics>,
+    throughput: Throughput,
 }
 
 /// Creates the llama context and runs the loop until `commands` is closed and no job is left.
@@ -121,6 +124,7 @@ pub fn run(
     ctx_per_slot: u32,
     threads: u32,
     commands: Receiver<Command>,
+    metrics: Arc<Metrics>,
     started: &mut dyn FnMut(),
 ) -> Result<(), String> {
     let n_slots = slots.lock().expect("slot table lock").len();
@@ -143,6 +147,8 @@ pub fn run(
         ctx_per_slot,
         kv: vec![Vec::new(); n_slots],
         active: (0..n_slots).map(|_| None).collect(),
+        metrics,
+        throughput: Throughput::default(),
     };
     started();
     this.run(&mut ctx, commands);
@@ -161,6 +167,7 @@ impl DecodeLoop {
             // Take new work: wait when idle, otherwise only what has arrived.
             let idle = self.active.iter().all(Option::is_none);
             let first = if idle {
+                self.throughput.flush(&self.metrics);
                 match commands.recv_timeout(watchdog.wait(Duration::from_secs(1))) {
                     Ok(c) => Some(c),
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -208,9 +215,13 @@ impl DecodeLoop {
                     );
                 }
             }
-            if !self.fill_batch(&mut batch) {
+            let step = Instant::now();
+            let sequences = self.fill_batch(&mut batch);
+            if sequences == 0 {
                 continue;
             }
+            self.metrics.decode_steps.inc();
+            self.metrics.batch_size.observe(sequences as f64);
             if let Err(e) = ctx.decode(&mut batch) {
                 tracing::error!(error = %e, "llama_decode failed; failing the active requests.");
                 for slot in 0..self.active.len() {
@@ -227,7 +238,15 @@ impl DecodeLoop {
                 }
                 continue;
             }
-            self.sample(ctx);
+            let generated = self.sample(ctx);
+            self.metrics.generated_tokens.inc_by(generated);
+            self.throughput
+                .step(&self.metrics, generated, step.elapsed());
+            let held: usize = self.kv.iter().map(Vec::len).sum();
+            let capacity = self.ctx_per_slot as usize * self.kv.len();
+            self.metrics
+                .kv_used
+                .set(held as f64 / capacity.max(1) as f64);
         }
     }
 
@@ -264,11 +283,13 @@ impl DecodeLoop {
         self.active[slot] = Some(active);
     }
 
-    /// Puts one token per generating slot and prompt chunks into the batch. Returns false when
-    /// there is nothing to evaluate.
-    fn fill_batch(&mut self, batch: &mut LlamaBatch) -> bool {
+    /// Puts one token per generating slot and prompt chunks into the batch. Returns the number
+    /// of sequences in it (0: nothing to evaluate).
+    fn fill_batch(&mut self, batch: &mut LlamaBatch) -> usize {
         batch.clear();
         let mut used = 0usize;
+        let mut sequences = 0usize;
+        let mut prompt = 0u64;
         for (slot, a) in self.active.iter_mut().enumerate() {
             let Some(a) = a else { continue };
             a.logits_at = None;
@@ -280,10 +301,14 @@ impl DecodeLoop {
                 self.kv[slot].push(tok);
                 a.logits_at = Some(used as i32);
                 used += 1;
+                sequences += 1;
             }
         }
         for (slot, a) in self.active.iter_mut().enumerate() {
             let Some(a) = a else { continue };
+            // A slot that already put its next token in has its sequence counted.
+            let counted = a.logits_at.is_some();
+            let before = used;
             while used < BATCH_TOKENS {
                 let Some(tok) = a.pending.pop_front() else {
                     break;
@@ -299,11 +324,19 @@ impl DecodeLoop {
                 }
                 used += 1;
             }
+            prompt += (used - before) as u64;
+            if used > before && !counted {
+                sequences += 1;
+            }
         }
-        used > 0
+        self.metrics.prompt_tokens.inc_by(prompt);
+        sequences
     }
 
-    fn sample(&mut self, ctx: &LlamaContext<'_>) {
+    /// Samples a token for every sequence whose logits this step computed; returns how many
+    /// tokens were generated.
+    fn sample(&mut self, ctx: &LlamaContext<'_>) -> u64 {
+        let mut generated = 0;
         let model = Arc::clone(&self.model);
         let vocab = model.llama.vocab();
         let mut piece = Vec::with_capacity(32);
@@ -320,6 +353,7 @@ impl DecodeLoop {
                 continue;
             }
             a.generated += 1;
+            generated += 1;
             piece.clear();
             vocab.token_to_piece_into(token, &mut piece, false, None);
             let (text, stopped) = match a.text.push(&piece) {
@@ -344,6 +378,7 @@ impl DecodeLoop {
                 a.next = Some(token.0);
             }
         }
+        generated
     }
 
     /// Ends the job in `slot`: sends its last event and releases the slot (exactly once: the

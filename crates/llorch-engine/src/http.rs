@@ -42,6 +42,7 @@ pub struct Shared {
     pub progress: Arc<Progress>,
     pub model_path: String,
     ready: OnceLock<Ready>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub struct Ready {
@@ -58,6 +59,7 @@ impl Shared {
             progress: Arc::new(Progress::default()),
             model_path,
             ready: OnceLock::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 
@@ -97,11 +99,23 @@ pub async fn handle(
             ),
             None => unready(&shared),
         },
+        (&Method::GET, "/metrics") => {
+            let slots = shared.ready().map(|r| {
+                let t = r.slots.lock().expect("slot table lock");
+                (t.busy(), t.len())
+            });
+            Response::builder()
+                .header("content-type", llorch_metrics::CONTENT_TYPE)
+                .body(Either::Left(Full::new(Bytes::from(
+                    shared.metrics.encode(slots),
+                ))))
+                .expect("static response")
+        }
         (&Method::POST, "/generate") => match generate(&shared, req, received).await {
             Ok(resp) => resp,
             Err((status, body)) => error(status, body),
         },
-        (_, "/health" | "/slots" | "/generate") => error(
+        (_, "/health" | "/slots" | "/generate" | "/metrics") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             ErrorBody::invalid("method", format!("{} is not allowed here", req.method())),
         ),
@@ -109,7 +123,7 @@ pub async fn handle(
             StatusCode::NOT_FOUND,
             ErrorBody::invalid(
                 "path",
-                format!("no such endpoint {path}; the engine serves /health, /slots and /generate"),
+                format!("no such endpoint {path}; the engine serves /health, /slots, /metrics and /generate"),
             ),
         ),
     };

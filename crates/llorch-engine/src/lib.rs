@@ -16,6 +16,7 @@ pub mod config;
 pub mod decode;
 pub mod handoff;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod slots;
 pub mod text;
@@ -199,15 +200,17 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         let slots = Arc::clone(&slots);
         let ctx = config.ctx_per_slot;
         let threads = config.threads;
+        let metrics = Arc::clone(&shared.metrics);
         std::thread::Builder::new()
             .name("decode".into())
             .spawn(move || {
                 let mut started = Some(loop_started);
-                let result = decode::run(model, slots, ctx, threads, receiver, &mut || {
-                    if let Some(tx) = started.take() {
-                        let _ = tx.send(Ok(()));
-                    }
-                });
+                let result =
+                    decode::run(model, slots, ctx, threads, receiver, metrics, &mut || {
+                        if let Some(tx) = started.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                    });
                 if let Some(tx) = started.take() {
                     let _ = tx.send(result.clone());
                 }

@@ -1,11 +1,12 @@
 //! The one crate that touches the service manager's interfaces: listening sockets inherited
 //! through `LISTEN_FDS` (socket activation) with direct binding as the fallback, and in
 //! [`service`] sd_notify (readiness, status, start-timeout extension, stopping, watchdog),
-//! credentials and journald logging.
+//! credentials and journald logging, with the stable journald [`message_id`]s.
 //!
 //! Nothing else in the workspace reads `LISTEN_FDS`, `NOTIFY_SOCKET`, `WATCHDOG_USEC` or
 //! `JOURNAL_STREAM`, or handles raw file descriptors.
 
+pub mod message_id;
 pub mod service;
 
 use std::io;

@@ -119,6 +119,23 @@ pub fn cancel_on_stop_signal(stop: tokio_util::sync::CancellationToken) -> std::
     Ok(())
 }
 
+static TO_JOURNAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Reports a configuration the daemon refuses to run with: to the journal with
+/// [`crate::message_id::CONFIG_REJECTED`] when logging goes there, else as one line on stderr
+/// (`<daemon>: <error>`), for a person at a terminal.
+pub fn config_rejected(daemon: &str, error: &dyn std::fmt::Display) {
+    if TO_JOURNAL.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!(
+            message_id = crate::message_id::CONFIG_REJECTED,
+            error = %error,
+            "Configuration rejected."
+        );
+    } else {
+        eprintln!("{daemon}: {error}");
+    }
+}
+
 /// Logging: to journald with structured fields when the service manager connected stderr to
 /// the journal (`JOURNAL_STREAM`), else human-readable lines on stderr. `LLORCH_LOG` sets the
 /// filter (`default` otherwise).
@@ -129,10 +146,14 @@ pub fn init_logging(default: &str) {
     let filter = EnvFilter::try_from_env("LLORCH_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
+            // Fields under their own names (TASK_ID, MESSAGE_ID, ...), not the default `F_`
+            // prefix, so `journalctl TASK_ID=...` and MESSAGE_ID catalogs work.
+            let journald = journald.with_field_prefix(None);
             tracing_subscriber::registry()
                 .with(filter)
                 .with(journald)
                 .init();
+            TO_JOURNAL.store(true, std::sync::atomic::Ordering::Relaxed);
             return;
         }
     }

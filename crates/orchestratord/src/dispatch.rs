@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Entry;
+use crate::metrics::{Decision, Rejection};
 use crate::placement::{place, Ask, Placement};
 use crate::registry::PoolKey;
 use crate::state::State;
@@ -83,6 +84,7 @@ pub async fn run(state: Arc<State>) {
         watchdog.feed();
         let (expired, impossible, started, next_deadline) = take_work(&state);
         for e in expired {
+            state.metrics.rejected(Rejection::Expired);
             state.finish(
                 &e.item,
                 ErrorBody::new(
@@ -92,6 +94,9 @@ pub async fn run(state: Arc<State>) {
             );
         }
         for (e, reason) in impossible {
+            if !e.item.cancel.is_cancelled() {
+                state.metrics.decision(Decision::Impossible);
+            }
             let body = if e.item.cancel.is_cancelled() {
                 ErrorBody::new(ErrorCode::Canceled, reason)
             } else {
@@ -189,6 +194,7 @@ fn take_work(
                         continue;
                     };
                     tracing::debug!(task = %task.id, pool = %pool_id, ?reasons, "Placed.");
+                    state.metrics.decision(Decision::Placed);
                     let key: PoolKey = (node_id, pool_id);
                     core.registry.lease(&key);
                     if let Some(c) = candidates
@@ -253,6 +259,7 @@ async fn stream_task(state: Arc<State>, d: Dispatched) {
         }
     };
     if let Outcome::Requeue { suspect } = outcome {
+        state.metrics.decision(Decision::Requeued);
         let mut core = state.core();
         if suspect {
             core.registry.mark_suspect(&lease.pool);
@@ -354,7 +361,9 @@ async fn forward(
     };
     lease.measured = true;
     let started_at = Instant::now();
-    let queue_ms = started_at.duration_since(task.submitted).as_millis() as u64;
+    let queue_wait = started_at.duration_since(task.submitted);
+    state.metrics.started(queue_wait);
+    let queue_ms = queue_wait.as_millis() as u64;
     task.push(TaskEvent::Started(StartedEvent {
         task_id: task.id.clone(),
         pool_id: lease.pool.1.clone(),
@@ -404,7 +413,11 @@ async fn forward(
         };
         match next {
             Some(Ok(EngineEvent::Token(t))) => {
-                first_token.get_or_insert_with(Instant::now);
+                if first_token.is_none() {
+                    let now = Instant::now();
+                    first_token = Some(now);
+                    let _ = task.first_token.set(now);
+                }
                 tokens.push(TaskEvent::Token(TokenEvent { t: t.t, i }));
                 i += 1;
                 continue;
@@ -437,30 +450,17 @@ async fn forward(
                         now,
                     );
                 }
-                let pushed = task.push(TaskEvent::End(TaskEnd {
-                    task_id: task.id.clone(),
-                    tokens_in: end.prompt_tokens,
-                    tokens_out: end.completion_tokens,
-                    queue_ms,
-                    ttft_ms: first.duration_since(task.submitted).as_millis() as u64,
-                    decode_time_ms: decode.as_millis() as u64,
-                    finish_reason: end.finish_reason,
-                }));
-                if pushed {
-                    state.tasks().finished(&task.id);
-                }
-                // Field names become journald fields (TASK_ID, POOL_ID, NODE_ID, MODEL,
-                // CORRELATION_ID) when logging to the journal.
-                tracing::info!(
-                    task_id = %task.id,
-                    pool_id = %lease.pool.1,
-                    node_id = %lease.pool.0,
-                    model = %task.model,
-                    correlation_id = %task.correlation_id,
-                    tokens_in = end.prompt_tokens,
-                    tokens_out = end.completion_tokens,
-                    queue_ms,
-                    "Task done."
+                state.complete(
+                    task,
+                    TaskEnd {
+                        task_id: task.id.clone(),
+                        tokens_in: end.prompt_tokens,
+                        tokens_out: end.completion_tokens,
+                        queue_ms,
+                        ttft_ms: first.duration_since(task.submitted).as_millis() as u64,
+                        decode_time_ms: decode.as_millis() as u64,
+                        finish_reason: end.finish_reason,
+                    },
                 );
                 return Outcome::Done;
             }
@@ -513,7 +513,11 @@ pub async fn watch_nodes(state: Arc<State>) {
         }
         let lost = state.core().registry.expire_nodes(Instant::now());
         for node in lost {
-            tracing::warn!(node = %node, "Node missed its heartbeats; marked offline.");
+            tracing::warn!(
+                message_id = llorch_os::message_id::NODE_LOST,
+                node_id = %node,
+                "Node missed its heartbeats; marked offline."
+            );
         }
     }
 }

@@ -11,6 +11,8 @@
 //! - [`dispatch`]: the dispatcher loop, slot leases, streaming a task from its node.
 //! - [`tasks`]: tasks and their bounded event logs (late subscribers get the whole stream).
 //! - [`registry`]: nodes, pools, leases, suspect pools, sessions.
+//! - [`metrics`]: the Prometheus metrics and the journal record of each finished task
+//!   ([`state::State::finish`] and [`state::State::complete`] write both, once per task).
 //! - [`auth`], [`config`].
 //!
 //! Invariants: only [`placement`] decides where a task runs; a slot lease is returned exactly
@@ -21,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod dispatch;
+pub mod metrics;
 pub mod placement;
 pub mod registry;
 pub mod state;

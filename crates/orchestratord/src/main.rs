@@ -12,7 +12,7 @@ async fn main() {
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("orchestratord: {e}");
+            llorch_os::service::config_rejected("orchestratord", &e);
             std::process::exit(exit::USAGE);
         }
     };
@@ -76,7 +76,11 @@ async fn reload_on_hangup(state: std::sync::Arc<orchestratord::State>) {
                 )
             }
             Err(e) => {
-                tracing::error!(error = %e, "Reload failed; the keys in force are unchanged.")
+                tracing::error!(
+                    message_id = llorch_os::message_id::CONFIG_REJECTED,
+                    error = %e,
+                    "Reload failed; the keys in force are unchanged."
+                )
             }
         }
         llorch_os::service::ready();

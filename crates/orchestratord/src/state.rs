@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 use llorch_wire::engine::GenerateRequest;
-use llorch_wire::task::{PlacementHints, Priority, TaskAccepted, TaskStreams};
+use llorch_wire::task::{PlacementHints, Priority, TaskAccepted, TaskEnd, TaskStreams};
 use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Pushed, Queue, ServiceRate};
 use crate::config::Config;
+use crate::metrics::{Api, CancelReason, Finished, Metrics, Outcome, Rejection};
 use crate::placement::{place, Ask, Placement};
 use crate::registry::{Registry, Sessions};
-use crate::tasks::{Task, TaskTable};
+use crate::tasks::{Task, TaskEvent, TaskTable};
 
 /// A refusal before a stream starts: the status and the typed body.
 pub type Refusal = (StatusCode, ErrorBody);
@@ -46,6 +47,9 @@ pub struct State {
     pub wake: Notify,
     pub shutdown: CancellationToken,
     pub started: Instant,
+    pub metrics: Metrics,
+    /// The queue refused or evicted since it last had room (logged once per episode).
+    saturated: std::sync::atomic::AtomicBool,
 }
 
 /// What a front end (OpenAI or native) hands to admission.
@@ -62,6 +66,7 @@ pub struct Submission {
     pub correlation_id: String,
     /// The context the client says the task needs (native `ctx`); checked against the pools.
     pub ctx: Option<u32>,
+    pub api: Api,
 }
 
 impl State {
@@ -75,7 +80,10 @@ impl State {
             registry: Registry::default(),
             sessions: Sessions::new(config.session_ttl),
         };
+        let metrics = Metrics::new(config.queue_capacity);
         Arc::new(Self {
+            metrics,
+            saturated: Default::default(),
             config,
             keys: std::sync::RwLock::new(Arc::new(keys)),
             core: Mutex::new(core),
@@ -121,10 +129,90 @@ impl State {
         self.tasks().get(id)
     }
 
-    /// Ends a task with a final event and schedules its removal.
+    /// Ends a task with an error event; the first final event of a task also schedules its
+    /// removal and writes its metrics and journal record.
     pub fn finish(&self, task: &Task, body: ErrorBody) {
         if task.fail(body) {
-            self.tasks().finished(&task.id);
+            self.finished(task);
+        }
+    }
+
+    /// Ends a task with its `end` event (see [`State::finish`]).
+    pub fn complete(&self, task: &Task, end: TaskEnd) {
+        if task.push(TaskEvent::End(end)) {
+            self.finished(task);
+        }
+    }
+
+    fn finished(&self, task: &Task) {
+        self.tasks().finished(&task.id);
+        let now = Instant::now();
+        let s = task.summary();
+        let canceled = task.cancel_reason.get().copied();
+        let outcome = match (&s.error, canceled) {
+            (None, _) => Outcome::Ok,
+            (Some(_), Some(_)) => Outcome::Canceled,
+            (Some(e), None) => Outcome::of_error(e.code),
+        };
+        let first = task.first_token.get().copied();
+        let (tokens_in, tokens_out) = s
+            .end
+            .as_ref()
+            .map_or((0, s.tokens), |e| (e.tokens_in, e.tokens_out));
+        let inter_token = match (first, &s.end) {
+            (Some(first), Some(end)) if end.tokens_out >= 2 => {
+                Some(now.duration_since(first) / (end.tokens_out - 1))
+            }
+            _ => None,
+        };
+        let duration = now.duration_since(task.submitted);
+        let ttft = first.map(|f| f.duration_since(task.submitted));
+        self.metrics.finished(&Finished {
+            api: task.api,
+            model: &task.model,
+            outcome,
+            canceled: canceled.filter(|_| outcome == Outcome::Canceled),
+            duration,
+            ttft,
+            inter_token,
+            tokens_in,
+            tokens_out,
+        });
+        // One journal record per task; field names become journald fields (TASK_ID, ...).
+        // No prompt or generated text, no key: only the key's name.
+        let started = s.started.as_ref();
+        tracing::info!(
+            message_id = llorch_os::message_id::TASK_FINISHED,
+            task_id = %task.id,
+            correlation_id = %task.correlation_id,
+            model = %task.model,
+            pool_id = started.map(|s| s.pool_id.as_str()),
+            node_id = started.map(|s| s.node_id.as_str()),
+            api_key_name = %task.client,
+            api = task.api.as_str(),
+            outcome = outcome.as_str(),
+            error_code = s.error.as_ref().map(|e| e.code.as_str()),
+            queue_ms = started.map(|s| s.queue_ms),
+            ttft_ms = ttft.map(|t| t.as_millis() as u64),
+            duration_ms = duration.as_millis() as u64,
+            tokens_in,
+            tokens_out,
+            finish_reason = s.end.as_ref().map(|e| e.finish_reason.as_str()),
+            "Task finished."
+        );
+    }
+
+    /// Logs the first refusal or eviction of a saturation episode.
+    fn saturated(&self, capacity: usize) {
+        if !self
+            .saturated
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                message_id = llorch_os::message_id::QUEUE_SATURATED,
+                queue_capacity = capacity,
+                "The queue is full: tasks are refused or evicted until it has room."
+            );
         }
     }
 
@@ -159,6 +247,7 @@ impl State {
             sub.hints.clone(),
             sub.request.clone(),
             sub.correlation_id.clone(),
+            sub.api,
         ));
         {
             let mut tasks = self.tasks();
@@ -176,7 +265,9 @@ impl State {
         let admitted = self.admit(&task, &sub);
         match admitted {
             Ok((accepted, evicted)) => {
+                self.metrics.admitted(&task.model);
                 if let Some(victim) = evicted {
+                    self.metrics.rejected(Rejection::Evicted);
                     tracing::info!(task = %victim.id, "Evicted from the full queue (drop-lru).");
                     self.finish(
                         &victim,
@@ -293,6 +384,7 @@ impl State {
         let one_slot = rate.predict_start(0, 0, slots.max(1));
         if let Some(deadline_ms) = sub.deadline_ms {
             if predicted > Duration::from_millis(deadline_ms) {
+                self.metrics.rejected(Rejection::Deadline);
                 return Err((
                     StatusCode::TOO_MANY_REQUESTS,
                     ErrorBody::new(
@@ -320,9 +412,18 @@ impl State {
             task.clone(),
         );
         let evicted = match pushed {
-            Ok(Pushed::Queued) => None,
-            Ok(Pushed::Evicted(id)) => self.tasks().get(&id),
+            Ok(Pushed::Queued) => {
+                self.saturated
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+            Ok(Pushed::Evicted(id)) => {
+                self.saturated(capacity);
+                self.tasks().get(&id)
+            }
             Err(crate::admission::QueueFull) => {
+                self.metrics.rejected(Rejection::QueueFull);
+                self.saturated(capacity);
                 let retry_ms = one_slot.as_millis().max(1) as u64;
                 return Err((
                     StatusCode::TOO_MANY_REQUESTS,
@@ -353,10 +454,16 @@ impl State {
 
     /// Cancels a task: a queued one leaves the queue and ends at once; a running one is
     /// stopped by its dispatch, which frees the slot. Returns false for a finished task.
-    pub fn cancel(&self, task: &Arc<Task>, why: &str) -> bool {
+    pub fn cancel(&self, task: &Arc<Task>, reason: CancelReason) -> bool {
         if task.is_finished() {
             return false;
         }
+        let _ = task.cancel_reason.set(reason);
+        let why = match reason {
+            CancelReason::Client => "the task was cancelled by its client",
+            CancelReason::Disconnect => "the client went away",
+            CancelReason::Shutdown => "orchestratord is stopping",
+        };
         // The token first: a dispatch that is about to put the task back in the queue checks it
         // under the same lock we take next, so the task is either found queued here or never
         // requeued there.
@@ -379,6 +486,7 @@ impl State {
                 .collect()
         };
         for t in queued {
+            let _ = t.cancel_reason.set(CancelReason::Shutdown);
             self.finish(
                 &t,
                 ErrorBody::new(ErrorCode::PoolUnavailable, why).with_retry_after_ms(1000),

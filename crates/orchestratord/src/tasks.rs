@@ -7,7 +7,7 @@
 //! [`RETAIN_FINISHED`] (at most [`MAX_FINISHED`] of them) so a client can still read the end.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use llorch_wire::engine::{GenerateRequest, TokenEvent};
@@ -16,6 +16,8 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Api, CancelReason};
 
 pub const RETAIN_FINISHED: Duration = Duration::from_secs(300);
 pub const MAX_FINISHED: usize = 4096;
@@ -100,8 +102,14 @@ pub struct Task {
     pub request: GenerateRequest,
     pub submitted: Instant,
     pub correlation_id: String,
+    /// The front end it came through.
+    pub api: Api,
     /// Fired to stop the task: the client cancelled or went away.
     pub cancel: CancellationToken,
+    /// Why it was cancelled, set by whoever cancelled it first.
+    pub cancel_reason: OnceLock<CancelReason>,
+    /// When its first token arrived.
+    pub first_token: OnceLock<Instant>,
     log: Mutex<Log>,
     changed: watch::Sender<usize>,
 }
@@ -117,6 +125,7 @@ impl Task {
         hints: Option<PlacementHints>,
         request: GenerateRequest,
         correlation_id: String,
+        api: Api,
     ) -> Self {
         Self {
             id,
@@ -128,7 +137,10 @@ impl Task {
             request,
             submitted: Instant::now(),
             correlation_id,
+            api,
             cancel: CancellationToken::new(),
+            cancel_reason: OnceLock::new(),
+            first_token: OnceLock::new(),
             log: Mutex::new(Log {
                 events: Vec::new(),
                 phase: Phase::Queued,
@@ -207,6 +219,22 @@ impl Task {
         self.push(TaskEvent::Error(body))
     }
 
+    /// What a finished task's record needs, from its log.
+    pub fn summary(&self) -> Summary {
+        let log = self.lock();
+        let mut s = Summary::default();
+        for e in &log.events {
+            match e {
+                TaskEvent::Started(st) => s.started = Some(st.clone()),
+                TaskEvent::Token(_) => s.tokens += 1,
+                TaskEvent::End(end) => s.end = Some(end.clone()),
+                TaskEvent::Error(body) => s.error = Some(body.clone()),
+                TaskEvent::Metrics(_) => {}
+            }
+        }
+        s
+    }
+
     /// Events from index `from`, and whether the log is closed.
     pub fn read_from(&self, from: usize) -> (Vec<TaskEvent>, bool) {
         let log = self.lock();
@@ -218,6 +246,15 @@ impl Task {
     pub fn subscribe(&self) -> watch::Receiver<usize> {
         self.changed.subscribe()
     }
+}
+
+/// A task's log, summed up for its record.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub started: Option<StartedEvent>,
+    pub tokens: u32,
+    pub end: Option<TaskEnd>,
+    pub error: Option<ErrorBody>,
 }
 
 /// Reads a task's events in order from the first, waiting for new ones.
@@ -321,6 +358,7 @@ mod tests {
             None,
             GenerateRequest::prompt("x"),
             "cid".into(),
+            Api::Native,
         )
     }
 

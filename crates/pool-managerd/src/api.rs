@@ -55,7 +55,17 @@ pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
     };
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .merge(protected)
+        .with_state(node)
+}
+
+/// The metrics-only listener (`node.metrics_listen`): `/metrics` and `/health`, nothing that
+/// changes or reveals more than the metrics do.
+pub fn metrics_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .with_state(node)
 }
 
@@ -117,6 +127,18 @@ fn unknown_pool(node: &Node, id: &str) -> ApiError {
 
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
+}
+
+/// The node's metrics and its serving engines', one exposition (docs/METRICS.md).
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let own = node.metrics.encode(&node.statuses());
+    let text = crate::metrics::scrape_engines(
+        own,
+        node.engine_sockets(),
+        std::time::Duration::from_secs(2),
+    )
+    .await;
+    ([(header::CONTENT_TYPE, llorch_metrics::CONTENT_TYPE)], text).into_response()
 }
 
 async fn pools(State(node): State<Arc<Node>>) -> Json<Vec<PoolStatus>> {

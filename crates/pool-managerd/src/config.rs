@@ -57,6 +57,10 @@ pub struct NodeConfig {
     /// the node API listens on a non-loopback TCP address.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// A TCP address (`ip:port`) that serves only `GET /metrics` and `/health`, for Prometheus
+    /// when the node API is a Unix socket. Off when absent; the node API serves `/metrics` too.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_heartbeat_secs() -> u64 {

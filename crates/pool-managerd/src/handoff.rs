@@ -113,6 +113,7 @@ fn refresh(node: &Node, dir: &Path, pool: &str) {
                 None
             }
             Err(e) => {
+                node.metrics.handoff("invalid");
                 tracing::warn!(file = %path.display(), error = %e, "Ignoring a handoff file that does not parse.");
                 None
             }
@@ -125,6 +126,11 @@ fn refresh(node: &Node, dir: &Path, pool: &str) {
     };
     let known = node.update(pool, |p| {
         if p.handoff != handoff {
+            node.metrics.handoff(if handoff.is_some() {
+                "written"
+            } else {
+                "removed"
+            });
             tracing::debug!(
                 pool,
                 present = handoff.is_some(),

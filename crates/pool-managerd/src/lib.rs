@@ -10,11 +10,13 @@
 //! - [`state`]: the shared pool table and the derived pool state.
 //! - [`api`]: the node API (axum) and the streaming forward.
 //! - [`register`]: registration and heartbeats.
+//! - [`metrics`]: Prometheus metrics, NVML readings, the engines' metrics re-exported.
 
 pub mod api;
 pub mod config;
 pub mod handoff;
 pub mod launcher;
+pub mod metrics;
 pub mod register;
 pub mod state;
 pub mod supervisor;
@@ -162,6 +164,20 @@ pub async fn run_with(
     ));
 
     let stop_api = CancellationToken::new();
+    let metrics_server = match config.node().metrics_listen {
+        Some(addr) => {
+            let (l, _) = llorch_os::tcp_listener("metrics", addr).await?;
+            tracing::info!(address = %addr, "Metrics listening.");
+            let app = api::metrics_router(node.clone());
+            let stop_api = stop_api.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(l, app)
+                    .with_graceful_shutdown(async move { stop_api.cancelled().await })
+                    .await
+            }))
+        }
+        None => None,
+    };
     let app = api::router(node.clone(), config.token.as_ref().map(|t| t.0.clone()));
     let server = {
         let stop_api = stop_api.clone();
@@ -190,6 +206,9 @@ pub async fn run_with(
     // Engines are gone, so every forwarded stream has ended; the server stops at once.
     stop_api.cancel();
     let served = server.await;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     if let Some(path) = bound {
         // We bound the socket file ourselves, so nobody else removes it.
         let _ = std::fs::remove_file(path);

@@ -27,7 +27,7 @@ fn main() {
     let config = match pool_managerd::config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("pool-managerd: {e}");
+            llorch_os::service::config_rejected("pool-managerd", &e);
             std::process::exit(exit::CONFIG);
         }
     };

@@ -62,6 +62,11 @@ pub async fn run(
             };
             within(interval, client.post_json("/v2/nodes/register", &reg)).await
         };
+        node.metrics.heartbeat_sent(match &result {
+            Ok(_) => "ok",
+            Err(e) if status_of(e).is_some() => "refused",
+            Err(_) => "unreachable",
+        });
         match result {
             Ok(ack) => {
                 if !reachable {

@@ -69,6 +69,8 @@ pub struct PoolEntry {
     pub staged: bool,
     /// When the pool last became ready (for the backoff reset).
     pub ready_since: Option<Instant>,
+    /// When the supervisor started the current engine (for the load time).
+    pub engine_started: Option<Instant>,
     pub state: PoolState,
     /// Forwards in flight; shared with the forward guards.
     pub busy: Arc<AtomicU32>,
@@ -86,6 +88,7 @@ impl PoolEntry {
             last_error: None,
             staged: false,
             ready_since: None,
+            engine_started: None,
             state: PoolState::Provisioning,
             busy: Arc::new(AtomicU32::new(0)),
         }
@@ -132,6 +135,7 @@ pub struct Node {
     pub changed: Notify,
     /// Set at shutdown: no new forwards.
     pub shutting_down: AtomicBool,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Node {
@@ -145,6 +149,7 @@ impl Node {
             ),
             changed: Notify::new(),
             shutting_down: AtomicBool::new(false),
+            metrics: crate::metrics::Metrics::new(pools.iter().map(|p| p.id.as_str())),
         })
     }
 
@@ -164,13 +169,19 @@ impl Node {
             );
             entry.state = after;
             if after != before {
+                let mut load = None;
                 if after == PoolState::Ready && before != PoolState::Draining {
                     entry.ready_since = Some(Instant::now());
+                    // Once per engine start: a pool resumed after draining was not loaded again.
+                    load = entry.engine_started.take().map(|s| s.elapsed());
+                    if let Some(load) = load {
+                        self.metrics.engine_ready(&entry.config.id, load);
+                    }
                 }
                 if !matches!(after, PoolState::Ready | PoolState::Draining) {
                     entry.ready_since = None;
                 }
-                log_transition(entry, before, after);
+                log_transition(entry, before, after, load);
             }
             (r, after != before)
         };
@@ -219,18 +230,38 @@ impl Node {
         ids
     }
 
+    /// The sockets of the engines that serve now (ready or draining), by pool.
+    pub fn engine_sockets(&self) -> Vec<(String, PathBuf)> {
+        let pools = self.pools.lock().expect("pool table lock");
+        pools
+            .values()
+            .filter(|p| matches!(p.state, PoolState::Ready | PoolState::Draining))
+            .filter_map(|p| {
+                let h = p.handoff.as_ref()?;
+                Some((p.config.id.clone(), PathBuf::from(&h.socket)))
+            })
+            .collect()
+    }
+
     pub fn pool_ids(&self) -> Vec<String> {
         let pools = self.pools.lock().expect("pool table lock");
         pools.keys().cloned().collect()
     }
 }
 
-fn log_transition(entry: &PoolEntry, before: PoolState, after: PoolState) {
+fn log_transition(
+    entry: &PoolEntry,
+    before: PoolState,
+    after: PoolState,
+    load: Option<std::time::Duration>,
+) {
     let pool = entry.config.id.as_str();
     match after {
         PoolState::Ready => tracing::info!(
-            pool,
+            message_id = llorch_os::message_id::ENGINE_READY,
+            pool_id = pool,
             model = %entry.config.model.id,
+            load_ms = load.map(|l| l.as_millis() as u64),
             pid = entry.engine_pid,
             engine_version = entry.handoff.as_ref().map(|h| h.engine_version.as_str()),
             "Engine ready."

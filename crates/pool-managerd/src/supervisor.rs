@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{PoolConfig, RuntimeLayout};
 use crate::launcher::{EngineHandle, Launcher};
+use crate::metrics::Restart;
 use crate::state::{Node, Phase};
 
 /// First retry delay after a failure.
@@ -87,6 +88,19 @@ pub async fn supervise(
                         p
                     }
                     Err(e) => {
+                        if let crate::launcher::LaunchError::Provision { exit, .. } = &e {
+                            if exit.code.is_some_and(|c| (10..=13).contains(&c)) {
+                                node.metrics.verification_failed(&id);
+                                tracing::error!(
+                                    message_id = llorch_os::message_id::MODEL_VERIFICATION_FAILED,
+                                    pool_id = %id,
+                                    model = %pool.model.id,
+                                    exit = %exit.describe(),
+                                    "The provisioner refused the model file."
+                                );
+                            }
+                        }
+                        node.metrics.start_failed(&id, Restart::ProvisionFailed);
                         fail(&node, &id, format!("provisioning failed: {e}"));
                         if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
                             break;
@@ -102,6 +116,7 @@ pub async fn supervise(
         let mut engine = match launcher.start_engine(&pool, &plan_path).await {
             Ok(h) => h,
             Err(e) => {
+                node.metrics.start_failed(&id, Restart::StartFailed);
                 fail(&node, &id, format!("cannot start the engine: {e}"));
                 if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
                     break;
@@ -114,6 +129,7 @@ pub async fn supervise(
         node.update(&id, |p| {
             p.phase = Phase::Running;
             p.engine_pid = pid;
+            p.engine_started = Some(Instant::now());
         });
         tokio::select! {
             exit = engine.wait() => {
@@ -123,6 +139,18 @@ pub async fn supervise(
                 if ready_for.is_some_and(|d| d >= BACKOFF_RESET_AFTER) {
                     backoff.reset();
                 }
+                // The start time is taken when the engine becomes ready.
+                let was_ready = node.read(&id, |p| p.engine_started.is_none()).unwrap_or(false);
+                let restart = if was_ready { Restart::Crashed } else { Restart::StartFailed };
+                node.metrics.start_failed(&id, restart);
+                tracing::error!(
+                    message_id = llorch_os::message_id::ENGINE_CRASHED,
+                    pool_id = %id,
+                    pid,
+                    exit = %exit.describe(),
+                    was_ready,
+                    "The engine exited without being asked to."
+                );
                 // A killed engine cannot remove its handoff file; do it for it.
                 remove_stale_handoff(&handoff_path, pid);
                 let delay = backoff.next_delay();

@@ -39,6 +39,11 @@ impl Drop for Daemon {
 }
 
 fn write_config(dir: &Path, slots: &str) -> PathBuf {
+    write_config_with(dir, slots, "", "")
+}
+
+/// A node configuration with extra lines in `[node]` and `[pools.model]`.
+fn write_config_with(dir: &Path, slots: &str, node_extra: &str, model_extra: &str) -> PathBuf {
     let config = format!(
         r#"
 [node]
@@ -50,6 +55,7 @@ runtime_dir = "{dir}/run"
 heartbeat_secs = 1
 engine_bin = "{engine}"
 provisioner_bin = "{provisioner}"
+{node_extra}
 
 [[pools]]
 id = "default"
@@ -60,6 +66,7 @@ threads = 2
 [pools.model]
 id = "smollm2-135m"
 source = "{model}"
+{model_extra}
 "#,
         port = free_port(),
         dir = dir.display(),
@@ -338,4 +345,97 @@ fn bad_configuration_exits_64_naming_the_key() {
         assert!(stderr.contains("pools[0].slots"), "{stderr}");
         assert!(stderr.contains("node.toml"), "{stderr}");
     }
+}
+
+/// A model whose checksum does not match is refused by the provisioner: the pool fails and
+/// retries, and the refusal is counted (`llorch_model_verification_failures_total`, the
+/// metric the LlorchModelVerificationFailed alert watches) on the metrics-only TCP listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_failing_verification_is_counted_on_the_metrics_listener() {
+    let dir = tempfile::Builder::new()
+        .prefix("pm-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let port = free_port();
+    let config = write_config_with(
+        dir.path(),
+        "1",
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+        &format!("sha256 = \"{}\"", "0".repeat(64)),
+    );
+    let log = dir.path().join("pool-managerd.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_pool-managerd"))
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon { child, log };
+    let metrics = HttpClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    let scrape = || async {
+        let req = metrics
+            .request(hyper::Method::GET, "/metrics")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = metrics.send(req).await.ok()?;
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some(llorch_tests::prom::Scrape::parse(
+            std::str::from_utf8(&body).unwrap(),
+        ))
+    };
+    let start = Instant::now();
+    let s = loop {
+        if let Some(s) = scrape().await {
+            if s.sum(
+                "llorch_engine_restarts_total",
+                &[("reason", "provision_failed")],
+            ) >= 1.0
+            {
+                break s;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no counted verification failure:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pool = [("pool", "default")];
+    assert!(s.sum("llorch_model_verification_failures_total", &pool) >= 1.0);
+    assert!(
+        s.sum(
+            "llorch_engine_starts_total",
+            &[("pool", "default"), ("result", "failed")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        s.sum(
+            "llorch_engine_starts_total",
+            &[("pool", "default"), ("result", "ready")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        s.sum(
+            "llorch_pool_state",
+            &[("pool", "default"), ("state", "ready")]
+        ),
+        0.0
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("The provisioner refused the model file."),
+        "{}",
+        daemon.log()
+    );
+    // The metrics listener serves nothing else.
+    let pools = metrics.get_json::<serde_json::Value>("/v2/pools").await;
+    assert!(
+        matches!(pools, Err(llorch_client::ClientError::Status { status, .. }) if status == 404),
+        "{pools:?}"
+    );
 }

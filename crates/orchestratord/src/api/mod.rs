@@ -26,6 +26,7 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use serde::de::DeserializeOwned;
 
 use crate::auth::presented_key;
+use crate::metrics::{Api, Outcome, UNKNOWN_MODEL};
 use crate::state::{new_id, Refusal, State};
 
 pub type AppState = Arc<State>;
@@ -79,6 +80,48 @@ impl IntoResponse for ApiError {
                 .insert("retry-after", HeaderValue::from(ms.div_ceil(1000).max(1)));
         }
         resp
+    }
+}
+
+/// Counts a generation request that was refused before admission (`llorch_requests_total`);
+/// an admitted one is counted when its task ends.
+pub struct Meter {
+    pub api: Api,
+    model: std::sync::OnceLock<String>,
+    admitted: std::sync::atomic::AtomicBool,
+}
+
+impl Meter {
+    pub fn new(api: Api) -> Self {
+        Self {
+            api,
+            model: Default::default(),
+            admitted: Default::default(),
+        }
+    }
+
+    /// The model the request names, once its body was read.
+    pub fn model(&self, model: &str) {
+        let _ = self.model.set(model.to_string());
+    }
+
+    /// The task was admitted: its end will be counted.
+    pub fn admitted(&self) {
+        self.admitted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The response, after counting a refusal.
+    pub fn count(&self, state: &State, result: Result<Response, ApiError>) -> Response {
+        if let Err(e) = &result {
+            if !self.admitted.load(std::sync::atomic::Ordering::Relaxed) {
+                let model = self.model.get().map_or(UNKNOWN_MODEL, String::as_str);
+                state
+                    .metrics
+                    .request(self.api, model, Outcome::of_refusal(e.status));
+            }
+        }
+        result.into_response()
     }
 }
 
@@ -192,14 +235,10 @@ async fn ready(Ext(state): Ext<AppState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn metrics() -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        format!(
-            "# HELP llorch_build_info Build information.\n# TYPE llorch_build_info gauge\nllorch_build_info{{version=\"{}\"}} 1\n",
-            env!("CARGO_PKG_VERSION")
-        ),
-    )
+async fn metrics(Ext(state): Ext<AppState>) -> impl IntoResponse {
+    state.metrics.read_gauges(&state.core());
+    let text = state.metrics.encode();
+    ([("content-type", llorch_metrics::CONTENT_TYPE)], text)
 }
 
 async fn not_found(req: Request) -> ApiError {

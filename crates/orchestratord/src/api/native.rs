@@ -19,7 +19,8 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{authenticate, parse, read_body, sse, ApiError, AppState, CorrelationId};
+use super::{authenticate, parse, read_body, sse, ApiError, AppState, CorrelationId, Meter};
+use crate::metrics::Api;
 use crate::state::{Refusal, Submission};
 use crate::tasks::{Follower, Task};
 
@@ -54,10 +55,23 @@ pub async fn submit(
     Extension(cid): Extension<CorrelationId>,
     headers: HeaderMap,
     body: Body,
+) -> Response {
+    let meter = Meter::new(Api::Native);
+    let result = submit_request(&state, cid, headers, body, &meter).await;
+    meter.count(&state, result)
+}
+
+async fn submit_request(
+    state: &AppState,
+    cid: CorrelationId,
+    headers: HeaderMap,
+    body: Body,
+    meter: &Meter,
 ) -> Result<Response> {
-    let client = native(authenticate(&state, &headers))?;
-    let bytes = native(read_body(&state, body).await)?;
+    let client = native(authenticate(state, &headers))?;
+    let bytes = native(read_body(state, body).await)?;
     let req: TaskRequest = native(parse(&bytes))?;
+    meter.model(&req.model_ref);
     if let Some(w) = req.workload.as_deref().filter(|w| *w != "completion") {
         return Err(ApiError::native((
             StatusCode::BAD_REQUEST,
@@ -107,7 +121,9 @@ pub async fn submit(
         client,
         correlation_id: cid.0,
         ctx: req.ctx,
+        api: Api::Native,
     }))?;
+    meter.admitted();
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }
 
@@ -182,7 +198,7 @@ pub async fn cancel(
 ) -> Result<Response> {
     let client = native(authenticate(&state, &headers))?;
     let task = own_task(&state, &client, &id)?;
-    let canceled = state.cancel(&task, "the task was cancelled by its client");
+    let canceled = state.cancel(&task, crate::metrics::CancelReason::Client);
     Ok((
         StatusCode::OK,
         Json(serde_json::json!({"task_id": id, "canceled": canceled})),

@@ -101,7 +101,16 @@ pub async fn register(
         lost: CancellationToken::new(),
     };
     let offline_after = node.offline_after();
-    tracing::info!(node = %reg.node_id, address = %reg.address, pools = node.pools.len(), "Node registered.");
+    state
+        .metrics
+        .add_models(node.pools.iter().map(|p| p.model_id.as_str()));
+    tracing::info!(
+        message_id = llorch_os::message_id::NODE_JOINED,
+        node_id = %reg.node_id,
+        address = %reg.address,
+        pools = node.pools.len(),
+        "Node registered."
+    );
     state.core().registry.register(node);
     state.wake.notify_one();
     Ok(Json(NodeAck {
@@ -118,9 +127,28 @@ pub async fn heartbeat(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Json<NodeAck>> {
-    check_node_token(&state, &headers)?;
-    let bytes = read_body(&state, body).await.map_err(ApiError::native)?;
+    let result = heartbeat_request(&state, headers, id, body).await;
+    state.metrics.heartbeat(match &result {
+        Ok(_) => "ok",
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => "unauthorized",
+        Err(e) if e.status == StatusCode::NOT_FOUND => "unknown_node",
+        Err(_) => "invalid",
+    });
+    result
+}
+
+async fn heartbeat_request(
+    state: &AppState,
+    headers: HeaderMap,
+    id: String,
+    body: Body,
+) -> Result<Json<NodeAck>> {
+    check_node_token(state, &headers)?;
+    let bytes = read_body(state, body).await.map_err(ApiError::native)?;
     let hb: Heartbeat = parse(&bytes).map_err(ApiError::native)?;
+    state
+        .metrics
+        .add_models(hb.pools.iter().map(|p| p.model_id.as_str()));
     let offline_after = {
         let mut core = state.core();
         if !core.registry.heartbeat(&id, hb.pools, hb.staged_models) {

@@ -21,7 +21,10 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authenticate, parse, read_body, sse, status_for, ApiError, AppState, CorrelationId};
+use super::{
+    authenticate, parse, read_body, sse, status_for, ApiError, AppState, CorrelationId, Meter,
+};
+use crate::metrics::Api;
 use crate::state::{Refusal, State, Submission};
 use crate::tasks::{Follower, Task, TaskEvent};
 
@@ -371,8 +374,21 @@ pub async fn chat(
     Extension(cid): Extension<CorrelationId>,
     headers: HeaderMap,
     body: Body,
+) -> Response {
+    let meter = Meter::new(Api::OpenAiChat);
+    let result = chat_request(state.clone(), cid, headers, body, &meter).await;
+    meter.count(&state, result)
+}
+
+async fn chat_request(
+    state: AppState,
+    cid: CorrelationId,
+    headers: HeaderMap,
+    body: Body,
+    meter: &Meter,
 ) -> Result<Response> {
     let (client, common, req) = decode::<ChatRequest>(&state, &headers, body, CHAT_FIELDS).await?;
+    meter.model(&req.model);
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) || req.functions.is_some() {
         return Err(bad(
             "tools",
@@ -412,8 +428,7 @@ pub async fn chat(
         GenerateRequest::chat(chat_messages(req.messages)?),
         max_tokens.unwrap_or(state.config.default_max_tokens),
     );
-    let kind = Kind::Chat;
-    run(state, cid, client, req.model, engine, &common, kind).await
+    run(state, cid, client, req.model, engine, &common, meter).await
 }
 
 /// `POST /v1/completions`.
@@ -422,9 +437,22 @@ pub async fn completions(
     Extension(cid): Extension<CorrelationId>,
     headers: HeaderMap,
     body: Body,
+) -> Response {
+    let meter = Meter::new(Api::OpenAiCompletions);
+    let result = completion_request(state.clone(), cid, headers, body, &meter).await;
+    meter.count(&state, result)
+}
+
+async fn completion_request(
+    state: AppState,
+    cid: CorrelationId,
+    headers: HeaderMap,
+    body: Body,
+    meter: &Meter,
 ) -> Result<Response> {
     let (client, common, req) =
         decode::<CompletionRequest>(&state, &headers, body, COMPLETION_FIELDS).await?;
+    meter.model(&req.model);
     if req.logprobs.is_some_and(|l| l > 0) {
         return Err(bad("logprobs", "logprobs are not supported by this server"));
     }
@@ -451,16 +479,7 @@ pub async fn completions(
         GenerateRequest::prompt(prompt),
         common.max_tokens.unwrap_or(state.config.default_max_tokens),
     );
-    run(
-        state,
-        cid,
-        client,
-        req.model,
-        engine,
-        &common,
-        Kind::Completion,
-    )
-    .await
+    run(state, cid, client, req.model, engine, &common, meter).await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -478,7 +497,10 @@ struct CancelOnDrop {
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if self.state.cancel(&self.task, "the client went away") {
+        if self
+            .state
+            .cancel(&self.task, crate::metrics::CancelReason::Disconnect)
+        {
             tracing::debug!(task = %self.task.id, "Client went away; task cancelled.");
         }
     }
@@ -491,8 +513,12 @@ async fn run(
     model: String,
     engine: GenerateRequest,
     common: &Common,
-    kind: Kind,
+    meter: &Meter,
 ) -> Result<Response> {
+    let kind = match meter.api {
+        Api::OpenAiCompletions => Kind::Completion,
+        _ => Kind::Chat,
+    };
     oai(engine.validate().map_err(|e| (StatusCode::BAD_REQUEST, e)))?;
     let (task, _) = oai(state.submit(Submission {
         task_id: None,
@@ -505,7 +531,9 @@ async fn run(
         client,
         correlation_id: cid.0,
         ctx: None,
+        api: meter.api,
     }))?;
+    meter.admitted();
     let guard = CancelOnDrop {
         state: state.clone(),
         task: task.clone(),

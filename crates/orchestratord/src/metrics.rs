@@ -1,0 +1,540 @@
+//! orchestratord's Prometheus metrics (docs/METRICS.md is the reference) and the one journal
+//! record written per finished task.
+//!
+//! Counters and histograms move where things happen (admission, dispatch, a task's end);
+//! gauges that describe the registry and the queue are read from them when `/metrics` is
+//! scraped, so a scrape never changes a value.
+
+use std::collections::HashSet;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use llorch_metrics::prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+use llorch_metrics::{register, INTER_TOKEN_BUCKETS, LATENCY_BUCKETS};
+use llorch_wire::node::PoolState;
+use llorch_wire::task::Priority;
+use llorch_wire::ErrorCode;
+
+use crate::state::Core;
+
+/// Which front end a generation request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    OpenAiChat,
+    OpenAiCompletions,
+    Native,
+}
+
+impl Api {
+    pub const ALL: [Api; 3] = [Api::OpenAiChat, Api::OpenAiCompletions, Api::Native];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAiChat => "openai_chat",
+            Self::OpenAiCompletions => "openai_completions",
+            Self::Native => "native",
+        }
+    }
+}
+
+/// How a generation request ended (`llorch_requests_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Canceled,
+    Failed,
+    Rejected,
+    Invalid,
+    Unauthorized,
+    Unavailable,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Ok,
+        Outcome::Canceled,
+        Outcome::Failed,
+        Outcome::Rejected,
+        Outcome::Invalid,
+        Outcome::Unauthorized,
+        Outcome::Unavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Canceled => "canceled",
+            Self::Failed => "failed",
+            Self::Rejected => "rejected",
+            Self::Invalid => "invalid",
+            Self::Unauthorized => "unauthorized",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
+    /// The outcome of a request refused before admission, from its status.
+    pub fn of_refusal(status: hyper::StatusCode) -> Self {
+        match status.as_u16() {
+            400 | 404 | 413 | 422 => Self::Invalid,
+            401 | 403 => Self::Unauthorized,
+            429 => Self::Rejected,
+            503 => Self::Unavailable,
+            _ => Self::Failed,
+        }
+    }
+
+    /// The outcome of an admitted task that ended with an error event.
+    pub fn of_error(code: ErrorCode) -> Self {
+        match code {
+            ErrorCode::Canceled => Self::Canceled,
+            ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru | ErrorCode::DeadlineUnmet => {
+                Self::Rejected
+            }
+            _ => Self::Failed,
+        }
+    }
+}
+
+/// Why admission refused or dropped a task (`llorch_admission_rejections_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    QueueFull,
+    Deadline,
+    Evicted,
+    Expired,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 4] = [
+        Rejection::QueueFull,
+        Rejection::Deadline,
+        Rejection::Evicted,
+        Rejection::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::Deadline => "deadline",
+            Self::Evicted => "evicted",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// Why a task was cancelled (`llorch_tasks_canceled_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// `POST /v2/tasks/{id}/cancel`.
+    Client,
+    /// The OpenAI client closed its connection.
+    Disconnect,
+    /// orchestratord stopped while the task waited.
+    Shutdown,
+}
+
+impl CancelReason {
+    pub const ALL: [CancelReason; 3] = [
+        CancelReason::Client,
+        CancelReason::Disconnect,
+        CancelReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Disconnect => "disconnect",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What the dispatcher did with a task (`llorch_placement_decisions_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Placed,
+    Requeued,
+    Impossible,
+}
+
+impl Decision {
+    pub const ALL: [Decision; 3] = [Decision::Placed, Decision::Requeued, Decision::Impossible];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Placed => "placed",
+            Self::Requeued => "requeued",
+            Self::Impossible => "impossible",
+        }
+    }
+}
+
+/// The outcome label of a heartbeat (`llorch_node_heartbeats_total{outcome}`).
+pub const HEARTBEAT_OUTCOMES: [&str; 4] = ["ok", "unknown_node", "unauthorized", "invalid"];
+
+const POOL_STATES: [PoolState; 6] = [
+    PoolState::Provisioning,
+    PoolState::Loading,
+    PoolState::Ready,
+    PoolState::Draining,
+    PoolState::Failed,
+    PoolState::Standby,
+];
+
+/// The label used for a model no node registered.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    queue_capacity: IntGauge,
+    rejections: IntCounterVec,
+    queue_wait: Histogram,
+    ttft: HistogramVec,
+    inter_token: HistogramVec,
+    duration: HistogramVec,
+    prompt_tokens: IntCounterVec,
+    generated_tokens: IntCounterVec,
+    in_flight: IntGaugeVec,
+    canceled: IntCounterVec,
+    placements: IntCounterVec,
+    nodes: IntGaugeVec,
+    pools: IntGaugeVec,
+    slots: IntGaugeVec,
+    heartbeats: IntCounterVec,
+    /// Models some node registered: the bounded set of `model` label values.
+    models: RwLock<HashSet<String>>,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> HistogramVec {
+    register(
+        r,
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        ),
+    )
+}
+
+impl Metrics {
+    pub fn new(queue_capacity: usize) -> Self {
+        let r = llorch_metrics::registry("orchestratord");
+        let m = Self {
+            requests: counter(
+                &r,
+                "llorch_requests_total",
+                "Generation requests by API, model and outcome.",
+                &["api", "model", "outcome"],
+            ),
+            queue_depth: gauge(
+                &r,
+                "llorch_queue_depth",
+                "Tasks waiting in the admission queue.",
+                &["priority"],
+            ),
+            queue_capacity: register(
+                &r,
+                IntGauge::new("llorch_queue_capacity", "The admission queue's capacity."),
+            ),
+            rejections: counter(
+                &r,
+                "llorch_admission_rejections_total",
+                "Tasks refused or dropped by admission.",
+                &["reason"],
+            ),
+            queue_wait: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "llorch_queue_wait_seconds",
+                        "From admission to the start of the task's stream.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                ),
+            ),
+            ttft: histogram(
+                &r,
+                "llorch_time_to_first_token_seconds",
+                "From admission to the first generated token.",
+                LATENCY_BUCKETS,
+                &["model"],
+            ),
+            inter_token: histogram(
+                &r,
+                "llorch_inter_token_latency_seconds",
+                "Mean gap between generated tokens, one observation per task.",
+                INTER_TOKEN_BUCKETS,
+                &["model"],
+            ),
+            duration: histogram(
+                &r,
+                "llorch_request_duration_seconds",
+                "From admission to the task's final event.",
+                LATENCY_BUCKETS,
+                &["model"],
+            ),
+            prompt_tokens: counter(
+                &r,
+                "llorch_prompt_tokens_total",
+                "Prompt tokens of finished tasks.",
+                &["model"],
+            ),
+            generated_tokens: counter(
+                &r,
+                "llorch_generated_tokens_total",
+                "Generated tokens of finished tasks.",
+                &["model"],
+            ),
+            in_flight: gauge(
+                &r,
+                "llorch_tasks_in_flight",
+                "Admitted tasks not finished yet.",
+                &["model"],
+            ),
+            canceled: counter(
+                &r,
+                "llorch_tasks_canceled_total",
+                "Tasks ended by a cancel.",
+                &["reason"],
+            ),
+            placements: counter(
+                &r,
+                "llorch_placement_decisions_total",
+                "Dispatcher decisions about queued tasks.",
+                &["outcome"],
+            ),
+            nodes: gauge(&r, "llorch_nodes", "Registered nodes by state.", &["state"]),
+            pools: gauge(
+                &r,
+                "llorch_pools",
+                "Pools of all nodes by state.",
+                &["state"],
+            ),
+            slots: gauge(
+                &r,
+                "llorch_slots",
+                "Slots of ready pools on online nodes.",
+                &["state"],
+            ),
+            heartbeats: counter(
+                &r,
+                "llorch_node_heartbeats_total",
+                "Node heartbeats received by outcome.",
+                &["outcome"],
+            ),
+            models: RwLock::new(HashSet::new()),
+            registry: r,
+        };
+        m.queue_capacity.set(queue_capacity as i64);
+        for p in [Priority::Interactive, Priority::Batch] {
+            m.queue_depth.with_label_values(&[p.as_str()]);
+        }
+        for r in Rejection::ALL {
+            m.rejections.with_label_values(&[r.as_str()]);
+        }
+        for c in CancelReason::ALL {
+            m.canceled.with_label_values(&[c.as_str()]);
+        }
+        for d in Decision::ALL {
+            m.placements.with_label_values(&[d.as_str()]);
+        }
+        for s in ["online", "offline"] {
+            m.nodes.with_label_values(&[s]);
+        }
+        for s in POOL_STATES.iter().map(|s| s.as_str()).chain(["offline"]) {
+            m.pools.with_label_values(&[s]);
+        }
+        for s in ["busy", "free"] {
+            m.slots.with_label_values(&[s]);
+        }
+        for o in HEARTBEAT_OUTCOMES {
+            m.heartbeats.with_label_values(&[o]);
+        }
+        m.add_model(UNKNOWN_MODEL);
+        m
+    }
+
+    /// Starts the series of models a node registered (at 0), once per model.
+    pub fn add_models<'a>(&self, models: impl IntoIterator<Item = &'a str>) {
+        for model in models {
+            if !self.models.read().expect("models lock").contains(model) {
+                self.add_model(model);
+            }
+        }
+    }
+
+    fn add_model(&self, model: &str) {
+        if !self
+            .models
+            .write()
+            .expect("models lock")
+            .insert(model.to_string())
+        {
+            return;
+        }
+        for api in Api::ALL {
+            for o in Outcome::ALL {
+                self.requests
+                    .with_label_values(&[api.as_str(), model, o.as_str()]);
+            }
+        }
+        self.ttft.with_label_values(&[model]);
+        self.inter_token.with_label_values(&[model]);
+        self.duration.with_label_values(&[model]);
+        self.prompt_tokens.with_label_values(&[model]);
+        self.generated_tokens.with_label_values(&[model]);
+        self.in_flight.with_label_values(&[model]);
+    }
+
+    /// The `model` label for a model name from a request: itself when a node registered it,
+    /// else `unknown` (labels come only from bounded sets).
+    pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        if self.models.read().expect("models lock").contains(model) {
+            model
+        } else {
+            UNKNOWN_MODEL
+        }
+    }
+
+    pub fn request(&self, api: Api, model: &str, outcome: Outcome) {
+        let model = self.model_label(model);
+        self.requests
+            .with_label_values(&[api.as_str(), model, outcome.as_str()])
+            .inc();
+    }
+
+    pub fn rejected(&self, why: Rejection) {
+        self.rejections.with_label_values(&[why.as_str()]).inc();
+    }
+
+    pub fn admitted(&self, model: &str) {
+        self.in_flight
+            .with_label_values(&[self.model_label(model)])
+            .inc();
+    }
+
+    pub fn decision(&self, d: Decision) {
+        self.placements.with_label_values(&[d.as_str()]).inc();
+    }
+
+    pub fn started(&self, queue_wait: Duration) {
+        self.queue_wait.observe(queue_wait.as_secs_f64());
+    }
+
+    pub fn heartbeat(&self, outcome: &str) {
+        self.heartbeats.with_label_values(&[outcome]).inc();
+    }
+
+    /// Records a finished task (called exactly once per admitted task).
+    pub fn finished(&self, f: &Finished<'_>) {
+        let model = self.model_label(f.model);
+        self.in_flight.with_label_values(&[model]).dec();
+        self.request(f.api, model, f.outcome);
+        if let Some(reason) = f.canceled {
+            self.canceled.with_label_values(&[reason.as_str()]).inc();
+        }
+        self.duration
+            .with_label_values(&[model])
+            .observe(f.duration.as_secs_f64());
+        if let Some(t) = f.ttft {
+            self.ttft
+                .with_label_values(&[model])
+                .observe(t.as_secs_f64());
+        }
+        if let Some(gap) = f.inter_token {
+            self.inter_token
+                .with_label_values(&[model])
+                .observe(gap.as_secs_f64());
+        }
+        self.prompt_tokens
+            .with_label_values(&[model])
+            .inc_by(u64::from(f.tokens_in));
+        self.generated_tokens
+            .with_label_values(&[model])
+            .inc_by(u64::from(f.tokens_out));
+    }
+
+    /// Sets the gauges that describe the queue and the registry (call under the core lock,
+    /// then [`Metrics::encode`] without it).
+    pub fn read_gauges(&self, core: &Core) {
+        let mut depth = [0i64; 2];
+        for e in core.queue.iter() {
+            depth[usize::from(e.priority == Priority::Batch)] += 1;
+        }
+        self.queue_depth
+            .with_label_values(&[Priority::Interactive.as_str()])
+            .set(depth[0]);
+        self.queue_depth
+            .with_label_values(&[Priority::Batch.as_str()])
+            .set(depth[1]);
+        let nodes = &core.registry.nodes;
+        let online = nodes.values().filter(|n| n.online).count() as i64;
+        self.nodes.with_label_values(&["online"]).set(online);
+        self.nodes
+            .with_label_values(&["offline"])
+            .set(nodes.len() as i64 - online);
+        let mut pools = [0i64; POOL_STATES.len() + 1];
+        let (mut busy, mut free) = (0i64, 0i64);
+        for c in core.registry.candidates() {
+            let i = if c.node_online {
+                POOL_STATES.iter().position(|s| *s == c.state).unwrap_or(0)
+            } else {
+                POOL_STATES.len()
+            };
+            pools[i] += 1;
+            if c.node_online && c.state == PoolState::Ready {
+                let leased = core
+                    .registry
+                    .leased(&(c.node_id.clone(), c.pool_id.clone()));
+                busy += i64::from(leased);
+                free += i64::from(c.slots_total.saturating_sub(leased));
+            }
+        }
+        for (i, s) in POOL_STATES
+            .iter()
+            .map(|s| s.as_str())
+            .chain(["offline"])
+            .enumerate()
+        {
+            self.pools.with_label_values(&[s]).set(pools[i]);
+        }
+        self.slots.with_label_values(&["busy"]).set(busy);
+        self.slots.with_label_values(&["free"]).set(free);
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        llorch_metrics::encode(&self.registry)
+    }
+}
+
+/// What is recorded about a finished task.
+#[derive(Debug)]
+pub struct Finished<'a> {
+    pub api: Api,
+    pub model: &'a str,
+    pub outcome: Outcome,
+    pub canceled: Option<CancelReason>,
+    pub duration: Duration,
+    pub ttft: Option<Duration>,
+    pub inter_token: Option<Duration>,
+    pub tokens_in: u32,
+    pub tokens_out: u32,
+}

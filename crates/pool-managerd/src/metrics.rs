@@ -1,0 +1,335 @@
+//! pool-managerd's Prometheus metrics (docs/METRICS.md is the reference), the GPU readings
+//! from NVML, and the re-export of each ready engine's metrics with a `pool` label.
+//!
+//! Counters move where things happen (the supervisor, the handoff watcher, the heartbeat
+//! loop); the pool gauges are read from the pool table when `/metrics` is scraped.
+
+use std::time::Duration;
+
+use llorch_metrics::prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+use llorch_metrics::{register, LATENCY_BUCKETS};
+use llorch_wire::node::{PoolState, PoolStatus};
+
+const POOL_STATES: [PoolState; 6] = [
+    PoolState::Provisioning,
+    PoolState::Loading,
+    PoolState::Ready,
+    PoolState::Draining,
+    PoolState::Failed,
+    PoolState::Standby,
+];
+
+/// Why the supervisor starts a pool's processes again (`llorch_engine_restarts_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    Crashed,
+    StartFailed,
+    ProvisionFailed,
+}
+
+impl Restart {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Crashed => "crashed",
+            Self::StartFailed => "start_failed",
+            Self::ProvisionFailed => "provision_failed",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pool_slots: IntGaugeVec,
+    pool_state: IntGaugeVec,
+    engine_starts: IntCounterVec,
+    engine_restarts: IntCounterVec,
+    load_duration: HistogramVec,
+    verification_failures: IntCounterVec,
+    handoff_events: IntCounterVec,
+    heartbeats_sent: IntCounterVec,
+    gpu: Option<Gpu>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("gpu", &self.gpu.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+impl Metrics {
+    /// The node's metrics, every series of the given pools started at 0. Probes NVML once.
+    pub fn new<'a>(pools: impl IntoIterator<Item = &'a str>) -> Self {
+        let r = llorch_metrics::registry("pool-managerd");
+        let m = Self {
+            pool_slots: gauge(
+                &r,
+                "llorch_pool_slots",
+                "The pool's slots by state.",
+                &["pool", "state"],
+            ),
+            pool_state: gauge(
+                &r,
+                "llorch_pool_state",
+                "1 for the pool's current state, 0 for the others.",
+                &["pool", "state"],
+            ),
+            engine_starts: counter(
+                &r,
+                "llorch_engine_starts_total",
+                "Engine start attempts by result.",
+                &["pool", "result"],
+            ),
+            engine_restarts: counter(
+                &r,
+                "llorch_engine_restarts_total",
+                "Restarts of a pool's processes after a failure.",
+                &["pool", "reason"],
+            ),
+            load_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "llorch_model_load_duration_seconds",
+                        "From the engine's start to its handoff file.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["pool"],
+                ),
+            ),
+            verification_failures: counter(
+                &r,
+                "llorch_model_verification_failures_total",
+                "The provisioner refused the model file.",
+                &["pool"],
+            ),
+            handoff_events: counter(
+                &r,
+                "llorch_handoff_events_total",
+                "Handoff files seen by the watcher.",
+                &["kind"],
+            ),
+            heartbeats_sent: counter(
+                &r,
+                "llorch_heartbeats_sent_total",
+                "Registrations and heartbeats sent to the control plane.",
+                &["outcome"],
+            ),
+            gpu: Gpu::probe(&r),
+            registry: r,
+        };
+        for pool in pools {
+            for s in ["busy", "free"] {
+                m.pool_slots.with_label_values(&[pool, s]);
+            }
+            for s in POOL_STATES {
+                m.pool_state.with_label_values(&[pool, s.as_str()]);
+            }
+            for r in ["ready", "failed"] {
+                m.engine_starts.with_label_values(&[pool, r]);
+            }
+            for r in [
+                Restart::Crashed,
+                Restart::StartFailed,
+                Restart::ProvisionFailed,
+            ] {
+                m.engine_restarts.with_label_values(&[pool, r.as_str()]);
+            }
+            m.load_duration.with_label_values(&[pool]);
+            m.verification_failures.with_label_values(&[pool]);
+        }
+        for k in ["written", "removed", "invalid"] {
+            m.handoff_events.with_label_values(&[k]);
+        }
+        for o in ["ok", "refused", "unreachable"] {
+            m.heartbeats_sent.with_label_values(&[o]);
+        }
+        m
+    }
+
+    /// An engine wrote its handoff file `load` after it was started.
+    pub fn engine_ready(&self, pool: &str, load: Duration) {
+        self.engine_starts.with_label_values(&[pool, "ready"]).inc();
+        self.load_duration
+            .with_label_values(&[pool])
+            .observe(load.as_secs_f64());
+    }
+
+    /// A start attempt failed; the supervisor will try again.
+    pub fn start_failed(&self, pool: &str, restart: Restart) {
+        if restart != Restart::Crashed {
+            self.engine_starts
+                .with_label_values(&[pool, "failed"])
+                .inc();
+        }
+        self.engine_restarts
+            .with_label_values(&[pool, restart.as_str()])
+            .inc();
+    }
+
+    pub fn verification_failed(&self, pool: &str) {
+        self.verification_failures.with_label_values(&[pool]).inc();
+    }
+
+    pub fn handoff(&self, kind: &str) {
+        self.handoff_events.with_label_values(&[kind]).inc();
+    }
+
+    pub fn heartbeat_sent(&self, outcome: &str) {
+        self.heartbeats_sent.with_label_values(&[outcome]).inc();
+    }
+
+    /// The text exposition of the node's own metrics, with the pool gauges set from `pools`.
+    pub fn encode(&self, pools: &[PoolStatus]) -> String {
+        for p in pools {
+            let id = p.pool_id.as_str();
+            for s in POOL_STATES {
+                self.pool_state
+                    .with_label_values(&[id, s.as_str()])
+                    .set(i64::from(p.state == s));
+            }
+            let busy = i64::from(p.slots_busy);
+            let free = if p.state == PoolState::Ready {
+                i64::from(p.slots_total) - busy
+            } else {
+                0
+            };
+            self.pool_slots.with_label_values(&[id, "busy"]).set(busy);
+            self.pool_slots
+                .with_label_values(&[id, "free"])
+                .set(free.max(0));
+        }
+        if let Some(gpu) = &self.gpu {
+            gpu.read();
+        }
+        llorch_metrics::encode(&self.registry)
+    }
+}
+
+/// GPU readings from NVML, present only when the NVIDIA driver's library loads.
+struct Gpu {
+    nvml: nvml_wrapper::Nvml,
+    memory: IntGaugeVec,
+    utilization: llorch_metrics::prometheus::GaugeVec,
+}
+
+impl Gpu {
+    /// Loads NVML; on a machine without it, says once that this is a CPU-only node.
+    fn probe(r: &Registry) -> Option<Self> {
+        match nvml_wrapper::Nvml::init() {
+            Ok(nvml) => {
+                let count = nvml.device_count().unwrap_or(0);
+                tracing::info!(
+                    gpus = count,
+                    "NVML loaded: exporting GPU memory and utilization."
+                );
+                let gpu = Self {
+                    nvml,
+                    memory: gauge(
+                        r,
+                        "llorch_gpu_memory_bytes",
+                        "GPU memory by kind (used, total).",
+                        &["gpu", "kind"],
+                    ),
+                    utilization: register(
+                        r,
+                        llorch_metrics::prometheus::GaugeVec::new(
+                            Opts::new(
+                                "llorch_gpu_utilization_ratio",
+                                "Fraction of the last sample period the GPU was busy.",
+                            ),
+                            &["gpu"],
+                        ),
+                    ),
+                };
+                gpu.read();
+                Some(gpu)
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, "NVML is not available: a CPU-only node, no GPU metrics.");
+                None
+            }
+        }
+    }
+
+    fn read(&self) {
+        let count = self.nvml.device_count().unwrap_or(0);
+        for i in 0..count {
+            let Ok(dev) = self.nvml.device_by_index(i) else {
+                continue;
+            };
+            let label = i.to_string();
+            if let Ok(mem) = dev.memory_info() {
+                self.memory
+                    .with_label_values(&[&label, "used"])
+                    .set(mem.used as i64);
+                self.memory
+                    .with_label_values(&[&label, "total"])
+                    .set(mem.total as i64);
+            }
+            if let Ok(u) = dev.utilization_rates() {
+                self.utilization
+                    .with_label_values(&[&label])
+                    .set(f64::from(u.gpu) / 100.0);
+            }
+        }
+    }
+}
+
+/// Fetches each ready engine's `/metrics` over its socket (at most `timeout` each, all at
+/// once) and merges them into the node's own exposition with a `pool` label. An engine that
+/// does not answer is left out of this scrape.
+pub async fn scrape_engines(
+    own: String,
+    engines: Vec<(String, std::path::PathBuf)>,
+    timeout: Duration,
+) -> String {
+    let mut fetches = tokio::task::JoinSet::new();
+    for (pool, socket) in engines {
+        fetches.spawn(fetch_engine(pool, socket, timeout));
+    }
+    let mut scraped: Vec<(String, String)> =
+        fetches.join_all().await.into_iter().flatten().collect();
+    // Pools in a stable order, whatever order the answers came in.
+    scraped.sort();
+    llorch_metrics::merge(
+        std::iter::once((None, own.as_str()))
+            .chain(scraped.iter().map(|(p, t)| (Some(p.as_str()), t.as_str()))),
+    )
+}
+
+async fn fetch_engine(
+    pool: String,
+    socket: std::path::PathBuf,
+    timeout: Duration,
+) -> Option<(String, String)> {
+    let client = llorch_client::UnixClient::new(&socket);
+    match tokio::time::timeout(timeout, client.get_bytes("/metrics")).await {
+        Ok(Ok((status, body))) if status.is_success() => {
+            Some((pool, String::from_utf8_lossy(&body).into_owned()))
+        }
+        Ok(Ok((status, _))) => {
+            tracing::debug!(pool, %status, "The engine refused its metrics.");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(pool, error = %e, "Cannot read the engine's metrics.");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(pool, "The engine's metrics did not come in time.");
+            None
+        }
+    }
+}
