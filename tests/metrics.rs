@@ -11,11 +11,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Method, StatusCode};
-use llorch_client::{EventStream, HttpClient, UnixClient};
+use llorch_client::{HttpClient, UnixClient};
 use llorch_tests::prom::{documented, names_used, repo_root, Documented, Scrape};
 use llorch_tests::stack::{signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
-use llorch_tests::{serial, wait_for};
-use llorch_wire::sse::Frame;
+use llorch_tests::{frames, post, serial, wait_for};
 use serde_json::{json, Value};
 
 const M: &str = MODEL_ID;
@@ -97,28 +96,8 @@ fn moves_with_time(name: &str) -> bool {
 }
 
 async fn chat(client: &HttpClient, body: Value) -> (StatusCode, Value) {
-    let resp = client
-        .post_raw(
-            "/v1/chat/completions",
-            serde_json::to_vec(&body).unwrap(),
-            &[],
-        )
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
-async fn frames(mut s: EventStream) -> Vec<Frame> {
-    let mut out = Vec::new();
-    while let Some(f) = s.next_frame().await {
-        out.push(f.expect("frame"));
-    }
-    out
+    let (status, _, value) = post(client, "/v1/chat/completions", &body).await;
+    (status, value)
 }
 
 fn paris() -> Value {

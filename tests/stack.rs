@@ -13,10 +13,10 @@ use http_body_util::BodyExt;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::StatusCode;
 use llorch_client::{ClientError, EventStream, HttpClient};
-use llorch_tests::serial;
 use llorch_tests::stack::{
     alive, cpu_ticks, signal, Stack, StackOptions, MODEL_ID, NODE_TOKEN, TEST_KEY,
 };
+use llorch_tests::{frames, post, serial};
 use llorch_wire::engine::ChatMessage;
 use llorch_wire::sse::Frame;
 use llorch_wire::task::{PoolsAnswer, Priority, TaskAccepted, TaskEnd, TaskRequest};
@@ -43,38 +43,11 @@ fn long_task(max_tokens: u32) -> TaskRequest {
     }
 }
 
-/// POSTs JSON and returns status, headers and the decoded body.
-async fn post(
-    client: &HttpClient,
-    path: &str,
-    body: &Value,
-) -> (StatusCode, hyper::HeaderMap, Value) {
-    let resp = client
-        .post_raw(path, serde_json::to_vec(body).unwrap(), &[])
-        .await
-        .expect("request");
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
-    (status, headers, value)
-}
-
 async fn submit(client: &HttpClient, req: &TaskRequest) -> TaskAccepted {
     client
         .post_json("/v2/tasks", req)
         .await
         .expect("task accepted")
-}
-
-/// Reads an SSE stream to its end.
-async fn frames(mut s: EventStream) -> Vec<Frame> {
-    let mut out = Vec::new();
-    while let Some(f) = s.next_frame().await {
-        out.push(f.expect("frame"));
-    }
-    out
 }
 
 /// Reads a stream until `n` tokens went by: the task is running mid-answer.

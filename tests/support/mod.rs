@@ -171,3 +171,34 @@ impl Drop for Engine {
         }
     }
 }
+
+/// POSTs JSON and returns status, headers and the decoded body.
+pub async fn post(
+    client: &llorch_client::HttpClient,
+    path: &str,
+    body: &serde_json::Value,
+) -> (hyper::StatusCode, hyper::HeaderMap, serde_json::Value) {
+    let resp = client
+        .post_raw(path, serde_json::to_vec(body).unwrap(), &[])
+        .await
+        .expect("request");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(
+        String::from_utf8_lossy(&bytes).into(),
+    ));
+    (status, headers, value)
+}
+
+/// Reads an SSE stream to its end.
+pub async fn frames(mut s: llorch_client::EventStream) -> Vec<llorch_wire::sse::Frame> {
+    let mut out = Vec::new();
+    while let Some(f) = s.next_frame().await {
+        out.push(f.expect("frame"));
+    }
+    out
+}

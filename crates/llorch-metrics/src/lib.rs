@@ -51,6 +51,32 @@ pub fn register<M: prometheus::core::Collector + Clone + 'static>(
     m
 }
 
+/// A counter family with labels, registered.
+pub fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::IntCounterVec {
+    register(
+        registry,
+        prometheus::IntCounterVec::new(Opts::new(name, help), labels),
+    )
+}
+
+/// An integer gauge family with labels, registered.
+pub fn gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::IntGaugeVec {
+    register(
+        registry,
+        prometheus::IntGaugeVec::new(Opts::new(name, help), labels),
+    )
+}
+
 /// The registry's metrics in the text format.
 pub fn encode(registry: &Registry) -> String {
     let mut out = Vec::new();

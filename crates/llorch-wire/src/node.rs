@@ -37,6 +37,16 @@ pub enum PoolState {
 }
 
 impl PoolState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [PoolState; 6] = [
+        Self::Provisioning,
+        Self::Loading,
+        Self::Ready,
+        Self::Draining,
+        Self::Failed,
+        Self::Standby,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Provisioning => "provisioning",

@@ -10,8 +10,9 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use llorch_metrics::prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
+use llorch_metrics::{counter_vec as counter, gauge_vec as gauge};
 use llorch_metrics::{register, INTER_TOKEN_BUCKETS, LATENCY_BUCKETS};
 use llorch_wire::node::PoolState;
 use llorch_wire::task::Priority;
@@ -174,14 +175,7 @@ impl Decision {
 /// The outcome label of a heartbeat (`llorch_node_heartbeats_total{outcome}`).
 pub const HEARTBEAT_OUTCOMES: [&str; 4] = ["ok", "unknown_node", "unauthorized", "invalid"];
 
-const POOL_STATES: [PoolState; 6] = [
-    PoolState::Provisioning,
-    PoolState::Loading,
-    PoolState::Ready,
-    PoolState::Draining,
-    PoolState::Failed,
-    PoolState::Standby,
-];
+const POOL_STATES: [PoolState; 6] = PoolState::ALL;
 
 /// The label used for a model no node registered.
 pub const UNKNOWN_MODEL: &str = "unknown";
@@ -207,14 +201,6 @@ pub struct Metrics {
     heartbeats: IntCounterVec,
     /// Models some node registered: the bounded set of `model` label values.
     models: RwLock<HashSet<String>>,
-}
-
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    register(r, IntCounterVec::new(Opts::new(name, help), labels))
-}
-
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram(

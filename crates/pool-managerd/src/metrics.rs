@@ -9,17 +9,11 @@ use std::time::Duration;
 use llorch_metrics::prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
+use llorch_metrics::{counter_vec as counter, gauge_vec as gauge};
 use llorch_metrics::{register, LATENCY_BUCKETS};
 use llorch_wire::node::{PoolState, PoolStatus};
 
-const POOL_STATES: [PoolState; 6] = [
-    PoolState::Provisioning,
-    PoolState::Loading,
-    PoolState::Ready,
-    PoolState::Draining,
-    PoolState::Failed,
-    PoolState::Standby,
-];
+const POOL_STATES: [PoolState; 6] = PoolState::ALL;
 
 /// Why the supervisor starts a pool's processes again (`llorch_engine_restarts_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,14 +52,6 @@ impl std::fmt::Debug for Metrics {
             .field("gpu", &self.gpu.is_some())
             .finish_non_exhaustive()
     }
-}
-
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    register(r, IntCounterVec::new(Opts::new(name, help), labels))
-}
-
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 impl Metrics {
