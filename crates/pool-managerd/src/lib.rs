@@ -6,6 +6,7 @@
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`launcher`]: starting and stopping processes, behind the [`launcher::Launcher`] trait.
 //! - [`supervisor`]: one task per pool; restarts with backoff.
+//! - [`pools`]: the set of running pools, changed on reload (SIGHUP).
 //! - [`handoff`]: the inotify watcher of the handoff directory.
 //! - [`state`]: the shared pool table and the derived pool state.
 //! - [`api`]: the node API (axum) and the streaming forward.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod handoff;
 pub mod launcher;
 pub mod metrics;
+pub mod pools;
 pub mod register;
 pub mod state;
 pub mod supervisor;
@@ -78,8 +80,12 @@ impl RunError {
 }
 
 /// Runs the node with child-process engines until `shutdown` is cancelled, then stops every
-/// engine and returns.
-pub async fn run(config: Checked, shutdown: CancellationToken) -> Result<(), RunError> {
+/// engine and returns. On SIGHUP it reads `config_path` again and applies its pools.
+pub async fn run(
+    config: Checked,
+    config_path: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let node = &config.config.node;
     let launcher = Arc::new(ProcessLauncher::new(
         node.engine_bin.clone(),
@@ -87,15 +93,23 @@ pub async fn run(config: Checked, shutdown: CancellationToken) -> Result<(), Run
         node.cache_dir.clone(),
         config.layout(),
     ));
-    run_with(config, launcher, launcher::STOP_GRACE, shutdown).await
+    run_with(
+        config,
+        launcher,
+        launcher::STOP_GRACE,
+        Some(config_path),
+        shutdown,
+    )
+    .await
 }
 
 /// Runs the node with the given launcher; `grace` is how long each engine may drain on
-/// shutdown before it is killed.
+/// shutdown before it is killed. With `reload_from`, SIGHUP re-reads that file.
 pub async fn run_with(
     config: Checked,
     launcher: Arc<dyn Launcher>,
     grace: Duration,
+    reload_from: Option<PathBuf>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let layout = config.layout();
@@ -140,16 +154,15 @@ pub async fn run_with(
     // Tasks that must end before the engines stop (watcher, heartbeats) and the supervisors.
     let stop_pools = CancellationToken::new();
     let watcher = handoff::spawn(node.clone(), layout.handoff_dir(), stop_pools.clone())?;
-    let mut supervisors = Vec::new();
+    let mut pools = pools::Pools::new(
+        node.clone(),
+        launcher.clone(),
+        layout.clone(),
+        grace,
+        stop_pools.clone(),
+    );
     for pool in config.pools() {
-        supervisors.push(tokio::spawn(supervisor::supervise(
-            node.clone(),
-            pool.clone(),
-            launcher.clone(),
-            layout.clone(),
-            grace,
-            stop_pools.clone(),
-        )));
+        pools.start(pool.clone());
     }
     let identity = register::Identity {
         node_id: config.node().id.clone(),
@@ -191,16 +204,37 @@ pub async fn run_with(
     };
     tracing::info!(node = %config.node().id, pools = config.pools().len(), "Node started.");
 
-    shutdown.cancelled().await;
+    let mut hangups = match &reload_from {
+        Some(_) => Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(RunError::Serve)?,
+        ),
+        None => None,
+    };
+    let mut running = config;
+    loop {
+        let hangup = async {
+            match hangups.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = hangup => {
+                if let Some(path) = &reload_from {
+                    reload(path, &mut running, &mut pools).await;
+                }
+            }
+        }
+    }
     tracing::info!("Shutting down: no new forwards; stopping every engine.");
     llorch_os::service::stopping();
     node.shutting_down.store(true, Ordering::SeqCst);
     // Tell the control plane first, so it stops placing work here before the engines go.
     register::final_heartbeat(&node, &client, &identity).await;
     stop_pools.cancel();
-    for s in supervisors {
-        let _ = s.await;
-    }
+    pools.join().await;
     let _ = watcher.await;
     let _ = heartbeats.await;
     // Engines are gone, so every forwarded stream has ended; the server stops at once.
@@ -219,6 +253,40 @@ pub async fn run_with(
         Ok(Err(e)) => Err(RunError::Serve(e)),
         Err(e) => Err(RunError::Serve(std::io::Error::other(e.to_string()))),
     }
+}
+
+/// SIGHUP: reads the configuration again. A file that does not pass the checks changes
+/// nothing (and is logged with the configuration-rejected MESSAGE_ID); otherwise the pools are
+/// made those of the file, and changes to `[node]` are reported as needing a restart.
+async fn reload(path: &std::path::Path, running: &mut Checked, pools: &mut pools::Pools) {
+    llorch_os::service::reloading();
+    match config::load(path) {
+        Err(e) => {
+            tracing::error!(
+                message_id = llorch_os::message_id::CONFIG_REJECTED,
+                error = %e,
+                "Reload refused; the configuration in force is unchanged."
+            );
+        }
+        Ok(new) => {
+            let restart_needed = config::node_changes(running.node(), new.node());
+            if !restart_needed.is_empty() {
+                tracing::warn!(
+                    keys = %restart_needed.join(", "),
+                    "These [node] settings changed; they take effect when pool-managerd restarts."
+                );
+            }
+            let changes = pools.apply(new.pools()).await;
+            tracing::info!(
+                added = %changes.added.join(","),
+                removed = %changes.removed.join(","),
+                restarted = %changes.replaced.join(","),
+                "Configuration reloaded."
+            );
+            running.config.pools = new.config.pools;
+        }
+    }
+    llorch_os::service::ready();
 }
 
 enum Listener {

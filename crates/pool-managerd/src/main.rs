@@ -55,7 +55,7 @@ fn main() {
         if let Err(e) = llorch_os::service::cancel_on_stop_signal(shutdown.clone()) {
             tracing::error!(error = %e, "Cannot install signal handlers; stop pool-managerd with SIGKILL.");
         }
-        match pool_managerd::run(config, shutdown).await {
+        match pool_managerd::run(config, args.config.clone(), shutdown).await {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!(error = %e, "pool-managerd stopped with an error.");

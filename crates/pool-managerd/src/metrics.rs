@@ -116,24 +116,7 @@ impl Metrics {
             registry: r,
         };
         for pool in pools {
-            for s in ["busy", "free"] {
-                m.pool_slots.with_label_values(&[pool, s]);
-            }
-            for s in POOL_STATES {
-                m.pool_state.with_label_values(&[pool, s.as_str()]);
-            }
-            for r in ["ready", "failed"] {
-                m.engine_starts.with_label_values(&[pool, r]);
-            }
-            for r in [
-                Restart::Crashed,
-                Restart::StartFailed,
-                Restart::ProvisionFailed,
-            ] {
-                m.engine_restarts.with_label_values(&[pool, r.as_str()]);
-            }
-            m.load_duration.with_label_values(&[pool]);
-            m.verification_failures.with_label_values(&[pool]);
+            m.add_pool(pool);
         }
         for k in ["written", "removed", "invalid"] {
             m.handoff_events.with_label_values(&[k]);
@@ -142,6 +125,38 @@ impl Metrics {
             m.heartbeats_sent.with_label_values(&[o]);
         }
         m
+    }
+
+    /// Starts the series of a pool at 0 (a pool of the configuration, or one added on reload).
+    pub fn add_pool(&self, pool: &str) {
+        for s in ["busy", "free"] {
+            self.pool_slots.with_label_values(&[pool, s]);
+        }
+        for s in POOL_STATES {
+            self.pool_state.with_label_values(&[pool, s.as_str()]);
+        }
+        for r in ["ready", "failed"] {
+            self.engine_starts.with_label_values(&[pool, r]);
+        }
+        for r in [
+            Restart::Crashed,
+            Restart::StartFailed,
+            Restart::ProvisionFailed,
+        ] {
+            self.engine_restarts.with_label_values(&[pool, r.as_str()]);
+        }
+        self.load_duration.with_label_values(&[pool]);
+        self.verification_failures.with_label_values(&[pool]);
+    }
+
+    /// Drops the gauges of a pool removed on reload (its counters stay: they only grow).
+    pub fn remove_pool(&self, pool: &str) {
+        for s in ["busy", "free"] {
+            let _ = self.pool_slots.remove_label_values(&[pool, s]);
+        }
+        for s in POOL_STATES {
+            let _ = self.pool_state.remove_label_values(&[pool, s.as_str()]);
+        }
     }
 
     /// An engine wrote its handoff file `load` after it was started.

@@ -230,6 +230,28 @@ impl Node {
         ids
     }
 
+    /// Adds a pool (configuration reload); false when one with this id exists.
+    pub fn add_pool(&self, config: PoolConfig) -> bool {
+        let id = config.id.clone();
+        {
+            let mut pools = self.pools.lock().expect("pool table lock");
+            if pools.contains_key(&id) {
+                return false;
+            }
+            pools.insert(id.clone(), PoolEntry::new(config));
+        }
+        self.metrics.add_pool(&id);
+        self.changed.notify_one();
+        true
+    }
+
+    /// Removes a pool whose supervisor has stopped (configuration reload).
+    pub fn remove_pool(&self, id: &str) {
+        self.pools.lock().expect("pool table lock").remove(id);
+        self.metrics.remove_pool(id);
+        self.changed.notify_one();
+    }
+
     /// The sockets of the engines that serve now (ready or draining), by pool.
     pub fn engine_sockets(&self) -> Vec<(String, PathBuf)> {
         let pools = self.pools.lock().expect("pool table lock");

@@ -439,3 +439,105 @@ async fn a_model_failing_verification_is_counted_on_the_metrics_listener() {
         "{pools:?}"
     );
 }
+
+/// SIGHUP re-reads the configuration: an added pool starts, a removed one stops, a pool whose
+/// settings did not change keeps its engine and its running stream, and a file that does not
+/// pass the checks changes nothing. Each reload is framed by RELOADING=1 and READY=1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_pool_changes_without_touching_the_others() {
+    let dir = tempfile::Builder::new()
+        .prefix("pm-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let config = write_config(dir.path(), "2");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let mut notify = NotifySocket::bind(dir.path());
+    let log = dir.path().join("pool-managerd.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_pool-managerd"))
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon { child, log };
+    let pid = daemon.child.id();
+    let client = HttpClient::new(&format!("unix:{}/node.sock", dir.path().display())).unwrap();
+    let ready = wait_status(
+        &client,
+        &mut notify,
+        &daemon,
+        "the pool to become ready",
+        Duration::from_secs(120),
+        |s| s.state == PoolState::Ready,
+    )
+    .await;
+    let engine = ready.engine_pid.unwrap();
+
+    // A long answer runs on the default pool through every reload below.
+    let resp = generate(&client, LONG, "corr-reload").await;
+    assert_eq!(resp.status(), 200);
+    let mut stream = EventStream::from_response(resp, Path::new("node"))
+        .await
+        .unwrap();
+    assert_eq!(stream.next_frame().await.unwrap().unwrap().event, "token");
+
+    // Add a pool.
+    let second = format!(
+        "{original}\n[[pools]]\nid = \"second\"\nslots = 1\nctx = 512\nthreads = 1\n\n[pools.model]\nid = \"smollm2-135m\"\nsource = \"{}\"\n",
+        model_path().display()
+    );
+    std::fs::write(&config, &second).unwrap();
+    signal(pid, libc::SIGHUP);
+    notify.wait_for("RELOADING=1", Duration::from_secs(10));
+    notify.wait_for("READY=1", Duration::from_secs(10));
+    let start = Instant::now();
+    let second_pid = loop {
+        if let Ok(st) = client.get_json::<PoolStatus>("/v2/pools/second").await {
+            if st.state == PoolState::Ready {
+                break st.engine_pid.unwrap();
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the added pool never became ready:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // A file that does not parse changes nothing.
+    std::fs::write(&config, "[node\n").unwrap();
+    signal(pid, libc::SIGHUP);
+    notify.wait_for("RELOADING=1", Duration::from_secs(10));
+    notify.wait_for("READY=1", Duration::from_secs(10));
+    assert!(daemon.log().contains("Reload refused"), "{}", daemon.log());
+    let pools: Vec<PoolStatus> = client.get_json("/v2/pools").await.unwrap();
+    assert_eq!(pools.len(), 2, "{pools:?}");
+
+    // Remove the added pool again: its engine stops, the default pool's does not.
+    std::fs::write(&config, &original).unwrap();
+    signal(pid, libc::SIGHUP);
+    notify.wait_for("RELOADING=1", Duration::from_secs(10));
+    notify.wait_for("READY=1", Duration::from_secs(30));
+    let pools: Vec<PoolStatus> = client.get_json("/v2/pools").await.unwrap();
+    assert_eq!(
+        pools.iter().map(|p| p.pool_id.as_str()).collect::<Vec<_>>(),
+        ["default"]
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{second_pid}")).exists(),
+        "the removed pool's engine still runs"
+    );
+    assert_eq!(
+        pools[0].engine_pid,
+        Some(engine),
+        "the default pool was restarted"
+    );
+
+    // The stream that ran through the reloads ends normally.
+    let rest = stream.collect().await.expect("the stream ran to its end");
+    assert!(rest.tokens.len() > 100, "{} tokens", rest.tokens.len());
+}
