@@ -298,6 +298,18 @@ impl State {
     ) -> Result<(TaskAccepted, Option<Arc<Task>>), Refusal> {
         let mut core = self.core();
         let candidates = core.registry.candidates();
+        if core.registry.nodes.is_empty() {
+            // Just started (or restarted): nodes register within a heartbeat, and until one
+            // does no model is known. A retry soon succeeds; a 404 would be wrong.
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorBody::new(
+                    ErrorCode::NodeUnavailable,
+                    "no node has registered with the control plane yet; retry in a moment",
+                )
+                .with_retry_after_ms(1000),
+            ));
+        }
         if !candidates.iter().any(|c| c.model_id == sub.model) {
             let known = core.registry.models();
             return Err((
