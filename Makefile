@@ -9,7 +9,7 @@ MODEL := $(LLORCH_CACHE)/default-model/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CARGO ?= cargo
 
-.PHONY: run demo test setup build bench lint fmt
+.PHONY: run demo test test-appliance setup build bench lint fmt
 
 ## Set up, build, and run the home stack on the default model at http://127.0.0.1:8080 until Ctrl-C.
 run: build
@@ -23,6 +23,10 @@ demo: build
 test: build
 	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "tests: %d passed, %d failed\n", p, f }' target/test.log
+
+## The appliance test alone: boot the units under a real systemd in systemd-nspawn.
+test-appliance: build
+	$(CARGO) test -p llorch-tests --test appliance -- --nocapture
 
 setup:
 	scripts/setup.sh >/dev/null

@@ -31,6 +31,9 @@ if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3-pip); fi
 command -v systemd-socket-activate >/dev/null 2>&1 || need+=(systemd)
 # promtool checks and unit-tests the alert rules (docs/observability).
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# The appliance test boots the units under a real systemd in a container.
+command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

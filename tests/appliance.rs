@@ -1,0 +1,644 @@
+//! The appliance under a real systemd: a minimal Debian root filesystem (debootstrap, cached
+//! outside the repository) boots in `systemd-nspawn` with systemd as PID 1; the binaries, the
+//! units from `systemd/`, a node configuration and the default model are installed the way a
+//! package would; and the test drives it only with what an operator has: `systemctl`,
+//! `journalctl`, `busctl` (inside, through `nsenter`) and `curl` (from the host: the container
+//! shares the host's network). The container is powered off at the end, also when a step fails.
+//!
+//! Needs root (or passwordless sudo), `systemd-nspawn` (systemd-container) and `debootstrap`;
+//! `scripts/setup.sh` installs both. `make test-appliance` runs this test alone.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use llorch_tests::stack::{free_port, MODEL_ID};
+use llorch_tests::{bin, model_path, serial};
+use serde_json::Value;
+
+/// Packages of the root filesystem: systemd as init, D-Bus for systemctl and busctl, curl, and
+/// the OpenMP runtime llama.cpp links against.
+const INCLUDE: &str = "systemd,systemd-sysv,dbus,libgomp1,curl";
+
+fn root_prefix() -> Vec<String> {
+    // The effective user, from /proc.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        == Some("0");
+    if root {
+        return Vec::new();
+    }
+    let sudo = Command::new("sudo").args(["-n", "true"]).status();
+    assert!(
+        sudo.is_ok_and(|s| s.success()),
+        "the appliance test boots a container with systemd-nspawn: run it as root or with passwordless sudo"
+    );
+    vec!["sudo".into(), "-n".into()]
+}
+
+fn privileged(prefix: &[String], program: &str) -> Command {
+    match prefix.split_first() {
+        Some((sudo, rest)) => {
+            let mut c = Command::new(sudo);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+fn cache_dir() -> PathBuf {
+    match std::env::var_os("LLORCH_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llama-orch"),
+    }
+}
+
+/// The host's release codename and Debian mirror (the rootfs matches the host, so the host's
+/// binaries run in it).
+fn suite_and_mirror() -> (String, String) {
+    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let suite = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|s| s.trim_matches('"').to_string())
+        .expect("VERSION_CODENAME in /etc/os-release");
+    let mut sources = String::new();
+    for f in [
+        "/etc/apt/sources.list.d/debian.sources",
+        "/etc/apt/sources.list.d/ubuntu.sources",
+        "/etc/apt/sources.list",
+    ] {
+        sources.push_str(&std::fs::read_to_string(f).unwrap_or_default());
+        sources.push('\n');
+    }
+    let mirror = sources
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("URIs:")
+                .map(|u| u.split_whitespace().next().unwrap_or("").to_string())
+                .or_else(|| {
+                    let mut w = l.split_whitespace();
+                    (w.next() == Some("deb"))
+                        .then(|| w.find(|x| x.starts_with("http")).unwrap_or("").to_string())
+                })
+        })
+        .filter(|m| !m.is_empty() && !m.contains("security"))
+        .unwrap_or_else(|| "http://deb.debian.org/debian".into());
+    (suite, mirror)
+}
+
+/// The cached root filesystem, made once with debootstrap (about a minute, 250 MB).
+fn rootfs(prefix: &[String]) -> PathBuf {
+    let (suite, mirror) = suite_and_mirror();
+    let dir = cache_dir().join("appliance");
+    let root = dir.join(format!("rootfs-{suite}"));
+    if root.join("usr/lib/systemd/systemd").exists() || root.join("lib/systemd/systemd").exists() {
+        return root;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = dir.join(format!("rootfs-{suite}.tmp"));
+    let _ = privileged(prefix, "rm").arg("-rf").arg(&tmp).status();
+    eprintln!(
+        "appliance: debootstrap {suite} from {mirror} into {} (once)",
+        root.display()
+    );
+    let out = privileged(prefix, "debootstrap")
+        .args(["--variant=minbase", &format!("--include={INCLUDE}"), &suite])
+        .arg(&tmp)
+        .arg(&mirror)
+        .output()
+        .expect("debootstrap is missing: install it (scripts/setup.sh does)");
+    assert!(
+        out.status.success(),
+        "debootstrap failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(&tmp, &root).unwrap();
+    root
+}
+
+/// What the container gets at `/mnt/llorch` (read-only): binaries, units, configuration, model,
+/// and the install script a package's post-install step would run.
+fn stage(dir: &Path, port: u16) {
+    let s = |p: &str| dir.join(p);
+    for d in ["bin", "units", "dropins"] {
+        std::fs::create_dir_all(s(d)).unwrap();
+    }
+    for b in [
+        "orchestratord",
+        "pool-managerd",
+        "llorch-engine",
+        "engine-provisioner",
+    ] {
+        std::fs::copy(bin(b), s("bin").join(b)).unwrap();
+    }
+    let units = llorch_tests::prom::repo_root().join("systemd");
+    for e in std::fs::read_dir(&units).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), s("units").join(e.file_name())).unwrap();
+    }
+    if std::fs::hard_link(model_path(), s("model.gguf")).is_err() {
+        std::fs::copy(model_path(), s("model.gguf")).unwrap();
+    }
+    std::fs::write(
+        s("node.toml"),
+        format!(
+            r#"[node]
+id = "appliance"
+control_plane = "http://127.0.0.1:{port}"
+listen = "unix:/run/llama-orch/pool-managerd.sock"
+cache_dir = "/var/cache/llama-orch/models"
+runtime_dir = "/run/llama-orch"
+heartbeat_secs = 1
+
+[[pools]]
+id = "default"
+slots = 2
+ctx = 1024
+threads = 2
+
+[pools.model]
+id = "{MODEL_ID}"
+source = "/mnt/llorch/model.gguf"
+sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+"#
+        ),
+    )
+    .unwrap();
+    // The test's own settings, as drop-ins an operator would write: a free port, and a short
+    // watchdog so the stuck-daemon step takes seconds.
+    std::fs::write(
+        s("dropins/port.conf"),
+        format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        s("dropins/watchdog.conf"),
+        "[Service]\nWatchdogSec=3\nTimeoutAbortSec=2\n",
+    )
+    .unwrap();
+    std::fs::write(
+        s("install.sh"),
+        r#"#!/bin/sh
+set -e
+install -m 0755 /mnt/llorch/bin/* /usr/bin/
+cp /mnt/llorch/units/*.service /mnt/llorch/units/*.socket /mnt/llorch/units/*.target /etc/systemd/system/
+mkdir -p /etc/sysusers.d /etc/tmpfiles.d /etc/llama-orch /etc/systemd/system/orchestratord.socket.d /etc/systemd/system/orchestratord.service.d
+cp /mnt/llorch/units/llama-orch.sysusers.conf /etc/sysusers.d/llama-orch.conf
+cp /mnt/llorch/units/llama-orch.tmpfiles.conf /etc/tmpfiles.d/llama-orch.conf
+cp /mnt/llorch/node.toml /etc/llama-orch/node.toml
+cp /mnt/llorch/dropins/port.conf /etc/systemd/system/orchestratord.socket.d/port.conf
+cp /mnt/llorch/dropins/watchdog.conf /etc/systemd/system/orchestratord.service.d/watchdog.conf
+systemd-sysusers
+systemd-tmpfiles --create
+systemctl daemon-reload
+"#,
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(dir)
+        .status()
+        .unwrap();
+}
+
+/// A booted container; powered off on drop.
+struct Container {
+    prefix: Vec<String>,
+    nspawn: Child,
+    leader: u32,
+    log: PathBuf,
+}
+
+impl Container {
+    fn boot(prefix: Vec<String>, root: &Path, stage: &Path, log: PathBuf) -> Self {
+        let name = format!("llorch-test-{}", std::process::id());
+        let nspawn = privileged(&prefix, "systemd-nspawn")
+            .arg("-D")
+            .arg(root)
+            .args([
+                "--volatile=overlay",
+                "-b",
+                "--register=no",
+                "--keep-unit",
+                "--console=passive",
+            ])
+            .args(["-M", &name])
+            .arg(format!("--bind-ro={}:/mnt/llorch", stage.display()))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::from(
+                std::fs::File::options().append(true).open(&log).unwrap(),
+            ))
+            .spawn()
+            .expect("systemd-nspawn is missing: install systemd-container (scripts/setup.sh does)");
+        let mut c = Self {
+            prefix,
+            nspawn,
+            leader: 0,
+            log,
+        };
+        // The container's PID 1 is the child of nspawn (of sudo's nspawn, with sudo).
+        let start = Instant::now();
+        c.leader = loop {
+            if let Some(pid) = c.find_leader() {
+                break pid;
+            }
+            if let Ok(Some(status)) = c.nspawn.try_wait() {
+                panic!("systemd-nspawn exited with {status}:\n{}", c.log_text());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no container init:\n{}",
+                c.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Until systemd has its bus up, systemctl cannot ask; then --wait waits for the boot.
+        let start = Instant::now();
+        loop {
+            let out = c.sh(&["systemctl", "is-system-running", "--wait"]);
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if state == "running" || state == "degraded" {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the container's systemd is {state:?}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                c.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn find_leader(&self) -> Option<u32> {
+        let mut pid = self.nspawn.id();
+        // Through sudo: nspawn is sudo's child; the init is nspawn's child.
+        for _ in 0..3 {
+            let children =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+            let child: u32 = children.split_whitespace().next()?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+            if comm.trim() == "systemd" {
+                return Some(child);
+            }
+            pid = child;
+        }
+        None
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a command inside the container, in all its namespaces.
+    fn sh(&self, args: &[&str]) -> Output {
+        privileged(&self.prefix, "nsenter")
+            .args(["-t", &self.leader.to_string(), "-a"])
+            .args(args)
+            .output()
+            .expect("nsenter")
+    }
+
+    /// Runs a command inside; panics with its output unless it succeeds.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.sh(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{args:?} failed:\n{text}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn show(&self, unit: &str, property: &str) -> String {
+        self.ok(&["systemctl", "show", "-p", property, "--value", unit])
+            .trim()
+            .to_string()
+    }
+
+    /// The unit's main process id, asked of systemd over D-Bus with busctl.
+    fn main_pid(&self, unit: &str) -> u32 {
+        let path = format!(
+            "/org/freedesktop/systemd1/unit/{}",
+            unit.replace('.', "_2e").replace('-', "_2d")
+        );
+        let out = self.ok(&[
+            "busctl",
+            "get-property",
+            "org.freedesktop.systemd1",
+            &path,
+            "org.freedesktop.systemd1.Service",
+            "MainPID",
+        ]);
+        // "u 80"
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .expect("MainPID")
+    }
+
+    /// `journalctl -o json` entries matching `filters`, waiting up to 10 s for at least one.
+    fn journal(&self, filters: &[&str]) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let mut args = vec!["journalctl", "-o", "json", "--no-pager"];
+            args.extend_from_slice(filters);
+            let out = self.sh(&args);
+            let entries: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            if !entries.is_empty() || start.elapsed() > Duration::from_secs(10) {
+                return entries;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_until(&self, what: &str, limit: Duration, mut cond: impl FnMut(&Self) -> bool) {
+        let start = Instant::now();
+        while !cond(self) {
+            assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}\n{}",
+                self.ok(&["journalctl", "--no-pager", "-n", "60"])
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `systemctl poweroff`, then waits for nspawn to exit; true when it exited cleanly.
+    fn poweroff(&mut self) -> bool {
+        if let Ok(Some(s)) = self.nspawn.try_wait() {
+            return s.success();
+        }
+        let _ = self.sh(&["systemctl", "poweroff"]);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(Some(s)) = self.nspawn.try_wait() {
+                return s.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Last resort for a container that does not stop: its init, by pid.
+        let _ = privileged(&self.prefix, "kill")
+            .args(["-KILL", &self.leader.to_string()])
+            .status();
+        let _ = self.nspawn.wait();
+        false
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        self.poweroff();
+    }
+}
+
+/// `curl` from the host: (HTTP status, body); status 0 when the connection failed.
+fn curl(port: u16, args: &[&str], path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "60", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn chat_body(question: &str, max_tokens: u32) -> String {
+    serde_json::json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0
+    })
+    .to_string()
+}
+
+fn chat(port: u16, extra: &[&str]) -> (u16, String) {
+    let body = chat_body("What is the capital of France?", 16);
+    let mut args = vec!["-H", "content-type: application/json", "-d", &body];
+    args.extend_from_slice(extra);
+    curl(port, &args, "/v1/chat/completions")
+}
+
+#[test]
+fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
+    let _guard = serial();
+    let prefix = root_prefix();
+    let root = rootfs(&prefix);
+    let stage_dir = tempfile::Builder::new()
+        .prefix("llorch-appliance-")
+        .tempdir()
+        .unwrap();
+    let port = free_port();
+    stage(stage_dir.path(), port);
+    let mut c = Container::boot(
+        prefix,
+        &root,
+        stage_dir.path(),
+        stage_dir.path().join("nspawn.log"),
+    );
+    c.ok(&["sh", "/mnt/llorch/install.sh"]);
+
+    // Socket activation: with only the socket started, the first request starts orchestratord.
+    c.ok(&["systemctl", "start", "orchestratord.socket"]);
+    assert_eq!(c.show("orchestratord.service", "ActiveState"), "inactive");
+    let (status, body) = curl(port, &[], "/health/live");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(c.show("orchestratord.service", "ActiveState"), "active");
+
+    // The target brings up the rest; the pool becomes ready and answers in English.
+    c.ok(&["systemctl", "start", "llama-orch.target"]);
+    c.wait_until("a ready pool", Duration::from_secs(120), |c| {
+        c.show("orchestratord.service", "StatusText")
+            .starts_with("1 of 1 pools ready")
+    });
+    let (status, body) = chat(port, &["-H", "x-correlation-id: appliance-first"]);
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+
+    // systemctl status shows what each daemon said in STATUS=.
+    let orch = c.ok(&["systemctl", "status", "--no-pager", "orchestratord"]);
+    assert!(
+        orch.contains("Status: \"1 of 1 pools ready on 1 nodes"),
+        "{orch}"
+    );
+    let node = c.ok(&["systemctl", "status", "--no-pager", "pool-managerd"]);
+    assert!(
+        node.contains(&format!(
+            "Status: \"registered with http://127.0.0.1:{port}; pools: default ready"
+        )),
+        "{node}"
+    );
+
+    // The request's journal record has the structured fields.
+    let records = c.journal(&[
+        "-u",
+        "orchestratord",
+        "CORRELATION_ID=appliance-first",
+        "MESSAGE=Task finished.",
+    ]);
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    for (k, v) in [
+        ("POOL_ID", "default"),
+        ("MODEL", MODEL_ID),
+        ("NODE_ID", "appliance"),
+        ("OUTCOME", "ok"),
+    ] {
+        assert_eq!(r[k], v, "{k} in {r}");
+    }
+    assert!(
+        r["TASK_ID"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("task-")),
+        "{r}"
+    );
+    assert_eq!(r["_SYSTEMD_UNIT"], "orchestratord.service");
+
+    // Restart orchestratord while a client keeps asking: the socket stays with systemd, so no
+    // connection is refused, and every request gets an answer (200, or 503 with Retry-After
+    // while the node registers again with the new process).
+    let before = c.main_pid("orchestratord.service");
+    let client = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut answers = Vec::new();
+        while start.elapsed() < Duration::from_secs(8) {
+            answers.push(chat(port, &["-D", "-"]));
+        }
+        answers
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    c.ok(&["systemctl", "restart", "orchestratord"]);
+    let answers = client.join().unwrap();
+    assert_ne!(
+        c.main_pid("orchestratord.service"),
+        before,
+        "orchestratord did not restart"
+    );
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    eprintln!(
+        "appliance: {} requests across the restart: {ok} answered 200, {} answered 503 + Retry-After",
+        answers.len(),
+        answers.iter().filter(|a| a.0 == 503).count()
+    );
+    assert!(answers.len() >= 5, "{} requests", answers.len());
+    for (status, body) in &answers {
+        assert!(
+            *status == 200 || (*status == 503 && body.to_lowercase().contains("retry-after")),
+            "a request was not answered properly during the restart: {status} {body}"
+        );
+    }
+    assert!(
+        answers.iter().filter(|a| a.0 == 200).count() >= 2,
+        "{answers:?}"
+    );
+
+    // A stuck orchestratord (SIGSTOP) stops feeding its watchdog: systemd restarts it.
+    c.wait_until("the node to register again", Duration::from_secs(30), |c| {
+        c.show("orchestratord.service", "StatusText")
+            .starts_with("1 of 1 pools ready")
+    });
+    let stuck = c.main_pid("orchestratord.service");
+    c.ok(&[
+        "systemctl",
+        "kill",
+        "--kill-who=main",
+        "-s",
+        "SIGSTOP",
+        "orchestratord.service",
+    ]);
+    c.wait_until("the watchdog restart", Duration::from_secs(30), |c| {
+        let pid = c.main_pid("orchestratord.service");
+        pid != 0 && pid != stuck && c.show("orchestratord.service", "ActiveState") == "active"
+    });
+    let logged = c.journal(&["-u", "orchestratord.service", "_PID=1"]);
+    assert!(
+        logged.iter().any(|e| e["MESSAGE"]
+            .as_str()
+            .is_some_and(|m| m.contains("Watchdog timeout"))),
+        "systemd did not log the watchdog timeout: {logged:?}"
+    );
+    c.wait_until("the node to register again", Duration::from_secs(30), |c| {
+        c.show("orchestratord.service", "StatusText")
+            .starts_with("1 of 1 pools ready")
+    });
+    assert_eq!(chat(port, &[]).0, 200);
+
+    // The engine is killed mid-stream: the client gets ENGINE_FAILED, the pool serves again.
+    let handoff: Value =
+        serde_json::from_str(&c.ok(&["cat", "/run/llama-orch/handoff/default.json"])).unwrap();
+    let engine = handoff["pid"].as_u64().unwrap().to_string();
+    let long = serde_json::json!({
+        "model": MODEL_ID, "stream": true, "max_tokens": 400, "temperature": 0,
+        "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
+    })
+    .to_string();
+    let mut stream = Command::new("curl")
+        .args([
+            "-sN",
+            "-m",
+            "60",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &long,
+        ])
+        .arg(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(stream.stdout.take().unwrap()).lines();
+    let mut seen = 0;
+    while seen < 5 {
+        let line = lines.next().expect("stream open").unwrap();
+        if line.contains("\"content\"") {
+            seen += 1;
+        }
+    }
+    // The engine runs in pool-managerd's cgroup (no engine units yet): kill it by its pid.
+    c.ok(&["sh", "-c", &format!("kill -KILL {engine}")]);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let _ = stream.wait();
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("ENGINE_FAILED") || l.contains("engine_failed")),
+        "no ENGINE_FAILED in the stream's end: {rest:?}"
+    );
+    let crash = c.journal(&[
+        "-u",
+        "pool-managerd",
+        "MESSAGE_ID=9e28f6f50b014cb5817eb2a796f3069d",
+    ]);
+    assert_eq!(crash.len(), 1, "{crash:?}");
+    c.wait_until("the pool to serve again", Duration::from_secs(60), |c| {
+        c.show("pool-managerd.service", "StatusText")
+            .contains("default ready")
+    });
+    let (status, body) = chat(port, &[]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Paris"), "{body}");
+
+    // A clean poweroff.
+    assert!(
+        c.poweroff(),
+        "the container did not power off cleanly:\n{}",
+        c.log_text()
+    );
+}
