@@ -17,9 +17,10 @@ use llorch_tests::stack::{free_port, MODEL_ID};
 use llorch_tests::{bin, model_path, serial};
 use serde_json::Value;
 
-/// Packages of the root filesystem: systemd as init, D-Bus for systemctl and busctl, curl, and
-/// the OpenMP runtime llama.cpp links against.
-const INCLUDE: &str = "systemd,systemd-sysv,dbus,libgomp1,curl";
+/// Packages of the root filesystem: systemd as init, D-Bus for systemctl and busctl, polkit
+/// (pool-managerd manages its engine units unprivileged), curl, and the OpenMP runtime
+/// llama.cpp links against.
+const INCLUDE: &str = "systemd,systemd-sysv,dbus,libpam-systemd,polkitd,libgomp1,curl";
 
 fn root_prefix() -> Vec<String> {
     // The effective user, from /proc.
@@ -96,12 +97,16 @@ fn suite_and_mirror() -> (String, String) {
 fn rootfs(prefix: &[String]) -> PathBuf {
     let (suite, mirror) = suite_and_mirror();
     let dir = cache_dir().join("appliance");
-    let root = dir.join(format!("rootfs-{suite}"));
+    // One cached tree per suite and package list.
+    let tag: u32 = INCLUDE
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let root = dir.join(format!("rootfs-{suite}-{tag:08x}"));
     if root.join("usr/lib/systemd/systemd").exists() || root.join("lib/systemd/systemd").exists() {
         return root;
     }
     std::fs::create_dir_all(&dir).unwrap();
-    let tmp = dir.join(format!("rootfs-{suite}.tmp"));
+    let tmp = dir.join(format!("rootfs-{suite}-{tag:08x}.tmp"));
     let _ = privileged(prefix, "rm").arg("-rf").arg(&tmp).status();
     eprintln!(
         "appliance: debootstrap {suite} from {mirror} into {} (once)",
@@ -189,7 +194,8 @@ sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 set -e
 install -m 0755 /mnt/llorch/bin/* /usr/bin/
 cp /mnt/llorch/units/*.service /mnt/llorch/units/*.socket /mnt/llorch/units/*.target /etc/systemd/system/
-mkdir -p /etc/sysusers.d /etc/tmpfiles.d /etc/llama-orch /etc/systemd/system/orchestratord.socket.d /etc/systemd/system/orchestratord.service.d
+mkdir -p /etc/sysusers.d /etc/tmpfiles.d /etc/llama-orch /etc/systemd/system/orchestratord.socket.d /etc/systemd/system/orchestratord.service.d /etc/polkit-1/rules.d
+cp /mnt/llorch/units/llama-orch.polkit.rules /etc/polkit-1/rules.d/50-llama-orch.rules
 cp /mnt/llorch/units/llama-orch.sysusers.conf /etc/sysusers.d/llama-orch.conf
 cp /mnt/llorch/units/llama-orch.tmpfiles.conf /etc/tmpfiles.d/llama-orch.conf
 cp /mnt/llorch/node.toml /etc/llama-orch/node.toml
@@ -328,10 +334,18 @@ impl Container {
 
     /// The unit's main process id, asked of systemd over D-Bus with busctl.
     fn main_pid(&self, unit: &str) -> u32 {
-        let path = format!(
-            "/org/freedesktop/systemd1/unit/{}",
-            unit.replace('.', "_2e").replace('-', "_2d")
-        );
+        // systemd's object paths escape every byte but [A-Za-z0-9] as _xx.
+        let label: String = unit
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    char::from(b).to_string()
+                } else {
+                    format!("_{b:02x}")
+                }
+            })
+            .collect();
+        let path = format!("/org/freedesktop/systemd1/unit/{label}");
         let out = self.ok(&[
             "busctl",
             "get-property",
@@ -538,6 +552,12 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         answers.len(),
         answers.iter().filter(|a| a.0 == 503).count()
     );
+    if let Some(a) = answers.iter().find(|a| a.0 == 503) {
+        eprintln!(
+            "appliance: a 503 during the restart: {}",
+            a.1.replace("\r\n", " | ")
+        );
+    }
     assert!(answers.len() >= 5, "{} requests", answers.len());
     for (status, body) in &answers {
         assert!(
@@ -581,10 +601,24 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     });
     assert_eq!(chat(port, &[]).0, 200);
 
-    // The engine is killed mid-stream: the client gets ENGINE_FAILED, the pool serves again.
+    // pool-managerd runs its engine as a unit of its own, started over D-Bus as the
+    // unprivileged llama-orch user (the polkit rule).
+    let engine = c.main_pid("llorch-engine@default.service");
+    assert_ne!(engine, 0, "the engine is not a unit");
+    assert_eq!(
+        c.show("llorch-engine@default.service", "User"),
+        "llama-orch"
+    );
+    assert_eq!(
+        c.show("engine-provisioner@default.service", "ActiveState"),
+        "active"
+    );
     let handoff: Value =
         serde_json::from_str(&c.ok(&["cat", "/run/llama-orch/handoff/default.json"])).unwrap();
-    let engine = handoff["pid"].as_u64().unwrap().to_string();
+    assert_eq!(handoff["pid"].as_u64(), Some(u64::from(engine)));
+
+    // The engine is killed mid-stream: the client gets ENGINE_FAILED, systemd restarts the
+    // engine, and the pool serves again.
     let long = serde_json::json!({
         "model": MODEL_ID, "stream": true, "max_tokens": 400, "temperature": 0,
         "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
@@ -612,8 +646,13 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
             seen += 1;
         }
     }
-    // The engine runs in pool-managerd's cgroup (no engine units yet): kill it by its pid.
-    c.ok(&["sh", "-c", &format!("kill -KILL {engine}")]);
+    c.ok(&[
+        "systemctl",
+        "kill",
+        "-s",
+        "KILL",
+        "llorch-engine@default.service",
+    ]);
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let _ = stream.wait();
     assert!(
@@ -627,10 +666,19 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         "MESSAGE_ID=9e28f6f50b014cb5817eb2a796f3069d",
     ]);
     assert_eq!(crash.len(), 1, "{crash:?}");
-    c.wait_until("the pool to serve again", Duration::from_secs(60), |c| {
-        c.show("pool-managerd.service", "StatusText")
-            .contains("default ready")
-    });
+    c.wait_until(
+        "systemd to restart the engine, and the pool to be ready",
+        Duration::from_secs(60),
+        |c| {
+            let pid = c.main_pid("llorch-engine@default.service");
+            pid != 0
+                && pid != engine
+                && c.show("llorch-engine@default.service", "ActiveState") == "active"
+                && c.show("pool-managerd.service", "StatusText")
+                    .contains("default ready")
+        },
+    );
+    assert_eq!(c.show("llorch-engine@default.service", "NRestarts"), "1");
     let (status, body) = chat(port, &[]);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("Paris"), "{body}");

@@ -60,6 +60,8 @@ listen = {node_sock}
 cache_dir = {cache}
 runtime_dir = {runtime}
 heartbeat_secs = 5
+# Engines are children of pool-managerd here, whatever runs `llorch up`.
+launcher = "process"
 engine_bin = {engine}
 provisioner_bin = {provisioner}
 

@@ -61,6 +61,20 @@ pub struct NodeConfig {
     /// when the node API is a Unix socket. Off when absent; the node API serves `/metrics` too.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How engines are started: `process` (children of pool-managerd), `systemd` (the template
+    /// units, over D-Bus), or `auto` (systemd when pool-managerd is itself a systemd service).
+    #[serde(default)]
+    pub launcher: LauncherKind,
+}
+
+/// `node.launcher`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LauncherKind {
+    #[default]
+    Auto,
+    Process,
+    Systemd,
 }
 
 fn default_heartbeat_secs() -> u64 {
@@ -239,6 +253,7 @@ pub fn node_changes(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
         "node.metrics_listen",
         old.metrics_listen != new.metrics_listen,
     );
+    differ("node.launcher", old.launcher != new.launcher);
     keys
 }
 

@@ -1,7 +1,7 @@
 //! Starting and stopping a pool's provisioner and engine, behind one small trait so that the
 //! supervisor does not care how processes are started. [`ProcessLauncher`] runs them as child
-//! processes (`llorch up`, development); a systemd launcher that starts template units over
-//! D-Bus will implement the same trait.
+//! processes (`llorch up`, development); [`systemd::SystemdLauncher`] starts their template
+//! units over D-Bus when pool-managerd runs under systemd.
 //!
 //! This module owns process start, stop and exit reporting; it does not decide when to restart
 //! (the supervisor does) and does not watch handoff files (the handoff watcher does).
@@ -15,6 +15,8 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use crate::config::{PoolConfig, RuntimeLayout};
+
+pub mod systemd;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -122,6 +124,8 @@ pub enum LaunchError {
     },
     #[error("engine-provisioner {exit} (log: {})", log.display())]
     Provision { exit: EngineExit, log: PathBuf },
+    #[error("systemd refused or failed {unit}: {reason} (are the units of systemd/ installed, and the polkit rule?)")]
+    Systemd { unit: String, reason: String },
 }
 
 /// Runs `engine-provisioner` and `llorch-engine` as child processes.

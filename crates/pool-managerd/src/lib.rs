@@ -65,6 +65,8 @@ pub enum RunError {
     ControlPlane(llorch_client::ClientError),
     #[error("the node API failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot use systemd to run the engines: {0}")]
+    Launcher(launcher::LaunchError),
 }
 
 impl RunError {
@@ -74,6 +76,7 @@ impl RunError {
                 exit::UNAVAILABLE
             }
             Self::ControlPlane(_) => exit::CONFIG,
+            Self::Launcher(_) => exit::UNAVAILABLE,
             Self::Serve(_) => exit::SOFTWARE,
         }
     }
@@ -87,12 +90,39 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let node = &config.config.node;
-    let launcher = Arc::new(ProcessLauncher::new(
-        node.engine_bin.clone(),
-        node.provisioner_bin.clone(),
-        node.cache_dir.clone(),
-        config.layout(),
-    ));
+    let systemd = match node.launcher {
+        config::LauncherKind::Systemd => true,
+        config::LauncherKind::Process => false,
+        // A systemd service: systemd (PID 1) is the parent and set INVOCATION_ID. A child of
+        // anything else (llorch up, a test under a CI runner's service) inherits at most the
+        // variable, not the parent.
+        config::LauncherKind::Auto => {
+            std::env::var_os("INVOCATION_ID").is_some() && std::os::unix::process::parent_id() == 1
+        }
+    };
+    let launcher: Arc<dyn Launcher> = if systemd {
+        use launcher::systemd::{UNIT_CACHE_DIR, UNIT_RUNTIME_DIR};
+        for (key, have, want) in [
+            ("node.runtime_dir", &node.runtime_dir, UNIT_RUNTIME_DIR),
+            ("node.cache_dir", &node.cache_dir, UNIT_CACHE_DIR),
+        ] {
+            if have != std::path::Path::new(want) {
+                tracing::warn!(key, configured = %have.display(), units = want, "The engine units use another path than this configuration; set it to the units' path.");
+            }
+        }
+        let l = launcher::systemd::SystemdLauncher::connect(config.layout())
+            .await
+            .map_err(RunError::Launcher)?;
+        tracing::info!("Engines run as systemd units (llorch-engine@<pool>), started over D-Bus.");
+        Arc::new(l)
+    } else {
+        Arc::new(ProcessLauncher::new(
+            node.engine_bin.clone(),
+            node.provisioner_bin.clone(),
+            node.cache_dir.clone(),
+            config.layout(),
+        ))
+    };
     run_with(
         config,
         launcher,

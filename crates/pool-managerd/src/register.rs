@@ -44,6 +44,9 @@ pub async fn run(
     let mut announced_ready = false;
     // Assume reachable, so the first failure is logged.
     let mut reachable = true;
+    // After a failed call the next one comes sooner (100 ms, doubling up to the interval), so
+    // a control plane that restarts (its socket held by systemd) sees the node again quickly.
+    let mut retry = RETRY_START;
     loop {
         let result: Result<NodeAck, ClientError> = if registered {
             let hb = Heartbeat {
@@ -108,7 +111,14 @@ pub async fn run(
             }
         }
         llorch_os::service::status(&status_line(&node, client.address(), registered));
-        let next = Instant::now() + interval;
+        let next = if reachable {
+            retry = RETRY_START;
+            Instant::now() + interval
+        } else {
+            let wait = retry.min(interval);
+            retry = (retry * 2).min(interval);
+            Instant::now() + wait
+        };
         loop {
             watchdog.feed();
             let feed_by = watchdog
@@ -135,6 +145,9 @@ pub async fn run(
         }
     }
 }
+
+/// The first retry delay after a failed registration or heartbeat.
+const RETRY_START: Duration = Duration::from_millis(100);
 
 /// The service manager's status line: registration and each pool's state.
 fn status_line(node: &Node, control_plane: &str, registered: bool) -> String {

@@ -1,0 +1,396 @@
+//! The systemd launcher: a pool's provisioner and engine are the template units
+//! `engine-provisioner@<pool>.service` and `llorch-engine@<pool>.service` (with its socket),
+//! started and stopped through systemd's D-Bus API (`org.freedesktop.systemd1`), and followed
+//! through its signals. pool-managerd writes each pool's settings to
+//! `/run/llama-orch/pools/<pool>.env`, which the provisioner template reads.
+//!
+//! systemd owns the processes: it restarts a crashed engine itself (`Restart=on-failure`);
+//! the handle reports the exit so the supervisor records it, and the supervisor's next start
+//! joins systemd's restart instead of starting a second engine. pool-managerd runs
+//! unprivileged; `systemd/llama-orch.polkit.rules` lets its user manage only these units.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use zbus::zvariant::OwnedObjectPath;
+
+use super::{BoxFuture, EngineExit, EngineHandle, LaunchError, Launcher};
+use crate::config::{PoolConfig, RuntimeLayout};
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Manager {
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn subscribe(&self) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Unit {
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Service {
+    #[zbus(property, name = "MainPID")]
+    fn main_pid(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn exec_main_code(&self) -> zbus::Result<i32>;
+    #[zbus(property)]
+    fn exec_main_status(&self) -> zbus::Result<i32>;
+}
+
+/// Where the templates expect a pool's settings.
+pub const POOL_ENV_DIR: &str = "/run/llama-orch/pools";
+
+/// The paths the template units use; a node configured otherwise is told at start.
+pub const UNIT_RUNTIME_DIR: &str = "/run/llama-orch";
+pub const UNIT_CACHE_DIR: &str = "/var/cache/llama-orch/models";
+
+pub fn provisioner_unit(pool: &str) -> String {
+    format!("engine-provisioner@{pool}.service")
+}
+
+pub fn engine_unit(pool: &str) -> String {
+    format!("llorch-engine@{pool}.service")
+}
+
+pub fn engine_socket_unit(pool: &str) -> String {
+    format!("llorch-engine@{pool}.socket")
+}
+
+/// The pool's settings file: `KEY="value"` lines systemd's `EnvironmentFile=` reads.
+pub fn pool_env(pool: &PoolConfig) -> String {
+    let quote = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut extra = vec![format!("--gpu-layers {}", pool.gpu_layers())];
+    if let Some(h) = &pool.model.sha256 {
+        extra.push(format!("--sha256 {h}"));
+    }
+    if let Some(t) = pool.threads {
+        extra.push(format!("--threads {t}"));
+    }
+    format!(
+        "# Written by pool-managerd for engine-provisioner@{id}.service; do not edit.\n\
+         LLORCH_MODEL_SOURCE={}\nLLORCH_MODEL_ID={}\nLLORCH_SLOTS={}\nLLORCH_CTX={}\nLLORCH_PLAN_ARGS={}\n",
+        quote(&pool.model.source),
+        quote(&pool.model.id),
+        pool.slots,
+        pool.ctx,
+        quote(&extra.join(" ")),
+        id = pool.id,
+    )
+}
+
+fn dbus(unit: &str, e: zbus::Error) -> LaunchError {
+    LaunchError::Systemd {
+        unit: unit.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+pub struct SystemdLauncher {
+    conn: zbus::Connection,
+    layout: RuntimeLayout,
+}
+
+impl SystemdLauncher {
+    /// Connects to the system bus and subscribes to systemd's signals.
+    pub async fn connect(layout: RuntimeLayout) -> Result<Self, LaunchError> {
+        let conn = zbus::Connection::system()
+            .await
+            .map_err(|e| dbus("the system bus", e))?;
+        let manager = ManagerProxy::new(&conn)
+            .await
+            .map_err(|e| dbus("org.freedesktop.systemd1", e))?;
+        manager
+            .subscribe()
+            .await
+            .map_err(|e| dbus("org.freedesktop.systemd1", e))?;
+        Ok(Self { conn, layout })
+    }
+
+    async fn manager(&self) -> Result<ManagerProxy<'static>, LaunchError> {
+        ManagerProxy::new(&self.conn)
+            .await
+            .map_err(|e| dbus("org.freedesktop.systemd1", e))
+    }
+
+    /// Runs `call` (which queues a job for `unit`) and waits for that job's result.
+    async fn job(&self, unit: &str, verb: &str) -> Result<String, LaunchError> {
+        let manager = self.manager().await?;
+        // Listen before asking, so the job's end cannot be missed.
+        let mut removed = manager
+            .receive_job_removed()
+            .await
+            .map_err(|e| dbus(unit, e))?;
+        let job = match verb {
+            "start" => manager.start_unit(unit, "replace").await,
+            "stop" => manager.stop_unit(unit, "replace").await,
+            _ => manager.restart_unit(unit, "replace").await,
+        }
+        .map_err(|e| dbus(unit, e))?;
+        while let Some(signal) = removed.next().await {
+            let Ok(args) = signal.args() else { continue };
+            if args.job == job {
+                return Ok(args.result);
+            }
+        }
+        Err(LaunchError::Systemd {
+            unit: unit.into(),
+            reason: "the signal stream from systemd ended".into(),
+        })
+    }
+
+    async fn service(
+        &self,
+        unit: &str,
+    ) -> Result<(UnitProxy<'static>, ServiceProxy<'static>), LaunchError> {
+        let path = self
+            .manager()
+            .await?
+            .load_unit(unit)
+            .await
+            .map_err(|e| dbus(unit, e))?;
+        let u = UnitProxy::builder(&self.conn)
+            .path(path.clone())
+            .map_err(|e| dbus(unit, e))?
+            .build()
+            .await
+            .map_err(|e| dbus(unit, e))?;
+        let s = ServiceProxy::builder(&self.conn)
+            .path(path)
+            .map_err(|e| dbus(unit, e))?
+            .build()
+            .await
+            .map_err(|e| dbus(unit, e))?;
+        Ok((u, s))
+    }
+}
+
+async fn exit_of(service: &ServiceProxy<'_>, unit: &str) -> EngineExit {
+    // CLD_EXITED = 1, CLD_KILLED = 2, CLD_DUMPED = 3 (waitid(2)).
+    let code = service.exec_main_code().await.unwrap_or(0);
+    let status = service.exec_main_status().await.unwrap_or(0);
+    let (code, signal) = match code {
+        1 => (Some(status), None),
+        2 | 3 => (None, Some(status)),
+        _ => (None, None),
+    };
+    EngineExit {
+        code,
+        signal,
+        log_tail: format!("see journalctl -u {unit}"),
+    }
+}
+
+impl Launcher for SystemdLauncher {
+    fn provision<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+    ) -> BoxFuture<'a, Result<PathBuf, LaunchError>> {
+        Box::pin(async move {
+            let env = Path::new(POOL_ENV_DIR).join(format!("{}.env", pool.id));
+            std::fs::create_dir_all(POOL_ENV_DIR)
+                .and_then(|()| std::fs::write(&env, pool_env(pool)))
+                .map_err(|source| LaunchError::Io {
+                    path: env.clone(),
+                    source,
+                })?;
+            let unit = provisioner_unit(&pool.id);
+            let manager = self.manager().await?;
+            let _ = manager.reset_failed_unit(&unit).await;
+            // Restart: a one-shot that already ran (RemainAfterExit) runs again.
+            let result = self.job(&unit, "restart").await?;
+            if result == "done" {
+                return Ok(self.layout.plan_file(&pool.id));
+            }
+            let (_, service) = self.service(&unit).await?;
+            Err(LaunchError::Provision {
+                exit: exit_of(&service, &unit).await,
+                log: PathBuf::from(format!("journalctl -u {unit}")),
+            })
+        })
+    }
+
+    fn start_engine<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+        _plan: &'a Path,
+    ) -> BoxFuture<'a, Result<Box<dyn EngineHandle>, LaunchError>> {
+        Box::pin(async move {
+            let unit = engine_unit(&pool.id);
+            let manager = self.manager().await?;
+            let _ = manager.reset_failed_unit(&unit).await;
+            let (u, service) = self.service(&unit).await?;
+            let mut pids = service.receive_main_pid_changed().await;
+            // The job ends when the engine is ready (Type=notify) or failed; the handle is
+            // wanted as soon as there is a process, so the pool shows `loading` meanwhile.
+            let conn = self.conn.clone();
+            let unit_name = unit.clone();
+            let job = tokio::spawn(async move {
+                let launcher = SystemdLauncher {
+                    conn,
+                    layout: RuntimeLayout::new(Path::new(UNIT_RUNTIME_DIR)),
+                };
+                launcher.job(&unit_name, "start").await
+            });
+            let pid = loop {
+                if let Ok(pid) = service.main_pid().await {
+                    if pid != 0 {
+                        break pid;
+                    }
+                }
+                if job.is_finished() {
+                    match job.await {
+                        Ok(Ok(r)) if r == "done" => break service.main_pid().await.unwrap_or(0),
+                        Ok(Ok(r)) => {
+                            return Err(LaunchError::Systemd {
+                                unit,
+                                reason: format!(
+                                    "the start job ended {r}: {}",
+                                    exit_of(&service, &engine_unit(&pool.id)).await
+                                ),
+                            })
+                        }
+                        Ok(Err(e)) => return Err(e),
+                        Err(e) => {
+                            return Err(LaunchError::Systemd {
+                                unit,
+                                reason: e.to_string(),
+                            })
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = pids.next() => {}
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            };
+            Ok(Box::new(SystemdEngine {
+                unit,
+                pid: (pid != 0).then_some(pid),
+                launcher: SystemdLauncher {
+                    conn: self.conn.clone(),
+                    layout: self.layout.clone(),
+                },
+                unit_proxy: u,
+                service,
+            }) as Box<dyn EngineHandle>)
+        })
+    }
+}
+
+struct SystemdEngine {
+    unit: String,
+    pid: Option<u32>,
+    launcher: SystemdLauncher,
+    unit_proxy: UnitProxy<'static>,
+    service: ServiceProxy<'static>,
+}
+
+impl EngineHandle for SystemdEngine {
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, EngineExit> {
+        Box::pin(async move {
+            // The process this handle knows is gone when the unit's main pid changes (systemd
+            // restarted it, or it exited) or the unit leaves `active`/`activating`.
+            let mut pids = self.service.receive_main_pid_changed().await;
+            let mut states = self.unit_proxy.receive_active_state_changed().await;
+            loop {
+                let pid = self.service.main_pid().await.unwrap_or(0);
+                let state = self.unit_proxy.active_state().await.unwrap_or_default();
+                if Some(pid) != self.pid
+                    || !(state == "active" || state == "activating" || state == "reloading")
+                {
+                    return exit_of(&self.service, &self.unit).await;
+                }
+                tokio::select! {
+                    _ = pids.next() => {}
+                    _ = states.next() => {}
+                    // Signals are the fast path; a slow re-check covers a missed one.
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        })
+    }
+
+    fn stop(&mut self, _grace: Duration) -> BoxFuture<'_, EngineExit> {
+        Box::pin(async move {
+            // systemd stops it as the unit says (SIGTERM, TimeoutStopSec, SIGKILL).
+            if let Err(e) = self.launcher.job(&self.unit, "stop").await {
+                tracing::warn!(unit = %self.unit, error = %e, "Cannot stop the engine unit.");
+            }
+            let socket = engine_socket_unit(
+                self.unit
+                    .trim_start_matches("llorch-engine@")
+                    .trim_end_matches(".service"),
+            );
+            if let Err(e) = self.launcher.job(&socket, "stop").await {
+                tracing::warn!(unit = %socket, error = %e, "Cannot stop the engine's socket unit.");
+            }
+            exit_of(&self.service, &self.unit).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_settings_file_quotes_values_and_carries_optional_flags() {
+        let pool: PoolConfig = toml::from_str(
+            r#"
+id = "p0"
+slots = 4
+ctx = 2048
+threads = 8
+devices = "cuda:0"
+[model]
+id = "m"
+source = "/models/a \"b\".gguf"
+sha256 = "abc"
+"#,
+        )
+        .unwrap();
+        let env = pool_env(&pool);
+        assert!(
+            env.contains("LLORCH_MODEL_SOURCE=\"/models/a \\\"b\\\".gguf\"\n"),
+            "{env}"
+        );
+        assert!(env.contains("LLORCH_SLOTS=4\nLLORCH_CTX=2048\n"), "{env}");
+        assert!(
+            env.contains("LLORCH_PLAN_ARGS=\"--gpu-layers 999 --sha256 abc --threads 8\"\n"),
+            "{env}"
+        );
+        assert_eq!(engine_unit("p0"), "llorch-engine@p0.service");
+        assert_eq!(provisioner_unit("p0"), "engine-provisioner@p0.service");
+    }
+}
