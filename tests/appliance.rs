@@ -404,9 +404,15 @@ impl Container {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        // Last resort for a container that does not stop: its init, by pid.
+        // Last resort for a container that does not stop: its init, by pid (never pid 0,
+        // which would be our own process group), else nspawn.
+        let target = if self.leader != 0 {
+            self.leader
+        } else {
+            self.nspawn.id()
+        };
         let _ = privileged(&self.prefix, "kill")
-            .args(["-KILL", &self.leader.to_string()])
+            .args(["-KILL", &target.to_string()])
             .status();
         let _ = self.nspawn.wait();
         false

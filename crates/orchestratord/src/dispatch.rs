@@ -193,7 +193,7 @@ fn take_work(
                     let Some(entry) = core.queue.take(&task.id) else {
                         continue;
                     };
-                    tracing::debug!(task = %task.id, pool = %pool_id, ?reasons, "Placed.");
+                    tracing::debug!(task_id = %task.id, pool_id = %pool_id, ?reasons, "Placed.");
                     state.metrics.decision(Decision::Placed);
                     let key: PoolKey = (node_id, pool_id);
                     core.registry.lease(&key);
@@ -311,7 +311,7 @@ async fn forward(
             });
         match answered {
             Err(e) => {
-                tracing::warn!(task = %task.id, pool = %lease.pool.1, node = %lease.pool.0, error = %e, "Node unreachable; task goes back to the queue.");
+                tracing::warn!(task_id = %task.id, pool_id = %lease.pool.1, node_id = %lease.pool.0, error = %e, "Node unreachable; task goes back to the queue.");
                 return Outcome::Requeue { suspect: true };
             }
             Ok(resp) if resp.status() == StatusCode::OK => break resp,
@@ -337,7 +337,7 @@ async fn forward(
                         return Outcome::Done;
                     }
                     (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => {
-                        tracing::warn!(node = %lease.pool.0, "The node refused orchestratord's node token.");
+                        tracing::warn!(node_id = %lease.pool.0, "The node refused orchestratord's node token.");
                         lease.release();
                         state.finish(
                             task,
@@ -352,7 +352,7 @@ async fn forward(
                     // failed before answering: the pool is skipped until its node reports
                     // again, and the task waits in the queue.
                     _ => {
-                        tracing::info!(task = %task.id, pool = %lease.pool.1, status = %status, reason = %body.message, "Pool cannot take the task; it goes back to the queue.");
+                        tracing::info!(task_id = %task.id, pool_id = %lease.pool.1, status = %status, reason = %body.message, "Pool cannot take the task; it goes back to the queue.");
                         return Outcome::Requeue { suspect: true };
                     }
                 }
@@ -393,7 +393,7 @@ async fn forward(
                     Ok(ev) => ev,
                     Err(_) => {
                         state.core().registry.mark_suspect(&lease.pool);
-                        tracing::warn!(task = %task.id, pool = %lease.pool.1, idle_secs = idle.as_secs(), "No event from the engine; ending the task.");
+                        tracing::warn!(task_id = %task.id, pool_id = %lease.pool.1, idle_secs = idle.as_secs(), "No event from the engine; ending the task.");
                         lease.release();
                         state.finish(
                             task,

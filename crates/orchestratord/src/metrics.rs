@@ -78,7 +78,7 @@ impl Outcome {
     /// The outcome of a request refused before admission, from its status.
     pub fn of_refusal(status: hyper::StatusCode) -> Self {
         match status.as_u16() {
-            400 | 404 | 413 | 422 => Self::Invalid,
+            400 | 404 | 409 | 413 | 422 => Self::Invalid,
             401 | 403 => Self::Unauthorized,
             429 => Self::Rejected,
             503 => Self::Unavailable,

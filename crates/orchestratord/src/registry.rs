@@ -90,7 +90,7 @@ impl Registry {
             // An offline node that reports again comes back with a fresh token.
             node.online = true;
             node.lost = CancellationToken::new();
-            tracing::info!(node = %node_id, "Node is back online.");
+            tracing::info!(node_id = %node_id, "Node is back online.");
         }
         node.last_seen = Instant::now();
         node.staged_models = staged;

@@ -265,10 +265,9 @@ impl State {
         let admitted = self.admit(&task, &sub);
         match admitted {
             Ok((accepted, evicted)) => {
-                self.metrics.admitted(&task.model);
                 if let Some(victim) = evicted {
                     self.metrics.rejected(Rejection::Evicted);
-                    tracing::info!(task = %victim.id, "Evicted from the full queue (drop-lru).");
+                    tracing::info!(task_id = %victim.id, "Evicted from the full queue (drop-lru).");
                     self.finish(
                         &victim,
                         ErrorBody {
@@ -423,6 +422,10 @@ impl State {
             deadline,
             task.clone(),
         );
+        if pushed.is_ok() {
+            // Counted under the core lock, before anyone can take and finish the task.
+            self.metrics.admitted(&task.model);
+        }
         let evicted = match pushed {
             Ok(Pushed::Queued) => {
                 self.saturated

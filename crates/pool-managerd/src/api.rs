@@ -171,7 +171,7 @@ async fn resume(
 fn set_draining(node: &Node, id: &str, draining: bool) -> Result<Json<PoolStatus>, ApiError> {
     node.update(id, |p| {
         if p.draining != draining {
-            tracing::info!(pool = %id, draining, "Drain flag changed by an operator.");
+            tracing::info!(pool_id = %id, draining, "Drain flag changed by an operator.");
         }
         p.draining = draining;
     })
@@ -372,7 +372,7 @@ impl http_body::Body for ForwardBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.finish();
-                tracing::warn!(pool = %this.pool, error = %e, "The engine's stream broke off mid-answer.");
+                tracing::warn!(pool_id = %this.pool, error = %e, "The engine's stream broke off mid-answer.");
                 if this.sse {
                     let body = ErrorBody::new(
                         ErrorCode::EngineFailed,

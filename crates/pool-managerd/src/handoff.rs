@@ -132,7 +132,7 @@ fn refresh(node: &Node, dir: &Path, pool: &str) {
                 "removed"
             });
             tracing::debug!(
-                pool,
+                pool_id = pool,
                 present = handoff.is_some(),
                 pid = handoff.as_ref().map(|h| h.pid),
                 "Handoff file changed."

@@ -39,6 +39,9 @@ pub trait Launcher: Send + Sync {
         pool: &'a PoolConfig,
         plan: &'a Path,
     ) -> BoxFuture<'a, Result<Box<dyn EngineHandle>, LaunchError>>;
+
+    /// Whether `pid` is this pool's engine and still runs (so its handoff file is not stale).
+    fn engine_running<'a>(&'a self, pool: &'a PoolConfig, pid: u32) -> BoxFuture<'a, bool>;
 }
 
 /// A started engine. Dropping the handle kills the engine, so no path leaves an orphan.
@@ -257,6 +260,11 @@ impl Launcher for ProcessLauncher {
                 })
             }
         })
+    }
+
+    fn engine_running<'a>(&'a self, _pool: &'a PoolConfig, pid: u32) -> BoxFuture<'a, bool> {
+        // Engines are our children (or were a killed predecessor's): the process table knows.
+        Box::pin(async move { Path::new(&format!("/proc/{pid}")).exists() })
     }
 
     fn start_engine<'a>(

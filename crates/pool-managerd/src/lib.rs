@@ -107,7 +107,13 @@ pub async fn run(
             ("node.cache_dir", &node.cache_dir, UNIT_CACHE_DIR),
         ] {
             if have != std::path::Path::new(want) {
-                tracing::warn!(key, configured = %have.display(), units = want, "The engine units use another path than this configuration; set it to the units' path.");
+                return Err(RunError::Launcher(launcher::LaunchError::Systemd {
+                    unit: key.into(),
+                    reason: format!(
+                        "{key} is {}, but the engine units use {want}: set {key} = \"{want}\" (or launcher = \"process\")",
+                        have.display()
+                    ),
+                }));
             }
         }
         let l = launcher::systemd::SystemdLauncher::connect(config.layout())
@@ -232,7 +238,7 @@ pub async fn run_with(
             }
         })
     };
-    tracing::info!(node = %config.node().id, pools = config.pools().len(), "Node started.");
+    tracing::info!(node_id = %config.node().id, pools = config.pools().len(), "Node started.");
 
     let mut hangups = match &reload_from {
         Some(_) => Some(

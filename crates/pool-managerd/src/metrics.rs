@@ -321,15 +321,15 @@ async fn fetch_engine(
             Some((pool, String::from_utf8_lossy(&body).into_owned()))
         }
         Ok(Ok((status, _))) => {
-            tracing::debug!(pool, %status, "The engine refused its metrics.");
+            tracing::debug!(pool_id = %pool, %status, "The engine refused its metrics.");
             None
         }
         Ok(Err(e)) => {
-            tracing::debug!(pool, error = %e, "Cannot read the engine's metrics.");
+            tracing::debug!(pool_id = %pool, error = %e, "Cannot read the engine's metrics.");
             None
         }
         Err(_) => {
-            tracing::debug!(pool, "The engine's metrics did not come in time.");
+            tracing::debug!(pool_id = %pool, "The engine's metrics did not come in time.");
             None
         }
     }

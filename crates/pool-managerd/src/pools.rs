@@ -76,12 +76,11 @@ impl Pools {
             .insert(config.id.clone(), Running { config, stop, task });
     }
 
-    /// Stops a pool (its engine drains for the grace period) and forgets it.
+    /// Stops a pool's supervisor (its engine drains for the grace period).
     async fn stop(&mut self, id: &str) {
         if let Some(r) = self.running.remove(id) {
             r.stop.cancel();
             let _ = r.task.await;
-            self.node.remove_pool(id);
         }
     }
 
@@ -98,6 +97,7 @@ impl Pools {
         for id in gone {
             tracing::info!(pool_id = %id, "Pool removed from the configuration; stopping it.");
             self.stop(&id).await;
+            self.node.remove_pool(&id);
             changes.removed.push(id);
         }
         for p in wanted {
@@ -113,7 +113,8 @@ impl Pools {
                     changes.added.push(p.id.clone());
                 }
             }
-            self.node.add_pool(p.clone());
+            // One swap under the table's lock: no heartbeat goes out without the pool.
+            self.node.put_pool(p.clone());
             self.start(p.clone());
         }
         changes

@@ -79,7 +79,7 @@ pub async fn run(
                 if !registered {
                     tracing::info!(
                         control_plane = %client.address(),
-                        node = %ack.node_id,
+                        node_id = %ack.node_id,
                         offline_after_secs = ack.offline_after_secs,
                         "Registered with the control plane."
                     );

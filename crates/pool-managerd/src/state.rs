@@ -230,19 +230,16 @@ impl Node {
         ids
     }
 
-    /// Adds a pool (configuration reload); false when one with this id exists.
-    pub fn add_pool(&self, config: PoolConfig) -> bool {
+    /// Adds a pool, or replaces the entry of one with the same id (configuration reload), in
+    /// one step under the table's lock.
+    pub fn put_pool(&self, config: PoolConfig) {
         let id = config.id.clone();
-        {
-            let mut pools = self.pools.lock().expect("pool table lock");
-            if pools.contains_key(&id) {
-                return false;
-            }
-            pools.insert(id.clone(), PoolEntry::new(config));
-        }
+        self.pools
+            .lock()
+            .expect("pool table lock")
+            .insert(id.clone(), PoolEntry::new(config));
         self.metrics.add_pool(&id);
         self.changed.notify_one();
-        true
     }
 
     /// Removes a pool whose supervisor has stopped (configuration reload).
@@ -289,11 +286,11 @@ fn log_transition(
             "Engine ready."
         ),
         PoolState::Failed => tracing::warn!(
-            pool,
+            pool_id = pool,
             error = entry.last_error.as_deref().unwrap_or(""),
             "Pool failed."
         ),
-        _ => tracing::info!(pool, from = %before, to = %after, "Pool state changed."),
+        _ => tracing::info!(pool_id = pool, from = %before, to = %after, "Pool state changed."),
     }
 }
 

@@ -76,7 +76,7 @@ pub async fn supervise(
                     p.phase = Phase::Provisioning;
                     p.engine_pid = None;
                 });
-                tracing::info!(pool = %id, model = %pool.model.id, "Provisioning the model.");
+                tracing::info!(pool_id = %id, model = %pool.model.id, "Provisioning the model.");
                 let result = tokio::select! {
                     r = launcher.provision(&pool) => r,
                     () = shutdown.cancelled() => break,
@@ -110,9 +110,15 @@ pub async fn supervise(
                 }
             }
         };
-        // Nothing of ours serves this pool now, so a handoff file left by an engine that could
-        // not remove it (killed) is stale.
-        remove_stale_handoff(&handoff_path, None);
+        // A handoff file left by an engine that could not remove it (killed) is stale; one whose
+        // engine still runs (systemd already restarted it, under the systemd launcher) is not.
+        let running = match read_handoff_pid(&handoff_path) {
+            Some(pid) => launcher.engine_running(&pool, pid).await,
+            None => false,
+        };
+        if !running {
+            remove_stale_handoff(&handoff_path, None);
+        }
         let mut engine = match launcher.start_engine(&pool, &plan_path).await {
             Ok(h) => h,
             Err(e) => {
@@ -125,7 +131,7 @@ pub async fn supervise(
             }
         };
         let pid = engine.pid();
-        tracing::info!(pool = %id, pid, "Engine started; waiting for its handoff file.");
+        tracing::info!(pool_id = %id, pid, "Engine started; waiting for its handoff file.");
         node.update(&id, |p| {
             p.phase = Phase::Running;
             p.engine_pid = pid;
@@ -155,8 +161,13 @@ pub async fn supervise(
                 remove_stale_handoff(&handoff_path, pid);
                 let delay = backoff.next_delay();
                 fail(&node, &id, format!("the engine {exit}"));
-                node.update(&id, |p| p.handoff = None);
-                tracing::info!(pool = %id, delay_ms = delay.as_millis() as u64, "Restarting the engine after a delay.");
+                // Forget the exited engine's handoff, not a newer one's.
+                node.update(&id, |p| {
+                    if p.handoff.as_ref().is_some_and(|h| Some(h.pid) == pid) {
+                        p.handoff = None;
+                    }
+                });
+                tracing::info!(pool_id = %id, delay_ms = delay.as_millis() as u64, "Restarting the engine after a delay.");
                 if !sleep_or_shutdown(delay, &shutdown).await {
                     break;
                 }
@@ -183,12 +194,12 @@ async fn stop_engine(
 ) {
     node.update(id, |p| p.phase = Phase::Stopping);
     let pid = engine.pid();
-    tracing::info!(pool = %id, pid, "Stopping the engine.");
+    tracing::info!(pool_id = %id, pid, "Stopping the engine.");
     let exit = engine.stop(grace).await;
     if exit.success() {
-        tracing::info!(pool = %id, "Engine stopped.");
+        tracing::info!(pool_id = %id, "Engine stopped.");
     } else {
-        tracing::warn!(pool = %id, exit = %exit, "Engine stopped uncleanly.");
+        tracing::warn!(pool_id = %id, exit = %exit, "Engine stopped uncleanly.");
     }
     remove_stale_handoff(handoff_path, pid);
     node.update(id, |p| {
@@ -213,9 +224,17 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
     }
 }
 
-/// Removes the pool's handoff file when it is stale: always when `pid` is None (no engine of
-/// ours runs), otherwise only when the file names `pid` (the engine that just exited), so a
-/// file written by a newer engine is never removed.
+/// The pid a pool's handoff file names, if it exists and parses.
+fn read_handoff_pid(path: &Path) -> Option<u32> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice::<llorch_wire::handoff::Handoff>(&bytes)
+        .ok()
+        .map(|h| h.pid)
+}
+
+/// Removes the pool's handoff file when it is stale: always when `pid` is None (the caller
+/// found no engine of ours running), otherwise only when the file names `pid` (the engine that
+/// just exited), so a file written by a newer engine is never removed.
 fn remove_stale_handoff(path: &Path, pid: Option<u32>) {
     let stale = match pid {
         None => path.exists(),
@@ -255,7 +274,7 @@ mod tests {
     fn only_stale_handoff_files_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.json");
-        let h = |pid| {
+        let h = |pid: u32| {
             serde_json::json!({
                 "version": 1, "pool_id": "p", "model_id": "m", "model_sha256": "0",
                 "socket": "/s", "slots": 1, "ctx_per_slot": 64, "device": "cpu",
@@ -269,6 +288,7 @@ mod tests {
         remove_stale_handoff(&path, Some(5));
         assert!(!path.exists());
         std::fs::write(&path, h(5)).unwrap();
+        assert_eq!(read_handoff_pid(&path), Some(5));
         remove_stale_handoff(&path, None);
         assert!(!path.exists());
     }

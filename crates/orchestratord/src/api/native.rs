@@ -322,7 +322,7 @@ async fn pool_action(
         }
     }
     state.wake.notify_one();
-    tracing::info!(pool = %id, node = %node_id, action, "Pool {action} requested.");
+    tracing::info!(pool_id = %id, node_id = %node_id, action, "Pool {action} requested.");
     Ok(Json(status))
 }
 

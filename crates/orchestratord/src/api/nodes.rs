@@ -146,9 +146,7 @@ async fn heartbeat_request(
     check_node_token(state, &headers)?;
     let bytes = read_body(state, body).await.map_err(ApiError::native)?;
     let hb: Heartbeat = parse(&bytes).map_err(ApiError::native)?;
-    state
-        .metrics
-        .add_models(hb.pools.iter().map(|p| p.model_id.as_str()));
+    let models: Vec<String> = hb.pools.iter().map(|p| p.model_id.clone()).collect();
     let offline_after = {
         let mut core = state.core();
         if !core.registry.heartbeat(&id, hb.pools, hb.staged_models) {
@@ -162,6 +160,8 @@ async fn heartbeat_request(
         }
         core.registry.nodes[&id].offline_after()
     };
+    // Only a known node's models become label values.
+    state.metrics.add_models(models.iter().map(String::as_str));
     state.wake.notify_one();
     Ok(Json(NodeAck {
         node_id: id,

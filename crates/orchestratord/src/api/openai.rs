@@ -501,7 +501,7 @@ impl Drop for CancelOnDrop {
             .state
             .cancel(&self.task, crate::metrics::CancelReason::Disconnect)
         {
-            tracing::debug!(task = %self.task.id, "Client went away; task cancelled.");
+            tracing::debug!(task_id = %self.task.id, "Client went away; task cancelled.");
         }
     }
 }

@@ -178,16 +178,30 @@ impl SystemdLauncher {
         let u = UnitProxy::builder(&self.conn)
             .path(path.clone())
             .map_err(|e| dbus(unit, e))?
+            .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
             .map_err(|e| dbus(unit, e))?;
         let s = ServiceProxy::builder(&self.conn)
             .path(path)
             .map_err(|e| dbus(unit, e))?
+            .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
             .map_err(|e| dbus(unit, e))?;
         Ok((u, s))
+    }
+}
+
+impl SystemdLauncher {
+    /// Clears a unit's `failed` state so it can start again. Only then: resetting an active
+    /// unit would also reset its restart counter and start limit.
+    async fn reset_if_failed(&self, unit: &str) -> Result<(), LaunchError> {
+        let (u, _) = self.service(unit).await?;
+        if u.active_state().await.is_ok_and(|s| s == "failed") {
+            let _ = self.manager().await?.reset_failed_unit(unit).await;
+        }
+        Ok(())
     }
 }
 
@@ -221,8 +235,7 @@ impl Launcher for SystemdLauncher {
                     source,
                 })?;
             let unit = provisioner_unit(&pool.id);
-            let manager = self.manager().await?;
-            let _ = manager.reset_failed_unit(&unit).await;
+            self.reset_if_failed(&unit).await?;
             // Restart: a one-shot that already ran (RemainAfterExit) runs again.
             let result = self.job(&unit, "restart").await?;
             if result == "done" {
@@ -236,6 +249,18 @@ impl Launcher for SystemdLauncher {
         })
     }
 
+    fn engine_running<'a>(&'a self, pool: &'a PoolConfig, pid: u32) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let unit = engine_unit(&pool.id);
+            let Ok((u, service)) = self.service(&unit).await else {
+                return false;
+            };
+            let state = u.active_state().await.unwrap_or_default();
+            service.main_pid().await.is_ok_and(|p| p == pid)
+                && (state == "active" || state == "activating")
+        })
+    }
+
     fn start_engine<'a>(
         &'a self,
         pool: &'a PoolConfig,
@@ -243,8 +268,7 @@ impl Launcher for SystemdLauncher {
     ) -> BoxFuture<'a, Result<Box<dyn EngineHandle>, LaunchError>> {
         Box::pin(async move {
             let unit = engine_unit(&pool.id);
-            let manager = self.manager().await?;
-            let _ = manager.reset_failed_unit(&unit).await;
+            self.reset_if_failed(&unit).await?;
             let (u, service) = self.service(&unit).await?;
             let mut pids = service.receive_main_pid_changed().await;
             // The job ends when the engine is ready (Type=notify) or failed; the handle is
@@ -259,14 +283,26 @@ impl Launcher for SystemdLauncher {
                 launcher.job(&unit_name, "start").await
             });
             let pid = loop {
+                // A running main process of a starting or started unit (not one that is still
+                // stopping from before).
+                let state = u.active_state().await.unwrap_or_default();
                 if let Ok(pid) = service.main_pid().await {
-                    if pid != 0 {
+                    if (state == "activating" || state == "active") && pid != 0 {
                         break pid;
                     }
                 }
                 if job.is_finished() {
                     match job.await {
-                        Ok(Ok(r)) if r == "done" => break service.main_pid().await.unwrap_or(0),
+                        Ok(Ok(r)) if r == "done" => {
+                            let pid = service.main_pid().await.unwrap_or(0);
+                            if pid != 0 {
+                                break pid;
+                            }
+                            return Err(LaunchError::Systemd {
+                                unit,
+                                reason: "the unit started but has no running main process".into(),
+                            });
+                        }
                         Ok(Ok(r)) => {
                             return Err(LaunchError::Systemd {
                                 unit,
@@ -292,7 +328,7 @@ impl Launcher for SystemdLauncher {
             };
             Ok(Box::new(SystemdEngine {
                 unit,
-                pid: (pid != 0).then_some(pid),
+                pid,
                 launcher: SystemdLauncher {
                     conn: self.conn.clone(),
                     layout: self.layout.clone(),
@@ -306,7 +342,7 @@ impl Launcher for SystemdLauncher {
 
 struct SystemdEngine {
     unit: String,
-    pid: Option<u32>,
+    pid: u32,
     launcher: SystemdLauncher,
     unit_proxy: UnitProxy<'static>,
     service: ServiceProxy<'static>,
@@ -314,7 +350,7 @@ struct SystemdEngine {
 
 impl EngineHandle for SystemdEngine {
     fn pid(&self) -> Option<u32> {
-        self.pid
+        Some(self.pid)
     }
 
     fn wait(&mut self) -> BoxFuture<'_, EngineExit> {
@@ -324,18 +360,30 @@ impl EngineHandle for SystemdEngine {
             let mut pids = self.service.receive_main_pid_changed().await;
             let mut states = self.unit_proxy.receive_active_state_changed().await;
             loop {
-                let pid = self.service.main_pid().await.unwrap_or(0);
-                let state = self.unit_proxy.active_state().await.unwrap_or_default();
-                if Some(pid) != self.pid
-                    || !(state == "active" || state == "activating" || state == "reloading")
-                {
-                    return exit_of(&self.service, &self.unit).await;
+                // systemd's view (main pid, state), read fresh each turn: the signals wake us,
+                // the one-second turn covers a missed one. (The engine's process is not
+                // visible from pool-managerd's sandbox: ProtectProc.) A D-Bus error is not an
+                // exit: look again.
+                match (
+                    self.service.main_pid().await,
+                    self.unit_proxy.active_state().await,
+                ) {
+                    (Ok(pid), Ok(state)) => {
+                        if pid != self.pid
+                            || !(state == "active" || state == "activating" || state == "reloading")
+                        {
+                            return exit_of(&self.service, &self.unit).await;
+                        }
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::debug!(unit = %self.unit, error = %e, "Cannot read the engine unit's state; looking again.");
+                    }
                 }
                 tokio::select! {
                     _ = pids.next() => {}
                     _ = states.next() => {}
-                    // Signals are the fast path; a slow re-check covers a missed one.
-                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    // Signals are the fast path; this turn covers a missed one.
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
         })
