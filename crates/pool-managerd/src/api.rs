@@ -131,7 +131,7 @@ async fn health() -> Json<serde_json::Value> {
 
 /// The node's metrics and its serving engines', one exposition (docs/METRICS.md).
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    let own = node.metrics.encode(&node.statuses());
+    let own = node.encode_metrics();
     let text = crate::metrics::scrape_engines(
         own,
         node.engine_sockets(),

@@ -191,8 +191,9 @@ impl Metrics {
         self.heartbeats_sent.with_label_values(&[outcome]).inc();
     }
 
-    /// The text exposition of the node's own metrics, with the pool gauges set from `pools`.
-    pub fn encode(&self, pools: &[PoolStatus]) -> String {
+    /// Sets the pool gauges from the pools' statuses (called under the pool table's lock, so a
+    /// pool removed meanwhile cannot come back).
+    pub fn set_pool_gauges(&self, pools: &[PoolStatus]) {
         for p in pools {
             let id = p.pool_id.as_str();
             for s in POOL_STATES {
@@ -211,6 +212,10 @@ impl Metrics {
                 .with_label_values(&[id, "free"])
                 .set(free.max(0));
         }
+    }
+
+    /// The text exposition of the node's own metrics.
+    pub fn encode(&self) -> String {
         if let Some(gpu) = &self.gpu {
             gpu.read();
         }

@@ -203,8 +203,12 @@ impl Node {
 
     /// Every pool's status; while the node shuts down, ready pools are reported draining.
     pub fn statuses(&self) -> Vec<PoolStatus> {
-        let stopping = self.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
         let pools = self.pools.lock().expect("pool table lock");
+        self.statuses_of(&pools)
+    }
+
+    fn statuses_of(&self, pools: &BTreeMap<String, PoolEntry>) -> Vec<PoolStatus> {
+        let stopping = self.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
         pools
             .values()
             .map(|p| {
@@ -244,9 +248,22 @@ impl Node {
 
     /// Removes a pool whose supervisor has stopped (configuration reload).
     pub fn remove_pool(&self, id: &str) {
-        self.pools.lock().expect("pool table lock").remove(id);
-        self.metrics.remove_pool(id);
+        {
+            let mut pools = self.pools.lock().expect("pool table lock");
+            pools.remove(id);
+            // Under the same lock as a scrape's gauge update, so the gauges stay gone.
+            self.metrics.remove_pool(id);
+        }
         self.changed.notify_one();
+    }
+
+    /// The node's metrics exposition: pool gauges set from the table under its lock.
+    pub fn encode_metrics(&self) -> String {
+        {
+            let pools = self.pools.lock().expect("pool table lock");
+            self.metrics.set_pool_gauges(&self.statuses_of(&pools));
+        }
+        self.metrics.encode()
     }
 
     /// The sockets of the engines that serve now (ready or draining), by pool.
