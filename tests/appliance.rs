@@ -493,6 +493,21 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text.contains("Paris"), "{text}");
 
+    // Idle, pool-managerd (which follows its engine unit over D-Bus) uses next to no CPU:
+    // utime + stime of its main process, in clock ticks (1/100 s), over two seconds.
+    let node_pid = c.main_pid("pool-managerd.service");
+    let ticks = |c: &Container| -> u64 {
+        let stat = c.ok(&["cat", &format!("/proc/{node_pid}/stat")]);
+        let after_comm = stat.rsplit_once(')').expect("stat").1;
+        let f: Vec<&str> = after_comm.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = ticks(&c);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = ticks(&c) - before;
+    eprintln!("appliance: idle pool-managerd used {used} CPU ticks (1/100 s) in 2 s");
+    assert!(used < 20, "idle pool-managerd used {used}/200 CPU ticks");
+
     // systemctl status shows what each daemon said in STATUS=.
     let orch = c.ok(&["systemctl", "status", "--no-pager", "orchestratord"]);
     assert!(

@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use zbus::zvariant::OwnedObjectPath;
 
@@ -194,6 +195,34 @@ impl SystemdLauncher {
 }
 
 impl SystemdLauncher {
+    /// A wake-up each time systemd announces a property change of the unit (its state, its
+    /// main pid, ...), from the `PropertiesChanged` signals of its object. Never ends.
+    async fn changes(&self, unit: &str) -> Result<BoxStream<'static, ()>, LaunchError> {
+        let path = self
+            .manager()
+            .await?
+            .load_unit(unit)
+            .await
+            .map_err(|e| dbus(unit, e))?;
+        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .map_err(|e| dbus(unit, e))?
+            .path(path)
+            .map_err(|e| dbus(unit, e))?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| dbus(unit, e))?;
+        let signals = props
+            .receive_properties_changed()
+            .await
+            .map_err(|e| dbus(unit, e))?;
+        Ok(signals
+            .map(|_| ())
+            .chain(futures_util::stream::pending())
+            .boxed())
+    }
+
     /// Clears a unit's `failed` state so it can start again. Only then: resetting an active
     /// unit would also reset its restart counter and start limit.
     async fn reset_if_failed(&self, unit: &str) -> Result<(), LaunchError> {
@@ -270,7 +299,7 @@ impl Launcher for SystemdLauncher {
             let unit = engine_unit(&pool.id);
             self.reset_if_failed(&unit).await?;
             let (u, service) = self.service(&unit).await?;
-            let mut pids = service.receive_main_pid_changed().await;
+            let mut changes = self.changes(&unit).await?;
             // The job ends when the engine is ready (Type=notify) or failed; the handle is
             // wanted as soon as there is a process, so the pool shows `loading` meanwhile.
             let conn = self.conn.clone();
@@ -322,7 +351,7 @@ impl Launcher for SystemdLauncher {
                     }
                 }
                 tokio::select! {
-                    _ = pids.next() => {}
+                    _ = changes.next() => {}
                     () = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
             };
@@ -357,8 +386,13 @@ impl EngineHandle for SystemdEngine {
         Box::pin(async move {
             // The process this handle knows is gone when the unit's main pid changes (systemd
             // restarted it, or it exited) or the unit leaves `active`/`activating`.
-            let mut pids = self.service.receive_main_pid_changed().await;
-            let mut states = self.unit_proxy.receive_active_state_changed().await;
+            let mut changes = match self.launcher.changes(&self.unit).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(unit = %self.unit, error = %e, "No change signals; looking each second.");
+                    futures_util::stream::pending().boxed()
+                }
+            };
             loop {
                 // systemd's view (main pid, state), read fresh each turn: the signals wake us,
                 // the one-second turn covers a missed one. (The engine's process is not
@@ -380,8 +414,7 @@ impl EngineHandle for SystemdEngine {
                     }
                 }
                 tokio::select! {
-                    _ = pids.next() => {}
-                    _ = states.next() => {}
+                    _ = changes.next() => {}
                     // Signals are the fast path; this turn covers a missed one.
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
