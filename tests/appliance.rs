@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use llorch_tests::notify::NotifySocket;
 use llorch_tests::stack::{free_port, MODEL_ID};
-use llorch_tests::{bin, model_path, serial};
+use llorch_tests::{bin, cache_dir, model_path, repo_root, serial};
 use serde_json::Value;
 
 /// Packages of the root filesystem: systemd as init, D-Bus for systemctl and busctl, polkit
@@ -49,13 +50,6 @@ fn privileged(prefix: &[String], program: &str) -> Command {
             c
         }
         None => Command::new(program),
-    }
-}
-
-fn cache_dir() -> PathBuf {
-    match std::env::var_os("LLORCH_CACHE") {
-        Some(c) => PathBuf::from(c),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llama-orch"),
     }
 }
 
@@ -143,7 +137,7 @@ fn stage(dir: &Path, port: u16) {
     ] {
         std::fs::copy(bin(b), s("bin").join(b)).unwrap();
     }
-    let units = llorch_tests::prom::repo_root().join("systemd");
+    let units = repo_root().join("systemd");
     for e in std::fs::read_dir(&units).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), s("units").join(e.file_name())).unwrap();
@@ -217,7 +211,8 @@ systemctl daemon-reload
 /// A booted container; powered off on drop.
 struct Container {
     prefix: Vec<String>,
-    nspawn: Child,
+    /// None once powered off.
+    nspawn: Option<Child>,
     leader: u32,
     log: PathBuf,
 }
@@ -225,7 +220,14 @@ struct Container {
 impl Container {
     fn boot(prefix: Vec<String>, root: &Path, stage: &Path, log: PathBuf) -> Self {
         let name = format!("llorch-test-{}", std::process::id());
-        let nspawn = privileged(&prefix, "systemd-nspawn")
+        // nspawn reports to a notify socket like any service: the container's leader pid at
+        // once (X_NSPAWN_LEADER_PID=), and READY=1 when the container's systemd finished
+        // booting (--notify-ready). The test waits for those events. `env` passes the socket
+        // through sudo, which would drop it from the environment.
+        let mut notify = NotifySocket::bind(stage);
+        let nspawn = privileged(&prefix, "env")
+            .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
+            .arg("systemd-nspawn")
             .arg("-D")
             .arg(root)
             .args([
@@ -234,6 +236,7 @@ impl Container {
                 "--register=no",
                 "--keep-unit",
                 "--console=passive",
+                "--notify-ready=yes",
             ])
             .args(["-M", &name])
             .arg(format!("--bind-ro={}:/mnt/llorch", stage.display()))
@@ -246,59 +249,25 @@ impl Container {
             .expect("systemd-nspawn is missing: install systemd-container (scripts/setup.sh does)");
         let mut c = Self {
             prefix,
-            nspawn,
+            nspawn: Some(nspawn),
             leader: 0,
             log,
         };
-        // The container's PID 1 is the child of nspawn (of sudo's nspawn, with sudo).
-        let start = Instant::now();
-        c.leader = loop {
-            if let Some(pid) = c.find_leader() {
-                break pid;
-            }
-            if let Ok(Some(status)) = c.nspawn.try_wait() {
-                panic!("systemd-nspawn exited with {status}:\n{}", c.log_text());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "no container init:\n{}",
-                c.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Until systemd has its bus up, systemctl cannot ask; then --wait waits for the boot.
-        let start = Instant::now();
-        loop {
-            let out = c.sh(&["systemctl", "is-system-running", "--wait"]);
-            let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if state == "running" || state == "degraded" {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the container's systemd is {state:?}: {}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                c.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let leader = notify.wait_for("X_NSPAWN_LEADER_PID=", Duration::from_secs(30));
+        c.leader = leader
+            .lines()
+            .find_map(|l| l.strip_prefix("X_NSPAWN_LEADER_PID="))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no leader pid in {leader:?}:\n{}", c.log_text()));
+        notify.wait_for("READY=1", Duration::from_secs(60));
+        let out = c.sh(&["systemctl", "is-system-running"]);
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            state == "running" || state == "degraded",
+            "the container's systemd is {state:?}:\n{}",
+            c.log_text()
+        );
         c
-    }
-
-    fn find_leader(&self) -> Option<u32> {
-        let mut pid = self.nspawn.id();
-        // Through sudo: nspawn is sudo's child; the init is nspawn's child.
-        for _ in 0..3 {
-            let children =
-                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-            let child: u32 = children.split_whitespace().next()?.parse().ok()?;
-            let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
-            if comm.trim() == "systemd" {
-                return Some(child);
-            }
-            pid = child;
-        }
-        None
     }
 
     fn log_text(&self) -> String {
@@ -393,28 +362,32 @@ impl Container {
 
     /// `systemctl poweroff`, then waits for nspawn to exit; true when it exited cleanly.
     fn poweroff(&mut self) -> bool {
-        if let Ok(Some(s)) = self.nspawn.try_wait() {
+        let Some(mut nspawn) = self.nspawn.take() else {
+            return true;
+        };
+        if let Ok(Some(s)) = nspawn.try_wait() {
             return s.success();
         }
+        let nspawn_pid = nspawn.id();
+        let (tx, exited) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(nspawn.wait());
+        });
         let _ = self.sh(&["systemctl", "poweroff"]);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
-            if let Ok(Some(s)) = self.nspawn.try_wait() {
-                return s.success();
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Ok(Ok(status)) = exited.recv_timeout(Duration::from_secs(60)) {
+            return status.success();
         }
         // Last resort for a container that does not stop: its init, by pid (never pid 0,
         // which would be our own process group), else nspawn.
         let target = if self.leader != 0 {
             self.leader
         } else {
-            self.nspawn.id()
+            nspawn_pid
         };
         let _ = privileged(&self.prefix, "kill")
             .args(["-KILL", &target.to_string()])
             .status();
-        let _ = self.nspawn.wait();
+        let _ = exited.recv_timeout(Duration::from_secs(10));
         false
     }
 }

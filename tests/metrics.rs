@@ -7,41 +7,15 @@ use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderName, HeaderValue};
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use llorch_client::{HttpClient, UnixClient};
-use llorch_tests::prom::{documented, names_used, repo_root, Documented, Scrape};
+use llorch_tests::prom::{documented, names_used, scrape, Documented, Scrape};
 use llorch_tests::stack::{signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
-use llorch_tests::{frames, post, serial, wait_for};
+use llorch_tests::{frames, post, repo_root, serial, wait_for};
 use serde_json::{json, Value};
 
 const M: &str = MODEL_ID;
-
-async fn get_text(client: &HttpClient, path: &str) -> (StatusCode, String, String) {
-    let req = client
-        .request(Method::GET, path)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = client.send(req).await.expect("scrape");
-    let status = resp.status();
-    let ctype = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, ctype, String::from_utf8(body.to_vec()).unwrap())
-}
-
-/// One scrape of `/metrics`, checked for status and content type.
-async fn scrape(client: &HttpClient) -> Scrape {
-    let (status, ctype, text) = get_text(client, "/metrics").await;
-    assert_eq!(status, StatusCode::OK, "{text}");
-    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
-    Scrape::parse(&text)
-}
 
 async fn scrape_engine(socket: &str) -> Scrape {
     let (status, body) = UnixClient::new(socket).get_bytes("/metrics").await.unwrap();

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use llorch_tests::prom::repo_root;
+use llorch_tests::repo_root;
 
 fn promtool(args: &[&str]) -> String {
     let out = Command::new("promtool")

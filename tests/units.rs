@@ -2,13 +2,13 @@
 //! and each daemon's sandbox stays within its exposure budget
 //! (`systemd-analyze security --offline=yes`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use llorch_tests::bin;
 
 fn units_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
+    llorch_tests::repo_root().join("systemd")
 }
 
 fn unit_files() -> Vec<PathBuf> {

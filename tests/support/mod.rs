@@ -14,22 +14,30 @@ pub mod notify;
 pub mod prom;
 pub mod stack;
 
+/// llama-orch's cache (`$LLORCH_CACHE`, else `$XDG_CACHE_HOME/llama-orch`, else
+/// `~/.cache/llama-orch`), as the Makefile sets it.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("LLORCH_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("llama-orch")))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/llama-orch")
+        })
+}
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is in the repository")
+        .to_owned()
+}
+
 /// The default model, fetched and verified by `scripts/setup.sh`.
 pub fn model_path() -> PathBuf {
     let path = std::env::var_os("LLORCH_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("LLORCH_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("llama-orch"))
-                })
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-                        .join(".cache/llama-orch")
-                });
-            cache.join("default-model/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+        .unwrap_or_else(|| cache_dir().join("default-model/SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert!(
         path.exists(),
         "the default model is not at {}; run scripts/setup.sh (make test does) or set LLORCH_TEST_MODEL",

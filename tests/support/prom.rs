@@ -1,7 +1,6 @@
 //! Reading Prometheus text expositions and the metric reference (docs/METRICS.md) in tests.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
 
 /// One sample line.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,6 +168,27 @@ fn parse_sample(line: &str) -> Sample {
     }
 }
 
+/// One scrape of `GET /metrics`, checked for its status and the text format's content type.
+pub async fn scrape(client: &llorch_client::HttpClient) -> Scrape {
+    use http_body_util::BodyExt;
+    let req = client
+        .request(hyper::Method::GET, "/metrics")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("valid request");
+    let resp = client.send(req).await.expect("scrape");
+    let status = resp.status();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or("").to_string())
+        .unwrap_or_default();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let text = String::from_utf8(body.to_vec()).expect("UTF-8");
+    assert_eq!(status, hyper::StatusCode::OK, "{text}");
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    Scrape::parse(&text)
+}
+
 /// A row of the reference tables in docs/METRICS.md.
 #[derive(Debug, Clone)]
 pub struct Documented {
@@ -181,16 +201,10 @@ pub struct Documented {
     pub nvml_only: bool,
 }
 
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is in the repository")
-        .to_owned()
-}
-
 /// The metric tables of docs/METRICS.md.
 pub fn documented() -> Vec<Documented> {
-    let text = std::fs::read_to_string(repo_root().join("docs/METRICS.md")).expect("METRICS.md");
+    let text =
+        std::fs::read_to_string(crate::repo_root().join("docs/METRICS.md")).expect("METRICS.md");
     let mut role = String::new();
     let mut out = Vec::new();
     for line in text.lines() {

@@ -79,8 +79,34 @@ source = "{model}"
     path
 }
 
+/// Starts pool-managerd on `config`, logging to `<dir>/pool-managerd.log` and telling `notify`
+/// what it tells its service manager.
+fn spawn_node(dir: &Path, config: &Path, notify: &NotifySocket) -> Daemon {
+    let log = dir.join("pool-managerd.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_pool-managerd"))
+        .arg("--config")
+        .arg(config)
+        .env("LLORCH_LOG", "info,pool_managerd=debug")
+        .env("NOTIFY_SOCKET", &notify.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Daemon { child, log }
+}
+
+/// A client of the node API of a node started by [`spawn_node`] on [`write_config`]'s file.
+fn node_client(dir: &Path) -> HttpClient {
+    HttpClient::new(&format!("unix:{}/node.sock", dir.display())).unwrap()
+}
+
 async fn status(client: &HttpClient) -> PoolStatus {
-    client.get_json("/v2/pools/default").await.unwrap()
+    status_of(client, "default").await
+}
+
+async fn status_of(client: &HttpClient, pool: &str) -> PoolStatus {
+    client.get_json(&format!("/v2/pools/{pool}")).await.unwrap()
 }
 
 /// Waits until the pool's status satisfies `cond`, looking again each time pool-managerd tells
@@ -140,19 +166,8 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
         .unwrap();
     let config = write_config(dir.path(), "2");
     let mut notify = NotifySocket::bind(dir.path());
-    let log = dir.path().join("pool-managerd.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_pool-managerd"))
-        .arg("--config")
-        .arg(&config)
-        .env("LLORCH_LOG", "info,pool_managerd=debug")
-        .env("NOTIFY_SOCKET", &notify.path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon { child, log };
-    let client = HttpClient::new(&format!("unix:{}/node.sock", dir.path().display())).unwrap();
+    let mut daemon = spawn_node(dir.path(), &config, &notify);
+    let client = node_client(dir.path());
 
     // Ready, reported with the engine's pid and version.
     let ready = wait_status(
@@ -363,46 +378,20 @@ async fn a_model_failing_verification_is_counted_on_the_metrics_listener() {
         &format!("metrics_listen = \"127.0.0.1:{port}\""),
         &format!("sha256 = \"{}\"", "0".repeat(64)),
     );
-    let log = dir.path().join("pool-managerd.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_pool-managerd"))
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon { child, log };
+    let mut notify = NotifySocket::bind(dir.path());
+    let daemon = spawn_node(dir.path(), &config, &notify);
+    // The pool's failure reaches the status line after its counters moved.
+    notify.wait_for("default failed", Duration::from_secs(60));
     let metrics = HttpClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
-    let scrape = || async {
-        let req = metrics
-            .request(hyper::Method::GET, "/metrics")
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap();
-        let resp = metrics.send(req).await.ok()?;
-        let body = resp.into_body().collect().await.ok()?.to_bytes();
-        Some(llorch_tests::prom::Scrape::parse(
-            std::str::from_utf8(&body).unwrap(),
-        ))
-    };
-    let start = Instant::now();
-    let s = loop {
-        if let Some(s) = scrape().await {
-            if s.sum(
-                "llorch_engine_restarts_total",
-                &[("reason", "provision_failed")],
-            ) >= 1.0
-            {
-                break s;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no counted verification failure:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let s = llorch_tests::prom::scrape(&metrics).await;
+    assert!(
+        s.sum(
+            "llorch_engine_restarts_total",
+            &[("reason", "provision_failed")]
+        ) >= 1.0,
+        "no counted verification failure:\n{}",
+        daemon.log()
+    );
     let pool = [("pool", "default")];
     assert!(s.sum("llorch_model_verification_failures_total", &pool) >= 1.0);
     assert!(
@@ -452,19 +441,9 @@ async fn sighup_applies_pool_changes_without_touching_the_others() {
     let config = write_config(dir.path(), "2");
     let original = std::fs::read_to_string(&config).unwrap();
     let mut notify = NotifySocket::bind(dir.path());
-    let log = dir.path().join("pool-managerd.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_pool-managerd"))
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify.path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon { child, log };
+    let daemon = spawn_node(dir.path(), &config, &notify);
     let pid = daemon.child.id();
-    let client = HttpClient::new(&format!("unix:{}/node.sock", dir.path().display())).unwrap();
+    let client = node_client(dir.path());
     let ready = wait_status(
         &client,
         &mut notify,
@@ -493,20 +472,9 @@ async fn sighup_applies_pool_changes_without_touching_the_others() {
     signal(pid, libc::SIGHUP);
     notify.wait_for("RELOADING=1", Duration::from_secs(10));
     notify.wait_for("READY=1", Duration::from_secs(10));
-    let start = Instant::now();
-    let second_pid = loop {
-        if let Ok(st) = client.get_json::<PoolStatus>("/v2/pools/second").await {
-            if st.state == PoolState::Ready {
-                break st.engine_pid.unwrap();
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the added pool never became ready:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // Each state change is followed by a status line naming every pool.
+    notify.wait_for("second ready", Duration::from_secs(60));
+    let second_pid = status_of(&client, "second").await.engine_pid.unwrap();
 
     // A file that does not parse changes nothing.
     std::fs::write(&config, "[node\n").unwrap();
