@@ -2,7 +2,7 @@
 //! load. Binaries, the model and free ports come from the test support crate (`llorch-tests`).
 #![allow(dead_code, unused_imports)] // Each bench uses its own subset.
 
-pub use llorch_tests::stack::free_port;
+pub use llorch_tests::stack::{free_port, terminate};
 pub use llorch_tests::{bin, model_path};
 
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
