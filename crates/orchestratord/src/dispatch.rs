@@ -58,6 +58,19 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// Ends the task with `body` once its slot is back; with `suspect`, the pool is skipped
+    /// until its node reports again (the failure was the pool's).
+    fn end(&mut self, task: &Task, body: ErrorBody, suspect: bool) -> Outcome {
+        if suspect {
+            self.state.core().registry.mark_suspect(&self.pool);
+        }
+        self.release();
+        self.state.finish(task, body);
+        Outcome::Done
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         self.release();
@@ -245,17 +258,11 @@ async fn stream_task(state: Arc<State>, d: Dispatched) {
     let outcome = tokio::select! {
         o = forward(&state, &task, &mut lease, &client, slot_hint) => o,
         _ = task.cancel.cancelled() => {
-            lease.release();
-            state.finish(&task, ErrorBody::new(ErrorCode::Canceled, "the task was cancelled"));
-            Outcome::Done
+            lease.end(&task, ErrorBody::new(ErrorCode::Canceled, "the task was cancelled"), false)
         }
         _ = lost.cancelled() => {
-            lease.release();
-            state.finish(&task, ErrorBody::new(
-                ErrorCode::NodeUnavailable,
-                format!("node {} stopped reporting while it ran this task; submit it again", lease.pool.0),
-            ));
-            Outcome::Done
+            let why = format!("node {} stopped reporting while it ran this task; submit it again", lease.pool.0);
+            lease.end(&task, ErrorBody::new(ErrorCode::NodeUnavailable, why), false)
         }
     };
     if let Outcome::Requeue { suspect } = outcome {
@@ -270,10 +277,10 @@ async fn stream_task(state: Arc<State>, d: Dispatched) {
         }
         drop(core);
         if task.cancel.is_cancelled() && !task.is_finished() {
-            lease.release();
-            state.finish(
+            lease.end(
                 &task,
                 ErrorBody::new(ErrorCode::Canceled, "the task was cancelled"),
+                false,
             );
         }
     }
@@ -332,21 +339,16 @@ async fn forward(
                     // The engine refused the request itself (too long for a slot, …): the
                     // client's error.
                     (StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE, _) => {
-                        lease.release();
-                        state.finish(task, body);
-                        return Outcome::Done;
+                        return lease.end(task, body, false);
                     }
                     (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => {
                         tracing::warn!(node_id = %lease.pool.0, "The node refused orchestratord's node token.");
-                        lease.release();
-                        state.finish(
+                        let why = format!("node {} refused the control plane's token; an operator must fix the node tokens", lease.pool.0);
+                        return lease.end(
                             task,
-                            ErrorBody::new(
-                                ErrorCode::NodeUnavailable,
-                                format!("node {} refused the control plane's token; an operator must fix the node tokens", lease.pool.0),
-                            ),
+                            ErrorBody::new(ErrorCode::NodeUnavailable, why),
+                            false,
                         );
-                        return Outcome::Done;
                     }
                     // Not ready, draining, still busy after the retries, unknown pool, engine
                     // failed before answering: the pool is skipped until its node reports
@@ -374,9 +376,11 @@ async fn forward(
         match EventStream::from_response(resp, std::path::Path::new(client.address())).await {
             Ok(e) => e,
             Err(e) => {
-                lease.release();
-                state.finish(task, ErrorBody::new(ErrorCode::EngineFailed, e.to_string()));
-                return Outcome::Done;
+                return lease.end(
+                    task,
+                    ErrorBody::new(ErrorCode::EngineFailed, e.to_string()),
+                    false,
+                );
             }
         };
     let mut first_token: Option<Instant> = None;
@@ -392,21 +396,13 @@ async fn forward(
                 match tokio::time::timeout(idle, events.next_event()).await {
                     Ok(ev) => ev,
                     Err(_) => {
-                        state.core().registry.mark_suspect(&lease.pool);
                         tracing::warn!(task_id = %task.id, pool_id = %lease.pool.1, idle_secs = idle.as_secs(), "No event from the engine; ending the task.");
-                        lease.release();
-                        state.finish(
-                            task,
-                            ErrorBody::new(
-                                ErrorCode::EngineFailed,
-                                format!(
-                                    "pool {} sent nothing for {} s; the engine may be stuck (retry the request)",
-                                    lease.pool.1,
-                                    idle.as_secs()
-                                ),
-                            ),
+                        let why = format!(
+                            "pool {} sent nothing for {} s; the engine may be stuck (retry the request)",
+                            lease.pool.1,
+                            idle.as_secs()
                         );
-                        return Outcome::Done;
+                        return lease.end(task, ErrorBody::new(ErrorCode::EngineFailed, why), true);
                     }
                 }
             }
@@ -465,39 +461,19 @@ async fn forward(
                 return Outcome::Done;
             }
             Some(Ok(EngineEvent::Error(body))) => {
-                if body.code == ErrorCode::EngineFailed {
-                    state.core().registry.mark_suspect(&lease.pool);
-                }
-                lease.release();
-                state.finish(task, body);
-                return Outcome::Done;
+                let suspect = body.code == ErrorCode::EngineFailed;
+                return lease.end(task, body, suspect);
             }
             Some(Err(e)) => {
-                state.core().registry.mark_suspect(&lease.pool);
-                lease.release();
-                state.finish(
-                    task,
-                    ErrorBody::new(
-                        ErrorCode::EngineFailed,
-                        format!("the stream from pool {} broke: {e}", lease.pool.1),
-                    ),
-                );
-                return Outcome::Done;
+                let why = format!("the stream from pool {} broke: {e}", lease.pool.1);
+                return lease.end(task, ErrorBody::new(ErrorCode::EngineFailed, why), true);
             }
             None => {
-                state.core().registry.mark_suspect(&lease.pool);
-                lease.release();
-                state.finish(
-                    task,
-                    ErrorBody::new(
-                        ErrorCode::EngineFailed,
-                        format!(
-                            "the stream from pool {} ended without an end event",
-                            lease.pool.1
-                        ),
-                    ),
+                let why = format!(
+                    "the stream from pool {} ended without an end event",
+                    lease.pool.1
                 );
-                return Outcome::Done;
+                return lease.end(task, ErrorBody::new(ErrorCode::EngineFailed, why), true);
             }
         }
     }
