@@ -400,9 +400,12 @@ impl Metrics {
     }
 
     pub fn request(&self, api: Api, model: &str, outcome: Outcome) {
-        let model = self.model_label(model);
+        self.count_request(api, self.model_label(model), outcome);
+    }
+
+    fn count_request(&self, api: Api, label: &str, outcome: Outcome) {
         self.requests
-            .with_label_values(&[api.as_str(), model, outcome.as_str()])
+            .with_label_values(&[api.as_str(), label, outcome.as_str()])
             .inc();
     }
 
@@ -432,7 +435,7 @@ impl Metrics {
     pub fn finished(&self, f: &Finished<'_>) {
         let model = self.model_label(f.model);
         self.in_flight.with_label_values(&[model]).dec();
-        self.request(f.api, model, f.outcome);
+        self.count_request(f.api, model, f.outcome);
         if let Some(reason) = f.canceled {
             self.canceled.with_label_values(&[reason.as_str()]).inc();
         }

@@ -166,16 +166,20 @@ impl SystemdLauncher {
         })
     }
 
+    /// The unit's object path (loading the unit if systemd has not yet).
+    async fn unit_path(&self, unit: &str) -> Result<OwnedObjectPath, LaunchError> {
+        self.manager()
+            .await?
+            .load_unit(unit)
+            .await
+            .map_err(|e| dbus(unit, e))
+    }
+
     async fn service(
         &self,
         unit: &str,
     ) -> Result<(UnitProxy<'static>, ServiceProxy<'static>), LaunchError> {
-        let path = self
-            .manager()
-            .await?
-            .load_unit(unit)
-            .await
-            .map_err(|e| dbus(unit, e))?;
+        let path = self.unit_path(unit).await?;
         let u = UnitProxy::builder(&self.conn)
             .path(path.clone())
             .map_err(|e| dbus(unit, e))?
@@ -198,12 +202,7 @@ impl SystemdLauncher {
     /// A wake-up each time systemd announces a property change of the unit (its state, its
     /// main pid, ...), from the `PropertiesChanged` signals of its object. Never ends.
     async fn changes(&self, unit: &str) -> Result<BoxStream<'static, ()>, LaunchError> {
-        let path = self
-            .manager()
-            .await?
-            .load_unit(unit)
-            .await
-            .map_err(|e| dbus(unit, e))?;
+        let path = self.unit_path(unit).await?;
         let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
             .destination("org.freedesktop.systemd1")
             .map_err(|e| dbus(unit, e))?
