@@ -71,6 +71,10 @@ struct PlanArgs {
     /// Where to write the plan (JSON).
     #[arg(long)]
     out: PathBuf,
+    /// The engine exits cleanly after this many seconds without a generation request
+    /// (on-demand pools); 0 or absent: it stays loaded.
+    #[arg(long)]
+    idle_exit_secs: Option<u64>,
 }
 
 /// `$CACHE_DIRECTORY/models` under systemd (`CacheDirectory=`), else the user's cache.
@@ -198,6 +202,7 @@ fn run(cli: Cli) -> Result<(), ProvisionError> {
                 gpu_layers: args.gpu_layers,
                 socket: args.socket,
                 handoff_dir: args.handoff_dir,
+                idle_exit_secs: args.idle_exit_secs,
             };
             let plan = engine_provisioner::plan::build(&settings, &staged);
             engine_provisioner::plan::write(&args.out, &plan)?;

@@ -18,6 +18,8 @@ pub struct PoolSettings {
     pub gpu_layers: u32,
     pub socket: String,
     pub handoff_dir: String,
+    /// Seconds without work after which the engine unloads (on-demand pools); None: never.
+    pub idle_exit_secs: Option<u64>,
 }
 
 pub fn build(settings: &PoolSettings, staged: &Staged) -> EnginePlan {
@@ -39,6 +41,7 @@ pub fn build(settings: &PoolSettings, staged: &Staged) -> EnginePlan {
         gpu_layers: settings.gpu_layers,
         socket: settings.socket.clone(),
         handoff_dir: settings.handoff_dir.clone(),
+        idle_exit_secs: settings.idle_exit_secs.filter(|s| *s > 0),
     }
 }
 

@@ -26,6 +26,8 @@ pub struct EngineConfig {
     pub handoff_dir: PathBuf,
     /// How long in-flight requests may run after SIGTERM before they are cancelled.
     pub grace_secs: u64,
+    /// Exit cleanly after this long without a generation request (on-demand pools).
+    pub idle_exit: Option<std::time::Duration>,
 }
 
 /// Command line of `llorch-engine`.
@@ -69,6 +71,10 @@ pub struct Args {
     /// Seconds in-flight requests may run after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10)]
     pub grace: u64,
+    /// Exit cleanly (code 0, handoff file removed) after this many seconds without a generation
+    /// request; 0 means never. Default: the plan's `idle_exit_secs`.
+    #[arg(long)]
+    pub idle_exit_secs: Option<u64>,
     /// Check the configuration and the model file's header, then exit.
     #[arg(long)]
     pub check_config: bool,
@@ -162,6 +168,11 @@ impl Args {
                     flag: "handoff-dir",
                 })?,
             grace_secs: self.grace,
+            idle_exit: self
+                .idle_exit_secs
+                .or_else(|| p.and_then(|p| p.idle_exit_secs))
+                .filter(|s| *s > 0)
+                .map(std::time::Duration::from_secs),
             model_path,
             model_id,
             pool_id,
@@ -328,6 +339,17 @@ mod tests {
             ("p1", 3, 512)
         );
         assert_eq!(c.model_sha256, "ab");
+        assert_eq!(c.idle_exit, None);
+        let c = Args::parse_from([
+            "e",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--idle-exit-secs",
+            "7",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(c.idle_exit, Some(std::time::Duration::from_secs(7)));
         std::fs::write(&plan, r#"{"version":1,"pool_id":"p1","bogus":1}"#).unwrap();
         let err = Args::parse_from(["e", "--plan", plan.to_str().unwrap()])
             .into_config()

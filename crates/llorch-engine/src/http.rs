@@ -2,7 +2,10 @@
 //! `POST /generate` (an SSE stream). Requests are admitted here: parsed, validated, rendered,
 //! tokenized, given a slot, and handed to the decode loop. The engine never queues: when every
 //! slot is busy it answers 503 with `Retry-After` and the caller (pool-managerd, orchestratord)
-//! decides what to do.
+//! decides what to do. A generation request that arrives while the model loads (the first
+//! request of a socket-activated engine) waits for the load.
+//!
+//! [`Activity`] counts generation requests in progress: the idle clock of on-demand pools.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -10,7 +13,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
@@ -19,7 +22,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use llorch_wire::engine::{defaults, EngineEvent, GenerateRequest, Health, HealthState};
 use llorch_wire::{ErrorBody, ErrorCode};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::decode::{Command, Job, Sampling};
 use crate::model::{Model, Progress};
@@ -42,7 +45,10 @@ pub struct Shared {
     pub progress: Arc<Progress>,
     pub model_path: String,
     ready: OnceLock<Ready>,
+    /// Woken when the phase leaves `LOADING`.
+    loaded: Notify,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub activity: Arc<Activity>,
 }
 
 pub struct Ready {
@@ -59,13 +65,31 @@ impl Shared {
             progress: Arc::new(Progress::default()),
             model_path,
             ready: OnceLock::new(),
+            loaded: Notify::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            activity: Arc::new(Activity::default()),
         }
     }
 
     pub fn set_ready(&self, ready: Ready) {
         if self.ready.set(ready).is_ok() {
             self.phase.store(READY, Ordering::SeqCst);
+            // The idle clock starts when the engine can serve, not when it started loading.
+            self.activity.touch();
+            self.loaded.notify_waiters();
+        }
+    }
+
+    /// Returns once the model is loaded (or the engine stops).
+    pub async fn wait_loaded(&self) {
+        loop {
+            let woken = self.loaded.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.phase.load(Ordering::SeqCst) != LOADING {
+                return;
+            }
+            woken.await;
         }
     }
 
@@ -76,6 +100,7 @@ impl Shared {
     /// Stops admitting new requests (SIGTERM).
     pub fn drain(&self) {
         self.phase.store(DRAINING, Ordering::SeqCst);
+        self.loaded.notify_waiters();
     }
 
     pub fn busy_slots(&self) -> usize {
@@ -185,11 +210,83 @@ fn unready(shared: &Shared) -> Response<ResponseBody> {
 
 type Refusal = (StatusCode, ErrorBody);
 
+/// Generation requests in progress, and when the last one ended.
+#[derive(Debug)]
+pub struct Activity {
+    state: Mutex<(usize, Instant)>,
+    changed: Notify,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new((0, Instant::now())),
+            changed: Notify::new(),
+        }
+    }
+}
+
+impl Activity {
+    /// Counts one request from now until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.state.lock().expect("activity lock").0 += 1;
+        self.changed.notify_waiters();
+        ActivityGuard(Arc::clone(self))
+    }
+
+    /// Restarts the idle clock.
+    pub fn touch(&self) {
+        self.state.lock().expect("activity lock").1 = Instant::now();
+        self.changed.notify_waiters();
+    }
+
+    /// Returns once no generation request has been in progress for `idle`.
+    pub async fn idle_for(&self, idle: Duration) {
+        loop {
+            let woken = self.changed.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let (in_progress, last) = *self.state.lock().expect("activity lock");
+            if in_progress > 0 {
+                woken.await;
+                continue;
+            }
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline.into()) => {}
+                () = woken => {}
+            }
+        }
+    }
+}
+
+/// One generation request in progress; its drop ends it and restarts the idle clock.
+#[derive(Debug)]
+pub struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        {
+            let mut s = self.0.state.lock().expect("activity lock");
+            s.0 -= 1;
+            s.1 = Instant::now();
+        }
+        self.0.changed.notify_waiters();
+    }
+}
+
 async fn generate(
     shared: &Shared,
     req: Request<Incoming>,
     received: Instant,
 ) -> Result<Response<ResponseBody>, Refusal> {
+    // Counted from arrival until the answer's body is dropped, so the engine never unloads
+    // under a request, even one waiting for the load.
+    let activity = shared.activity.begin();
+    shared.wait_loaded().await;
     let ready = match shared.phase.load(Ordering::SeqCst) {
         READY => shared.ready().expect("ready phase has a model"),
         DRAINING => {
@@ -347,7 +444,10 @@ async fn generate(
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
         .header("x-llorch-slot", reservation.slot)
-        .body(Either::Right(SseBody { rx }))
+        .body(Either::Right(SseBody {
+            rx,
+            _activity: activity,
+        }))
         .expect("static response");
     Ok(resp)
 }
@@ -391,6 +491,7 @@ fn error(status: StatusCode, body: ErrorBody) -> Response<ResponseBody> {
 /// notices before its next step and cancels the job.
 pub struct SseBody {
     rx: mpsc::Receiver<EngineEvent>,
+    _activity: ActivityGuard,
 }
 
 impl Body for SseBody {

@@ -103,6 +103,11 @@ pub fn check_model(config: &EngineConfig) -> Result<llorch_gguf::GgufInfo, Engin
 /// Runs the engine until `shutdown` is cancelled (SIGTERM in the binary), then drains: new
 /// requests are refused, in-flight ones get `grace_secs` to finish before they are cancelled,
 /// the handoff file is removed, and the function returns.
+///
+/// With `idle_exit` (on-demand pools) it also returns, after removing its handoff file, once
+/// no generation request has been in progress for that long: it stops accepting first, serves
+/// what the connections it already accepted still send, and leaves new connections waiting on
+/// the socket, where the socket's owner (systemd, or pool-managerd) starts the next engine.
 pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<(), EngineError> {
     check_model(&config)?;
     let (listener, origin) = llorch_os::unix_listener("engine", &config.socket)?;
@@ -114,11 +119,24 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
 
     // Serve /health (503 while loading) from the start, so a caller can watch the load.
     let stop_accepting = CancellationToken::new();
+    let idle = CancellationToken::new();
     let server = {
         let shared = Arc::clone(&shared);
         let stop = stop_accepting.clone();
+        let idle = idle.clone();
+        let idle_exit = config.idle_exit;
         tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
+            let idle_clock = async {
+                match idle_exit {
+                    Some(d) => {
+                        shared.wait_loaded().await;
+                        shared.activity.idle_for(d).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(idle_clock);
             loop {
                 let stream = tokio::select! {
                     r = listener.accept() => match r {
@@ -129,6 +147,13 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
                         }
                     },
                     _ = stop.cancelled() => break,
+                    () = &mut idle_clock => {
+                        // Nothing new is accepted from here; what the accepted connections
+                        // still send is served in full before the engine exits.
+                        idle.cancel();
+                        graceful.shutdown().await;
+                        return;
+                    }
                 };
                 let shared = Arc::clone(&shared);
                 let svc = service_fn(move |req| http::handle(Arc::clone(&shared), req));
@@ -257,8 +282,32 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         config.ctx_per_slot
     ));
 
-    shutdown.cancelled().await;
+    let unload = tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = idle.cancelled() => true,
+    };
     llorch_os::service::stopping();
+    if unload {
+        let secs = config.idle_exit.map_or(0, |d| d.as_secs());
+        tracing::info!(
+            pool = %config.pool_id,
+            idle_secs = secs,
+            "No generation request for {secs} s; unloading the model."
+        );
+        // The server task ends once every accepted connection is done.
+        let _ = server.await;
+        if let Err(e) = handoff::remove(&handoff_path) {
+            tracing::warn!(error = %e, file = %handoff_path.display(), "Cannot remove the handoff file.");
+        }
+        if let ListenerOrigin::Bound(p) = origin {
+            let _ = std::fs::remove_file(p);
+        }
+        drop(shared);
+        drop(commands);
+        let _ = decode_thread.join();
+        tracing::info!("Unloaded.");
+        return Ok(());
+    }
 
     // Drain: refuse new work, give in-flight requests the grace period, then cancel them.
     tracing::info!(

@@ -30,6 +30,11 @@ pub struct EnginePlan {
     pub gpu_layers: u32,
     pub socket: String,
     pub handoff_dir: String,
+    /// Seconds without a generation request after which the engine exits cleanly (code 0) and
+    /// removes its handoff file, freeing the model's memory (on-demand pools); absent or 0:
+    /// it stays loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_exit_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

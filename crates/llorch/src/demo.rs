@@ -76,6 +76,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             gpu_layers: 0,
             socket: socket.display().to_string(),
             handoff_dir: handoff_dir.display().to_string(),
+            idle_exit_secs: None,
         },
         &staged,
     );
