@@ -77,7 +77,19 @@ pub fn unix_listener(
         let listener = UnixListener::from_std(std_listener).map_err(ListenError::Inherited)?;
         return Ok((listener, ListenerOrigin::Inherited));
     }
-    bind_unix(path).map(|l| (l, ListenerOrigin::Bound(path.to_owned())))
+    let std_listener = bind_unix(path)?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|source| ListenError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+    UnixListener::from_std(std_listener)
+        .map(|l| (l, ListenerOrigin::Bound(path.to_owned())))
+        .map_err(|source| ListenError::Bind {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// Takes the inherited TCP listener named `name` when the process was socket activated, and
@@ -109,7 +121,9 @@ pub async fn tcp_listener(
     ))
 }
 
-fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {
+/// Binds a Unix listener at `path`, replacing a stale socket file (nobody accepting on it) and
+/// refusing a live one, so two processes never fight over one socket.
+pub fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener, ListenError> {
     let bind_err = |source| ListenError::Bind {
         path: path.to_owned(),
         source,
@@ -128,7 +142,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {
             }
         }
     }
-    UnixListener::bind(path).map_err(bind_err)
+    std::os::unix::net::UnixListener::bind(path).map_err(bind_err)
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ pub enum PoolState {
     Draining,
     /// Provisioning or the engine failed; `last_error` says why. The node retries with backoff.
     Failed,
-    /// Declared but not loaded (on-demand pools, systemd issue).
+    /// An on-demand pool whose model is not loaded: the first request starts its engine.
     Standby,
 }
 
@@ -91,6 +91,14 @@ pub struct PoolStatus {
     /// Set by an operator's drain; survives engine restarts until resume.
     #[serde(default)]
     pub draining: bool,
+    /// The engine is started by the first request and unloaded after its keep-alive
+    /// (`standby` while unloaded).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_demand: bool,
+    /// How long the engine last took from its start to ready, in milliseconds: what a request
+    /// to a `standby` pool waits before its first token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_ms: Option<u64>,
 }
 
 /// `POST /v2/nodes/register`.

@@ -301,6 +301,8 @@ fn pools() -> Vec<PoolStatus> {
             restarts: 0,
             last_error: None,
             draining: false,
+            on_demand: false,
+            load_ms: None,
         })
         .collect()
 }

@@ -94,8 +94,19 @@ pub struct PoolConfig {
     /// CPU threads for the engine; absent means one per available core.
     #[serde(default)]
     pub threads: Option<u32>,
+    /// Load the model when the first request arrives (socket activation) instead of at start;
+    /// the pool is `standby` while unloaded.
+    #[serde(default)]
+    pub on_demand: bool,
+    /// Seconds without a request after which an on-demand pool's engine unloads (default
+    /// 300; 0 keeps it loaded once started). Only for `on_demand` pools.
+    #[serde(default)]
+    pub keep_alive_secs: Option<u64>,
     pub model: ModelConfig,
 }
+
+/// An on-demand pool's keep-alive when the configuration gives none: 5 minutes.
+pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 300;
 
 fn default_devices() -> String {
     "cpu".into()
@@ -109,6 +120,14 @@ impl PoolConfig {
         } else {
             999
         }
+    }
+
+    /// Seconds without work after which the engine exits to free its memory: on-demand pools
+    /// with a keep-alive other than 0.
+    pub fn idle_exit_secs(&self) -> Option<u64> {
+        self.on_demand
+            .then(|| self.keep_alive_secs.unwrap_or(DEFAULT_KEEP_ALIVE_SECS))
+            .filter(|s| *s > 0)
     }
 
     /// The CUDA device list (`0,1`) of a GPU pool.
@@ -419,6 +438,13 @@ fn validate(path: &Path, config: Config) -> Result<Checked, ConfigError> {
                     "{} is too small; use at least {MIN_CTX} tokens per slot",
                     pool.ctx
                 ),
+            ));
+        }
+        if pool.keep_alive_secs.is_some() && !pool.on_demand {
+            return Err(invalid(
+                path,
+                key("keep_alive_secs"),
+                "only on-demand pools unload; set on_demand = true, or remove keep_alive_secs",
             ));
         }
         if pool.threads == Some(0) {

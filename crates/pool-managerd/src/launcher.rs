@@ -6,10 +6,14 @@
 //! This module owns process start, stop and exit reporting; it does not decide when to restart
 //! (the supervisor does) and does not watch handoff files (the handoff watcher does).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -42,6 +46,23 @@ pub trait Launcher: Send + Sync {
 
     /// Whether `pid` is this pool's engine and still runs (so its handoff file is not stale).
     fn engine_running<'a>(&'a self, pool: &'a PoolConfig, pid: u32) -> BoxFuture<'a, bool>;
+
+    /// On-demand pools: makes the engine socket listen without an engine (so a request can
+    /// connect and wait), and returns its path.
+    fn listen_on_demand<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+    ) -> BoxFuture<'a, Result<PathBuf, LaunchError>>;
+
+    /// On-demand pools: returns once the engine should start: a connection waits on the
+    /// socket, or the socket's owner started the engine already (socket activation).
+    fn wait_activation<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+    ) -> BoxFuture<'a, Result<(), LaunchError>>;
+
+    /// On-demand pools: stops listening (the pool is removed or the node stops).
+    fn close_on_demand<'a>(&'a self, pool: &'a PoolConfig) -> BoxFuture<'a, ()>;
 }
 
 /// A started engine. Dropping the handle kills the engine, so no path leaves an orphan.
@@ -131,13 +152,17 @@ pub enum LaunchError {
     Systemd { unit: String, reason: String },
 }
 
-/// Runs `engine-provisioner` and `llorch-engine` as child processes.
-#[derive(Debug, Clone)]
+/// Runs `engine-provisioner` and `llorch-engine` as child processes. For on-demand pools it
+/// does what systemd's socket units do: it holds each engine's listening socket, starts the
+/// engine when a connection waits there, and passes the socket on (`LISTEN_FDS`).
+#[derive(Debug)]
 pub struct ProcessLauncher {
     pub engine_bin: PathBuf,
     pub provisioner_bin: PathBuf,
     pub cache_dir: PathBuf,
     pub layout: RuntimeLayout,
+    /// Listening sockets of on-demand pools, by pool id.
+    sockets: Mutex<HashMap<String, Arc<UnixListener>>>,
 }
 
 impl ProcessLauncher {
@@ -153,7 +178,16 @@ impl ProcessLauncher {
                 .unwrap_or_else(|| sibling_binary("engine-provisioner")),
             cache_dir,
             layout,
+            sockets: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn held_socket(&self, pool: &str) -> Option<Arc<UnixListener>> {
+        self.sockets
+            .lock()
+            .expect("socket table lock")
+            .get(pool)
+            .cloned()
     }
 
     fn log_file(&self, path: &Path) -> Result<std::fs::File, LaunchError> {
@@ -195,7 +229,122 @@ fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
     }
 }
 
+/// Gives the child `listener` as its socket-activated listener: fd 3, `LISTEN_FDS=1`, named
+/// `engine`, as systemd would pass it.
+fn pass_listener(cmd: &mut Command, listener: &UnixListener) {
+    let fd = listener.as_raw_fd();
+    cmd.env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "engine")
+        .env_remove("LISTEN_PID");
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2(2) and
+    // fcntl(2), which are async-signal-safe; `fd` stays open in the parent (the launcher holds
+    // the listener) until the spawn returned.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == 3 {
+                // dup2 onto itself keeps close-on-exec; clear it instead.
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether a connection waits on `listener` now.
+fn connection_waiting(listener: &UnixListener) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one valid pollfd, without waiting.
+    #[allow(unsafe_code)]
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & libc::POLLIN != 0
+}
+
 impl Launcher for ProcessLauncher {
+    fn listen_on_demand<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+    ) -> BoxFuture<'a, Result<PathBuf, LaunchError>> {
+        Box::pin(async move {
+            let path = self.layout.engine_socket(&pool.id);
+            if self.held_socket(&pool.id).is_some() {
+                return Ok(path);
+            }
+            let io = |source| LaunchError::Io {
+                path: path.clone(),
+                source,
+            };
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io)?;
+            }
+            let listener = llorch_os::bind_unix(&path).map_err(|e| LaunchError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            listener.set_nonblocking(true).map_err(io)?;
+            self.sockets
+                .lock()
+                .expect("socket table lock")
+                .insert(pool.id.clone(), Arc::new(listener));
+            Ok(path)
+        })
+    }
+
+    fn wait_activation<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+    ) -> BoxFuture<'a, Result<(), LaunchError>> {
+        Box::pin(async move {
+            let path = self.layout.engine_socket(&pool.id);
+            let io = |source| LaunchError::Io {
+                path: path.clone(),
+                source,
+            };
+            let Some(listener) = self.held_socket(&pool.id) else {
+                return Err(io(std::io::Error::other("the pool's socket is not held")));
+            };
+            // A registration of its own (a duplicate descriptor), dropped once a connection
+            // waits: the engine accepts on the socket meanwhile, and nobody else watches it.
+            let dup = listener.try_clone().map_err(io)?;
+            // SAFETY: `dup` owns its descriptor, which nothing replaces or closes while the
+            // AsyncFd owns it.
+            #[allow(unsafe_code)]
+            let watched = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE)
+            }
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            loop {
+                let mut ready = watched.readable().await.map_err(io)?;
+                if connection_waiting(&listener) {
+                    return Ok(());
+                }
+                ready.clear_ready();
+            }
+        })
+    }
+
+    fn close_on_demand<'a>(&'a self, pool: &'a PoolConfig) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let held = self
+                .sockets
+                .lock()
+                .expect("socket table lock")
+                .remove(&pool.id);
+            if held.is_some() {
+                let _ = std::fs::remove_file(self.layout.engine_socket(&pool.id));
+            }
+        })
+    }
+
     fn provision<'a>(
         &'a self,
         pool: &'a PoolConfig,
@@ -235,6 +384,9 @@ impl Launcher for ProcessLauncher {
             }
             if let Some(t) = pool.threads {
                 cmd.arg("--threads").arg(t.to_string());
+            }
+            if let Some(s) = pool.idle_exit_secs() {
+                cmd.arg("--idle-exit-secs").arg(s.to_string());
             }
             cmd.stdin(Stdio::null())
                 .stdout(log_out)
@@ -293,6 +445,10 @@ impl Launcher for ProcessLauncher {
                 .kill_on_drop(true);
             if let Some(devices) = pool.cuda_devices() {
                 cmd.env("CUDA_VISIBLE_DEVICES", devices);
+            }
+            let held = self.held_socket(&pool.id);
+            if let Some(listener) = &held {
+                pass_listener(&mut cmd, listener);
             }
             // SIGTERM, not SIGKILL: an engine whose parent died drains and removes its handoff.
             die_with_parent(&mut cmd, libc::SIGTERM);

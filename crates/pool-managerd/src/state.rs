@@ -25,6 +25,9 @@ pub enum Phase {
     Running,
     /// Provisioning or the engine failed; waiting to retry.
     Failed,
+    /// An on-demand pool without an engine: its socket listens, and the first request starts
+    /// the engine.
+    Standby,
     /// pool-managerd is shutting down and stopping the engine.
     Stopping,
     /// The engine was stopped on shutdown.
@@ -42,6 +45,7 @@ pub fn derive_state(
     match phase {
         Phase::Provisioning => PoolState::Provisioning,
         Phase::Failed => PoolState::Failed,
+        Phase::Standby => PoolState::Standby,
         Phase::Stopping | Phase::Stopped => PoolState::Draining,
         Phase::Running => {
             let ready = matches!((engine_pid, handoff), (Some(pid), Some(h)) if h.pid == pid);
@@ -71,6 +75,11 @@ pub struct PoolEntry {
     pub ready_since: Option<Instant>,
     /// When the supervisor started the current engine (for the load time).
     pub engine_started: Option<Instant>,
+    /// How long the engine last took from its start to ready.
+    pub load_time: Option<std::time::Duration>,
+    /// On-demand pools: the socket that listens while no engine runs; a request sent there
+    /// starts the engine and waits for the model.
+    pub activation_socket: Option<PathBuf>,
     pub state: PoolState,
     /// Forwards in flight; shared with the forward guards.
     pub busy: Arc<AtomicU32>,
@@ -89,6 +98,8 @@ impl PoolEntry {
             staged: false,
             ready_since: None,
             engine_started: None,
+            load_time: None,
+            activation_socket: None,
             state: PoolState::Provisioning,
             busy: Arc::new(AtomicU32::new(0)),
         }
@@ -114,15 +125,21 @@ impl PoolEntry {
             restarts: self.restarts,
             last_error: self.last_error.clone(),
             draining: self.draining,
+            on_demand: self.config.on_demand,
+            load_ms: self.load_time.map(|d| d.as_millis() as u64),
         }
     }
 
-    /// The engine's socket, when the pool can take a forward.
+    /// The engine's socket, when the pool can take a forward: a ready engine's, or the
+    /// listening socket of an on-demand pool that is unloaded or loading (the request waits
+    /// there for the model).
     pub fn ready_socket(&self) -> Option<PathBuf> {
-        if self.state == PoolState::Ready {
-            self.handoff.as_ref().map(|h| PathBuf::from(&h.socket))
-        } else {
-            None
+        match self.state {
+            PoolState::Ready => self.handoff.as_ref().map(|h| PathBuf::from(&h.socket)),
+            PoolState::Standby | PoolState::Loading if self.config.on_demand => {
+                self.activation_socket.clone()
+            }
+            _ => None,
         }
     }
 }
@@ -175,6 +192,7 @@ impl Node {
                     // Once per engine start: a pool resumed after draining was not loaded again.
                     load = entry.engine_started.take().map(|s| s.elapsed());
                     if let Some(load) = load {
+                        entry.load_time = Some(load);
                         self.metrics.engine_ready(&entry.config.id, load);
                     }
                 }

@@ -4,6 +4,12 @@
 //! The supervisor owns the pool's process phase and its engine handle. Readiness is not its
 //! business: the handoff watcher records the handoff file and [`crate::state::derive_state`]
 //! combines both.
+//!
+//! An on-demand pool is provisioned at start like any other, then waits in `standby` with its
+//! engine socket listening ([`Launcher::listen_on_demand`]); the first connection there starts
+//! the engine ([`Launcher::wait_activation`]), and the request waits on the socket until the
+//! model is loaded. An engine that exits cleanly on its own unloaded after its keep-alive: the
+//! pool goes back to `standby`, with no restart counted.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -119,6 +125,20 @@ pub async fn supervise(
         if !running {
             remove_stale_handoff(&handoff_path, None);
         }
+        if pool.on_demand && !running {
+            match standby(&node, &pool, launcher.as_ref(), &shutdown).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    node.metrics.start_failed(&id, Restart::StartFailed);
+                    fail(&node, &id, format!("cannot listen for requests: {e}"));
+                    if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+        }
         let mut engine = match launcher.start_engine(&pool, &plan_path).await {
             Ok(h) => h,
             Err(e) => {
@@ -139,6 +159,20 @@ pub async fn supervise(
         });
         tokio::select! {
             exit = engine.wait() => {
+                if pool.on_demand && exit.success() {
+                    // It unloaded itself after its keep-alive without work.
+                    tracing::info!(pool_id = %id, pid, "The engine unloaded after its keep-alive; the pool is on standby.");
+                    remove_stale_handoff(&handoff_path, pid);
+                    node.update(&id, |p| {
+                        if p.handoff.as_ref().is_some_and(|h| Some(h.pid) == pid) {
+                            p.handoff = None;
+                        }
+                        p.engine_pid = None;
+                        p.engine_started = None;
+                    });
+                    backoff.reset();
+                    continue;
+                }
                 let ready_for = node
                     .read(&id, |p| p.ready_since.map(|t| t.elapsed()))
                     .flatten();
@@ -175,14 +209,48 @@ pub async fn supervise(
             }
             () = shutdown.cancelled() => {
                 stop_engine(&node, &id, engine, grace, &handoff_path).await;
+                if pool.on_demand {
+                    launcher.close_on_demand(&pool).await;
+                }
                 return;
             }
         }
     }
+    if pool.on_demand {
+        launcher.close_on_demand(&pool).await;
+    }
     node.update(&id, |p| {
         p.phase = Phase::Stopped;
         p.engine_pid = None;
+        p.activation_socket = None;
     });
+}
+
+/// Puts an on-demand pool on standby with its socket listening, and returns once a request
+/// (or anyone) asks for its engine: true to start it, false on shutdown.
+async fn standby(
+    node: &Node,
+    pool: &PoolConfig,
+    launcher: &dyn Launcher,
+    shutdown: &CancellationToken,
+) -> Result<bool, crate::launcher::LaunchError> {
+    let id = pool.id.as_str();
+    let socket = tokio::select! {
+        r = launcher.listen_on_demand(pool) => r?,
+        () = shutdown.cancelled() => return Ok(false),
+    };
+    node.update(id, |p| {
+        p.phase = Phase::Standby;
+        p.engine_pid = None;
+        p.activation_socket = Some(socket.clone());
+    });
+    tracing::info!(pool_id = %id, socket = %socket.display(), keep_alive_secs = pool.idle_exit_secs().unwrap_or(0), "On standby: the first request loads the model.");
+    tokio::select! {
+        r = launcher.wait_activation(pool) => r?,
+        () = shutdown.cancelled() => return Ok(false),
+    }
+    tracing::info!(pool_id = %id, "A request is waiting: starting the engine.");
+    Ok(true)
 }
 
 async fn stop_engine(

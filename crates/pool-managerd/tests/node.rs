@@ -329,6 +329,113 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
     );
 }
 
+/// Sends `PARIS` and returns the answer's text.
+async fn ask_paris(client: &HttpClient, correlation: &str) -> String {
+    let resp = generate(client, PARIS, correlation).await;
+    assert_eq!(resp.status(), 200);
+    EventStream::from_response(resp, Path::new("node"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap()
+        .text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep_alive() {
+    let dir = tempfile::Builder::new()
+        .prefix("pm-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let config = write_config(dir.path(), "2");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "threads = 2\n",
+        "threads = 2\non_demand = true\nkeep_alive_secs = 2\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut notify = NotifySocket::bind(dir.path());
+    let mut daemon = spawn_node(dir.path(), &config, &notify);
+    let client = node_client(dir.path());
+    let socket = dir.path().join("run/engines/default.sock");
+    let handoff = dir.path().join("run/handoff/default.json");
+
+    // Provisioned, then on standby: the socket listens, no engine runs, no model is loaded.
+    let standby = wait_status(
+        &client,
+        &mut notify,
+        &daemon,
+        "the pool to go on standby",
+        Duration::from_secs(60),
+        |s| s.state == PoolState::Standby,
+    )
+    .await;
+    assert!(standby.on_demand, "{standby:?}");
+    assert_eq!((standby.engine_pid, standby.load_ms), (None, None));
+    assert!(socket.exists(), "the standby socket listens");
+    assert!(!handoff.exists());
+
+    // The first request starts the engine, waits for the model, and gets its answer.
+    let answer = ask_paris(&client, "corr-cold").await;
+    assert!(answer.contains("Paris"), "{answer:?}");
+    let loaded = status(&client).await;
+    assert_eq!(loaded.state, PoolState::Ready, "{loaded:?}");
+    let first_pid = loaded.engine_pid.expect("a loaded pool has an engine");
+    assert!(
+        loaded.load_ms.is_some(),
+        "the load time is measured: {loaded:?}"
+    );
+    assert!(handoff.exists());
+
+    // Two seconds without work: the engine exits cleanly, and the pool is on standby again,
+    // with no restart counted.
+    let unloaded = wait_status(
+        &client,
+        &mut notify,
+        &daemon,
+        "the engine to unload after its keep-alive",
+        Duration::from_secs(30),
+        |s| s.state == PoolState::Standby,
+    )
+    .await;
+    assert_eq!(
+        (unloaded.engine_pid, unloaded.restarts),
+        (None, 0),
+        "{unloaded:?}"
+    );
+    assert!(unloaded.last_error.is_none(), "{unloaded:?}");
+    assert!(
+        !Path::new(&format!("/proc/{first_pid}")).exists(),
+        "the unloaded engine {first_pid} still runs"
+    );
+    assert!(!handoff.exists(), "the engine removed its handoff file");
+    assert!(socket.exists(), "the socket still listens");
+
+    // The next request loads it again.
+    let answer = ask_paris(&client, "corr-again").await;
+    assert!(answer.contains("Paris"), "{answer:?}");
+    let again = status(&client).await;
+    assert_eq!(again.state, PoolState::Ready);
+    assert_ne!(again.engine_pid, Some(first_pid), "a new engine serves");
+
+    // SIGTERM: the engine stops and the socket goes.
+    signal(daemon.child.id(), libc::SIGTERM);
+    let code = daemon.child.wait().unwrap();
+    assert_eq!(code.code(), Some(0), "{}", daemon.log());
+    assert!(!socket.exists(), "stale standby socket");
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("The engine unloaded after its keep-alive")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        !log.contains(llorch_os::message_id::ENGINE_CRASHED),
+        "an unload is not a crash: {log}"
+    );
+}
+
 #[test]
 fn bad_configuration_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();

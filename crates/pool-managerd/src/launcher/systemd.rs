@@ -94,6 +94,9 @@ pub fn pool_env(pool: &PoolConfig) -> String {
     if let Some(t) = pool.threads {
         extra.push(format!("--threads {t}"));
     }
+    if let Some(s) = pool.idle_exit_secs() {
+        extra.push(format!("--idle-exit-secs {s}"));
+    }
     format!(
         "# Written by pool-managerd for engine-provisioner@{id}.service; do not edit.\n\
          LLORCH_MODEL_SOURCE={}\nLLORCH_MODEL_ID={}\nLLORCH_SLOTS={}\nLLORCH_CTX={}\nLLORCH_PLAN_ARGS={}\n",
@@ -250,6 +253,59 @@ async fn exit_of(service: &ServiceProxy<'_>, unit: &str) -> EngineExit {
 }
 
 impl Launcher for SystemdLauncher {
+    fn listen_on_demand<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+    ) -> BoxFuture<'a, Result<PathBuf, LaunchError>> {
+        Box::pin(async move {
+            // The socket unit listens; systemd starts the engine unit on the first connection.
+            let socket = engine_socket_unit(&pool.id);
+            self.reset_if_failed(&socket).await?;
+            let result = self.job(&socket, "start").await?;
+            if result != "done" {
+                return Err(LaunchError::Systemd {
+                    unit: socket,
+                    reason: format!("the start job ended {result}"),
+                });
+            }
+            Ok(self.layout.engine_socket(&pool.id))
+        })
+    }
+
+    fn wait_activation<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+    ) -> BoxFuture<'a, Result<(), LaunchError>> {
+        Box::pin(async move {
+            let unit = engine_unit(&pool.id);
+            let (u, _) = self.service(&unit).await?;
+            let mut changes = self.changes(&unit).await?;
+            loop {
+                // Socket activation shows as the engine unit leaving `inactive`.
+                if u.active_state()
+                    .await
+                    .is_ok_and(|s| s == "activating" || s == "active")
+                {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = changes.next() => {}
+                    // Signals are the fast path; this turn covers a missed one.
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        })
+    }
+
+    fn close_on_demand<'a>(&'a self, pool: &'a PoolConfig) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let socket = engine_socket_unit(&pool.id);
+            if let Err(e) = self.job(&socket, "stop").await {
+                tracing::warn!(unit = %socket, error = %e, "Cannot stop the engine's socket unit.");
+            }
+        })
+    }
+
     fn provision<'a>(
         &'a self,
         pool: &'a PoolConfig,
@@ -402,9 +458,9 @@ impl EngineHandle for SystemdEngine {
                     self.unit_proxy.active_state().await,
                 ) {
                     (Ok(pid), Ok(state)) => {
-                        if pid != self.pid
-                            || !(state == "active" || state == "activating" || state == "reloading")
-                        {
+                        // `deactivating` with our pid: the engine said STOPPING=1 (an idle
+                        // unload) and still runs; its exit status comes when it is gone.
+                        if pid != self.pid || state == "inactive" || state == "failed" {
                             return exit_of(&self.service, &self.unit).await;
                         }
                     }
