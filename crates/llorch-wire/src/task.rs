@@ -176,6 +176,12 @@ pub struct PoolView {
     pub restarts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Loaded by its first request, unloaded after its keep-alive.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_demand: bool,
+    /// The engine's last load time, start to ready, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_ms: Option<u64>,
 }
 
 /// One node in `GET /v2/nodes`.

@@ -29,6 +29,10 @@ use crate::tasks::{Task, TaskEvent};
 /// slot is freed by the engine one decode step after orchestratord already returned the lease).
 const BUSY_RETRY: Duration = Duration::from_millis(10);
 const BUSY_RETRIES: u32 = 50;
+/// How long the node may take to answer a task sent to a pool on standby, on top of the
+/// stream idle limit: the engine loads the model first. A load that fails or hangs is ended by
+/// the node's side (the engine exits, or systemd's start timeout), which breaks the request.
+const COLD_START_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 /// A leased slot. It is returned exactly once: explicitly before a task's final event (so a
 /// client that saw `end` finds the slot free for its next request), or by `Drop` on any other
@@ -83,6 +87,8 @@ struct Dispatched {
     client: HttpClient,
     lost: CancellationToken,
     slot_hint: Option<u32>,
+    /// Placed on a pool on standby: the first answer waits for the model to load.
+    cold: bool,
 }
 
 /// Runs until shutdown: expires deadlines, places what can be placed, starts the streams.
@@ -161,7 +167,7 @@ fn take_work(
     let mut candidates = core.registry.candidates();
     let mut free: u32 = candidates
         .iter()
-        .filter(|c| c.serving())
+        .filter(|c| c.serving() || c.standby())
         .map(|c| c.free_slots)
         .sum();
     if free > 0 && !core.queue.is_empty() {
@@ -186,6 +192,7 @@ fn take_work(
                 model: &task.model,
                 session_pool: session.as_ref().map(|s| s.pool.1.as_str()),
                 hints: task.hints.as_ref(),
+                slot_wait: core.registry.slot_wait(&candidates, &task.model),
             };
             match place(&candidates, &ask) {
                 Placement::Wait { .. } => {}
@@ -210,11 +217,13 @@ fn take_work(
                     state.metrics.decision(Decision::Placed);
                     let key: PoolKey = (node_id, pool_id);
                     core.registry.lease(&key);
+                    let mut cold = false;
                     if let Some(c) = candidates
                         .iter_mut()
                         .find(|c| c.node_id == key.0 && c.pool_id == key.1)
                     {
                         c.free_slots -= 1;
+                        cold = c.state == llorch_wire::node::PoolState::Standby;
                     }
                     free -= 1;
                     let slot_hint = session.filter(|s| s.pool == key).map(|s| s.slot);
@@ -231,6 +240,7 @@ fn take_work(
                         client,
                         lost,
                         slot_hint,
+                        cold,
                     });
                 }
             }
@@ -253,10 +263,11 @@ async fn stream_task(state: Arc<State>, d: Dispatched) {
         client,
         lost,
         slot_hint,
+        cold,
     } = d;
     let task = entry.item.clone();
     let outcome = tokio::select! {
-        o = forward(&state, &task, &mut lease, &client, slot_hint) => o,
+        o = forward(&state, &task, &mut lease, &client, slot_hint, cold) => o,
         _ = task.cancel.cancelled() => {
             lease.end(&task, ErrorBody::new(ErrorCode::Canceled, "the task was cancelled"), false)
         }
@@ -295,6 +306,7 @@ async fn forward(
     lease: &mut Lease,
     client: &HttpClient,
     slot_hint: Option<u32>,
+    cold: bool,
 ) -> Outcome {
     let mut request = task.request.clone();
     request.slot = slot_hint;
@@ -307,15 +319,17 @@ async fn forward(
     )];
     let mut busy_retries = 0;
     let idle = state.config.stream_idle;
+    let first_answer = if cold { idle + COLD_START_LIMIT } else { idle };
     let resp = loop {
-        let answered = tokio::time::timeout(idle, client.post_raw(&path, body.clone(), &headers))
-            .await
-            .unwrap_or_else(|_| {
-                Err(ClientError::Transport {
-                    address: client.address().to_string(),
-                    reason: format!("no answer within {} s", idle.as_secs()),
-                })
-            });
+        let answered =
+            tokio::time::timeout(first_answer, client.post_raw(&path, body.clone(), &headers))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ClientError::Transport {
+                        address: client.address().to_string(),
+                        reason: format!("no answer within {} s", first_answer.as_secs()),
+                    })
+                });
         match answered {
             Err(e) => {
                 tracing::warn!(task_id = %task.id, pool_id = %lease.pool.1, node_id = %lease.pool.0, error = %e, "Node unreachable; task goes back to the queue.");

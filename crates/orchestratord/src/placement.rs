@@ -4,6 +4,12 @@
 //! avoid and prefer-without-fallback), then a score (session affinity for KV cache reuse, then
 //! preference, then the most free slots), then a deterministic tie-break on the pool id. Only
 //! this module decides where a task runs; the dispatcher applies the decision.
+//!
+//! A loaded pool always wins over an on-demand pool on `standby`. A standby pool is chosen only
+//! when no loaded pool has a free slot, and then only when its load time (as its node last
+//! measured it) is shorter than the wait for a loaded pool's slot; the task waits otherwise.
+
+use std::time::Duration;
 
 use llorch_wire::node::PoolState;
 use llorch_wire::task::PlacementHints;
@@ -21,12 +27,28 @@ pub struct Candidate {
     pub slots_total: u32,
     /// A pool whose engine just failed a request: skipped until its node reports again.
     pub suspect: bool,
+    /// The engine's last measured load time (start to ready), if its node reported one.
+    pub load_ms: Option<u64>,
 }
+
+/// What loading a standby pool is assumed to cost before its node has measured a load.
+pub const DEFAULT_LOAD_TIME: Duration = Duration::from_secs(10);
 
 impl Candidate {
     /// Ready on an online node and not suspect: it may take work (slots permitting).
     pub fn serving(&self) -> bool {
         self.node_online && self.state == PoolState::Ready && !self.suspect
+    }
+
+    /// An unloaded on-demand pool on an online node: it may take work once its model loads.
+    pub fn standby(&self) -> bool {
+        self.node_online && self.state == PoolState::Standby && !self.suspect
+    }
+
+    /// How long a task placed here waits for the model to load.
+    pub fn load_time(&self) -> Duration {
+        self.load_ms
+            .map_or(DEFAULT_LOAD_TIME, Duration::from_millis)
     }
 }
 
@@ -37,6 +59,9 @@ pub struct Ask<'a> {
     /// The pool holding the task's session (KV cache), if any.
     pub session_pool: Option<&'a str>,
     pub hints: Option<&'a PlacementHints>,
+    /// How long a slot of a loaded pool takes to free up (the model's measured service time
+    /// over its slots): what waiting costs, against loading a standby pool.
+    pub slot_wait: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,7 +133,14 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
         }
     };
     let mut ready: Vec<&Candidate> = Vec::new();
+    let mut standby: Vec<&Candidate> = Vec::new();
+    let mut loaded_but_full = false;
     for p in eligible {
+        if p.standby() && p.free_slots > 0 {
+            standby.push(p);
+            continue;
+        }
+        loaded_but_full |= p.serving() && p.free_slots == 0;
         let why_not = if !p.node_online {
             Some("node offline")
         } else if p.state != PoolState::Ready {
@@ -155,7 +187,45 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
                 reasons,
             }
         }
-        None => Placement::Wait { reasons },
+        None => place_cold(standby, loaded_but_full, ask.slot_wait, reasons),
+    }
+}
+
+/// No loaded pool has a free slot: load a standby pool, unless a loaded pool's slot frees up
+/// sooner than the model loads. The quickest load wins, then the most free slots, then the
+/// smallest id.
+fn place_cold(
+    standby: Vec<&Candidate>,
+    loaded_but_full: bool,
+    slot_wait: Duration,
+    mut reasons: Vec<String>,
+) -> Placement {
+    let best = standby.into_iter().min_by(|a, b| {
+        a.load_time()
+            .cmp(&b.load_time())
+            .then_with(|| b.free_slots.cmp(&a.free_slots))
+            .then_with(|| a.pool_id.cmp(&b.pool_id))
+    });
+    let Some(p) = best else {
+        return Placement::Wait { reasons };
+    };
+    let load = p.load_time().as_millis();
+    if loaded_but_full && p.load_time() > slot_wait {
+        reasons.push(format!(
+            "{}: standby; loading takes ~{load} ms, a loaded pool frees a slot in ~{} ms",
+            p.pool_id,
+            slot_wait.as_millis()
+        ));
+        return Placement::Wait { reasons };
+    }
+    reasons.push(format!(
+        "{}: standby; its model loads first (~{load} ms)",
+        p.pool_id
+    ));
+    Placement::Place {
+        pool_id: p.pool_id.clone(),
+        node_id: p.node_id.clone(),
+        reasons,
     }
 }
 
@@ -173,6 +243,7 @@ mod tests {
             free_slots: free,
             slots_total: 4,
             suspect: false,
+            load_ms: None,
         }
     }
 
@@ -231,13 +302,71 @@ mod tests {
         assert!(matches!(place(&pools, &ask), Placement::Impossible { .. }));
     }
 
+    fn standby(id: &str, free: u32, load_ms: Option<u64>) -> Candidate {
+        Candidate {
+            state: PoolState::Standby,
+            load_ms,
+            ..pool(id, "m", free)
+        }
+    }
+
+    #[test]
+    fn loaded_pools_win_and_standby_pools_count_their_load_time() {
+        let ask = |slot_wait_ms| Ask {
+            model: "m",
+            slot_wait: Duration::from_millis(slot_wait_ms),
+            ..Ask::default()
+        };
+        // A loaded pool with a free slot wins, however many slots the standby pool has.
+        let pools = [standby("a", 4, Some(100)), pool("b", "m", 1)];
+        assert_eq!(placed(place(&pools, &ask(10_000))), "b");
+        // No loaded pool: the standby pool loads; the quickest load wins.
+        let pools = [standby("a", 4, Some(900)), standby("b", 4, Some(300))];
+        match place(&pools, &ask(0)) {
+            Placement::Place {
+                pool_id, reasons, ..
+            } => {
+                assert_eq!(pool_id, "b");
+                assert!(
+                    reasons
+                        .iter()
+                        .any(|r| r == "b: standby; its model loads first (~300 ms)"),
+                    "{reasons:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without a measured load the default estimate counts.
+        let pools = [standby("a", 4, None), standby("b", 4, Some(20_000))];
+        assert_eq!(placed(place(&pools, &ask(0))), "a");
+        // Loaded pools are full: load only when that is quicker than a slot freeing up.
+        let pools = [standby("a", 4, Some(2_000)), pool("b", "m", 0)];
+        assert!(matches!(place(&pools, &ask(500)), Placement::Wait { .. }));
+        assert_eq!(placed(place(&pools, &ask(5_000))), "a");
+        // A suspect or offline standby pool is not loaded.
+        let mut bad = standby("a", 4, Some(1));
+        bad.suspect = true;
+        assert!(matches!(place(&[bad], &ask(0)), Placement::Wait { .. }));
+        // A pin to a standby pool loads it.
+        let pin = PlacementHints {
+            pin_pool_id: Some("a".into()),
+            ..PlacementHints::default()
+        };
+        let pools = [standby("a", 4, Some(2_000)), pool("b", "m", 4)];
+        let pinned = Ask {
+            hints: Some(&pin),
+            ..ask(0)
+        };
+        assert_eq!(placed(place(&pools, &pinned)), "a");
+    }
+
     #[test]
     fn session_affinity_beats_load() {
         let pools = [pool("a", "m", 4), pool("b", "m", 1)];
         let ask = Ask {
             model: "m",
             session_pool: Some("b"),
-            hints: None,
+            ..Ask::default()
         };
         assert_eq!(placed(place(&pools, &ask)), "b");
         // A full session pool is not waited for: another pool serves the turn.
@@ -255,8 +384,8 @@ mod tests {
         fn ask(h: &PlacementHints) -> Ask<'_> {
             Ask {
                 model: "m",
-                session_pool: None,
                 hints: Some(h),
+                ..Ask::default()
             }
         }
         assert_eq!(placed(place(&pools, &ask(&pin_b))), "b");

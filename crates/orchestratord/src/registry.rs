@@ -163,6 +163,16 @@ impl Registry {
         self.rates.get(model)
     }
 
+    /// How long until a slot of a loaded pool serving `model` frees up: the model's mean
+    /// service time spread over those pools' slots.
+    pub fn slot_wait(&self, candidates: &[Candidate], model: &str) -> std::time::Duration {
+        let (_, slots) = crate::state::capacity_for(candidates, model);
+        let default_rate = ServiceRate::default();
+        self.rate(model)
+            .unwrap_or(&default_rate)
+            .predict_start(0, 0, slots.max(1))
+    }
+
     /// The snapshot placement decides on.
     pub fn candidates(&self) -> Vec<Candidate> {
         let mut out = Vec::new();
@@ -178,6 +188,7 @@ impl Registry {
                     free_slots: p.slots_total.saturating_sub(self.leased(&key)),
                     slots_total: p.slots_total,
                     suspect: self.suspect.contains_key(&key),
+                    load_ms: p.load_ms,
                 });
             }
         }
@@ -221,6 +232,8 @@ impl Registry {
                     engine_version: p.engine_version.clone(),
                     restarts: p.restarts,
                     last_error: p.last_error.clone(),
+                    on_demand: p.on_demand,
+                    load_ms: p.load_ms,
                 });
             }
         }

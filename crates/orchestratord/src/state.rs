@@ -355,6 +355,7 @@ impl State {
             model: &sub.model,
             session_pool: session_pool.as_deref(),
             hints: sub.hints.as_ref(),
+            slot_wait: core.registry.slot_wait(&candidates, &sub.model),
         };
         if let Placement::Impossible { reason } = place(&candidates, &ask) {
             return Err((
@@ -391,7 +392,16 @@ impl State {
             .count() as u32;
         let default_rate = ServiceRate::default();
         let rate = core.registry.rate(&sub.model).unwrap_or(&default_rate);
-        let predicted = rate.predict_start(ahead, free, slots);
+        let mut predicted = rate.predict_start(ahead, free, slots);
+        // An on-demand pool on standby with room for the task starts it after its load.
+        if let Some(load) = candidates
+            .iter()
+            .filter(|c| c.model_id == sub.model && c.standby() && c.free_slots > ahead)
+            .map(|c| c.load_time())
+            .min()
+        {
+            predicted = predicted.min(load);
+        }
         let one_slot = rate.predict_start(0, 0, slots.max(1));
         if let Some(deadline_ms) = sub.deadline_ms {
             if predicted > Duration::from_millis(deadline_ms) {
@@ -517,9 +527,15 @@ impl State {
             .iter()
             .filter(|c| c.node_online && c.state == llorch_wire::node::PoolState::Ready)
             .count();
+        let standby = candidates.iter().filter(|c| c.standby()).count();
         let slots: u32 = candidates.iter().map(|c| c.slots_total).sum();
+        let standby = if standby > 0 {
+            format!(" ({standby} on standby)")
+        } else {
+            String::new()
+        };
         format!(
-            "{ready} of {} pools ready on {} nodes; queue {}/{}; {} of {slots} slots busy",
+            "{ready} of {} pools ready{standby} on {} nodes; queue {}/{}; {} of {slots} slots busy",
             candidates.len(),
             core.registry.nodes.len(),
             core.queue.len(),

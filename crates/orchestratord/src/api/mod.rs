@@ -225,9 +225,24 @@ async fn live() -> impl IntoResponse {
 }
 
 async fn ready(Ext(state): Ext<AppState>) -> Response {
-    let ready = state.core().registry.ready_pools();
-    let body = serde_json::json!({"status": if ready > 0 {"ready"} else {"unready"}, "ready_pools": ready});
-    let status = if ready > 0 {
+    let (ready, standby) = {
+        let core = state.core();
+        let standby = core
+            .registry
+            .candidates()
+            .iter()
+            .filter(|c| c.standby())
+            .count();
+        (core.registry.ready_pools(), standby)
+    };
+    // An on-demand pool on standby serves too: its first request loads the model.
+    let serving = ready + standby > 0;
+    let body = serde_json::json!({
+        "status": if serving {"ready"} else {"unready"},
+        "ready_pools": ready,
+        "standby_pools": standby,
+    });
+    let status = if serving {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -2,7 +2,6 @@
 //! capabilities.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State as Ext};
@@ -160,18 +159,14 @@ pub async fn events(
     Ok(resp)
 }
 
-/// A comment line sent while a stream waits (in the queue, say), so proxies between the
-/// client and orchestratord do not time the stream out.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
-
 async fn pump(task: Arc<Task>, tx: mpsc::Sender<Bytes>) {
     let mut follower = Follower::new(task);
-    let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+    let mut idle = sse::keep_alive_timer();
     loop {
         let batch = tokio::select! {
             b = follower.next_batch() => b,
             _ = idle.tick() => {
-                if tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
+                if tx.send(Bytes::from_static(sse::KEEP_ALIVE_COMMENT)).await.is_err() {
                     return;
                 }
                 continue;

@@ -568,11 +568,20 @@ async fn run(
             ErrorBody::new(ErrorCode::Internal, "the task ended without a result"),
         )));
     }
-    // Streaming: wait for the task to start, so a refusal is still an HTTP error.
-    let first = follower.next_batch().await.unwrap_or_default();
-    if let Some(TaskEvent::Error(body)) = first.iter().find(|e| e.is_final()) {
-        return Err(ApiError::openai((status_for(body.code), body.clone())));
-    }
+    // Streaming: wait for the task to start, so a refusal is still an HTTP error. A start that
+    // takes longer than the keep-alive interval (a long queue, a model loading on demand)
+    // commits to the stream instead, and keep-alive comments flow until the first text; a
+    // failure after that is an error chunk.
+    let first = match tokio::time::timeout(sse::KEEP_ALIVE, follower.next_batch()).await {
+        Ok(batch) => {
+            let first = batch.unwrap_or_default();
+            if let Some(TaskEvent::Error(body)) = first.iter().find(|e| e.is_final()) {
+                return Err(ApiError::openai((status_for(body.code), body.clone())));
+            }
+            Some(first)
+        }
+        Err(_) => None,
+    };
     let (tx, resp) = sse::channel();
     let include_usage = common.include_usage();
     tokio::spawn(async move {
@@ -581,15 +590,23 @@ async fn run(
         // The role chunk goes out with the first batch of text, in one write.
         let mut out = Vec::new();
         chunks.role(&mut out);
-        let mut pending = Some(first);
+        let mut pending = first;
+        let mut idle = sse::keep_alive_timer();
         loop {
             let events = match pending.take() {
                 Some(e) => e,
                 None => {
                     let batch = tokio::select! {
                         b = follower.next_batch() => b,
+                        _ = idle.tick() => {
+                            if tx.send(Bytes::from_static(sse::KEEP_ALIVE_COMMENT)).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         _ = tx.closed() => return,
                     };
+                    idle.reset();
                     match batch {
                         Some(e) => e,
                         None => return,
