@@ -166,6 +166,20 @@ threads = 2
 id = "{MODEL_ID}"
 source = "/mnt/llorch/model.gguf"
 sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+# Loaded by its first request, unloaded after 3 s without one.
+[[pools]]
+id = "ondemand"
+slots = 1
+ctx = 1024
+threads = 2
+on_demand = true
+keep_alive_secs = 3
+
+[pools.model]
+id = "{ON_DEMAND_MODEL}"
+source = "/mnt/llorch/model.gguf"
+sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 "#
         ),
     )
@@ -411,14 +425,41 @@ fn curl(port: u16, args: &[&str], path: &str) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// The on-demand pool's model id (the same file as the default pool's, served apart).
+const ON_DEMAND_MODEL: &str = "smollm2-on-demand";
+
+/// orchestratord's status line while the default pool serves and the on-demand one is
+/// unloaded.
+const SERVING: &str = "1 of 2 pools ready (1 on standby) on 1 nodes";
+
 fn chat_body(question: &str, max_tokens: u32) -> String {
+    chat_body_for(MODEL_ID, question, max_tokens)
+}
+
+fn chat_body_for(model: &str, question: &str, max_tokens: u32) -> String {
     serde_json::json!({
-        "model": MODEL_ID,
+        "model": model,
         "messages": [{"role": "user", "content": question}],
         "max_tokens": max_tokens,
         "temperature": 0
     })
     .to_string()
+}
+
+/// Asks the on-demand pool's model; returns the answer's text.
+fn ask_on_demand(port: u16) -> String {
+    let body = chat_body_for(ON_DEMAND_MODEL, "What is the capital of France?", 16);
+    let (status, body) = curl(
+        port,
+        &["-H", "content-type: application/json", "-d", &body],
+        "/v1/chat/completions",
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn chat(port: u16, extra: &[&str]) -> (u16, String) {
@@ -458,7 +499,7 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     c.ok(&["systemctl", "start", "llama-orch.target"]);
     c.wait_until("a ready pool", Duration::from_secs(120), |c| {
         c.show("orchestratord.service", "StatusText")
-            .starts_with("1 of 1 pools ready")
+            .starts_with(SERVING)
     });
     let (status, body) = chat(port, &["-H", "x-correlation-id: appliance-first"]);
     assert_eq!(status, 200, "{body}");
@@ -483,10 +524,7 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
 
     // systemctl status shows what each daemon said in STATUS=.
     let orch = c.ok(&["systemctl", "status", "--no-pager", "orchestratord"]);
-    assert!(
-        orch.contains("Status: \"1 of 1 pools ready on 1 nodes"),
-        "{orch}"
-    );
+    assert!(orch.contains(&format!("Status: \"{SERVING}")), "{orch}");
     let node = c.ok(&["systemctl", "status", "--no-pager", "pool-managerd"]);
     assert!(
         node.contains(&format!(
@@ -519,6 +557,55 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         "{r}"
     );
     assert_eq!(r["_SYSTEMD_UNIT"], "orchestratord.service");
+
+    // The on-demand pool: its socket listens and no engine runs, until the first request
+    // starts the engine through the socket; the request waits for the model and is answered.
+    let ondemand = "llorch-engine@ondemand.service";
+    assert_eq!(
+        c.show("llorch-engine@ondemand.socket", "ActiveState"),
+        "active"
+    );
+    assert_eq!(c.show(ondemand, "ActiveState"), "inactive");
+    let cold = Instant::now();
+    let text = ask_on_demand(port);
+    eprintln!(
+        "appliance: the first request to the on-demand pool was answered in {} ms",
+        cold.elapsed().as_millis()
+    );
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(c.show(ondemand, "ActiveState"), "active");
+    let first_engine = c.main_pid(ondemand);
+    let inherited = c.journal(&["-u", ondemand, "MESSAGE=Serving on the inherited socket."]);
+    assert_eq!(inherited.len(), 1, "{inherited:?}");
+    // Three seconds without a request: the engine exits cleanly and the pool is on standby.
+    let unloaded = |what: &str, c: &Container| {
+        c.wait_until(what, Duration::from_secs(30), |c| {
+            c.show(ondemand, "ActiveState") == "inactive"
+                && c.show("orchestratord.service", "StatusText")
+                    .starts_with(SERVING)
+        });
+        assert_eq!(c.show(ondemand, "Result"), "success");
+        assert_eq!(c.show(ondemand, "NRestarts"), "0");
+        assert_eq!(
+            c.show("llorch-engine@ondemand.socket", "ActiveState"),
+            "active"
+        );
+        assert!(
+            !c.sh(&["test", "-e", "/run/llama-orch/handoff/ondemand.json"])
+                .status
+                .success(),
+            "the unloaded engine left its handoff file"
+        );
+    };
+    unloaded("the on-demand engine to unload", &c);
+    let unloads = c.journal(&["-u", ondemand, "MESSAGE=Unloaded."]);
+    assert_eq!(unloads.len(), 1, "{unloads:?}");
+    // The next request loads it again.
+    let text = ask_on_demand(port);
+    assert!(text.contains("Paris"), "{text}");
+    let second_engine = c.main_pid(ondemand);
+    assert!(second_engine != 0 && second_engine != first_engine);
+    unloaded("the on-demand engine to unload again", &c);
 
     // Restart orchestratord while a client keeps asking: the socket stays with systemd, so no
     // connection is refused, and every request gets an answer (200, or 503 with Retry-After
@@ -567,7 +654,7 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     // A stuck orchestratord (SIGSTOP) stops feeding its watchdog: systemd restarts it.
     c.wait_until("the node to register again", Duration::from_secs(30), |c| {
         c.show("orchestratord.service", "StatusText")
-            .starts_with("1 of 1 pools ready")
+            .starts_with(SERVING)
     });
     let stuck = c.main_pid("orchestratord.service");
     c.ok(&[
@@ -591,7 +678,7 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     );
     c.wait_until("the node to register again", Duration::from_secs(30), |c| {
         c.show("orchestratord.service", "StatusText")
-            .starts_with("1 of 1 pools ready")
+            .starts_with(SERVING)
     });
     assert_eq!(chat(port, &[]).0, 200);
 
