@@ -110,11 +110,20 @@ impl Shared {
     }
 }
 
+/// Answers one request. `arrival` is the connection's [`ArrivalGuard`] on its first request:
+/// it is let go once a generation request counts itself, or at once for anything else.
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
+    arrival: Option<ArrivalGuard>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let received = Instant::now();
+    let arrival = if (req.method(), req.uri().path()) == (&Method::POST, "/generate") {
+        arrival
+    } else {
+        drop(arrival);
+        None
+    };
     let resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/health") => health(&shared),
         (&Method::GET, "/slots") => match shared.ready() {
@@ -136,7 +145,7 @@ pub async fn handle(
                 ))))
                 .expect("static response")
         }
-        (&Method::POST, "/generate") => match generate(&shared, req, received).await {
+        (&Method::POST, "/generate") => match generate(&shared, req, received, arrival).await {
             Ok(resp) => resp,
             Err((status, body)) => error(status, body),
         },
@@ -210,33 +219,54 @@ fn unready(shared: &Shared) -> Response<ResponseBody> {
 
 type Refusal = (StatusCode, ErrorBody);
 
-/// Generation requests in progress, and when the last one ended.
+/// Generation requests in progress, connections whose first request has not arrived yet,
+/// and when the last generation request ended.
 #[derive(Debug)]
 pub struct Activity {
-    state: Mutex<(usize, Instant)>,
+    state: Mutex<ActivityState>,
     changed: Notify,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ActivityState {
+    generating: usize,
+    /// Accepted connections that sent no request yet: one may be a generation request, so
+    /// the engine does not go idle under it; they do not restart the idle clock.
+    arriving: usize,
+    last: Instant,
 }
 
 impl Default for Activity {
     fn default() -> Self {
         Self {
-            state: Mutex::new((0, Instant::now())),
+            state: Mutex::new(ActivityState {
+                generating: 0,
+                arriving: 0,
+                last: Instant::now(),
+            }),
             changed: Notify::new(),
         }
     }
 }
 
 impl Activity {
-    /// Counts one request from now until the guard drops.
+    /// Counts one generation request from now until the guard drops.
     pub fn begin(self: &Arc<Self>) -> ActivityGuard {
-        self.state.lock().expect("activity lock").0 += 1;
+        self.state.lock().expect("activity lock").generating += 1;
         self.changed.notify_waiters();
         ActivityGuard(Arc::clone(self))
     }
 
+    /// Counts one accepted connection until its first request arrives (the guard drops).
+    pub fn arriving(self: &Arc<Self>) -> ArrivalGuard {
+        self.state.lock().expect("activity lock").arriving += 1;
+        self.changed.notify_waiters();
+        ArrivalGuard(Arc::clone(self))
+    }
+
     /// Restarts the idle clock.
     pub fn touch(&self) {
-        self.state.lock().expect("activity lock").1 = Instant::now();
+        self.state.lock().expect("activity lock").last = Instant::now();
         self.changed.notify_waiters();
     }
 
@@ -246,8 +276,12 @@ impl Activity {
             let woken = self.changed.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let (in_progress, last) = *self.state.lock().expect("activity lock");
-            if in_progress > 0 {
+            let ActivityState {
+                generating,
+                arriving,
+                last,
+            } = *self.state.lock().expect("activity lock");
+            if generating > 0 || arriving > 0 {
                 woken.await;
                 continue;
             }
@@ -271,9 +305,20 @@ impl Drop for ActivityGuard {
     fn drop(&mut self) {
         {
             let mut s = self.0.state.lock().expect("activity lock");
-            s.0 -= 1;
-            s.1 = Instant::now();
+            s.generating -= 1;
+            s.last = Instant::now();
         }
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// One accepted connection whose first request has not reached [`handle`] yet.
+#[derive(Debug)]
+pub struct ArrivalGuard(Arc<Activity>);
+
+impl Drop for ArrivalGuard {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("activity lock").arriving -= 1;
         self.0.changed.notify_waiters();
     }
 }
@@ -282,10 +327,12 @@ async fn generate(
     shared: &Shared,
     req: Request<Incoming>,
     received: Instant,
+    arrival: Option<ArrivalGuard>,
 ) -> Result<Response<ResponseBody>, Refusal> {
     // Counted from arrival until the answer's body is dropped, so the engine never unloads
     // under a request, even one waiting for the load.
     let activity = shared.activity.begin();
+    drop(arrival);
     shared.wait_loaded().await;
     let ready = match shared.phase.load(Ordering::SeqCst) {
         READY => shared.ready().expect("ready phase has a model"),

@@ -156,7 +156,13 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
                     }
                 };
                 let shared = Arc::clone(&shared);
-                let svc = service_fn(move |req| http::handle(Arc::clone(&shared), req));
+                // Until its first request arrives, a connection keeps the engine from going
+                // idle: it may carry a generation request.
+                let arrival = std::sync::Mutex::new(Some(shared.activity.arriving()));
+                let svc = service_fn(move |req| {
+                    let first = arrival.lock().expect("arrival lock").take();
+                    http::handle(Arc::clone(&shared), req, first)
+                });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn);
@@ -248,12 +254,6 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         .map_err(|_| EngineError::Load("the decode loop did not start".into()))?
         .map_err(EngineError::Load)?;
 
-    shared.set_ready(Ready {
-        model: Arc::clone(&model),
-        slots: Arc::clone(&slots),
-        commands: commands.clone(),
-        ctx_per_slot: config.ctx_per_slot,
-    });
     let handoff_path = handoff::write(
         &config.handoff_dir,
         &Handoff {
@@ -273,6 +273,14 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         dir: config.handoff_dir.clone(),
         source,
     })?;
+    // Held requests (a socket-activated engine's first) go ahead once the handoff file is
+    // there, so the node sees the pool ready no later than their answer.
+    shared.set_ready(Ready {
+        model: Arc::clone(&model),
+        slots: Arc::clone(&slots),
+        commands: commands.clone(),
+        ctx_per_slot: config.ctx_per_slot,
+    });
     tracing::info!(pool = %config.pool_id, handoff = %handoff_path.display(), slots = config.slots, "Engine ready.");
     llorch_os::service::ready_with_status(&format!(
         "serving {} on {}: {} slots of {} tokens",
@@ -286,7 +294,6 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         () = shutdown.cancelled() => false,
         () = idle.cancelled() => true,
     };
-    llorch_os::service::stopping();
     if unload {
         let secs = config.idle_exit.map_or(0, |d| d.as_secs());
         tracing::info!(
@@ -294,11 +301,16 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
             idle_secs = secs,
             "No generation request for {secs} s; unloading the model."
         );
-        // The server task ends once every accepted connection is done.
-        let _ = server.await;
+        // Not ready any more: nobody sends work or scrapes here now; what comes waits on the
+        // socket for the next engine.
         if let Err(e) = handoff::remove(&handoff_path) {
             tracing::warn!(error = %e, file = %handoff_path.display(), "Cannot remove the handoff file.");
         }
+        llorch_os::service::status("unloading: finishing the open connections");
+        // The server task ends once every accepted connection is done. STOPPING=1 only then:
+        // it starts the service manager's stop timeout, which must not cut a request short.
+        let _ = server.await;
+        llorch_os::service::stopping();
         if let ListenerOrigin::Bound(p) = origin {
             let _ = std::fs::remove_file(p);
         }
@@ -308,6 +320,7 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         tracing::info!("Unloaded.");
         return Ok(());
     }
+    llorch_os::service::stopping();
 
     // Drain: refuse new work, give in-flight requests the grace period, then cancel them.
     tracing::info!(
