@@ -45,6 +45,8 @@ pub fn derive_state(
     match phase {
         Phase::Provisioning => PoolState::Provisioning,
         Phase::Failed => PoolState::Failed,
+        // A drained on-demand pool takes no work, loaded or not.
+        Phase::Standby if draining => PoolState::Draining,
         Phase::Standby => PoolState::Standby,
         Phase::Stopping | Phase::Stopped => PoolState::Draining,
         Phase::Running => {
@@ -365,6 +367,8 @@ mod tests {
         // A stale handoff of an earlier engine does not make the pool ready.
         assert_eq!(derive_state(Running, Some(8), Some(&h), false), S::Loading);
         assert_eq!(derive_state(Failed, None, Some(&h), false), S::Failed);
+        assert_eq!(derive_state(Standby, None, None, false), S::Standby);
+        assert_eq!(derive_state(Standby, None, None, true), S::Draining);
         assert_eq!(
             derive_state(Stopping, Some(7), Some(&h), false),
             S::Draining

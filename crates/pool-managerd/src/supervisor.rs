@@ -118,12 +118,16 @@ pub async fn supervise(
         };
         // A handoff file left by an engine that could not remove it (killed) is stale; one whose
         // engine still runs (systemd already restarted it, under the systemd launcher) is not.
-        let running = match read_handoff_pid(&handoff_path) {
+        let found = read_handoff_pid(&handoff_path);
+        let running = match found {
             Some(pid) => launcher.engine_running(&pool, pid).await,
             None => false,
         };
         if !running {
-            remove_stale_handoff(&handoff_path, None);
+            // Only the file that was judged (or one that does not parse): an engine that
+            // socket activation started meanwhile may have written a new one. No engine has
+            // pid 0.
+            remove_stale_handoff(&handoff_path, Some(found.unwrap_or(0)));
         }
         if pool.on_demand && !running {
             match standby(&node, &pool, launcher.as_ref(), &shutdown).await {

@@ -378,8 +378,15 @@ async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep
     // The first request starts the engine, waits for the model, and gets its answer.
     let answer = ask_paris(&client, "corr-cold").await;
     assert!(answer.contains("Paris"), "{answer:?}");
-    let loaded = status(&client).await;
-    assert_eq!(loaded.state, PoolState::Ready, "{loaded:?}");
+    let loaded = wait_status(
+        &client,
+        &mut notify,
+        &daemon,
+        "the loaded pool to be ready",
+        Duration::from_secs(5),
+        |s| s.state == PoolState::Ready,
+    )
+    .await;
     let first_pid = loaded.engine_pid.expect("a loaded pool has an engine");
     assert!(
         loaded.load_ms.is_some(),
@@ -414,8 +421,15 @@ async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep
     // The next request loads it again.
     let answer = ask_paris(&client, "corr-again").await;
     assert!(answer.contains("Paris"), "{answer:?}");
-    let again = status(&client).await;
-    assert_eq!(again.state, PoolState::Ready);
+    let again = wait_status(
+        &client,
+        &mut notify,
+        &daemon,
+        "the reloaded pool to be ready",
+        Duration::from_secs(5),
+        |s| s.state == PoolState::Ready,
+    )
+    .await;
     assert_ne!(again.engine_pid, Some(first_pid), "a new engine serves");
 
     // SIGTERM: the engine stops and the socket goes.

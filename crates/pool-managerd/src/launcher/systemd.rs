@@ -63,6 +63,8 @@ trait Service {
     fn exec_main_code(&self) -> zbus::Result<i32>;
     #[zbus(property)]
     fn exec_main_status(&self) -> zbus::Result<i32>;
+    #[zbus(property, name = "NRestarts")]
+    fn n_restarts(&self) -> zbus::Result<u32>;
 }
 
 /// Where the templates expect a pool's settings.
@@ -259,7 +261,9 @@ impl Launcher for SystemdLauncher {
     ) -> BoxFuture<'a, Result<PathBuf, LaunchError>> {
         Box::pin(async move {
             // The socket unit listens; systemd starts the engine unit on the first connection.
+            // Either may have failed before (the engine unit's start limit stops its socket).
             let socket = engine_socket_unit(&pool.id);
+            self.reset_if_failed(&engine_unit(&pool.id)).await?;
             self.reset_if_failed(&socket).await?;
             let result = self.job(&socket, "start").await?;
             if result != "done" {
@@ -278,8 +282,11 @@ impl Launcher for SystemdLauncher {
     ) -> BoxFuture<'a, Result<(), LaunchError>> {
         Box::pin(async move {
             let unit = engine_unit(&pool.id);
+            let socket = engine_socket_unit(&pool.id);
             let (u, _) = self.service(&unit).await?;
+            let (s, _) = self.service(&socket).await?;
             let mut changes = self.changes(&unit).await?;
+            let mut socket_changes = self.changes(&socket).await?;
             loop {
                 // Socket activation shows as the engine unit leaving `inactive`.
                 if u.active_state()
@@ -288,8 +295,20 @@ impl Launcher for SystemdLauncher {
                 {
                     return Ok(());
                 }
+                // A socket unit that failed listens no more (systemd stops it when the engine
+                // unit hits its start limit): say so, rather than wait for nothing.
+                if s.active_state().await.is_ok_and(|s| s == "failed") {
+                    let result = s.sub_state().await.unwrap_or_default();
+                    return Err(LaunchError::Systemd {
+                        unit: socket,
+                        reason: format!(
+                            "the socket unit failed ({result}); if the engine unit hit its start limit (StartLimitBurst= of llorch-engine@.service), loads come too often for the pool's keep_alive_secs"
+                        ),
+                    });
+                }
                 tokio::select! {
                     _ = changes.next() => {}
+                    _ = socket_changes.next() => {}
                     // Signals are the fast path; this turn covers a missed one.
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
@@ -410,9 +429,11 @@ impl Launcher for SystemdLauncher {
                     () = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
             };
+            let restarts = service.n_restarts().await.unwrap_or(0);
             Ok(Box::new(SystemdEngine {
                 unit,
                 pid,
+                restarts,
                 launcher: SystemdLauncher {
                     conn: self.conn.clone(),
                     layout: self.layout.clone(),
@@ -427,9 +448,40 @@ impl Launcher for SystemdLauncher {
 struct SystemdEngine {
     unit: String,
     pid: u32,
+    /// The unit's `NRestarts` when this engine was found: systemd counts its own restarts
+    /// after failures there, and nothing else.
+    restarts: u32,
     launcher: SystemdLauncher,
     unit_proxy: UnitProxy<'static>,
     service: ServiceProxy<'static>,
+}
+
+impl SystemdEngine {
+    /// How the engine this handle knows ended. When systemd already runs the next engine (a
+    /// connection waiting on the socket started it right after a clean unload, or an operator
+    /// restarted the unit), the exit status of ours is gone; without a restart of systemd's
+    /// own (`NRestarts` unchanged) the exit was not a failure.
+    async fn exit(&self) -> EngineExit {
+        let exit = exit_of(&self.service, &self.unit).await;
+        let known = exit.code.is_some() || exit.signal.is_some();
+        if !known
+            && self
+                .service
+                .n_restarts()
+                .await
+                .is_ok_and(|n| n == self.restarts)
+        {
+            return EngineExit {
+                code: Some(0),
+                signal: None,
+                log_tail: format!(
+                    "exited without a failure; systemd started the next engine (see journalctl -u {})",
+                    self.unit
+                ),
+            };
+        }
+        exit
+    }
 }
 
 impl EngineHandle for SystemdEngine {
@@ -461,7 +513,7 @@ impl EngineHandle for SystemdEngine {
                         // `deactivating` with our pid: the engine said STOPPING=1 (an idle
                         // unload) and still runs; its exit status comes when it is gone.
                         if pid != self.pid || state == "inactive" || state == "failed" {
-                            return exit_of(&self.service, &self.unit).await;
+                            return self.exit().await;
                         }
                     }
                     (Err(e), _) | (_, Err(e)) => {
