@@ -167,7 +167,7 @@ fn take_work(
     let mut candidates = core.registry.candidates();
     let mut free: u32 = candidates
         .iter()
-        .filter(|c| c.serving() || c.standby())
+        .filter(|c| c.serving() || c.standby() || c.waking())
         .map(|c| c.free_slots)
         .sum();
     if free > 0 && !core.queue.is_empty() {
@@ -223,7 +223,7 @@ fn take_work(
                         .find(|c| c.node_id == key.0 && c.pool_id == key.1)
                     {
                         c.free_slots -= 1;
-                        cold = c.state == llorch_wire::node::PoolState::Standby;
+                        cold = c.standby() || c.waking();
                     }
                     free -= 1;
                     let slot_hint = session.filter(|s| s.pool == key).map(|s| s.slot);

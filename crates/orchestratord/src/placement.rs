@@ -29,6 +29,8 @@ pub struct Candidate {
     pub suspect: bool,
     /// The engine's last measured load time (start to ready), if its node reported one.
     pub load_ms: Option<u64>,
+    /// Loaded by its first request; while it loads, the node passes tasks on to wait for it.
+    pub on_demand: bool,
 }
 
 /// What loading a standby pool is assumed to cost before its node has measured a load.
@@ -43,6 +45,12 @@ impl Candidate {
     /// An unloaded on-demand pool on an online node: it may take work once its model loads.
     pub fn standby(&self) -> bool {
         self.node_online && self.state == PoolState::Standby && !self.suspect
+    }
+
+    /// An on-demand pool whose model is loading (a request started it): tasks sent there wait
+    /// for the same load, sooner done than a standby pool's.
+    pub fn waking(&self) -> bool {
+        self.node_online && self.on_demand && self.state == PoolState::Loading && !self.suspect
     }
 
     /// How long a task placed here waits for the model to load.
@@ -136,7 +144,7 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
     let mut standby: Vec<&Candidate> = Vec::new();
     let mut loaded_but_full = false;
     for p in eligible {
-        if p.standby() && p.free_slots > 0 {
+        if (p.standby() || p.waking()) && p.free_slots > 0 {
             standby.push(p);
             continue;
         }
@@ -192,8 +200,8 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
 }
 
 /// No loaded pool has a free slot: load a standby pool, unless a loaded pool's slot frees up
-/// sooner than the model loads. The quickest load wins, then the most free slots, then the
-/// smallest id.
+/// sooner than the model loads. A pool already loading wins (no second copy of the model),
+/// then the quickest load, then the most free slots, then the smallest id.
 fn place_cold(
     standby: Vec<&Candidate>,
     loaded_but_full: bool,
@@ -201,8 +209,9 @@ fn place_cold(
     mut reasons: Vec<String>,
 ) -> Placement {
     let best = standby.into_iter().min_by(|a, b| {
-        a.load_time()
-            .cmp(&b.load_time())
+        b.waking()
+            .cmp(&a.waking())
+            .then_with(|| a.load_time().cmp(&b.load_time()))
             .then_with(|| b.free_slots.cmp(&a.free_slots))
             .then_with(|| a.pool_id.cmp(&b.pool_id))
     });
@@ -212,14 +221,15 @@ fn place_cold(
     let load = p.load_time().as_millis();
     if loaded_but_full && p.load_time() > slot_wait {
         reasons.push(format!(
-            "{}: standby; loading takes ~{load} ms, a loaded pool frees a slot in ~{} ms",
+            "{}: on demand; loading takes ~{load} ms, a loaded pool frees a slot in ~{} ms",
             p.pool_id,
             slot_wait.as_millis()
         ));
         return Placement::Wait { reasons };
     }
+    let what = if p.waking() { "loading" } else { "standby" };
     reasons.push(format!(
-        "{}: standby; its model loads first (~{load} ms)",
+        "{}: {what}; its model loads first (~{load} ms)",
         p.pool_id
     ));
     Placement::Place {
@@ -244,6 +254,7 @@ mod tests {
             slots_total: 4,
             suspect: false,
             load_ms: None,
+            on_demand: false,
         }
     }
 
@@ -306,6 +317,7 @@ mod tests {
         Candidate {
             state: PoolState::Standby,
             load_ms,
+            on_demand: true,
             ..pool(id, "m", free)
         }
     }
@@ -344,9 +356,23 @@ mod tests {
         assert!(matches!(place(&pools, &ask(500)), Placement::Wait { .. }));
         assert_eq!(placed(place(&pools, &ask(5_000))), "a");
         // A suspect or offline standby pool is not loaded.
-        let mut bad = standby("a", 4, Some(1));
-        bad.suspect = true;
-        assert!(matches!(place(&[bad], &ask(0)), Placement::Wait { .. }));
+        let mut suspect = standby("a", 4, Some(1));
+        suspect.suspect = true;
+        let mut offline = standby("b", 4, Some(1));
+        offline.node_online = false;
+        assert!(matches!(
+            place(&[suspect, offline], &ask(0)),
+            Placement::Wait { .. }
+        ));
+        // A pool that is loading already takes the next tasks too, before another copy of the
+        // model is loaded elsewhere; a plain pool that is loading does not.
+        let mut waking = standby("b", 3, Some(5_000));
+        waking.state = PoolState::Loading;
+        let pools = [standby("a", 4, Some(100)), waking.clone()];
+        assert_eq!(placed(place(&pools, &ask(0))), "b");
+        waking.on_demand = false;
+        let pools = [standby("a", 4, Some(100)), waking];
+        assert_eq!(placed(place(&pools, &ask(0))), "a");
         // A pin to a standby pool loads it.
         let pin = PlacementHints {
             pin_pool_id: Some("a".into()),

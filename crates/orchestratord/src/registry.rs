@@ -189,6 +189,7 @@ impl Registry {
                     slots_total: p.slots_total,
                     suspect: self.suspect.contains_key(&key),
                     load_ms: p.load_ms,
+                    on_demand: p.on_demand,
                 });
             }
         }

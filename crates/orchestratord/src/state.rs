@@ -396,7 +396,9 @@ impl State {
         // An on-demand pool on standby with room for the task starts it after its load.
         if let Some(load) = candidates
             .iter()
-            .filter(|c| c.model_id == sub.model && c.standby() && c.free_slots > ahead)
+            .filter(|c| {
+                c.model_id == sub.model && (c.standby() || c.waking()) && c.free_slots > ahead
+            })
             .map(|c| c.load_time())
             .min()
         {
