@@ -167,14 +167,14 @@ id = "{MODEL_ID}"
 source = "/mnt/llorch/model.gguf"
 sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-# Loaded by its first request, unloaded after 3 s without one.
+# Loaded by its first request, unloaded after 5 s without one.
 [[pools]]
 id = "ondemand"
 slots = 1
 ctx = 1024
 threads = 2
 on_demand = true
-keep_alive_secs = 3
+keep_alive_secs = 5
 
 [pools.model]
 id = "{ON_DEMAND_MODEL}"
@@ -577,7 +577,7 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     let first_engine = c.main_pid(ondemand);
     let inherited = c.journal(&["-u", ondemand, "MESSAGE=Serving on the inherited socket."]);
     assert_eq!(inherited.len(), 1, "{inherited:?}");
-    // Three seconds without a request: the engine exits cleanly and the pool is on standby.
+    // Five seconds without a request: the engine exits cleanly and the pool is on standby.
     let unloaded = |what: &str, c: &Container| {
         c.wait_until(what, Duration::from_secs(30), |c| {
             c.show(ondemand, "ActiveState") == "inactive"
