@@ -34,13 +34,15 @@ setup:
 build: setup
 	$(CARGO) build --workspace --bins
 
-## Engine throughput next to in-process llama.cpp, the stack's frontend tax, and the control
-## plane's capacity with a synthetic node (method and numbers in docs/PERFORMANCE.md).
+## Engine throughput next to in-process llama.cpp, the stack's frontend tax, the control
+## plane's capacity with a synthetic node, and the cold start of an on-demand pool (method and
+## numbers in docs/PERFORMANCE.md).
 bench: setup
 	$(CARGO) build --release --bins
 	$(CARGO) bench -p llorch-engine --bench throughput
 	$(CARGO) bench -p orchestratord --bench frontend
 	$(CARGO) bench -p orchestratord --bench capacity
+	$(CARGO) bench -p pool-managerd --bench cold_start
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub use llorch_client::UnixClient;
 
+pub mod bench;
 pub mod notify;
 pub mod prom;
 pub mod stack;
