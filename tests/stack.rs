@@ -456,6 +456,79 @@ async fn a_client_that_disconnects_frees_its_slot_within_a_second() {
 }
 
 #[tokio::test]
+async fn an_openai_stream_that_waits_commits_and_gets_keep_alive_comments() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions {
+        slots: 1,
+        orch_args: vec!["--sse-keepalive-secs".into(), "1".into()],
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    let running = submit(&c, &long_task(800)).await;
+    let mut s = c.events(&running.streams.sse).await.unwrap();
+    assert_eq!(s.next_frame().await.unwrap().unwrap().event, "started");
+    // A streaming chat completion queued behind it: after one keep-alive interval without a
+    // start it gets its 200 head anyway, then comment lines, no text.
+    let body = json!({
+        "model": MODEL_ID, "stream": true, "max_tokens": 16, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]
+    });
+    let sent = Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        c.post_raw(
+            "/v1/chat/completions",
+            serde_json::to_vec(&body).unwrap(),
+            &[],
+        ),
+    )
+    .await
+    .expect("no head while the task waits")
+    .unwrap();
+    let waited = sent.elapsed();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        waited >= Duration::from_millis(900),
+        "the head came before the keep-alive interval: {waited:?}"
+    );
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    let mut read = async |seen: &mut String, until: &str| {
+        while !seen.contains(until) {
+            let frame = body.frame().await.expect("the stream goes on").unwrap();
+            if let Ok(d) = frame.into_data() {
+                seen.push_str(std::str::from_utf8(&d).unwrap());
+            }
+        }
+    };
+    read(&mut seen, ": keep-alive").await;
+    read(&mut seen, ": keep-alive\n\n: keep-alive").await;
+    assert!(
+        !seen.contains("data:"),
+        "text before the task started: {seen}"
+    );
+    // The running task is cancelled: the waiting one starts and answers in the same stream.
+    c.post_json::<_, Value>(&format!("/v2/tasks/{}/cancel", running.task_id), &json!({}))
+        .await
+        .unwrap();
+    read(&mut seen, "data: [DONE]").await;
+    let text: String = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(text.contains("Paris"), "{seen}");
+    assert!(!seen.contains("\"error\""), "{seen}");
+    drop(s);
+}
+
+#[tokio::test]
 async fn full_queue_rejects_or_drops_lru_and_deadlines_are_enforced() {
     let _g = serial();
     // reject: one slot, two places in the queue.

@@ -18,6 +18,7 @@ pub mod defaults {
     pub const SESSION_TTL_SECS: u64 = 600;
     pub const DEFAULT_MAX_TOKENS: u32 = 1024;
     pub const STREAM_IDLE_SECS: u64 = 120;
+    pub const SSE_KEEPALIVE_SECS: u64 = 15;
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -58,6 +59,12 @@ pub struct Args {
     /// node reports again: a wedged engine must not hold a slot forever.
     #[arg(long, env = "LLORCH_STREAM_IDLE_SECS", default_value_t = defaults::STREAM_IDLE_SECS)]
     pub stream_idle_secs: u64,
+    /// Seconds a stream may go without a byte while its task waits (in the queue, or for a
+    /// model loading on demand) before it gets a `: keep-alive` comment; an OpenAI stream that
+    /// has not started after this long sends its 200 head. Keep it below the idle timeout of
+    /// any proxy in front.
+    #[arg(long, env = "LLORCH_SSE_KEEPALIVE_SECS", default_value_t = defaults::SSE_KEEPALIVE_SECS)]
+    pub sse_keepalive_secs: u64,
     /// Validate the configuration (and key files) and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -77,6 +84,7 @@ pub struct Config {
     pub session_ttl: Duration,
     pub default_max_tokens: u32,
     pub stream_idle: Duration,
+    pub sse_keepalive: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +111,7 @@ impl Default for Config {
             session_ttl: Duration::from_secs(defaults::SESSION_TTL_SECS),
             default_max_tokens: defaults::DEFAULT_MAX_TOKENS,
             stream_idle: Duration::from_secs(defaults::STREAM_IDLE_SECS),
+            sse_keepalive: Duration::from_secs(defaults::SSE_KEEPALIVE_SECS),
         }
     }
 }
@@ -142,6 +151,12 @@ impl Args {
                 "must be at least 1".into(),
             ));
         }
+        if !(1..=300).contains(&self.sse_keepalive_secs) {
+            return Err(ConfigError::Value(
+                "sse-keepalive-secs",
+                format!("{} is out of range; use 1 to 300", self.sse_keepalive_secs),
+            ));
+        }
         if self.default_max_tokens == 0 {
             return Err(ConfigError::Value(
                 "default-max-tokens",
@@ -160,6 +175,31 @@ impl Args {
             session_ttl: Duration::from_secs(self.session_ttl_secs),
             default_max_tokens: self.default_max_tokens,
             stream_idle: Duration::from_secs(self.stream_idle_secs),
+            sse_keepalive: Duration::from_secs(self.sse_keepalive_secs),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_values_name_the_flag() {
+        for (flag, value) in [
+            ("--sse-keepalive-secs", "0"),
+            ("--sse-keepalive-secs", "301"),
+            ("--stream-idle-secs", "0"),
+        ] {
+            let err = Args::parse_from(["orchestratord", flag, value])
+                .into_config()
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(flag), "{flag} {value}: {err}");
+        }
+        let ok = Args::parse_from(["orchestratord", "--sse-keepalive-secs", "5"])
+            .into_config()
+            .unwrap();
+        assert_eq!(ok.sse_keepalive, Duration::from_secs(5));
     }
 }

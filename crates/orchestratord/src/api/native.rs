@@ -155,13 +155,13 @@ pub async fn events(
     let client = native(authenticate(&state, &headers))?;
     let task = own_task(&state, &client, &id)?;
     let (tx, resp) = sse::channel();
-    tokio::spawn(pump(task, tx));
+    tokio::spawn(pump(task, tx, state.config.sse_keepalive));
     Ok(resp)
 }
 
-async fn pump(task: Arc<Task>, tx: mpsc::Sender<Bytes>) {
+async fn pump(task: Arc<Task>, tx: mpsc::Sender<Bytes>, keep_alive: std::time::Duration) {
     let mut follower = Follower::new(task);
-    let mut idle = sse::keep_alive_timer();
+    let mut idle = sse::keep_alive_timer(keep_alive);
     loop {
         let batch = tokio::select! {
             b = follower.next_batch() => b,

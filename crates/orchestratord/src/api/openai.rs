@@ -569,10 +569,11 @@ async fn run(
         )));
     }
     // Streaming: wait for the task to start, so a refusal is still an HTTP error. A start that
-    // takes longer than the keep-alive interval (a long queue, a model loading on demand)
-    // commits to the stream instead, and keep-alive comments flow until the first text; a
+    // takes longer than the keep-alive interval (`--sse-keepalive-secs`: a long queue, a model
+    // loading on demand) commits to the stream instead, and keep-alive comments flow until the first text; a
     // failure after that is an error chunk.
-    let first = match tokio::time::timeout(sse::KEEP_ALIVE, follower.next_batch()).await {
+    let keep_alive = state.config.sse_keepalive;
+    let first = match tokio::time::timeout(keep_alive, follower.next_batch()).await {
         Ok(batch) => {
             let first = batch.unwrap_or_default();
             if let Some(TaskEvent::Error(body)) = first.iter().find(|e| e.is_final()) {
@@ -591,7 +592,7 @@ async fn run(
         let mut out = Vec::new();
         chunks.role(&mut out);
         let mut pending = first;
-        let mut idle = sse::keep_alive_timer();
+        let mut idle = sse::keep_alive_timer(keep_alive);
         loop {
             let events = match pending.take() {
                 Some(e) => e,

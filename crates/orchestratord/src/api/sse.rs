@@ -16,14 +16,14 @@ use tokio::sync::mpsc;
 /// so a full channel only makes the producer wait, it never loses anything.
 pub const CHANNEL_FRAMES: usize = 64;
 
-/// How often a waiting stream (queued, or its model loading on demand) gets a comment line, so
-/// proxies and clients between it and orchestratord do not time it out.
-pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+/// What a waiting stream (queued, or its model loading on demand) gets every
+/// `--sse-keepalive-secs`, so proxies and clients between it and orchestratord do not time it
+/// out.
 pub const KEEP_ALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
 
-/// Ticks every [`KEEP_ALIVE`], first after one interval; `reset()` it when data went out.
-pub fn keep_alive_timer() -> tokio::time::Interval {
-    tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE)
+/// Ticks every `every`, first after one interval; `reset()` it when data went out.
+pub fn keep_alive_timer(every: std::time::Duration) -> tokio::time::Interval {
+    tokio::time::interval_at(tokio::time::Instant::now() + every, every)
 }
 
 pub struct ChannelBody {
