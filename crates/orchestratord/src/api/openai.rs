@@ -570,8 +570,8 @@ async fn run(
     }
     // Streaming: wait for the task to start, so a refusal is still an HTTP error. A start that
     // takes longer than the keep-alive interval (`--sse-keepalive-secs`: a long queue, a model
-    // loading on demand) commits to the stream instead, and keep-alive comments flow until the first text; a
-    // failure after that is an error chunk.
+    // loading on demand) commits to the stream instead, and keep-alive comments flow until the
+    // first text; a failure after that is an error chunk.
     let keep_alive = state.config.sse_keepalive;
     let first = match tokio::time::timeout(keep_alive, follower.next_batch()).await {
         Ok(batch) => {
