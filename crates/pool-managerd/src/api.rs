@@ -189,7 +189,7 @@ async fn generate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (socket, busy) = admit(&node, &id)?;
+    let (socket, busy, waking) = admit(&node, &id)?;
     let correlation = headers.get(CORRELATION).cloned();
     let body = Limited::new(body, MAX_BODY_BYTES)
         .collect()
@@ -227,12 +227,33 @@ async fn generate(
     if let Some(c) = &correlation {
         req.headers_mut().insert(CORRELATION, c.clone());
     }
-    let resp = UnixClient::new(&socket).send(req).await.map_err(|e| match e {
+    // A request to an on-demand pool waits on its socket for the engine; if that engine
+    // cannot even start, the pool fails and the request is told so instead of waiting on.
+    let engine = UnixClient::new(&socket);
+    let send = engine.send(req);
+    let resp = if waking {
+        tokio::select! {
+            r = send => r,
+            why = start_failed(&node, &id) => return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorBody::new(
+                    ErrorCode::PoolUnready,
+                    format!("pool {id:?}'s engine could not start for this request: {why}"),
+                )
+                .with_retry_after_ms(RETRY_AFTER_MS),
+            )),
+        }
+    } else {
+        send.await
+    };
+    let resp = resp.map_err(|e| match e {
         ClientError::Connect { .. } => ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorBody::new(
                 ErrorCode::PoolUnready,
-                format!("pool {id:?}'s engine does not accept connections ({e}); it may be restarting"),
+                format!(
+                    "pool {id:?}'s engine does not accept connections ({e}); it may be restarting"
+                ),
             )
             .with_retry_after_ms(RETRY_AFTER_MS),
         ),
@@ -272,13 +293,36 @@ async fn generate(
     Ok(out.body(Body::new(body)).expect("valid response"))
 }
 
-/// Checks that a pool exists and takes forwards; returns its engine socket and busy counter.
-fn admit(node: &Node, id: &str) -> Result<(std::path::PathBuf, Arc<AtomicU32>), ApiError> {
+/// Returns once the pool's engine failed to start (the pool is `failed`), with the reason.
+async fn start_failed(node: &Node, id: &str) -> String {
+    let mut changes = node.generation.subscribe();
+    loop {
+        let failed = node.read(id, |p| {
+            (p.state == llorch_wire::node::PoolState::Failed)
+                .then(|| p.last_error.clone().unwrap_or_default())
+        });
+        match failed {
+            Some(Some(why)) => return why,
+            // Removed by a reload: the forward ends with the socket.
+            None => std::future::pending().await,
+            Some(None) => {}
+        }
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Checks that a pool exists and takes forwards; returns its engine socket, busy counter, and
+/// whether the request waits for an on-demand engine to start.
+#[allow(clippy::type_complexity)]
+fn admit(node: &Node, id: &str) -> Result<(std::path::PathBuf, Arc<AtomicU32>, bool), ApiError> {
     let (socket, draining, state, busy) = node
         .read(id, |p| {
             (p.ready_socket(), p.draining, p.state, p.busy.clone())
         })
         .ok_or_else(|| unknown_pool(node, id))?;
+    let waking = state != llorch_wire::node::PoolState::Ready;
     if node.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -300,7 +344,7 @@ fn admit(node: &Node, id: &str) -> Result<(std::path::PathBuf, Arc<AtomicU32>), 
         ));
     }
     match socket {
-        Some(s) => Ok((s, busy)),
+        Some(s) => Ok((s, busy, waking)),
         None => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorBody::new(

@@ -152,6 +152,9 @@ pub struct Node {
     pools: Mutex<BTreeMap<String, PoolEntry>>,
     /// Woken on every change of a reported state.
     pub changed: Notify,
+    /// Counts changes of reported states, for any number of watchers (a forward waiting for
+    /// an on-demand engine watches for its pool failing to start).
+    pub generation: tokio::sync::watch::Sender<u64>,
     /// Set at shutdown: no new forwards.
     pub shutting_down: AtomicBool,
     pub metrics: crate::metrics::Metrics,
@@ -167,6 +170,7 @@ impl Node {
                     .collect(),
             ),
             changed: Notify::new(),
+            generation: tokio::sync::watch::Sender::new(0),
             shutting_down: AtomicBool::new(false),
             metrics: crate::metrics::Metrics::new(pools.iter().map(|p| p.id.as_str())),
         })
@@ -207,6 +211,7 @@ impl Node {
         };
         if changed {
             self.changed.notify_one();
+            self.generation.send_modify(|g| *g += 1);
         }
         Some(r)
     }

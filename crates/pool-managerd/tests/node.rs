@@ -450,6 +450,54 @@ async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_an_engine_that_cannot_start_is_told_why() {
+    let dir = tempfile::Builder::new()
+        .prefix("pm-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let config = write_config(dir.path(), "1");
+    let engine = bin("llorch-engine").display().to_string();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&engine, "/nonexistent/llorch-engine")
+        .replace("threads = 2\n", "threads = 2\non_demand = true\n");
+    std::fs::write(&config, text).unwrap();
+    let mut notify = NotifySocket::bind(dir.path());
+    let daemon = spawn_node(dir.path(), &config, &notify);
+    let client = node_client(dir.path());
+    wait_status(
+        &client,
+        &mut notify,
+        &daemon,
+        "the pool to go on standby",
+        Duration::from_secs(60),
+        |s| s.state == PoolState::Standby,
+    )
+    .await;
+    // The request waits on the socket; the engine cannot be spawned: a 503 that says why,
+    // not a request left waiting.
+    let resp = tokio::time::timeout(Duration::from_secs(30), generate(&client, PARIS, "corr-x"))
+        .await
+        .expect("the waiting request is answered");
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: ErrorBody =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body.code, ErrorCode::PoolUnready, "{body:?}");
+    assert!(
+        body.message.contains("could not start") && body.message.contains("engine_bin"),
+        "{body:?}"
+    );
+    let st = status(&client).await;
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("/nonexistent/llorch-engine")),
+        "{st:?}"
+    );
+}
+
 #[test]
 fn bad_configuration_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
