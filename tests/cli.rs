@@ -125,6 +125,13 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
         pool_line.contains("ready") && pool_line.contains("0/2") && pool_line.contains(MODEL_ID),
         "{out}"
     );
+    assert!(out.contains("LOAD"), "{out}");
+    assert!(
+        pool_line
+            .split_whitespace()
+            .any(|w| w.parse::<f64>().is_ok_and(|s| s > 0.0)),
+        "the pool's load time in seconds: {out}"
+    );
     assert!(out.contains("queue: 0 waiting"), "{out}");
 
     let (ok, out, err) = llorch(&url, &["pools", "drain", "default"]);

@@ -186,6 +186,7 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
         "MODEL".into(),
         "STATE".into(),
         "SLOTS BUSY/TOTAL".into(),
+        "LOAD".into(),
         "RESTARTS".into(),
         "LAST ERROR".into(),
     ]];
@@ -194,8 +195,16 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
             p.pool_id.clone(),
             p.node_id.clone(),
             p.model_id.clone(),
-            p.state.to_string(),
+            if p.on_demand {
+                format!("{} (on demand)", p.state)
+            } else {
+                p.state.to_string()
+            },
             format!("{}/{}", p.slots_busy, p.slots_total),
+            // What a cold start of an on-demand pool waits for.
+            p.load_ms
+                .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
             p.restarts.to_string(),
             p.last_error
                 .as_deref()
