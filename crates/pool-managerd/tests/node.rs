@@ -432,6 +432,40 @@ async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep
     .await;
     assert_ne!(again.engine_pid, Some(first_pid), "a new engine serves");
 
+    // A connection that is open but has not sent its request yet may carry work: the engine
+    // does not unload under it, however long past the keep-alive, and serves it.
+    let mut pending = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let held = status(&client).await;
+    assert_eq!(
+        (held.state, held.engine_pid),
+        (PoolState::Ready, again.engine_pid),
+        "the engine unloaded under an open connection"
+    );
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let request = format!(
+            "POST /generate HTTP/1.1\r\nHost: engine\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{PARIS}",
+            PARIS.len()
+        );
+        pending.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        pending.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("event: end"),
+            "{answer}"
+        );
+    }
+    wait_status(
+        &client,
+        &mut notify,
+        &daemon,
+        "the engine to unload once the connection is served",
+        Duration::from_secs(30),
+        |s| s.state == PoolState::Standby,
+    )
+    .await;
+
     // SIGTERM: the engine stops and the socket goes.
     signal(daemon.child.id(), libc::SIGTERM);
     let code = daemon.child.wait().unwrap();
@@ -441,7 +475,7 @@ async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep
     assert_eq!(
         log.matches("The engine unloaded after its keep-alive")
             .count(),
-        1,
+        2,
         "{log}"
     );
     assert!(
