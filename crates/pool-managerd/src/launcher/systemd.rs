@@ -185,21 +185,32 @@ impl SystemdLauncher {
         unit: &str,
     ) -> Result<(UnitProxy<'static>, ServiceProxy<'static>), LaunchError> {
         let path = self.unit_path(unit).await?;
-        let u = UnitProxy::builder(&self.conn)
-            .path(path.clone())
+        Ok((
+            self.proxy_at(unit, path.clone()).await?,
+            self.proxy_at(unit, path).await?,
+        ))
+    }
+
+    /// The unit's `org.freedesktop.systemd1.Unit` interface (a socket unit has no Service).
+    async fn unit(&self, unit: &str) -> Result<UnitProxy<'static>, LaunchError> {
+        let path = self.unit_path(unit).await?;
+        self.proxy_at(unit, path).await
+    }
+
+    /// A proxy of one interface of `unit`'s object at `path`, reading properties fresh each
+    /// time (systemd's are not worth caching, and a cache would need its signals).
+    async fn proxy_at<P>(&self, unit: &str, path: OwnedObjectPath) -> Result<P, LaunchError>
+    where
+        P: From<zbus::Proxy<'static>> + zbus::proxy::Defaults,
+    {
+        zbus::proxy::Builder::<P>::new(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .and_then(|b| b.path(path))
             .map_err(|e| dbus(unit, e))?
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
-            .map_err(|e| dbus(unit, e))?;
-        let s = ServiceProxy::builder(&self.conn)
-            .path(path)
-            .map_err(|e| dbus(unit, e))?
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .map_err(|e| dbus(unit, e))?;
-        Ok((u, s))
+            .map_err(|e| dbus(unit, e))
     }
 }
 
@@ -208,15 +219,7 @@ impl SystemdLauncher {
     /// main pid, ...), from the `PropertiesChanged` signals of its object. Never ends.
     async fn changes(&self, unit: &str) -> Result<BoxStream<'static, ()>, LaunchError> {
         let path = self.unit_path(unit).await?;
-        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
-            .destination("org.freedesktop.systemd1")
-            .map_err(|e| dbus(unit, e))?
-            .path(path)
-            .map_err(|e| dbus(unit, e))?
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .map_err(|e| dbus(unit, e))?;
+        let props: zbus::fdo::PropertiesProxy<'static> = self.proxy_at(unit, path).await?;
         let signals = props
             .receive_properties_changed()
             .await
@@ -230,8 +233,13 @@ impl SystemdLauncher {
     /// Clears a unit's `failed` state so it can start again. Only then: resetting an active
     /// unit would also reset its restart counter and start limit.
     async fn reset_if_failed(&self, unit: &str) -> Result<(), LaunchError> {
-        let (u, _) = self.service(unit).await?;
-        if u.active_state().await.is_ok_and(|s| s == "failed") {
+        if self
+            .unit(unit)
+            .await?
+            .active_state()
+            .await
+            .is_ok_and(|s| s == "failed")
+        {
             let _ = self.manager().await?.reset_failed_unit(unit).await;
         }
         Ok(())
@@ -283,8 +291,8 @@ impl Launcher for SystemdLauncher {
         Box::pin(async move {
             let unit = engine_unit(&pool.id);
             let socket = engine_socket_unit(&pool.id);
-            let (u, _) = self.service(&unit).await?;
-            let (s, _) = self.service(&socket).await?;
+            let u = self.unit(&unit).await?;
+            let s = self.unit(&socket).await?;
             let mut changes = self.changes(&unit).await?;
             let mut socket_changes = self.changes(&socket).await?;
             loop {
