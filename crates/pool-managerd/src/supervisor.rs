@@ -106,9 +106,17 @@ pub async fn supervise(
                                 );
                             }
                         }
-                        node.metrics.start_failed(&id, Restart::ProvisionFailed);
-                        fail(&node, &id, format!("provisioning failed: {e}"));
-                        if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+                        let why = format!("provisioning failed: {e}");
+                        if !failed(
+                            &node,
+                            &id,
+                            Restart::ProvisionFailed,
+                            why,
+                            &mut backoff,
+                            &shutdown,
+                        )
+                        .await
+                        {
                             break;
                         }
                         continue;
@@ -134,9 +142,17 @@ pub async fn supervise(
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
-                    node.metrics.start_failed(&id, Restart::StartFailed);
-                    fail(&node, &id, format!("cannot listen for requests: {e}"));
-                    if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+                    let why = format!("cannot listen for requests: {e}");
+                    if !failed(
+                        &node,
+                        &id,
+                        Restart::StartFailed,
+                        why,
+                        &mut backoff,
+                        &shutdown,
+                    )
+                    .await
+                    {
                         break;
                     }
                     continue;
@@ -146,9 +162,17 @@ pub async fn supervise(
         let mut engine = match launcher.start_engine(&pool, &plan_path).await {
             Ok(h) => h,
             Err(e) => {
-                node.metrics.start_failed(&id, Restart::StartFailed);
-                fail(&node, &id, format!("cannot start the engine: {e}"));
-                if !sleep_or_shutdown(backoff.next_delay(), &shutdown).await {
+                let why = format!("cannot start the engine: {e}");
+                if !failed(
+                    &node,
+                    &id,
+                    Restart::StartFailed,
+                    why,
+                    &mut backoff,
+                    &shutdown,
+                )
+                .await
+                {
                     break;
                 }
                 continue;
@@ -286,6 +310,21 @@ fn fail(node: &Node, id: &str, error: String) {
         p.engine_pid = None;
         p.last_error = Some(error);
     });
+}
+
+/// Records a failed attempt (counted as `reason`, reported as the pool's error) and waits the
+/// next backoff delay; false when shutdown started meanwhile.
+async fn failed(
+    node: &Node,
+    id: &str,
+    reason: Restart,
+    error: String,
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> bool {
+    node.metrics.start_failed(id, reason);
+    fail(node, id, error);
+    sleep_or_shutdown(backoff.next_delay(), shutdown).await
 }
 
 /// Sleeps, or returns false early when shutdown starts.
