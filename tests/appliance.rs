@@ -346,20 +346,21 @@ impl Container {
 
     /// `journalctl -o json` entries matching `filters`, waiting up to 10 s for at least one.
     fn journal(&self, filters: &[&str]) -> Vec<Value> {
-        let start = Instant::now();
-        loop {
-            let mut args = vec!["journalctl", "-o", "json", "--no-pager"];
-            args.extend_from_slice(filters);
-            let out = self.sh(&args);
-            let entries: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            if !entries.is_empty() || start.elapsed() > Duration::from_secs(10) {
-                return entries;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let journalctl = || {
+            let mut cmd = privileged(&self.prefix, "nsenter");
+            // `timeout` ends a follower inside when the test is done with it (killing nsenter
+            // outside does not reach it).
+            cmd.args([
+                "-t",
+                &self.leader.to_string(),
+                "-a",
+                "timeout",
+                "30",
+                "journalctl",
+            ]);
+            cmd
+        };
+        llorch_tests::journal::wait(journalctl, filters, 1, Duration::from_secs(10))
     }
 
     fn wait_until(&self, what: &str, limit: Duration, mut cond: impl FnMut(&Self) -> bool) {
@@ -611,15 +612,22 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     // connection is refused, and every request gets an answer (200, or 503 with Retry-After
     // while the node registers again with the new process).
     let before = c.main_pid("orchestratord.service");
+    let (answered, first_answers) = std::sync::mpsc::channel();
     let client = std::thread::spawn(move || {
         let start = Instant::now();
         let mut answers = Vec::new();
         while start.elapsed() < Duration::from_secs(8) {
             answers.push(chat(port, &["-D", "-"]));
+            let _ = answered.send(());
         }
         answers
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // The restart comes once the loop is under way (three answers in).
+    for _ in 0..3 {
+        first_answers
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the client loop answers");
+    }
     c.ok(&["systemctl", "restart", "orchestratord"]);
     let answers = client.join().unwrap();
     assert_ne!(

@@ -441,22 +441,13 @@ impl Drop for Journald {
 
 /// `journalctl -o json` entries matching `filters`, waiting up to 10 s for at least `n`.
 fn journal(filters: &[String], n: usize) -> Vec<Value> {
-    let start = Instant::now();
-    loop {
-        let out = Command::new("journalctl")
-            .args(["-o", "json", "--no-pager"])
-            .args(filters)
-            .output()
-            .expect("journalctl");
-        let entries: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        if entries.len() >= n || start.elapsed() > Duration::from_secs(10) {
-            return entries;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
+    llorch_tests::journal::wait(
+        || Command::new("journalctl"),
+        &filters,
+        n,
+        Duration::from_secs(10),
+    )
 }
 
 #[tokio::test]
