@@ -3,13 +3,12 @@
 //!
 //! Each test holds `serial()` for its whole run (see engine.rs).
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use llorch_tests::stack::{alive, free_port, signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
+use llorch_tests::stack::{alive, signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
+use llorch_tests::up::Up;
 use llorch_tests::{bin, model_path, serial, wait_for};
 
 fn llorch(url: &str, args: &[&str]) -> (bool, String, String) {
@@ -31,44 +30,8 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let runtime = dir.path().join("run");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut up = Command::new(bin("llorch"))
-        .args(["up", "--listen", &listen, "--slots", "2", "--ctx", "1024"])
-        .arg("--model")
-        .arg(model_path())
-        .arg("--model-id")
-        .arg(MODEL_ID)
-        .arg("--cache")
-        .arg(std::env::temp_dir().join("llorch-test-cache"))
-        .arg("--runtime-dir")
-        .arg(&runtime)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn llorch up");
-    let (tx, rx) = mpsc::channel();
-    let stdout = up.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let stderr = up.stderr.take().unwrap();
-    let err_lines = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-    // `llorch up` prints the endpoint once a pool is ready.
-    let first = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("llorch up printed nothing");
-    assert!(first.contains(&format!("http://{listen}/v1")), "{first}");
-    let curl = rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert!(curl.starts_with("try: curl"), "{curl}");
+    let mut up = Up::start(&runtime, 2);
+    let listen = up.listen.clone();
 
     let url = format!("http://{listen}");
     let (ok, out, err) = llorch(
@@ -156,9 +119,9 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
         serde_json::from_str(&std::fs::read_to_string(&handoff).unwrap()).unwrap();
     let engine_pid = engine["pid"].as_u64().unwrap() as u32;
     assert!(alive(engine_pid));
-    signal(up.id(), libc::SIGINT);
-    let status = up.wait().unwrap();
-    let stderr = err_lines.join().unwrap().join("\n");
+    signal(up.child.id(), libc::SIGINT);
+    let status = up.child.wait().unwrap();
+    let stderr = up.stderr_after_exit();
     assert!(status.success(), "{status}\n{stderr}");
     assert!(stderr.contains("stopped"), "{stderr}");
     wait_for("the engine to exit", Duration::from_secs(5), || {

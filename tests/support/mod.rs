@@ -14,7 +14,9 @@ pub mod bench;
 pub mod journal;
 pub mod notify;
 pub mod prom;
+pub mod rootfs;
 pub mod stack;
+pub mod up;
 
 /// llama-orch's cache (`$LLORCH_CACHE`, else `$XDG_CACHE_HOME/llama-orch`, else
 /// `~/.cache/llama-orch`), as the Makefile sets it.

@@ -1,0 +1,99 @@
+//! `llorch up` as a user starts it: the home stack on the default model, on a free port, with a
+//! runtime directory the test can look into (node token files, handoff files, logs).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::stack::{free_port, terminate, MODEL_ID};
+use crate::{bin, model_path};
+
+pub struct Up {
+    pub child: Child,
+    /// `127.0.0.1:PORT`.
+    pub listen: String,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub runtime: PathBuf,
+    /// Lines `llorch up` printed after the endpoint and the curl hint.
+    pub stdout: mpsc::Receiver<String>,
+    stderr: Option<JoinHandle<Vec<String>>>,
+}
+
+impl Up {
+    /// Starts `llorch up` with `slots` slots and waits until it prints the endpoint (a pool is
+    /// ready). `runtime` must not be shared with another stack.
+    pub fn start(runtime: &Path, slots: u32) -> Up {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(bin("llorch"))
+            .args(["up", "--listen", &listen, "--slots", &slots.to_string()])
+            .args(["--ctx", "1024", "--model-id", MODEL_ID])
+            .arg("--model")
+            .arg(model_path())
+            .arg("--cache")
+            .arg(std::env::temp_dir().join("llorch-test-cache"))
+            .arg("--runtime-dir")
+            .arg(runtime)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn llorch up");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || {
+            BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        });
+        let mut up = Up {
+            child,
+            url: format!("http://{listen}"),
+            listen,
+            runtime: runtime.to_owned(),
+            stdout: rx,
+            stderr: Some(stderr),
+        };
+        // `llorch up` prints the endpoint once a pool is ready, then a curl line to try.
+        let first = up.stdout.recv_timeout(Duration::from_secs(120));
+        let first = match first {
+            Ok(line) => line,
+            Err(_) => panic!("llorch up printed nothing:\n{}", up.stop_and_stderr()),
+        };
+        assert!(first.contains(&format!("{}/v1", up.url)), "{first}");
+        let curl = up.stdout.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(curl.starts_with("try: curl"), "{curl}");
+        up
+    }
+
+    /// Whatever `llorch up` wrote to stderr, once it exited (stops it first if it runs).
+    pub fn stop_and_stderr(&mut self) -> String {
+        terminate(&mut self.child, Duration::from_secs(20));
+        self.stderr_after_exit()
+    }
+
+    /// Its stderr, after the process exited.
+    pub fn stderr_after_exit(&mut self) -> String {
+        self.stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+            .join("\n")
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(20));
+    }
+}
