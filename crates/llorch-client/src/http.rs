@@ -128,14 +128,34 @@ impl HttpClient {
     /// `unix:/path/to.sock` or `http://host:port` (a trailing `/` is ignored).
     pub fn new(address: &str) -> Result<Self, ClientError> {
         let target = if let Some(path) = address.strip_prefix("unix:") {
-            if path.is_empty() {
+            if path.is_empty() || path.contains('\0') {
                 return Err(ClientError::Address(address.into()));
             }
             let connector = UnixConnector(Arc::new(PathBuf::from(path)));
             Target::Unix(Pooled::builder(TokioExecutor::new()).build(connector))
         } else if let Some(rest) = address.strip_prefix("http://") {
             let rest = rest.trim_end_matches('/');
-            if rest.is_empty() || rest.contains('/') {
+            // The whole authority must parse as a URI's (`host[:port]`, no user info), so every
+            // request built on it is valid; an address such as `http://bad host:1` is refused
+            // here rather than when a request is formed.
+            let parsed = Uri::try_from(format!("http://{rest}/")).ok();
+            let authority_ok = parsed.as_ref().is_some_and(|u| {
+                let (Some(authority), Some(host)) = (u.authority(), u.host()) else {
+                    return false;
+                };
+                // What follows the host is nothing or `:` and a port number.
+                let port = authority.as_str().get(host.len()..).unwrap_or("x");
+                let port_ok = port.is_empty()
+                    || port
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.parse::<u16>().is_ok());
+                !host.is_empty()
+                    && authority.as_str().starts_with(host)
+                    && port_ok
+                    && u.path() == "/"
+                    && u.query().is_none()
+            });
+            if rest.is_empty() || rest.contains('/') || !authority_ok {
                 return Err(ClientError::Address(address.into()));
             }
             let mut connector = HttpConnector::new();
@@ -178,6 +198,21 @@ impl HttpClient {
         b
     }
 
+    /// Finishes a request from [`request`](Self::request): a path or header that is not valid
+    /// HTTP is the caller's error, reported, never a panic.
+    pub fn build(
+        &self,
+        builder: hyper::http::request::Builder,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
+        builder
+            .body(Full::new(body))
+            .map_err(|e| ClientError::Request {
+                address: self.address.clone(),
+                reason: e.to_string(),
+            })
+    }
+
     /// Sends a request and returns the response head with its streaming body.
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ClientError> {
         let sent = match &self.target {
@@ -206,10 +241,7 @@ impl HttpClient {
     /// `GET path`; a success status decodes the JSON body, any other becomes
     /// [`ClientError::Status`].
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let req = self
-            .request(Method::GET, path)
-            .body(Full::new(Bytes::new()))
-            .expect("valid request");
+        let req = self.build(self.request(Method::GET, path), Bytes::new())?;
         let resp = self.send(req).await?;
         self.json_answer(resp).await
     }
@@ -237,11 +269,11 @@ impl HttpClient {
         body: impl Into<Bytes>,
         headers: &[(HeaderName, HeaderValue)],
     ) -> Result<Response<Incoming>, ClientError> {
-        let mut req = self
-            .request(Method::POST, path)
-            .header("content-type", "application/json")
-            .body(Full::new(body.into()))
-            .expect("valid request");
+        let mut req = self.build(
+            self.request(Method::POST, path)
+                .header("content-type", "application/json"),
+            body.into(),
+        )?;
         for (k, v) in headers {
             req.headers_mut().insert(k.clone(), v.clone());
         }
@@ -250,11 +282,11 @@ impl HttpClient {
 
     /// `GET path` of an SSE stream.
     pub async fn events(&self, path: &str) -> Result<EventStream, ClientError> {
-        let req = self
-            .request(Method::GET, path)
-            .header("accept", "text/event-stream")
-            .body(Full::new(Bytes::new()))
-            .expect("valid request");
+        let req = self.build(
+            self.request(Method::GET, path)
+                .header("accept", "text/event-stream"),
+            Bytes::new(),
+        )?;
         let resp = self.send(req).await?;
         EventStream::from_response(resp, std::path::Path::new(&self.address)).await
     }
@@ -294,4 +326,53 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_addresses_that_form_requests_make_a_client() {
+        for good in [
+            "http://127.0.0.1:9200",
+            "http://127.0.0.1:9200/",
+            "http://[::1]:9200",
+            "http://worker-1.lan:9200",
+            "http://worker-1.lan",
+            "unix:/run/llama-orch/pool-managerd.sock",
+        ] {
+            let client = HttpClient::new(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            client
+                .build(client.request(Method::GET, "/v2/pools"), Bytes::new())
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "http://bad host:1",
+            "http://",
+            "http://h:1/path",
+            "http://user@h:1",
+            "http://[::1:1",
+            "http://h:port",
+            "http://h:1?q",
+            "https://h:1",
+            "ftp://h:1",
+            "unix:",
+            "h:1",
+        ] {
+            assert!(
+                matches!(HttpClient::new(bad), Err(ClientError::Address(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_that_cannot_be_formed_is_an_error_not_a_panic() {
+        let client = HttpClient::new("http://127.0.0.1:9200").unwrap();
+        let err = client
+            .build(client.request(Method::GET, "/v2/pools/a b"), Bytes::new())
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Request { .. }), "{err}");
+    }
 }

@@ -45,6 +45,10 @@ pub enum ClientError {
     Transport { address: String, reason: String },
     #[error("bad address {0:?}: use unix:/path/to.sock or http://host:port")]
     Address(String),
+    /// The request could not be formed (a path or header that is not valid HTTP): the caller's
+    /// input, never worth a retry.
+    #[error("cannot form a request to {address}: {reason}")]
+    Request { address: String, reason: String },
     #[error("bad response: {0}")]
     Decode(String),
     #[error("the stream ended without an end or error event")]
@@ -95,12 +99,19 @@ impl UnixClient {
         }
     }
 
+    fn bad_request(&self, e: hyper::http::Error) -> ClientError {
+        ClientError::Request {
+            address: self.path.display().to_string(),
+            reason: e.to_string(),
+        }
+    }
+
     /// `GET path`: the status and the whole body.
     pub async fn get_bytes(&self, path: &str) -> Result<(StatusCode, Bytes), ClientError> {
         let req = Request::get(path)
             .header("host", "localhost")
             .body(Full::new(Bytes::new()))
-            .expect("static request");
+            .map_err(|e| self.bad_request(e))?;
         let resp = self.send(req).await?;
         let status = resp.status();
         let body = resp
@@ -133,7 +144,7 @@ impl UnixClient {
             .header("host", "localhost")
             .header("content-type", "application/json")
             .body(Full::new(body.into()))
-            .expect("static request");
+            .map_err(|e| self.bad_request(e))?;
         self.send(req).await
     }
 

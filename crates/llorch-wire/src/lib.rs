@@ -8,6 +8,7 @@
 pub mod engine;
 pub mod error;
 pub mod handoff;
+pub mod id;
 pub mod json;
 pub mod node;
 pub mod plan;

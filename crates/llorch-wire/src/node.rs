@@ -13,10 +13,40 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::id::{valid_id, valid_model_id, MAX_ID_LEN};
+use crate::ErrorBody;
+
 /// Default seconds between heartbeats.
 pub const HEARTBEAT_SECS: u64 = 5;
 /// A node that missed this many heartbeat intervals is offline.
 pub const MISSED_HEARTBEATS_OFFLINE: u32 = 3;
+
+/// Bounds on what a node may report. The control plane refuses a registration or heartbeat
+/// beyond any of them with 400 `INVALID_PARAMS` naming the field; none is near what a real node
+/// sends, and together they keep every sum over nodes far from overflowing.
+pub mod limits {
+    /// Seconds between heartbeats a node may ask for.
+    pub const HEARTBEAT_SECS: std::ops::RangeInclusive<u64> = 1..=300;
+    /// Pools on one node.
+    pub const MAX_POOLS: usize = 256;
+    /// Slots of one pool.
+    pub const MAX_SLOTS: u32 = 1024;
+    /// Context tokens per slot.
+    pub const MAX_CTX_PER_SLOT: u32 = 1 << 24;
+    /// Model ids a node reports as staged.
+    pub const MAX_STAGED_MODELS: usize = 1024;
+    /// Bytes of a node address.
+    pub const MAX_ADDRESS_BYTES: usize = 256;
+    /// Bytes of short free text: versions, device lists.
+    pub const MAX_TEXT_BYTES: usize = 256;
+    /// Bytes of a pool's `last_error` (the node cuts a longer one before sending it).
+    pub const MAX_LAST_ERROR_BYTES: usize = 8192;
+    /// A model load time a node may report: one day.
+    pub const MAX_LOAD_MS: u64 = 86_400_000;
+    /// Bytes of a registration or heartbeat body: room for the largest valid one (every pool
+    /// with a whole `last_error`), so an oversized report is refused by its field, not its size.
+    pub const MAX_BODY_BYTES: usize = 4 << 20;
+}
 
 /// Life cycle of a pool on its node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -131,4 +161,365 @@ pub struct NodeAck {
     pub node_id: String,
     /// Seconds until the control plane marks the node offline without another heartbeat.
     pub offline_after_secs: u64,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ErrorBody {
+    ErrorBody::invalid(field, message)
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), ErrorBody> {
+    if value.len() > max {
+        return Err(invalid(
+            field,
+            format!(
+                "{field} is {} bytes; at most {max} are allowed",
+                value.len()
+            ),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(
+            field,
+            format!("{field} must not hold control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks what the address can be before the client parses it: `unix:/absolute/path` or
+/// `http://host:port`, bounded, without spaces or control characters. (`llorch-client` parses
+/// it fully when it makes the client.)
+fn check_address(address: &str) -> Result<(), ErrorBody> {
+    const FIELD: &str = "address";
+    check_text(FIELD, address, limits::MAX_ADDRESS_BYTES)?;
+    if address.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            FIELD,
+            format!("address {address:?} must not hold spaces"),
+        ));
+    }
+    let ok = match address.split_once(':') {
+        Some(("unix", path)) => path.starts_with('/'),
+        Some(("http", rest)) => rest.starts_with("//") && rest.len() > 2,
+        _ => false,
+    };
+    if !ok {
+        return Err(invalid(
+            FIELD,
+            format!("address {address:?} must be unix:/absolute/path or http://host:port"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_pools(pools: &[PoolStatus]) -> Result<(), ErrorBody> {
+    if pools.len() > limits::MAX_POOLS {
+        return Err(invalid(
+            "pools",
+            format!(
+                "{} pools reported; a node may report at most {}",
+                pools.len(),
+                limits::MAX_POOLS
+            ),
+        ));
+    }
+    for (i, p) in pools.iter().enumerate() {
+        let field = |name: &str| format!("pools[{i}].{name}");
+        if !valid_id(&p.pool_id) {
+            return Err(invalid(
+                field("pool_id"),
+                format!(
+                    "pool id {:?} must be 1 to {MAX_ID_LEN} of A-Z a-z 0-9 _ . -",
+                    p.pool_id
+                ),
+            ));
+        }
+        if pools[..i].iter().any(|q| q.pool_id == p.pool_id) {
+            return Err(invalid(
+                field("pool_id"),
+                format!("pool id {:?} is reported twice", p.pool_id),
+            ));
+        }
+        if !valid_model_id(&p.model_id) {
+            return Err(invalid(
+                field("model_id"),
+                format!(
+                    "model id {:?} must be 1 to 128 of A-Z a-z 0-9 _ . - :",
+                    p.model_id
+                ),
+            ));
+        }
+        if p.slots_total > limits::MAX_SLOTS {
+            return Err(invalid(
+                field("slots_total"),
+                format!(
+                    "slots_total is {}; a pool has at most {}",
+                    p.slots_total,
+                    limits::MAX_SLOTS
+                ),
+            ));
+        }
+        if p.slots_busy > p.slots_total {
+            return Err(invalid(
+                field("slots_busy"),
+                format!(
+                    "slots_busy {} is more than slots_total {}",
+                    p.slots_busy, p.slots_total
+                ),
+            ));
+        }
+        if p.ctx_per_slot > limits::MAX_CTX_PER_SLOT {
+            return Err(invalid(
+                field("ctx_per_slot"),
+                format!(
+                    "ctx_per_slot is {}; at most {} is allowed",
+                    p.ctx_per_slot,
+                    limits::MAX_CTX_PER_SLOT
+                ),
+            ));
+        }
+        check_text(&field("device"), &p.device, limits::MAX_TEXT_BYTES)?;
+        if let Some(v) = &p.engine_version {
+            check_text(&field("engine_version"), v, limits::MAX_TEXT_BYTES)?;
+        }
+        if let Some(e) = &p.last_error {
+            // Log lines carry newlines and tabs; other control characters are refused.
+            if e.len() > limits::MAX_LAST_ERROR_BYTES {
+                return Err(invalid(
+                    field("last_error"),
+                    format!(
+                        "last_error is {} bytes; at most {} are allowed",
+                        e.len(),
+                        limits::MAX_LAST_ERROR_BYTES
+                    ),
+                ));
+            }
+        }
+        if p.load_ms.is_some_and(|ms| ms > limits::MAX_LOAD_MS) {
+            return Err(invalid(
+                field("load_ms"),
+                format!("load_ms is more than a day ({} ms)", limits::MAX_LOAD_MS),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_staged(staged: &[String]) -> Result<(), ErrorBody> {
+    if staged.len() > limits::MAX_STAGED_MODELS {
+        return Err(invalid(
+            "staged_models",
+            format!(
+                "{} staged models reported; at most {} are allowed",
+                staged.len(),
+                limits::MAX_STAGED_MODELS
+            ),
+        ));
+    }
+    if let Some((i, m)) = staged.iter().enumerate().find(|(_, m)| !valid_model_id(m)) {
+        return Err(invalid(
+            format!("staged_models[{i}]"),
+            format!("model id {m:?} must be 1 to 128 of A-Z a-z 0-9 _ . - :"),
+        ));
+    }
+    Ok(())
+}
+
+impl Registration {
+    /// Checks every field against the bounds in [`limits`]; the error names the first field at
+    /// fault. The control plane calls it before anything of the node is used.
+    pub fn validate(&self) -> Result<(), ErrorBody> {
+        if !valid_id(&self.node_id) {
+            return Err(invalid(
+                "node_id",
+                format!(
+                    "node_id {:?} must be 1 to {MAX_ID_LEN} of A-Z a-z 0-9 _ . -",
+                    self.node_id
+                ),
+            ));
+        }
+        check_address(&self.address)?;
+        check_text("version", &self.version, limits::MAX_TEXT_BYTES)?;
+        if !limits::HEARTBEAT_SECS.contains(&self.heartbeat_secs) {
+            return Err(invalid(
+                "heartbeat_secs",
+                format!(
+                    "heartbeat_secs is {}; use {} to {}",
+                    self.heartbeat_secs,
+                    limits::HEARTBEAT_SECS.start(),
+                    limits::HEARTBEAT_SECS.end()
+                ),
+            ));
+        }
+        check_pools(&self.pools)?;
+        check_staged(&self.staged_models)
+    }
+}
+
+impl Heartbeat {
+    /// Checks every field against the bounds in [`limits`], as [`Registration::validate`] does.
+    pub fn validate(&self) -> Result<(), ErrorBody> {
+        check_pools(&self.pools)?;
+        check_staged(&self.staged_models)
+    }
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary, marking the cut.
+pub fn truncate_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    const MARK: &str = " [...]";
+    let mut end = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(id: &str) -> PoolStatus {
+        PoolStatus {
+            pool_id: id.into(),
+            model_id: "smollm2-135m".into(),
+            state: PoolState::Ready,
+            slots_total: 4,
+            slots_busy: 0,
+            ctx_per_slot: 2048,
+            device: "cpu".into(),
+            engine_version: None,
+            engine_pid: Some(7),
+            restarts: 0,
+            last_error: None,
+            draining: false,
+            on_demand: false,
+            load_ms: Some(120),
+        }
+    }
+
+    fn registration() -> Registration {
+        Registration {
+            node_id: "home".into(),
+            address: "http://127.0.0.1:9200".into(),
+            version: "0.0.0".into(),
+            heartbeat_secs: 5,
+            pools: vec![pool("default")],
+            staged_models: vec!["smollm2-135m".into()],
+        }
+    }
+
+    fn field_of(r: &Registration) -> String {
+        r.validate().unwrap_err().field.unwrap()
+    }
+
+    #[test]
+    fn a_real_registration_passes() {
+        registration().validate().unwrap();
+        let mut unix = registration();
+        unix.address = "unix:/run/llama-orch/pool-managerd.sock".into();
+        unix.validate().unwrap();
+        Heartbeat {
+            pools: unix.pools,
+            staged_models: vec![],
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        type Change = Box<dyn Fn(&mut Registration)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("node_id", Box::new(|r| r.node_id = String::new())),
+            (
+                "address",
+                Box::new(|r| r.address = "http://bad host:1".into()),
+            ),
+            ("address", Box::new(|r| r.address = "ftp://host:1".into())),
+            (
+                "address",
+                Box::new(|r| r.address = "unix:relative.sock".into()),
+            ),
+            ("address", Box::new(|r| r.address = "http://".into())),
+            (
+                "address",
+                Box::new(|r| r.address = format!("http://{}", "h".repeat(300))),
+            ),
+            (
+                "version",
+                Box::new(|r| {
+                    r.version = "1
+2"
+                    .into()
+                }),
+            ),
+            ("heartbeat_secs", Box::new(|r| r.heartbeat_secs = 0)),
+            ("heartbeat_secs", Box::new(|r| r.heartbeat_secs = u64::MAX)),
+            (
+                "pools[0].pool_id",
+                Box::new(|r| r.pools[0].pool_id = String::new()),
+            ),
+            (
+                "pools[1].pool_id",
+                Box::new(|r| r.pools.push(pool("default"))),
+            ),
+            (
+                "pools[0].model_id",
+                Box::new(|r| r.pools[0].model_id = "a b".into()),
+            ),
+            (
+                "pools[0].slots_total",
+                Box::new(|r| r.pools[0].slots_total = u32::MAX),
+            ),
+            (
+                "pools[0].slots_busy",
+                Box::new(|r| r.pools[0].slots_busy = 5),
+            ),
+            (
+                "pools[0].ctx_per_slot",
+                Box::new(|r| r.pools[0].ctx_per_slot = u32::MAX),
+            ),
+            (
+                "pools[0].device",
+                Box::new(|r| r.pools[0].device = "x".repeat(300)),
+            ),
+            (
+                "pools[0].last_error",
+                Box::new(|r| r.pools[0].last_error = Some("e".repeat(9000))),
+            ),
+            (
+                "pools[0].load_ms",
+                Box::new(|r| r.pools[0].load_ms = Some(u64::MAX)),
+            ),
+            (
+                "pools",
+                Box::new(|r| r.pools = (0..10_000).map(|i| pool(&format!("p{i}"))).collect()),
+            ),
+            (
+                "staged_models",
+                Box::new(|r| r.staged_models = vec!["m".into(); 2000]),
+            ),
+            (
+                "staged_models[0]",
+                Box::new(|r| r.staged_models = vec!["../x".into()]),
+            ),
+        ];
+        for (field, change) in cases {
+            let mut r = registration();
+            change(&mut r);
+            assert_eq!(field_of(&r), field, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn long_errors_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(limits::MAX_LAST_ERROR_BYTES);
+        let cut = truncate_text(&long, limits::MAX_LAST_ERROR_BYTES);
+        assert!(cut.len() <= limits::MAX_LAST_ERROR_BYTES);
+        assert!(cut.ends_with("[...]"));
+        assert_eq!(truncate_text("short", 10), "short");
+    }
 }

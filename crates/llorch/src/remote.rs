@@ -146,14 +146,13 @@ pub async fn chat(
             content: text,
         });
     }
-    let _ = client
-        .send(
-            client
-                .request(hyper::Method::DELETE, &format!("/v2/sessions/{session}"))
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .expect("valid request"),
-        )
-        .await;
+    let path = format!("/v2/sessions/{session}");
+    if let Ok(req) = client.build(
+        client.request(hyper::Method::DELETE, &path),
+        bytes::Bytes::new(),
+    ) {
+        let _ = client.send(req).await;
+    }
     Ok(())
 }
 

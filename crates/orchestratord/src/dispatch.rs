@@ -168,8 +168,7 @@ fn take_work(
     let mut free: u32 = candidates
         .iter()
         .filter(|c| c.serving() || c.standby() || c.waking())
-        .map(|c| c.free_slots)
-        .sum();
+        .fold(0u32, |n, c| n.saturating_add(c.free_slots));
     if free > 0 && !core.queue.is_empty() {
         let order: Vec<Arc<Task>> = core.queue.iter().map(|e| e.item.clone()).collect();
         for task in order {
@@ -222,10 +221,10 @@ fn take_work(
                         .iter_mut()
                         .find(|c| c.node_id == key.0 && c.pool_id == key.1)
                     {
-                        c.free_slots -= 1;
+                        c.free_slots = c.free_slots.saturating_sub(1);
                         cold = c.standby() || c.waking();
                     }
-                    free -= 1;
+                    free = free.saturating_sub(1);
                     let slot_hint = session.filter(|s| s.pool == key).map(|s| s.slot);
                     started.push(Dispatched {
                         entry,
@@ -331,6 +330,14 @@ async fn forward(
                     })
                 });
         match answered {
+            // No request can be formed for this node (registration validates addresses and
+            // ids, so this is a bug, never input): end the task with a typed error rather than
+            // requeue it forever or panic.
+            Err(e @ ClientError::Request { .. }) => {
+                tracing::error!(task_id = %task.id, pool_id = %lease.pool.1, node_id = %lease.pool.0, error = %e, "Cannot form a request to the node.");
+                let why = format!("cannot send the task to node {}: {e}", lease.pool.0);
+                return lease.end(task, ErrorBody::new(ErrorCode::NodeUnavailable, why), false);
+            }
             Err(e) => {
                 tracing::warn!(task_id = %task.id, pool_id = %lease.pool.1, node_id = %lease.pool.0, error = %e, "Node unreachable; task goes back to the queue.");
                 return Outcome::Requeue { suspect: true };

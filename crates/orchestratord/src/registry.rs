@@ -156,7 +156,7 @@ impl Registry {
     }
 
     pub fn total_leased(&self) -> u32 {
-        self.leases.values().sum()
+        self.leases.values().fold(0, |n, l| n.saturating_add(*l))
     }
 
     pub fn rate(&self, model: &str) -> Option<&ServiceRate> {

@@ -530,7 +530,9 @@ impl State {
             .filter(|c| c.node_online && c.state == llorch_wire::node::PoolState::Ready)
             .count();
         let standby = candidates.iter().filter(|c| c.standby()).count();
-        let slots: u32 = candidates.iter().map(|c| c.slots_total).sum();
+        let slots = candidates
+            .iter()
+            .fold(0u32, |n, c| n.saturating_add(c.slots_total));
         let standby = if standby > 0 {
             format!(" ({standby} on standby)")
         } else {
@@ -556,7 +558,13 @@ pub fn capacity_for(candidates: &[crate::placement::Candidate], model: &str) -> 
     candidates
         .iter()
         .filter(|c| c.model_id == model && c.serving())
-        .fold((0, 0), |(f, s), c| (f + c.free_slots, s + c.slots_total))
+        // Saturating: node input is bounded per pool, but the number of pools is not.
+        .fold((0u32, 0u32), |(f, s), c| {
+            (
+                f.saturating_add(c.free_slots),
+                s.saturating_add(c.slots_total),
+            )
+        })
 }
 
 /// A fresh id: a prefix and 16 random hex digits.

@@ -16,7 +16,7 @@ pub const MAX_SLOTS: u32 = 64;
 /// Smallest context per slot the engine accepts.
 pub const MIN_CTX: u32 = 64;
 /// Longest id (node, pool, model).
-pub const MAX_ID_LEN: usize = 64;
+pub use llorch_wire::id::MAX_ID_LEN;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -324,15 +324,7 @@ fn invalid(path: &Path, key: impl Into<String>, message: impl Into<String>) -> C
 }
 
 /// Whether `id` is a usable node, pool or model id: `[A-Za-z0-9_.-]{1,64}`, not `.` or `..`.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
+pub use llorch_wire::id::valid_id;
 
 fn check_id(path: &Path, key: &str, id: &str) -> Result<(), ConfigError> {
     if valid_id(id) {
@@ -408,6 +400,18 @@ fn validate(path: &Path, config: Config) -> Result<Checked, ConfigError> {
                 format!("{} is not an absolute path", dir.display()),
             ));
         }
+    }
+    // The control plane refuses a node that reports more (llorch-wire's node limits).
+    let max_pools = llorch_wire::node::limits::MAX_POOLS;
+    if config.pools.len() > max_pools {
+        return Err(invalid(
+            path,
+            "pools",
+            format!(
+                "{} pools are configured; a node serves at most {max_pools}",
+                config.pools.len()
+            ),
+        ));
     }
     let mut seen = HashSet::new();
     for (i, pool) in config.pools.iter().enumerate() {

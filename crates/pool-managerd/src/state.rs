@@ -125,7 +125,10 @@ impl PoolEntry {
                 .map(|h| h.engine_version.clone()),
             engine_pid: self.engine_pid,
             restarts: self.restarts,
-            last_error: self.last_error.clone(),
+            // The control plane refuses a longer one; the whole text stays in this node's log.
+            last_error: self.last_error.as_deref().map(|e| {
+                llorch_wire::node::truncate_text(e, llorch_wire::node::limits::MAX_LAST_ERROR_BYTES)
+            }),
             draining: self.draining,
             on_demand: self.config.on_demand,
             load_ms: self.load_time.map(|d| d.as_millis() as u64),

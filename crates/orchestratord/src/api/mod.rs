@@ -176,7 +176,11 @@ pub fn authenticate(state: &State, headers: &HeaderMap) -> Result<String, Refusa
 
 /// Reads a request body up to the configured limit (413 beyond it).
 pub async fn read_body(state: &State, body: Body) -> Result<Bytes, Refusal> {
-    let limit = state.config.max_body_bytes;
+    read_body_within(body, state.config.max_body_bytes).await
+}
+
+/// Reads the whole body, up to `limit` bytes (413 beyond).
+pub async fn read_body_within(body: Body, limit: usize) -> Result<Bytes, Refusal> {
     Limited::new(body, limit)
         .collect()
         .await

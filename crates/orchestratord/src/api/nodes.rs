@@ -9,13 +9,13 @@ use axum::extract::{Path, State as Ext};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use llorch_client::HttpClient;
-use llorch_wire::node::{Heartbeat, NodeAck, Registration};
+use llorch_wire::node::{limits, Heartbeat, NodeAck, Registration};
 use llorch_wire::task::NodeView;
 use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{authenticate, parse, read_body, ApiError, AppState};
+use super::{authenticate, parse, read_body_within, ApiError, AppState};
 use crate::auth::presented_key;
 use crate::registry::Node;
 use crate::state::State;
@@ -39,14 +39,6 @@ fn check_node_token(state: &State, headers: &HeaderMap) -> Result<()> {
     }
 }
 
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
-
 /// `POST /v2/nodes/register`.
 pub async fn register(
     Ext(state): Ext<AppState>,
@@ -54,29 +46,17 @@ pub async fn register(
     body: Body,
 ) -> Result<Json<NodeAck>> {
     check_node_token(&state, &headers)?;
-    let bytes = read_body(&state, body).await.map_err(ApiError::native)?;
+    let bytes = read_body_within(body, limits::MAX_BODY_BYTES)
+        .await
+        .map_err(ApiError::native)?;
     let reg: Registration = parse(&bytes).map_err(ApiError::native)?;
     let bad = |field: &str, msg: String| {
         ApiError::native((StatusCode::BAD_REQUEST, ErrorBody::invalid(field, msg)))
     };
-    if !valid_id(&reg.node_id) {
-        return Err(bad(
-            "node_id",
-            format!(
-                "node_id {:?} must be 1 to 64 letters, digits, - _ .",
-                reg.node_id
-            ),
-        ));
-    }
-    if let Some(p) = reg.pools.iter().find(|p| !valid_id(&p.pool_id)) {
-        return Err(bad(
-            "pools",
-            format!(
-                "pool id {:?} must be 1 to 64 letters, digits, - _ .",
-                p.pool_id
-            ),
-        ));
-    }
+    // Everything a node sends is checked before any of it is used: nothing it says may reach a
+    // panic (an address that forms no request, a sum past u32) under the core lock.
+    reg.validate()
+        .map_err(|e| ApiError::native((StatusCode::BAD_REQUEST, e)))?;
     // The node's token (when the control plane requires one) also guards the node's own API.
     let client = HttpClient::new(&reg.address)
         .map_err(|e| bad("address", e.to_string()))?
@@ -87,7 +67,7 @@ pub async fn register(
                 .as_ref()
                 .and_then(|_| presented_key(&headers).map(str::to_string)),
         );
-    let heartbeat = Duration::from_secs(reg.heartbeat_secs.clamp(1, 300));
+    let heartbeat = Duration::from_secs(reg.heartbeat_secs);
     let node = Node {
         id: reg.node_id.clone(),
         address: reg.address.clone(),
@@ -144,8 +124,12 @@ async fn heartbeat_request(
     body: Body,
 ) -> Result<Json<NodeAck>> {
     check_node_token(state, &headers)?;
-    let bytes = read_body(state, body).await.map_err(ApiError::native)?;
+    let bytes = read_body_within(body, limits::MAX_BODY_BYTES)
+        .await
+        .map_err(ApiError::native)?;
     let hb: Heartbeat = parse(&bytes).map_err(ApiError::native)?;
+    hb.validate()
+        .map_err(|e| ApiError::native((StatusCode::BAD_REQUEST, e)))?;
     let models: Vec<String> = hb.pools.iter().map(|p| p.model_id.clone()).collect();
     let offline_after = {
         let mut core = state.core();
