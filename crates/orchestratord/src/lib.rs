@@ -13,10 +13,12 @@
 //! - [`registry`]: nodes, pools, leases, suspect pools, sessions.
 //! - [`metrics`]: the Prometheus metrics and the journal record of each finished task
 //!   ([`state::State::finish`] and [`state::State::complete`] write both, once per task).
-//! - [`auth`], [`config`].
+//! - [`auth`], [`config`]; [`sync`]: the lock helpers that outlive a panic.
 //!
 //! Invariants: only [`placement`] decides where a task runs; a slot lease is returned exactly
-//! once (by `Drop`); no lock is held across an `.await`.
+//! once (by `Drop`); no lock is held across an `.await`; nothing a client or a node sends can
+//! reach a panic (registrations and heartbeats are validated whole before use, sums over node
+//! input saturate).
 
 pub mod admission;
 pub mod api;
@@ -27,6 +29,7 @@ pub mod metrics;
 pub mod placement;
 pub mod registry;
 pub mod state;
+pub mod sync;
 pub mod tasks;
 
 use std::sync::Arc;
@@ -60,12 +63,37 @@ pub async fn serve(
     serve_state(state, listener, shutdown).await
 }
 
+/// Runs the dispatcher loop and starts it again should a bug panic inside it: a control plane
+/// that serves requests but no longer dispatches would be the worst of both. (Under systemd a
+/// wedged loop is also caught by the watchdog it feeds.)
+async fn supervise_dispatcher(state: Arc<State>) {
+    // Aborting this task (shutdown) must abort the loop it runs too.
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    loop {
+        let run = tokio::spawn(dispatch::run(state.clone()));
+        let _abort = AbortOnDrop(run.abort_handle());
+        match run.await {
+            Err(e) if e.is_panic() => {
+                tracing::error!("The dispatcher panicked; starting it again.");
+                // A bug that panics on every pass must not spin a core.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => return,
+        }
+    }
+}
+
 pub async fn serve_state(
     state: Arc<State>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let dispatcher = tokio::spawn(dispatch::run(state.clone()));
+    let dispatcher = tokio::spawn(supervise_dispatcher(state.clone()));
     let watcher = tokio::spawn(dispatch::watch_nodes(state.clone()));
     let app = api::router(state.clone());
     // Small SSE writes must leave at once: Nagle's algorithm would hold them for an ACK.

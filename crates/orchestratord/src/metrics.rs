@@ -360,19 +360,14 @@ impl Metrics {
     /// Starts the series of models a node registered (at 0), once per model.
     pub fn add_models<'a>(&self, models: impl IntoIterator<Item = &'a str>) {
         for model in models {
-            if !self.models.read().expect("models lock").contains(model) {
+            if !crate::sync::read(&self.models).contains(model) {
                 self.add_model(model);
             }
         }
     }
 
     fn add_model(&self, model: &str) {
-        if !self
-            .models
-            .write()
-            .expect("models lock")
-            .insert(model.to_string())
-        {
+        if !crate::sync::write(&self.models).insert(model.to_string()) {
             return;
         }
         for api in Api::ALL {
@@ -392,7 +387,7 @@ impl Metrics {
     /// The `model` label for a model name from a request: itself when a node registered it,
     /// else `unknown` (labels come only from bounded sets).
     pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
-        if self.models.read().expect("models lock").contains(model) {
+        if crate::sync::read(&self.models).contains(model) {
             model
         } else {
             UNKNOWN_MODEL

@@ -96,7 +96,7 @@ impl State {
 
     /// The keys in force now.
     pub fn keys(&self) -> Arc<Keys> {
-        self.keys.read().expect("keys lock").clone()
+        crate::sync::read(&self.keys).clone()
     }
 
     /// Reads the key files again (SIGHUP). A file that no longer parses leaves the keys in
@@ -113,16 +113,16 @@ impl State {
             keys.api.as_ref().map_or(0, |k| k.len()),
             keys.node.as_ref().map_or(0, |k| k.len()),
         );
-        *self.keys.write().expect("keys lock") = Arc::new(keys);
+        *crate::sync::write(&self.keys) = Arc::new(keys);
         Ok(counts)
     }
 
     pub fn core(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().expect("core lock")
+        crate::sync::lock(&self.core)
     }
 
     pub fn tasks(&self) -> MutexGuard<'_, TaskTable> {
-        self.tasks.lock().expect("task table lock")
+        crate::sync::lock(&self.tasks)
     }
 
     pub fn task(&self, id: &str) -> Option<Arc<Task>> {

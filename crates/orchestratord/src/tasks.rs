@@ -151,7 +151,7 @@ impl Task {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
-        self.log.lock().expect("task log lock")
+        crate::sync::lock(&self.log)
     }
 
     pub fn phase(&self) -> (Phase, Option<String>) {
