@@ -405,6 +405,32 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text.contains("Paris"), "{text}");
 
+    // The node token was generated once, before the daemons started, readable by root alone;
+    // the node registered with it, and a local process without it cannot register.
+    assert_eq!(c.show("llama-orch-node-token.service", "Result"), "success");
+    let modes = c.ok(&[
+        "stat",
+        "-c",
+        "%a %U",
+        "/etc/llama-orch/node-token",
+        "/etc/llama-orch/node-tokens",
+    ]);
+    assert_eq!(modes.trim(), "600 root\n600 root", "{modes}");
+    let bogus = r#"{"node_id":"intruder","address":"http://bad host:1","version":"0","heartbeat_secs":5,"pools":[]}"#;
+    let (status, body) = curl(
+        port,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            bogus,
+        ],
+        "/v2/nodes/register",
+    );
+    assert_eq!(status, 401, "{body}");
+
     // Idle, pool-managerd (which follows its engine unit over D-Bus) uses next to no CPU:
     // utime + stime of its main process, in clock ticks (1/100 s), over two seconds.
     let node_pid = c.main_pid("pool-managerd.service");

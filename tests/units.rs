@@ -65,6 +65,7 @@ fn each_daemon_stays_within_its_exposure_budget() {
         ("pool-managerd.service", 2.0),
         ("engine-provisioner@.service", 2.5),
         ("llorch-engine@.service", 1.2),
+        ("llama-orch-node-token.service", 1.5),
     ];
     for (unit, budget) in budgets {
         let path = units_dir().join(unit);

@@ -103,6 +103,28 @@ pub fn credential(name: &str) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// A fresh secret for a token file: 32 bytes from the kernel's random source, as 64 hex digits.
+pub fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes a secret to a new file only its owner can read (mode 0600 from the start, so no
+/// other user can open it in between). The file must not exist yet.
+pub fn write_secret(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()
+}
+
 /// Cancels `stop` on SIGTERM (the service manager's stop) or SIGINT (Ctrl-C). The handlers are
 /// installed before this returns, so a signal that arrives early is not lost.
 pub fn cancel_on_stop_signal(stop: tokio_util::sync::CancellationToken) -> std::io::Result<()> {

@@ -45,7 +45,7 @@ fn toml_str(s: &str) -> String {
 }
 
 /// The node configuration `llorch up` writes for pool-managerd.
-pub fn node_config(opts: &UpOptions, runtime: &Path) -> String {
+pub fn node_config(opts: &UpOptions, runtime: &Path, token_file: &Path) -> String {
     let sha = opts
         .sha256
         .as_deref()
@@ -60,6 +60,8 @@ listen = {node_sock}
 cache_dir = {cache}
 runtime_dir = {runtime}
 heartbeat_secs = 5
+# Written fresh by every `llorch up`; orchestratord accepts only this node's registration.
+token_file = {token_file}
 # Engines are children of pool-managerd here, whatever runs `llorch up`.
 launcher = "process"
 engine_bin = {engine}
@@ -82,6 +84,7 @@ source = {source}
         )),
         cache = toml_str(&opts.cache.display().to_string()),
         runtime = toml_str(&runtime.display().to_string()),
+        token_file = toml_str(&token_file.display().to_string()),
         engine = toml_str(&sibling("llorch-engine").display().to_string()),
         provisioner = toml_str(&sibling("engine-provisioner").display().to_string()),
         slots = opts.slots,
@@ -212,6 +215,29 @@ async fn wait_until_ready(client: &HttpClient, daemons: &mut [&mut Daemon]) -> a
     }
 }
 
+/// Writes a new node token for this run: `node-token` (pool-managerd's `token_file`) and
+/// `node-tokens` (orchestratord's `--node-tokens`, one `home TOKEN` line), both mode 0600.
+/// Files of an earlier run in the same runtime directory are replaced.
+pub fn node_token_files(runtime: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let token = llorch_os::service::random_token().context("read /dev/urandom")?;
+    let token_file = runtime.join("node-token");
+    let tokens_file = runtime.join("node-tokens");
+    for (path, text) in [
+        (&token_file, format!("{token}\n")),
+        (&tokens_file, format!("home {token}\n")),
+    ] {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("remove {}", path.display()))
+            }
+            _ => {}
+        }
+        llorch_os::service::write_secret(path, &text)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok((token_file, tokens_file))
+}
+
 pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     if !opts.model.exists() {
         bail!(
@@ -232,14 +258,24 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     };
     let logs = runtime.join("logs");
     std::fs::create_dir_all(&logs)?;
+    // Only this stack's own pool-managerd may register: a fresh node token, readable by this
+    // user alone, that orchestratord requires and pool-managerd presents. Without it any local
+    // process (or a web page that can POST to 127.0.0.1) could register a node and receive
+    // the prompts.
+    let (token_file, tokens_file) = node_token_files(&runtime)?;
     let config_path = runtime.join("node.toml");
-    std::fs::write(&config_path, node_config(&opts, &runtime))?;
+    std::fs::write(&config_path, node_config(&opts, &runtime, &token_file))?;
 
     // Listen for Ctrl-C and SIGTERM once, for the whole run, so no signal falls between two
     // waits.
     let stop = tokio_util::sync::CancellationToken::new();
     llorch_os::service::cancel_on_stop_signal(stop.clone())?;
-    let mut orch_args = vec!["--listen".to_string(), opts.listen.to_string()];
+    let mut orch_args = vec![
+        "--listen".to_string(),
+        opts.listen.to_string(),
+        "--node-tokens".to_string(),
+        tokens_file.display().to_string(),
+    ];
     orch_args.extend(opts.orchestratord_args.iter().cloned());
     let mut orch = Daemon::spawn("orchestratord", &orch_args, logs.join("orchestratord.log"))?;
     let mut node = Daemon::spawn(
