@@ -331,3 +331,29 @@ fn this_machine_is_set_up_and_bindgen_finds_libclang() {
         .expect("bash");
     assert_eq!(bad.status.code(), Some(64), "{}", text(&bad));
 }
+
+/// The packages in scripts/setup.sh's list, in order.
+fn setup_packages() -> Vec<String> {
+    let script = std::fs::read_to_string(repo_root().join("scripts/setup.sh")).unwrap();
+    let list = script
+        .split_once("PACKAGES=(")
+        .and_then(|(_, rest)| rest.split_once("\n)"))
+        .map(|(list, _)| list)
+        .expect("a PACKAGES=( ... ) list in scripts/setup.sh");
+    list.lines()
+        .filter_map(|l| l.trim().strip_prefix('"')?.split_once('|'))
+        .map(|(pkg, _)| pkg.to_string())
+        .collect()
+}
+
+#[test]
+fn the_script_this_test_and_the_readme_list_the_same_packages() {
+    assert_eq!(setup_packages(), REQUIRED, "scripts/setup.sh's PACKAGES");
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    for pkg in REQUIRED {
+        assert!(
+            readme.contains(&format!("`{pkg}`")),
+            "README.md does not say that setup installs `{pkg}`"
+        );
+    }
+}
