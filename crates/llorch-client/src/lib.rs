@@ -223,7 +223,15 @@ impl EventStream {
             match self.body.frame().await? {
                 Ok(frame) => {
                     if let Ok(data) = frame.into_data() {
-                        self.ready.extend(self.decoder.push(&data));
+                        match self.decoder.push(&data) {
+                            Ok(frames) => self.ready.extend(frames),
+                            Err(e) => {
+                                return Some(Err(ClientError::Decode(format!(
+                                    "{}: {e}",
+                                    self.path.display()
+                                ))))
+                            }
+                        }
                     }
                 }
                 Err(source) => {

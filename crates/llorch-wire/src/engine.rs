@@ -502,6 +502,7 @@ mod tests {
         let wire: String = events.iter().map(EngineEvent::to_sse).collect();
         let decoded: Vec<EngineEvent> = decoder
             .push(wire.as_bytes())
+            .unwrap()
             .into_iter()
             .map(|f| EngineEvent::from_sse(&f.event, &f.data).unwrap())
             .collect();

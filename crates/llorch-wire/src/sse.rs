@@ -24,57 +24,121 @@ pub struct Frame {
     pub data: String,
 }
 
-/// Incremental SSE decoder. Comment lines (`: keep-alive`) are skipped.
-#[derive(Debug, Default)]
-pub struct Decoder {
-    buf: Vec<u8>,
+/// The longest SSE frame a [`Decoder`] accepts by default: far above any event llama-orch
+/// sends (a token, an end event with its counts, an error with its message), far below what
+/// could hurt a process.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// A peer sent a frame (or an unfinished one) longer than the decoder's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameTooLong {
+    pub limit: usize,
 }
 
-impl Decoder {
-    /// Feeds bytes and returns every frame they complete.
-    pub fn push(&mut self, bytes: &[u8]) -> Vec<Frame> {
-        self.buf.extend_from_slice(bytes);
-        let mut frames = Vec::new();
-        while let Some(end) = find_frame_end(&self.buf) {
-            let raw: Vec<u8> = self.buf.drain(..end.0 + end.1).collect();
-            let text = String::from_utf8_lossy(&raw[..end.0]);
-            let mut event = None;
-            let mut data: Option<String> = None;
-            for line in text.split('\n') {
-                let line = line.strip_suffix('\r').unwrap_or(line);
-                if line.is_empty() || line.starts_with(':') {
-                    continue;
-                }
-                let (field, value) = match line.split_once(':') {
-                    Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-                    None => (line, ""),
-                };
-                match field {
-                    "event" => event = Some(value.to_string()),
-                    "data" => match &mut data {
-                        Some(d) => {
-                            d.push('\n');
-                            d.push_str(value);
-                        }
-                        None => data = Some(value.to_string()),
-                    },
-                    _ => {}
-                }
-            }
-            if let Some(data) = data {
-                frames.push(Frame {
-                    event: event.unwrap_or_else(|| "message".to_string()),
-                    data,
-                });
-            }
-        }
-        frames
+impl std::fmt::Display for FrameTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an SSE frame is longer than {} bytes", self.limit)
     }
 }
 
-/// Finds the blank line that ends a frame: returns (frame length, separator length).
-fn find_frame_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
+impl std::error::Error for FrameTooLong {}
+
+/// Incremental SSE decoder. Comment lines (`: keep-alive`) are skipped.
+///
+/// Its buffer holds at most one unfinished frame of at most `limit` bytes, and each push scans
+/// only the bytes it has not scanned before: a long line arriving in small reads costs time in
+/// proportion to its length, not to its length squared.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    /// Where the search for the blank line that ends a frame resumes.
+    scanned: usize,
+    limit: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::with_limit(MAX_FRAME_BYTES)
+    }
+}
+
+impl Decoder {
+    /// A decoder that refuses frames longer than `limit` bytes.
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            scanned: 0,
+            limit,
+        }
+    }
+
+    /// Feeds bytes and returns every frame they complete; an error once a frame is longer than
+    /// the limit (the stream cannot be trusted after that, and the buffer is dropped).
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Frame>, FrameTooLong> {
+        self.buf.extend_from_slice(bytes);
+        let mut frames = Vec::new();
+        let mut start = 0;
+        let mut from = self.scanned;
+        while let Some((end, sep)) = find_frame_end(&self.buf, from.max(start)) {
+            if end - start > self.limit {
+                return Err(self.too_long());
+            }
+            frames.extend(parse_frame(&self.buf[start..end]));
+            start = end + sep;
+            from = start;
+        }
+        self.buf.drain(..start);
+        if self.buf.len() > self.limit {
+            return Err(self.too_long());
+        }
+        // A separator may straddle this push and the next: look at the last two bytes again.
+        self.scanned = self.buf.len().saturating_sub(2);
+        Ok(frames)
+    }
+
+    fn too_long(&mut self) -> FrameTooLong {
+        self.buf = Vec::new();
+        self.scanned = 0;
+        FrameTooLong { limit: self.limit }
+    }
+}
+
+/// One frame's lines; `None` for a frame without data (comments only).
+fn parse_frame(raw: &[u8]) -> Option<Frame> {
+    let text = String::from_utf8_lossy(raw);
+    let mut event = None;
+    let mut data: Option<String> = None;
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => event = Some(value.to_string()),
+            "data" => match &mut data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => data = Some(value.to_string()),
+            },
+            _ => {}
+        }
+    }
+    data.map(|data| Frame {
+        event: event.unwrap_or_else(|| "message".to_string()),
+        data,
+    })
+}
+
+/// Finds the first blank line at or after `from` that ends a frame: returns (where the frame
+/// ends, separator length).
+fn find_frame_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
     while i < buf.len() {
         if buf[i] == b'\n' {
             if buf.get(i + 1) == Some(&b'\n') {
@@ -103,7 +167,7 @@ mod tests {
         let mut d = Decoder::default();
         let mut frames = Vec::new();
         for b in wire.as_bytes() {
-            frames.extend(d.push(std::slice::from_ref(b)));
+            frames.extend(d.push(std::slice::from_ref(b)).unwrap());
         }
         assert_eq!(
             frames,
@@ -123,8 +187,50 @@ mod tests {
     #[test]
     fn decodes_crlf_and_default_event_names() {
         let mut d = Decoder::default();
-        let frames = d.push(b"data: hello\r\n\r\n");
+        let frames = d.push(b"data: hello\r\n\r\n").unwrap();
         assert_eq!(frames[0].event, "message");
         assert_eq!(frames[0].data, "hello");
+    }
+
+    #[test]
+    fn a_long_line_is_scanned_once_and_refused_past_the_limit() {
+        let mut d = Decoder::with_limit(64 * 1024);
+        let chunk = [b'x'; 1000];
+        d.push(b"data: ").unwrap();
+        for _ in 0..60 {
+            assert!(d.push(&chunk).unwrap().is_empty());
+            // The next push resumes where this one stopped, not at the frame's start.
+            assert_eq!(d.scanned, d.buf.len() - 2);
+        }
+        let frames = d.push(b"\n\n").unwrap();
+        assert_eq!(frames[0].data.len(), 60_000);
+        assert!(d.buf.is_empty());
+
+        // Past the limit, unfinished or whole, the frame is refused and nothing is kept.
+        assert_eq!(
+            d.push(&vec![b'y'; 64 * 1024 + 1]),
+            Err(FrameTooLong { limit: 64 * 1024 })
+        );
+        assert!(d.buf.is_empty());
+        let mut whole = b"data: ".to_vec();
+        whole.extend(vec![b'z'; 64 * 1024]);
+        whole.extend(b"\n\ndata: next\n\n");
+        assert!(d.push(&whole).is_err());
+        // The default limit holds far more than any event llama-orch sends.
+        let mut d = Decoder::default();
+        assert!(d.push(&vec![b'w'; MAX_FRAME_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn several_frames_in_one_push_and_separators_split_across_pushes() {
+        let mut d = Decoder::default();
+        let frames = d.push(b"data: a\n\ndata: b\n\ndata: c\n").unwrap();
+        assert_eq!(frames.len(), 2);
+        // "\n" + "\r" + "\n" ends a frame, arriving in three pushes.
+        assert_eq!(d.push(b"\r").unwrap(), vec![]);
+        let frames = d.push(b"\n").unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].data, "c");
+        assert!(d.buf.is_empty());
     }
 }
