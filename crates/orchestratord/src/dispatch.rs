@@ -307,7 +307,10 @@ async fn forward(
     slot_hint: Option<u32>,
     cold: bool,
 ) -> Outcome {
-    let mut request = task.request.clone();
+    let Some(mut request) = task.request() else {
+        // It ended (cancelled) between placement and here: nothing to send.
+        return Outcome::Done;
+    };
     request.slot = slot_hint;
     request.task_id = Some(task.id.clone());
     let body = bytes::Bytes::from(serde_json::to_vec(&request).expect("requests serialize"));

@@ -145,6 +145,7 @@ impl State {
     }
 
     fn finished(&self, task: &Task) {
+        task.forget_request();
         self.tasks().finished(&task.id);
         let now = Instant::now();
         let s = task.summary();
@@ -576,4 +577,73 @@ pub fn new_id(prefix: &str) -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     format!("{prefix}-{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Node;
+    use llorch_client::HttpClient;
+    use llorch_wire::node::{PoolState, PoolStatus};
+
+    /// A state with one registered node serving `m` (nothing is dispatched: no runtime runs
+    /// the dispatcher).
+    fn state_with_a_node() -> Arc<State> {
+        let state = State::new(Config::default());
+        state.core().registry.register(Node {
+            id: "n".into(),
+            address: "unix:/nonexistent.sock".into(),
+            version: "0".into(),
+            heartbeat: Duration::from_secs(5),
+            last_seen: Instant::now(),
+            online: true,
+            pools: vec![PoolStatus {
+                pool_id: "p".into(),
+                model_id: "m".into(),
+                state: PoolState::Ready,
+                slots_total: 1,
+                slots_busy: 0,
+                ctx_per_slot: 1024,
+                device: "cpu".into(),
+                engine_version: None,
+                engine_pid: Some(1),
+                restarts: 0,
+                last_error: None,
+                draining: false,
+                on_demand: false,
+                load_ms: None,
+            }],
+            staged_models: vec![],
+            client: HttpClient::new("unix:/nonexistent.sock").unwrap(),
+            lost: CancellationToken::new(),
+        });
+        state
+    }
+
+    #[tokio::test]
+    async fn a_finished_task_is_kept_without_its_prompt() {
+        let state = state_with_a_node();
+        let prompt = "x".repeat(512 * 1024);
+        let (task, _) = state
+            .submit(Submission {
+                task_id: None,
+                model: "m".into(),
+                request: GenerateRequest::prompt(prompt.clone()),
+                priority: Priority::Batch,
+                deadline_ms: None,
+                session_id: None,
+                hints: None,
+                client: "c".into(),
+                correlation_id: "cid".into(),
+                ctx: None,
+                api: Api::Native,
+            })
+            .unwrap();
+        assert_eq!(task.request().unwrap().prompt.as_deref(), Some(&*prompt));
+        assert!(state.cancel(&task, CancelReason::Client));
+        // The task stays for its info and late readers, its prompt does not.
+        let kept = state.task(&task.id).expect("a finished task is retained");
+        assert!(kept.is_finished());
+        assert!(kept.request().is_none());
+    }
 }

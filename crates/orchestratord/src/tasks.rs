@@ -98,8 +98,10 @@ pub struct Task {
     pub client: String,
     pub session_id: Option<String>,
     pub hints: Option<PlacementHints>,
-    /// What is sent to the engine (the slot hint is added at dispatch).
-    pub request: GenerateRequest,
+    /// What is sent to the engine (the slot hint is added at dispatch), until the task ends:
+    /// a finished task is kept for its info and late readers, and must not keep its prompt
+    /// (up to the body limit, for each of thousands of retained tasks).
+    request: Mutex<Option<GenerateRequest>>,
     pub submitted: Instant,
     pub correlation_id: String,
     /// The front end it came through.
@@ -134,7 +136,7 @@ impl Task {
             client,
             session_id,
             hints,
-            request,
+            request: Mutex::new(Some(request)),
             submitted: Instant::now(),
             correlation_id,
             api,
@@ -148,6 +150,16 @@ impl Task {
             }),
             changed: watch::channel(0).0,
         }
+    }
+
+    /// The request to send to the engine; None once the task ended.
+    pub fn request(&self) -> Option<GenerateRequest> {
+        crate::sync::lock(&self.request).clone()
+    }
+
+    /// Drops the request (the prompt) when the task ends.
+    pub fn forget_request(&self) {
+        crate::sync::lock(&self.request).take();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
