@@ -6,6 +6,7 @@
 //! node reports again. Once a stream has started, a failure ends the task with a typed error
 //! event (`ENGINE_FAILED`, `NODE_UNAVAILABLE`, `CANCELED`), never a silent truncation.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,11 @@ const BUSY_RETRIES: u32 = 50;
 /// stream idle limit: the engine loads the model first. A load that fails or hangs is ended by
 /// the node's side (the engine exits, or systemd's start timeout), which breaks the request.
 const COLD_START_LIMIT: Duration = Duration::from_secs(15 * 60);
+
+/// How many times a task may be sent to a pool whose node or engine then fails before the
+/// stream starts. A request that crashes its engine each time must not crash it forever (and
+/// mark the pool suspect each time); after this many it ends with `ENGINE_FAILED`.
+pub const MAX_DISPATCH_ATTEMPTS: u32 = 3;
 
 /// A leased slot. It is returned exactly once: explicitly before a task's final event (so a
 /// client that saw `end` finds the slot free for its next request), or by `Drop` on any other
@@ -252,7 +258,12 @@ fn take_work(
 /// Why a dispatch gave its task back to the queue.
 enum Outcome {
     Done,
-    Requeue { suspect: bool },
+    /// The attempt failed before the stream started; `why` is the last failure, for the
+    /// task's final error once its attempts are spent.
+    Requeue {
+        suspect: bool,
+        why: String,
+    },
 }
 
 async fn stream_task(state: Arc<State>, d: Dispatched) {
@@ -275,7 +286,17 @@ async fn stream_task(state: Arc<State>, d: Dispatched) {
             lease.end(&task, ErrorBody::new(ErrorCode::NodeUnavailable, why), false)
         }
     };
-    if let Outcome::Requeue { suspect } = outcome {
+    if let Outcome::Requeue { suspect, why } = outcome {
+        let attempts = task.failed_attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        if attempts >= MAX_DISPATCH_ATTEMPTS {
+            tracing::warn!(task_id = %task.id, pool_id = %lease.pool.1, attempts, reason = %why, "The task failed on every attempt; ending it.");
+            let why = format!(
+                "the task failed {attempts} times before its stream started (last: {why}); it may crash the engine, or the pools serving it are failing"
+            );
+            lease.end(&task, ErrorBody::new(ErrorCode::EngineFailed, why), suspect);
+            drop(lease);
+            return;
+        }
         state.metrics.decision(Decision::Requeued);
         let mut core = state.core();
         if suspect {
@@ -343,7 +364,10 @@ async fn forward(
             }
             Err(e) => {
                 tracing::warn!(task_id = %task.id, pool_id = %lease.pool.1, node_id = %lease.pool.0, error = %e, "Node unreachable; task goes back to the queue.");
-                return Outcome::Requeue { suspect: true };
+                return Outcome::Requeue {
+                    suspect: true,
+                    why: e.to_string(),
+                };
             }
             Ok(resp) if resp.status() == StatusCode::OK => break resp,
             Ok(resp) => {
@@ -379,7 +403,13 @@ async fn forward(
                     // again, and the task waits in the queue.
                     _ => {
                         tracing::info!(task_id = %task.id, pool_id = %lease.pool.1, status = %status, reason = %body.message, "Pool cannot take the task; it goes back to the queue.");
-                        return Outcome::Requeue { suspect: true };
+                        return Outcome::Requeue {
+                            suspect: true,
+                            why: format!(
+                                "pool {} answered {status}: {}",
+                                lease.pool.1, body.message
+                            ),
+                        };
                     }
                 }
             }

@@ -112,6 +112,8 @@ pub struct Task {
     pub cancel_reason: OnceLock<CancelReason>,
     /// When its first token arrived.
     pub first_token: OnceLock<Instant>,
+    /// Dispatches that failed before the stream started (see `dispatch::MAX_DISPATCH_ATTEMPTS`).
+    pub failed_attempts: std::sync::atomic::AtomicU32,
     log: Mutex<Log>,
     changed: watch::Sender<usize>,
 }
@@ -143,6 +145,7 @@ impl Task {
             cancel: CancellationToken::new(),
             cancel_reason: OnceLock::new(),
             first_token: OnceLock::new(),
+            failed_attempts: std::sync::atomic::AtomicU32::new(0),
             log: Mutex::new(Log {
                 events: Vec::new(),
                 phase: Phase::Queued,
