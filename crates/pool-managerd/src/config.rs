@@ -482,6 +482,15 @@ fn validate(path: &Path, config: Config) -> Result<Checked, ConfigError> {
                 "the model source is empty; give a path or an https:// URL",
             ));
         }
+        // The source travels in the pool's settings file (one KEY="value" per line) and in
+        // command lines: a newline or another control character would break both.
+        if pool.model.source.chars().any(char::is_control) {
+            return Err(invalid(
+                path,
+                key("model.source"),
+                "the model source holds a newline or another control character; give a plain path or URL",
+            ));
+        }
         if let Some(h) = &pool.model.sha256 {
             if h.len() != 64 || !h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
                 return Err(invalid(
@@ -663,6 +672,14 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
+        let source = EXAMPLE
+            .lines()
+            .find(|l| l.trim_start().starts_with("source = "))
+            .expect("the example has a model source");
+        assert_eq!(
+            key_of(&EXAMPLE.replace(source, "source = \"/srv/a\\nLLORCH_CTX=\\\"1\\\"\"")),
+            "pools[0].model.source"
+        );
         assert_eq!(
             key_of(&EXAMPLE.replace("slots = 4", "slots = 0")),
             "pools[0].slots"
