@@ -36,7 +36,7 @@ pub const RETRY_AFTER_MS: u64 = 1000;
 const CORRELATION: &str = "x-correlation-id";
 
 /// The node API's routes. With a token, every route but `/health` requires
-/// `Authorization: Bearer <token>`, compared in constant time.
+/// `Authorization: Bearer <token>`, compared in constant time by its sha256 digest.
 pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
     let protected = Router::new()
         .route("/v2/pools", get(pools))
@@ -46,7 +46,7 @@ pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
         .route("/v2/pools/{id}/generate", post(generate));
     let protected = match token {
         Some(t) => {
-            let t = Arc::new(t);
+            let t = Arc::new(token_digest(&t));
             protected.layer(axum::middleware::from_fn(move |req, next| {
                 require_token(t.clone(), req, next)
             }))
@@ -69,21 +69,31 @@ pub fn metrics_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// The digests are compared, never the tokens: both are 32 bytes whatever the tokens' lengths,
+/// so the time a refusal takes says nothing of the token, not even its length.
+fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Whether `presented` is the token whose digest is `expected`, in constant time.
+fn token_matches(expected: &[u8; 32], presented: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(token_digest(presented).ct_eq(expected))
+}
+
 async fn require_token(
-    token: Arc<String>,
+    token: Arc<[u8; 32]>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    use subtle::ConstantTimeEq;
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    // Equal lengths are compared in constant time; a length mismatch is refused at once, which
-    // tells an attacker only the token's length.
-    if presented.len() == token.len() && bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+    if token_matches(&token, presented) {
         next.run(req).await
     } else {
         ApiError(
@@ -439,5 +449,25 @@ impl http_body::Body for ForwardBody {
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_compared_by_digest_whatever_their_length() {
+        let expected = token_digest("node-token-0123456789");
+        assert!(token_matches(&expected, "node-token-0123456789"));
+        for other in [
+            "",
+            "n",
+            "node-token-012345678",
+            "node-token-01234567890",
+            "x".repeat(4096).as_str(),
+        ] {
+            assert!(!token_matches(&expected, other), "{other}");
+        }
     }
 }
