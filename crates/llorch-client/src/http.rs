@@ -27,6 +27,11 @@ use tokio::net::UnixStream;
 
 use crate::{error_from_response, ClientError, EventStream};
 
+/// How long a connection may take to be established, over TCP or a Unix socket: a peer whose
+/// listen queue is full, or an address that drops packets, is reported unreachable instead of
+/// holding the caller.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Clone)]
 enum Target {
     Unix(Pooled<UnixConnector, Full<Bytes>>),
@@ -60,8 +65,18 @@ impl tower_service::Service<Uri> for UnixConnector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let path = self.0.clone();
         Box::pin(async move {
-            let stream = UnixStream::connect(&*path)
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(&*path))
                 .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "{}: not accepted within {} s",
+                            path.display(),
+                            CONNECT_TIMEOUT.as_secs()
+                        ),
+                    )
+                })?
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
             Ok(UnixConnection(TokioIo::new(stream)))
         })
@@ -160,6 +175,7 @@ impl HttpClient {
             }
             let mut connector = HttpConnector::new();
             connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
             Target::Tcp {
                 base: format!("http://{rest}"),
                 pooled: Pooled::builder(TokioExecutor::new()).build(connector),

@@ -5,7 +5,7 @@
 //! owns connection setup and SSE decoding, not retries or policy.
 
 mod http;
-pub use http::{status_of, HttpClient};
+pub use http::{status_of, HttpClient, CONNECT_TIMEOUT};
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -166,6 +166,12 @@ impl UnixClient {
 }
 
 /// Turns a non-success response into [`ClientError::Status`].
+/// The most of an error answer's body that is read: typed error bodies are a few hundred bytes.
+pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+/// How long an error answer's body may take to arrive: a peer that sends an error's head and
+/// then stalls must not hold the caller (and whatever it holds, a slot lease) forever.
+pub const ERROR_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn error_from_response(resp: Response<Incoming>) -> ClientError {
     let status = resp.status();
     let retry_after = resp
@@ -173,9 +179,11 @@ pub async fn error_from_response(resp: Response<Incoming>) -> ClientError {
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let raw = match resp.into_body().collect().await {
-        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
-        Err(e) => format!("(body unreadable: {e})"),
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY_BYTES).collect();
+    let raw = match tokio::time::timeout(ERROR_BODY_TIMEOUT, body).await {
+        Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        Ok(Err(e)) => format!("(body unreadable: {e})"),
+        Err(_) => format!("(no whole body within {} s)", ERROR_BODY_TIMEOUT.as_secs()),
     };
     ClientError::Status {
         status,

@@ -272,6 +272,9 @@ pub async fn pools(Ext(state): Ext<AppState>, headers: HeaderMap) -> Result<Json
 
 /// `POST /v2/pools/{id}/drain` and `…/resume`: passed to the pool's node, whose answer updates
 /// the registry at once.
+/// How long a node may take to drain or resume a pool (it only flips a flag).
+pub const NODE_ACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn pool_action(
     state: AppState,
     headers: HeaderMap,
@@ -296,18 +299,32 @@ async fn pool_action(
             ),
         )));
     };
-    let status: PoolStatus = client
-        .post_json(&format!("/v2/pools/{id}/{action}"), &serde_json::json!({}))
+    let (path, empty) = (format!("/v2/pools/{id}/{action}"), serde_json::json!({}));
+    let call = client.post_json(&path, &empty);
+    // A node that takes the connection and never answers must not hold the operator's request.
+    let answer = tokio::time::timeout(NODE_ACTION_TIMEOUT, call)
         .await
-        .map_err(|e| {
+        .map_err(|_| {
             ApiError::native((
-                StatusCode::BAD_GATEWAY,
+                StatusCode::GATEWAY_TIMEOUT,
                 ErrorBody::new(
                     ErrorCode::NodeUnavailable,
-                    format!("node {node_id} did not {action} pool {id}: {e}"),
+                    format!(
+                        "node {node_id} did not answer within {} s to {action} pool {id}; try again",
+                        NODE_ACTION_TIMEOUT.as_secs()
+                    ),
                 ),
             ))
         })?;
+    let status: PoolStatus = answer.map_err(|e| {
+        ApiError::native((
+            StatusCode::BAD_GATEWAY,
+            ErrorBody::new(
+                ErrorCode::NodeUnavailable,
+                format!("node {node_id} did not {action} pool {id}: {e}"),
+            ),
+        ))
+    })?;
     {
         let mut core = state.core();
         if let Some(node) = core.registry.nodes.get_mut(&node_id) {
