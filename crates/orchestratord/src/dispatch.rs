@@ -492,13 +492,16 @@ async fn forward(
                     },
                 }));
                 if let Some(s) = &task.session_id {
-                    state.core().sessions.record(
+                    let evicted = state.core().sessions.record(
                         &task.client,
                         s,
                         lease.pool.clone(),
                         end.slot,
                         now,
                     );
+                    if evicted {
+                        state.metrics.evicted("sessions");
+                    }
                 }
                 state.complete(
                     task,
@@ -541,7 +544,17 @@ pub async fn watch_nodes(state: Arc<State>) {
             _ = tick.tick() => {}
             _ = state.shutdown.cancelled() => return,
         }
-        let lost = state.core().registry.expire_nodes(Instant::now());
+        let now = Instant::now();
+        let (lost, forgotten) = {
+            let mut core = state.core();
+            core.sessions.purge(now);
+            let lost = core.registry.expire_nodes(now);
+            (lost, core.registry.forget_nodes(now))
+        };
+        for node in forgotten {
+            state.metrics.evicted("nodes");
+            tracing::info!(node_id = %node, "Node offline for an hour; forgotten (it registers again when it is back).");
+        }
         for node in lost {
             tracing::warn!(
                 message_id = llorch_os::message_id::NODE_LOST,

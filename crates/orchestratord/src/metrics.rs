@@ -180,6 +180,14 @@ const POOL_STATES: [PoolState; 6] = PoolState::ALL;
 /// The label used for a model no node registered.
 pub const UNKNOWN_MODEL: &str = "unknown";
 
+/// The bounded tables whose evictions `llorch_evictions_total{table}` counts: `sessions`
+/// (least recently used, when full) and `nodes` (offline for an hour).
+pub const EVICTION_TABLES: [&str; 2] = ["sessions", "nodes"];
+
+/// The most `model` label values (models nodes registered) before new ones count as `unknown`
+/// (said once in the log): the series set stays bounded whatever nodes report.
+pub const MAX_MODEL_LABELS: usize = 256;
+
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
@@ -199,6 +207,9 @@ pub struct Metrics {
     pools: IntGaugeVec,
     slots: IntGaugeVec,
     heartbeats: IntCounterVec,
+    evictions: IntCounterVec,
+    /// Set once the model label set is full (to say so once).
+    labels_full: std::sync::atomic::AtomicBool,
     /// Models some node registered: the bounded set of `model` label values.
     models: RwLock<HashSet<String>>,
 }
@@ -325,6 +336,13 @@ impl Metrics {
                 "Node heartbeats received by outcome.",
                 &["outcome"],
             ),
+            evictions: counter(
+                &r,
+                "llorch_evictions_total",
+                "Entries dropped from a bounded table to make room or because they aged out.",
+                &["table"],
+            ),
+            labels_full: std::sync::atomic::AtomicBool::new(false),
             models: RwLock::new(HashSet::new()),
             registry: r,
         };
@@ -353,8 +371,16 @@ impl Metrics {
         for o in HEARTBEAT_OUTCOMES {
             m.heartbeats.with_label_values(&[o]);
         }
+        for t in EVICTION_TABLES {
+            m.evictions.with_label_values(&[t]);
+        }
         m.add_model(UNKNOWN_MODEL);
         m
+    }
+
+    /// Counts an entry dropped from a bounded table (one of [`EVICTION_TABLES`]).
+    pub fn evicted(&self, table: &'static str) {
+        self.evictions.with_label_values(&[table]).inc();
     }
 
     /// Starts the series of models a node registered (at 0), once per model.
@@ -367,8 +393,22 @@ impl Metrics {
     }
 
     fn add_model(&self, model: &str) {
-        if !crate::sync::write(&self.models).insert(model.to_string()) {
-            return;
+        {
+            let mut models = crate::sync::write(&self.models);
+            if models.contains(model) {
+                return;
+            }
+            if models.len() >= MAX_MODEL_LABELS {
+                // Its requests count under `unknown` (model_label).
+                if !self
+                    .labels_full
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(model = %model, max = MAX_MODEL_LABELS, "Too many models for metric labels; further models count as \"unknown\".");
+                }
+                return;
+            }
+            models.insert(model.to_string());
         }
         for api in Api::ALL {
             for o in Outcome::ALL {
@@ -521,4 +561,26 @@ pub struct Finished<'a> {
     pub inter_token: Option<Duration>,
     pub tokens_in: u32,
     pub tokens_out: u32,
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_are_bounded_whatever_nodes_report() {
+        let m = Metrics::new(8);
+        let models: Vec<String> = (0..MAX_MODEL_LABELS + 50)
+            .map(|i| format!("m{i}"))
+            .collect();
+        m.add_models(models.iter().map(String::as_str));
+        assert_eq!(m.model_label("m0"), "m0");
+        // `unknown` took one of the places.
+        assert_eq!(
+            m.model_label(&models[MAX_MODEL_LABELS - 2]),
+            models[MAX_MODEL_LABELS - 2]
+        );
+        assert_eq!(m.model_label(&models[MAX_MODEL_LABELS]), UNKNOWN_MODEL);
+        assert_eq!(crate::sync::read(&m.models).len(), MAX_MODEL_LABELS);
+    }
 }

@@ -18,6 +18,16 @@ use crate::placement::Candidate;
 
 pub type PoolKey = (String, String);
 
+/// The most nodes the control plane keeps. A registration of a new node id beyond it is
+/// refused (503); nodes offline for [`FORGET_OFFLINE_AFTER`] are forgotten to make room.
+pub const MAX_NODES: usize = 1024;
+/// How long an offline node is kept (listed offline, its pools unplaced) before it is
+/// forgotten. It registers again whenever it comes back.
+pub const FORGET_OFFLINE_AFTER: Duration = Duration::from_secs(3600);
+/// The most sessions kept at once; beyond it the least recently used one is evicted (its
+/// next turn simply has no affinity).
+pub const MAX_SESSIONS: usize = 65_536;
+
 /// The shortest time a pool stays suspect when its node keeps reporting the same engine ready:
 /// long enough that a heartbeat sent before the node noticed a crash cannot clear the mark.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(1);
@@ -107,6 +117,27 @@ impl Registry {
         }
         node.pools = pools;
         true
+    }
+
+    /// Whether a registration of `node_id` would exceed [`MAX_NODES`].
+    pub fn full_for(&self, node_id: &str) -> bool {
+        !self.nodes.contains_key(node_id) && self.nodes.len() >= MAX_NODES
+    }
+
+    /// Forgets nodes offline for longer than [`FORGET_OFFLINE_AFTER`]; returns their ids.
+    /// Leases their tasks still hold are returned as those tasks end.
+    pub fn forget_nodes(&mut self, now: Instant) -> Vec<String> {
+        let gone: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| !n.online && now.duration_since(n.last_seen) > FORGET_OFFLINE_AFTER)
+            .map(|n| n.id.clone())
+            .collect();
+        for id in &gone {
+            self.nodes.remove(id);
+            self.suspect.retain(|(node, _), _| node != id);
+        }
+        gone
     }
 
     /// Marks nodes offline that missed their heartbeats; returns their ids.
@@ -266,17 +297,25 @@ pub struct Session {
     pub last_used: Instant,
 }
 
-/// Sessions by (client, session id): a client sees and steers only its own sessions.
+/// Sessions by (client, session id): a client sees and steers only its own sessions. Bounded
+/// by age (the TTL, purged every half second by the node watcher) and by count (the least
+/// recently used is evicted when a new session would exceed the capacity).
 #[derive(Debug)]
 pub struct Sessions {
     ttl: Duration,
+    capacity: usize,
     map: HashMap<(String, String), Session>,
 }
 
 impl Sessions {
     pub fn new(ttl: Duration) -> Self {
+        Self::with_capacity(ttl, MAX_SESSIONS)
+    }
+
+    pub fn with_capacity(ttl: Duration, capacity: usize) -> Self {
         Self {
             ttl,
+            capacity: capacity.max(1),
             map: HashMap::new(),
         }
     }
@@ -285,17 +324,55 @@ impl Sessions {
         self.ttl
     }
 
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
     pub fn get(&self, client: &str, id: &str, now: Instant) -> Option<&Session> {
         self.map
             .get(&(client.to_string(), id.to_string()))
             .filter(|s| now.duration_since(s.last_used) < self.ttl)
     }
 
-    pub fn record(&mut self, client: &str, id: &str, pool: PoolKey, slot: u32, now: Instant) {
+    /// Drops expired sessions; returns how many.
+    pub fn purge(&mut self, now: Instant) -> usize {
+        let before = self.map.len();
         let ttl = self.ttl;
         self.map
             .retain(|_, s| now.duration_since(s.last_used) < ttl);
+        before - self.map.len()
+    }
+
+    /// Records a turn of a session; true when another session was evicted to make room.
+    pub fn record(
+        &mut self,
+        client: &str,
+        id: &str,
+        pool: PoolKey,
+        slot: u32,
+        now: Instant,
+    ) -> bool {
         let key = (client.to_string(), id.to_string());
+        let mut evicted = false;
+        if !self.map.contains_key(&key) && self.map.len() >= self.capacity {
+            // Full: the expired go first, then the least recently used (a scan only when the
+            // table is full, never on every turn).
+            if self.purge(now) == 0 {
+                if let Some(oldest) = self
+                    .map
+                    .iter()
+                    .min_by_key(|(_, s)| s.last_used)
+                    .map(|(k, _)| k.clone())
+                {
+                    self.map.remove(&oldest);
+                    evicted = true;
+                }
+            }
+        }
         let s = self.map.entry(key).or_insert(Session {
             pool: pool.clone(),
             slot,
@@ -306,11 +383,78 @@ impl Sessions {
         s.slot = slot;
         s.turns += 1;
         s.last_used = now;
+        evicted
     }
 
     pub fn remove(&mut self, client: &str, id: &str) -> bool {
         self.map
             .remove(&(client.to_string(), id.to_string()))
             .is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_bounded_by_count_and_evict_the_least_recently_used() {
+        let now = Instant::now();
+        let mut s = Sessions::with_capacity(Duration::from_secs(600), 3);
+        let pool = || ("n".to_string(), "p".to_string());
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            let at = now + Duration::from_secs(i as u64);
+            assert!(!s.record("k", id, pool(), 0, at));
+        }
+        // "a" is used again, so "b" is now the least recently used.
+        assert!(!s.record("k", "a", pool(), 0, now + Duration::from_secs(5)));
+        assert!(s.record("k", "d", pool(), 0, now + Duration::from_secs(6)));
+        assert_eq!(s.len(), 3);
+        let later = now + Duration::from_secs(7);
+        assert!(s.get("k", "b", later).is_none());
+        for id in ["a", "c", "d"] {
+            assert!(s.get("k", id, later).is_some(), "{id}");
+        }
+        // Expired sessions make room before anyone recent is evicted.
+        let much_later = now + Duration::from_secs(605);
+        assert!(!s.record("k", "e", pool(), 0, much_later));
+        assert_eq!(s.len(), 2, "d and e: a and c expired, nobody was evicted");
+    }
+
+    fn node(id: &str, last_seen: Instant) -> Node {
+        Node {
+            id: id.into(),
+            address: "unix:/nonexistent.sock".into(),
+            version: "0".into(),
+            heartbeat: Duration::from_secs(1),
+            last_seen,
+            online: true,
+            pools: vec![],
+            staged_models: vec![],
+            client: HttpClient::new("unix:/nonexistent.sock").unwrap(),
+            lost: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn nodes_offline_for_an_hour_are_forgotten_and_the_table_is_bounded() {
+        let start = Instant::now();
+        let mut r = Registry::default();
+        r.register(node("old", start));
+        r.register(node("live", start + FORGET_OFFLINE_AFTER));
+        let now = start + FORGET_OFFLINE_AFTER + Duration::from_secs(2);
+        // Missed heartbeats: offline, still listed.
+        assert_eq!(r.expire_nodes(now), ["old"]);
+        assert!(r.forget_nodes(start + Duration::from_secs(10)).is_empty());
+        // An hour offline: forgotten.
+        assert_eq!(r.forget_nodes(now), ["old"]);
+        assert_eq!(r.nodes.keys().collect::<Vec<_>>(), ["live"]);
+
+        let mut r = Registry::default();
+        for i in 0..MAX_NODES {
+            r.register(node(&format!("n{i}"), start));
+        }
+        assert!(r.full_for("another"));
+        assert!(!r.full_for("n0"), "a known node may always register again");
     }
 }

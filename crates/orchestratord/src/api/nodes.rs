@@ -81,17 +81,34 @@ pub async fn register(
         lost: CancellationToken::new(),
     };
     let offline_after = node.offline_after();
-    state
-        .metrics
-        .add_models(node.pools.iter().map(|p| p.model_id.as_str()));
+    let models: Vec<String> = node.pools.iter().map(|p| p.model_id.clone()).collect();
+    {
+        let mut core = state.core();
+        if core.registry.full_for(&node.id) {
+            return Err(ApiError::native((
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorBody::new(
+                    ErrorCode::NodeUnavailable,
+                    format!(
+                        "the control plane already keeps {} nodes; offline nodes are forgotten after {} s, or remove nodes from service",
+                        crate::registry::MAX_NODES,
+                        crate::registry::FORGET_OFFLINE_AFTER.as_secs()
+                    ),
+                )
+                .with_retry_after_ms(60_000),
+            )));
+        }
+        core.registry.register(node);
+    }
+    // Only a node that was taken makes label values.
+    state.metrics.add_models(models.iter().map(String::as_str));
     tracing::info!(
         message_id = llorch_os::message_id::NODE_JOINED,
         node_id = %reg.node_id,
         address = %reg.address,
-        pools = node.pools.len(),
+        pools = models.len(),
         "Node registered."
     );
-    state.core().registry.register(node);
     state.wake.notify_one();
     Ok(Json(NodeAck {
         node_id: reg.node_id,
