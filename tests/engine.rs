@@ -166,6 +166,14 @@ async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
             .unwrap();
         solo.push(c);
     }
+    // Decode steps that held more than one sequence, from the engine's batch-size histogram.
+    let shared_steps = || async {
+        let (_, body) = client.get_bytes("/metrics").await.unwrap();
+        let scrape = llorch_tests::prom::Scrape::parse(std::str::from_utf8(&body).unwrap());
+        scrape.sum("llorch_engine_batch_size_count", &[])
+            - scrape.sum("llorch_engine_batch_size_bucket", &[("le", "1")])
+    };
+    let shared_before = shared_steps().await;
     // All four at once; each goes to its own slot, prompts evaluated in shared batches.
     let tasks: Vec<_> = questions
         .iter()
@@ -198,6 +206,14 @@ async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
     }
     let slots: std::collections::HashSet<u32> = together.iter().map(|c| c.end.slot).collect();
     assert_eq!(slots.len(), 4, "each request had its own slot");
+    // Own slots alone would pass with an engine that serves them one after another: the
+    // engine must really have decoded them together, many steps with several sequences.
+    let shared = shared_steps().await - shared_before;
+    eprintln!("decode steps with several sequences: {shared}");
+    assert!(
+        shared >= 20.0,
+        "only {shared} decode steps held more than one sequence"
+    );
     // Batched and solo decoding run different matrix shapes, so llama.cpp does not promise
     // bit-identical logits; greedy decoding can then pick another token where two are nearly
     // tied. We require every answer to agree with its solo answer on its first tokens and

@@ -372,17 +372,26 @@ async fn twelve_clients_on_four_slots_all_finish_without_leaking_leases() {
     let _g = serial();
     let stack = Stack::start(StackOptions::default());
     let c = stack.client();
+    let request = |i: usize| TaskRequest {
+        model_ref: MODEL_ID.into(),
+        messages: Some(user(&format!("Write one sentence about the number {i}."))),
+        max_tokens: Some(48),
+        temperature: Some(0.0),
+        ..TaskRequest::default()
+    };
+    // Each prompt's greedy answer alone, one at a time: what its stream must carry later.
+    let mut solo = Vec::new();
+    for i in 0..12 {
+        let a = submit(&c, &request(i)).await;
+        solo.push(event_text(
+            &frames(c.events(&a.streams.sse).await.unwrap()).await,
+        ));
+    }
     let mut handles = Vec::new();
     for i in 0..12 {
         let c = c.clone();
+        let req = request(i);
         handles.push(tokio::spawn(async move {
-            let req = TaskRequest {
-                model_ref: MODEL_ID.into(),
-                messages: Some(user(&format!("Write one sentence about the number {i}."))),
-                max_tokens: Some(48),
-                temperature: Some(0.0),
-                ..TaskRequest::default()
-            };
             let a = submit(&c, &req).await;
             let f = frames(c.events(&a.streams.sse).await.unwrap()).await;
             (a, end_of(&f), event_text(&f))
@@ -390,9 +399,22 @@ async fn twelve_clients_on_four_slots_all_finish_without_leaking_leases() {
     }
     let mut queued = 0;
     let mut max_queue_ms = 0;
-    for h in handles {
+    let common = |a: &str, b: &str| a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
+    for (i, h) in handles.into_iter().enumerate() {
         let (a, end, text) = h.await.unwrap();
         assert!(!text.trim().is_empty());
+        // Each stream carries its own request's answer: it agrees with its own solo answer at
+        // least as far as with any other request's (batching may change a late token, a
+        // swapped or mixed stream would follow another answer).
+        let own = common(&text, &solo[i]);
+        assert!(own > 0, "answer {i} {text:?} vs its solo {:?}", solo[i]);
+        for (j, other) in solo.iter().enumerate().filter(|(j, _)| *j != i) {
+            assert!(
+                own >= common(&text, other),
+                "answer {i} {text:?} follows request {j}'s {other:?} more than its own {:?}",
+                solo[i]
+            );
+        }
         assert!(end.tokens_out > 0);
         if a.queue_position > 0 {
             queued += 1;
@@ -442,9 +464,25 @@ async fn a_client_that_disconnects_frees_its_slot_within_a_second() {
         s.next_frame().await.unwrap().unwrap();
     }
     assert_eq!(pools(&c).await.pools[0].slots_busy, 1);
+    let engine = llorch_client::UnixClient::new(stack.handoff().expect("handoff").socket);
+    assert_eq!(
+        engine.slots().await.unwrap().busy,
+        1,
+        "the engine generates"
+    );
     drop(s);
     let freed = wait_idle(&c, Duration::from_secs(1)).await;
     eprintln!("slot free {freed:?} after the client went away");
+    // Not only orchestratord's lease: the engine itself stops generating and frees its slot
+    // (within a decode step; a second is the bound, not a measurement).
+    let dropped = Instant::now();
+    while engine.slots().await.unwrap().busy > 0 {
+        assert!(
+            dropped.elapsed() < Duration::from_secs(1),
+            "the engine kept generating for a client that went away"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // The one slot serves the next client at once.
     let (status, _, v) = post(
         &c,
