@@ -164,4 +164,18 @@ mod tests {
         assert!(ApiKeys::parse("# nothing\n", p).is_err());
         assert_eq!(fingerprint("x").len(), 8);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any file text: parsed or refused with its line, never a panic; a parsed file
+        /// finds each of its keys.
+        #[test]
+        fn any_keys_file_parses_or_names_its_line(text in "[a-z0-9 #\t\n\r\\-]{0,400}") {
+            match ApiKeys::parse(&text, Path::new("keys")) {
+                Ok(keys) => proptest::prop_assert!(!keys.is_empty()),
+                Err(e) => proptest::prop_assert!(e.to_string().contains("keys"), "{}", e),
+            }
+        }
+    }
 }

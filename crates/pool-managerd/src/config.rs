@@ -791,4 +791,31 @@ mod tests {
         assert!(matches!(err, ConfigError::Syntax { .. }));
         assert!(err.to_string().starts_with("node.toml: "), "{err}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// The shipped example with a span of it replaced by anything: parsed, or refused
+        /// with the file's name, never a panic.
+        #[test]
+        fn any_node_toml_parses_or_names_the_file(
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            len in 0usize..40,
+            with in ".{0,40}",
+        ) {
+            let mut text = EXAMPLE.to_string();
+            let mut start = at.index(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let mut end = (start + len).min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.replace_range(start..end, &with);
+            if let Err(e) = parse_str(&text) {
+                proptest::prop_assert!(e.to_string().starts_with("node.toml"), "{}", e);
+            }
+        }
+    }
 }
