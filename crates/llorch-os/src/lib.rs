@@ -3,10 +3,15 @@
 //! [`service`] sd_notify (readiness, status, start-timeout extension, stopping, watchdog),
 //! credentials and journald logging, with the stable journald [`message_id`]s.
 //!
+//! [`process`] holds what a parent sets up for a child between fork and exec (parent-death
+//! signal, a passed listener), the stop signal, and the readiness check of a held socket.
+//!
 //! Nothing else in the workspace reads `LISTEN_FDS`, `NOTIFY_SOCKET`, `WATCHDOG_USEC` or
-//! `JOURNAL_STREAM`, or handles raw file descriptors.
+//! `JOURNAL_STREAM`, handles raw file descriptors or sends signals; no other crate of the
+//! daemons has an `unsafe` block (tests that signal their own children aside).
 
 pub mod message_id;
+pub mod process;
 pub mod service;
 
 use std::io;

@@ -26,11 +26,8 @@ struct EngineChild(Child);
 impl Drop for EngineChild {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
-            // SAFETY: kill(2) on the pid of our own unreaped child.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
-            }
+            // Our own child, not reaped yet.
+            llorch_os::process::terminate_child(self.0.id());
             let _ = self.0.wait();
         }
     }

@@ -112,17 +112,8 @@ impl Daemon {
             )
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of the new process; it is
-        // async-signal-safe and touches no memory of the parent.
-        #[allow(unsafe_code)]
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // A killed `llorch up` leaves nothing running.
+        llorch_os::process::die_with_parent(cmd.as_std_mut(), libc::SIGTERM);
         let child = cmd.spawn().with_context(|| {
             format!("cannot start {name} (build it with `cargo build --workspace`)")
         })?;
@@ -137,11 +128,8 @@ impl Daemon {
 
     async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(pid) = self.child.id() {
-            // SAFETY: kill(2) on the pid of our own child, which we have not reaped.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
+            // Our own child, which we have not reaped.
+            llorch_os::process::terminate_child(pid);
         }
         match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
             Ok(status) => {

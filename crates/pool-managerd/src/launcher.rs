@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -212,63 +211,6 @@ pub fn sibling_binary(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// Makes a child receive `signal` when the thread that started it dies, so that an engine
-/// never outlives a pool-managerd that was killed without a chance to stop it. Children are
-/// only spawned from tokio worker threads, which live as long as the runtime.
-fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
-    // is async-signal-safe; it touches no memory shared with the parent.
-    #[allow(unsafe_code)]
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Gives the child `listener` as its socket-activated listener: fd 3, `LISTEN_FDS=1`, named
-/// `engine`, as systemd would pass it.
-fn pass_listener(cmd: &mut Command, listener: &UnixListener) {
-    let fd = listener.as_raw_fd();
-    cmd.env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "engine")
-        .env_remove("LISTEN_PID");
-    // SAFETY: the closure runs in the forked child before exec and only calls dup2(2) and
-    // fcntl(2), which are async-signal-safe; `fd` stays open in the parent (the launcher holds
-    // the listener) until the spawn returned.
-    #[allow(unsafe_code)]
-    unsafe {
-        cmd.pre_exec(move || {
-            let rc = if fd == 3 {
-                // dup2 onto itself keeps close-on-exec; clear it instead.
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, 3)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Whether a connection waits on `listener` now.
-fn connection_waiting(listener: &UnixListener) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one valid pollfd, without waiting.
-    #[allow(unsafe_code)]
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & libc::POLLIN != 0
-}
-
 impl Launcher for ProcessLauncher {
     fn listen_on_demand<'a>(
         &'a self,
@@ -312,23 +254,10 @@ impl Launcher for ProcessLauncher {
             let Some(listener) = self.held_socket(&pool.id) else {
                 return Err(io(std::io::Error::other("the pool's socket is not held")));
             };
-            // A registration of its own (a duplicate descriptor), dropped once a connection
-            // waits: the engine accepts on the socket meanwhile, and nobody else watches it.
-            let dup = listener.try_clone().map_err(io)?;
-            // SAFETY: `dup` owns its descriptor, which nothing replaces or closes while the
-            // AsyncFd owns it.
-            #[allow(unsafe_code)]
-            let watched = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE)
-            }
-            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-            loop {
-                let mut ready = watched.readable().await.map_err(io)?;
-                if connection_waiting(&listener) {
-                    return Ok(());
-                }
-                ready.clear_ready();
-            }
+            // The engine accepts on the socket meanwhile; nobody else watches it.
+            llorch_os::process::wait_for_connection(&listener)
+                .await
+                .map_err(io)
         })
     }
 
@@ -393,7 +322,7 @@ impl Launcher for ProcessLauncher {
                 .stderr(log)
                 .env("NO_COLOR", "1")
                 .kill_on_drop(true);
-            die_with_parent(&mut cmd, libc::SIGKILL);
+            llorch_os::process::die_with_parent(cmd.as_std_mut(), libc::SIGKILL);
             let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
                 bin: self.provisioner_bin.clone(),
                 key: "provisioner_bin",
@@ -438,20 +367,17 @@ impl Launcher for ProcessLauncher {
                 .stdout(log_out)
                 .stderr(log)
                 .env("NO_COLOR", "1")
-                .env_remove("LISTEN_FDS")
-                .env_remove("LISTEN_PID")
-                .env_remove("LISTEN_FDNAMES")
-                .env_remove("NOTIFY_SOCKET")
                 .kill_on_drop(true);
+            llorch_os::process::without_service_manager(cmd.as_std_mut());
             if let Some(devices) = pool.cuda_devices() {
                 cmd.env("CUDA_VISIBLE_DEVICES", devices);
             }
             let held = self.held_socket(&pool.id);
             if let Some(listener) = &held {
-                pass_listener(&mut cmd, listener);
+                llorch_os::process::pass_listener(cmd.as_std_mut(), listener, "engine");
             }
             // SIGTERM, not SIGKILL: an engine whose parent died drains and removes its handoff.
-            die_with_parent(&mut cmd, libc::SIGTERM);
+            llorch_os::process::die_with_parent(cmd.as_std_mut(), libc::SIGTERM);
             let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
                 bin: self.engine_bin.clone(),
                 key: "engine_bin",
@@ -508,11 +434,8 @@ impl EngineHandle for ChildEngine {
         Box::pin(async move {
             // `id()` is None once the child was reaped, so a recycled pid is never signalled.
             if let (None, Some(pid)) = (&self.exited, self.child.id()) {
-                // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
-                #[allow(unsafe_code)]
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
-                }
+                // Our own child, which has not been reaped yet.
+                llorch_os::process::terminate_child(pid);
             }
             match tokio::time::timeout(grace, self.reap()).await {
                 Ok(exit) => exit,
