@@ -19,6 +19,8 @@ pub mod defaults {
     pub const DEFAULT_MAX_TOKENS: u32 = 1024;
     pub const STREAM_IDLE_SECS: u64 = 120;
     pub const SSE_KEEPALIVE_SECS: u64 = 15;
+    pub const MAX_CONNECTIONS: usize = 4096;
+    pub const HEADER_READ_SECS: u64 = 30;
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -65,6 +67,15 @@ pub struct Args {
     /// any proxy in front.
     #[arg(long, env = "LLORCH_SSE_KEEPALIVE_SECS", default_value_t = defaults::SSE_KEEPALIVE_SECS)]
     pub sse_keepalive_secs: u64,
+    /// Client connections served at once; further ones wait in the listen backlog until one
+    /// closes. Each open stream holds one.
+    #[arg(long, env = "LLORCH_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, counted from when the
+    /// server is ready to read them: a client that trickles its headers (slowloris), or a
+    /// keep-alive connection idle for this long, is closed.
+    #[arg(long, env = "LLORCH_HEADER_READ_SECS", default_value_t = defaults::HEADER_READ_SECS)]
+    pub header_read_secs: u64,
     /// Validate the configuration (and key files) and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -85,6 +96,8 @@ pub struct Config {
     pub default_max_tokens: u32,
     pub stream_idle: Duration,
     pub sse_keepalive: Duration,
+    pub max_connections: usize,
+    pub header_read: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +125,8 @@ impl Default for Config {
             default_max_tokens: defaults::DEFAULT_MAX_TOKENS,
             stream_idle: Duration::from_secs(defaults::STREAM_IDLE_SECS),
             sse_keepalive: Duration::from_secs(defaults::SSE_KEEPALIVE_SECS),
+            max_connections: defaults::MAX_CONNECTIONS,
+            header_read: Duration::from_secs(defaults::HEADER_READ_SECS),
         }
     }
 }
@@ -157,6 +172,18 @@ impl Args {
                 format!("{} is out of range; use 1 to 300", self.sse_keepalive_secs),
             ));
         }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(ConfigError::Value(
+                "max-connections",
+                format!("{} is out of range; use 1 to 1000000", self.max_connections),
+            ));
+        }
+        if !(1..=3600).contains(&self.header_read_secs) {
+            return Err(ConfigError::Value(
+                "header-read-secs",
+                format!("{} is out of range; use 1 to 3600", self.header_read_secs),
+            ));
+        }
         if self.default_max_tokens == 0 {
             return Err(ConfigError::Value(
                 "default-max-tokens",
@@ -176,6 +203,8 @@ impl Args {
             default_max_tokens: self.default_max_tokens,
             stream_idle: Duration::from_secs(self.stream_idle_secs),
             sse_keepalive: Duration::from_secs(self.sse_keepalive_secs),
+            max_connections: self.max_connections,
+            header_read: Duration::from_secs(self.header_read_secs),
         })
     }
 }
@@ -190,6 +219,8 @@ mod tests {
             ("--sse-keepalive-secs", "0"),
             ("--sse-keepalive-secs", "301"),
             ("--stream-idle-secs", "0"),
+            ("--max-connections", "0"),
+            ("--header-read-secs", "0"),
         ] {
             let err = Args::parse_from(["orchestratord", flag, value])
                 .into_config()

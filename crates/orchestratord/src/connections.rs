@@ -1,0 +1,75 @@
+//! The public listener's accept loop: at most `--max-connections` connections are served at
+//! once (further ones wait in the kernel's listen backlog, refused nothing), each must send a
+//! request's headers within `--header-read-secs` of the server being ready to read them (a
+//! client that trickles its headers, or a keep-alive connection idle that long, is closed),
+//! and on shutdown the listener closes while open connections finish their current request.
+//!
+//! axum's own `serve` sets no header deadline and no connection limit, which leaves the one
+//! internet-facing listener open to slowloris; this is the same hyper HTTP/1 server with both.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// How one listener's connections are bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` fires, then waits for open connections to end
+/// their current request (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .keep_alive(true);
+    loop {
+        // A permit first: at the limit, the next connection stays in the backlog.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or memory for a moment: do not spin on it.
+                    tracing::warn!(error = %e, "Cannot accept a connection.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        // Small SSE writes must leave at once: Nagle's algorithm would hold them for an ACK.
+        let _ = stream.set_nodelay(true);
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
