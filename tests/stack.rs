@@ -269,7 +269,7 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
     let late = frames(c.events(&accepted.streams.sse).await.unwrap()).await;
     assert_eq!(late, live);
 
-    // A duplicate task id is refused.
+    // A duplicate task id of the same key is refused.
     let dup = c
         .post_json::<_, TaskAccepted>("/v2/tasks", &req)
         .await
@@ -284,6 +284,21 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
         ),
         "{dup}"
     );
+    // Ids are per key: another key may use the same id, gets a task of its own, and learns
+    // nothing of the first (a 409 would tell it the id exists).
+    let other = HttpClient::new(&stack.url())
+        .unwrap()
+        .with_token(Some("other-key-0123456789abcdef".into()));
+    let mut theirs = req.clone();
+    theirs.session_id = None;
+    theirs.max_tokens = Some(4);
+    let accepted_other = submit(&other, &theirs).await;
+    assert_eq!(accepted_other.task_id, "t-capital");
+    let other_frames = frames(other.events(&accepted_other.streams.sse).await.unwrap()).await;
+    assert!(end_of(&other_frames).tokens_out <= 4);
+    // The first key still reads its own task, unchanged.
+    let again = frames(c.events(&accepted.streams.sse).await.unwrap()).await;
+    assert_eq!(again, live);
 
     // The session remembers the pool and slot; the next turn reuses the KV cache.
     let s: Value = c.get_json("/v2/sessions/s1").await.unwrap();

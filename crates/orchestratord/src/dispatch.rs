@@ -183,7 +183,7 @@ fn take_work(
             }
             if task.cancel.is_cancelled() {
                 // Cancelled while a dispatch gave it back: end it here.
-                if let Some(e) = core.queue.remove(&task.id) {
+                if let Some(e) = core.queue.remove(&task.key) {
                     impossible.push((e, "the task was cancelled".into()));
                 }
                 continue;
@@ -202,7 +202,7 @@ fn take_work(
             match place(&candidates, &ask) {
                 Placement::Wait { .. } => {}
                 Placement::Impossible { reason } => {
-                    if let Some(e) = core.queue.remove(&task.id) {
+                    if let Some(e) = core.queue.remove(&task.key) {
                         impossible.push((e, reason));
                     }
                 }
@@ -215,7 +215,7 @@ fn take_work(
                         continue;
                     };
                     let (client, lost) = (node.client.clone(), node.lost.clone());
-                    let Some(entry) = core.queue.take(&task.id) else {
+                    let Some(entry) = core.queue.take(&task.key) else {
                         continue;
                     };
                     tracing::debug!(task_id = %task.id, pool_id = %pool_id, ?reasons, "Placed.");

@@ -125,8 +125,8 @@ impl State {
         crate::sync::lock(&self.tasks)
     }
 
-    pub fn task(&self, id: &str) -> Option<Arc<Task>> {
-        self.tasks().get(id)
+    pub fn task(&self, client: &str, id: &str) -> Option<Arc<Task>> {
+        self.tasks().get(&Task::key_for(client, id))
     }
 
     /// Ends a task with an error event; the first final event of a task also schedules its
@@ -146,7 +146,7 @@ impl State {
 
     fn finished(&self, task: &Task) {
         task.forget_request();
-        self.tasks().finished(&task.id);
+        self.tasks().finished(&task.key);
         let now = Instant::now();
         let s = task.summary();
         let canceled = task.cancel_reason.get().copied();
@@ -252,7 +252,9 @@ impl State {
         ));
         {
             let mut tasks = self.tasks();
-            if tasks.contains(&task_id) {
+            // Ids are per client: another key's task of the same id is neither found nor
+            // revealed here.
+            if tasks.contains(&task.key) {
                 return Err((
                     StatusCode::CONFLICT,
                     ErrorBody::invalid(
@@ -284,7 +286,7 @@ impl State {
                 Ok((task, accepted))
             }
             Err(refusal) => {
-                self.tasks().remove(&task_id);
+                self.tasks().remove(&task.key);
                 Err(refusal)
             }
         }
@@ -428,7 +430,7 @@ impl State {
         let policy = core.queue.policy();
         let capacity = core.queue.capacity();
         let pushed = core.queue.push(
-            task.id.clone(),
+            task.key.clone(),
             sub.model.clone(),
             sub.client.clone(),
             sub.priority,
@@ -466,7 +468,7 @@ impl State {
                 ));
             }
         };
-        let position = core.queue.position(&task.id).unwrap_or(0);
+        let position = core.queue.position(&task.key).unwrap_or(0);
         Ok((
             TaskAccepted {
                 task_id: task.id.clone(),
@@ -496,7 +498,7 @@ impl State {
         // under the same lock we take next, so the task is either found queued here or never
         // requeued there.
         task.cancel.cancel();
-        let was_queued = self.core().queue.remove(&task.id).is_some();
+        let was_queued = self.core().queue.remove(&task.key).is_some();
         if was_queued {
             self.finish(task, ErrorBody::new(ErrorCode::Canceled, why));
         }
@@ -549,8 +551,8 @@ impl State {
         )
     }
 
-    pub fn queue_position(&self, id: &str) -> Option<u32> {
-        self.core().queue.position(id)
+    pub fn queue_position(&self, task: &Task) -> Option<u32> {
+        self.core().queue.position(&task.key)
     }
 }
 
@@ -642,7 +644,9 @@ mod tests {
         assert_eq!(task.request().unwrap().prompt.as_deref(), Some(&*prompt));
         assert!(state.cancel(&task, CancelReason::Client));
         // The task stays for its info and late readers, its prompt does not.
-        let kept = state.task(&task.id).expect("a finished task is retained");
+        let kept = state
+            .task(&task.client, &task.id)
+            .expect("a finished task is retained");
         assert!(kept.is_finished());
         assert!(kept.request().is_none());
     }

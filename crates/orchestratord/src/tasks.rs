@@ -91,7 +91,12 @@ struct Log {
 /// One admitted task.
 #[derive(Debug)]
 pub struct Task {
+    /// The id its client knows it by (chosen by the client, or generated).
     pub id: String,
+    /// The id under which orchestratord keeps it: the client's id within its client's
+    /// namespace ([`Task::key_for`]), so a client-chosen id taken by another API key is not
+    /// taken for this one, and its existence is never revealed.
+    pub key: String,
     pub model: String,
     pub priority: Priority,
     /// The API key's name (or `anonymous`): the unit of fair share.
@@ -132,6 +137,7 @@ impl Task {
         api: Api,
     ) -> Self {
         Self {
+            key: Self::key_for(&client, &id),
             id,
             model,
             priority,
@@ -153,6 +159,12 @@ impl Task {
             }),
             changed: watch::channel(0).0,
         }
+    }
+
+    /// The internal key of task `id` of `client`. A newline can be in neither (client names
+    /// are key-file tokens, task ids are validated), so no two pairs share a key.
+    pub fn key_for(client: &str, id: &str) -> String {
+        format!("{client}\n{id}")
     }
 
     /// The request to send to the engine; None once the task ended.
@@ -308,7 +320,7 @@ impl Follower {
     }
 }
 
-/// All known tasks by id, with finished ones kept for a while.
+/// All known tasks by key ([`Task::key`]), with finished ones kept for a while.
 #[derive(Debug, Default)]
 pub struct TaskTable {
     tasks: HashMap<String, std::sync::Arc<Task>>,
@@ -326,7 +338,7 @@ impl TaskTable {
 
     pub fn insert(&mut self, task: std::sync::Arc<Task>) {
         self.purge(Instant::now());
-        self.tasks.insert(task.id.clone(), task);
+        self.tasks.insert(task.key.clone(), task);
     }
 
     pub fn remove(&mut self, id: &str) {

@@ -29,13 +29,10 @@ fn native<T>(r: std::result::Result<T, Refusal>) -> Result<T> {
     r.map_err(ApiError::native)
 }
 
-/// A task the client may see: with API keys, only its own (others are "not known", so ids
-/// are not probed).
+/// A task the client may see: with API keys, only its own. Ids live in each key's own
+/// namespace, so another key's task of the same id is simply not there (ids are not probed).
 fn own_task(state: &AppState, client: &str, id: &str) -> Result<Arc<Task>> {
-    state
-        .task(id)
-        .filter(|t| t.client == client)
-        .ok_or_else(|| unknown_task(id))
+    state.task(client, id).ok_or_else(|| unknown_task(id))
 }
 
 fn unknown_task(id: &str) -> ApiError {
@@ -141,7 +138,7 @@ pub async fn task_info(
         model_ref: task.model.clone(),
         priority: task.priority,
         pool_id,
-        queue_position: state.queue_position(&id),
+        queue_position: state.queue_position(&task),
     }))
 }
 
