@@ -13,7 +13,6 @@
 //! - [`registry`]: nodes, pools, leases, suspect pools, sessions.
 //! - [`metrics`]: the Prometheus metrics and the journal record of each finished task
 //!   ([`state::State::finish`] and [`state::State::complete`] write both, once per task).
-//! - [`connections`]: the accept loop (connection limit, header deadline, graceful stop).
 //! - [`auth`], [`config`]; [`sync`]: the lock helpers that outlive a panic.
 //!
 //! Invariants: only [`placement`] decides where a task runs; a slot lease is returned exactly
@@ -25,7 +24,6 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod config;
-pub mod connections;
 pub mod dispatch;
 pub mod metrics;
 pub mod placement;
@@ -37,6 +35,7 @@ pub mod tasks;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -97,11 +96,15 @@ pub async fn serve_state(
     let dispatcher = tokio::spawn(supervise_dispatcher(state.clone()));
     let watcher = tokio::spawn(dispatch::watch_nodes(state.clone()));
     let app = api::router(state.clone());
-    let limits = connections::Limits {
+    let limits = llorch_http::Limits {
         max_connections: state.config.max_connections,
         header_read: state.config.header_read,
     };
-    let server = tokio::spawn(connections::serve(listener, app, limits, shutdown.clone()));
+    // Small SSE writes must leave at once: Nagle's algorithm would hold them for an ACK.
+    let listener = listener.tap_io(|s| {
+        let _ = s.set_nodelay(true);
+    });
+    let server = tokio::spawn(llorch_http::serve(listener, app, limits, shutdown.clone()));
     // The listener is bound and the (empty) registry exists: requests are served from here on.
     llorch_os::service::ready_with_status(&state.status_line());
     shutdown.cancelled().await;

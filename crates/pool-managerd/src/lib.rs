@@ -219,22 +219,25 @@ pub async fn run_with(
             tracing::info!(address = %addr, "Metrics listening.");
             let app = api::metrics_router(node.clone());
             let stop_api = stop_api.clone();
-            Some(tokio::spawn(async move {
-                axum::serve(l, app)
-                    .with_graceful_shutdown(async move { stop_api.cancelled().await })
-                    .await
-            }))
+            Some(tokio::spawn(llorch_http::serve(
+                l,
+                app,
+                llorch_http::Limits::default(),
+                stop_api,
+            )))
         }
         None => None,
     };
     let app = api::router(node.clone(), config.token.as_ref().map(|t| t.0.clone()));
     let server = {
         let stop_api = stop_api.clone();
+        // The node API takes the control plane's forwards (one connection per running task)
+        // and, in the cloud, faces the network: bounded like orchestratord's listener.
+        let limits = llorch_http::Limits::default();
         tokio::spawn(async move {
-            let stopped = async move { stop_api.cancelled().await };
             match listener {
-                Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(stopped).await,
-                Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(stopped).await,
+                Listener::Unix(l) => llorch_http::serve(l, app, limits, stop_api).await,
+                Listener::Tcp(l) => llorch_http::serve(l, app, limits, stop_api).await,
             }
         })
     };
@@ -284,11 +287,8 @@ pub async fn run_with(
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("Node stopped.");
-    match served {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(RunError::Serve(e)),
-        Err(e) => Err(RunError::Serve(std::io::Error::other(e.to_string()))),
-    }
+    // The loop itself cannot fail (accept errors are retried); a panic in it is reported.
+    served.map_err(|e| RunError::Serve(std::io::Error::other(e.to_string())))
 }
 
 /// SIGHUP: reads the configuration again. A file that does not pass the checks changes

@@ -1,20 +1,21 @@
-//! The public listener's accept loop: at most `--max-connections` connections are served at
-//! once (further ones wait in the kernel's listen backlog, refused nothing), each must send a
-//! request's headers within `--header-read-secs` of the server being ready to read them (a
-//! client that trickles its headers, or a keep-alive connection idle that long, is closed),
-//! and on shutdown the listener closes while open connections finish their current request.
+//! The accept loop of every llama-orch HTTP listener (orchestratord's public API, pool-managerd's
+//! node API and metrics listener): at most `max_connections` connections are served at once
+//! (further ones wait in the kernel's listen backlog, nothing is refused), each must send a
+//! request's headers within `header_read` of the server being ready to read them (a client
+//! that trickles its headers, or a keep-alive connection idle that long, is closed), and on
+//! shutdown the listener closes while open connections finish their current request.
 //!
-//! axum's own `serve` sets no header deadline and no connection limit, which leaves the one
-//! internet-facing listener open to slowloris; this is the same hyper HTTP/1 server with both.
+//! axum's own `serve` sets no header deadline and no connection limit, which leaves a listener
+//! open to slowloris; this is the same hyper HTTP/1 server with both.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::Listener;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -25,10 +26,20 @@ pub struct Limits {
     pub header_read: Duration,
 }
 
+impl Default for Limits {
+    /// For listeners without knobs of their own: 4096 connections, 30 s for the headers.
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            header_read: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` fires, then waits for open connections to end
 /// their current request (the caller bounds that wait).
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L: Listener>(
+    mut listener: L,
     app: Router,
     limits: Limits,
     shutdown: CancellationToken,
@@ -48,20 +59,11 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of descriptors or memory for a moment: do not spin on it.
-                    tracing::warn!(error = %e, "Cannot accept a connection.");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        // axum's Listener retries failed accepts (out of descriptors, say) after a pause.
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break,
         };
-        // Small SSE writes must leave at once: Nagle's algorithm would hold them for an ACK.
-        let _ = stream.set_nodelay(true);
         let conn =
             http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let conn = graceful.watch(conn);
