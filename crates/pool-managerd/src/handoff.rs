@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use llorch_wire::handoff::Handoff;
+
+use crate::config::RuntimeLayout;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,13 +32,14 @@ pub struct WatchError {
     pub source: notify::Error,
 }
 
-/// Starts watching `dir` (which must exist) and reads it once; returns the task that applies
-/// events until `shutdown`.
+/// Starts watching the layout's handoff directory (which must exist) and reads it once;
+/// returns the task that applies events until `shutdown`.
 pub fn spawn(
     node: Arc<Node>,
-    dir: PathBuf,
+    layout: RuntimeLayout,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, WatchError> {
+    let dir = layout.handoff_dir();
     let (tx, mut rx) = mpsc::channel::<notify::Result<notify::Event>>(EVENT_QUEUE);
     let mut watcher = notify::recommended_watcher(move |res| {
         // Runs on notify's own thread, never inside the runtime, so blocking is allowed. An
@@ -55,7 +58,7 @@ pub fn spawn(
         })?;
     // A file may exist already; the watch is in place first, so nothing falls in between.
     for pool in node.pool_ids() {
-        refresh(&node, &dir, &pool);
+        refresh(&node, &layout, &pool);
     }
     Ok(tokio::spawn(async move {
         // The watcher lives as long as this task.
@@ -70,7 +73,7 @@ pub fn spawn(
                 Some(Err(e)) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "Handoff watcher error; reading every pool's handoff file again.");
                     for pool in node.pool_ids() {
-                        refresh(&node, &dir, &pool);
+                        refresh(&node, &layout, &pool);
                     }
                 }
                 // Reading a handoff file raises open/close-nowrite (access) events of its own;
@@ -79,12 +82,12 @@ pub fn spawn(
                 Some(Ok(event)) => {
                     if event.need_rescan() {
                         for pool in node.pool_ids() {
-                            refresh(&node, &dir, &pool);
+                            refresh(&node, &layout, &pool);
                         }
                     }
                     for path in &event.paths {
                         if let Some(pool) = pool_of(path) {
-                            refresh(&node, &dir, pool);
+                            refresh(&node, &layout, pool);
                         }
                     }
                 }
@@ -102,12 +105,21 @@ pub fn pool_of(path: &Path) -> Option<&str> {
     name.strip_suffix(".json").filter(|p| !p.is_empty())
 }
 
-/// Reads `<dir>/<pool>.json` again and records what it says.
-fn refresh(node: &Node, dir: &Path, pool: &str) {
-    let path = dir.join(Handoff::file_name(pool));
+/// Reads the pool's handoff file again and records what it says. The engine's socket is the
+/// one the runtime layout gives the pool, never a path the file names: an engine (which parses
+/// untrusted model files) that writes another pool's handoff file must not be able to redirect
+/// that pool's requests to itself, so a file naming another socket is refused.
+fn refresh(node: &Node, layout: &RuntimeLayout, pool: &str) {
+    let path = layout.handoff_dir().join(Handoff::file_name(pool));
+    let expected = layout.engine_socket(pool);
     let handoff = match std::fs::read(&path) {
         Ok(bytes) => match serde_json::from_slice::<Handoff>(&bytes) {
-            Ok(h) if h.pool_id == pool => Some(h),
+            Ok(h) if h.pool_id == pool && Path::new(&h.socket) == expected => Some(h),
+            Ok(h) if h.pool_id == pool => {
+                node.metrics.handoff("invalid");
+                tracing::warn!(file = %path.display(), socket = %h.socket, expected = %expected.display(), "Ignoring a handoff file that names another socket than the pool's.");
+                None
+            }
             Ok(h) => {
                 tracing::warn!(file = %path.display(), pool_id = %h.pool_id, "Ignoring a handoff file whose pool_id does not match its name.");
                 None
@@ -160,13 +172,18 @@ mod tests {
         assert_eq!(pool_of(Path::new("/h/notes.txt")), None);
     }
 
-    fn write_atomically(dir: &Path, pool: &str, pid: u32) {
+    fn write_atomically(layout: &RuntimeLayout, pool: &str, pid: u32) {
+        write_naming(layout, pool, pid, &layout.engine_socket(pool));
+    }
+
+    fn write_naming(layout: &RuntimeLayout, pool: &str, pid: u32, socket: &Path) {
+        let dir = layout.handoff_dir();
         let h = Handoff {
             version: 1,
             pool_id: pool.into(),
             model_id: "m".into(),
             model_sha256: "0".repeat(64),
-            socket: "/run/e.sock".into(),
+            socket: socket.display().to_string(),
             slots: 1,
             ctx_per_slot: 64,
             device: "cpu".into(),
@@ -205,26 +222,36 @@ mod tests {
             p.engine_pid = Some(42);
         });
         let dir = tempfile::tempdir().unwrap();
+        let layout = RuntimeLayout::new(dir.path());
+        std::fs::create_dir_all(layout.handoff_dir()).unwrap();
         // Present before the watcher starts, written by another engine: not ready.
-        write_atomically(dir.path(), "default", 41);
+        write_atomically(&layout, "default", 41);
         let stop = CancellationToken::new();
-        let task = spawn(node.clone(), dir.path().to_owned(), stop.clone()).unwrap();
+        let task = spawn(node.clone(), layout.clone(), stop.clone()).unwrap();
         assert_eq!(
             node.read("default", |p| p.handoff.as_ref().map(|h| h.pid))
                 .unwrap(),
             Some(41)
         );
         assert_eq!(node.status("default").unwrap().state, PoolState::Loading);
-        write_atomically(dir.path(), "default", 42);
+        // The right pid but another socket (a forged file): refused, not ready.
+        write_naming(&layout, "default", 42, &layout.engine_socket("other"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while node.read("default", |p| p.handoff.is_some()).unwrap() {
+            assert!(tokio::time::Instant::now() < deadline, "the forged file was kept");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(node.status("default").unwrap().state, PoolState::Loading);
+        write_atomically(&layout, "default", 42);
         wait_state(&node, PoolState::Ready).await;
         assert_eq!(
             node.status("default").unwrap().engine_version.as_deref(),
             Some("9.9.9")
         );
-        std::fs::remove_file(dir.path().join("default.json")).unwrap();
+        std::fs::remove_file(layout.handoff_dir().join("default.json")).unwrap();
         wait_state(&node, PoolState::Loading).await;
         // Other pools' files are ignored.
-        write_atomically(dir.path(), "other", 42);
+        write_atomically(&layout, "other", 42);
         stop.cancel();
         task.await.unwrap();
     }

@@ -189,7 +189,7 @@ pub async fn run_with(
 
     // Tasks that must end before the engines stop (watcher, heartbeats) and the supervisors.
     let stop_pools = CancellationToken::new();
-    let watcher = handoff::spawn(node.clone(), layout.handoff_dir(), stop_pools.clone())?;
+    let watcher = handoff::spawn(node.clone(), layout.clone(), stop_pools.clone())?;
     let mut pools = pools::Pools::new(
         node.clone(),
         launcher.clone(),
