@@ -106,6 +106,8 @@ pub enum ConfigError {
     Keys(#[from] KeysError),
     #[error("--listen {0} is not a loopback address and no API keys are configured; give --api-keys (or the api-keys credential) or listen on 127.0.0.1")]
     OpenWithoutKeys(SocketAddr),
+    #[error("--listen {0} is not a loopback address and no node tokens are configured: anyone who reaches it could register a node and receive prompts; give --node-tokens (or the node-tokens credential) or listen on 127.0.0.1")]
+    OpenWithoutNodeTokens(SocketAddr),
     #[error("--{0}: {1}")]
     Value(&'static str, String),
 }
@@ -147,6 +149,9 @@ impl Args {
         };
         if api_keys.is_none() && !self.listen.ip().is_loopback() {
             return Err(ConfigError::OpenWithoutKeys(self.listen));
+        }
+        if node_tokens.is_none() && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::OpenWithoutNodeTokens(self.listen));
         }
         if self.queue_capacity == 0 || self.queue_capacity > 1_000_000 {
             return Err(ConfigError::Value(
@@ -232,5 +237,31 @@ mod tests {
             .into_config()
             .unwrap();
         assert_eq!(ok.sse_keepalive, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn off_loopback_needs_api_keys_and_node_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "a 0123456789abcdef0123\n").unwrap();
+        let keys = keys.to_str().unwrap();
+        let open = |args: &[&str]| {
+            let mut all = vec!["orchestratord", "--listen", "0.0.0.0:8080"];
+            all.extend_from_slice(args);
+            Args::parse_from(all)
+                .into_config()
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(open(&[]).unwrap_err().contains("no API keys"));
+        // API keys alone leave node registration open to the network: refused too.
+        let err = open(&["--api-keys", keys]).unwrap_err();
+        assert!(
+            err.contains("no node tokens") && err.contains("--node-tokens"),
+            "{err}"
+        );
+        open(&["--api-keys", keys, "--node-tokens", keys]).unwrap();
+        // On loopback neither is required.
+        Args::parse_from(["orchestratord"]).into_config().unwrap();
     }
 }

@@ -38,9 +38,14 @@ async fn main() {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    if config.api_keys.is_none() {
-        if let Some(a) = listener.local_addr().ok().filter(|a| !a.ip().is_loopback()) {
+    // An inherited socket may listen elsewhere than --listen says: the same rules apply to it.
+    if let Some(a) = listener.local_addr().ok().filter(|a| !a.ip().is_loopback()) {
+        if config.api_keys.is_none() {
             eprintln!("orchestratord: the inherited socket {a} is not loopback and no API keys are configured");
+            std::process::exit(exit::USAGE);
+        }
+        if config.node_tokens.is_none() {
+            eprintln!("orchestratord: the inherited socket {a} is not loopback and no node tokens are configured (give --node-tokens or the node-tokens credential)");
             std::process::exit(exit::USAGE);
         }
     }

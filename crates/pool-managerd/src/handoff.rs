@@ -238,7 +238,10 @@ mod tests {
         write_naming(&layout, "default", 42, &layout.engine_socket("other"));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while node.read("default", |p| p.handoff.is_some()).unwrap() {
-            assert!(tokio::time::Instant::now() < deadline, "the forged file was kept");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the forged file was kept"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(node.status("default").unwrap().state, PoolState::Loading);
