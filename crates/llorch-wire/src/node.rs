@@ -131,6 +131,34 @@ pub struct PoolStatus {
     pub load_ms: Option<u64>,
 }
 
+impl PoolStatus {
+    /// A pool with its identity, state and size; the counters and optional fields empty.
+    pub fn new(
+        pool_id: impl Into<String>,
+        model_id: impl Into<String>,
+        state: PoolState,
+        slots_total: u32,
+        ctx_per_slot: u32,
+    ) -> Self {
+        Self {
+            pool_id: pool_id.into(),
+            model_id: model_id.into(),
+            state,
+            slots_total,
+            slots_busy: 0,
+            ctx_per_slot,
+            device: "cpu".into(),
+            engine_version: None,
+            engine_pid: None,
+            restarts: 0,
+            last_error: None,
+            draining: false,
+            on_demand: false,
+            load_ms: None,
+        }
+    }
+}
+
 /// `POST /v2/nodes/register`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -383,20 +411,9 @@ mod tests {
 
     fn pool(id: &str) -> PoolStatus {
         PoolStatus {
-            pool_id: id.into(),
-            model_id: "smollm2-135m".into(),
-            state: PoolState::Ready,
-            slots_total: 4,
-            slots_busy: 0,
-            ctx_per_slot: 2048,
-            device: "cpu".into(),
-            engine_version: None,
             engine_pid: Some(7),
-            restarts: 0,
-            last_error: None,
-            draining: false,
-            on_demand: false,
             load_ms: Some(120),
+            ..PoolStatus::new(id, "smollm2-135m", PoolState::Ready, 4, 2048)
         }
     }
 

@@ -143,20 +143,8 @@ async fn run_task(client: &HttpClient, limit: Duration) -> (String, Value) {
 
 fn pool() -> PoolStatus {
     PoolStatus {
-        pool_id: "p".into(),
-        model_id: "m".into(),
-        state: PoolState::Ready,
-        slots_total: 1,
-        slots_busy: 0,
-        ctx_per_slot: 1024,
-        device: "cpu".into(),
-        engine_version: None,
         engine_pid: Some(42),
-        restarts: 0,
-        last_error: None,
-        draining: false,
-        on_demand: false,
-        load_ms: None,
+        ..PoolStatus::new("p", "m", PoolState::Ready, 1, 1024)
     }
 }
 
