@@ -289,20 +289,8 @@ fn pools() -> Vec<PoolStatus> {
     [("fast", FAST_MODEL), ("slow", SLOW_MODEL)]
         .into_iter()
         .map(|(pool, model)| PoolStatus {
-            pool_id: pool.into(),
-            model_id: model.into(),
-            state: PoolState::Ready,
-            slots_total: POOL_SLOTS,
-            slots_busy: 0,
-            ctx_per_slot: 2048,
-            device: "cpu".into(),
             engine_version: Some("synthetic".into()),
-            engine_pid: None,
-            restarts: 0,
-            last_error: None,
-            draining: false,
-            on_demand: false,
-            load_ms: None,
+            ..PoolStatus::new(pool, model, PoolState::Ready, POOL_SLOTS, 2048)
         })
         .collect()
 }
