@@ -989,8 +989,64 @@ async fn node_tokens_guard_registration_and_the_node_api() {
     let anon = HttpClient::new(&stack.url()).unwrap();
     let (status, _, v) = post(&anon, "/v2/nodes/register", &reg).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    // ...and node-a's own token is bound to node-a: it may neither register another node id
+    // nor heartbeat for one, nor take over an unregistered id.
+    let holder = HttpClient::new(&stack.url())
+        .unwrap()
+        .with_token(Some(NODE_TOKEN.into()));
+    let (status, _, v) = post(&holder, "/v2/nodes/register", &reg).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["code"], "FORBIDDEN", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("\"node-a\""), "{v}");
+    let (status, _, v) = post(
+        &holder,
+        "/v2/nodes/node-b/heartbeat",
+        &json!({"pools": [], "staged_models": []}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
     let nodes: Value = c.get_json("/v2/nodes").await.unwrap();
     assert_eq!(nodes.as_array().unwrap().len(), 1);
+    assert_eq!(nodes[0]["node_id"], "node-a");
+    assert!(stack
+        .orch
+        .as_ref()
+        .unwrap()
+        .log_text()
+        .contains("Refused a node token used for another node id."));
+    // The node list and pool drains are for admin keys: a client key without the mark is
+    // refused (403), and nothing is drained.
+    let other = HttpClient::new(&stack.url())
+        .unwrap()
+        .with_token(Some("other-key-0123456789abcdef".into()));
+    for path in ["/v2/pools/default/drain", "/v2/pools/default/resume"] {
+        let (status, _, v) = post(&other, path, &json!({})).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {v}");
+        assert!(v["message"].as_str().unwrap().contains("admin"), "{v}");
+    }
+    let err = other.get_json::<Value>("/v2/nodes").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Status {
+                status: StatusCode::FORBIDDEN,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        pools(&c).await.pools[0].state,
+        llorch_wire::node::PoolState::Ready
+    );
+    // The same key still generates: the mark scopes operator endpoints only.
+    let (status, _, v) = post(
+        &other,
+        "/v1/chat/completions",
+        &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
     // ...and so is the node API without it.
     let node_api = HttpClient::new(&format!(
         "unix:{}",

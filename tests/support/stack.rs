@@ -198,7 +198,7 @@ impl Stack {
         let keys = self.dir.path().join("api-keys");
         std::fs::write(
             &keys,
-            format!("tester {TEST_KEY}\nother other-key-0123456789abcdef\n"),
+            format!("tester {TEST_KEY} admin\nother other-key-0123456789abcdef\n"),
         )
         .expect("write keys");
         let log = self.dir.path().join("logs/orchestratord.log");

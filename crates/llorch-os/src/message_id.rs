@@ -18,3 +18,6 @@ pub const NODE_LOST: &str = "5fbc07f9aa4c46aa8c447f64e22c02df";
 pub const CONFIG_REJECTED: &str = "eeed5bc405024c9ba51f3679fe20df43";
 /// orchestratord: the queue refused or evicted a task for the first time since it had room.
 pub const QUEUE_SATURATED: &str = "84ab6012d84a49fdae86921b2805f97a";
+/// orchestratord: a node request was refused (no valid node token, or a token bound to another
+/// node id): a misconfigured worker or an impostor.
+pub const NODE_REFUSED: &str = "93706c9873b647948d70f1c152461b28";

@@ -19,6 +19,9 @@ pub enum ErrorCode {
     EngineFailed,
     Canceled,
     Unauthorized,
+    /// The credential is valid but does not allow this: a client key without the admin mark
+    /// on an operator endpoint, a node token used for another node id.
+    Forbidden,
     Internal,
 }
 
@@ -50,6 +53,7 @@ impl ErrorCode {
             Self::EngineFailed => "ENGINE_FAILED",
             Self::Canceled => "CANCELED",
             Self::Unauthorized => "UNAUTHORIZED",
+            Self::Forbidden => "FORBIDDEN",
             Self::Internal => "INTERNAL",
         }
     }

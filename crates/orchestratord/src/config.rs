@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::admission::Policy;
-use crate::auth::{ApiKeys, KeysError};
+use crate::auth::{ApiKeys, KeyKind, KeysError};
 
 /// Defaults worth knowing.
 pub mod defaults {
@@ -140,11 +140,11 @@ impl Args {
         let api_keys_path = self.api_keys.or_else(|| credential("api-keys"));
         let node_tokens_path = self.node_tokens.or_else(|| credential("node-tokens"));
         let api_keys = match &api_keys_path {
-            Some(p) => Some(ApiKeys::load(p)?),
+            Some(p) => Some(ApiKeys::load(p, KeyKind::Api)?),
             None => None,
         };
         let node_tokens = match &node_tokens_path {
-            Some(p) => Some(ApiKeys::load(p)?),
+            Some(p) => Some(ApiKeys::load(p, KeyKind::Node)?),
             None => None,
         };
         if api_keys.is_none() && !self.listen.ip().is_loopback() {

@@ -102,12 +102,13 @@ impl State {
     /// Reads the key files again (SIGHUP). A file that no longer parses leaves the keys in
     /// force unchanged; running streams are not touched either way. Returns the key counts.
     pub fn reload_keys(&self) -> Result<(usize, usize), crate::auth::KeysError> {
-        let load = |p: &Option<std::path::PathBuf>| -> Result<_, crate::auth::KeysError> {
-            p.as_deref().map(crate::auth::ApiKeys::load).transpose()
+        use crate::auth::{ApiKeys, KeyKind, KeysError};
+        let load = |p: &Option<std::path::PathBuf>, kind| -> Result<_, KeysError> {
+            p.as_deref().map(|p| ApiKeys::load(p, kind)).transpose()
         };
         let keys = Keys {
-            api: load(&self.config.api_keys_path)?,
-            node: load(&self.config.node_tokens_path)?,
+            api: load(&self.config.api_keys_path, KeyKind::Api)?,
+            node: load(&self.config.node_tokens_path, KeyKind::Node)?,
         };
         let counts = (
             keys.api.as_ref().map_or(0, |k| k.len()),

@@ -130,6 +130,7 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::InvalidParams => StatusCode::BAD_REQUEST,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::ModelNotFound => StatusCode::NOT_FOUND,
         ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru | ErrorCode::DeadlineUnmet => {
             StatusCode::TOO_MANY_REQUESTS
@@ -145,9 +146,32 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
 
 /// The client a request comes from (the API key's name), or an `UNAUTHORIZED` refusal.
 pub fn authenticate(state: &State, headers: &HeaderMap) -> Result<String, Refusal> {
+    identify(state, headers).map(|(name, _)| name)
+}
+
+/// Like [`authenticate`], for the operator endpoints (drain, resume, the node list): the key
+/// must carry the `admin` mark, or the answer is 403 `FORBIDDEN`. Without API keys (loopback
+/// only) every caller is the operator.
+pub fn authorize_admin(state: &State, headers: &HeaderMap) -> Result<String, Refusal> {
+    let (name, admin) = identify(state, headers)?;
+    if admin {
+        return Ok(name);
+    }
+    tracing::info!(client = %name, "Refused an operator request from a key without the admin mark.");
+    Err((
+        StatusCode::FORBIDDEN,
+        ErrorBody::new(
+            ErrorCode::Forbidden,
+            format!("the API key {name:?} may not do this; operator endpoints need a key marked `admin` in the API key file"),
+        ),
+    ))
+}
+
+/// The key's name and whether it is an admin key.
+fn identify(state: &State, headers: &HeaderMap) -> Result<(String, bool), Refusal> {
     let keys = state.keys();
     let Some(keys) = &keys.api else {
-        return Ok("anonymous".into());
+        return Ok(("anonymous".into(), true));
     };
     let unauthorized = |m: &str| {
         (
@@ -161,7 +185,7 @@ pub fn authenticate(state: &State, headers: &HeaderMap) -> Result<String, Refusa
         ));
     };
     match keys.check(presented) {
-        Some(name) => Ok(name.to_string()),
+        Some(holder) => Ok((holder.name.to_string(), holder.admin)),
         None => {
             tracing::info!(
                 fingerprint = %crate::auth::fingerprint(presented),

@@ -18,7 +18,9 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{authenticate, parse, read_body, sse, ApiError, AppState, CorrelationId, Meter};
+use super::{
+    authenticate, authorize_admin, parse, read_body, sse, ApiError, AppState, CorrelationId, Meter,
+};
 use crate::metrics::Api;
 use crate::state::{Refusal, Submission};
 use crate::tasks::{Follower, Task};
@@ -278,7 +280,7 @@ async fn pool_action(
     id: String,
     action: &str,
 ) -> Result<Json<PoolStatus>> {
-    native(authenticate(&state, &headers))?;
+    native(authorize_admin(&state, &headers))?;
     let found = {
         let core = state.core();
         core.registry

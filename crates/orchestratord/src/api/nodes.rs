@@ -15,28 +15,63 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{authenticate, parse, read_body_within, ApiError, AppState};
+use super::{authorize_admin, parse, read_body_within, ApiError, AppState};
 use crate::auth::presented_key;
 use crate::registry::Node;
 use crate::state::State;
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-fn check_node_token(state: &State, headers: &HeaderMap) -> Result<()> {
+/// The node id a request's node token is bound to (`*`: any), or 401 when the control plane
+/// requires node tokens and the request has no valid one. `None`: tokens are not required
+/// (loopback without a node-tokens file).
+fn node_token(state: &State, headers: &HeaderMap) -> Result<Option<String>> {
     let keys = state.keys();
     let Some(tokens) = &keys.node else {
+        return Ok(None);
+    };
+    let presented = presented_key(headers);
+    if let Some(holder) = presented.and_then(|k| tokens.check(k)) {
+        return Ok(Some(holder.name.to_string()));
+    }
+    tracing::warn!(
+        message_id = llorch_os::message_id::NODE_REFUSED,
+        fingerprint = %presented.map(crate::auth::fingerprint).unwrap_or_else(|| "none".into()),
+        "Refused a node request without a valid node token."
+    );
+    Err(ApiError::native((
+        StatusCode::UNAUTHORIZED,
+        ErrorBody::new(
+            ErrorCode::Unauthorized,
+            "node token missing or not valid; give pool-managerd the token listed in the control plane's node-tokens file",
+        ),
+    )))
+}
+
+/// 403 unless a token bound to `bound` may act as `node_id`: one worker's token cannot act
+/// for another.
+fn check_binding(bound: Option<&str>, node_id: &str) -> Result<()> {
+    let Some(bound) = bound else {
         return Ok(());
     };
-    match presented_key(headers).and_then(|k| tokens.check(k)) {
-        Some(_) => Ok(()),
-        None => Err(ApiError::native((
-            StatusCode::UNAUTHORIZED,
-            ErrorBody::new(
-                ErrorCode::Unauthorized,
-                "node token missing or not valid; give pool-managerd the token listed in the control plane's node-tokens file",
-            ),
-        ))),
+    if bound == crate::auth::ANY_NODE || bound == node_id {
+        return Ok(());
     }
+    tracing::warn!(
+        message_id = llorch_os::message_id::NODE_REFUSED,
+        token = %bound,
+        node_id = %node_id,
+        "Refused a node token used for another node id."
+    );
+    Err(ApiError::native((
+        StatusCode::FORBIDDEN,
+        ErrorBody::new(
+            ErrorCode::Forbidden,
+            format!(
+                "this node token is bound to node {bound:?} and may not act as node {node_id:?}; set node.id to the id the token is listed under in the control plane's node-tokens file"
+            ),
+        ),
+    )))
 }
 
 /// `POST /v2/nodes/register`.
@@ -45,11 +80,14 @@ pub async fn register(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<NodeAck>> {
-    check_node_token(&state, &headers)?;
+    // A request without a valid token is refused before its body is read; the binding to a
+    // node id is checked once the body names it.
+    let bound = node_token(&state, &headers)?;
     let bytes = read_body_within(body, limits::MAX_BODY_BYTES)
         .await
         .map_err(ApiError::native)?;
     let reg: Registration = parse(&bytes).map_err(ApiError::native)?;
+    check_binding(bound.as_deref(), &reg.node_id)?;
     let bad = |field: &str, msg: String| {
         ApiError::native((StatusCode::BAD_REQUEST, ErrorBody::invalid(field, msg)))
     };
@@ -127,7 +165,9 @@ pub async fn heartbeat(
     let result = heartbeat_request(&state, headers, id, body).await;
     state.metrics.heartbeat(match &result {
         Ok(_) => "ok",
-        Err(e) if e.status == StatusCode::UNAUTHORIZED => "unauthorized",
+        Err(e) if e.status == StatusCode::UNAUTHORIZED || e.status == StatusCode::FORBIDDEN => {
+            "unauthorized"
+        }
         Err(e) if e.status == StatusCode::NOT_FOUND => "unknown_node",
         Err(_) => "invalid",
     });
@@ -140,7 +180,7 @@ async fn heartbeat_request(
     id: String,
     body: Body,
 ) -> Result<Json<NodeAck>> {
-    check_node_token(state, &headers)?;
+    check_binding(node_token(state, &headers)?.as_deref(), &id)?;
     let bytes = read_body_within(body, limits::MAX_BODY_BYTES)
         .await
         .map_err(ApiError::native)?;
@@ -172,6 +212,6 @@ async fn heartbeat_request(
 
 /// `GET /v2/nodes`.
 pub async fn list(Ext(state): Ext<AppState>, headers: HeaderMap) -> Result<Json<Vec<NodeView>>> {
-    authenticate(&state, &headers).map_err(ApiError::native)?;
+    authorize_admin(&state, &headers).map_err(ApiError::native)?;
     Ok(Json(state.core().registry.node_views(Instant::now())))
 }
