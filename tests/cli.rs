@@ -79,7 +79,7 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
 
     let (ok, out, err) = llorch(&url, &["status"]);
     assert!(ok, "{err}");
-    assert!(out.contains("home") && out.contains("yes"), "{out}");
+    assert!(out.contains("home") && out.contains("online"), "{out}");
     let pool_line = out
         .lines()
         .find(|l| l.starts_with("default"))

@@ -190,6 +190,10 @@ pub struct NodeView {
     pub node_id: String,
     pub address: String,
     pub online: bool,
+    /// `online`, `suspect` (missed its last heartbeat: nothing new is placed on it) or
+    /// `offline` (missed 3: its tasks ended with `NODE_UNAVAILABLE`).
+    #[serde(default)]
+    pub state: String,
     pub version: String,
     /// Milliseconds since the last registration or heartbeat.
     pub last_seen_ms: u64,

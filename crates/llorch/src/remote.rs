@@ -165,14 +165,18 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
     let pools: PoolsAnswer = client.get_json("/v2/pools").await?;
     let mut rows = vec![vec![
         "NODE".to_string(),
-        "ONLINE".into(),
+        "STATE".into(),
         "LAST SEEN".into(),
         "ADDRESS".into(),
     ]];
     for n in &nodes {
         rows.push(vec![
             n.node_id.clone(),
-            if n.online { "yes" } else { "no" }.into(),
+            if n.state.is_empty() {
+                if n.online { "online" } else { "offline" }.to_string()
+            } else {
+                n.state.clone()
+            },
             format!("{:.1} s ago", n.last_seen_ms as f64 / 1000.0),
             n.address.clone(),
         ]);

@@ -51,6 +51,24 @@ impl Node {
     pub fn offline_after(&self) -> Duration {
         self.heartbeat * MISSED_HEARTBEATS_OFFLINE
     }
+
+    /// Whether the node missed its last heartbeat (none for 1.5 intervals) while still online:
+    /// it is `suspect`, and nothing new is placed on it until it reports again; its running
+    /// tasks go on until it is offline.
+    pub fn missed_beat(&self, now: Instant) -> bool {
+        self.online && now.duration_since(self.last_seen) > self.heartbeat + self.heartbeat / 2
+    }
+
+    /// `online`, `suspect` or `offline`.
+    pub fn state(&self, now: Instant) -> &'static str {
+        if !self.online {
+            "offline"
+        } else if self.missed_beat(now) {
+            "suspect"
+        } else {
+            "online"
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -204,10 +222,13 @@ impl Registry {
             .predict_start(0, 0, slots.max(1))
     }
 
-    /// The snapshot placement decides on.
+    /// The snapshot placement decides on. A pool of a node that missed a heartbeat counts as
+    /// suspect: skipped, but its model stays served (tasks wait rather than fail).
     pub fn candidates(&self) -> Vec<Candidate> {
+        let now = Instant::now();
         let mut out = Vec::new();
         for node in self.nodes.values() {
+            let node_suspect = node.missed_beat(now);
             for p in &node.pools {
                 let key = (node.id.clone(), p.pool_id.clone());
                 out.push(Candidate {
@@ -218,7 +239,7 @@ impl Registry {
                     node_online: node.online,
                     free_slots: p.slots_total.saturating_sub(self.leased(&key)),
                     slots_total: p.slots_total,
-                    suspect: self.suspect.contains_key(&key),
+                    suspect: node_suspect || self.suspect.contains_key(&key),
                     load_ms: p.load_ms,
                     on_demand: p.on_demand,
                 });
@@ -279,6 +300,7 @@ impl Registry {
                 node_id: n.id.clone(),
                 address: n.address.clone(),
                 online: n.online,
+                state: n.state(now).to_string(),
                 version: n.version.clone(),
                 last_seen_ms: now.duration_since(n.last_seen).as_millis() as u64,
                 pools: n.pools.iter().map(|p| p.pool_id.clone()).collect(),
@@ -456,5 +478,31 @@ mod tests {
         }
         assert!(r.full_for("another"));
         assert!(!r.full_for("n0"), "a known node may always register again");
+    }
+
+    #[test]
+    fn a_node_that_missed_a_beat_is_suspect_and_skipped_then_offline() {
+        let start = Instant::now();
+        let mut n = node("w", start);
+        n.pools = vec![PoolStatus::new("p", "m", PoolState::Ready, 2, 1024)];
+        let mut r = Registry::default();
+        r.register(n);
+        let at = |ms| start + Duration::from_millis(ms);
+        assert_eq!(r.nodes["w"].state(at(1400)), "online");
+        assert_eq!(r.nodes["w"].state(at(1600)), "suspect");
+        // Placement skips a suspect node's pools, which still serve their model (tasks wait).
+        let mut quiet = node("q", Instant::now() - Duration::from_secs(2));
+        quiet.pools = vec![PoolStatus::new("p", "m", PoolState::Ready, 2, 1024)];
+        r.register(quiet);
+        let c = r.candidates();
+        let of = |id: &str| c.iter().find(|c| c.node_id == id).unwrap();
+        assert!(of("q").suspect && of("q").node_online && !of("q").serving());
+        assert!(!of("w").suspect && of("w").serving());
+        assert_eq!(r.expire_nodes(at(2900)), ["q"], "w is not offline yet");
+        assert_eq!(r.expire_nodes(at(3100)), ["w"]);
+        assert_eq!(r.nodes["w"].state(at(3100)), "offline");
+        // A heartbeat brings it back at once.
+        assert!(r.heartbeat("w", vec![], vec![]));
+        assert_eq!(r.nodes["w"].state(Instant::now()), "online");
     }
 }
