@@ -56,6 +56,7 @@ PACKAGES=(
   "prometheus|promtool checks and unit-tests the alert rules"
   "systemd-container|systemd-nspawn boots the appliance and setup tests"
   "debootstrap|builds the root filesystem those tests boot"
+  "iproute2|ip netns gives each host of the cloud test its own network"
 )
 
 installed() {

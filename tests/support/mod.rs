@@ -13,6 +13,7 @@ pub use llorch_client::UnixClient;
 pub mod bench;
 pub mod journal;
 pub mod notify;
+pub mod pki;
 pub mod prom;
 pub mod rootfs;
 pub mod stack;

@@ -1,5 +1,5 @@
-//! A client for one llama-orch HTTP endpoint, over TCP (`http://host:port`) or a Unix socket
-//! (`unix:/path/to.sock`). orchestratord uses it to reach nodes, pool-managerd to reach the
+//! A client for one llama-orch HTTP endpoint, over TCP (`http://host:port`), TLS
+//! (`https://host:port`, verified against [`TlsRoots`]) or a Unix socket (`unix:/path/to.sock`). orchestratord uses it to reach nodes, pool-managerd to reach the
 //! control plane, and the CLI to reach orchestratord.
 //!
 //! Connections are pooled and reused (hyper-util's client), over TCP and over Unix sockets
@@ -25,7 +25,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
 
-use crate::{error_from_response, ClientError, EventStream};
+use crate::{error_from_response, ClientError, EventStream, TlsRoots};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 
 /// How long a connection may take to be established, over TCP or a Unix socket: a peer whose
 /// listen queue is full, or an address that drops packets, is reported unreachable instead of
@@ -38,6 +39,10 @@ enum Target {
     Tcp {
         base: String,
         pooled: Pooled<HttpConnector, Full<Bytes>>,
+    },
+    Tls {
+        base: String,
+        pooled: Pooled<HttpsConnector<HttpConnector>, Full<Bytes>>,
     },
 }
 
@@ -140,20 +145,30 @@ impl std::fmt::Debug for HttpClient {
 }
 
 impl HttpClient {
-    /// `unix:/path/to.sock` or `http://host:port` (a trailing `/` is ignored).
+    /// `unix:/path/to.sock`, `http://host:port` or `https://host:port` (a trailing `/` is
+    /// ignored); `https://` trusts the system's CA store.
     pub fn new(address: &str) -> Result<Self, ClientError> {
+        Self::with_roots(address, &TlsRoots::system())
+    }
+
+    /// Like [`new`](Self::new), with the CAs an `https://` address is verified against.
+    pub fn with_roots(address: &str, roots: &TlsRoots) -> Result<Self, ClientError> {
         let target = if let Some(path) = address.strip_prefix("unix:") {
             if path.is_empty() || path.contains('\0') {
                 return Err(ClientError::Address(address.into()));
             }
             let connector = UnixConnector(Arc::new(PathBuf::from(path)));
             Target::Unix(Pooled::builder(TokioExecutor::new()).build(connector))
-        } else if let Some(rest) = address.strip_prefix("http://") {
+        } else if let Some((scheme, rest)) = address
+            .strip_prefix("http://")
+            .map(|r| ("http", r))
+            .or_else(|| address.strip_prefix("https://").map(|r| ("https", r)))
+        {
             let rest = rest.trim_end_matches('/');
             // The whole authority must parse as a URI's (`host[:port]`, no user info), so every
             // request built on it is valid; an address such as `http://bad host:1` is refused
             // here rather than when a request is formed.
-            let parsed = Uri::try_from(format!("http://{rest}/")).ok();
+            let parsed = Uri::try_from(format!("{scheme}://{rest}/")).ok();
             let authority_ok = parsed.as_ref().is_some_and(|u| {
                 let (Some(authority), Some(host)) = (u.authority(), u.host()) else {
                     return false;
@@ -176,9 +191,23 @@ impl HttpClient {
             let mut connector = HttpConnector::new();
             connector.set_nodelay(true);
             connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-            Target::Tcp {
-                base: format!("http://{rest}"),
-                pooled: Pooled::builder(TokioExecutor::new()).build(connector),
+            let base = format!("{scheme}://{rest}");
+            if scheme == "https" {
+                connector.enforce_http(false);
+                let https = HttpsConnectorBuilder::new()
+                    .with_tls_config(roots.config())
+                    .https_only()
+                    .enable_http1()
+                    .wrap_connector(connector);
+                Target::Tls {
+                    base,
+                    pooled: Pooled::builder(TokioExecutor::new()).build(https),
+                }
+            } else {
+                Target::Tcp {
+                    base,
+                    pooled: Pooled::builder(TokioExecutor::new()).build(connector),
+                }
             }
         } else {
             return Err(ClientError::Address(address.into()));
@@ -188,6 +217,11 @@ impl HttpClient {
             token: None,
             address: address.trim_end_matches('/').to_string(),
         })
+    }
+
+    /// Whether requests travel encrypted or stay on this host's Unix socket.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.target, Target::Tls { .. })
     }
 
     /// Sends `Authorization: Bearer <token>` with every request.
@@ -205,7 +239,7 @@ impl HttpClient {
         let uri = match &self.target {
             // The pooled client needs an absolute URI; the connector ignores its authority.
             Target::Unix(_) => format!("http://localhost{path}"),
-            Target::Tcp { base, .. } => format!("{base}{path}"),
+            Target::Tcp { base, .. } | Target::Tls { base, .. } => format!("{base}{path}"),
         };
         let mut b = Request::builder().method(method).uri(uri);
         if let Some(t) = &self.token {
@@ -234,6 +268,7 @@ impl HttpClient {
         let sent = match &self.target {
             Target::Unix(pooled) => pooled.request(req).await,
             Target::Tcp { pooled, .. } => pooled.request(req).await,
+            Target::Tls { pooled, .. } => pooled.request(req).await,
         };
         sent.map_err(|e| {
             if e.is_connect() {
@@ -356,6 +391,8 @@ mod tests {
             "http://[::1]:9200",
             "http://worker-1.lan:9200",
             "http://worker-1.lan",
+            "https://worker-1.lan:9200",
+            "https://[::1]:9200/",
             "unix:/run/llama-orch/pool-managerd.sock",
         ] {
             let client = HttpClient::new(good).unwrap_or_else(|e| panic!("{good}: {e}"));
@@ -371,7 +408,8 @@ mod tests {
             "http://[::1:1",
             "http://h:port",
             "http://h:1?q",
-            "https://h:1",
+            "https://bad host:1",
+            "https://h:1/x",
             "ftp://h:1",
             "unix:",
             "h:1",

@@ -5,7 +5,9 @@
 //! owns connection setup and SSE decoding, not retries or policy.
 
 mod http;
+mod tls;
 pub use http::{status_of, HttpClient, CONNECT_TIMEOUT};
+pub use tls::{leaves_host_in_clear, TlsRoots};
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -43,8 +45,13 @@ pub enum ClientError {
     Unreachable { address: String, reason: String },
     #[error("HTTP error talking to {address}: {reason}")]
     Transport { address: String, reason: String },
-    #[error("bad address {0:?}: use unix:/path/to.sock or http://host:port")]
+    #[error("bad address {0:?}: use unix:/path/to.sock, http://host:port or https://host:port")]
     Address(String),
+    /// A CA file that cannot be used.
+    #[error(
+        "CA file {path}: {reason}; give a PEM file of the CA that signed the server's certificate"
+    )]
+    Tls { path: PathBuf, reason: String },
     /// The request could not be formed (a path or header that is not valid HTTP): the caller's
     /// input, never worth a retry.
     #[error("cannot form a request to {address}: {reason}")]

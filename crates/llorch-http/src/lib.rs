@@ -7,6 +7,12 @@
 //!
 //! axum's own `serve` sets no header deadline and no connection limit, which leaves a listener
 //! open to slowloris; this is the same hyper HTTP/1 server with both.
+//!
+//! With a [`tls::Acceptor`], every connection must complete a TLS handshake (within the same
+//! header deadline) before any HTTP is read; one that does not (a plaintext client, a scanner)
+//! is closed and logged.
+
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,14 +42,17 @@ impl Default for Limits {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` fires, then waits for open connections to end
-/// their current request (the caller bounds that wait).
+/// Serves `app` on `listener` (over TLS when `tls` is given) until `shutdown` fires, then waits
+/// for open connections to end their current request (the caller bounds that wait).
 pub async fn serve<L: Listener>(
     mut listener: L,
     app: Router,
     limits: Limits,
+    tls: Option<tls::Acceptor>,
     shutdown: CancellationToken,
-) {
+) where
+    L::Addr: std::fmt::Debug,
+{
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -60,15 +69,35 @@ pub async fn serve<L: Listener>(
             () = shutdown.cancelled() => break,
         };
         // axum's Listener retries failed accepts (out of descriptors, say) after a pause.
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break,
         };
-        let conn =
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
+        let service = TowerToHyperService::new(app.clone());
+        let Some(tls) = &tls else {
+            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(permit);
+            });
+            continue;
+        };
+        // The handshake runs in the connection's own task, so a slow one holds no other.
+        let (tls, http, watcher) = (tls.clone(), http.clone(), graceful.watcher());
+        let deadline = limits.header_read;
         tokio::spawn(async move {
-            let _ = conn.await;
+            match tokio::time::timeout(deadline, tls.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let conn = http.serve_connection(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(peer = ?peer, error = %e, "Closed a connection that did not complete a TLS handshake.");
+                }
+                Err(_) => {
+                    tracing::info!(peer = ?peer, "Closed a connection whose TLS handshake took longer than the header deadline.");
+                }
+            }
             drop(permit);
         });
     }

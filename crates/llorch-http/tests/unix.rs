@@ -22,7 +22,13 @@ async fn a_unix_listener_serves_and_closes_trickled_headers() {
         max_connections: 8,
         header_read: Duration::from_secs(1),
     };
-    let server = tokio::spawn(llorch_http::serve(listener, app, limits, stop.clone()));
+    let server = tokio::spawn(llorch_http::serve(
+        listener,
+        app,
+        limits,
+        None,
+        stop.clone(),
+    ));
 
     let mut ok = UnixStream::connect(&path).await.unwrap();
     ok.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

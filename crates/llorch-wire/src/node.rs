@@ -228,13 +228,15 @@ fn check_address(address: &str) -> Result<(), ErrorBody> {
     }
     let ok = match address.split_once(':') {
         Some(("unix", path)) => path.starts_with('/'),
-        Some(("http", rest)) => rest.starts_with("//") && rest.len() > 2,
+        Some(("http" | "https", rest)) => rest.starts_with("//") && rest.len() > 2,
         _ => false,
     };
     if !ok {
         return Err(invalid(
             FIELD,
-            format!("address {address:?} must be unix:/absolute/path or http://host:port"),
+            format!(
+                "address {address:?} must be unix:/absolute/path, https://host:port or http://host:port"
+            ),
         ));
     }
     Ok(())

@@ -76,6 +76,25 @@ pub struct Args {
     /// keep-alive connection idle for this long, is closed.
     #[arg(long, env = "LLORCH_HEADER_READ_SECS", default_value_t = defaults::HEADER_READ_SECS)]
     pub header_read_secs: u64,
+    /// PEM certificate chain of the public listener; with `--tls-key`, every connection
+    /// (clients and nodes) must speak TLS. Default: `$CREDENTIALS_DIRECTORY/tls-cert` when that
+    /// file exists.
+    #[arg(long, env = "LLORCH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`. Default: `$CREDENTIALS_DIRECTORY/tls-key` when that
+    /// file exists.
+    #[arg(long, env = "LLORCH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM file of the CA that signed the workers' node API certificates (`https://` node
+    /// addresses are verified against it alone). Default: `$CREDENTIALS_DIRECTORY/node-ca` when
+    /// that file exists, else the system's CA store.
+    #[arg(long, env = "LLORCH_NODE_CA")]
+    pub node_ca: Option<PathBuf>,
+    /// Allow plain HTTP where it leaves this host: a listener off loopback without TLS, and
+    /// nodes that register an `http://` address off loopback. Keys, tokens and prompts then
+    /// cross the network in the clear; the daemon says so at start.
+    #[arg(long, env = "LLORCH_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
     /// Validate the configuration (and key files) and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -98,6 +117,22 @@ pub struct Config {
     pub sse_keepalive: Duration,
     pub max_connections: usize,
     pub header_read: Duration,
+    /// TLS on the public listener.
+    pub tls: Option<ServerTls>,
+    /// The CAs `https://` node addresses are verified against.
+    pub node_roots: llorch_client::TlsRoots,
+    /// Plain HTTP off this host is allowed (`--allow-plaintext`).
+    pub allow_plaintext: bool,
+}
+
+/// The public listener's TLS acceptor.
+#[derive(Clone)]
+pub struct ServerTls(pub llorch_http::tls::Acceptor);
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerTls")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +143,12 @@ pub enum ConfigError {
     OpenWithoutKeys(SocketAddr),
     #[error("--listen {0} is not a loopback address and no node tokens are configured: anyone who reaches it could register a node and receive prompts; give --node-tokens (or the node-tokens credential) or listen on 127.0.0.1")]
     OpenWithoutNodeTokens(SocketAddr),
+    #[error("--listen {0} is not a loopback address and has no TLS: API keys, node tokens and prompts would cross the network in the clear; give --tls-cert and --tls-key (or the tls-cert and tls-key credentials), or --allow-plaintext to accept that")]
+    PlaintextOffLoopback(SocketAddr),
+    #[error(transparent)]
+    Tls(#[from] llorch_http::tls::TlsError),
+    #[error("--node-ca: {0}")]
+    NodeCa(llorch_client::ClientError),
     #[error("--{0}: {1}")]
     Value(&'static str, String),
 }
@@ -129,6 +170,9 @@ impl Default for Config {
             sse_keepalive: Duration::from_secs(defaults::SSE_KEEPALIVE_SECS),
             max_connections: defaults::MAX_CONNECTIONS,
             header_read: Duration::from_secs(defaults::HEADER_READ_SECS),
+            tls: None,
+            node_roots: llorch_client::TlsRoots::system(),
+            allow_plaintext: false,
         }
     }
 }
@@ -147,11 +191,36 @@ impl Args {
             Some(p) => Some(ApiKeys::load(p, KeyKind::Node)?),
             None => None,
         };
+        let tls_cert = self.tls_cert.or_else(|| credential("tls-cert"));
+        let tls_key = self.tls_key.or_else(|| credential("tls-key"));
+        let tls = match (&tls_cert, &tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls(llorch_http::tls::acceptor(cert, key)?)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::Value(
+                    "tls-key",
+                    "--tls-cert is given without its key; give both or neither".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Value(
+                    "tls-cert",
+                    "--tls-key is given without its certificate; give both or neither".into(),
+                ))
+            }
+        };
+        let node_roots = match self.node_ca.or_else(|| credential("node-ca")) {
+            Some(p) => llorch_client::TlsRoots::from_pem_file(&p).map_err(ConfigError::NodeCa)?,
+            None => llorch_client::TlsRoots::system(),
+        };
         if api_keys.is_none() && !self.listen.ip().is_loopback() {
             return Err(ConfigError::OpenWithoutKeys(self.listen));
         }
         if node_tokens.is_none() && !self.listen.ip().is_loopback() {
             return Err(ConfigError::OpenWithoutNodeTokens(self.listen));
+        }
+        if tls.is_none() && !self.allow_plaintext && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::PlaintextOffLoopback(self.listen));
         }
         if self.queue_capacity == 0 || self.queue_capacity > 1_000_000 {
             return Err(ConfigError::Value(
@@ -210,6 +279,9 @@ impl Args {
             sse_keepalive: Duration::from_secs(self.sse_keepalive_secs),
             max_connections: self.max_connections,
             header_read: Duration::from_secs(self.header_read_secs),
+            tls,
+            node_roots,
+            allow_plaintext: self.allow_plaintext,
         })
     }
 }
@@ -260,7 +332,27 @@ mod tests {
             err.contains("no node tokens") && err.contains("--node-tokens"),
             "{err}"
         );
-        open(&["--api-keys", keys, "--node-tokens", keys]).unwrap();
+        // Both, in the clear: refused unless asked for.
+        let err = open(&["--api-keys", keys, "--node-tokens", keys]).unwrap_err();
+        assert!(
+            err.contains("--tls-cert") && err.contains("--allow-plaintext"),
+            "{err}"
+        );
+        open(&[
+            "--api-keys",
+            keys,
+            "--node-tokens",
+            keys,
+            "--allow-plaintext",
+        ])
+        .unwrap();
+        let err = open(&["--tls-cert", keys, "--allow-plaintext"]).unwrap_err();
+        assert!(err.starts_with("--tls-key"), "{err}");
+        let err = open(&["--tls-cert", keys, "--tls-key", keys]).unwrap_err();
+        assert!(
+            err.contains("TLS certificate") && err.contains("keys"),
+            "{err}"
+        );
         // On loopback neither is required.
         Args::parse_from(["orchestratord"]).into_config().unwrap();
     }

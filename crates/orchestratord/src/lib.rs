@@ -104,7 +104,14 @@ pub async fn serve_state(
     let listener = listener.tap_io(|s| {
         let _ = s.set_nodelay(true);
     });
-    let server = tokio::spawn(llorch_http::serve(listener, app, limits, shutdown.clone()));
+    let tls = state.config.tls.clone().map(|t| t.0);
+    let server = tokio::spawn(llorch_http::serve(
+        listener,
+        app,
+        limits,
+        tls,
+        shutdown.clone(),
+    ));
     // The listener is bound and the (empty) registry exists: requests are served from here on.
     llorch_os::service::ready_with_status(&state.status_line());
     shutdown.cancelled().await;

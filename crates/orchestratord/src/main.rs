@@ -48,8 +48,18 @@ async fn main() {
             eprintln!("orchestratord: the inherited socket {a} is not loopback and no node tokens are configured (give --node-tokens or the node-tokens credential)");
             std::process::exit(exit::USAGE);
         }
+        if config.tls.is_none() && !config.allow_plaintext {
+            eprintln!("orchestratord: the inherited socket {a} is not loopback and has no TLS (give --tls-cert and --tls-key, or the tls-cert and tls-key credentials, or --allow-plaintext)");
+            std::process::exit(exit::USAGE);
+        }
+        if config.tls.is_none() {
+            tracing::warn!(listen = %a, "Serving plain HTTP off loopback (--allow-plaintext): API keys, node tokens and prompts cross the network in the clear.");
+        }
     }
-    tracing::info!(listen = %addr, origin = ?origin, queue = config.queue_capacity, policy = config.policy.as_str(), "Serving the API.");
+    if config.allow_plaintext {
+        tracing::warn!("--allow-plaintext: nodes may register http:// addresses off this host; prompts sent to them cross the network in the clear.");
+    }
+    tracing::info!(listen = %addr, origin = ?origin, tls = config.tls.is_some(), queue = config.queue_capacity, policy = config.policy.as_str(), "Serving the API.");
     let shutdown = CancellationToken::new();
     if let Err(e) = llorch_os::service::cancel_on_stop_signal(shutdown.clone()) {
         eprintln!("orchestratord: cannot install signal handlers: {e}");

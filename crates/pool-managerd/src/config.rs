@@ -32,8 +32,13 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub id: String,
-    /// orchestratord's base URL, `http://host:port`.
+    /// orchestratord's base URL, `https://host:port` (or `http://` on this host).
     pub control_plane: String,
+    /// PEM file of the CA that signed the control plane's certificate: an `https://`
+    /// control plane is verified against it alone. Default:
+    /// `$CREDENTIALS_DIRECTORY/control-plane-ca` when that file exists, else the system's store.
+    #[serde(default)]
+    pub control_plane_ca: Option<PathBuf>,
     /// Where the node API listens: `unix:/path/to.sock`, `ip:port` or `http://ip:port`.
     pub listen: String,
     /// Where orchestratord reaches the node API (`unix:/path` or `http://host:port`); derived
@@ -57,6 +62,19 @@ pub struct NodeConfig {
     /// the node API listens on a non-loopback TCP address.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// PEM certificate chain of the node API on TCP; with `tls_key`, the API speaks only TLS
+    /// and is advertised as `https://`. Default: `$CREDENTIALS_DIRECTORY/tls-cert` when that
+    /// file exists.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`. Default: `$CREDENTIALS_DIRECTORY/tls-key` when present.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Allow plain HTTP across the network: a node API on a non-loopback TCP address without
+    /// TLS, an `http://` control plane on another host. Tokens and prompts then travel in the
+    /// clear; the node says so at start.
+    #[serde(default)]
+    pub allow_plaintext: bool,
     /// A TCP address (`ip:port`) that serves only `GET /metrics` and `/health`, for Prometheus
     /// when the node API is a Unix socket. Off when absent; the node API serves `/metrics` too.
     #[serde(default)]
@@ -172,10 +190,11 @@ impl Listen {
     }
 
     /// The address the control plane can use, if this one can be advertised as is.
-    fn advertised(&self) -> Option<String> {
+    fn advertised(&self, tls: bool) -> Option<String> {
         match self {
             Self::Unix(p) => Some(format!("unix:{}", p.display())),
             Self::Tcp(a) if a.ip().is_unspecified() => None,
+            Self::Tcp(a) if tls => Some(format!("https://{a}")),
             Self::Tcp(a) => Some(format!("http://{a}")),
         }
     }
@@ -228,6 +247,10 @@ pub struct Checked {
     pub advertise: String,
     /// The node token, when one is configured.
     pub token: Option<Secret>,
+    /// The node API's certificate and key files (checked to load), when it speaks TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The CA file an `https://` control plane is verified against (else the system's).
+    pub control_plane_ca: Option<PathBuf>,
 }
 
 impl Checked {
@@ -268,6 +291,16 @@ pub fn node_changes(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
         old.provisioner_bin != new.provisioner_bin,
     );
     differ("node.token_file", old.token_file != new.token_file);
+    differ("node.tls_cert", old.tls_cert != new.tls_cert);
+    differ("node.tls_key", old.tls_key != new.tls_key);
+    differ(
+        "node.control_plane_ca",
+        old.control_plane_ca != new.control_plane_ca,
+    );
+    differ(
+        "node.allow_plaintext",
+        old.allow_plaintext != new.allow_plaintext,
+    );
     differ(
         "node.metrics_listen",
         old.metrics_listen != new.metrics_listen,
@@ -341,39 +374,112 @@ fn check_id(path: &Path, key: &str, id: &str) -> Result<(), ConfigError> {
 fn validate(path: &Path, config: Config) -> Result<Checked, ConfigError> {
     let node = &config.node;
     check_id(path, "node.id", &node.id)?;
-    match node.control_plane.strip_prefix("http://") {
-        Some(rest)
-            if !rest.trim_end_matches('/').is_empty()
-                && !rest.trim_end_matches('/').contains('/') => {}
-        _ => {
-            return Err(invalid(
-                path,
-                "node.control_plane",
-                format!(
-                    "{:?} is not an http://host:port address of orchestratord",
-                    node.control_plane
-                ),
-            ))
-        }
+    let control_plane_ok = (node.control_plane.starts_with("http://")
+        || node.control_plane.starts_with("https://"))
+        && llorch_client::HttpClient::new(&node.control_plane).is_ok();
+    if !control_plane_ok {
+        return Err(invalid(
+            path,
+            "node.control_plane",
+            format!(
+                "{:?} is not an https://host:port (or http://host:port) address of orchestratord",
+                node.control_plane
+            ),
+        ));
+    }
+    if !node.allow_plaintext && llorch_client::leaves_host_in_clear(&node.control_plane) {
+        return Err(invalid(
+            path,
+            "node.control_plane",
+            format!(
+                "{} is plain HTTP to another host: the node token and prompts would cross the network in the clear; use https:// (with control_plane_ca), or set allow_plaintext = true",
+                node.control_plane
+            ),
+        ));
+    }
+    let control_plane_ca = node
+        .control_plane_ca
+        .clone()
+        .or_else(|| llorch_os::service::credential("control-plane-ca"));
+    if let Some(ca) = &control_plane_ca {
+        llorch_client::TlsRoots::from_pem_file(ca)
+            .map_err(|e| invalid(path, "node.control_plane_ca", e.to_string()))?;
     }
     let listen = Listen::parse(&node.listen).map_err(|m| invalid(path, "node.listen", m))?;
+    let tls_cert = node
+        .tls_cert
+        .clone()
+        .or_else(|| llorch_os::service::credential("tls-cert"));
+    let tls_key = node
+        .tls_key
+        .clone()
+        .or_else(|| llorch_os::service::credential("tls-key"));
+    let tls = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => {
+            if !matches!(listen, Listen::Tcp(_)) {
+                return Err(invalid(
+                    path,
+                    "node.tls_cert",
+                    "TLS is for a node API on TCP; a unix: socket stays on this host",
+                ));
+            }
+            llorch_http::tls::acceptor(&cert, &key)
+                .map_err(|e| invalid(path, "node.tls_cert", e.to_string()))?;
+            Some((cert, key))
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                path,
+                "node.tls_key",
+                "tls_cert is given without its key; give both or neither",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                path,
+                "node.tls_cert",
+                "tls_key is given without its certificate; give both or neither",
+            ))
+        }
+    };
+    if let Listen::Tcp(addr) = &listen {
+        if tls.is_none() && !node.allow_plaintext && !addr.ip().is_loopback() {
+            return Err(invalid(
+                path,
+                "node.listen",
+                format!("the node API listens on {addr}, which is not loopback, without TLS: the control plane's token and users' prompts would arrive in the clear; give tls_cert and tls_key (or the tls-cert and tls-key credentials), or set allow_plaintext = true"),
+            ));
+        }
+    }
     let advertise = match &node.advertise {
         Some(a) => {
             llorch_client::HttpClient::new(a).map_err(|_| {
                 invalid(
                     path,
                     "node.advertise",
-                    format!("{a:?} is neither unix:/path/to.sock nor http://host:port"),
+                    format!("{a:?} is neither unix:/path/to.sock nor http(s)://host:port"),
                 )
             })?;
+            if tls.is_some() != a.starts_with("https://") {
+                return Err(invalid(
+                    path,
+                    "node.advertise",
+                    if tls.is_some() {
+                        format!("{a:?} must be https:// as the node API speaks TLS")
+                    } else {
+                        format!("{a:?} is https:// but the node API has no TLS; give tls_cert and tls_key")
+                    },
+                ));
+            }
             a.trim_end_matches('/').to_string()
         }
-        None => listen.advertised().ok_or_else(|| {
+        None => listen.advertised(tls.is_some()).ok_or_else(|| {
             invalid(
                 path,
                 "node.advertise",
                 format!(
-                    "listen is {:?}, which the control plane cannot dial; set advertise to this node's http://host:port",
+                    "listen is {:?}, which the control plane cannot dial; set advertise to this node's https://host:port",
                     node.listen
                 ),
             )
@@ -551,6 +657,8 @@ fn validate(path: &Path, config: Config) -> Result<Checked, ConfigError> {
         advertise,
         config,
         token,
+        tls,
+        control_plane_ca,
     })
 }
 
@@ -705,7 +813,7 @@ mod tests {
             "node.id"
         );
         assert_eq!(
-            key_of(&EXAMPLE.replace("http://127.0.0.1:8080", "https://cp:8080")),
+            key_of(&EXAMPLE.replace("http://127.0.0.1:8080", "ftp://cp:8080")),
             "node.control_plane"
         );
         assert_eq!(
@@ -746,7 +854,7 @@ mod tests {
         assert_eq!(
             Listen::parse("127.0.0.1:9200")
                 .unwrap()
-                .advertised()
+                .advertised(false)
                 .unwrap(),
             "http://127.0.0.1:9200"
         );
@@ -755,7 +863,9 @@ mod tests {
             Listen::Tcp("127.0.0.1:9200".parse().unwrap())
         );
         // A wildcard address cannot be dialled: advertise must be given.
-        let text = EXAMPLE.replace("unix:/run/llama-orch/pool-managerd.sock", "0.0.0.0:9200");
+        let text = EXAMPLE
+            .replace("unix:/run/llama-orch/pool-managerd.sock", "0.0.0.0:9200")
+            .replace("# allow_plaintext = false", "allow_plaintext = true");
         assert_eq!(key_of(&text), "node.advertise");
     }
 
@@ -764,6 +874,18 @@ mod tests {
         let open = EXAMPLE
             .replace("unix:/run/llama-orch/pool-managerd.sock", "0.0.0.0:9200")
             .replace("# advertise = ", "advertise = ");
+        // In the clear: refused unless asked for, naming what to give.
+        let err = parse_str(&open).unwrap_err();
+        assert_eq!(err.key(), Some("node.listen"), "{err}");
+        assert!(err.to_string().contains("tls_cert"), "{err}");
+        // An https:// advertise without TLS is refused too.
+        assert_eq!(
+            key_of(&open.replace("# allow_plaintext = false", "allow_plaintext = true")),
+            "node.advertise"
+        );
+        let open = open
+            .replace("# allow_plaintext = false", "allow_plaintext = true")
+            .replace("https://10.0.0.5:9200", "http://10.0.0.5:9200");
         assert_eq!(key_of(&open), "node.token_file");
         let dir = tempfile::tempdir().unwrap();
         let short = dir.path().join("short");

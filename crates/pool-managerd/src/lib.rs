@@ -65,6 +65,8 @@ pub enum RunError {
     ControlPlane(llorch_client::ClientError),
     #[error("the node API failed: {0}")]
     Serve(std::io::Error),
+    #[error("the node API's TLS files are unusable: {0}")]
+    Tls(llorch_http::tls::TlsError),
     #[error("cannot use systemd to run the engines: {0}")]
     Launcher(launcher::LaunchError),
 }
@@ -75,7 +77,7 @@ impl RunError {
             Self::Runtime { .. } | Self::Listen(_) | Self::Tcp { .. } | Self::Watch(_) => {
                 exit::UNAVAILABLE
             }
-            Self::ControlPlane(_) => exit::CONFIG,
+            Self::ControlPlane(_) | Self::Tls(_) => exit::CONFIG,
             Self::Launcher(_) => exit::UNAVAILABLE,
             Self::Serve(_) => exit::SOFTWARE,
         }
@@ -154,7 +156,11 @@ pub async fn run_with(
         source,
     })?;
     let node = Node::new(config.pools());
-    let client = llorch_client::HttpClient::new(&config.node().control_plane)
+    let roots = match &config.control_plane_ca {
+        Some(ca) => llorch_client::TlsRoots::from_pem_file(ca).map_err(RunError::ControlPlane)?,
+        None => llorch_client::TlsRoots::system(),
+    };
+    let client = llorch_client::HttpClient::with_roots(&config.node().control_plane, &roots)
         .map_err(RunError::ControlPlane)?
         .with_token(config.token.as_ref().map(|t| t.0.clone()));
 
@@ -223,12 +229,25 @@ pub async fn run_with(
                 l,
                 app,
                 llorch_http::Limits::default(),
+                None,
                 stop_api,
             )))
         }
         None => None,
     };
     let app = api::router(node.clone(), config.token.as_ref().map(|t| t.0.clone()));
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(llorch_http::tls::acceptor(cert, key).map_err(RunError::Tls)?),
+        None => None,
+    };
+    if let Listen::Tcp(addr) = &config.listen {
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(listen = %addr, "The node API serves plain HTTP off loopback (allow_plaintext): the node token and prompts cross the network in the clear.");
+        }
+    }
+    if llorch_client::leaves_host_in_clear(&config.node().control_plane) {
+        tracing::warn!(control_plane = %config.node().control_plane, "The control plane is reached over plain HTTP on another host (allow_plaintext): the node token crosses the network in the clear.");
+    }
     let server = {
         let stop_api = stop_api.clone();
         // The node API takes the control plane's forwards (one connection per running task)
@@ -236,8 +255,8 @@ pub async fn run_with(
         let limits = llorch_http::Limits::default();
         tokio::spawn(async move {
             match listener {
-                Listener::Unix(l) => llorch_http::serve(l, app, limits, stop_api).await,
-                Listener::Tcp(l) => llorch_http::serve(l, app, limits, stop_api).await,
+                Listener::Unix(l) => llorch_http::serve(l, app, limits, None, stop_api).await,
+                Listener::Tcp(l) => llorch_http::serve(l, app, limits, tls, stop_api).await,
             }
         })
     };

@@ -95,8 +95,17 @@ pub async fn register(
     // panic (an address that forms no request, a sum past u32) under the core lock.
     reg.validate()
         .map_err(|e| ApiError::native((StatusCode::BAD_REQUEST, e)))?;
+    if !state.config.allow_plaintext && llorch_client::leaves_host_in_clear(&reg.address) {
+        return Err(bad(
+            "address",
+            format!(
+                "{} is plain HTTP off this host: prompts and the node token would cross the network in the clear; give the node API TLS (node.tls_cert, node.tls_key, an https:// address) or start orchestratord with --allow-plaintext",
+                reg.address
+            ),
+        ));
+    }
     // The node's token (when the control plane requires one) also guards the node's own API.
-    let client = HttpClient::new(&reg.address)
+    let client = HttpClient::with_roots(&reg.address, &state.config.node_roots)
         .map_err(|e| bad("address", e.to_string()))?
         .with_token(
             state

@@ -1,0 +1,535 @@
+//! The cloud profile across hosts: a control plane and two GPU-less workers, each in a network
+//! namespace of its own (`ip netns`, joined by veth links on a test subnet, no route anywhere
+//! else), with TLS on every listener that faces another host and node tokens bound to node
+//! ids. The real binaries on the real default model.
+//!
+//! - `cp` runs orchestratord on `0.0.0.0:8443` (TLS), reachable from the workers at 10.231.2.1
+//!   and 10.231.3.1; the test's client runs inside `cp` too (a thread that joined it), on
+//!   127.0.0.1.
+//! - `w2` (10.231.2.2) and `w3` (10.231.3.2) run pool-managerd with its node API on
+//!   `:9200` (TLS), the provisioner and one engine (2 slots) each, with their own cache and
+//!   runtime directories: nothing is shared but the network.
+//!
+//! Fixed ports are safe here: each namespace is created by this test and holds nothing else.
+//!
+//! Needs root (namespaces, setns); without it the test prints `SKIPPED: ...` and passes.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use llorch_client::{HttpClient, TlsRoots};
+use llorch_tests::pki::Ca;
+use llorch_tests::stack::{Daemon, MODEL_ID, TEST_KEY};
+use llorch_tests::{bin, frames, model_path, post};
+use llorch_wire::sse::Frame;
+use llorch_wire::task::{NodeView, StartedEvent, TaskAccepted};
+use llorch_wire::{ErrorBody, ErrorCode};
+use serde_json::{json, Value};
+
+const API_PORT: u16 = 8443;
+const NODE_PORT: u16 = 9200;
+const TOKEN_W2: &str = "w2-token-0123456789abcdef";
+const TOKEN_W3: &str = "w3-token-0123456789abcdef";
+/// A prompt the model continues for as long as it is let (as in tests/stack.rs).
+const PROMPT: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,";
+
+/// A network namespace this test created; deleted (with its links) when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn add(name: String) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        ip(&["netns", "add", &name]);
+        let ns = Self(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n <ns> ARGS`.
+    fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// A daemon started inside this namespace (`ip netns exec` execs it: the pid is its own).
+    fn spawn(&self, program: &Path, args: &[String], log: PathBuf) -> Daemon {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .arg(program)
+            .args(args)
+            .env("LLORCH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("ip netns exec");
+        Daemon { child, log }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `f` on a thread that joined the network namespace `ns`: every socket it opens lives
+/// there.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
+            // SAFETY: setns(2) on a namespace file this thread opened; it changes only this
+            // thread's network namespace.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("the netns thread")
+    })
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        == Some("0")
+}
+
+/// A worker host. Its daemon is stopped before its namespace goes.
+struct Worker {
+    daemon: Option<Daemon>,
+    id: &'static str,
+    ip: String,
+    ns: Netns,
+}
+
+fn worker_config(dir: &Path, w: &Worker, cp_ip: &str, ca: &Ca, token: &str) -> PathBuf {
+    let home = dir.join(w.id);
+    std::fs::create_dir_all(&home).unwrap();
+    let cert = ca.server(&format!("{}-node", w.id), &[&w.ip]);
+    let token_file = home.join("node-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let config = home.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[node]
+id = "{id}"
+control_plane = "https://{cp_ip}:{API_PORT}"
+control_plane_ca = "{ca}"
+listen = "{ip}:{NODE_PORT}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+token_file = "{token_file}"
+cache_dir = "{home}/cache"
+runtime_dir = "{home}/run"
+heartbeat_secs = 1
+engine_bin = "{engine}"
+provisioner_bin = "{provisioner}"
+launcher = "process"
+
+[[pools]]
+id = "default"
+slots = 2
+ctx = 1024
+threads = 1
+
+[pools.model]
+id = "{MODEL_ID}"
+source = "{model}"
+sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+"#,
+            id = w.id,
+            ca = ca.cert.display(),
+            ip = w.ip,
+            cert = cert.cert.display(),
+            key = cert.key.display(),
+            token_file = token_file.display(),
+            home = home.display(),
+            engine = bin("llorch-engine").display(),
+            provisioner = bin("engine-provisioner").display(),
+            model = model_path().display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+async fn nodes(c: &HttpClient) -> Vec<NodeView> {
+    c.get_json("/v2/nodes").await.expect("GET /v2/nodes")
+}
+
+/// Polls `/v2/nodes` until `done` holds; returns how long that took.
+async fn wait_nodes(
+    c: &HttpClient,
+    what: &str,
+    limit: Duration,
+    logs: &Path,
+    done: impl Fn(&[NodeView]) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let n = nodes(c).await;
+        if done(&n) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not after {limit:?}: {n:?}\n{}",
+            all_logs(logs)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every daemon log of the run, for a failure message.
+fn all_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            out.push_str(&format!("--- {}\n{text}\n", e.path().display()));
+        }
+    }
+    out
+}
+
+fn state_of<'a>(n: &'a [NodeView], id: &str) -> &'a str {
+    n.iter()
+        .find(|v| v.node_id == id)
+        .map_or("absent", |v| v.state.as_str())
+}
+
+async fn submit(c: &HttpClient, max_tokens: u32) -> TaskAccepted {
+    c.post_json(
+        "/v2/tasks",
+        &json!({"model_ref": MODEL_ID, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}),
+    )
+    .await
+    .expect("task accepted")
+}
+
+/// Opens a task's stream and reads up to its `started` event: the node it runs on.
+async fn started(c: &HttpClient, task: &TaskAccepted) -> (String, llorch_client::EventStream) {
+    let mut s = c.events(&task.streams.sse).await.expect("stream");
+    loop {
+        let f = s
+            .next_frame()
+            .await
+            .expect("a started event")
+            .expect("frame");
+        if f.event == "started" {
+            let e: StartedEvent = serde_json::from_str(&f.data).unwrap();
+            return (e.node_id, s);
+        }
+        assert_ne!(f.event, "error", "{f:?}");
+    }
+}
+
+fn last_error(f: &[Frame]) -> Option<ErrorBody> {
+    f.iter()
+        .rfind(|f| f.event == "error")
+        .map(|f| serde_json::from_str(&f.data).unwrap())
+}
+
+#[test]
+fn a_control_plane_and_two_workers_on_separate_networks() {
+    if !is_root() {
+        println!("SKIPPED: the cloud test creates network namespaces: run it as root");
+        return;
+    }
+    let tag = std::process::id();
+    let dir = tempfile::Builder::new()
+        .prefix("llorch-cloud-")
+        .tempdir()
+        .unwrap();
+    let cp = Netns::add(format!("llorch-{tag}-cp"));
+    let mut workers = [
+        Worker {
+            id: "w2",
+            ip: "10.231.2.2".into(),
+            ns: Netns::add(format!("llorch-{tag}-w2")),
+            daemon: None,
+        },
+        Worker {
+            id: "w3",
+            ip: "10.231.3.2".into(),
+            ns: Netns::add(format!("llorch-{tag}-w3")),
+            daemon: None,
+        },
+    ];
+    // One veth link from the control plane to each worker.
+    for (w, net) in workers.iter().zip(["2", "3"]) {
+        let link = format!("to-{}", w.id);
+        cp.ip(&[
+            "link", "add", &link, "type", "veth", "peer", "name", "to-cp", "netns", &w.ns.0,
+        ]);
+        cp.ip(&["addr", "add", &format!("10.231.{net}.1/24"), "dev", &link]);
+        cp.ip(&["link", "set", &link, "up"]);
+        w.ns.ip(&["addr", "add", &format!("{}/24", w.ip), "dev", "to-cp"]);
+        w.ns.ip(&["link", "set", "to-cp", "up"]);
+    }
+
+    // A private CA: the control plane's certificate names both of its addresses and loopback.
+    let ca = Ca::new(dir.path(), "cluster");
+    let cp_cert = ca.server("control-plane", &["10.231.2.1", "10.231.3.1", "127.0.0.1"]);
+    let keys = dir.path().join("api-keys");
+    std::fs::write(&keys, format!("ops {TEST_KEY} admin\n")).unwrap();
+    let tokens = dir.path().join("node-tokens");
+    std::fs::write(&tokens, format!("w2 {TOKEN_W2}\nw3 {TOKEN_W3}\n")).unwrap();
+    let orch_log = dir.path().join("orchestratord.log");
+    let _orch = cp.spawn(
+        &bin("orchestratord"),
+        &[
+            "--listen".into(),
+            format!("0.0.0.0:{API_PORT}"),
+            "--api-keys".into(),
+            keys.display().to_string(),
+            "--node-tokens".into(),
+            tokens.display().to_string(),
+            "--tls-cert".into(),
+            cp_cert.cert.display().to_string(),
+            "--tls-key".into(),
+            cp_cert.key.display().to_string(),
+            "--node-ca".into(),
+            ca.cert.display().to_string(),
+        ],
+        orch_log.clone(),
+    );
+    for (w, (cp_ip, token)) in workers
+        .iter_mut()
+        .zip([("10.231.2.1", TOKEN_W2), ("10.231.3.1", TOKEN_W3)])
+    {
+        let config = worker_config(dir.path(), w, cp_ip, &ca, token);
+        let log = dir.path().join(format!("{}.log", w.id));
+        w.daemon = Some(w.ns.spawn(
+            &bin("pool-managerd"),
+            &["--config".into(), config.display().to_string()],
+            log,
+        ));
+    }
+    let orch_text = || std::fs::read_to_string(&orch_log).unwrap_or_default();
+    let cp_name = cp.0.clone();
+    let w3_ns = workers[1].ns.0.clone();
+    let roots = TlsRoots::from_pem_file(&ca.cert).unwrap();
+
+    let report = in_netns(&cp_name, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
+                .unwrap()
+                .with_token(Some(TEST_KEY.into()));
+            // orchestratord accepts connections once its listener is bound.
+            let start = Instant::now();
+            while tokio::net::TcpStream::connect(("127.0.0.1", API_PORT)).await.is_err() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "orchestratord does not listen:\n{}",
+                    orch_text()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // 1. Both workers register over TLS and are online, at their https:// addresses.
+            let boot = wait_nodes(&c, "both workers online", Duration::from_secs(180), dir.path(), |n| {
+                state_of(n, "w2") == "online" && state_of(n, "w3") == "online"
+            })
+            .await;
+            let n = nodes(&c).await;
+            for v in &n {
+                assert!(v.address.starts_with("https://10.231."), "{v:?}");
+            }
+            // Their pools are ready: wait for both engines.
+            let start = Instant::now();
+            loop {
+                let p: Value = c.get_json("/v2/pools").await.unwrap();
+                let ready = p["pools"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|p| p["state"] == "ready")
+                    .count();
+                if ready == 2 {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(180), "{p}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+
+            // 2. A chat is answered.
+            let (status, _, v) = post(
+                &c,
+                "/v1/chat/completions",
+                &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
+            )
+            .await;
+            assert_eq!(status, 200, "{v}");
+            assert!(
+                v["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"),
+                "{v}"
+            );
+
+            // 3. Eight concurrent tasks are spread over both workers.
+            let mut accepted = Vec::new();
+            for _ in 0..8 {
+                accepted.push(submit(&c, 12).await);
+            }
+            let runs = accepted.iter().map(|t| async {
+                let (node, s) = started(&c, t).await;
+                let f = frames(s).await;
+                assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
+                node
+            });
+            let on: Vec<String> = join_all(runs).await;
+            assert!(on.iter().any(|n| n == "w2") && on.iter().any(|n| n == "w3"), "{on:?}");
+
+            // 4. Worker 3's link drops mid-stream: its streams end with NODE_UNAVAILABLE within
+            // the heartbeat timeout (3 × 1 s), it goes suspect then offline, and new tasks go to
+            // worker 2. Four long tasks fill both workers' two slots each.
+            let mut long = Vec::new();
+            for _ in 0..4 {
+                let t = submit(&c, 400).await;
+                let (node, s) = started(&c, &t).await;
+                long.push((node, s, t.task_id));
+            }
+            let (on_w3, on_w2): (Vec<_>, Vec<_>) =
+                long.into_iter().partition(|(n, _, _)| n == "w3");
+            assert!(!on_w3.is_empty() && !on_w2.is_empty());
+            let link_down = Instant::now();
+            ip(&["-n", &w3_ns, "link", "set", "to-cp", "down"]);
+            let mut detect = Duration::ZERO;
+            for (_, s, _) in on_w3 {
+                let f = frames(s).await;
+                let err = last_error(&f).unwrap_or_else(|| panic!("no error event: {f:?}"));
+                assert_eq!(err.code, ErrorCode::NodeUnavailable, "{err:?}");
+                assert!(err.retriable);
+                detect = link_down.elapsed();
+            }
+            assert!(detect < Duration::from_secs(6), "lost after {detect:?}");
+            let n = nodes(&c).await;
+            assert_eq!(state_of(&n, "w3"), "offline", "{n:?}");
+            assert_eq!(state_of(&n, "w2"), "online", "{n:?}");
+            // Worker 2's own tasks were not touched: still running, they are cancelled now to
+            // free its slots.
+            for (_, s, id) in on_w2 {
+                let info: Value = c.get_json(&format!("/v2/tasks/{id}")).await.unwrap();
+                assert_eq!(info["state"], "running", "{info}");
+                let (status, _, v) = post(&c, &format!("/v2/tasks/{id}/cancel"), &json!({})).await;
+                assert!(status.is_success(), "{v}");
+                let f = frames(s).await;
+                assert_eq!(last_error(&f).map(|e| e.code), Some(ErrorCode::Canceled), "{f:?}");
+            }
+            let t = submit(&c, 4).await;
+            let (node, s) = started(&c, &t).await;
+            assert_eq!(node, "w2");
+            assert!(frames(s).await.iter().any(|f| f.event == "end"));
+
+            // 5. The link comes back: worker 3 is online again by itself and serves.
+            ip(&["-n", &w3_ns, "link", "set", "to-cp", "up"]);
+            let recover = wait_nodes(&c, "w3 back", Duration::from_secs(30), dir.path(), |n| {
+                state_of(n, "w3") == "online"
+            })
+            .await;
+            let mut on = Vec::new();
+            for _ in 0..3 {
+                let batch: Vec<TaskAccepted> = {
+                    let mut b = Vec::new();
+                    for _ in 0..4 {
+                        b.push(submit(&c, 8).await);
+                    }
+                    b
+                };
+                let runs = batch.iter().map(|t| async {
+                    let (node, s) = started(&c, t).await;
+                    let f = frames(s).await;
+                    assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
+                    node
+                });
+                on.extend(join_all(runs).await);
+                if on.iter().any(|n| n == "w3") {
+                    break;
+                }
+            }
+            assert!(on.iter().any(|n| n == "w3"), "worker 3 serves again: {on:?}");
+
+            // 6. A worker's token used for another node id, an unknown token, and a plaintext
+            // client against the TLS listener are all refused and logged.
+            let w2_token = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
+                .unwrap()
+                .with_token(Some(TOKEN_W2.into()));
+            let (status, _, v) = post(
+                &w2_token,
+                "/v2/nodes/w3/heartbeat",
+                &json!({"pools": [], "staged_models": []}),
+            )
+            .await;
+            assert_eq!(status, 403, "{v}");
+            let bogus = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
+                .unwrap()
+                .with_token(Some("not-a-token-0123456789".into()));
+            let (status, _, v) = post(
+                &bogus,
+                "/v2/nodes/register",
+                &json!({"node_id": "w9", "address": "https://10.231.2.9:9200", "version": "0", "heartbeat_secs": 1, "pools": []}),
+            )
+            .await;
+            assert_eq!(status, 401, "{v}");
+            let plain = HttpClient::new(&format!("http://127.0.0.1:{API_PORT}"))
+                .unwrap()
+                .with_token(Some(TEST_KEY.into()));
+            assert!(plain.get_json::<Value>("/v2/nodes").await.is_err());
+            (boot, detect, recover)
+        })
+    });
+    let (boot, detect, recover) = report;
+    // Each worker's engine parsed its own staged copy of the model: nothing was shared.
+    for w in ["w2", "w3"] {
+        let cache = dir.path().join(w).join("cache");
+        assert!(
+            std::fs::read_dir(&cache).is_ok_and(|mut d| d.next().is_some()),
+            "{cache:?}"
+        );
+    }
+    let log = orch_text();
+    assert!(
+        log.contains("Refused a node token used for another node id."),
+        "{log}"
+    );
+    assert!(
+        log.contains("Refused a node request without a valid node token."),
+        "{log}"
+    );
+    assert!(log.contains("did not complete a TLS handshake"), "{log}");
+    // No flapping: worker 3 was lost once and came back once.
+    assert_eq!(log.matches("Node is back online.").count(), 1, "{log}");
+    println!(
+        "cloud: both workers online after {boot:?}; lost worker's streams ended {detect:?} after its link went down; back online {recover:?} after the link came up"
+    );
+    for w in &mut workers {
+        if let Some(mut d) = w.daemon.take() {
+            let status = d.stop();
+            assert!(status.success(), "{}: {status}\n{}", w.id, d.log_text());
+        }
+    }
+}
