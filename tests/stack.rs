@@ -946,20 +946,35 @@ async fn a_restarted_control_plane_gets_the_node_back_by_itself() {
     assert!(status.success(), "{status}");
     stack.orch = None;
     stack.start_orchestratord();
-    // The node notices (its heartbeat is answered 404) and registers again.
-    stack.wait_ready();
+    // Asked at once, before the node noticed the restart: the requests wait in the queue for
+    // the node to register again (its heartbeat is answered 404, or refused) and are answered;
+    // none is refused. A model nobody registers is refused once the node's heartbeat interval
+    // (1 s here) has passed, not after the whole 15 s grace.
     let c = stack.client();
-    let (status, _, v) = post(
-        &c,
-        "/v1/chat/completions",
-        &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
-    )
-    .await;
+    let ask = |model: &'static str| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let (status, _, v) = post(
+                &c,
+                "/v1/chat/completions",
+                &json!({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
+            )
+            .await;
+            (status, v, start.elapsed())
+        })
+    };
+    let (answers, typo) = (ask(MODEL_ID), ask("no-such-model"));
+    let (status, v, _) = answers.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{v}");
     assert!(v["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()
         .contains("Paris"));
+    let (status, v, waited) = typo.await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
     assert_eq!(stack.node.as_ref().unwrap().pid(), node_pid);
     assert!(alive(node_pid));
     let nodes: Value = c.get_json("/v2/nodes").await.unwrap();

@@ -21,6 +21,7 @@ pub mod defaults {
     pub const SSE_KEEPALIVE_SECS: u64 = 15;
     pub const MAX_CONNECTIONS: usize = 4096;
     pub const HEADER_READ_SECS: u64 = 30;
+    pub const REGISTRATION_GRACE_SECS: u64 = 15;
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -76,6 +77,12 @@ pub struct Args {
     /// keep-alive connection idle for this long, is closed.
     #[arg(long, env = "LLORCH_HEADER_READ_SECS", default_value_t = defaults::HEADER_READ_SECS)]
     pub header_read_secs: u64,
+    /// Seconds after start during which a request for a model no node has registered yet waits
+    /// in the queue instead of being refused: after a restart, nodes register again within a
+    /// heartbeat (default 3 × 5 s). When it ends, tasks for models still unknown end with
+    /// MODEL_NOT_FOUND. 0 refuses at once (503 before any node registered, 404 after).
+    #[arg(long, env = "LLORCH_REGISTRATION_GRACE_SECS", default_value_t = defaults::REGISTRATION_GRACE_SECS)]
+    pub registration_grace_secs: u64,
     /// PEM certificate chain of the public listener; with `--tls-key`, every connection
     /// (clients and nodes) must speak TLS. Default: `$CREDENTIALS_DIRECTORY/tls-cert` when that
     /// file exists.
@@ -117,6 +124,8 @@ pub struct Config {
     pub sse_keepalive: Duration,
     pub max_connections: usize,
     pub header_read: Duration,
+    /// How long after start requests for not-yet-registered models wait.
+    pub registration_grace: Duration,
     /// TLS on the public listener.
     pub tls: Option<ServerTls>,
     /// The CAs `https://` node addresses are verified against.
@@ -170,6 +179,7 @@ impl Default for Config {
             sse_keepalive: Duration::from_secs(defaults::SSE_KEEPALIVE_SECS),
             max_connections: defaults::MAX_CONNECTIONS,
             header_read: Duration::from_secs(defaults::HEADER_READ_SECS),
+            registration_grace: Duration::from_secs(defaults::REGISTRATION_GRACE_SECS),
             tls: None,
             node_roots: llorch_client::TlsRoots::system(),
             allow_plaintext: false,
@@ -258,6 +268,15 @@ impl Args {
                 format!("{} is out of range; use 1 to 3600", self.header_read_secs),
             ));
         }
+        if self.registration_grace_secs > 300 {
+            return Err(ConfigError::Value(
+                "registration-grace-secs",
+                format!(
+                    "{} is out of range; use 0 to 300",
+                    self.registration_grace_secs
+                ),
+            ));
+        }
         if self.default_max_tokens == 0 {
             return Err(ConfigError::Value(
                 "default-max-tokens",
@@ -279,6 +298,7 @@ impl Args {
             sse_keepalive: Duration::from_secs(self.sse_keepalive_secs),
             max_connections: self.max_connections,
             header_read: Duration::from_secs(self.header_read_secs),
+            registration_grace: Duration::from_secs(self.registration_grace_secs),
             tls,
             node_roots,
             allow_plaintext: self.allow_plaintext,
@@ -298,6 +318,7 @@ mod tests {
             ("--stream-idle-secs", "0"),
             ("--max-connections", "0"),
             ("--header-read-secs", "0"),
+            ("--registration-grace-secs", "301"),
         ] {
             let err = Args::parse_from(["orchestratord", flag, value])
                 .into_config()

@@ -97,6 +97,16 @@ struct Dispatched {
     cold: bool,
 }
 
+/// Why a queued task leaves the queue without running.
+enum Unplaced {
+    /// Cancelled while a dispatch gave it back.
+    Cancelled,
+    /// Placement says it can never run (its pin names a pool that no longer serves it, ...).
+    Impossible(String),
+    /// No pool serves its model: nobody registered it after a restart.
+    UnknownModel(String),
+}
+
 /// Runs until shutdown: expires deadlines, places what can be placed, starts the streams.
 pub async fn run(state: Arc<State>) {
     // The watchdog is fed from this loop: if dispatching wedges, the service manager restarts
@@ -118,17 +128,31 @@ pub async fn run(state: Arc<State>) {
                 ),
             );
         }
-        for (e, reason) in impossible {
-            if !e.item.cancel.is_cancelled() {
-                state.metrics.decision(Decision::Impossible);
-            }
-            let body = if e.item.cancel.is_cancelled() {
-                ErrorBody::new(ErrorCode::Canceled, reason)
-            } else {
-                ErrorBody::new(
-                    ErrorCode::PoolUnavailable,
-                    format!("the task can no longer be placed: {reason}"),
-                )
+        for (e, why) in impossible {
+            let body = match why {
+                _ if e.item.cancel.is_cancelled() => {
+                    ErrorBody::new(ErrorCode::Canceled, "the task was cancelled")
+                }
+                Unplaced::Cancelled => {
+                    ErrorBody::new(ErrorCode::Canceled, "the task was cancelled")
+                }
+                Unplaced::Impossible(reason) => {
+                    state.metrics.decision(Decision::Impossible);
+                    ErrorBody::new(
+                        ErrorCode::PoolUnavailable,
+                        format!("the task can no longer be placed: {reason}"),
+                    )
+                }
+                Unplaced::UnknownModel(reason) => {
+                    state.metrics.decision(Decision::Impossible);
+                    ErrorBody {
+                        field: Some("model".into()),
+                        ..ErrorBody::new(
+                            ErrorCode::ModelNotFound,
+                            format!("{reason}: no node registered it after orchestratord started (see GET /v1/models)"),
+                        )
+                    }
+                }
             };
             state.finish(&e.item, body);
         }
@@ -161,12 +185,13 @@ fn take_work(
     state: &Arc<State>,
 ) -> (
     Vec<Entry<Arc<Task>>>,
-    Vec<(Entry<Arc<Task>>, String)>,
+    Vec<(Entry<Arc<Task>>, Unplaced)>,
     Vec<Dispatched>,
     Option<Instant>,
 ) {
     let now = Instant::now();
     let mut core = state.core();
+    let awaiting = state.awaiting_registrations(&core.registry, now);
     let expired = core.queue.expire(now);
     let mut impossible = Vec::new();
     let mut started = Vec::new();
@@ -184,7 +209,7 @@ fn take_work(
             if task.cancel.is_cancelled() {
                 // Cancelled while a dispatch gave it back: end it here.
                 if let Some(e) = core.queue.remove(&task.key) {
-                    impossible.push((e, "the task was cancelled".into()));
+                    impossible.push((e, Unplaced::Cancelled));
                 }
                 continue;
             }
@@ -201,9 +226,19 @@ fn take_work(
             };
             match place(&candidates, &ask) {
                 Placement::Wait { .. } => {}
+                // Its model's nodes may still be registering after a restart.
+                Placement::Impossible { .. }
+                    if awaiting && !candidates.iter().any(|c| c.model_id == task.model) => {}
                 Placement::Impossible { reason } => {
                     if let Some(e) = core.queue.remove(&task.key) {
-                        impossible.push((e, reason));
+                        // A model nobody registered (the grace after a restart is over) is
+                        // not found, as it would have been at admission.
+                        let why = if candidates.iter().any(|c| c.model_id == task.model) {
+                            Unplaced::Impossible(reason)
+                        } else {
+                            Unplaced::UnknownModel(reason)
+                        };
+                        impossible.push((e, why));
                     }
                 }
                 Placement::Place {
@@ -539,12 +574,18 @@ async fn forward(
 /// Marks nodes offline that stopped heartbeating; runs until shutdown.
 pub async fn watch_nodes(state: Arc<State>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut awaiting = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = state.shutdown.cancelled() => return,
         }
         let now = Instant::now();
+        if awaiting && !state.awaiting_registrations(&state.core().registry, now) {
+            // The registration grace is over: tasks still waiting for an unknown model end.
+            awaiting = false;
+            state.fail_unknown_models();
+        }
         let (lost, forgotten) = {
             let mut core = state.core();
             core.sessions.purge(now);

@@ -301,6 +301,17 @@ impl State {
     ) -> Result<(TaskAccepted, Option<Arc<Task>>), Refusal> {
         let mut core = self.core();
         let candidates = core.registry.candidates();
+        // Just after a (re)start, nodes are still registering: a task for a model not known
+        // yet waits in the queue for them (until the grace ends) instead of being refused.
+        let now = Instant::now();
+        let awaiting_nodes = self.awaiting_registrations(&core.registry, now)
+            && !candidates.iter().any(|c| c.model_id == sub.model);
+        if awaiting_nodes {
+            let left = self
+                .grace_end(&core.registry)
+                .saturating_duration_since(now);
+            return self.enqueue(&mut core, task, sub, left, Duration::ZERO);
+        }
         if core.registry.nodes.is_empty() {
             // Just started (or restarted): nodes register within a heartbeat, and until one
             // does no model is known. A retry soon succeeds; a 404 would be wrong.
@@ -425,6 +436,19 @@ impl State {
                 ));
             }
         }
+        self.enqueue(&mut core, task, sub, predicted, one_slot)
+    }
+
+    /// Pushes an admitted task into the queue (under the core lock the caller holds).
+    #[allow(clippy::type_complexity)]
+    fn enqueue(
+        &self,
+        core: &mut Core,
+        task: &Arc<Task>,
+        sub: &Submission,
+        predicted: Duration,
+        one_slot: Duration,
+    ) -> Result<(TaskAccepted, Option<Arc<Task>>), Refusal> {
         let deadline = sub
             .deadline_ms
             .map(|ms| task.submitted + Duration::from_millis(ms));
@@ -481,6 +505,56 @@ impl State {
             },
             evicted,
         ))
+    }
+
+    /// Whether nodes may still be registering after orchestratord's start, so a model nobody
+    /// serves yet may be served in a moment. Every live node reports within one of its heartbeat
+    /// intervals of the start (a heartbeat answered 404, or refused, makes it register again),
+    /// so the wait ends 1.5 intervals (the longest any registered node uses) after the start,
+    /// and at the latest after `--registration-grace-secs`.
+    pub fn awaiting_registrations(&self, registry: &Registry, now: Instant) -> bool {
+        now < self.grace_end(registry)
+    }
+
+    fn grace_end(&self, registry: &Registry) -> Instant {
+        let cap = self.started + self.config.registration_grace;
+        match registry.nodes.values().map(|n| n.heartbeat).max() {
+            Some(hb) => cap.min(self.started + hb + hb / 2),
+            None => cap,
+        }
+    }
+
+    /// Ends the queued tasks whose model no node serves (called once the registration grace
+    /// is over): they waited for a node that did not come.
+    pub fn fail_unknown_models(&self) {
+        let orphans: Vec<Arc<Task>> = {
+            let mut core = self.core();
+            let known = core.registry.models();
+            let keys: Vec<_> = core
+                .queue
+                .iter()
+                .filter(|e| known.binary_search(&e.model).is_err())
+                .map(|e| e.task_id.clone())
+                .collect();
+            keys.iter()
+                .filter_map(|k| core.queue.remove(k))
+                .map(|e| e.item)
+                .collect()
+        };
+        for t in orphans {
+            let body = ErrorBody {
+                field: Some("model".into()),
+                ..ErrorBody::new(
+                    ErrorCode::ModelNotFound,
+                    format!(
+                        "model {:?} is not served here: no node registered it within {} s of orchestratord's start (see GET /v1/models)",
+                        t.model,
+                        self.config.registration_grace.as_secs()
+                    ),
+                )
+            };
+            self.finish(&t, body);
+        }
     }
 
     /// Cancels a task: a queued one leaves the queue and ends at once; a running one is
@@ -604,6 +678,7 @@ mod tests {
             staged_models: vec![],
             client: HttpClient::new("unix:/nonexistent.sock").unwrap(),
             lost: CancellationToken::new(),
+            draining: false,
         });
         state
     }
