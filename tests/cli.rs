@@ -112,6 +112,14 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
     assert!(out.contains("ready"), "{out}");
     let (ok, _, err) = llorch(&url, &["pools", "drain", "nope"]);
     assert!(!ok && err.contains("nope"), "{err}");
+    // A whole node: drained (nothing runs, so it is empty at once), shown, resumed.
+    let (ok, out, err) = llorch(&url, &["nodes", "drain", "home", "--wait", "10"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("node home: drained"), "{out}");
+    let (ok, out, err) = llorch(&url, &["nodes", "resume", "home"]);
+    assert!(ok && out.contains("placing work again"), "{out}{err}");
+    let (ok, _, err) = llorch(&url, &["nodes", "drain", "nope"]);
+    assert!(!ok && err.contains("nope"), "{err}");
 
     // Ctrl-C: everything stops, no engine is left, no handoff file stays behind.
     let handoff = runtime.join("handoff/default.json");

@@ -473,7 +473,62 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
             }
             assert!(on.iter().any(|n| n == "w3"), "worker 3 serves again: {on:?}");
 
-            // 6. A worker's token used for another node id, an unknown token, and a plaintext
+            // 6. A session stays on its node: its turns run where its KV cache is.
+            let mut session_nodes = Vec::new();
+            for turn in 0..3 {
+                let t: TaskAccepted = c
+                    .post_json(
+                        "/v2/tasks",
+                        &json!({"model_ref": MODEL_ID, "session_id": "cloud-s1",
+                                "prompt": format!("{PROMPT} turn {turn}"), "max_tokens": 4}),
+                    )
+                    .await
+                    .unwrap();
+                let (node, s) = started(&c, &t).await;
+                assert!(frames(s).await.iter().any(|f| f.event == "end"));
+                session_nodes.push(node);
+            }
+            assert!(
+                session_nodes.windows(2).all(|w| w[0] == w[1]),
+                "{session_nodes:?}"
+            );
+
+            // 7. Drain worker 3 while a task runs there: the task finishes, nothing new goes
+            // there, and the node reports when it is empty; resumed, it takes work again.
+            let (mut running_w3, mut others) = (None, Vec::new());
+            for _ in 0..4 {
+                let t = submit(&c, 60).await;
+                let (node, s) = started(&c, &t).await;
+                if node == "w3" && running_w3.is_none() {
+                    running_w3 = Some(s);
+                } else {
+                    others.push(s);
+                }
+            }
+            let running_w3 = running_w3.expect("a task on w3");
+            let v: NodeView = c.post_json("/v2/nodes/w3/drain", &json!({})).await.unwrap();
+            assert!(v.draining && v.running >= 1, "{v:?}");
+            let t = submit(&c, 4).await;
+            let (node, s) = started(&c, &t).await;
+            assert_eq!(node, "w2", "nothing new on a draining node");
+            assert!(frames(s).await.iter().any(|f| f.event == "end"));
+            let f = frames(running_w3).await;
+            assert!(f.iter().any(|f| f.event == "end"), "the running task finished: {f:?}");
+            for s in others {
+                assert!(frames(s).await.iter().any(|f| f.event == "end"));
+            }
+            wait_nodes(&c, "w3 drained", Duration::from_secs(10), dir.path(), |n| {
+                n.iter().any(|v| v.node_id == "w3" && v.draining && v.running == 0)
+            })
+            .await;
+            // Pool ids repeat across nodes: an action on "default" must say which node.
+            let (status, _, v) = post(&c, "/v2/pools/default/drain", &json!({})).await;
+            assert_eq!(status, 409, "{v}");
+            assert!(v["message"].as_str().unwrap().contains("w2, w3"), "{v}");
+            let v: NodeView = c.post_json("/v2/nodes/w3/resume", &json!({})).await.unwrap();
+            assert!(!v.draining, "{v:?}");
+
+            // 8. A worker's token used for another node id, an unknown token, and a plaintext
             // client against the TLS listener are all refused and logged.
             let w2_token = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
                 .unwrap()
@@ -521,6 +576,10 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
         "{log}"
     );
     assert!(log.contains("did not complete a TLS handshake"), "{log}");
+    assert!(
+        log.contains("Node drained: no task runs on it any more."),
+        "{log}"
+    );
     // No flapping: worker 3 was lost once and came back once.
     assert_eq!(log.matches("Node is back online.").count(), 1, "{log}");
     println!(

@@ -194,6 +194,12 @@ pub struct NodeView {
     /// `offline` (missed 3: its tasks ended with `NODE_UNAVAILABLE`).
     #[serde(default)]
     pub state: String,
+    /// Drained by an operator: nothing new is placed on it.
+    #[serde(default)]
+    pub draining: bool,
+    /// Tasks running on its pools now (a drained node is empty at 0).
+    #[serde(default)]
+    pub running: u32,
     pub version: String,
     /// Milliseconds since the last registration or heartbeat.
     pub last_seen_ms: u64,

@@ -114,6 +114,13 @@ enum Cmd {
         #[command(subcommand)]
         action: PoolAction,
     },
+    /// Drain or resume a whole node (needs an admin key).
+    Nodes {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        action: NodeAction,
+    },
     /// Stage a model, start an engine, stream an answer to a prompt, stop the engine.
     Demo {
         /// GGUF model file.
@@ -135,9 +142,31 @@ enum Cmd {
 #[derive(Subcommand)]
 enum PoolAction {
     /// Stop placing new work on the pool; running tasks finish.
-    Drain { pool: String },
+    Drain {
+        pool: String,
+        /// The node, where several nodes have a pool of this id.
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// Place work on the pool again.
-    Resume { pool: String },
+    Resume {
+        pool: String,
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeAction {
+    /// Place nothing new on the node; its running tasks finish.
+    Drain {
+        node: String,
+        /// Wait until no task runs on it (at most this many seconds), then say so.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
+    /// Place work on the node again.
+    Resume { node: String },
 }
 
 fn cache_base() -> PathBuf {
@@ -287,8 +316,21 @@ async fn main() {
         },
         Cmd::Pools { remote: r, action } => match remote::client(&r.url, api_key()) {
             Ok(c) => match action {
-                PoolAction::Drain { pool } => remote::pool_action(&c, "drain", &pool).await,
-                PoolAction::Resume { pool } => remote::pool_action(&c, "resume", &pool).await,
+                PoolAction::Drain { pool, node } => {
+                    remote::pool_action(&c, "drain", &pool, node.as_deref()).await
+                }
+                PoolAction::Resume { pool, node } => {
+                    remote::pool_action(&c, "resume", &pool, node.as_deref()).await
+                }
+            },
+            Err(e) => Err(e),
+        },
+        Cmd::Nodes { remote: r, action } => match remote::client(&r.url, api_key()) {
+            Ok(c) => match action {
+                NodeAction::Drain { node, wait } => {
+                    remote::node_drain(&c, &node, wait.map(std::time::Duration::from_secs)).await
+                }
+                NodeAction::Resume { node } => remote::node_resume(&c, &node).await,
             },
             Err(e) => Err(e),
         },

@@ -247,9 +247,18 @@ fn write_table(out: &mut dyn Write, rows: &[Vec<String>]) -> std::io::Result<()>
 }
 
 /// `llorch pools drain|resume ID`.
-pub async fn pool_action(client: &HttpClient, action: &str, id: &str) -> anyhow::Result<()> {
+pub async fn pool_action(
+    client: &HttpClient,
+    action: &str,
+    id: &str,
+    node: Option<&str>,
+) -> anyhow::Result<()> {
+    let query = node.map(|n| format!("?node={n}")).unwrap_or_default();
     let status: PoolStatus = client
-        .post_json(&format!("/v2/pools/{id}/{action}"), &serde_json::json!({}))
+        .post_json(
+            &format!("/v2/pools/{id}/{action}{query}"),
+            &serde_json::json!({}),
+        )
         .await?;
     println!(
         "pool {}: {}{}",
@@ -257,5 +266,51 @@ pub async fn pool_action(client: &HttpClient, action: &str, id: &str) -> anyhow:
         status.state,
         if status.draining { " (draining)" } else { "" }
     );
+    Ok(())
+}
+
+/// `llorch nodes drain NODE [--wait SECS]`.
+pub async fn node_drain(
+    client: &HttpClient,
+    node: &str,
+    wait: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    let view: NodeView = client
+        .post_json(&format!("/v2/nodes/{node}/drain"), &serde_json::json!({}))
+        .await?;
+    println!(
+        "node {}: draining, {} task(s) running",
+        view.node_id, view.running
+    );
+    let Some(limit) = wait else {
+        return Ok(());
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let nodes: Vec<NodeView> = client.get_json("/v2/nodes").await?;
+        let Some(v) = nodes.into_iter().find(|n| n.node_id == node) else {
+            anyhow::bail!("node {node} is no longer listed");
+        };
+        if v.running == 0 {
+            println!("node {node}: drained, no task runs on it");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "node {node} still runs {} task(s) after {} s",
+                v.running,
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// `llorch nodes resume NODE`.
+pub async fn node_resume(client: &HttpClient, node: &str) -> anyhow::Result<()> {
+    let view: NodeView = client
+        .post_json(&format!("/v2/nodes/{node}/resume"), &serde_json::json!({}))
+        .await?;
+    println!("node {}: placing work again ({})", view.node_id, view.state);
     Ok(())
 }

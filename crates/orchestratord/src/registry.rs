@@ -45,6 +45,9 @@ pub struct Node {
     pub client: HttpClient,
     /// Fired when the node is marked offline: its running tasks end with `NODE_UNAVAILABLE`.
     pub lost: CancellationToken,
+    /// Drained by an operator: nothing new is placed on it; its running tasks finish. Kept
+    /// across the node's re-registration (the operator's intent outlives a node restart).
+    pub draining: bool,
 }
 
 impl Node {
@@ -97,6 +100,10 @@ impl Registry {
             {
                 self.suspect.remove(&key);
             }
+        }
+        let mut node = node;
+        if let Some(old) = self.nodes.get(&node.id) {
+            node.draining |= old.draining;
         }
         if let Some(old) = self.nodes.insert(node.id.clone(), node) {
             // The node restarted: whatever ran on its old engines is gone.
@@ -192,11 +199,49 @@ impl Registry {
         if let Some(n) = self.leases.get_mut(key) {
             *n = n.saturating_sub(1);
         }
+        if self.nodes.get(&key.0).is_some_and(|n| n.draining) && self.running_on(&key.0) == 0 {
+            tracing::info!(node_id = %key.0, "Node drained: no task runs on it any more.");
+        }
         if let Some(held) = held {
             self.rates
                 .entry(model.to_string())
                 .or_default()
                 .record(held);
+        }
+    }
+
+    /// Tasks running on a node's pools (the leases orchestratord holds there).
+    pub fn running_on(&self, node_id: &str) -> u32 {
+        self.leases
+            .iter()
+            .filter(|((n, _), _)| n == node_id)
+            .fold(0, |sum, (_, l)| sum.saturating_add(*l))
+    }
+
+    /// Drains (`true`) or resumes a node; false when it is unknown.
+    pub fn set_draining(&mut self, node_id: &str, draining: bool) -> bool {
+        match self.nodes.get_mut(node_id) {
+            Some(n) => {
+                n.draining = draining;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The view of one node.
+    pub fn node_view(&self, node: &Node, now: Instant) -> NodeView {
+        NodeView {
+            node_id: node.id.clone(),
+            address: node.address.clone(),
+            online: node.online,
+            state: node.state(now).to_string(),
+            draining: node.draining,
+            running: self.running_on(&node.id),
+            version: node.version.clone(),
+            last_seen_ms: now.duration_since(node.last_seen).as_millis() as u64,
+            pools: node.pools.iter().map(|p| p.pool_id.clone()).collect(),
+            staged_models: node.staged_models.clone(),
         }
     }
 
@@ -228,7 +273,8 @@ impl Registry {
         let now = Instant::now();
         let mut out = Vec::new();
         for node in self.nodes.values() {
-            let node_suspect = node.missed_beat(now);
+            // A draining node's pools, like a silent node's, are skipped by placement.
+            let node_suspect = node.missed_beat(now) || node.draining;
             for p in &node.pools {
                 let key = (node.id.clone(), p.pool_id.clone());
                 out.push(Candidate {
@@ -296,16 +342,7 @@ impl Registry {
     pub fn node_views(&self, now: Instant) -> Vec<NodeView> {
         self.nodes
             .values()
-            .map(|n| NodeView {
-                node_id: n.id.clone(),
-                address: n.address.clone(),
-                online: n.online,
-                state: n.state(now).to_string(),
-                version: n.version.clone(),
-                last_seen_ms: now.duration_since(n.last_seen).as_millis() as u64,
-                pools: n.pools.iter().map(|p| p.pool_id.clone()).collect(),
-                staged_models: n.staged_models.clone(),
-            })
+            .map(|n| self.node_view(n, now))
             .collect()
     }
 }
@@ -455,6 +492,7 @@ mod tests {
             staged_models: vec![],
             client: HttpClient::new("unix:/nonexistent.sock").unwrap(),
             lost: CancellationToken::new(),
+            draining: false,
         }
     }
 
@@ -504,5 +542,29 @@ mod tests {
         // A heartbeat brings it back at once.
         assert!(r.heartbeat("w", vec![], vec![]));
         assert_eq!(r.nodes["w"].state(Instant::now()), "online");
+    }
+
+    #[test]
+    fn a_drained_node_takes_nothing_new_and_stays_drained_across_its_restart() {
+        let mut r = Registry::default();
+        let mut n = node("w", Instant::now());
+        n.pools = vec![PoolStatus::new("p", "m", PoolState::Ready, 2, 1024)];
+        r.register(n);
+        let key = ("w".to_string(), "p".to_string());
+        r.lease(&key);
+        assert!(r.set_draining("w", true));
+        assert!(!r.set_draining("nobody", true));
+        assert!(r.candidates()[0].suspect, "placement skips it");
+        let v = r.node_view(&r.nodes["w"], Instant::now());
+        assert!(v.draining && v.running == 1, "{v:?}");
+        // It registers again (a restart of pool-managerd): still drained.
+        let mut again = node("w", Instant::now());
+        again.pools = vec![PoolStatus::new("p", "m", PoolState::Ready, 2, 1024)];
+        r.register(again);
+        assert!(r.nodes["w"].draining);
+        r.release(&key, "m", None);
+        assert_eq!(r.running_on("w"), 0);
+        assert!(r.set_draining("w", false));
+        assert!(!r.candidates()[0].suspect);
     }
 }

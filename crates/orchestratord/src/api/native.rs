@@ -278,25 +278,48 @@ async fn pool_action(
     state: AppState,
     headers: HeaderMap,
     id: String,
+    on_node: Option<String>,
     action: &str,
 ) -> Result<Json<PoolStatus>> {
     native(authorize_admin(&state, &headers))?;
-    let found = {
+    // Pool ids are unique per node, not across nodes: `?node=` says which one.
+    let found: Vec<(String, llorch_client::HttpClient)> = {
         let core = state.core();
         core.registry
             .nodes
             .values()
-            .find(|n| n.pools.iter().any(|p| p.pool_id == id))
+            .filter(|n| on_node.as_ref().is_none_or(|want| &n.id == want))
+            .filter(|n| n.pools.iter().any(|p| p.pool_id == id))
             .map(|n| (n.id.clone(), n.client.clone()))
+            .collect()
     };
-    let Some((node_id, client)) = found else {
-        return Err(ApiError::native((
-            StatusCode::NOT_FOUND,
-            ErrorBody::invalid(
-                "pool_id",
-                format!("pool {id:?} is not known; see GET /v2/pools"),
-            ),
-        )));
+    let (node_id, client) = match <[_; 1]>::try_from(found) {
+        Ok([one]) => one,
+        Err(found) if found.is_empty() => {
+            let on = on_node
+                .map(|n| format!(" on node {n:?}"))
+                .unwrap_or_default();
+            return Err(ApiError::native((
+                StatusCode::NOT_FOUND,
+                ErrorBody::invalid(
+                    "pool_id",
+                    format!("pool {id:?} is not known{on}; see GET /v2/pools"),
+                ),
+            )));
+        }
+        Err(found) => {
+            let nodes: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(ApiError::native((
+                StatusCode::CONFLICT,
+                ErrorBody::invalid(
+                    "node",
+                    format!(
+                        "pool {id:?} is on nodes {}; say which with ?node=NODE",
+                        nodes.join(", ")
+                    ),
+                ),
+            )));
+        }
     };
     let (path, empty) = (format!("/v2/pools/{id}/{action}"), serde_json::json!({}));
     let call = client.post_json(&path, &empty);
@@ -337,20 +360,28 @@ async fn pool_action(
     Ok(Json(status))
 }
 
+/// `?node=NODE` of a pool action.
+#[derive(Debug, serde::Deserialize)]
+pub struct OnNode {
+    pub node: Option<String>,
+}
+
 pub async fn drain(
     Ext(state): Ext<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<OnNode>,
 ) -> Result<Json<PoolStatus>> {
-    pool_action(state, headers, id, "drain").await
+    pool_action(state, headers, id, q.node, "drain").await
 }
 
 pub async fn resume(
     Ext(state): Ext<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<OnNode>,
 ) -> Result<Json<PoolStatus>> {
-    pool_action(state, headers, id, "resume").await
+    pool_action(state, headers, id, q.node, "resume").await
 }
 
 /// `GET /v2/meta/capabilities`.

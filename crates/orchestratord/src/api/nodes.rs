@@ -126,6 +126,7 @@ pub async fn register(
         staged_models: reg.staged_models,
         client,
         lost: CancellationToken::new(),
+        draining: false,
     };
     let offline_after = node.offline_after();
     let models: Vec<String> = node.pools.iter().map(|p| p.model_id.clone()).collect();
@@ -223,4 +224,54 @@ async fn heartbeat_request(
 pub async fn list(Ext(state): Ext<AppState>, headers: HeaderMap) -> Result<Json<Vec<NodeView>>> {
     authorize_admin(&state, &headers).map_err(ApiError::native)?;
     Ok(Json(state.core().registry.node_views(Instant::now())))
+}
+
+/// `POST /v2/nodes/{id}/drain` and `…/resume` (admin): nothing new is placed on a drained
+/// node, its running tasks finish; the answer (and `GET /v2/nodes`) says how many still run.
+async fn node_action(
+    state: AppState,
+    headers: HeaderMap,
+    id: String,
+    draining: bool,
+) -> Result<Json<NodeView>> {
+    let operator = authorize_admin(&state, &headers).map_err(ApiError::native)?;
+    let view = {
+        let mut core = state.core();
+        if !core.registry.set_draining(&id, draining) {
+            return Err(ApiError::native((
+                StatusCode::NOT_FOUND,
+                ErrorBody::invalid(
+                    "node_id",
+                    format!("node {id:?} is not known; see GET /v2/nodes"),
+                ),
+            )));
+        }
+        let node = &core.registry.nodes[&id];
+        core.registry.node_view(node, Instant::now())
+    };
+    tracing::info!(
+        node_id = %id,
+        operator = %operator,
+        running = view.running,
+        "{}",
+        if draining { "Node drain requested." } else { "Node resumed." }
+    );
+    state.wake.notify_one();
+    Ok(Json(view))
+}
+
+pub async fn drain(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<NodeView>> {
+    node_action(state, headers, id, true).await
+}
+
+pub async fn resume(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<NodeView>> {
+    node_action(state, headers, id, false).await
 }
