@@ -430,6 +430,19 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
             let n = nodes(&c).await;
             assert_eq!(state_of(&n, "w3"), "offline", "{n:?}");
             assert_eq!(state_of(&n, "w2"), "online", "{n:?}");
+            // The catalog says where the model is and that it is still available (on w2).
+            let cat: Value = c.get_json("/v2/catalog/availability").await.unwrap();
+            let m = &cat["models"][0];
+            assert_eq!(m["model_id"], MODEL_ID, "{cat}");
+            assert_eq!(m["available"], true, "{cat}");
+            let where_: Vec<(String, String)> = m["locations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| (l["node_id"].as_str().unwrap().into(), l["node_state"].as_str().unwrap().into()))
+                .collect();
+            assert!(where_.contains(&("w3".into(), "offline".into())), "{cat}");
+            assert!(where_.contains(&("w2".into(), "online".into())), "{cat}");
             // Worker 2's own tasks were not touched: still running, they are cancelled now to
             // free its slots.
             for (_, s, id) in on_w2 {

@@ -37,9 +37,18 @@ pub struct PlacementHints {
     pub prefer_pools: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub avoid_pools: Vec<String>,
-    /// With `prefer_pools`: whether other pools may serve the task (default true).
+    /// With `prefer_pools` or `prefer_nodes`: whether other pools may serve the task (default
+    /// true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_fallback: Option<bool>,
+    /// Run only on this node's pools (pool ids repeat across nodes; with `pin_pool_id`, that
+    /// pool of that node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_node_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefer_nodes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoid_nodes: Vec<String>,
 }
 
 /// `POST /v2/tasks`. Field names follow the original llama-orch design.

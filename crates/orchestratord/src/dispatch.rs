@@ -220,7 +220,9 @@ fn take_work(
                 .cloned();
             let ask = Ask {
                 model: &task.model,
-                session_pool: session.as_ref().map(|s| s.pool.1.as_str()),
+                session_pool: session
+                    .as_ref()
+                    .map(|s| (s.pool.0.as_str(), s.pool.1.as_str())),
                 hints: task.hints.as_ref(),
                 slot_wait: core.registry.slot_wait(&candidates, &task.model),
             };

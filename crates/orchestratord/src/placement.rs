@@ -64,8 +64,8 @@ impl Candidate {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Ask<'a> {
     pub model: &'a str,
-    /// The pool holding the task's session (KV cache), if any.
-    pub session_pool: Option<&'a str>,
+    /// The pool holding the task's session (KV cache), as (node id, pool id), if any.
+    pub session_pool: Option<(&'a str, &'a str)>,
     pub hints: Option<&'a PlacementHints>,
     /// How long a slot of a loaded pool takes to free up (the model's measured service time
     /// over its slots): what waiting costs, against loading a standby pool.
@@ -98,6 +98,35 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
     }
     let empty = PlacementHints::default();
     let hints = ask.hints.unwrap_or(&empty);
+    // Node hints first: they narrow the pools the pool hints then choose among.
+    let serving: Vec<&Candidate> = match &hints.pin_node_id {
+        Some(pin) => {
+            let on: Vec<&Candidate> = serving
+                .iter()
+                .copied()
+                .filter(|p| &p.node_id == pin)
+                .collect();
+            if on.is_empty() {
+                let reason = if pools.iter().any(|p| &p.node_id == pin) {
+                    format!("pinned node {pin:?} does not serve model {:?}", ask.model)
+                } else {
+                    format!("pinned node {pin:?} does not exist")
+                };
+                return Placement::Impossible { reason };
+            }
+            on
+        }
+        None => serving,
+    };
+    let serving: Vec<&Candidate> = serving
+        .into_iter()
+        .filter(|p| !hints.avoid_nodes.contains(&p.node_id))
+        .collect();
+    if serving.is_empty() {
+        return Placement::Impossible {
+            reason: format!("every node serving model {:?} is in avoid_nodes", ask.model),
+        };
+    }
     let eligible: Vec<&Candidate> = if let Some(pin) = &hints.pin_pool_id {
         match serving.iter().find(|p| &p.pool_id == pin) {
             Some(p) => vec![*p],
@@ -121,16 +150,17 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
                 reason: format!("every pool serving model {:?} is in avoid_pools", ask.model),
             };
         }
-        if !hints.prefer_pools.is_empty() && hints.allow_fallback == Some(false) {
+        let prefers = !hints.prefer_pools.is_empty() || !hints.prefer_nodes.is_empty();
+        if prefers && hints.allow_fallback == Some(false) {
             let preferred: Vec<&Candidate> = not_avoided
                 .iter()
                 .copied()
-                .filter(|p| hints.prefer_pools.contains(&p.pool_id))
+                .filter(|p| preferred(hints, p))
                 .collect();
             if preferred.is_empty() {
                 return Placement::Impossible {
                     reason: format!(
-                        "none of prefer_pools serves model {:?} and allow_fallback is false",
+                        "none of prefer_pools or prefer_nodes serves model {:?} and allow_fallback is false",
                         ask.model
                     ),
                 };
@@ -167,17 +197,17 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
     }
     let score = |p: &Candidate| -> (bool, bool, u32) {
         (
-            ask.session_pool == Some(p.pool_id.as_str()),
-            hints.prefer_pools.contains(&p.pool_id),
+            ask.session_pool == Some((p.node_id.as_str(), p.pool_id.as_str())),
+            preferred(hints, p),
             p.free_slots,
         )
     };
-    // Highest score wins; among equals the smallest pool id, so the choice never depends on
-    // the order the snapshot was built in.
+    // Highest score wins; among equals the smallest pool id, then node id, so the choice never
+    // depends on the order the snapshot was built in.
     let best = ready.into_iter().max_by(|a, b| {
         score(a)
             .cmp(&score(b))
-            .then_with(|| b.pool_id.cmp(&a.pool_id))
+            .then_with(|| (&b.pool_id, &b.node_id).cmp(&(&a.pool_id, &a.node_id)))
     });
     match best {
         Some(p) => {
@@ -197,6 +227,11 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
         }
         None => place_cold(standby, loaded_but_full, ask.slot_wait, reasons),
     }
+}
+
+/// Whether a hint prefers this pool (by its id or its node's).
+fn preferred(hints: &PlacementHints, p: &Candidate) -> bool {
+    hints.prefer_pools.contains(&p.pool_id) || hints.prefer_nodes.contains(&p.node_id)
 }
 
 /// No loaded pool has a free slot: load a standby pool, unless a loaded pool's slot frees up
@@ -391,7 +426,7 @@ mod tests {
         let pools = [pool("a", "m", 4), pool("b", "m", 1)];
         let ask = Ask {
             model: "m",
-            session_pool: Some("b"),
+            session_pool: Some(("n1", "b")),
             ..Ask::default()
         };
         assert_eq!(placed(place(&pools, &ask)), "b");
@@ -461,5 +496,67 @@ mod tests {
             ..prefer_only.clone()
         };
         assert_eq!(placed(place(&busy, &ask(&with_fallback))), "a");
+    }
+
+    #[test]
+    fn pool_ids_repeat_across_nodes_and_node_hints_choose() {
+        let on = |node: &str, free| Candidate {
+            node_id: node.into(),
+            ..pool("default", "m", free)
+        };
+        let pools = [on("w2", 2), on("w3", 2)];
+        let at = |p: Placement| match p {
+            Placement::Place { node_id, .. } => node_id,
+            other => panic!("{other:?}"),
+        };
+        // A session sticks to its node, whichever order the snapshot has.
+        for session in ["w2", "w3"] {
+            let ask = Ask {
+                model: "m",
+                session_pool: Some((session, "default")),
+                ..Ask::default()
+            };
+            assert_eq!(at(place(&pools, &ask)), session);
+            let mut rev = pools.clone();
+            rev.reverse();
+            assert_eq!(at(place(&rev, &ask)), session);
+        }
+        let hinted = |h: PlacementHints| {
+            let ask = Ask {
+                model: "m",
+                hints: Some(&h),
+                ..Ask::default()
+            };
+            place(&pools, &ask)
+        };
+        let pin = |n: &str| PlacementHints {
+            pin_node_id: Some(n.into()),
+            ..PlacementHints::default()
+        };
+        assert_eq!(at(hinted(pin("w3"))), "w3");
+        assert!(
+            matches!(hinted(pin("w9")), Placement::Impossible { reason } if reason.contains("does not exist"))
+        );
+        let avoid = PlacementHints {
+            avoid_nodes: vec!["w2".into()],
+            ..PlacementHints::default()
+        };
+        assert_eq!(at(hinted(avoid)), "w3");
+        let all = PlacementHints {
+            avoid_nodes: vec!["w2".into(), "w3".into()],
+            ..PlacementHints::default()
+        };
+        assert!(matches!(hinted(all), Placement::Impossible { .. }));
+        let prefer = PlacementHints {
+            prefer_nodes: vec!["w3".into()],
+            ..PlacementHints::default()
+        };
+        assert_eq!(at(hinted(prefer)), "w3");
+        let strict = PlacementHints {
+            prefer_nodes: vec!["w9".into()],
+            allow_fallback: Some(false),
+            ..PlacementHints::default()
+        };
+        assert!(matches!(hinted(strict), Placement::Impossible { .. }));
     }
 }

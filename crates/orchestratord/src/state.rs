@@ -365,10 +365,10 @@ impl State {
             .session_id
             .as_deref()
             .and_then(|s| core.sessions.get(&sub.client, s, Instant::now()))
-            .map(|s| s.pool.1.clone());
+            .map(|s| s.pool.clone());
         let ask = Ask {
             model: &sub.model,
-            session_pool: session_pool.as_deref(),
+            session_pool: session_pool.as_ref().map(|(n, p)| (n.as_str(), p.as_str())),
             hints: sub.hints.as_ref(),
             slot_wait: core.registry.slot_wait(&candidates, &sub.model),
         };

@@ -317,6 +317,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/pools/{id}/drain", post(native::drain))
         .route("/v2/pools/{id}/resume", post(native::resume))
         .route("/v2/meta/capabilities", get(native::capabilities))
+        .route("/v2/catalog/availability", get(native::availability))
         .route("/v2/nodes", get(nodes::list))
         .route("/v2/nodes/register", post(nodes::register))
         .route("/v2/nodes/{id}/heartbeat", post(nodes::heartbeat))

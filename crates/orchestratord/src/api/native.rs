@@ -410,3 +410,50 @@ pub async fn capabilities(
         pools,
     }))
 }
+
+/// `GET /v2/catalog/availability`: which models are on which nodes and pools, and whether a
+/// request for each can be placed now (`available`), waits (`placeable` pools all busy,
+/// draining or suspect), or is refused (every node offline).
+pub async fn availability(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>> {
+    native(authenticate(&state, &headers))?;
+    let now = Instant::now();
+    let core = state.core();
+    let mut models: std::collections::BTreeMap<&str, Vec<serde_json::Value>> = Default::default();
+    for node in core.registry.nodes.values() {
+        for p in &node.pools {
+            let key = (node.id.clone(), p.pool_id.clone());
+            let busy = core.registry.leased(&key);
+            models
+                .entry(p.model_id.as_str())
+                .or_default()
+                .push(serde_json::json!({
+                    "node_id": node.id,
+                    "node_state": node.state(now),
+                    "node_draining": node.draining,
+                    "pool_id": p.pool_id,
+                    "state": p.state,
+                    "slots_total": p.slots_total,
+                    "slots_free": p.slots_total.saturating_sub(busy),
+                }));
+        }
+    }
+    let candidates = core.registry.candidates();
+    let list: Vec<serde_json::Value> = models
+        .into_iter()
+        .map(|(model, locations)| {
+            let of_model = || candidates.iter().filter(move |c| c.model_id == model);
+            let serving = of_model().any(|c| c.serving() || c.standby() || c.waking());
+            let online = of_model().any(|c| c.node_online);
+            serde_json::json!({
+                "model_id": model,
+                "available": serving,
+                "nodes_online": online,
+                "locations": locations,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "models": list })))
+}
