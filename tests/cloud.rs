@@ -593,8 +593,38 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
         log.contains("Node drained: no task runs on it any more."),
         "{log}"
     );
-    // No flapping: worker 3 was lost once and came back once.
+    // No flapping: worker 3 was lost once and came back once, and the metrics say the same.
     assert_eq!(log.matches("Node is back online.").count(), 1, "{log}");
+    let metrics = in_netns(&cp_name, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c =
+                HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots).unwrap();
+            let req = c
+                .build(
+                    c.request(hyper::Method::GET, "/metrics"),
+                    Default::default(),
+                )
+                .unwrap();
+            let resp = c.send(req).await.unwrap();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap();
+            String::from_utf8(body.to_bytes().to_vec()).unwrap()
+        })
+    });
+    for line in [
+        "llorch_node_events_total{event=\"joined\"} 2",
+        "llorch_node_events_total{event=\"lost\"} 1",
+        "llorch_node_events_total{event=\"back\"} 1",
+        "llorch_nodes{state=\"online\"} 2",
+        "llorch_nodes_draining 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
     println!(
         "cloud: both workers online after {boot:?}; lost worker's streams ended {detect:?} after its link went down; back online {recover:?} after the link came up"
     );

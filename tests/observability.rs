@@ -24,7 +24,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn alert_rules_are_valid() {
     let out = promtool(&["check", "rules", "docs/observability/alerts.yml"]);
-    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
 }
 
 #[test]
@@ -40,7 +40,7 @@ fn every_alert_fires_on_a_synthetic_failure_and_stays_quiet_when_healthy() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert_eq!(alerts.len(), 7, "{alerts:?}");
+    assert_eq!(alerts.len(), 8, "{alerts:?}");
     for a in alerts {
         let cases: Vec<&str> = tests
             .split("alertname: ")

@@ -599,6 +599,7 @@ pub async fn watch_nodes(state: Arc<State>) {
             tracing::info!(node_id = %node, "Node offline for an hour; forgotten (it registers again when it is back).");
         }
         for node in lost {
+            state.metrics.node_event("lost");
             tracing::warn!(
                 message_id = llorch_os::message_id::NODE_LOST,
                 node_id = %node,

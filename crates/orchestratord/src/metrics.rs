@@ -207,6 +207,8 @@ pub struct Metrics {
     pools: IntGaugeVec,
     slots: IntGaugeVec,
     heartbeats: IntCounterVec,
+    node_events: IntCounterVec,
+    nodes_draining: IntGauge,
     evictions: IntCounterVec,
     /// Set once the model label set is full (to say so once).
     labels_full: std::sync::atomic::AtomicBool,
@@ -336,6 +338,19 @@ impl Metrics {
                 "Node heartbeats received by outcome.",
                 &["outcome"],
             ),
+            node_events: counter(
+                &r,
+                "llorch_node_events_total",
+                "Node life events: joined (registered), lost (went offline), back (reported again after being offline).",
+                &["event"],
+            ),
+            nodes_draining: register(
+                &r,
+                IntGauge::new(
+                    "llorch_nodes_draining",
+                    "Nodes an operator drained (nothing new is placed on them).",
+                ),
+            ),
             evictions: counter(
                 &r,
                 "llorch_evictions_total",
@@ -347,6 +362,9 @@ impl Metrics {
             registry: r,
         };
         m.queue_capacity.set(queue_capacity as i64);
+        for e in ["joined", "lost", "back"] {
+            m.node_events.with_label_values(&[e]);
+        }
         for p in [Priority::Interactive, Priority::Batch] {
             m.queue_depth.with_label_values(&[p.as_str()]);
         }
@@ -466,6 +484,11 @@ impl Metrics {
         self.heartbeats.with_label_values(&[outcome]).inc();
     }
 
+    /// A node joined, was lost, or came back (`llorch_node_events_total{event}`).
+    pub fn node_event(&self, event: &str) {
+        self.node_events.with_label_values(&[event]).inc();
+    }
+
     /// Records a finished task (called exactly once per admitted task).
     pub fn finished(&self, f: &Finished<'_>) {
         let model = self.model_label(f.model);
@@ -509,11 +532,13 @@ impl Metrics {
             .with_label_values(&[Priority::Batch.as_str()])
             .set(depth[1]);
         let nodes = &core.registry.nodes;
-        let online = nodes.values().filter(|n| n.online).count() as i64;
-        self.nodes.with_label_values(&["online"]).set(online);
-        self.nodes
-            .with_label_values(&["offline"])
-            .set(nodes.len() as i64 - online);
+        let now = tokio::time::Instant::now();
+        for state in ["online", "suspect", "offline"] {
+            let n = nodes.values().filter(|n| n.state(now) == state).count() as i64;
+            self.nodes.with_label_values(&[state]).set(n);
+        }
+        self.nodes_draining
+            .set(nodes.values().filter(|n| n.draining).count() as i64);
         let mut pools = [0i64; POOL_STATES.len() + 1];
         let (mut busy, mut free) = (0i64, 0i64);
         for c in core.registry.candidates() {

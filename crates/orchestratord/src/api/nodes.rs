@@ -150,6 +150,7 @@ pub async fn register(
     }
     // Only a node that was taken makes label values.
     state.metrics.add_models(models.iter().map(String::as_str));
+    state.metrics.node_event("joined");
     tracing::info!(
         message_id = llorch_os::message_id::NODE_JOINED,
         node_id = %reg.node_id,
@@ -198,8 +199,9 @@ async fn heartbeat_request(
     hb.validate()
         .map_err(|e| ApiError::native((StatusCode::BAD_REQUEST, e)))?;
     let models: Vec<String> = hb.pools.iter().map(|p| p.model_id.clone()).collect();
-    let offline_after = {
+    let (offline_after, back) = {
         let mut core = state.core();
+        let was_offline = core.registry.nodes.get(&id).is_some_and(|n| !n.online);
         if !core.registry.heartbeat(&id, hb.pools, hb.staged_models) {
             return Err(ApiError::native((
                 StatusCode::NOT_FOUND,
@@ -209,8 +211,11 @@ async fn heartbeat_request(
                 ),
             )));
         }
-        core.registry.nodes[&id].offline_after()
+        (core.registry.nodes[&id].offline_after(), was_offline)
     };
+    if back {
+        state.metrics.node_event("back");
+    }
     // Only a known node's models become label values.
     state.metrics.add_models(models.iter().map(String::as_str));
     state.wake.notify_one();
