@@ -67,7 +67,8 @@ use tokio::net::UnixListener;
 const NODE_ID: &str = "synthetic-node";
 const FAST_MODEL: &str = "synthetic";
 const SLOW_MODEL: &str = "synthetic-slow";
-const POOL_SLOTS: u32 = 2048;
+/// The most a node may report for one pool (llorch-wire's node limits).
+const POOL_SLOTS: u32 = 1024;
 
 /// Raises the soft open-file limit to `want` (at most the hard limit); returns the soft limit.
 fn raise_nofile(want: u64) -> u64 {

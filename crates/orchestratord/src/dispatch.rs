@@ -23,7 +23,7 @@ use crate::admission::Entry;
 use crate::metrics::{Decision, Rejection};
 use crate::placement::{place, Ask, Placement};
 use crate::registry::PoolKey;
-use crate::state::State;
+use crate::state::{Core, State};
 use crate::tasks::{Task, TaskEvent};
 
 /// How long a dispatch retries an engine that says all its slots are busy (a cancelled stream's
@@ -190,25 +190,42 @@ fn take_work(
     Option<Instant>,
 ) {
     let now = Instant::now();
-    let mut core = state.core();
+    let mut guard = state.core();
+    let core = &mut *guard;
     let awaiting = state.awaiting_registrations(&core.registry, now);
     let expired = core.queue.expire(now);
     let mut impossible = Vec::new();
     let mut started = Vec::new();
-    let mut candidates = core.registry.candidates();
+    // Leases taken by this pass, applied once the snapshot (which borrows the registry) ends.
+    let mut leased: Vec<PoolKey> = Vec::new();
+    let Core {
+        queue,
+        registry,
+        sessions,
+    } = core;
+    // No snapshot without work: heartbeats wake this loop too, and a snapshot of thousands of
+    // pools is the pass's largest cost.
+    let mut candidates = if queue.is_empty() {
+        Vec::new()
+    } else {
+        // Only the pools of the models that wait: in a large cluster, a small part.
+        let wanted: std::collections::HashSet<&str> =
+            queue.iter().map(|e| e.model.as_str()).collect();
+        registry.candidates_for(|m| wanted.contains(m))
+    };
     let mut free: u32 = candidates
         .iter()
         .filter(|c| c.serving() || c.standby() || c.waking())
         .fold(0u32, |n, c| n.saturating_add(c.free_slots));
-    if free > 0 && !core.queue.is_empty() {
-        let order: Vec<Arc<Task>> = core.queue.iter().map(|e| e.item.clone()).collect();
+    if free > 0 {
+        let order: Vec<Arc<Task>> = queue.iter().map(|e| e.item.clone()).collect();
         for task in order {
             if free == 0 {
                 break;
             }
             if task.cancel.is_cancelled() {
                 // Cancelled while a dispatch gave it back: end it here.
-                if let Some(e) = core.queue.remove(&task.key) {
+                if let Some(e) = queue.remove(&task.key) {
                     impossible.push((e, Unplaced::Cancelled));
                 }
                 continue;
@@ -216,7 +233,7 @@ fn take_work(
             let session = task
                 .session_id
                 .as_deref()
-                .and_then(|s| core.sessions.get(&task.client, s, now))
+                .and_then(|s| sessions.get(&task.client, s, now))
                 .cloned();
             let ask = Ask {
                 model: &task.model,
@@ -224,7 +241,7 @@ fn take_work(
                     .as_ref()
                     .map(|s| (s.pool.0.as_str(), s.pool.1.as_str())),
                 hints: task.hints.as_ref(),
-                slot_wait: core.registry.slot_wait(&candidates, &task.model),
+                slot_wait: registry.slot_wait(&candidates, &task.model),
             };
             match place(&candidates, &ask) {
                 Placement::Wait { .. } => {}
@@ -232,7 +249,7 @@ fn take_work(
                 Placement::Impossible { .. }
                     if awaiting && !candidates.iter().any(|c| c.model_id == task.model) => {}
                 Placement::Impossible { reason } => {
-                    if let Some(e) = core.queue.remove(&task.key) {
+                    if let Some(e) = queue.remove(&task.key) {
                         // A model nobody registered (the grace after a restart is over) is
                         // not found, as it would have been at admission.
                         let why = if candidates.iter().any(|c| c.model_id == task.model) {
@@ -248,17 +265,17 @@ fn take_work(
                     node_id,
                     reasons,
                 } => {
-                    let Some(node) = core.registry.nodes.get(&node_id) else {
+                    let Some(node) = registry.nodes.get(&node_id) else {
                         continue;
                     };
                     let (client, lost) = (node.client.clone(), node.lost.clone());
-                    let Some(entry) = core.queue.take(&task.key) else {
+                    let Some(entry) = queue.take(&task.key) else {
                         continue;
                     };
                     tracing::debug!(task_id = %task.id, pool_id = %pool_id, ?reasons, "Placed.");
                     state.metrics.decision(Decision::Placed);
                     let key: PoolKey = (node_id, pool_id);
-                    core.registry.lease(&key);
+                    leased.push(key.clone());
                     let mut cold = false;
                     if let Some(c) = candidates
                         .iter_mut()
@@ -288,7 +305,11 @@ fn take_work(
             }
         }
     }
-    let next = core.queue.next_deadline();
+    drop(candidates);
+    for key in &leased {
+        registry.lease(key);
+    }
+    let next = queue.next_deadline();
     (expired, impossible, started, next)
 }
 

@@ -551,7 +551,7 @@ impl Metrics {
             if c.node_online && c.state == PoolState::Ready {
                 let leased = core
                     .registry
-                    .leased(&(c.node_id.clone(), c.pool_id.clone()));
+                    .leased(&(c.node_id.to_string(), c.pool_id.to_string()));
                 busy += i64::from(leased);
                 free += i64::from(c.slots_total.saturating_sub(leased));
             }

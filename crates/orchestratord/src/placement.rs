@@ -14,12 +14,13 @@ use std::time::Duration;
 use llorch_wire::node::PoolState;
 use llorch_wire::task::PlacementHints;
 
-/// One pool as placement sees it.
+/// One pool as placement sees it. Its ids are borrowed from the registry, so the snapshot of
+/// thousands of pools the dispatcher takes on each pass costs no allocation per pool.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Candidate {
-    pub pool_id: String,
-    pub node_id: String,
-    pub model_id: String,
+pub struct Candidate<'a> {
+    pub pool_id: &'a str,
+    pub node_id: &'a str,
+    pub model_id: &'a str,
     pub state: PoolState,
     pub node_online: bool,
     /// Slots not leased to running tasks.
@@ -36,7 +37,7 @@ pub struct Candidate {
 /// What loading a standby pool is assumed to cost before its node has measured a load.
 pub const DEFAULT_LOAD_TIME: Duration = Duration::from_secs(10);
 
-impl Candidate {
+impl Candidate<'_> {
     /// Ready on an online node and not suspect: it may take work (slots permitting).
     pub fn serving(&self) -> bool {
         self.node_online && self.state == PoolState::Ready && !self.suspect
@@ -104,10 +105,10 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
             let on: Vec<&Candidate> = serving
                 .iter()
                 .copied()
-                .filter(|p| &p.node_id == pin)
+                .filter(|p| p.node_id == pin)
                 .collect();
             if on.is_empty() {
-                let reason = if pools.iter().any(|p| &p.node_id == pin) {
+                let reason = if pools.iter().any(|p| p.node_id == pin) {
                     format!("pinned node {pin:?} does not serve model {:?}", ask.model)
                 } else {
                     format!("pinned node {pin:?} does not exist")
@@ -120,7 +121,7 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
     };
     let serving: Vec<&Candidate> = serving
         .into_iter()
-        .filter(|p| !hints.avoid_nodes.contains(&p.node_id))
+        .filter(|p| !hints.avoid_nodes.iter().any(|x| x == p.node_id))
         .collect();
     if serving.is_empty() {
         return Placement::Impossible {
@@ -128,10 +129,10 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
         };
     }
     let eligible: Vec<&Candidate> = if let Some(pin) = &hints.pin_pool_id {
-        match serving.iter().find(|p| &p.pool_id == pin) {
+        match serving.iter().find(|p| p.pool_id == pin) {
             Some(p) => vec![*p],
             None => {
-                let reason = if pools.iter().any(|p| &p.pool_id == pin) {
+                let reason = if pools.iter().any(|p| p.pool_id == pin) {
                     format!("pinned pool {pin:?} does not serve model {:?}", ask.model)
                 } else {
                     format!("pinned pool {pin:?} does not exist")
@@ -143,7 +144,7 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
         let not_avoided: Vec<&Candidate> = serving
             .iter()
             .copied()
-            .filter(|p| !hints.avoid_pools.contains(&p.pool_id))
+            .filter(|p| !hints.avoid_pools.iter().any(|x| x == p.pool_id))
             .collect();
         if not_avoided.is_empty() {
             return Placement::Impossible {
@@ -197,7 +198,7 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
     }
     let score = |p: &Candidate| -> (bool, bool, u32) {
         (
-            ask.session_pool == Some((p.node_id.as_str(), p.pool_id.as_str())),
+            ask.session_pool == Some((p.node_id, p.pool_id)),
             preferred(hints, p),
             p.free_slots,
         )
@@ -220,8 +221,8 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
             }
             reasons.push(format!("{}: {free} free slots", p.pool_id));
             Placement::Place {
-                pool_id: p.pool_id.clone(),
-                node_id: p.node_id.clone(),
+                pool_id: p.pool_id.to_string(),
+                node_id: p.node_id.to_string(),
                 reasons,
             }
         }
@@ -231,7 +232,8 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
 
 /// Whether a hint prefers this pool (by its id or its node's).
 fn preferred(hints: &PlacementHints, p: &Candidate) -> bool {
-    hints.prefer_pools.contains(&p.pool_id) || hints.prefer_nodes.contains(&p.node_id)
+    hints.prefer_pools.iter().any(|x| x == p.pool_id)
+        || hints.prefer_nodes.iter().any(|x| x == p.node_id)
 }
 
 /// No loaded pool has a free slot: load a standby pool, unless a loaded pool's slot frees up
@@ -248,7 +250,7 @@ fn place_cold(
             .cmp(&a.waking())
             .then_with(|| a.load_time().cmp(&b.load_time()))
             .then_with(|| b.free_slots.cmp(&a.free_slots))
-            .then_with(|| a.pool_id.cmp(&b.pool_id))
+            .then_with(|| a.pool_id.cmp(b.pool_id))
     });
     let Some(p) = best else {
         return Placement::Wait { reasons };
@@ -268,8 +270,8 @@ fn place_cold(
         p.pool_id
     ));
     Placement::Place {
-        pool_id: p.pool_id.clone(),
-        node_id: p.node_id.clone(),
+        pool_id: p.pool_id.to_string(),
+        node_id: p.node_id.to_string(),
         reasons,
     }
 }
@@ -278,11 +280,11 @@ fn place_cold(
 mod tests {
     use super::*;
 
-    fn pool(id: &str, model: &str, free: u32) -> Candidate {
+    fn pool<'a>(id: &'a str, model: &'a str, free: u32) -> Candidate<'a> {
         Candidate {
-            pool_id: id.into(),
-            node_id: "n1".into(),
-            model_id: model.into(),
+            pool_id: id,
+            node_id: "n1",
+            model_id: model,
             state: PoolState::Ready,
             node_online: true,
             free_slots: free,
@@ -348,7 +350,7 @@ mod tests {
         assert!(matches!(place(&pools, &ask), Placement::Impossible { .. }));
     }
 
-    fn standby(id: &str, free: u32, load_ms: Option<u64>) -> Candidate {
+    fn standby(id: &str, free: u32, load_ms: Option<u64>) -> Candidate<'_> {
         Candidate {
             state: PoolState::Standby,
             load_ms,
@@ -500,8 +502,8 @@ mod tests {
 
     #[test]
     fn pool_ids_repeat_across_nodes_and_node_hints_choose() {
-        let on = |node: &str, free| Candidate {
-            node_id: node.into(),
+        let on = |node: &'static str, free| Candidate {
+            node_id: node,
             ..pool("default", "m", free)
         };
         let pools = [on("w2", 2), on("w3", 2)];

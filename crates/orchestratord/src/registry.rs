@@ -269,18 +269,29 @@ impl Registry {
 
     /// The snapshot placement decides on. A pool of a node that missed a heartbeat counts as
     /// suspect: skipped, but its model stays served (tasks wait rather than fail).
-    pub fn candidates(&self) -> Vec<Candidate> {
+    pub fn candidates(&self) -> Vec<Candidate<'_>> {
+        self.candidates_for(|_| true)
+    }
+
+    /// The snapshot of the pools whose model `wanted` accepts: what placement needs for the
+    /// models actually waiting, a small part of a large cluster's pools.
+    pub fn candidates_for(&self, wanted: impl Fn(&str) -> bool) -> Vec<Candidate<'_>> {
         let now = Instant::now();
         let mut out = Vec::new();
+        // One key, refilled per pool: the lookups allocate nothing once it has grown.
+        let mut key: PoolKey = (String::new(), String::new());
         for node in self.nodes.values() {
             // A draining node's pools, like a silent node's, are skipped by placement.
             let node_suspect = node.missed_beat(now) || node.draining;
-            for p in &node.pools {
-                let key = (node.id.clone(), p.pool_id.clone());
+            key.0.clear();
+            key.0.push_str(&node.id);
+            for p in node.pools.iter().filter(|p| wanted(&p.model_id)) {
+                key.1.clear();
+                key.1.push_str(&p.pool_id);
                 out.push(Candidate {
-                    pool_id: p.pool_id.clone(),
-                    node_id: node.id.clone(),
-                    model_id: p.model_id.clone(),
+                    pool_id: &p.pool_id,
+                    node_id: &node.id,
+                    model_id: &p.model_id,
                     state: p.state,
                     node_online: node.online,
                     free_slots: p.slots_total.saturating_sub(self.leased(&key)),

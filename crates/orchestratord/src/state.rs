@@ -300,7 +300,8 @@ impl State {
         sub: &Submission,
     ) -> Result<(TaskAccepted, Option<Arc<Task>>), Refusal> {
         let mut core = self.core();
-        let candidates = core.registry.candidates();
+        // Only the pools of the task's model: admission costs the same in a large cluster.
+        let candidates = core.registry.candidates_for(|m| m == sub.model);
         // Just after a (re)start, nodes are still registering: a task for a model not known
         // yet waits in the queue for them (until the grace ends) instead of being refused.
         let now = Instant::now();
@@ -384,7 +385,7 @@ impl State {
                 .filter(|c| c.model_id == sub.model)
                 .map(|c| {
                     core.registry
-                        .pool(&(c.node_id.clone(), c.pool_id.clone()))
+                        .pool(&(c.node_id.to_string(), c.pool_id.to_string()))
                         .map_or(0, |p| p.ctx_per_slot)
                 })
                 .max()
@@ -518,6 +519,10 @@ impl State {
 
     fn grace_end(&self, registry: &Registry) -> Instant {
         let cap = self.started + self.config.registration_grace;
+        if Instant::now() >= cap {
+            // Past the cap no node can extend it: spare the scan of every node.
+            return cap;
+        }
         match registry.nodes.values().map(|n| n.heartbeat).max() {
             Some(hb) => cap.min(self.started + hb + hb / 2),
             None => cap,

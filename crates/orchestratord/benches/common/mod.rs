@@ -1,4 +1,4 @@
-//! What both benches share, all from the test support crate (`llorch-tests`): settings from
+//! What the benches share, all from the test support crate (`llorch-tests`): settings from
 //! the environment, order statistics and the machine's load (`bench`), binaries, the model and
 //! free ports.
 #![allow(dead_code, unused_imports)] // Each bench uses its own subset.

@@ -199,7 +199,7 @@ async fn heartbeat_request(
     hb.validate()
         .map_err(|e| ApiError::native((StatusCode::BAD_REQUEST, e)))?;
     let models: Vec<String> = hb.pools.iter().map(|p| p.model_id.clone()).collect();
-    let (offline_after, back) = {
+    let (offline_after, back, queued) = {
         let mut core = state.core();
         let was_offline = core.registry.nodes.get(&id).is_some_and(|n| !n.online);
         if !core.registry.heartbeat(&id, hb.pools, hb.staged_models) {
@@ -211,14 +211,23 @@ async fn heartbeat_request(
                 ),
             )));
         }
-        (core.registry.nodes[&id].offline_after(), was_offline)
+        (
+            core.registry.nodes[&id].offline_after(),
+            was_offline,
+            !core.queue.is_empty(),
+        )
     };
     if back {
         state.metrics.node_event("back");
     }
     // Only a known node's models become label values.
     state.metrics.add_models(models.iter().map(String::as_str));
-    state.wake.notify_one();
+    // A heartbeat may free the way for waiting tasks (a pool turned ready, a node came back);
+    // with nothing queued there is nothing to place, and 1,000 nodes must not wake the
+    // dispatcher 200 times a second for nothing.
+    if queued {
+        state.wake.notify_one();
+    }
     Ok(Json(NodeAck {
         node_id: id,
         offline_after_secs: offline_after.as_secs(),

@@ -1,0 +1,281 @@
+//! The control plane at cluster scale without hardware: 1,000 synthetic nodes of 4 pools each.
+//! Method and results: docs/PERFORMANCE.md, "Many nodes".
+//!
+//! 1. Placement (in process, the library's own code): a registry of 1,000 nodes × 4 pools
+//!    (4,000 pools, 40 models); each sample builds the placement snapshot of one model's pools
+//!    (`Registry::candidates_for`, as admission does for its task and the dispatcher for the
+//!    models that wait) and places one task (`placement::place`), the model chosen in turn.
+//!    Reported: p50/p99 of each and of both, and of the whole 4,000-pool snapshot.
+//! 2. Heartbeats (the real release binary): 1,000 nodes register over HTTP, then heartbeat
+//!    every `LLORCH_BENCH_HEARTBEAT_SECS` (5) seconds, staggered evenly, for
+//!    `LLORCH_BENCH_SECS` (20) measured seconds. Reported: orchestratord's CPU (share of one
+//!    core, and per node per second), heartbeats answered and their latency, and resident
+//!    memory per registered node (`VmRSS` after registration minus before, over 1,000).
+//!
+//! Run with `cargo build --release --bins && cargo bench -p orchestratord --bench nodes`.
+//! `LLORCH_BENCH_NODES` (1000) and `LLORCH_BENCH_ONLY` (`placement` or `heartbeats`) change
+//! the scale and the part; `LLORCH_BENCH_ORCHESTRATORD` runs another binary (an older build,
+//! side by side).
+
+mod common;
+use common::*;
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llorch_client::HttpClient;
+use llorch_wire::node::{Heartbeat, NodeAck, PoolState, PoolStatus, Registration};
+use orchestratord::placement::{place, Ask, Placement};
+use orchestratord::registry::{Node, Registry};
+use tokio_util::sync::CancellationToken;
+
+const POOLS_PER_NODE: usize = 4;
+const MODELS: usize = 40;
+
+fn pools_of(node: usize) -> Vec<PoolStatus> {
+    (0..POOLS_PER_NODE)
+        .map(|p| {
+            let mut s = PoolStatus::new(
+                format!("p{p}"),
+                format!("model-{}", (node * POOLS_PER_NODE + p) % MODELS),
+                PoolState::Ready,
+                4,
+                4096,
+            );
+            s.engine_pid = Some(1000 + p as u32);
+            s
+        })
+        .collect()
+}
+
+fn micros(d: &[Duration], q: f64) -> f64 {
+    let mut v: Vec<f64> = d.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    quantile(&v, q)
+}
+
+fn placement(nodes: usize) {
+    let mut r = Registry::default();
+    for i in 0..nodes {
+        r.register(Node {
+            id: format!("node-{i:04}"),
+            address: format!("unix:/nonexistent/node-{i}.sock"),
+            version: "bench".into(),
+            heartbeat: Duration::from_secs(5),
+            last_seen: tokio::time::Instant::now(),
+            online: true,
+            pools: pools_of(i),
+            staged_models: Vec::new(),
+            client: HttpClient::new("unix:/nonexistent.sock").expect("address"),
+            lost: CancellationToken::new(),
+            draining: false,
+        });
+    }
+    let models: Vec<String> = (0..MODELS).map(|m| format!("model-{m}")).collect();
+    let (mut snap, mut decide, mut both) = (Vec::new(), Vec::new(), Vec::new());
+    // The whole snapshot, for comparison: what the status line and metrics take.
+    let mut whole = Vec::new();
+    for _ in 0..1000 {
+        let t = Instant::now();
+        let c = r.candidates();
+        whole.push(t.elapsed());
+        assert_eq!(c.len(), nodes * POOLS_PER_NODE);
+    }
+    let samples = 5_000;
+    for i in 0..samples + 500 {
+        let model = &models[i % MODELS];
+        let t0 = Instant::now();
+        // What the dispatcher takes for a queue of one model's tasks, and admission for one.
+        let candidates = r.candidates_for(|m| m == model);
+        let t1 = Instant::now();
+        let ask = Ask {
+            model,
+            ..Ask::default()
+        };
+        let placed = place(&candidates, &ask);
+        let t2 = Instant::now();
+        assert!(matches!(placed, Placement::Place { .. }), "{placed:?}");
+        if i >= 500 {
+            snap.push(t1 - t0);
+            decide.push(t2 - t1);
+            both.push(t2 - t0);
+        }
+    }
+    println!(
+        "whole snapshot of {} pools: p50 {:.1} us p99 {:.1} us",
+        nodes * POOLS_PER_NODE,
+        micros(&whole, 0.5),
+        micros(&whole, 0.99)
+    );
+    println!(
+        "placement, {} pools on {nodes} nodes, {samples} samples: snapshot (one model's pools) p50 {:.1} us p99 {:.1} us; place p50 {:.1} us p99 {:.1} us; both p50 {:.1} us p99 {:.1} us",
+        nodes * POOLS_PER_NODE,
+        micros(&snap, 0.5),
+        micros(&snap, 0.99),
+        micros(&decide, 0.5),
+        micros(&decide, 0.99),
+        micros(&both, 0.5),
+        micros(&both, 0.99),
+    );
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn cpu_secs(pid: u32, tck: f64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(f64::NAN))
+        .collect();
+    (f[11] + f[12]) / tck
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb * 1024.0 / 1e6)
+}
+
+async fn heartbeats(nodes: usize) {
+    let secs: u64 = env_or("LLORCH_BENCH_SECS", 20);
+    let interval: u64 = env_or("LLORCH_BENCH_HEARTBEAT_SECS", 5);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("orchestratord.log");
+    let port = free_port();
+    let exe = std::env::var_os("LLORCH_BENCH_ORCHESTRATORD")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| bin("orchestratord"));
+    let mut child = Command::new(exe)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("LLORCH_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn orchestratord");
+    let pid = child.id();
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(start.elapsed() < Duration::from_secs(30), "not listening");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = Arc::new(HttpClient::new(&format!("http://127.0.0.1:{port}")).expect("url"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss_mb(pid);
+    for i in 0..nodes {
+        let reg = Registration {
+            node_id: format!("node-{i:04}"),
+            address: format!("unix:/nonexistent/node-{i}.sock"),
+            version: "bench".into(),
+            heartbeat_secs: interval,
+            pools: pools_of(i),
+            staged_models: Vec::new(),
+        };
+        let _: NodeAck = client
+            .post_json("/v2/nodes/register", &reg)
+            .await
+            .expect("registered");
+    }
+    let rss_after = rss_mb(pid);
+    // One task per node, each waiting its offset in the interval, then beating every interval.
+    let tck = clock_ticks();
+    let stop = CancellationToken::new();
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let period = Duration::from_secs(interval);
+    let warmup = period;
+    for i in 0..nodes {
+        let (client, stop, latencies) = (client.clone(), stop.clone(), latencies.clone());
+        tasks.push(tokio::spawn(async move {
+            let offset = period.mul_f64(i as f64 / nodes as f64);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+            let hb = Heartbeat {
+                pools: pools_of(i),
+                staged_models: Vec::new(),
+            };
+            let path = format!("/v2/nodes/node-{i:04}/heartbeat");
+            let mut answered = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = stop.cancelled() => return answered,
+                }
+                let t = Instant::now();
+                let _: NodeAck = client.post_json(&path, &hb).await.expect("heartbeat");
+                latencies.lock().unwrap().push(t.elapsed());
+                answered += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    latencies.lock().unwrap().clear();
+    let (cpu0, bench0, t0) = (
+        cpu_secs(pid, tck),
+        cpu_secs(std::process::id(), tck),
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (cpu1, bench1, wall) = (
+        cpu_secs(pid, tck),
+        cpu_secs(std::process::id(), tck),
+        t0.elapsed().as_secs_f64(),
+    );
+    let lat = latencies.lock().unwrap().clone();
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let nodes_online: Vec<serde_json::Value> = client.get_json("/v2/nodes").await.expect("nodes");
+    let online = nodes_online
+        .iter()
+        .filter(|n| n["state"] == "online")
+        .count();
+    terminate(&mut child, Duration::from_secs(5));
+    let share = (cpu1 - cpu0) / wall;
+    println!(
+        "heartbeats, {nodes} nodes every {interval} s, {secs} s measured: {} answered ({:.0}/s), latency p50 {:.0} us p99 {:.0} us; orchestratord CPU {:.2}% of a core ({:.2} us per node per second); bench process {:.2}% of a core; {online} of {nodes} nodes online at the end",
+        lat.len(),
+        lat.len() as f64 / wall,
+        micros(&lat, 0.5),
+        micros(&lat, 0.99),
+        share * 100.0,
+        share * 1e6 / nodes as f64,
+        (bench1 - bench0) / wall * 100.0,
+    );
+    println!(
+        "memory: VmRSS {rss_before:.1} MB before registration, {rss_after:.1} MB after {nodes} nodes: {:.1} kB per node",
+        (rss_after - rss_before) * 1e3 / nodes as f64
+    );
+}
+
+fn main() {
+    let nodes: usize = env_or("LLORCH_BENCH_NODES", 1000);
+    let only: String = env_or("LLORCH_BENCH_ONLY", String::new());
+    println!("load average before: {}", loadavg());
+    if only.is_empty() || only == "placement" {
+        placement(nodes);
+    }
+    if only.is_empty() || only == "heartbeats" {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(heartbeats(nodes));
+    }
+}
