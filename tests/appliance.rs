@@ -9,12 +9,12 @@
 //! `scripts/setup.sh` installs both. `make test-appliance` runs this test alone.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llorch_tests::notify::NotifySocket;
-use llorch_tests::rootfs::{privileged, root_prefix, rootfs};
+use llorch_tests::container::Container;
+use llorch_tests::rootfs::{root_prefix, rootfs};
 use llorch_tests::stack::{free_port, MODEL_ID};
 use llorch_tests::{bin, model_path, repo_root, serial};
 use serde_json::Value;
@@ -119,197 +119,6 @@ systemctl daemon-reload
         .unwrap();
 }
 
-/// A booted container; powered off on drop.
-struct Container {
-    prefix: Vec<String>,
-    /// None once powered off.
-    nspawn: Option<Child>,
-    leader: u32,
-    log: PathBuf,
-}
-
-impl Container {
-    fn boot(prefix: Vec<String>, root: &Path, stage: &Path, log: PathBuf) -> Self {
-        let name = format!("llorch-test-{}", std::process::id());
-        // nspawn reports to a notify socket like any service: the container's leader pid at
-        // once (X_NSPAWN_LEADER_PID=), and READY=1 when the container's systemd finished
-        // booting (--notify-ready). The test waits for those events. `env` passes the socket
-        // through sudo, which would drop it from the environment.
-        let mut notify = NotifySocket::bind(stage);
-        let nspawn = privileged(&prefix, "env")
-            .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
-            .arg("systemd-nspawn")
-            .arg("-D")
-            .arg(root)
-            .args([
-                "--volatile=overlay",
-                "-b",
-                "--register=no",
-                "--keep-unit",
-                "--console=passive",
-                "--notify-ready=yes",
-            ])
-            .args(["-M", &name])
-            .arg(format!("--bind-ro={}:/mnt/llorch", stage.display()))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::from(
-                std::fs::File::options().append(true).open(&log).unwrap(),
-            ))
-            .spawn()
-            .expect("systemd-nspawn is missing: install systemd-container (scripts/setup.sh does)");
-        let mut c = Self {
-            prefix,
-            nspawn: Some(nspawn),
-            leader: 0,
-            log,
-        };
-        let leader = notify.wait_for("X_NSPAWN_LEADER_PID=", Duration::from_secs(30));
-        c.leader = leader
-            .lines()
-            .find_map(|l| l.strip_prefix("X_NSPAWN_LEADER_PID="))
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no leader pid in {leader:?}:\n{}", c.log_text()));
-        notify.wait_for("READY=1", Duration::from_secs(60));
-        let out = c.sh(&["systemctl", "is-system-running"]);
-        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            state == "running" || state == "degraded",
-            "the container's systemd is {state:?}:\n{}",
-            c.log_text()
-        );
-        c
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Runs a command inside the container, in all its namespaces.
-    fn sh(&self, args: &[&str]) -> Output {
-        privileged(&self.prefix, "nsenter")
-            .args(["-t", &self.leader.to_string(), "-a"])
-            .args(args)
-            .output()
-            .expect("nsenter")
-    }
-
-    /// Runs a command inside; panics with its output unless it succeeds.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.sh(args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "{args:?} failed:\n{text}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn show(&self, unit: &str, property: &str) -> String {
-        self.ok(&["systemctl", "show", "-p", property, "--value", unit])
-            .trim()
-            .to_string()
-    }
-
-    /// The unit's main process id, asked of systemd over D-Bus with busctl.
-    fn main_pid(&self, unit: &str) -> u32 {
-        // systemd's object paths escape every byte but [A-Za-z0-9] as _xx.
-        let label: String = unit
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() {
-                    char::from(b).to_string()
-                } else {
-                    format!("_{b:02x}")
-                }
-            })
-            .collect();
-        let path = format!("/org/freedesktop/systemd1/unit/{label}");
-        let out = self.ok(&[
-            "busctl",
-            "get-property",
-            "org.freedesktop.systemd1",
-            &path,
-            "org.freedesktop.systemd1.Service",
-            "MainPID",
-        ]);
-        // "u 80"
-        out.split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .expect("MainPID")
-    }
-
-    /// `journalctl -o json` entries matching `filters`, waiting up to 10 s for at least one.
-    fn journal(&self, filters: &[&str]) -> Vec<Value> {
-        let journalctl = || {
-            let mut cmd = privileged(&self.prefix, "nsenter");
-            // `timeout` ends a follower inside when the test is done with it (killing nsenter
-            // outside does not reach it).
-            cmd.args([
-                "-t",
-                &self.leader.to_string(),
-                "-a",
-                "timeout",
-                "30",
-                "journalctl",
-            ]);
-            cmd
-        };
-        llorch_tests::journal::wait(journalctl, filters, 1, Duration::from_secs(10))
-    }
-
-    fn wait_until(&self, what: &str, limit: Duration, mut cond: impl FnMut(&Self) -> bool) {
-        let start = Instant::now();
-        while !cond(self) {
-            assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for {what}\n{}",
-                self.ok(&["journalctl", "--no-pager", "-n", "60"])
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// `systemctl poweroff`, then waits for nspawn to exit; true when it exited cleanly.
-    fn poweroff(&mut self) -> bool {
-        let Some(mut nspawn) = self.nspawn.take() else {
-            return true;
-        };
-        if let Ok(Some(s)) = nspawn.try_wait() {
-            return s.success();
-        }
-        let nspawn_pid = nspawn.id();
-        let (tx, exited) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(nspawn.wait());
-        });
-        let _ = self.sh(&["systemctl", "poweroff"]);
-        if let Ok(Ok(status)) = exited.recv_timeout(Duration::from_secs(60)) {
-            return status.success();
-        }
-        // Last resort for a container that does not stop: its init, by pid (never pid 0,
-        // which would be our own process group), else nspawn.
-        let target = if self.leader != 0 {
-            self.leader
-        } else {
-            nspawn_pid
-        };
-        let _ = privileged(&self.prefix, "kill")
-            .args(["-KILL", &target.to_string()])
-            .status();
-        let _ = exited.recv_timeout(Duration::from_secs(10));
-        false
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        self.poweroff();
-    }
-}
-
 /// `curl` from the host: (HTTP status, body); status 0 when the connection failed.
 fn curl(port: u16, args: &[&str], path: &str) -> (u16, String) {
     let out = Command::new("curl")
@@ -383,6 +192,8 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         &root,
         stage_dir.path(),
         stage_dir.path().join("nspawn.log"),
+        "test",
+        &[],
     );
     c.ok(&["sh", "/mnt/llorch/install.sh"]);
 
