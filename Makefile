@@ -9,7 +9,7 @@ MODEL := $(LLORCH_CACHE)/default-model/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CARGO ?= cargo
 
-.PHONY: run demo test test-appliance setup build bench lint fmt
+.PHONY: run demo test test-appliance test-cloud setup build bench lint fmt
 
 ## Set up, build, and run the home stack on the default model at http://127.0.0.1:8080 until Ctrl-C.
 run: build
@@ -28,6 +28,11 @@ test: build
 test-appliance: build
 	$(CARGO) test -p llorch-tests --test appliance -- --nocapture
 
+## The cloud tests alone: a control plane and two workers in network namespaces, as processes
+## and as containers booted with systemd (TLS, node tokens, lost links, restarts).
+test-cloud: build
+	$(CARGO) test -p llorch-tests --test cloud -- --nocapture
+
 setup:
 	scripts/setup.sh >/dev/null
 
@@ -42,6 +47,7 @@ bench: setup
 	$(CARGO) bench -p llorch-engine --bench throughput
 	$(CARGO) bench -p orchestratord --bench frontend
 	$(CARGO) bench -p orchestratord --bench capacity
+	$(CARGO) bench -p orchestratord --bench nodes
 	$(CARGO) bench -p pool-managerd --bench cold_start
 
 lint:

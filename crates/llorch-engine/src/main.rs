@@ -44,7 +44,7 @@ fn main() {
         match llorch_engine::run(config, shutdown).await {
             Ok(()) => 0,
             Err(e) => {
-                tracing::error!(error = %e, "Engine failed.");
+                tracing::error!(error = %e, "Engine failed: {e}");
                 eprintln!("llorch-engine: {e}");
                 e.exit_code()
             }

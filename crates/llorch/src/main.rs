@@ -24,9 +24,12 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct Remote {
-    /// orchestratord's URL.
+    /// orchestratord's URL (`https://` across a network).
     #[arg(long, env = "LLORCH_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// PEM file of the CA that signed orchestratord's certificate; default: the system's store.
+    #[arg(long, env = "LLORCH_CA")]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -285,7 +288,7 @@ async fn main() {
             max_tokens,
             temperature,
             prompt,
-        } => match remote::client(&r.url, api_key()) {
+        } => match remote::client(&r.url, r.ca.as_deref(), api_key()) {
             Ok(c) => {
                 remote::generate(
                     &c,
@@ -306,34 +309,39 @@ async fn main() {
             max_tokens,
             temperature,
             system,
-        } => match remote::client(&r.url, api_key()) {
+        } => match remote::client(&r.url, r.ca.as_deref(), api_key()) {
             Ok(c) => remote::chat(&c, model, max_tokens, temperature, system).await,
             Err(e) => Err(e),
         },
-        Cmd::Status { remote: r } => match remote::client(&r.url, api_key()) {
+        Cmd::Status { remote: r } => match remote::client(&r.url, r.ca.as_deref(), api_key()) {
             Ok(c) => remote::status(&c, &mut std::io::stdout()).await,
             Err(e) => Err(e),
         },
-        Cmd::Pools { remote: r, action } => match remote::client(&r.url, api_key()) {
-            Ok(c) => match action {
-                PoolAction::Drain { pool, node } => {
-                    remote::pool_action(&c, "drain", &pool, node.as_deref()).await
-                }
-                PoolAction::Resume { pool, node } => {
-                    remote::pool_action(&c, "resume", &pool, node.as_deref()).await
-                }
-            },
-            Err(e) => Err(e),
-        },
-        Cmd::Nodes { remote: r, action } => match remote::client(&r.url, api_key()) {
-            Ok(c) => match action {
-                NodeAction::Drain { node, wait } => {
-                    remote::node_drain(&c, &node, wait.map(std::time::Duration::from_secs)).await
-                }
-                NodeAction::Resume { node } => remote::node_resume(&c, &node).await,
-            },
-            Err(e) => Err(e),
-        },
+        Cmd::Pools { remote: r, action } => {
+            match remote::client(&r.url, r.ca.as_deref(), api_key()) {
+                Ok(c) => match action {
+                    PoolAction::Drain { pool, node } => {
+                        remote::pool_action(&c, "drain", &pool, node.as_deref()).await
+                    }
+                    PoolAction::Resume { pool, node } => {
+                        remote::pool_action(&c, "resume", &pool, node.as_deref()).await
+                    }
+                },
+                Err(e) => Err(e),
+            }
+        }
+        Cmd::Nodes { remote: r, action } => {
+            match remote::client(&r.url, r.ca.as_deref(), api_key()) {
+                Ok(c) => match action {
+                    NodeAction::Drain { node, wait } => {
+                        remote::node_drain(&c, &node, wait.map(std::time::Duration::from_secs))
+                            .await
+                    }
+                    NodeAction::Resume { node } => remote::node_resume(&c, &node).await,
+                },
+                Err(e) => Err(e),
+            }
+        }
         Cmd::Demo {
             model,
             sha256,

@@ -11,8 +11,16 @@ use llorch_wire::task::{NodeView, PoolsAnswer, TaskAccepted, TaskEnd, TaskReques
 use llorch_wire::ErrorBody;
 use serde_json::Value;
 
-pub fn client(url: &str, key: Option<String>) -> anyhow::Result<HttpClient> {
-    Ok(HttpClient::new(url)
+pub fn client(
+    url: &str,
+    ca: Option<&std::path::Path>,
+    key: Option<String>,
+) -> anyhow::Result<HttpClient> {
+    let roots = match ca {
+        Some(ca) => llorch_client::TlsRoots::from_pem_file(ca).context("--ca")?,
+        None => llorch_client::TlsRoots::system(),
+    };
+    Ok(HttpClient::with_roots(url, &roots)
         .with_context(|| format!("--url {url}"))?
         .with_token(key))
 }

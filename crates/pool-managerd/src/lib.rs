@@ -182,13 +182,14 @@ pub async fn run_with(
             Listener::Unix(l)
         }
         Listen::Tcp(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Tcp {
-                    addr: *addr,
-                    source,
-                })?;
-            tracing::info!(address = %addr, "Node API listening.");
+            // Socket activation on TCP too: a cloud node's pool-managerd.socket drop-in
+            // (ListenStream=<ip>:9200) passes the listener, and a restart refuses nobody.
+            let (l, origin) = llorch_os::tcp_listener("node-api", *addr).await?;
+            let local = l.local_addr().map_err(|source| RunError::Tcp {
+                addr: *addr,
+                source,
+            })?;
+            tracing::info!(address = %local, origin = ?origin, "Node API listening.");
             Listener::Tcp(l)
         }
     };

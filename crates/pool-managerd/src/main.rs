@@ -58,7 +58,7 @@ fn main() {
         match pool_managerd::run(config, args.config.clone(), shutdown).await {
             Ok(()) => 0,
             Err(e) => {
-                tracing::error!(error = %e, "pool-managerd stopped with an error.");
+                tracing::error!(error = %e, "pool-managerd stopped: {e}");
                 e.exit_code()
             }
         }
