@@ -36,9 +36,11 @@ fn pool(id: &str, slots: u64) -> Value {
     })
 }
 
+/// A registration as node "home", the id `llorch up`'s token is bound to (a refused one
+/// changes nothing of the real node).
 fn registration(address: &str, pools: Vec<Value>) -> Value {
     json!({
-        "node_id": "intruder", "address": address, "version": "0.0.0",
+        "node_id": "home", "address": address, "version": "0.0.0",
         "heartbeat_secs": 5, "pools": pools
     })
 }
@@ -89,6 +91,12 @@ async fn a_bogus_node_cannot_register_or_crash_the_stack() {
     )
     .await;
     assert_eq!(status, 401);
+    // The token is bound to node "home": as another node id it is refused (403).
+    let mut intruder = registration("http://127.0.0.1:1", vec![pool("default", 1)]);
+    intruder["node_id"] = json!("intruder");
+    let (status, body) = post(&url, Some(token), "/v2/nodes/register", &intruder).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "FORBIDDEN", "{body}");
 
     // With the token, each bad field is a 400 that names it.
     let many: Vec<Value> = (0..10_000).map(|i| pool(&format!("p{i}"), 1)).collect();
