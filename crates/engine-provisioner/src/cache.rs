@@ -332,19 +332,20 @@ fn download_hashing(
     };
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(30)))
-        // A large model takes as long as it takes; only the connection and the response head
-        // are bounded.
+        // A large model takes as long as it takes: the body has no total bound, only the
+        // stall bound below (no byte for that long ends the download).
         .timeout_recv_body(None)
         .timeout_recv_response(Some(Duration::from_secs(60)))
         .build()
         .into();
-    let mut resp = agent.get(url).call().map_err(|e| fail(e.to_string()))?;
+    let resp = agent.get(url).call().map_err(|e| fail(e.to_string()))?;
     let total = resp
         .headers()
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+    let body = resp.into_body().into_with_config().limit(u64::MAX).reader();
+    let mut reader = StallReader::new(body, stall_timeout());
     let (sha, size) = pump(&mut reader, dst, total, progress, |e| fail(e.to_string()))?;
     if let Some(t) = total {
         if size != t {
@@ -386,4 +387,84 @@ fn pump(
     }
     out.sync_all().map_err(write_err)?;
     Ok((hex::encode(hasher.finalize()), done))
+}
+
+/// How long a download may receive nothing before it fails: `LLORCH_DOWNLOAD_STALL_SECS`
+/// (1 to 3600), default 60. A stalled server or a dead route must not hang a pool forever;
+/// a slow one that keeps sending is never cut off.
+pub fn stall_timeout() -> Duration {
+    std::env::var("LLORCH_DOWNLOAD_STALL_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| (1..=3600).contains(s))
+        .map_or(DEFAULT_STALL, Duration::from_secs)
+}
+
+/// The default of [`stall_timeout`].
+pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
+
+/// A reader that fails with `TimedOut` when its source gives no byte for `stall`. The source
+/// is read on a thread of its own (a blocking socket read cannot be interrupted); on a stall
+/// that thread is left blocked, and ends with the process.
+struct StallReader {
+    chunks: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+    stall: Duration,
+}
+
+impl StallReader {
+    fn new(mut source: impl Read + Send + 'static, stall: Duration) -> Self {
+        let (tx, chunks) = std::sync::mpsc::sync_channel(4);
+        std::thread::spawn(move || loop {
+            let mut buf = vec![0u8; CHUNK];
+            let sent = match source.read(&mut buf) {
+                Ok(0) => tx.send(Ok(Vec::new())),
+                Ok(n) => {
+                    buf.truncate(n);
+                    tx.send(Ok(buf))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => tx.send(Err(e)),
+            };
+            if sent.is_err() {
+                return;
+            }
+        });
+        Self {
+            chunks,
+            current: Vec::new(),
+            at: 0,
+            stall,
+        }
+    }
+}
+
+impl Read for StallReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.current.len() {
+            match self.chunks.recv_timeout(self.stall) {
+                Ok(Ok(chunk)) if chunk.is_empty() => return Ok(0),
+                Ok(Ok(chunk)) => {
+                    self.current = chunk;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no data for {} s (the server stalled; LLORCH_DOWNLOAD_STALL_SECS sets the bound)",
+                            self.stall.as_secs()
+                        ),
+                    ))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len() - self.at);
+        out[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }

@@ -10,9 +10,14 @@ use llorch_gguf::write::TestModel;
 use sha2::{Digest, Sha256};
 
 fn provisioner(args: &[&str]) -> Output {
+    provisioner_with(args, &[])
+}
+
+fn provisioner_with(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_engine-provisioner"))
         .args(args)
         .env("LLORCH_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .expect("run engine-provisioner")
 }
@@ -225,6 +230,57 @@ fn an_interrupted_download_leaves_no_partial_file() {
         stderr(&out)
     );
     assert!(stderr(&out).contains("download of"), "{}", stderr(&out));
+    let (blobs, tmp) = cache_files(&f.cache());
+    assert!(blobs.is_empty() && tmp.is_empty(), "{blobs:?} {tmp:?}");
+}
+
+/// A server that sends the head and part of the body, then holds the connection open and
+/// sends nothing more (a stalled mirror, a dead route).
+fn serve_stalling(body: Vec<u8>, send: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body[..send]);
+            let _ = stream.flush();
+            held.push(stream);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_stalled_download_fails_after_the_stall_bound_and_leaves_nothing() {
+    let f = Fixture::new();
+    let url = serve_stalling(f.model.clone(), f.model.len() / 2);
+    let cache = f.cache().display().to_string();
+    let source = format!("{url}/tiny.gguf");
+    let want = sha(&f.model);
+    let start = std::time::Instant::now();
+    let out = provisioner_with(
+        &[
+            "stage", "--source", &source, "--cache", &cache, "--sha256", &want,
+        ],
+        &[("LLORCH_DOWNLOAD_STALL_SECS", "1")],
+    );
+    let took = start.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(exit::DOWNLOAD_FAILED),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("no data for 1 s"), "{}", stderr(&out));
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
     let (blobs, tmp) = cache_files(&f.cache());
     assert!(blobs.is_empty() && tmp.is_empty(), "{blobs:?} {tmp:?}");
 }
