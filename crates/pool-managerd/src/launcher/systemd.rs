@@ -53,6 +53,20 @@ trait Unit {
 }
 
 #[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Job",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Job {
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+}
+
+/// How long a job wait goes without systemd's `JobRemoved` signal before it asks whether the
+/// job still exists: a lost signal (a bus hiccup, a reconnect) must not hang a pool for good,
+/// and a job that legitimately takes long (a large download) must not be cut short.
+pub const JOB_CHECK_EVERY: Duration = Duration::from_secs(30);
+
+#[zbus::proxy(
     interface = "org.freedesktop.systemd1.Service",
     default_service = "org.freedesktop.systemd1"
 )]
@@ -159,7 +173,34 @@ impl SystemdLauncher {
             _ => manager.restart_unit(unit, "replace").await,
         }
         .map_err(|e| dbus(unit, e))?;
-        while let Some(signal) = removed.next().await {
+        loop {
+            let signal = match tokio::time::timeout(JOB_CHECK_EVERY, removed.next()).await {
+                Ok(Some(signal)) => signal,
+                Ok(None) => break,
+                Err(_) => {
+                    // No news for a while: if the job is still queued or running, keep
+                    // waiting; if it is gone, its signal was missed, and the unit's state
+                    // says how it ended.
+                    let still_there = match JobProxy::builder(&self.conn).path(job.clone()) {
+                        Ok(b) => match b.build().await {
+                            Ok(p) => p.state().await.is_ok(),
+                            Err(_) => false,
+                        },
+                        Err(_) => false,
+                    };
+                    if still_there {
+                        continue;
+                    }
+                    let state = self
+                        .unit(unit)
+                        .await?
+                        .active_state()
+                        .await
+                        .unwrap_or_default();
+                    tracing::warn!(unit, state = %state, "A systemd job ended without its signal; took the unit's state.");
+                    return Ok(if state == "active" { "done" } else { "failed" }.to_string());
+                }
+            };
             let Ok(args) = signal.args() else { continue };
             if args.job == job {
                 return Ok(args.result);
