@@ -1113,3 +1113,99 @@ async fn a_wedged_engine_ends_the_stream_and_frees_the_slot() {
     let f = frames(c.events(&again.streams.sse).await.unwrap()).await;
     assert!(end_of(&f).tokens_out > 0, "{f:?}");
 }
+
+/// The sampler extensions clients of llama.cpp's server, Ollama and vLLM send are honoured on
+/// `/v1` and `/v2`, and out of range they are a 400 naming the field.
+#[tokio::test]
+async fn sampler_extensions_are_honoured_and_checked() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions::default());
+    let c = stack.client();
+    let chat_with = |extra: Value| {
+        let mut body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Write one sentence about the sea."}], "max_tokens": 24});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{v}"))
+            .to_string()
+    };
+    let ask = |body: Value| {
+        let c = c.clone();
+        async move {
+            let (status, _, v) = post(&c, "/v1/chat/completions", &body).await;
+            (status, v)
+        }
+    };
+    let (status, greedy) = ask(chat_with(json!({"temperature": 0}))).await;
+    assert_eq!(status, StatusCode::OK, "{greedy}");
+    // A seeded draw at temperature 1 differs from greedy here; with top_k 1 it is greedy.
+    let (_, sampled) = ask(chat_with(json!({"temperature": 1.0, "seed": 7}))).await;
+    assert_ne!(text(&sampled), text(&greedy), "seed 7 happens to be greedy");
+    let (status, top1) = ask(chat_with(
+        json!({"temperature": 1.0, "seed": 7, "top_k": 1}),
+    ))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{top1}");
+    assert_eq!(text(&top1), text(&greedy));
+    // min_p 1 keeps only the most likely token too.
+    let (_, minp) = ask(chat_with(
+        json!({"temperature": 1.0, "seed": 7, "min_p": 1.0}),
+    ))
+    .await;
+    assert_eq!(text(&minp), text(&greedy));
+    // Penalties change a greedy answer (OpenAI's own presence and frequency penalties, and
+    // the repetition penalty under both its names).
+    for extra in [
+        json!({"temperature": 0, "frequency_penalty": 2.0}),
+        json!({"temperature": 0, "presence_penalty": 2.0}),
+        json!({"temperature": 0, "repeat_penalty": 3.0}),
+        json!({"temperature": 0, "repetition_penalty": 3.0}),
+    ] {
+        let (status, v) = ask(chat_with(extra.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{extra}: {v}");
+        assert_ne!(text(&v), text(&greedy), "{extra} changed nothing");
+    }
+    // ignore_eos: the answer runs to max_tokens.
+    let (_, v) = ask(chat_with(
+        json!({"temperature": 0, "max_tokens": 48, "ignore_eos": true}),
+    ))
+    .await;
+    assert_eq!(v["usage"]["completion_tokens"], 48, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    // Out of range, contradictory or unknown: 400 naming the parameter.
+    for (extra, param) in [
+        (json!({"typical_p": 0}), "typical_p"),
+        (json!({"presence_penalty": 2.5}), "presence_penalty"),
+        (json!({"frequency_penalty": -3}), "frequency_penalty"),
+        (json!({"top_k": -1}), "top_k"),
+        (json!({"repeat_last_n": -2}), "repeat_last_n"),
+        (
+            json!({"repeat_penalty": 1.1, "repetition_penalty": 1.2}),
+            "repetition_penalty",
+        ),
+        (json!({"mirostat": 2}), "mirostat"),
+    ] {
+        let (status, v) = ask(chat_with(extra.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+    }
+    // The native API takes the same fields.
+    let req = json!({"model_ref": MODEL_ID, "prompt": COUNTING, "max_tokens": 8,
+                     "temperature": 1.0, "seed": 7, "top_k": 1, "repeat_last_n": -1});
+    let accepted: TaskAccepted = c.post_json("/v2/tasks", &req).await.unwrap();
+    let f = frames(c.events(&accepted.streams.sse).await.unwrap()).await;
+    assert_eq!(end_of(&f).tokens_out, 8, "{f:?}");
+    let (status, _, v) = post(
+        &c,
+        "/v2/tasks",
+        &json!({"model_ref": MODEL_ID, "prompt": COUNTING, "typical_p": 1.5}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["field"], "typical_p", "{v}");
+}

@@ -36,19 +36,31 @@ pub struct Sampling {
     pub top_k: i32,
     pub min_p: f32,
     pub repeat_penalty: f32,
+    pub typical_p: f32,
+    /// Tokens the penalties look back over (0: none); already resolved from -1 to the slot's
+    /// context.
+    pub repeat_last_n: i32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     pub seed: u32,
 }
 
 impl Sampling {
+    /// llama.cpp's order: penalties (repetition, frequency, presence, over the last
+    /// `repeat_last_n` tokens), then greedy, or top-k, typical, top-p, min-p, temperature and a
+    /// seeded draw.
     fn sampler(&self, n_vocab: i32) -> LlamaSampler {
-        let mut chain = Vec::with_capacity(6);
-        if self.repeat_penalty != 1.0 {
+        let mut chain = Vec::with_capacity(8);
+        let penalties = self.repeat_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0;
+        if penalties && self.repeat_last_n > 0 {
             chain.push(LlamaSampler::penalties(
                 n_vocab,
-                64,
+                self.repeat_last_n,
                 self.repeat_penalty,
-                0.0,
-                0.0,
+                self.frequency_penalty,
+                self.presence_penalty,
             ));
         }
         if self.temperature == 0.0 {
@@ -56,6 +68,9 @@ impl Sampling {
         } else {
             if self.top_k > 0 {
                 chain.push(LlamaSampler::top_k(self.top_k));
+            }
+            if self.typical_p < 1.0 {
+                chain.push(LlamaSampler::typical(self.typical_p, 1));
             }
             chain.push(LlamaSampler::top_p(self.top_p, 1));
             chain.push(LlamaSampler::min_p(self.min_p, 1));

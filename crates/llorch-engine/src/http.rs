@@ -455,6 +455,13 @@ async fn generate(
         top_k: request.top_k.unwrap_or(defaults::TOP_K),
         min_p: request.min_p.unwrap_or(defaults::MIN_P),
         repeat_penalty: request.repeat_penalty.unwrap_or(defaults::REPEAT_PENALTY),
+        typical_p: request.typical_p.unwrap_or(defaults::TYPICAL_P),
+        repeat_last_n: match request.repeat_last_n.unwrap_or(defaults::REPEAT_LAST_N) {
+            -1 => ready.ctx_per_slot as i32,
+            n => n.min(ready.ctx_per_slot as i32),
+        },
+        presence_penalty: request.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: request.frequency_penalty.unwrap_or(0.0),
         seed: request.seed.unwrap_or_else(random_seed),
     };
     let job = Job {

@@ -12,6 +12,9 @@ pub mod defaults {
     pub const TOP_K: i32 = 40;
     pub const MIN_P: f32 = 0.05;
     pub const REPEAT_PENALTY: f32 = 1.0;
+    /// Tokens the repetition, frequency and presence penalties look back over.
+    pub const REPEAT_LAST_N: i32 = 64;
+    pub const TYPICAL_P: f32 = 1.0;
 }
 
 /// Limits on request fields, checked by [`GenerateRequest::validate`].
@@ -20,6 +23,10 @@ pub mod limits {
     pub const MAX_STOP_BYTES: usize = 256;
     pub const MAX_TEMPERATURE: f32 = 2.0;
     pub const MAX_REPEAT_PENALTY: f32 = 10.0;
+    /// `repeat_last_n` at most (-1 means the slot's whole context).
+    pub const MAX_REPEAT_LAST_N: i32 = 65_536;
+    /// OpenAI's range of `presence_penalty` and `frequency_penalty`.
+    pub const MAX_ABS_PENALTY: f32 = 2.0;
 }
 
 /// One chat message. The engine renders a list of them with the model's own chat template.
@@ -57,6 +64,18 @@ pub struct GenerateRequest {
     /// 1.0 disables the penalty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repeat_penalty: Option<f32>,
+    /// Locally typical sampling; 1.0 disables it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typical_p: Option<f32>,
+    /// Tokens the penalties look back over: 0 disables them, -1 is the slot's whole context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat_last_n: Option<i32>,
+    /// Subtracted once from every token already present (OpenAI's meaning), -2 to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    /// Subtracted per occurrence of a token already present, -2 to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u32>,
     /// Generation ends before the first occurrence of any of these; the stop string itself is
@@ -179,6 +198,30 @@ impl GenerateRequest {
                 ));
             }
         }
+        if let Some(p) = self.typical_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(ErrorBody::invalid(
+                    "typical_p",
+                    format!(
+                        "typical_p is {p}; it must be greater than 0 and at most 1 (1 disables it)"
+                    ),
+                ));
+            }
+        }
+        if let Some(n) = self.repeat_last_n {
+            if !(-1..=limits::MAX_REPEAT_LAST_N).contains(&n) {
+                return Err(ErrorBody::invalid(
+                    "repeat_last_n",
+                    format!(
+                        "repeat_last_n is {n}; use 0 (no penalties) to {}, or -1 for the whole context",
+                        limits::MAX_REPEAT_LAST_N
+                    ),
+                ));
+            }
+        }
+        let m = limits::MAX_ABS_PENALTY;
+        check_range("presence_penalty", self.presence_penalty, -m, m, true)?;
+        check_range("frequency_penalty", self.frequency_penalty, -m, m, true)?;
         if self.stop.len() > limits::MAX_STOP_STRINGS {
             return Err(ErrorBody::invalid(
                 "stop",

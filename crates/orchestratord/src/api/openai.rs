@@ -155,6 +155,22 @@ struct Common {
     logit_bias: Option<serde_json::Map<String, Value>>,
     #[serde(default)]
     user: Option<String>,
+    // The sampler extensions clients of llama.cpp's server, Ollama and vLLM send.
+    #[serde(default)]
+    top_k: Option<i32>,
+    #[serde(default)]
+    min_p: Option<f32>,
+    #[serde(default)]
+    typical_p: Option<f32>,
+    #[serde(default)]
+    repeat_penalty: Option<f32>,
+    /// vLLM's and Hugging Face's name of `repeat_penalty`.
+    #[serde(default)]
+    repetition_penalty: Option<f32>,
+    #[serde(default)]
+    repeat_last_n: Option<i32>,
+    #[serde(default)]
+    ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +231,13 @@ const COMMON_FIELDS: &[&str] = &[
     "frequency_penalty",
     "logit_bias",
     "user",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "repetition_penalty",
+    "repeat_last_n",
+    "ignore_eos",
 ];
 const CHAT_FIELDS: &[&str] = &[
     "messages",
@@ -258,17 +281,13 @@ impl Common {
                 "n must be 1: this server returns one choice per request",
             ));
         }
-        if self.presence_penalty.is_some_and(|p| p != 0.0) {
-            return Err(bad(
-                "presence_penalty",
-                "presence_penalty is not supported; leave it out or set 0",
-            ));
-        }
-        if self.frequency_penalty.is_some_and(|p| p != 0.0) {
-            return Err(bad(
-                "frequency_penalty",
-                "frequency_penalty is not supported; leave it out or set 0",
-            ));
+        if let (Some(a), Some(b)) = (self.repeat_penalty, self.repetition_penalty) {
+            if a != b {
+                return Err(bad(
+                    "repetition_penalty",
+                    format!("repetition_penalty ({b}) is another name of repeat_penalty ({a}); give one of them"),
+                ));
+            }
         }
         if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
             return Err(bad("logit_bias", "logit_bias is not supported"));
@@ -285,6 +304,14 @@ impl Common {
             max_tokens: Some(max_tokens),
             temperature: self.temperature,
             top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            typical_p: self.typical_p,
+            repeat_penalty: self.repeat_penalty.or(self.repetition_penalty),
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
             // OpenAI seeds are 64-bit; the engine's are 32-bit: the low half keeps determinism.
             seed: self.seed.map(|s| s as u32),
             stop: self.stop(),
