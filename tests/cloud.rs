@@ -130,6 +130,21 @@ fn link(cp: &Netns, worker: &Netns, id: &str, net: &str) {
     worker.ip(&["link", "set", "to-cp", "up"]);
 }
 
+/// Runs the future `f` makes on a current-thread runtime, on a thread that joined the
+/// network namespace `ns` (the test's client side of a host).
+fn block_on_in<T: Send, F: std::future::Future<Output = T>>(
+    ns: &str,
+    f: impl FnOnce() -> F + Send,
+) -> T {
+    in_netns(ns, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(f())
+    })
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -349,243 +364,268 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
     let w3_ns = workers[1].ns.0.clone();
     let roots = TlsRoots::from_pem_file(&ca.cert).unwrap();
 
-    let report = in_netns(&cp_name, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let c = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
+    let report = block_on_in(&cp_name, || async {
+        let c = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
+            .unwrap()
+            .with_token(Some(TEST_KEY.into()));
+        // orchestratord accepts connections once its listener is bound.
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", API_PORT))
+            .await
+            .is_err()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "orchestratord does not listen:\n{}",
+                orch_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // 1. Both workers register over TLS and are online, at their https:// addresses.
+        let boot = wait_nodes(
+            &c,
+            "both workers online",
+            Duration::from_secs(180),
+            dir.path(),
+            |n| state_of(n, "w2") == "online" && state_of(n, "w3") == "online",
+        )
+        .await;
+        let n = nodes(&c).await;
+        for v in &n {
+            assert!(v.address.starts_with("https://10.231."), "{v:?}");
+        }
+        // Their pools are ready: wait for both engines.
+        let start = Instant::now();
+        loop {
+            let p: Value = c.get_json("/v2/pools").await.unwrap();
+            let ready = p["pools"]
+                .as_array()
                 .unwrap()
-                .with_token(Some(TEST_KEY.into()));
-            // orchestratord accepts connections once its listener is bound.
-            let start = Instant::now();
-            while tokio::net::TcpStream::connect(("127.0.0.1", API_PORT)).await.is_err() {
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "orchestratord does not listen:\n{}",
-                    orch_text()
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                .iter()
+                .filter(|p| p["state"] == "ready")
+                .count();
+            if ready == 2 {
+                break;
             }
-            // 1. Both workers register over TLS and are online, at their https:// addresses.
-            let boot = wait_nodes(&c, "both workers online", Duration::from_secs(180), dir.path(), |n| {
-                state_of(n, "w2") == "online" && state_of(n, "w3") == "online"
-            })
-            .await;
-            let n = nodes(&c).await;
-            for v in &n {
-                assert!(v.address.starts_with("https://10.231."), "{v:?}");
-            }
-            // Their pools are ready: wait for both engines.
-            let start = Instant::now();
-            loop {
-                let p: Value = c.get_json("/v2/pools").await.unwrap();
-                let ready = p["pools"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|p| p["state"] == "ready")
-                    .count();
-                if ready == 2 {
-                    break;
-                }
-                assert!(start.elapsed() < Duration::from_secs(180), "{p}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            assert!(start.elapsed() < Duration::from_secs(180), "{p}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
 
-            // 2. A chat is answered.
-            let (status, _, v) = post(
+        // 2. A chat is answered.
+        let (status, _, v) = post(
                 &c,
                 "/v1/chat/completions",
                 &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
             )
             .await;
-            assert_eq!(status, 200, "{v}");
-            assert!(
-                v["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"),
-                "{v}"
-            );
+        assert_eq!(status, 200, "{v}");
+        assert!(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .contains("Paris"),
+            "{v}"
+        );
 
-            // 3. Eight concurrent tasks are spread over both workers.
-            let mut accepted = Vec::new();
-            for _ in 0..8 {
-                accepted.push(submit(&c, 12).await);
-            }
-            let runs = accepted.iter().map(|t| async {
+        // 3. Eight concurrent tasks are spread over both workers.
+        let mut accepted = Vec::new();
+        for _ in 0..8 {
+            accepted.push(submit(&c, 12).await);
+        }
+        let runs = accepted.iter().map(|t| async {
+            let (node, s) = started(&c, t).await;
+            let f = frames(s).await;
+            assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
+            node
+        });
+        let on: Vec<String> = join_all(runs).await;
+        assert!(
+            on.iter().any(|n| n == "w2") && on.iter().any(|n| n == "w3"),
+            "{on:?}"
+        );
+
+        // 4. Worker 3's link drops mid-stream: its streams end with NODE_UNAVAILABLE within
+        // the heartbeat timeout (3 × 1 s), it goes suspect then offline, and new tasks go to
+        // worker 2. Four long tasks fill both workers' two slots each.
+        let mut long = Vec::new();
+        for _ in 0..4 {
+            let t = submit(&c, 400).await;
+            let (node, s) = started(&c, &t).await;
+            long.push((node, s, t.task_id));
+        }
+        let (on_w3, on_w2): (Vec<_>, Vec<_>) = long.into_iter().partition(|(n, _, _)| n == "w3");
+        assert!(!on_w3.is_empty() && !on_w2.is_empty());
+        let link_down = Instant::now();
+        ip(&["-n", &w3_ns, "link", "set", "to-cp", "down"]);
+        let mut detect = Duration::ZERO;
+        for (_, s, _) in on_w3 {
+            let f = frames(s).await;
+            let err = last_error(&f).unwrap_or_else(|| panic!("no error event: {f:?}"));
+            assert_eq!(err.code, ErrorCode::NodeUnavailable, "{err:?}");
+            assert!(err.retriable);
+            detect = link_down.elapsed();
+        }
+        assert!(detect < Duration::from_secs(6), "lost after {detect:?}");
+        let n = nodes(&c).await;
+        assert_eq!(state_of(&n, "w3"), "offline", "{n:?}");
+        assert_eq!(state_of(&n, "w2"), "online", "{n:?}");
+        // The catalog says where the model is and that it is still available (on w2).
+        let cat: Value = c.get_json("/v2/catalog/availability").await.unwrap();
+        let m = &cat["models"][0];
+        assert_eq!(m["model_id"], MODEL_ID, "{cat}");
+        assert_eq!(m["available"], true, "{cat}");
+        let where_: Vec<(String, String)> = m["locations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["node_id"].as_str().unwrap().into(),
+                    l["node_state"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        assert!(where_.contains(&("w3".into(), "offline".into())), "{cat}");
+        assert!(where_.contains(&("w2".into(), "online".into())), "{cat}");
+        // Worker 2's own tasks were not touched: still running, they are cancelled now to
+        // free its slots.
+        for (_, s, id) in on_w2 {
+            let info: Value = c.get_json(&format!("/v2/tasks/{id}")).await.unwrap();
+            assert_eq!(info["state"], "running", "{info}");
+            let (status, _, v) = post(&c, &format!("/v2/tasks/{id}/cancel"), &json!({})).await;
+            assert!(status.is_success(), "{v}");
+            let f = frames(s).await;
+            assert_eq!(
+                last_error(&f).map(|e| e.code),
+                Some(ErrorCode::Canceled),
+                "{f:?}"
+            );
+        }
+        let t = submit(&c, 4).await;
+        let (node, s) = started(&c, &t).await;
+        assert_eq!(node, "w2");
+        assert!(frames(s).await.iter().any(|f| f.event == "end"));
+
+        // 5. The link comes back: worker 3 is online again by itself and serves.
+        ip(&["-n", &w3_ns, "link", "set", "to-cp", "up"]);
+        let recover = wait_nodes(&c, "w3 back", Duration::from_secs(30), dir.path(), |n| {
+            state_of(n, "w3") == "online"
+        })
+        .await;
+        let mut on = Vec::new();
+        for _ in 0..3 {
+            let batch: Vec<TaskAccepted> = {
+                let mut b = Vec::new();
+                for _ in 0..4 {
+                    b.push(submit(&c, 8).await);
+                }
+                b
+            };
+            let runs = batch.iter().map(|t| async {
                 let (node, s) = started(&c, t).await;
                 let f = frames(s).await;
                 assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
                 node
             });
-            let on: Vec<String> = join_all(runs).await;
-            assert!(on.iter().any(|n| n == "w2") && on.iter().any(|n| n == "w3"), "{on:?}");
+            on.extend(join_all(runs).await);
+            if on.iter().any(|n| n == "w3") {
+                break;
+            }
+        }
+        assert!(
+            on.iter().any(|n| n == "w3"),
+            "worker 3 serves again: {on:?}"
+        );
 
-            // 4. Worker 3's link drops mid-stream: its streams end with NODE_UNAVAILABLE within
-            // the heartbeat timeout (3 × 1 s), it goes suspect then offline, and new tasks go to
-            // worker 2. Four long tasks fill both workers' two slots each.
-            let mut long = Vec::new();
-            for _ in 0..4 {
-                let t = submit(&c, 400).await;
-                let (node, s) = started(&c, &t).await;
-                long.push((node, s, t.task_id));
-            }
-            let (on_w3, on_w2): (Vec<_>, Vec<_>) =
-                long.into_iter().partition(|(n, _, _)| n == "w3");
-            assert!(!on_w3.is_empty() && !on_w2.is_empty());
-            let link_down = Instant::now();
-            ip(&["-n", &w3_ns, "link", "set", "to-cp", "down"]);
-            let mut detect = Duration::ZERO;
-            for (_, s, _) in on_w3 {
-                let f = frames(s).await;
-                let err = last_error(&f).unwrap_or_else(|| panic!("no error event: {f:?}"));
-                assert_eq!(err.code, ErrorCode::NodeUnavailable, "{err:?}");
-                assert!(err.retriable);
-                detect = link_down.elapsed();
-            }
-            assert!(detect < Duration::from_secs(6), "lost after {detect:?}");
-            let n = nodes(&c).await;
-            assert_eq!(state_of(&n, "w3"), "offline", "{n:?}");
-            assert_eq!(state_of(&n, "w2"), "online", "{n:?}");
-            // The catalog says where the model is and that it is still available (on w2).
-            let cat: Value = c.get_json("/v2/catalog/availability").await.unwrap();
-            let m = &cat["models"][0];
-            assert_eq!(m["model_id"], MODEL_ID, "{cat}");
-            assert_eq!(m["available"], true, "{cat}");
-            let where_: Vec<(String, String)> = m["locations"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| (l["node_id"].as_str().unwrap().into(), l["node_state"].as_str().unwrap().into()))
-                .collect();
-            assert!(where_.contains(&("w3".into(), "offline".into())), "{cat}");
-            assert!(where_.contains(&("w2".into(), "online".into())), "{cat}");
-            // Worker 2's own tasks were not touched: still running, they are cancelled now to
-            // free its slots.
-            for (_, s, id) in on_w2 {
-                let info: Value = c.get_json(&format!("/v2/tasks/{id}")).await.unwrap();
-                assert_eq!(info["state"], "running", "{info}");
-                let (status, _, v) = post(&c, &format!("/v2/tasks/{id}/cancel"), &json!({})).await;
-                assert!(status.is_success(), "{v}");
-                let f = frames(s).await;
-                assert_eq!(last_error(&f).map(|e| e.code), Some(ErrorCode::Canceled), "{f:?}");
-            }
-            let t = submit(&c, 4).await;
-            let (node, s) = started(&c, &t).await;
-            assert_eq!(node, "w2");
-            assert!(frames(s).await.iter().any(|f| f.event == "end"));
-
-            // 5. The link comes back: worker 3 is online again by itself and serves.
-            ip(&["-n", &w3_ns, "link", "set", "to-cp", "up"]);
-            let recover = wait_nodes(&c, "w3 back", Duration::from_secs(30), dir.path(), |n| {
-                state_of(n, "w3") == "online"
-            })
-            .await;
-            let mut on = Vec::new();
-            for _ in 0..3 {
-                let batch: Vec<TaskAccepted> = {
-                    let mut b = Vec::new();
-                    for _ in 0..4 {
-                        b.push(submit(&c, 8).await);
-                    }
-                    b
-                };
-                let runs = batch.iter().map(|t| async {
-                    let (node, s) = started(&c, t).await;
-                    let f = frames(s).await;
-                    assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
-                    node
-                });
-                on.extend(join_all(runs).await);
-                if on.iter().any(|n| n == "w3") {
-                    break;
-                }
-            }
-            assert!(on.iter().any(|n| n == "w3"), "worker 3 serves again: {on:?}");
-
-            // 6. A session stays on its node: its turns run where its KV cache is.
-            let mut session_nodes = Vec::new();
-            for turn in 0..3 {
-                let t: TaskAccepted = c
-                    .post_json(
-                        "/v2/tasks",
-                        &json!({"model_ref": MODEL_ID, "session_id": "cloud-s1",
+        // 6. A session stays on its node: its turns run where its KV cache is.
+        let mut session_nodes = Vec::new();
+        for turn in 0..3 {
+            let t: TaskAccepted = c
+                .post_json(
+                    "/v2/tasks",
+                    &json!({"model_ref": MODEL_ID, "session_id": "cloud-s1",
                                 "prompt": format!("{PROMPT} turn {turn}"), "max_tokens": 4}),
-                    )
-                    .await
-                    .unwrap();
-                let (node, s) = started(&c, &t).await;
-                assert!(frames(s).await.iter().any(|f| f.event == "end"));
-                session_nodes.push(node);
-            }
-            assert!(
-                session_nodes.windows(2).all(|w| w[0] == w[1]),
-                "{session_nodes:?}"
-            );
-
-            // 7. Drain worker 3 while a task runs there: the task finishes, nothing new goes
-            // there, and the node reports when it is empty; resumed, it takes work again.
-            let (mut running_w3, mut others) = (None, Vec::new());
-            for _ in 0..4 {
-                let t = submit(&c, 60).await;
-                let (node, s) = started(&c, &t).await;
-                if node == "w3" && running_w3.is_none() {
-                    running_w3 = Some(s);
-                } else {
-                    others.push(s);
-                }
-            }
-            let running_w3 = running_w3.expect("a task on w3");
-            let v: NodeView = c.post_json("/v2/nodes/w3/drain", &json!({})).await.unwrap();
-            assert!(v.draining && v.running >= 1, "{v:?}");
-            let t = submit(&c, 4).await;
+                )
+                .await
+                .unwrap();
             let (node, s) = started(&c, &t).await;
-            assert_eq!(node, "w2", "nothing new on a draining node");
             assert!(frames(s).await.iter().any(|f| f.event == "end"));
-            let f = frames(running_w3).await;
-            assert!(f.iter().any(|f| f.event == "end"), "the running task finished: {f:?}");
-            for s in others {
-                assert!(frames(s).await.iter().any(|f| f.event == "end"));
-            }
-            wait_nodes(&c, "w3 drained", Duration::from_secs(10), dir.path(), |n| {
-                n.iter().any(|v| v.node_id == "w3" && v.draining && v.running == 0)
-            })
-            .await;
-            // Pool ids repeat across nodes: an action on "default" must say which node.
-            let (status, _, v) = post(&c, "/v2/pools/default/drain", &json!({})).await;
-            assert_eq!(status, 409, "{v}");
-            assert!(v["message"].as_str().unwrap().contains("w2, w3"), "{v}");
-            let v: NodeView = c.post_json("/v2/nodes/w3/resume", &json!({})).await.unwrap();
-            assert!(!v.draining, "{v:?}");
+            session_nodes.push(node);
+        }
+        assert!(
+            session_nodes.windows(2).all(|w| w[0] == w[1]),
+            "{session_nodes:?}"
+        );
 
-            // 8. A worker's token used for another node id, an unknown token, and a plaintext
-            // client against the TLS listener are all refused and logged.
-            let w2_token = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
-                .unwrap()
-                .with_token(Some(TOKEN_W2.into()));
-            let (status, _, v) = post(
-                &w2_token,
-                "/v2/nodes/w3/heartbeat",
-                &json!({"pools": [], "staged_models": []}),
-            )
-            .await;
-            assert_eq!(status, 403, "{v}");
-            let bogus = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
-                .unwrap()
-                .with_token(Some("not-a-token-0123456789".into()));
-            let (status, _, v) = post(
+        // 7. Drain worker 3 while a task runs there: the task finishes, nothing new goes
+        // there, and the node reports when it is empty; resumed, it takes work again.
+        let (mut running_w3, mut others) = (None, Vec::new());
+        for _ in 0..4 {
+            let t = submit(&c, 60).await;
+            let (node, s) = started(&c, &t).await;
+            if node == "w3" && running_w3.is_none() {
+                running_w3 = Some(s);
+            } else {
+                others.push(s);
+            }
+        }
+        let running_w3 = running_w3.expect("a task on w3");
+        let v: NodeView = c.post_json("/v2/nodes/w3/drain", &json!({})).await.unwrap();
+        assert!(v.draining && v.running >= 1, "{v:?}");
+        let t = submit(&c, 4).await;
+        let (node, s) = started(&c, &t).await;
+        assert_eq!(node, "w2", "nothing new on a draining node");
+        assert!(frames(s).await.iter().any(|f| f.event == "end"));
+        let f = frames(running_w3).await;
+        assert!(
+            f.iter().any(|f| f.event == "end"),
+            "the running task finished: {f:?}"
+        );
+        for s in others {
+            assert!(frames(s).await.iter().any(|f| f.event == "end"));
+        }
+        wait_nodes(&c, "w3 drained", Duration::from_secs(10), dir.path(), |n| {
+            n.iter()
+                .any(|v| v.node_id == "w3" && v.draining && v.running == 0)
+        })
+        .await;
+        // Pool ids repeat across nodes: an action on "default" must say which node.
+        let (status, _, v) = post(&c, "/v2/pools/default/drain", &json!({})).await;
+        assert_eq!(status, 409, "{v}");
+        assert!(v["message"].as_str().unwrap().contains("w2, w3"), "{v}");
+        let v: NodeView = c
+            .post_json("/v2/nodes/w3/resume", &json!({}))
+            .await
+            .unwrap();
+        assert!(!v.draining, "{v:?}");
+
+        // 8. A worker's token used for another node id, an unknown token, and a plaintext
+        // client against the TLS listener are all refused and logged.
+        let w2_token = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
+            .unwrap()
+            .with_token(Some(TOKEN_W2.into()));
+        let (status, _, v) = post(
+            &w2_token,
+            "/v2/nodes/w3/heartbeat",
+            &json!({"pools": [], "staged_models": []}),
+        )
+        .await;
+        assert_eq!(status, 403, "{v}");
+        let bogus = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
+            .unwrap()
+            .with_token(Some("not-a-token-0123456789".into()));
+        let (status, _, v) = post(
                 &bogus,
                 "/v2/nodes/register",
                 &json!({"node_id": "w9", "address": "https://10.231.2.9:9200", "version": "0", "heartbeat_secs": 1, "pools": []}),
             )
             .await;
-            assert_eq!(status, 401, "{v}");
-            let plain = HttpClient::new(&format!("http://127.0.0.1:{API_PORT}"))
-                .unwrap()
-                .with_token(Some(TEST_KEY.into()));
-            assert!(plain.get_json::<Value>("/v2/nodes").await.is_err());
-            (boot, detect, recover)
-        })
+        assert_eq!(status, 401, "{v}");
+        let plain = HttpClient::new(&format!("http://127.0.0.1:{API_PORT}"))
+            .unwrap()
+            .with_token(Some(TEST_KEY.into()));
+        assert!(plain.get_json::<Value>("/v2/nodes").await.is_err());
+        (boot, detect, recover)
     });
     let (boot, detect, recover) = report;
     // Each worker's engine parsed its own staged copy of the model: nothing was shared.
@@ -612,26 +652,19 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
     );
     // No flapping: worker 3 was lost once and came back once, and the metrics say the same.
     assert_eq!(log.matches("Node is back online.").count(), 1, "{log}");
-    let metrics = in_netns(&cp_name, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+    let metrics = block_on_in(&cp_name, || async {
+        let c = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots).unwrap();
+        let req = c
+            .build(
+                c.request(hyper::Method::GET, "/metrics"),
+                Default::default(),
+            )
             .unwrap();
-        rt.block_on(async {
-            let c =
-                HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots).unwrap();
-            let req = c
-                .build(
-                    c.request(hyper::Method::GET, "/metrics"),
-                    Default::default(),
-                )
-                .unwrap();
-            let resp = c.send(req).await.unwrap();
-            let body = http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .unwrap();
-            String::from_utf8(body.to_bytes().to_vec()).unwrap()
-        })
+        let resp = c.send(req).await.unwrap();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        String::from_utf8(body.to_bytes().to_vec()).unwrap()
     });
     for line in [
         "llorch_node_events_total{event=\"joined\"} 2",
@@ -860,174 +893,177 @@ systemctl start pool-managerd.socket pool-managerd.service || {{ journalctl --no
     let roots = TlsRoots::from_pem_file(&ca.cert).unwrap();
     let journal = |c: &Container, unit: &str| c.ok(&["journalctl", "--no-pager", "-u", unit]);
 
-    let (boot_time, kill_recovery, restart_answers) = in_netns(&cp_ns.0, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let c = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
-                .unwrap()
-                .with_token(Some(TEST_KEY.into()));
-            // 1. Both workers register (their first heartbeat reaches the socket, which starts
-            // orchestratord), online, both pools ready.
-            let start = Instant::now();
-            loop {
-                let ready = match c.get_json::<Value>("/v2/pools").await {
-                    Ok(p) => p["pools"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .filter(|p| p["state"] == "ready" && p["node_online"] == true)
-                        .count(),
-                    Err(_) => 0,
-                };
-                if ready == 2 {
-                    break;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(180),
-                    "two ready pools\n{}\n{}\n{}",
-                    journal(&cp, "orchestratord"),
-                    journal(&w2, "pool-managerd"),
-                    journal(&w3, "pool-managerd")
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    let (boot_time, kill_recovery, restart_answers) = block_on_in(&cp_ns.0, || async {
+        let c = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
+            .unwrap()
+            .with_token(Some(TEST_KEY.into()));
+        // 1. Both workers register (their first heartbeat reaches the socket, which starts
+        // orchestratord), online, both pools ready.
+        let start = Instant::now();
+        loop {
+            let ready = match c.get_json::<Value>("/v2/pools").await {
+                Ok(p) => p["pools"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|p| p["state"] == "ready" && p["node_online"] == true)
+                    .count(),
+                Err(_) => 0,
+            };
+            if ready == 2 {
+                break;
             }
-            let boot_time = start.elapsed();
-            let n = nodes(&c).await;
-            for v in &n {
-                assert!(v.address.starts_with("https://10.231."), "{v:?}");
-            }
-            // 2. A chat on each worker (pinned by node).
-            for node in ["w2", "w3"] {
-                let t: TaskAccepted = c
-                    .post_json(
-                        "/v2/tasks",
-                        &json!({"model_ref": MODEL_ID, "prompt": "The capital of France is",
-                                "max_tokens": 4, "temperature": 0,
-                                "placement": {"pin_node_id": node}}),
-                    )
-                    .await
-                    .unwrap();
-                let (on, s) = started(&c, &t).await;
-                assert_eq!(on, node);
-                let f = frames(s).await;
-                assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
-            }
-
-            // 3. SIGKILL pool-managerd on w2: systemd restarts it, it registers again, and its
-            // engine unit is started again in place of the old one: never two copies of the
-            // model (one engine process, the old one gone).
-            let engine_before = w2.main_pid("llorch-engine@default.service");
-            let pm_before = w2.main_pid("pool-managerd.service");
-            assert!(engine_before != 0 && pm_before != 0);
-            let killed = Instant::now();
-            w2.ok(&[
-                "systemctl",
-                "kill",
-                "--signal=KILL",
-                "--kill-whom=main",
-                "pool-managerd.service",
-            ]);
-            let start = Instant::now();
-            loop {
-                let pm = w2.main_pid("pool-managerd.service");
-                let online = state_of(&nodes(&c).await, "w2") == "online";
-                if pm != 0 && pm != pm_before && online && w2.show("pool-managerd.service", "ActiveState") == "active" {
-                    break;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(60),
-                    "pool-managerd back\n{}",
-                    journal(&w2, "pool-managerd")
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "two ready pools\n{}\n{}\n{}",
+                journal(&cp, "orchestratord"),
+                journal(&w2, "pool-managerd"),
+                journal(&w3, "pool-managerd")
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let boot_time = start.elapsed();
+        let n = nodes(&c).await;
+        for v in &n {
+            assert!(v.address.starts_with("https://10.231."), "{v:?}");
+        }
+        // 2. A chat on each worker (pinned by node).
+        for node in ["w2", "w3"] {
             let t: TaskAccepted = c
                 .post_json(
                     "/v2/tasks",
                     &json!({"model_ref": MODEL_ID, "prompt": "The capital of France is",
-                            "max_tokens": 4, "temperature": 0,
-                            "placement": {"pin_node_id": "w2"}}),
+                                "max_tokens": 4, "temperature": 0,
+                                "placement": {"pin_node_id": node}}),
                 )
                 .await
                 .unwrap();
-            let (_, s) = started(&c, &t).await;
-            assert!(frames(s).await.iter().any(|f| f.event == "end"));
-            let kill_recovery = killed.elapsed();
-            let engines = w2.ok(&[
-                "sh",
-                "-c",
-                "grep -lx llorch-engine /proc/[0-9]*/comm | wc -l",
-            ]);
-            assert_eq!(engines.trim(), "1", "one engine on w2");
-            let engine_after = w2.main_pid("llorch-engine@default.service");
-            assert_ne!(engine_after, 0);
-            let old_alive = w2.sh(&["test", "-e", &format!("/proc/{engine_before}")]);
-            assert!(
-                engine_after == engine_before || !old_alive.status.success(),
-                "the old engine {engine_before} still runs next to {engine_after}"
-            );
+            let (on, s) = started(&c, &t).await;
+            assert_eq!(on, node);
+            let f = frames(s).await;
+            assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
+        }
 
-            // 4. Restart orchestratord while a client keeps asking, one connection per request
-            // as curl does: no request fails. (A keep-alive connection that sits idle across
-            // the restart is closed by the old process; a request sent on it at that instant
-            // gets a connection error, which clients retry: docs/OPERATIONS.md.)
-            let mut answers = Vec::new();
-            let started_at = Instant::now();
-            let mut restarted = false;
-            while started_at.elapsed() < Duration::from_secs(8) {
-                let fresh = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
-                    .unwrap()
-                    .with_token(Some(TEST_KEY.into()));
-                let (status, _, v) = post(
+        // 3. SIGKILL pool-managerd on w2: systemd restarts it, it registers again, and its
+        // engine unit is started again in place of the old one: never two copies of the
+        // model (one engine process, the old one gone).
+        let engine_before = w2.main_pid("llorch-engine@default.service");
+        let pm_before = w2.main_pid("pool-managerd.service");
+        assert!(engine_before != 0 && pm_before != 0);
+        let killed = Instant::now();
+        w2.ok(&[
+            "systemctl",
+            "kill",
+            "--signal=KILL",
+            "--kill-whom=main",
+            "pool-managerd.service",
+        ]);
+        let start = Instant::now();
+        loop {
+            let pm = w2.main_pid("pool-managerd.service");
+            let online = state_of(&nodes(&c).await, "w2") == "online";
+            if pm != 0
+                && pm != pm_before
+                && online
+                && w2.show("pool-managerd.service", "ActiveState") == "active"
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "pool-managerd back\n{}",
+                journal(&w2, "pool-managerd")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let t: TaskAccepted = c
+            .post_json(
+                "/v2/tasks",
+                &json!({"model_ref": MODEL_ID, "prompt": "The capital of France is",
+                            "max_tokens": 4, "temperature": 0,
+                            "placement": {"pin_node_id": "w2"}}),
+            )
+            .await
+            .unwrap();
+        let (_, s) = started(&c, &t).await;
+        assert!(frames(s).await.iter().any(|f| f.event == "end"));
+        let kill_recovery = killed.elapsed();
+        let engines = w2.ok(&[
+            "sh",
+            "-c",
+            "grep -lx llorch-engine /proc/[0-9]*/comm | wc -l",
+        ]);
+        assert_eq!(engines.trim(), "1", "one engine on w2");
+        let engine_after = w2.main_pid("llorch-engine@default.service");
+        assert_ne!(engine_after, 0);
+        let old_alive = w2.sh(&["test", "-e", &format!("/proc/{engine_before}")]);
+        assert!(
+            engine_after == engine_before || !old_alive.status.success(),
+            "the old engine {engine_before} still runs next to {engine_after}"
+        );
+
+        // 4. Restart orchestratord while a client keeps asking, one connection per request
+        // as curl does: no request fails. (A keep-alive connection that sits idle across
+        // the restart is closed by the old process; a request sent on it at that instant
+        // gets a connection error, which clients retry: docs/OPERATIONS.md.)
+        let mut answers = Vec::new();
+        let started_at = Instant::now();
+        let mut restarted = false;
+        while started_at.elapsed() < Duration::from_secs(8) {
+            let fresh = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
+                .unwrap()
+                .with_token(Some(TEST_KEY.into()));
+            let (status, _, v) = post(
                     &fresh,
                     "/v1/chat/completions",
                     &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8, "temperature": 0}),
                 )
                 .await;
-                answers.push((status, v));
-                if answers.len() == 3 && !restarted {
-                    cp.ok(&["systemctl", "restart", "--no-block", "orchestratord.service"]);
-                    restarted = true;
-                }
+            answers.push((status, v));
+            if answers.len() == 3 && !restarted {
+                cp.ok(&[
+                    "systemctl",
+                    "restart",
+                    "--no-block",
+                    "orchestratord.service",
+                ]);
+                restarted = true;
             }
-            assert!(restarted && answers.len() >= 5, "{}", answers.len());
-            for (status, v) in &answers {
-                assert_eq!(*status, 200, "a request failed across the restart: {v}");
-            }
+        }
+        assert!(restarted && answers.len() >= 5, "{}", answers.len());
+        for (status, v) in &answers {
+            assert_eq!(*status, 200, "a request failed across the restart: {v}");
+        }
 
-            // 5. w3's link drops mid-stream: its task ends with NODE_UNAVAILABLE, w3 goes
-            // offline; the link comes back and so does w3, by itself.
-            let t: TaskAccepted = c
-                .post_json(
-                    "/v2/tasks",
-                    &json!({"model_ref": MODEL_ID, "prompt": PROMPT, "max_tokens": 400,
+        // 5. w3's link drops mid-stream: its task ends with NODE_UNAVAILABLE, w3 goes
+        // offline; the link comes back and so does w3, by itself.
+        let t: TaskAccepted = c
+            .post_json(
+                "/v2/tasks",
+                &json!({"model_ref": MODEL_ID, "prompt": PROMPT, "max_tokens": 400,
                             "temperature": 0, "placement": {"pin_node_id": "w3"}}),
-                )
-                .await
-                .unwrap();
-            let (_, s) = started(&c, &t).await;
-            let down = Instant::now();
-            ip(&["-n", &w3_ns.0, "link", "set", "to-cp", "down"]);
-            let f = frames(s).await;
-            let lost_after = down.elapsed();
-            assert_eq!(
-                last_error(&f).map(|e| e.code),
-                Some(ErrorCode::NodeUnavailable),
-                "{f:?}"
-            );
-            assert_eq!(state_of(&nodes(&c).await, "w3"), "offline");
-            ip(&["-n", &w3_ns.0, "link", "set", "to-cp", "up"]);
-            let dir = std::path::Path::new("/nonexistent");
-            wait_nodes(&c, "w3 back", Duration::from_secs(30), dir, |n| {
-                state_of(n, "w3") == "online"
-            })
-            .await;
-            assert!(lost_after < Duration::from_secs(6), "{lost_after:?}");
-            (boot_time, kill_recovery, answers.len())
+            )
+            .await
+            .unwrap();
+        let (_, s) = started(&c, &t).await;
+        let down = Instant::now();
+        ip(&["-n", &w3_ns.0, "link", "set", "to-cp", "down"]);
+        let f = frames(s).await;
+        let lost_after = down.elapsed();
+        assert_eq!(
+            last_error(&f).map(|e| e.code),
+            Some(ErrorCode::NodeUnavailable),
+            "{f:?}"
+        );
+        assert_eq!(state_of(&nodes(&c).await, "w3"), "offline");
+        ip(&["-n", &w3_ns.0, "link", "set", "to-cp", "up"]);
+        let dir = std::path::Path::new("/nonexistent");
+        wait_nodes(&c, "w3 back", Duration::from_secs(30), dir, |n| {
+            state_of(n, "w3") == "online"
         })
+        .await;
+        assert!(lost_after < Duration::from_secs(6), "{lost_after:?}");
+        (boot_time, kill_recovery, answers.len())
     });
     let out = Command::new("ip")
         .args(["netns", "exec", &cp_ns.0])

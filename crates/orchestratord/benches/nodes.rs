@@ -120,35 +120,6 @@ fn placement(nodes: usize) {
     );
 }
 
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn cpu_secs(pid: u32, tck: f64) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(f64::NAN))
-        .collect();
-    (f[11] + f[12]) / tck
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb * 1024.0 / 1e6)
-}
-
 async fn heartbeats(nodes: usize) {
     let secs: u64 = env_or("LLORCH_BENCH_SECS", 20);
     let interval: u64 = env_or("LLORCH_BENCH_HEARTBEAT_SECS", 5);
@@ -177,7 +148,7 @@ async fn heartbeats(nodes: usize) {
     }
     let client = Arc::new(HttpClient::new(&format!("http://127.0.0.1:{port}")).expect("url"));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = rss_mb(pid);
+    let rss_before = status_mb(pid, "VmRSS:");
     for i in 0..nodes {
         let reg = Registration {
             node_id: format!("node-{i:04}"),
@@ -192,7 +163,7 @@ async fn heartbeats(nodes: usize) {
             .await
             .expect("registered");
     }
-    let rss_after = rss_mb(pid);
+    let rss_after = status_mb(pid, "VmRSS:");
     // One task per node, each waiting its offset in the interval, then beating every interval.
     let tck = clock_ticks();
     let stop = CancellationToken::new();
@@ -226,14 +197,14 @@ async fn heartbeats(nodes: usize) {
     tokio::time::sleep(warmup).await;
     latencies.lock().unwrap().clear();
     let (cpu0, bench0, t0) = (
-        cpu_secs(pid, tck),
-        cpu_secs(std::process::id(), tck),
+        cpu_secs(&pid.to_string(), tck),
+        cpu_secs("self", tck),
         Instant::now(),
     );
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let (cpu1, bench1, wall) = (
-        cpu_secs(pid, tck),
-        cpu_secs(std::process::id(), tck),
+        cpu_secs(&pid.to_string(), tck),
+        cpu_secs("self", tck),
         t0.elapsed().as_secs_f64(),
     );
     let lat = latencies.lock().unwrap().clone();
