@@ -146,6 +146,12 @@ impl Container {
 
     /// `journalctl -o json` entries matching `filters`, waiting up to 10 s for at least one.
     pub fn journal(&self, filters: &[&str]) -> Vec<Value> {
+        self.journal_n(filters, 1, Duration::from_secs(10))
+    }
+
+    /// Waits (following the journal, up to `limit`, at most 30 s) for `n` entries matching
+    /// `filters`, and returns them.
+    pub fn journal_n(&self, filters: &[&str], n: usize, limit: Duration) -> Vec<Value> {
         let journalctl = || {
             let mut cmd = privileged(&self.prefix, "nsenter");
             // `timeout` ends a follower inside when the test is done with it (killing nsenter
@@ -160,7 +166,7 @@ impl Container {
             ]);
             cmd
         };
-        crate::journal::wait(journalctl, filters, 1, Duration::from_secs(10))
+        crate::journal::wait(journalctl, filters, n, limit)
     }
 
     pub fn wait_until(&self, what: &str, limit: Duration, mut cond: impl FnMut(&Self) -> bool) {
