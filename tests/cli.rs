@@ -3,13 +3,12 @@
 //!
 //! Each test holds `serial()` for its whole run (see engine.rs).
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use llorch_tests::stack::{alive, signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
 use llorch_tests::up::Up;
-use llorch_tests::{bin, model_path, serial, wait_for};
+use llorch_tests::{bin, python_path, serial, wait_for};
 
 fn llorch(url: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin("llorch"))
@@ -143,20 +142,6 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
 }
 
 /// The Python `openai` package that scripts/setup.sh installs into `$LLORCH_CACHE/python`.
-fn python_path() -> PathBuf {
-    let cache = model_path()
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("cache dir")
-        .join("python");
-    assert!(
-        cache.join("openai").exists(),
-        "the openai Python package is not in {}; run scripts/setup.sh (make test does)",
-        cache.display()
-    );
-    cache
-}
-
 const SDK_SCRIPT: &str = r#"
 import sys, openai
 url, key, model = sys.argv[1], sys.argv[2], sys.argv[3]

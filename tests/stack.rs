@@ -787,7 +787,7 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
         ),
         (
             "/v1/chat/completions",
-            chat(json!({"logprobs": true})),
+            chat(json!({"top_logprobs": 2})),
             400,
             "logprobs",
         ),

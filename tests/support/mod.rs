@@ -52,6 +52,36 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The Python packages `scripts/setup.sh` installs for the tests (the official `openai` client
+/// and `jsonschema`), for `PYTHONPATH`.
+pub fn python_path() -> PathBuf {
+    let dir = cache_dir().join("python");
+    for package in ["openai", "jsonschema"] {
+        assert!(
+            dir.join(package).exists(),
+            "the {package} Python package is not in {}; run scripts/setup.sh (make test does)",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// OpenAI's published OpenAPI document (the `/v1` contract), from the shared vendor folder next
+/// to the repository (`../shared/vendor`, or `$LLORCH_OPENAI_SPEC`). `None` when this checkout
+/// has no such folder.
+pub fn openai_spec() -> Option<PathBuf> {
+    std::env::var_os("LLORCH_OPENAI_SPEC")
+        .map(PathBuf::from)
+        .or_else(|| {
+            Some(
+                repo_root()
+                    .parent()?
+                    .join("shared/vendor/openai-openapi-f85dbe2.json.gz"),
+            )
+        })
+        .filter(|p| p.exists())
+}
+
 /// A workspace binary built next to this test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

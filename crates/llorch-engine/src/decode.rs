@@ -14,78 +14,27 @@ use std::time::{Duration, Instant};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use llorch_wire::engine::{EndEvent, EngineEvent, FinishReason, TokenEvent};
+use llorch_wire::engine::{EndEvent, EngineEvent, FinishReason, TokenEvent, TokenLogprob};
 use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::mpsc::Sender;
 
 use crate::metrics::{Metrics, Throughput};
 use crate::model::{backend, Model};
+use crate::sampler::{self, Sampler, Sampling};
 use crate::slots::{common_prefix, SlotTable};
 use crate::text::{Output, TextStream};
 
 /// Tokens evaluated per `llama_decode` call at most (prompt chunks plus one per generating slot).
 pub const BATCH_TOKENS: usize = 512;
 
-/// Sampling settings of one request, defaults applied.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampling {
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: i32,
-    pub min_p: f32,
-    pub repeat_penalty: f32,
-    pub typical_p: f32,
-    /// Tokens the penalties look back over (0: none); already resolved from -1 to the slot's
-    /// context.
-    pub repeat_last_n: i32,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-    pub seed: u32,
-}
-
-impl Sampling {
-    /// llama.cpp's order: penalties (repetition, frequency, presence, over the last
-    /// `repeat_last_n` tokens), then greedy, or top-k, typical, top-p, min-p, temperature and a
-    /// seeded draw.
-    fn sampler(&self, n_vocab: i32) -> LlamaSampler {
-        let mut chain = Vec::with_capacity(8);
-        let penalties = self.repeat_penalty != 1.0
-            || self.presence_penalty != 0.0
-            || self.frequency_penalty != 0.0;
-        if penalties && self.repeat_last_n > 0 {
-            chain.push(LlamaSampler::penalties(
-                n_vocab,
-                self.repeat_last_n,
-                self.repeat_penalty,
-                self.frequency_penalty,
-                self.presence_penalty,
-            ));
-        }
-        if self.temperature == 0.0 {
-            chain.push(LlamaSampler::greedy());
-        } else {
-            if self.top_k > 0 {
-                chain.push(LlamaSampler::top_k(self.top_k));
-            }
-            if self.typical_p < 1.0 {
-                chain.push(LlamaSampler::typical(self.typical_p, 1));
-            }
-            chain.push(LlamaSampler::top_p(self.top_p, 1));
-            chain.push(LlamaSampler::min_p(self.min_p, 1));
-            chain.push(LlamaSampler::temp(self.temperature));
-            chain.push(LlamaSampler::dist(self.seed));
-        }
-        LlamaSampler::chain_simple(chain)
-    }
-}
-
 /// One admitted request, with its slot already reserved.
 pub struct Job {
     pub slot: usize,
     pub prompt: Vec<i32>,
     pub sampling: Sampling,
+    /// The request's grammar in GBNF (structured output), already checked to parse.
+    pub grammar: Option<String>,
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
@@ -107,7 +56,9 @@ pub enum Command {
 
 struct Active {
     job: Box<Job>,
-    sampler: LlamaSampler,
+    sampler: Sampler,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    logprobs: Vec<TokenLogprob>,
     text: TextStream,
     /// Prompt tokens not yet evaluated.
     pending: std::collections::VecDeque<i32>,
@@ -268,6 +219,27 @@ impl DecodeLoop {
     fn start(&mut self, ctx: &mut LlamaContext<'_>, job: Box<Job>, n_vocab: i32) {
         let slot = job.slot;
         debug_assert!(self.active[slot].is_none(), "slot {slot} reserved twice");
+        // The HTTP handler parsed the grammar already, so this does not fail on the request.
+        let grammar = match job
+            .grammar
+            .as_deref()
+            .map(|g| sampler::grammar(&self.model.llama, g))
+        {
+            None => None,
+            Some(Ok(g)) => Some(g),
+            Some(Err(e)) => {
+                self.slots
+                    .lock()
+                    .expect("slot table lock")
+                    .release(slot, self.kv[slot].clone());
+                let err = ErrorBody::new(
+                    ErrorCode::EngineFailed,
+                    format!("cannot build the grammar sampler: {e}"),
+                );
+                let _ = job.events.try_send(EngineEvent::Error(err));
+                return;
+            }
+        };
         // Reuse the longest prefix already in this slot's cache. At least one prompt token is
         // evaluated again, because sampling needs its logits.
         let mut keep = common_prefix(&self.kv[slot], &job.prompt);
@@ -284,7 +256,8 @@ impl DecodeLoop {
         }
         self.kv[slot].truncate(keep);
         let active = Active {
-            sampler: job.sampling.sampler(n_vocab),
+            sampler: job.sampling.sampler(n_vocab, grammar),
+            logprobs: Vec::new(),
             text: TextStream::new(job.stop.clone()),
             pending: job.prompt[keep..].iter().copied().collect(),
             next: None,
@@ -360,7 +333,8 @@ impl DecodeLoop {
                 continue;
             };
             let Some(idx) = a.logits_at else { continue };
-            let token = a.sampler.sample(ctx, idx);
+            let sampled = a.sampler.sample(ctx, idx, &vocab);
+            let token = sampled.token;
             let now = Instant::now();
             a.first_token_at.get_or_insert(now);
             if vocab.is_eog(token) && !a.job.ignore_eos {
@@ -369,6 +343,7 @@ impl DecodeLoop {
             }
             a.generated += 1;
             generated += 1;
+            a.logprobs.extend(sampled.logprob);
             piece.clear();
             vocab.token_to_piece_into(token, &mut piece, false, None);
             let (text, stopped) = match a.text.push(&piece) {
@@ -378,10 +353,11 @@ impl DecodeLoop {
             if !text.is_empty() {
                 let i = a.events_sent;
                 a.events_sent += 1;
+                let lp = std::mem::take(&mut a.logprobs);
                 let _ = a
                     .job
                     .events
-                    .try_send(EngineEvent::Token(TokenEvent { t: text, i }));
+                    .try_send(EngineEvent::Token(TokenEvent { t: text, i, lp }));
             }
             if stopped {
                 self.finish(slot, Ok(FinishReason::Stop));
@@ -409,10 +385,11 @@ impl DecodeLoop {
                 if !rest.is_empty() {
                     let i = a.events_sent;
                     a.events_sent += 1;
-                    let _ = a
-                        .job
-                        .events
-                        .try_send(EngineEvent::Token(TokenEvent { t: rest, i }));
+                    let lp = std::mem::take(&mut a.logprobs);
+                    let _ =
+                        a.job
+                            .events
+                            .try_send(EngineEvent::Token(TokenEvent { t: rest, i, lp }));
                 }
                 let first = a.first_token_at.unwrap_or(now);
                 EngineEvent::End(EndEvent {

@@ -24,8 +24,9 @@ use llorch_wire::engine::{defaults, EngineEvent, GenerateRequest, Health, Health
 use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::{mpsc, Notify};
 
-use crate::decode::{Command, Job, Sampling};
+use crate::decode::{Command, Job};
 use crate::model::{Model, Progress};
+use crate::sampler::Sampling;
 use crate::slots::SlotTable;
 
 /// Largest accepted request body.
@@ -408,6 +409,7 @@ async fn generate(
         ),
         (None, None) => unreachable!("validate() requires one of them"),
     };
+    let grammar = grammar_of(&request, &ready.model)?;
     let prompt = ready.model.tokenize(&text);
     if prompt.is_empty() {
         return Err((
@@ -463,11 +465,13 @@ async fn generate(
         presence_penalty: request.presence_penalty.unwrap_or(0.0),
         frequency_penalty: request.frequency_penalty.unwrap_or(0.0),
         seed: request.seed.unwrap_or_else(random_seed),
+        logprobs: request.logprobs,
     };
     let job = Job {
         slot: reservation.slot,
         prompt,
         sampling,
+        grammar,
         max_tokens,
         stop: request.stop,
         ignore_eos: request.ignore_eos,
@@ -504,6 +508,37 @@ async fn generate(
         }))
         .expect("static response");
     Ok(resp)
+}
+
+/// The request's grammar in GBNF: its `grammar`, or its `json_schema` converted by llama.cpp.
+/// Parsed here once, so a grammar that does not parse is the request's 400, not a stream error.
+fn grammar_of(request: &GenerateRequest, model: &Model) -> Result<Option<String>, Refusal> {
+    let (gbnf, field) = match (&request.json_schema, &request.grammar) {
+        (Some(schema), _) => {
+            let gbnf = llama_cpp_2::json_schema_to_grammar(&schema.to_string()).map_err(|e| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::invalid(
+                        "json_schema",
+                        format!("llama.cpp cannot turn json_schema into a grammar ({e}); simplify the schema"),
+                    ),
+                )
+            })?;
+            (gbnf, "json_schema")
+        }
+        (None, Some(g)) => (g.clone(), "grammar"),
+        (None, None) => return Ok(None),
+    };
+    crate::sampler::grammar(&model.llama, &gbnf).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            ErrorBody::invalid(
+                field,
+                format!("{field} does not give a grammar llama.cpp can parse ({e}); the parser's message is in the engine's log"),
+            ),
+        )
+    })?;
+    Ok(Some(gbnf))
 }
 
 /// Parses the body, naming the field at fault for type errors and unknown fields.

@@ -18,6 +18,7 @@ pub mod handoff;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod sampler;
 pub mod slots;
 pub mod text;
 

@@ -27,6 +27,10 @@ pub mod limits {
     pub const MAX_REPEAT_LAST_N: i32 = 65_536;
     /// OpenAI's range of `presence_penalty` and `frequency_penalty`.
     pub const MAX_ABS_PENALTY: f32 = 2.0;
+    /// Alternatives returned per token with `logprobs` (OpenAI's `top_logprobs` limit).
+    pub const MAX_TOP_LOGPROBS: u32 = 20;
+    /// A `grammar` longer than this is refused (a JSON Schema is bounded by the body size).
+    pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
 }
 
 /// One chat message. The engine renders a list of them with the model's own chat template.
@@ -86,6 +90,23 @@ pub struct GenerateRequest {
     /// benchmarks that need a fixed length).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_eos: bool,
+    /// Structured output: the answer is JSON that validates against this JSON Schema, enforced
+    /// while decoding by a llama.cpp grammar converted from it. `{"type": "object"}` is JSON
+    /// mode. Checked by [`crate::schema::check`] (strict or not: see `json_schema_strict`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<serde_json::Value>,
+    /// Refuse the keywords of `json_schema` that the grammar cannot enforce (OpenAI's `strict`),
+    /// instead of ignoring them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub json_schema_strict: bool,
+    /// A grammar in llama.cpp's GBNF syntax (root rule `root`) that the answer follows. Not
+    /// together with `json_schema`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<String>,
+    /// Return each generated token's log-probability and this many most likely alternatives
+    /// (0 to 20) in the `token` events' `lp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
     /// Preferred slot (for example the one that holds this session's KV cache). Used when free.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<u32>,
@@ -222,6 +243,38 @@ impl GenerateRequest {
         let m = limits::MAX_ABS_PENALTY;
         check_range("presence_penalty", self.presence_penalty, -m, m, true)?;
         check_range("frequency_penalty", self.frequency_penalty, -m, m, true)?;
+        if let Some(n) = self.logprobs {
+            if n > limits::MAX_TOP_LOGPROBS {
+                return Err(ErrorBody::invalid(
+                    "logprobs",
+                    format!(
+                        "logprobs asks for {n} alternatives per token; at most {} are returned",
+                        limits::MAX_TOP_LOGPROBS
+                    ),
+                ));
+            }
+        }
+        if let Some(schema) = &self.json_schema {
+            if self.grammar.is_some() {
+                return Err(ErrorBody::invalid(
+                    "grammar",
+                    "give either json_schema or grammar, not both",
+                ));
+            }
+            crate::schema::check(schema, self.json_schema_strict)
+                .map_err(|e| ErrorBody::invalid("json_schema", format!("json_schema {e}")))?;
+        }
+        if let Some(g) = &self.grammar {
+            if g.trim().is_empty() || g.len() > limits::MAX_GRAMMAR_BYTES || g.contains('\0') {
+                return Err(ErrorBody::invalid(
+                    "grammar",
+                    format!(
+                        "grammar must be GBNF text of 1 to {} bytes without NUL characters",
+                        limits::MAX_GRAMMAR_BYTES
+                    ),
+                ));
+            }
+        }
         if self.stop.len() > limits::MAX_STOP_STRINGS {
             return Err(ErrorBody::invalid(
                 "stop",
@@ -290,6 +343,40 @@ impl FinishReason {
 pub struct TokenEvent {
     pub t: String,
     pub i: u32,
+    /// With `logprobs`: the tokens whose text this event carries (a token can end in the next
+    /// event when its bytes complete a character there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lp: Vec<TokenLogprob>,
+}
+
+impl TokenEvent {
+    pub fn text(t: impl Into<String>, i: u32) -> Self {
+        Self {
+            t: t.into(),
+            i,
+            lp: Vec::new(),
+        }
+    }
+}
+
+/// One generated token's log-probability, in OpenAI's shape (`ChatCompletionTokenLogprob`).
+/// Log-probabilities are over the whole vocabulary after the penalties, the grammar and the
+/// temperature (1 for greedy decoding), before top-k/top-p/min-p truncation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's UTF-8 bytes (a token can hold part of a character).
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at this position, most likely first.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
 }
 
 /// SSE `end` event: the last event of a successful generation.
@@ -490,6 +577,35 @@ mod tests {
                 },
                 "stop",
             ),
+            (
+                GenerateRequest {
+                    logprobs: Some(21),
+                    ..base.clone()
+                },
+                "logprobs",
+            ),
+            (
+                GenerateRequest {
+                    json_schema: Some(serde_json::json!({"type": "text"})),
+                    ..base.clone()
+                },
+                "json_schema",
+            ),
+            (
+                GenerateRequest {
+                    json_schema: Some(serde_json::json!({})),
+                    grammar: Some("root ::= \"a\"".into()),
+                    ..base.clone()
+                },
+                "grammar",
+            ),
+            (
+                GenerateRequest {
+                    grammar: Some(" ".into()),
+                    ..base.clone()
+                },
+                "grammar",
+            ),
         ];
         for (req, field) in cases {
             assert_eq!(field_of(&req), field, "{req:?}");
@@ -526,9 +642,20 @@ mod tests {
     #[test]
     fn events_round_trip_through_sse_encoding() {
         let events = [
+            EngineEvent::Token(TokenEvent::text("héllo\n", 3)),
             EngineEvent::Token(TokenEvent {
-                t: "héllo\n".into(),
-                i: 3,
+                t: "x".into(),
+                i: 4,
+                lp: vec![TokenLogprob {
+                    token: "x".into(),
+                    logprob: -0.25,
+                    bytes: b"x".to_vec(),
+                    top_logprobs: vec![TopLogprob {
+                        token: "x".into(),
+                        logprob: -0.25,
+                        bytes: b"x".to_vec(),
+                    }],
+                }],
             }),
             EngineEvent::End(EndEvent {
                 finish_reason: FinishReason::Length,

@@ -98,6 +98,19 @@ pub struct TaskRequest {
     pub ignore_eos: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// Structured output: the answer is JSON valid against this JSON Schema (`{"type":
+    /// "object"}` for any object). See the engine's `GenerateRequest::json_schema`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<serde_json::Value>,
+    /// Refuse schema keywords the grammar cannot enforce instead of ignoring them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub json_schema_strict: bool,
+    /// A llama.cpp GBNF grammar the answer follows (not with `json_schema`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<String>,
+    /// Log-probabilities in each `token` event's `lp`, with this many alternatives (0 to 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementHints>,
     /// Accepted for compatibility with the original API; only `completion` exists.

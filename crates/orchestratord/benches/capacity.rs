@@ -165,15 +165,7 @@ struct Synth {
 
 fn frames(tokens: u32) -> Arc<[Bytes]> {
     let mut out: Vec<Bytes> = (0..tokens)
-        .map(|i| {
-            Bytes::from(
-                EngineEvent::Token(TokenEvent {
-                    t: format!(" tok{i}"),
-                    i,
-                })
-                .to_sse(),
-            )
-        })
+        .map(|i| Bytes::from(EngineEvent::Token(TokenEvent::text(format!(" tok{i}"), i)).to_sse()))
         .collect();
     out.push(Bytes::from(
         EngineEvent::End(EndEvent {

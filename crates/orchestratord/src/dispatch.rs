@@ -526,7 +526,7 @@ async fn forward(
                     first_token = Some(now);
                     let _ = task.first_token.set(now);
                 }
-                tokens.push(TaskEvent::Token(TokenEvent { t: t.t, i }));
+                tokens.push(TaskEvent::Token(TokenEvent { i, ..t }));
                 i += 1;
                 continue;
             }

@@ -393,16 +393,10 @@ mod tests {
     async fn late_readers_get_everything_and_the_log_closes_once() {
         let t = task();
         let mut rx = t.subscribe();
-        assert!(t.push(TaskEvent::Token(TokenEvent {
-            t: "a".into(),
-            i: 0
-        })));
+        assert!(t.push(TaskEvent::Token(TokenEvent::text("a", 0))));
         rx.changed().await.unwrap();
         assert!(t.fail(ErrorBody::new(ErrorCode::Canceled, "stop")));
-        assert!(!t.push(TaskEvent::Token(TokenEvent {
-            t: "b".into(),
-            i: 1
-        })));
+        assert!(!t.push(TaskEvent::Token(TokenEvent::text("b", 1))));
         assert!(!t.fail(ErrorBody::new(ErrorCode::EngineFailed, "late")));
         let (events, closed) = t.read_from(0);
         assert!(closed);

@@ -113,6 +113,10 @@ async fn submit_request(
         ignore_eos: req.ignore_eos,
         seed: req.seed,
         stop: req.stop,
+        json_schema: req.json_schema,
+        json_schema_strict: req.json_schema_strict,
+        grammar: req.grammar,
+        logprobs: req.logprobs,
         ..GenerateRequest::default()
     };
     native(engine.validate().map_err(|e| (StatusCode::BAD_REQUEST, e)))?;

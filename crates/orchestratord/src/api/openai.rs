@@ -3,8 +3,10 @@
 //! OpenAI's error envelope. Requests go through the same queue as native tasks, at
 //! `interactive` priority. A client that disconnects cancels its task, which frees the slot.
 //!
-//! Parameters the engine cannot honour (`n` > 1, tools, logprobs, penalties, logit_bias,
-//! non-text response formats) get a 400 that names the parameter; unknown parameters too.
+//! Structured output (`response_format` `json_object` and `json_schema`) and `logprobs` are
+//! passed to the engine, which enforces the schema with a grammar and reports log-probabilities.
+//! Parameters the engine cannot honour (`n` > 1, tools, logit_bias) get a 400 that names the
+//! parameter; unknown parameters too.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,7 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use llorch_wire::engine::{ChatMessage, GenerateRequest};
+use llorch_wire::engine::{limits, ChatMessage, GenerateRequest, TokenLogprob};
 use llorch_wire::task::{Priority, TaskEnd};
 use llorch_wire::{ErrorBody, ErrorCode};
 use serde::Deserialize;
@@ -65,6 +67,10 @@ fn error_object(status: StatusCode, body: &ErrorBody) -> Value {
         "code": code,
     })
 }
+
+/// OpenAI's `system_fingerprint` names the backend configuration that produced an answer; ours
+/// is the server's version (OpenAI's schema wants a string, and clients log it).
+const SYSTEM_FINGERPRINT: &str = concat!("fp_llorch_", env!("CARGO_PKG_VERSION"));
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -335,6 +341,83 @@ impl Common {
     }
 }
 
+/// Chat's `logprobs` (a flag) and `top_logprobs` (alternatives) as the engine's `logprobs`.
+fn chat_logprobs(logprobs: Option<bool>, top: Option<u32>) -> Result<Option<u32>> {
+    if let Some(n) = top {
+        if logprobs != Some(true) {
+            return Err(bad(
+                "logprobs",
+                "logprobs must be true when top_logprobs is given",
+            ));
+        }
+        if n > limits::MAX_TOP_LOGPROBS {
+            return Err(bad(
+                "top_logprobs",
+                format!(
+                    "top_logprobs is {n}; it must be between 0 and {}",
+                    limits::MAX_TOP_LOGPROBS
+                ),
+            ));
+        }
+    }
+    Ok((logprobs == Some(true)).then(|| top.unwrap_or(0)))
+}
+
+/// `response_format` as the engine's JSON Schema and strictness: `text` is none, `json_object`
+/// is any object, `json_schema` is the given schema, checked here so the error names OpenAI's
+/// parameter and the place in the schema.
+fn response_format(rf: &Value) -> Result<(Option<Value>, bool)> {
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok((None, false)),
+        Some("json_object") => Ok((Some(json!({"type": "object"})), false)),
+        Some("json_schema") => {
+            let Some(js) = rf.get("json_schema").filter(|v| v.is_object()) else {
+                return Err(bad(
+                    "response_format.json_schema",
+                    "response_format of type json_schema needs a json_schema object with a name and a schema",
+                ));
+            };
+            let name_ok = js.get("name").and_then(Value::as_str).is_some_and(|n| {
+                !n.is_empty()
+                    && n.len() <= 64
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            });
+            if !name_ok {
+                return Err(bad(
+                    "response_format.json_schema.name",
+                    "response_format.json_schema.name is required: 1 to 64 letters, digits, underscores or dashes",
+                ));
+            }
+            let strict = match js.get("strict") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(bad(
+                        "response_format.json_schema.strict",
+                        "response_format.json_schema.strict must be true or false",
+                    ))
+                }
+            };
+            let schema = match js.get("schema") {
+                None => json!({"type": "object"}),
+                Some(s) => s.clone(),
+            };
+            llorch_wire::schema::check(&schema, strict).map_err(|e| {
+                bad(
+                    "response_format.json_schema.schema",
+                    format!("response_format.json_schema.schema cannot be enforced {e}"),
+                )
+            })?;
+            Ok((Some(schema), strict))
+        }
+        _ => Err(bad(
+            "response_format.type",
+            "response_format.type must be text, json_object or json_schema",
+        )),
+    }
+}
+
 fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>> {
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
@@ -439,22 +522,21 @@ async fn chat_request(
         &req.metadata,
         &req.service_tier,
     );
-    if req.logprobs == Some(true) || req.top_logprobs.is_some() {
-        return Err(bad("logprobs", "logprobs are not supported by this server"));
-    }
-    if let Some(rf) = &req.response_format {
-        if rf.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(bad(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
-    }
+    let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
+    let (json_schema, json_schema_strict) = match &req.response_format {
+        Some(rf) => response_format(rf)?,
+        None => (None, false),
+    };
     let max_tokens = req.max_completion_tokens.or(common.max_tokens);
-    let engine = common.engine_request(
-        GenerateRequest::chat(chat_messages(req.messages)?),
-        max_tokens.unwrap_or(state.config.default_max_tokens),
-    );
+    let engine = GenerateRequest {
+        logprobs,
+        json_schema,
+        json_schema_strict,
+        ..common.engine_request(
+            GenerateRequest::chat(chat_messages(req.messages)?),
+            max_tokens.unwrap_or(state.config.default_max_tokens),
+        )
+    };
     run(state, cid, client, req.model, engine, &common, meter).await
 }
 
@@ -480,8 +562,14 @@ async fn completion_request(
     let (client, common, req) =
         decode::<CompletionRequest>(&state, &headers, body, COMPLETION_FIELDS).await?;
     meter.model(&req.model);
-    if req.logprobs.is_some_and(|l| l > 0) {
-        return Err(bad("logprobs", "logprobs are not supported by this server"));
+    if let Some(n) = req.logprobs.filter(|n| *n > limits::MAX_TOP_LOGPROBS) {
+        return Err(bad(
+            "logprobs",
+            format!(
+                "logprobs is {n}; at most {} alternatives per token are returned",
+                limits::MAX_TOP_LOGPROBS
+            ),
+        ));
     }
     if req.echo == Some(true) {
         return Err(bad("echo", "echo is not supported by this server"));
@@ -502,10 +590,13 @@ async fn completion_request(
             ))
         }
     };
-    let engine = common.engine_request(
-        GenerateRequest::prompt(prompt),
-        common.max_tokens.unwrap_or(state.config.default_max_tokens),
-    );
+    let engine = GenerateRequest {
+        logprobs: req.logprobs,
+        ..common.engine_request(
+            GenerateRequest::prompt(prompt),
+            common.max_tokens.unwrap_or(state.config.default_max_tokens),
+        )
+    };
     run(state, cid, client, req.model, engine, &common, meter).await
 }
 
@@ -547,6 +638,7 @@ async fn run(
         _ => Kind::Chat,
     };
     oai(engine.validate().map_err(|e| (StatusCode::BAD_REQUEST, e)))?;
+    let with_logprobs = engine.logprobs.is_some();
     let (task, _) = oai(state.submit(Submission {
         task_id: None,
         model: model.clone(),
@@ -573,15 +665,19 @@ async fn run(
     let created = unix_now();
     if common.stream != Some(true) {
         let mut text = String::new();
+        let mut lp = Vec::new();
         while let Some(events) = follower.next_batch().await {
             for e in events {
                 match e {
-                    TaskEvent::Token(t) => text.push_str(&t.t),
+                    TaskEvent::Token(t) => {
+                        text.push_str(&t.t);
+                        lp.extend(t.lp);
+                    }
                     TaskEvent::End(end) => {
                         drop(guard);
-                        return Ok(
-                            Json(whole(kind, &id, created, &model, text, &end)).into_response()
-                        );
+                        let lp = with_logprobs.then_some(lp.as_slice());
+                        let answer = whole(kind, &id, created, &model, text, lp, &end);
+                        return Ok(Json(answer).into_response());
                     }
                     TaskEvent::Error(body) => {
                         return Err(ApiError::openai((status_for(body.code), body)));
@@ -614,7 +710,7 @@ async fn run(
     let include_usage = common.include_usage();
     tokio::spawn(async move {
         let _guard = guard;
-        let chunks = Chunks::new(kind, &id, created, &model, include_usage);
+        let mut chunks = Chunks::new(kind, &id, created, &model, include_usage);
         // The role chunk goes out with the first batch of text, in one write.
         let mut out = Vec::new();
         chunks.role(&mut out);
@@ -644,7 +740,9 @@ async fn run(
             let mut done = false;
             for e in events {
                 match e {
-                    TaskEvent::Token(t) => chunks.text(&mut out, &t.t),
+                    TaskEvent::Token(t) => {
+                        chunks.text(&mut out, &t.t, with_logprobs.then_some(t.lp.as_slice()))
+                    }
                     TaskEvent::End(end) => {
                         chunks.finish(&mut out, &end);
                         done = true;
@@ -684,8 +782,52 @@ fn usage(end: &TaskEnd) -> Value {
     })
 }
 
-fn whole(kind: Kind, id: &str, created: u64, model: &str, text: String, end: &TaskEnd) -> Value {
+/// A choice's `logprobs`: OpenAI's chat shape (`content`, `refusal`), or the legacy shape of
+/// completions (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`). `offset` is where the
+/// text of these tokens starts in the whole answer. `null` when not asked for.
+fn logprobs_json(kind: Kind, lp: Option<&[TokenLogprob]>, offset: usize) -> Value {
+    let Some(lp) = lp else { return Value::Null };
+    match kind {
+        Kind::Chat => json!({"content": lp, "refusal": null}),
+        Kind::Completion => {
+            let mut at = offset;
+            let mut offsets = Vec::with_capacity(lp.len());
+            for t in lp {
+                offsets.push(at);
+                at += t.token.len();
+            }
+            let top: Vec<Value> = lp
+                .iter()
+                .map(|t| {
+                    let map: serde_json::Map<String, Value> = t
+                        .top_logprobs
+                        .iter()
+                        .map(|a| (a.token.clone(), json!(a.logprob)))
+                        .collect();
+                    Value::Object(map)
+                })
+                .collect();
+            json!({
+                "tokens": lp.iter().map(|t| t.token.as_str()).collect::<Vec<_>>(),
+                "token_logprobs": lp.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+    }
+}
+
+fn whole(
+    kind: Kind,
+    id: &str,
+    created: u64,
+    model: &str,
+    text: String,
+    lp: Option<&[TokenLogprob]>,
+    end: &TaskEnd,
+) -> Value {
     let finish = end.finish_reason.as_str();
+    let logprobs = logprobs_json(kind, lp, 0);
     match kind {
         Kind::Chat => json!({
             "id": id,
@@ -694,21 +836,21 @@ fn whole(kind: Kind, id: &str, created: u64, model: &str, text: String, end: &Ta
             "model": model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
+                "message": {"role": "assistant", "content": text, "refusal": null},
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }],
             "usage": usage(end),
-            "system_fingerprint": null,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
         }),
         Kind::Completion => json!({
             "id": id,
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
             "usage": usage(end),
-            "system_fingerprint": null,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
         }),
     }
 }
@@ -722,6 +864,8 @@ struct Chunks {
     /// `],"usage":null}\n\n` with `include_usage`, else `]}\n\n`.
     tail: &'static str,
     include_usage: bool,
+    /// Bytes of text sent so far (completions' `text_offset`).
+    sent: usize,
 }
 
 impl Chunks {
@@ -731,7 +875,7 @@ impl Chunks {
             Kind::Completion => "text_completion",
         };
         let head = format!(
-            r#"data: {{"id":{},"object":"{object}","created":{created},"model":{},"system_fingerprint":null,"choices":["#,
+            r#"data: {{"id":{},"object":"{object}","created":{created},"model":{},"system_fingerprint":"{SYSTEM_FINGERPRINT}","choices":["#,
             Value::String(id.into()),
             Value::String(model.into()),
         );
@@ -744,6 +888,7 @@ impl Chunks {
                 "]}\n\n"
             },
             include_usage,
+            sent: 0,
         }
     }
 
@@ -764,7 +909,8 @@ impl Chunks {
         }
     }
 
-    fn text(&self, out: &mut Vec<u8>, t: &str) {
+    /// A chunk of text, with the log-probabilities of its tokens when they were asked for.
+    fn text(&mut self, out: &mut Vec<u8>, t: &str, lp: Option<&[TokenLogprob]>) {
         out.extend_from_slice(self.head.as_bytes());
         out.extend_from_slice(match self.kind {
             Kind::Chat => br#"{"index":0,"delta":{"content":"#.as_slice(),
@@ -772,10 +918,19 @@ impl Chunks {
         });
         serde_json::to_writer(&mut *out, t).expect("strings serialize");
         out.extend_from_slice(match self.kind {
-            Kind::Chat => br#"},"logprobs":null,"finish_reason":null}"#.as_slice(),
-            Kind::Completion => br#","logprobs":null,"finish_reason":null}"#.as_slice(),
+            Kind::Chat => br#"},"logprobs":"#.as_slice(),
+            Kind::Completion => br#","logprobs":"#.as_slice(),
         });
+        match lp {
+            None => out.extend_from_slice(b"null"),
+            Some(lp) => {
+                serde_json::to_writer(&mut *out, &logprobs_json(self.kind, Some(lp), self.sent))
+                    .expect("values serialize")
+            }
+        }
+        out.extend_from_slice(br#","finish_reason":null}"#);
         out.extend_from_slice(self.tail.as_bytes());
+        self.sent += t.len();
     }
 
     fn finish(&self, out: &mut Vec<u8>, end: &TaskEnd) {
@@ -812,10 +967,10 @@ mod tests {
             decode_time_ms: 1,
             finish_reason: llorch_wire::engine::FinishReason::Length,
         };
-        let c = Chunks::new(Kind::Chat, "chatcmpl-1", 7, "m\"x", true);
+        let mut c = Chunks::new(Kind::Chat, "chatcmpl-1", 7, "m\"x", true);
         let mut out = Vec::new();
         c.role(&mut out);
-        c.text(&mut out, "a \"quoted\"\nline");
+        c.text(&mut out, "a \"quoted\"\nline", None);
         c.finish(&mut out, &end);
         let text = String::from_utf8(out).unwrap();
         let data: Vec<&str> = text
@@ -840,10 +995,10 @@ mod tests {
         assert_eq!(v[3]["choices"].as_array().unwrap().len(), 0);
         assert_eq!(v[3]["usage"]["total_tokens"], 5);
 
-        let c = Chunks::new(Kind::Completion, "cmpl-1", 7, "m", false);
+        let mut c = Chunks::new(Kind::Completion, "cmpl-1", 7, "m", false);
         let mut out = Vec::new();
         c.role(&mut out);
-        c.text(&mut out, "x");
+        c.text(&mut out, "x", None);
         let v: Value = serde_json::from_str(
             std::str::from_utf8(&out)
                 .unwrap()

@@ -1,0 +1,147 @@
+//! The OpenAI API's depth against the real stack and the real default model: answers validated
+//! against OpenAI's published OpenAPI document, structured output enforced by a grammar, and
+//! log-probabilities, through `/v1` (the official Python client and raw HTTP) and the native
+//! `/v2` task API.
+#![allow(clippy::await_holding_lock)]
+
+use std::process::Command;
+
+use llorch_tests::stack::{Stack, StackOptions, MODEL_ID, TEST_KEY};
+use llorch_tests::{frames, openai_spec, post, python_path, serial};
+use llorch_wire::engine::{ChatMessage, TokenEvent};
+use llorch_wire::task::{TaskAccepted, TaskRequest};
+use serde_json::{json, Value};
+
+/// Runs a script of `tests/python/` against the stack with the test environment's Python
+/// packages; returns its stdout, failing with both outputs and the stack's logs.
+fn python(stack: &Stack, script: &str, args: &[&str]) -> String {
+    let path = llorch_tests::repo_root().join("tests/python").join(script);
+    let out = Command::new("python3")
+        .arg(&path)
+        .args([stack.url().as_str(), TEST_KEY, MODEL_ID])
+        .args(args)
+        .env("PYTHONPATH", python_path())
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{script} failed\n{stdout}\n{stderr}\n{}",
+        stack.logs()
+    );
+    stdout
+}
+
+#[test]
+fn answers_conform_to_openais_schema_and_structured_output_validates() {
+    let _g = serial();
+    let Some(spec) = openai_spec() else {
+        println!(
+            "SKIPPED: OpenAI's OpenAPI document is not at ../shared/vendor (set LLORCH_OPENAI_SPEC)"
+        );
+        return;
+    };
+    let stack = Stack::start(StackOptions::default());
+    let out = python(
+        &stack,
+        "openai_conformance.py",
+        &[spec.to_str().expect("utf-8 path")],
+    );
+    assert!(out.contains("conformance ok"), "{out}");
+}
+
+/// The native API takes the same options: a JSON Schema and log-probabilities on `/v2/tasks`,
+/// delivered in the task's `token` events.
+#[tokio::test]
+async fn native_tasks_take_a_json_schema_and_logprobs() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions::default());
+    let c = stack.client();
+    let schema = json!({
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"enum": ["France", "Spain"]}},
+        "required": ["city", "country"],
+        "additionalProperties": false
+    });
+    let req = TaskRequest {
+        model_ref: MODEL_ID.into(),
+        messages: Some(vec![ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France? Answer in JSON.".into(),
+        }]),
+        max_tokens: Some(60),
+        temperature: Some(0.0),
+        json_schema: Some(schema),
+        json_schema_strict: true,
+        logprobs: Some(2),
+        ..TaskRequest::default()
+    };
+    let accepted: TaskAccepted = c.post_json("/v2/tasks", &req).await.expect("accepted");
+    let events = frames(c.events(&accepted.streams.sse).await.unwrap()).await;
+    let tokens: Vec<TokenEvent> = events
+        .iter()
+        .filter(|f| f.event == "token")
+        .map(|f| serde_json::from_str(&f.data).unwrap())
+        .collect();
+    let text: String = tokens.iter().map(|t| t.t.as_str()).collect();
+    let answer: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}\n{}", stack.logs()));
+    assert!(answer["city"].is_string(), "{answer}");
+    assert!(
+        answer["country"] == "France" || answer["country"] == "Spain",
+        "{answer}"
+    );
+    assert_eq!(answer.as_object().unwrap().len(), 2, "{answer}");
+    let lp: Vec<_> = tokens.iter().flat_map(|t| &t.lp).collect();
+    assert!(!lp.is_empty(), "{events:?}");
+    assert_eq!(
+        lp.iter().map(|t| t.token.as_str()).collect::<String>(),
+        text
+    );
+    for t in &lp {
+        // Greedy, with the grammar masking every token: the chosen token is the most likely
+        // one the grammar allows, first among the alternatives.
+        assert_eq!(t.top_logprobs.len().min(1), 1, "{t:?}");
+        assert_eq!(t.top_logprobs[0].token, t.token, "{t:?}");
+        assert!(t.logprob <= 0.0);
+    }
+
+    // One validation for both front ends: a bad schema is a 400 naming the field and place.
+    let (status, _, body) = post(
+        &c,
+        "/v2/tasks",
+        &json!({"model_ref": MODEL_ID, "prompt": "x", "json_schema": {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}, "json_schema_strict": true}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["field"], "json_schema", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("#/properties/n/multipleOf"),
+        "{body}"
+    );
+    let (status, _, body) = post(
+        &c,
+        "/v2/tasks",
+        &json!({"model_ref": MODEL_ID, "prompt": "x", "grammar": "root ::= (", "max_tokens": 4}),
+    )
+    .await;
+    // A grammar llama.cpp cannot parse is refused by the engine, before any token.
+    let task = body["task_id"].as_str().map(str::to_owned);
+    let refused = match (status.as_u16(), task) {
+        (400, _) => body,
+        (202, Some(id)) => {
+            let events = frames(c.events(&format!("/v2/tasks/{id}/events")).await.unwrap()).await;
+            let err = events
+                .iter()
+                .find(|f| f.event == "error")
+                .expect("error event");
+            serde_json::from_str(&err.data).unwrap()
+        }
+        other => panic!("unexpected answer {other:?}: {body}"),
+    };
+    assert_eq!(refused["field"], "grammar", "{refused}");
+}

@@ -1,0 +1,200 @@
+"""Validates real /v1 answers of a running llama-orch against OpenAI's published OpenAPI document,
+and checks structured output and log-probabilities with the official `openai` client.
+
+Usage: python3 openai_conformance.py URL API_KEY MODEL OPENAPI_JSON_GZ
+Prints "conformance ok" on success; any failure raises with the offending answer.
+"""
+import gzip
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import jsonschema
+import openai
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+url, key, model, spec_path = sys.argv[1:5]
+with gzip.open(spec_path, "rt") as f:
+    spec = json.load(f)
+
+
+def openapi_nullable(node):
+    """The document is OpenAPI 3.1 but still marks optional values with OpenAPI 3.0's
+    `nullable: true`, which JSON Schema ignores: give such a schema null as an alternative."""
+    if isinstance(node, list):
+        return [openapi_nullable(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: openapi_nullable(v) for k, v in node.items()}
+    if node.pop("nullable", False) is True:
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+spec = openapi_nullable(spec)
+registry = Registry().with_resource(
+    "urn:openai", Resource.from_contents(spec, default_specification=DRAFT202012)
+)
+checked = {}
+
+
+def conforms(schema_name, instance):
+    schema = {"$ref": "urn:openai#/components/schemas/" + schema_name}
+    validator = jsonschema.Draft202012Validator(schema, registry=registry)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
+    if errors:
+        raise SystemExit(
+            f"{schema_name} violated: {errors[0].message} at {list(errors[0].path)}\n"
+            + json.dumps(instance, indent=1)[:3000]
+        )
+    checked[schema_name] = checked.get(schema_name, 0) + 1
+
+
+def post(path, body):
+    req = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", "authorization": "Bearer " + key},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def get(path):
+    req = urllib.request.Request(url + path, headers={"authorization": "Bearer " + key})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def stream(path, body):
+    status, text = post(path, dict(body, stream=True))
+    assert status == 200, (status, text)
+    events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+question = [{"role": "user", "content": "Name a color."}]
+
+# --- Responses of every kind, validated against the published schemas ----------------------
+conforms("ListModelsResponse", get("/v1/models"))
+
+status, text = post("/v1/chat/completions", {"model": model, "messages": question, "max_tokens": 8})
+assert status == 200, text
+conforms("CreateChatCompletionResponse", json.loads(text))
+
+body = {"model": model, "messages": question, "max_tokens": 8, "temperature": 0,
+        "logprobs": True, "top_logprobs": 3}
+status, text = post("/v1/chat/completions", body)
+assert status == 200, text
+whole = json.loads(text)
+conforms("CreateChatCompletionResponse", whole)
+chunks = stream("/v1/chat/completions", dict(body, stream_options={"include_usage": True}))
+for c in chunks:
+    conforms("CreateChatCompletionStreamResponse", c)
+
+# Log-probabilities: present for every token, alternatives sorted, and under greedy decoding the
+# chosen token is the most likely one; streamed and not agree.
+content = whole["choices"][0]["logprobs"]["content"]
+assert len(content) == whole["usage"]["completion_tokens"], (len(content), whole["usage"])
+assert "".join(t["token"] for t in content) == whole["choices"][0]["message"]["content"], content
+for t in content:
+    tops = [a["logprob"] for a in t["top_logprobs"]]
+    assert len(tops) == 3 and tops == sorted(tops, reverse=True), t
+    assert t["logprob"] <= 0 and t["token"] == t["top_logprobs"][0]["token"], t
+    assert bytes(t["bytes"]).decode("utf-8", "replace") == t["token"], t
+streamed = [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+            for t in c["choices"][0]["logprobs"]["content"]]
+assert [t["token"] for t in streamed] == [t["token"] for t in content], (streamed, content)
+
+status, text = post("/v1/completions", {"model": model, "prompt": "The sky is", "max_tokens": 5,
+                                        "temperature": 0, "logprobs": 2})
+assert status == 200, text
+comp = json.loads(text)
+conforms("CreateCompletionResponse", comp)
+lp = comp["choices"][0]["logprobs"]
+assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5, lp
+assert "".join(lp["tokens"]) == comp["choices"][0]["text"], lp
+for c in stream("/v1/completions", {"model": model, "prompt": "The sky is", "max_tokens": 5,
+                                    "logprobs": 1}):
+    # OpenAI publishes no chunk schema for streamed completions: its chunks are completion
+    # objects whose finish_reason is null until the last, as OpenAI's own stream sends them.
+    for choice in c["choices"]:
+        if choice["finish_reason"] is None:
+            choice["finish_reason"] = "stop"
+    conforms("CreateCompletionResponse", c)
+
+for bad in ({"model": model, "messages": question, "temperature": 9},
+            {"model": model, "messages": question, "response_format": {"type": "yaml"}},
+            {"model": "no-such-model", "messages": question}):
+    status, text = post("/v1/chat/completions", bad)
+    assert status in (400, 404), (status, text)
+    conforms("ErrorResponse", json.loads(text))
+
+# --- Structured output with the official client --------------------------------------------
+client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+person = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "languages": {"type": "array", "items": {"enum": ["en", "fr", "de"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "languages"],
+    "additionalProperties": False,
+}
+for seed in range(3):
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_tokens=120,
+        seed=seed,
+        temperature=1.0,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "strict": True, "schema": person}},
+    )
+    assert r.choices[0].finish_reason == "stop", r
+    jsonschema.validate(json.loads(r.choices[0].message.content), person)
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "List three fruits."}],
+        max_tokens=120,
+        seed=seed,
+        response_format={"type": "json_object"},
+    )
+    assert r.choices[0].finish_reason == "stop", r
+    assert isinstance(json.loads(r.choices[0].message.content), dict), r
+
+# Streamed structured output parses once reassembled.
+parts = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "A person, as JSON."}], max_tokens=120,
+    stream=True, seed=7,
+    response_format={"type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": person}})
+jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in parts if c.choices)), person)
+
+# Schemas that cannot be enforced are refused, naming the parameter and the place.
+for schema, where in (({"type": "integer", "multipleOf": 3}, "#/multipleOf"),
+                      ({"type": "object", "properties": {"a": {"type": "text"}}}, "#/properties/a/type"),
+                      ({"$ref": "https://example.com/schema.json"}, "#/$ref")):
+    try:
+        client.chat.completions.create(
+            model=model, messages=question,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "x", "strict": True, "schema": schema}})
+        raise SystemExit(f"schema {schema} accepted")
+    except openai.BadRequestError as e:
+        assert e.param == "response_format.json_schema.schema", e
+        assert where in str(e), e
+try:
+    client.chat.completions.create(model=model, messages=question, logprobs=True, top_logprobs=21)
+    raise SystemExit("top_logprobs=21 accepted")
+except openai.BadRequestError as e:
+    assert e.param == "top_logprobs", e
+
+print("checked", json.dumps(checked, sort_keys=True))
+print("conformance ok")
