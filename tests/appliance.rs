@@ -155,7 +155,7 @@ fn chat_body_for(model: &str, question: &str, max_tokens: u32) -> String {
 
 /// Asks the on-demand pool's model; returns the answer's text.
 fn ask_on_demand(port: u16) -> String {
-    let body = chat_body_for(ON_DEMAND_MODEL, "What is the capital of France?", 16);
+    let body = chat_body_for(ON_DEMAND_MODEL, "What city is the capital of France?", 16);
     let (status, body) = curl(
         port,
         &["-H", "content-type: application/json", "-d", &body],
@@ -170,7 +170,7 @@ fn ask_on_demand(port: u16) -> String {
 }
 
 fn chat(port: u16, extra: &[&str]) -> (u16, String) {
-    let body = chat_body("What is the capital of France?", 16);
+    let body = chat_body("What city is the capital of France?", 16);
     let mut args = vec!["-H", "content-type: application/json", "-d", &body];
     args.extend_from_slice(extra);
     curl(port, &args, "/v1/chat/completions")

@@ -41,7 +41,7 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
             "0",
             "--max-tokens",
             "16",
-            "What is the capital of France?",
+            "What city is the capital of France?",
         ],
     );
     assert!(ok, "{err}");
@@ -61,7 +61,7 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
         use std::io::Write;
         let mut stdin = chat.stdin.take().unwrap();
         stdin
-            .write_all(b"What is the capital of France?\nAnd of Italy?\n\n")
+            .write_all(b"What city is the capital of France?\nAnd of Italy?\n\n")
             .unwrap();
     }
     let out = chat.wait_with_output().unwrap();
@@ -147,7 +147,7 @@ import sys, openai
 url, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
 client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
 assert [m.id for m in client.models.list().data] == [model]
-q = [{"role": "user", "content": "What is the capital of France?"}]
+q = [{"role": "user", "content": "What city is the capital of France?"}]
 r = client.chat.completions.create(model=model, messages=q, max_tokens=16, temperature=0)
 text = r.choices[0].message.content
 assert "Paris" in text, text

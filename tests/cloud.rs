@@ -399,7 +399,7 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
         let (status, _, v) = post(
                 &c,
                 "/v1/chat/completions",
-                &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
+                &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What city is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
             )
             .await;
         assert_eq!(status, 200, "{v}");
@@ -975,7 +975,7 @@ systemctl start pool-managerd.socket pool-managerd.service || {{ journalctl --no
             let (status, _, v) = post(
                     &fresh,
                     "/v1/chat/completions",
-                    &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8, "temperature": 0}),
+                    &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What city is the capital of France?"}], "max_tokens": 8, "temperature": 0}),
                 )
                 .await;
             answers.push((status, v));

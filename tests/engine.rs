@@ -17,10 +17,7 @@ use llorch_wire::handoff::Handoff;
 use llorch_wire::ErrorCode;
 
 fn user(text: &str) -> ChatMessage {
-    ChatMessage {
-        role: "user".into(),
-        content: text.into(),
-    }
+    ChatMessage::new("user", text)
 }
 
 fn greedy_chat(question: &str, max_tokens: u32) -> GenerateRequest {
@@ -66,7 +63,7 @@ async fn greedy_answers_are_english_repeatable_and_reuse_the_prompt_cache() {
     let (status, health) = client.health().await.unwrap();
     assert_eq!((status.as_u16(), health.status), (200, HealthState::Ready));
 
-    let req = greedy_chat("What is the capital of France?", 32);
+    let req = greedy_chat("What city is the capital of France?", 32);
     let first = client
         .generate(&req)
         .await
@@ -101,11 +98,8 @@ async fn greedy_answers_are_english_repeatable_and_reuse_the_prompt_cache() {
         temperature: Some(0.0),
         max_tokens: Some(24),
         ..GenerateRequest::chat(vec![
-            user("What is the capital of France?"),
-            ChatMessage {
-                role: "assistant".into(),
-                content: first.text.clone(),
-            },
+            user("What city is the capital of France?"),
+            ChatMessage::new("assistant", first.text.clone()),
             user("And of Italy?"),
         ])
     };
@@ -146,7 +140,7 @@ async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
     let engine = Engine::start(&[]);
     let client = engine.client();
     let questions = [
-        "What is the capital of France?",
+        "What city is the capital of France?",
         "Name three primary colors.",
         "What do bees make?",
         "How many legs does a spider have?",
@@ -407,7 +401,7 @@ async fn bad_requests_get_a_400_naming_the_field_and_disturb_no_one() {
     let done = running.collect().await.unwrap();
     assert_eq!(done.end.completion_tokens, 120);
     let ok = client
-        .generate(&greedy_chat("What is the capital of France?", 16))
+        .generate(&greedy_chat("What city is the capital of France?", 16))
         .await
         .unwrap();
     assert!(ok.collect().await.unwrap().text.contains("Paris"));
@@ -420,7 +414,7 @@ async fn stop_strings_end_generation_and_are_never_sent() {
     let engine = Engine::start(&[]);
     let client = engine.client();
     let plain = client
-        .generate(&greedy_chat("What is the capital of France?", 32))
+        .generate(&greedy_chat("What city is the capital of France?", 32))
         .await
         .unwrap()
         .collect()
@@ -430,7 +424,7 @@ async fn stop_strings_end_generation_and_are_never_sent() {
     let stopped = client
         .generate(&GenerateRequest {
             stop: vec!["aris".into()],
-            ..greedy_chat("What is the capital of France?", 32)
+            ..greedy_chat("What city is the capital of France?", 32)
         })
         .await
         .unwrap()
@@ -582,7 +576,7 @@ async fn a_socket_activated_engine_serves_on_the_inherited_socket() {
         handoff.exists()
     });
     let answer = client
-        .generate(&greedy_chat("What is the capital of France?", 16))
+        .generate(&greedy_chat("What city is the capital of France?", 16))
         .await
         .unwrap()
         .collect()

@@ -77,7 +77,7 @@ async fn chat(client: &HttpClient, body: Value) -> (StatusCode, Value) {
 fn paris() -> Value {
     json!({
         "model": M,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "messages": [{"role": "user", "content": "What city is the capital of France?"}],
         "max_tokens": 8,
         "temperature": 0
     })
@@ -108,7 +108,8 @@ async fn every_documented_metric_is_exported_and_moves_with_traffic() {
         ));
     }
     let mut tools = paris();
-    tools["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
+    tools["tools"] = json!([{"type": "function", "function": {"name": "not a name"}}]);
+    tools["tool_choice"] = json!("required");
     assert_eq!(chat(&orch, tools).await.0, StatusCode::BAD_REQUEST);
     let anonymous = HttpClient::new(&stack.url()).unwrap();
     assert_eq!(chat(&anonymous, paris()).await.0, StatusCode::UNAUTHORIZED);

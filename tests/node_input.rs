@@ -48,7 +48,7 @@ fn registration(address: &str, pools: Vec<Value>) -> Value {
 async fn chat(url: &str) -> Value {
     let body = json!({
         "model": MODEL_ID,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "messages": [{"role": "user", "content": "What city is the capital of France?"}],
         "max_tokens": 8, "temperature": 0
     });
     let (status, answer) = post(url, None, "/v1/chat/completions", &body).await;

@@ -66,10 +66,10 @@ async fn native_tasks_take_a_json_schema_and_logprobs() {
     });
     let req = TaskRequest {
         model_ref: MODEL_ID.into(),
-        messages: Some(vec![ChatMessage {
-            role: "user".into(),
-            content: "What is the capital of France? Answer in JSON.".into(),
-        }]),
+        messages: Some(vec![ChatMessage::new(
+            "user",
+            "What city is the capital of France? Answer in JSON.",
+        )]),
         max_tokens: Some(60),
         temperature: Some(0.0),
         json_schema: Some(schema),

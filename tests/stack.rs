@@ -24,10 +24,7 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use serde_json::{json, Value};
 
 fn user(text: &str) -> Vec<ChatMessage> {
-    vec![ChatMessage {
-        role: "user".into(),
-        content: text.into(),
-    }]
+    vec![ChatMessage::new("user", text)]
 }
 
 /// A raw prompt the model continues for hundreds of tokens (it keeps counting).
@@ -140,7 +137,7 @@ async fn openai_chat_streaming_and_not_with_usage_and_models() {
 
     let ask = json!({
         "model": MODEL_ID,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "messages": [{"role": "user", "content": "What city is the capital of France?"}],
         "max_tokens": 24,
         "temperature": 0,
     });
@@ -229,7 +226,7 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
         task_id: Some("t-capital".into()),
         session_id: Some("s1".into()),
         model_ref: MODEL_ID.into(),
-        messages: Some(user("What is the capital of France?")),
+        messages: Some(user("What city is the capital of France?")),
         max_tokens: Some(24),
         temperature: Some(0.0),
         ..TaskRequest::default()
@@ -306,15 +303,9 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
     assert_eq!(s["turns"], 1);
     let mut follow = req.clone();
     follow.task_id = None;
-    let mut msgs = user("What is the capital of France?");
-    msgs.push(ChatMessage {
-        role: "assistant".into(),
-        content: event_text(&live),
-    });
-    msgs.push(ChatMessage {
-        role: "user".into(),
-        content: "And of Italy?".into(),
-    });
+    let mut msgs = user("What city is the capital of France?");
+    msgs.push(ChatMessage::new("assistant", event_text(&live)));
+    msgs.push(ChatMessage::new("user", "And of Italy?"));
     follow.messages = Some(msgs);
     let a2 = submit(&c, &follow).await;
     let second = frames(c.events(&a2.streams.sse).await.unwrap()).await;
@@ -524,7 +515,7 @@ async fn an_openai_stream_that_waits_commits_and_gets_keep_alive_comments() {
     // start it gets its 200 head anyway, then comment lines, no text.
     let body = json!({
         "model": MODEL_ID, "stream": true, "max_tokens": 16, "temperature": 0,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}]
+        "messages": [{"role": "user", "content": "What city is the capital of France?"}]
     });
     let sent = Instant::now();
     let resp = tokio::time::timeout(
@@ -783,7 +774,7 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
             "/v1/chat/completions",
             chat(json!({"tools": [{"type": "function"}]})),
             400,
-            "tools",
+            "tools[0]",
         ),
         (
             "/v1/chat/completions",
@@ -958,7 +949,7 @@ async fn a_restarted_control_plane_gets_the_node_back_by_itself() {
             let (status, _, v) = post(
                 &c,
                 "/v1/chat/completions",
-                &json!({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
+                &json!({"model": model, "messages": [{"role": "user", "content": "What city is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
             )
             .await;
             (status, v, start.elapsed())

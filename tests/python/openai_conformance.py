@@ -196,5 +196,89 @@ try:
 except openai.BadRequestError as e:
     assert e.param == "top_logprobs", e
 
+# --- Tool calls -----------------------------------------------------------------------------
+# The default model's template has no tool support: `required` and named calls are enforced by
+# a grammar from the tools' parameter schemas; `auto` is a 400 that says why.
+weather = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 40},
+                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+tools = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": weather}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time in a time zone",
+                                      "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                                                     "required": ["zone"]}}},
+]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+r = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required",
+                                   temperature=0, max_tokens=100)
+conforms("CreateChatCompletionResponse", r.model_dump(exclude_unset=True))
+assert r.choices[0].finish_reason == "tool_calls", r
+call = r.choices[0].message.tool_calls[0]
+assert call.type == "function" and call.id.startswith("call_"), call
+assert call.function.name in ("get_weather", "get_time"), call
+params = weather if call.function.name == "get_weather" else tools[1]["function"]["parameters"]
+jsonschema.validate(json.loads(call.function.arguments), params)
+
+# Streamed: the deltas reassemble to the same call as the answer above (greedy: same text).
+calls = {}
+finish = None
+for c in client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required",
+                                        temperature=0, max_tokens=100, stream=True):
+    conforms("CreateChatCompletionStreamResponse", c.model_dump(exclude_unset=True))
+    if not c.choices:
+        continue
+    for d in c.choices[0].delta.tool_calls or []:
+        entry = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+        entry["id"] = d.id or entry["id"]
+        if d.function:
+            entry["name"] += d.function.name or ""
+            entry["arguments"] += d.function.arguments or ""
+    finish = c.choices[0].finish_reason or finish
+assert finish == "tool_calls", finish
+assert len(calls) == 1 and calls[0]["id"].startswith("call_"), calls
+assert (calls[0]["name"], json.loads(calls[0]["arguments"])) == \
+    (call.function.name, json.loads(call.function.arguments)), (calls, call)
+
+# A named function is the one called.
+r = client.chat.completions.create(model=model, messages=ask, tools=tools, temperature=0, max_tokens=100,
+                                   tool_choice={"type": "function", "function": {"name": "get_time"}})
+named = r.choices[0].message.tool_calls
+assert [c.function.name for c in named] == ["get_time"], r
+jsonschema.validate(json.loads(named[0].function.arguments), tools[1]["function"]["parameters"])
+
+# The follow-up turn with the tool's result is answered in text.
+follow = ask + [
+    {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+    {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "sunny"})},
+]
+r = client.chat.completions.create(model=model, messages=follow, tools=tools, tool_choice="none",
+                                   temperature=0, max_tokens=60)
+conforms("CreateChatCompletionResponse", r.model_dump(exclude_unset=True))
+assert r.choices[0].finish_reason in ("stop", "length"), r
+assert r.choices[0].message.tool_calls is None and len(r.choices[0].message.content) > 0, r
+
+# Refusals name the parameter.
+for kwargs, param in (
+    ({"tools": tools, "tool_choice": "auto"}, "tool_choice"),
+    ({"tools": tools}, "tool_choice"),
+    ({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"},
+     "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True,
+                                                   "parameters": {"type": "object", "not": {}}}}],
+      "tool_choice": "required"}, "tools[0].function.parameters"),
+    ({"tool_choice": "required"}, "tool_choice"),
+):
+    try:
+        client.chat.completions.create(model=model, messages=ask, max_tokens=5, **kwargs)
+        raise SystemExit(f"{kwargs} accepted")
+    except openai.BadRequestError as e:
+        assert e.param == param, (kwargs, e)
+
 print("checked", json.dumps(checked, sort_keys=True))
 print("conformance ok")

@@ -1,6 +1,8 @@
 //! Engine benchmark: tokens/s through the engine's socket API (1 and 4 concurrent streams) and
 //! time to first token, side by side with a plain in-process llama-cpp-2 decode loop using the
-//! same model, threads and per-sequence context. Method and results: docs/PERFORMANCE.md.
+//! same model, threads and per-sequence context; then the cost of structured output: a stream
+//! constrained by a JSON Schema next to a free one in the same batch, against two free
+//! streams. Method and results: docs/PERFORMANCE.md.
 //!
 //! Run with `cargo bench -p llorch-engine --bench throughput` (or `make bench`). Settings come
 //! from the environment: LLORCH_BENCH_MODEL (default: the bundled model), LLORCH_BENCH_REPS
@@ -375,5 +377,54 @@ fn main() {
         e_ttft_m / ip_ttft_m
     );
     println!("  engine TTFT, cached prompt   {cached_m:8.1} ms        (target < 15)");
+
+    // Structured output: two streams in one batch, both free, then one free and one held to a
+    // JSON Schema (at least 64 strings, so it runs as long as the free one), alternating.
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"log": {"type": "array", "items": {"type": "string", "maxLength": 40}, "minItems": 64}},
+        "required": ["log"],
+    });
+    let (mut free_pair, mut free_next_to_json, mut json_tps) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps {
+        let free = |k: usize, slot: u32| request(prompt(rep * 7 + k), n, Some(slot));
+        let constrained = GenerateRequest {
+            json_schema: Some(schema.clone()),
+            ignore_eos: false,
+            ..request(prompt(rep * 7 + 3), n, Some(1))
+        };
+        let pair = |a: GenerateRequest, b: GenerateRequest| {
+            rt.block_on(async {
+                let (ca, cb) = (client.clone(), client.clone());
+                let ta = tokio::spawn(async move { stream(&ca, &a).await });
+                let tb = tokio::spawn(async move { stream(&cb, &b).await });
+                (ta.await.unwrap(), tb.await.unwrap())
+            })
+        };
+        let (a, b) = pair(free(1, 0), free(2, 1));
+        free_pair.push((a.decode_tps + b.decode_tps) / 2.0);
+        let (a, b) = pair(free(4, 0), constrained);
+        assert!(
+            b.tokens > n / 2,
+            "the constrained stream ended after {} tokens",
+            b.tokens
+        );
+        free_next_to_json.push(a.decode_tps);
+        json_tps.push(b.decode_tps);
+    }
+    let free_pair_m = median(&mut free_pair);
+    let free_json_m = median(&mut free_next_to_json);
+    let json_m = median(&mut json_tps);
+    println!("structured output (2 streams per batch, {reps} reps, medians)");
+    println!("  free stream next to a free one      {free_pair_m:8.1} tokens/s");
+    println!(
+        "  free stream next to a JSON one      {free_json_m:8.1} tokens/s   ratio {:.3} (target >= 0.9: the grammar does not stall the batch)",
+        free_json_m / free_pair_m
+    );
+    println!(
+        "  JSON-Schema stream                  {json_m:8.1} tokens/s   ratio {:.3} (per-token cost {:+.2} ms)",
+        json_m / free_pair_m,
+        1000.0 / json_m - 1000.0 / free_pair_m
+    );
     drop(engine);
 }

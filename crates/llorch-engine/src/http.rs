@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use llorch_wire::engine::{defaults, EngineEvent, GenerateRequest, Health, HealthState};
+use llorch_wire::tools::{self, ToolChoice};
 use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::{mpsc, Notify};
 
@@ -400,13 +401,23 @@ async fn generate(
     }
     let (text, field) = match (&request.prompt, &request.messages) {
         (Some(p), _) => (p.clone(), "prompt"),
-        (None, Some(m)) => (
-            ready
+        (None, Some(m)) => {
+            let choice = request.effective_tool_choice();
+            if choice == ToolChoice::Auto && !ready.model.template_takes_tools() {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::invalid(
+                        "tool_choice",
+                        "this model's chat template does not take tools, so the model cannot choose between answering and calling one: use tool_choice \"required\" or a named function (the call is then enforced by a grammar), or \"none\"",
+                    ),
+                ));
+            }
+            let text = ready
                 .model
-                .render_chat(m)
-                .map_err(|e| (StatusCode::BAD_REQUEST, e))?,
-            "messages",
-        ),
+                .render_chat(m, &request.tools, &choice, request.parallel_tool_calls)
+                .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+            (text, "messages")
+        }
         (None, None) => unreachable!("validate() requires one of them"),
     };
     let grammar = grammar_of(&request, &ready.model)?;
@@ -513,18 +524,27 @@ async fn generate(
 /// The request's grammar in GBNF: its `grammar`, or its `json_schema` converted by llama.cpp.
 /// Parsed here once, so a grammar that does not parse is the request's 400, not a stream error.
 fn grammar_of(request: &GenerateRequest, model: &Model) -> Result<Option<String>, Refusal> {
-    let (gbnf, field) = match (&request.json_schema, &request.grammar) {
+    let choice = request.effective_tool_choice();
+    let forced = choice
+        .forced()
+        .then(|| tools::call_schema(&request.tools, &choice, request.parallel_tool_calls));
+    let (schema, field) = match (&forced, &request.json_schema) {
+        (Some(s), _) => (Some(s), "tools"),
+        (None, Some(s)) => (Some(s), "json_schema"),
+        (None, None) => (None, "grammar"),
+    };
+    let (gbnf, field) = match (schema, &request.grammar) {
         (Some(schema), _) => {
             let gbnf = llama_cpp_2::json_schema_to_grammar(&schema.to_string()).map_err(|e| {
                 (
                     StatusCode::BAD_REQUEST,
                     ErrorBody::invalid(
-                        "json_schema",
-                        format!("llama.cpp cannot turn json_schema into a grammar ({e}); simplify the schema"),
+                        field,
+                        format!("llama.cpp cannot turn {field} into a grammar ({e}); simplify the schema"),
                     ),
                 )
             })?;
-            (gbnf, "json_schema")
+            (gbnf, field)
         }
         (None, Some(g)) => (g.clone(), "grammar"),
         (None, None) => return Ok(None),

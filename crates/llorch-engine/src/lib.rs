@@ -12,6 +12,7 @@
 //! The engine never listens on a network socket and never queues: it serves its slots or says
 //! it is busy.
 
+pub mod chat;
 pub mod config;
 pub mod decode;
 pub mod handoff;

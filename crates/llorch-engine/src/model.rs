@@ -1,6 +1,8 @@
 //! The loaded model: llama.cpp's backend and weights, the chat template from the GGUF
 //! metadata, and prompt rendering and tokenization (done by request handlers, off the decode
-//! loop).
+//! loop). Chat prompts are rendered by [`crate::chat`] (minijinja, as transformers renders
+//! them); llama.cpp's own template matcher is the fallback for a template minijinja cannot
+//! evaluate, without tools.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -10,7 +12,10 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llorch_wire::engine::ChatMessage;
+use llorch_wire::tools::{Tool, ToolChoice};
 use llorch_wire::ErrorBody;
+
+use crate::chat::{ChatTemplate, RenderError};
 
 /// llama.cpp's backend may be initialised once per process.
 pub fn backend() -> &'static LlamaBackend {
@@ -44,6 +49,9 @@ impl Progress {
 pub struct Model {
     pub llama: LlamaModel,
     template: Option<LlamaChatTemplate>,
+    /// The GGUF template compiled by minijinja (`None`: no template, or one that does not
+    /// compile, logged at load).
+    jinja: Option<ChatTemplate>,
 }
 
 impl Model {
@@ -60,15 +68,74 @@ impl Model {
                 reason: e.to_string(),
             })?;
         let template = llama.chat_template(None).ok();
-        Ok(Self { llama, template })
+        let jinja = llama
+            .meta_val_str("tokenizer.chat_template")
+            .ok()
+            .and_then(|source| {
+                let vocab = llama.vocab();
+                let text = |t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+                ChatTemplate::new(&source, text(vocab.bos()), text(vocab.eos()))
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "The model's chat template does not compile with minijinja; chat uses llama.cpp's built-in templates and cannot take tools.")
+                    })
+                    .ok()
+            });
+        Ok(Self {
+            llama,
+            template,
+            jinja,
+        })
+    }
+
+    /// Whether the model's chat template renders `tools` itself.
+    pub fn template_takes_tools(&self) -> bool {
+        self.jinja.as_ref().is_some_and(|t| t.takes_tools)
     }
 
     pub fn has_chat_template(&self) -> bool {
         self.template.is_some()
     }
 
-    /// Renders chat messages with the model's own template, ending with the assistant's turn.
-    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, ErrorBody> {
+    /// Renders chat messages with the model's own template, ending with the assistant's turn,
+    /// offering `tools` under `choice`.
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+        choice: &ToolChoice,
+        parallel: bool,
+    ) -> Result<String, ErrorBody> {
+        let offered = !tools.is_empty() && *choice != ToolChoice::None;
+        if let Some(jinja) = &self.jinja {
+            match jinja.render(messages, tools, choice, parallel) {
+                Ok(text) => return Ok(text),
+                Err(RenderError::Refused(why)) => {
+                    return Err(ErrorBody::invalid(
+                        "messages",
+                        format!("the model's chat template refuses these messages: {why}"),
+                    ))
+                }
+                Err(RenderError::Failed(e)) if offered => {
+                    return Err(ErrorBody::invalid(
+                        "tools",
+                        format!("the model's chat template cannot render this request: {e}"),
+                    ))
+                }
+                Err(RenderError::Failed(e)) => {
+                    tracing::warn!(error = %e, "The chat template failed in minijinja; rendering with llama.cpp's built-in template.");
+                }
+            }
+        } else if offered {
+            return Err(ErrorBody::invalid(
+                "tools",
+                "this model has no chat template that minijinja can render, so it cannot take tools",
+            ));
+        }
+        self.render_builtin(messages)
+    }
+
+    /// llama.cpp's rendering: its built-in template that matches the model's.
+    fn render_builtin(&self, messages: &[ChatMessage]) -> Result<String, ErrorBody> {
         let template = self.template.as_ref().ok_or_else(|| {
             ErrorBody::invalid(
                 "messages",

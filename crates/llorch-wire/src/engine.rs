@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorBody;
+use crate::tools::{Tool, ToolCall, ToolChoice};
 
 /// Defaults applied when a request leaves a sampling field out. They follow llama.cpp's own.
 pub mod defaults {
@@ -39,6 +40,23 @@ pub mod limits {
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's calls of tools.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
 }
 
 /// `POST /generate`: one generation request to one engine.
@@ -103,6 +121,17 @@ pub struct GenerateRequest {
     /// together with `json_schema`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grammar: Option<String>,
+    /// Tools the model may call (chat only), in OpenAI's shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    /// How the model may use `tools`: `none` (they are left out of the prompt), `auto` (the
+    /// model decides; needs a chat template that takes tools), `required` or a named function
+    /// (the answer is a call, enforced by a grammar). Default: `auto` with tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// With `required`: the answer may be a list of calls.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parallel_tool_calls: bool,
     /// Return each generated token's log-probability and this many most likely alternatives
     /// (0 to 20) in the `token` events' `lp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,7 +145,7 @@ pub struct GenerateRequest {
 }
 
 /// The roles a chat message may have.
-pub const CHAT_ROLES: [&str; 3] = ["system", "user", "assistant"];
+pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 impl GenerateRequest {
     pub fn prompt(text: impl Into<String>) -> Self {
@@ -177,7 +206,28 @@ impl GenerateRequest {
                     format!("messages[{i}].content must not contain NUL characters"),
                 ));
             }
+            if !m.tool_calls.is_empty() && m.role != "assistant" {
+                return Err(ErrorBody::invalid(
+                    format!("messages[{i}].tool_calls"),
+                    format!("messages[{i}].tool_calls belong to assistant messages only"),
+                ));
+            }
+            for (j, c) in m.tool_calls.iter().enumerate() {
+                if !crate::tools::valid_name(&c.function.name) {
+                    return Err(ErrorBody::invalid(
+                        format!("messages[{i}].tool_calls[{j}].function.name"),
+                        "a function name is 1 to 64 letters, digits, underscores or dashes",
+                    ));
+                }
+            }
+            if (m.role == "tool") != m.tool_call_id.is_some() {
+                return Err(ErrorBody::invalid(
+                    format!("messages[{i}].tool_call_id"),
+                    format!("messages[{i}]: a tool message needs a tool_call_id, and only tool messages have one"),
+                ));
+            }
         }
+        self.validate_tools()?;
         if self.max_tokens == Some(0) {
             return Err(ErrorBody::invalid(
                 "max_tokens",
@@ -297,6 +347,110 @@ impl GenerateRequest {
             }
         }
         Ok(())
+    }
+}
+
+impl GenerateRequest {
+    /// The `tools`, `tool_choice` and `parallel_tool_calls` checks.
+    fn validate_tools(&self) -> Result<(), ErrorBody> {
+        use crate::tools::{valid_name, MAX_TOOLS};
+        if self.tools.len() > MAX_TOOLS {
+            return Err(ErrorBody::invalid(
+                "tools",
+                format!(
+                    "tools has {} entries; at most {MAX_TOOLS} are allowed",
+                    self.tools.len()
+                ),
+            ));
+        }
+        if !self.tools.is_empty() && self.messages.is_none() {
+            return Err(ErrorBody::invalid(
+                "tools",
+                "tools need a chat request (messages), not a prompt",
+            ));
+        }
+        let choice = self.tool_choice.as_ref();
+        if !self.tools.is_empty()
+            && !matches!(choice, Some(ToolChoice::None))
+            && (self.json_schema.is_some() || self.grammar.is_some())
+        {
+            return Err(ErrorBody::invalid(
+                "tools",
+                "tools cannot be combined with a JSON schema or grammar for the answer",
+            ));
+        }
+        for (i, t) in self.tools.iter().enumerate() {
+            if t.kind != "function" {
+                return Err(ErrorBody::invalid(
+                    format!("tools[{i}].type"),
+                    format!(
+                        "tools[{i}].type is {:?}; only \"function\" tools exist",
+                        t.kind
+                    ),
+                ));
+            }
+            if !valid_name(&t.function.name) {
+                return Err(ErrorBody::invalid(
+                    format!("tools[{i}].function.name"),
+                    "a function name is 1 to 64 letters, digits, underscores or dashes",
+                ));
+            }
+            if self.tools[..i]
+                .iter()
+                .any(|o| o.function.name == t.function.name)
+            {
+                return Err(ErrorBody::invalid(
+                    format!("tools[{i}].function.name"),
+                    format!("two tools are named {:?}", t.function.name),
+                ));
+            }
+            if let Some(p) = &t.function.parameters {
+                if !p.is_object() {
+                    return Err(ErrorBody::invalid(
+                        format!("tools[{i}].function.parameters"),
+                        "parameters must be a JSON Schema object",
+                    ));
+                }
+                crate::schema::check(p, t.function.strict.unwrap_or(false)).map_err(|e| {
+                    ErrorBody::invalid(
+                        format!("tools[{i}].function.parameters"),
+                        format!("tools[{i}].function.parameters cannot be enforced {e}"),
+                    )
+                })?;
+            }
+        }
+        match choice {
+            Some(c @ (ToolChoice::Required | ToolChoice::Function(_) | ToolChoice::Auto))
+                if self.tools.is_empty() =>
+            {
+                let what = match c {
+                    ToolChoice::Auto => "auto",
+                    _ => "a call",
+                };
+                Err(ErrorBody::invalid(
+                    "tool_choice",
+                    format!("tool_choice asks for {what}, but the request offers no tools"),
+                ))
+            }
+            Some(ToolChoice::Function(name))
+                if !self.tools.iter().any(|t| &t.function.name == name) =>
+            {
+                Err(ErrorBody::invalid(
+                    "tool_choice",
+                    format!("tool_choice names {name:?}, which is not among the tools"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The effective tool choice: `auto` when tools are offered and none was given.
+    pub fn effective_tool_choice(&self) -> ToolChoice {
+        match (&self.tool_choice, self.tools.is_empty()) {
+            (Some(c), _) => c.clone(),
+            (None, false) => ToolChoice::Auto,
+            (None, true) => ToolChoice::None,
+        }
     }
 }
 
@@ -508,10 +662,7 @@ mod tests {
             ),
             (GenerateRequest::chat(vec![]), "messages"),
             (
-                GenerateRequest::chat(vec![ChatMessage {
-                    role: "wizard".into(),
-                    content: "x".into(),
-                }]),
+                GenerateRequest::chat(vec![ChatMessage::new("wizard", "x")]),
                 "messages[0].role",
             ),
             (

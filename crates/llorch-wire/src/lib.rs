@@ -15,5 +15,6 @@ pub mod plan;
 pub mod schema;
 pub mod sse;
 pub mod task;
+pub mod tools;
 
 pub use error::{ErrorBody, ErrorCode};

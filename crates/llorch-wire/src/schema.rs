@@ -114,18 +114,15 @@ impl Walk<'_> {
                         self.schema(child, &format!("{at}/{}", escape(name)), depth + 1)?;
                     }
                 }
-                "required" => {
+                "required"
                     if !value
                         .as_array()
-                        .is_some_and(|a| a.iter().all(Value::is_string))
-                    {
-                        return Err(err(&at, "required must be a list of property names"));
-                    }
+                        .is_some_and(|a| a.iter().all(Value::is_string)) =>
+                {
+                    return Err(err(&at, "required must be a list of property names"));
                 }
-                "additionalProperties" => {
-                    if !value.is_boolean() {
-                        self.schema(value, &at, depth + 1)?;
-                    }
+                "additionalProperties" if !value.is_boolean() => {
+                    self.schema(value, &at, depth + 1)?;
                 }
                 "items" => match value {
                     Value::Array(items) => self.list(items, &at, depth)?,
@@ -145,10 +142,8 @@ impl Walk<'_> {
                         ))
                     }
                 },
-                "minItems" | "maxItems" | "minLength" | "maxLength" => {
-                    if !value.is_u64() {
-                        return Err(err(&at, format!("{key} must be an integer of 0 or more")));
-                    }
+                "minItems" | "maxItems" | "minLength" | "maxLength" if !value.is_u64() => {
+                    return Err(err(&at, format!("{key} must be an integer of 0 or more")));
                 }
                 "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum" => {
                     if !value.is_number() {
@@ -161,10 +156,8 @@ impl Walk<'_> {
                         ));
                     }
                 }
-                "enum" => {
-                    if !value.as_array().is_some_and(|a| !a.is_empty()) {
-                        return Err(err(&at, "enum must be a non-empty list"));
-                    }
+                "enum" if value.as_array().is_none_or(|a| a.is_empty()) => {
+                    return Err(err(&at, "enum must be a non-empty list"));
                 }
                 "pattern" => {
                     let Some(p) = value.as_str() else {
@@ -192,13 +185,11 @@ impl Walk<'_> {
                     }
                 }
                 "$ref" => self.reference(value, &at)?,
-                k if UNENFORCEABLE.contains(&k) => {
-                    if self.strict {
-                        return Err(err(
-                            &at,
-                            format!("{k} cannot be enforced while decoding; remove it or set strict to false"),
-                        ));
-                    }
+                k if self.strict && UNENFORCEABLE.contains(&k) => {
+                    return Err(err(
+                        &at,
+                        format!("{k} cannot be enforced while decoding; remove it or set strict to false"),
+                    ));
                 }
                 _ => {}
             }

@@ -101,10 +101,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let req = GenerateRequest {
         max_tokens: Some(opts.max_tokens),
         temperature: Some(0.0),
-        ..GenerateRequest::chat(vec![ChatMessage {
-            role: "user".into(),
-            content: opts.prompt.clone(),
-        }])
+        ..GenerateRequest::chat(vec![ChatMessage::new("user", opts.prompt.clone())])
     };
     let end = crate::generate::stream_to(&socket, &req, &mut std::io::stdout()).await?;
     let tps = if end.decode_ms > 0.0 {

@@ -272,10 +272,7 @@ async fn main() {
             let req = GenerateRequest {
                 max_tokens: Some(max_tokens),
                 temperature,
-                ..GenerateRequest::chat(vec![llorch_wire::engine::ChatMessage {
-                    role: "user".into(),
-                    content: prompt,
-                }])
+                ..GenerateRequest::chat(vec![llorch_wire::engine::ChatMessage::new("user", prompt)])
             };
             llorch::generate::stream_to(&engine, &req, &mut std::io::stdout())
                 .await

@@ -94,10 +94,7 @@ pub async fn generate(client: &HttpClient, opts: GenerateOptions) -> anyhow::Res
     let model = pick_model(client, opts.model).await?;
     let req = TaskRequest {
         model_ref: model,
-        messages: Some(vec![ChatMessage {
-            role: "user".into(),
-            content: opts.prompt,
-        }]),
+        messages: Some(vec![ChatMessage::new("user", opts.prompt)]),
         max_tokens: Some(opts.max_tokens),
         temperature: opts.temperature,
         ..TaskRequest::default()
@@ -121,10 +118,7 @@ pub async fn chat(
     let session = format!("chat-{}", std::process::id());
     let mut messages = Vec::new();
     if let Some(s) = system {
-        messages.push(ChatMessage {
-            role: "system".into(),
-            content: s,
-        });
+        messages.push(ChatMessage::new("system", s));
     }
     eprintln!("llorch: chatting with {model}; an empty line or Ctrl-D ends.");
     let stdin = std::io::stdin();
@@ -134,10 +128,7 @@ pub async fn chat(
         if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
             break;
         }
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: line.trim_end().to_string(),
-        });
+        messages.push(ChatMessage::new("user", line.trim_end().to_string()));
         let req = TaskRequest {
             model_ref: model.clone(),
             session_id: Some(session.clone()),
@@ -149,10 +140,7 @@ pub async fn chat(
         let (text, end) = run_task(client, &req, &mut std::io::stdout()).await?;
         println!();
         eprintln!("llorch: {}", stats(&end));
-        messages.push(ChatMessage {
-            role: "assistant".into(),
-            content: text,
-        });
+        messages.push(ChatMessage::new("assistant", text));
     }
     let path = format!("/v2/sessions/{session}");
     if let Ok(req) = client.build(

@@ -308,10 +308,7 @@ fn main() {
     );
     let engine = UnixClient::new(&socket);
     let orch = HttpClient::new(&stack.url()).expect("valid url");
-    let messages = vec![ChatMessage {
-        role: "user".into(),
-        content: prompt.clone(),
-    }];
+    let messages = vec![ChatMessage::new("user", prompt.clone())];
     let req = GenerateRequest {
         max_tokens: Some(tokens),
         temperature: Some(0.0),

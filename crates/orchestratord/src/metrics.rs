@@ -86,10 +86,14 @@ impl Outcome {
         }
     }
 
-    /// The outcome of an admitted task that ended with an error event.
+    /// The outcome of an admitted task that ended with an error event. A request the engine
+    /// refused as invalid (its chat template refuses the messages, a grammar does not parse, a
+    /// model without tool support asked to choose a tool) is the client's, like a 400 at the
+    /// door.
     pub fn of_error(code: ErrorCode) -> Self {
         match code {
             ErrorCode::Canceled => Self::Canceled,
+            ErrorCode::InvalidParams => Self::Invalid,
             ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru | ErrorCode::DeadlineUnmet => {
                 Self::Rejected
             }

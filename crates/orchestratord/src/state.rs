@@ -652,13 +652,7 @@ pub fn capacity_for(candidates: &[crate::placement::Candidate], model: &str) -> 
 
 /// A fresh id: a prefix and 16 random hex digits.
 pub fn new_id(prefix: &str) -> String {
-    use std::hash::{BuildHasher, Hasher};
-    // Every RandomState has fresh random keys; hashing a counter under it gives a random
-    // number without another dependency.
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    format!("{prefix}-{:016x}", h.finish())
+    format!("{prefix}-{:016x}", llorch_wire::id::random_u64())
 }
 
 #[cfg(test)]

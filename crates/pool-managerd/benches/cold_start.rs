@@ -33,7 +33,7 @@ use llorch_tests::{bin, model_path};
 use llorch_wire::engine::EngineEvent;
 use llorch_wire::node::{PoolState, PoolStatus};
 
-const REQUEST: &str = r#"{"messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":8,"temperature":0}"#;
+const REQUEST: &str = r#"{"messages":[{"role":"user","content":"What city is the capital of France?"}],"max_tokens":8,"temperature":0}"#;
 
 fn write_config(dir: &Path) -> PathBuf {
     let config = format!(

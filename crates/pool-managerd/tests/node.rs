@@ -155,7 +155,7 @@ async fn generate(
         .unwrap()
 }
 
-const PARIS: &str = r#"{"messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":16,"temperature":0}"#;
+const PARIS: &str = r#"{"messages":[{"role":"user","content":"What city is the capital of France?"}],"max_tokens":16,"temperature":0}"#;
 const LONG: &str = r#"{"messages":[{"role":"user","content":"Tell me a long story."}],"max_tokens":400,"ignore_eos":true,"temperature":0}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,8 +17,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
+use llorch_wire::engine::FinishReason;
 use llorch_wire::engine::{limits, ChatMessage, GenerateRequest, TokenLogprob};
 use llorch_wire::task::{Priority, TaskEnd};
+use llorch_wire::tools::{Tool, ToolCall, ToolChoice};
 use llorch_wire::{ErrorBody, ErrorCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -130,6 +132,13 @@ struct Message {
     #[serde(default)]
     #[allow(dead_code)]
     name: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCall>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    refusal: Option<String>,
 }
 
 /// Sampling and control fields shared by both endpoints, with the ones we refuse. Decoded from
@@ -186,9 +195,9 @@ struct ChatRequest {
     #[serde(default)]
     max_completion_tokens: Option<u32>,
     #[serde(default)]
-    tools: Option<Vec<Value>>,
+    tools: Option<Vec<Tool>>,
     #[serde(default)]
-    tool_choice: Option<Value>,
+    tool_choice: Option<ToolChoice>,
     #[serde(default)]
     parallel_tool_calls: Option<bool>,
     #[serde(default)]
@@ -423,12 +432,12 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>> {
     for (i, m) in messages.into_iter().enumerate() {
         let role = match m.role.as_str() {
             "developer" => "system".to_string(),
-            "system" | "user" | "assistant" => m.role,
+            "system" | "user" | "assistant" | "tool" => m.role,
             other => {
                 return Err(bad(
                     &format!("messages[{i}].role"),
                     format!(
-                        "role {other:?} is not supported; use system, developer, user or assistant"
+                        "role {other:?} is not supported; use system, developer, user, assistant or tool"
                     ),
                 ))
             }
@@ -454,7 +463,12 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>> {
                 text
             }
         };
-        out.push(ChatMessage { role, content });
+        out.push(ChatMessage {
+            role,
+            content,
+            tool_calls: m.tool_calls.unwrap_or_default(),
+            tool_call_id: m.tool_call_id,
+        });
     }
     Ok(out)
 }
@@ -499,29 +513,18 @@ async fn chat_request(
 ) -> Result<Response> {
     let (client, common, req) = decode::<ChatRequest>(&state, &headers, body, CHAT_FIELDS).await?;
     meter.model(&req.model);
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) || req.functions.is_some() {
+    if req.functions.is_some() || req.function_call.is_some() {
+        let param = if req.functions.is_some() {
+            "functions"
+        } else {
+            "function_call"
+        };
         return Err(bad(
-            "tools",
-            "tools and functions are not supported by this server",
+            param,
+            format!("{param} is OpenAI's deprecated form of tools; send tools and tool_choice"),
         ));
     }
-    if req
-        .tool_choice
-        .as_ref()
-        .is_some_and(|c| c != &Value::String("none".into()) && c != &Value::String("auto".into()))
-        || req.function_call.is_some()
-    {
-        return Err(bad(
-            "tool_choice",
-            "tool_choice is not supported by this server",
-        ));
-    }
-    let _ = (
-        req.parallel_tool_calls,
-        req.store,
-        &req.metadata,
-        &req.service_tier,
-    );
+    let _ = (req.store, &req.metadata, &req.service_tier);
     let logprobs = chat_logprobs(req.logprobs, req.top_logprobs)?;
     let (json_schema, json_schema_strict) = match &req.response_format {
         Some(rf) => response_format(rf)?,
@@ -532,6 +535,10 @@ async fn chat_request(
         logprobs,
         json_schema,
         json_schema_strict,
+        tools: req.tools.unwrap_or_default(),
+        tool_choice: req.tool_choice,
+        // OpenAI's default is true; a forced call is one call unless the client asks for more.
+        parallel_tool_calls: req.parallel_tool_calls == Some(true),
         ..common.engine_request(
             GenerateRequest::chat(chat_messages(req.messages)?),
             max_tokens.unwrap_or(state.config.default_max_tokens),
@@ -639,6 +646,8 @@ async fn run(
     };
     oai(engine.validate().map_err(|e| (StatusCode::BAD_REQUEST, e)))?;
     let with_logprobs = engine.logprobs.is_some();
+    // With tools in play the whole answer is read before it is known to be calls or text.
+    let tools = engine.effective_tool_choice();
     let (task, _) = oai(state.submit(Submission {
         task_id: None,
         model: model.clone(),
@@ -675,8 +684,9 @@ async fn run(
                     }
                     TaskEvent::End(end) => {
                         drop(guard);
+                        let (calls, text) = read_calls(&tools, &end, text);
                         let lp = with_logprobs.then_some(lp.as_slice());
-                        let answer = whole(kind, &id, created, &model, text, lp, &end);
+                        let answer = whole(kind, &id, created, &model, text, &calls, lp, &end);
                         return Ok(Json(answer).into_response());
                     }
                     TaskEvent::Error(body) => {
@@ -708,6 +718,7 @@ async fn run(
     };
     let (tx, resp) = sse::channel();
     let include_usage = common.include_usage();
+    let buffered = tools != ToolChoice::None;
     tokio::spawn(async move {
         let _guard = guard;
         let mut chunks = Chunks::new(kind, &id, created, &model, include_usage);
@@ -716,6 +727,7 @@ async fn run(
         chunks.role(&mut out);
         let mut pending = first;
         let mut idle = sse::keep_alive_timer(keep_alive);
+        let (mut held, mut held_lp) = (String::new(), Vec::new());
         loop {
             let events = match pending.take() {
                 Some(e) => e,
@@ -740,11 +752,26 @@ async fn run(
             let mut done = false;
             for e in events {
                 match e {
+                    TaskEvent::Token(t) if buffered => {
+                        held.push_str(&t.t);
+                        held_lp.extend(t.lp);
+                    }
                     TaskEvent::Token(t) => {
                         chunks.text(&mut out, &t.t, with_logprobs.then_some(t.lp.as_slice()))
                     }
                     TaskEvent::End(end) => {
-                        chunks.finish(&mut out, &end);
+                        let (calls, text) = read_calls(&tools, &end, std::mem::take(&mut held));
+                        if !text.is_empty() {
+                            chunks.text(
+                                &mut out,
+                                &text,
+                                with_logprobs.then_some(held_lp.as_slice()),
+                            );
+                        }
+                        for (i, call) in calls.iter().enumerate() {
+                            chunks.tool_call(&mut out, i, call);
+                        }
+                        chunks.finish(&mut out, finish_reason(&calls, &end), &end);
                         done = true;
                     }
                     TaskEvent::Error(body) => {
@@ -817,17 +844,52 @@ fn logprobs_json(kind: Kind, lp: Option<&[TokenLogprob]>, offset: usize) -> Valu
     }
 }
 
+/// The tool calls of a finished answer, and its text outside them. Only an answer that ended
+/// by itself is read for calls: one cut by `max_tokens` is text, with `finish_reason: length`.
+fn read_calls(tools: &ToolChoice, end: &TaskEnd, text: String) -> (Vec<ToolCall>, String) {
+    if end.finish_reason != FinishReason::Stop {
+        return (Vec::new(), text);
+    }
+    match tools {
+        ToolChoice::None => (Vec::new(), text),
+        ToolChoice::Auto => llorch_wire::tools::parse_tagged(&text),
+        ToolChoice::Required | ToolChoice::Function(_) => {
+            match llorch_wire::tools::parse_forced(&text) {
+                Some(calls) => (calls, String::new()),
+                None => (Vec::new(), text),
+            }
+        }
+    }
+}
+
+fn finish_reason(calls: &[ToolCall], end: &TaskEnd) -> &'static str {
+    if calls.is_empty() {
+        end.finish_reason.as_str()
+    } else {
+        "tool_calls"
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn whole(
     kind: Kind,
     id: &str,
     created: u64,
     model: &str,
     text: String,
+    calls: &[ToolCall],
     lp: Option<&[TokenLogprob]>,
     end: &TaskEnd,
 ) -> Value {
-    let finish = end.finish_reason.as_str();
+    let finish = finish_reason(calls, end);
     let logprobs = logprobs_json(kind, lp, 0);
+    let mut message = json!({"role": "assistant", "content": text, "refusal": null});
+    if !calls.is_empty() {
+        message["tool_calls"] = json!(calls);
+        if text.is_empty() {
+            message["content"] = Value::Null;
+        }
+    }
     match kind {
         Kind::Chat => json!({
             "id": id,
@@ -836,7 +898,7 @@ fn whole(
             "model": model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": null},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": finish,
             }],
@@ -933,8 +995,21 @@ impl Chunks {
         self.sent += t.len();
     }
 
-    fn finish(&self, out: &mut Vec<u8>, end: &TaskEnd) {
-        let reason = end.finish_reason.as_str();
+    /// A tool call as OpenAI streams one: a delta with its index, id, type and name (and empty
+    /// arguments), then a delta with the arguments.
+    fn tool_call(&self, out: &mut Vec<u8>, index: usize, call: &ToolCall) {
+        let head = json!({"index": 0, "delta": {"tool_calls": [{
+            "index": index, "id": call.id, "type": "function",
+            "function": {"name": call.function.name, "arguments": ""},
+        }]}, "logprobs": null, "finish_reason": null});
+        self.chunk(out, &head.to_string());
+        let args = json!({"index": 0, "delta": {"tool_calls": [{
+            "index": index, "function": {"arguments": call.function.arguments},
+        }]}, "logprobs": null, "finish_reason": null});
+        self.chunk(out, &args.to_string());
+    }
+
+    fn finish(&self, out: &mut Vec<u8>, reason: &str, end: &TaskEnd) {
         let choice = match self.kind {
             Kind::Chat => {
                 format!(r#"{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"{reason}"}}"#)
@@ -971,7 +1046,7 @@ mod tests {
         let mut out = Vec::new();
         c.role(&mut out);
         c.text(&mut out, "a \"quoted\"\nline", None);
-        c.finish(&mut out, &end);
+        c.finish(&mut out, "length", &end);
         let text = String::from_utf8(out).unwrap();
         let data: Vec<&str> = text
             .split("\n\n")
