@@ -51,10 +51,10 @@ fn answers_conform_to_openais_schema_and_structured_output_validates() {
     assert!(out.contains("conformance ok"), "{out}");
 }
 
-/// The native API takes the same options: a JSON Schema and log-probabilities on `/v2/tasks`,
-/// delivered in the task's `token` events.
+/// The native API takes the same options: a JSON Schema, tools and log-probabilities on
+/// `/v2/tasks`, delivered in the task's `token` events.
 #[tokio::test]
-async fn native_tasks_take_a_json_schema_and_logprobs() {
+async fn native_tasks_take_a_json_schema_tools_and_logprobs() {
     let _g = serial();
     let stack = Stack::start(StackOptions::default());
     let c = stack.client();
@@ -106,6 +106,34 @@ async fn native_tasks_take_a_json_schema_and_logprobs() {
         assert_eq!(t.top_logprobs[0].token, t.token, "{t:?}");
         assert!(t.logprob <= 0.0);
     }
+
+    // A forced call: the answer is the call's JSON, its arguments valid for the tool.
+    let call: TaskAccepted = c
+        .post_json(
+            "/v2/tasks",
+            &json!({
+                "model_ref": MODEL_ID,
+                "messages": [{"role": "user", "content": "What time is it in Tokyo?"}],
+                "max_tokens": 60,
+                "temperature": 0,
+                "tools": [{"type": "function", "function": {"name": "get_time", "parameters": {
+                    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 40}},
+                    "required": ["zone"], "additionalProperties": false}}}],
+                "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+            }),
+        )
+        .await
+        .expect("accepted");
+    let events = frames(c.events(&call.streams.sse).await.unwrap()).await;
+    let text: String = events
+        .iter()
+        .filter(|f| f.event == "token")
+        .map(|f| serde_json::from_str::<TokenEvent>(&f.data).unwrap().t)
+        .collect();
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+    assert_eq!(v["name"], "get_time", "{v}");
+    assert!(v["arguments"]["zone"].is_string(), "{v}");
+    assert_eq!(v["arguments"].as_object().unwrap().len(), 1, "{v}");
 
     // One validation for both front ends: a bad schema is a 400 naming the field and place.
     let (status, _, body) = post(

@@ -487,6 +487,9 @@ For each call return <tool_call>{"name": <function-name>, "arguments": <args-jso
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_000), (2024, 10, 4));
         let today = strftime_now("%d %B %Y".into());
-        assert!(today.len() >= 11 && today.ends_with(|c: char| c.is_ascii_digit()), "{today}");
+        assert!(
+            today.len() >= 11 && today.ends_with(|c: char| c.is_ascii_digit()),
+            "{today}"
+        );
     }
 }

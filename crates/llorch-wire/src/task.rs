@@ -108,6 +108,15 @@ pub struct TaskRequest {
     /// A llama.cpp GBNF grammar the answer follows (not with `json_schema`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grammar: Option<String>,
+    /// Tools the model may call, `tool_choice` and `parallel_tool_calls`, as on
+    /// `/v1/chat/completions`. The answer of a call is its JSON text (`{"name", "arguments"}`,
+    /// or a list of them), in the `token` events.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<crate::tools::Tool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<crate::tools::ToolChoice>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parallel_tool_calls: bool,
     /// Log-probabilities in each `token` event's `lp`, with this many alternatives (0 to 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,

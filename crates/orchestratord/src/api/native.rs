@@ -117,6 +117,9 @@ async fn submit_request(
         json_schema_strict: req.json_schema_strict,
         grammar: req.grammar,
         logprobs: req.logprobs,
+        tools: req.tools,
+        tool_choice: req.tool_choice,
+        parallel_tool_calls: req.parallel_tool_calls,
         ..GenerateRequest::default()
     };
     native(engine.validate().map_err(|e| (StatusCode::BAD_REQUEST, e)))?;
