@@ -169,8 +169,8 @@ try:
 except openai.NotFoundError as e:
     assert e.code == "model_not_found", e
 try:
-    client.chat.completions.create(model=model, messages=q, n=2)
-    raise SystemExit("n=2 accepted")
+    client.chat.completions.create(model=model, messages=q, n=17)
+    raise SystemExit("n=17 accepted")
 except openai.BadRequestError as e:
     assert e.param == "n", e
 try:

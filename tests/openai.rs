@@ -173,3 +173,60 @@ async fn native_tasks_take_a_json_schema_tools_and_logprobs() {
     };
     assert_eq!(refused["field"], "grammar", "{refused}");
 }
+
+/// `n` choices for one prompt: each its own index and text, usage summed, and the prompt is
+/// evaluated once (the engine's prompt-token counter moves by the uncached prompt plus one
+/// token per further choice, the prompt's last, evaluated again for its logits).
+#[tokio::test]
+async fn n_choices_share_one_prefill() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions::default());
+    let c = stack.client();
+    let node =
+        llorch_client::HttpClient::new(&format!("unix:{}", stack.node_socket().display())).unwrap();
+    let prompt_counter = |s: &llorch_tests::prom::Scrape| {
+        s.sum("llorch_engine_prompt_tokens_total", &[("pool", "default")])
+    };
+    let before = prompt_counter(&llorch_tests::prom::scrape(&node).await);
+    let accepted: TaskAccepted = c
+        .post_json(
+            "/v2/tasks",
+            &json!({
+                "model_ref": MODEL_ID,
+                "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+                "max_tokens": 24,
+                "temperature": 1.0,
+                "seed": 42,
+                "n": 3,
+            }),
+        )
+        .await
+        .expect("accepted");
+    let events = frames(c.events(&accepted.streams.sse).await.unwrap()).await;
+    let after = prompt_counter(&llorch_tests::prom::scrape(&node).await);
+    let mut texts = vec![String::new(); 3];
+    for f in events.iter().filter(|f| f.event == "token") {
+        let t: TokenEvent = serde_json::from_str(&f.data).unwrap();
+        texts[t.c as usize].push_str(&t.t);
+    }
+    let metrics: Value = serde_json::from_str(
+        &events
+            .iter()
+            .find(|f| f.event == "metrics")
+            .expect("metrics")
+            .data,
+    )
+    .unwrap();
+    let end: llorch_wire::task::TaskEnd =
+        serde_json::from_str(&events.iter().find(|f| f.event == "end").expect("end").data).unwrap();
+    assert_eq!(end.choices.len(), 3, "{end:?}");
+    assert_eq!(
+        end.tokens_out,
+        end.choices.iter().map(|c| c.completion_tokens).sum::<u32>()
+    );
+    assert!(texts.iter().all(|t| !t.is_empty()), "{texts:?}");
+    let distinct: std::collections::BTreeSet<&String> = texts.iter().collect();
+    assert!(distinct.len() >= 2, "three samples, one text: {texts:?}");
+    let uncached = end.tokens_in as f64 - metrics["cached_tokens"].as_f64().unwrap();
+    assert_eq!(after - before, uncached + 2.0, "{end:?} {metrics}");
+}

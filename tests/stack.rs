@@ -769,7 +769,7 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
             400,
             "max_tokens",
         ),
-        ("/v1/chat/completions", chat(json!({"n": 2})), 400, "n"),
+        ("/v1/chat/completions", chat(json!({"n": 17})), 400, "n"),
         (
             "/v1/chat/completions",
             chat(json!({"tools": [{"type": "function"}]})),

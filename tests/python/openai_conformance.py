@@ -136,6 +136,28 @@ for bad in ({"model": model, "messages": question, "temperature": 9},
     assert status in (400, 404), (status, text)
     conforms("ErrorResponse", json.loads(text))
 
+# n > 1: one choice per index, each validated; the stream's chunks carry their choice's index.
+status, text = post("/v1/chat/completions", {"model": model, "messages": question, "max_tokens": 8,
+                                             "n": 3, "seed": 5, "temperature": 1})
+assert status == 200, text
+many = json.loads(text)
+conforms("CreateChatCompletionResponse", many)
+assert [c["index"] for c in many["choices"]] == [0, 1, 2], many
+seen = {}
+for c in stream("/v1/chat/completions", {"model": model, "messages": question, "max_tokens": 8,
+                                         "n": 3, "seed": 5, "temperature": 1}):
+    conforms("CreateChatCompletionStreamResponse", c)
+    for choice in c["choices"]:
+        seen.setdefault(choice["index"], "")
+        seen[choice["index"]] += choice["delta"].get("content") or ""
+assert sorted(seen) == [0, 1, 2], seen
+assert all(seen[i] for i in range(3)), seen
+status, text = post("/v1/completions", {"model": model, "prompt": "Once upon a time", "max_tokens": 6,
+                                        "n": 2, "temperature": 1})
+assert status == 200, text
+conforms("CreateCompletionResponse", json.loads(text))
+assert len(json.loads(text)["choices"]) == 2, text
+
 # --- Structured output with the official client --------------------------------------------
 client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
 person = {

@@ -460,7 +460,8 @@ async fn generate(
     // Every event of a job fits: at most one token event per generated token (bounded by the
     // slot context), one flush of held-back text and one final event. So the decode loop's
     // `try_send` never finds the channel full, and a slow client cannot stall other slots.
-    let capacity = max_tokens.min(ready.ctx_per_slot) as usize + 2;
+    let n = request.n.unwrap_or(1);
+    let capacity = (max_tokens.min(ready.ctx_per_slot) as usize + 1) * n as usize + 1;
     let (tx, rx) = mpsc::channel(capacity);
     let sampling = Sampling {
         temperature: request.temperature.unwrap_or(defaults::TEMPERATURE),
@@ -486,6 +487,7 @@ async fn generate(
         max_tokens,
         stop: request.stop,
         ignore_eos: request.ignore_eos,
+        n,
         events: tx,
         received,
         task_id: request.task_id,

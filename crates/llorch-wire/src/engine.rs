@@ -30,6 +30,8 @@ pub mod limits {
     pub const MAX_ABS_PENALTY: f32 = 2.0;
     /// Alternatives returned per token with `logprobs` (OpenAI's `top_logprobs` limit).
     pub const MAX_TOP_LOGPROBS: u32 = 20;
+    /// Choices (`n`) one request may ask for.
+    pub const MAX_CHOICES: u32 = 16;
     /// A `grammar` longer than this is refused (a JSON Schema is bounded by the body size).
     pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
 }
@@ -132,6 +134,11 @@ pub struct GenerateRequest {
     /// With `required`: the answer may be a list of calls.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub parallel_tool_calls: bool,
+    /// Answers to generate for the prompt (1 to 16, default 1). They run one after another in
+    /// the request's slot: the prompt is evaluated once and each further answer starts from
+    /// its KV cache (only the prompt's last token is evaluated again, for its logits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
     /// Return each generated token's log-probability and this many most likely alternatives
     /// (0 to 20) in the `token` events' `lp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -293,6 +300,14 @@ impl GenerateRequest {
         let m = limits::MAX_ABS_PENALTY;
         check_range("presence_penalty", self.presence_penalty, -m, m, true)?;
         check_range("frequency_penalty", self.frequency_penalty, -m, m, true)?;
+        if let Some(n) = self.n {
+            if !(1..=limits::MAX_CHOICES).contains(&n) {
+                return Err(ErrorBody::invalid(
+                    "n",
+                    format!("n is {n}; it must be between 1 and {}", limits::MAX_CHOICES),
+                ));
+            }
+        }
         if let Some(n) = self.logprobs {
             if n > limits::MAX_TOP_LOGPROBS {
                 return Err(ErrorBody::invalid(
@@ -497,6 +512,9 @@ impl FinishReason {
 pub struct TokenEvent {
     pub t: String,
     pub i: u32,
+    /// The choice this text belongs to, with `n` > 1 (absent: 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub c: u32,
     /// With `logprobs`: the tokens whose text this event carries (a token can end in the next
     /// event when its bytes complete a character there).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -508,9 +526,21 @@ impl TokenEvent {
         Self {
             t: t.into(),
             i,
+            c: 0,
             lp: Vec::new(),
         }
     }
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// How one choice of several (`n` > 1) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChoiceEnd {
+    pub finish_reason: FinishReason,
+    pub completion_tokens: u32,
 }
 
 /// One generated token's log-probability, in OpenAI's shape (`ChatCompletionTokenLogprob`).
@@ -548,6 +578,10 @@ pub struct EndEvent {
     pub decode_ms: f64,
     /// The slot that served the request; send it back as `slot` to reuse its cache.
     pub slot: u32,
+    /// With `n` > 1: how each choice ended, in order (`completion_tokens` above is their sum,
+    /// `finish_reason` the last one's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<ChoiceEnd>,
 }
 
 /// Every event a `POST /generate` stream can carry.
@@ -797,6 +831,7 @@ mod tests {
             EngineEvent::Token(TokenEvent {
                 t: "x".into(),
                 i: 4,
+                c: 1,
                 lp: vec![TokenLogprob {
                     token: "x".into(),
                     logprob: -0.25,
@@ -816,6 +851,10 @@ mod tests {
                 ttft_ms: 12.5,
                 decode_ms: 3.0,
                 slot: 1,
+                choices: vec![ChoiceEnd {
+                    finish_reason: FinishReason::Stop,
+                    completion_tokens: 1,
+                }],
             }),
             EngineEvent::Error(ErrorBody::new(ErrorCode::Canceled, "engine stopping")),
         ];

@@ -117,6 +117,9 @@ pub struct TaskRequest {
     pub tool_choice: Option<crate::tools::ToolChoice>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub parallel_tool_calls: bool,
+    /// Answers to generate (1 to 16); `token` events carry their choice in `c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
     /// Log-probabilities in each `token` event's `lp`, with this many alternatives (0 to 20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,
@@ -179,6 +182,9 @@ pub struct TaskEnd {
     pub ttft_ms: u64,
     pub decode_time_ms: u64,
     pub finish_reason: FinishReason,
+    /// With `n` > 1: how each choice ended (`tokens_out` is their sum).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<crate::engine::ChoiceEnd>,
 }
 
 /// `GET /v2/tasks/{id}`.

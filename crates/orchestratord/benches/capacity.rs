@@ -176,6 +176,7 @@ fn frames(tokens: u32) -> Arc<[Bytes]> {
             ttft_ms: 0.0,
             decode_ms: 0.0,
             slot: 0,
+            choices: Vec::new(),
         })
         .to_sse(),
     ));

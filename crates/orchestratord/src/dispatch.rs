@@ -571,6 +571,7 @@ async fn forward(
                         ttft_ms: first.duration_since(task.submitted).as_millis() as u64,
                         decode_time_ms: decode.as_millis() as u64,
                         finish_reason: end.finish_reason,
+                        choices: end.choices,
                     },
                 );
                 return Outcome::Done;

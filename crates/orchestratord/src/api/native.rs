@@ -117,6 +117,7 @@ async fn submit_request(
         json_schema_strict: req.json_schema_strict,
         grammar: req.grammar,
         logprobs: req.logprobs,
+        n: req.n,
         tools: req.tools,
         tool_choice: req.tool_choice,
         parallel_tool_calls: req.parallel_tool_calls,

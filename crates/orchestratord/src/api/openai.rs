@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use llorch_wire::engine::FinishReason;
-use llorch_wire::engine::{limits, ChatMessage, GenerateRequest, TokenLogprob};
+use llorch_wire::engine::{limits, ChatMessage, GenerateRequest, TokenEvent, TokenLogprob};
 use llorch_wire::task::{Priority, TaskEnd};
 use llorch_wire::tools::{Tool, ToolCall, ToolChoice};
 use llorch_wire::{ErrorBody, ErrorCode};
@@ -290,12 +290,6 @@ fn known_fields(body: &Value, extra: &[&str]) -> Result<()> {
 
 impl Common {
     fn check(&self) -> Result<()> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(bad(
-                "n",
-                "n must be 1: this server returns one choice per request",
-            ));
-        }
         if let (Some(a), Some(b)) = (self.repeat_penalty, self.repetition_penalty) {
             if a != b {
                 return Err(bad(
@@ -330,6 +324,7 @@ impl Common {
             // OpenAI seeds are 64-bit; the engine's are 32-bit: the low half keeps determinism.
             seed: self.seed.map(|s| s as u32),
             stop: self.stop(),
+            n: self.n,
             ..base
         }
     }
@@ -648,6 +643,7 @@ async fn run(
     let with_logprobs = engine.logprobs.is_some();
     // With tools in play the whole answer is read before it is known to be calls or text.
     let tools = engine.effective_tool_choice();
+    let n = engine.n.unwrap_or(1);
     let (task, _) = oai(state.submit(Submission {
         task_id: None,
         model: model.clone(),
@@ -673,20 +669,24 @@ async fn run(
     };
     let created = unix_now();
     if common.stream != Some(true) {
-        let mut text = String::new();
-        let mut lp = Vec::new();
+        let mut answers: Vec<Answer> = (0..n).map(|_| Answer::default()).collect();
         while let Some(events) = follower.next_batch().await {
             for e in events {
                 match e {
-                    TaskEvent::Token(t) => {
-                        text.push_str(&t.t);
-                        lp.extend(t.lp);
-                    }
+                    TaskEvent::Token(t) => answers[choice_of(&t, n)].add(t),
                     TaskEvent::End(end) => {
                         drop(guard);
-                        let (calls, text) = read_calls(&tools, &end, text);
-                        let lp = with_logprobs.then_some(lp.as_slice());
-                        let answer = whole(kind, &id, created, &model, text, &calls, lp, &end);
+                        let choices: Vec<Value> = answers
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, a)| {
+                                let reason = choice_reason(&end, i);
+                                let (calls, text) = read_calls(&tools, reason, a.text);
+                                let lp = with_logprobs.then_some(a.lp.as_slice());
+                                whole_choice(kind, i, text, &calls, lp, reason)
+                            })
+                            .collect();
+                        let answer = whole(kind, &id, created, &model, choices, &end);
                         return Ok(Json(answer).into_response());
                     }
                     TaskEvent::Error(body) => {
@@ -721,13 +721,13 @@ async fn run(
     let buffered = tools != ToolChoice::None;
     tokio::spawn(async move {
         let _guard = guard;
-        let mut chunks = Chunks::new(kind, &id, created, &model, include_usage);
+        let mut chunks = Chunks::new(kind, &id, created, &model, n, include_usage);
         // The role chunk goes out with the first batch of text, in one write.
         let mut out = Vec::new();
         chunks.role(&mut out);
         let mut pending = first;
         let mut idle = sse::keep_alive_timer(keep_alive);
-        let (mut held, mut held_lp) = (String::new(), Vec::new());
+        let mut held: Vec<Answer> = (0..n).map(|_| Answer::default()).collect();
         loop {
             let events = match pending.take() {
                 Some(e) => e,
@@ -752,26 +752,26 @@ async fn run(
             let mut done = false;
             for e in events {
                 match e {
-                    TaskEvent::Token(t) if buffered => {
-                        held.push_str(&t.t);
-                        held_lp.extend(t.lp);
-                    }
+                    TaskEvent::Token(t) if buffered => held[choice_of(&t, n)].add(t),
                     TaskEvent::Token(t) => {
-                        chunks.text(&mut out, &t.t, with_logprobs.then_some(t.lp.as_slice()))
+                        let lp = with_logprobs.then_some(t.lp.as_slice());
+                        chunks.text(&mut out, choice_of(&t, n), &t.t, lp)
                     }
                     TaskEvent::End(end) => {
-                        let (calls, text) = read_calls(&tools, &end, std::mem::take(&mut held));
-                        if !text.is_empty() {
-                            chunks.text(
-                                &mut out,
-                                &text,
-                                with_logprobs.then_some(held_lp.as_slice()),
-                            );
+                        let mut reasons = Vec::with_capacity(held.len());
+                        for (i, a) in std::mem::take(&mut held).into_iter().enumerate() {
+                            let reason = choice_reason(&end, i);
+                            let (calls, text) = read_calls(&tools, reason, a.text);
+                            if !text.is_empty() {
+                                let lp = with_logprobs.then_some(a.lp.as_slice());
+                                chunks.text(&mut out, i, &text, lp);
+                            }
+                            for (j, call) in calls.iter().enumerate() {
+                                chunks.tool_call(&mut out, i, j, call);
+                            }
+                            reasons.push(finish_reason(&calls, reason));
                         }
-                        for (i, call) in calls.iter().enumerate() {
-                            chunks.tool_call(&mut out, i, call);
-                        }
-                        chunks.finish(&mut out, finish_reason(&calls, &end), &end);
+                        chunks.finish(&mut out, &reasons, &end);
                         done = true;
                     }
                     TaskEvent::Error(body) => {
@@ -844,10 +844,36 @@ fn logprobs_json(kind: Kind, lp: Option<&[TokenLogprob]>, offset: usize) -> Valu
     }
 }
 
+/// One choice's text and log-probabilities, gathered from its token events.
+#[derive(Default)]
+struct Answer {
+    text: String,
+    lp: Vec<TokenLogprob>,
+}
+
+impl Answer {
+    fn add(&mut self, t: TokenEvent) {
+        self.text.push_str(&t.t);
+        self.lp.extend(t.lp);
+    }
+}
+
+/// The choice a token event belongs to (the engine numbers them below `n`).
+fn choice_of(t: &TokenEvent, n: u32) -> usize {
+    t.c.min(n.saturating_sub(1)) as usize
+}
+
+/// How choice `i` ended: its own reason with `n` > 1, the task's otherwise.
+fn choice_reason(end: &TaskEnd, i: usize) -> FinishReason {
+    end.choices
+        .get(i)
+        .map_or(end.finish_reason, |c| c.finish_reason)
+}
+
 /// The tool calls of a finished answer, and its text outside them. Only an answer that ended
 /// by itself is read for calls: one cut by `max_tokens` is text, with `finish_reason: length`.
-fn read_calls(tools: &ToolChoice, end: &TaskEnd, text: String) -> (Vec<ToolCall>, String) {
-    if end.finish_reason != FinishReason::Stop {
+fn read_calls(tools: &ToolChoice, reason: FinishReason, text: String) -> (Vec<ToolCall>, String) {
+    if reason != FinishReason::Stop {
         return (Vec::new(), text);
     }
     match tools {
@@ -862,76 +888,80 @@ fn read_calls(tools: &ToolChoice, end: &TaskEnd, text: String) -> (Vec<ToolCall>
     }
 }
 
-fn finish_reason(calls: &[ToolCall], end: &TaskEnd) -> &'static str {
+fn finish_reason(calls: &[ToolCall], reason: FinishReason) -> &'static str {
     if calls.is_empty() {
-        end.finish_reason.as_str()
+        reason.as_str()
     } else {
         "tool_calls"
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One choice of a whole (not streamed) answer.
+fn whole_choice(
+    kind: Kind,
+    index: usize,
+    text: String,
+    calls: &[ToolCall],
+    lp: Option<&[TokenLogprob]>,
+    reason: FinishReason,
+) -> Value {
+    let finish = finish_reason(calls, reason);
+    let logprobs = logprobs_json(kind, lp, 0);
+    match kind {
+        Kind::Chat => {
+            let mut message = json!({"role": "assistant", "content": text, "refusal": null});
+            if !calls.is_empty() {
+                message["tool_calls"] = json!(calls);
+                if text.is_empty() {
+                    message["content"] = Value::Null;
+                }
+            }
+            json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+        }
+        Kind::Completion => {
+            json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        }
+    }
+}
+
 fn whole(
     kind: Kind,
     id: &str,
     created: u64,
     model: &str,
-    text: String,
-    calls: &[ToolCall],
-    lp: Option<&[TokenLogprob]>,
+    choices: Vec<Value>,
     end: &TaskEnd,
 ) -> Value {
-    let finish = finish_reason(calls, end);
-    let logprobs = logprobs_json(kind, lp, 0);
-    let mut message = json!({"role": "assistant", "content": text, "refusal": null});
-    if !calls.is_empty() {
-        message["tool_calls"] = json!(calls);
-        if text.is_empty() {
-            message["content"] = Value::Null;
-        }
-    }
-    match kind {
-        Kind::Chat => json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }],
-            "usage": usage(end),
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }),
-        Kind::Completion => json!({
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-            "usage": usage(end),
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }),
-    }
+    let object = match kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    json!({
+        "id": id,
+        "object": object,
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(end),
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    })
 }
 
 /// Encodes stream chunks. Everything but the text is the same in every chunk of a response, so
 /// it is encoded once; a token chunk is then three copies and one JSON string escape.
 struct Chunks {
     kind: Kind,
-    /// `data: {"id":…,"object":…,"created":…,"model":…,"system_fingerprint":null,"choices":[`
+    /// `data: {"id":…,"object":…,"created":…,"model":…,"system_fingerprint":…,"choices":[`
     head: String,
     /// `],"usage":null}\n\n` with `include_usage`, else `]}\n\n`.
     tail: &'static str,
     include_usage: bool,
-    /// Bytes of text sent so far (completions' `text_offset`).
-    sent: usize,
+    /// Bytes of text sent so far per choice (completions' `text_offset`).
+    sent: Vec<usize>,
 }
 
 impl Chunks {
-    fn new(kind: Kind, id: &str, created: u64, model: &str, include_usage: bool) -> Self {
+    fn new(kind: Kind, id: &str, created: u64, model: &str, n: u32, include_usage: bool) -> Self {
         let object = match kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Completion => "text_completion",
@@ -950,7 +980,7 @@ impl Chunks {
                 "]}\n\n"
             },
             include_usage,
-            sent: 0,
+            sent: vec![0; n as usize],
         }
     }
 
@@ -961,64 +991,72 @@ impl Chunks {
         out.extend_from_slice(self.tail.as_bytes());
     }
 
-    /// The first chunk of a chat stream: the assistant's role.
+    /// The first chunk of each choice of a chat stream: the assistant's role.
     fn role(&self, out: &mut Vec<u8>) {
         if matches!(self.kind, Kind::Chat) {
-            self.chunk(
-                out,
-                r#"{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}"#,
-            );
+            for index in 0..self.sent.len() {
+                self.chunk(
+                    out,
+                    &format!(r#"{{"index":{index},"delta":{{"role":"assistant","content":""}},"logprobs":null,"finish_reason":null}}"#),
+                );
+            }
         }
     }
 
-    /// A chunk of text, with the log-probabilities of its tokens when they were asked for.
-    fn text(&mut self, out: &mut Vec<u8>, t: &str, lp: Option<&[TokenLogprob]>) {
+    /// A chunk of choice `index`'s text, with the log-probabilities of its tokens when they
+    /// were asked for.
+    fn text(&mut self, out: &mut Vec<u8>, index: usize, t: &str, lp: Option<&[TokenLogprob]>) {
         out.extend_from_slice(self.head.as_bytes());
+        out.extend_from_slice(format!(r#"{{"index":{index},"#).as_bytes());
         out.extend_from_slice(match self.kind {
-            Kind::Chat => br#"{"index":0,"delta":{"content":"#.as_slice(),
-            Kind::Completion => br#"{"index":0,"text":"#.as_slice(),
+            Kind::Chat => br#""delta":{"content":"#.as_slice(),
+            Kind::Completion => br#""text":"#.as_slice(),
         });
         serde_json::to_writer(&mut *out, t).expect("strings serialize");
         out.extend_from_slice(match self.kind {
             Kind::Chat => br#"},"logprobs":"#.as_slice(),
             Kind::Completion => br#","logprobs":"#.as_slice(),
         });
+        let sent = self.sent.get(index).copied().unwrap_or(0);
         match lp {
             None => out.extend_from_slice(b"null"),
-            Some(lp) => {
-                serde_json::to_writer(&mut *out, &logprobs_json(self.kind, Some(lp), self.sent))
-                    .expect("values serialize")
-            }
+            Some(lp) => serde_json::to_writer(&mut *out, &logprobs_json(self.kind, Some(lp), sent))
+                .expect("values serialize"),
         }
         out.extend_from_slice(br#","finish_reason":null}"#);
         out.extend_from_slice(self.tail.as_bytes());
-        self.sent += t.len();
+        if let Some(s) = self.sent.get_mut(index) {
+            *s += t.len();
+        }
     }
 
     /// A tool call as OpenAI streams one: a delta with its index, id, type and name (and empty
     /// arguments), then a delta with the arguments.
-    fn tool_call(&self, out: &mut Vec<u8>, index: usize, call: &ToolCall) {
-        let head = json!({"index": 0, "delta": {"tool_calls": [{
+    fn tool_call(&self, out: &mut Vec<u8>, choice: usize, index: usize, call: &ToolCall) {
+        let head = json!({"index": choice, "delta": {"tool_calls": [{
             "index": index, "id": call.id, "type": "function",
             "function": {"name": call.function.name, "arguments": ""},
         }]}, "logprobs": null, "finish_reason": null});
         self.chunk(out, &head.to_string());
-        let args = json!({"index": 0, "delta": {"tool_calls": [{
+        let args = json!({"index": choice, "delta": {"tool_calls": [{
             "index": index, "function": {"arguments": call.function.arguments},
         }]}, "logprobs": null, "finish_reason": null});
         self.chunk(out, &args.to_string());
     }
 
-    fn finish(&self, out: &mut Vec<u8>, reason: &str, end: &TaskEnd) {
-        let choice = match self.kind {
-            Kind::Chat => {
-                format!(r#"{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"{reason}"}}"#)
-            }
-            Kind::Completion => {
-                format!(r#"{{"index":0,"text":"","logprobs":null,"finish_reason":"{reason}"}}"#)
-            }
-        };
-        self.chunk(out, &choice);
+    /// Each choice's last chunk (its `finish_reason`), the usage chunk, `[DONE]`.
+    fn finish(&self, out: &mut Vec<u8>, reasons: &[&str], end: &TaskEnd) {
+        for (index, reason) in reasons.iter().enumerate() {
+            let choice = match self.kind {
+                Kind::Chat => format!(
+                    r#"{{"index":{index},"delta":{{}},"logprobs":null,"finish_reason":"{reason}"}}"#
+                ),
+                Kind::Completion => format!(
+                    r#"{{"index":{index},"text":"","logprobs":null,"finish_reason":"{reason}"}}"#
+                ),
+            };
+            self.chunk(out, &choice);
+        }
         if self.include_usage {
             out.extend_from_slice(self.head.as_bytes());
             out.extend_from_slice(format!("],\"usage\":{}}}\n\n", usage(end)).as_bytes());
@@ -1041,12 +1079,13 @@ mod tests {
             ttft_ms: 1,
             decode_time_ms: 1,
             finish_reason: llorch_wire::engine::FinishReason::Length,
+            choices: Vec::new(),
         };
-        let mut c = Chunks::new(Kind::Chat, "chatcmpl-1", 7, "m\"x", true);
+        let mut c = Chunks::new(Kind::Chat, "chatcmpl-1", 7, "m\"x", 1, true);
         let mut out = Vec::new();
         c.role(&mut out);
-        c.text(&mut out, "a \"quoted\"\nline", None);
-        c.finish(&mut out, "length", &end);
+        c.text(&mut out, 0, "a \"quoted\"\nline", None);
+        c.finish(&mut out, &["length"], &end);
         let text = String::from_utf8(out).unwrap();
         let data: Vec<&str> = text
             .split("\n\n")
@@ -1070,10 +1109,10 @@ mod tests {
         assert_eq!(v[3]["choices"].as_array().unwrap().len(), 0);
         assert_eq!(v[3]["usage"]["total_tokens"], 5);
 
-        let mut c = Chunks::new(Kind::Completion, "cmpl-1", 7, "m", false);
+        let mut c = Chunks::new(Kind::Completion, "cmpl-1", 7, "m", 1, false);
         let mut out = Vec::new();
         c.role(&mut out);
-        c.text(&mut out, "x", None);
+        c.text(&mut out, 0, "x", None);
         let v: Value = serde_json::from_str(
             std::str::from_utf8(&out)
                 .unwrap()
