@@ -87,14 +87,20 @@ impl Active {
     /// log-probabilities of its tokens.
     fn flush_text(&mut self) {
         let rest = self.text.finish();
-        if rest.is_empty() {
+        self.send_text(rest);
+    }
+
+    /// Sends a piece of text (nothing when empty) with the log-probabilities of the tokens
+    /// that made it.
+    fn send_text(&mut self, t: String) {
+        if t.is_empty() {
             return;
         }
         let i = self.events_sent;
         self.events_sent += 1;
         let lp = std::mem::take(&mut self.logprobs);
         let _ = self.job.events.try_send(EngineEvent::Token(TokenEvent {
-            t: rest,
+            t,
             i,
             c: self.choice,
             lp,
@@ -399,17 +405,7 @@ impl DecodeLoop {
                 Output::Text(t) => (t, false),
                 Output::Stopped(t) => (t, true),
             };
-            if !text.is_empty() {
-                let i = a.events_sent;
-                a.events_sent += 1;
-                let lp = std::mem::take(&mut a.logprobs);
-                let _ = a.job.events.try_send(EngineEvent::Token(TokenEvent {
-                    t: text,
-                    i,
-                    c: a.choice,
-                    lp,
-                }));
-            }
+            a.send_text(text);
             if stopped {
                 self.end_choice(slot, FinishReason::Stop);
             } else if a.generated >= a.job.max_tokens
