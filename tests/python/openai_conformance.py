@@ -282,7 +282,10 @@ r = client.chat.completions.create(model=model, messages=follow, tools=tools, to
                                    temperature=0, max_tokens=60)
 conforms("CreateChatCompletionResponse", r.model_dump(exclude_unset=True))
 assert r.choices[0].finish_reason in ("stop", "length"), r
-assert r.choices[0].message.tool_calls is None and len(r.choices[0].message.content) > 0, r
+answer = r.choices[0].message.content
+assert r.choices[0].message.tool_calls is None, r
+# The answer uses the result (greedy; the default model answers "... 18 degrees Celsius ...").
+assert "18" in answer or "sun" in answer.lower(), answer
 
 # Refusals name the parameter.
 for kwargs, param in (

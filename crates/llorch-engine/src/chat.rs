@@ -11,8 +11,7 @@
 //! - A template that takes `tools` (its source uses the variable) gets them and the messages
 //!   with `tool_calls` and `tool` roles as they are. A template that does not is still usable
 //!   with forced calls: the tools are described in a system message ([`tools::generic_prompt`]),
-//!   earlier calls appear as the JSON text a forced call produces, and tool results as user
-//!   messages.
+//!   earlier calls appear as a sentence naming them, and tool results as user messages.
 
 use llorch_wire::engine::ChatMessage;
 use llorch_wire::tools::{self, Tool, ToolChoice};
@@ -161,9 +160,9 @@ fn native_message(m: &ChatMessage) -> serde_json::Value {
     v
 }
 
-/// A message for a template without tool support: earlier calls as the JSON a forced call
-/// produces, tool results as user messages that name the call, and the tool description
-/// added to an existing system message.
+/// A message for a template without tool support: earlier calls as a sentence that names them
+/// ([`tools::calls_as_text`]), tool results as user messages `<name> returned: <result>`, and
+/// the tool description added to an existing system message.
 fn generic_message(
     m: &ChatMessage,
     all: &[ChatMessage],
@@ -177,7 +176,7 @@ fn generic_message(
             .flat_map(|p| &p.tool_calls)
             .find(|c| Some(&c.id) == m.tool_call_id.as_ref())
             .map_or("the function", |c| c.function.name.as_str());
-        return json!({"role": "user", "content": format!("Result of {name}: {}", m.content)});
+        return json!({"role": "user", "content": format!("{name} returned: {}", m.content)});
     }
     if !m.tool_calls.is_empty() {
         return json!({"role": "assistant", "content": tools::calls_as_text(&m.tool_calls)});
@@ -423,12 +422,12 @@ For each call return <tool_call>{"name": <function-name>, "arguments": <args-jso
         assert!(
             out.contains(
                 r#"<|im_start|>assistant
-{"name":"get_weather","arguments":{"city":"Paris"}}<|im_end|>"#
+I will call get_weather({"city":"Paris"}).<|im_end|>"#
             ),
             "{out}"
         );
         assert!(
-            out.contains("<|im_start|>user\nResult of get_weather:  18 C, sunny <|im_end|>"),
+            out.contains("<|im_start|>user\nget_weather returned:  18 C, sunny <|im_end|>"),
             "{out}"
         );
         // tool_choice none leaves the tools out.

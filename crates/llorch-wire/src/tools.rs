@@ -187,18 +187,15 @@ pub fn generic_prompt(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> St
     )
 }
 
-/// How an assistant's earlier calls appear in the history of a model without tool support: the
-/// text a forced call would have produced.
+/// How an assistant's earlier calls appear in the history of a model without tool support: a
+/// sentence naming each call and its arguments. (Shown its earlier call as bare JSON, the default
+/// model repeats it instead of answering from the result; told in words, it answers.)
 pub fn calls_as_text(calls: &[ToolCall]) -> String {
-    let one = |c: &ToolCall| {
-        let arguments = serde_json::from_str::<Value>(&c.function.arguments)
-            .unwrap_or_else(|_| Value::String(c.function.arguments.clone()));
-        json!({"name": c.function.name, "arguments": arguments})
-    };
-    match calls {
-        [c] => one(c).to_string(),
-        many => Value::Array(many.iter().map(one).collect()).to_string(),
-    }
+    let each: Vec<String> = calls
+        .iter()
+        .map(|c| format!("{}({})", c.function.name, c.function.arguments))
+        .collect();
+    format!("I will call {}.", each.join(" and "))
 }
 
 /// A new call id, `call_` and 24 hex digits.
@@ -354,7 +351,7 @@ mod tests {
     }
 
     #[test]
-    fn earlier_calls_render_as_the_text_a_forced_call_produces() {
+    fn earlier_calls_render_as_a_sentence() {
         let call = ToolCall {
             id: "call_1".into(),
             kind: "function".into(),
@@ -363,7 +360,10 @@ mod tests {
                 arguments: r#"{"city":"Paris"}"#.into(),
             },
         };
-        let text = calls_as_text(std::slice::from_ref(&call));
-        assert_eq!(parse_forced(&text).unwrap()[0].function, call.function);
+        let text = calls_as_text(&[call.clone(), call]);
+        assert_eq!(
+            text,
+            r#"I will call weather({"city":"Paris"}) and weather({"city":"Paris"})."#
+        );
     }
 }

@@ -3,10 +3,12 @@
 //! OpenAI's error envelope. Requests go through the same queue as native tasks, at
 //! `interactive` priority. A client that disconnects cancels its task, which frees the slot.
 //!
-//! Structured output (`response_format` `json_object` and `json_schema`) and `logprobs` are
-//! passed to the engine, which enforces the schema with a grammar and reports log-probabilities.
-//! Parameters the engine cannot honour (`n` > 1, tools, logit_bias) get a 400 that names the
-//! parameter; unknown parameters too.
+//! Structured output (`response_format` `json_object` and `json_schema`), tools, `logprobs` and
+//! `n` are passed to the engine, which enforces schemas and forced calls with a grammar, renders
+//! tools with the model's template and reports log-probabilities; a finished answer's tool calls
+//! are read here. Parameters the engine cannot honour (`logit_bias`, `echo`, `suffix`,
+//! `best_of`, the deprecated `functions`) get a 400 that names the parameter; unknown
+//! parameters too.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
