@@ -1200,3 +1200,58 @@ async fn sampler_extensions_are_honoured_and_checked() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["field"], "typical_p", "{v}");
 }
+
+/// A task takes at most 8 native event streams at once; the 9th is a 429 `RATE_LIMITED` with
+/// `Retry-After`, and closing one makes room.
+#[tokio::test]
+async fn native_event_streams_per_task_are_bounded() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions::default());
+    let c = stack.client();
+    let running = submit(&c, &long_task(400)).await;
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        open.push(
+            c.events(&running.streams.sse)
+                .await
+                .expect("a stream within the limit"),
+        );
+    }
+    match c.events(&running.streams.sse).await {
+        Err(ClientError::Status {
+            status,
+            body,
+            retry_after,
+            ..
+        }) => {
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(body.unwrap().code, ErrorCode::RateLimited);
+            assert!(retry_after.is_some());
+        }
+        Ok(_) => panic!("a 9th stream was opened"),
+        Err(e) => panic!("{e}"),
+    }
+    // Each open stream reads on; one closed makes room for another.
+    for s in open.iter_mut() {
+        skip_tokens(s, 2).await;
+    }
+    drop(open.pop());
+    let mut again = None;
+    for _ in 0..100 {
+        match c.events(&running.streams.sse).await {
+            Ok(s) => {
+                again = Some(s);
+                break;
+            }
+            // The closed stream's pump notices the closed channel on its next event.
+            Err(ClientError::Status { status, .. }) if status == StatusCode::TOO_MANY_REQUESTS => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(again.is_some(), "no room after a stream closed");
+    c.post_json::<_, Value>(&format!("/v2/tasks/{}/cancel", running.task_id), &json!({}))
+        .await
+        .unwrap();
+}

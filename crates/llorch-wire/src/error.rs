@@ -22,6 +22,12 @@ pub enum ErrorCode {
     /// The credential is valid but does not allow this: a client key without the admin mark
     /// on an operator endpoint, a node token used for another node id.
     Forbidden,
+    /// A limit on concurrent use was reached (stream subscribers of one task or one client):
+    /// retry when one ends.
+    RateLimited,
+    /// A stream's reader fell so far behind the task that the events it had not read were
+    /// dropped from the task's bounded log; the stream ends, the task goes on.
+    SlowReader,
     Internal,
 }
 
@@ -31,6 +37,7 @@ impl ErrorCode {
         matches!(
             self,
             Self::AdmissionReject
+                | Self::RateLimited
                 | Self::QueueFullDropLru
                 | Self::PoolUnready
                 | Self::PoolUnavailable
@@ -54,6 +61,8 @@ impl ErrorCode {
             Self::Canceled => "CANCELED",
             Self::Unauthorized => "UNAUTHORIZED",
             Self::Forbidden => "FORBIDDEN",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::SlowReader => "SLOW_READER",
             Self::Internal => "INTERNAL",
         }
     }

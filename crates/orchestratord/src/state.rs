@@ -4,6 +4,7 @@
 //! [`State::submit`] is where a request is admitted: model lookup, feasibility of its placement
 //! hints, the deadline check against the predicted start, and the queue's policy.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -50,6 +51,35 @@ pub struct State {
     pub metrics: Metrics,
     /// The queue refused or evicted since it last had room (logged once per episode).
     saturated: std::sync::atomic::AtomicBool,
+    /// Native event-stream subscribers per client.
+    subscribers: Mutex<HashMap<String, u32>>,
+}
+
+/// Native event streams (`GET /v2/tasks/{id}/events`) one task may have open at once.
+pub const MAX_SUBSCRIBERS_PER_TASK: u32 = 8;
+/// Native event streams one client (API key) may have open at once, all tasks together.
+pub const MAX_SUBSCRIBERS_PER_CLIENT: u32 = 256;
+
+/// One open native event stream, counted against its task's and its client's limits until
+/// dropped.
+pub struct Subscriber {
+    state: Arc<State>,
+    task: Arc<Task>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task
+            .subscribers
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let mut map = crate::sync::lock(&self.state.subscribers);
+        if let Some(n) = map.get_mut(&self.task.client) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.task.client);
+            }
+        }
+    }
 }
 
 /// What a front end (OpenAI or native) hands to admission.
@@ -84,6 +114,7 @@ impl State {
         Arc::new(Self {
             metrics,
             saturated: Default::default(),
+            subscribers: Default::default(),
             config,
             keys: std::sync::RwLock::new(Arc::new(keys)),
             core: Mutex::new(core),
@@ -130,6 +161,38 @@ impl State {
         self.tasks().get(&Task::key_for(client, id))
     }
 
+    /// Opens a native event stream on `task`: 429 `RATE_LIMITED` when the task or its client
+    /// has as many open as allowed.
+    pub fn subscribe(self: &Arc<Self>, task: &Arc<Task>) -> Result<Subscriber, Refusal> {
+        use std::sync::atomic::Ordering;
+        let mut map = crate::sync::lock(&self.subscribers);
+        let of_client = map.get(&task.client).copied().unwrap_or(0);
+        let refuse = |what: String| {
+            Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorBody::new(ErrorCode::RateLimited, what).with_retry_after_ms(1000),
+            ))
+        };
+        if of_client >= MAX_SUBSCRIBERS_PER_CLIENT {
+            return refuse(format!(
+                "this API key has {of_client} event streams open, the most allowed; close one first"
+            ));
+        }
+        let of_task = task.subscribers.load(Ordering::Relaxed);
+        if of_task >= MAX_SUBSCRIBERS_PER_TASK {
+            return refuse(format!(
+                "task {} has {of_task} event streams open, the most allowed; close one first",
+                task.id
+            ));
+        }
+        task.subscribers.fetch_add(1, Ordering::Relaxed);
+        map.insert(task.client.clone(), of_client + 1);
+        Ok(Subscriber {
+            state: Arc::clone(self),
+            task: Arc::clone(task),
+        })
+    }
+
     /// Ends a task with an error event; the first final event of a task also schedules its
     /// removal and writes its metrics and journal record.
     pub fn finish(&self, task: &Task, body: ErrorBody) {
@@ -147,7 +210,10 @@ impl State {
 
     fn finished(&self, task: &Task) {
         task.forget_request();
-        self.tasks().finished(&task.key);
+        let evicted = self.tasks().finished(&task.key);
+        for _ in 0..evicted {
+            self.metrics.evicted("finished_tasks");
+        }
         let now = Instant::now();
         let s = task.summary();
         let canceled = task.cancel_reason.get().copied();

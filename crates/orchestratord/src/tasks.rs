@@ -1,10 +1,17 @@
 //! Tasks and their event logs.
 //!
 //! Every task keeps the events it produced (`started`, `token`…, `metrics`, `end` or `error`)
-//! so a subscriber that connects late still gets the whole stream. The log of one task is
-//! bounded: the engine stops a generation at its slot's context, so a task holds at most
-//! `ctx_per_slot` token events plus four others. Finished tasks are kept for
-//! [`RETAIN_FINISHED`] (at most [`MAX_FINISHED`] of them) so a client can still read the end.
+//! so a subscriber that connects late still gets the stream. Bounds:
+//!
+//! - One task's log keeps at most [`MAX_LOG_BYTES`] of events (counted as their text and
+//!   log-probabilities; a token event with 20 alternatives per token is a few KiB). Past that the
+//!   oldest events are dropped from the log. A subscriber that connects later starts at the
+//!   oldest kept event (token `i` shows how many it missed); one that was reading and fell
+//!   behind the dropped part gets a final `SLOW_READER` error on its stream, never a silent gap.
+//!   The task itself goes on.
+//! - Finished tasks are kept for [`RETAIN_FINISHED`], at most [`MAX_FINISHED`] of them and
+//!   [`MAX_FINISHED_BYTES`] of logs together; the oldest go first (counted as evictions of
+//!   `finished_tasks` when the bytes bound made them go).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, OnceLock};
@@ -21,6 +28,34 @@ use crate::metrics::{Api, CancelReason};
 
 pub const RETAIN_FINISHED: Duration = Duration::from_secs(300);
 pub const MAX_FINISHED: usize = 4096;
+/// Bytes of events one task's log keeps.
+pub const MAX_LOG_BYTES: usize = 16 << 20;
+/// Bytes of the logs of all finished tasks kept together.
+pub const MAX_FINISHED_BYTES: usize = 256 << 20;
+
+/// What an event costs in a log, roughly: its text and log-probabilities, plus a fixed part.
+fn event_bytes(e: &TaskEvent) -> usize {
+    const FIXED: usize = 64;
+    match e {
+        TaskEvent::Token(t) => {
+            FIXED
+                + t.t.len()
+                + t.lp
+                    .iter()
+                    .map(|l| {
+                        FIXED
+                            + 2 * l.token.len()
+                            + l.top_logprobs
+                                .iter()
+                                .map(|a| FIXED + 2 * a.token.len())
+                                .sum::<usize>()
+                    })
+                    .sum::<usize>()
+        }
+        TaskEvent::Error(b) => FIXED + b.message.len(),
+        _ => 4 * FIXED,
+    }
+}
 
 /// One event of a task's stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,9 +118,40 @@ impl Phase {
 
 #[derive(Debug)]
 struct Log {
-    events: Vec<TaskEvent>,
+    /// The kept events; the first is event number `dropped`.
+    events: VecDeque<TaskEvent>,
+    /// Events dropped from the front to keep the log within [`MAX_LOG_BYTES`].
+    dropped: usize,
+    bytes: usize,
+    /// Kept whole whatever is dropped: the task's record is made from it.
+    summary: Summary,
     phase: Phase,
     pool_id: Option<String>,
+}
+
+impl Log {
+    fn append(&mut self, event: TaskEvent) {
+        match &event {
+            TaskEvent::Started(st) => self.summary.started = Some(st.clone()),
+            TaskEvent::Token(_) => self.summary.tokens += 1,
+            TaskEvent::End(end) => self.summary.end = Some(end.clone()),
+            TaskEvent::Error(body) => self.summary.error = Some(body.clone()),
+            TaskEvent::Metrics(_) => {}
+        }
+        self.bytes += event_bytes(&event);
+        self.events.push_back(event);
+        // The last event always stays: a finished task's end is always there to read.
+        while self.bytes > MAX_LOG_BYTES && self.events.len() > 1 {
+            let old = self.events.pop_front().expect("more than one event");
+            self.bytes -= event_bytes(&old);
+            self.dropped += 1;
+        }
+    }
+
+    /// The number the next event will have.
+    fn end(&self) -> usize {
+        self.dropped + self.events.len()
+    }
 }
 
 /// One admitted task.
@@ -119,6 +185,8 @@ pub struct Task {
     pub first_token: OnceLock<Instant>,
     /// Dispatches that failed before the stream started (see `dispatch::MAX_DISPATCH_ATTEMPTS`).
     pub failed_attempts: std::sync::atomic::AtomicU32,
+    /// Native event streams open on it (see `state::MAX_SUBSCRIBERS_PER_TASK`).
+    pub subscribers: std::sync::atomic::AtomicU32,
     log: Mutex<Log>,
     changed: watch::Sender<usize>,
 }
@@ -152,8 +220,12 @@ impl Task {
             cancel_reason: OnceLock::new(),
             first_token: OnceLock::new(),
             failed_attempts: std::sync::atomic::AtomicU32::new(0),
+            subscribers: std::sync::atomic::AtomicU32::new(0),
             log: Mutex::new(Log {
-                events: Vec::new(),
+                events: VecDeque::new(),
+                dropped: 0,
+                bytes: 0,
+                summary: Summary::default(),
                 phase: Phase::Queued,
                 pool_id: None,
             }),
@@ -217,8 +289,8 @@ impl Task {
                 TaskEvent::Error(_) => log.phase = Phase::Failed,
                 _ => {}
             }
-            log.events.push(event);
-            log.events.len()
+            log.append(event);
+            log.end()
         };
         self.changed.send_replace(n);
         true
@@ -235,8 +307,10 @@ impl Task {
             if log.phase != Phase::Running {
                 return;
             }
-            log.events.extend(events);
-            log.events.len()
+            for e in events {
+                log.append(e);
+            }
+            log.end()
         };
         self.changed.send_replace(n);
     }
@@ -248,25 +322,24 @@ impl Task {
 
     /// What a finished task's record needs, from its log.
     pub fn summary(&self) -> Summary {
-        let log = self.lock();
-        let mut s = Summary::default();
-        for e in &log.events {
-            match e {
-                TaskEvent::Started(st) => s.started = Some(st.clone()),
-                TaskEvent::Token(_) => s.tokens += 1,
-                TaskEvent::End(end) => s.end = Some(end.clone()),
-                TaskEvent::Error(body) => s.error = Some(body.clone()),
-                TaskEvent::Metrics(_) => {}
-            }
-        }
-        s
+        self.lock().summary.clone()
     }
 
-    /// Events from index `from`, and whether the log is closed.
-    pub fn read_from(&self, from: usize) -> (Vec<TaskEvent>, bool) {
+    /// Bytes its log holds.
+    pub fn log_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Events from number `from` on, the number of the first one returned (later than `from`
+    /// when events were dropped), and whether the log is closed.
+    pub fn read_from(&self, from: usize) -> (Vec<TaskEvent>, usize, bool) {
         let log = self.lock();
         let closed = !matches!(log.phase, Phase::Queued | Phase::Running);
-        (log.events.get(from..).unwrap_or_default().to_vec(), closed)
+        let first = from.max(log.dropped);
+        let events = log
+            .events
+            .range((first - log.dropped).min(log.events.len())..);
+        (events.cloned().collect(), first, closed)
     }
 
     /// A receiver that changes whenever an event is appended.
@@ -276,7 +349,7 @@ impl Task {
 }
 
 /// A task's log, summed up for its record.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Summary {
     pub started: Option<StartedEvent>,
     pub tokens: u32,
@@ -284,11 +357,14 @@ pub struct Summary {
     pub error: Option<ErrorBody>,
 }
 
-/// Reads a task's events in order from the first, waiting for new ones.
+/// Reads a task's events in order from the first kept one, waiting for new ones.
 pub struct Follower {
     task: std::sync::Arc<Task>,
-    next: usize,
+    /// The number of the next event to read; `None` before the first read.
+    next: Option<usize>,
     changed: watch::Receiver<usize>,
+    /// It fell behind and got its final error.
+    lagged: bool,
 }
 
 impl Follower {
@@ -296,20 +372,39 @@ impl Follower {
         let changed = task.subscribe();
         Self {
             task,
-            next: 0,
+            next: None,
             changed,
+            lagged: false,
         }
     }
 
     /// The events not read yet (waiting for at least one), or `None` once the log is closed
-    /// and everything was read.
+    /// and everything was read. A follower whose unread events were dropped (it read more
+    /// than [`MAX_LOG_BYTES`] behind the task) gets a final `SLOW_READER` error instead.
     pub async fn next_batch(&mut self) -> Option<Vec<TaskEvent>> {
+        if self.lagged {
+            return None;
+        }
         loop {
-            let (events, closed) = self.task.read_from(self.next);
+            let from = self.next.unwrap_or(0);
+            let (events, first, closed) = self.task.read_from(from);
+            if self.next.is_some() && first > from {
+                self.lagged = true;
+                return Some(vec![TaskEvent::Error(ErrorBody::new(
+                    ErrorCode::SlowReader,
+                    format!(
+                        "this stream was read too slowly: {} events of task {} were dropped before it read them (a task keeps {} MiB of events); the task goes on",
+                        first - from,
+                        self.task.id,
+                        MAX_LOG_BYTES >> 20
+                    ),
+                ))]);
+            }
             if !events.is_empty() {
-                self.next += events.len();
+                self.next = Some(first + events.len());
                 return Some(events);
             }
+            self.next = Some(first);
             if closed {
                 return None;
             }
@@ -324,7 +419,9 @@ impl Follower {
 #[derive(Debug, Default)]
 pub struct TaskTable {
     tasks: HashMap<String, std::sync::Arc<Task>>,
-    finished: VecDeque<(Instant, String)>,
+    /// Finished tasks in the order they finished, with their log's bytes.
+    finished: VecDeque<(Instant, String, usize)>,
+    finished_bytes: usize,
 }
 
 impl TaskTable {
@@ -337,7 +434,7 @@ impl TaskTable {
     }
 
     pub fn insert(&mut self, task: std::sync::Arc<Task>) {
-        self.purge(Instant::now());
+        let _ = self.purge(Instant::now());
         self.tasks.insert(task.key.clone(), task);
     }
 
@@ -345,10 +442,14 @@ impl TaskTable {
         self.tasks.remove(id);
     }
 
-    /// Records that a task finished, for retention.
-    pub fn finished(&mut self, id: &str) {
-        self.finished.push_back((Instant::now(), id.to_string()));
-        self.purge(Instant::now());
+    /// Records that a task finished, for retention. Returns how many finished tasks the
+    /// bytes bound evicted.
+    pub fn finished(&mut self, id: &str) -> usize {
+        let bytes = self.tasks.get(id).map_or(0, |t| t.log_bytes());
+        self.finished
+            .push_back((Instant::now(), id.to_string(), bytes));
+        self.finished_bytes += bytes;
+        self.purge(Instant::now())
     }
 
     pub fn len(&self) -> usize {
@@ -359,15 +460,25 @@ impl TaskTable {
         self.tasks.is_empty()
     }
 
-    fn purge(&mut self, now: Instant) {
-        while let Some((at, _)) = self.finished.front() {
-            if self.finished.len() > MAX_FINISHED || now.duration_since(*at) > RETAIN_FINISHED {
-                let (_, id) = self.finished.pop_front().expect("front exists");
-                self.tasks.remove(&id);
-            } else {
+    /// Forgets finished tasks past their retention, beyond the count or beyond the bytes;
+    /// returns how many went for the bytes.
+    fn purge(&mut self, now: Instant) -> usize {
+        let mut for_bytes = 0;
+        while let Some((at, _, _)) = self.finished.front() {
+            let old = now.duration_since(*at) > RETAIN_FINISHED;
+            let too_many = self.finished.len() > MAX_FINISHED;
+            let too_big = self.finished_bytes > MAX_FINISHED_BYTES;
+            if !(old || too_many || too_big) {
                 break;
             }
+            if too_big && !old && !too_many {
+                for_bytes += 1;
+            }
+            let (_, id, bytes) = self.finished.pop_front().expect("front exists");
+            self.finished_bytes -= bytes;
+            self.tasks.remove(&id);
         }
+        for_bytes
     }
 }
 
@@ -398,10 +509,89 @@ mod tests {
         assert!(t.fail(ErrorBody::new(ErrorCode::Canceled, "stop")));
         assert!(!t.push(TaskEvent::Token(TokenEvent::text("b", 1))));
         assert!(!t.fail(ErrorBody::new(ErrorCode::EngineFailed, "late")));
-        let (events, closed) = t.read_from(0);
-        assert!(closed);
+        let (events, first, closed) = t.read_from(0);
+        assert!(closed && first == 0);
         assert_eq!(events.len(), 2);
         assert_eq!(t.phase().0, Phase::Canceled);
         assert!(t.read_from(5).0.is_empty());
+    }
+
+    /// A token event of about 1 MiB.
+    fn big_token(i: u32) -> TaskEvent {
+        TaskEvent::Token(TokenEvent::text("x".repeat(1 << 20), i))
+    }
+
+    #[tokio::test]
+    async fn a_log_keeps_its_bytes_bound_and_a_slow_reader_is_told() {
+        let t = std::sync::Arc::new(task());
+        t.push(TaskEvent::Started(StartedEvent {
+            task_id: "t".into(),
+            pool_id: "p".into(),
+            node_id: "n".into(),
+            queue_ms: 0,
+        }));
+        let mut live = Follower::new(t.clone());
+        assert_eq!(live.next_batch().await.unwrap().len(), 1);
+        // 40 MiB of tokens through a 16 MiB log.
+        for i in 0..40 {
+            t.push_tokens(vec![big_token(i)]);
+        }
+        assert!(t.log_bytes() <= MAX_LOG_BYTES, "{}", t.log_bytes());
+        let s = t.summary();
+        assert_eq!(s.tokens, 40);
+        assert!(s.started.is_some(), "the record keeps what the log dropped");
+        // The reader that stopped after `started` lost events: it is told, once, and stops.
+        match live.next_batch().await.unwrap().as_slice() {
+            [TaskEvent::Error(e)] => {
+                assert_eq!(e.code, ErrorCode::SlowReader);
+                assert!(e.message.contains("dropped"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(live.next_batch().await.is_none());
+        // A reader that comes now starts at the oldest kept event: token i tells the gap.
+        let mut late = Follower::new(t.clone());
+        let first = late.next_batch().await.unwrap();
+        match &first[0] {
+            TaskEvent::Token(tok) => assert!(tok.i >= 24, "{}", tok.i),
+            other => panic!("{other:?}"),
+        }
+        assert!(t.fail(ErrorBody::new(ErrorCode::Canceled, "stop")));
+        let rest = late.next_batch().await.unwrap();
+        assert!(matches!(rest.last(), Some(TaskEvent::Error(e)) if e.code == ErrorCode::Canceled));
+    }
+
+    #[test]
+    fn finished_tasks_are_bounded_by_bytes_oldest_first() {
+        let mut table = TaskTable::default();
+        let mut evicted = 0;
+        for k in 0..20 {
+            let t = std::sync::Arc::new(Task::new(
+                format!("t{k}"),
+                "m".into(),
+                Priority::Interactive,
+                "c".into(),
+                None,
+                None,
+                GenerateRequest::prompt("x"),
+                "cid".into(),
+                Api::Native,
+            ));
+            t.push(TaskEvent::Started(StartedEvent {
+                task_id: t.id.clone(),
+                pool_id: "p".into(),
+                node_id: "n".into(),
+                queue_ms: 0,
+            }));
+            t.push_tokens((0..15).map(big_token).collect());
+            t.fail(ErrorBody::new(ErrorCode::Canceled, "stop"));
+            table.insert(t.clone());
+            evicted += table.finished(&t.key);
+        }
+        // Each keeps 15 MiB: 17 fit in 256 MiB.
+        assert_eq!(evicted, 3);
+        assert!(table.get(&Task::key_for("c", "t0")).is_none());
+        assert!(table.get(&Task::key_for("c", "t3")).is_some());
+        assert!(table.finished_bytes <= MAX_FINISHED_BYTES);
     }
 }

@@ -132,9 +132,11 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::ModelNotFound => StatusCode::NOT_FOUND,
-        ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru | ErrorCode::DeadlineUnmet => {
-            StatusCode::TOO_MANY_REQUESTS
-        }
+        ErrorCode::AdmissionReject
+        | ErrorCode::QueueFullDropLru
+        | ErrorCode::DeadlineUnmet
+        | ErrorCode::RateLimited
+        | ErrorCode::SlowReader => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::PoolUnready | ErrorCode::PoolUnavailable | ErrorCode::NodeUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }

@@ -169,12 +169,18 @@ pub async fn events(
 ) -> Result<Response> {
     let client = native(authenticate(&state, &headers))?;
     let task = own_task(&state, &client, &id)?;
+    let subscriber = native(state.subscribe(&task))?;
     let (tx, resp) = sse::channel();
-    tokio::spawn(pump(task, tx, state.config.sse_keepalive));
+    tokio::spawn(pump(task, tx, state.config.sse_keepalive, subscriber));
     Ok(resp)
 }
 
-async fn pump(task: Arc<Task>, tx: mpsc::Sender<Bytes>, keep_alive: std::time::Duration) {
+async fn pump(
+    task: Arc<Task>,
+    tx: mpsc::Sender<Bytes>,
+    keep_alive: std::time::Duration,
+    _subscriber: crate::state::Subscriber,
+) {
     let mut follower = Follower::new(task);
     let mut idle = sse::keep_alive_timer(keep_alive);
     loop {
