@@ -13,6 +13,10 @@
 //!    streaming `POST /v1/chat/completions` requests one after the other and read every stream
 //!    to `data: [DONE]`. Counted: tasks completed in the measured window, their latency, and
 //!    the CPU time orchestratord and this process (load generator + synthetic node) used.
+//!    With `LLORCH_BENCH_BACKLOG` = N > 0, each level is measured twice in the same run: first
+//!    as above, then with N batch tasks waiting in the queue for a third model (`parked`, one
+//!    slot, whose synthetic node never answers), submitted over `POST /v2/tasks` before the
+//!    second measurement: what a deep queue of another model costs the others.
 //! 2. Open streams: a fresh orchestratord; `LLORCH_BENCH_STREAMS` streams opened at once on the
 //!    slow pool; with every one of them open (each has seen a token), orchestratord's resident
 //!    memory (`VmRSS`), and its peak (`VmHWM`) after they all ended.
@@ -26,6 +30,7 @@
 //! - `LLORCH_BENCH_TOKENS` (default 4): tokens per task in the throughput part.
 //! - `LLORCH_BENCH_STREAMS` (default 1000), `LLORCH_BENCH_STREAM_TOKENS` (default 10),
 //!   `LLORCH_BENCH_STREAM_GAP_MS` (default 1000): the open-streams part.
+//! - `LLORCH_BENCH_BACKLOG` (default 0): tasks to queue for the parked model (see 1.).
 //! - `LLORCH_BENCH_ONLY` (`throughput` or `streams`): run one part.
 //! - `LLORCH_BENCH_LOG` (default `info`, orchestratord's default): orchestratord's log filter.
 //!   Its log goes to a file in the bench's temporary directory.
@@ -67,6 +72,8 @@ use tokio::net::UnixListener;
 const NODE_ID: &str = "synthetic-node";
 const FAST_MODEL: &str = "synthetic";
 const SLOW_MODEL: &str = "synthetic-slow";
+/// Served by one slot whose synthetic node never answers: its tasks wait in the queue.
+const PARKED_MODEL: &str = "synthetic-parked";
 /// The most a node may report for one pool (llorch-wire's node limits).
 const POOL_SLOTS: u32 = 1024;
 
@@ -210,6 +217,8 @@ async fn synth_handle(
     let (frames, gap) = match (parts.method == Method::POST, pool) {
         (true, Some("fast")) => (synth.fast.clone(), Duration::ZERO),
         (true, Some("slow")) => (synth.slow.clone(), synth.slow_gap),
+        // Holds its one slot: everything else for the model waits in orchestratord's queue.
+        (true, Some("parked")) => std::future::pending().await,
         _ => return Ok(plain(StatusCode::NOT_FOUND, r#"{"code":"INVALID_PARAMS"}"#)),
     };
     synth.requests.fetch_add(1, Ordering::Relaxed);
@@ -243,13 +252,17 @@ async fn serve_synth(listener: UnixListener, synth: Arc<Synth>) {
 }
 
 fn pools() -> Vec<PoolStatus> {
-    [("fast", FAST_MODEL), ("slow", SLOW_MODEL)]
-        .into_iter()
-        .map(|(pool, model)| PoolStatus {
-            engine_version: Some("synthetic".into()),
-            ..PoolStatus::new(pool, model, PoolState::Ready, POOL_SLOTS, 2048)
-        })
-        .collect()
+    [
+        ("fast", FAST_MODEL, POOL_SLOTS),
+        ("slow", SLOW_MODEL, POOL_SLOTS),
+        ("parked", PARKED_MODEL, 1),
+    ]
+    .into_iter()
+    .map(|(pool, model, slots)| PoolStatus {
+        engine_version: Some("synthetic".into()),
+        ..PoolStatus::new(pool, model, PoolState::Ready, slots, 2048)
+    })
+    .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -272,7 +285,7 @@ impl Orch {
     }
 
     /// Starts orchestratord, registers the synthetic node, heartbeats it, waits for both pools.
-    async fn start(dir: &Path, n: usize, node_sock: &Path) -> Self {
+    async fn start(dir: &Path, n: usize, node_sock: &Path, queue: usize) -> Self {
         let port = StdTcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("bind a free port")
@@ -283,7 +296,7 @@ impl Orch {
             .unwrap_or_else(|| bin("orchestratord"));
         let child = Command::new(exe)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--queue-capacity", "4096"])
+            .args(["--queue-capacity", &queue.to_string()])
             .env("LLORCH_LOG", env_or("LLORCH_BENCH_LOG", "info".to_string()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -343,7 +356,7 @@ impl Orch {
                         .count()
                 })
                 .unwrap_or(0);
-            if ready == 2 {
+            if ready == 3 {
                 break;
             }
             assert!(
@@ -588,6 +601,52 @@ async fn open_streams(orch: &Orch, streams: usize, tokens: u32, gap: Duration) -
     }
 }
 
+/// Queues `n` batch tasks for the parked model over `POST /v2/tasks` (64 at a time); returns
+/// how long that took and the queue depth orchestratord then reports.
+async fn fill_backlog(orch: &Orch, n: usize) -> (Duration, u32) {
+    let client = HttpClient::new(&orch.url()).expect("valid url");
+    let body =
+        json!({"model_ref": PARKED_MODEL, "prompt": "x", "max_tokens": 1, "priority": "batch"});
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..64)
+        .map(|_| {
+            let (client, body, next) = (client.clone(), body.clone(), next.clone());
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < n {
+                    client
+                        .post_json::<_, serde_json::Value>("/v2/tasks", &body)
+                        .await
+                        .expect("a backlog task is admitted");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.expect("backlog worker");
+    }
+    let took = start.elapsed();
+    let depth = client
+        .get_json::<PoolsAnswer>("/v2/pools")
+        .await
+        .map_or(0, |a| a.queue.depth);
+    (took, depth)
+}
+
+fn print_throughput(r: &Throughput) {
+    println!(
+        "  concurrency {:>4}: {:>7.0} tasks/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  orchestratord CPU {:.2} cores ({:.0} ms per 1000 tasks), bench process {:.2} cores",
+        r.concurrency,
+        r.tasks as f64 / r.secs,
+        r.p50,
+        r.p99,
+        r.errors,
+        r.orch_cpu / r.secs,
+        r.orch_cpu / r.tasks.max(1) as f64 * 1e6,
+        r.self_cpu / r.secs,
+    );
+}
+
 fn main() {
     let secs = Duration::from_secs_f64(env_or("LLORCH_BENCH_SECS", 10.0));
     let warmup = Duration::from_secs_f64(env_or("LLORCH_BENCH_WARMUP_SECS", 2.0));
@@ -600,6 +659,7 @@ fn main() {
     let stream_tokens: u32 = env_or("LLORCH_BENCH_STREAM_TOKENS", 10);
     let stream_gap = Duration::from_millis(env_or("LLORCH_BENCH_STREAM_GAP_MS", 1000));
     let only: String = env_or("LLORCH_BENCH_ONLY", String::new());
+    let backlog: usize = env_or("LLORCH_BENCH_BACKLOG", 0);
     let nofile = raise_nofile(1 << 20);
     let tck = clock_ticks();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -635,7 +695,7 @@ fn main() {
         tokio::spawn(serve_synth(listener, synth.clone()));
 
         if only.is_empty() || only == "throughput" {
-            let orch = Orch::start(dir.path(), 1, &node_sock).await;
+            let orch = Orch::start(dir.path(), 1, &node_sock, 4096 + backlog).await;
             println!(
                 "orchestratord pid {} (open files: {}), {tokens} tokens per task, {:.0} s per level after {:.0} s warm-up",
                 orch.pid(),
@@ -645,18 +705,20 @@ fn main() {
             );
             for &c in &levels {
                 let r = throughput(&orch, c, tokens, warmup, secs, tck).await;
-                println!(
-                    "  concurrency {:>4}: {:>7.0} tasks/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  orchestratord CPU {:.2} cores ({:.0} ms per 1000 tasks), bench process {:.2} cores",
-                    r.concurrency,
-                    r.tasks as f64 / r.secs,
-                    r.p50,
-                    r.p99,
-                    r.errors,
-                    r.orch_cpu / r.secs,
-                    r.orch_cpu / r.tasks.max(1) as f64 * 1e6,
-                    r.self_cpu / r.secs,
-                );
+                print_throughput(&r);
                 results.push(r);
+            }
+            if backlog > 0 {
+                let (took, depth) = fill_backlog(&orch, backlog).await;
+                println!(
+                    "  with {backlog} tasks queued for another model ({:.1} s to submit them, {:.0} per s; queue depth {depth}):",
+                    took.as_secs_f64(),
+                    backlog as f64 / took.as_secs_f64()
+                );
+                for &c in &levels {
+                    let r = throughput(&orch, c, tokens, warmup, secs, tck).await;
+                    print_throughput(&r);
+                }
             }
             println!(
                 "  orchestratord RSS after: {:.1} MB (peak {:.1} MB); its log: {}",
@@ -667,7 +729,7 @@ fn main() {
             orch.stop();
         }
         if only.is_empty() || only == "streams" {
-            let orch = Orch::start(dir.path(), 2, &node_sock).await;
+            let orch = Orch::start(dir.path(), 2, &node_sock, 4096).await;
             println!(
                 "open streams: fresh orchestratord pid {} (open files: {}), {streams} streams of {stream_tokens} tokens, one every {} ms",
                 orch.pid(),

@@ -9,7 +9,7 @@
 //!
 //! The queue holds ids and ordering keys only; the dispatcher owns the tasks.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use llorch_wire::task::Priority;
@@ -68,12 +68,22 @@ pub enum Pushed {
     Evicted(String),
 }
 
+/// The admission queue: every operation the dispatcher and the API do per task costs
+/// O(log n) or the number of entries it returns, never the queue's length (which may be in the
+/// hundreds of thousands): entries are indexed by key, by model, by deadline and (for
+/// `drop-lru`) batch entries by arrival.
 #[derive(Debug)]
 pub struct Queue<T> {
     capacity: usize,
     policy: Policy,
     order: BTreeMap<Key, Entry<T>>,
     index: HashMap<String, Key>,
+    /// The keys of each model's entries, in dispatch order.
+    by_model: HashMap<String, BTreeSet<Key>>,
+    deadlines: BTreeSet<(Instant, Key)>,
+    /// Batch entries by arrival (the key's last part), for `drop-lru`.
+    batch: BTreeSet<(u64, Key)>,
+    counts: [usize; 2],
     next_turn: HashMap<(Priority, String), u64>,
     serving_turn: [u64; 2],
     arrivals: u64,
@@ -93,6 +103,10 @@ impl<T> Queue<T> {
             policy,
             order: BTreeMap::new(),
             index: HashMap::new(),
+            by_model: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            batch: BTreeSet::new(),
+            counts: [0, 0],
             next_turn: HashMap::new(),
             serving_turn: [0, 0],
             arrivals: 0,
@@ -116,7 +130,7 @@ impl<T> Queue<T> {
     }
 
     pub fn count(&self, p: Priority) -> usize {
-        self.order.keys().filter(|k| k.0 == p).count()
+        self.counts[prio_index(p)]
     }
 
     /// Admits a task, or refuses it when the queue is full and the policy evicts nothing.
@@ -137,11 +151,9 @@ impl<T> Queue<T> {
                     // The oldest batch task by arrival; an interactive newcomer or a batch one
                     // may displace it, nothing else is ever evicted.
                     let victim = self
-                        .order
-                        .iter()
-                        .filter(|(k, _)| k.0 == Priority::Batch)
-                        .min_by_key(|(k, _)| k.2)
-                        .map(|(_, e)| e.task_id.clone());
+                        .batch
+                        .first()
+                        .map(|(_, key)| self.order[key].task_id.clone());
                     match victim {
                         Some(id) => {
                             self.remove(&id);
@@ -160,32 +172,58 @@ impl<T> Queue<T> {
         *turn_slot = turn + 1;
         self.arrivals += 1;
         let key = (priority, turn, self.arrivals);
-        self.index.insert(task_id.clone(), key);
-        self.order.insert(
+        self.insert(Entry {
+            task_id,
+            model,
+            client,
+            priority,
+            deadline,
+            item,
             key,
-            Entry {
-                task_id,
-                model,
-                client,
-                priority,
-                deadline,
-                item,
-                key,
-            },
-        );
+        });
         Ok(pushed)
+    }
+
+    fn insert(&mut self, entry: Entry<T>) {
+        let key = entry.key;
+        self.index.insert(entry.task_id.clone(), key);
+        self.by_model
+            .entry(entry.model.clone())
+            .or_default()
+            .insert(key);
+        if let Some(d) = entry.deadline {
+            self.deadlines.insert((d, key));
+        }
+        if entry.priority == Priority::Batch {
+            self.batch.insert((key.2, key));
+        }
+        self.counts[prio_index(entry.priority)] += 1;
+        self.order.insert(key, entry);
     }
 
     /// Puts a task that was taken for dispatch back at its old place (its pool turned out not
     /// to be ready). Capacity is not checked: the task was already admitted.
     pub fn requeue(&mut self, entry: Entry<T>) {
-        self.index.insert(entry.task_id.clone(), entry.key);
-        self.order.insert(entry.key, entry);
+        self.insert(entry);
     }
 
     pub fn remove(&mut self, task_id: &str) -> Option<Entry<T>> {
         let key = self.index.remove(task_id)?;
-        self.order.remove(&key)
+        let entry = self.order.remove(&key)?;
+        if let Some(keys) = self.by_model.get_mut(&entry.model) {
+            keys.remove(&key);
+            if keys.is_empty() {
+                self.by_model.remove(&entry.model);
+            }
+        }
+        if let Some(d) = entry.deadline {
+            self.deadlines.remove(&(d, key));
+        }
+        if entry.priority == Priority::Batch {
+            self.batch.remove(&(key.2, key));
+        }
+        self.counts[prio_index(entry.priority)] -= 1;
+        Some(entry)
     }
 
     /// Takes a task for dispatch; the caller found a pool for it.
@@ -196,36 +234,58 @@ impl<T> Queue<T> {
         Some(e)
     }
 
-    /// Queued entries in dispatch order.
+    /// Queued entries in dispatch order (every one: for views that list the whole queue).
     pub fn iter(&self) -> impl Iterator<Item = &Entry<T>> {
         self.order.values()
     }
 
-    /// Tasks ahead of `task_id` that want the same model.
+    /// The models with queued entries.
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.by_model.keys().map(String::as_str)
+    }
+
+    /// The entries of one model in dispatch order.
+    pub fn of_model<'a>(&'a self, model: &str) -> impl Iterator<Item = &'a Entry<T>> + 'a {
+        self.by_model
+            .get(model)
+            .into_iter()
+            .flatten()
+            .map(|k| &self.order[k])
+    }
+
+    /// Tasks ahead of `task_id` that want the same model. Counted from whichever end of the
+    /// model's entries is nearer (a new task is usually near the back, an interactive one
+    /// ahead of a batch backlog near the front), so it costs the smaller side.
     pub fn position(&self, task_id: &str) -> Option<u32> {
-        let key = self.index.get(task_id)?;
-        let model = &self.order[key].model;
-        Some(
-            self.order
-                .range(..*key)
-                .filter(|(_, e)| &e.model == model)
-                .count() as u32,
-        )
+        let key = *self.index.get(task_id)?;
+        let keys = &self.by_model[&self.order[&key].model];
+        let mut ahead = keys.range(..key);
+        let mut behind = keys.range(key..).skip(1);
+        let mut n = 0usize;
+        loop {
+            match (ahead.next(), behind.next()) {
+                (None, _) => return Some(n as u32),
+                (Some(_), None) => return Some((keys.len() - 1 - n) as u32),
+                _ => n += 1,
+            }
+        }
     }
 
     /// Removes and returns the tasks whose deadline passed.
     pub fn expire(&mut self, now: Instant) -> Vec<Entry<T>> {
-        let expired: Vec<String> = self
-            .order
-            .values()
-            .filter(|e| e.deadline.is_some_and(|d| d <= now))
-            .map(|e| e.task_id.clone())
-            .collect();
-        expired.iter().filter_map(|id| self.remove(id)).collect()
+        let mut out = Vec::new();
+        while let Some(&(d, key)) = self.deadlines.first() {
+            if d > now {
+                break;
+            }
+            let id = self.order[&key].task_id.clone();
+            out.extend(self.remove(&id));
+        }
+        out
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.order.values().filter_map(|e| e.deadline).min()
+        self.deadlines.first().map(|(d, _)| *d)
     }
 }
 
@@ -400,5 +460,86 @@ mod tests {
         // 4 slots each freeing every 400 ms: the 8th waiting task starts after 2 rounds.
         assert_eq!(r.predict_start(7, 0, 4), Duration::from_millis(800));
         assert_eq!(r.predict_start(3, 0, 4), Duration::from_millis(400));
+    }
+
+    /// The indexes agree with a plain scan of the queue after any sequence of operations.
+    mod indexes {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Push {
+                model: u8,
+                client: u8,
+                batch: bool,
+                deadline: Option<u8>,
+            },
+            Remove(u8),
+            TakeRequeue(u8),
+            Expire(u8),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0u8..3, 0u8..3, any::<bool>(), proptest::option::of(0u8..20)).prop_map(
+                    |(model, client, batch, deadline)| Op::Push { model, client, batch, deadline }
+                ),
+                1 => any::<u8>().prop_map(Op::Remove),
+                1 => any::<u8>().prop_map(Op::TakeRequeue),
+                1 => (0u8..20).prop_map(Op::Expire),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+            #[test]
+            fn indexes_match_a_scan(ops in proptest::collection::vec(op(), 1..120), lru in any::<bool>()) {
+                let policy = if lru { Policy::DropLru } else { Policy::Reject };
+                let mut q: Queue<()> = Queue::new(40, policy);
+                let base = Instant::now();
+                let mut n = 0u32;
+                for op in ops {
+                    let ids: Vec<String> = q.iter().map(|e| e.task_id.clone()).collect();
+                    let pick = |k: u8| (!ids.is_empty()).then(|| ids[k as usize % ids.len()].clone());
+                    match op {
+                        Op::Push { model, client, batch, deadline } => {
+                            n += 1;
+                            let p = if batch { Priority::Batch } else { Priority::Interactive };
+                            let d = deadline.map(|s| base + Duration::from_secs(u64::from(s)));
+                            let _ = q.push(format!("t{n}"), format!("m{model}"), format!("c{client}"), p, d, ());
+                        }
+                        Op::Remove(k) => { if let Some(id) = pick(k) { q.remove(&id); } }
+                        Op::TakeRequeue(k) => {
+                            if let Some(id) = pick(k) {
+                                let e = q.take(&id).unwrap();
+                                q.requeue(e);
+                            }
+                        }
+                        Op::Expire(s) => {
+                            let now = base + Duration::from_secs(u64::from(s));
+                            let gone = q.expire(now);
+                            prop_assert!(gone.iter().all(|e| e.deadline.is_some_and(|d| d <= now)));
+                            prop_assert!(q.iter().all(|e| e.deadline.is_none_or(|d| d > now)));
+                        }
+                    }
+                    let all: Vec<&Entry<()>> = q.iter().collect();
+                    prop_assert!(all.len() <= 40);
+                    for p in [Priority::Interactive, Priority::Batch] {
+                        prop_assert_eq!(q.count(p), all.iter().filter(|e| e.priority == p).count());
+                    }
+                    prop_assert_eq!(q.next_deadline(), all.iter().filter_map(|e| e.deadline).min());
+                    for m in ["m0", "m1", "m2"] {
+                        let scan: Vec<&str> = all.iter().filter(|e| e.model == m).map(|e| e.task_id.as_str()).collect();
+                        let indexed: Vec<&str> = q.of_model(m).map(|e| e.task_id.as_str()).collect();
+                        prop_assert_eq!(&scan, &indexed);
+                        prop_assert_eq!(q.models().any(|x| x == m), !scan.is_empty());
+                        for (i, id) in scan.iter().enumerate() {
+                            prop_assert_eq!(q.position(id), Some(i as u32));
+                        }
+                    }
+                }
+            }
+        }
     }
 }

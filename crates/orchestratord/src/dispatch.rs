@@ -180,6 +180,10 @@ pub async fn run(state: Arc<State>) {
     }
 }
 
+/// Tasks of a model looked at in one pass beyond its free slots: room for tasks that wait for
+/// a particular pool (a session's, a pinned one) while later ones could start elsewhere.
+const SCAN_SLACK: usize = 64;
+
 #[allow(clippy::type_complexity)]
 fn take_work(
     state: &Arc<State>,
@@ -205,22 +209,42 @@ fn take_work(
     } = core;
     // No snapshot without work: heartbeats wake this loop too, and a snapshot of thousands of
     // pools is the pass's largest cost.
-    let mut candidates = if queue.is_empty() {
+    let models: Vec<String> = queue.models().map(str::to_string).collect();
+    let mut candidates = if models.is_empty() {
         Vec::new()
     } else {
         // Only the pools of the models that wait: in a large cluster, a small part.
-        let wanted: std::collections::HashSet<&str> =
-            queue.iter().map(|e| e.model.as_str()).collect();
+        let wanted: std::collections::HashSet<&str> = models.iter().map(String::as_str).collect();
         registry.candidates_for(|m| wanted.contains(m))
     };
-    let mut free: u32 = candidates
-        .iter()
-        .filter(|c| c.serving() || c.standby() || c.waking())
-        .fold(0u32, |n, c| n.saturating_add(c.free_slots));
-    if free > 0 {
-        let order: Vec<Arc<Task>> = queue.iter().map(|e| e.item.clone()).collect();
-        for task in order {
+    // Model by model (a pool serves one model, so models never compete for a slot), and within
+    // a model in dispatch order, looking at most at its free slots plus SCAN_SLACK tasks: a
+    // pass costs what it can place, not the queue's length.
+    for model in &models {
+        let served = candidates.iter().any(|c| c.model_id == *model);
+        let mut free: u32 = candidates
+            .iter()
+            .filter(|c| c.model_id == *model && (c.serving() || c.standby() || c.waking()))
+            .fold(0u32, |n, c| n.saturating_add(c.free_slots));
+        // A model nobody serves: its tasks are all impossible (unless nodes may still be
+        // registering), so all of them are looked at once.
+        let budget = if served {
             if free == 0 {
+                continue;
+            }
+            free as usize + SCAN_SLACK
+        } else if awaiting {
+            continue;
+        } else {
+            usize::MAX
+        };
+        let order: Vec<Arc<Task>> = queue
+            .of_model(model)
+            .take(budget)
+            .map(|e| e.item.clone())
+            .collect();
+        for task in order {
+            if served && free == 0 {
                 break;
             }
             if task.cancel.is_cancelled() {
@@ -245,14 +269,11 @@ fn take_work(
             };
             match place(&candidates, &ask) {
                 Placement::Wait { .. } => {}
-                // Its model's nodes may still be registering after a restart.
-                Placement::Impossible { .. }
-                    if awaiting && !candidates.iter().any(|c| c.model_id == task.model) => {}
                 Placement::Impossible { reason } => {
                     if let Some(e) = queue.remove(&task.key) {
                         // A model nobody registered (the grace after a restart is over) is
                         // not found, as it would have been at admission.
-                        let why = if candidates.iter().any(|c| c.model_id == task.model) {
+                        let why = if served {
                             Unplaced::Impossible(reason)
                         } else {
                             Unplaced::UnknownModel(reason)

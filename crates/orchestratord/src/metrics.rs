@@ -525,10 +525,10 @@ impl Metrics {
     /// Sets the gauges that describe the queue and the registry (call under the core lock,
     /// then [`Metrics::encode`] without it).
     pub fn read_gauges(&self, core: &Core) {
-        let mut depth = [0i64; 2];
-        for e in core.queue.iter() {
-            depth[usize::from(e.priority == Priority::Batch)] += 1;
-        }
+        let depth = [
+            core.queue.count(Priority::Interactive) as i64,
+            core.queue.count(Priority::Batch) as i64,
+        ];
         self.queue_depth
             .with_label_values(&[Priority::Interactive.as_str()])
             .set(depth[0]);

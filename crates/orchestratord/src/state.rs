@@ -601,11 +601,15 @@ impl State {
         let orphans: Vec<Arc<Task>> = {
             let mut core = self.core();
             let known = core.registry.models();
-            let keys: Vec<_> = core
+            let unknown: Vec<String> = core
                 .queue
+                .models()
+                .filter(|m| known.binary_search_by(|k| k.as_str().cmp(m)).is_err())
+                .map(str::to_string)
+                .collect();
+            let keys: Vec<String> = unknown
                 .iter()
-                .filter(|e| known.binary_search(&e.model).is_err())
-                .map(|e| e.task_id.clone())
+                .flat_map(|m| core.queue.of_model(m).map(|e| e.task_id.clone()))
                 .collect();
             keys.iter()
                 .filter_map(|k| core.queue.remove(k))
