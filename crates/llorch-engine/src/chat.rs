@@ -83,24 +83,19 @@ impl ChatTemplate {
         let offered = !tools.is_empty() && *choice != ToolChoice::None;
         let native = offered && self.takes_tools;
         let mut list: Vec<serde_json::Value> = Vec::with_capacity(messages.len() + 1);
-        if offered && !native {
-            // Forced calls on a template without tools (auto was refused before this).
-            let prompt = tools::generic_prompt(tools, choice, parallel);
-            match messages.first() {
-                Some(m) if m.role == "system" => {}
-                _ => list.push(json!({"role": "system", "content": prompt})),
+        // Forced calls on a template without tools (auto was refused before this): the tools
+        // go into the first system message, or a new one.
+        let prompt = (offered && !native).then(|| tools::generic_prompt(tools, choice, parallel));
+        if let Some(p) = &prompt {
+            if messages.first().is_none_or(|m| m.role != "system") {
+                list.push(json!({"role": "system", "content": p}));
             }
         }
         for (i, m) in messages.iter().enumerate() {
             list.push(if native {
                 native_message(m)
             } else {
-                generic_message(
-                    m,
-                    messages,
-                    i,
-                    offered.then(|| tools::generic_prompt(tools, choice, parallel)),
-                )
+                generic_message(m, messages, i, prompt.as_deref())
             });
         }
         let tools_value = native.then(|| json!(tools));
@@ -167,7 +162,7 @@ fn generic_message(
     m: &ChatMessage,
     all: &[ChatMessage],
     i: usize,
-    tool_prompt: Option<String>,
+    tool_prompt: Option<&str>,
 ) -> serde_json::Value {
     if m.role == "tool" {
         let name = all[..i]
