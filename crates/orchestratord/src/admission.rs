@@ -78,8 +78,8 @@ pub struct Queue<T> {
     policy: Policy,
     order: BTreeMap<Key, Entry<T>>,
     index: HashMap<String, Key>,
-    /// The keys of each model's entries, in dispatch order.
-    by_model: HashMap<String, BTreeSet<Key>>,
+    /// The keys of each model's entries, in dispatch order, and how many of each priority.
+    by_model: HashMap<String, (BTreeSet<Key>, [usize; 2])>,
     deadlines: BTreeSet<(Instant, Key)>,
     /// Batch entries by arrival (the key's last part), for `drop-lru`.
     batch: BTreeSet<(u64, Key)>,
@@ -187,10 +187,9 @@ impl<T> Queue<T> {
     fn insert(&mut self, entry: Entry<T>) {
         let key = entry.key;
         self.index.insert(entry.task_id.clone(), key);
-        self.by_model
-            .entry(entry.model.clone())
-            .or_default()
-            .insert(key);
+        let (keys, counts) = self.by_model.entry(entry.model.clone()).or_default();
+        keys.insert(key);
+        counts[prio_index(entry.priority)] += 1;
         if let Some(d) = entry.deadline {
             self.deadlines.insert((d, key));
         }
@@ -210,8 +209,9 @@ impl<T> Queue<T> {
     pub fn remove(&mut self, task_id: &str) -> Option<Entry<T>> {
         let key = self.index.remove(task_id)?;
         let entry = self.order.remove(&key)?;
-        if let Some(keys) = self.by_model.get_mut(&entry.model) {
+        if let Some((keys, counts)) = self.by_model.get_mut(&entry.model) {
             keys.remove(&key);
+            counts[prio_index(entry.priority)] -= 1;
             if keys.is_empty() {
                 self.by_model.remove(&entry.model);
             }
@@ -249,8 +249,17 @@ impl<T> Queue<T> {
         self.by_model
             .get(model)
             .into_iter()
-            .flatten()
+            .flat_map(|(keys, _)| keys)
             .map(|k| &self.order[k])
+    }
+
+    /// Entries of `model` that a new task of priority `p` would queue behind: those of its
+    /// priority or a more urgent one.
+    pub fn ahead_of_new(&self, model: &str, p: Priority) -> usize {
+        self.by_model.get(model).map_or(0, |(_, counts)| match p {
+            Priority::Interactive => counts[0],
+            Priority::Batch => counts[0] + counts[1],
+        })
     }
 
     /// Tasks ahead of `task_id` that want the same model. Counted from whichever end of the
@@ -258,7 +267,7 @@ impl<T> Queue<T> {
     /// ahead of a batch backlog near the front), so it costs the smaller side.
     pub fn position(&self, task_id: &str) -> Option<u32> {
         let key = *self.index.get(task_id)?;
-        let keys = &self.by_model[&self.order[&key].model];
+        let (keys, _) = &self.by_model[&self.order[&key].model];
         let mut ahead = keys.range(..key);
         let mut behind = keys.range(key..).skip(1);
         let mut n = 0usize;
@@ -536,6 +545,10 @@ mod tests {
                         prop_assert_eq!(q.models().any(|x| x == m), !scan.is_empty());
                         for (i, id) in scan.iter().enumerate() {
                             prop_assert_eq!(q.position(id), Some(i as u32));
+                        }
+                        for p in [Priority::Interactive, Priority::Batch] {
+                            let behind = all.iter().filter(|e| e.model == m && e.priority <= p).count();
+                            prop_assert_eq!(q.ahead_of_new(m, p), behind);
                         }
                     }
                 }

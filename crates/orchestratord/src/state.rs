@@ -467,11 +467,7 @@ impl State {
             }
         }
         let (free, slots) = capacity_for(&candidates, &sub.model);
-        let ahead = core
-            .queue
-            .iter()
-            .filter(|e| e.model == sub.model && e.priority <= sub.priority)
-            .count() as u32;
+        let ahead = core.queue.ahead_of_new(&sub.model, sub.priority) as u32;
         let default_rate = ServiceRate::default();
         let rate = core.registry.rate(&sub.model).unwrap_or(&default_rate);
         let mut predicted = rate.predict_start(ahead, free, slots);
