@@ -230,3 +230,137 @@ async fn n_choices_share_one_prefill() {
     let uncached = end.tokens_in as f64 - metrics["cached_tokens"].as_f64().unwrap();
     assert_eq!(after - before, uncached + 2.0, "{end:?} {metrics}");
 }
+
+/// The default model with its chat template replaced by `template` (a copy in `dir`). The GGUF
+/// string grows by a multiple of 32 bytes (padded with a Jinja comment), so the tensor data,
+/// aligned to 32 bytes after the header, moves by the same amount and its offsets stay valid.
+fn with_template(dir: &std::path::Path, template: &str) -> std::path::PathBuf {
+    let bytes = std::fs::read(llorch_tests::model_path()).expect("read the default model");
+    let key = b"tokenizer.chat_template";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the model has a chat template")
+        + key.len()
+        + 4; // the value's type
+    let old = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+    let mut new = template.as_bytes().to_vec();
+    let pad = (old + 32 * 64 - new.len() - 4) % 32;
+    new.extend_from_slice(b"{#");
+    new.extend(std::iter::repeat_n(b' ', pad));
+    new.extend_from_slice(b"#}");
+    assert_eq!((new.len() + 32 * 64 - old) % 32, 0);
+    let mut out = bytes[..at].to_vec();
+    out.extend_from_slice(&(new.len() as u64).to_le_bytes());
+    out.extend_from_slice(&new);
+    out.extend_from_slice(&bytes[at + 8 + old..]);
+    let path = dir.join("tools-template.gguf");
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+/// `auto` on a model whose template takes tools: the template renders them, the model decides,
+/// and a `<tool_call>` in its answer becomes `tool_calls` (streamed and not); an answer without
+/// one stays text. The default model with a Hermes-style template (`tests/data/`): the 135M
+/// model calls the tool when its history shows it doing so.
+#[tokio::test]
+async fn auto_on_a_template_with_tools_reads_the_models_own_calls() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let template =
+        std::fs::read_to_string(llorch_tests::repo_root().join("tests/data/hermes-tools.jinja"))
+            .unwrap();
+    let stack = Stack::start(StackOptions {
+        model: Some(with_template(dir.path(), &template)),
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let history = json!([
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "user", "content": "What is the weather in Paris?"},
+    ]);
+    let body = json!({"model": MODEL_ID, "messages": history, "tools": tools, "temperature": 0, "max_tokens": 60});
+    let (status, _, answer) = post(&c, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{answer}\n{}", stack.logs());
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{answer}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{answer}");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris"}), "{answer}");
+    assert!(choice["message"]["content"].is_null(), "{answer}");
+
+    // Streamed: the same call, as deltas.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let resp = c
+        .post_raw(
+            "/v1/chat/completions",
+            serde_json::to_vec(&streamed).unwrap(),
+            &[],
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let (mut name, mut arguments, mut finish) = (String::new(), String::new(), String::new());
+    for data in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+    {
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        let Some(choice) = chunk["choices"].get(0) else {
+            continue;
+        };
+        for d in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            name.push_str(d["function"]["name"].as_str().unwrap_or(""));
+            arguments.push_str(d["function"]["arguments"].as_str().unwrap_or(""));
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    assert_eq!(
+        (name.as_str(), finish.as_str()),
+        ("get_weather", "tool_calls"),
+        "{text}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&arguments).unwrap(),
+        json!({"city": "Paris"})
+    );
+
+    // A question no tool answers: text, and no 400 for auto on this template.
+    let (status, _, answer) = post(
+        &c,
+        "/v1/chat/completions",
+        &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi, who are you?"}],
+                "tools": tools, "temperature": 0, "max_tokens": 20}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["choices"][0]["message"]["tool_calls"].is_null(),
+        "{answer}"
+    );
+    assert!(!answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+}

@@ -37,6 +37,9 @@ pub struct StackOptions {
     pub orch_args: Vec<String>,
     /// Extra environment of orchestratord.
     pub orch_env: Vec<(String, String)>,
+    /// Another GGUF file for the pool (served as `MODEL_ID`, without a sha256 check); default:
+    /// the bundled model.
+    pub model: Option<PathBuf>,
 }
 
 impl Default for StackOptions {
@@ -52,6 +55,7 @@ impl Default for StackOptions {
             node_env: Vec::new(),
             orch_args: Vec::new(),
             orch_env: Vec::new(),
+            model: None,
         }
     }
 }
@@ -275,8 +279,7 @@ threads = 2
 [pools.model]
 id = "{MODEL_ID}"
 source = "{model}"
-sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-"#,
+{sha256}"#,
             url = self.url(),
             runtime = runtime.display(),
             cache = self.cache().display(),
@@ -285,7 +288,12 @@ sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
             provisioner = bin("engine-provisioner").display(),
             slots = self.opts.slots,
             ctx = self.opts.ctx,
-            model = model_path().display(),
+            model = self.opts.model.clone().unwrap_or_else(model_path).display(),
+            sha256 = if self.opts.model.is_some() {
+                ""
+            } else {
+                "sha256 = \"b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53\"\n"
+            },
         )
     }
 
