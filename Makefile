@@ -9,7 +9,7 @@ MODEL := $(LLORCH_CACHE)/default-model/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CARGO ?= cargo
 
-.PHONY: run demo test test-appliance test-cloud setup build bench lint fmt
+.PHONY: run demo test test-appliance test-cloud fuzz setup build bench lint fmt
 
 ## Set up, build, and run the home stack on the default model at http://127.0.0.1:8080 until Ctrl-C.
 run: build
@@ -32,6 +32,21 @@ test-appliance: build
 ## and as containers booted with systemd (TLS, node tokens, lost links, restarts).
 test-cloud: build
 	$(CARGO) test -p llorch-tests --test cloud -- --nocapture
+
+## Property tests of every parser of outside bytes, for FUZZ_MINUTES (default 2) each, in
+## release: random inputs and mutations of the corpus in fuzz/corpus/. A failing input is kept
+## by proptest in the crate's proptest-regressions/ (commit it: make test replays it first).
+FUZZ_MINUTES ?= 2
+FUZZ_TARGETS := "-p llorch-wire --test properties" "-p llorch-wire --test corpus" \
+	"-p llorch-gguf --test properties" "-p orchestratord --lib auth::" \
+	"-p orchestratord --lib admission::" "-p pool-managerd --lib config::"
+fuzz: setup
+	@for t in $(FUZZ_TARGETS); do $(CARGO) test --release --no-run $$t >/dev/null 2>&1 || exit 1; done
+	@for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz: $$t for $(FUZZ_MINUTES) min"; \
+	  PROPTEST_CASES=4000000000 timeout $(FUZZ_MINUTES)m $(CARGO) test --release -q $$t >/dev/null 2>target/fuzz.log; \
+	  rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 124 ]; then cat target/fuzz.log; echo "fuzz: $$t failed"; exit 1; fi; \
+	done; echo "fuzz: no failure"
 
 setup:
 	scripts/setup.sh >/dev/null

@@ -57,7 +57,7 @@ fn valid() -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig { cases: ProptestConfig::default().cases.max(2000), ..ProptestConfig::default() })]
 
     #[test]
     fn any_bytes_are_read_without_panic_or_a_huge_allocation(
@@ -98,6 +98,27 @@ proptest! {
         let cut = at.index(bytes.len());
         let (ok, _) = inspect_bounded(&bytes[..cut]);
         prop_assert!(!ok, "a file cut at {cut} of {} bytes was read as whole", bytes.len());
+    }
+
+    /// The fuzz corpus's samples (`fuzz/corpus/gguf/`: the first 64 KiB of the default model, a
+    /// header cut short), mutated: never a panic, never an allocation out of proportion.
+    #[test]
+    fn mutated_corpus_headers_stay_bounded(
+        pick in any::<prop::sample::Index>(),
+        sets in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/gguf");
+        let mut samples: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        samples.sort();
+        let mut bytes = std::fs::read(&samples[pick.index(samples.len())]).unwrap();
+        for (i, b) in &sets {
+            let i = i.index(bytes.len());
+            bytes[i] = *b;
+        }
+        bytes.truncate(cut.index(bytes.len() + 1));
+        let (_, largest) = inspect_bounded(&bytes);
+        prop_assert!(largest <= budget(bytes.len()), "{largest} bytes for a {}-byte file", bytes.len());
     }
 }
 

@@ -58,7 +58,7 @@ const FIELDS: [&str; 5] = [
 ];
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig { cases: ProptestConfig::default().cases.max(2000), ..ProptestConfig::default() })]
 
     #[test]
     fn the_sse_decoder_takes_any_bytes_in_any_chunks(

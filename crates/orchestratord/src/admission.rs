@@ -501,7 +501,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(500))]
+            #![proptest_config(ProptestConfig { cases: ProptestConfig::default().cases.max(500), ..ProptestConfig::default() })]
             #[test]
             fn indexes_match_a_scan(ops in proptest::collection::vec(op(), 1..120), lru in any::<bool>()) {
                 let policy = if lru { Policy::DropLru } else { Policy::Reject };

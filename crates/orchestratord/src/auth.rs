@@ -285,7 +285,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: proptest::prelude::ProptestConfig::default().cases.max(2000), ..proptest::prelude::ProptestConfig::default() })]
 
         /// Any file text: parsed or refused with its line, never a panic; a parsed file
         /// finds each of its keys.

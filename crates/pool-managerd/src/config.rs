@@ -915,7 +915,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: proptest::prelude::ProptestConfig::default().cases.max(1000), ..proptest::prelude::ProptestConfig::default() })]
 
         /// The shipped example with a span of it replaced by anything: parsed, or refused
         /// with the file's name, never a panic.
