@@ -1,5 +1,6 @@
-//! `llorch up` as a user starts it: the home stack on the default model, on a free port, with a
-//! runtime directory the test can look into (node token files, handoff files, logs).
+//! `llorch up` as a user starts it: the home stack on the default model, on a port the kernel
+//! picks (`--listen 127.0.0.1:0`; `llorch up` prints the URL it got), with a runtime directory
+//! the test can look into (node token files, handoff files, logs).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::stack::{free_port, terminate, MODEL_ID};
+use crate::stack::{terminate, MODEL_ID};
 use crate::{bin, model_path};
 
 pub struct Up {
@@ -27,9 +28,14 @@ impl Up {
     /// Starts `llorch up` with `slots` slots and waits until it prints the endpoint (a pool is
     /// ready). `runtime` must not be shared with another stack.
     pub fn start(runtime: &Path, slots: u32) -> Up {
-        let listen = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(bin("llorch"))
-            .args(["up", "--listen", &listen, "--slots", &slots.to_string()])
+            .args([
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--slots",
+                &slots.to_string(),
+            ])
             .args(["--ctx", "1024", "--model-id", MODEL_ID])
             .arg("--model")
             .arg(model_path())
@@ -58,19 +64,31 @@ impl Up {
         });
         let mut up = Up {
             child,
-            url: format!("http://{listen}"),
-            listen,
+            url: String::new(),
+            listen: String::new(),
             runtime: runtime.to_owned(),
             stdout: rx,
             stderr: Some(stderr),
         };
-        // `llorch up` prints the endpoint once a pool is ready, then a curl line to try.
+        // `llorch up` prints the endpoint once a pool is ready (so pool-managerd registered at
+        // the port the kernel chose), then a curl line to try.
         let first = up.stdout.recv_timeout(Duration::from_secs(120));
         let first = match first {
             Ok(line) => line,
             Err(_) => panic!("llorch up printed nothing:\n{}", up.stop_and_stderr()),
         };
-        assert!(first.contains(&format!("{}/v1", up.url)), "{first}");
+        let listen = first
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_else(|| panic!("no URL in {first:?}"))
+            .to_string();
+        assert!(
+            listen.starts_with("127.0.0.1:") && !listen.ends_with(":0"),
+            "{first}"
+        );
+        up.url = format!("http://{listen}");
+        up.listen = listen;
         let curl = up.stdout.recv_timeout(Duration::from_secs(5)).unwrap();
         assert!(curl.starts_with("try: curl"), "{curl}");
         up

@@ -40,7 +40,7 @@ pub fn without_service_manager(cmd: &mut Command) {
 /// Gives the child `listener` as its socket-activated listener, as systemd would pass it:
 /// fd 3, `LISTEN_FDS=1`, `LISTEN_FDNAMES=name`. The caller keeps `listener` open until the
 /// spawn returned.
-pub fn pass_listener(cmd: &mut Command, listener: &UnixListener, name: &str) {
+pub fn pass_listener(cmd: &mut Command, listener: &impl AsRawFd, name: &str) {
     use std::os::unix::process::CommandExt;
     let fd = listener.as_raw_fd();
     cmd.env("LISTEN_FDS", "1")

@@ -103,6 +103,16 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(name: &'static str, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
+        Self::spawn_with_listener(name, args, log, None)
+    }
+
+    /// Spawns `name`, handing it `listener` as its socket-activated socket `fd name`.
+    fn spawn_with_listener(
+        name: &'static str,
+        args: &[String],
+        log: PathBuf,
+        listener: Option<(&std::net::TcpListener, &str)>,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(sibling(name));
         cmd.args(args)
             .stdin(Stdio::null())
@@ -114,6 +124,9 @@ impl Daemon {
             .kill_on_drop(true);
         // A killed `llorch up` leaves nothing running.
         llorch_os::process::die_with_parent(cmd.as_std_mut(), libc::SIGTERM);
+        if let Some((l, fd_name)) = listener {
+            llorch_os::process::pass_listener(cmd.as_std_mut(), l, fd_name);
+        }
         let child = cmd.spawn().with_context(|| {
             format!("cannot start {name} (build it with `cargo build --workspace`)")
         })?;
@@ -226,7 +239,7 @@ pub fn node_token_files(runtime: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((token_file, tokens_file))
 }
 
-pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
+pub async fn run(mut opts: UpOptions) -> anyhow::Result<()> {
     if !opts.model.exists() {
         bail!(
             "model file {} does not exist; run scripts/setup.sh (or `make setup`) to fetch the default model, or give --model PATH",
@@ -251,6 +264,12 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     // process (or a web page that can POST to 127.0.0.1) could register a node and receive
     // the prompts.
     let (token_file, tokens_file) = node_token_files(&runtime)?;
+    // The API's socket is bound here and handed to orchestratord (as systemd's socket
+    // activation would), so `--listen 127.0.0.1:0` gets a free port that pool-managerd's
+    // configuration and the printed URL can name.
+    let api = std::net::TcpListener::bind(opts.listen)
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    opts.listen = api.local_addr()?;
     let config_path = runtime.join("node.toml");
     std::fs::write(&config_path, node_config(&opts, &runtime, &token_file))?;
 
@@ -265,7 +284,13 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         tokens_file.display().to_string(),
     ];
     orch_args.extend(opts.orchestratord_args.iter().cloned());
-    let mut orch = Daemon::spawn("orchestratord", &orch_args, logs.join("orchestratord.log"))?;
+    let mut orch = Daemon::spawn_with_listener(
+        "orchestratord",
+        &orch_args,
+        logs.join("orchestratord.log"),
+        Some((&api, "api")),
+    )?;
+    drop(api);
     let mut node = Daemon::spawn(
         "pool-managerd",
         &["--config".to_string(), config_path.display().to_string()],
