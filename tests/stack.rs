@@ -1255,3 +1255,69 @@ async fn native_event_streams_per_task_are_bounded() {
         .await
         .unwrap();
 }
+
+/// A client that reads its stream a few bytes at a time holds neither the engine nor the slot:
+/// the task's log takes the tokens as the engine makes them, the slot is free once the answer
+/// is complete, another client is served meanwhile, and the slow one still gets every chunk.
+#[tokio::test]
+async fn a_slow_reader_holds_neither_the_engine_nor_the_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _g = serial();
+    let stack = Stack::start(StackOptions {
+        slots: 1,
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    let addr: std::net::SocketAddr = stack.url().trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    let mut slow = socket.connect(addr).await.unwrap();
+    let body = serde_json::to_vec(&json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 400,
+        "ignore_eos": true,
+        "stream": true,
+    }))
+    .unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {TEST_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&body).await.unwrap();
+    let mut first = [0u8; 64];
+    slow.read_exact(&mut first).await.unwrap();
+    assert!(
+        first.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    // Not reading: the answer is still made, and its slot returns.
+    let freed = wait_idle(&c, Duration::from_secs(60)).await;
+    eprintln!("slot free {freed:?} after the answer was made, with its client reading nothing");
+    let (status, _, v) = post(
+        &c,
+        "/v1/chat/completions",
+        &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    // The slow client reads everything, a few bytes at a time.
+    let mut rest = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), slow.read(&mut buf))
+            .await
+            .expect("the stream goes on")
+            .unwrap();
+        rest.extend_from_slice(&buf[..n]);
+        if n == 0 || rest.windows(12).any(|w| w == b"data: [DONE]") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&rest);
+    let chunks = text.matches("\"delta\":{\"content\":").count();
+    assert!(chunks >= 300, "{chunks} text chunks of 400 tokens");
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+}
