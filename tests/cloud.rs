@@ -622,6 +622,13 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
             "{cache:?}"
         );
     }
+    // The plaintext client may see rustls's alert before orchestratord's line about it is
+    // written: wait for the line (bounded), then read the log once.
+    llorch_tests::wait_for(
+        "orchestratord's log line about the plaintext client",
+        Duration::from_secs(10),
+        || orch_text().contains("did not complete a TLS handshake"),
+    );
     let log = orch_text();
     assert!(
         log.contains("Refused a node token used for another node id."),

@@ -487,8 +487,12 @@ mod tests {
     use super::*;
 
     fn task() -> Task {
+        named("t")
+    }
+
+    fn named(id: &str) -> Task {
         Task::new(
-            "t".into(),
+            id.into(),
             "m".into(),
             Priority::Interactive,
             "c".into(),
@@ -566,17 +570,7 @@ mod tests {
         let mut table = TaskTable::default();
         let mut evicted = 0;
         for k in 0..20 {
-            let t = std::sync::Arc::new(Task::new(
-                format!("t{k}"),
-                "m".into(),
-                Priority::Interactive,
-                "c".into(),
-                None,
-                None,
-                GenerateRequest::prompt("x"),
-                "cid".into(),
-                Api::Native,
-            ));
+            let t = std::sync::Arc::new(named(&format!("t{k}")));
             t.push(TaskEvent::Started(StartedEvent {
                 task_id: t.id.clone(),
                 pool_id: "p".into(),
