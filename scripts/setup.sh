@@ -58,6 +58,7 @@ PACKAGES=(
   "systemd-container|systemd-nspawn boots the appliance and setup tests"
   "debootstrap|builds the root filesystem those tests boot"
   "iproute2|ip netns gives each host of the cloud test its own network"
+  "dbus-daemon|the D-Bus tests start a private bus"
 )
 
 installed() {

@@ -17,7 +17,7 @@ use llorch_tests::rootfs::{privileged, rootfs, try_root_prefix};
 use llorch_tests::{cache_dir, repo_root};
 
 /// Every Debian package the build and `make test` need (scripts/setup.sh's list).
-const REQUIRED: [&str; 11] = [
+const REQUIRED: [&str; 12] = [
     "cmake",
     "libclang-dev",
     "g++",
@@ -29,6 +29,7 @@ const REQUIRED: [&str; 11] = [
     "systemd-container",
     "debootstrap",
     "iproute2",
+    "dbus-daemon",
 ];
 
 /// Root privileges and the cached root filesystem, made once per test binary; None (with a

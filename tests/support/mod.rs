@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub use llorch_client::UnixClient;
 
 pub mod bench;
+pub mod bus;
 pub mod container;
 pub mod journal;
 pub mod notify;

@@ -40,6 +40,8 @@ pub struct StackOptions {
     /// Another GGUF file for the pool (served as `MODEL_ID`, without a sha256 check); default:
     /// the bundled model.
     pub model: Option<PathBuf>,
+    /// More of node.toml after the default pool (more `[[pools]]`).
+    pub extra_node_toml: String,
 }
 
 impl Default for StackOptions {
@@ -56,6 +58,7 @@ impl Default for StackOptions {
             orch_args: Vec::new(),
             orch_env: Vec::new(),
             model: None,
+            extra_node_toml: String::new(),
         }
     }
 }
@@ -279,7 +282,7 @@ threads = 2
 [pools.model]
 id = "{MODEL_ID}"
 source = "{model}"
-{sha256}"#,
+{sha256}{extra}"#,
             url = self.url(),
             runtime = runtime.display(),
             cache = self.cache().display(),
@@ -289,6 +292,7 @@ source = "{model}"
             slots = self.opts.slots,
             ctx = self.opts.ctx,
             model = self.opts.model.clone().unwrap_or_else(model_path).display(),
+            extra = self.opts.extra_node_toml,
             sha256 = if self.opts.model.is_some() {
                 ""
             } else {

@@ -21,3 +21,5 @@ pub const QUEUE_SATURATED: &str = "84ab6012d84a49fdae86921b2805f97a";
 /// orchestratord: a node request was refused (no valid node token, or a token bound to another
 /// node id): a misconfigured worker or an impostor.
 pub const NODE_REFUSED: &str = "93706c9873b647948d70f1c152461b28";
+/// A daemon refused a mutating D-Bus call (the caller's uid is in the record).
+pub const DBUS_REFUSED: &str = "e4b3e844652a43f981c68f4663a5e12e";

@@ -102,6 +102,11 @@ pub struct Args {
     /// cross the network in the clear; the daemon says so at start.
     #[arg(long, env = "LLORCH_ALLOW_PLAINTEXT")]
     pub allow_plaintext: bool,
+    /// Where to offer `org.llamaorch.Orchestrator1` (docs/DBUS.md): `auto` (the system bus
+    /// when the name can be owned there, else none, said once), `system`, `session` (each
+    /// fatal when it cannot be had) or `off`.
+    #[arg(long, env = "LLORCH_DBUS", default_value = "auto")]
+    pub dbus: llorch_bus::Mode,
     /// Validate the configuration (and key files) and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -132,6 +137,8 @@ pub struct Config {
     pub node_roots: llorch_client::TlsRoots,
     /// Plain HTTP off this host is allowed (`--allow-plaintext`).
     pub allow_plaintext: bool,
+    /// The bus of the D-Bus front (`--dbus`).
+    pub dbus: llorch_bus::Mode,
 }
 
 /// The public listener's TLS acceptor.
@@ -183,6 +190,7 @@ impl Default for Config {
             tls: None,
             node_roots: llorch_client::TlsRoots::system(),
             allow_plaintext: false,
+            dbus: llorch_bus::Mode::Off,
         }
     }
 }
@@ -302,6 +310,7 @@ impl Args {
             tls,
             node_roots,
             allow_plaintext: self.allow_plaintext,
+            dbus: self.dbus,
         })
     }
 }

@@ -643,6 +643,10 @@ pub async fn watch_nodes(state: Arc<State>) {
         }
         for node in lost {
             state.metrics.node_event("lost");
+            state.announce(crate::events::Event::NodeLost {
+                node: node.clone(),
+                reason: "missed its heartbeats".into(),
+            });
             tracing::warn!(
                 message_id = llorch_os::message_id::NODE_LOST,
                 node_id = %node,

@@ -13,6 +13,9 @@
 //! - [`registry`]: nodes, pools, leases, suspect pools, sessions.
 //! - [`metrics`]: the Prometheus metrics and the journal record of each finished task
 //!   ([`state::State::finish`] and [`state::State::complete`] write both, once per task).
+//! - [`control`]: operator actions (drain, resume, cancel any task, reload keys), shared by
+//!   the HTTP API and the D-Bus front [`dbus`] (`org.llamaorch.Orchestrator1`); [`events`]:
+//!   the operator events that front turns into signals.
 //! - [`auth`], [`config`]; [`sync`]: the lock helpers that outlive a panic.
 //!
 //! Invariants: only [`placement`] decides where a task runs; a slot lease is returned exactly
@@ -24,7 +27,10 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod control;
+pub mod dbus;
 pub mod dispatch;
+pub mod events;
 pub mod metrics;
 pub mod placement;
 pub mod registry;

@@ -65,8 +65,13 @@ async fn main() {
         eprintln!("orchestratord: cannot install signal handlers: {e}");
         std::process::exit(1);
     }
+    let dbus = config.dbus;
     let state = orchestratord::State::new(config);
     tokio::spawn(reload_on_hangup(state.clone()));
+    if let Err(e) = orchestratord::dbus::start(state.clone(), dbus).await {
+        eprintln!("orchestratord: {e} (choose another bus with --dbus, or --dbus off)");
+        std::process::exit(exit::UNAVAILABLE);
+    }
     if let Err(e) = orchestratord::serve_state(state, listener, shutdown).await {
         eprintln!("orchestratord: {e}");
         std::process::exit(1);
@@ -81,23 +86,6 @@ async fn reload_on_hangup(state: std::sync::Arc<orchestratord::State>) {
         return;
     };
     while hup.recv().await.is_some() {
-        llorch_os::service::reloading();
-        match state.reload_keys() {
-            Ok((api, node)) => {
-                tracing::info!(
-                    api_keys = api,
-                    node_tokens = node,
-                    "Reloaded the key files."
-                )
-            }
-            Err(e) => {
-                tracing::error!(
-                    message_id = llorch_os::message_id::CONFIG_REJECTED,
-                    error = %e,
-                    "Reload failed; the keys in force are unchanged."
-                )
-            }
-        }
-        llorch_os::service::ready();
+        let _ = orchestratord::control::reload_keys(&state, "SIGHUP");
     }
 }

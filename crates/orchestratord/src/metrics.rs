@@ -138,13 +138,16 @@ pub enum CancelReason {
     Disconnect,
     /// orchestratord stopped while the task waited.
     Shutdown,
+    /// An operator cancelled it (D-Bus `CancelTask`).
+    Operator,
 }
 
 impl CancelReason {
-    pub const ALL: [CancelReason; 3] = [
+    pub const ALL: [CancelReason; 4] = [
         CancelReason::Client,
         CancelReason::Disconnect,
         CancelReason::Shutdown,
+        CancelReason::Operator,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -152,6 +155,7 @@ impl CancelReason {
             Self::Client => "client",
             Self::Disconnect => "disconnect",
             Self::Shutdown => "shutdown",
+            Self::Operator => "operator",
         }
     }
 }

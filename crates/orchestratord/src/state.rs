@@ -53,6 +53,8 @@ pub struct State {
     saturated: std::sync::atomic::AtomicBool,
     /// Native event-stream subscribers per client.
     subscribers: Mutex<HashMap<String, u32>>,
+    /// Operator events for the D-Bus front ([`State::announce`]).
+    pub events: tokio::sync::broadcast::Sender<crate::events::Event>,
 }
 
 /// Native event streams (`GET /v2/tasks/{id}/events`) one task may have open at once.
@@ -115,6 +117,7 @@ impl State {
             metrics,
             saturated: Default::default(),
             subscribers: Default::default(),
+            events: tokio::sync::broadcast::Sender::new(crate::events::CAPACITY),
             config,
             keys: std::sync::RwLock::new(Arc::new(keys)),
             core: Mutex::new(core),
@@ -123,6 +126,30 @@ impl State {
             shutdown: CancellationToken::new(),
             started: Instant::now(),
         })
+    }
+
+    /// Tells the D-Bus front (if any) of an operator event; never waits.
+    pub fn announce(&self, event: crate::events::Event) {
+        let _ = self.events.send(event);
+    }
+
+    /// Whether anyone listens to operator events (so the heartbeat path can skip the diff).
+    pub fn announcing(&self) -> bool {
+        self.events.receiver_count() > 0
+    }
+
+    /// Whether requests are served: a pool is ready, or an on-demand pool is on standby (its
+    /// first request loads the model). `/health/ready` and D-Bus `Ready`.
+    pub fn serving(&self) -> (bool, usize, usize) {
+        let core = self.core();
+        let standby = core
+            .registry
+            .candidates()
+            .iter()
+            .filter(|c| c.standby())
+            .count();
+        let ready = core.registry.ready_pools();
+        (ready + standby > 0, ready, standby)
     }
 
     /// The keys in force now.
@@ -281,6 +308,9 @@ impl State {
                 queue_capacity = capacity,
                 "The queue is full: tasks are refused or evicted until it has room."
             );
+            self.announce(crate::events::Event::QueueSaturated(
+                u32::try_from(capacity).unwrap_or(u32::MAX),
+            ));
         }
     }
 
@@ -639,6 +669,7 @@ impl State {
             CancelReason::Client => "the task was cancelled by its client",
             CancelReason::Disconnect => "the client went away",
             CancelReason::Shutdown => "orchestratord is stopping",
+            CancelReason::Operator => "the task was cancelled by an operator",
         };
         // The token first: a dispatch that is about to put the task back in the queue checks it
         // under the same lock we take next, so the task is either found queued here or never

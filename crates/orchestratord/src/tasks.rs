@@ -429,6 +429,16 @@ impl TaskTable {
         self.tasks.get(id).cloned()
     }
 
+    /// Every task whose client-visible id is `id`, whoever its client (an operator's search;
+    /// a scan of the table).
+    pub fn with_id(&self, id: &str) -> Vec<std::sync::Arc<Task>> {
+        self.tasks
+            .values()
+            .filter(|t| t.id == id)
+            .cloned()
+            .collect()
+    }
+
     pub fn contains(&self, id: &str) -> bool {
         self.tasks.contains_key(id)
     }

@@ -183,7 +183,7 @@ async fn a_node_that_never_answers_a_drain_is_a_timely_504() {
     assert!(err.to_string().contains("NODE_UNAVAILABLE"), "{err}");
     // Bounded by the timeout, not by the node (a test of the bound, not of speed).
     assert!(
-        waited < orchestratord::api::native::NODE_ACTION_TIMEOUT * 3,
+        waited < orchestratord::control::NODE_ACTION_TIMEOUT * 3,
         "{waited:?}"
     );
 }

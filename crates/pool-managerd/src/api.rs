@@ -179,18 +179,9 @@ async fn resume(
 }
 
 fn set_draining(node: &Node, id: &str, draining: bool) -> Result<Json<PoolStatus>, ApiError> {
-    node.update(id, |p| {
-        if p.draining != draining {
-            tracing::info!(pool_id = %id, draining, "Drain flag changed by an operator.");
-        }
-        p.draining = draining;
-    })
-    .ok_or_else(|| unknown_pool(node, id))?;
-    // The flag is reported even when the state does not change (a pool not ready yet).
-    node.changed.notify_one();
-    node.status(id)
+    crate::control::set_draining(node, id, draining, "the control plane")
         .map(Json)
-        .ok_or_else(|| unknown_pool(node, id))
+        .map_err(|_| unknown_pool(node, id))
 }
 
 async fn generate(

@@ -251,6 +251,8 @@ pub struct Checked {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// The CA file an `https://` control plane is verified against (else the system's).
     pub control_plane_ca: Option<PathBuf>,
+    /// Where to offer `org.llamaorch.PoolManager1` (`--dbus`; not part of node.toml).
+    pub dbus: llorch_bus::Mode,
 }
 
 impl Checked {
@@ -659,6 +661,7 @@ fn validate(path: &Path, config: Config) -> Result<Checked, ConfigError> {
         token,
         tls,
         control_plane_ca,
+        dbus: llorch_bus::Mode::Off,
     })
 }
 

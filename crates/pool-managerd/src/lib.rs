@@ -10,11 +10,15 @@
 //! - [`handoff`]: the inotify watcher of the handoff directory.
 //! - [`state`]: the shared pool table and the derived pool state.
 //! - [`api`]: the node API (axum) and the streaming forward.
+//! - [`control`]: operator actions (drain, resume, load, unload, restart, reload), shared by
+//!   the node API and the D-Bus front [`dbus`] (`org.llamaorch.PoolManager1`).
 //! - [`register`]: registration and heartbeats.
 //! - [`metrics`]: Prometheus metrics, NVML readings, the engines' metrics re-exported.
 
 pub mod api;
 pub mod config;
+pub mod control;
+pub mod dbus;
 pub mod handoff;
 pub mod launcher;
 pub mod metrics;
@@ -69,6 +73,8 @@ pub enum RunError {
     Tls(llorch_http::tls::TlsError),
     #[error("cannot use systemd to run the engines: {0}")]
     Launcher(launcher::LaunchError),
+    #[error("{0} (choose another bus with --dbus, or --dbus off)")]
+    Bus(String),
 }
 
 impl RunError {
@@ -78,7 +84,7 @@ impl RunError {
                 exit::UNAVAILABLE
             }
             Self::ControlPlane(_) | Self::Tls(_) => exit::CONFIG,
-            Self::Launcher(_) => exit::UNAVAILABLE,
+            Self::Launcher(_) | Self::Bus(_) => exit::UNAVAILABLE,
             Self::Serve(_) => exit::SOFTWARE,
         }
     }
@@ -261,6 +267,17 @@ pub async fn run_with(
             }
         })
     };
+    // Operators' reloads (D-Bus) join SIGHUP's in the loop below.
+    let (reloads, mut reload_requests) = tokio::sync::mpsc::channel::<control::ReloadRequest>(4);
+    let bus = dbus::start(
+        node.clone(),
+        config.node().id.clone(),
+        config.dbus,
+        reloads,
+        stop_api.clone(),
+    )
+    .await
+    .map_err(RunError::Bus)?;
     tracing::info!(node_id = %config.node().id, pools = config.pools().len(), "Node started.");
 
     let mut hangups = match &reload_from {
@@ -282,8 +299,15 @@ pub async fn run_with(
             () = shutdown.cancelled() => break,
             _ = hangup => {
                 if let Some(path) = &reload_from {
-                    reload(path, &mut running, &mut pools).await;
+                    let _ = reload(path, &mut running, &mut pools).await;
                 }
+            }
+            Some(reply) = reload_requests.recv() => {
+                let outcome = match &reload_from {
+                    Some(path) => reload(path, &mut running, &mut pools).await,
+                    None => Err("pool-managerd runs without a configuration file to read again".into()),
+                };
+                let _ = reply.send(outcome);
             }
         }
     }
@@ -302,6 +326,9 @@ pub async fn run_with(
     if let Some(m) = metrics_server {
         let _ = m.await;
     }
+    if let Some(b) = bus {
+        let _ = b.await;
+    }
     if let Some(path) = bound {
         // We bound the socket file ourselves, so nobody else removes it.
         let _ = std::fs::remove_file(path);
@@ -314,15 +341,20 @@ pub async fn run_with(
 /// SIGHUP: reads the configuration again. A file that does not pass the checks changes
 /// nothing (and is logged with the configuration-rejected MESSAGE_ID); otherwise the pools are
 /// made those of the file, and changes to `[node]` are reported as needing a restart.
-async fn reload(path: &std::path::Path, running: &mut Checked, pools: &mut pools::Pools) {
+async fn reload(
+    path: &std::path::Path,
+    running: &mut Checked,
+    pools: &mut pools::Pools,
+) -> Result<pools::Changes, String> {
     llorch_os::service::reloading();
-    match config::load(path) {
+    let outcome = match config::load(path) {
         Err(e) => {
             tracing::error!(
                 message_id = llorch_os::message_id::CONFIG_REJECTED,
                 error = %e,
                 "Reload refused; the configuration in force is unchanged."
             );
+            Err(format!("{e}; the configuration in force is unchanged"))
         }
         Ok(new) => {
             let restart_needed = config::node_changes(running.node(), new.node());
@@ -340,9 +372,11 @@ async fn reload(path: &std::path::Path, running: &mut Checked, pools: &mut pools
                 "Configuration reloaded."
             );
             running.config.pools = new.config.pools;
+            Ok(changes)
         }
-    }
+    };
     llorch_os::service::ready();
+    outcome
 }
 
 enum Listener {

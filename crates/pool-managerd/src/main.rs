@@ -19,18 +19,24 @@ struct Args {
     /// Validate the configuration and exit: 0 when it is usable, 64 otherwise.
     #[arg(long)]
     check_config: bool,
+    /// Where to offer `org.llamaorch.PoolManager1` (docs/DBUS.md): `auto` (the system bus
+    /// when the name can be owned there, else none, said once), `system`, `session` (each
+    /// fatal when it cannot be had) or `off`.
+    #[arg(long, env = "LLORCH_DBUS", default_value = "auto")]
+    dbus: llorch_bus::Mode,
 }
 
 fn main() {
     llorch_os::service::init_logging("info");
     let args = Args::parse();
-    let config = match pool_managerd::config::load(&args.config) {
+    let mut config = match pool_managerd::config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
             llorch_os::service::config_rejected("pool-managerd", &e);
             std::process::exit(exit::CONFIG);
         }
     };
+    config.dbus = args.dbus;
     if args.check_config {
         println!(
             "configuration ok: node {}, {} pool(s), listening on {}",

@@ -85,6 +85,8 @@ pub struct PoolEntry {
     pub state: PoolState,
     /// Forwards in flight; shared with the forward guards.
     pub busy: Arc<AtomicU32>,
+    /// Operator commands to the pool's supervisor, once it runs.
+    pub commands: Option<tokio::sync::mpsc::Sender<crate::supervisor::Request>>,
 }
 
 impl PoolEntry {
@@ -104,6 +106,7 @@ impl PoolEntry {
             activation_socket: None,
             state: PoolState::Provisioning,
             busy: Arc::new(AtomicU32::new(0)),
+            commands: None,
         }
     }
 

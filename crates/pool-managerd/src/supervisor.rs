@@ -57,8 +57,67 @@ impl Backoff {
     }
 }
 
+/// An operator's command to a pool's supervisor (D-Bus `Load`, `Unload`, `Restart`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Load the model now: an on-demand pool on standby starts its engine (which unloads again
+    /// after its keep-alive without work); a failed pool retries at once; otherwise nothing.
+    Load,
+    /// Stop an on-demand pool's engine and go back to standby (its socket keeps listening).
+    Unload,
+    /// Stop the engine if one runs and start it again (an on-demand pool ends up loaded); a
+    /// failed pool retries at once.
+    Restart,
+}
+
+impl Command {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Load => "Load",
+            Self::Unload => "Unload",
+            Self::Restart => "Restart",
+        }
+    }
+}
+
+/// A command with whom it came from and where the answer goes (sent once it was carried out:
+/// after the engine stopped, for `Unload` and `Restart`).
+#[derive(Debug)]
+pub struct Request {
+    pub command: Command,
+    pub by: String,
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Commands that may wait for one pool's supervisor.
+pub const COMMAND_QUEUE: usize = 8;
+
+/// Answers a command that arrives while no engine runs (provisioning, failed, standby);
+/// true when it asks for the engine to start now.
+fn answer_without_engine(req: Request, pool: &PoolConfig) -> bool {
+    let start = match req.command {
+        Command::Unload if !pool.on_demand => {
+            let _ = req.reply.send(Err(not_on_demand(pool)));
+            return false;
+        }
+        Command::Unload => false,
+        Command::Load | Command::Restart => true,
+    };
+    tracing::info!(pool_id = %pool.id, command = req.command.as_str(), by = %req.by, "Pool command from an operator.");
+    let _ = req.reply.send(Ok(()));
+    start
+}
+
+fn not_on_demand(pool: &PoolConfig) -> String {
+    format!(
+        "pool {} is not on demand: it stays loaded; drain it, or set on_demand = true (or remove it) in node.toml and reload",
+        pool.id
+    )
+}
+
 /// Runs one pool until `shutdown` is cancelled; on shutdown stops the engine (SIGTERM, grace,
-/// SIGKILL) and returns once it is gone.
+/// SIGKILL) and returns once it is gone. Operator commands arrive on `commands` (the node's
+/// table holds the sender) and are answered in every phase.
 pub async fn supervise(
     node: Arc<Node>,
     pool: PoolConfig,
@@ -68,10 +127,14 @@ pub async fn supervise(
     shutdown: CancellationToken,
 ) {
     let id = pool.id.clone();
+    let (sender, mut commands) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
+    node.update(&id, |p| p.commands = Some(sender));
     let handoff_path = layout.handoff_file(&id);
     let mut backoff = Backoff::default();
     let mut plan: Option<PathBuf> = None;
-    loop {
+    // An operator asked for the engine: an on-demand pool does not wait for a request.
+    let mut load_now = false;
+    'pool: loop {
         if shutdown.is_cancelled() {
             break;
         }
@@ -83,9 +146,14 @@ pub async fn supervise(
                     p.engine_pid = None;
                 });
                 tracing::info!(pool_id = %id, model = %pool.model.id, "Provisioning the model.");
-                let result = tokio::select! {
-                    r = launcher.provision(&pool) => r,
-                    () = shutdown.cancelled() => break,
+                let provision = launcher.provision(&pool);
+                tokio::pin!(provision);
+                let result = loop {
+                    tokio::select! {
+                        r = &mut provision => break r,
+                        () = shutdown.cancelled() => break 'pool,
+                        Some(req) = commands.recv() => load_now |= answer_without_engine(req, &pool),
+                    }
                 };
                 match result {
                     Ok(p) => {
@@ -107,17 +175,14 @@ pub async fn supervise(
                             }
                         }
                         let why = format!("provisioning failed: {e}");
-                        if !failed(
-                            &node,
-                            &id,
-                            Restart::ProvisionFailed,
-                            why,
-                            &mut backoff,
-                            &shutdown,
-                        )
-                        .await
+                        node.metrics.start_failed(&id, Restart::ProvisionFailed);
+                        fail(&node, &id, why);
+                        match backoff_wait(backoff.next_delay(), &shutdown, &mut commands, &pool)
+                            .await
                         {
-                            break;
+                            Wait::Shutdown => break,
+                            Wait::Elapsed => {}
+                            Wait::Asked => load_now = true,
                         }
                         continue;
                     }
@@ -138,42 +203,44 @@ pub async fn supervise(
             remove_stale_handoff(&handoff_path, Some(found.unwrap_or(0)));
         }
         if pool.on_demand && !running {
-            match standby(&node, &pool, launcher.as_ref(), &shutdown).await {
+            let wait = std::mem::take(&mut load_now);
+            match standby(
+                &node,
+                &pool,
+                launcher.as_ref(),
+                &shutdown,
+                &mut commands,
+                wait,
+            )
+            .await
+            {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
                     let why = format!("cannot listen for requests: {e}");
-                    if !failed(
-                        &node,
-                        &id,
-                        Restart::StartFailed,
-                        why,
-                        &mut backoff,
-                        &shutdown,
-                    )
-                    .await
+                    node.metrics.start_failed(&id, Restart::StartFailed);
+                    fail(&node, &id, why);
+                    match backoff_wait(backoff.next_delay(), &shutdown, &mut commands, &pool).await
                     {
-                        break;
+                        Wait::Shutdown => break,
+                        Wait::Elapsed => {}
+                        Wait::Asked => load_now = true,
                     }
                     continue;
                 }
             }
         }
+        load_now = false;
         let mut engine = match launcher.start_engine(&pool, &plan_path).await {
             Ok(h) => h,
             Err(e) => {
                 let why = format!("cannot start the engine: {e}");
-                if !failed(
-                    &node,
-                    &id,
-                    Restart::StartFailed,
-                    why,
-                    &mut backoff,
-                    &shutdown,
-                )
-                .await
-                {
-                    break;
+                node.metrics.start_failed(&id, Restart::StartFailed);
+                fail(&node, &id, why);
+                match backoff_wait(backoff.next_delay(), &shutdown, &mut commands, &pool).await {
+                    Wait::Shutdown => break,
+                    Wait::Elapsed => {}
+                    Wait::Asked => load_now = true,
                 }
                 continue;
             }
@@ -185,8 +252,24 @@ pub async fn supervise(
             p.engine_pid = pid;
             p.engine_started = Some(Instant::now());
         });
-        tokio::select! {
-            exit = engine.wait() => {
+        // Commands that need nothing done come back here without touching the engine.
+        let outcome = loop {
+            tokio::select! {
+                exit = engine.wait() => break Running::Exited(exit),
+                () = shutdown.cancelled() => break Running::Shutdown,
+                Some(req) = commands.recv() => match req.command {
+                    Command::Load => {
+                        let _ = req.reply.send(Ok(()));
+                    }
+                    Command::Unload if !pool.on_demand => {
+                        let _ = req.reply.send(Err(not_on_demand(&pool)));
+                    }
+                    Command::Unload | Command::Restart => break Running::Asked(req),
+                },
+            }
+        };
+        match outcome {
+            Running::Exited(exit) => {
                 if pool.on_demand && exit.success() {
                     // It unloaded itself after its keep-alive without work.
                     tracing::info!(pool_id = %id, pid, "The engine unloaded after its keep-alive; the pool is on standby.");
@@ -208,8 +291,14 @@ pub async fn supervise(
                     backoff.reset();
                 }
                 // The start time is taken when the engine becomes ready.
-                let was_ready = node.read(&id, |p| p.engine_started.is_none()).unwrap_or(false);
-                let restart = if was_ready { Restart::Crashed } else { Restart::StartFailed };
+                let was_ready = node
+                    .read(&id, |p| p.engine_started.is_none())
+                    .unwrap_or(false);
+                let restart = if was_ready {
+                    Restart::Crashed
+                } else {
+                    Restart::StartFailed
+                };
                 node.metrics.start_failed(&id, restart);
                 tracing::error!(
                     message_id = llorch_os::message_id::ENGINE_CRASHED,
@@ -230,17 +319,30 @@ pub async fn supervise(
                     }
                 });
                 tracing::info!(pool_id = %id, delay_ms = delay.as_millis() as u64, "Restarting the engine after a delay.");
-                if !sleep_or_shutdown(delay, &shutdown).await {
-                    break;
+                match backoff_wait(delay, &shutdown, &mut commands, &pool).await {
+                    Wait::Shutdown => break,
+                    Wait::Elapsed => {}
+                    Wait::Asked => load_now = true,
                 }
                 node.update(&id, |p| p.restarts += 1);
             }
-            () = shutdown.cancelled() => {
+            Running::Shutdown => {
                 stop_engine(&node, &id, engine, grace, &handoff_path).await;
                 if pool.on_demand {
                     launcher.close_on_demand(&pool).await;
                 }
                 return;
+            }
+            Running::Asked(req) => {
+                tracing::info!(pool_id = %id, command = req.command.as_str(), by = %req.by, "Pool command from an operator: stopping the engine.");
+                stop_engine(&node, &id, engine, grace, &handoff_path).await;
+                node.update(&id, |p| {
+                    p.handoff = None;
+                    p.engine_started = None;
+                });
+                backoff.reset();
+                load_now = req.command == Command::Restart;
+                let _ = req.reply.send(Ok(()));
             }
         }
     }
@@ -254,13 +356,52 @@ pub async fn supervise(
     });
 }
 
+/// How the wait on a running engine ended.
+enum Running {
+    Exited(crate::launcher::EngineExit),
+    Shutdown,
+    Asked(Request),
+}
+
+/// How a backoff delay ended.
+enum Wait {
+    Elapsed,
+    Shutdown,
+    /// An operator asked for the engine now (Load, Restart).
+    Asked,
+}
+
+/// Waits out a backoff delay, answering commands meanwhile; `Load` and `Restart` end it early.
+async fn backoff_wait(
+    d: Duration,
+    shutdown: &CancellationToken,
+    commands: &mut tokio::sync::mpsc::Receiver<Request>,
+    pool: &PoolConfig,
+) -> Wait {
+    let until = Instant::now() + d;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => return Wait::Elapsed,
+            () = shutdown.cancelled() => return Wait::Shutdown,
+            Some(req) = commands.recv() => {
+                if answer_without_engine(req, pool) {
+                    return Wait::Asked;
+                }
+            }
+        }
+    }
+}
+
 /// Puts an on-demand pool on standby with its socket listening, and returns once a request
-/// (or anyone) asks for its engine: true to start it, false on shutdown.
+/// (or anyone, or an operator's `Load`) asks for its engine: true to start it, false on
+/// shutdown. With `now`, it does not wait for a request.
 async fn standby(
     node: &Node,
     pool: &PoolConfig,
     launcher: &dyn Launcher,
     shutdown: &CancellationToken,
+    commands: &mut tokio::sync::mpsc::Receiver<Request>,
+    now: bool,
 ) -> Result<bool, crate::launcher::LaunchError> {
     let id = pool.id.as_str();
     let socket = tokio::select! {
@@ -272,13 +413,29 @@ async fn standby(
         p.engine_pid = None;
         p.activation_socket = Some(socket.clone());
     });
-    tracing::info!(pool_id = %id, socket = %socket.display(), keep_alive_secs = pool.idle_exit_secs().unwrap_or(0), "On standby: the first request loads the model.");
-    tokio::select! {
-        r = launcher.wait_activation(pool) => r?,
-        () = shutdown.cancelled() => return Ok(false),
+    if now {
+        tracing::info!(pool_id = %id, "Loading the model at an operator's request.");
+        return Ok(true);
     }
-    tracing::info!(pool_id = %id, "A request is waiting: starting the engine.");
-    Ok(true)
+    tracing::info!(pool_id = %id, socket = %socket.display(), keep_alive_secs = pool.idle_exit_secs().unwrap_or(0), "On standby: the first request loads the model.");
+    let activation = launcher.wait_activation(pool);
+    tokio::pin!(activation);
+    loop {
+        tokio::select! {
+            r = &mut activation => {
+                r?;
+                tracing::info!(pool_id = %id, "A request is waiting: starting the engine.");
+                return Ok(true);
+            }
+            () = shutdown.cancelled() => return Ok(false),
+            Some(req) = commands.recv() => {
+                if answer_without_engine(req, pool) {
+                    tracing::info!(pool_id = %id, "Loading the model at an operator's request.");
+                    return Ok(true);
+                }
+            }
+        }
+    }
 }
 
 async fn stop_engine(
@@ -310,29 +467,6 @@ fn fail(node: &Node, id: &str, error: String) {
         p.engine_pid = None;
         p.last_error = Some(error);
     });
-}
-
-/// Records a failed attempt (counted as `reason`, reported as the pool's error) and waits the
-/// next backoff delay; false when shutdown started meanwhile.
-async fn failed(
-    node: &Node,
-    id: &str,
-    reason: Restart,
-    error: String,
-    backoff: &mut Backoff,
-    shutdown: &CancellationToken,
-) -> bool {
-    node.metrics.start_failed(id, reason);
-    fail(node, id, error);
-    sleep_or_shutdown(backoff.next_delay(), shutdown).await
-}
-
-/// Sleeps, or returns false early when shutdown starts.
-async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep_until(Instant::now() + d) => true,
-        () = shutdown.cancelled() => false,
-    }
 }
 
 /// The pid a pool's handoff file names, if it exists and parses.

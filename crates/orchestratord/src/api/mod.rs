@@ -255,18 +255,8 @@ async fn live() -> impl IntoResponse {
 }
 
 async fn ready(Ext(state): Ext<AppState>) -> Response {
-    let (ready, standby) = {
-        let core = state.core();
-        let standby = core
-            .registry
-            .candidates()
-            .iter()
-            .filter(|c| c.standby())
-            .count();
-        (core.registry.ready_pools(), standby)
-    };
     // An on-demand pool on standby serves too: its first request loads the model.
-    let serving = ready + standby > 0;
+    let (serving, ready, standby) = state.serving();
     let body = serde_json::json!({
         "status": if serving {"ready"} else {"unready"},
         "ready_pools": ready,

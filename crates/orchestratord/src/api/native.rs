@@ -14,7 +14,7 @@ use llorch_wire::node::PoolStatus;
 use llorch_wire::task::{
     Capabilities, PoolCapability, PoolsAnswer, QueueView, SessionInfo, TaskInfo, TaskRequest,
 };
-use llorch_wire::{ErrorBody, ErrorCode};
+use llorch_wire::ErrorBody;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -291,11 +291,8 @@ pub async fn pools(Ext(state): Ext<AppState>, headers: HeaderMap) -> Result<Json
     }))
 }
 
-/// `POST /v2/pools/{id}/drain` and `…/resume`: passed to the pool's node, whose answer updates
-/// the registry at once.
-/// How long a node may take to drain or resume a pool (it only flips a flag).
-pub const NODE_ACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
+/// `POST /v2/pools/{id}/drain` and `…/resume` (admin): passed to the pool's node, whose answer
+/// updates the registry at once ([`crate::control::pool_action`]).
 async fn pool_action(
     state: AppState,
     headers: HeaderMap,
@@ -303,82 +300,10 @@ async fn pool_action(
     on_node: Option<String>,
     action: &str,
 ) -> Result<Json<PoolStatus>> {
-    native(authorize_admin(&state, &headers))?;
-    // Pool ids are unique per node, not across nodes: `?node=` says which one.
-    let found: Vec<(String, llorch_client::HttpClient)> = {
-        let core = state.core();
-        core.registry
-            .nodes
-            .values()
-            .filter(|n| on_node.as_ref().is_none_or(|want| &n.id == want))
-            .filter(|n| n.pools.iter().any(|p| p.pool_id == id))
-            .map(|n| (n.id.clone(), n.client.clone()))
-            .collect()
-    };
-    let (node_id, client) = match <[_; 1]>::try_from(found) {
-        Ok([one]) => one,
-        Err(found) if found.is_empty() => {
-            let on = on_node
-                .map(|n| format!(" on node {n:?}"))
-                .unwrap_or_default();
-            return Err(ApiError::native((
-                StatusCode::NOT_FOUND,
-                ErrorBody::invalid(
-                    "pool_id",
-                    format!("pool {id:?} is not known{on}; see GET /v2/pools"),
-                ),
-            )));
-        }
-        Err(found) => {
-            let nodes: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
-            return Err(ApiError::native((
-                StatusCode::CONFLICT,
-                ErrorBody::invalid(
-                    "node",
-                    format!(
-                        "pool {id:?} is on nodes {}; say which with ?node=NODE",
-                        nodes.join(", ")
-                    ),
-                ),
-            )));
-        }
-    };
-    let (path, empty) = (format!("/v2/pools/{id}/{action}"), serde_json::json!({}));
-    let call = client.post_json(&path, &empty);
-    // A node that takes the connection and never answers must not hold the operator's request.
-    let answer = tokio::time::timeout(NODE_ACTION_TIMEOUT, call)
+    let operator = native(authorize_admin(&state, &headers))?;
+    let status = crate::control::pool_action(&state, &id, on_node.as_deref(), action, &operator)
         .await
-        .map_err(|_| {
-            ApiError::native((
-                StatusCode::GATEWAY_TIMEOUT,
-                ErrorBody::new(
-                    ErrorCode::NodeUnavailable,
-                    format!(
-                        "node {node_id} did not answer within {} s to {action} pool {id}; try again",
-                        NODE_ACTION_TIMEOUT.as_secs()
-                    ),
-                ),
-            ))
-        })?;
-    let status: PoolStatus = answer.map_err(|e| {
-        ApiError::native((
-            StatusCode::BAD_GATEWAY,
-            ErrorBody::new(
-                ErrorCode::NodeUnavailable,
-                format!("node {node_id} did not {action} pool {id}: {e}"),
-            ),
-        ))
-    })?;
-    {
-        let mut core = state.core();
-        if let Some(node) = core.registry.nodes.get_mut(&node_id) {
-            if let Some(p) = node.pools.iter_mut().find(|p| p.pool_id == id) {
-                *p = status.clone();
-            }
-        }
-    }
-    state.wake.notify_one();
-    tracing::info!(pool_id = %id, node_id = %node_id, action, "Pool {action} requested.");
+        .map_err(ApiError::native)?;
     Ok(Json(status))
 }
 

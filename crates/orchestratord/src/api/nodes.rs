@@ -130,7 +130,7 @@ pub async fn register(
     };
     let offline_after = node.offline_after();
     let models: Vec<String> = node.pools.iter().map(|p| p.model_id.clone()).collect();
-    {
+    let events = {
         let mut core = state.core();
         if core.registry.full_for(&node.id) {
             return Err(ApiError::native((
@@ -146,7 +146,24 @@ pub async fn register(
                 .with_retry_after_ms(60_000),
             )));
         }
+        // Only while a D-Bus front listens.
+        let events = if state.announcing() {
+            let old = core
+                .registry
+                .nodes
+                .get(&node.id)
+                .map(|n| n.pools.clone())
+                .unwrap_or_default();
+            crate::events::pool_changes(&node.id, &old, &node.pools, "the node registered")
+        } else {
+            Vec::new()
+        };
         core.registry.register(node);
+        events
+    };
+    state.announce(crate::events::Event::NodeJoined(reg.node_id.clone()));
+    for e in events {
+        state.announce(e);
     }
     // Only a node that was taken makes label values.
     state.metrics.add_models(models.iter().map(String::as_str));
@@ -199,9 +216,14 @@ async fn heartbeat_request(
     hb.validate()
         .map_err(|e| ApiError::native((StatusCode::BAD_REQUEST, e)))?;
     let models: Vec<String> = hb.pools.iter().map(|p| p.model_id.clone()).collect();
-    let (offline_after, back, queued) = {
+    let (offline_after, back, queued, events) = {
         let mut core = state.core();
         let was_offline = core.registry.nodes.get(&id).is_some_and(|n| !n.online);
+        // Only while a D-Bus front listens: the heartbeat path of 1,000 nodes stays lean.
+        let old = state
+            .announcing()
+            .then(|| core.registry.nodes.get(&id).map(|n| n.pools.clone()))
+            .flatten();
         if !core.registry.heartbeat(&id, hb.pools, hb.staged_models) {
             return Err(ApiError::native((
                 StatusCode::NOT_FOUND,
@@ -211,14 +233,23 @@ async fn heartbeat_request(
                 ),
             )));
         }
+        let node = &core.registry.nodes[&id];
+        let events = old
+            .map(|old| crate::events::pool_changes(&id, &old, &node.pools, "reported by the node"))
+            .unwrap_or_default();
         (
-            core.registry.nodes[&id].offline_after(),
+            node.offline_after(),
             was_offline,
             !core.queue.is_empty(),
+            events,
         )
     };
     if back {
         state.metrics.node_event("back");
+        state.announce(crate::events::Event::NodeJoined(id.clone()));
+    }
+    for e in events {
+        state.announce(e);
     }
     // Only a known node's models become label values.
     state.metrics.add_models(models.iter().map(String::as_str));
@@ -240,8 +271,7 @@ pub async fn list(Ext(state): Ext<AppState>, headers: HeaderMap) -> Result<Json<
     Ok(Json(state.core().registry.node_views(Instant::now())))
 }
 
-/// `POST /v2/nodes/{id}/drain` and `…/resume` (admin): nothing new is placed on a drained
-/// node, its running tasks finish; the answer (and `GET /v2/nodes`) says how many still run.
+/// `POST /v2/nodes/{id}/drain` and `…/resume` (admin): [`crate::control::node_action`].
 async fn node_action(
     state: AppState,
     headers: HeaderMap,
@@ -249,29 +279,9 @@ async fn node_action(
     draining: bool,
 ) -> Result<Json<NodeView>> {
     let operator = authorize_admin(&state, &headers).map_err(ApiError::native)?;
-    let view = {
-        let mut core = state.core();
-        if !core.registry.set_draining(&id, draining) {
-            return Err(ApiError::native((
-                StatusCode::NOT_FOUND,
-                ErrorBody::invalid(
-                    "node_id",
-                    format!("node {id:?} is not known; see GET /v2/nodes"),
-                ),
-            )));
-        }
-        let node = &core.registry.nodes[&id];
-        core.registry.node_view(node, Instant::now())
-    };
-    tracing::info!(
-        node_id = %id,
-        operator = %operator,
-        running = view.running,
-        "{}",
-        if draining { "Node drain requested." } else { "Node resumed." }
-    );
-    state.wake.notify_one();
-    Ok(Json(view))
+    crate::control::node_action(&state, &id, draining, &operator)
+        .map(Json)
+        .map_err(ApiError::native)
 }
 
 pub async fn drain(

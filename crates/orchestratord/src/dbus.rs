@@ -1,0 +1,350 @@
+//! The D-Bus front (docs/DBUS.md): `org.llamaorch.Orchestrator1` at
+//! `/org/llamaorch/Orchestrator1`. Properties read the same state as the HTTP API; methods call
+//! the same [`crate::control`] actions; signals forward [`crate::events`].
+//!
+//! `PropertiesChanged` is coalesced: the properties are compared every [`PROPERTY_PERIOD`] and
+//! the changed ones go out in one signal, so a busy queue costs at most four signals a second.
+//! A node's heartbeat age is reported when read, and does not by itself count as a change.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use llorch_bus::{authorize, BusError};
+use tokio::time::Instant;
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::Value;
+
+use crate::events::Event;
+use crate::state::{Refusal, State};
+
+pub use llorch_bus::PROPERTY_PERIOD;
+
+/// `Nodes`: id, state (`online`, `suspect`, `offline`), address, milliseconds since its last
+/// heartbeat, its pool ids, and whether an operator drained it.
+pub type NodeEntry = (String, String, String, u64, Vec<String>, bool);
+/// `Pools`: node, pool, model, state, free slots, total slots, on demand.
+pub type PoolEntry = (String, String, String, String, u32, u32, bool);
+
+pub struct Orchestrator {
+    state: Arc<State>,
+}
+
+/// A refusal of the shared action, as a D-Bus error: `Forbidden` is the bus's `AccessDenied`,
+/// every other code is `org.llamaorch.Error.<Code>` (`InvalidParams`, `NodeUnavailable`, ...).
+fn bus_error((_, body): Refusal) -> BusError {
+    match body.code {
+        llorch_wire::ErrorCode::Forbidden | llorch_wire::ErrorCode::Unauthorized => {
+            BusError::access_denied(body.message)
+        }
+        code => BusError::code(&format!("{code:?}"), body.message),
+    }
+}
+
+/// Everything the properties say, read under one lock.
+#[derive(Debug, Clone, PartialEq)]
+struct Snapshot {
+    ready: bool,
+    queue_depth: u32,
+    queue_capacity: u32,
+    running: u32,
+    nodes: Vec<NodeEntry>,
+    pools: Vec<PoolEntry>,
+}
+
+impl Snapshot {
+    fn take(state: &State) -> Self {
+        let ready = state.serving().0;
+        let core = state.core();
+        let now = Instant::now();
+        let nodes = core
+            .registry
+            .nodes
+            .values()
+            .map(|n| {
+                (
+                    n.id.clone(),
+                    n.state(now).to_string(),
+                    n.address.clone(),
+                    now.duration_since(n.last_seen).as_millis() as u64,
+                    n.pools.iter().map(|p| p.pool_id.clone()).collect(),
+                    n.draining,
+                )
+            })
+            .collect();
+        let pools = core
+            .registry
+            .pool_views()
+            .into_iter()
+            .map(|p| {
+                (
+                    p.node_id,
+                    p.pool_id,
+                    p.model_id,
+                    p.state.to_string(),
+                    p.slots_total.saturating_sub(p.slots_busy),
+                    p.slots_total,
+                    p.on_demand,
+                )
+            })
+            .collect();
+        Self {
+            ready,
+            queue_depth: u32::try_from(core.queue.len()).unwrap_or(u32::MAX),
+            queue_capacity: u32::try_from(core.queue.capacity()).unwrap_or(u32::MAX),
+            running: core.registry.total_leased(),
+            nodes,
+            pools,
+        }
+    }
+
+    /// The properties that differ from `before` (heartbeat ages aside), by D-Bus name.
+    fn changed_since(&self, before: &Snapshot) -> HashMap<&'static str, Value<'static>> {
+        let mut out = HashMap::new();
+        if self.ready != before.ready {
+            out.insert("Ready", Value::from(self.ready));
+        }
+        if self.queue_depth != before.queue_depth {
+            out.insert("QueueDepth", Value::from(self.queue_depth));
+        }
+        if self.queue_capacity != before.queue_capacity {
+            out.insert("QueueCapacity", Value::from(self.queue_capacity));
+        }
+        if self.running != before.running {
+            out.insert("RunningTasks", Value::from(self.running));
+        }
+        let ageless = |n: &[NodeEntry]| -> Vec<NodeEntry> {
+            n.iter()
+                .map(|(i, s, a, _, p, d)| (i.clone(), s.clone(), a.clone(), 0, p.clone(), *d))
+                .collect()
+        };
+        if ageless(&self.nodes) != ageless(&before.nodes) {
+            out.insert("Nodes", Value::from(self.nodes.clone()));
+        }
+        if self.pools != before.pools {
+            out.insert("Pools", Value::from(self.pools.clone()));
+        }
+        out
+    }
+}
+
+#[zbus::interface(name = "org.llamaorch.Orchestrator1")]
+impl Orchestrator {
+    /// Whether requests are served (a pool is ready, or an on-demand pool is on standby).
+    #[zbus(property)]
+    fn ready(&self) -> bool {
+        self.state.serving().0
+    }
+
+    /// Tasks waiting in the admission queue.
+    #[zbus(property)]
+    fn queue_depth(&self) -> u32 {
+        u32::try_from(self.state.core().queue.len()).unwrap_or(u32::MAX)
+    }
+
+    #[zbus(property)]
+    fn queue_capacity(&self) -> u32 {
+        u32::try_from(self.state.core().queue.capacity()).unwrap_or(u32::MAX)
+    }
+
+    /// Tasks holding a slot now.
+    #[zbus(property)]
+    fn running_tasks(&self) -> u32 {
+        self.state.core().registry.total_leased()
+    }
+
+    #[zbus(property)]
+    fn nodes(&self) -> Vec<NodeEntry> {
+        Snapshot::take(&self.state).nodes
+    }
+
+    #[zbus(property)]
+    fn pools(&self) -> Vec<PoolEntry> {
+        Snapshot::take(&self.state).pools
+    }
+
+    /// Drains a pool: nothing new is placed on it, running tasks finish. `node` may be empty
+    /// when the pool id is on one node only.
+    async fn drain_pool(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        node: String,
+        pool: String,
+    ) -> Result<(), BusError> {
+        self.pool_action(conn, &hdr, "DrainPool", node, pool, "drain")
+            .await
+    }
+
+    async fn resume_pool(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        node: String,
+        pool: String,
+    ) -> Result<(), BusError> {
+        self.pool_action(conn, &hdr, "ResumePool", node, pool, "resume")
+            .await
+    }
+
+    /// Drains a node: nothing new is placed on any of its pools, running tasks finish.
+    async fn drain_node(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        node: String,
+    ) -> Result<(), BusError> {
+        let caller = authorize(conn, &hdr, "DrainNode").await?;
+        crate::control::node_action(&self.state, &node, true, &caller.to_string())
+            .map(drop)
+            .map_err(bus_error)
+    }
+
+    async fn resume_node(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        node: String,
+    ) -> Result<(), BusError> {
+        let caller = authorize(conn, &hdr, "ResumeNode").await?;
+        crate::control::node_action(&self.state, &node, false, &caller.to_string())
+            .map(drop)
+            .map_err(bus_error)
+    }
+
+    /// Cancels a task by id, whoever submitted it: a queued task ends at once, a running one
+    /// stops and frees its slot; its stream ends with `CANCELED`. True when it had not ended.
+    async fn cancel_task(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        task_id: String,
+    ) -> Result<bool, BusError> {
+        let caller = authorize(conn, &hdr, "CancelTask").await?;
+        crate::control::cancel_task(&self.state, &task_id, &caller.to_string()).map_err(bus_error)
+    }
+
+    /// Reads the API key and node token files again (as `systemctl reload orchestratord`).
+    async fn reload_keys(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<(), BusError> {
+        let caller = authorize(conn, &hdr, "ReloadKeys").await?;
+        crate::control::reload_keys(&self.state, &caller.to_string())
+            .map(drop)
+            .map_err(|e| BusError::code("ConfigRejected", e.to_string()))
+    }
+
+    #[zbus(signal)]
+    async fn node_joined(emitter: &SignalEmitter<'_>, id: &str) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn node_lost(emitter: &SignalEmitter<'_>, id: &str, reason: &str) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn pool_state_changed(
+        emitter: &SignalEmitter<'_>,
+        node: &str,
+        pool: &str,
+        old: &str,
+        new: &str,
+        reason: &str,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn queue_saturated(emitter: &SignalEmitter<'_>, depth: u32) -> zbus::Result<()>;
+}
+
+impl Orchestrator {
+    async fn pool_action(
+        &self,
+        conn: &zbus::Connection,
+        hdr: &Header<'_>,
+        method: &str,
+        node: String,
+        pool: String,
+        action: &str,
+    ) -> Result<(), BusError> {
+        let caller = authorize(conn, hdr, method).await?;
+        let node = Some(node.as_str()).filter(|n| !n.is_empty());
+        crate::control::pool_action(&self.state, &pool, node, action, &caller.to_string())
+            .await
+            .map(drop)
+            .map_err(bus_error)
+    }
+}
+
+/// Offers `org.llamaorch.Orchestrator1` on the bus `mode` names and forwards events and
+/// property changes until shutdown. `Err`: an explicitly chosen bus cannot be had.
+pub async fn start(state: Arc<State>, mode: llorch_bus::Mode) -> Result<(), String> {
+    let iface = Orchestrator {
+        state: state.clone(),
+    };
+    // Subscribed before the name is taken: no event of the first moments is lost.
+    let events = state.events.subscribe();
+    let conn = llorch_bus::serve(mode, llorch_bus::ORCHESTRATOR, |b| {
+        b.serve_at(llorch_bus::ORCHESTRATOR_PATH, iface)
+    })
+    .await?;
+    if let Some(conn) = conn {
+        tokio::spawn(publish(conn, state, events));
+    }
+    Ok(())
+}
+
+async fn publish(
+    conn: zbus::Connection,
+    state: Arc<State>,
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+) {
+    let Ok(emitter) = SignalEmitter::new(&conn, llorch_bus::ORCHESTRATOR_PATH) else {
+        return;
+    };
+    let mut last = Snapshot::take(&state);
+    let mut tick = tokio::time::interval(PROPERTY_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(e) => {
+                    if let Err(err) = signal(&emitter, &e).await {
+                        tracing::debug!(error = %err, "Cannot emit a D-Bus signal.");
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(lost = n, "The D-Bus front fell behind; some signals were not sent.");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {
+                let now = Snapshot::take(&state);
+                let changed = now.changed_since(&last);
+                let _ = llorch_bus::properties_changed(
+                    &conn,
+                    llorch_bus::ORCHESTRATOR_PATH,
+                    llorch_bus::ORCHESTRATOR,
+                    &changed,
+                )
+                .await;
+                last = now;
+            }
+            () = state.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn signal(emitter: &SignalEmitter<'_>, event: &Event) -> zbus::Result<()> {
+    match event {
+        Event::NodeJoined(id) => Orchestrator::node_joined(emitter, id).await,
+        Event::NodeLost { node, reason } => Orchestrator::node_lost(emitter, node, reason).await,
+        Event::PoolStateChanged {
+            node,
+            pool,
+            old,
+            new,
+            reason,
+        } => Orchestrator::pool_state_changed(emitter, node, pool, old, new, reason).await,
+        Event::QueueSaturated(depth) => Orchestrator::queue_saturated(emitter, *depth).await,
+    }
+}

@@ -1,0 +1,120 @@
+//! Operator actions on this node's pools, one implementation for both doors: the node API
+//! (`POST /v2/pools/{id}/drain|resume`, which the control plane calls) and D-Bus
+//! (`org.llamaorch.PoolManager1`). The same checks, the same transitions, the same log lines.
+
+use std::time::Duration;
+
+use llorch_wire::node::PoolStatus;
+
+use crate::state::Node;
+use crate::supervisor::{Command, Request};
+
+/// How long `Load`, `Unload` and `Restart` may take to be carried out: an engine's stop grace
+/// and then some. (A load is not waited for: the pool's state says when it is ready.)
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("pool {id:?} is not on this node; its pools are: {known}")]
+    UnknownPool { id: String, known: String },
+    #[error("{0}")]
+    NotOnDemand(String),
+    #[error("pool {0} is starting or stopping; try again in a moment")]
+    Unavailable(String),
+    #[error("pool {id} did not carry out {command} within {} s; see journalctl -u pool-managerd", COMMAND_TIMEOUT.as_secs())]
+    Timeout { id: String, command: &'static str },
+    #[error("{0}")]
+    ConfigRejected(String),
+}
+
+impl ControlError {
+    /// The error's name on D-Bus (`org.llamaorch.Error.<code>`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownPool { .. } => "NotFound",
+            Self::NotOnDemand(_) => "NotOnDemand",
+            Self::Unavailable(_) => "Unavailable",
+            Self::Timeout { .. } => "Timeout",
+            Self::ConfigRejected(_) => "ConfigRejected",
+        }
+    }
+}
+
+fn unknown(node: &Node, id: &str) -> ControlError {
+    ControlError::UnknownPool {
+        id: id.to_string(),
+        known: node.pool_ids().join(", "),
+    }
+}
+
+/// Drains (`true`) or resumes a pool: a drained pool takes no new work; running work finishes.
+pub fn set_draining(
+    node: &Node,
+    id: &str,
+    draining: bool,
+    by: &str,
+) -> Result<PoolStatus, ControlError> {
+    node.update(id, |p| {
+        if p.draining != draining {
+            tracing::info!(pool_id = %id, draining, by = %by, "Drain flag changed by an operator.");
+        }
+        p.draining = draining;
+    })
+    .ok_or_else(|| unknown(node, id))?;
+    // The flag is reported even when the state does not change (a pool not ready yet).
+    node.changed.notify_one();
+    node.status(id).ok_or_else(|| unknown(node, id))
+}
+
+/// Hands `command` to the pool's supervisor and waits until it was carried out.
+pub async fn command(
+    node: &Node,
+    id: &str,
+    command: Command,
+    by: &str,
+) -> Result<(), ControlError> {
+    let sender = node
+        .read(id, |p| p.commands.clone())
+        .ok_or_else(|| unknown(node, id))?
+        .ok_or_else(|| ControlError::Unavailable(id.to_string()))?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let request = Request {
+        command,
+        by: by.to_string(),
+        reply,
+    };
+    // A supervisor that stopped (pool removed, node stopping) has dropped its receiver.
+    let timeout = ControlError::Timeout {
+        id: id.to_string(),
+        command: command.as_str(),
+    };
+    let sent = tokio::time::timeout(COMMAND_TIMEOUT, sender.send(request)).await;
+    match sent {
+        Err(_) => return Err(timeout),
+        Ok(Err(_)) => return Err(ControlError::Unavailable(id.to_string())),
+        Ok(Ok(())) => {}
+    }
+    match tokio::time::timeout(COMMAND_TIMEOUT, answer).await {
+        Err(_) => Err(timeout),
+        Ok(Err(_)) => Err(ControlError::Unavailable(id.to_string())),
+        Ok(Ok(Err(why))) => Err(ControlError::NotOnDemand(why)),
+        Ok(Ok(Ok(()))) => Ok(()),
+    }
+}
+
+/// A request to read node.toml again, answered with what changed.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<crate::pools::Changes, String>>;
+
+/// Asks the node's main loop to reload its configuration (as SIGHUP does) and waits for the
+/// outcome.
+pub async fn reload(
+    reloads: &tokio::sync::mpsc::Sender<ReloadRequest>,
+) -> Result<crate::pools::Changes, ControlError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let stopped = || ControlError::Unavailable("(the node is stopping)".into());
+    reloads.send(reply).await.map_err(|_| stopped())?;
+    answer
+        .await
+        .map_err(|_| stopped())?
+        .map_err(ControlError::ConfigRejected)
+}

@@ -1,0 +1,462 @@
+//! D-Bus, end to end: the real orchestratord and pool-managerd on the real model, with a
+//! private `dbus-daemon` (its policy built from the shipped `systemd/org.llamaorch.conf`) as
+//! their session bus, driven with `busctl` only, as an operator would. The HTTP API is used to
+//! check that both doors lead to the same state, and to make work.
+//!
+//! The same calls against the real system bus and polkit run in the appliance test.
+#![allow(clippy::await_holding_lock)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use llorch_client::HttpClient;
+use llorch_tests::bus::PrivateBus;
+use llorch_tests::stack::{alive, Stack, StackOptions, MODEL_ID};
+use llorch_tests::{frames, repo_root, serial};
+use llorch_wire::node::PoolState;
+use llorch_wire::task::{PoolsAnswer, TaskAccepted, TaskRequest};
+use llorch_wire::ErrorCode;
+use serde_json::Value;
+
+const ORCH: &str = "org.llamaorch.Orchestrator1";
+const ORCH_PATH: &str = "/org/llamaorch/Orchestrator1";
+const NODE: &str = "org.llamaorch.PoolManager1";
+const NODE_PATH: &str = "/org/llamaorch/PoolManager1";
+const POOL: &str = "org.llamaorch.PoolManager1.Pool";
+const ON_DEMAND_PATH: &str = "/org/llamaorch/PoolManager1/pool/ondemand";
+const DEFAULT_PATH: &str = "/org/llamaorch/PoolManager1/pool/default";
+/// The unprivileged caller.
+const NOBODY: u32 = 65534;
+
+fn on_demand_pool() -> String {
+    format!(
+        r#"
+[[pools]]
+id = "ondemand"
+slots = 1
+ctx = 512
+threads = 2
+on_demand = true
+keep_alive_secs = 600
+
+[pools.model]
+id = "smollm2-on-demand"
+source = "{}"
+sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+"#,
+        llorch_tests::model_path().display()
+    )
+}
+
+/// (member, kind, signature, returns) of one interface, from `busctl introspect`; `returns` is
+/// kept for methods only (a property's column is its value).
+fn introspected(bus: &PrivateBus, service: &str, path: &str, iface: &str) -> BTreeSet<[String; 4]> {
+    let text = bus.ok(&["introspect", "--no-pager", service, path, iface]);
+    text.lines()
+        .filter(|l| l.starts_with('.'))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let returns = if f[1] == "method" { f[3] } else { "" };
+            [
+                f[0][1..].to_string(),
+                f[1].into(),
+                f[2].into(),
+                returns.into(),
+            ]
+        })
+        .collect()
+}
+
+/// The same, from the table under the heading "### `iface`" in docs/DBUS.md.
+fn documented(iface: &str) -> BTreeSet<[String; 4]> {
+    let doc = std::fs::read_to_string(repo_root().join("docs/DBUS.md")).unwrap();
+    let heading = format!("### `{iface}`");
+    let start = doc
+        .lines()
+        .position(|l| l.trim() == heading)
+        .unwrap_or_else(|| panic!("docs/DBUS.md has no heading {heading}"));
+    doc.lines()
+        .skip(start + 1)
+        .take_while(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            let f: Vec<String> = l
+                .split('|')
+                .map(|c| c.trim().trim_matches('`').to_string())
+                .collect();
+            let returns = if f[2] == "method" {
+                f[4].clone()
+            } else {
+                String::new()
+            };
+            [f[1].clone(), f[2].clone(), f[3].clone(), returns]
+        })
+        .collect()
+}
+
+async fn pools(c: &HttpClient) -> PoolsAnswer {
+    c.get_json("/v2/pools").await.expect("pools")
+}
+
+fn http_pool(p: &PoolsAnswer, id: &str) -> PoolState {
+    p.pools.iter().find(|p| p.pool_id == id).unwrap().state
+}
+
+/// `busctl get-property` of one property, as busctl prints it (`s "ready"`).
+fn property(bus: &PrivateBus, service: &str, path: &str, iface: &str, name: &str) -> String {
+    bus.ok(&["get-property", service, path, iface, name])
+        .trim()
+        .to_string()
+}
+
+/// Waits until `cond` holds for what `busctl monitor` has seen.
+fn wait_seen(monitor: &llorch_tests::bus::Monitor, what: &str, cond: impl Fn(&[Value]) -> bool) {
+    let start = Instant::now();
+    while !cond(&monitor.messages()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "busctl monitor did not see {what}: {:#?}",
+            monitor.messages()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_signal(m: &Value, member: &str, data: &[&str]) -> bool {
+    m["type"] == "signal"
+        && m["member"] == member
+        && data
+            .iter()
+            .enumerate()
+            .all(|(i, d)| m["payload"]["data"][i] == *d)
+}
+
+#[tokio::test]
+async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
+    let _g = serial();
+    let bus = PrivateBus::start();
+    let stack = Stack::start(StackOptions {
+        queue_capacity: 256,
+        orch_env: bus.env(),
+        node_env: bus.env(),
+        extra_node_toml: on_demand_pool(),
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+
+    // What busctl introspects is what docs/DBUS.md lists, member by member.
+    for (service, path, iface) in [
+        (ORCH, ORCH_PATH, ORCH),
+        (NODE, NODE_PATH, NODE),
+        (NODE, DEFAULT_PATH, POOL),
+    ] {
+        let have = introspected(&bus, service, path, iface);
+        assert!(have.len() >= 4, "{iface}: {have:?}");
+        assert_eq!(
+            have,
+            documented(iface),
+            "{iface}: introspection vs docs/DBUS.md"
+        );
+    }
+    let tree = bus.ok(&["tree", "--no-pager", NODE]);
+    for path in [DEFAULT_PATH, ON_DEMAND_PATH] {
+        assert!(tree.contains(path), "{tree}");
+    }
+    let listed = bus.ok(&["call", NODE, NODE_PATH, NODE, "ListPools"]);
+    assert!(
+        listed.contains(&format!("\"default\" \"{DEFAULT_PATH}\" \"ready\""))
+            && listed.contains(&format!("\"ondemand\" \"{ON_DEMAND_PATH}\" \"standby\"")),
+        "{listed}"
+    );
+
+    // Properties read the same state as the HTTP API.
+    assert_eq!(property(&bus, ORCH, ORCH_PATH, ORCH, "Ready"), "b true");
+    assert_eq!(
+        property(&bus, ORCH, ORCH_PATH, ORCH, "QueueCapacity"),
+        "u 256"
+    );
+    let nodes = property(&bus, ORCH, ORCH_PATH, ORCH, "Nodes");
+    assert!(
+        nodes.starts_with("a(ssstasb) 1 \"node-a\" \"online\""),
+        "{nodes}"
+    );
+    let pools_prop = property(&bus, ORCH, ORCH_PATH, ORCH, "Pools");
+    assert!(
+        pools_prop.contains(&format!(
+            "\"node-a\" \"default\" \"{MODEL_ID}\" \"ready\" 4 4 false"
+        )),
+        "{pools_prop}"
+    );
+    assert_eq!(
+        property(&bus, NODE, DEFAULT_PATH, POOL, "State"),
+        "s \"ready\""
+    );
+    assert_eq!(
+        property(&bus, NODE, DEFAULT_PATH, POOL, "Sha256"),
+        "s \"b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53\""
+    );
+    let engine_pid = stack.handoff().expect("the default pool's handoff").pid;
+    assert_eq!(
+        property(&bus, NODE, DEFAULT_PATH, POOL, "EnginePid"),
+        format!("u {engine_pid}")
+    );
+
+    let monitor = bus.monitor(&[ORCH, NODE]);
+
+    // DrainPool on the bus: the HTTP API shows the pool draining, both daemons signal it.
+    bus.ok(&[
+        "call",
+        ORCH,
+        ORCH_PATH,
+        ORCH,
+        "DrainPool",
+        "ss",
+        "",
+        "default",
+    ]);
+    assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Draining);
+    wait_seen(&monitor, "PoolStateChanged for the drain", |m| {
+        m.iter().any(|m| {
+            is_signal(
+                m,
+                "PoolStateChanged",
+                &["node-a", "default", "ready", "draining"],
+            )
+        }) && m
+            .iter()
+            .any(|m| is_signal(m, "PoolStateChanged", &["default", "ready", "draining"]))
+    });
+    bus.ok(&[
+        "call",
+        ORCH,
+        ORCH_PATH,
+        ORCH,
+        "ResumePool",
+        "ss",
+        "node-a",
+        "default",
+    ]);
+    assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Ready);
+    let unknown = bus.busctl(&["call", ORCH, ORCH_PATH, ORCH, "DrainPool", "ss", "", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("pool \"nope\" is not known"),
+        "{unknown:?}"
+    );
+
+    // 200 short tasks: QueueDepth changes hundreds of times, PropertiesChanged at most four
+    // times a second (plus the edges of the window).
+    let start = Instant::now();
+    for i in 0..200 {
+        let req = TaskRequest {
+            task_id: Some(format!("burst-{i}")),
+            model_ref: MODEL_ID.into(),
+            prompt: Some("Hello".into()),
+            max_tokens: Some(1),
+            temperature: Some(0.0),
+            ..TaskRequest::default()
+        };
+        c.post_json::<_, TaskAccepted>("/v2/tasks", &req)
+            .await
+            .expect("accepted");
+    }
+    loop {
+        let p = pools(&c).await;
+        if p.queue.depth == 0 && p.queue.running == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{p:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The last change is announced within one period.
+    wait_seen(&monitor, "QueueDepth back to 0", |m| {
+        m.iter()
+            .rev()
+            .find(|m| {
+                is_signal(m, "PropertiesChanged", &[ORCH])
+                    && m["payload"]["data"][1].get("QueueDepth").is_some()
+            })
+            .is_some_and(|m| m["payload"]["data"][1]["QueueDepth"]["data"] == 0)
+    });
+    let window = start.elapsed();
+    let depth_signals: Vec<u64> = monitor
+        .signals("PropertiesChanged")
+        .iter()
+        .filter(|d| d[0] == ORCH)
+        .filter_map(|d| d[1]["QueueDepth"]["data"].as_u64())
+        .collect();
+    let bound = (window.as_secs_f64() / 0.25).ceil() as usize + 2;
+    eprintln!(
+        "dbus: 200 tasks in {} ms: {} PropertiesChanged with QueueDepth (bound {bound}), highest depth {:?}",
+        window.as_millis(),
+        depth_signals.len(),
+        depth_signals.iter().max()
+    );
+    assert!(depth_signals.len() >= 2, "{depth_signals:?}");
+    assert!(
+        depth_signals.len() <= bound,
+        "{depth_signals:?} in {window:?}"
+    );
+    assert!(depth_signals.iter().any(|d| *d > 0), "{depth_signals:?}");
+
+    // CancelTask ends a running stream with CANCELED, whoever submitted it.
+    let long = TaskRequest {
+        task_id: Some("dbus-cancel".into()),
+        model_ref: MODEL_ID.into(),
+        prompt: Some("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,".into()),
+        max_tokens: Some(400),
+        temperature: Some(0.0),
+        ..TaskRequest::default()
+    };
+    let accepted: TaskAccepted = c.post_json("/v2/tasks", &long).await.unwrap();
+    let mut stream = c.events(&accepted.streams.sse).await.unwrap();
+    let mut tokens = 0;
+    while tokens < 3 {
+        if stream.next_frame().await.unwrap().unwrap().event == "token" {
+            tokens += 1;
+        }
+    }
+    let canceled = bus.ok(&[
+        "call",
+        ORCH,
+        ORCH_PATH,
+        ORCH,
+        "CancelTask",
+        "s",
+        "dbus-cancel",
+    ]);
+    assert_eq!(canceled.trim(), "b true");
+    let rest = frames(stream).await;
+    let last = rest.last().expect("the stream ends");
+    assert_eq!(last.event, "error", "{rest:?}");
+    let body: llorch_wire::ErrorBody = serde_json::from_str(&last.data).unwrap();
+    assert_eq!(body.code, ErrorCode::Canceled, "{body:?}");
+    let again = bus.ok(&[
+        "call",
+        ORCH,
+        ORCH_PATH,
+        ORCH,
+        "CancelTask",
+        "s",
+        "dbus-cancel",
+    ]);
+    assert_eq!(again.trim(), "b false");
+
+    // Load and Unload of the on-demand pool: its engine starts, and stops again.
+    assert_eq!(
+        property(&bus, NODE, ON_DEMAND_PATH, POOL, "State"),
+        "s \"standby\""
+    );
+    assert_eq!(
+        property(&bus, NODE, ON_DEMAND_PATH, POOL, "EnginePid"),
+        "u 0"
+    );
+    bus.ok(&["call", NODE, ON_DEMAND_PATH, POOL, "Load"]);
+    // pool-managerd says so at once; orchestratord with the node's next heartbeat.
+    wait_seen(&monitor, "the on-demand pool ready", |m| {
+        m.iter()
+            .any(|m| is_signal(m, "PoolStateChanged", &["ondemand", "loading", "ready"]))
+            && m.iter().any(|m| {
+                is_signal(
+                    m,
+                    "PoolStateChanged",
+                    &["node-a", "ondemand", "loading", "ready"],
+                )
+            })
+    });
+    let pid: u32 = property(&bus, NODE, ON_DEMAND_PATH, POOL, "EnginePid")
+        .trim_start_matches("u ")
+        .parse()
+        .unwrap();
+    assert!(pid > 0 && alive(pid));
+    assert_eq!(http_pool(&pools(&c).await, "ondemand"), PoolState::Ready);
+    bus.ok(&["call", NODE, ON_DEMAND_PATH, POOL, "Unload"]);
+    assert!(!alive(pid), "the engine {pid} still runs after Unload");
+    assert_eq!(
+        property(&bus, NODE, ON_DEMAND_PATH, POOL, "EnginePid"),
+        "u 0"
+    );
+    assert_eq!(
+        property(&bus, NODE, ON_DEMAND_PATH, POOL, "State"),
+        "s \"standby\""
+    );
+    let not_on_demand = bus.busctl(&["call", NODE, DEFAULT_PATH, POOL, "Unload"]);
+    assert!(!not_on_demand.status.success());
+    assert!(
+        String::from_utf8_lossy(&not_on_demand.stderr).contains("not on demand"),
+        "{not_on_demand:?}"
+    );
+    assert_eq!(
+        property(&bus, NODE, DEFAULT_PATH, POOL, "State"),
+        "s \"ready\""
+    );
+
+    // Another user: may read, may not act, may not own our names; the refusal is logged.
+    if llorch_os_euid_is_root() {
+        let denied = bus.busctl_as(
+            NOBODY,
+            &[
+                "call",
+                ORCH,
+                ORCH_PATH,
+                ORCH,
+                "DrainPool",
+                "ss",
+                "",
+                "default",
+            ],
+        );
+        assert!(!denied.status.success(), "{denied:?}");
+        assert!(
+            String::from_utf8_lossy(&denied.stderr).contains("Access denied"),
+            "{denied:?}"
+        );
+        let denied = bus.busctl_as(NOBODY, &["call", NODE, ON_DEMAND_PATH, POOL, "Load"]);
+        assert!(
+            String::from_utf8_lossy(&denied.stderr).contains("Access denied"),
+            "{denied:?}"
+        );
+        let read = bus.busctl_as(NOBODY, &["get-property", ORCH, ORCH_PATH, ORCH, "Ready"]);
+        assert!(read.status.success(), "{read:?}");
+        assert_eq!(String::from_utf8_lossy(&read.stdout).trim(), "b true");
+        let own = bus.busctl_as(
+            NOBODY,
+            &[
+                "call",
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "RequestName",
+                "su",
+                ORCH,
+                "0",
+            ],
+        );
+        assert!(
+            String::from_utf8_lossy(&own.stderr).contains("Access denied")
+                || String::from_utf8_lossy(&own.stderr).contains("not allowed"),
+            "{own:?}"
+        );
+        assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Ready);
+        assert_eq!(
+            property(&bus, NODE, ON_DEMAND_PATH, POOL, "State"),
+            "s \"standby\""
+        );
+        let logs = stack.logs();
+        assert!(
+            logs.lines().any(|l| l.contains("Refused a D-Bus call")
+                && l.contains("uid=65534")
+                && l.contains("method=\"DrainPool\"")),
+            "{logs}"
+        );
+    } else {
+        eprintln!("SKIPPED: the unprivileged caller needs root (setpriv)");
+    }
+}
+
+fn llorch_os_euid_is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
