@@ -99,8 +99,10 @@ sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 set -e
 install -m 0755 /mnt/llorch/bin/* /usr/bin/
 cp /mnt/llorch/units/*.service /mnt/llorch/units/*.socket /mnt/llorch/units/*.target /etc/systemd/system/
-mkdir -p /etc/sysusers.d /etc/tmpfiles.d /etc/llama-orch /etc/systemd/system/orchestratord.socket.d /etc/systemd/system/orchestratord.service.d /etc/polkit-1/rules.d
+mkdir -p /etc/sysusers.d /etc/tmpfiles.d /etc/llama-orch /etc/systemd/system/orchestratord.socket.d /etc/systemd/system/orchestratord.service.d /etc/polkit-1/rules.d /usr/share/dbus-1/system.d /usr/share/polkit-1/actions
 cp /mnt/llorch/units/llama-orch.polkit.rules /etc/polkit-1/rules.d/50-llama-orch.rules
+cp /mnt/llorch/units/org.llamaorch.conf /usr/share/dbus-1/system.d/org.llamaorch.conf
+cp /mnt/llorch/units/org.llamaorch.policy /usr/share/polkit-1/actions/org.llamaorch.policy
 cp /mnt/llorch/units/llama-orch.sysusers.conf /etc/sysusers.d/llama-orch.conf
 cp /mnt/llorch/units/llama-orch.tmpfiles.conf /etc/tmpfiles.d/llama-orch.conf
 cp /mnt/llorch/node.toml /etc/llama-orch/node.toml
@@ -109,6 +111,7 @@ cp /mnt/llorch/dropins/watchdog.conf /etc/systemd/system/orchestratord.service.d
 systemd-sysusers
 systemd-tmpfiles --create
 systemctl daemon-reload
+systemctl reload dbus
 "#,
     )
     .unwrap();
@@ -167,6 +170,160 @@ fn ask_on_demand(port: u16) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+const ORCH: [&str; 3] = [
+    "org.llamaorch.Orchestrator1",
+    "/org/llamaorch/Orchestrator1",
+    "org.llamaorch.Orchestrator1",
+];
+const ON_DEMAND_POOL: [&str; 3] = [
+    "org.llamaorch.PoolManager1",
+    "/org/llamaorch/PoolManager1/pool/ondemand",
+    "org.llamaorch.PoolManager1.Pool",
+];
+
+/// `busctl ARGS` inside the container as the unprivileged user `nobody`.
+fn as_nobody(c: &Container, args: &[&str]) -> std::process::Output {
+    let mut all = vec![
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "busctl",
+    ];
+    all.extend_from_slice(args);
+    c.sh(&all)
+}
+
+/// The daemons on the real system bus with the shipped policy and real polkit: root may act,
+/// `nobody` may read but is refused (and logged), and Load/Unload drive the on-demand pool's
+/// engine unit through systemd.
+fn dbus_on_the_system_bus(c: &Container, port: u16) {
+    let tree = c.ok(&["busctl", "tree", "--no-pager", "org.llamaorch.PoolManager1"]);
+    for pool in ["default", "ondemand"] {
+        assert!(
+            tree.contains(&format!("/org/llamaorch/PoolManager1/pool/{pool}")),
+            "{tree}"
+        );
+    }
+    let prop = |c: &Container, object: [&str; 3], name: &str| -> String {
+        let mut args = vec!["busctl", "get-property"];
+        args.extend_from_slice(&object);
+        args.push(name);
+        c.ok(&args).trim().to_string()
+    };
+    assert_eq!(prop(c, ORCH, "Ready"), "b true");
+    // The names are owned by the service user, as the policy wants.
+    let uid = c.ok(&["id", "-u", "llama-orch"]).trim().to_string();
+    for name in ["org.llamaorch.Orchestrator1", "org.llamaorch.PoolManager1"] {
+        let owner = c.ok(&["busctl", "status", "--no-pager", name]);
+        assert!(owner.lines().any(|l| l == format!("EUID={uid}")), "{owner}");
+    }
+
+    // Root drains and resumes the default pool; the HTTP API agrees.
+    let drain = |c: &Container, method: &str| {
+        let mut args = vec!["busctl", "call"];
+        args.extend_from_slice(&ORCH);
+        args.extend_from_slice(&[method, "ss", "", "default"]);
+        c.ok(&args);
+    };
+    let http_state = || -> String {
+        let (status, body) = curl(port, &[], "/v2/pools");
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pool_id"] == "default")
+            .unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    drain(c, "DrainPool");
+    assert_eq!(http_state(), "draining");
+    drain(c, "ResumePool");
+    assert_eq!(http_state(), "ready");
+
+    // nobody reads, and is refused a mutating call by polkit; the refusal is in the journal
+    // with its uid, and nothing changed.
+    let read = as_nobody(c, &["get-property", ORCH[0], ORCH[1], ORCH[2], "Ready"]);
+    assert!(read.status.success(), "{read:?}");
+    assert_eq!(String::from_utf8_lossy(&read.stdout).trim(), "b true");
+    let denied = as_nobody(
+        c,
+        &[
+            "call",
+            ORCH[0],
+            ORCH[1],
+            ORCH[2],
+            "DrainPool",
+            "ss",
+            "",
+            "default",
+        ],
+    );
+    assert!(!denied.status.success(), "{denied:?}");
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("Access denied"),
+        "{denied:?}"
+    );
+    let denied = as_nobody(
+        c,
+        &[
+            "call",
+            ON_DEMAND_POOL[0],
+            ON_DEMAND_POOL[1],
+            ON_DEMAND_POOL[2],
+            "Load",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("Access denied"),
+        "{denied:?}"
+    );
+    assert_eq!(http_state(), "ready");
+    let refused = c.journal(&[
+        "-u",
+        "orchestratord",
+        &format!("MESSAGE_ID={}", "e4b3e844652a43f981c68f4663a5e12e"),
+    ]);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["UID"], "65534", "{}", refused[0]);
+    assert_eq!(refused[0]["METHOD"], "DrainPool", "{}", refused[0]);
+
+    // Load starts the on-demand engine unit through systemd; Unload stops it, and the pool is
+    // on standby with its socket listening.
+    let ondemand = "llorch-engine@ondemand.service";
+    assert_eq!(prop(c, ON_DEMAND_POOL, "State"), "s \"standby\"");
+    let mut load = vec!["busctl", "call"];
+    load.extend_from_slice(&ON_DEMAND_POOL);
+    load.push("Load");
+    c.ok(&load);
+    c.wait_until(
+        "the on-demand pool loaded over D-Bus",
+        Duration::from_secs(60),
+        |c| prop(c, ON_DEMAND_POOL, "State") == "s \"ready\"",
+    );
+    let engine = c.main_pid(ondemand);
+    assert_ne!(engine, 0);
+    assert_eq!(prop(c, ON_DEMAND_POOL, "EnginePid"), format!("u {engine}"));
+    let mut unload = vec!["busctl", "call"];
+    unload.extend_from_slice(&ON_DEMAND_POOL);
+    unload.push("Unload");
+    c.ok(&unload);
+    assert_eq!(c.show(ondemand, "ActiveState"), "inactive");
+    assert_eq!(
+        c.show("llorch-engine@ondemand.socket", "ActiveState"),
+        "active"
+    );
+    c.wait_until(
+        "the on-demand pool on standby",
+        Duration::from_secs(30),
+        |c| prop(c, ON_DEMAND_POOL, "State") == "s \"standby\"",
+    );
 }
 
 fn chat(port: u16, extra: &[&str]) -> (u16, String) {
@@ -341,6 +498,8 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     let second_engine = c.main_pid(ondemand);
     assert!(second_engine != 0 && second_engine != first_engine);
     unloaded("the on-demand engine to unload again", &c);
+
+    dbus_on_the_system_bus(&c, port);
 
     // Restart orchestratord while a client keeps asking: the socket stays with systemd, so no
     // connection is refused, and every request is answered 200: one that arrives before the

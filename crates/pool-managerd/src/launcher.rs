@@ -75,6 +75,13 @@ pub trait EngineHandle: Send {
     /// Asks the engine to stop (SIGTERM: it drains and removes its handoff file), and kills it
     /// when it has not exited after `grace`.
     fn stop(&mut self, grace: Duration) -> BoxFuture<'_, EngineExit>;
+
+    /// Like [`EngineHandle::stop`], but the pool's socket keeps listening where the launcher
+    /// owns one apart from the engine (a systemd socket unit), so connections made meanwhile
+    /// wait for the next engine (an operator's `Unload` or `Restart`).
+    fn stop_keeping_socket(&mut self, grace: Duration) -> BoxFuture<'_, EngineExit> {
+        self.stop(grace)
+    }
 }
 
 /// How an engine (or provisioner) process ended.

@@ -327,7 +327,7 @@ pub async fn supervise(
                 node.update(&id, |p| p.restarts += 1);
             }
             Running::Shutdown => {
-                stop_engine(&node, &id, engine, grace, &handoff_path).await;
+                stop_engine(&node, &id, engine, grace, &handoff_path, false).await;
                 if pool.on_demand {
                     launcher.close_on_demand(&pool).await;
                 }
@@ -335,7 +335,8 @@ pub async fn supervise(
             }
             Running::Asked(req) => {
                 tracing::info!(pool_id = %id, command = req.command.as_str(), by = %req.by, "Pool command from an operator: stopping the engine.");
-                stop_engine(&node, &id, engine, grace, &handoff_path).await;
+                // The socket keeps listening: requests made meanwhile wait for the next engine.
+                stop_engine(&node, &id, engine, grace, &handoff_path, true).await;
                 node.update(&id, |p| {
                     p.handoff = None;
                     p.engine_started = None;
@@ -444,11 +445,16 @@ async fn stop_engine(
     mut engine: Box<dyn EngineHandle>,
     grace: Duration,
     handoff_path: &Path,
+    keep_socket: bool,
 ) {
     node.update(id, |p| p.phase = Phase::Stopping);
     let pid = engine.pid();
     tracing::info!(pool_id = %id, pid, "Stopping the engine.");
-    let exit = engine.stop(grace).await;
+    let exit = if keep_socket {
+        engine.stop_keeping_socket(grace).await
+    } else {
+        engine.stop(grace).await
+    };
     if exit.success() {
         tracing::info!(pool_id = %id, "Engine stopped.");
     } else {

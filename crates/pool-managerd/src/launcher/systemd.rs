@@ -506,6 +506,13 @@ struct SystemdEngine {
 }
 
 impl SystemdEngine {
+    /// Stops the engine unit as the unit says (SIGTERM, TimeoutStopSec, SIGKILL).
+    async fn stop_unit(&self) {
+        if let Err(e) = self.launcher.job(&self.unit, "stop").await {
+            tracing::warn!(unit = %self.unit, error = %e, "Cannot stop the engine unit.");
+        }
+    }
+
     /// How the engine this handle knows ended. When systemd already runs the next engine (a
     /// connection waiting on the socket started it right after a clean unload, or an operator
     /// restarted the unit), the exit status of ours is gone; without a restart of systemd's
@@ -580,10 +587,7 @@ impl EngineHandle for SystemdEngine {
 
     fn stop(&mut self, _grace: Duration) -> BoxFuture<'_, EngineExit> {
         Box::pin(async move {
-            // systemd stops it as the unit says (SIGTERM, TimeoutStopSec, SIGKILL).
-            if let Err(e) = self.launcher.job(&self.unit, "stop").await {
-                tracing::warn!(unit = %self.unit, error = %e, "Cannot stop the engine unit.");
-            }
+            self.stop_unit().await;
             let socket = engine_socket_unit(
                 self.unit
                     .trim_start_matches("llorch-engine@")
@@ -592,6 +596,13 @@ impl EngineHandle for SystemdEngine {
             if let Err(e) = self.launcher.job(&socket, "stop").await {
                 tracing::warn!(unit = %socket, error = %e, "Cannot stop the engine's socket unit.");
             }
+            exit_of(&self.service, &self.unit).await
+        })
+    }
+
+    fn stop_keeping_socket(&mut self, _grace: Duration) -> BoxFuture<'_, EngineExit> {
+        Box::pin(async move {
+            self.stop_unit().await;
             exit_of(&self.service, &self.unit).await
         })
     }
