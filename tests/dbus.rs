@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use llorch_client::HttpClient;
 use llorch_tests::bus::PrivateBus;
-use llorch_tests::stack::{alive, Stack, StackOptions, MODEL_ID};
-use llorch_tests::{frames, repo_root, serial};
+use llorch_tests::stack::{alive, Stack, StackOptions, MODEL_ID, TEST_KEY};
+use llorch_tests::{bin, frames, repo_root, serial};
 use llorch_wire::node::PoolState;
 use llorch_wire::task::{PoolsAnswer, TaskAccepted, TaskRequest};
 use llorch_wire::ErrorCode;
@@ -200,6 +200,45 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         property(&bus, NODE, DEFAULT_PATH, POOL, "EnginePid"),
         format!("u {engine_pid}")
     );
+
+    // llorch finds orchestratord on the bus and needs no API key there; over HTTP (--dbus
+    // off) the same command without a key is refused, with one it works.
+    let llorch = |args: &[&str], key: Option<&str>| {
+        let mut cmd = std::process::Command::new(bin("llorch"));
+        cmd.args(args)
+            .args(["--url", &stack.url()])
+            .env_remove("LLORCH_API_KEY")
+            .env_remove("LLORCH_DBUS")
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address);
+        if let Some(k) = key {
+            cmd.env("LLORCH_API_KEY", k);
+        }
+        cmd.output().expect("llorch")
+    };
+    let out = llorch(&["pools", "drain", "default", "--dbus", "session"], None);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pool default: drain requested over D-Bus"
+    );
+    assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Draining);
+    let out = llorch(&["status", "--bus", "--dbus", "session"], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("default") && l.contains("node-a") && l.contains("draining")),
+        "{text}"
+    );
+    assert!(text.contains("(read over D-Bus)"), "{text}");
+    let out = llorch(&["pools", "resume", "default", "--dbus", "off"], None);
+    assert!(!out.status.success(), "HTTP without a key: {out:?}");
+    let out = llorch(
+        &["pools", "resume", "default", "--dbus", "off"],
+        Some(TEST_KEY),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Ready);
 
     let monitor = bus.monitor(&[ORCH, NODE]);
 

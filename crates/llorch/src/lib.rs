@@ -1,7 +1,8 @@
 //! The `llorch` command line's library: `demo` (the engine alone), `up` (the home profile
-//! without systemd), `remote` (commands that talk to orchestratord) and `generate` (straight to
-//! an engine socket).
+//! without systemd), `remote` (commands that talk to orchestratord), `bus` (the same over
+//! D-Bus, for local control) and `generate` (straight to an engine socket).
 
+pub mod bus;
 pub mod demo;
 pub mod generate;
 pub mod remote;

@@ -25,11 +25,24 @@ struct Cli {
 #[derive(clap::Args)]
 struct Remote {
     /// orchestratord's URL (`https://` across a network).
-    #[arg(long, env = "LLORCH_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "LLORCH_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     url: String,
     /// PEM file of the CA that signed orchestratord's certificate; default: the system's store.
-    #[arg(long, env = "LLORCH_CA")]
+    #[arg(long, env = "LLORCH_CA", global = true)]
     ca: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct Bus {
+    /// The bus to find orchestratord on: auto (the system bus), system, session, or off (HTTP
+    /// only).
+    #[arg(long, env = "LLORCH_DBUS", default_value = "auto", global = true)]
+    dbus: llorch_bus::Mode,
 }
 
 #[derive(Subcommand)]
@@ -71,6 +84,9 @@ enum Cmd {
         /// Admission policy when the queue is full: reject or drop-lru.
         #[arg(long)]
         admission_policy: Option<String>,
+        /// Offer the daemons on D-Bus (docs/DBUS.md): off, auto, system or session.
+        #[arg(long, default_value = "off")]
+        dbus: llorch_bus::Mode,
     },
     /// Stream an answer to one prompt (from orchestratord, or from an engine with --engine).
     Generate {
@@ -109,11 +125,18 @@ enum Cmd {
     Status {
         #[command(flatten)]
         remote: Remote,
+        /// Read orchestratord's D-Bus properties instead of its HTTP API (no API key needed).
+        #[arg(long)]
+        bus: bool,
+        #[command(flatten)]
+        dbus: Bus,
     },
-    /// Drain or resume a pool.
+    /// Drain or resume a pool: over D-Bus when orchestratord is on the bus, else HTTP.
     Pools {
         #[command(flatten)]
         remote: Remote,
+        #[command(flatten)]
+        dbus: Bus,
         #[command(subcommand)]
         action: PoolAction,
     },
@@ -221,6 +244,7 @@ async fn main() {
             api_keys,
             queue_capacity,
             admission_policy,
+            dbus,
         } => {
             let (model, sha256, model_id) = match model {
                 None => (
@@ -257,6 +281,7 @@ async fn main() {
                 cache,
                 runtime_dir,
                 orchestratord_args,
+                dbus,
             })
             .await
         }
@@ -310,19 +335,42 @@ async fn main() {
             Ok(c) => remote::chat(&c, model, max_tokens, temperature, system).await,
             Err(e) => Err(e),
         },
-        Cmd::Status { remote: r } => match remote::client(&r.url, r.ca.as_deref(), api_key()) {
-            Ok(c) => remote::status(&c, &mut std::io::stdout()).await,
-            Err(e) => Err(e),
+        Cmd::Status {
+            remote: r,
+            bus: true,
+            dbus,
+        } => match llorch::bus::orchestrator(dbus.dbus).await {
+            Some(proxy) => llorch::bus::status(&proxy, &mut std::io::stdout()).await,
+            None => Err(anyhow::anyhow!(
+                "orchestratord is not on the {} bus (see docs/DBUS.md); drop --bus to ask {} over HTTP",
+                dbus.dbus,
+                r.url
+            )),
         },
-        Cmd::Pools { remote: r, action } => {
+        Cmd::Status { remote: r, .. } => {
             match remote::client(&r.url, r.ca.as_deref(), api_key()) {
-                Ok(c) => match action {
-                    PoolAction::Drain { pool, node } => {
-                        remote::pool_action(&c, "drain", &pool, node.as_deref()).await
-                    }
-                    PoolAction::Resume { pool, node } => {
-                        remote::pool_action(&c, "resume", &pool, node.as_deref()).await
-                    }
+                Ok(c) => remote::status(&c, &mut std::io::stdout()).await,
+                Err(e) => Err(e),
+            }
+        }
+        Cmd::Pools {
+            remote: r,
+            dbus,
+            action,
+        } => {
+            let (verb, pool, node) = match action {
+                PoolAction::Drain { pool, node } => ("drain", pool, node),
+                PoolAction::Resume { pool, node } => ("resume", pool, node),
+            };
+            let done = match llorch::bus::orchestrator(dbus.dbus).await {
+                Some(proxy) => llorch::bus::pool_action(&proxy, verb, &pool, node.as_deref()).await,
+                None => Ok(false),
+            };
+            match done {
+                Ok(true) => Ok(()),
+                Ok(false) => match remote::client(&r.url, r.ca.as_deref(), api_key()) {
+                    Ok(c) => remote::pool_action(&c, verb, &pool, node.as_deref()).await,
+                    Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
             }

@@ -221,7 +221,7 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
     Ok(())
 }
 
-fn write_table(out: &mut dyn Write, rows: &[Vec<String>]) -> std::io::Result<()> {
+pub fn write_table(out: &mut dyn Write, rows: &[Vec<String>]) -> std::io::Result<()> {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {

@@ -28,6 +28,9 @@ pub struct UpOptions {
     pub runtime_dir: Option<PathBuf>,
     /// Extra flags for orchestratord (`--api-keys`, `--queue-capacity`, …).
     pub orchestratord_args: Vec<String>,
+    /// The daemons' D-Bus (`--dbus`; `off` unless asked: a user's stack cannot own the
+    /// names on the system bus).
+    pub dbus: llorch_bus::Mode,
 }
 
 /// A binary next to this executable, else from `PATH`.
@@ -282,6 +285,8 @@ pub async fn run(mut opts: UpOptions) -> anyhow::Result<()> {
         opts.listen.to_string(),
         "--node-tokens".to_string(),
         tokens_file.display().to_string(),
+        "--dbus".to_string(),
+        opts.dbus.to_string(),
     ];
     orch_args.extend(opts.orchestratord_args.iter().cloned());
     let mut orch = Daemon::spawn_with_listener(
@@ -293,7 +298,12 @@ pub async fn run(mut opts: UpOptions) -> anyhow::Result<()> {
     drop(api);
     let mut node = Daemon::spawn(
         "pool-managerd",
-        &["--config".to_string(), config_path.display().to_string()],
+        &[
+            "--config".to_string(),
+            config_path.display().to_string(),
+            "--dbus".to_string(),
+            opts.dbus.to_string(),
+        ],
         logs.join("pool-managerd.log"),
     )?;
     eprintln!(
