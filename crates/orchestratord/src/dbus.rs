@@ -41,15 +41,22 @@ fn bus_error((_, body): Refusal) -> BusError {
     }
 }
 
-/// Everything the properties say, read under one lock.
-#[derive(Debug, Clone, PartialEq)]
+/// What the properties say, read under one lock. `Nodes` and `Pools` are kept as digests
+/// (heartbeat ages left out): comparing them four times a second allocates nothing, however
+/// many nodes there are; their values are built only when they changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Snapshot {
     ready: bool,
     queue_depth: u32,
     queue_capacity: u32,
     running: u32,
-    nodes: Vec<NodeEntry>,
-    pools: Vec<PoolEntry>,
+    nodes: u64,
+    pools: u64,
+}
+
+fn digest(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }
 
 impl Snapshot {
@@ -57,49 +64,44 @@ impl Snapshot {
         let ready = state.serving().0;
         let core = state.core();
         let now = Instant::now();
-        let nodes = core
-            .registry
-            .nodes
-            .values()
-            .map(|n| {
-                (
-                    n.id.clone(),
-                    n.state(now).to_string(),
-                    n.address.clone(),
-                    now.duration_since(n.last_seen).as_millis() as u64,
-                    n.pools.iter().map(|p| p.pool_id.clone()).collect(),
-                    n.draining,
-                )
-            })
-            .collect();
-        let pools = core
-            .registry
-            .pool_views()
-            .into_iter()
-            .map(|p| {
-                (
-                    p.node_id,
-                    p.pool_id,
-                    p.model_id,
-                    p.state.to_string(),
-                    p.slots_total.saturating_sub(p.slots_busy),
+        let registry = &core.registry;
+        let nodes = registry.nodes.values().fold(0u64, |h, n| {
+            let h = digest((h, &n.id, n.state(now), &n.address, n.draining));
+            n.pools.iter().fold(h, |h, p| digest((h, &p.pool_id)))
+        });
+        let mut pools = registry.nodes.values().fold(0u64, |h, n| {
+            n.pools.iter().fold(h, |h, p| {
+                digest((
+                    h,
+                    &n.id,
+                    &p.pool_id,
+                    &p.model_id,
+                    p.state,
                     p.slots_total,
                     p.on_demand,
-                )
+                ))
             })
-            .collect();
+        });
+        // Leases come in no order: combined so that the order does not matter.
+        for (key, n) in registry.leases() {
+            pools ^= digest((key, n));
+        }
         Self {
             ready,
             queue_depth: u32::try_from(core.queue.len()).unwrap_or(u32::MAX),
             queue_capacity: u32::try_from(core.queue.capacity()).unwrap_or(u32::MAX),
-            running: core.registry.total_leased(),
+            running: registry.total_leased(),
             nodes,
             pools,
         }
     }
 
-    /// The properties that differ from `before` (heartbeat ages aside), by D-Bus name.
-    fn changed_since(&self, before: &Snapshot) -> HashMap<&'static str, Value<'static>> {
+    /// The properties that differ from `before`, by D-Bus name, with their values now.
+    fn changed_since(
+        &self,
+        before: &Snapshot,
+        state: &State,
+    ) -> HashMap<&'static str, Value<'static>> {
         let mut out = HashMap::new();
         if self.ready != before.ready {
             out.insert("Ready", Value::from(self.ready));
@@ -113,19 +115,53 @@ impl Snapshot {
         if self.running != before.running {
             out.insert("RunningTasks", Value::from(self.running));
         }
-        let ageless = |n: &[NodeEntry]| -> Vec<NodeEntry> {
-            n.iter()
-                .map(|(i, s, a, _, p, d)| (i.clone(), s.clone(), a.clone(), 0, p.clone(), *d))
-                .collect()
-        };
-        if ageless(&self.nodes) != ageless(&before.nodes) {
-            out.insert("Nodes", Value::from(self.nodes.clone()));
+        if self.nodes != before.nodes {
+            out.insert("Nodes", Value::from(nodes(state)));
         }
         if self.pools != before.pools {
-            out.insert("Pools", Value::from(self.pools.clone()));
+            out.insert("Pools", Value::from(pools(state)));
         }
         out
     }
+}
+
+fn nodes(state: &State) -> Vec<NodeEntry> {
+    let core = state.core();
+    let now = Instant::now();
+    core.registry
+        .nodes
+        .values()
+        .map(|n| {
+            (
+                n.id.clone(),
+                n.state(now).to_string(),
+                n.address.clone(),
+                now.duration_since(n.last_seen).as_millis() as u64,
+                n.pools.iter().map(|p| p.pool_id.clone()).collect(),
+                n.draining,
+            )
+        })
+        .collect()
+}
+
+fn pools(state: &State) -> Vec<PoolEntry> {
+    let core = state.core();
+    let mut out = Vec::new();
+    for n in core.registry.nodes.values() {
+        for p in &n.pools {
+            let leased = core.registry.leased(&(n.id.clone(), p.pool_id.clone()));
+            out.push((
+                n.id.clone(),
+                p.pool_id.clone(),
+                p.model_id.clone(),
+                p.state.to_string(),
+                p.slots_total.saturating_sub(leased),
+                p.slots_total,
+                p.on_demand,
+            ));
+        }
+    }
+    out
 }
 
 #[zbus::interface(name = "org.llamaorch.Orchestrator1")]
@@ -155,12 +191,12 @@ impl Orchestrator {
 
     #[zbus(property)]
     fn nodes(&self) -> Vec<NodeEntry> {
-        Snapshot::take(&self.state).nodes
+        nodes(&self.state)
     }
 
     #[zbus(property)]
     fn pools(&self) -> Vec<PoolEntry> {
-        Snapshot::take(&self.state).pools
+        pools(&self.state)
     }
 
     /// Drains a pool: nothing new is placed on it, running tasks finish. `node` may be empty
@@ -319,7 +355,7 @@ async fn publish(
             },
             _ = tick.tick() => {
                 let now = Snapshot::take(&state);
-                let changed = now.changed_since(&last);
+                let changed = now.changed_since(&last, &state);
                 let _ = llorch_bus::properties_changed(
                     &conn,
                     llorch_bus::ORCHESTRATOR_PATH,

@@ -245,6 +245,14 @@ impl Registry {
         }
     }
 
+    /// Leases held now, by pool (in no particular order).
+    pub fn leases(&self) -> impl Iterator<Item = (&PoolKey, u32)> {
+        self.leases
+            .iter()
+            .map(|(k, n)| (k, *n))
+            .filter(|(_, n)| *n > 0)
+    }
+
     pub fn leased(&self, key: &PoolKey) -> u32 {
         self.leases.get(key).copied().unwrap_or(0)
     }
