@@ -285,6 +285,41 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
         "{denied:?}"
     );
     assert_eq!(http_state(), "ready");
+    // A member of llama-orch-admin is allowed by polkit itself (the shipped rule), no password.
+    c.ok(&[
+        "useradd",
+        "--no-create-home",
+        "--groups",
+        "llama-orch-admin",
+        "operator1",
+    ]);
+    let as_operator = |c: &Container, method: &str| {
+        c.sh(&[
+            "setpriv",
+            "--reuid=operator1",
+            "--regid=operator1",
+            "--init-groups",
+            "busctl",
+            "call",
+            ORCH[0],
+            ORCH[1],
+            ORCH[2],
+            method,
+            "ss",
+            "",
+            "default",
+        ])
+    };
+    let allowed = as_operator(c, "DrainPool");
+    assert!(
+        allowed.status.success(),
+        "{allowed:?}\n{:?}",
+        c.journal(&["-u", "orchestratord", "MESSAGE_ID=e4b3e844652a43f981c68f4663a5e12e"])
+    );
+    assert_eq!(http_state(), "draining");
+    let allowed = as_operator(c, "ResumePool");
+    assert!(allowed.status.success(), "{allowed:?}");
+    assert_eq!(http_state(), "ready");
     let refused = c.journal(&[
         "-u",
         "orchestratord",
