@@ -314,7 +314,11 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
     assert!(
         allowed.status.success(),
         "{allowed:?}\n{:?}",
-        c.journal(&["-u", "orchestratord", "MESSAGE_ID=e4b3e844652a43f981c68f4663a5e12e"])
+        c.journal(&[
+            "-u",
+            "orchestratord",
+            "MESSAGE_ID=e4b3e844652a43f981c68f4663a5e12e"
+        ])
     );
     assert_eq!(http_state(), "draining");
     let allowed = as_operator(c, "ResumePool");

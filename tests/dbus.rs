@@ -430,6 +430,65 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         "s \"ready\""
     );
 
+    // DrainNode and ResumeNode show in the Nodes property; ReloadKeys reads the key files.
+    bus.ok(&["call", ORCH, ORCH_PATH, ORCH, "DrainNode", "s", "node-a"]);
+    let nodes = property(&bus, ORCH, ORCH_PATH, ORCH, "Nodes");
+    assert!(nodes.ends_with("true"), "{nodes}");
+    bus.ok(&["call", ORCH, ORCH_PATH, ORCH, "ResumeNode", "s", "node-a"]);
+    let nodes = property(&bus, ORCH, ORCH_PATH, ORCH, "Nodes");
+    assert!(nodes.ends_with("false"), "{nodes}");
+    bus.ok(&["call", ORCH, ORCH_PATH, ORCH, "ReloadKeys"]);
+    assert!(
+        stack.logs().contains("Reloaded the key files."),
+        "{}",
+        stack.logs()
+    );
+
+    // Restart: a new engine serves the default pool.
+    let old_engine = stack.handoff().expect("handoff").pid;
+    bus.ok(&["call", NODE, DEFAULT_PATH, POOL, "Restart"]);
+    assert!(!alive(old_engine), "the old engine {old_engine} still runs");
+    wait_seen(&monitor, "the default pool ready again", |m| {
+        m.iter()
+            .filter(|m| is_signal(m, "PoolStateChanged", &["default", "loading", "ready"]))
+            .count()
+            >= 1
+    });
+    let new_engine: u32 = property(&bus, NODE, DEFAULT_PATH, POOL, "EnginePid")
+        .trim_start_matches("u ")
+        .parse()
+        .unwrap();
+    assert!(new_engine != old_engine && alive(new_engine));
+    assert_eq!(property(&bus, NODE, DEFAULT_PATH, POOL, "Restarts"), "u 0");
+
+    // Reload: a node.toml that fails its checks changes nothing; one without the on-demand
+    // pool removes its object.
+    let config = stack.dir.path().join("node.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, good.replace("slots = 1", "slots = 0")).unwrap();
+    let refused = bus.busctl(&["call", NODE, NODE_PATH, NODE, "Reload"]);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("slots"),
+        "{refused:?}"
+    );
+    assert!(bus
+        .ok(&["tree", "--no-pager", NODE])
+        .contains(ON_DEMAND_PATH));
+    std::fs::write(&config, good.replace(&on_demand_pool(), "")).unwrap();
+    bus.ok(&["call", NODE, NODE_PATH, NODE, "Reload"]);
+    wait_seen(&monitor, "the on-demand pool removed", |m| {
+        m.iter().any(|m| {
+            is_signal(m, "PoolStateChanged", &["ondemand"]) && m["payload"]["data"][2] == ""
+        })
+    });
+    let tree = bus.ok(&["tree", "--no-pager", NODE]);
+    assert!(
+        !tree.contains(ON_DEMAND_PATH) && tree.contains(DEFAULT_PATH),
+        "{tree}"
+    );
+    std::fs::write(&config, &good).unwrap();
+
     // Another user: may read, may not act, may not own our names; the refusal is logged.
     if llorch_os_euid_is_root() {
         let denied = bus.busctl_as(
@@ -450,7 +509,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
             String::from_utf8_lossy(&denied.stderr).contains("Access denied"),
             "{denied:?}"
         );
-        let denied = bus.busctl_as(NOBODY, &["call", NODE, ON_DEMAND_PATH, POOL, "Load"]);
+        let denied = bus.busctl_as(NOBODY, &["call", NODE, DEFAULT_PATH, POOL, "Restart"]);
         assert!(
             String::from_utf8_lossy(&denied.stderr).contains("Access denied"),
             "{denied:?}"
@@ -478,8 +537,8 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         );
         assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Ready);
         assert_eq!(
-            property(&bus, NODE, ON_DEMAND_PATH, POOL, "State"),
-            "s \"standby\""
+            property(&bus, NODE, DEFAULT_PATH, POOL, "EnginePid"),
+            format!("u {new_engine}")
         );
         let logs = stack.logs();
         assert!(
