@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use llorch_client::HttpClient;
 use llorch_tests::bus::PrivateBus;
-use llorch_tests::stack::{alive, Stack, StackOptions, MODEL_ID, TEST_KEY};
+use llorch_tests::stack::{alive, signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
 use llorch_tests::{bin, frames, repo_root, serial};
 use llorch_wire::node::PoolState;
 use llorch_wire::task::{PoolsAnswer, TaskAccepted, TaskRequest};
@@ -488,6 +488,22 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         "{tree}"
     );
     std::fs::write(&config, &good).unwrap();
+
+    // A node that stops answering is lost, and joins again when it is back.
+    let node_pid = stack.node.as_ref().expect("pool-managerd").pid();
+    signal(node_pid, libc::SIGSTOP);
+    wait_seen(&monitor, "NodeLost", |m| {
+        m.iter()
+            .any(|m| is_signal(m, "NodeLost", &["node-a", "missed its heartbeats"]))
+    });
+    let joined_before = monitor.signals("NodeJoined").len();
+    signal(node_pid, libc::SIGCONT);
+    wait_seen(&monitor, "NodeJoined after the node came back", |m| {
+        m.iter()
+            .filter(|m| is_signal(m, "NodeJoined", &["node-a"]))
+            .count()
+            > joined_before
+    });
 
     // Another user: may read, may not act, may not own our names; the refusal is logged.
     if llorch_os_euid_is_root() {

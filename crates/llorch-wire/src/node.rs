@@ -129,6 +129,15 @@ pub struct PoolStatus {
     /// to a `standby` pool waits before its first token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_ms: Option<u64>,
+    /// The node's count of operator changes (drain, resume) when this status was read; 0 when
+    /// the node does not count. The control plane keeps the status of the highest count it
+    /// has seen, so a heartbeat that was on its way while a drain was answered cannot undo it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl PoolStatus {
@@ -155,6 +164,7 @@ impl PoolStatus {
             draining: false,
             on_demand: false,
             load_ms: None,
+            seq: 0,
         }
     }
 }
@@ -415,6 +425,7 @@ mod tests {
         PoolStatus {
             engine_pid: Some(7),
             load_ms: Some(120),
+            seq: 3,
             ..PoolStatus::new(id, "smollm2-135m", PoolState::Ready, 4, 2048)
         }
     }

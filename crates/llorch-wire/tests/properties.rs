@@ -44,6 +44,7 @@ fn pool_status() -> impl Strategy<Value = PoolStatus> {
                     draining: false,
                     on_demand: false,
                     load_ms,
+                    seq: 0,
                 }
             },
         )

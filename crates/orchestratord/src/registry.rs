@@ -129,6 +129,19 @@ impl Registry {
         }
         node.last_seen = Instant::now();
         node.staged_models = staged;
+        let mut pools = pools;
+        for (i, p) in pools.iter_mut().enumerate() {
+            // A report read before an operator's change the control plane already has (a
+            // heartbeat on its way while a drain was answered) is older: keep the newer one.
+            let known = node
+                .pools
+                .get(i)
+                .filter(|o| o.pool_id == p.pool_id)
+                .or_else(|| node.pools.iter().find(|o| o.pool_id == p.pool_id));
+            if let Some(known) = known.filter(|k| p.seq != 0 && p.seq < k.seq) {
+                *p = known.clone();
+            }
+        }
         for p in &pools {
             let key = (node_id.to_string(), p.pool_id.clone());
             if let Some((pid, since)) = self.suspect.get(&key) {
@@ -561,6 +574,29 @@ mod tests {
         // A heartbeat brings it back at once.
         assert!(r.heartbeat("w", vec![], vec![]));
         assert_eq!(r.nodes["w"].state(Instant::now()), "online");
+    }
+
+    #[test]
+    fn a_heartbeat_read_before_an_answered_drain_does_not_undo_it() {
+        let mut r = Registry::default();
+        let status = |state, draining, seq| PoolStatus {
+            draining,
+            seq,
+            ..PoolStatus::new("p", "m", state, 2, 1024)
+        };
+        let mut n = node("w", Instant::now());
+        n.pools = vec![status(PoolState::Ready, false, 4)];
+        r.register(n);
+        // The node answered the drain (count 5); a heartbeat it read before (count 4) arrives
+        // after that answer was recorded: the drain stays.
+        r.nodes.get_mut("w").unwrap().pools[0] = status(PoolState::Draining, true, 5);
+        assert!(r.heartbeat("w", vec![status(PoolState::Ready, false, 4)], vec![]));
+        assert_eq!(r.nodes["w"].pools[0].state, PoolState::Draining);
+        // Later reports (and nodes that do not count) replace it as before.
+        assert!(r.heartbeat("w", vec![status(PoolState::Failed, true, 5)], vec![]));
+        assert_eq!(r.nodes["w"].pools[0].state, PoolState::Failed);
+        assert!(r.heartbeat("w", vec![status(PoolState::Ready, false, 0)], vec![]));
+        assert_eq!(r.nodes["w"].pools[0].state, PoolState::Ready);
     }
 
     #[test]

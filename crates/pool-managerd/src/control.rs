@@ -54,7 +54,7 @@ pub fn set_draining(
     draining: bool,
     by: &str,
 ) -> Result<PoolStatus, ControlError> {
-    node.update(id, |p| {
+    node.operator_change(id, |p| {
         if p.draining != draining {
             tracing::info!(pool_id = %id, draining, by = %by, "Drain flag changed by an operator.");
         }

@@ -135,6 +135,7 @@ impl PoolEntry {
             draining: self.draining,
             on_demand: self.config.on_demand,
             load_ms: self.load_time.map(|d| d.as_millis() as u64),
+            seq: 0,
         }
     }
 
@@ -163,6 +164,9 @@ pub struct Node {
     pub generation: tokio::sync::watch::Sender<u64>,
     /// Set at shutdown: no new forwards.
     pub shutting_down: AtomicBool,
+    /// Operator changes (drain, resume) so far, counted under the table's lock and stamped
+    /// on every status read (`PoolStatus::seq`): the control plane keeps the newest report.
+    changes: std::sync::atomic::AtomicU64,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -178,6 +182,7 @@ impl Node {
             changed: Notify::new(),
             generation: tokio::sync::watch::Sender::new(0),
             shutting_down: AtomicBool::new(false),
+            changes: std::sync::atomic::AtomicU64::new(1),
             metrics: crate::metrics::Metrics::new(pools.iter().map(|p| p.id.as_str())),
         })
     }
@@ -185,11 +190,23 @@ impl Node {
     /// Runs `f` on a pool's entry under the lock, then re-derives its state, logs and announces
     /// a change. Returns `None` for an unknown pool.
     pub fn update<R>(&self, pool: &str, f: impl FnOnce(&mut PoolEntry) -> R) -> Option<R> {
+        self.apply(pool, f, false)
+    }
+
+    fn apply<R>(
+        &self,
+        pool: &str,
+        f: impl FnOnce(&mut PoolEntry) -> R,
+        operator: bool,
+    ) -> Option<R> {
         let (r, changed) = {
             let mut pools = self.pools.lock().expect("pool table lock");
             let entry = pools.get_mut(pool)?;
             let before = entry.state;
             let r = f(entry);
+            if operator {
+                self.changes.fetch_add(1, Ordering::SeqCst);
+            }
             let after = derive_state(
                 entry.phase,
                 entry.engine_pid,
@@ -228,8 +245,16 @@ impl Node {
         pools.get(pool).map(f)
     }
 
+    /// An operator's change of a pool's own flags (drain, resume) under the table's lock,
+    /// counted: every status read afterwards carries a higher `seq` than any read before.
+    pub fn operator_change<R>(&self, pool: &str, f: impl FnOnce(&mut PoolEntry) -> R) -> Option<R> {
+        self.apply(pool, f, true)
+    }
+
     pub fn status(&self, pool: &str) -> Option<PoolStatus> {
-        self.read(pool, PoolEntry::status)
+        let pools = self.pools.lock().expect("pool table lock");
+        let seq = self.changes.load(Ordering::SeqCst);
+        pools.get(pool).map(|p| PoolStatus { seq, ..p.status() })
     }
 
     /// Every pool's status; while the node shuts down, ready pools are reported draining.
@@ -240,10 +265,12 @@ impl Node {
 
     fn statuses_of(&self, pools: &BTreeMap<String, PoolEntry>) -> Vec<PoolStatus> {
         let stopping = self.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
+        let seq = self.changes.load(Ordering::SeqCst);
         pools
             .values()
             .map(|p| {
                 let mut s = p.status();
+                s.seq = seq;
                 if stopping && s.state == PoolState::Ready {
                     s.state = PoolState::Draining;
                 }
