@@ -136,7 +136,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     let _g = serial();
     let bus = PrivateBus::start();
     let stack = Stack::start(StackOptions {
-        queue_capacity: 256,
+        queue_capacity: 200,
         orch_env: bus.env(),
         node_env: bus.env(),
         extra_node_toml: on_demand_pool(),
@@ -173,7 +173,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     assert_eq!(property(&bus, ORCH, ORCH_PATH, ORCH, "Ready"), "b true");
     assert_eq!(
         property(&bus, ORCH, ORCH_PATH, ORCH, "QueueCapacity"),
-        "u 256"
+        "u 200"
     );
     let nodes = property(&bus, ORCH, ORCH_PATH, ORCH, "Nodes");
     assert!(
@@ -283,22 +283,57 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         "{unknown:?}"
     );
 
-    // 200 short tasks: QueueDepth changes hundreds of times, PropertiesChanged at most four
-    // times a second (plus the edges of the window).
-    let start = Instant::now();
+    // 200 short tasks wait behind the drained pool and fill the queue: the next two are
+    // refused, and QueueSaturated says so once. Resumed, the tasks run: QueueDepth changes
+    // 200 times, PropertiesChanged goes out at most four times a second (plus the edges).
+    bus.ok(&[
+        "call",
+        ORCH,
+        ORCH_PATH,
+        ORCH,
+        "DrainPool",
+        "ss",
+        "",
+        "default",
+    ]);
+    let task = |id: String| TaskRequest {
+        task_id: Some(id),
+        model_ref: MODEL_ID.into(),
+        prompt: Some("Hello".into()),
+        max_tokens: Some(1),
+        temperature: Some(0.0),
+        ..TaskRequest::default()
+    };
     for i in 0..200 {
-        let req = TaskRequest {
-            task_id: Some(format!("burst-{i}")),
-            model_ref: MODEL_ID.into(),
-            prompt: Some("Hello".into()),
-            max_tokens: Some(1),
-            temperature: Some(0.0),
-            ..TaskRequest::default()
-        };
-        c.post_json::<_, TaskAccepted>("/v2/tasks", &req)
+        c.post_json::<_, TaskAccepted>("/v2/tasks", &task(format!("burst-{i}")))
             .await
             .expect("accepted");
     }
+    for i in 0..2 {
+        let refused = c
+            .post_json::<_, TaskAccepted>("/v2/tasks", &task(format!("refused-{i}")))
+            .await;
+        assert!(refused.is_err(), "the full queue took another task");
+    }
+    wait_seen(&monitor, "QueueSaturated", |m| {
+        m.iter().any(|m| {
+            m["type"] == "signal"
+                && m["member"] == "QueueSaturated"
+                && m["payload"]["data"][0] == 200
+        })
+    });
+    let from = monitor.messages().len();
+    let start = Instant::now();
+    bus.ok(&[
+        "call",
+        ORCH,
+        ORCH_PATH,
+        ORCH,
+        "ResumePool",
+        "ss",
+        "",
+        "default",
+    ]);
     loop {
         let p = pools(&c).await;
         if p.queue.depth == 0 && p.queue.running == 0 {
@@ -318,11 +353,15 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
             .is_some_and(|m| m["payload"]["data"][1]["QueueDepth"]["data"] == 0)
     });
     let window = start.elapsed();
-    let depth_signals: Vec<u64> = monitor
-        .signals("PropertiesChanged")
+    assert_eq!(
+        monitor.signals("QueueSaturated").len(),
+        1,
+        "once per episode"
+    );
+    let depth_signals: Vec<u64> = monitor.messages()[from..]
         .iter()
-        .filter(|d| d[0] == ORCH)
-        .filter_map(|d| d[1]["QueueDepth"]["data"].as_u64())
+        .filter(|m| is_signal(m, "PropertiesChanged", &[ORCH]))
+        .filter_map(|m| m["payload"]["data"][1]["QueueDepth"]["data"].as_u64())
         .collect();
     let bound = (window.as_secs_f64() / 0.25).ceil() as usize + 2;
     eprintln!(
