@@ -633,6 +633,22 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     let handoff: Value =
         serde_json::from_str(&c.ok(&["cat", "/run/llama-orch/handoff/default.json"])).unwrap();
     assert_eq!(handoff["pid"].as_u64(), Some(u64::from(engine)));
+    // The engine cannot reach the system bus (it parses untrusted files); pool-managerd can.
+    let bus_socket = |pid: u32| {
+        c.sh(&[
+            "nsenter",
+            "-t",
+            &pid.to_string(),
+            "-m",
+            "test",
+            "-S",
+            "/run/dbus/system_bus_socket",
+        ])
+        .status
+        .success()
+    };
+    assert!(!bus_socket(engine), "the engine sees the system bus");
+    assert!(bus_socket(c.main_pid("pool-managerd.service")));
 
     // The engine is killed mid-stream: the client gets ENGINE_FAILED, systemd restarts the
     // engine, and the pool serves again.
