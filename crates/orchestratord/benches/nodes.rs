@@ -70,6 +70,7 @@ fn placement(nodes: usize) {
             client: HttpClient::new("unix:/nonexistent.sock").expect("address"),
             lost: CancellationToken::new(),
             draining: false,
+            offline_beats: 3,
         });
     }
     let models: Vec<String> = (0..MODELS).map(|m| format!("model-{m}")).collect();

@@ -22,6 +22,7 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 4096;
     pub const HEADER_READ_SECS: u64 = 30;
     pub const REGISTRATION_GRACE_SECS: u64 = 15;
+    pub const OFFLINE_AFTER_BEATS: u32 = llorch_wire::node::MISSED_HEARTBEATS_OFFLINE;
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -83,6 +84,11 @@ pub struct Args {
     /// MODEL_NOT_FOUND. 0 refuses at once (503 before any node registered, 404 after).
     #[arg(long, env = "LLORCH_REGISTRATION_GRACE_SECS", default_value_t = defaults::REGISTRATION_GRACE_SECS)]
     pub registration_grace_secs: u64,
+    /// Heartbeat intervals without a heartbeat after which a node is offline and its running
+    /// tasks end with NODE_UNAVAILABLE (2 to 20). It is suspect (nothing new is placed on it)
+    /// after 1.5 intervals whatever this says.
+    #[arg(long, env = "LLORCH_OFFLINE_AFTER_BEATS", default_value_t = defaults::OFFLINE_AFTER_BEATS)]
+    pub offline_after_beats: u32,
     /// PEM certificate chain of the public listener; with `--tls-key`, every connection
     /// (clients and nodes) must speak TLS. Default: `$CREDENTIALS_DIRECTORY/tls-cert` when that
     /// file exists.
@@ -131,6 +137,8 @@ pub struct Config {
     pub header_read: Duration,
     /// How long after start requests for not-yet-registered models wait.
     pub registration_grace: Duration,
+    /// Missed heartbeat intervals after which a node is offline.
+    pub offline_after_beats: u32,
     /// TLS on the public listener.
     pub tls: Option<ServerTls>,
     /// The CAs `https://` node addresses are verified against.
@@ -187,6 +195,7 @@ impl Default for Config {
             max_connections: defaults::MAX_CONNECTIONS,
             header_read: Duration::from_secs(defaults::HEADER_READ_SECS),
             registration_grace: Duration::from_secs(defaults::REGISTRATION_GRACE_SECS),
+            offline_after_beats: defaults::OFFLINE_AFTER_BEATS,
             tls: None,
             node_roots: llorch_client::TlsRoots::system(),
             allow_plaintext: false,
@@ -276,6 +285,15 @@ impl Args {
                 format!("{} is out of range; use 1 to 3600", self.header_read_secs),
             ));
         }
+        if !(2..=20).contains(&self.offline_after_beats) {
+            return Err(ConfigError::Value(
+                "offline-after-beats",
+                format!(
+                    "{} is out of range; use 2 to 20 (a node is suspect after 1.5 intervals, offline after this many)",
+                    self.offline_after_beats
+                ),
+            ));
+        }
         if self.registration_grace_secs > 300 {
             return Err(ConfigError::Value(
                 "registration-grace-secs",
@@ -307,6 +325,7 @@ impl Args {
             max_connections: self.max_connections,
             header_read: Duration::from_secs(self.header_read_secs),
             registration_grace: Duration::from_secs(self.registration_grace_secs),
+            offline_after_beats: self.offline_after_beats,
             tls,
             node_roots,
             allow_plaintext: self.allow_plaintext,
@@ -328,6 +347,8 @@ mod tests {
             ("--max-connections", "0"),
             ("--header-read-secs", "0"),
             ("--registration-grace-secs", "301"),
+            ("--offline-after-beats", "1"),
+            ("--offline-after-beats", "21"),
         ] {
             let err = Args::parse_from(["orchestratord", flag, value])
                 .into_config()

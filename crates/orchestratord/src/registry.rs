@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use llorch_client::HttpClient;
-use llorch_wire::node::{PoolState, PoolStatus, MISSED_HEARTBEATS_OFFLINE};
+use llorch_wire::node::{PoolState, PoolStatus};
 use llorch_wire::task::{NodeView, PoolView};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -48,11 +48,14 @@ pub struct Node {
     /// Drained by an operator: nothing new is placed on it; its running tasks finish. Kept
     /// across the node's re-registration (the operator's intent outlives a node restart).
     pub draining: bool,
+    /// Heartbeat intervals without a heartbeat after which it is offline
+    /// (`--offline-after-beats`).
+    pub offline_beats: u32,
 }
 
 impl Node {
     pub fn offline_after(&self) -> Duration {
-        self.heartbeat * MISSED_HEARTBEATS_OFFLINE
+        self.heartbeat * self.offline_beats
     }
 
     /// Whether the node missed its last heartbeat (none for 1.5 intervals) while still online:
@@ -525,6 +528,7 @@ mod tests {
             client: HttpClient::new("unix:/nonexistent.sock").unwrap(),
             lost: CancellationToken::new(),
             draining: false,
+            offline_beats: 3,
         }
     }
 
@@ -574,6 +578,14 @@ mod tests {
         // A heartbeat brings it back at once.
         assert!(r.heartbeat("w", vec![], vec![]));
         assert_eq!(r.nodes["w"].state(Instant::now()), "online");
+
+        // `--offline-after-beats 5`: suspect after 1.5 intervals as before, offline after 5.
+        let mut patient = node("p", start);
+        patient.offline_beats = 5;
+        r.register(patient);
+        assert_eq!(r.nodes["p"].state(at(1600)), "suspect");
+        assert!(!r.expire_nodes(at(4900)).contains(&"p".to_string()));
+        assert!(r.expire_nodes(at(5100)).contains(&"p".to_string()));
     }
 
     #[test]

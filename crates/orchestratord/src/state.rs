@@ -775,6 +775,7 @@ mod tests {
             client: HttpClient::new("unix:/nonexistent.sock").unwrap(),
             lost: CancellationToken::new(),
             draining: false,
+            offline_beats: 3,
         });
         state
     }

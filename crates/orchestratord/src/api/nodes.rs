@@ -127,6 +127,7 @@ pub async fn register(
         client,
         lost: CancellationToken::new(),
         draining: false,
+        offline_beats: state.config.offline_after_beats,
     };
     let offline_after = node.offline_after();
     let models: Vec<String> = node.pools.iter().map(|p| p.model_id.clone()).collect();
