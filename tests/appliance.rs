@@ -649,6 +649,28 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     };
     assert!(!bus_socket(engine), "the engine sees the system bus");
     assert!(bus_socket(c.main_pid("pool-managerd.service")));
+    // Its memory is bounded, sized from the model and its KV cache (2 slots of 1024 tokens
+    // here), and pool-managerd said so; its tasks too.
+    let bound: u64 = c
+        .show("llorch-engine@default.service", "MemoryMax")
+        .parse()
+        .unwrap_or_else(|e| panic!("MemoryMax is not a number: {e}"));
+    let model = std::fs::metadata(model_path()).unwrap().len();
+    assert!(
+        bound > model + (45 << 20) + (512 << 20) && bound < 2 << 30,
+        "MemoryMax={bound}"
+    );
+    let said = c.journal(&[
+        "-u",
+        "pool-managerd",
+        "MESSAGE=Engine memory bound set.",
+        "POOL_ID=default",
+    ]);
+    assert!(
+        said.iter().any(|r| r["BYTES"] == bound.to_string()),
+        "{said:?}"
+    );
+    assert_eq!(c.show("llorch-engine@default.service", "TasksMax"), "1024");
 
     // The engine is killed mid-stream: the client gets ENGINE_FAILED, systemd restarts the
     // engine, and the pool serves again.

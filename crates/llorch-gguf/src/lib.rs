@@ -89,6 +89,87 @@ impl GgufInfo {
     pub fn has_chat_template(&self) -> bool {
         self.metadata.contains_key("tokenizer.chat_template")
     }
+
+    fn arch_u64(&self, key: &str) -> Option<u64> {
+        let arch = self.architecture()?;
+        self.metadata
+            .get(&format!("{arch}.{key}"))
+            .and_then(Value::as_u64)
+    }
+
+    /// Bytes of KV cache one token takes at f16, as llama.cpp sizes it: layers × (key and
+    /// value lengths) × KV heads × 2 bytes. Head lengths default to the embedding length over
+    /// the heads, KV heads to the heads. None when the header lacks the numbers (or they make
+    /// no sense).
+    pub fn kv_bytes_per_token(&self) -> Option<u64> {
+        let layers = self.arch_u64("block_count")?;
+        let heads = self.arch_u64("attention.head_count").filter(|h| *h > 0)?;
+        let kv_heads = self.arch_u64("attention.head_count_kv").unwrap_or(heads);
+        let head = self.arch_u64("embedding_length")? / heads;
+        let k = self.arch_u64("attention.key_length").unwrap_or(head);
+        let v = self.arch_u64("attention.value_length").unwrap_or(head);
+        layers
+            .checked_mul(k.checked_add(v)?)?
+            .checked_mul(kv_heads)?
+            .checked_mul(2)
+    }
+}
+
+#[cfg(test)]
+mod kv_tests {
+    use super::*;
+
+    fn info(meta: &[(&str, u64)]) -> GgufInfo {
+        let mut metadata: BTreeMap<String, Value> = meta
+            .iter()
+            .map(|(k, v)| (format!("llama.{k}"), Value::Uint(*v)))
+            .collect();
+        metadata.insert("general.architecture".into(), Value::String("llama".into()));
+        GgufInfo {
+            version: 3,
+            tensor_count: 0,
+            metadata,
+            data_offset: 0,
+            required_size: 0,
+            file_size: 0,
+        }
+    }
+
+    #[test]
+    fn kv_bytes_follow_llama_cpp() {
+        // SmolLM2-135M: 30 layers, 576 wide, 9 heads, 3 KV heads. llama.cpp reports
+        // "90.00 MiB (1024 cells, 30 layers, 4/4 seqs)" for 4 slots of 1024 tokens.
+        let smol = info(&[
+            ("block_count", 30),
+            ("embedding_length", 576),
+            ("attention.head_count", 9),
+            ("attention.head_count_kv", 3),
+        ]);
+        assert_eq!(smol.kv_bytes_per_token(), Some(23_040));
+        assert_eq!(smol.kv_bytes_per_token().unwrap() * 4 * 1024, 90 << 20);
+        // A 70B-shaped header: 80 layers, 8192 wide, 64 heads, 8 KV heads: 320 KiB a token.
+        let big = info(&[
+            ("block_count", 80),
+            ("embedding_length", 8192),
+            ("attention.head_count", 64),
+            ("attention.head_count_kv", 8),
+        ]);
+        assert_eq!(big.kv_bytes_per_token(), Some(327_680));
+        // Missing numbers, zero heads or overflow: unknown, never a panic.
+        assert_eq!(info(&[("block_count", 30)]).kv_bytes_per_token(), None);
+        let zero = info(&[
+            ("block_count", 1),
+            ("embedding_length", 8),
+            ("attention.head_count", 0),
+        ]);
+        assert_eq!(zero.kv_bytes_per_token(), None);
+        let huge = info(&[
+            ("block_count", u64::MAX),
+            ("embedding_length", 8),
+            ("attention.head_count", 1),
+        ]);
+        assert_eq!(huge.kv_bytes_per_token(), None);
+    }
 }
 
 /// Why a file is not a usable GGUF model. Every variant names the file.

@@ -120,6 +120,11 @@ pub struct PoolConfig {
     /// 300; 0 keeps it loaded once started). Only for `on_demand` pools.
     #[serde(default)]
     pub keep_alive_secs: Option<u64>,
+    /// The engine's memory bound in MiB (systemd `MemoryMax=`, systemd launcher only); absent:
+    /// sized from the model, its KV cache and a margin ([`crate::launcher::engine_memory_bound`]);
+    /// 0: no bound.
+    #[serde(default)]
+    pub memory_max_mib: Option<u64>,
     pub model: ModelConfig,
 }
 
@@ -552,6 +557,13 @@ fn validate(path: &Path, config: Config) -> Result<Checked, ConfigError> {
                 ),
             ));
         }
+        if pool.memory_max_mib.is_some_and(|m| m > 0 && m < 64) {
+            return Err(invalid(
+                path,
+                key("memory_max_mib"),
+                "is below 64 MiB, where no engine runs; give the bound in MiB, or 0 for none",
+            ));
+        }
         if pool.keep_alive_secs.is_some() && !pool.on_demand {
             return Err(invalid(
                 path,
@@ -806,6 +818,10 @@ mod tests {
         assert_eq!(
             key_of(&EXAMPLE.replace("ctx = 2048", "ctx = 10")),
             "pools[0].ctx"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("slots = 4", "slots = 4\nmemory_max_mib = 10")),
+            "pools[0].memory_max_mib"
         );
         assert_eq!(
             key_of(&EXAMPLE.replace("heartbeat_secs = 5", "heartbeat_secs = 0")),

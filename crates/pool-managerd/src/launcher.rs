@@ -30,6 +30,30 @@ pub const STOP_GRACE: Duration = Duration::from_secs(15);
 /// Lines of a log kept in an error message.
 const TAIL_LINES: usize = 6;
 
+/// What an engine may use on top of its model and KV cache: llama.cpp's compute buffers, the
+/// runtime, and headroom (the default model measured 104 MiB of compute buffer for 4 × 1024
+/// tokens).
+pub const MEMORY_MARGIN: u64 = 512 << 20;
+
+/// The memory bound of a pool's engine, in bytes: the operator's `memory_max_mib`, or the
+/// model file plus the f16 KV cache of every slot (`kv_per_token` from the GGUF header), a
+/// quarter more, and [`MEMORY_MARGIN`]. None: no bound (`memory_max_mib = 0`, or the header
+/// does not say how large the cache is).
+pub fn engine_memory_bound(
+    pool: &PoolConfig,
+    model_bytes: u64,
+    kv_per_token: Option<u64>,
+) -> Option<u64> {
+    match pool.memory_max_mib {
+        Some(0) => return None,
+        Some(mib) => return Some(mib.saturating_mul(1 << 20)),
+        None => {}
+    }
+    let tokens = u64::from(pool.slots) * u64::from(pool.ctx);
+    let need = model_bytes.saturating_add(kv_per_token?.saturating_mul(tokens));
+    Some(need.saturating_add(need / 4).saturating_add(MEMORY_MARGIN))
+}
+
 /// Starts a pool's provisioner and engine.
 pub trait Launcher: Send + Sync {
     /// Stages the pool's model and writes its engine plan; returns the plan's path.
@@ -501,6 +525,39 @@ fn strip_ansi(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_engine_is_bounded_by_its_model_its_cache_and_a_margin() {
+        let pool = |extra: &str| -> PoolConfig {
+            toml::from_str(&format!(
+                "id = \"p\"\nslots = 4\nctx = 1024\n{extra}\n[model]\nid = \"m\"\nsource = \"/m.gguf\"\n"
+            ))
+            .unwrap()
+        };
+        const MIB: u64 = 1 << 20;
+        // The default model (98 MB file, 23,040 KV bytes a token) on 4 slots of 1024 tokens:
+        // llama.cpp measured 92 MiB of weights, 90 MiB of KV cache and 104 MiB of compute
+        // buffer; the bound leaves room for that and the runtime.
+        let b = engine_memory_bound(&pool(""), 98_000_000, Some(23_040)).unwrap();
+        let need = 98_000_000 + 90 * MIB;
+        assert_eq!(b, need + need / 4 + MEMORY_MARGIN);
+        assert!(b > 92 * MIB + 90 * MIB + 104 * MIB + 128 * MIB, "{b}");
+        // The operator's value wins; 0 means none; an unreadable header means none.
+        assert_eq!(
+            engine_memory_bound(&pool("memory_max_mib = 2048"), 98_000_000, Some(1)),
+            Some(2048 * MIB)
+        );
+        assert_eq!(
+            engine_memory_bound(&pool("memory_max_mib = 0"), 1, Some(1)),
+            None
+        );
+        assert_eq!(engine_memory_bound(&pool(""), 98_000_000, None), None);
+        // Nothing overflows.
+        assert_eq!(
+            engine_memory_bound(&pool(""), u64::MAX, Some(u64::MAX)),
+            Some(u64::MAX)
+        );
+    }
 
     #[test]
     fn tails_keep_the_last_lines_without_colours() {

@@ -29,6 +29,12 @@ trait Manager {
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn set_unit_properties(
+        &self,
+        name: &str,
+        runtime: bool,
+        properties: &[(&str, zbus::zvariant::Value<'_>)],
+    ) -> zbus::Result<()>;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn subscribe(&self) -> zbus::Result<()>;
     #[zbus(signal)]
@@ -151,6 +157,47 @@ impl SystemdLauncher {
             .await
             .map_err(|e| dbus("org.freedesktop.systemd1", e))?;
         Ok(Self { conn, layout })
+    }
+
+    /// Sets the engine unit's `MemoryMax=` (a runtime property, until reboot) from the pool's
+    /// plan, before any start of the engine (by pool-managerd or by socket activation). A
+    /// bound that cannot be set is logged and the pool goes on without one.
+    async fn bound_memory(&self, pool: &PoolConfig, plan: &Path) {
+        let unit = engine_unit(&pool.id);
+        let sized = std::fs::read(plan)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<llorch_wire::plan::EnginePlan>(&b).ok())
+            .map(|plan| {
+                let kv = llorch_gguf::inspect(Path::new(&plan.model.path))
+                    .ok()
+                    .and_then(|info| info.kv_bytes_per_token());
+                (plan.model.size_bytes, kv)
+            });
+        let bound = match sized {
+            Some((model, kv)) => super::engine_memory_bound(pool, model, kv),
+            None => None,
+        };
+        if bound.is_none() && pool.memory_max_mib != Some(0) {
+            tracing::warn!(pool_id = %pool.id, "Cannot size the engine's memory bound from its model; it runs without one (set memory_max_mib).");
+        }
+        // u64::MAX is `infinity`: it also lifts a bound set before.
+        let value = bound.unwrap_or(u64::MAX);
+        let set = async {
+            self.manager()
+                .await
+                .map_err(|e| e.to_string())?
+                .set_unit_properties(&unit, true, &[("MemoryMax", value.into())])
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match set.await {
+            Ok(()) => {
+                tracing::info!(pool_id = %pool.id, unit = %unit, bytes = bound, "Engine memory bound set.")
+            }
+            Err(e) => {
+                tracing::warn!(pool_id = %pool.id, unit = %unit, error = %e, "Cannot set the engine's memory bound; it runs without one.")
+            }
+        }
     }
 
     async fn manager(&self) -> Result<ManagerProxy<'static>, LaunchError> {
@@ -391,7 +438,9 @@ impl Launcher for SystemdLauncher {
             // Restart: a one-shot that already ran (RemainAfterExit) runs again.
             let result = self.job(&unit, "restart").await?;
             if result == "done" {
-                return Ok(self.layout.plan_file(&pool.id));
+                let plan = self.layout.plan_file(&pool.id);
+                self.bound_memory(pool, &plan).await;
+                return Ok(plan);
             }
             let (_, service) = self.service(&unit).await?;
             Err(LaunchError::Provision {
