@@ -667,7 +667,8 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         "POOL_ID=default",
     ]);
     assert!(
-        said.iter().any(|r| r["BYTES"] == bound.to_string()),
+        said.iter()
+            .any(|r| r["BYTES"].as_str().and_then(|b| b.parse::<u64>().ok()) == Some(bound)),
         "{said:?}"
     );
     assert_eq!(c.show("llorch-engine@default.service", "TasksMax"), "1024");
