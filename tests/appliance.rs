@@ -214,12 +214,44 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
         c.ok(&args).trim().to_string()
     };
     assert_eq!(prop(c, ORCH, "Ready"), "b true");
-    // The names are owned by the service user, as the policy wants.
-    let uid = c.ok(&["id", "-u", "llama-orch"]).trim().to_string();
-    for name in ["org.llamaorch.Orchestrator1", "org.llamaorch.PoolManager1"] {
+    // Each name is owned by its daemon's user, as the policy wants.
+    for (name, user) in [
+        ("org.llamaorch.Orchestrator1", "llama-orch-api"),
+        ("org.llamaorch.PoolManager1", "llama-orch"),
+    ] {
+        let uid = c.ok(&["id", "-u", user]).trim().to_string();
         let owner = c.ok(&["busctl", "status", "--no-pager", name]);
         assert!(owner.lines().any(|l| l == format!("EUID={uid}")), "{owner}");
     }
+    // Only pool-managerd's user may drive the engine units; orchestratord's, which faces the
+    // network, may not (the polkit rule).
+    let start_engine = |user: &str| {
+        c.sh(&[
+            "setpriv",
+            &format!("--reuid={user}"),
+            &format!("--regid={user}"),
+            "--clear-groups",
+            "busctl",
+            "call",
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+            "StartUnit",
+            "ss",
+            "llorch-engine@default.service",
+            "replace",
+        ])
+    };
+    // (systemd answers "interactive authentication required": only an admin could.)
+    let refused = start_engine("llama-orch-api");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && (why.contains("Access denied") || why.contains("Interactive authentication")),
+        "{refused:?}"
+    );
+    let allowed = start_engine("llama-orch");
+    assert!(allowed.status.success(), "{allowed:?}");
 
     // Root drains and resumes the default pool; the HTTP API agrees.
     let drain = |c: &Container, method: &str| {

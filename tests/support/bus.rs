@@ -1,7 +1,7 @@
 //! A private D-Bus daemon for the D-Bus tests, and `busctl` to drive it as an operator would.
 //!
 //! Its policy is the shipped one (`systemd/org.llamaorch.conf`, included as is but for the
-//! service user, which becomes the test's own user) on top of a default that lets anyone
+//! service users, which become the test's own user) on top of a default that lets anyone
 //! connect, call and monitor, and no one else own `org.llamaorch.*`.
 
 use std::io::{BufRead, BufReader};
@@ -39,9 +39,12 @@ impl PrivateBus {
             .expect("systemd/org.llamaorch.conf");
         assert!(shipped.contains("user=\"llama-orch\""), "{shipped}");
         let policy = dir.path().join("org.llamaorch.conf");
+        let me = format!("user=\"{}\"", user_name());
         std::fs::write(
             &policy,
-            shipped.replace("user=\"llama-orch\"", &format!("user=\"{}\"", user_name())),
+            shipped
+                .replace("user=\"llama-orch-api\"", &me)
+                .replace("user=\"llama-orch\"", &me),
         )
         .expect("write policy");
         let socket = dir.path().join("bus.sock");
