@@ -654,10 +654,32 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     // unprivileged llama-orch user (the polkit rule).
     let engine = c.main_pid("llorch-engine@default.service");
     assert_ne!(engine, 0, "the engine is not a unit");
+    // The engine runs as a user of its own: it cannot read pool-managerd's node token.
     assert_eq!(
         c.show("llorch-engine@default.service", "User"),
-        "llama-orch"
+        "llama-orch-engine"
     );
+    let token = c.sh(&[
+        "setpriv",
+        "--reuid=llama-orch-engine",
+        "--regid=llama-orch",
+        "--clear-groups",
+        "cat",
+        "/run/credentials/pool-managerd.service/node-token",
+    ]);
+    assert!(
+        !token.status.success(),
+        "the engine's user read the node token"
+    );
+    let token = c.sh(&[
+        "setpriv",
+        "--reuid=llama-orch",
+        "--regid=llama-orch",
+        "--clear-groups",
+        "cat",
+        "/run/credentials/pool-managerd.service/node-token",
+    ]);
+    assert!(token.status.success(), "{token:?}");
     assert_eq!(
         c.show("engine-provisioner@default.service", "ActiveState"),
         "active"

@@ -108,7 +108,8 @@ impl Cache {
                 source,
             })?;
         }
-        Ok(())
+        // The engines run as another user in the provisioner's group: blobs are theirs to read.
+        share_with_group(&self.root.join("blobs"), 0o750)
     }
 
     /// Stages `source` as `model_id`. With `expected` set, the file must have that sha256;
@@ -144,6 +145,7 @@ impl Cache {
             if blob.exists() {
                 match self.verify_existing(&blob, e, progress) {
                     Ok(staged) => {
+                        share_with_group(&blob, 0o640)?;
                         self.write_manifest(model_id, source, &staged)?;
                         tracing::info!(model = model_id, path = %blob.display(), "Model already staged; verified.");
                         return Ok(staged);
@@ -180,6 +182,7 @@ impl Cache {
             source,
         })?;
         guard.keep = true;
+        share_with_group(&blob, 0o640)?;
         let staged = Staged {
             path: blob,
             sha256,
@@ -298,6 +301,19 @@ fn hash_file(path: &Path, progress: &mut dyn Progress) -> Result<(String, u64), 
         progress.update(done, Some(total));
     }
     Ok((hex::encode(hasher.finalize()), done))
+}
+
+/// Gives `path` the mode `mode`: the engines (another user, the provisioner's group) read the
+/// blobs and traverse their folder, whatever the umask or the source file's mode, also for
+/// blobs staged before the engines had a user of their own.
+fn share_with_group(path: &Path, mode: u32) -> Result<(), ProvisionError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        ProvisionError::CacheWrite {
+            path: path.to_owned(),
+            source,
+        }
+    })
 }
 
 fn copy_hashing(
@@ -466,5 +482,41 @@ impl Read for StallReader {
         out[..n].copy_from_slice(&self.current[self.at..self.at + n]);
         self.at += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn staged_blobs_are_readable_by_the_engines_group_whatever_the_source_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.gguf");
+        llorch_gguf::write::TestModel::default().write(&src).unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let staged = cache
+            .stage("m", &Source::File(src.clone()), None, &mut crate::NoProgress)
+            .unwrap();
+        assert_eq!(mode(&staged.path), 0o640);
+        assert_eq!(mode(&dir.path().join("cache/blobs")), 0o750);
+        // A blob staged before (0600, as the old umask left it) is opened up when verified.
+        std::fs::set_permissions(&staged.path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let again = cache
+            .stage(
+                "m",
+                &Source::File(src),
+                Some(&staged.sha256),
+                &mut crate::NoProgress,
+            )
+            .unwrap();
+        assert_eq!(again.path, staged.path);
+        assert_eq!(mode(&again.path), 0o640);
     }
 }
