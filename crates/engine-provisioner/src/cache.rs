@@ -498,11 +498,18 @@ mod tests {
     fn staged_blobs_are_readable_by_the_engines_group_whatever_the_source_mode() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("m.gguf");
-        llorch_gguf::write::TestModel::default().write(&src).unwrap();
+        llorch_gguf::write::TestModel::default()
+            .write(&src)
+            .unwrap();
         std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o600)).unwrap();
         let cache = Cache::new(dir.path().join("cache"));
         let staged = cache
-            .stage("m", &Source::File(src.clone()), None, &mut crate::NoProgress)
+            .stage(
+                "m",
+                &Source::File(src.clone()),
+                None,
+                &mut crate::NoProgress,
+            )
             .unwrap();
         assert_eq!(mode(&staged.path), 0o640);
         assert_eq!(mode(&dir.path().join("cache/blobs")), 0o750);

@@ -3,7 +3,8 @@
 //! (further ones wait in the kernel's listen backlog, nothing is refused), each must send a
 //! request's headers within `header_read` of the server being ready to read them (a client
 //! that trickles its headers, or a keep-alive connection idle that long, is closed), and on
-//! shutdown the listener closes while open connections finish their current request.
+//! shutdown the listener closes while open connections finish their current request (after
+//! [`FIRST_REQUEST_GRACE`], so a connection accepted at the last moment is answered too).
 //!
 //! axum's own `serve` sets no header deadline and no connection limit, which leaves a listener
 //! open to slowloris; this is the same hyper HTTP/1 server with both.
@@ -24,6 +25,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+/// After the listener closes, how long connections are served before the graceful shutdown
+/// starts. A connection accepted just before the stop (its TLS handshake still running, its
+/// first request on the way) would otherwise count as idle and be closed unanswered; during
+/// this time it is read and its request served like any other.
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
 
 /// How one listener's connections are bounded.
 #[derive(Debug, Clone, Copy)]
@@ -102,5 +109,6 @@ pub async fn serve<L: Listener>(
         });
     }
     drop(listener);
+    tokio::time::sleep(FIRST_REQUEST_GRACE).await;
     graceful.shutdown().await;
 }
