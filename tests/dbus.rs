@@ -109,17 +109,13 @@ fn property(bus: &PrivateBus, service: &str, path: &str, iface: &str, name: &str
         .to_string()
 }
 
-/// Waits until `cond` holds for what `busctl monitor` has seen.
+/// Waits until `cond` holds for what `busctl monitor` has seen (at most 2 minutes).
 fn wait_seen(monitor: &llorch_tests::bus::Monitor, what: &str, cond: impl Fn(&[Value]) -> bool) {
-    let start = Instant::now();
-    while !cond(&monitor.messages()) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "busctl monitor did not see {what}: {:#?}",
-            monitor.messages()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        monitor.wait_for(Duration::from_secs(120), cond),
+        "busctl monitor did not see {what}: {:#?}",
+        monitor.messages()
+    );
 }
 
 fn is_signal(m: &Value, member: &str, data: &[&str]) -> bool {
@@ -334,24 +330,20 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         "",
         "default",
     ]);
-    loop {
-        let p = pools(&c).await;
-        if p.queue.depth == 0 && p.queue.running == 0 {
-            break;
+    // The last changes are announced within one period: the queue empty, nothing running.
+    wait_seen(&monitor, "QueueDepth and RunningTasks back to 0", |m| {
+        let (mut depth, mut running) = (None, None);
+        for m in &m[from..] {
+            if is_signal(m, "PropertiesChanged", &[ORCH]) {
+                let changed = &m["payload"]["data"][1];
+                depth = changed["QueueDepth"]["data"].as_u64().or(depth);
+                running = changed["RunningTasks"]["data"].as_u64().or(running);
+            }
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "{p:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The last change is announced within one period.
-    wait_seen(&monitor, "QueueDepth back to 0", |m| {
-        m.iter()
-            .rev()
-            .find(|m| {
-                is_signal(m, "PropertiesChanged", &[ORCH])
-                    && m["payload"]["data"][1].get("QueueDepth").is_some()
-            })
-            .is_some_and(|m| m["payload"]["data"][1]["QueueDepth"]["data"] == 0)
+        depth == Some(0) && running == Some(0)
     });
+    let p = pools(&c).await;
+    assert_eq!((p.queue.depth, p.queue.running), (0, 0), "{p:?}");
     let window = start.elapsed();
     assert_eq!(
         monitor.signals("QueueSaturated").len(),
@@ -545,7 +537,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     });
 
     // Another user: may read, may not act, may not own our names; the refusal is logged.
-    if llorch_os_euid_is_root() {
+    if running_as_root() {
         let denied = bus.busctl_as(
             NOBODY,
             &[
@@ -607,7 +599,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     }
 }
 
-fn llorch_os_euid_is_root() -> bool {
+fn running_as_root() -> bool {
     std::process::Command::new("id")
         .arg("-u")
         .output()

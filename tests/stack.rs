@@ -1243,7 +1243,10 @@ async fn native_event_streams_per_task_are_bounded() {
                 again = Some(s);
                 break;
             }
-            // The closed stream's pump notices the closed channel on its next event.
+            // The closed stream's pump notices the closed channel when it next sends, inside
+            // orchestratord: nothing outside shows that moment, so the answer is asked for again
+            // (the 429 is the event; each open stream here replays a backlog, so reading one
+            // would not mark a new event either).
             Err(ClientError::Status { status, .. }) if status == StatusCode::TOO_MANY_REQUESTS => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

@@ -5,9 +5,9 @@
 //! connect, call and monitor, and no one else own `org.llamaorch.*`.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::repo_root;
 
@@ -17,7 +17,7 @@ pub struct PrivateBus {
     child: Child,
 }
 
-/// The user name of uid `uid` (the test's own user owns the names on the private bus).
+/// The test's own user name (it owns the names on the private bus).
 fn user_name() -> String {
     let out = Command::new("id").arg("-un").output().expect("id");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -160,21 +160,18 @@ impl PrivateBus {
         err.read_line(&mut line)
             .expect("busctl monitor's first line");
         assert!(line.contains("Monitoring"), "busctl monitor said {line:?}");
-        let messages = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Seen::default());
         let out = BufReader::new(child.stdout.take().expect("stdout"));
-        let sink = messages.clone();
+        let sink = seen.clone();
         std::thread::spawn(move || {
             for line in out.lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    sink.lock().unwrap().push(v);
+                    sink.messages.lock().unwrap().push(v);
+                    sink.arrived.notify_all();
                 }
             }
         });
-        Monitor { child, messages }
-    }
-
-    pub fn socket(&self) -> &Path {
-        self.dir.path()
+        Monitor { child, seen }
     }
 }
 
@@ -185,15 +182,34 @@ impl Drop for PrivateBus {
     }
 }
 
+/// The messages a monitor has seen, and a wake-up for each new one.
+#[derive(Default)]
+struct Seen {
+    messages: Mutex<Vec<serde_json::Value>>,
+    arrived: Condvar,
+}
+
 /// A running `busctl monitor`: the messages seen so far, one JSON value each.
 pub struct Monitor {
     child: Child,
-    messages: Arc<Mutex<Vec<serde_json::Value>>>,
+    seen: Arc<Seen>,
 }
 
 impl Monitor {
     pub fn messages(&self) -> Vec<serde_json::Value> {
-        self.messages.lock().unwrap().clone()
+        self.seen.messages.lock().unwrap().clone()
+    }
+
+    /// Waits until `cond` holds for the messages seen so far (checked at each new message),
+    /// at most `limit`; false when it did not.
+    pub fn wait_for(&self, limit: Duration, cond: impl Fn(&[serde_json::Value]) -> bool) -> bool {
+        let seen = self.seen.messages.lock().unwrap();
+        let (_seen, timeout) = self
+            .seen
+            .arrived
+            .wait_timeout_while(seen, limit, |m| !cond(m))
+            .unwrap();
+        !timeout.timed_out()
     }
 
     /// The signals named `member` seen so far, with their payload's data.
