@@ -61,10 +61,10 @@ fn digest(value: impl std::hash::Hash) -> u64 {
 
 impl Snapshot {
     fn take(state: &State) -> Self {
-        let ready = state.serving().0;
         let core = state.core();
         let now = Instant::now();
         let registry = &core.registry;
+        let ready = registry.serving().0;
         let nodes = registry.nodes.values().fold(0u64, |h, n| {
             let h = digest((h, &n.id, n.state(now), &n.address, n.draining));
             n.pools.iter().fold(h, |h, p| digest((h, &p.pool_id)))

@@ -114,16 +114,16 @@ impl Registry {
         }
     }
 
-    /// Applies a heartbeat; false when the node is unknown (it must register again).
+    /// Applies a heartbeat and returns the pools it replaced (moved, not copied: the caller
+    /// may compare them with the new ones); None when the node is unknown (it must register
+    /// again).
     pub fn heartbeat(
         &mut self,
         node_id: &str,
         pools: Vec<PoolStatus>,
         staged: Vec<String>,
-    ) -> bool {
-        let Some(node) = self.nodes.get_mut(node_id) else {
-            return false;
-        };
+    ) -> Option<Vec<PoolStatus>> {
+        let node = self.nodes.get_mut(node_id)?;
         if !node.online {
             // An offline node that reports again comes back with a fresh token.
             node.online = true;
@@ -156,8 +156,7 @@ impl Registry {
                 }
             }
         }
-        node.pools = pools;
-        true
+        Some(std::mem::replace(&mut node.pools, pools))
     }
 
     /// Whether a registration of `node_id` would exceed [`MAX_NODES`].
@@ -339,6 +338,18 @@ impl Registry {
         m.sort();
         m.dedup();
         m
+    }
+
+    /// (serving, ready pools, on-demand pools on standby): requests are served when a pool is
+    /// ready or an on-demand pool waits on standby (its first request loads the model).
+    pub fn serving(&self) -> (bool, usize, usize) {
+        let candidates = self.candidates();
+        let standby = candidates.iter().filter(|c| c.standby()).count();
+        let ready = candidates
+            .iter()
+            .filter(|c| c.node_online && c.state == PoolState::Ready)
+            .count();
+        (ready + standby > 0, ready, standby)
     }
 
     pub fn ready_pools(&self) -> usize {
@@ -576,7 +587,7 @@ mod tests {
         assert_eq!(r.expire_nodes(at(3100)), ["w"]);
         assert_eq!(r.nodes["w"].state(at(3100)), "offline");
         // A heartbeat brings it back at once.
-        assert!(r.heartbeat("w", vec![], vec![]));
+        assert!(r.heartbeat("w", vec![], vec![]).is_some());
         assert_eq!(r.nodes["w"].state(Instant::now()), "online");
 
         // `--offline-after-beats 5`: suspect after 1.5 intervals as before, offline after 5.
@@ -602,12 +613,18 @@ mod tests {
         // The node answered the drain (count 5); a heartbeat it read before (count 4) arrives
         // after that answer was recorded: the drain stays.
         r.nodes.get_mut("w").unwrap().pools[0] = status(PoolState::Draining, true, 5);
-        assert!(r.heartbeat("w", vec![status(PoolState::Ready, false, 4)], vec![]));
+        assert!(r
+            .heartbeat("w", vec![status(PoolState::Ready, false, 4)], vec![])
+            .is_some());
         assert_eq!(r.nodes["w"].pools[0].state, PoolState::Draining);
         // Later reports (and nodes that do not count) replace it as before.
-        assert!(r.heartbeat("w", vec![status(PoolState::Failed, true, 5)], vec![]));
+        assert!(r
+            .heartbeat("w", vec![status(PoolState::Failed, true, 5)], vec![])
+            .is_some());
         assert_eq!(r.nodes["w"].pools[0].state, PoolState::Failed);
-        assert!(r.heartbeat("w", vec![status(PoolState::Ready, false, 0)], vec![]));
+        assert!(r
+            .heartbeat("w", vec![status(PoolState::Ready, false, 0)], vec![])
+            .is_some());
         assert_eq!(r.nodes["w"].pools[0].state, PoolState::Ready);
     }
 

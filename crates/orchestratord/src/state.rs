@@ -141,15 +141,7 @@ impl State {
     /// Whether requests are served: a pool is ready, or an on-demand pool is on standby (its
     /// first request loads the model). `/health/ready` and D-Bus `Ready`.
     pub fn serving(&self) -> (bool, usize, usize) {
-        let core = self.core();
-        let standby = core
-            .registry
-            .candidates()
-            .iter()
-            .filter(|c| c.standby())
-            .count();
-        let ready = core.registry.ready_pools();
-        (ready + standby > 0, ready, standby)
+        self.core().registry.serving()
     }
 
     /// The keys in force now.

@@ -220,12 +220,7 @@ async fn heartbeat_request(
     let (offline_after, back, queued, events) = {
         let mut core = state.core();
         let was_offline = core.registry.nodes.get(&id).is_some_and(|n| !n.online);
-        // Only while a D-Bus front listens: the heartbeat path of 1,000 nodes stays lean.
-        let old = state
-            .announcing()
-            .then(|| core.registry.nodes.get(&id).map(|n| n.pools.clone()))
-            .flatten();
-        if !core.registry.heartbeat(&id, hb.pools, hb.staged_models) {
+        let Some(old) = core.registry.heartbeat(&id, hb.pools, hb.staged_models) else {
             return Err(ApiError::native((
                 StatusCode::NOT_FOUND,
                 ErrorBody::new(
@@ -233,11 +228,14 @@ async fn heartbeat_request(
                     format!("node {id:?} is not registered; register again"),
                 ),
             )));
-        }
+        };
         let node = &core.registry.nodes[&id];
-        let events = old
-            .map(|old| crate::events::pool_changes(&id, &old, &node.pools, "reported by the node"))
-            .unwrap_or_default();
+        // Only while a D-Bus front listens: the heartbeat path of 1,000 nodes stays lean.
+        let events = if state.announcing() {
+            crate::events::pool_changes(&id, &old, &node.pools, "reported by the node")
+        } else {
+            Vec::new()
+        };
         (
             node.offline_after(),
             was_offline,
