@@ -142,8 +142,10 @@ impl Log {
         self.events.push_back(event);
         // The last event always stays: a finished task's end is always there to read.
         while self.bytes > MAX_LOG_BYTES && self.events.len() > 1 {
-            let old = self.events.pop_front().expect("more than one event");
-            self.bytes -= event_bytes(&old);
+            let Some(old) = self.events.pop_front() else {
+                break;
+            };
+            self.bytes = self.bytes.saturating_sub(event_bytes(&old));
             self.dropped += 1;
         }
     }
@@ -474,18 +476,23 @@ impl TaskTable {
     /// returns how many went for the bytes.
     fn purge(&mut self, now: Instant) -> usize {
         let mut for_bytes = 0;
-        while let Some((at, _, _)) = self.finished.front() {
-            let old = now.duration_since(*at) > RETAIN_FINISHED;
+        loop {
             let too_many = self.finished.len() > MAX_FINISHED;
             let too_big = self.finished_bytes > MAX_FINISHED_BYTES;
+            let old = self
+                .finished
+                .front()
+                .is_some_and(|(at, _, _)| now.duration_since(*at) > RETAIN_FINISHED);
             if !(old || too_many || too_big) {
                 break;
             }
+            let Some((_, id, bytes)) = self.finished.pop_front() else {
+                break;
+            };
             if too_big && !old && !too_many {
                 for_bytes += 1;
             }
-            let (_, id, bytes) = self.finished.pop_front().expect("front exists");
-            self.finished_bytes -= bytes;
+            self.finished_bytes = self.finished_bytes.saturating_sub(bytes);
             self.tasks.remove(&id);
         }
         for_bytes
