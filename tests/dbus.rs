@@ -118,6 +118,17 @@ fn wait_seen(monitor: &llorch_tests::bus::Monitor, what: &str, cond: impl Fn(&[V
     );
 }
 
+/// `busctl call` of an orchestratord method (`[method, signature, args...]`): its output.
+fn orch(bus: &PrivateBus, method: &[&str]) -> String {
+    bus.ok(&orch_args(method))
+}
+
+fn orch_args<'a>(method: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["call", ORCH, ORCH_PATH, ORCH];
+    args.extend_from_slice(method);
+    args
+}
+
 fn is_signal(m: &Value, member: &str, data: &[&str]) -> bool {
     m["type"] == "signal"
         && m["member"] == member
@@ -239,16 +250,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     let monitor = bus.monitor(&[ORCH, NODE]);
 
     // DrainPool on the bus: the HTTP API shows the pool draining, both daemons signal it.
-    bus.ok(&[
-        "call",
-        ORCH,
-        ORCH_PATH,
-        ORCH,
-        "DrainPool",
-        "ss",
-        "",
-        "default",
-    ]);
+    orch(&bus, &["DrainPool", "ss", "", "default"]);
     assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Draining);
     wait_seen(&monitor, "PoolStateChanged for the drain", |m| {
         m.iter().any(|m| {
@@ -261,18 +263,9 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
             .iter()
             .any(|m| is_signal(m, "PoolStateChanged", &["default", "ready", "draining"]))
     });
-    bus.ok(&[
-        "call",
-        ORCH,
-        ORCH_PATH,
-        ORCH,
-        "ResumePool",
-        "ss",
-        "node-a",
-        "default",
-    ]);
+    orch(&bus, &["ResumePool", "ss", "node-a", "default"]);
     assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Ready);
-    let unknown = bus.busctl(&["call", ORCH, ORCH_PATH, ORCH, "DrainPool", "ss", "", "nope"]);
+    let unknown = bus.busctl(&orch_args(&["DrainPool", "ss", "", "nope"]));
     assert!(!unknown.status.success());
     assert!(
         String::from_utf8_lossy(&unknown.stderr).contains("pool \"nope\" is not known"),
@@ -282,16 +275,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     // 200 short tasks wait behind the drained pool and fill the queue: the next two are
     // refused, and QueueSaturated says so once. Resumed, the tasks run: QueueDepth changes
     // 200 times, PropertiesChanged goes out at most four times a second (plus the edges).
-    bus.ok(&[
-        "call",
-        ORCH,
-        ORCH_PATH,
-        ORCH,
-        "DrainPool",
-        "ss",
-        "",
-        "default",
-    ]);
+    orch(&bus, &["DrainPool", "ss", "", "default"]);
     let task = |id: String| TaskRequest {
         task_id: Some(id),
         model_ref: MODEL_ID.into(),
@@ -320,16 +304,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     });
     let from = monitor.messages().len();
     let start = Instant::now();
-    bus.ok(&[
-        "call",
-        ORCH,
-        ORCH_PATH,
-        ORCH,
-        "ResumePool",
-        "ss",
-        "",
-        "default",
-    ]);
+    orch(&bus, &["ResumePool", "ss", "", "default"]);
     // The last changes are announced within one period: the queue empty, nothing running.
     wait_seen(&monitor, "QueueDepth and RunningTasks back to 0", |m| {
         let (mut depth, mut running) = (None, None);
@@ -386,30 +361,14 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
             tokens += 1;
         }
     }
-    let canceled = bus.ok(&[
-        "call",
-        ORCH,
-        ORCH_PATH,
-        ORCH,
-        "CancelTask",
-        "s",
-        "dbus-cancel",
-    ]);
+    let canceled = orch(&bus, &["CancelTask", "s", "dbus-cancel"]);
     assert_eq!(canceled.trim(), "b true");
     let rest = frames(stream).await;
     let last = rest.last().expect("the stream ends");
     assert_eq!(last.event, "error", "{rest:?}");
     let body: llorch_wire::ErrorBody = serde_json::from_str(&last.data).unwrap();
     assert_eq!(body.code, ErrorCode::Canceled, "{body:?}");
-    let again = bus.ok(&[
-        "call",
-        ORCH,
-        ORCH_PATH,
-        ORCH,
-        "CancelTask",
-        "s",
-        "dbus-cancel",
-    ]);
+    let again = orch(&bus, &["CancelTask", "s", "dbus-cancel"]);
     assert_eq!(again.trim(), "b false");
 
     // Load and Unload of the on-demand pool: its engine starts, and stops again.
@@ -462,13 +421,13 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     );
 
     // DrainNode and ResumeNode show in the Nodes property; ReloadKeys reads the key files.
-    bus.ok(&["call", ORCH, ORCH_PATH, ORCH, "DrainNode", "s", "node-a"]);
+    orch(&bus, &["DrainNode", "s", "node-a"]);
     let nodes = property(&bus, ORCH, ORCH_PATH, ORCH, "Nodes");
     assert!(nodes.ends_with("true"), "{nodes}");
-    bus.ok(&["call", ORCH, ORCH_PATH, ORCH, "ResumeNode", "s", "node-a"]);
+    orch(&bus, &["ResumeNode", "s", "node-a"]);
     let nodes = property(&bus, ORCH, ORCH_PATH, ORCH, "Nodes");
     assert!(nodes.ends_with("false"), "{nodes}");
-    bus.ok(&["call", ORCH, ORCH_PATH, ORCH, "ReloadKeys"]);
+    orch(&bus, &["ReloadKeys"]);
     assert!(
         stack.logs().contains("Reloaded the key files."),
         "{}",

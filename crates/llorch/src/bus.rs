@@ -92,23 +92,11 @@ pub async fn pool_action(
 pub async fn status(proxy: &OrchestratorProxy<'_>, out: &mut dyn Write) -> anyhow::Result<()> {
     let nodes = proxy.nodes().await.context("read Nodes over D-Bus")?;
     let pools = proxy.pools().await.context("read Pools over D-Bus")?;
-    let mut rows = vec![vec![
-        "NODE".to_string(),
-        "STATE".into(),
-        "LAST SEEN".into(),
-        "ADDRESS".into(),
-    ]];
+    let mut rows = vec![crate::remote::node_header()];
     for (id, state, address, age_ms, _, draining) in &nodes {
-        rows.push(vec![
-            id.clone(),
-            if *draining {
-                format!("{state} (draining)")
-            } else {
-                state.clone()
-            },
-            format!("{:.1} s ago", *age_ms as f64 / 1000.0),
-            address.clone(),
-        ]);
+        rows.push(crate::remote::node_row(
+            id, state, *draining, *age_ms, address,
+        ));
     }
     crate::remote::write_table(out, &rows)?;
     writeln!(out)?;
@@ -124,11 +112,7 @@ pub async fn status(proxy: &OrchestratorProxy<'_>, out: &mut dyn Write) -> anyho
             pool.clone(),
             node.clone(),
             model.clone(),
-            if *on_demand {
-                format!("{state} (on demand)")
-            } else {
-                state.clone()
-            },
+            crate::remote::pool_state(state, *on_demand),
             format!("{}/{total}", total.saturating_sub(*free)),
         ]);
     }

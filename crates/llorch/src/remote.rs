@@ -159,23 +159,20 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
         .await
         .with_context(|| format!("cannot reach orchestratord at {}", client.address()))?;
     let pools: PoolsAnswer = client.get_json("/v2/pools").await?;
-    let mut rows = vec![vec![
-        "NODE".to_string(),
-        "STATE".into(),
-        "LAST SEEN".into(),
-        "ADDRESS".into(),
-    ]];
+    let mut rows = vec![node_header()];
     for n in &nodes {
-        rows.push(vec![
-            n.node_id.clone(),
-            if n.state.is_empty() {
-                if n.online { "online" } else { "offline" }.to_string()
-            } else {
-                n.state.clone()
-            },
-            format!("{:.1} s ago", n.last_seen_ms as f64 / 1000.0),
-            n.address.clone(),
-        ]);
+        let state = if n.state.is_empty() {
+            if n.online { "online" } else { "offline" }.to_string()
+        } else {
+            n.state.clone()
+        };
+        rows.push(node_row(
+            &n.node_id,
+            &state,
+            n.draining,
+            n.last_seen_ms,
+            &n.address,
+        ));
     }
     write_table(out, &rows)?;
     writeln!(out)?;
@@ -194,11 +191,7 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
             p.pool_id.clone(),
             p.node_id.clone(),
             p.model_id.clone(),
-            if p.on_demand {
-                format!("{} (on demand)", p.state)
-            } else {
-                p.state.to_string()
-            },
+            pool_state(&p.state.to_string(), p.on_demand),
             format!("{}/{}", p.slots_busy, p.slots_total),
             // What a cold start of an on-demand pool waits for.
             p.load_ms
@@ -219,6 +212,42 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
         q.depth, q.interactive, q.batch, q.capacity, q.running, q.policy
     )?;
     Ok(())
+}
+
+/// The header of `llorch status`'s node table (over HTTP or D-Bus).
+pub fn node_header() -> Vec<String> {
+    ["NODE", "STATE", "LAST SEEN", "ADDRESS"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// One row of the node table.
+pub fn node_row(
+    id: &str,
+    state: &str,
+    draining: bool,
+    last_seen_ms: u64,
+    address: &str,
+) -> Vec<String> {
+    vec![
+        id.to_string(),
+        if draining {
+            format!("{state} (draining)")
+        } else {
+            state.to_string()
+        },
+        format!("{:.1} s ago", last_seen_ms as f64 / 1000.0),
+        address.to_string(),
+    ]
+}
+
+/// A pool's state as the tables show it.
+pub fn pool_state(state: &str, on_demand: bool) -> String {
+    if on_demand {
+        format!("{state} (on demand)")
+    } else {
+        state.to_string()
+    }
 }
 
 pub fn write_table(out: &mut dyn Write, rows: &[Vec<String>]) -> std::io::Result<()> {
