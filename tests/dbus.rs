@@ -496,7 +496,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     });
 
     // Another user: may read, may not act, may not own our names; the refusal is logged.
-    if running_as_root() {
+    if llorch_tests::rootfs::is_root() {
         let denied = bus.busctl_as(
             NOBODY,
             &[
@@ -556,11 +556,4 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     } else {
         eprintln!("SKIPPED: the unprivileged caller needs root (setpriv)");
     }
-}
-
-fn running_as_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

@@ -15,19 +15,22 @@ pub const INCLUDE: &str = "systemd,systemd-sysv,dbus,libpam-systemd,polkitd,libg
 /// How to run a command as root: nothing as root, `sudo -n` with passwordless sudo; None when
 /// neither works.
 pub fn try_root_prefix() -> Option<Vec<String>> {
-    // The effective user, from /proc.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        == Some("0");
-    if root {
+    if is_root() {
         return Some(Vec::new());
     }
     let sudo = Command::new("sudo").args(["-n", "true"]).status();
     sudo.is_ok_and(|s| s.success())
         .then(|| vec!["sudo".into(), "-n".into()])
+}
+
+/// Whether this process runs as root (its effective uid, from /proc).
+pub fn is_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        == Some("0")
 }
 
 /// As [`try_root_prefix`], for a test that cannot do without root.
