@@ -275,10 +275,6 @@ impl BusError {
             message: message.into(),
         }
     }
-
-    pub fn message(&self) -> &str {
-        &self.message
-    }
 }
 
 impl fmt::Display for BusError {

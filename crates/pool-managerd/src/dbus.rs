@@ -412,6 +412,8 @@ async fn announce(
                 )
                 .await?;
             }
+            // Nothing changed (most ticks): nothing to compare field by field.
+            Some(old) if old == p => {}
             Some(old) => {
                 if old.status.state != p.status.state {
                     Manager::pool_state_changed(
