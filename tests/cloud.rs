@@ -17,9 +17,11 @@
 //! Two tests: the daemons as plain processes in the namespaces (TLS, bound tokens, spreading,
 //! a lost link, drain, the catalog, metrics), and the same three hosts as containers booted
 //! with systemd (`systemd-nspawn --network-namespace-path=`), the units installed as a package
-//! would and configured with drop-ins and `LoadCredential=` (socket activation on TCP with
-//! TLS, a SIGKILLed pool-managerd, an orchestratord restart under a client loop, a lost link,
-//! `llorch nodes drain` over TLS).
+//! would and configured by exactly the files the NixOS module renders for the hosts of
+//! `nix/examples/cloud.nix` (node.toml, drop-ins with `LoadCredential=`, masks; socket
+//! activation on TCP with TLS, a SIGKILLed pool-managerd, an orchestratord restart under a
+//! client loop, a lost link, `llorch nodes drain` over TLS). That one needs Nix and nixpkgs'
+//! lib (tests/support/nix.rs) and says SKIPPED without them.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -720,17 +722,19 @@ systemd-tmpfiles --create
         .unwrap();
 }
 
-/// A drop-in file's text: `[Section]` and its lines.
-fn dropin(section: &str, lines: &[&str]) -> String {
-    format!("[{section}]\n{}\n", lines.join("\n"))
-}
-
 #[test]
 fn three_hosts_under_systemd_with_tls_and_credentials() {
     if !is_root() {
         println!("SKIPPED: the cloud test boots containers in network namespaces: run it as root");
         return;
     }
+    let n = match llorch_tests::nix::nix() {
+        Ok(n) => n,
+        Err(why) => {
+            println!("SKIPPED: the hosts are configured by the NixOS module's rendering: {why}");
+            return;
+        }
+    };
     let _g = llorch_tests::serial();
     let root = llorch_tests::rootfs::rootfs(&[]);
     let tag = format!("{}s", std::process::id());
@@ -751,38 +755,31 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
     let tokens = dir.path().join("node-tokens");
     std::fs::write(&tokens, format!("w2 {TOKEN_W2}\nw3 {TOKEN_W3}\n")).unwrap();
 
-    // The control plane: orchestratord only, socket-activated on 0.0.0.0:8443 with TLS, its
-    // secrets as credentials (LoadCredential= in a drop-in, as docs/OPERATIONS.md says).
-    let cp_stage = dir.path().join("cp");
-    std::fs::create_dir_all(&cp_stage).unwrap();
-    let cp_install = format!(
-        r#"install -m 0600 /mnt/llorch/node-tokens /etc/llama-orch/node-tokens
-install -m 0600 /mnt/llorch/api-keys /etc/llama-orch/api-keys
-install -m 0600 /mnt/llorch/cp.pem /etc/llama-orch/cp.pem
-install -m 0600 /mnt/llorch/cp.key /etc/llama-orch/cp.key
-install -m 0600 /mnt/llorch/ca.pem /etc/llama-orch/ca.pem
-mkdir -p /etc/systemd/system/orchestratord.socket.d /etc/systemd/system/orchestratord.service.d
-printf '%s' '{socket}' > /etc/systemd/system/orchestratord.socket.d/cloud.conf
-printf '%s' '{service}' > /etc/systemd/system/orchestratord.service.d/cloud.conf
-systemctl daemon-reload
-systemctl start orchestratord.socket || {{ journalctl --no-pager -u orchestratord.socket -n 30; exit 1; }}
-"#,
-        socket = dropin(
-            "Socket",
-            &["ListenStream=", &format!("ListenStream=0.0.0.0:{API_PORT}")]
-        ),
-        service = dropin(
-            "Service",
-            &[
-                "LoadCredential=tls-cert:/etc/llama-orch/cp.pem",
-                "LoadCredential=tls-key:/etc/llama-orch/cp.key",
-                "LoadCredential=node-ca:/etc/llama-orch/ca.pem",
-                "LoadCredential=api-keys:/etc/llama-orch/api-keys",
-            ]
-        ),
-    );
-    stage_host(
-        &cp_stage,
+    // Each host gets what the NixOS module renders for it from nix/examples/cloud.nix through
+    // the cluster library (node.toml, drop-ins for listen addresses, credentials and
+    // environment, masks), placed as NixOS would place them, and the secrets the example names
+    // under /etc/llama-orch/secrets. Then the units the module enables are started, as boot
+    // would. The control plane: orchestratord only, socket-activated on 0.0.0.0:8443 with TLS.
+    // The workers: pool-managerd on <ip>:9200 with TLS, engines as llorch-engine@ units.
+    let hosts = n.cloud_hosts();
+    let stage = |id: &str, secrets: &[(&str, &Path)], extra: &[(&str, &Path)]| -> PathBuf {
+        let stage = dir.path().join(id);
+        llorch_tests::nix::write_files(&stage.join("root"), &hosts[id]);
+        let mut install =
+            String::from("mkdir -p -m 0700 /etc/llama-orch/secrets\ncp -a /mnt/llorch/root/. /\n");
+        for (name, _) in secrets {
+            install +=
+                &format!("install -m 0600 /mnt/llorch/{name} /etc/llama-orch/secrets/{name}\n");
+        }
+        let units = llorch_tests::nix::start_units(&hosts[id]).join(" ");
+        install += &format!(
+            "systemctl daemon-reload\nsystemctl start {units} || {{ journalctl --no-pager -n 40; exit 1; }}\n"
+        );
+        stage_host(&stage, &[secrets, extra].concat(), &install);
+        stage
+    };
+    let cp_stage = stage(
+        "cp",
         &[
             ("node-tokens", &tokens),
             ("api-keys", &keys),
@@ -790,83 +787,33 @@ systemctl start orchestratord.socket || {{ journalctl --no-pager -u orchestrator
             ("cp.key", &cp_cert.key),
             ("ca.pem", &ca.cert),
         ],
-        &cp_install,
+        &[],
     );
-
-    // The workers: pool-managerd on <ip>:9200 with TLS, engines as llorch-engine@ units.
-    let worker_stage = |id: &str, ip: &str, cp_ip: &str, token: &str| -> PathBuf {
-        let stage = dir.path().join(id);
-        std::fs::create_dir_all(&stage).unwrap();
+    let worker_stage = |id: &str, ip: &str, token: &str| -> PathBuf {
         let cert = ca.server(&format!("{id}-node"), &[ip]);
-        let token_file = stage.join("node-token.src");
+        let token_file = dir.path().join(format!("{id}-node-token"));
         std::fs::write(&token_file, format!("{token}\n")).unwrap();
-        let node_toml = stage.join("node.toml.src");
-        std::fs::write(
-            &node_toml,
-            format!(
-                r#"[node]
-id = "{id}"
-control_plane = "https://{cp_ip}:{API_PORT}"
-listen = "{ip}:{NODE_PORT}"
-cache_dir = "/var/cache/llama-orch/models"
-runtime_dir = "/run/llama-orch"
-heartbeat_secs = 1
-
-[[pools]]
-id = "default"
-slots = 2
-ctx = 1024
-threads = 1
-
-[pools.model]
-id = "{MODEL_ID}"
-source = "/mnt/llorch/model.gguf"
-sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-"#
-            ),
+        // The example's model path, for the provisioner to stage.
+        let model_dir = dir.path().join(id).join("root/srv/models");
+        std::fs::create_dir_all(&model_dir).unwrap();
+        std::os::unix::fs::symlink(
+            "/mnt/llorch/model.gguf",
+            model_dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
         )
         .unwrap();
-        let install = format!(
-            r#"install -m 0600 /mnt/llorch/node-token /etc/llama-orch/node-token
-install -m 0600 /mnt/llorch/node.pem /etc/llama-orch/node.pem
-install -m 0600 /mnt/llorch/node.key /etc/llama-orch/node.key
-install -m 0600 /mnt/llorch/ca.pem /etc/llama-orch/control-plane-ca.pem
-install -m 0644 /mnt/llorch/node.toml /etc/llama-orch/node.toml
-mkdir -p /etc/systemd/system/pool-managerd.socket.d /etc/systemd/system/pool-managerd.service.d
-printf '%s' '{socket}' > /etc/systemd/system/pool-managerd.socket.d/cloud.conf
-printf '%s' '{service}' > /etc/systemd/system/pool-managerd.service.d/cloud.conf
-systemctl daemon-reload
-systemctl start pool-managerd.socket pool-managerd.service || {{ journalctl --no-pager -u pool-managerd -n 30; exit 1; }}
-"#,
-            socket = dropin(
-                "Socket",
-                &["ListenStream=", &format!("ListenStream={ip}:{NODE_PORT}")]
-            ),
-            service = dropin(
-                "Service",
-                &[
-                    "LoadCredential=tls-cert:/etc/llama-orch/node.pem",
-                    "LoadCredential=tls-key:/etc/llama-orch/node.key",
-                    "LoadCredential=control-plane-ca:/etc/llama-orch/control-plane-ca.pem",
-                ]
-            ),
-        );
-        stage_host(
-            &stage,
+        stage(
+            id,
             &[
                 ("node-token", &token_file),
                 ("node.pem", &cert.cert),
                 ("node.key", &cert.key),
                 ("ca.pem", &ca.cert),
-                ("node.toml", &node_toml),
-                ("model.gguf", &model_path()),
             ],
-            &install,
-        );
-        stage
+            &[("model.gguf", &model_path())],
+        )
     };
-    let w2_stage = worker_stage("w2", "10.231.2.2", "10.231.2.1", TOKEN_W2);
-    let w3_stage = worker_stage("w3", "10.231.3.2", "10.231.3.1", TOKEN_W3);
+    let w2_stage = worker_stage("w2", "10.231.2.2", TOKEN_W2);
+    let w3_stage = worker_stage("w3", "10.231.3.2", TOKEN_W3);
 
     let boot = |name: &str, stage: &Path, ns: &Netns| {
         let c = Container::boot(
@@ -1050,7 +997,7 @@ systemctl start pool-managerd.socket pool-managerd.service || {{ journalctl --no
     // orchestratord's journal holds the restart; the credentials were not readable by others.
     let orch = journal(&cp, "orchestratord");
     assert!(orch.contains("Node drain requested."), "{orch}");
-    let mode = cp.ok(&["stat", "-c", "%a %U", "/etc/llama-orch/cp.key"]);
+    let mode = cp.ok(&["stat", "-c", "%a %U", "/etc/llama-orch/secrets/cp.key"]);
     assert_eq!(mode.trim(), "600 root");
     println!(
         "cloud under systemd: both workers registered {boot_time:?} after boot; pool-managerd SIGKILLed on w2 served again after {kill_recovery:?}, one engine; {restart_answers} requests across an orchestratord restart, all 200"

@@ -17,7 +17,7 @@ use llorch_tests::rootfs::{privileged, rootfs, try_root_prefix};
 use llorch_tests::{cache_dir, repo_root};
 
 /// Every Debian package the build and `make test` need (scripts/setup.sh's list).
-const REQUIRED: [&str; 12] = [
+const REQUIRED: [&str; 13] = [
     "cmake",
     "libclang-dev",
     "g++",
@@ -30,6 +30,7 @@ const REQUIRED: [&str; 12] = [
     "debootstrap",
     "iproute2",
     "dbus-daemon",
+    "nix-bin",
 ];
 
 /// Root privileges and the cached root filesystem, made once per test binary; None (with a
@@ -147,6 +148,11 @@ fn assert_names_what_is_missing(prefix: &[String], root: &Path, out: &Output) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("missing model:"), "{}", text(out));
     assert!(stdout.contains("missing python: openai=="), "{}", text(out));
+    assert!(
+        stdout.contains("missing nix tools: deadnix@"),
+        "{}",
+        text(out)
+    );
 }
 
 #[test]

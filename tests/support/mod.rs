@@ -14,6 +14,7 @@ pub mod bench;
 pub mod bus;
 pub mod container;
 pub mod journal;
+pub mod nix;
 pub mod notify;
 pub mod pki;
 pub mod prom;
