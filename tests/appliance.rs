@@ -9,50 +9,20 @@
 //! `scripts/setup.sh` installs both. `make test-appliance` runs this test alone.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use llorch_tests::appliance::{curl, stage, MODEL_SHA256};
 use llorch_tests::container::Container;
 use llorch_tests::rootfs::{root_prefix, rootfs};
 use llorch_tests::stack::{free_port, MODEL_ID};
-use llorch_tests::{bin, model_path, repo_root, serial};
+use llorch_tests::{model_path, serial};
 use serde_json::Value;
 
-/// What the container gets at `/mnt/llorch` (read-only): binaries, units, configuration, model,
-/// and the install script a package's post-install step would run.
-fn stage(dir: &Path, port: u16) {
-    let s = |p: &str| dir.join(p);
-    for d in ["bin", "units", "dropins"] {
-        std::fs::create_dir_all(s(d)).unwrap();
-    }
-    for b in [
-        "orchestratord",
-        "pool-managerd",
-        "llorch-engine",
-        "engine-provisioner",
-    ] {
-        std::fs::copy(bin(b), s("bin").join(b)).unwrap();
-    }
-    let units = repo_root().join("systemd");
-    for e in std::fs::read_dir(&units).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), s("units").join(e.file_name())).unwrap();
-    }
-    if std::fs::hard_link(model_path(), s("model.gguf")).is_err() {
-        std::fs::copy(model_path(), s("model.gguf")).unwrap();
-    }
-    std::fs::write(
-        s("node.toml"),
-        format!(
-            r#"[node]
-id = "appliance"
-control_plane = "http://127.0.0.1:{port}"
-listen = "unix:/run/llama-orch/pool-managerd.sock"
-cache_dir = "/var/cache/llama-orch/models"
-runtime_dir = "/run/llama-orch"
-heartbeat_secs = 1
-
+/// The appliance's pools: the default model always loaded, and the same file on demand.
+fn pools() -> String {
+    format!(
+        r#"
 [[pools]]
 id = "default"
 slots = 2
@@ -62,7 +32,7 @@ threads = 2
 [pools.model]
 id = "{MODEL_ID}"
 source = "/mnt/llorch/model.gguf"
-sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+sha256 = "{MODEL_SHA256}"
 
 # Loaded by its first request, unloaded after 5 s without one.
 [[pools]]
@@ -76,63 +46,9 @@ keep_alive_secs = 5
 [pools.model]
 id = "{ON_DEMAND_MODEL}"
 source = "/mnt/llorch/model.gguf"
-sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+sha256 = "{MODEL_SHA256}"
 "#
-        ),
     )
-    .unwrap();
-    // The test's own settings, as drop-ins an operator would write: a free port, and a short
-    // watchdog so the stuck-daemon step takes seconds.
-    std::fs::write(
-        s("dropins/port.conf"),
-        format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        s("dropins/watchdog.conf"),
-        "[Service]\nWatchdogSec=3\nTimeoutAbortSec=2\n",
-    )
-    .unwrap();
-    std::fs::write(
-        s("install.sh"),
-        r#"#!/bin/sh
-set -e
-install -m 0755 /mnt/llorch/bin/* /usr/bin/
-cp /mnt/llorch/units/*.service /mnt/llorch/units/*.socket /mnt/llorch/units/*.target /etc/systemd/system/
-mkdir -p /etc/sysusers.d /etc/tmpfiles.d /etc/llama-orch /etc/systemd/system/orchestratord.socket.d /etc/systemd/system/orchestratord.service.d /etc/polkit-1/rules.d /usr/share/dbus-1/system.d /usr/share/polkit-1/actions
-cp /mnt/llorch/units/llama-orch.polkit.rules /etc/polkit-1/rules.d/50-llama-orch.rules
-cp /mnt/llorch/units/org.llamaorch.conf /usr/share/dbus-1/system.d/org.llamaorch.conf
-cp /mnt/llorch/units/org.llamaorch.policy /usr/share/polkit-1/actions/org.llamaorch.policy
-cp /mnt/llorch/units/llama-orch.sysusers.conf /etc/sysusers.d/llama-orch.conf
-cp /mnt/llorch/units/llama-orch.tmpfiles.conf /etc/tmpfiles.d/llama-orch.conf
-cp /mnt/llorch/node.toml /etc/llama-orch/node.toml
-cp /mnt/llorch/dropins/port.conf /etc/systemd/system/orchestratord.socket.d/port.conf
-cp /mnt/llorch/dropins/watchdog.conf /etc/systemd/system/orchestratord.service.d/watchdog.conf
-systemd-sysusers
-systemd-tmpfiles --create
-systemctl daemon-reload
-systemctl reload dbus
-"#,
-    )
-    .unwrap();
-    std::process::Command::new("chmod")
-        .args(["-R", "a+rX"])
-        .arg(dir)
-        .status()
-        .unwrap();
-}
-
-/// `curl` from the host: (HTTP status, body); status 0 when the connection failed.
-fn curl(port: u16, args: &[&str], path: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-m", "60", "-w", "\n%{http_code}"])
-        .args(args)
-        .arg(format!("http://127.0.0.1:{port}{path}"))
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// The on-demand pool's model id (the same file as the default pool's, served apart).
@@ -414,7 +330,7 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         .tempdir()
         .unwrap();
     let port = free_port();
-    stage(stage_dir.path(), port);
+    stage(stage_dir.path(), port, &pools(), "");
     let mut c = Container::boot(
         prefix,
         &root,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub use llorch_client::UnixClient;
 
+pub mod appliance;
 pub mod bench;
 pub mod bus;
 pub mod container;
