@@ -9,7 +9,7 @@ MODEL := $(LLORCH_CACHE)/default-model/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CARGO ?= cargo
 
-.PHONY: run demo test test-appliance test-cloud fuzz setup build bench lint fmt
+.PHONY: run demo test test-appliance test-cloud test-faults soak fuzz setup build bench lint fmt
 
 ## Set up, build, and run the home stack on the default model at http://127.0.0.1:8080 until Ctrl-C.
 run: build
@@ -32,6 +32,12 @@ test-appliance: build
 ## and as containers booted with systemd (TLS, node tokens, lost links, restarts).
 test-cloud: build
 	$(CARGO) test -p llorch-tests --test cloud -- --nocapture
+
+## The fault matrix alone: SIGKILLs at seeded points, model files deleted or replaced, the
+## handoff directory removed, a full cache, under systemd with clients streaming (about 50 s).
+## LLORCH_FAULT_SEED=N replays a run's kill points.
+test-faults: build
+	$(CARGO) test -p llorch-tests --test faults -- --nocapture
 
 ## Property tests of every parser of outside bytes, for FUZZ_MINUTES (default 2) each, in
 ## release: random inputs and mutations of the corpus in fuzz/corpus/. A failing input is kept

@@ -9,7 +9,6 @@
 , rustPlatform
 , cmake
 , pkg-config
-, coreutils
 , cudaSupport ? false
 , cudaPackages ? { }
 , autoAddDriverRunpath ? null
@@ -79,8 +78,7 @@ buildRustPackage ({
   postInstall = ''
     units=$out/lib/systemd/system
     install -Dm0644 -t $units systemd/*.service systemd/*.socket systemd/*.target
-    substituteInPlace $units/* --replace-quiet /usr/bin/ $out/bin/ \
-      --replace-quiet /bin/kill ${coreutils}/bin/kill
+    substituteInPlace $units/* --replace-quiet /usr/bin/ $out/bin/
     install -Dm0644 systemd/llama-orch.sysusers.conf $out/lib/sysusers.d/llama-orch.conf
     install -Dm0644 systemd/llama-orch.tmpfiles.conf $out/lib/tmpfiles.d/llama-orch.conf
     install -Dm0644 systemd/org.llamaorch.conf $out/share/dbus-1/system.d/org.llamaorch.conf

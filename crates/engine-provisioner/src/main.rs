@@ -228,8 +228,20 @@ fn main() {
             std::process::exit(code);
         }
     };
+    // `plan` leaves its failure next to the plan it could not write (`<out>.error`), for the
+    // node agent to show as the pool's last error: under systemd it cannot read our journal.
+    let error_file = match &cli.command {
+        Command::Plan(args) => Some(PathBuf::from(format!("{}.error", args.out.display()))),
+        _ => None,
+    };
+    if let Some(f) = &error_file {
+        let _ = std::fs::remove_file(f);
+    }
     if let Err(e) = run(cli) {
         eprintln!("engine-provisioner: {e}");
+        if let Some(f) = &error_file {
+            let _ = std::fs::write(f, format!("{e}\n"));
+        }
         std::process::exit(e.exit_code());
     }
 }

@@ -62,7 +62,7 @@ pub fn spawn(
     }
     Ok(tokio::spawn(async move {
         // The watcher lives as long as this task.
-        let _watcher = watcher;
+        let mut watcher = watcher;
         loop {
             let res = tokio::select! {
                 r = rx.recv() => r,
@@ -92,8 +92,74 @@ pub fn spawn(
                     }
                 }
             }
+            if !dir.exists() {
+                restore(&node, &layout, &mut watcher);
+            }
         }
     }))
+}
+
+/// The handoff directory is gone (removed by hand, a cleanup script): make it again (0770:
+/// the engines, in group llama-orch, write their files there), watch it again, and write back
+/// the handoff files of the engines that still run, so their pools stay ready. An engine whose
+/// file was forgotten before the directory went is restarted: its next start writes one.
+fn restore(node: &Node, layout: &RuntimeLayout, watcher: &mut notify::RecommendedWatcher) {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = layout.handoff_dir();
+    let made = std::fs::DirBuilder::new()
+        .mode(0o770)
+        .create(&dir)
+        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)));
+    if let Err(e) = made {
+        tracing::error!(dir = %dir.display(), error = %e, "The handoff directory was removed and cannot be made again: engines cannot report ready.");
+        return;
+    }
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::error!(dir = %dir.display(), error = %e, "Cannot watch the handoff directory again.");
+    }
+    let mut restored = Vec::new();
+    for pool in node.pool_ids() {
+        let (handoff, running, commands) = node
+            .read(&pool, |p| {
+                (
+                    p.handoff.clone(),
+                    p.phase == crate::state::Phase::Running,
+                    p.commands.clone(),
+                )
+            })
+            .unwrap_or_default();
+        match handoff {
+            Some(h) => {
+                let path = layout.handoff_file(&pool);
+                let tmp = dir.join(format!(".{pool}.json.tmp"));
+                let written = serde_json::to_vec(&h)
+                    .map_err(std::io::Error::other)
+                    .and_then(|bytes| std::fs::write(&tmp, bytes))
+                    .and_then(|()| std::fs::rename(&tmp, &path));
+                match written {
+                    Ok(()) => restored.push(pool),
+                    Err(e) => {
+                        tracing::error!(file = %path.display(), error = %e, "Cannot write a handoff file back.")
+                    }
+                }
+            }
+            None if running => {
+                let (reply, _) = tokio::sync::oneshot::channel();
+                let asked = commands.is_some_and(|c| {
+                    c.try_send(crate::supervisor::Request {
+                        command: crate::supervisor::Command::Restart,
+                        by: "pool-managerd (its handoff file was removed with the directory)"
+                            .into(),
+                        reply,
+                    })
+                    .is_ok()
+                });
+                tracing::warn!(pool_id = %pool, asked, "Restarting an engine whose handoff file was removed with the directory.");
+            }
+            None => {}
+        }
+    }
+    tracing::warn!(dir = %dir.display(), restored = ?restored, "The handoff directory was removed; it is back, with the handoff files of the running engines.");
 }
 
 /// The pool a handoff file name belongs to: `<pool>.json`, not a hidden temporary file.
@@ -130,6 +196,11 @@ fn refresh(node: &Node, layout: &RuntimeLayout, pool: &str) {
                 None
             }
         },
+        // The directory itself went, not the engine's file: the engine still runs and
+        // `restore` writes its file back.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !layout.handoff_dir().exists() => {
+            return;
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "Cannot read a handoff file.");
@@ -255,6 +326,51 @@ mod tests {
         wait_state(&node, PoolState::Loading).await;
         // Other pools' files are ignored.
         write_atomically(&layout, "other", 42);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_removed_directory_comes_back_with_the_running_engines_files() {
+        let cfg = crate::config::parse(Path::new("t.toml"), include_str!("../examples/node.toml"))
+            .unwrap();
+        let node = Node::new(cfg.pools());
+        node.update("default", |p| {
+            p.phase = crate::state::Phase::Running;
+            p.engine_pid = Some(42);
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let layout = RuntimeLayout::new(dir.path());
+        std::fs::create_dir_all(layout.handoff_dir()).unwrap();
+        let stop = CancellationToken::new();
+        let task = spawn(node.clone(), layout.clone(), stop.clone()).unwrap();
+        write_atomically(&layout, "default", 42);
+        wait_state(&node, PoolState::Ready).await;
+        // Moved away whole (no file event comes first, so this is deterministic; `rm -rf` is
+        // the fault test's, tests/faults.rs).
+        std::fs::rename(layout.handoff_dir(), dir.path().join("gone")).unwrap();
+        // Back, with the engine's file, and the pool never stopped being ready.
+        let file = layout.handoff_file("default");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !file.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the handoff file was not written back"
+            );
+            assert_eq!(node.status("default").unwrap().state, PoolState::Ready);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(layout.handoff_dir())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o770);
+        let h: Handoff = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(h.pid, 42);
+        // Watched again: the engine removing its file makes the pool unready.
+        std::fs::remove_file(&file).unwrap();
+        wait_state(&node, PoolState::Loading).await;
         stop.cancel();
         task.await.unwrap();
     }

@@ -231,6 +231,14 @@ pub async fn supervise(
             }
         }
         load_now = false;
+        // The staged file may have gone since it was provisioned (deleted from the cache, a
+        // cache on a tmpfs after a reboot): stage it again rather than start an engine that
+        // cannot load it.
+        if let Some(missing) = planned_model_missing(&plan_path) {
+            tracing::warn!(pool_id = %id, model = %missing, "The staged model file is gone; provisioning it again.");
+            plan = None;
+            continue;
+        }
         let mut engine = match launcher.start_engine(&pool, &plan_path).await {
             Ok(h) => h,
             Err(e) => {
@@ -297,6 +305,9 @@ pub async fn supervise(
                 let restart = if was_ready {
                     Restart::Crashed
                 } else {
+                    // It could not load: the staged file may be damaged. Provisioning verifies
+                    // it again (and fetches it again when it is) before the next start.
+                    plan = None;
                     Restart::StartFailed
                 };
                 node.metrics.start_failed(&id, restart);
@@ -355,6 +366,14 @@ pub async fn supervise(
         p.engine_pid = None;
         p.activation_socket = None;
     });
+}
+
+/// The model file a plan names, when it no longer exists (None when it does, or when the plan
+/// cannot be read: starting the engine then says why).
+fn planned_model_missing(plan: &std::path::Path) -> Option<String> {
+    let bytes = std::fs::read(plan).ok()?;
+    let plan: llorch_wire::plan::EnginePlan = serde_json::from_slice(&bytes).ok()?;
+    (!std::path::Path::new(&plan.model.path).exists()).then_some(plan.model.path)
 }
 
 /// How the wait on a running engine ended.

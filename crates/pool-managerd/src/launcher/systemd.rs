@@ -443,8 +443,16 @@ impl Launcher for SystemdLauncher {
                 return Ok(plan);
             }
             let (_, service) = self.service(&unit).await?;
+            let mut exit = exit_of(&service, &unit).await;
+            // The provisioner's own words, when it could say them (engine-provisioner writes
+            // them next to the plan); a node agent cannot read the journal.
+            let said = self.layout.plan_file(&pool.id).with_extension("json.error");
+            if let Ok(text) = std::fs::read_to_string(&said) {
+                let text: String = text.trim().chars().take(600).collect();
+                exit.log_tail = text;
+            }
             Err(LaunchError::Provision {
-                exit: exit_of(&service, &unit).await,
+                exit,
                 log: PathBuf::from(format!("journalctl -u {unit}")),
             })
         })
