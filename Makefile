@@ -39,6 +39,12 @@ test-cloud: build
 test-faults: build
 	$(CARGO) test -p llorch-tests --test faults -- --nocapture
 
+## A compressed soak: SOAK_MINUTES (default 20) at 80% of the measured capacity with mixed
+## cancels; fails when a task is lost or a daemon's memory or descriptors grow.
+SOAK_MINUTES ?= 20
+soak: build
+	SOAK_MINUTES=$(SOAK_MINUTES) $(CARGO) run -q -p llorch-tests --example soak
+
 ## Property tests of every parser of outside bytes, for FUZZ_MINUTES (default 2) each, in
 ## release: random inputs and mutations of the corpus in fuzz/corpus/. A failing input is kept
 ## by proptest in the crate's proptest-regressions/ (commit it: make test replays it first).
