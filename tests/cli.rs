@@ -95,6 +95,12 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
         "the pool's load time in seconds: {out}"
     );
     assert!(out.contains("queue: 0 waiting"), "{out}");
+    // No NVIDIA driver here: the node says it is a CPU node.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("home") && l.contains("CPU only (no NVIDIA driver)")),
+        "{out}"
+    );
 
     let (ok, out, err) = llorch(&url, &["pools", "drain", "default"]);
     assert!(ok, "{err}");

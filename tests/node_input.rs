@@ -142,6 +142,18 @@ async fn a_bogus_node_cannot_register_or_crash_the_stack() {
         (json!({"pools": [pool("a b", 1)]}), "pools[0].pool_id"),
         (json!({"pools": [pool("", 1)]}), "pools[0].pool_id"),
         (json!({"pools": many}), "pools"),
+        (
+            json!({"pools": [], "gpus": {"devices": [
+                {"index": 0, "uuid": "GPU-a", "name": "x", "memory_total_bytes": 1,
+                 "memory_used_bytes": 0, "memory_free_bytes": 2}]}}),
+            "gpus.devices[0].memory_free_bytes",
+        ),
+        (
+            json!({"pools": [], "gpus": {"devices": [
+                {"index": 0, "uuid": "GPU-a", "name": "x", "memory_total_bytes": 1,
+                 "memory_used_bytes": 0, "memory_free_bytes": 1, "utilization_percent": 400}]}}),
+            "gpus.devices[0].utilization_percent",
+        ),
     ];
     for (body, field) in &heartbeats {
         let (status, answer) = post(&url, Some(token), "/v2/nodes/home/heartbeat", body).await;

@@ -41,6 +41,10 @@ pub mod limits {
     pub const MAX_TEXT_BYTES: usize = 256;
     /// Bytes of a pool's `last_error` (the node cuts a longer one before sending it).
     pub const MAX_LAST_ERROR_BYTES: usize = 8192;
+    /// GPUs of one node.
+    pub const MAX_GPUS: usize = 64;
+    /// A GPU temperature a node may report, in degrees Celsius.
+    pub const MAX_GPU_CELSIUS: u32 = 200;
     /// A model load time a node may report: one day.
     pub const MAX_LOAD_MS: u64 = 86_400_000;
     /// Bytes of a registration or heartbeat body: room for the largest valid one (every pool
@@ -169,6 +173,45 @@ impl PoolStatus {
     }
 }
 
+/// One GPU of a node, as NVML reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuStatus {
+    /// NVML's (and CUDA's, in PCI bus order) index on the node: `cuda:N` in node.toml.
+    pub index: u32,
+    /// `GPU-…`, stable across reboots and slots.
+    pub uuid: String,
+    pub name: String,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub memory_free_bytes: u64,
+    /// Percent of the last sample period a kernel ran, when NVML says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_celsius: Option<u32>,
+}
+
+/// A node's GPUs and driver; empty on a CPU node (no NVML).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuReport {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<String>,
+    /// The newest CUDA version the driver supports, `major.minor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_version: Option<String>,
+    #[serde(default)]
+    pub devices: Vec<GpuStatus>,
+}
+
+impl GpuReport {
+    /// No driver and no device: a CPU node.
+    pub fn is_empty(&self) -> bool {
+        self.driver_version.is_none() && self.cuda_version.is_none() && self.devices.is_empty()
+    }
+}
+
 /// `POST /v2/nodes/register`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -182,6 +225,9 @@ pub struct Registration {
     /// Model ids staged in the node's cache.
     #[serde(default)]
     pub staged_models: Vec<String>,
+    /// The node's GPUs; left out by a CPU node (so an older control plane accepts it).
+    #[serde(default, skip_serializing_if = "GpuReport::is_empty")]
+    pub gpus: GpuReport,
 }
 
 /// `POST /v2/nodes/{id}/heartbeat`.
@@ -191,6 +237,9 @@ pub struct Heartbeat {
     pub pools: Vec<PoolStatus>,
     #[serde(default)]
     pub staged_models: Vec<String>,
+    /// Free memory and utilization move: every heartbeat carries them.
+    #[serde(default, skip_serializing_if = "GpuReport::is_empty")]
+    pub gpus: GpuReport,
 }
 
 /// The control plane's answer to a registration or heartbeat.
@@ -365,6 +414,77 @@ fn check_staged(staged: &[String]) -> Result<(), ErrorBody> {
     Ok(())
 }
 
+fn check_gpus(gpus: &GpuReport) -> Result<(), ErrorBody> {
+    for (field, v) in [
+        ("gpus.driver_version", &gpus.driver_version),
+        ("gpus.cuda_version", &gpus.cuda_version),
+    ] {
+        if let Some(v) = v {
+            check_text(field, v, limits::MAX_TEXT_BYTES)?;
+        }
+    }
+    if gpus.devices.len() > limits::MAX_GPUS {
+        return Err(invalid(
+            "gpus.devices",
+            format!(
+                "{} GPUs reported; a node may report at most {}",
+                gpus.devices.len(),
+                limits::MAX_GPUS
+            ),
+        ));
+    }
+    for (i, g) in gpus.devices.iter().enumerate() {
+        let field = |name: &str| format!("gpus.devices[{i}].{name}");
+        check_text(&field("uuid"), &g.uuid, limits::MAX_TEXT_BYTES)?;
+        check_text(&field("name"), &g.name, limits::MAX_TEXT_BYTES)?;
+        let seen = &gpus.devices[..i];
+        if seen.iter().any(|h| h.index == g.index) {
+            return Err(invalid(
+                field("index"),
+                format!("GPU index {} is reported twice", g.index),
+            ));
+        }
+        if seen.iter().any(|h| h.uuid == g.uuid) {
+            return Err(invalid(
+                field("uuid"),
+                format!("GPU {:?} is reported twice", g.uuid),
+            ));
+        }
+        for (name, v) in [
+            ("memory_used_bytes", g.memory_used_bytes),
+            ("memory_free_bytes", g.memory_free_bytes),
+        ] {
+            if v > g.memory_total_bytes {
+                return Err(invalid(
+                    field(name),
+                    format!(
+                        "{name} {v} is more than memory_total_bytes {}",
+                        g.memory_total_bytes
+                    ),
+                ));
+            }
+        }
+        if g.utilization_percent.is_some_and(|u| u > 100) {
+            return Err(invalid(
+                field("utilization_percent"),
+                "utilization_percent is more than 100",
+            ));
+        }
+        if g.temperature_celsius
+            .is_some_and(|t| t > limits::MAX_GPU_CELSIUS)
+        {
+            return Err(invalid(
+                field("temperature_celsius"),
+                format!(
+                    "temperature_celsius is more than {}",
+                    limits::MAX_GPU_CELSIUS
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Registration {
     /// Checks every field against the bounds in [`limits`]; the error names the first field at
     /// fault. The control plane calls it before anything of the node is used.
@@ -392,7 +512,8 @@ impl Registration {
             ));
         }
         check_pools(&self.pools)?;
-        check_staged(&self.staged_models)
+        check_staged(&self.staged_models)?;
+        check_gpus(&self.gpus)
     }
 }
 
@@ -400,7 +521,8 @@ impl Heartbeat {
     /// Checks every field against the bounds in [`limits`], as [`Registration::validate`] does.
     pub fn validate(&self) -> Result<(), ErrorBody> {
         check_pools(&self.pools)?;
-        check_staged(&self.staged_models)
+        check_staged(&self.staged_models)?;
+        check_gpus(&self.gpus)
     }
 }
 
@@ -438,6 +560,24 @@ mod tests {
             heartbeat_secs: 5,
             pools: vec![pool("default")],
             staged_models: vec!["smollm2-135m".into()],
+            gpus: GpuReport {
+                driver_version: Some("550.54.15".into()),
+                cuda_version: Some("12.4".into()),
+                devices: vec![gpu(0, "GPU-0a"), gpu(1, "GPU-1b")],
+            },
+        }
+    }
+
+    fn gpu(index: u32, uuid: &str) -> GpuStatus {
+        GpuStatus {
+            index,
+            uuid: uuid.into(),
+            name: "NVIDIA GeForce RTX 4090".into(),
+            memory_total_bytes: 24 << 30,
+            memory_used_bytes: 1 << 30,
+            memory_free_bytes: 23 << 30,
+            utilization_percent: Some(3),
+            temperature_celsius: Some(41),
         }
     }
 
@@ -454,9 +594,15 @@ mod tests {
         Heartbeat {
             pools: unix.pools,
             staged_models: vec![],
+            gpus: GpuReport::default(),
         }
         .validate()
         .unwrap();
+        // A CPU node sends no `gpus` at all; an older control plane would refuse the key.
+        let mut cpu = registration();
+        cpu.gpus = GpuReport::default();
+        let json = serde_json::to_value(&cpu).unwrap();
+        assert!(json.get("gpus").is_none(), "{json}");
     }
 
     #[test]
@@ -487,6 +633,40 @@ mod tests {
                 }),
             ),
             ("heartbeat_secs", Box::new(|r| r.heartbeat_secs = 0)),
+            (
+                "gpus.devices[1].index",
+                Box::new(|r| r.gpus.devices[1].index = 0),
+            ),
+            (
+                "gpus.devices[1].uuid",
+                Box::new(|r| r.gpus.devices[1].uuid = "GPU-0a".into()),
+            ),
+            (
+                "gpus.devices[0].memory_free_bytes",
+                Box::new(|r| r.gpus.devices[0].memory_free_bytes = 25 << 30),
+            ),
+            (
+                "gpus.devices[0].utilization_percent",
+                Box::new(|r| r.gpus.devices[0].utilization_percent = Some(101)),
+            ),
+            (
+                "gpus.devices[0].temperature_celsius",
+                Box::new(|r| r.gpus.devices[0].temperature_celsius = Some(500)),
+            ),
+            (
+                "gpus.devices[0].name",
+                Box::new(|r| r.gpus.devices[0].name = "x\u{7}".into()),
+            ),
+            (
+                "gpus.devices",
+                Box::new(|r| {
+                    r.gpus.devices = (0..65).map(|i| gpu(i, &format!("GPU-{i}"))).collect()
+                }),
+            ),
+            (
+                "gpus.driver_version",
+                Box::new(|r| r.gpus.driver_version = Some("v".repeat(300))),
+            ),
             ("heartbeat_secs", Box::new(|r| r.heartbeat_secs = u64::MAX)),
             (
                 "pools[0].pool_id",

@@ -259,6 +259,9 @@ pub struct NodeView {
     pub last_seen_ms: u64,
     pub pools: Vec<String>,
     pub staged_models: Vec<String>,
+    /// Its GPUs, as its last report gave them (`devices` empty on a CPU node).
+    #[serde(default)]
+    pub gpus: crate::node::GpuReport,
 }
 
 /// `GET /v2/pools`: pools and the queue.

@@ -176,6 +176,8 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
     }
     write_table(out, &rows)?;
     writeln!(out)?;
+    write_table(out, &gpu_rows(&nodes))?;
+    writeln!(out)?;
     let mut rows = vec![vec![
         "POOL".to_string(),
         "NODE".into(),
@@ -212,6 +214,45 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
         q.depth, q.interactive, q.batch, q.capacity, q.running, q.policy
     )?;
     Ok(())
+}
+
+/// `llorch status`'s GPU table: one row per GPU of each node, or one saying the node has none.
+pub fn gpu_rows(nodes: &[NodeView]) -> Vec<Vec<String>> {
+    let gib = |b: u64| format!("{:.1}", b as f64 / f64::from(1u32 << 30));
+    let mut rows = vec![[
+        "NODE",
+        "GPU",
+        "NAME",
+        "MEMORY FREE/TOTAL GiB",
+        "UTIL",
+        "TEMP",
+        "UUID",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for n in nodes {
+        if n.gpus.devices.is_empty() {
+            rows.push(vec![
+                n.node_id.clone(),
+                "-".into(),
+                "CPU only (no NVIDIA driver)".into(),
+            ]);
+        }
+        for g in &n.gpus.devices {
+            rows.push(vec![
+                n.node_id.clone(),
+                g.index.to_string(),
+                g.name.clone(),
+                format!("{}/{}", gib(g.memory_free_bytes), gib(g.memory_total_bytes)),
+                g.utilization_percent
+                    .map_or_else(|| "-".into(), |u| format!("{u}%")),
+                g.temperature_celsius
+                    .map_or_else(|| "-".into(), |t| format!("{t} C")),
+                g.uuid.clone(),
+            ]);
+        }
+    }
+    rows
 }
 
 /// The header of `llorch status`'s node table (over HTTP or D-Bus).
@@ -338,4 +379,63 @@ pub async fn node_resume(client: &HttpClient, node: &str) -> anyhow::Result<()> 
         .await?;
     println!("node {}: placing work again ({})", view.node_id, view.state);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llorch_wire::node::{GpuReport, GpuStatus};
+
+    fn node(id: &str, devices: Vec<GpuStatus>) -> NodeView {
+        NodeView {
+            node_id: id.into(),
+            address: "unix:/x.sock".into(),
+            online: true,
+            state: "online".into(),
+            draining: false,
+            running: 0,
+            version: "0".into(),
+            last_seen_ms: 0,
+            pools: vec![],
+            staged_models: vec![],
+            gpus: GpuReport {
+                driver_version: None,
+                cuda_version: None,
+                devices,
+            },
+        }
+    }
+
+    #[test]
+    fn the_gpu_table_has_a_row_per_gpu_and_one_per_cpu_node() {
+        let gpu = |index, total_gib: u64, free_gib: u64| GpuStatus {
+            index,
+            uuid: format!("GPU-{index}"),
+            name: "NVIDIA GeForce RTX 4090".into(),
+            memory_total_bytes: total_gib << 30,
+            memory_used_bytes: (total_gib - free_gib) << 30,
+            memory_free_bytes: free_gib << 30,
+            utilization_percent: Some(37),
+            temperature_celsius: None,
+        };
+        let rows = gpu_rows(&[
+            node("box", vec![gpu(0, 24, 20), gpu(1, 12, 12)]),
+            node("cpu", vec![]),
+        ]);
+        assert_eq!(rows.len(), 4);
+        assert_eq!(
+            rows[1],
+            [
+                "box",
+                "0",
+                "NVIDIA GeForce RTX 4090",
+                "20.0/24.0",
+                "37%",
+                "-",
+                "GPU-0"
+            ]
+        );
+        assert_eq!(rows[2][3], "12.0/12.0");
+        assert_eq!(rows[3], ["cpu", "-", "CPU only (no NVIDIA driver)"]);
+    }
 }

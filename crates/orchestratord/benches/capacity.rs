@@ -324,6 +324,7 @@ impl Orch {
             heartbeat_secs: 2,
             pools: pools(),
             staged_models: Vec::new(),
+            gpus: Default::default(),
         };
         let _: NodeAck = client
             .post_json("/v2/nodes/register", &reg)
@@ -337,6 +338,7 @@ impl Orch {
                 let hb = Heartbeat {
                     pools: pools(),
                     staged_models: Vec::new(),
+                    gpus: Default::default(),
                 };
                 let path = format!("/v2/nodes/{NODE_ID}/heartbeat");
                 if let Err(e) = hb_client.post_json::<_, NodeAck>(&path, &hb).await {

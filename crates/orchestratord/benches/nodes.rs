@@ -67,6 +67,7 @@ fn placement(nodes: usize) {
             online: true,
             pools: pools_of(i),
             staged_models: Vec::new(),
+            gpus: Default::default(),
             client: HttpClient::new("unix:/nonexistent.sock").expect("address"),
             lost: CancellationToken::new(),
             draining: false,
@@ -158,6 +159,7 @@ async fn heartbeats(nodes: usize) {
             heartbeat_secs: interval,
             pools: pools_of(i),
             staged_models: Vec::new(),
+            gpus: Default::default(),
         };
         let _: NodeAck = client
             .post_json("/v2/nodes/register", &reg)
@@ -180,6 +182,7 @@ async fn heartbeats(nodes: usize) {
             let hb = Heartbeat {
                 pools: pools_of(i),
                 staged_models: Vec::new(),
+                gpus: Default::default(),
             };
             let path = format!("/v2/nodes/node-{i:04}/heartbeat");
             let mut answered = 0u64;

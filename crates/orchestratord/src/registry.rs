@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use llorch_client::HttpClient;
-use llorch_wire::node::{PoolState, PoolStatus};
+use llorch_wire::node::{GpuReport, PoolState, PoolStatus};
 use llorch_wire::task::{NodeView, PoolView};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,8 @@ pub struct Node {
     pub online: bool,
     pub pools: Vec<PoolStatus>,
     pub staged_models: Vec<String>,
+    /// Its GPUs, from its last registration or heartbeat.
+    pub gpus: GpuReport,
     pub client: HttpClient,
     /// Fired when the node is marked offline: its running tasks end with `NODE_UNAVAILABLE`.
     pub lost: CancellationToken,
@@ -122,6 +124,7 @@ impl Registry {
         node_id: &str,
         pools: Vec<PoolStatus>,
         staged: Vec<String>,
+        gpus: GpuReport,
     ) -> Option<Vec<PoolStatus>> {
         let node = self.nodes.get_mut(node_id)?;
         if !node.online {
@@ -132,6 +135,7 @@ impl Registry {
         }
         node.last_seen = Instant::now();
         node.staged_models = staged;
+        node.gpus = gpus;
         let mut pools = pools;
         for (i, p) in pools.iter_mut().enumerate() {
             // A report read before an operator's change the control plane already has (a
@@ -257,6 +261,7 @@ impl Registry {
             last_seen_ms: now.duration_since(node.last_seen).as_millis() as u64,
             pools: node.pools.iter().map(|p| p.pool_id.clone()).collect(),
             staged_models: node.staged_models.clone(),
+            gpus: node.gpus.clone(),
         }
     }
 
@@ -536,6 +541,7 @@ mod tests {
             online: true,
             pools: vec![],
             staged_models: vec![],
+            gpus: GpuReport::default(),
             client: HttpClient::new("unix:/nonexistent.sock").unwrap(),
             lost: CancellationToken::new(),
             draining: false,
@@ -566,6 +572,35 @@ mod tests {
     }
 
     #[test]
+    fn a_nodes_gpus_follow_its_reports_into_its_view() {
+        let mut r = Registry::default();
+        r.register(node("w", Instant::now()));
+        let now = Instant::now();
+        assert!(r.node_view(&r.nodes["w"], now).gpus.devices.is_empty());
+        let gpus = GpuReport {
+            driver_version: Some("550.54.15".into()),
+            cuda_version: Some("12.4".into()),
+            devices: vec![llorch_wire::node::GpuStatus {
+                index: 0,
+                uuid: "GPU-0a".into(),
+                name: "NVIDIA H200".into(),
+                memory_total_bytes: 141 << 30,
+                memory_used_bytes: 1 << 30,
+                memory_free_bytes: 140 << 30,
+                utilization_percent: Some(0),
+                temperature_celsius: Some(30),
+            }],
+        };
+        assert!(r.heartbeat("w", vec![], vec![], gpus.clone()).is_some());
+        assert_eq!(r.node_view(&r.nodes["w"], now).gpus, gpus);
+        // A node that stops reporting them (its driver gone) has none.
+        assert!(r
+            .heartbeat("w", vec![], vec![], GpuReport::default())
+            .is_some());
+        assert!(r.node_view(&r.nodes["w"], now).gpus.is_empty());
+    }
+
+    #[test]
     fn a_node_that_missed_a_beat_is_suspect_and_skipped_then_offline() {
         let start = Instant::now();
         let mut n = node("w", start);
@@ -587,7 +622,9 @@ mod tests {
         assert_eq!(r.expire_nodes(at(3100)), ["w"]);
         assert_eq!(r.nodes["w"].state(at(3100)), "offline");
         // A heartbeat brings it back at once.
-        assert!(r.heartbeat("w", vec![], vec![]).is_some());
+        assert!(r
+            .heartbeat("w", vec![], vec![], GpuReport::default())
+            .is_some());
         assert_eq!(r.nodes["w"].state(Instant::now()), "online");
 
         // `--offline-after-beats 5`: suspect after 1.5 intervals as before, offline after 5.
@@ -614,16 +651,31 @@ mod tests {
         // after that answer was recorded: the drain stays.
         r.nodes.get_mut("w").unwrap().pools[0] = status(PoolState::Draining, true, 5);
         assert!(r
-            .heartbeat("w", vec![status(PoolState::Ready, false, 4)], vec![])
+            .heartbeat(
+                "w",
+                vec![status(PoolState::Ready, false, 4)],
+                vec![],
+                GpuReport::default()
+            )
             .is_some());
         assert_eq!(r.nodes["w"].pools[0].state, PoolState::Draining);
         // Later reports (and nodes that do not count) replace it as before.
         assert!(r
-            .heartbeat("w", vec![status(PoolState::Failed, true, 5)], vec![])
+            .heartbeat(
+                "w",
+                vec![status(PoolState::Failed, true, 5)],
+                vec![],
+                GpuReport::default()
+            )
             .is_some());
         assert_eq!(r.nodes["w"].pools[0].state, PoolState::Failed);
         assert!(r
-            .heartbeat("w", vec![status(PoolState::Ready, false, 0)], vec![])
+            .heartbeat(
+                "w",
+                vec![status(PoolState::Ready, false, 0)],
+                vec![],
+                GpuReport::default()
+            )
             .is_some());
         assert_eq!(r.nodes["w"].pools[0].state, PoolState::Ready);
     }

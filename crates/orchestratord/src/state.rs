@@ -764,6 +764,7 @@ mod tests {
             online: true,
             pools: vec![PoolStatus::new("p", "m", PoolState::Ready, 1, 1024)],
             staged_models: vec![],
+            gpus: Default::default(),
             client: HttpClient::new("unix:/nonexistent.sock").unwrap(),
             lost: CancellationToken::new(),
             draining: false,

@@ -89,6 +89,7 @@ async fn start(behaviour: Node) -> Harness {
                 heartbeat_secs: 1,
                 pools: vec![pool()],
                 staged_models: vec![],
+                gpus: Default::default(),
             },
         )
         .await
@@ -100,6 +101,7 @@ async fn start(behaviour: Node) -> Harness {
             let hb = Heartbeat {
                 pools: vec![pool()],
                 staged_models: vec![],
+                gpus: Default::default(),
             };
             let _: Result<NodeAck, _> = beats.post_json("/v2/nodes/n/heartbeat", &hb).await;
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -8,17 +8,19 @@
 //! - [`supervisor`]: one task per pool; restarts with backoff.
 //! - [`pools`]: the set of running pools, changed on reload (SIGHUP).
 //! - [`handoff`]: the inotify watcher of the handoff directory.
+//! - [`gpu`]: the GPU inventory from NVML (none on a CPU node).
 //! - [`state`]: the shared pool table and the derived pool state.
 //! - [`api`]: the node API (axum) and the streaming forward.
 //! - [`control`]: operator actions (drain, resume, load, unload, restart, reload), shared by
 //!   the node API and the D-Bus front [`dbus`] (`org.llamaorch.PoolManager1`).
 //! - [`register`]: registration and heartbeats.
-//! - [`metrics`]: Prometheus metrics, NVML readings, the engines' metrics re-exported.
+//! - [`metrics`]: Prometheus metrics, GPU gauges, the engines' metrics re-exported.
 
 pub mod api;
 pub mod config;
 pub mod control;
 pub mod dbus;
+pub mod gpu;
 pub mod handoff;
 pub mod launcher;
 pub mod metrics;

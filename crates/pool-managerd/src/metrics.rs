@@ -55,8 +55,12 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// The node's metrics, every series of the given pools started at 0. Probes NVML once.
-    pub fn new<'a>(pools: impl IntoIterator<Item = &'a str>) -> Self {
+    /// The node's metrics, every series of the given pools started at 0; GPU gauges when the
+    /// inventory has NVML.
+    pub fn new<'a>(
+        pools: impl IntoIterator<Item = &'a str>,
+        gpus: &std::sync::Arc<crate::gpu::Inventory>,
+    ) -> Self {
         let r = llorch_metrics::registry("pool-managerd");
         let m = Self {
             pool_slots: gauge(
@@ -112,7 +116,7 @@ impl Metrics {
                 "Registrations and heartbeats sent to the control plane.",
                 &["outcome"],
             ),
-            gpu: Gpu::probe(&r),
+            gpu: Gpu::new(&r, gpus),
             registry: r,
         };
         for pool in pools {
@@ -223,71 +227,54 @@ impl Metrics {
     }
 }
 
-/// GPU readings from NVML, present only when the NVIDIA driver's library loads.
+/// GPU gauges, present only when the node's inventory has NVML.
 struct Gpu {
-    nvml: nvml_wrapper::Nvml,
+    inventory: std::sync::Arc<crate::gpu::Inventory>,
     memory: IntGaugeVec,
     utilization: llorch_metrics::prometheus::GaugeVec,
 }
 
 impl Gpu {
-    /// Loads NVML; on a machine without it, says once that this is a CPU-only node.
-    fn probe(r: &Registry) -> Option<Self> {
-        match nvml_wrapper::Nvml::init() {
-            Ok(nvml) => {
-                let count = nvml.device_count().unwrap_or(0);
-                tracing::info!(
-                    gpus = count,
-                    "NVML loaded: exporting GPU memory and utilization."
-                );
-                let gpu = Self {
-                    nvml,
-                    memory: gauge(
-                        r,
-                        "llorch_gpu_memory_bytes",
-                        "GPU memory by kind (used, total).",
-                        &["gpu", "kind"],
-                    ),
-                    utilization: register(
-                        r,
-                        llorch_metrics::prometheus::GaugeVec::new(
-                            Opts::new(
-                                "llorch_gpu_utilization_ratio",
-                                "Fraction of the last sample period the GPU was busy.",
-                            ),
-                            &["gpu"],
-                        ),
-                    ),
-                };
-                gpu.read();
-                Some(gpu)
-            }
-            Err(e) => {
-                tracing::info!(reason = %e, "NVML is not available: a CPU-only node, no GPU metrics.");
-                None
-            }
+    fn new(r: &Registry, inventory: &std::sync::Arc<crate::gpu::Inventory>) -> Option<Self> {
+        if !inventory.has_nvml() {
+            return None;
         }
+        let gpu = Self {
+            inventory: inventory.clone(),
+            memory: gauge(
+                r,
+                "llorch_gpu_memory_bytes",
+                "GPU memory by kind (used, total).",
+                &["gpu", "kind"],
+            ),
+            utilization: register(
+                r,
+                llorch_metrics::prometheus::GaugeVec::new(
+                    Opts::new(
+                        "llorch_gpu_utilization_ratio",
+                        "Fraction of the last sample period the GPU was busy.",
+                    ),
+                    &["gpu"],
+                ),
+            ),
+        };
+        gpu.read();
+        Some(gpu)
     }
 
     fn read(&self) {
-        let count = self.nvml.device_count().unwrap_or(0);
-        for i in 0..count {
-            let Ok(dev) = self.nvml.device_by_index(i) else {
-                continue;
-            };
-            let label = i.to_string();
-            if let Ok(mem) = dev.memory_info() {
-                self.memory
-                    .with_label_values(&[&label, "used"])
-                    .set(mem.used as i64);
-                self.memory
-                    .with_label_values(&[&label, "total"])
-                    .set(mem.total as i64);
-            }
-            if let Ok(u) = dev.utilization_rates() {
+        for g in self.inventory.read().devices {
+            let label = g.index.to_string();
+            self.memory
+                .with_label_values(&[&label, "used"])
+                .set(g.memory_used_bytes as i64);
+            self.memory
+                .with_label_values(&[&label, "total"])
+                .set(g.memory_total_bytes as i64);
+            if let Some(u) = g.utilization_percent {
                 self.utilization
                     .with_label_values(&[&label])
-                    .set(f64::from(u.gpu) / 100.0);
+                    .set(f64::from(u) / 100.0);
             }
         }
     }

@@ -52,6 +52,7 @@ pub async fn run(
             let hb = Heartbeat {
                 pools: node.statuses(),
                 staged_models: node.staged_models(),
+                gpus: node.gpus.read(),
             };
             within(interval, client.post_json(&heartbeat_path, &hb)).await
         } else {
@@ -62,6 +63,7 @@ pub async fn run(
                 heartbeat_secs: identity.heartbeat_secs,
                 pools: node.statuses(),
                 staged_models: node.staged_models(),
+                gpus: node.gpus.read(),
             };
             within(interval, client.post_json("/v2/nodes/register", &reg)).await
         };
@@ -197,6 +199,7 @@ pub async fn final_heartbeat(node: &Node, client: &HttpClient, identity: &Identi
     let hb = Heartbeat {
         pools: node.statuses(),
         staged_models: node.staged_models(),
+        gpus: node.gpus.read(),
     };
     let path = format!("/v2/nodes/{}/heartbeat", identity.node_id);
     let sent = within(

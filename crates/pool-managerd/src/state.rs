@@ -168,10 +168,18 @@ pub struct Node {
     /// on every status read (`PoolStatus::seq`): the control plane keeps the newest report.
     changes: std::sync::atomic::AtomicU64,
     pub metrics: crate::metrics::Metrics,
+    /// The node's GPUs (NVML), reported with every registration and heartbeat.
+    pub gpus: Arc<crate::gpu::Inventory>,
 }
 
 impl Node {
+    /// The node's state, its GPUs probed (NVML) once.
     pub fn new(pools: &[PoolConfig]) -> Arc<Self> {
+        Self::with_gpus(pools, crate::gpu::Inventory::probe())
+    }
+
+    pub fn with_gpus(pools: &[PoolConfig], gpus: crate::gpu::Inventory) -> Arc<Self> {
+        let gpus = Arc::new(gpus);
         Arc::new(Self {
             pools: Mutex::new(
                 pools
@@ -183,7 +191,8 @@ impl Node {
             generation: tokio::sync::watch::Sender::new(0),
             shutting_down: AtomicBool::new(false),
             changes: std::sync::atomic::AtomicU64::new(1),
-            metrics: crate::metrics::Metrics::new(pools.iter().map(|p| p.id.as_str())),
+            metrics: crate::metrics::Metrics::new(pools.iter().map(|p| p.id.as_str()), &gpus),
+            gpus,
         })
     }
 

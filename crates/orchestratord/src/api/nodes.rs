@@ -124,6 +124,7 @@ pub async fn register(
         online: true,
         pools: reg.pools,
         staged_models: reg.staged_models,
+        gpus: reg.gpus,
         client,
         lost: CancellationToken::new(),
         draining: false,
@@ -220,7 +221,10 @@ async fn heartbeat_request(
     let (offline_after, back, queued, events) = {
         let mut core = state.core();
         let was_offline = core.registry.nodes.get(&id).is_some_and(|n| !n.online);
-        let Some(old) = core.registry.heartbeat(&id, hb.pools, hb.staged_models) else {
+        let Some(old) = core
+            .registry
+            .heartbeat(&id, hb.pools, hb.staged_models, hb.gpus)
+        else {
             return Err(ApiError::native((
                 StatusCode::NOT_FOUND,
                 ErrorBody::new(
