@@ -365,13 +365,20 @@ in
       # line needs od, tr and mv, which NixOS keeps out of systemd's default PATH).
       llama-orch-node-token = if isHome then { overrideStrategy = "asDropin"; path = [ pkgs.coreutils ]; } else { enable = false; };
     } // lib.mapAttrs'
+      # What llama-orch-gpu-generator writes elsewhere (pool_managerd::gpu::engine_dropin;
+      # tests/nix.rs compares the two): exactly the pool's GPUs and the driver's shared nodes.
       (name: p: lib.nameValuePair "llorch-engine@${name}" {
         overrideStrategy = "asDropin";
         serviceConfig = {
+          Environment = [
+            "CUDA_DEVICE_ORDER=PCI_BUS_ID"
+            "CUDA_VISIBLE_DEVICES=${lib.concatMapStringsSep "," toString p.gpus}"
+          ];
           PrivateDevices = false;
           DevicePolicy = "closed";
-          DeviceAllow = map (i: "/dev/nvidia${toString i} rw") p.gpus
-            ++ [ "/dev/nvidiactl rw" "/dev/nvidia-uvm rw" "/dev/nvidia-uvm-tools rw" ];
+          DeviceAllow = [ "/dev/nvidiactl rw" "/dev/nvidia-uvm rw" "/dev/nvidia-uvm-tools rw" "char-nvidia-caps r" ]
+            ++ map (i: "/dev/nvidia${toString i} rw") p.gpus;
+          ProcSubset = "all";
         };
       })
       (if runsNode then gpuPools else { });

@@ -79,6 +79,8 @@ buildRustPackage ({
     units=$out/lib/systemd/system
     install -Dm0644 -t $units systemd/*.service systemd/*.socket systemd/*.target
     substituteInPlace $units/* --replace-quiet /usr/bin/ $out/bin/
+    # For systems that do not declare their units (NixOS does, in the module, instead).
+    install -Dm0755 -t $out/lib/systemd/system-generators $out/bin/llama-orch-gpu-generator
     install -Dm0644 systemd/llama-orch.sysusers.conf $out/lib/sysusers.d/llama-orch.conf
     install -Dm0644 systemd/llama-orch.tmpfiles.conf $out/lib/tmpfiles.d/llama-orch.conf
     install -Dm0644 systemd/org.llamaorch.conf $out/share/dbus-1/system.d/org.llamaorch.conf

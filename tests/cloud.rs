@@ -703,8 +703,15 @@ fn stage_host(dir: &Path, files: &[(&str, &Path)], install: &str) {
             std::fs::copy(from, dir.join(name)).unwrap();
         }
     }
+    std::fs::create_dir_all(dir.join("generators")).unwrap();
+    std::fs::copy(
+        bin("llama-orch-gpu-generator"),
+        dir.join("generators").join("llama-orch-gpu-generator"),
+    )
+    .unwrap();
     let common = r#"#!/bin/sh
 set -e
+install -D -m 0755 -t /usr/lib/systemd/system-generators /mnt/llorch/generators/llama-orch-gpu-generator
 install -m 0755 /mnt/llorch/bin/* /usr/bin/
 cp /mnt/llorch/units/*.service /mnt/llorch/units/*.socket /mnt/llorch/units/*.target /etc/systemd/system/
 mkdir -p /etc/sysusers.d /etc/tmpfiles.d /etc/llama-orch /etc/polkit-1/rules.d

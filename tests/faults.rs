@@ -299,6 +299,19 @@ threads = 2
 id = "{MODEL_ID}"
 source = "/mnt/llorch/model.gguf"
 sha256 = "{MODEL_SHA256}"
+
+# A GPU pool, never loaded here (no GPU): its engine unit's devices are checked.
+[[pools]]
+id = "gpu"
+slots = 1
+ctx = 512
+devices = "cuda:0"
+on_demand = true
+
+[pools.model]
+id = "gpu-model"
+source = "/mnt/llorch/model.gguf"
+sha256 = "{MODEL_SHA256}"
 "#
     )
 }
@@ -346,6 +359,51 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
     c.ok(&["sh", "/mnt/llorch/install.sh"]);
     c.ok(&["systemctl", "start", "llama-orch.target"]);
     settled(&c, port, "boot");
+
+    // The GPU pool's engine unit, as the generator's drop-in makes it: exactly GPU 0 and the
+    // driver's shared nodes, CUDA numbering as the driver's; the CPU pool's keeps no device.
+    let gpu = "llorch-engine@gpu.service";
+    assert_eq!(c.show(gpu, "PrivateDevices"), "no");
+    assert_eq!(c.show(gpu, "DevicePolicy"), "closed");
+    let allowed = c.show(gpu, "DeviceAllow");
+    let mut allowed: Vec<&str> = allowed.lines().collect();
+    allowed.sort_unstable();
+    // char-rtc comes with ProtectClock=yes (read-only, the unit's own).
+    assert_eq!(
+        allowed,
+        [
+            "/dev/nvidia-uvm rw",
+            "/dev/nvidia-uvm-tools rw",
+            "/dev/nvidia0 rw",
+            "/dev/nvidiactl rw",
+            "char-nvidia-caps r",
+            "char-rtc r"
+        ]
+    );
+    let env = c.show(gpu, "Environment");
+    assert!(
+        env.contains("CUDA_VISIBLE_DEVICES=0") && env.contains("CUDA_DEVICE_ORDER=PCI_BUS_ID"),
+        "{env}"
+    );
+    assert_eq!(
+        c.show("llorch-engine@default.service", "PrivateDevices"),
+        "yes"
+    );
+    let exposure = c.ok(&["systemd-analyze", "security", "--no-pager", gpu]);
+    let score: f64 = exposure
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for ").nth(1))
+        .and_then(|l| {
+            l.split(": ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{exposure}"));
+    eprintln!("faults: GPU engine unit exposure {score}");
+    assert!(score <= 1.0, "GPU engine exposure {score}:\n{exposure}");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -432,7 +490,7 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
     let blob = c
         .ok(&[
             "find",
-            "/var/cache/llama-orch/models",
+            "/var/cache/llama-orch/models/blobs",
             "-name",
             &format!("*{MODEL_SHA256}*"),
             "-type",
@@ -509,7 +567,11 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
     });
     assert!(reason.contains("No space left on device"), "{reason}");
     let files = c.ok(&["find", "/var/cache/llama-orch/models", "-type", "f"]);
-    let blobs: Vec<&str> = files.lines().filter(|f| !f.ends_with(".json")).collect();
+    // Manifests and the per-model lock files aside.
+    let blobs: Vec<&str> = files
+        .lines()
+        .filter(|f| !f.ends_with(".json") && !f.contains("/locks/"))
+        .collect();
     assert_eq!(
         blobs,
         [blob.as_str()],

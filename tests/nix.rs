@@ -219,14 +219,41 @@ fn module_renders_gpu_devices_fetched_models_and_on_demand_pools() {
     assert_eq!(
         values(engine, "DeviceAllow"),
         [
-            "/dev/nvidia1 rw",
             "/dev/nvidiactl rw",
             "/dev/nvidia-uvm rw",
-            "/dev/nvidia-uvm-tools rw"
+            "/dev/nvidia-uvm-tools rw",
+            "char-nvidia-caps r",
+            "/dev/nvidia1 rw"
         ]
     );
     assert_eq!(values(engine, "DevicePolicy"), ["closed"]);
     assert_eq!(values(engine, "PrivateDevices"), ["false"]);
+    // The same settings the systemd generator writes on hosts without the module, from the
+    // node.toml the module rendered (booleans as the generator spells them).
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("node.toml");
+    std::fs::write(&toml, file(&host, "/etc/llama-orch/node.toml")).unwrap();
+    let out = Command::new(bin("llama-orch-gpu-generator"))
+        .arg(dir.path().join("gen"))
+        .env("LLORCH_NODE_CONFIG", &toml)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let generated = std::fs::read_to_string(
+        dir.path()
+            .join("gen/llorch-engine@default.service.d/50-llama-orch-gpu.conf"),
+    )
+    .unwrap();
+    let settings = |t: &str| -> Vec<String> {
+        let mut v: Vec<String> = t
+            .lines()
+            .filter(|l| l.contains('=') && !l.starts_with('#'))
+            .map(|l| l.replace("=false", "=no"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(settings(engine), settings(&generated));
     // Only the GPU pool's engine gets devices.
     assert!(!files(&host)
         .iter()

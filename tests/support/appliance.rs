@@ -15,7 +15,7 @@ pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc7
 /// `extra_install` (shell lines).
 pub fn stage(dir: &Path, port: u16, pools: &str, extra_install: &str) {
     let s = |p: &str| dir.join(p);
-    for d in ["bin", "units", "dropins"] {
+    for d in ["bin", "units", "dropins", "generators"] {
         std::fs::create_dir_all(s(d)).unwrap();
     }
     for b in [
@@ -26,6 +26,11 @@ pub fn stage(dir: &Path, port: u16, pools: &str, extra_install: &str) {
     ] {
         std::fs::copy(bin(b), s("bin").join(b)).unwrap();
     }
+    std::fs::copy(
+        bin("llama-orch-gpu-generator"),
+        s("generators").join("llama-orch-gpu-generator"),
+    )
+    .unwrap();
     let units = repo_root().join("systemd");
     for e in std::fs::read_dir(&units).unwrap() {
         let e = e.unwrap();
@@ -66,6 +71,7 @@ heartbeat_secs = 1
             r#"#!/bin/sh
 set -e
 install -m 0755 /mnt/llorch/bin/* /usr/bin/
+install -D -m 0755 -t /usr/lib/systemd/system-generators /mnt/llorch/generators/llama-orch-gpu-generator
 cp /mnt/llorch/units/*.service /mnt/llorch/units/*.socket /mnt/llorch/units/*.target /etc/systemd/system/
 mkdir -p /etc/sysusers.d /etc/tmpfiles.d /etc/llama-orch /etc/systemd/system/orchestratord.socket.d /etc/systemd/system/orchestratord.service.d /etc/polkit-1/rules.d /usr/share/dbus-1/system.d /usr/share/polkit-1/actions
 cp /mnt/llorch/units/llama-orch.polkit.rules /etc/polkit-1/rules.d/50-llama-orch.rules

@@ -101,6 +101,7 @@ impl Cache {
         for d in [
             self.root.join("blobs"),
             self.tmp_dir(),
+            self.root.join("locks"),
             self.root.join("manifests"),
         ] {
             std::fs::create_dir_all(&d).map_err(|source| ProvisionError::CacheWrite {
@@ -140,6 +141,15 @@ impl Cache {
             )));
         }
         self.mkdirs()?;
+        // One provisioner at a time stages a given model (two pools of one model start
+        // together): the second waits, then finds the blob staged and only verifies it, instead
+        // of copying it a second time beside the first (twice the disk, and a full cache).
+        let key = expected.map_or_else(
+            || hex::encode(Sha256::digest(source.to_string())),
+            str::to_string,
+        );
+        let _lock = self.lock(&key)?;
+        self.sweep_parts();
         if let Some(e) = expected {
             let blob = self.blob_path(e);
             if blob.exists() {
@@ -218,6 +228,60 @@ impl Cache {
             info,
             fetched: false,
         })
+    }
+
+    /// Holds `locks/<key>.lock` (flock, exclusive) until dropped, waiting for another holder.
+    fn lock(&self, key: &str) -> Result<std::fs::File, ProvisionError> {
+        use rustix::fs::{flock, FlockOperation};
+        let path = self.root.join("locks").join(format!("{key}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| ProvisionError::CacheWrite {
+                path: path.clone(),
+                source,
+            })?;
+        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            tracing::info!(lock = %path.display(), "Another provisioner is staging this model; waiting for it.");
+            flock(&file, FlockOperation::LockExclusive).map_err(|e| {
+                ProvisionError::CacheWrite {
+                    path: path.clone(),
+                    source: e.into(),
+                }
+            })?;
+        }
+        Ok(file)
+    }
+
+    /// Removes partial files (`<pid>-<n>.part`) of provisioners that no longer run: one killed
+    /// while it copied could not remove its own.
+    fn sweep_parts(&self) {
+        let Ok(entries) = std::fs::read_dir(self.tmp_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".part"))
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => {
+                        tracing::info!(file = %e.path().display(), "Removed a partial file left by a provisioner that died.")
+                    }
+                    Err(err) => {
+                        tracing::warn!(file = %e.path().display(), error = %err, "Cannot remove a stale partial file.")
+                    }
+                }
+            }
+        }
     }
 
     fn new_temp(&self) -> PathBuf {
@@ -492,6 +556,42 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn one_model_staged_by_two_at_once_is_copied_once_and_dead_parts_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("m.gguf");
+        llorch_gguf::write::TestModel::default()
+            .write(&src)
+            .unwrap();
+        let sha = hex::encode(Sha256::digest(std::fs::read(&src).unwrap()));
+        let cache = Cache::new(dir.path().join("cache"));
+        cache.mkdirs().unwrap();
+        // A partial file of a provisioner that died (no such pid: above any pid_max).
+        let dead = cache.tmp_dir().join("4194305-0.part");
+        std::fs::write(&dead, b"half a model").unwrap();
+        let fetched: Vec<bool> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        cache
+                            .stage(
+                                "m",
+                                &Source::File(src.clone()),
+                                Some(&sha),
+                                &mut crate::NoProgress,
+                            )
+                            .unwrap()
+                            .fetched
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(fetched.iter().filter(|f| **f).count(), 1, "{fetched:?}");
+        assert!(!dead.exists(), "the dead provisioner's part is gone");
+        assert_eq!(std::fs::read_dir(cache.tmp_dir()).unwrap().count(), 0);
     }
 
     #[test]
