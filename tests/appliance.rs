@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llorch_tests::appliance::{curl, stage, MODEL_SHA256};
+use llorch_tests::appliance::{curl, default_pool, stage, MODEL_SHA256};
 use llorch_tests::container::Container;
 use llorch_tests::rootfs::{root_prefix, rootfs};
 use llorch_tests::stack::{free_port, MODEL_ID};
@@ -22,18 +22,7 @@ use serde_json::Value;
 /// The appliance's pools: the default model always loaded, and the same file on demand.
 fn pools() -> String {
     format!(
-        r#"
-[[pools]]
-id = "default"
-slots = 2
-ctx = 1024
-threads = 2
-
-[pools.model]
-id = "{MODEL_ID}"
-source = "/mnt/llorch/model.gguf"
-sha256 = "{MODEL_SHA256}"
-
+        r#"{}
 # Loaded by its first request, unloaded after 5 s without one.
 [[pools]]
 id = "ondemand"
@@ -47,7 +36,8 @@ keep_alive_secs = 5
 id = "{ON_DEMAND_MODEL}"
 source = "/mnt/llorch/model.gguf"
 sha256 = "{MODEL_SHA256}"
-"#
+"#,
+        default_pool()
     )
 }
 

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llorch_client::HttpClient;
-use llorch_tests::appliance::{curl, stage, MODEL_SHA256};
+use llorch_tests::appliance::{curl, default_pool, stage, MODEL_SHA256};
 use llorch_tests::container::Container;
 use llorch_tests::prom::Scrape;
 use llorch_tests::rootfs::{root_prefix, rootfs};
@@ -284,22 +284,10 @@ fn kill(c: &Container, unit: &str) {
     ]);
 }
 
-/// The default pool, and the same model file with one byte changed in its last tensor (a
-/// different sha256, the same size) for a second pool to stage.
+/// The default pool, and a GPU pool on demand.
 fn pools() -> String {
     format!(
-        r#"
-[[pools]]
-id = "default"
-slots = 2
-ctx = 1024
-threads = 2
-
-[pools.model]
-id = "{MODEL_ID}"
-source = "/mnt/llorch/model.gguf"
-sha256 = "{MODEL_SHA256}"
-
+        r#"{}
 # A GPU pool, never loaded here (no GPU): its engine unit's devices are checked.
 [[pools]]
 id = "gpu"
@@ -312,7 +300,8 @@ on_demand = true
 id = "gpu-model"
 source = "/mnt/llorch/model.gguf"
 sha256 = "{MODEL_SHA256}"
-"#
+"#,
+        default_pool()
     )
 }
 

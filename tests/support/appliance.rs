@@ -9,6 +9,25 @@ use crate::{bin, model_path, repo_root};
 /// The default model's sha256.
 pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
+/// The `default` pool both appliance tests run: the default model, 2 slots of 1024 tokens.
+pub fn default_pool() -> String {
+    format!(
+        r#"
+[[pools]]
+id = "default"
+slots = 2
+ctx = 1024
+threads = 2
+
+[pools.model]
+id = "{}"
+source = "/mnt/llorch/model.gguf"
+sha256 = "{MODEL_SHA256}"
+"#,
+        crate::stack::MODEL_ID
+    )
+}
+
 /// What the container gets at `/mnt/llorch` (read-only): binaries, units, configuration
 /// (`node.toml` with `pools`, the `[[pools]]` tables; the model is at `/mnt/llorch/model.gguf`),
 /// the model, and the install script a package's post-install step would run, followed by

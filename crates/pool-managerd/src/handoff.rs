@@ -283,8 +283,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn files_make_the_started_engine_ready_and_removal_unready() {
+    /// The example node with pool `default`'s engine (pid 42) started, and an empty handoff
+    /// directory.
+    fn running_engine_42() -> (Arc<Node>, tempfile::TempDir, RuntimeLayout) {
         let cfg = crate::config::parse(Path::new("t.toml"), include_str!("../examples/node.toml"))
             .unwrap();
         let node = Node::new(cfg.pools());
@@ -295,6 +296,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = RuntimeLayout::new(dir.path());
         std::fs::create_dir_all(layout.handoff_dir()).unwrap();
+        (node, dir, layout)
+    }
+
+    #[tokio::test]
+    async fn files_make_the_started_engine_ready_and_removal_unready() {
+        let (node, _dir, layout) = running_engine_42();
         // Present before the watcher starts, written by another engine: not ready.
         write_atomically(&layout, "default", 41);
         let stop = CancellationToken::new();
@@ -332,16 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_removed_directory_comes_back_with_the_running_engines_files() {
-        let cfg = crate::config::parse(Path::new("t.toml"), include_str!("../examples/node.toml"))
-            .unwrap();
-        let node = Node::new(cfg.pools());
-        node.update("default", |p| {
-            p.phase = crate::state::Phase::Running;
-            p.engine_pid = Some(42);
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let layout = RuntimeLayout::new(dir.path());
-        std::fs::create_dir_all(layout.handoff_dir()).unwrap();
+        let (node, dir, layout) = running_engine_42();
         let stop = CancellationToken::new();
         let task = spawn(node.clone(), layout.clone(), stop.clone()).unwrap();
         write_atomically(&layout, "default", 42);
