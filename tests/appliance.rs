@@ -460,9 +460,13 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
             "active"
         );
         assert!(
-            !c.sh(&["test", "-e", "/run/llama-orch/handoff/ondemand.json"])
-                .status
-                .success(),
+            !c.sh(&[
+                "test",
+                "-e",
+                "/run/llama-orch/handoff/ondemand/ondemand.json"
+            ])
+            .status
+            .success(),
             "the unloaded engine left its handoff file"
         );
     };
@@ -591,7 +595,8 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         "active"
     );
     let handoff: Value =
-        serde_json::from_str(&c.ok(&["cat", "/run/llama-orch/handoff/default.json"])).unwrap();
+        serde_json::from_str(&c.ok(&["cat", "/run/llama-orch/handoff/default/default.json"]))
+            .unwrap();
     assert_eq!(handoff["pid"].as_u64(), Some(u64::from(engine)));
     // The engine cannot reach the system bus (it parses untrusted files); pool-managerd can.
     let bus_socket = |pid: u32| {

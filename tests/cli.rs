@@ -127,7 +127,7 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
     assert!(!ok && err.contains("nope"), "{err}");
 
     // Ctrl-C: everything stops, no engine is left, no handoff file stays behind.
-    let handoff = runtime.join("handoff/default.json");
+    let handoff = runtime.join("handoff/default/default.json");
     let engine: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&handoff).unwrap()).unwrap();
     let engine_pid = engine["pid"].as_u64().unwrap() as u32;

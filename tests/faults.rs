@@ -378,6 +378,42 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
         c.show("llorch-engine@default.service", "PrivateDevices"),
         "yes"
     );
+
+    // Inside the default pool's engine unit (its mount namespace, its user), the engine may
+    // write its own handoff directory and not the GPU pool's: it cannot forge or remove
+    // another pool's handoff file.
+    let engine = c.main_pid("llorch-engine@default.service").to_string();
+    let as_engine = |path: &str| {
+        c.sh(&[
+            "nsenter",
+            "-t",
+            &engine,
+            "-m",
+            "setpriv",
+            "--reuid=llama-orch-engine",
+            "--regid=llama-orch",
+            "--clear-groups",
+            "sh",
+            "-c",
+            &format!("echo x > {path} && rm {path}"),
+        ])
+    };
+    let own = as_engine("/run/llama-orch/handoff/default/probe");
+    assert!(
+        own.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+    let other = as_engine("/run/llama-orch/handoff/gpu/gpu.json");
+    assert!(
+        !other.status.success(),
+        "the default pool's engine wrote the GPU pool's handoff"
+    );
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("Read-only file system"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     let exposure = c.ok(&["systemd-analyze", "security", "--no-pager", gpu]);
     let score: f64 = exposure
         .lines()

@@ -374,7 +374,8 @@ source = "{model}"
 
     /// The engine's handoff file, when the pool is ready.
     pub fn handoff(&self) -> Option<Handoff> {
-        let text = std::fs::read_to_string(self.runtime().join("handoff/default.json")).ok()?;
+        let text =
+            std::fs::read_to_string(self.runtime().join("handoff/default/default.json")).ok()?;
         serde_json::from_str(&text).ok()
     }
 

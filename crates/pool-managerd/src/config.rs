@@ -710,9 +710,27 @@ impl RuntimeLayout {
         self.engines_dir().join(format!("{pool}.sock"))
     }
 
+    /// The pool's own handoff directory: under systemd its engine may write there and in no
+    /// other pool's (the unit's `ReadWritePaths=`).
+    pub fn pool_handoff_dir(&self, pool: &str) -> PathBuf {
+        self.handoff_dir().join(pool)
+    }
+
     pub fn handoff_file(&self, pool: &str) -> PathBuf {
-        self.handoff_dir()
+        self.pool_handoff_dir(pool)
             .join(llorch_wire::handoff::Handoff::file_name(pool))
+    }
+
+    /// Makes the pool's handoff directory (0770: the engines, in group llama-orch, write
+    /// there) when it is missing.
+    pub fn create_pool_handoff_dir(&self, pool: &str) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = self.pool_handoff_dir(pool);
+        match std::fs::DirBuilder::new().mode(0o770).create(&dir) {
+            Ok(()) => std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn plan_file(&self, pool: &str) -> PathBuf {
@@ -776,7 +794,7 @@ mod tests {
         assert_eq!(p.gpu_layers(), 0);
         assert_eq!(
             c.layout().handoff_file("default"),
-            PathBuf::from("/run/llama-orch/handoff/default.json")
+            PathBuf::from("/run/llama-orch/handoff/default/default.json")
         );
     }
 

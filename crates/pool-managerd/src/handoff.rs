@@ -1,7 +1,11 @@
 //! The handoff watcher: learns of ready and vanished engines from `<runtime>/handoff/` through
 //! inotify (`notify`), without polling.
 //!
-//! Every event for `<pool>.json` is handled the same way: read the file again. A valid file is
+//! Each pool has a directory of its own, `handoff/<pool>/`, where its engine writes
+//! `<pool>.json`; under systemd an engine may write in its own pool's directory and nowhere
+//! else (the unit's `ReadWritePaths=`), so a compromised engine cannot touch another pool's
+//! file. The watch is recursive. Every event for a pool's file is handled the same way: read
+//! the file again. A valid file is
 //! recorded as the pool's handoff; a missing or unreadable one clears it. Whether the pool is
 //! ready then depends on the file's pid being the engine this node started
 //! ([`crate::state::derive_state`]). Engines write a temporary file (`.<pool>.json.tmp`) and
@@ -51,7 +55,7 @@ pub fn spawn(
         source,
     })?;
     watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
+        .watch(&dir, RecursiveMode::Recursive)
         .map_err(|source| WatchError {
             dir: dir.clone(),
             source,
@@ -114,7 +118,12 @@ fn restore(node: &Node, layout: &RuntimeLayout, watcher: &mut notify::Recommende
         tracing::error!(dir = %dir.display(), error = %e, "The handoff directory was removed and cannot be made again: engines cannot report ready.");
         return;
     }
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+    for pool in node.pool_ids() {
+        if let Err(e) = layout.create_pool_handoff_dir(&pool) {
+            tracing::error!(dir = %layout.pool_handoff_dir(&pool).display(), error = %e, "Cannot make a pool's handoff directory again.");
+        }
+    }
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::Recursive) {
         tracing::error!(dir = %dir.display(), error = %e, "Cannot watch the handoff directory again.");
     }
     let mut restored = Vec::new();
@@ -131,7 +140,9 @@ fn restore(node: &Node, layout: &RuntimeLayout, watcher: &mut notify::Recommende
         match handoff {
             Some(h) => {
                 let path = layout.handoff_file(&pool);
-                let tmp = dir.join(format!(".{pool}.json.tmp"));
+                let tmp = layout
+                    .pool_handoff_dir(&pool)
+                    .join(format!(".{pool}.json.tmp"));
                 let written = serde_json::to_vec(&h)
                     .map_err(std::io::Error::other)
                     .and_then(|bytes| std::fs::write(&tmp, bytes))
@@ -162,13 +173,16 @@ fn restore(node: &Node, layout: &RuntimeLayout, watcher: &mut notify::Recommende
     tracing::warn!(dir = %dir.display(), restored = ?restored, "The handoff directory was removed; it is back, with the handoff files of the running engines.");
 }
 
-/// The pool a handoff file name belongs to: `<pool>.json`, not a hidden temporary file.
+/// The pool a handoff file belongs to: `<pool>/<pool>.json`, not a hidden temporary file, and
+/// not a file named for one pool in another pool's directory.
 pub fn pool_of(path: &Path) -> Option<&str> {
     let name = path.file_name()?.to_str()?;
     if name.starts_with('.') {
         return None;
     }
-    name.strip_suffix(".json").filter(|p| !p.is_empty())
+    let pool = name.strip_suffix(".json").filter(|p| !p.is_empty())?;
+    let dir = path.parent()?.file_name()?.to_str()?;
+    (dir == pool).then_some(pool)
 }
 
 /// Reads the pool's handoff file again and records what it says. The engine's socket is the
@@ -176,7 +190,7 @@ pub fn pool_of(path: &Path) -> Option<&str> {
 /// untrusted model files) that writes another pool's handoff file must not be able to redirect
 /// that pool's requests to itself, so a file naming another socket is refused.
 fn refresh(node: &Node, layout: &RuntimeLayout, pool: &str) {
-    let path = layout.handoff_dir().join(Handoff::file_name(pool));
+    let path = layout.handoff_file(pool);
     let expected = layout.engine_socket(pool);
     let handoff = match std::fs::read(&path) {
         Ok(bytes) => match serde_json::from_slice::<Handoff>(&bytes) {
@@ -198,7 +212,10 @@ fn refresh(node: &Node, layout: &RuntimeLayout, pool: &str) {
         },
         // The directory itself went, not the engine's file: the engine still runs and
         // `restore` writes its file back.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !layout.handoff_dir().exists() => {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && !layout.pool_handoff_dir(pool).exists() =>
+        {
             return;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -236,11 +253,17 @@ mod tests {
 
     #[test]
     fn temporary_and_foreign_names_are_ignored() {
-        assert_eq!(pool_of(Path::new("/h/default.json")), Some("default"));
-        assert_eq!(pool_of(Path::new("/h/.default.json.tmp")), None);
-        assert_eq!(pool_of(Path::new("/h/default.json.tmp")), None);
-        assert_eq!(pool_of(Path::new("/h/.json")), None);
-        assert_eq!(pool_of(Path::new("/h/notes.txt")), None);
+        assert_eq!(
+            pool_of(Path::new("/h/default/default.json")),
+            Some("default")
+        );
+        assert_eq!(pool_of(Path::new("/h/default/.default.json.tmp")), None);
+        assert_eq!(pool_of(Path::new("/h/default/default.json.tmp")), None);
+        assert_eq!(pool_of(Path::new("/h/default/.json")), None);
+        assert_eq!(pool_of(Path::new("/h/default/notes.txt")), None);
+        // Another pool's name in this pool's directory, or a file at the top: not a handoff.
+        assert_eq!(pool_of(Path::new("/h/other/default.json")), None);
+        assert_eq!(pool_of(Path::new("/h/default.json")), None);
     }
 
     fn write_atomically(layout: &RuntimeLayout, pool: &str, pid: u32) {
@@ -248,7 +271,8 @@ mod tests {
     }
 
     fn write_naming(layout: &RuntimeLayout, pool: &str, pid: u32, socket: &Path) {
-        let dir = layout.handoff_dir();
+        let dir = layout.pool_handoff_dir(pool);
+        std::fs::create_dir_all(&dir).unwrap();
         let h = Handoff {
             version: 1,
             pool_id: pool.into(),
@@ -295,7 +319,7 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let layout = RuntimeLayout::new(dir.path());
-        std::fs::create_dir_all(layout.handoff_dir()).unwrap();
+        std::fs::create_dir_all(layout.pool_handoff_dir("default")).unwrap();
         (node, dir, layout)
     }
 
@@ -329,7 +353,7 @@ mod tests {
             node.status("default").unwrap().engine_version.as_deref(),
             Some("9.9.9")
         );
-        std::fs::remove_file(layout.handoff_dir().join("default.json")).unwrap();
+        std::fs::remove_file(layout.handoff_file("default")).unwrap();
         wait_state(&node, PoolState::Loading).await;
         // Other pools' files are ignored.
         write_atomically(&layout, "other", 42);

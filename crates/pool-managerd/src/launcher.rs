@@ -336,7 +336,7 @@ impl Launcher for ProcessLauncher {
                 .arg("--socket")
                 .arg(self.layout.engine_socket(&pool.id))
                 .arg("--handoff-dir")
-                .arg(self.layout.handoff_dir())
+                .arg(self.layout.pool_handoff_dir(&pool.id))
                 .arg("--out")
                 .arg(&plan);
             if let Some(h) = &pool.model.sha256 {

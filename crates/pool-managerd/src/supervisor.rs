@@ -138,6 +138,11 @@ pub async fn supervise(
         if shutdown.is_cancelled() {
             break;
         }
+        // The pool's own handoff directory (its engine may write nowhere else): made before
+        // anything can start the engine (socket activation too), and again if it was removed.
+        if let Err(e) = layout.create_pool_handoff_dir(&id) {
+            tracing::warn!(pool_id = %id, error = %e, "Cannot make the pool's handoff directory; the engine will not be able to report ready.");
+        }
         let plan_path = match &plan {
             Some(p) if p.exists() => p.clone(),
             _ => {

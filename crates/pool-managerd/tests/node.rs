@@ -313,7 +313,7 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
         "the engine {engine_pid} outlived pool-managerd"
     );
     assert!(
-        !dir.path().join("run/handoff/default.json").exists(),
+        !dir.path().join("run/handoff/default/default.json").exists(),
         "stale handoff file"
     );
     assert!(!dir.path().join("node.sock").exists(), "stale node socket");
@@ -358,7 +358,7 @@ async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep
     let mut daemon = spawn_node(dir.path(), &config, &notify);
     let client = node_client(dir.path());
     let socket = dir.path().join("run/engines/default.sock");
-    let handoff = dir.path().join("run/handoff/default.json");
+    let handoff = dir.path().join("run/handoff/default/default.json");
 
     // Provisioned, then on standby: the socket listens, no engine runs, no model is loaded.
     let standby = wait_status(
