@@ -414,6 +414,32 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
         "{}",
         String::from_utf8_lossy(&other.stderr)
     );
+    // The provisioner runs as pool-managerd's user, yet systemd keeps pool-managerd's
+    // credentials (the node token) to pool-managerd's unit: the provisioner's unit, with only
+    // its command replaced, tries to read the token and is refused.
+    c.ok(&[
+        "sh",
+        "-c",
+        "mkdir -p /run/systemd/system/engine-provisioner@probe.service.d && printf '[Service]\\nEnvironmentFile=\\nExecStart=\\nExecStart=/bin/cat /run/credentials/pool-managerd.service/node-token\\n' > /run/systemd/system/engine-provisioner@probe.service.d/probe.conf && systemctl daemon-reload",
+    ]);
+    let probe = c.sh(&["systemctl", "start", "engine-provisioner@probe.service"]);
+    let said = c.ok(&[
+        "journalctl",
+        "--no-pager",
+        "-u",
+        "engine-provisioner@probe.service",
+    ]);
+    assert!(
+        !probe.status.success()
+            && said
+                .contains("/run/credentials/pool-managerd.service/node-token: Permission denied"),
+        "{said}"
+    );
+    c.ok(&[
+        "sh",
+        "-c",
+        "rm -r /run/systemd/system/engine-provisioner@probe.service.d && systemctl daemon-reload",
+    ]);
     let exposure = c.ok(&["systemd-analyze", "security", "--no-pager", gpu]);
     let score: f64 = exposure
         .lines()
