@@ -301,11 +301,13 @@ in
       llama-orch = { isSystemUser = true; group = "llama-orch"; home = "/var/lib/llama-orch"; description = "llama-orch node agent and provisioner"; };
       llama-orch-api = { isSystemUser = true; group = "llama-orch-api"; description = "llama-orch control plane"; };
       llama-orch-engine = { isSystemUser = true; group = "llama-orch-engine"; description = "llama-orch engines"; };
+      llama-orch-provisioner = { isSystemUser = true; group = "llama-orch-provisioner"; description = "llama-orch model provisioner"; };
     };
     users.groups = {
       llama-orch = { };
       llama-orch-api = { };
       llama-orch-engine = { };
+      llama-orch-provisioner = { };
       llama-orch-admin = { };
     };
 

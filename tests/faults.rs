@@ -414,9 +414,15 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
         "{}",
         String::from_utf8_lossy(&other.stderr)
     );
-    // The provisioner runs as pool-managerd's user, yet systemd keeps pool-managerd's
-    // credentials (the node token) to pool-managerd's unit: the provisioner's unit, with only
+    // The provisioner runs as a user of its own and owns the cache; pool-managerd's
+    // credentials (the node token) stay pool-managerd's: the provisioner's unit, with only
     // its command replaced, tries to read the token and is refused.
+    assert_eq!(
+        c.show("engine-provisioner@default.service", "User"),
+        "llama-orch-provisioner"
+    );
+    let owner = c.ok(&["stat", "-c", "%U:%G %a", "/var/cache/llama-orch/models"]);
+    assert_eq!(owner.trim(), "llama-orch-provisioner:llama-orch 750");
     c.ok(&[
         "sh",
         "-c",
