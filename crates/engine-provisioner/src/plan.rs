@@ -34,6 +34,7 @@ pub fn build(settings: &PoolSettings, staged: &Staged) -> EnginePlan {
             architecture: staged.info.architecture().map(str::to_string),
             context_length: staged.info.context_length(),
             has_chat_template: staged.info.has_chat_template(),
+            kv_bytes_per_token: staged.info.kv_bytes_per_token(),
         },
         slots: settings.slots,
         ctx_per_slot: settings.ctx_per_slot,

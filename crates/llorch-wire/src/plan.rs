@@ -49,4 +49,8 @@ pub struct PlannedModel {
     /// The context length the model was trained with.
     pub context_length: Option<u64>,
     pub has_chat_template: bool,
+    /// Bytes of f16 KV cache one token takes, from the header (the provisioner read it once,
+    /// in its sandbox); pool-managerd sizes the engine's memory bound with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_bytes_per_token: Option<u64>,
 }

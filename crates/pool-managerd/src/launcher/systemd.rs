@@ -160,23 +160,21 @@ impl SystemdLauncher {
     }
 
     /// Sets the engine unit's `MemoryMax=` (a runtime property, until reboot) from the pool's
-    /// plan, before any start of the engine (by pool-managerd or by socket activation). A
-    /// bound that cannot be set is logged and the pool goes on without one.
+    /// plan (model size and KV bytes a token, which the provisioner read from the header),
+    /// before any start of the engine (by pool-managerd or by socket activation). A bound that
+    /// cannot be set is logged and the pool goes on without one.
     async fn bound_memory(&self, pool: &PoolConfig, plan: &Path) {
         let unit = engine_unit(&pool.id);
-        let sized = std::fs::read(plan)
+        let bound = std::fs::read(plan)
             .ok()
             .and_then(|b| serde_json::from_slice::<llorch_wire::plan::EnginePlan>(&b).ok())
-            .map(|plan| {
-                let kv = llorch_gguf::inspect(Path::new(&plan.model.path))
-                    .ok()
-                    .and_then(|info| info.kv_bytes_per_token());
-                (plan.model.size_bytes, kv)
+            .and_then(|plan| {
+                super::engine_memory_bound(
+                    pool,
+                    plan.model.size_bytes,
+                    plan.model.kv_bytes_per_token,
+                )
             });
-        let bound = match sized {
-            Some((model, kv)) => super::engine_memory_bound(pool, model, kv),
-            None => None,
-        };
         if bound.is_none() && pool.memory_max_mib != Some(0) {
             tracing::warn!(pool_id = %pool.id, "Cannot size the engine's memory bound from its model; it runs without one (set memory_max_mib).");
         }
