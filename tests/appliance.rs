@@ -12,9 +12,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llorch_tests::appliance::{curl, default_pool, stage, MODEL_SHA256};
+use llorch_tests::appliance::{boot, curl, default_pool, stage, MODEL_SHA256};
 use llorch_tests::container::Container;
-use llorch_tests::rootfs::{root_prefix, rootfs};
 use llorch_tests::stack::{free_port, MODEL_ID};
 use llorch_tests::{model_path, serial};
 use serde_json::Value;
@@ -313,23 +312,13 @@ fn chat(port: u16, extra: &[&str]) -> (u16, String) {
 #[test]
 fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     let _guard = serial();
-    let prefix = root_prefix();
-    let root = rootfs(&prefix);
     let stage_dir = tempfile::Builder::new()
         .prefix("llorch-appliance-")
         .tempdir()
         .unwrap();
     let port = free_port();
     stage(stage_dir.path(), port, &pools(), "");
-    let mut c = Container::boot(
-        prefix,
-        &root,
-        stage_dir.path(),
-        stage_dir.path().join("nspawn.log"),
-        "test",
-        &[],
-    );
-    c.ok(&["sh", "/mnt/llorch/install.sh"]);
+    let mut c = boot(stage_dir.path(), "test");
 
     // Socket activation: with only the socket started, the first request starts orchestratord.
     c.ok(&["systemctl", "start", "orchestratord.socket"]);

@@ -166,8 +166,13 @@ fn main() {
         }
         outcomes
     });
-    // Settled: the last sample once every task is over.
-    std::thread::sleep(Duration::from_secs(2));
+    // Settled: the last sample once every task is over, the abandoned ones too (they run on
+    // after their clients left): no slot busy, nothing queued or running.
+    llorch_tests::wait_for("the stack idle", Duration::from_secs(120), || {
+        stack.pools_blocking().is_some_and(|p| {
+            p.queue.depth == 0 && p.queue.running == 0 && p.pools.iter().all(|p| p.slots_busy == 0)
+        })
+    });
     samples.push((
         began.elapsed(),
         pids.iter().map(|(_, p)| usage(*p)).collect(),

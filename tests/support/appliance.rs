@@ -117,6 +117,17 @@ systemctl reload dbus
         .unwrap();
 }
 
+/// Boots the cached root filesystem with `dir` (staged by [`stage`]) at `/mnt/llorch` and
+/// runs its install script: the appliance, installed, units not started yet.
+pub fn boot(dir: &Path, name: &str) -> crate::container::Container {
+    let prefix = crate::rootfs::root_prefix();
+    let root = crate::rootfs::rootfs(&prefix);
+    let c =
+        crate::container::Container::boot(prefix, &root, dir, dir.join("nspawn.log"), name, &[]);
+    c.ok(&["sh", "/mnt/llorch/install.sh"]);
+    c
+}
+
 /// `curl` from the host: (HTTP status, body); status 0 when the connection failed.
 pub fn curl(port: u16, args: &[&str], path: &str) -> (u16, String) {
     let out = Command::new("curl")

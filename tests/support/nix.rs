@@ -36,12 +36,16 @@ pub fn nix() -> Result<&'static Nix, String> {
         if source.is_dir() {
             return Ok(Nix { lib: source });
         }
-        // Unpacked once into target/, whole or not at all (test binaries run in parallel).
-        let into = crate::repo_root().join("target").join(LIB_TOP);
+        // Unpacked once into the cache, outside the repository (`deadnix .` and
+        // `nixpkgs-fmt .` there see only our files), whole or not at all (test binaries run in
+        // parallel).
+        let cache = crate::cache_dir();
+        let into = cache.join(LIB_TOP);
         if !into.join("lib/default.nix").exists() {
+            std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
             let tmp = tempfile::Builder::new()
                 .prefix(".nixpkgs-lib-")
-                .tempdir_in(crate::repo_root().join("target"))
+                .tempdir_in(&cache)
                 .map_err(|e| e.to_string())?;
             let out = Command::new("tar")
                 .arg("xzf")

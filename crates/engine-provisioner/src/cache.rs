@@ -558,13 +558,19 @@ mod tests {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
     }
 
-    #[test]
-    fn one_model_staged_by_two_at_once_is_copied_once_and_dead_parts_are_swept() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("m.gguf");
+    /// A small valid GGUF file, `m.gguf` in `dir`.
+    fn test_model(dir: &Path) -> PathBuf {
+        let src = dir.join("m.gguf");
         llorch_gguf::write::TestModel::default()
             .write(&src)
             .unwrap();
+        src
+    }
+
+    #[test]
+    fn one_model_staged_by_two_at_once_is_copied_once_and_dead_parts_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = test_model(dir.path());
         let sha = hex::encode(Sha256::digest(std::fs::read(&src).unwrap()));
         let cache = Cache::new(dir.path().join("cache"));
         cache.mkdirs().unwrap();
@@ -597,10 +603,7 @@ mod tests {
     #[test]
     fn staged_blobs_are_readable_by_the_engines_group_whatever_the_source_mode() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("m.gguf");
-        llorch_gguf::write::TestModel::default()
-            .write(&src)
-            .unwrap();
+        let src = test_model(dir.path());
         std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o600)).unwrap();
         let cache = Cache::new(dir.path().join("cache"));
         let staged = cache

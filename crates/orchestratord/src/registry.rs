@@ -571,6 +571,12 @@ mod tests {
         assert!(!r.full_for("n0"), "a known node may always register again");
     }
 
+    /// A heartbeat of node `w` with these pools and nothing else; false when `w` is unknown.
+    fn beat(r: &mut Registry, pools: Vec<PoolStatus>) -> bool {
+        r.heartbeat("w", pools, vec![], GpuReport::default())
+            .is_some()
+    }
+
     #[test]
     fn a_nodes_gpus_follow_its_reports_into_its_view() {
         let mut r = Registry::default();
@@ -594,9 +600,7 @@ mod tests {
         assert!(r.heartbeat("w", vec![], vec![], gpus.clone()).is_some());
         assert_eq!(r.node_view(&r.nodes["w"], now).gpus, gpus);
         // A node that stops reporting them (its driver gone) has none.
-        assert!(r
-            .heartbeat("w", vec![], vec![], GpuReport::default())
-            .is_some());
+        assert!(beat(&mut r, vec![]));
         assert!(r.node_view(&r.nodes["w"], now).gpus.is_empty());
     }
 
@@ -622,9 +626,7 @@ mod tests {
         assert_eq!(r.expire_nodes(at(3100)), ["w"]);
         assert_eq!(r.nodes["w"].state(at(3100)), "offline");
         // A heartbeat brings it back at once.
-        assert!(r
-            .heartbeat("w", vec![], vec![], GpuReport::default())
-            .is_some());
+        assert!(beat(&mut r, vec![]));
         assert_eq!(r.nodes["w"].state(Instant::now()), "online");
 
         // `--offline-after-beats 5`: suspect after 1.5 intervals as before, offline after 5.
@@ -650,33 +652,12 @@ mod tests {
         // The node answered the drain (count 5); a heartbeat it read before (count 4) arrives
         // after that answer was recorded: the drain stays.
         r.nodes.get_mut("w").unwrap().pools[0] = status(PoolState::Draining, true, 5);
-        assert!(r
-            .heartbeat(
-                "w",
-                vec![status(PoolState::Ready, false, 4)],
-                vec![],
-                GpuReport::default()
-            )
-            .is_some());
+        assert!(beat(&mut r, vec![status(PoolState::Ready, false, 4)]));
         assert_eq!(r.nodes["w"].pools[0].state, PoolState::Draining);
         // Later reports (and nodes that do not count) replace it as before.
-        assert!(r
-            .heartbeat(
-                "w",
-                vec![status(PoolState::Failed, true, 5)],
-                vec![],
-                GpuReport::default()
-            )
-            .is_some());
+        assert!(beat(&mut r, vec![status(PoolState::Failed, true, 5)]));
         assert_eq!(r.nodes["w"].pools[0].state, PoolState::Failed);
-        assert!(r
-            .heartbeat(
-                "w",
-                vec![status(PoolState::Ready, false, 0)],
-                vec![],
-                GpuReport::default()
-            )
-            .is_some());
+        assert!(beat(&mut r, vec![status(PoolState::Ready, false, 0)]));
         assert_eq!(r.nodes["w"].pools[0].state, PoolState::Ready);
     }
 
