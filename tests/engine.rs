@@ -597,3 +597,68 @@ async fn a_socket_activated_engine_serves_on_the_inherited_socket() {
     assert!(activator.wait().unwrap().success());
     assert!(!handoff.exists());
 }
+
+/// The MiB llama.cpp's log line ending in `what = N MiB` gives (the first such line).
+fn llama_mib(log: &str, what: &str) -> f64 {
+    log.lines()
+        .find_map(|l| {
+            let (_, after) = l.split_once(what)?;
+            after
+                .trim_start()
+                .strip_prefix('=')?
+                .trim()
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {what:?} line in the engine's log:\n{log}"))
+}
+
+#[test]
+fn the_memory_estimate_covers_what_llama_cpp_allocates_for_the_default_model() {
+    let _serial = serial();
+    let info = llorch_gguf::inspect(&model_path()).unwrap();
+    for (slots, ctx) in [(4u32, 2048u32), (1, 8192), (8, 512)] {
+        let (s, c) = (slots.to_string(), ctx.to_string());
+        let mut engine =
+            Engine::spawn_logging(&model_path(), &["--slots", &s, "--ctx", &c], "info");
+        engine.wait_ready();
+        let log = engine.log_text();
+        let _ = engine.stop();
+        let weights = llama_mib(&log, "CPU_Mapped model buffer size");
+        let kv = llama_mib(&log, "CPU KV buffer size");
+        let compute = llama_mib(&log, "CPU compute buffer size");
+        let e = llorch_gguf::memory::estimate(
+            &info,
+            llorch_gguf::memory::Request {
+                slots,
+                ctx_per_slot: ctx,
+                gpu_layers: 0,
+                ubatch: 512,
+            },
+        )
+        .unwrap();
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        // Weights and KV exactly (to llama.cpp's two decimals); the compute buffer from
+        // above, by at most 5%.
+        assert!(
+            (mib(e.cpu_weights) - weights).abs() < 0.01,
+            "weights {} vs {weights}",
+            mib(e.cpu_weights)
+        );
+        assert!(
+            (mib(e.cpu_kv) - kv).abs() < 0.01,
+            "KV {} vs {kv}",
+            mib(e.cpu_kv)
+        );
+        let ratio = mib(e.compute) / compute;
+        assert!(
+            (1.0..1.05).contains(&ratio),
+            "{slots}x{ctx}: compute {} vs llama.cpp's {compute}",
+            mib(e.compute)
+        );
+        // The engine logs the same estimate before it loads.
+        assert!(log.contains("Memory estimate: GPU 0.00 MiB"), "{log}");
+    }
+}

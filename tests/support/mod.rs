@@ -139,6 +139,11 @@ impl Engine {
 
     /// Starts the engine without waiting.
     pub fn spawn(model: &Path, extra: &[&str]) -> Self {
+        Self::spawn_logging(model, extra, "info,llama-cpp-2=warn")
+    }
+
+    /// Starts the engine without waiting, logging with `filter` (`LLORCH_LOG`).
+    pub fn spawn_logging(model: &Path, extra: &[&str], filter: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("engine.sock");
         let handoff_dir = dir.path().join("handoff");
@@ -152,7 +157,7 @@ impl Engine {
             .arg(&handoff_dir)
             .args(["--pool", "p0", "--threads", "2"])
             .args(extra)
-            .env("LLORCH_LOG", "info,llama-cpp-2=warn")
+            .env("LLORCH_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

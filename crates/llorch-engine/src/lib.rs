@@ -99,6 +99,33 @@ pub fn check_model(config: &EngineConfig) -> Result<llorch_gguf::GgufInfo, Engin
             );
         }
     }
+    // What llama.cpp will allocate, from the header; its own numbers follow in the log at
+    // load (LLORCH_LOG=info shows them), and scripts/gpu-smoke.sh compares both with NVML.
+    let request = llorch_gguf::memory::Request {
+        slots: config.slots,
+        ctx_per_slot: config.ctx_per_slot,
+        gpu_layers: config.gpu_layers,
+        ubatch: decode::BATCH_TOKENS as u32,
+    };
+    match llorch_gguf::memory::estimate(&info, request) {
+        Ok(e) => tracing::info!(
+            gpu_bytes = e.gpu_bytes(),
+            gpu_weights_bytes = e.gpu_weights,
+            gpu_kv_bytes = e.gpu_kv,
+            cpu_weights_bytes = e.cpu_weights,
+            cpu_kv_bytes = e.cpu_kv,
+            compute_bytes = e.compute,
+            layers_on_gpu = e.offloaded_layers,
+            "Memory estimate: GPU {} (weights {}, KV {}, compute {}; CUDA's own not counted), CPU weights {}, CPU KV {}.",
+            llorch_gguf::memory::mib(e.gpu_bytes()),
+            llorch_gguf::memory::mib(e.gpu_weights),
+            llorch_gguf::memory::mib(e.gpu_kv),
+            llorch_gguf::memory::mib(e.compute),
+            llorch_gguf::memory::mib(e.cpu_weights),
+            llorch_gguf::memory::mib(e.cpu_kv),
+        ),
+        Err(e) => tracing::info!("No memory estimate: {e}."),
+    }
     Ok(info)
 }
 

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+pub mod memory;
 pub mod write;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -58,6 +59,64 @@ pub struct GgufInfo {
     /// The smallest file size that holds every tensor.
     pub required_size: u64,
     pub file_size: u64,
+    /// Bytes of the tensors, by where llama.cpp puts them ([`memory`]).
+    pub weights: WeightBytes,
+}
+
+/// Tensor bytes grouped as llama.cpp offloads them: the repeating layers (`blk.N.*`), the
+/// input embedding (`token_embd.*`, always kept on the CPU) and the rest (the output head and
+/// final norm, on the GPU when every layer is). Tensors of a type whose layout this reader does
+/// not know count 0 bytes and are counted in `unknown_type_tensors`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WeightBytes {
+    /// Bytes of layer N at index N.
+    pub layers: Vec<u64>,
+    pub token_embd: u64,
+    /// `output.weight`: absent when the output head is tied to the input embedding, which
+    /// llama.cpp then loads a second time for the output layer.
+    pub output: Option<u64>,
+    /// Every other tensor outside the layers (`output_norm.weight`, ...).
+    pub other: u64,
+    pub unknown_type_tensors: u64,
+    /// What CUDA buffers add to layer N (and to the output head): a quantized matrix whose
+    /// row length is not a multiple of 512 gets one padded row's bytes.
+    pub cuda_padding: Vec<u64>,
+    pub cuda_output_padding: u64,
+}
+
+impl WeightBytes {
+    fn add(&mut self, name: &str, bytes: u64, cuda_padding: u64) {
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(n, _)| n.parse::<usize>().ok())
+            // A corrupt name cannot make us allocate: layers beyond this are "other".
+            .filter(|n| *n < 4096);
+        if let Some(n) = layer {
+            if self.layers.len() <= n {
+                self.layers.resize(n + 1, 0);
+                self.cuda_padding.resize(n + 1, 0);
+            }
+            self.layers[n] = self.layers[n].saturating_add(bytes);
+            self.cuda_padding[n] = self.cuda_padding[n].saturating_add(cuda_padding);
+        } else if name.starts_with("token_embd.") {
+            self.token_embd = self.token_embd.saturating_add(bytes);
+        } else if name == "output.weight" {
+            self.output = Some(bytes);
+            self.cuda_output_padding = cuda_padding;
+        } else {
+            self.other = self.other.saturating_add(bytes);
+        }
+    }
+
+    /// Every tensor's bytes.
+    pub fn total(&self) -> u64 {
+        self.layers
+            .iter()
+            .fold(self.token_embd, |a, b| a.saturating_add(*b))
+            .saturating_add(self.output.unwrap_or(0))
+            .saturating_add(self.other)
+    }
 }
 
 impl GgufInfo {
@@ -90,7 +149,7 @@ impl GgufInfo {
         self.metadata.contains_key("tokenizer.chat_template")
     }
 
-    fn arch_u64(&self, key: &str) -> Option<u64> {
+    pub(crate) fn arch_u64(&self, key: &str) -> Option<u64> {
         let arch = self.architecture()?;
         self.metadata
             .get(&format!("{arch}.{key}"))
@@ -132,6 +191,7 @@ mod kv_tests {
             data_offset: 0,
             required_size: 0,
             file_size: 0,
+            weights: WeightBytes::default(),
         }
     }
 
@@ -408,11 +468,23 @@ fn ggml_type_layout(ty: u32) -> Option<(u64, u64)> {
         13 => (256, 176),  // Q5_K
         14 => (256, 210),  // Q6_K
         15 => (256, 292),  // Q8_K
+        16 => (256, 66),   // IQ2_XXS
+        17 => (256, 74),   // IQ2_XS
+        18 => (256, 98),   // IQ3_XXS
+        19 => (256, 50),   // IQ1_S
+        20 => (32, 18),    // IQ4_NL
+        21 => (256, 110),  // IQ3_S
+        22 => (256, 82),   // IQ2_S
+        23 => (256, 136),  // IQ4_XS
         24 => (1, 1),      // I8
         25 => (1, 2),      // I16
         26 => (1, 4),      // I32
         27 | 28 => (1, 8), // I64, F64
+        29 => (256, 56),   // IQ1_M
         30 => (1, 2),      // BF16
+        34 => (256, 54),   // TQ1_0
+        35 => (256, 66),   // TQ2_0
+        39 => (32, 17),    // MXFP4
         _ => return None,
     })
 }
@@ -492,6 +564,7 @@ pub fn inspect_reader<R: Read + Seek>(inner: R, file_size: u64) -> Result<GgufIn
         )));
     }
     let mut data_end = 0u64;
+    let mut weights = WeightBytes::default();
     for _ in 0..tensor_count {
         let name = r.string()?;
         let n_dims = r.u32()?;
@@ -501,14 +574,30 @@ pub fn inspect_reader<R: Read + Seek>(inner: R, file_size: u64) -> Result<GgufIn
             )));
         }
         let mut elements: u64 = 1;
-        for _ in 0..n_dims {
-            elements = elements.saturating_mul(r.u64()?);
+        let mut row = 0;
+        for d in 0..n_dims {
+            let n = r.u64()?;
+            if d == 0 {
+                row = n;
+            }
+            elements = elements.saturating_mul(n);
         }
         let ty = r.u32()?;
         let offset = r.u64()?;
-        let bytes = ggml_type_layout(ty)
-            .map(|(block, size)| elements.div_ceil(block).saturating_mul(size))
-            .unwrap_or(0);
+        let (bytes, padding) = match ggml_type_layout(ty) {
+            Some((block, size)) => {
+                // ggml-cuda's MATRIX_ROW_PADDING, for quantized types.
+                let quantized = block > 1 || ty == 9;
+                let short = (512 - row % 512) % 512;
+                let padding = if quantized { short / block * size } else { 0 };
+                (elements.div_ceil(block).saturating_mul(size), padding)
+            }
+            None => {
+                weights.unknown_type_tensors += 1;
+                (0, 0)
+            }
+        };
+        weights.add(&name, bytes, padding);
         data_end = data_end.max(offset.saturating_add(bytes));
     }
     let data_offset = r.pos.div_ceil(alignment) * alignment;
@@ -526,6 +615,7 @@ pub fn inspect_reader<R: Read + Seek>(inner: R, file_size: u64) -> Result<GgufIn
         data_offset,
         required_size,
         file_size,
+        weights,
     })
 }
 

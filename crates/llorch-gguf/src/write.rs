@@ -80,3 +80,94 @@ impl TestModel {
         f.sync_all()
     }
 }
+
+/// A metadata value for [`Header`].
+#[derive(Debug, Clone)]
+pub enum Meta {
+    U32(u32),
+    Str(String),
+    /// An array of `len` strings, all empty (a vocabulary whose size is all that matters).
+    Strings(u64),
+}
+
+/// A GGUF header with any metadata and tensors of any shape and ggml type, without the tensor
+/// data: for tests of what is computed from a header (a 70B-shaped model's header is a few
+/// kilobytes; [`Header::required_size`] is the size its whole file would have).
+#[derive(Debug, Clone, Default)]
+pub struct Header {
+    pub metadata: Vec<(String, Meta)>,
+    /// (name, dimensions, ggml type number, bytes).
+    tensors: Vec<(String, Vec<u64>, u32, u64)>,
+}
+
+impl Header {
+    pub fn meta(mut self, key: &str, value: Meta) -> Self {
+        self.metadata.push((key.into(), value));
+        self
+    }
+
+    /// Adds a tensor of `bytes` bytes (the caller computes them for the type).
+    pub fn tensor(mut self, name: &str, dims: &[u64], ggml_type: u32, bytes: u64) -> Self {
+        self.tensors
+            .push((name.into(), dims.to_vec(), ggml_type, bytes));
+        self
+    }
+
+    fn aligned(n: u64) -> u64 {
+        n.div_ceil(32) * 32
+    }
+
+    /// The header's bytes, padded to where the data would start.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(b"GGUF");
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (key, value) in &self.metadata {
+            put_str(&mut out, key);
+            match value {
+                Meta::U32(v) => {
+                    out.extend_from_slice(&4u32.to_le_bytes());
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                Meta::Str(v) => {
+                    out.extend_from_slice(&8u32.to_le_bytes());
+                    put_str(&mut out, v);
+                }
+                Meta::Strings(n) => {
+                    out.extend_from_slice(&9u32.to_le_bytes());
+                    out.extend_from_slice(&8u32.to_le_bytes());
+                    out.extend_from_slice(&n.to_le_bytes());
+                    for _ in 0..*n {
+                        put_str(&mut out, "");
+                    }
+                }
+            }
+        }
+        let mut offset = 0u64;
+        for (name, dims, ty, bytes) in &self.tensors {
+            put_str(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            offset += Self::aligned(*bytes);
+        }
+        out.resize(Self::aligned(out.len() as u64) as usize, 0);
+        out
+    }
+
+    /// The size of the whole file this header describes.
+    pub fn required_size(&self) -> u64 {
+        let data: u64 = match self.tensors.split_last() {
+            Some(((_, _, _, last), rest)) => {
+                rest.iter().map(|t| Self::aligned(t.3)).sum::<u64>() + last
+            }
+            None => 0,
+        };
+        self.to_bytes().len() as u64 + data
+    }
+}
