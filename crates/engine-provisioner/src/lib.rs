@@ -26,6 +26,8 @@ pub mod exit {
     pub const DOWNLOAD_FAILED: i32 = 69;
     pub const CACHE_WRITE: i32 = 73;
     pub const IO: i32 = 74;
+    /// A GPU pool with `gpu_only` whose model does not fit its GPUs' free memory.
+    pub const DOES_NOT_FIT: i32 = 78;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,8 @@ pub enum ProvisionError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    DoesNotFit(String),
 }
 
 impl ProvisionError {
@@ -69,6 +73,7 @@ impl ProvisionError {
             Self::Gguf(G::Io { .. }) | Self::Io { .. } => exit::IO,
             Self::Download { .. } => exit::DOWNLOAD_FAILED,
             Self::CacheWrite { .. } => exit::CACHE_WRITE,
+            Self::DoesNotFit(_) => exit::DOES_NOT_FIT,
         }
     }
 }

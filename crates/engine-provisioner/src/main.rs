@@ -75,6 +75,14 @@ struct PlanArgs {
     /// (on-demand pools); 0 or absent: it stays loaded.
     #[arg(long)]
     idle_exit_secs: Option<u64>,
+    /// Free memory of each of the pool's GPUs in MiB, in the pool's order (`24000,11800`);
+    /// with it a GPU pool is checked against the memory estimate before its engine starts.
+    #[arg(long, value_delimiter = ',')]
+    gpu_free_mib: Vec<u64>,
+    /// Refuse (exit 78) when the model does not fit the GPUs, instead of offloading only the
+    /// layers that fit.
+    #[arg(long)]
+    gpu_only: bool,
 }
 
 /// `$CACHE_DIRECTORY/models` under systemd (`CacheDirectory=`), else the user's cache.
@@ -203,8 +211,10 @@ fn run(cli: Cli) -> Result<(), ProvisionError> {
                 socket: args.socket,
                 handoff_dir: args.handoff_dir,
                 idle_exit_secs: args.idle_exit_secs,
+                gpu_free_bytes: args.gpu_free_mib.iter().map(|m| m << 20).collect(),
+                gpu_only: args.gpu_only,
             };
-            let plan = engine_provisioner::plan::build(&settings, &staged);
+            let plan = engine_provisioner::plan::build(&settings, &staged)?;
             engine_provisioner::plan::write(&args.out, &plan)?;
             tracing::info!(pool = %plan.pool_id, plan = %args.out.display(), "Engine plan written.");
             println!("{}", args.out.display());

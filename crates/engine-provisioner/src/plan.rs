@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use llorch_wire::plan::{EnginePlan, PlannedModel, PLAN_VERSION};
+use llorch_gguf::memory::{self, mib, Fit, Request};
+use llorch_wire::plan::{EnginePlan, PlannedMemory, PlannedModel, PLAN_VERSION};
 
 use crate::cache::{write_atomically, Staged};
 use crate::ProvisionError;
@@ -20,10 +21,86 @@ pub struct PoolSettings {
     pub handoff_dir: String,
     /// Seconds without work after which the engine unloads (on-demand pools); None: never.
     pub idle_exit_secs: Option<u64>,
+    /// Free bytes of each of the pool's GPUs, in the pool's order (pool-managerd reads them
+    /// from NVML); empty when unknown, and then nothing is refused.
+    pub gpu_free_bytes: Vec<u64>,
+    /// Refuse the pool when the model does not fit its GPUs, instead of offloading only the
+    /// layers that fit and running the rest on the CPU.
+    pub gpu_only: bool,
 }
 
-pub fn build(settings: &PoolSettings, staged: &Staged) -> EnginePlan {
-    EnginePlan {
+/// Tokens per micro-batch of the engine (`llorch_engine::decode::BATCH_TOKENS`).
+pub const ENGINE_UBATCH: u32 = 512;
+
+/// The plan for `settings` and the staged model; for a GPU pool with known free memory, the
+/// memory estimate decides how many layers are offloaded, or refuses the pool.
+pub fn build(settings: &PoolSettings, staged: &Staged) -> Result<EnginePlan, ProvisionError> {
+    let mut gpu_layers = settings.gpu_layers;
+    let request = Request {
+        slots: settings.slots,
+        ctx_per_slot: settings.ctx_per_slot,
+        gpu_layers,
+        ubatch: ENGINE_UBATCH,
+    };
+    let memory = match memory::estimate(&staged.info, request) {
+        Ok(estimate) => {
+            let free = &settings.gpu_free_bytes;
+            let mut chosen = estimate.clone();
+            let mut per_gpu = Vec::new();
+            if gpu_layers > 0 && !free.is_empty() {
+                match estimate.fit(&staged.info, request, free) {
+                    Fit::Fits { per_gpu: p } => per_gpu = p,
+                    Fit::Partial { layers, per_gpu: p } => {
+                        let detail = does_not_fit(settings, &estimate, free);
+                        if settings.gpu_only {
+                            return Err(ProvisionError::DoesNotFit(detail));
+                        }
+                        tracing::warn!(
+                            pool = %settings.pool_id,
+                            layers_on_gpu = layers,
+                            layers = estimate.layers,
+                            "{detail}; gpu_only is off, so {layers} of {} layers go to the GPUs and the rest run on the CPU (slower).",
+                            estimate.layers
+                        );
+                        gpu_layers = layers;
+                        per_gpu = p;
+                        chosen = memory::estimate(
+                            &staged.info,
+                            Request {
+                                gpu_layers,
+                                ..request
+                            },
+                        )
+                        .unwrap_or(estimate);
+                    }
+                }
+            } else if gpu_layers > 0 {
+                per_gpu = estimate.split(&vec![1; settings_gpus(settings)]);
+            }
+            Some(PlannedMemory {
+                layers: chosen.layers,
+                offloaded_layers: chosen.offloaded_layers,
+                gpu_weights_bytes: chosen.gpu_weights,
+                cpu_weights_bytes: chosen.cpu_weights,
+                gpu_kv_bytes: chosen.gpu_kv,
+                cpu_kv_bytes: chosen.cpu_kv,
+                compute_bytes: chosen.compute,
+                per_gpu_bytes: per_gpu,
+                gpu_free_bytes: free.clone(),
+            })
+        }
+        Err(e) => {
+            if settings.gpu_only && gpu_layers > 0 && !settings.gpu_free_bytes.is_empty() {
+                return Err(ProvisionError::DoesNotFit(format!(
+                    "pool {}: {e}, so gpu_only cannot be checked",
+                    settings.pool_id
+                )));
+            }
+            tracing::info!(pool = %settings.pool_id, "No memory estimate: {e}.");
+            None
+        }
+    };
+    Ok(EnginePlan {
         version: PLAN_VERSION,
         pool_id: settings.pool_id.clone(),
         model: PlannedModel {
@@ -39,11 +116,41 @@ pub fn build(settings: &PoolSettings, staged: &Staged) -> EnginePlan {
         slots: settings.slots,
         ctx_per_slot: settings.ctx_per_slot,
         threads: settings.threads,
-        gpu_layers: settings.gpu_layers,
+        gpu_layers,
         socket: settings.socket.clone(),
         handoff_dir: settings.handoff_dir.clone(),
         idle_exit_secs: settings.idle_exit_secs.filter(|s| *s > 0),
-    }
+        memory,
+    })
+}
+
+/// GPUs of a pool whose free memory is unknown: one, for the split shown in the plan.
+fn settings_gpus(settings: &PoolSettings) -> usize {
+    settings.gpu_free_bytes.len().max(1)
+}
+
+/// The refusal, with every number an operator needs to choose what to change.
+fn does_not_fit(settings: &PoolSettings, e: &memory::Estimate, free: &[u64]) -> String {
+    let per_gpu = e.split(free);
+    let gpus: Vec<String> = per_gpu
+        .iter()
+        .zip(free)
+        .enumerate()
+        .map(|(i, (need, have))| format!("GPU {i}: needs {}, has {} free", mib(*need), mib(*have)))
+        .collect();
+    format!(
+        "pool {} does not fit its GPUs ({}): weights {}, KV cache {} ({} slots x {} tokens), \
+         compute buffer {}, CUDA's own {} per GPU; lower ctx or slots, use a smaller quantization \
+         or add a GPU to the pool",
+        settings.pool_id,
+        gpus.join("; "),
+        mib(e.gpu_weights),
+        mib(e.gpu_kv),
+        settings.slots,
+        settings.ctx_per_slot,
+        mib(e.compute),
+        mib(memory::CUDA_OVERHEAD_BYTES),
+    )
 }
 
 /// Writes the plan atomically, so an engine never reads half a plan.

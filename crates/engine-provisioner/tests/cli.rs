@@ -339,3 +339,109 @@ fn plan_writes_what_the_engine_reads() {
     assert_eq!(parsed.model.sha256, sha(&f.model));
     assert!(Path::new(&parsed.model.path).exists());
 }
+
+/// A small llama-shaped model (4 layers, 256 wide, F32), header and zeroed data.
+fn small_llama(path: &Path) {
+    use llorch_gguf::write::{Header, Meta};
+    let (embd, ff, vocab) = (256u64, 1024u64, 1000u64);
+    let mut h = Header::default()
+        .meta("general.architecture", Meta::Str("llama".into()))
+        .meta("llama.block_count", Meta::U32(4))
+        .meta("llama.embedding_length", Meta::U32(embd as u32))
+        .meta("llama.feed_forward_length", Meta::U32(ff as u32))
+        .meta("llama.attention.head_count", Meta::U32(4))
+        .meta("tokenizer.ggml.tokens", Meta::Strings(vocab))
+        .tensor("token_embd.weight", &[embd, vocab], 0, embd * vocab * 4);
+    for l in 0..4 {
+        for (name, n) in [("attn_qkvo", 4 * embd * embd), ("ffn", 3 * embd * ff)] {
+            h = h.tensor(&format!("blk.{l}.{name}.weight"), &[n], 0, n * 4);
+        }
+    }
+    let h = h.tensor("output.weight", &[embd, vocab], 0, embd * vocab * 4);
+    let file = std::fs::File::create(path).unwrap();
+    (&file).write_all(&h.to_bytes()).unwrap();
+    file.set_len(h.required_size()).unwrap();
+}
+
+#[test]
+fn a_gpu_pool_is_fitted_to_its_gpus_free_memory_or_refused_with_the_numbers() {
+    let f = Fixture::new();
+    small_llama(&f.dir.path().join("small.gguf"));
+    let cache = f.cache().display().to_string();
+    let source = f.path("small.gguf");
+    let plan = f.path("plan.json");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--source",
+            &source,
+            "--cache",
+            &cache,
+            "--pool",
+            "g0",
+            "--slots",
+            "2",
+            "--ctx",
+            "1024",
+            "--gpu-layers",
+            "999",
+            "--socket",
+            "/run/x/g0.sock",
+            "--handoff-dir",
+            "/run/x/handoff",
+            "--out",
+            &plan,
+        ];
+        args.extend_from_slice(extra);
+        provisioner(&args)
+    };
+    let read = || -> llorch_wire::plan::EnginePlan {
+        serde_json::from_slice(&std::fs::read(&plan).unwrap()).unwrap()
+    };
+    // Plenty free on two GPUs: every layer offloaded, each GPU's share in the plan.
+    let out = run(&["--gpu-free-mib", "2000,1000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p = read();
+    assert_eq!(p.gpu_layers, 999);
+    let m = p.memory.expect("a memory estimate");
+    assert_eq!((m.layers, m.offloaded_layers), (4, 4));
+    assert_eq!(m.per_gpu_bytes.len(), 2);
+    assert_eq!(m.gpu_free_bytes, [2000 << 20, 1000 << 20]);
+    assert_eq!(m.gpu_kv_bytes, 4 * 2 * 256 * 2 * 2 * 1024);
+    assert!(m
+        .per_gpu_bytes
+        .iter()
+        .zip(&m.gpu_free_bytes)
+        .all(|(n, f)| n <= f));
+    // Too little: without gpu_only the layers that fit (here none) go to the GPU, said on
+    // stderr; with gpu_only the pool is refused (78) with every number, also in plan.json.error.
+    let out = run(&["--gpu-free-mib", "300"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(read().gpu_layers < 4);
+    assert!(
+        stderr(&out).contains("does not fit its GPUs"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["--gpu-free-mib", "300", "--gpu-only"]);
+    assert_eq!(
+        out.status.code(),
+        Some(exit::DOES_NOT_FIT),
+        "{}",
+        stderr(&out)
+    );
+    let said = std::fs::read_to_string(format!("{plan}.error")).unwrap();
+    for part in [
+        "pool g0 does not fit",
+        "GPU 0: needs",
+        "has 300.00 MiB free",
+        "KV cache 8.00 MiB (2 slots x 1024 tokens)",
+        "lower ctx or slots",
+    ] {
+        assert!(said.contains(part), "{part:?} not in {said}");
+    }
+    // Free memory unknown (no NVML): planned, not checked.
+    let out = run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(read().gpu_layers, 999);
+}

@@ -138,6 +138,14 @@ pub struct PoolStatus {
     /// has seen, so a heartbeat that was on its way while a drain was answered cannot undo it.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub seq: u64,
+    /// GPU pools: the VRAM its engine needs on its GPUs (the provisioner's estimate from the
+    /// model's header, CUDA's own share included), once the model is staged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_need_bytes: Option<u64>,
+    /// GPU pools on a node with NVML: the free VRAM of the pool's GPUs when this status was
+    /// read. Placement does not load a standby pool whose need is larger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_free_bytes: Option<u64>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -169,6 +177,8 @@ impl PoolStatus {
             on_demand: false,
             load_ms: None,
             seq: 0,
+            vram_need_bytes: None,
+            vram_free_bytes: None,
         }
     }
 }

@@ -35,6 +35,39 @@ pub struct EnginePlan {
     /// it stays loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_exit_secs: Option<u64>,
+    /// The provisioner's estimate of the engine's memory (absent when the header lacks the
+    /// numbers); for GPU pools also how it fits the GPUs' free memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<PlannedMemory>,
+}
+
+/// The engine's memory, estimated from the GGUF header before loading (bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedMemory {
+    /// The model's repeating layers, and how many of them are on the GPUs.
+    pub layers: u32,
+    pub offloaded_layers: u32,
+    pub gpu_weights_bytes: u64,
+    pub cpu_weights_bytes: u64,
+    pub gpu_kv_bytes: u64,
+    pub cpu_kv_bytes: u64,
+    pub compute_bytes: u64,
+    /// What each of the pool's GPUs will hold (weights, KV, compute, CUDA's own), in the
+    /// pool's device order; empty for a CPU pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_gpu_bytes: Vec<u64>,
+    /// The GPUs' free memory the fit was computed against (from pool-managerd's NVML
+    /// reading); empty when it was not known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_free_bytes: Vec<u64>,
+}
+
+impl PlannedMemory {
+    /// Everything on the GPUs.
+    pub fn gpu_total_bytes(&self) -> u64 {
+        self.per_gpu_bytes.iter().sum()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -45,6 +45,8 @@ fn pool_status() -> impl Strategy<Value = PoolStatus> {
                     on_demand: false,
                     load_ms,
                     seq: 0,
+                    vram_need_bytes: None,
+                    vram_free_bytes: None,
                 }
             },
         )

@@ -74,9 +74,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             socket: socket.display().to_string(),
             handoff_dir: handoff_dir.display().to_string(),
             idle_exit_secs: None,
+            gpu_free_bytes: Vec::new(),
+            gpu_only: false,
         },
         &staged,
-    );
+    )?;
     let plan_path = runtime.path().join("demo.plan.json");
     engine_provisioner::plan::write(&plan_path, &plan)?;
 

@@ -8,6 +8,7 @@
 //! A loaded pool always wins over an on-demand pool on `standby`. A standby pool is chosen only
 //! when no loaded pool has a free slot, and then only when its load time (as its node last
 //! measured it) is shorter than the wait for a loaded pool's slot; the task waits otherwise.
+//! A standby GPU pool whose estimated VRAM is more than its GPUs have free is not loaded.
 
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub struct Candidate<'a> {
     pub load_ms: Option<u64>,
     /// Loaded by its first request; while it loads, the node passes tasks on to wait for it.
     pub on_demand: bool,
+    /// A GPU pool's VRAM need and its GPUs' free VRAM, as its node last reported them.
+    pub vram: Option<(u64, u64)>,
 }
 
 /// What loading a standby pool is assumed to cost before its node has measured a load.
@@ -52,6 +55,11 @@ impl Candidate<'_> {
     /// for the same load, sooner done than a standby pool's.
     pub fn waking(&self) -> bool {
         self.node_online && self.on_demand && self.state == PoolState::Loading && !self.suspect
+    }
+
+    /// A standby pool whose model would not fit its GPUs' free memory now: (need, free).
+    pub fn vram_short(&self) -> Option<(u64, u64)> {
+        self.vram.filter(|(need, free)| need > free)
     }
 
     /// How long a task placed here waits for the model to load.
@@ -175,6 +183,17 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
     let mut standby: Vec<&Candidate> = Vec::new();
     let mut loaded_but_full = false;
     for p in eligible {
+        if p.standby() && p.free_slots > 0 {
+            if let Some((need, free)) = p.vram_short() {
+                reasons.push(format!(
+                    "{}: on demand; needs {} MiB of VRAM, its GPUs have {} MiB free",
+                    p.pool_id,
+                    need >> 20,
+                    free >> 20
+                ));
+                continue;
+            }
+        }
         if (p.standby() || p.waking()) && p.free_slots > 0 {
             standby.push(p);
             continue;
@@ -292,6 +311,7 @@ mod tests {
             suspect: false,
             load_ms: None,
             on_demand: false,
+            vram: None,
         }
     }
 
@@ -392,6 +412,29 @@ mod tests {
         let pools = [standby("a", 4, Some(2_000)), pool("b", "m", 0)];
         assert!(matches!(place(&pools, &ask(500)), Placement::Wait { .. }));
         assert_eq!(placed(place(&pools, &ask(5_000))), "a");
+        // A GPU pool whose model does not fit its GPUs' free memory now is not loaded; one
+        // that fits is.
+        let gib = 1u64 << 30;
+        let mut big = standby("a", 4, Some(100));
+        big.vram = Some((20 * gib, 8 * gib));
+        let mut fits = standby("b", 4, Some(9_000));
+        fits.vram = Some((6 * gib, 8 * gib));
+        match place(&[big.clone(), fits], &ask(0)) {
+            Placement::Place {
+                pool_id, reasons, ..
+            } => {
+                assert_eq!(pool_id, "b");
+                assert!(
+                    reasons.contains(
+                        &"a: on demand; needs 20480 MiB of VRAM, its GPUs have 8192 MiB free"
+                            .to_string()
+                    ),
+                    "{reasons:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(place(&[big], &ask(0)), Placement::Wait { .. }));
         // A suspect or offline standby pool is not loaded.
         let mut suspect = standby("a", 4, Some(1));
         suspect.suspect = true;

@@ -327,6 +327,7 @@ impl Registry {
                     suspect: node_suspect || self.suspect.contains_key(&key),
                     load_ms: p.load_ms,
                     on_demand: p.on_demand,
+                    vram: p.vram_need_bytes.zip(p.vram_free_bytes),
                 });
             }
         }

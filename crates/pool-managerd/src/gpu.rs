@@ -10,24 +10,58 @@
 
 use llorch_wire::node::{GpuReport, GpuStatus};
 
-use crate::config::PoolConfig;
+use crate::config::{Gpu, PoolConfig};
 
 /// The drop-in file's name in `llorch-engine@<pool>.service.d/`.
 pub const DROPIN_NAME: &str = "50-llama-orch-gpu.conf";
 
-/// The engine unit's drop-in for a GPU pool (`devices = "cuda:0,1"`); None for a CPU pool.
-/// The unit has `PrivateDevices=yes` (no device at all); this opens exactly the pool's
-/// `/dev/nvidiaN` and the driver's shared nodes (`nvidiactl`, `nvidia-uvm`,
-/// `nvidia-uvm-tools`, the MIG capabilities read-only) under `DevicePolicy=closed`, lets CUDA
-/// read `/proc/driver/nvidia` (`ProcSubset=all`), and makes CUDA's numbering the driver's
-/// (PCI bus order, as NVML and the device minors count) so `cuda:N` is `/dev/nvidiaN`.
-pub fn engine_dropin(pool: &PoolConfig) -> Option<String> {
-    let devices = pool.cuda_devices()?;
+/// Where the NVIDIA driver describes each GPU it drives (`<pci address>/information`).
+pub const PROC_GPUS: &str = "/proc/driver/nvidia/gpus";
+
+/// GPU UUID → device minor (`/dev/nvidiaN`), as the loaded driver reports them under
+/// `dir` ([`PROC_GPUS`]): what a pool bound by UUID opens. Empty when no driver is loaded.
+pub fn driver_minors(dir: &std::path::Path) -> std::collections::HashMap<String, u32> {
+    let mut minors = std::collections::HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return minors;
+    };
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("information")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        if let (Some(uuid), Some(minor)) = (
+            field("GPU UUID:"),
+            field("Device Minor:").and_then(|m| m.parse().ok()),
+        ) {
+            minors.insert(uuid, minor);
+        }
+    }
+    minors
+}
+
+/// The engine unit's drop-in for a GPU pool; None for a CPU pool. The unit has
+/// `PrivateDevices=yes` (no device at all); this opens exactly the pool's `/dev/nvidiaN` and
+/// the driver's shared nodes (`nvidiactl`, `nvidia-uvm`, `nvidia-uvm-tools`, the MIG
+/// capabilities read-only) under `DevicePolicy=closed`, lets CUDA read `/proc/driver/nvidia`
+/// (`ProcSubset=all`), and makes CUDA's numbering the driver's (PCI bus order, as NVML and the
+/// device minors count) so `cuda:N` is `/dev/nvidiaN`. A GPU named by UUID opens the node the
+/// driver gives it in `minors` ([`driver_minors`]); one the driver does not know opens
+/// nothing, and the drop-in says so.
+pub fn engine_dropin(
+    pool: &PoolConfig,
+    minors: &std::collections::HashMap<String, u32>,
+) -> Option<String> {
+    let visible = pool.cuda_visible_devices()?;
     let mut text = format!(
         "# Written by llama-orch-gpu-generator from node.toml: pool {}, devices {}.\n\
          [Service]\n\
          Environment=CUDA_DEVICE_ORDER=PCI_BUS_ID\n\
-         Environment=CUDA_VISIBLE_DEVICES={devices}\n\
+         Environment=CUDA_VISIBLE_DEVICES={visible}\n\
          PrivateDevices=no\n\
          DevicePolicy=closed\n\
          DeviceAllow=/dev/nvidiactl rw\n\
@@ -36,11 +70,39 @@ pub fn engine_dropin(pool: &PoolConfig) -> Option<String> {
          DeviceAllow=char-nvidia-caps r\n",
         pool.id, pool.devices
     );
-    for n in devices.split(',') {
-        text.push_str(&format!("DeviceAllow=/dev/nvidia{n} rw\n"));
+    for gpu in pool.gpus() {
+        match &gpu {
+            Gpu::Index(n) => text.push_str(&format!("DeviceAllow=/dev/nvidia{n} rw\n")),
+            Gpu::Uuid(u) => match minors.get(u) {
+                Some(n) => text.push_str(&format!("DeviceAllow=/dev/nvidia{n} rw\n")),
+                None => text.push_str(&format!(
+                    "# {u} is not a GPU the NVIDIA driver knows now ({PROC_GPUS}): no device \
+                     opened for it. Load the driver, then run systemctl daemon-reload.\n"
+                )),
+            },
+        }
     }
     text.push_str("ProcSubset=all\n");
     Some(text)
+}
+
+/// The GPU of `report` that `gpu` names (by CUDA index or UUID).
+fn find<'a>(report: &'a GpuReport, gpu: &Gpu) -> Option<&'a GpuStatus> {
+    report.devices.iter().find(|d| match gpu {
+        Gpu::Index(n) => d.index == *n,
+        Gpu::Uuid(u) => d.uuid == *u,
+    })
+}
+
+/// The free bytes of `gpus` together in `report`; None for a CPU pool or when one of them is
+/// not in the report.
+pub fn free_of(report: &GpuReport, gpus: &[Gpu]) -> Option<u64> {
+    if gpus.is_empty() {
+        return None;
+    }
+    gpus.iter()
+        .map(|g| find(report, g).map(|d| d.memory_free_bytes))
+        .sum()
 }
 
 pub struct Inventory {
@@ -85,6 +147,22 @@ impl Inventory {
 
     pub fn has_nvml(&self) -> bool {
         self.nvml.is_some()
+    }
+
+    /// Free bytes of each of `gpus` now, in their order; an `Err` says why they are unknown
+    /// (a CPU node, or a GPU NVML does not report).
+    pub fn free_bytes(&self, gpus: &[Gpu]) -> Result<Vec<u64>, String> {
+        if self.nvml.is_none() {
+            return Err("NVML is not available".into());
+        }
+        let report = self.read();
+        gpus.iter()
+            .map(|g| {
+                find(&report, g)
+                    .map(|d| d.memory_free_bytes)
+                    .ok_or_else(|| format!("NVML does not report GPU {g}"))
+            })
+            .collect()
     }
 
     /// What NVML says now; a GPU it cannot read (fallen off the bus) is left out, and a value
@@ -134,7 +212,7 @@ mod tests {
         let text = include_str!("../examples/node.toml")
             .replace("devices = \"cpu\"", "devices = \"cuda:0,2\"");
         let cfg = crate::config::parse(std::path::Path::new("node.toml"), &text).unwrap();
-        let dropin = engine_dropin(&cfg.pools()[0]).unwrap();
+        let dropin = engine_dropin(&cfg.pools()[0], &Default::default()).unwrap();
         let allowed: Vec<&str> = dropin
             .lines()
             .filter_map(|l| l.strip_prefix("DeviceAllow="))
@@ -163,6 +241,44 @@ mod tests {
             include_str!("../examples/node.toml"),
         )
         .unwrap();
-        assert_eq!(engine_dropin(&cpu.pools()[0]), None);
+        assert_eq!(engine_dropin(&cpu.pools()[0], &Default::default()), None);
+    }
+
+    #[test]
+    fn a_pool_bound_by_uuid_opens_the_node_the_driver_gives_that_uuid() {
+        // The driver's own description of two GPUs, as /proc/driver/nvidia/gpus shows them.
+        let proc = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            "GPU-8d2a5f31-1c44-4b6e-9a0b-3f9e2c7d1e11",
+            "GPU-41c0e2aa-77d3-4c2b-8e1f-5a6b7c8d9e02",
+        );
+        for (bus, uuid, minor) in [("0000:18:00.0", a, 0), ("0000:3b:00.0", b, 1)] {
+            let dir = proc.path().join(bus);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(
+                dir.join("information"),
+                format!("Model: \t\t NVIDIA GeForce RTX 4090\nGPU UUID: \t {uuid}\nBus Location: \t {bus}\nDevice Minor: \t {minor}\n"),
+            )
+            .unwrap();
+        }
+        let minors = driver_minors(proc.path());
+        assert_eq!(minors.len(), 2);
+        let text = include_str!("../examples/node.toml")
+            .replace("devices = \"cpu\"", &format!("devices = [\"{b}\"]"));
+        let cfg = crate::config::parse(std::path::Path::new("node.toml"), &text).unwrap();
+        let dropin = engine_dropin(&cfg.pools()[0], &minors).unwrap();
+        assert!(
+            dropin.contains(&format!("\nEnvironment=CUDA_VISIBLE_DEVICES={b}\n")),
+            "{dropin}"
+        );
+        assert!(
+            dropin.contains("\nDeviceAllow=/dev/nvidia1 rw\n"),
+            "{dropin}"
+        );
+        assert!(!dropin.contains("/dev/nvidia0"), "{dropin}");
+        // A UUID the driver does not know opens nothing, and says why.
+        let none = engine_dropin(&cfg.pools()[0], &Default::default()).unwrap();
+        assert!(!none.contains("DeviceAllow=/dev/nvidia1"), "{none}");
+        assert!(none.contains("daemon-reload"), "{none}");
     }
 }

@@ -54,11 +54,39 @@ pub fn engine_memory_bound(
     Some(need.saturating_add(need / 4).saturating_add(MEMORY_MARGIN))
 }
 
+/// The provisioner's flags that come from the pool's settings, the same for both launchers:
+/// offload, pinned hash, threads, idle exit, and for a GPU pool its GPUs' free memory now
+/// (`gpu_free`, bytes, empty when unknown) and `gpu_only`.
+pub fn plan_flags(pool: &PoolConfig, gpu_free: &[u64]) -> Vec<String> {
+    let mut flags = vec!["--gpu-layers".to_string(), pool.gpu_layers().to_string()];
+    if let Some(h) = &pool.model.sha256 {
+        flags.extend(["--sha256".into(), h.clone()]);
+    }
+    if let Some(t) = pool.threads {
+        flags.extend(["--threads".into(), t.to_string()]);
+    }
+    if let Some(s) = pool.idle_exit_secs() {
+        flags.extend(["--idle-exit-secs".into(), s.to_string()]);
+    }
+    if !gpu_free.is_empty() {
+        let mib: Vec<String> = gpu_free.iter().map(|b| (b >> 20).to_string()).collect();
+        flags.extend(["--gpu-free-mib".into(), mib.join(",")]);
+    }
+    if pool.gpu_only {
+        flags.push("--gpu-only".into());
+    }
+    flags
+}
+
 /// Starts a pool's provisioner and engine.
 pub trait Launcher: Send + Sync {
     /// Stages the pool's model and writes its engine plan; returns the plan's path.
-    fn provision<'a>(&'a self, pool: &'a PoolConfig)
-        -> BoxFuture<'a, Result<PathBuf, LaunchError>>;
+    /// `gpu_free`: [`plan_flags`].
+    fn provision<'a>(
+        &'a self,
+        pool: &'a PoolConfig,
+        gpu_free: &'a [u64],
+    ) -> BoxFuture<'a, Result<PathBuf, LaunchError>>;
 
     /// Starts the pool's engine from its plan. The engine writes its handoff file when ready.
     fn start_engine<'a>(
@@ -308,6 +336,7 @@ impl Launcher for ProcessLauncher {
     fn provision<'a>(
         &'a self,
         pool: &'a PoolConfig,
+        gpu_free: &'a [u64],
     ) -> BoxFuture<'a, Result<PathBuf, LaunchError>> {
         Box::pin(async move {
             let plan = self.layout.plan_file(&pool.id);
@@ -331,23 +360,13 @@ impl Launcher for ProcessLauncher {
                 .arg(pool.slots.to_string())
                 .arg("--ctx")
                 .arg(pool.ctx.to_string())
-                .arg("--gpu-layers")
-                .arg(pool.gpu_layers().to_string())
+                .args(plan_flags(pool, gpu_free))
                 .arg("--socket")
                 .arg(self.layout.engine_socket(&pool.id))
                 .arg("--handoff-dir")
                 .arg(self.layout.pool_handoff_dir(&pool.id))
                 .arg("--out")
                 .arg(&plan);
-            if let Some(h) = &pool.model.sha256 {
-                cmd.arg("--sha256").arg(h);
-            }
-            if let Some(t) = pool.threads {
-                cmd.arg("--threads").arg(t.to_string());
-            }
-            if let Some(s) = pool.idle_exit_secs() {
-                cmd.arg("--idle-exit-secs").arg(s.to_string());
-            }
             cmd.stdin(Stdio::null())
                 .stdout(log_out)
                 .stderr(log)
@@ -400,7 +419,7 @@ impl Launcher for ProcessLauncher {
                 .env("NO_COLOR", "1")
                 .kill_on_drop(true);
             llorch_os::process::without_service_manager(cmd.as_std_mut());
-            if let Some(devices) = pool.cuda_devices() {
+            if let Some(devices) = pool.cuda_visible_devices() {
                 cmd.env("CUDA_VISIBLE_DEVICES", devices);
             }
             let held = self.held_socket(&pool.id);

@@ -87,6 +87,8 @@ pub struct PoolEntry {
     pub busy: Arc<AtomicU32>,
     /// Operator commands to the pool's supervisor, once it runs.
     pub commands: Option<tokio::sync::mpsc::Sender<crate::supervisor::Request>>,
+    /// GPU pools: the VRAM the plan says the engine needs on its GPUs.
+    pub vram_need: Option<u64>,
 }
 
 impl PoolEntry {
@@ -107,6 +109,7 @@ impl PoolEntry {
             state: PoolState::Provisioning,
             busy: Arc::new(AtomicU32::new(0)),
             commands: None,
+            vram_need: None,
         }
     }
 
@@ -120,7 +123,7 @@ impl PoolEntry {
             slots_total: self.config.slots,
             slots_busy: self.busy.load(Ordering::SeqCst),
             ctx_per_slot: self.config.ctx,
-            device: self.config.devices.clone(),
+            device: self.config.devices.to_string(),
             engine_version: self
                 .handoff
                 .as_ref()
@@ -136,6 +139,8 @@ impl PoolEntry {
             on_demand: self.config.on_demand,
             load_ms: self.load_time.map(|d| d.as_millis() as u64),
             seq: 0,
+            vram_need_bytes: self.vram_need,
+            vram_free_bytes: None,
         }
     }
 
@@ -268,11 +273,17 @@ impl Node {
 
     /// Every pool's status; while the node shuts down, ready pools are reported draining.
     pub fn statuses(&self) -> Vec<PoolStatus> {
+        // NVML is read before the table is locked: a slow driver call never holds it.
+        let gpus = self.gpus.has_nvml().then(|| self.gpus.read());
         let pools = self.pools.lock().expect("pool table lock");
-        self.statuses_of(&pools)
+        self.statuses_of(&pools, gpus.as_ref())
     }
 
-    fn statuses_of(&self, pools: &BTreeMap<String, PoolEntry>) -> Vec<PoolStatus> {
+    fn statuses_of(
+        &self,
+        pools: &BTreeMap<String, PoolEntry>,
+        gpus: Option<&llorch_wire::node::GpuReport>,
+    ) -> Vec<PoolStatus> {
         let stopping = self.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
         let seq = self.changes.load(Ordering::SeqCst);
         pools
@@ -280,6 +291,7 @@ impl Node {
             .map(|p| {
                 let mut s = p.status();
                 s.seq = seq;
+                s.vram_free_bytes = gpus.and_then(|g| crate::gpu::free_of(g, &p.config.gpus()));
                 if stopping && s.state == PoolState::Ready {
                     s.state = PoolState::Draining;
                 }
@@ -328,7 +340,8 @@ impl Node {
     pub fn encode_metrics(&self) -> String {
         {
             let pools = self.pools.lock().expect("pool table lock");
-            self.metrics.set_pool_gauges(&self.statuses_of(&pools));
+            self.metrics
+                .set_pool_gauges(&self.statuses_of(&pools, None));
         }
         self.metrics.encode()
     }

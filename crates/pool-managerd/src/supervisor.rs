@@ -151,7 +151,8 @@ pub async fn supervise(
                     p.engine_pid = None;
                 });
                 tracing::info!(pool_id = %id, model = %pool.model.id, "Provisioning the model.");
-                let provision = launcher.provision(&pool);
+                let gpu_free = gpu_free(&node, &pool);
+                let provision = launcher.provision(&pool, &gpu_free);
                 tokio::pin!(provision);
                 let result = loop {
                     tokio::select! {
@@ -162,7 +163,11 @@ pub async fn supervise(
                 };
                 match result {
                     Ok(p) => {
-                        node.update(&id, |e| e.staged = true);
+                        let need = planned_vram(&p);
+                        node.update(&id, |e| {
+                            e.staged = true;
+                            e.vram_need = need;
+                        });
                         plan = Some(p.clone());
                         p
                     }
@@ -527,6 +532,30 @@ fn remove_stale_handoff(path: &Path, pid: Option<u32>) {
             }
         }
     }
+}
+
+/// The pool's GPUs' free memory now (NVML), for the provisioner's fit check; empty for a CPU
+/// pool, or when NVML cannot say (the plan is then not checked, and the log says why).
+fn gpu_free(node: &Node, pool: &PoolConfig) -> Vec<u64> {
+    let gpus = pool.gpus();
+    if gpus.is_empty() {
+        return Vec::new();
+    }
+    match node.gpus.free_bytes(&gpus) {
+        Ok(free) => free,
+        Err(reason) => {
+            tracing::warn!(pool_id = %pool.id, %reason, "The GPUs' free memory is unknown: the model's fit is not checked before it loads.");
+            Vec::new()
+        }
+    }
+}
+
+/// The VRAM the plan at `path` says the engine needs on its GPUs; None for a CPU pool or a
+/// plan without an estimate.
+fn planned_vram(path: &Path) -> Option<u64> {
+    let text = std::fs::read(path).ok()?;
+    let plan: llorch_wire::plan::EnginePlan = serde_json::from_slice(&text).ok()?;
+    plan.memory.map(|m| m.gpu_total_bytes()).filter(|b| *b > 0)
 }
 
 #[cfg(test)]

@@ -34,8 +34,10 @@ fn main() {
             return;
         }
     };
+    let minors =
+        pool_managerd::gpu::driver_minors(std::path::Path::new(pool_managerd::gpu::PROC_GPUS));
     for pool in checked.pools() {
-        let Some(text) = pool_managerd::gpu::engine_dropin(pool) else {
+        let Some(text) = pool_managerd::gpu::engine_dropin(pool, &minors) else {
             continue;
         };
         let dir = out.join(format!("llorch-engine@{}.service.d", pool.id));

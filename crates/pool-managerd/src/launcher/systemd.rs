@@ -107,18 +107,9 @@ pub fn engine_socket_unit(pool: &str) -> String {
 }
 
 /// The pool's settings file: `KEY="value"` lines systemd's `EnvironmentFile=` reads.
-pub fn pool_env(pool: &PoolConfig) -> String {
+pub fn pool_env(pool: &PoolConfig, gpu_free: &[u64]) -> String {
     let quote = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
-    let mut extra = vec![format!("--gpu-layers {}", pool.gpu_layers())];
-    if let Some(h) = &pool.model.sha256 {
-        extra.push(format!("--sha256 {h}"));
-    }
-    if let Some(t) = pool.threads {
-        extra.push(format!("--threads {t}"));
-    }
-    if let Some(s) = pool.idle_exit_secs() {
-        extra.push(format!("--idle-exit-secs {s}"));
-    }
+    let extra = super::plan_flags(pool, gpu_free);
     format!(
         "# Written by pool-managerd for engine-provisioner@{id}.service; do not edit.\n\
          LLORCH_MODEL_SOURCE={}\nLLORCH_MODEL_ID={}\nLLORCH_SLOTS={}\nLLORCH_CTX={}\nLLORCH_PLAN_ARGS={}\n",
@@ -422,11 +413,12 @@ impl Launcher for SystemdLauncher {
     fn provision<'a>(
         &'a self,
         pool: &'a PoolConfig,
+        gpu_free: &'a [u64],
     ) -> BoxFuture<'a, Result<PathBuf, LaunchError>> {
         Box::pin(async move {
             let env = Path::new(POOL_ENV_DIR).join(format!("{}.env", pool.id));
             std::fs::create_dir_all(POOL_ENV_DIR)
-                .and_then(|()| std::fs::write(&env, pool_env(pool)))
+                .and_then(|()| std::fs::write(&env, pool_env(pool, gpu_free)))
                 .map_err(|source| LaunchError::Io {
                     path: env.clone(),
                     source,
@@ -683,7 +675,7 @@ sha256 = "abc"
 "#,
         )
         .unwrap();
-        let env = pool_env(&pool);
+        let env = pool_env(&pool, &[]);
         assert!(
             env.contains("LLORCH_MODEL_SOURCE=\"/models/a \\\"b\\\".gguf\"\n"),
             "{env}"
@@ -691,6 +683,16 @@ sha256 = "abc"
         assert!(env.contains("LLORCH_SLOTS=4\nLLORCH_CTX=2048\n"), "{env}");
         assert!(
             env.contains("LLORCH_PLAN_ARGS=\"--gpu-layers 999 --sha256 abc --threads 8\"\n"),
+            "{env}"
+        );
+        // A GPU pool's GPUs' free memory and gpu_only reach the provisioner.
+        let gpu = PoolConfig {
+            gpu_only: true,
+            ..pool.clone()
+        };
+        let env = pool_env(&gpu, &[24_000 << 20, 11_800 << 20]);
+        assert!(
+            env.contains("LLORCH_PLAN_ARGS=\"--gpu-layers 999 --sha256 abc --threads 8 --gpu-free-mib 24000,11800 --gpu-only\"\n"),
             "{env}"
         );
         assert_eq!(engine_unit("p0"), "llorch-engine@p0.service");
