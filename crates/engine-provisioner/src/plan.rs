@@ -161,3 +161,67 @@ pub fn write(path: &Path, plan: &EnginePlan) -> Result<(), ProvisionError> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llorch_gguf::write::{Header, Meta};
+
+    /// A Llama-2-70B-shaped Q4_0 header (output head Q6_K, norms F32).
+    fn llama_70b() -> llorch_gguf::GgufInfo {
+        let (embd, ff, vocab, kv) = (8192u64, 28672u64, 32000u64, 1024u64);
+        let q4 = |n: u64| n / 32 * 18;
+        let mut h = Header::default()
+            .meta("general.architecture", Meta::Str("llama".into()))
+            .meta("llama.block_count", Meta::U32(80))
+            .meta("llama.embedding_length", Meta::U32(embd as u32))
+            .meta("llama.feed_forward_length", Meta::U32(ff as u32))
+            .meta("llama.attention.head_count", Meta::U32(64))
+            .meta("llama.attention.head_count_kv", Meta::U32(8))
+            .meta("tokenizer.ggml.tokens", Meta::Strings(vocab))
+            .tensor("token_embd.weight", &[embd, vocab], 2, q4(embd * vocab));
+        for l in 0..80 {
+            let n = 2 * embd * embd + 2 * embd * kv + 3 * embd * ff;
+            h = h.tensor(&format!("blk.{l}.all.weight"), &[embd, n / embd], 2, q4(n));
+        }
+        let h = h.tensor("output.weight", &[embd, vocab], 14, embd * vocab / 256 * 210);
+        llorch_gguf::inspect_reader(std::io::Cursor::new(h.to_bytes()), h.required_size())
+            .unwrap()
+    }
+
+    #[test]
+    fn the_refusal_gives_each_gpus_need_and_free_memory_and_what_to_change() {
+        let info = llama_70b();
+        let settings = PoolSettings {
+            pool_id: "big".into(),
+            model_id: "llama-70b".into(),
+            slots: 2,
+            ctx_per_slot: 2048,
+            threads: None,
+            gpu_layers: 999,
+            socket: String::new(),
+            handoff_dir: String::new(),
+            idle_exit_secs: None,
+            gpu_free_bytes: vec![23_500 << 20, 11_600 << 20],
+            gpu_only: true,
+        };
+        let request = Request {
+            slots: 2,
+            ctx_per_slot: 2048,
+            gpu_layers: 999,
+            ubatch: ENGINE_UBATCH,
+        };
+        let e = memory::estimate(&info, request).unwrap();
+        let said = does_not_fit(&settings, &e, &settings.gpu_free_bytes);
+        println!("{said}");
+        for part in [
+            "pool big does not fit its GPUs (GPU 0: needs ",
+            "has 23500.00 MiB free; GPU 1: needs ",
+            "has 11600.00 MiB free)",
+            "KV cache 1280.00 MiB (2 slots x 2048 tokens)",
+            "CUDA's own 512.00 MiB per GPU",
+        ] {
+            assert!(said.contains(part), "{part:?} not in {said}");
+        }
+    }
+}
