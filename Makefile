@@ -9,7 +9,7 @@ MODEL := $(LLORCH_CACHE)/default-model/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CARGO ?= cargo
 
-.PHONY: run demo test test-appliance test-cloud test-faults soak fuzz setup build bench lint fmt
+.PHONY: run demo test test-appliance build-cuda test-cloud test-faults soak fuzz setup build bench lint fmt
 
 ## Set up, build, and run the home stack on the default model at http://127.0.0.1:8080 until Ctrl-C.
 run: build
@@ -65,6 +65,13 @@ setup:
 
 build: setup
 	$(CARGO) build --workspace --bins
+
+## The CUDA engine, built here without a GPU from NVIDIA's CUDA 13 wheels on PyPI (installed once
+## into the cache): target/cuda/release/llorch-engine. LLORCH_CUDA_ARCHS picks the GPU
+## architectures (default Ampere to Hopper; "90-real" alone for a quicker check). Not part of
+## `make test`: llama.cpp's CUDA kernels take long on few cores (times in docs/OPERATIONS.md).
+build-cuda: setup
+	scripts/build-cuda.sh
 
 ## Engine throughput next to in-process llama.cpp, the stack's frontend tax, the control
 ## plane's capacity with a synthetic node, and the cold start of an on-demand pool (method and

@@ -56,6 +56,36 @@ pub struct Model {
 
 impl Model {
     pub fn load(path: &Path, gpu_layers: u32, progress: Arc<Progress>) -> Result<Self, LoadError> {
+        // A CUDA build without a usable GPU (no driver, a driver too old for its runtime, or
+        // a unit that cannot open /dev/nvidia*) would quietly run every layer on the CPU: a
+        // GPU pool refuses to load instead.
+        if gpu_layers > 0 {
+            let gpus: Vec<_> = llama_cpp_2::list_llama_ggml_backend_devices()
+                .into_iter()
+                .filter(|d| d.backend != "CPU")
+                .collect();
+            if !backend().supports_gpu_offload() || gpus.is_empty() {
+                return Err(LoadError {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "gpu_layers is {gpu_layers} but this engine sees no GPU (the log line \
+                         above says why CUDA did not start: no driver, a driver older than \
+                         CUDA 13, or a unit that cannot open /dev/nvidia*; nvidia-smi and \
+                         systemctl cat llorch-engine@POOL show them); use devices = \"cpu\" \
+                         to run on the CPU"
+                    ),
+                });
+            }
+            for d in &gpus {
+                tracing::info!(
+                    device = %d.name,
+                    name = %d.description,
+                    memory_free_bytes = d.memory_free,
+                    memory_total_bytes = d.memory_total,
+                    "GPU for the model."
+                );
+            }
+        }
         let params = LlamaModelParams::default()
             .with_n_gpu_layers(gpu_layers)
             .with_progress_callback(move |p| {
