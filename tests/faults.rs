@@ -78,7 +78,12 @@ async fn one_task(port: u16, started: &AtomicU32, tokens: &AtomicU32) -> Outcome
         };
         if status != hyper::StatusCode::ACCEPTED {
             return match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(e) => Outcome::Error(format!("{status} {:?}", e.code)),
+                Ok(e) => {
+                    // As a client that honours Retry-After: no retry storm while a node is away.
+                    let wait = e.retry_after_ms.unwrap_or(250).clamp(50, 1_000);
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    Outcome::Error(format!("{} {:?}", status.as_u16(), e.code))
+                }
                 Err(_) => Outcome::Transport(format!("{status} without a typed body")),
             };
         }
@@ -314,10 +319,25 @@ on_demand = true
 id = "gpu-model"
 source = "/mnt/llorch/model.gguf"
 sha256 = "{MODEL_SHA256}"
+
+# A GPU pool bound by UUID, which no driver here knows: it opens no GPU node.
+[[pools]]
+id = "gpu-uuid"
+slots = 1
+ctx = 512
+devices = ["{GPU_UUID}"]
+on_demand = true
+
+[pools.model]
+id = "gpu-model"
+source = "/mnt/llorch/model.gguf"
+sha256 = "{MODEL_SHA256}"
 "#,
         default_pool()
     )
 }
+
+const GPU_UUID: &str = "GPU-8d2a5f31-1c44-4b6e-9a0b-3f9e2c7d1e11";
 
 #[test]
 fn every_task_ends_and_nothing_leaks_under_faults() {
@@ -381,6 +401,19 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
     assert_eq!(
         c.show("llorch-engine@default.service", "PrivateDevices"),
         "yes"
+    );
+    // By UUID: CUDA sees that GPU alone, and without a driver that knows it no GPU node opens.
+    let by_uuid = "llorch-engine@gpu-uuid.service";
+    assert!(
+        c.show(by_uuid, "Environment")
+            .contains(&format!("CUDA_VISIBLE_DEVICES={GPU_UUID}")),
+        "{}",
+        c.show(by_uuid, "Environment")
+    );
+    let allowed = c.show(by_uuid, "DeviceAllow");
+    assert!(
+        allowed.contains("/dev/nvidiactl rw") && !allowed.contains("/dev/nvidia0"),
+        "{allowed}"
     );
 
     // Inside the default pool's engine unit (its mount namespace, its user), the engine may
