@@ -66,14 +66,22 @@ let
       slots = mkOption { type = types.ints.between 1 64; default = 4; description = "Parallel sequences."; };
       ctx = mkOption { type = types.ints.between 64 1048576; default = 2048; description = "Context per slot, in tokens."; };
       gpus = mkOption {
-        type = types.listOf types.ints.unsigned;
+        type = types.listOf (types.either types.ints.unsigned
+          (types.strMatching "GPU-[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"));
         default = [ ];
         example = [ 0 1 ];
         description = ''
-          CUDA device indices this pool's engine uses (all layers offloaded). Empty: CPU. The
-          engine unit may open exactly these /dev/nvidiaN and the driver's control devices.
-          Needs the CUDA package.
+          The GPUs this pool's engine uses: CUDA device indices in PCI bus order, or GPU UUIDs
+          from `nvidia-smi -L` ("GPU-…"), not mixed. Empty: CPU. The model is fitted to their
+          free memory before it loads (every layer offloaded when it fits). The engine unit may
+          open exactly these /dev/nvidiaN and the driver's control devices; for UUIDs the
+          package's systemd generator finds the device nodes at boot. Needs the CUDA package.
         '';
+      };
+      gpuOnly = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Refuse the pool when the model does not fit its GPUs' free memory, instead of running the layers that do not fit on the CPU.";
       };
       threads = mkOption { type = types.nullOr types.ints.positive; default = null; description = "CPU threads of the engine (default: one per core)."; };
       onDemand = mkOption { type = types.bool; default = false; description = "Load the model on the first request instead of at start."; };
@@ -139,6 +147,14 @@ let
       {
         assertion = p.gpus == [ ] || cudaPackage;
         message = "services.llama-orch.pools.${name}.gpus is set but services.llama-orch.package is a CPU build: use the flake's packages.<system>.cuda.";
+      }
+      {
+        assertion = lib.all builtins.isInt p.gpus || lib.all builtins.isString p.gpus;
+        message = "services.llama-orch.pools.${name}.gpus mixes CUDA indices and UUIDs: name every GPU the same way.";
+      }
+      {
+        assertion = !p.gpuOnly || p.gpus != [ ];
+        message = "services.llama-orch.pools.${name}.gpuOnly is for GPU pools: give the pool gpus, or remove gpuOnly.";
       }
     ])
     cfg.pools);
@@ -379,11 +395,17 @@ in
           PrivateDevices = false;
           DevicePolicy = "closed";
           DeviceAllow = [ "/dev/nvidiactl rw" "/dev/nvidia-uvm rw" "/dev/nvidia-uvm-tools rw" "char-nvidia-caps r" ]
-            ++ map (i: "/dev/nvidia${toString i} rw") p.gpus;
+            ++ map (i: "/dev/nvidia${toString i} rw") (lib.filter builtins.isInt p.gpus);
           ProcSubset = "all";
         };
       })
       (if runsNode then gpuPools else { });
+
+    # GPUs named by UUID: the device node of each is known only once the driver runs, so the
+    # package's generator (which reads the node.toml above) adds it at boot.
+    systemd.generators = mkIf (runsNode && lib.any (p: lib.any builtins.isString p.gpus) (lib.attrValues cfg.pools)) {
+      llama-orch-gpu-generator = "${cfg.package}/lib/systemd/system-generators/llama-orch-gpu-generator";
+    };
 
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
       lib.optional (runsApi && !apiLoopback) cfg.api.port

@@ -170,6 +170,14 @@ fn module_refuses_bad_settings_with_the_message_a_user_reads() {
             "services.llama-orch.pools.default.gpus is set but services.llama-orch.package is a CPU build",
         ),
         (
+            "{ services.llama-orch.pools.default.gpuOnly = true; }",
+            "services.llama-orch.pools.default.gpuOnly is for GPU pools",
+        ),
+        (
+            "{ services.llama-orch.pools.default.gpus = [ \"GPU-1234\" ]; }",
+            "services.llama-orch.pools.default.gpus.\"[definition 1-entry 1]\"' is not of type `unsigned integer, meaning >=0, or string matching the pattern GPU-",
+        ),
+        (
             "{ services.llama-orch.pools.\"a b\" = { model = { id = \"m\"; source = \"/m\"; }; }; }",
             "services.llama-orch.pools.\"a b\": a pool id is 1 to 64 of A-Za-z0-9_.-",
         ),
@@ -228,32 +236,11 @@ fn module_renders_gpu_devices_fetched_models_and_on_demand_pools() {
     );
     assert_eq!(values(engine, "DevicePolicy"), ["closed"]);
     assert_eq!(values(engine, "PrivateDevices"), ["false"]);
-    // The same settings the systemd generator writes on hosts without the module, from the
-    // node.toml the module rendered (booleans as the generator spells them).
-    let dir = tempfile::tempdir().unwrap();
-    let toml = dir.path().join("node.toml");
-    std::fs::write(&toml, file(&host, "/etc/llama-orch/node.toml")).unwrap();
-    let out = Command::new(bin("llama-orch-gpu-generator"))
-        .arg(dir.path().join("gen"))
-        .env("LLORCH_NODE_CONFIG", &toml)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let generated = std::fs::read_to_string(
-        dir.path()
-            .join("gen/llorch-engine@default.service.d/50-llama-orch-gpu.conf"),
-    )
-    .unwrap();
-    let settings = |t: &str| -> Vec<String> {
-        let mut v: Vec<String> = t
-            .lines()
-            .filter(|l| l.contains('=') && !l.starts_with('#'))
-            .map(|l| l.replace("=false", "=no"))
-            .collect();
-        v.sort();
-        v
-    };
-    assert_eq!(settings(engine), settings(&generated));
+    // The same settings the systemd generator writes on hosts without the module.
+    assert_eq!(
+        settings(engine),
+        settings(&generated_dropin(&host, "default"))
+    );
     // Only the GPU pool's engine gets devices.
     assert!(!files(&host)
         .iter()
@@ -267,6 +254,85 @@ fn module_renders_gpu_devices_fetched_models_and_on_demand_pools() {
     let fetched = toml.split("id = \"fetched\"").nth(1).unwrap();
     assert!(fetched.contains("source = \"/nix/store/"), "{toml}");
     assert!(fetched.contains("-m.gguf\"\nsha256 = \"b179c95"), "{toml}");
+}
+
+/// The drop-in `llama-orch-gpu-generator` writes for `pool` from the node.toml the module
+/// rendered for `host`.
+fn generated_dropin(host: &Value, pool: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("node.toml");
+    std::fs::write(&toml, file(host, "/etc/llama-orch/node.toml")).unwrap();
+    let out = Command::new(bin("llama-orch-gpu-generator"))
+        .arg(dir.path().join("gen"))
+        .env("LLORCH_NODE_CONFIG", &toml)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::read_to_string(dir.path().join(format!(
+        "gen/llorch-engine@{pool}.service.d/50-llama-orch-gpu.conf"
+    )))
+    .unwrap()
+}
+
+/// A drop-in's settings, sorted, comments left out, booleans as the generator spells them.
+fn settings(t: &str) -> Vec<String> {
+    let mut v: Vec<String> = t
+        .lines()
+        .filter(|l| l.contains('=') && !l.starts_with('#'))
+        .map(|l| l.replace("=false", "=no"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn module_binds_gpus_by_uuid_through_the_generator() {
+    let Some(n) = nix_or_skip() else { return };
+    let uuid = "GPU-8d2a5f31-1c44-4b6e-9a0b-3f9e2c7d1e11";
+    let host = home_with(
+        n,
+        &format!("{{ services.llama-orch.pools.default = {{ gpus = [ \"{uuid}\" ]; gpuOnly = true; }}; }}"),
+        true,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let toml = file(&host, "/etc/llama-orch/node.toml");
+    assert!(
+        toml.contains(&format!("devices = [\"{uuid}\"]\ngpu_only = true")),
+        "{toml}"
+    );
+    // The device node of a UUID is known at boot: the package's generator is enabled for it.
+    assert!(
+        host["generators"]["llama-orch-gpu-generator"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("/lib/systemd/system-generators/llama-orch-gpu-generator")),
+        "{:#}",
+        host["generators"]
+    );
+    let engine = file(
+        &host,
+        "/etc/systemd/system/llorch-engine@default.service.d/overrides.conf",
+    );
+    assert!(
+        values(engine, "Environment").contains(&format!("CUDA_VISIBLE_DEVICES={uuid}")),
+        "{engine}"
+    );
+    assert!(!engine.contains("/dev/nvidia0"), "{engine}");
+    // Without a driver here the generator opens no GPU node either: the same settings.
+    assert_eq!(
+        settings(engine),
+        settings(&generated_dropin(&host, "default"))
+    );
+    // Indices and UUIDs are not mixed.
+    let mixed = home_with(
+        n,
+        &format!("{{ services.llama-orch.pools.default.gpus = [ 0 \"{uuid}\" ]; }}"),
+        true,
+    )
+    .unwrap_err();
+    assert!(
+        mixed.contains("services.llama-orch.pools.default.gpus mixes CUDA indices and UUIDs"),
+        "{mixed}"
+    );
 }
 
 /// Run a daemon's `--check-config` with the environment of a rendered drop-in and its

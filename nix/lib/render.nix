@@ -22,7 +22,9 @@ let
       "slots = ${toString p.slots}"
       "ctx = ${toString p.ctx}"
     ]
-    ++ optional (p.gpus != [ ]) "devices = ${str "cuda:${concatStringsSep "," (map toString p.gpus)}"}"
+    ++ optional (p.gpus != [ ] && lib.all builtins.isInt p.gpus) "devices = ${str "cuda:${concatStringsSep "," (map toString p.gpus)}"}"
+    ++ optional (p.gpus != [ ] && lib.all builtins.isString p.gpus) "devices = [${concatStringsSep ", " (map str p.gpus)}]"
+    ++ optional (p.gpuOnly or false) "gpu_only = true"
     ++ optional (p.threads != null) "threads = ${toString p.threads}"
     ++ optional p.onDemand "on_demand = true"
     ++ optional (p.keepAliveSecs != null) "keep_alive_secs = ${toString p.keepAliveSecs}"

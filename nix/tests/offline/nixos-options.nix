@@ -97,6 +97,7 @@ in
     };
     systemd.sockets = mkOption { type = types.attrsOf (unit { socketConfig = settings; }); default = { }; };
     systemd.targets = mkOption { type = types.attrsOf (unit { }); default = { }; };
+    systemd.generators = mkOption { type = types.attrsOf types.path; default = { }; };
     boot.isContainer = mkOption { type = types.bool; default = false; };
     virtualisation.memorySize = mkOption { type = types.ints.positive; default = 1024; };
     virtualisation.cores = mkOption { type = types.ints.positive; default = 1; };
@@ -126,6 +127,7 @@ in
         ++ unitFiles "socket" sd.sockets { Socket = "socketConfig"; }
         ++ unitFiles "target" sd.targets { };
       start = wanted "socket" sd.sockets ++ wanted "target" sd.targets ++ wanted "service" sd.services;
+      generators = config.systemd.generators;
       firewall = config.networking.firewall.allowedTCPPorts;
       users = lib.attrNames config.users.users;
       groups = lib.attrNames config.users.groups;
