@@ -74,8 +74,6 @@ pub fn build(settings: &PoolSettings, staged: &Staged) -> Result<EnginePlan, Pro
                         .unwrap_or(estimate);
                     }
                 }
-            } else if gpu_layers > 0 {
-                per_gpu = estimate.split(&vec![1; settings_gpus(settings)]);
             }
             Some(PlannedMemory {
                 layers: chosen.layers,
@@ -122,11 +120,6 @@ pub fn build(settings: &PoolSettings, staged: &Staged) -> Result<EnginePlan, Pro
         idle_exit_secs: settings.idle_exit_secs.filter(|s| *s > 0),
         memory,
     })
-}
-
-/// GPUs of a pool whose free memory is unknown: one, for the split shown in the plan.
-fn settings_gpus(settings: &PoolSettings) -> usize {
-    settings.gpu_free_bytes.len().max(1)
 }
 
 /// The refusal, with every number an operator needs to choose what to change.
@@ -184,9 +177,13 @@ mod tests {
             let n = 2 * embd * embd + 2 * embd * kv + 3 * embd * ff;
             h = h.tensor(&format!("blk.{l}.all.weight"), &[embd, n / embd], 2, q4(n));
         }
-        let h = h.tensor("output.weight", &[embd, vocab], 14, embd * vocab / 256 * 210);
-        llorch_gguf::inspect_reader(std::io::Cursor::new(h.to_bytes()), h.required_size())
-            .unwrap()
+        let h = h.tensor(
+            "output.weight",
+            &[embd, vocab],
+            14,
+            embd * vocab / 256 * 210,
+        );
+        llorch_gguf::inspect_reader(std::io::Cursor::new(h.to_bytes()), h.required_size()).unwrap()
     }
 
     #[test]

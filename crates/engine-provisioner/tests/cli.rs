@@ -443,5 +443,9 @@ fn a_gpu_pool_is_fitted_to_its_gpus_free_memory_or_refused_with_the_numbers() {
     // Free memory unknown (no NVML): planned, not checked.
     let out = run(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(read().gpu_layers, 999);
+    let p = read();
+    assert_eq!(p.gpu_layers, 999);
+    let m = p.memory.expect("a memory estimate");
+    assert_eq!((m.offloaded_layers, m.per_gpu_bytes.len()), (4, 0));
+    assert!(m.gpu_weights_bytes > 0);
 }

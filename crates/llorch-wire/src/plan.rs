@@ -54,7 +54,8 @@ pub struct PlannedMemory {
     pub cpu_kv_bytes: u64,
     pub compute_bytes: u64,
     /// What each of the pool's GPUs will hold (weights, KV, compute, CUDA's own), in the
-    /// pool's device order; empty for a CPU pool.
+    /// pool's device order; empty for a CPU pool, or when the GPUs' free memory was unknown
+    /// (the split follows it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub per_gpu_bytes: Vec<u64>,
     /// The GPUs' free memory the fit was computed against (from pool-managerd's NVML
