@@ -662,3 +662,42 @@ fn the_memory_estimate_covers_what_llama_cpp_allocates_for_the_default_model() {
         assert!(log.contains("Memory estimate: GPU 0.00 MiB"), "{log}");
     }
 }
+
+#[test]
+fn the_gpu_smoke_script_passes_its_cpu_dry_run_and_build_cuda_refuses_bad_archs() {
+    let _serial = serial();
+    // scripts/gpu-smoke.sh is run for real only on a GPU machine; its --cpu dry run goes
+    // through the same steps (start, stream, parse llama.cpp's buffers and the estimate).
+    let out = std::process::Command::new("bash")
+        .arg(llorch_tests::repo_root().join("scripts/gpu-smoke.sh"))
+        .arg("--cpu")
+        .env("ENGINE", bin("llorch-engine"))
+        .env("MODEL", model_path())
+        .env("TOKENS", "32")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "ok    stream: 32 tokens",
+        "ok    weights",
+        "ok    KV cache",
+        "ok    compute buffer",
+        "gpu-smoke: passed",
+    ] {
+        assert!(said.contains(line), "{line:?} not in:\n{said}");
+    }
+    // A wrong architecture list is refused before anything is downloaded or built.
+    let out = std::process::Command::new("bash")
+        .arg(llorch_tests::repo_root().join("scripts/build-cuda.sh"))
+        .env("LLORCH_CUDA_ARCHS", "sm_90")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("LLORCH_CUDA_ARCHS='sm_90' is not a list of CUDA architectures"));
+}
