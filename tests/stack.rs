@@ -928,6 +928,64 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
     let _ = TEST_KEY;
 }
 
+/// Connections waiting in `port`'s accept queue (the listening socket's receive queue in
+/// /proc/net/tcp): 0 once the server has accepted every connection made to it.
+fn accept_backlog(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        // State 0A is LISTEN; tx_queue:rx_queue, the second the backlog.
+        (local_port == port && f.get(3) == Some(&"0A"))
+            .then(|| u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok())
+            .flatten()
+    })
+}
+
+#[tokio::test]
+async fn a_request_on_a_connection_accepted_before_sigterm_is_answered() {
+    // The race of a restart under load: a client's connection was accepted just before the
+    // stop, its request (behind a TLS handshake, say) arrives just after. The task must be
+    // placed and answered, not queued with nobody dispatching until the process exits.
+    let _g = serial();
+    let mut stack = Stack::start(StackOptions::default());
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", stack.port))
+        .await
+        .unwrap();
+    let body = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What city is the capital of France?"}], "max_tokens": 8, "temperature": 0}).to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {TEST_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (head, rest) = request.split_at(20);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(head.as_bytes()).await.unwrap();
+    llorch_tests::wait_for(
+        "orchestratord to accept the connection",
+        Duration::from_secs(10),
+        || accept_backlog(stack.port) == Some(0),
+    );
+    let orch = stack.orch.as_mut().unwrap();
+    signal(orch.pid(), libc::SIGTERM);
+    llorch_tests::wait_for(
+        "orchestratord to stop accepting",
+        Duration::from_secs(10),
+        || orch.log_text().contains("Stopping: no new connections"),
+    );
+    conn.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut answer))
+        .await
+        .expect("the answer within 30 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("Paris"), "{answer}");
+    let status = orch.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    stack.orch = None;
+}
+
 #[tokio::test]
 async fn a_restarted_control_plane_gets_the_node_back_by_itself() {
     let _g = serial();

@@ -126,10 +126,27 @@ pub async fn serve_state(
         "Stopping: no new connections; open streams get {} s.",
         SHUTDOWN_GRACE.as_secs()
     );
+    // Tasks queued now end at once, retriable: the next process takes them sooner than this
+    // one could. The dispatcher keeps running while connections accepted before the stop are
+    // served: a request that arrives on one (its TLS handshake was still running when the stop
+    // came) is placed and answered, not left in a queue nobody reads until the process exits.
+    let why = "orchestratord is stopping; submit the task again when it is back";
+    state.fail_queued(why);
+    let mut server = server;
+    if tokio::time::timeout(SHUTDOWN_GRACE - LAST_CALL, &mut server)
+        .await
+        .is_err()
+    {
+        // What still waits gets its answer before the process ends and cuts the connections.
+        state.fail_queued(why);
+        let _ = tokio::time::timeout(LAST_CALL, &mut server).await;
+    }
     state.shutdown.cancel();
-    state.fail_queued("orchestratord is stopping; submit the task again when it is back");
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
     dispatcher.abort();
     watcher.abort();
     Ok(())
 }
+
+/// The end of the shutdown grace in which tasks still queued are answered with a retriable
+/// error, so their clients hear it before the process exits.
+const LAST_CALL: Duration = Duration::from_secs(1);
