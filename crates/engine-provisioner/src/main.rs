@@ -211,7 +211,11 @@ fn run(cli: Cli) -> Result<(), ProvisionError> {
                 socket: args.socket,
                 handoff_dir: args.handoff_dir,
                 idle_exit_secs: args.idle_exit_secs,
-                gpu_free_bytes: args.gpu_free_mib.iter().map(|m| m << 20).collect(),
+                gpu_free_bytes: args
+                    .gpu_free_mib
+                    .iter()
+                    .map(|m| m.saturating_mul(1 << 20))
+                    .collect(),
                 gpu_only: args.gpu_only,
             };
             let plan = engine_provisioner::plan::build(&settings, &staged)?;

@@ -158,32 +158,22 @@ pub fn write(path: &Path, plan: &EnginePlan) -> Result<(), ProvisionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llorch_gguf::write::{Header, Meta};
+    use llorch_gguf::write::ggml::{Q4_0, Q6_K};
+    use llorch_gguf::write::{Header, LlamaShape};
 
     /// A Llama-2-70B-shaped Q4_0 header (output head Q6_K, norms F32).
     fn llama_70b() -> llorch_gguf::GgufInfo {
-        let (embd, ff, vocab, kv) = (8192u64, 28672u64, 32000u64, 1024u64);
-        let q4 = |n: u64| n / 32 * 18;
-        let mut h = Header::default()
-            .meta("general.architecture", Meta::Str("llama".into()))
-            .meta("llama.block_count", Meta::U32(80))
-            .meta("llama.embedding_length", Meta::U32(embd as u32))
-            .meta("llama.feed_forward_length", Meta::U32(ff as u32))
-            .meta("llama.attention.head_count", Meta::U32(64))
-            .meta("llama.attention.head_count_kv", Meta::U32(8))
-            .meta("tokenizer.ggml.tokens", Meta::Strings(vocab))
-            .tensor("token_embd.weight", &[embd, vocab], 2, q4(embd * vocab));
-        for l in 0..80 {
-            let n = 2 * embd * embd + 2 * embd * kv + 3 * embd * ff;
-            h = h.tensor(&format!("blk.{l}.all.weight"), &[embd, n / embd], 2, q4(n));
-        }
-        let h = h.tensor(
-            "output.weight",
-            &[embd, vocab],
-            14,
-            embd * vocab / 256 * 210,
-        );
-        llorch_gguf::inspect_reader(std::io::Cursor::new(h.to_bytes()), h.required_size()).unwrap()
+        Header::llama(LlamaShape {
+            layers: 80,
+            embd: 8192,
+            ff: 28672,
+            heads: 64,
+            kv_heads: 8,
+            vocab: 32_000,
+            ty: Q4_0,
+            output_ty: Q6_K,
+        })
+        .info()
     }
 
     #[test]
@@ -210,7 +200,6 @@ mod tests {
         };
         let e = memory::estimate(&info, request).unwrap();
         let said = does_not_fit(&settings, &e, &settings.gpu_free_bytes);
-        println!("{said}");
         for part in [
             "pool big does not fit its GPUs (GPU 0: needs ",
             "has 23500.00 MiB free; GPU 1: needs ",

@@ -342,22 +342,17 @@ fn plan_writes_what_the_engine_reads() {
 
 /// A small llama-shaped model (4 layers, 256 wide, F32), header and zeroed data.
 fn small_llama(path: &Path) {
-    use llorch_gguf::write::{Header, Meta};
-    let (embd, ff, vocab) = (256u64, 1024u64, 1000u64);
-    let mut h = Header::default()
-        .meta("general.architecture", Meta::Str("llama".into()))
-        .meta("llama.block_count", Meta::U32(4))
-        .meta("llama.embedding_length", Meta::U32(embd as u32))
-        .meta("llama.feed_forward_length", Meta::U32(ff as u32))
-        .meta("llama.attention.head_count", Meta::U32(4))
-        .meta("tokenizer.ggml.tokens", Meta::Strings(vocab))
-        .tensor("token_embd.weight", &[embd, vocab], 0, embd * vocab * 4);
-    for l in 0..4 {
-        for (name, n) in [("attn_qkvo", 4 * embd * embd), ("ffn", 3 * embd * ff)] {
-            h = h.tensor(&format!("blk.{l}.{name}.weight"), &[n], 0, n * 4);
-        }
-    }
-    let h = h.tensor("output.weight", &[embd, vocab], 0, embd * vocab * 4);
+    use llorch_gguf::write::{ggml::F32, Header, LlamaShape};
+    let h = Header::llama(LlamaShape {
+        layers: 4,
+        embd: 256,
+        ff: 1024,
+        heads: 4,
+        kv_heads: 4,
+        vocab: 1000,
+        ty: F32,
+        output_ty: F32,
+    });
     let file = std::fs::File::create(path).unwrap();
     (&file).write_all(&h.to_bytes()).unwrap();
     file.set_len(h.required_size()).unwrap();

@@ -452,7 +452,7 @@ fn scalar_size(ty: u32) -> Option<u64> {
 
 /// Block size (elements) and bytes per block of the ggml tensor types whose layout is certain.
 /// Tensors of other types are checked only for their start offset.
-fn ggml_type_layout(ty: u32) -> Option<(u64, u64)> {
+pub(crate) fn ggml_type_layout(ty: u32) -> Option<(u64, u64)> {
     Some(match ty {
         0 => (1, 4),       // F32
         1 => (1, 2),       // F16

@@ -77,12 +77,15 @@ impl Estimate {
         if self.offloaded_layers == 0 && !self.output_on_gpu {
             return 0;
         }
-        self.gpu_weights + self.gpu_kv + self.compute
+        self.gpu_weights
+            .saturating_add(self.gpu_kv)
+            .saturating_add(self.compute)
     }
 
     /// Everything on the GPUs including [`CUDA_OVERHEAD_BYTES`] on each of `gpus`.
     pub fn gpu_bytes_on(&self, gpus: usize) -> u64 {
-        self.gpu_bytes() + CUDA_OVERHEAD_BYTES * gpus as u64
+        self.gpu_bytes()
+            .saturating_add(CUDA_OVERHEAD_BYTES.saturating_mul(gpus as u64))
     }
 
     /// What each GPU holds when the offloaded layers are split over GPUs with `free` bytes as
@@ -107,14 +110,18 @@ impl Estimate {
         for il in first..self.layers as usize {
             let at = (il - first) as f64 / offloaded.max(1) as f64;
             let gpu = cumulative.iter().position(|c| at < *c).unwrap_or(n - 1);
-            per_gpu[gpu] += self.layer_weights.get(il).copied().unwrap_or(0) + self.layer_kv;
+            let layer = self.layer_weights.get(il).copied().unwrap_or(0);
+            per_gpu[gpu] = per_gpu[gpu]
+                .saturating_add(layer)
+                .saturating_add(self.layer_kv);
         }
+        let last = &mut per_gpu[n - 1];
         if self.output_on_gpu {
-            per_gpu[n - 1] += self.output_weights;
+            *last = last.saturating_add(self.output_weights);
         }
-        per_gpu[n - 1] += self.compute;
+        *last = last.saturating_add(self.compute);
         for b in &mut per_gpu {
-            *b += CUDA_OVERHEAD_BYTES;
+            *b = b.saturating_add(CUDA_OVERHEAD_BYTES);
         }
         per_gpu
     }
@@ -185,7 +192,9 @@ pub fn estimate(info: &GgufInfo, request: Request) -> Result<Estimate, EstimateE
     let n_embd = info
         .arch_u64("embedding_length")
         .ok_or_else(|| missing("embedding_length"))?;
-    let n_ff = info.arch_u64("feed_forward_length").unwrap_or(4 * n_embd);
+    let n_ff = info
+        .arch_u64("feed_forward_length")
+        .unwrap_or(n_embd.saturating_mul(4));
     let n_vocab = info
         .arch_u64("vocab_size")
         .or_else(|| match info.metadata.get("tokenizer.ggml.tokens") {
@@ -194,39 +203,47 @@ pub fn estimate(info: &GgufInfo, request: Request) -> Result<Estimate, EstimateE
         })
         .ok_or_else(|| missing("vocabulary size"))?;
 
+    // The header is outside input: every sum saturates, so a crafted file gets an estimate
+    // too large to fit anywhere, never an overflow.
+    let sum = |v: &[u64]| v.iter().fold(0u64, |a, b| a.saturating_add(*b));
     let offloaded_layers = request.gpu_layers.min(layers);
     let output_on_gpu = request.gpu_layers > layers;
     // A tied head is the embedding, loaded again for the output layer.
-    let output_weights = w.output.unwrap_or(w.token_embd) + w.cuda_output_padding + w.other;
+    let output_weights = sum(&[
+        w.output.unwrap_or(w.token_embd),
+        w.cuda_output_padding,
+        w.other,
+    ]);
     let first_gpu_layer = (layers - offloaded_layers) as usize;
     // On the GPU each layer's weights are CUDA's allocation sizes.
     let layer_weights: Vec<u64> = w
         .layers
         .iter()
         .zip(w.cuda_padding.iter().chain(std::iter::repeat(&0)))
-        .map(|(b, p)| b + p)
+        .map(|(b, p)| b.saturating_add(*p))
         .collect();
-    let gpu_layer_weights: u64 = layer_weights[first_gpu_layer..].iter().sum();
-    let cpu_layer_weights: u64 = w.layers[..first_gpu_layer].iter().sum();
     let tokens = request.ctx_per_slot as u64 * request.slots as u64;
-    let layer_kv = kv_token / layers.max(1) as u64 * tokens;
+    let layer_kv = (kv_token / layers.max(1) as u64).saturating_mul(tokens);
     let ubatch = request.ubatch as u64;
-    let compute =
-        ubatch * 4 * (n_vocab + n_ff + 3 * n_embd) + ubatch * request.ctx_per_slot as u64 * 2 + MIB;
+    let compute = sum(&[
+        sum(&[n_vocab, n_ff, n_embd.saturating_mul(3)]).saturating_mul(ubatch * 4),
+        ubatch * request.ctx_per_slot as u64 * 2,
+        MIB,
+    ]);
     // On the CPU a tied head is the embedding already mapped, not a second copy.
     let (gpu_output, cpu_output) = if output_on_gpu {
         (output_weights, 0)
     } else {
-        (0, w.output.unwrap_or(0) + w.other)
+        (0, w.output.unwrap_or(0).saturating_add(w.other))
     };
     Ok(Estimate {
         layers,
         offloaded_layers,
         output_on_gpu,
-        gpu_weights: gpu_layer_weights + gpu_output,
-        cpu_weights: w.token_embd + cpu_layer_weights + cpu_output,
-        gpu_kv: layer_kv * offloaded_layers as u64,
-        cpu_kv: layer_kv * (layers - offloaded_layers) as u64,
+        gpu_weights: sum(&layer_weights[first_gpu_layer..]).saturating_add(gpu_output),
+        cpu_weights: sum(&[w.token_embd, sum(&w.layers[..first_gpu_layer]), cpu_output]),
+        gpu_kv: layer_kv.saturating_mul(offloaded_layers as u64),
+        cpu_kv: layer_kv.saturating_mul((layers - offloaded_layers) as u64),
         compute,
         layer_weights,
         layer_kv,
@@ -242,69 +259,23 @@ pub fn mib(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::write::{Header, Meta};
+    use crate::write::ggml::{F32, Q2_K, Q4_0, Q6_K};
+    use crate::write::{Header, LlamaShape, Meta};
 
-    const Q4_0: u32 = 2;
-    const Q2_K: u32 = 10;
-    const Q6_K: u32 = 14;
-    const F32: u32 = 0;
-
-    fn bytes(ty: u32, elements: u64) -> u64 {
-        match ty {
-            F32 => elements * 4,
-            Q4_0 => elements / 32 * 18,
-            Q2_K => elements / 256 * 84,
-            Q6_K => elements / 256 * 210,
-            _ => unreachable!(),
-        }
-    }
-
-    /// A Llama-2-shaped header, quantized as llama.cpp's `quantize` does (output head Q6_K,
-    /// norms F32, the rest `ty`).
+    /// A Llama-2-shaped header with a 32,000-token vocabulary, quantized as llama.cpp's
+    /// `quantize` does (output head Q6_K, norms F32, the rest `ty`).
     fn llama(layers: u64, embd: u64, ff: u64, heads: u64, kv_heads: u64, ty: u32) -> GgufInfo {
-        let vocab = 32_000;
-        let kv = embd / heads * kv_heads;
-        let mut h = Header::default()
-            .meta("general.architecture", Meta::Str("llama".into()))
-            .meta("llama.block_count", Meta::U32(layers as u32))
-            .meta("llama.embedding_length", Meta::U32(embd as u32))
-            .meta("llama.feed_forward_length", Meta::U32(ff as u32))
-            .meta("llama.attention.head_count", Meta::U32(heads as u32))
-            .meta("llama.attention.head_count_kv", Meta::U32(kv_heads as u32))
-            .meta("tokenizer.ggml.tokens", Meta::Strings(vocab))
-            .tensor(
-                "token_embd.weight",
-                &[embd, vocab],
-                ty,
-                bytes(ty, embd * vocab),
-            );
-        for l in 0..layers {
-            let t = |name: &str| format!("blk.{l}.{name}.weight");
-            for (name, rows, cols, ty) in [
-                ("attn_norm", embd, 1, F32),
-                ("attn_q", embd, embd, ty),
-                ("attn_k", embd, kv, ty),
-                ("attn_v", embd, kv, ty),
-                ("attn_output", embd, embd, ty),
-                ("ffn_norm", embd, 1, F32),
-                ("ffn_gate", embd, ff, ty),
-                ("ffn_up", embd, ff, ty),
-                ("ffn_down", ff, embd, ty),
-            ] {
-                h = h.tensor(&t(name), &[rows, cols], ty, bytes(ty, rows * cols));
-            }
-        }
-        h = h
-            .tensor("output_norm.weight", &[embd], F32, embd * 4)
-            .tensor(
-                "output.weight",
-                &[embd, vocab],
-                Q6_K,
-                bytes(Q6_K, embd * vocab),
-            );
-        let header = h.to_bytes();
-        let size = h.required_size();
-        crate::inspect_reader(std::io::Cursor::new(header), size).expect("a valid header")
+        Header::llama(LlamaShape {
+            layers,
+            embd,
+            ff,
+            heads,
+            kv_heads,
+            vocab: 32_000,
+            ty,
+            output_ty: Q6_K,
+        })
+        .info()
     }
 
     fn all_on_gpu(slots: u32, ctx: u32) -> Request {
@@ -419,6 +390,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn absurd_header_numbers_give_an_estimate_that_fits_nowhere_not_a_panic() {
+        // A crafted header: an embedding 2^60 wide over as many heads (one-wide heads, so its
+        // KV cache stays countable), no feed-forward length, a vocabulary of 2^64 - 1.
+        let info = Header::default()
+            .meta("general.architecture", Meta::Str("llama".into()))
+            .meta("llama.block_count", Meta::U64(1))
+            .meta("llama.embedding_length", Meta::U64(1 << 60))
+            .meta("llama.attention.head_count", Meta::U64(1 << 60))
+            .meta("llama.vocab_size", Meta::U64(u64::MAX))
+            .tensor("blk.0.w.weight", &[64], F32)
+            .info();
+        let request = all_on_gpu(64, 1 << 20);
+        let e = estimate(&info, request).unwrap();
+        assert_eq!(e.compute, u64::MAX);
+        assert_eq!(e.gpu_bytes_on(8), u64::MAX);
+        assert!(matches!(
+            e.fit(&info, request, &[1 << 40, 1 << 40]),
+            Fit::Partial { layers: 0, .. }
+        ));
     }
 
     #[test]

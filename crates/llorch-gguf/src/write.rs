@@ -85,6 +85,7 @@ impl TestModel {
 #[derive(Debug, Clone)]
 pub enum Meta {
     U32(u32),
+    U64(u64),
     Str(String),
     /// An array of `len` strings, all empty (a vocabulary whose size is all that matters).
     Strings(u64),
@@ -100,17 +101,86 @@ pub struct Header {
     tensors: Vec<(String, Vec<u64>, u32, u64)>,
 }
 
+/// ggml type numbers the tests build headers with.
+pub mod ggml {
+    pub const F32: u32 = 0;
+    pub const Q4_0: u32 = 2;
+    pub const Q2_K: u32 = 10;
+    pub const Q6_K: u32 = 14;
+}
+
+/// The shape of a Llama-style model, for [`Header::llama`].
+#[derive(Debug, Clone, Copy)]
+pub struct LlamaShape {
+    pub layers: u64,
+    pub embd: u64,
+    pub ff: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub vocab: u64,
+    /// The type of the matrices; norms are F32.
+    pub ty: u32,
+    /// The output head's type (llama.cpp's `quantize` makes it Q6_K).
+    pub output_ty: u32,
+}
+
 impl Header {
     pub fn meta(mut self, key: &str, value: Meta) -> Self {
         self.metadata.push((key.into(), value));
         self
     }
 
-    /// Adds a tensor of `bytes` bytes (the caller computes them for the type).
-    pub fn tensor(mut self, name: &str, dims: &[u64], ggml_type: u32, bytes: u64) -> Self {
+    /// Adds a tensor; its bytes follow from its type (0 for a type the reader does not know).
+    pub fn tensor(mut self, name: &str, dims: &[u64], ggml_type: u32) -> Self {
+        let elements = dims.iter().fold(1u64, |a, d| a.saturating_mul(*d));
+        let bytes = crate::ggml_type_layout(ggml_type).map_or(0, |(block, size)| {
+            elements.div_ceil(block).saturating_mul(size)
+        });
         self.tensors
             .push((name.into(), dims.to_vec(), ggml_type, bytes));
         self
+    }
+
+    /// A Llama-style model's header: the architecture's numbers, a vocabulary, the embedding,
+    /// each layer's norms, attention and feed-forward matrices, the final norm and the output
+    /// head, named as llama.cpp names them.
+    pub fn llama(s: LlamaShape) -> Self {
+        let kv = s.embd / s.heads * s.kv_heads;
+        let mut h = Self::default()
+            .meta("general.architecture", Meta::Str("llama".into()))
+            .meta("llama.block_count", Meta::U64(s.layers))
+            .meta("llama.embedding_length", Meta::U64(s.embd))
+            .meta("llama.feed_forward_length", Meta::U64(s.ff))
+            .meta("llama.attention.head_count", Meta::U64(s.heads))
+            .meta("llama.attention.head_count_kv", Meta::U64(s.kv_heads))
+            .meta("tokenizer.ggml.tokens", Meta::Strings(s.vocab))
+            .tensor("token_embd.weight", &[s.embd, s.vocab], s.ty);
+        for l in 0..s.layers {
+            for (name, dims, ty) in [
+                ("attn_norm", [s.embd, 1], ggml::F32),
+                ("attn_q", [s.embd, s.embd], s.ty),
+                ("attn_k", [s.embd, kv], s.ty),
+                ("attn_v", [s.embd, kv], s.ty),
+                ("attn_output", [s.embd, s.embd], s.ty),
+                ("ffn_norm", [s.embd, 1], ggml::F32),
+                ("ffn_gate", [s.embd, s.ff], s.ty),
+                ("ffn_up", [s.embd, s.ff], s.ty),
+                ("ffn_down", [s.ff, s.embd], s.ty),
+            ] {
+                h = h.tensor(&format!("blk.{l}.{name}.weight"), &dims, ty);
+            }
+        }
+        h.tensor("output_norm.weight", &[s.embd], ggml::F32).tensor(
+            "output.weight",
+            &[s.embd, s.vocab],
+            s.output_ty,
+        )
+    }
+
+    /// The header parsed, as if its file were whole.
+    pub fn info(&self) -> crate::GgufInfo {
+        crate::inspect_reader(std::io::Cursor::new(self.to_bytes()), self.required_size())
+            .expect("a header this writer made parses")
     }
 
     fn aligned(n: u64) -> u64 {
@@ -129,6 +199,10 @@ impl Header {
             match value {
                 Meta::U32(v) => {
                     out.extend_from_slice(&4u32.to_le_bytes());
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                Meta::U64(v) => {
+                    out.extend_from_slice(&10u32.to_le_bytes());
                     out.extend_from_slice(&v.to_le_bytes());
                 }
                 Meta::Str(v) => {

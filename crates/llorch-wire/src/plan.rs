@@ -67,7 +67,9 @@ pub struct PlannedMemory {
 impl PlannedMemory {
     /// Everything on the GPUs.
     pub fn gpu_total_bytes(&self) -> u64 {
-        self.per_gpu_bytes.iter().sum()
+        self.per_gpu_bytes
+            .iter()
+            .fold(0u64, |a, b| a.saturating_add(*b))
     }
 }
 
