@@ -94,15 +94,23 @@ fn find<'a>(report: &'a GpuReport, gpu: &Gpu) -> Option<&'a GpuStatus> {
     })
 }
 
+/// The free bytes of each of `gpus` in `report`, in their order; the `Err` names a GPU the
+/// report lacks.
+pub fn free_each(report: &GpuReport, gpus: &[Gpu]) -> Result<Vec<u64>, String> {
+    gpus.iter()
+        .map(|g| {
+            find(report, g)
+                .map(|d| d.memory_free_bytes)
+                .ok_or_else(|| format!("NVML does not report GPU {g}"))
+        })
+        .collect()
+}
+
 /// The free bytes of `gpus` together in `report`; None for a CPU pool or when one of them is
 /// not in the report.
 pub fn free_of(report: &GpuReport, gpus: &[Gpu]) -> Option<u64> {
-    if gpus.is_empty() {
-        return None;
-    }
-    gpus.iter()
-        .map(|g| find(report, g).map(|d| d.memory_free_bytes))
-        .sum()
+    let each = free_each(report, gpus).ok().filter(|e| !e.is_empty())?;
+    Some(each.iter().fold(0u64, |a, b| a.saturating_add(*b)))
 }
 
 pub struct Inventory {
@@ -155,14 +163,7 @@ impl Inventory {
         if self.nvml.is_none() {
             return Err("NVML is not available".into());
         }
-        let report = self.read();
-        gpus.iter()
-            .map(|g| {
-                find(&report, g)
-                    .map(|d| d.memory_free_bytes)
-                    .ok_or_else(|| format!("NVML does not report GPU {g}"))
-            })
-            .collect()
+        free_each(&self.read(), gpus)
     }
 
     /// What NVML says now; a GPU it cannot read (fallen off the bus) is left out, and a value

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 use llorch_client::{status_of, ClientError, HttpClient};
-use llorch_wire::node::{Heartbeat, NodeAck, Registration};
+use llorch_wire::node::{Heartbeat, NodeAck, PoolStatus, Registration};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -48,11 +48,12 @@ pub async fn run(
     // a control plane that restarts (its socket held by systemd) sees the node again quickly.
     let mut retry = RETRY_START;
     loop {
+        let (pools, gpus) = node.report();
         let result: Result<NodeAck, ClientError> = if registered {
             let hb = Heartbeat {
-                pools: node.statuses(),
+                pools: pools.clone(),
                 staged_models: node.staged_models(),
-                gpus: node.gpus.read(),
+                gpus,
             };
             within(interval, client.post_json(&heartbeat_path, &hb)).await
         } else {
@@ -61,9 +62,9 @@ pub async fn run(
                 address: identity.advertise.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),
                 heartbeat_secs: identity.heartbeat_secs,
-                pools: node.statuses(),
+                pools: pools.clone(),
                 staged_models: node.staged_models(),
-                gpus: node.gpus.read(),
+                gpus,
             };
             within(interval, client.post_json("/v2/nodes/register", &reg)).await
         };
@@ -112,7 +113,7 @@ pub async fn run(
                 }
             }
         }
-        llorch_os::service::status(&status_line(&node, client.address(), registered));
+        llorch_os::service::status(&status_line(&pools, client.address(), registered));
         let next = if reachable {
             retry = RETRY_START;
             Instant::now() + interval
@@ -152,9 +153,8 @@ pub async fn run(
 const RETRY_START: Duration = Duration::from_millis(100);
 
 /// The service manager's status line: registration and each pool's state.
-fn status_line(node: &Node, control_plane: &str, registered: bool) -> String {
-    let pools: Vec<String> = node
-        .statuses()
+fn status_line(pools: &[PoolStatus], control_plane: &str, registered: bool) -> String {
+    let pools: Vec<String> = pools
         .iter()
         .map(|p| {
             format!(
@@ -196,10 +196,11 @@ async fn within<T>(
 /// On shutdown: one last heartbeat, with every pool reported as draining, so the control plane
 /// stops placing work on this node before its engines stop. Best effort, at most one second.
 pub async fn final_heartbeat(node: &Node, client: &HttpClient, identity: &Identity) {
+    let (pools, gpus) = node.report();
     let hb = Heartbeat {
-        pools: node.statuses(),
+        pools,
         staged_models: node.staged_models(),
-        gpus: node.gpus.read(),
+        gpus,
     };
     let path = format!("/v2/nodes/{}/heartbeat", identity.node_id);
     let sent = within(

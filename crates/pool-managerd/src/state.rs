@@ -273,10 +273,17 @@ impl Node {
 
     /// Every pool's status; while the node shuts down, ready pools are reported draining.
     pub fn statuses(&self) -> Vec<PoolStatus> {
-        // NVML is read before the table is locked: a slow driver call never holds it.
-        let gpus = self.gpus.has_nvml().then(|| self.gpus.read());
+        self.report().0
+    }
+
+    /// Every pool's status and the GPUs, from one NVML reading (a registration or heartbeat
+    /// carries both). NVML is read before the table is locked: a slow driver call never holds
+    /// it.
+    pub fn report(&self) -> (Vec<PoolStatus>, llorch_wire::node::GpuReport) {
+        let gpus = self.gpus.read();
         let pools = self.pools.lock().expect("pool table lock");
-        self.statuses_of(&pools, gpus.as_ref())
+        let statuses = self.statuses_of(&pools, self.gpus.has_nvml().then_some(&gpus));
+        (statuses, gpus)
     }
 
     fn statuses_of(
