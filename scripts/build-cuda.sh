@@ -64,6 +64,13 @@ if ! [[ "$ARCHS" =~ ^[0-9]+[af]?(-real|-virtual)?(\;[0-9]+[af]?(-real|-virtual)?
   exit 64
 fi
 
+# What the steps below call; scripts/setup.sh (make setup) installs them: binutils comes with
+# g++, python3 with python3-pip.
+for tool in python3 ar objdump cmake cargo; do
+  command -v "$tool" >/dev/null || { say "$tool is missing: run scripts/setup.sh first (make build-cuda does)"; exit 1; }
+done
+python3 -m pip --version >/dev/null 2>&1 || { say "pip is missing: run scripts/setup.sh first (make build-cuda does)"; exit 1; }
+
 # --- The toolkit, from PyPI, once ------------------------------------------------------------
 install_toolkit() {
   local want
@@ -110,7 +117,6 @@ if [[ $ONLY_TOOLKIT == 1 ]]; then
 fi
 
 # --- The engine --------------------------------------------------------------------------------
-command -v cmake >/dev/null || { say "cmake is missing: run scripts/setup.sh first"; exit 1; }
 export CUDA_PATH="$PREFIX" CUDA_LIBRARY_PATH="$PREFIX"
 export CUDACXX="$PREFIX/bin/nvcc"
 export CMAKE_CUDA_COMPILER="$PREFIX/bin/nvcc"
