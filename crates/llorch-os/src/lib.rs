@@ -17,7 +17,8 @@ pub mod service;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use tokio::net::{TcpListener, UnixListener};
 
@@ -38,6 +39,18 @@ pub enum ListenError {
     Bind { path: PathBuf, source: io::Error },
     #[error("cannot listen on {addr}: {source} (is another process using the port? choose another address)")]
     BindTcp { addr: SocketAddr, source: io::Error },
+    #[error("cannot bind UDP {addr}: {source} (is another process using the port? choose another address)")]
+    BindUdp { addr: SocketAddr, source: io::Error },
+}
+
+/// The sockets the service manager passed, read from the environment once per process:
+/// listenfd clears `LISTEN_FDS` as it reads it, and a daemon may take several (orchestratord's
+/// API and beats).
+fn inherited() -> MutexGuard<'static, listenfd::ListenFd> {
+    static FDS: OnceLock<Mutex<listenfd::ListenFd>> = OnceLock::new();
+    FDS.get_or_init(|| Mutex::new(listenfd::ListenFd::from_env()))
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Which inherited socket is `name`'s: the one whose `FileDescriptorName=` (`LISTEN_FDNAMES`)
@@ -68,7 +81,7 @@ pub fn unix_listener(
     name: &str,
     path: &Path,
 ) -> Result<(UnixListener, ListenerOrigin), ListenError> {
-    let mut fds = listenfd::ListenFd::from_env();
+    let mut fds = inherited();
     let index = inherited_index(&fds, name)?;
     if let Some(std_listener) = index
         .map(|i| fds.take_unix_listener(i))
@@ -103,14 +116,16 @@ pub async fn tcp_listener(
     name: &str,
     addr: SocketAddr,
 ) -> Result<(TcpListener, ListenerOrigin), ListenError> {
-    let mut fds = listenfd::ListenFd::from_env();
-    let index = inherited_index(&fds, name)?;
-    if let Some(std_listener) = index
-        .map(|i| fds.take_tcp_listener(i))
-        .transpose()
-        .map_err(ListenError::Inherited)?
-        .flatten()
-    {
+    let taken = {
+        let mut fds = inherited();
+        let index = inherited_index(&fds, name)?;
+        index
+            .map(|i| fds.take_tcp_listener(i))
+            .transpose()
+            .map_err(ListenError::Inherited)?
+            .flatten()
+    };
+    if let Some(std_listener) = taken {
         std_listener
             .set_nonblocking(true)
             .map_err(ListenError::Inherited)?;
@@ -124,6 +139,36 @@ pub async fn tcp_listener(
         listener,
         ListenerOrigin::Bound(PathBuf::from(addr.to_string())),
     ))
+}
+
+/// Takes the inherited UDP socket named `name` (by `FileDescriptorName=` only: an optional
+/// socket is never guessed), else binds `addr` when one is given; None when neither.
+pub fn udp_socket(
+    name: &str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<(UdpSocket, ListenerOrigin)>, ListenError> {
+    let mut fds = inherited();
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let index = names
+        .split(':')
+        .position(|x| x == name)
+        .filter(|i| *i < fds.len());
+    if let Some(socket) = index
+        .map(|i| fds.take_udp_socket(i))
+        .transpose()
+        .map_err(ListenError::Inherited)?
+        .flatten()
+    {
+        return Ok(Some((socket, ListenerOrigin::Inherited)));
+    }
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let socket = UdpSocket::bind(addr).map_err(|source| ListenError::BindUdp { addr, source })?;
+    Ok(Some((
+        socket,
+        ListenerOrigin::Bound(PathBuf::from(addr.to_string())),
+    )))
 }
 
 /// Binds a Unix listener at `path`, replacing a stale socket file (nobody accepting on it) and

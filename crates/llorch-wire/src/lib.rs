@@ -5,6 +5,7 @@
 //! when it is ready, and the engine plan the provisioner writes for it. It does no I/O: encoding
 //! to bytes and decoding from bytes is as far as it goes.
 
+pub mod beat;
 pub mod engine;
 pub mod error;
 pub mod handoff;

@@ -258,6 +258,10 @@ pub struct NodeAck {
     pub node_id: String,
     /// Seconds until the control plane marks the node offline without another heartbeat.
     pub offline_after_secs: u64,
+    /// In the answer to a registration, when the control plane takes liveness beats: the
+    /// node may beat ([`crate::beat`]) between full reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beat: Option<crate::beat::BeatGrant>,
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ErrorBody {

@@ -72,6 +72,7 @@ fn placement(nodes: usize) {
             lost: CancellationToken::new(),
             draining: false,
             offline_beats: 3,
+            beat: None,
         });
     }
     let models: Vec<String> = (0..MODELS).map(|m| format!("model-{m}")).collect();

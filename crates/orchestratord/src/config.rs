@@ -108,6 +108,13 @@ pub struct Args {
     /// cross the network in the clear; the daemon says so at start.
     #[arg(long, env = "LLORCH_ALLOW_PLAINTEXT")]
     pub allow_plaintext: bool,
+    /// UDP address for nodes' liveness beats (docs/API.md, "Liveness beats"): a registered
+    /// node then sends a 52-byte authenticated datagram each interval instead of an HTTPS
+    /// heartbeat, and a full report only when something changed. Usually the API's address
+    /// (same port, UDP). An inherited socket named `beats` (orchestratord-beats.socket) is
+    /// taken without it. Without either, nodes heartbeat over HTTP as before.
+    #[arg(long, env = "LLORCH_BEATS_LISTEN")]
+    pub beats_listen: Option<SocketAddr>,
     /// Where to offer `org.llamaorch.Orchestrator1` (docs/DBUS.md): `auto` (the system bus
     /// when the name can be owned there, else none, said once), `system`, `session` (each
     /// fatal when it cannot be had) or `off`.
@@ -147,6 +154,11 @@ pub struct Config {
     pub allow_plaintext: bool,
     /// The bus of the D-Bus front (`--dbus`).
     pub dbus: llorch_bus::Mode,
+    /// Where to bind the beats socket when none is inherited (`--beats-listen`).
+    pub beats_listen: Option<SocketAddr>,
+    /// The UDP port beats are read on, once the socket is taken or bound: registrations are
+    /// granted beat sessions only then.
+    pub beat_port: Option<u16>,
 }
 
 /// The public listener's TLS acceptor.
@@ -200,6 +212,8 @@ impl Default for Config {
             node_roots: llorch_client::TlsRoots::system(),
             allow_plaintext: false,
             dbus: llorch_bus::Mode::Off,
+            beats_listen: None,
+            beat_port: None,
         }
     }
 }
@@ -330,6 +344,8 @@ impl Args {
             node_roots,
             allow_plaintext: self.allow_plaintext,
             dbus: self.dbus,
+            beats_listen: self.beats_listen,
+            beat_port: None,
         })
     }
 }

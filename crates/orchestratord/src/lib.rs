@@ -26,6 +26,7 @@
 pub mod admission;
 pub mod api;
 pub mod auth;
+pub mod beats;
 pub mod config;
 pub mod control;
 pub mod dbus;

@@ -60,6 +60,19 @@ async fn main() {
         tracing::warn!("--allow-plaintext: nodes may register http:// addresses off this host; prompts sent to them cross the network in the clear.");
     }
     tracing::info!(listen = %addr, origin = ?origin, tls = config.tls.is_some(), queue = config.queue_capacity, policy = config.policy.as_str(), "Serving the API.");
+    let mut config = config;
+    let beats = match llorch_os::udp_socket("beats", config.beats_listen) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("orchestratord: --beats-listen: {e}");
+            std::process::exit(exit::UNAVAILABLE);
+        }
+    };
+    if let Some((socket, origin)) = &beats {
+        let at = socket.local_addr().ok();
+        config.beat_port = at.map(|a| a.port());
+        tracing::info!(beats = ?at, origin = ?origin, "Reading node liveness beats (UDP).");
+    }
     let shutdown = CancellationToken::new();
     if let Err(e) = llorch_os::service::cancel_on_stop_signal(shutdown.clone()) {
         eprintln!("orchestratord: cannot install signal handlers: {e}");
@@ -68,6 +81,13 @@ async fn main() {
     let dbus = config.dbus;
     let state = orchestratord::State::new(config);
     tokio::spawn(reload_on_hangup(state.clone()));
+    if let Some((socket, _)) = beats {
+        tokio::spawn(orchestratord::beats::serve(
+            state.clone(),
+            socket,
+            shutdown.clone(),
+        ));
+    }
     if let Err(e) = orchestratord::dbus::start(state.clone(), dbus).await {
         eprintln!("orchestratord: {e} (choose another bus with --dbus, or --dbus off)");
         std::process::exit(exit::UNAVAILABLE);

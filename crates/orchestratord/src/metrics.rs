@@ -183,6 +183,11 @@ impl Decision {
 /// The outcome label of a heartbeat (`llorch_node_heartbeats_total{outcome}`).
 pub const HEARTBEAT_OUTCOMES: [&str; 4] = ["ok", "unknown_node", "unauthorized", "invalid"];
 
+/// The outcome label of a liveness beat (`llorch_node_beats_total{outcome}`): `ok` (taken),
+/// `report_asked` (unknown session or offline node: the sender was asked for a full report),
+/// `rejected` (a tag that does not verify, a replayed counter, or not a beat at all).
+pub const BEAT_OUTCOMES: [&str; 3] = ["ok", "report_asked", "rejected"];
+
 const POOL_STATES: [PoolState; 6] = PoolState::ALL;
 
 /// The label used for a model no node registered.
@@ -215,6 +220,7 @@ pub struct Metrics {
     pools: IntGaugeVec,
     slots: IntGaugeVec,
     heartbeats: IntCounterVec,
+    beats: IntCounterVec,
     node_events: IntCounterVec,
     nodes_draining: IntGauge,
     evictions: IntCounterVec,
@@ -346,6 +352,12 @@ impl Metrics {
                 "Node heartbeats received by outcome.",
                 &["outcome"],
             ),
+            beats: counter(
+                &r,
+                "llorch_node_beats_total",
+                "Node liveness beats (UDP) received by outcome.",
+                &["outcome"],
+            ),
             node_events: counter(
                 &r,
                 "llorch_node_events_total",
@@ -396,6 +408,9 @@ impl Metrics {
         }
         for o in HEARTBEAT_OUTCOMES {
             m.heartbeats.with_label_values(&[o]);
+        }
+        for o in BEAT_OUTCOMES {
+            m.beats.with_label_values(&[o]);
         }
         for t in EVICTION_TABLES {
             m.evictions.with_label_values(&[t]);
@@ -490,6 +505,13 @@ impl Metrics {
 
     pub fn heartbeat(&self, outcome: &str) {
         self.heartbeats.with_label_values(&[outcome]).inc();
+    }
+
+    /// `n` liveness beats with one outcome (one of [`BEAT_OUTCOMES`]).
+    pub fn beats(&self, outcome: &str, n: u64) {
+        if n > 0 {
+            self.beats.with_label_values(&[outcome]).inc_by(n);
+        }
     }
 
     /// A node joined, was lost, or came back (`llorch_node_events_total{event}`).

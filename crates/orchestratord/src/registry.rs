@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use llorch_client::HttpClient;
+use llorch_wire::beat::{Beat, BeatKey};
 use llorch_wire::node::{GpuReport, PoolState, PoolStatus};
 use llorch_wire::task::{NodeView, PoolView};
 use tokio::time::Instant;
@@ -53,6 +54,29 @@ pub struct Node {
     /// Heartbeat intervals without a heartbeat after which it is offline
     /// (`--offline-after-beats`).
     pub offline_beats: u32,
+    /// Its liveness-beat session, granted at registration when the control plane reads beats.
+    pub beat: Option<BeatSession>,
+}
+
+/// A node registration's beat session ([`llorch_wire::beat`]): its id, key, and the highest
+/// counter taken so far (a beat must count higher).
+#[derive(Debug)]
+pub struct BeatSession {
+    pub id: u64,
+    pub key: BeatKey,
+    pub counter: u64,
+}
+
+/// What became of one beat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeatOutcome {
+    /// Taken: the node is seen now.
+    Ok,
+    /// Ask the sender for a full report: the session is unknown (the control plane restarted,
+    /// or the node registered again since) or its node is offline (a report brings it back).
+    ReportAsked,
+    /// A tag that does not verify, or a counter not above the last: dropped, no answer.
+    Rejected,
 }
 
 impl Node {
@@ -89,6 +113,8 @@ pub struct Registry {
     /// failure that did not kill the engine must not keep the pool out for good).
     suspect: HashMap<PoolKey, (Option<u32>, Instant)>,
     rates: HashMap<String, ServiceRate>,
+    /// Beat session id to node id, for the nodes that have one.
+    beat_sessions: HashMap<u64, String>,
 }
 
 impl Registry {
@@ -110,10 +136,44 @@ impl Registry {
         if let Some(old) = self.nodes.get(&node.id) {
             node.draining |= old.draining;
         }
+        if let Some(b) = &node.beat {
+            self.beat_sessions.insert(b.id, node.id.clone());
+        }
         if let Some(old) = self.nodes.insert(node.id.clone(), node) {
             // The node restarted: whatever ran on its old engines is gone.
             old.lost.cancel();
+            if let Some(b) = old.beat {
+                self.beat_sessions.remove(&b.id);
+            }
         }
+    }
+
+    /// Applies one liveness beat. A verified beat of an online node counts as a heartbeat
+    /// that repeats the node's last report: the node is seen now, and its pools' suspect
+    /// marks older than [`SUSPECT_FOR`] lapse, as a repeated report would clear them.
+    pub fn beat(&mut self, beat: &Beat<'_>, now: Instant) -> BeatOutcome {
+        let Some(node) = self
+            .beat_sessions
+            .get(&beat.session)
+            .and_then(|id| self.nodes.get_mut(id))
+        else {
+            return BeatOutcome::ReportAsked;
+        };
+        let Some(session) = node.beat.as_mut().filter(|s| s.id == beat.session) else {
+            return BeatOutcome::ReportAsked;
+        };
+        if !beat.verify(&session.key) || beat.counter <= session.counter {
+            return BeatOutcome::Rejected;
+        }
+        session.counter = beat.counter;
+        if !node.online {
+            return BeatOutcome::ReportAsked;
+        }
+        node.last_seen = now;
+        let id = &node.id;
+        self.suspect
+            .retain(|(n, _), (_, since)| n != id || now.duration_since(*since) < SUSPECT_FOR);
+        BeatOutcome::Ok
     }
 
     /// Applies a heartbeat and returns the pools it replaced (moved, not copied: the caller
@@ -178,7 +238,9 @@ impl Registry {
             .map(|n| n.id.clone())
             .collect();
         for id in &gone {
-            self.nodes.remove(id);
+            if let Some(b) = self.nodes.remove(id).and_then(|n| n.beat) {
+                self.beat_sessions.remove(&b.id);
+            }
             self.suspect.retain(|(node, _), _| node != id);
         }
         gone
@@ -547,6 +609,7 @@ mod tests {
             lost: CancellationToken::new(),
             draining: false,
             offline_beats: 3,
+            beat: None,
         }
     }
 
@@ -637,6 +700,64 @@ mod tests {
         assert_eq!(r.nodes["p"].state(at(1600)), "suspect");
         assert!(!r.expire_nodes(at(4900)).contains(&"p".to_string()));
         assert!(r.expire_nodes(at(5100)).contains(&"p".to_string()));
+    }
+
+    #[test]
+    fn a_verified_beat_keeps_a_node_seen_and_anything_else_does_not() {
+        use llorch_wire::beat;
+        let start = Instant::now();
+        let (key, _) = BeatKey::generate().unwrap();
+        let (wrong, _) = BeatKey::generate().unwrap();
+        let mut n = node("w", start);
+        n.pools = vec![PoolStatus::new("p", "m", PoolState::Ready, 2, 1024)];
+        n.beat = Some(BeatSession {
+            id: 9,
+            key: key.clone(),
+            counter: 0,
+        });
+        let mut r = Registry::default();
+        r.register(n);
+        let at = |ms| start + Duration::from_millis(ms);
+        let apply = |r: &mut Registry, session, counter, key: &BeatKey, now| {
+            let d = beat::encode(session, counter, key);
+            r.beat(&beat::parse(&d).unwrap(), now)
+        };
+        // A pool marked suspect (its engine failed a request) and a node about to be suspect.
+        r.mark_suspect(&("w".into(), "p".into()));
+        assert_eq!(apply(&mut r, 9, 1, &key, at(500)), BeatOutcome::Ok);
+        assert_eq!(r.nodes["w"].state(at(1900)), "online", "seen at 0.5 s");
+        assert!(
+            r.candidates()[0].suspect,
+            "the pool's mark is younger than SUSPECT_FOR"
+        );
+        // Replayed, counted lower, or tagged with another key: dropped; the node is not seen.
+        assert_eq!(apply(&mut r, 9, 1, &key, at(900)), BeatOutcome::Rejected);
+        assert_eq!(apply(&mut r, 9, 5, &wrong, at(900)), BeatOutcome::Rejected);
+        assert_eq!(r.nodes["w"].state(at(2100)), "suspect");
+        // A later beat lifts the pool's mark once SUSPECT_FOR has passed, as a repeated report.
+        let later = Instant::now() + SUSPECT_FOR;
+        assert_eq!(apply(&mut r, 9, 2, &key, later), BeatOutcome::Ok);
+        assert!(!r.candidates()[0].suspect);
+        // Unknown sessions are asked for a report; so is an offline node, which a beat does not
+        // bring back (only a report does).
+        assert_eq!(apply(&mut r, 10, 1, &key, later), BeatOutcome::ReportAsked);
+        assert_eq!(r.expire_nodes(later + Duration::from_secs(4)), ["w"]);
+        assert_eq!(
+            apply(&mut r, 9, 3, &key, later + Duration::from_secs(4)),
+            BeatOutcome::ReportAsked
+        );
+        assert!(!r.nodes["w"].online);
+        // A new registration replaces the session: the old one is unknown from then on.
+        let mut again = node("w", later);
+        again.beat = Some(BeatSession {
+            id: 11,
+            key: key.clone(),
+            counter: 0,
+        });
+        r.register(again);
+        assert_eq!(apply(&mut r, 9, 4, &key, later), BeatOutcome::ReportAsked);
+        assert_eq!(apply(&mut r, 11, 1, &key, later), BeatOutcome::Ok);
+        assert_eq!(r.beat_sessions.len(), 1);
     }
 
     #[test]

@@ -769,6 +769,7 @@ mod tests {
             lost: CancellationToken::new(),
             draining: false,
             offline_beats: 3,
+            beat: None,
         });
         state
     }

@@ -43,6 +43,7 @@ pub struct Metrics {
     verification_failures: IntCounterVec,
     handoff_events: IntCounterVec,
     heartbeats_sent: IntCounterVec,
+    beats_sent: IntCounterVec,
     gpu: Option<Gpu>,
 }
 
@@ -116,6 +117,12 @@ impl Metrics {
                 "Registrations and heartbeats sent to the control plane.",
                 &["outcome"],
             ),
+            beats_sent: counter(
+                &r,
+                "llorch_beats_sent_total",
+                "Liveness beats (UDP) sent to the control plane: sent, or failed (the local send failed; the next call is a full heartbeat).",
+                &["outcome"],
+            ),
             gpu: Gpu::new(&r, gpus),
             registry: r,
         };
@@ -127,6 +134,9 @@ impl Metrics {
         }
         for o in ["ok", "refused", "unreachable"] {
             m.heartbeats_sent.with_label_values(&[o]);
+        }
+        for o in ["sent", "failed"] {
+            m.beats_sent.with_label_values(&[o]);
         }
         m
     }
@@ -193,6 +203,10 @@ impl Metrics {
 
     pub fn heartbeat_sent(&self, outcome: &str) {
         self.heartbeats_sent.with_label_values(&[outcome]).inc();
+    }
+
+    pub fn beat_sent(&self, outcome: &str) {
+        self.beats_sent.with_label_values(&[outcome]).inc();
     }
 
     /// Sets the pool gauges from the pools' statuses (called under the pool table's lock, so a

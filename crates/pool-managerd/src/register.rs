@@ -5,13 +5,21 @@
 //! plane forgot the node (it restarted): the node registers again right away. An unreachable
 //! control plane is retried every interval and logged once when it goes away and once when it
 //! comes back. The node keeps serving either way.
+//!
+//! When the registration's answer grants a beat session (the control plane reads UDP beats,
+//! [`llorch_wire::beat`]), an interval in which nothing changed and the last report was taken
+//! sends a beat instead of a heartbeat; a full heartbeat still goes out on every change, after
+//! any failure, every [`REPORT_EVERY`] intervals, and when the control plane answers a beat
+//! asking for one (it restarted, or has the node offline).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::StatusCode;
 use llorch_client::{status_of, ClientError, HttpClient};
+use llorch_wire::beat::{self, BeatGrant, BeatKey, REPLY_LEN};
 use llorch_wire::node::{Heartbeat, NodeAck, PoolStatus, Registration};
+use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +27,12 @@ use crate::state::Node;
 
 /// State changes closer together than this go out in one heartbeat.
 pub const COALESCE: Duration = Duration::from_millis(50);
+/// With beats, a full heartbeat goes out at least every this many intervals (a minute at the
+/// default 5 s): what is reported without being a change (free GPU memory) stays fresh.
+pub const REPORT_EVERY: u32 = 12;
+/// A control plane's request for a report is followed at most this often; more come from a
+/// stranger, and the next interval's heartbeat answers them.
+const REPORT_REQUEST_SPACING: Duration = Duration::from_secs(1);
 
 /// What the heartbeat task needs to know about the node.
 #[derive(Debug, Clone)]
@@ -28,7 +42,7 @@ pub struct Identity {
     pub heartbeat_secs: u64,
 }
 
-/// Sends registrations and heartbeats until `shutdown`.
+/// Sends registrations, heartbeats and beats until `shutdown`.
 pub async fn run(
     node: Arc<Node>,
     client: HttpClient,
@@ -47,69 +61,102 @@ pub async fn run(
     // After a failed call the next one comes sooner (100 ms, doubling up to the interval), so
     // a control plane that restarts (its socket held by systemd) sees the node again quickly.
     let mut retry = RETRY_START;
+    // The beat session of this registration, when the control plane granted one.
+    let mut beats: Option<Beats> = None;
+    // A full heartbeat must go out: something changed, or the last call was not taken.
+    let mut report_due = true;
+    let mut beats_since_report = 0u32;
+    let mut last_call = Instant::now();
     loop {
         let (pools, gpus) = node.report();
-        let result: Result<NodeAck, ClientError> = if registered {
-            let hb = Heartbeat {
-                pools: pools.clone(),
-                staged_models: node.staged_models(),
-                gpus,
-            };
-            within(interval, client.post_json(&heartbeat_path, &hb)).await
-        } else {
-            let reg = Registration {
-                node_id: identity.node_id.clone(),
-                address: identity.advertise.clone(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                heartbeat_secs: identity.heartbeat_secs,
-                pools: pools.clone(),
-                staged_models: node.staged_models(),
-                gpus,
-            };
-            within(interval, client.post_json("/v2/nodes/register", &reg)).await
-        };
-        node.metrics.heartbeat_sent(match &result {
-            Ok(_) => "ok",
-            Err(e) if status_of(e).is_some() => "refused",
-            Err(_) => "unreachable",
-        });
-        match result {
-            Ok(ack) => {
-                if !reachable {
-                    tracing::info!(control_plane = %client.address(), "Control plane reachable again.");
-                    reachable = true;
-                }
-                if !registered {
-                    tracing::info!(
-                        control_plane = %client.address(),
-                        node_id = %ack.node_id,
-                        offline_after_secs = ack.offline_after_secs,
-                        "Registered with the control plane."
-                    );
-                    registered = true;
-                    if !announced_ready {
-                        // Ready once registered: from now on the control plane can place work
-                        // on this node.
-                        llorch_os::service::ready();
-                        announced_ready = true;
-                    }
-                }
-            }
-            Err(e) if registered && status_of(&e) == Some(StatusCode::NOT_FOUND) => {
-                tracing::info!(control_plane = %client.address(), "The control plane does not know this node; registering again.");
-                registered = false;
-                reachable = true;
+        let beat_now = registered && !report_due && beats_since_report < REPORT_EVERY;
+        if let Some(b) = beats.as_mut().filter(|_| beat_now) {
+            if let Err(e) = b.send().await {
+                // A closed port (an ICMP answer to the last beat) or no route: a full
+                // heartbeat says more, at once.
+                node.metrics.beat_sent("failed");
+                tracing::debug!(error = %e, "A beat could not be sent; sending a heartbeat.");
+                report_due = true;
                 continue;
             }
-            Err(e) => {
-                if reachable {
-                    tracing::warn!(
-                        control_plane = %client.address(),
-                        error = %e,
-                        retry_secs = identity.heartbeat_secs,
-                        "Control plane unreachable; the node keeps serving and retries every interval."
-                    );
-                    reachable = false;
+            node.metrics.beat_sent("sent");
+            beats_since_report += 1;
+        } else {
+            last_call = Instant::now();
+            let result: Result<NodeAck, ClientError> = if registered {
+                let hb = Heartbeat {
+                    pools: pools.clone(),
+                    staged_models: node.staged_models(),
+                    gpus,
+                };
+                within(interval, client.post_json(&heartbeat_path, &hb)).await
+            } else {
+                let reg = Registration {
+                    node_id: identity.node_id.clone(),
+                    address: identity.advertise.clone(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    heartbeat_secs: identity.heartbeat_secs,
+                    pools: pools.clone(),
+                    staged_models: node.staged_models(),
+                    gpus,
+                };
+                within(interval, client.post_json("/v2/nodes/register", &reg)).await
+            };
+            node.metrics.heartbeat_sent(match &result {
+                Ok(_) => "ok",
+                Err(e) if status_of(e).is_some() => "refused",
+                Err(_) => "unreachable",
+            });
+            match result {
+                Ok(ack) => {
+                    report_due = false;
+                    beats_since_report = 0;
+                    if !reachable {
+                        tracing::info!(control_plane = %client.address(), "Control plane reachable again.");
+                        reachable = true;
+                    }
+                    if !registered {
+                        tracing::info!(
+                            control_plane = %client.address(),
+                            node_id = %ack.node_id,
+                            offline_after_secs = ack.offline_after_secs,
+                            beats = ack.beat.is_some(),
+                            "Registered with the control plane."
+                        );
+                        registered = true;
+                        beats = match &ack.beat {
+                            Some(grant) => Beats::open(grant, client.address())
+                                .await
+                                .inspect_err(|e| tracing::warn!(error = %e, "Cannot send liveness beats; heartbeating over HTTP every interval."))
+                                .ok(),
+                            None => None,
+                        };
+                        if !announced_ready {
+                            // Ready once registered: from now on the control plane can place
+                            // work on this node.
+                            llorch_os::service::ready();
+                            announced_ready = true;
+                        }
+                    }
+                }
+                Err(e) if registered && status_of(&e) == Some(StatusCode::NOT_FOUND) => {
+                    tracing::info!(control_plane = %client.address(), "The control plane does not know this node; registering again.");
+                    registered = false;
+                    beats = None;
+                    reachable = true;
+                    continue;
+                }
+                Err(e) => {
+                    report_due = true;
+                    if reachable {
+                        tracing::warn!(
+                            control_plane = %client.address(),
+                            error = %e,
+                            retry_secs = identity.heartbeat_secs,
+                            "Control plane unreachable; the node keeps serving and retries every interval."
+                        );
+                        reachable = false;
+                    }
                 }
             }
         }
@@ -141,10 +188,84 @@ pub async fn run(
                         () = tokio::time::sleep(COALESCE) => {}
                         () = shutdown.cancelled() => return,
                     }
+                    report_due = true;
                     break;
+                }
+                () = report_requested(beats.as_ref()), if !report_due => {
+                    report_due = true;
+                    if last_call.elapsed() >= REPORT_REQUEST_SPACING {
+                        break;
+                    }
                 }
                 () = shutdown.cancelled() => return,
             }
+        }
+    }
+}
+
+/// The sending end of a beat session.
+struct Beats {
+    socket: UdpSocket,
+    session: u64,
+    key: BeatKey,
+    counter: u64,
+}
+
+impl Beats {
+    /// A socket connected to the grant's port on the control plane's host (the host of
+    /// `control_plane`, the URL the node registered at).
+    async fn open(grant: &BeatGrant, control_plane: &str) -> Result<Beats, String> {
+        let key = BeatKey::from_hex(&grant.key)?;
+        let uri: hyper::Uri = control_plane
+            .parse()
+            .map_err(|e| format!("{control_plane} is not a URL: {e}"))?;
+        let host = uri
+            .host()
+            .filter(|_| uri.scheme_str() != Some("unix"))
+            .ok_or_else(|| format!("{control_plane} is not reached over IP"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let to = tokio::net::lookup_host((host, grant.port))
+            .await
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host} has no address"))?;
+        let from = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let socket = UdpSocket::bind(from)
+            .await
+            .map_err(|e| format!("cannot bind a UDP socket: {e}"))?;
+        socket
+            .connect(to)
+            .await
+            .map_err(|e| format!("cannot reach {to} over UDP: {e}"))?;
+        Ok(Beats {
+            socket,
+            session: grant.session,
+            key,
+            counter: 0,
+        })
+    }
+
+    async fn send(&mut self) -> std::io::Result<()> {
+        self.counter += 1;
+        self.socket
+            .send(&beat::encode(self.session, self.counter, &self.key))
+            .await
+            .map(drop)
+    }
+}
+
+/// Resolves when the control plane asks for a full report of this session (or the socket
+/// reports an error, such as a closed port); never without beats.
+async fn report_requested(beats: Option<&Beats>) {
+    let Some(b) = beats else {
+        return std::future::pending().await;
+    };
+    let mut buf = [0u8; REPLY_LEN + 1];
+    loop {
+        match b.socket.recv(&mut buf).await {
+            Ok(n) if beat::parse_report_request(&buf[..n]) == Some(b.session) => return,
+            Ok(_) => {}
+            Err(_) => return,
         }
     }
 }
@@ -237,6 +358,7 @@ mod tests {
         Json(NodeAck {
             node_id: r.node_id,
             offline_after_secs: 15,
+            beat: None,
         })
     }
 
@@ -254,6 +376,7 @@ mod tests {
             Ok(Json(NodeAck {
                 node_id: id,
                 offline_after_secs: 15,
+                beat: None,
             }))
         }
     }
@@ -310,6 +433,124 @@ mod tests {
         );
         node.update("default", |p| p.phase = crate::state::Phase::Provisioning);
         assert_eq!(calls(4).await[3], "heartbeat n1 provisioning");
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    /// A control plane that grants beats on `udp` and takes every heartbeat.
+    struct Beating {
+        calls: Mutex<Vec<String>>,
+        grant: BeatGrant,
+    }
+
+    async fn register_beating(
+        State(f): State<Arc<Beating>>,
+        Json(r): Json<Registration>,
+    ) -> Json<NodeAck> {
+        f.calls.lock().unwrap().push("register".into());
+        Json(NodeAck {
+            node_id: r.node_id,
+            offline_after_secs: 3,
+            beat: Some(f.grant.clone()),
+        })
+    }
+
+    async fn heartbeat_beating(
+        State(f): State<Arc<Beating>>,
+        Json(h): Json<Heartbeat>,
+    ) -> Json<NodeAck> {
+        f.calls
+            .lock()
+            .unwrap()
+            .push(format!("heartbeat {}", h.pools[0].state));
+        Json(NodeAck {
+            node_id: "n1".into(),
+            offline_after_secs: 3,
+            beat: None,
+        })
+    }
+
+    /// The next beat on `udp`, verified: its counter and sender.
+    async fn next_beat(udp: &tokio::net::UdpSocket, key: &BeatKey) -> (u64, std::net::SocketAddr) {
+        let mut buf = [0u8; 128];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(3), udp.recv_from(&mut buf))
+            .await
+            .expect("a beat within 3 s")
+            .unwrap();
+        let b = beat::parse(&buf[..n]).expect("a beat");
+        assert!(b.verify(key), "the beat is tagged with the granted key");
+        assert_eq!(b.session, 77);
+        (b.counter, from)
+    }
+
+    #[tokio::test]
+    async fn beats_replace_unchanged_heartbeats_and_a_report_request_or_a_change_sends_one() {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (key, hex_key) = BeatKey::generate().unwrap();
+        let fake = Arc::new(Beating {
+            calls: Mutex::default(),
+            grant: BeatGrant {
+                port: udp.local_addr().unwrap().port(),
+                session: 77,
+                key: hex_key,
+            },
+        });
+        let app = Router::new()
+            .route("/v2/nodes/register", post(register_beating))
+            .route("/v2/nodes/{id}/heartbeat", post(heartbeat_beating))
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let cfg = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            include_str!("../examples/node.toml"),
+        )
+        .unwrap();
+        let node = Node::new(cfg.pools());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            node.clone(),
+            HttpClient::new(&format!("http://{addr}")).unwrap(),
+            Identity {
+                node_id: "n1".into(),
+                advertise: "unix:/run/n1.sock".into(),
+                heartbeat_secs: 1,
+            },
+            stop.clone(),
+        ));
+        let calls = || fake.calls.lock().unwrap().clone();
+        // Registered, then beats (counting up) instead of heartbeats while nothing changes.
+        let (first, _) = next_beat(&udp, &key).await;
+        let (second, from) = next_beat(&udp, &key).await;
+        assert_eq!((first, second), (1, 2));
+        assert_eq!(calls(), ["register"]);
+        // The control plane asks for a report: a full heartbeat follows at once.
+        udp.send_to(&beat::report_request(77), from).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while calls().len() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeat after the request: {:?}",
+                calls()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(calls()[1], "heartbeat provisioning");
+        // Beats again, the counter going on; then a change goes out as a heartbeat.
+        let (third, _) = next_beat(&udp, &key).await;
+        assert_eq!(third, 3);
+        node.update("default", |p| p.phase = crate::state::Phase::Failed);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while calls().len() < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeat after a change: {:?}",
+                calls()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(calls()[2], "heartbeat failed");
         stop.cancel();
         task.await.unwrap();
     }

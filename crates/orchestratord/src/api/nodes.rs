@@ -9,6 +9,7 @@ use axum::extract::{Path, State as Ext};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use llorch_client::HttpClient;
+use llorch_wire::beat::{BeatGrant, BeatKey};
 use llorch_wire::node::{limits, Heartbeat, NodeAck, Registration};
 use llorch_wire::task::NodeView;
 use llorch_wire::{ErrorBody, ErrorCode};
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{authorize_admin, parse, read_body_within, ApiError, AppState};
 use crate::auth::presented_key;
-use crate::registry::Node;
+use crate::registry::{BeatSession, Node};
 use crate::state::State;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -115,6 +116,34 @@ pub async fn register(
                 .and_then(|_| presented_key(&headers).map(str::to_string)),
         );
     let heartbeat = Duration::from_secs(reg.heartbeat_secs);
+    // A fresh beat session per registration, when beats are read: its key travels only in
+    // this (authenticated) answer.
+    let (beat, grant) = match state
+        .config
+        .beat_port
+        .map(|port| (port, BeatKey::generate()))
+    {
+        Some((port, Some((key, hex)))) => {
+            let id = llorch_wire::id::random_u64();
+            (
+                Some(BeatSession {
+                    id,
+                    key,
+                    counter: 0,
+                }),
+                Some(BeatGrant {
+                    port,
+                    session: id,
+                    key: hex,
+                }),
+            )
+        }
+        Some((_, None)) => {
+            tracing::warn!(node_id = %reg.node_id, "No random key for a beat session: the node heartbeats over HTTP.");
+            (None, None)
+        }
+        None => (None, None),
+    };
     let node = Node {
         id: reg.node_id.clone(),
         address: reg.address.clone(),
@@ -129,6 +158,7 @@ pub async fn register(
         lost: CancellationToken::new(),
         draining: false,
         offline_beats: state.config.offline_after_beats,
+        beat,
     };
     let offline_after = node.offline_after();
     let models: Vec<String> = node.pools.iter().map(|p| p.model_id.clone()).collect();
@@ -181,6 +211,7 @@ pub async fn register(
     Ok(Json(NodeAck {
         node_id: reg.node_id,
         offline_after_secs: offline_after.as_secs(),
+        beat: grant,
     }))
 }
 
@@ -265,6 +296,7 @@ async fn heartbeat_request(
     Ok(Json(NodeAck {
         node_id: id,
         offline_after_secs: offline_after.as_secs(),
+        beat: None,
     }))
 }
 
