@@ -202,6 +202,12 @@ in
       queueCapacity = mkOption { type = types.ints.between 1 1000000; default = 256; description = "Tasks that may wait."; };
       admissionPolicy = mkOption { type = types.enum [ "reject" "drop-lru" ]; default = "reject"; description = "A full queue rejects (429) or evicts the oldest batch task."; };
       offlineAfterBeats = mkOption { type = types.ints.between 2 20; default = 3; description = "Missed heartbeats after which a node is offline."; };
+      beats = mkOption {
+        type = types.bool;
+        default = cfg.role == "control-plane";
+        defaultText = lib.literalExpression ''config.services.llama-orch.role == "control-plane"'';
+        description = "Read nodes' liveness beats on UDP api.port (orchestratord-beats.socket): a worker whose state did not change sends a 52-byte authenticated datagram each interval instead of an HTTPS heartbeat (docs/API.md, \"Liveness beats\"). Off: workers heartbeat over HTTPS every interval.";
+      };
       extraEnvironment = mkOption {
         type = types.attrsOf types.str;
         default = { };
@@ -344,6 +350,12 @@ in
           wantedBy = [ "sockets.target" ];
           socketConfig.ListenStream = [ "" apiListen ];
         } else { enable = false; };
+      # The package's unit listens on loopback; this puts it on the API's address and port.
+      orchestratord-beats = mkIf (runsApi && cfg.api.beats) {
+        overrideStrategy = "asDropin";
+        wantedBy = [ "sockets.target" ];
+        socketConfig.ListenDatagram = [ "" apiListen ];
+      };
       pool-managerd = mkIf runsNode {
         overrideStrategy = "asDropin";
         wantedBy = [ "sockets.target" ];
@@ -407,6 +419,9 @@ in
       llama-orch-gpu-generator = "${cfg.package}/lib/systemd/system-generators/llama-orch-gpu-generator";
     };
 
+    networking.firewall.allowedUDPPorts = mkIf cfg.openFirewall (
+      lib.optional (runsApi && cfg.api.beats && !apiLoopback) cfg.api.port
+    );
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
       lib.optional (runsApi && !apiLoopback) cfg.api.port
       ++ lib.optional (isWorker && !(render.isLoopback cfg.node.address)) cfg.node.port

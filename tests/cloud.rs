@@ -361,6 +361,9 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
             cp_cert.key.display().to_string(),
             "--node-ca".into(),
             ca.cert.display().to_string(),
+            // Liveness beats on the API's port, over UDP.
+            "--beats-listen".into(),
+            format!("0.0.0.0:{API_PORT}"),
         ],
         orch_log.clone(),
         &[("NOTIFY_SOCKET", notify.path.display().to_string())],
@@ -649,17 +652,7 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
     assert_eq!(log.matches("Node is back online.").count(), 1, "{log}");
     let metrics = block_on_in(&cp_name, || async {
         let c = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots).unwrap();
-        let req = c
-            .build(
-                c.request(hyper::Method::GET, "/metrics"),
-                Default::default(),
-            )
-            .unwrap();
-        let resp = c.send(req).await.unwrap();
-        let body = http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .unwrap();
-        String::from_utf8(body.to_bytes().to_vec()).unwrap()
+        metrics_of(&c).await
     });
     for line in [
         "llorch_node_events_total{event=\"joined\"} 2",
@@ -667,9 +660,13 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
         "llorch_node_events_total{event=\"back\"} 1",
         "llorch_nodes{state=\"online\"} 2",
         "llorch_nodes_draining 0",
+        "llorch_node_beats_total{outcome=\"rejected\"} 0",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
     }
+    // The workers kept themselves online with beats between their reports.
+    let beats = beats_taken(&metrics);
+    assert!(beats >= 10, "{beats} beats taken:\n{metrics}");
     println!(
         "cloud: both workers online after {boot:?}; lost worker's streams ended {detect:?} after its link went down; back online {recover:?} after the link came up"
     );
@@ -679,6 +676,30 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
             assert!(status.success(), "{}: {status}\n{}", w.id, d.log_text());
         }
     }
+}
+
+/// orchestratord's `/metrics` text.
+async fn metrics_of(c: &HttpClient) -> String {
+    let req = c
+        .build(
+            c.request(hyper::Method::GET, "/metrics"),
+            Default::default(),
+        )
+        .unwrap();
+    let resp = c.send(req).await.unwrap();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap();
+    String::from_utf8(body.to_bytes().to_vec()).unwrap()
+}
+
+/// The liveness beats orchestratord took (`llorch_node_beats_total{outcome="ok"}`).
+fn beats_taken(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("llorch_node_beats_total{outcome=\"ok\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// What one host of the systemd cluster gets at `/mnt/llorch`: the binaries, the units, its
@@ -984,6 +1005,9 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
         );
         assert_eq!(state_of(&nodes(&c).await, "w3"), "online");
         assert!(lost_after < Duration::from_secs(6), "{lost_after:?}");
+        // The workers beat over UDP through orchestratord-beats.socket between their reports.
+        let beats = beats_taken(&metrics_of(&c).await);
+        assert!(beats >= 10, "{beats} beats taken");
         (boot_time, kill_recovery, answers.len())
     });
     let out = Command::new("ip")

@@ -446,6 +446,14 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert_eq!(cp["firewall"], serde_json::json!([8443]));
+    // Liveness beats on the API's port, over UDP: the socket is on and open in the firewall.
+    let beats = file(
+        cp,
+        "/etc/systemd/system/orchestratord-beats.socket.d/overrides.conf",
+    );
+    assert_eq!(values(beats, "ListenDatagram"), ["", "0.0.0.0:8443"]);
+    assert!(start_units(cp).contains(&"orchestratord-beats.socket".to_owned()));
+    assert_eq!(cp["firewallUdp"], serde_json::json!([8443]));
 
     // Workers: their node.toml (the model where the cloud test puts it), TLS and token from
     // credentials.

@@ -31,6 +31,13 @@ pub const REPLY_LEN: usize = 4 + 8 + 1;
 pub const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 32;
 const SIGNED_LEN: usize = 4 + 8 + 8;
+/// A node that beats still sends a full report (HTTP heartbeat) at least every this many
+/// intervals (a minute at the default 5 s), so what changes without being an event (free GPU
+/// memory) stays fresh.
+pub const REPORT_EVERY: u32 = 12;
+/// Beats per heartbeat interval: two, so one lost datagram never leaves a gap of 1.5
+/// intervals (what makes a node suspect). A beat costs the control plane a few microseconds.
+pub const BEATS_PER_INTERVAL: u32 = 2;
 /// The reply's only kind: send a full report now.
 const REPLY_REPORT: u8 = 1;
 

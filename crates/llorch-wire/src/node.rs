@@ -262,6 +262,11 @@ pub struct NodeAck {
     /// node may beat ([`crate::beat`]) between full reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beat: Option<crate::beat::BeatGrant>,
+    /// In the answer to a heartbeat of a node with a beat session: the highest beat counter the
+    /// control plane took. A node whose beats since its last report were none of them taken
+    /// knows they do not arrive (UDP filtered) and heartbeats over HTTP instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beat_counter: Option<u64>,
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ErrorBody {

@@ -13,6 +13,7 @@
 //!    memory per registered node (`VmRSS` after registration minus before, over 1,000).
 //!
 //! Run with `cargo build --release --bins && cargo bench -p orchestratord --bench nodes`.
+//! `LLORCH_BENCH_HEARTBEATS` (`http,beats`) names the heartbeat protocols run, in order.
 //! `LLORCH_BENCH_NODES` (1000) and `LLORCH_BENCH_ONLY` (`placement` or `heartbeats`) change
 //! the scale and the part; `LLORCH_BENCH_ORCHESTRATORD` runs another binary (an older build,
 //! side by side).
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llorch_client::HttpClient;
+use llorch_wire::beat;
 use llorch_wire::node::{Heartbeat, NodeAck, PoolState, PoolStatus, Registration};
 use orchestratord::placement::{place, Ask, Placement};
 use orchestratord::registry::{Node, Registry};
@@ -123,7 +125,10 @@ fn placement(nodes: usize) {
     );
 }
 
-async fn heartbeats(nodes: usize) {
+/// The heartbeat part, with nodes that heartbeat over HTTP every interval (`beats` false, as
+/// before liveness beats) or beat over UDP and send a full heartbeat every
+/// [`beat::REPORT_EVERY`] intervals, as pool-managerd does when granted a session.
+async fn heartbeats(nodes: usize, beats: bool) {
     let secs: u64 = env_or("LLORCH_BENCH_SECS", 20);
     let interval: u64 = env_or("LLORCH_BENCH_HEARTBEAT_SECS", 5);
     let dir = tempfile::tempdir().expect("temp dir");
@@ -132,8 +137,12 @@ async fn heartbeats(nodes: usize) {
     let exe = std::env::var_os("LLORCH_BENCH_ORCHESTRATORD")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| bin("orchestratord"));
-    let mut child = Command::new(exe)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+    let mut cmd = Command::new(exe);
+    cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+    if beats {
+        cmd.args(["--beats-listen", &format!("127.0.0.1:{port}")]);
+    }
+    let mut child = cmd
         .env("LLORCH_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -152,6 +161,7 @@ async fn heartbeats(nodes: usize) {
     let client = Arc::new(HttpClient::new(&format!("http://127.0.0.1:{port}")).expect("url"));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = status_mb(pid, "VmRSS:");
+    let mut grants = Vec::new();
     for i in 0..nodes {
         let reg = Registration {
             node_id: format!("node-{i:04}"),
@@ -162,11 +172,23 @@ async fn heartbeats(nodes: usize) {
             staged_models: Vec::new(),
             gpus: Default::default(),
         };
-        let _: NodeAck = client
+        let ack: NodeAck = client
             .post_json("/v2/nodes/register", &reg)
             .await
             .expect("registered");
+        assert_eq!(
+            ack.beat.is_some(),
+            beats,
+            "a beat session iff beats are read"
+        );
+        grants.push(ack.beat);
     }
+    let udp = Arc::new(
+        tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("udp"),
+    );
+    let beats_to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let rss_after = status_mb(pid, "VmRSS:");
     // One task per node, each waiting its offset in the interval, then beating every interval.
     let tck = clock_ticks();
@@ -175,11 +197,28 @@ async fn heartbeats(nodes: usize) {
     let mut tasks = Vec::new();
     let period = Duration::from_secs(interval);
     let warmup = period;
-    for i in 0..nodes {
+    for (i, grant) in grants.into_iter().enumerate() {
         let (client, stop, latencies) = (client.clone(), stop.clone(), latencies.clone());
+        let udp = udp.clone();
+        let session = grant.map(|g| {
+            (
+                g.session,
+                beat::BeatKey::from_hex(&g.key).expect("granted key"),
+            )
+        });
         tasks.push(tokio::spawn(async move {
-            let offset = period.mul_f64(i as f64 / nodes as f64);
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+            // Beating, a node sends `BEATS_PER_INTERVAL` beats an interval and every
+            // `REPORT_EVERY`th interval a heartbeat instead, as pool-managerd does; the nodes'
+            // heartbeats are spread over that cycle, so any window sees their steady rate.
+            let per = if session.is_some() {
+                beat::BEATS_PER_INTERVAL
+            } else {
+                1
+            };
+            let cycle = u64::from(beat::REPORT_EVERY * beat::BEATS_PER_INTERVAL);
+            let step = period / per;
+            let offset = step.mul_f64(i as f64 / nodes as f64);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, step);
             let hb = Heartbeat {
                 pools: pools_of(i),
                 staged_models: Vec::new(),
@@ -187,10 +226,21 @@ async fn heartbeats(nodes: usize) {
             };
             let path = format!("/v2/nodes/node-{i:04}/heartbeat");
             let mut answered = 0u64;
+            let mut counter = 0u64;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     () = stop.cancelled() => return answered,
+                }
+                counter += 1;
+                if let Some((id, key)) = session
+                    .as_ref()
+                    .filter(|_| !(counter + i as u64).is_multiple_of(cycle))
+                {
+                    udp.send_to(&beat::encode(*id, counter, key), beats_to)
+                        .await
+                        .expect("beat");
+                    continue;
                 }
                 let t = Instant::now();
                 let _: NodeAck = client.post_json(&path, &hb).await.expect("heartbeat");
@@ -217,6 +267,7 @@ async fn heartbeats(nodes: usize) {
     for t in tasks {
         let _ = t.await;
     }
+    let taken = metric(&client, "llorch_node_beats_total{outcome=\"ok\"} ").await;
     let nodes_online: Vec<serde_json::Value> = client.get_json("/v2/nodes").await.expect("nodes");
     let online = nodes_online
         .iter()
@@ -225,7 +276,8 @@ async fn heartbeats(nodes: usize) {
     terminate(&mut child, Duration::from_secs(5));
     let share = (cpu1 - cpu0) / wall;
     println!(
-        "heartbeats, {nodes} nodes every {interval} s, {secs} s measured: {} answered ({:.0}/s), latency p50 {:.0} us p99 {:.0} us; orchestratord CPU {:.2}% of a core ({:.2} us per node per second); bench process {:.2}% of a core; {online} of {nodes} nodes online at the end",
+        "{}, {nodes} nodes every {interval} s, {secs} s measured: {} heartbeats answered ({:.0}/s), latency p50 {:.0} us p99 {:.0} us, {taken} beats taken in all; orchestratord CPU {:.2}% of a core ({:.2} us per node per second); bench process {:.2}% of a core; {online} of {nodes} nodes online at the end",
+        if beats { "beats (UDP, 2 an interval) + a heartbeat every 12th interval" } else { "HTTP heartbeats" },
         lat.len(),
         lat.len() as f64 / wall,
         micros(&lat, 0.5),
@@ -240,6 +292,28 @@ async fn heartbeats(nodes: usize) {
     );
 }
 
+/// The value of the `/metrics` line that starts with `prefix` (0 when there is none: an
+/// older binary).
+async fn metric(client: &HttpClient, prefix: &str) -> u64 {
+    use http_body_util::BodyExt;
+    let Ok(req) = client.build(
+        client.request(hyper::Method::GET, "/metrics"),
+        Default::default(),
+    ) else {
+        return 0;
+    };
+    let Ok(resp) = client.send(req).await else {
+        return 0;
+    };
+    let Ok(body) = resp.into_body().collect().await else {
+        return 0;
+    };
+    String::from_utf8_lossy(&body.to_bytes())
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn main() {
     let nodes: usize = env_or("LLORCH_BENCH_NODES", 1000);
     let only: String = env_or("LLORCH_BENCH_ONLY", String::new());
@@ -252,6 +326,10 @@ fn main() {
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(heartbeats(nodes));
+        // Both protocols, one after the other in one run, unless one is chosen.
+        let modes: String = env_or("LLORCH_BENCH_HEARTBEATS", "http,beats".to_string());
+        for mode in modes.split(',') {
+            rt.block_on(heartbeats(nodes, mode == "beats"));
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use llorch_client::HttpClient;
 use llorch_wire::beat::{self, BeatKey};
-use llorch_wire::node::{NodeAck, PoolState, PoolStatus, Registration};
+use llorch_wire::node::{Heartbeat, NodeAck, PoolState, PoolStatus, Registration};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -135,6 +135,18 @@ async fn beats_keep_a_node_online_and_nothing_else_does() {
         );
     }
     until_counted(&h.client, "ok", 7).await;
+    // A heartbeat's answer says which beats were taken: the node's check that they arrive.
+    let hb = Heartbeat {
+        pools: reg.pools.clone(),
+        staged_models: vec![],
+        gpus: Default::default(),
+    };
+    let ack: NodeAck = h
+        .client
+        .post_json("/v2/nodes/w/heartbeat", &hb)
+        .await
+        .unwrap();
+    assert_eq!(ack.beat_counter, Some(7));
 
     // Replays, forged tags and odd datagrams are dropped and counted; none is answered.
     let (forger, _) = BeatKey::generate().unwrap();

@@ -8,16 +8,19 @@
 //!
 //! When the registration's answer grants a beat session (the control plane reads UDP beats,
 //! [`llorch_wire::beat`]), an interval in which nothing changed and the last report was taken
-//! sends a beat instead of a heartbeat; a full heartbeat still goes out on every change, after
-//! any failure, every [`REPORT_EVERY`] intervals, and when the control plane answers a beat
-//! asking for one (it restarted, or has the node offline).
+//! sends [`BEATS_PER_INTERVAL`] beats instead of a heartbeat; a full heartbeat still goes out
+//! on every change, after any failure, every [`REPORT_EVERY`] intervals, and when the control
+//! plane answers a beat asking for one (it restarted, or has the node offline). The first
+//! report comes one interval after registration: when the control plane took none of the beats
+//! sent since (UDP filtered on the way), the node says so once and heartbeats over HTTP until
+//! it registers again, instead of going offline.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::StatusCode;
 use llorch_client::{status_of, ClientError, HttpClient};
-use llorch_wire::beat::{self, BeatGrant, BeatKey, REPLY_LEN};
+use llorch_wire::beat::{self, BeatGrant, BeatKey, BEATS_PER_INTERVAL, REPLY_LEN, REPORT_EVERY};
 use llorch_wire::node::{Heartbeat, NodeAck, PoolStatus, Registration};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
@@ -27,9 +30,6 @@ use crate::state::Node;
 
 /// State changes closer together than this go out in one heartbeat.
 pub const COALESCE: Duration = Duration::from_millis(50);
-/// With beats, a full heartbeat goes out at least every this many intervals (a minute at the
-/// default 5 s): what is reported without being a change (free GPU memory) stays fresh.
-pub const REPORT_EVERY: u32 = 12;
 /// A control plane's request for a report is followed at most this often; more come from a
 /// stranger, and the next interval's heartbeat answers them.
 const REPORT_REQUEST_SPACING: Duration = Duration::from_secs(1);
@@ -65,12 +65,14 @@ pub async fn run(
     let mut beats: Option<Beats> = None;
     // A full heartbeat must go out: something changed, or the last call was not taken.
     let mut report_due = true;
-    let mut beats_since_report = 0u32;
     let mut last_call = Instant::now();
     loop {
         let (pools, gpus) = node.report();
-        let beat_now = registered && !report_due && beats_since_report < REPORT_EVERY;
-        if let Some(b) = beats.as_mut().filter(|_| beat_now) {
+        let beat_now = registered && !report_due;
+        if let Some(b) = beats
+            .as_mut()
+            .filter(|b| beat_now && b.sent < b.report_after)
+        {
             if let Err(e) = b.send().await {
                 // A closed port (an ICMP answer to the last beat) or no route: a full
                 // heartbeat says more, at once.
@@ -80,7 +82,6 @@ pub async fn run(
                 continue;
             }
             node.metrics.beat_sent("sent");
-            beats_since_report += 1;
         } else {
             last_call = Instant::now();
             let result: Result<NodeAck, ClientError> = if registered {
@@ -110,7 +111,9 @@ pub async fn run(
             match result {
                 Ok(ack) => {
                     report_due = false;
-                    beats_since_report = 0;
+                    if registered {
+                        beats = beats.and_then(|b| b.reported(ack.beat_counter, client.address()));
+                    }
                     if !reachable {
                         tracing::info!(control_plane = %client.address(), "Control plane reachable again.");
                         reachable = true;
@@ -163,7 +166,13 @@ pub async fn run(
         llorch_os::service::status(&status_line(&pools, client.address(), registered));
         let next = if reachable {
             retry = RETRY_START;
-            Instant::now() + interval
+            // Beating, the next call is the next beat.
+            match &beats {
+                Some(_) if registered && !report_due => {
+                    Instant::now() + interval / BEATS_PER_INTERVAL
+                }
+                _ => Instant::now() + interval,
+            }
         } else {
             let wait = retry.min(interval);
             retry = (retry * 2).min(interval);
@@ -209,6 +218,13 @@ struct Beats {
     session: u64,
     key: BeatKey,
     counter: u64,
+    /// Whether a report showed that beats arrive.
+    verified: bool,
+    /// Beats sent since the last report, and how many may go before the next one.
+    sent: u32,
+    report_after: u32,
+    /// The counter when the last report went out.
+    counter_at_report: u64,
 }
 
 impl Beats {
@@ -242,11 +258,43 @@ impl Beats {
             session: grant.session,
             key,
             counter: 0,
+            verified: false,
+            sent: 0,
+            // The first report checks, one interval in, that beats arrive.
+            report_after: BEATS_PER_INTERVAL,
+            counter_at_report: 0,
         })
+    }
+
+    /// After a report was taken: `taken` is the highest counter the control plane took. None
+    /// of two or more beats since the last report taken means they do not arrive (the older
+    /// of them was sent half an interval before, and beats are read every 100 ms): beats stop
+    /// until the next registration.
+    fn reported(mut self, taken: Option<u64>, control_plane: &str) -> Option<Beats> {
+        if self.sent >= 2 {
+            self.verified = taken.unwrap_or(0) > self.counter_at_report;
+        }
+        if self.sent >= 2 && !self.verified {
+            tracing::warn!(
+                control_plane = %control_plane,
+                port = self.socket.peer_addr().map(|a| a.port()).unwrap_or(0),
+                "Liveness beats do not reach the control plane (is its UDP port filtered?); heartbeating over HTTPS every interval instead."
+            );
+            return None;
+        }
+        self.sent = 0;
+        self.counter_at_report = self.counter;
+        self.report_after = if self.verified {
+            REPORT_EVERY * BEATS_PER_INTERVAL
+        } else {
+            BEATS_PER_INTERVAL
+        };
+        Some(self)
     }
 
     async fn send(&mut self) -> std::io::Result<()> {
         self.counter += 1;
+        self.sent += 1;
         self.socket
             .send(&beat::encode(self.session, self.counter, &self.key))
             .await
@@ -359,6 +407,7 @@ mod tests {
             node_id: r.node_id,
             offline_after_secs: 15,
             beat: None,
+            beat_counter: None,
         })
     }
 
@@ -377,6 +426,7 @@ mod tests {
                 node_id: id,
                 offline_after_secs: 15,
                 beat: None,
+                beat_counter: None,
             }))
         }
     }
@@ -437,10 +487,12 @@ mod tests {
         task.await.unwrap();
     }
 
-    /// A control plane that grants beats on `udp` and takes every heartbeat.
+    /// A control plane that grants beats on a UDP socket the test reads, takes every
+    /// heartbeat, and answers each with the beat counter the test says it took.
     struct Beating {
         calls: Mutex<Vec<String>>,
         grant: BeatGrant,
+        taken: std::sync::atomic::AtomicU64,
     }
 
     async fn register_beating(
@@ -452,6 +504,7 @@ mod tests {
             node_id: r.node_id,
             offline_after_secs: 3,
             beat: Some(f.grant.clone()),
+            beat_counter: None,
         })
     }
 
@@ -467,91 +520,160 @@ mod tests {
             node_id: "n1".into(),
             offline_after_secs: 3,
             beat: None,
+            beat_counter: Some(f.taken.load(std::sync::atomic::Ordering::SeqCst)),
         })
     }
 
-    /// The next beat on `udp`, verified: its counter and sender.
-    async fn next_beat(udp: &tokio::net::UdpSocket, key: &BeatKey) -> (u64, std::net::SocketAddr) {
-        let mut buf = [0u8; 128];
-        let (n, from) = tokio::time::timeout(Duration::from_secs(3), udp.recv_from(&mut buf))
-            .await
-            .expect("a beat within 3 s")
+    /// A node (heartbeat every second) registered with a fake control plane that grants
+    /// beats: the fake, its UDP socket, the beat key, the node, and what stops the node.
+    struct BeatingRig {
+        fake: Arc<Beating>,
+        udp: tokio::net::UdpSocket,
+        key: BeatKey,
+        node: Arc<Node>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl BeatingRig {
+        async fn start() -> Self {
+            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let (key, hex_key) = BeatKey::generate().unwrap();
+            let fake = Arc::new(Beating {
+                calls: Mutex::default(),
+                grant: BeatGrant {
+                    port: udp.local_addr().unwrap().port(),
+                    session: 77,
+                    key: hex_key,
+                },
+                taken: Default::default(),
+            });
+            let app = Router::new()
+                .route("/v2/nodes/register", post(register_beating))
+                .route("/v2/nodes/{id}/heartbeat", post(heartbeat_beating))
+                .with_state(fake.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            let cfg = crate::config::parse(
+                std::path::Path::new("t.toml"),
+                include_str!("../examples/node.toml"),
+            )
             .unwrap();
-        let b = beat::parse(&buf[..n]).expect("a beat");
-        assert!(b.verify(key), "the beat is tagged with the granted key");
-        assert_eq!(b.session, 77);
-        (b.counter, from)
+            let node = Node::new(cfg.pools());
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(run(
+                node.clone(),
+                HttpClient::new(&format!("http://{addr}")).unwrap(),
+                Identity {
+                    node_id: "n1".into(),
+                    advertise: "unix:/run/n1.sock".into(),
+                    heartbeat_secs: 1,
+                },
+                stop.clone(),
+            ));
+            Self {
+                fake,
+                udp,
+                key,
+                node,
+                stop,
+                task,
+            }
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.fake.calls.lock().unwrap().clone()
+        }
+
+        /// Waits (3 s at most) for the `n`th call and returns it.
+        async fn call(&self, n: usize) -> String {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                if let Some(c) = self.calls().get(n - 1) {
+                    return c.clone();
+                }
+                assert!(Instant::now() < deadline, "no call {n}: {:?}", self.calls());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        /// The next beat, verified: its counter and sender. `take`: the fake control plane
+        /// takes it (later heartbeats are answered with its counter).
+        async fn beat(&self, take: bool) -> (u64, std::net::SocketAddr) {
+            let mut buf = [0u8; 128];
+            let (n, from) =
+                tokio::time::timeout(Duration::from_secs(3), self.udp.recv_from(&mut buf))
+                    .await
+                    .expect("a beat within 3 s")
+                    .unwrap();
+            let b = beat::parse(&buf[..n]).expect("a beat");
+            assert!(
+                b.verify(&self.key),
+                "the beat is tagged with the granted key"
+            );
+            assert_eq!(b.session, 77);
+            if take {
+                self.fake
+                    .taken
+                    .store(b.counter, std::sync::atomic::Ordering::SeqCst);
+            }
+            (b.counter, from)
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.unwrap();
+        }
     }
 
     #[tokio::test]
     async fn beats_replace_unchanged_heartbeats_and_a_report_request_or_a_change_sends_one() {
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let (key, hex_key) = BeatKey::generate().unwrap();
-        let fake = Arc::new(Beating {
-            calls: Mutex::default(),
-            grant: BeatGrant {
-                port: udp.local_addr().unwrap().port(),
-                session: 77,
-                key: hex_key,
-            },
-        });
-        let app = Router::new()
-            .route("/v2/nodes/register", post(register_beating))
-            .route("/v2/nodes/{id}/heartbeat", post(heartbeat_beating))
-            .with_state(fake.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let cfg = crate::config::parse(
-            std::path::Path::new("t.toml"),
-            include_str!("../examples/node.toml"),
-        )
-        .unwrap();
-        let node = Node::new(cfg.pools());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(run(
-            node.clone(),
-            HttpClient::new(&format!("http://{addr}")).unwrap(),
-            Identity {
-                node_id: "n1".into(),
-                advertise: "unix:/run/n1.sock".into(),
-                heartbeat_secs: 1,
-            },
-            stop.clone(),
-        ));
-        let calls = || fake.calls.lock().unwrap().clone();
-        // Registered, then beats (counting up) instead of heartbeats while nothing changes.
-        let (first, _) = next_beat(&udp, &key).await;
-        let (second, from) = next_beat(&udp, &key).await;
-        assert_eq!((first, second), (1, 2));
-        assert_eq!(calls(), ["register"]);
+        let rig = BeatingRig::start().await;
+        // Registered, then two beats an interval, counting up, instead of a heartbeat.
+        assert_eq!(rig.beat(true).await.0, 1);
+        assert_eq!(rig.beat(true).await.0, 2);
+        assert_eq!(rig.calls(), ["register"]);
+        // One interval in, a heartbeat checks that beats arrive; they do, so beats go on.
+        assert_eq!(rig.call(2).await, "heartbeat provisioning");
+        assert_eq!(rig.beat(true).await.0, 3);
+        let (fourth, from) = rig.beat(true).await;
+        assert_eq!(fourth, 4);
+        assert_eq!(rig.calls().len(), 2);
         // The control plane asks for a report: a full heartbeat follows at once.
-        udp.send_to(&beat::report_request(77), from).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while calls().len() < 2 {
-            assert!(
-                Instant::now() < deadline,
-                "no heartbeat after the request: {:?}",
-                calls()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(calls()[1], "heartbeat provisioning");
+        rig.udp
+            .send_to(&beat::report_request(77), from)
+            .await
+            .unwrap();
+        assert_eq!(rig.call(3).await, "heartbeat provisioning");
         // Beats again, the counter going on; then a change goes out as a heartbeat.
-        let (third, _) = next_beat(&udp, &key).await;
-        assert_eq!(third, 3);
-        node.update("default", |p| p.phase = crate::state::Phase::Failed);
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while calls().len() < 3 {
-            assert!(
-                Instant::now() < deadline,
-                "no heartbeat after a change: {:?}",
-                calls()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(calls()[2], "heartbeat failed");
-        stop.cancel();
-        task.await.unwrap();
+        assert_eq!(rig.beat(true).await.0, 5);
+        rig.node
+            .update("default", |p| p.phase = crate::state::Phase::Failed);
+        assert_eq!(rig.call(4).await, "heartbeat failed");
+        rig.stop().await;
+    }
+
+    #[tokio::test]
+    async fn beats_that_do_not_arrive_give_way_to_heartbeats_before_the_node_is_suspect() {
+        let rig = BeatingRig::start().await;
+        // The control plane takes none of them (its UDP port filtered, say).
+        rig.beat(false).await;
+        rig.beat(false).await;
+        // The check one interval in shows it: from then on a heartbeat every interval and no
+        // beat, so the node is never suspect (1.5 intervals without news).
+        assert_eq!(rig.call(2).await, "heartbeat provisioning");
+        let checked = Instant::now();
+        assert_eq!(rig.call(3).await, "heartbeat provisioning");
+        assert_eq!(rig.call(4).await, "heartbeat provisioning");
+        assert!(checked.elapsed() < Duration::from_millis(2500));
+        let mut buf = [0u8; 128];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), rig.udp.recv_from(&mut buf))
+                .await
+                .is_err(),
+            "no beat after the check"
+        );
+        rig.stop().await;
     }
 }

@@ -63,6 +63,7 @@ in
     warnings = mkOption { type = types.listOf types.str; default = [ ]; };
     networking.hostName = mkOption { type = types.strMatching "^$|^[[:alnum:]]([[:alnum:]_-]{0,61}[[:alnum:]])?$"; default = "nixos"; };
     networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
+    networking.firewall.allowedUDPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
     environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
     environment.etc = mkOption {
       type = types.attrsOf (types.submodule {
@@ -129,6 +130,7 @@ in
       start = wanted "socket" sd.sockets ++ wanted "target" sd.targets ++ wanted "service" sd.services;
       generators = config.systemd.generators;
       firewall = config.networking.firewall.allowedTCPPorts;
+      firewallUdp = config.networking.firewall.allowedUDPPorts;
       users = lib.attrNames config.users.users;
       groups = lib.attrNames config.users.groups;
     };

@@ -212,6 +212,7 @@ pub async fn register(
         node_id: reg.node_id,
         offline_after_secs: offline_after.as_secs(),
         beat: grant,
+        beat_counter: None,
     }))
 }
 
@@ -249,7 +250,7 @@ async fn heartbeat_request(
     hb.validate()
         .map_err(|e| ApiError::native((StatusCode::BAD_REQUEST, e)))?;
     let models: Vec<String> = hb.pools.iter().map(|p| p.model_id.clone()).collect();
-    let (offline_after, back, queued, events) = {
+    let (offline_after, back, queued, events, beat_counter) = {
         let mut core = state.core();
         let was_offline = core.registry.nodes.get(&id).is_some_and(|n| !n.online);
         let Some(old) = core
@@ -276,6 +277,7 @@ async fn heartbeat_request(
             was_offline,
             !core.queue.is_empty(),
             events,
+            node.beat.as_ref().map(|b| b.counter),
         )
     };
     if back {
@@ -297,6 +299,7 @@ async fn heartbeat_request(
         node_id: id,
         offline_after_secs: offline_after.as_secs(),
         beat: None,
+        beat_counter,
     }))
 }
 
