@@ -15,11 +15,11 @@
 //! Needs root (namespaces, setns); without it the test prints `SKIPPED: ...` and passes.
 //!
 //! Two tests: the daemons as plain processes in the namespaces (TLS, bound tokens, spreading,
-//! a lost link, drain, the catalog, metrics), and the same three hosts as containers booted
+//! a lost link, drain, the catalog, metrics, liveness beats over UDP), and the same three hosts as containers booted
 //! with systemd (`systemd-nspawn --network-namespace-path=`), the units installed as a package
 //! would and configured by exactly the files the NixOS module renders for the hosts of
 //! `nix/examples/cloud.nix` (node.toml, drop-ins with `LoadCredential=`, masks; socket
-//! activation on TCP with TLS, a SIGKILLed pool-managerd, an orchestratord restart under a
+//! activation on TCP with TLS and of the beats socket on UDP, a SIGKILLed pool-managerd, an orchestratord restart under a
 //! client loop, a lost link, `llorch nodes drain` over TLS). That one needs Nix and nixpkgs'
 //! lib (tests/support/nix.rs) and says SKIPPED without them.
 
