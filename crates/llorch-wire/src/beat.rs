@@ -44,7 +44,7 @@ const REPLY_REPORT: u8 = 1;
 /// What a registration's answer grants a node that may beat: where, as which session, and the
 /// key of its tags (hex). Absent when the control plane takes no beats; the node then sends a
 /// full heartbeat every interval, as it always could.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BeatGrant {
     /// UDP port on the control plane's host (the host of the URL the node registered at).
     pub port: u16,
@@ -52,6 +52,16 @@ pub struct BeatGrant {
     pub session: u64,
     /// The session's HMAC-SHA256 key, 64 hex digits.
     pub key: String,
+}
+
+/// The key stays out of logs.
+impl std::fmt::Debug for BeatGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BeatGrant")
+            .field("port", &self.port)
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A session's HMAC key.

@@ -190,6 +190,11 @@ pub fn cancel_task(state: &State, task_id: &str, operator: &str) -> Result<bool,
 pub fn reload_keys(state: &State, by: &str) -> Result<(usize, usize), crate::auth::KeysError> {
     llorch_os::service::reloading();
     let result = state.reload_keys();
+    if result.is_ok() {
+        // A revoked node token must not live on in beats: every node's next beat is answered
+        // with a request for its (authenticated) heartbeat.
+        state.core().registry.ask_reports();
+    }
     match &result {
         Ok((api, node)) => tracing::info!(
             api_keys = api,

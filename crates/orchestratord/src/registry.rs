@@ -65,6 +65,9 @@ pub struct BeatSession {
     pub id: u64,
     pub key: BeatKey,
     pub counter: u64,
+    /// Beats are answered with a request for a full heartbeat until one arrives (set when the
+    /// node tokens are reloaded: a revoked token stops at the node's next beat).
+    pub report_due: bool,
 }
 
 /// What became of one beat.
@@ -166,7 +169,7 @@ impl Registry {
             return BeatOutcome::Rejected;
         }
         session.counter = beat.counter;
-        if !node.online {
+        if !node.online || session.report_due {
             return BeatOutcome::ReportAsked;
         }
         node.last_seen = now;
@@ -194,6 +197,9 @@ impl Registry {
             tracing::info!(node_id = %node_id, "Node is back online.");
         }
         node.last_seen = Instant::now();
+        if let Some(b) = node.beat.as_mut() {
+            b.report_due = false;
+        }
         node.staged_models = staged;
         node.gpus = gpus;
         let mut pools = pools;
@@ -221,6 +227,13 @@ impl Registry {
             }
         }
         Some(std::mem::replace(&mut node.pools, pools))
+    }
+
+    /// Makes every node's next beat ask for a full heartbeat (which checks its token again).
+    pub fn ask_reports(&mut self) {
+        for b in self.nodes.values_mut().filter_map(|n| n.beat.as_mut()) {
+            b.report_due = true;
+        }
     }
 
     /// Whether a registration of `node_id` would exceed [`MAX_NODES`].
@@ -714,6 +727,7 @@ mod tests {
             id: 9,
             key: key.clone(),
             counter: 0,
+            report_due: false,
         });
         let mut r = Registry::default();
         r.register(n);
@@ -738,12 +752,18 @@ mod tests {
         let later = Instant::now() + SUSPECT_FOR;
         assert_eq!(apply(&mut r, 9, 2, &key, later), BeatOutcome::Ok);
         assert!(!r.candidates()[0].suspect);
+        // After a reload of the node tokens, beats ask for a heartbeat until one comes.
+        r.ask_reports();
+        assert_eq!(apply(&mut r, 9, 3, &key, later), BeatOutcome::ReportAsked);
+        let pools = r.nodes["w"].pools.clone();
+        assert!(beat(&mut r, pools));
+        assert_eq!(apply(&mut r, 9, 4, &key, later), BeatOutcome::Ok);
         // Unknown sessions are asked for a report; so is an offline node, which a beat does not
         // bring back (only a report does).
         assert_eq!(apply(&mut r, 10, 1, &key, later), BeatOutcome::ReportAsked);
         assert_eq!(r.expire_nodes(later + Duration::from_secs(4)), ["w"]);
         assert_eq!(
-            apply(&mut r, 9, 3, &key, later + Duration::from_secs(4)),
+            apply(&mut r, 9, 5, &key, later + Duration::from_secs(4)),
             BeatOutcome::ReportAsked
         );
         assert!(!r.nodes["w"].online);
@@ -753,9 +773,10 @@ mod tests {
             id: 11,
             key: key.clone(),
             counter: 0,
+            report_due: false,
         });
         r.register(again);
-        assert_eq!(apply(&mut r, 9, 4, &key, later), BeatOutcome::ReportAsked);
+        assert_eq!(apply(&mut r, 9, 6, &key, later), BeatOutcome::ReportAsked);
         assert_eq!(apply(&mut r, 11, 1, &key, later), BeatOutcome::Ok);
         assert_eq!(r.beat_sessions.len(), 1);
     }

@@ -130,6 +130,7 @@ pub async fn register(
                     id,
                     key,
                     counter: 0,
+                    report_due: false,
                 }),
                 Some(BeatGrant {
                     port,
