@@ -431,17 +431,15 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn registers_heartbeats_on_change_and_registers_again_after_404() {
-        let fake = Arc::new(Fake::default());
-        let app = Router::new()
-            .route("/v2/nodes/register", post(register))
-            .route("/v2/nodes/{id}/heartbeat", post(heartbeat))
-            .with_state(fake.clone());
+    /// Serves `app` as the control plane and runs the example node's registration loop
+    /// against it, heartbeating every `heartbeat_secs`.
+    async fn node_against(
+        app: Router,
+        heartbeat_secs: u64,
+    ) -> (Arc<Node>, CancellationToken, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-
         let cfg = crate::config::parse(
             std::path::Path::new("t.toml"),
             include_str!("../examples/node.toml"),
@@ -449,17 +447,28 @@ mod tests {
         .unwrap();
         let node = Node::new(cfg.pools());
         let stop = CancellationToken::new();
-        // A long interval: every heartbeat below is caused by a state change.
         let task = tokio::spawn(run(
             node.clone(),
             HttpClient::new(&format!("http://{addr}")).unwrap(),
             Identity {
                 node_id: "n1".into(),
                 advertise: "unix:/run/n1.sock".into(),
-                heartbeat_secs: 300,
+                heartbeat_secs,
             },
             stop.clone(),
         ));
+        (node, stop, task)
+    }
+
+    #[tokio::test]
+    async fn registers_heartbeats_on_change_and_registers_again_after_404() {
+        let fake = Arc::new(Fake::default());
+        let app = Router::new()
+            .route("/v2/nodes/register", post(register))
+            .route("/v2/nodes/{id}/heartbeat", post(heartbeat))
+            .with_state(fake.clone());
+        // A long interval: every heartbeat below is caused by a state change.
+        let (node, stop, task) = node_against(app, 300).await;
         let calls = |n: usize| {
             let fake = fake.clone();
             async move {
@@ -552,26 +561,7 @@ mod tests {
                 .route("/v2/nodes/register", post(register_beating))
                 .route("/v2/nodes/{id}/heartbeat", post(heartbeat_beating))
                 .with_state(fake.clone());
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move { axum::serve(listener, app).await });
-            let cfg = crate::config::parse(
-                std::path::Path::new("t.toml"),
-                include_str!("../examples/node.toml"),
-            )
-            .unwrap();
-            let node = Node::new(cfg.pools());
-            let stop = CancellationToken::new();
-            let task = tokio::spawn(run(
-                node.clone(),
-                HttpClient::new(&format!("http://{addr}")).unwrap(),
-                Identity {
-                    node_id: "n1".into(),
-                    advertise: "unix:/run/n1.sock".into(),
-                    heartbeat_secs: 1,
-                },
-                stop.clone(),
-            ));
+            let (node, stop, task) = node_against(app, 1).await;
             Self {
                 fake,
                 udp,
