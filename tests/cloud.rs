@@ -15,12 +15,13 @@
 //! Needs root (namespaces, setns); without it the test prints `SKIPPED: ...` and passes.
 //!
 //! Two tests: the daemons as plain processes in the namespaces (TLS, bound tokens, spreading,
-//! a lost link, drain, the catalog, metrics, liveness beats over UDP), and the same three hosts as containers booted
-//! with systemd (`systemd-nspawn --network-namespace-path=`), the units installed as a package
-//! would and configured by exactly the files the NixOS module renders for the hosts of
-//! `nix/examples/cloud.nix` (node.toml, drop-ins with `LoadCredential=`, masks; socket
-//! activation on TCP with TLS and of the beats socket on UDP, a SIGKILLed pool-managerd, an orchestratord restart under a
-//! client loop, a lost link, `llorch nodes drain` over TLS). That one needs Nix and nixpkgs'
+//! a lost link, drain, the catalog, metrics, liveness beats over UDP), and the same three
+//! hosts as containers booted with systemd (`systemd-nspawn --network-namespace-path=`), the
+//! units installed as a package would and configured by exactly the files the NixOS module
+//! renders for the hosts of `nix/examples/cloud.nix` (node.toml, drop-ins with
+//! `LoadCredential=`, masks; socket activation on TCP with TLS and of the beats socket on UDP,
+//! a SIGKILLed pool-managerd, an orchestratord restart under a client loop, a lost link,
+//! `llorch nodes drain` over TLS). That one needs Nix and nixpkgs'
 //! lib (tests/support/nix.rs) and says SKIPPED without them.
 
 use std::os::fd::AsRawFd;
@@ -652,7 +653,17 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
     assert_eq!(log.matches("Node is back online.").count(), 1, "{log}");
     let metrics = block_on_in(&cp_name, || async {
         let c = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots).unwrap();
-        metrics_of(&c).await
+        let req = c
+            .build(
+                c.request(hyper::Method::GET, "/metrics"),
+                Default::default(),
+            )
+            .unwrap();
+        let resp = c.send(req).await.unwrap();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        String::from_utf8(body.to_bytes().to_vec()).unwrap()
     });
     for line in [
         "llorch_node_events_total{event=\"joined\"} 2",
@@ -665,8 +676,8 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
         assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
     }
     // The workers kept themselves online with beats between their reports.
-    let beats = beats_taken(&metrics);
-    assert!(beats >= 10, "{beats} beats taken:\n{metrics}");
+    let beats = beats_taken(&llorch_tests::prom::Scrape::parse(&metrics));
+    assert!(beats >= 10.0, "{beats} beats taken:\n{metrics}");
     println!(
         "cloud: both workers online after {boot:?}; lost worker's streams ended {detect:?} after its link went down; back online {recover:?} after the link came up"
     );
@@ -678,28 +689,9 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
     }
 }
 
-/// orchestratord's `/metrics` text.
-async fn metrics_of(c: &HttpClient) -> String {
-    let req = c
-        .build(
-            c.request(hyper::Method::GET, "/metrics"),
-            Default::default(),
-        )
-        .unwrap();
-    let resp = c.send(req).await.unwrap();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap();
-    String::from_utf8(body.to_bytes().to_vec()).unwrap()
-}
-
 /// The liveness beats orchestratord took (`llorch_node_beats_total{outcome="ok"}`).
-fn beats_taken(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("llorch_node_beats_total{outcome=\"ok\"} "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+fn beats_taken(metrics: &llorch_tests::prom::Scrape) -> f64 {
+    metrics.sum("llorch_node_beats_total", &[("outcome", "ok")])
 }
 
 /// What one host of the systemd cluster gets at `/mnt/llorch`: the binaries, the units, its
@@ -1006,8 +998,8 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
         assert_eq!(state_of(&nodes(&c).await, "w3"), "online");
         assert!(lost_after < Duration::from_secs(6), "{lost_after:?}");
         // The workers beat over UDP through orchestratord-beats.socket between their reports.
-        let beats = beats_taken(&metrics_of(&c).await);
-        assert!(beats >= 10, "{beats} beats taken");
+        let beats = beats_taken(&llorch_tests::prom::scrape(&c).await);
+        assert!(beats >= 10.0, "{beats} beats taken");
         (boot_time, kill_recovery, answers.len())
     });
     let out = Command::new("ip")

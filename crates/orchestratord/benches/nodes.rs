@@ -267,7 +267,10 @@ async fn heartbeats(nodes: usize, beats: bool) {
     for t in tasks {
         let _ = t.await;
     }
-    let taken = metric(&client, "llorch_node_beats_total{outcome=\"ok\"} ").await;
+    // 0 from an older binary without beats.
+    let taken = llorch_tests::prom::scrape(&client)
+        .await
+        .sum("llorch_node_beats_total", &[("outcome", "ok")]);
     let nodes_online: Vec<serde_json::Value> = client.get_json("/v2/nodes").await.expect("nodes");
     let online = nodes_online
         .iter()
@@ -290,28 +293,6 @@ async fn heartbeats(nodes: usize, beats: bool) {
         "memory: VmRSS {rss_before:.1} MB before registration, {rss_after:.1} MB after {nodes} nodes: {:.1} kB per node",
         (rss_after - rss_before) * 1e3 / nodes as f64
     );
-}
-
-/// The value of the `/metrics` line that starts with `prefix` (0 when there is none: an
-/// older binary).
-async fn metric(client: &HttpClient, prefix: &str) -> u64 {
-    use http_body_util::BodyExt;
-    let Ok(req) = client.build(
-        client.request(hyper::Method::GET, "/metrics"),
-        Default::default(),
-    ) else {
-        return 0;
-    };
-    let Ok(resp) = client.send(req).await else {
-        return 0;
-    };
-    let Ok(body) = resp.into_body().collect().await else {
-        return 0;
-    };
-    String::from_utf8_lossy(&body.to_bytes())
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn main() {

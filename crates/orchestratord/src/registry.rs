@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use llorch_client::HttpClient;
-use llorch_wire::beat::{Beat, BeatKey};
+use llorch_wire::beat::{Beat, BeatGrant, BeatKey};
 use llorch_wire::node::{GpuReport, PoolState, PoolStatus};
 use llorch_wire::task::{NodeView, PoolView};
 use tokio::time::Instant;
@@ -68,6 +68,27 @@ pub struct BeatSession {
     /// Beats are answered with a request for a full heartbeat until one arrives (set when the
     /// node tokens are reloaded: a revoked token stops at the node's next beat).
     pub report_due: bool,
+}
+
+impl BeatSession {
+    /// A fresh session for a registration, and the grant that tells the node of it (beats to
+    /// `port`). None only when the system's random source fails.
+    pub fn new(port: u16) -> Option<(BeatSession, BeatGrant)> {
+        let (key, hex) = BeatKey::generate()?;
+        let id = llorch_wire::id::random_u64();
+        let grant = BeatGrant {
+            port,
+            session: id,
+            key: hex,
+        };
+        let session = BeatSession {
+            id,
+            key,
+            counter: 0,
+            report_due: false,
+        };
+        Some((session, grant))
+    }
 }
 
 /// What became of one beat.

@@ -71,7 +71,7 @@ pub async fn run(
         let beat_now = registered && !report_due;
         if let Some(b) = beats
             .as_mut()
-            .filter(|b| beat_now && b.sent < b.report_after)
+            .filter(|b| beat_now && b.sent < b.report_after())
         {
             if let Err(e) = b.send().await {
                 // A closed port (an ICMP answer to the last beat) or no route: a full
@@ -220,9 +220,8 @@ struct Beats {
     counter: u64,
     /// Whether a report showed that beats arrive.
     verified: bool,
-    /// Beats sent since the last report, and how many may go before the next one.
+    /// Beats sent since the last report.
     sent: u32,
-    report_after: u32,
     /// The counter when the last report went out.
     counter_at_report: u64,
 }
@@ -260,8 +259,6 @@ impl Beats {
             counter: 0,
             verified: false,
             sent: 0,
-            // The first report checks, one interval in, that beats arrive.
-            report_after: BEATS_PER_INTERVAL,
             counter_at_report: 0,
         })
     }
@@ -273,23 +270,28 @@ impl Beats {
     fn reported(mut self, taken: Option<u64>, control_plane: &str) -> Option<Beats> {
         if self.sent >= 2 {
             self.verified = taken.unwrap_or(0) > self.counter_at_report;
-        }
-        if self.sent >= 2 && !self.verified {
-            tracing::warn!(
-                control_plane = %control_plane,
-                port = self.socket.peer_addr().map(|a| a.port()).unwrap_or(0),
-                "Liveness beats do not reach the control plane (is its UDP port filtered?); heartbeating over HTTPS every interval instead."
-            );
-            return None;
+            if !self.verified {
+                tracing::warn!(
+                    control_plane = %control_plane,
+                    port = self.socket.peer_addr().map(|a| a.port()).unwrap_or(0),
+                    "Liveness beats do not reach the control plane (is its UDP port filtered?); heartbeating over HTTPS every interval instead."
+                );
+                return None;
+            }
         }
         self.sent = 0;
         self.counter_at_report = self.counter;
-        self.report_after = if self.verified {
+        Some(self)
+    }
+
+    /// Beats that may go between two reports: until a report showed that beats arrive, one
+    /// interval's (the check comes early); then [`REPORT_EVERY`] intervals'.
+    fn report_after(&self) -> u32 {
+        if self.verified {
             REPORT_EVERY * BEATS_PER_INTERVAL
         } else {
             BEATS_PER_INTERVAL
-        };
-        Some(self)
+        }
     }
 
     async fn send(&mut self) -> std::io::Result<()> {
@@ -500,6 +502,8 @@ mod tests {
     /// heartbeat, and answers each with the beat counter the test says it took.
     struct Beating {
         calls: Mutex<Vec<String>>,
+        /// Fired on every call.
+        called: tokio::sync::Notify,
         grant: BeatGrant,
         taken: std::sync::atomic::AtomicU64,
     }
@@ -509,6 +513,7 @@ mod tests {
         Json(r): Json<Registration>,
     ) -> Json<NodeAck> {
         f.calls.lock().unwrap().push("register".into());
+        f.called.notify_waiters();
         Json(NodeAck {
             node_id: r.node_id,
             offline_after_secs: 3,
@@ -525,6 +530,7 @@ mod tests {
             .lock()
             .unwrap()
             .push(format!("heartbeat {}", h.pools[0].state));
+        f.called.notify_waiters();
         Json(NodeAck {
             node_id: "n1".into(),
             offline_after_secs: 3,
@@ -550,6 +556,7 @@ mod tests {
             let (key, hex_key) = BeatKey::generate().unwrap();
             let fake = Arc::new(Beating {
                 calls: Mutex::default(),
+                called: Default::default(),
                 grant: BeatGrant {
                     port: udp.local_addr().unwrap().port(),
                     session: 77,
@@ -580,11 +587,14 @@ mod tests {
         async fn call(&self, n: usize) -> String {
             let deadline = Instant::now() + Duration::from_secs(3);
             loop {
+                // Registered before the check, so a call between the two is not missed.
+                let called = self.fake.called.notified();
                 if let Some(c) = self.calls().get(n - 1) {
                     return c.clone();
                 }
-                assert!(Instant::now() < deadline, "no call {n}: {:?}", self.calls());
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                if tokio::time::timeout_at(deadline, called).await.is_err() {
+                    panic!("no call {n}: {:?}", self.calls());
+                }
             }
         }
 

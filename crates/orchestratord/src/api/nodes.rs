@@ -9,7 +9,6 @@ use axum::extract::{Path, State as Ext};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use llorch_client::HttpClient;
-use llorch_wire::beat::{BeatGrant, BeatKey};
 use llorch_wire::node::{limits, Heartbeat, NodeAck, Registration};
 use llorch_wire::task::NodeView;
 use llorch_wire::{ErrorBody, ErrorCode};
@@ -118,33 +117,16 @@ pub async fn register(
     let heartbeat = Duration::from_secs(reg.heartbeat_secs);
     // A fresh beat session per registration, when beats are read: its key travels only in
     // this (authenticated) answer.
-    let (beat, grant) = match state
+    let (beat, grant) = state
         .config
         .beat_port
-        .map(|port| (port, BeatKey::generate()))
-    {
-        Some((port, Some((key, hex)))) => {
-            let id = llorch_wire::id::random_u64();
-            (
-                Some(BeatSession {
-                    id,
-                    key,
-                    counter: 0,
-                    report_due: false,
-                }),
-                Some(BeatGrant {
-                    port,
-                    session: id,
-                    key: hex,
-                }),
-            )
-        }
-        Some((_, None)) => {
-            tracing::warn!(node_id = %reg.node_id, "No random key for a beat session: the node heartbeats over HTTP.");
-            (None, None)
-        }
-        None => (None, None),
-    };
+        .and_then(|port| {
+            BeatSession::new(port).or_else(|| {
+                tracing::warn!(node_id = %reg.node_id, "No random key for a beat session: the node heartbeats over HTTP.");
+                None
+            })
+        })
+        .unzip();
     let node = Node {
         id: reg.node_id.clone(),
         address: reg.address.clone(),
