@@ -13,7 +13,7 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::time::Instant;
 
 use crate::events::Event;
-use crate::metrics::CancelReason;
+use crate::outcome::CancelReason;
 use crate::state::{Refusal, State};
 
 /// How long a node may take to drain or resume a pool (it only flips a flag).

@@ -13,6 +13,8 @@
 //! - [`registry`]: nodes, pools, leases, suspect pools, sessions.
 //! - [`metrics`]: the Prometheus metrics and the journal record of each finished task
 //!   ([`state::State::finish`] and [`state::State::complete`] write both, once per task).
+//! - [`outcome`]: the domain's label vocabularies (front, outcome, rejection, cancel reason,
+//!   placement decision), below both [`tasks`] and [`metrics`].
 //! - [`control`]: operator actions (drain, resume, cancel any task, reload keys), shared by
 //!   the HTTP API and the D-Bus front [`dbus`] (`org.llamaorch.Orchestrator1`); [`events`]:
 //!   the operator events that front turns into signals.
@@ -33,11 +35,15 @@ pub mod dbus;
 pub mod dispatch;
 pub mod events;
 pub mod metrics;
+pub mod outcome;
 pub mod placement;
 pub mod registry;
 pub mod state;
 pub mod sync;
 pub mod tasks;
+
+#[cfg(test)]
+mod layering;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -16,169 +16,8 @@ use llorch_metrics::{counter_vec as counter, gauge_vec as gauge};
 use llorch_metrics::{register, INTER_TOKEN_BUCKETS, LATENCY_BUCKETS};
 use llorch_wire::node::PoolState;
 use llorch_wire::task::Priority;
-use llorch_wire::ErrorCode;
 
-use crate::state::Core;
-
-/// Which front end a generation request came through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
-    OpenAiChat,
-    OpenAiCompletions,
-    Native,
-}
-
-impl Api {
-    pub const ALL: [Api; 3] = [Api::OpenAiChat, Api::OpenAiCompletions, Api::Native];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::OpenAiChat => "openai_chat",
-            Self::OpenAiCompletions => "openai_completions",
-            Self::Native => "native",
-        }
-    }
-}
-
-/// How a generation request ended (`llorch_requests_total{outcome}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Ok,
-    Canceled,
-    Failed,
-    Rejected,
-    Invalid,
-    Unauthorized,
-    Unavailable,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 7] = [
-        Outcome::Ok,
-        Outcome::Canceled,
-        Outcome::Failed,
-        Outcome::Rejected,
-        Outcome::Invalid,
-        Outcome::Unauthorized,
-        Outcome::Unavailable,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::Canceled => "canceled",
-            Self::Failed => "failed",
-            Self::Rejected => "rejected",
-            Self::Invalid => "invalid",
-            Self::Unauthorized => "unauthorized",
-            Self::Unavailable => "unavailable",
-        }
-    }
-
-    /// The outcome of a request refused before admission, from its status.
-    pub fn of_refusal(status: hyper::StatusCode) -> Self {
-        match status.as_u16() {
-            400 | 404 | 409 | 413 | 422 => Self::Invalid,
-            401 | 403 => Self::Unauthorized,
-            429 => Self::Rejected,
-            503 => Self::Unavailable,
-            _ => Self::Failed,
-        }
-    }
-
-    /// The outcome of an admitted task that ended with an error event. A request the engine
-    /// refused as invalid (its chat template refuses the messages, a grammar does not parse, a
-    /// model without tool support asked to choose a tool) is the client's, like a 400 at the
-    /// door.
-    pub fn of_error(code: ErrorCode) -> Self {
-        match code {
-            ErrorCode::Canceled => Self::Canceled,
-            ErrorCode::InvalidParams => Self::Invalid,
-            ErrorCode::AdmissionReject | ErrorCode::QueueFullDropLru | ErrorCode::DeadlineUnmet => {
-                Self::Rejected
-            }
-            _ => Self::Failed,
-        }
-    }
-}
-
-/// Why admission refused or dropped a task (`llorch_admission_rejections_total{reason}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    QueueFull,
-    Deadline,
-    Evicted,
-    Expired,
-}
-
-impl Rejection {
-    pub const ALL: [Rejection; 4] = [
-        Rejection::QueueFull,
-        Rejection::Deadline,
-        Rejection::Evicted,
-        Rejection::Expired,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::QueueFull => "queue_full",
-            Self::Deadline => "deadline",
-            Self::Evicted => "evicted",
-            Self::Expired => "expired",
-        }
-    }
-}
-
-/// Why a task was cancelled (`llorch_tasks_canceled_total{reason}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CancelReason {
-    /// `POST /v2/tasks/{id}/cancel`.
-    Client,
-    /// The OpenAI client closed its connection.
-    Disconnect,
-    /// orchestratord stopped while the task waited.
-    Shutdown,
-    /// An operator cancelled it (D-Bus `CancelTask`).
-    Operator,
-}
-
-impl CancelReason {
-    pub const ALL: [CancelReason; 4] = [
-        CancelReason::Client,
-        CancelReason::Disconnect,
-        CancelReason::Shutdown,
-        CancelReason::Operator,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Client => "client",
-            Self::Disconnect => "disconnect",
-            Self::Shutdown => "shutdown",
-            Self::Operator => "operator",
-        }
-    }
-}
-
-/// What the dispatcher did with a task (`llorch_placement_decisions_total{outcome}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    Placed,
-    Requeued,
-    Impossible,
-}
-
-impl Decision {
-    pub const ALL: [Decision; 3] = [Decision::Placed, Decision::Requeued, Decision::Impossible];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Placed => "placed",
-            Self::Requeued => "requeued",
-            Self::Impossible => "impossible",
-        }
-    }
-}
+use crate::outcome::{Api, CancelReason, Decision, Outcome, Rejection};
 
 /// The outcome label of a heartbeat (`llorch_node_heartbeats_total{outcome}`).
 pub const HEARTBEAT_OUTCOMES: [&str; 4] = ["ok", "unknown_node", "unauthorized", "invalid"];
@@ -188,7 +27,28 @@ pub const HEARTBEAT_OUTCOMES: [&str; 4] = ["ok", "unknown_node", "unauthorized",
 /// `rejected` (a tag that does not verify, a replayed counter, or not a beat at all).
 pub const BEAT_OUTCOMES: [&str; 3] = ["ok", "report_asked", "rejected"];
 
-const POOL_STATES: [PoolState; 6] = PoolState::ALL;
+/// The pool states of `llorch_pools{state}`, in the order of [`Gauges::pools`] (then `offline`).
+pub const POOL_STATES: [PoolState; 6] = PoolState::ALL;
+
+/// The node states of `llorch_nodes{state}`, in the order of [`Gauges::nodes`].
+pub const NODE_STATES: [&str; 3] = ["online", "suspect", "offline"];
+
+/// What the gauges of the queue and the registry say: a snapshot read under the core lock,
+/// so that this module needs to know neither the queue nor the registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Tasks queued: interactive, batch.
+    pub queue_depth: [i64; 2],
+    /// Nodes by state, in the order of [`NODE_STATES`].
+    pub nodes: [i64; 3],
+    pub nodes_draining: i64,
+    /// Pools of online nodes by state, in the order of [`POOL_STATES`], then the pools of
+    /// offline nodes.
+    pub pools: [i64; POOL_STATES.len() + 1],
+    /// Slots of ready pools on online nodes: leased, and not.
+    pub slots_busy: i64,
+    pub slots_free: i64,
+}
 
 /// The label used for a model no node registered.
 pub const UNKNOWN_MODEL: &str = "unknown";
@@ -548,54 +408,29 @@ impl Metrics {
             .inc_by(u64::from(f.tokens_out));
     }
 
-    /// Sets the gauges that describe the queue and the registry (call under the core lock,
-    /// then [`Metrics::encode`] without it).
-    pub fn read_gauges(&self, core: &Core) {
-        let depth = [
-            core.queue.count(Priority::Interactive) as i64,
-            core.queue.count(Priority::Batch) as i64,
-        ];
+    /// Sets the gauges that describe the queue and the registry from a snapshot (read under
+    /// the core lock, set here without it).
+    pub fn set_gauges(&self, g: &Gauges) {
         self.queue_depth
             .with_label_values(&[Priority::Interactive.as_str()])
-            .set(depth[0]);
+            .set(g.queue_depth[0]);
         self.queue_depth
             .with_label_values(&[Priority::Batch.as_str()])
-            .set(depth[1]);
-        let nodes = &core.registry.nodes;
-        let now = tokio::time::Instant::now();
-        for state in ["online", "suspect", "offline"] {
-            let n = nodes.values().filter(|n| n.state(now) == state).count() as i64;
+            .set(g.queue_depth[1]);
+        for (state, n) in NODE_STATES.iter().zip(g.nodes) {
             self.nodes.with_label_values(&[state]).set(n);
         }
-        self.nodes_draining
-            .set(nodes.values().filter(|n| n.draining).count() as i64);
-        let mut pools = [0i64; POOL_STATES.len() + 1];
-        let (mut busy, mut free) = (0i64, 0i64);
-        for c in core.registry.candidates() {
-            let i = if c.node_online {
-                POOL_STATES.iter().position(|s| *s == c.state).unwrap_or(0)
-            } else {
-                POOL_STATES.len()
-            };
-            pools[i] += 1;
-            if c.node_online && c.state == PoolState::Ready {
-                let leased = core
-                    .registry
-                    .leased(&(c.node_id.to_string(), c.pool_id.to_string()));
-                busy += i64::from(leased);
-                free += i64::from(c.slots_total.saturating_sub(leased));
-            }
-        }
+        self.nodes_draining.set(g.nodes_draining);
         for (i, s) in POOL_STATES
             .iter()
             .map(|s| s.as_str())
             .chain(["offline"])
             .enumerate()
         {
-            self.pools.with_label_values(&[s]).set(pools[i]);
+            self.pools.with_label_values(&[s]).set(g.pools[i]);
         }
-        self.slots.with_label_values(&["busy"]).set(busy);
-        self.slots.with_label_values(&["free"]).set(free);
+        self.slots.with_label_values(&["busy"]).set(g.slots_busy);
+        self.slots.with_label_values(&["free"]).set(g.slots_free);
     }
 
     /// The text exposition.

@@ -96,6 +96,20 @@ pub enum Placement {
     Impossible { reason: String },
 }
 
+/// Free and total slots of ready pools serving `model`.
+pub fn capacity_for(candidates: &[Candidate], model: &str) -> (u32, u32) {
+    candidates
+        .iter()
+        .filter(|c| c.model_id == model && c.serving())
+        // Saturating: node input is bounded per pool, but the number of pools is not.
+        .fold((0u32, 0u32), |(f, s), c| {
+            (
+                f.saturating_add(c.free_slots),
+                s.saturating_add(c.slots_total),
+            )
+        })
+}
+
 /// Decides where `ask` runs given `pools`. Pure: the same inputs give the same answer.
 pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
     let mut reasons = Vec::new();

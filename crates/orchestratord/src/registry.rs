@@ -384,7 +384,7 @@ impl Registry {
     /// How long until a slot of a loaded pool serving `model` frees up: the model's mean
     /// service time spread over those pools' slots.
     pub fn slot_wait(&self, candidates: &[Candidate], model: &str) -> std::time::Duration {
-        let (_, slots) = crate::state::capacity_for(candidates, model);
+        let (_, slots) = crate::placement::capacity_for(candidates, model);
         let default_rate = ServiceRate::default();
         self.rate(model)
             .unwrap_or(&default_rate)

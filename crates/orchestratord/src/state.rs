@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Pushed, Queue, ServiceRate};
 use crate::config::Config;
-use crate::metrics::{Api, CancelReason, Finished, Metrics, Outcome, Rejection};
-use crate::placement::{place, Ask, Placement};
+use crate::metrics::{Finished, Gauges, Metrics, NODE_STATES, POOL_STATES};
+use crate::outcome::{Api, CancelReason, Outcome, Rejection};
+use crate::placement::{capacity_for, place, Ask, Placement};
 use crate::registry::{Registry, Sessions};
 use crate::tasks::{Task, TaskEvent, TaskTable};
 
@@ -30,6 +31,40 @@ pub struct Core {
     pub queue: Queue<Arc<Task>>,
     pub registry: Registry,
     pub sessions: Sessions,
+}
+
+impl Core {
+    /// The snapshot behind the metrics' gauges of the queue and the registry.
+    pub fn gauges(&self, now: Instant) -> Gauges {
+        let mut g = Gauges {
+            queue_depth: [
+                self.queue.count(Priority::Interactive) as i64,
+                self.queue.count(Priority::Batch) as i64,
+            ],
+            ..Gauges::default()
+        };
+        let nodes = &self.registry.nodes;
+        for (i, state) in NODE_STATES.iter().enumerate() {
+            g.nodes[i] = nodes.values().filter(|n| n.state(now) == *state).count() as i64;
+        }
+        g.nodes_draining = nodes.values().filter(|n| n.draining).count() as i64;
+        for c in self.registry.candidates() {
+            let i = if c.node_online {
+                POOL_STATES.iter().position(|s| *s == c.state).unwrap_or(0)
+            } else {
+                POOL_STATES.len()
+            };
+            g.pools[i] += 1;
+            if c.node_online && c.state == llorch_wire::node::PoolState::Ready {
+                let leased = self
+                    .registry
+                    .leased(&(c.node_id.to_string(), c.pool_id.to_string()));
+                g.slots_busy += i64::from(leased);
+                g.slots_free += i64::from(c.slots_total.saturating_sub(leased));
+            }
+        }
+        g
+    }
 }
 
 /// Client API keys and node tokens; replaced as a whole on reload (SIGHUP).
@@ -166,6 +201,12 @@ impl State {
         );
         *crate::sync::write(&self.keys) = Arc::new(keys);
         Ok(counts)
+    }
+
+    /// Sets the metrics' gauges for a scrape: read under the core lock, set without it.
+    pub fn read_gauges(&self) {
+        let gauges = self.core().gauges(Instant::now());
+        self.metrics.set_gauges(&gauges);
     }
 
     pub fn core(&self) -> MutexGuard<'_, Core> {
@@ -723,20 +764,6 @@ impl State {
     pub fn queue_position(&self, task: &Task) -> Option<u32> {
         self.core().queue.position(&task.key)
     }
-}
-
-/// Free and total slots of ready pools serving `model`.
-pub fn capacity_for(candidates: &[crate::placement::Candidate], model: &str) -> (u32, u32) {
-    candidates
-        .iter()
-        .filter(|c| c.model_id == model && c.serving())
-        // Saturating: node input is bounded per pool, but the number of pools is not.
-        .fold((0u32, 0u32), |(f, s), c| {
-            (
-                f.saturating_add(c.free_slots),
-                s.saturating_add(c.slots_total),
-            )
-        })
 }
 
 /// A fresh id: a prefix and 16 random hex digits.

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Api, CancelReason};
+use crate::outcome::{Api, CancelReason};
 
 pub const RETAIN_FINISHED: Duration = Duration::from_secs(300);
 pub const MAX_FINISHED: usize = 4096;

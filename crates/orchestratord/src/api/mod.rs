@@ -26,7 +26,8 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use serde::de::DeserializeOwned;
 
 use crate::auth::presented_key;
-use crate::metrics::{Api, Outcome, UNKNOWN_MODEL};
+use crate::metrics::UNKNOWN_MODEL;
+use crate::outcome::{Api, Outcome};
 use crate::state::{new_id, Refusal, State};
 
 pub type AppState = Arc<State>;
@@ -271,7 +272,7 @@ async fn ready(Ext(state): Ext<AppState>) -> Response {
 }
 
 async fn metrics(Ext(state): Ext<AppState>) -> impl IntoResponse {
-    state.metrics.read_gauges(&state.core());
+    state.read_gauges();
     let text = state.metrics.encode();
     ([("content-type", llorch_metrics::CONTENT_TYPE)], text)
 }

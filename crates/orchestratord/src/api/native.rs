@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use super::{
     authenticate, authorize_admin, parse, read_body, sse, ApiError, AppState, CorrelationId, Meter,
 };
-use crate::metrics::Api;
+use crate::outcome::Api;
 use crate::state::{Refusal, Submission};
 use crate::tasks::{Follower, Task};
 
@@ -214,7 +214,7 @@ pub async fn cancel(
 ) -> Result<Response> {
     let client = native(authenticate(&state, &headers))?;
     let task = own_task(&state, &client, &id)?;
-    let canceled = state.cancel(&task, crate::metrics::CancelReason::Client);
+    let canceled = state.cancel(&task, crate::outcome::CancelReason::Client);
     Ok((
         StatusCode::OK,
         Json(serde_json::json!({"task_id": id, "canceled": canceled})),

@@ -17,7 +17,7 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::time::Instant;
 
 use super::{Dispatched, Lease, MAX_DISPATCH_ATTEMPTS};
-use crate::metrics::Decision;
+use crate::outcome::Decision;
 use crate::state::State;
 use crate::tasks::{Task, TaskEvent};
 

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Entry, Queue};
-use crate::metrics::{Decision, Rejection};
+use crate::outcome::{Decision, Rejection};
 use crate::placement::{place, Ask, Candidate, Placement};
 use crate::registry::{PoolKey, Registry, Sessions};
 use crate::state::{Core, State};

@@ -31,7 +31,7 @@ use llorch_wire::ErrorBody;
 use serde_json::{json, Value};
 
 use super::{authenticate, ApiError, AppState, CorrelationId, Meter};
-use crate::metrics::Api;
+use crate::outcome::Api;
 use crate::state::Refusal;
 use request::{decode, ChatRequest, CompletionRequest, CHAT_FIELDS, COMPLETION_FIELDS};
 pub use response::error_envelope;

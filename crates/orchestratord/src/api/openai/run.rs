@@ -15,7 +15,7 @@ use super::request::Common;
 use super::response::{choice_of, whole_answer, Answer, Kind, Shape};
 use super::{oai, stream, unix_now, Result};
 use crate::api::{sse, status_for, ApiError, AppState, CorrelationId, Meter};
-use crate::metrics::Api;
+use crate::outcome::Api;
 use crate::state::{State, Submission};
 use crate::tasks::{Follower, Task, TaskEvent};
 
@@ -30,7 +30,7 @@ impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self
             .state
-            .cancel(&self.task, crate::metrics::CancelReason::Disconnect)
+            .cancel(&self.task, crate::outcome::CancelReason::Disconnect)
         {
             tracing::debug!(task_id = %self.task.id, "Client went away; task cancelled.");
         }
