@@ -12,7 +12,8 @@
 //!
 //! Fixed ports are safe here: each namespace is created by this test and holds nothing else.
 //!
-//! Needs root (namespaces, setns); without it the test prints `SKIPPED: ...` and passes.
+//! Needs root (namespaces, setns); without it the test is counted as skipped
+//! (`llorch_tests::skip`), and under `CI=true` it fails.
 //!
 //! Two tests: the daemons as plain processes in the namespaces (TLS, bound tokens, spreading,
 //! a lost link, drain, the catalog, metrics, liveness beats over UDP), and the same three
@@ -309,7 +310,7 @@ fn last_error(f: &[Frame]) -> Option<ErrorBody> {
 #[test]
 fn a_control_plane_and_two_workers_on_separate_networks() {
     if !is_root() {
-        println!("SKIPPED: the cloud test creates network namespaces: run it as root");
+        llorch_tests::skip("the cloud test creates network namespaces: run it as root");
         return;
     }
     let _g = llorch_tests::serial();
@@ -745,13 +746,15 @@ systemd-tmpfiles --create
 #[test]
 fn three_hosts_under_systemd_with_tls_and_credentials() {
     if !is_root() {
-        println!("SKIPPED: the cloud test boots containers in network namespaces: run it as root");
+        llorch_tests::skip("the cloud test boots containers in network namespaces: run it as root");
         return;
     }
     let n = match llorch_tests::nix::nix() {
         Ok(n) => n,
         Err(why) => {
-            println!("SKIPPED: the hosts are configured by the NixOS module's rendering: {why}");
+            llorch_tests::skip(format!(
+                "the hosts are configured by the NixOS module's rendering: {why}"
+            ));
             return;
         }
     };

@@ -554,6 +554,6 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
             "{logs}"
         );
     } else {
-        eprintln!("SKIPPED: the unprivileged caller needs root (setpriv)");
+        llorch_tests::skip("the unprivileged caller needs root (setpriv)");
     }
 }

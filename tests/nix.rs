@@ -21,7 +21,7 @@ fn nix_or_skip() -> Option<&'static Nix> {
     match nix() {
         Ok(n) => Some(n),
         Err(why) => {
-            println!("SKIPPED: {why}");
+            llorch_tests::skip(why);
             None
         }
     }
@@ -80,7 +80,9 @@ fn nix_files_are_formatted_and_have_no_dead_code() {
         ("nixpkgs-fmt", &["--check"][..]),
     ] {
         let Some(t) = tool(name) else {
-            println!("SKIPPED: {name} is not installed (scripts/setup.sh installs it with cargo)");
+            llorch_tests::skip(format!(
+                "{name} is not installed (scripts/setup.sh installs it with cargo)"
+            ));
             continue;
         };
         let out = Command::new(t).args(args).args(&files).output().unwrap();
@@ -521,7 +523,7 @@ fn standin(n: &Nix, dir: &Path) -> PathBuf {
 fn flake_outputs_evaluate_against_an_offline_nixpkgs() {
     let Some(n) = nix_or_skip() else { return };
     if !llorch_tests::rootfs::is_root() {
-        println!("SKIPPED: nix flake check copies the flake into /nix/store: run it as root");
+        llorch_tests::skip("nix flake check copies the flake into /nix/store: run it as root");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

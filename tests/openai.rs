@@ -37,8 +37,8 @@ fn python(stack: &Stack, script: &str, args: &[&str]) -> String {
 fn answers_conform_to_openais_schema_and_structured_output_validates() {
     let _g = serial();
     let Some(spec) = openai_spec() else {
-        println!(
-            "SKIPPED: OpenAI's OpenAPI document is not at ../shared/vendor (set LLORCH_OPENAI_SPEC)"
+        llorch_tests::skip(
+            "OpenAI's OpenAPI document is not at ../shared/vendor (set LLORCH_OPENAI_SPEC)",
         );
         return;
     };

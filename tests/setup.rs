@@ -33,21 +33,23 @@ const REQUIRED: [&str; 13] = [
     "nix-bin",
 ];
 
-/// Root privileges and the cached root filesystem, made once per test binary; None (with a
-/// message) where this machine cannot run containers.
+/// Root privileges and the cached root filesystem, made once per test binary; None where this
+/// machine cannot run containers, after the calling test was counted as skipped.
 fn bare_root() -> Option<&'static (Vec<String>, PathBuf)> {
     static ROOT: OnceLock<Option<(Vec<String>, PathBuf)>> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        let Some(prefix) = try_root_prefix() else {
-            eprintln!(
-                "SKIPPED: the setup tests run setup.sh in a systemd-nspawn container, which needs root or passwordless sudo"
-            );
-            return None;
-        };
-        let root = rootfs(&prefix);
-        Some((prefix, root))
-    })
-    .as_ref()
+    let root = ROOT
+        .get_or_init(|| {
+            let prefix = try_root_prefix()?;
+            let root = rootfs(&prefix);
+            Some((prefix, root))
+        })
+        .as_ref();
+    if root.is_none() {
+        llorch_tests::skip(
+            "the setup tests run setup.sh in a systemd-nspawn container, which needs root or passwordless sudo",
+        );
+    }
+    root
 }
 
 /// Runs `script` with bash in a throwaway overlay of `root`, with scripts/ at /mnt/scripts and

@@ -85,6 +85,39 @@ pub fn openai_spec() -> Option<PathBuf> {
         .filter(|p| p.exists())
 }
 
+/// Says that the calling test cannot run on this machine, and why; the caller then returns.
+///
+/// A skipped test must never read as a passed one: the line `SKIPPED: <test>: <why>` goes to
+/// stderr, and the test's name is appended to `$LLORCH_SKIP_LOG` (set by `make test`), whose
+/// summary counts it as skipped instead of passed. Under `CI=true` this panics: CI installs
+/// everything a test needs (`scripts/setup.sh`), so a skip there is a missing install step.
+pub fn skip(why: impl std::fmt::Display) {
+    let thread = std::thread::current();
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let log = std::env::var_os("LLORCH_SKIP_LOG").map(PathBuf::from);
+    record_skip(thread.name().unwrap_or("a test"), &why, ci, log.as_deref());
+}
+
+fn record_skip(test: &str, why: &dyn std::fmt::Display, ci: bool, log: Option<&Path>) {
+    if ci {
+        panic!(
+            "{test} cannot run here under CI=true, where every prerequisite is installed: {why}"
+        );
+    }
+    eprintln!("SKIPPED: {test}: {why}");
+    if let Some(log) = log {
+        use std::io::Write;
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| writeln!(f, "{test}"));
+        if let Err(e) = written {
+            panic!("cannot record the skip of {test} in {}: {e}", log.display());
+        }
+    }
+}
+
 /// A workspace binary built next to this test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -253,4 +286,25 @@ pub async fn frames(mut s: llorch_client::EventStream) -> Vec<llorch_wire::sse::
         out.push(f.expect("frame"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::record_skip;
+
+    #[test]
+    fn a_skip_is_recorded_for_the_summary_and_fails_under_ci() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("skipped.log");
+        record_skip("a::one", &"no root", false, Some(&log));
+        record_skip("b::two", &"no nix", false, Some(&log));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "a::one\nb::two\n");
+        let under_ci = std::panic::catch_unwind(|| record_skip("c", &"no root", true, Some(&log)));
+        let message = *under_ci.unwrap_err().downcast::<String>().unwrap();
+        assert!(
+            message.contains("CI=true") && message.contains("no root"),
+            "{message}"
+        );
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 2);
+    }
 }
