@@ -15,19 +15,20 @@ pub use cache::{Cache, Staged};
 pub use source::Source;
 
 /// Exit codes of `engine-provisioner`, one per kind of failure so scripts and systemd can tell
-/// them apart. Documented in docs/CONFIGURATION.md.
+/// them apart (docs/CONFIGURATION.md): the workspace's shared codes, under the names of what
+/// they mean here.
 pub mod exit {
-    pub const SHA256_MISMATCH: i32 = 10;
-    pub const NOT_GGUF: i32 = 11;
-    pub const TRUNCATED: i32 = 12;
-    pub const MALFORMED: i32 = 13;
-    pub const USAGE: i32 = 64;
-    pub const SOURCE_MISSING: i32 = 66;
-    pub const DOWNLOAD_FAILED: i32 = 69;
-    pub const CACHE_WRITE: i32 = 73;
-    pub const IO: i32 = 74;
+    pub use llorch_wire::exit::{MALFORMED, NOT_GGUF, SHA256_MISMATCH, TRUNCATED, USAGE};
+    /// The model source does not exist.
+    pub const SOURCE_MISSING: i32 = llorch_wire::exit::NOINPUT;
+    /// A download failed or stalled.
+    pub const DOWNLOAD_FAILED: i32 = llorch_wire::exit::UNAVAILABLE;
+    /// The cache cannot be written.
+    pub const CACHE_WRITE: i32 = llorch_wire::exit::CANTCREAT;
+    /// Reading the model failed.
+    pub const IO: i32 = llorch_wire::exit::IOERR;
     /// A GPU pool with `gpu_only` whose model does not fit its GPUs' free memory.
-    pub const DOES_NOT_FIT: i32 = 78;
+    pub const DOES_NOT_FIT: i32 = llorch_wire::exit::CONFIG;
 }
 
 #[derive(Debug, thiserror::Error)]

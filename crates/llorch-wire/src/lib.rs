@@ -2,12 +2,13 @@
 //!
 //! This crate owns the formats other processes (and other tools) read: the engine's HTTP request
 //! and SSE event bodies, the typed error body and its codes, the handoff file an engine writes
-//! when it is ready, and the engine plan the provisioner writes for it. It does no I/O: encoding
+//! when it is ready, and the engine plan the provisioner writes for it, and the exit codes of every binary. It does no I/O: encoding
 //! to bytes and decoding from bytes is as far as it goes.
 
 pub mod beat;
 pub mod engine;
 pub mod error;
+pub mod exit;
 pub mod handoff;
 pub mod id;
 pub mod json;

@@ -406,6 +406,6 @@ async fn main() {
     };
     if let Err(e) = result {
         eprintln!("llorch: {e:#}");
-        std::process::exit(1);
+        std::process::exit(llorch::exit::code(&e));
     }
 }

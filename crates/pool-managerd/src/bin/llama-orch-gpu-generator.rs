@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 fn main() {
     let Some(out) = std::env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: llama-orch-gpu-generator NORMAL_DIR [EARLY_DIR LATE_DIR]");
-        std::process::exit(64);
+        std::process::exit(llorch_wire::exit::USAGE);
     };
     let config = std::env::var_os("LLORCH_NODE_CONFIG")
         .map_or_else(|| PathBuf::from("/etc/llama-orch/node.toml"), PathBuf::from);
