@@ -304,28 +304,12 @@ impl Cache {
             size_bytes: staged.size_bytes,
         };
         let path = self.manifest_path(model_id);
-        write_atomically(
+        llorch_os::fs::write_atomic(
             &path,
             &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"),
         )
         .map_err(|source| ProvisionError::CacheWrite { path, source })
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// The header check ran on the temporary file; report the source the operator named.

@@ -5,7 +5,7 @@ use std::path::Path;
 use llorch_gguf::memory::{self, mib, Fit, Request};
 use llorch_wire::plan::{EnginePlan, PlannedMemory, PlannedModel, PLAN_VERSION};
 
-use crate::cache::{write_atomically, Staged};
+use crate::cache::Staged;
 use crate::ProvisionError;
 
 /// What the operator chose for the pool; the model part comes from staging.
@@ -149,7 +149,7 @@ fn does_not_fit(settings: &PoolSettings, e: &memory::Estimate, free: &[u64]) -> 
 /// Writes the plan atomically, so an engine never reads half a plan.
 pub fn write(path: &Path, plan: &EnginePlan) -> Result<(), ProvisionError> {
     let bytes = serde_json::to_vec_pretty(plan).expect("plans serialize");
-    write_atomically(path, &bytes).map_err(|source| ProvisionError::CacheWrite {
+    llorch_os::fs::write_atomic(path, &bytes).map_err(|source| ProvisionError::CacheWrite {
         path: path.to_owned(),
         source,
     })

@@ -33,6 +33,19 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 /// holding the caller.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Connects to a Unix socket within [`CONNECT_TIMEOUT`]: a server whose backlog is full (a
+/// wedged process holding its socket) leaves `connect` waiting, which must not hold a caller.
+pub(crate) async fn connect_unix(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("not accepted within {} s", CONNECT_TIMEOUT.as_secs()),
+            )
+        })?
+}
+
 #[derive(Clone)]
 enum Target {
     Unix(Pooled<UnixConnector, Full<Bytes>>),
@@ -70,18 +83,8 @@ impl tower_service::Service<Uri> for UnixConnector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let path = self.0.clone();
         Box::pin(async move {
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(&*path))
+            let stream = connect_unix(&path)
                 .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "{}: not accepted within {} s",
-                            path.display(),
-                            CONNECT_TIMEOUT.as_secs()
-                        ),
-                    )
-                })?
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
             Ok(UnixConnection(TokioIo::new(stream)))
         })

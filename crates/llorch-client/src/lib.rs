@@ -21,7 +21,6 @@ use llorch_wire::engine::{EndEvent, EngineEvent, GenerateRequest, Health, SlotsS
 use llorch_wire::sse::{Decoder, Frame};
 use llorch_wire::ErrorBody;
 use serde::de::DeserializeOwned;
-use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -83,7 +82,7 @@ impl UnixClient {
     /// Sends a request and returns the response head with its streaming body.
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ClientError> {
         let stream =
-            UnixStream::connect(&self.path)
+            http::connect_unix(&self.path)
                 .await
                 .map_err(|source| ClientError::Connect {
                     path: self.path.clone(),

@@ -41,3 +41,37 @@ async fn a_full_listen_queue_is_unreachable_within_the_connect_timeout() {
     assert!(waited >= CONNECT_TIMEOUT / 2, "{waited:?}");
     drop(listener);
 }
+
+/// The same over a Unix socket (an engine's): a socket whose queue is full answers `UnixClient`
+/// with a connect error within `CONNECT_TIMEOUT`, never a wait without end.
+#[tokio::test]
+async fn a_full_unix_socket_is_a_connect_error_within_the_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("engine.sock");
+    let socket = tokio::net::UnixSocket::new_stream().unwrap();
+    socket.bind(&path).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::UnixStream::connect(&path),
+        )
+        .await
+        {
+            Ok(Ok(s)) => held.push(s),
+            _ => break,
+        }
+    }
+    assert!(held.len() < 8, "the kernel kept queueing connections");
+
+    let client = llorch_client::UnixClient::new(&path);
+    let answer = tokio::time::timeout(CONNECT_TIMEOUT * 4, client.get_bytes("/health"))
+        .await
+        .expect("the client gave up by itself");
+    assert!(
+        matches!(answer, Err(ClientError::Connect { .. })),
+        "{answer:?}"
+    );
+    drop(listener);
+}

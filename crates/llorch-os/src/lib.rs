@@ -3,6 +3,9 @@
 //! [`service`] sd_notify (readiness, status, start-timeout extension, stopping, watchdog),
 //! credentials and journald logging, with the stable journald [`message_id`]s.
 //!
+//! [`fs`] holds the workspace's one atomic file write (fsync of the file and its directory);
+//! [`sync`] its lock policy (locks that outlive a panic).
+//!
 //! [`process`] holds what a parent sets up for a child between fork and exec (parent-death
 //! signal, a passed listener), the stop signal, and the readiness check of a held socket.
 //!
@@ -10,15 +13,17 @@
 //! `JOURNAL_STREAM`, handles raw file descriptors or sends signals; no other crate of the
 //! daemons has an `unsafe` block (tests that signal their own children aside).
 
+pub mod fs;
 pub mod message_id;
 pub mod process;
 pub mod service;
+pub mod sync;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use tokio::net::{TcpListener, UnixListener};
 
@@ -48,9 +53,7 @@ pub enum ListenError {
 /// API and beats).
 fn inherited() -> MutexGuard<'static, listenfd::ListenFd> {
     static FDS: OnceLock<Mutex<listenfd::ListenFd>> = OnceLock::new();
-    FDS.get_or_init(|| Mutex::new(listenfd::ListenFd::from_env()))
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
+    sync::lock(FDS.get_or_init(|| Mutex::new(listenfd::ListenFd::from_env())))
 }
 
 /// Which inherited socket is `name`'s: the one whose `FileDescriptorName=` (`LISTEN_FDNAMES`)

@@ -1,6 +1,7 @@
 //! Child processes and raw descriptors: what a parent must set up between fork and exec, and
 //! the one readiness check on a listening socket. Every `unsafe` block of the workspace that
-//! touches a file descriptor or a signal lives here, each with the reason it is sound.
+//! touches a file descriptor or a signal lives here, each with the reason it is sound; plain
+//! system calls go through rustix, without `unsafe`.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
@@ -69,24 +70,25 @@ pub fn pass_listener(cmd: &mut Command, listener: &impl AsRawFd, name: &str) {
 /// Sends SIGTERM to a child the caller started and has not reaped (so its pid cannot have been
 /// recycled): the polite stop every daemon here answers by draining.
 pub fn terminate_child(pid: u32) {
-    // SAFETY: kill(2) takes no pointers; the caller guarantees `pid` is its own unreaped child.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(pid) = pid {
+        // A child that already exited (ESRCH) needs no signal.
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
 }
 
 /// Whether a connection waits on `listener` now (poll(2) without waiting).
 pub fn connection_waiting(listener: &UnixListener) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    use rustix::event::{PollFd, PollFlags};
+    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    let now = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // SAFETY: poll(2) on one valid pollfd, without waiting.
-    #[allow(unsafe_code)]
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & libc::POLLIN != 0
+    matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+        && fds[0].revents().contains(PollFlags::IN)
 }
 
 /// Waits until a connection waits on `listener`, without accepting it (the child that will
@@ -111,9 +113,42 @@ pub async fn wait_for_connection(listener: &UnixListener) -> std::io::Result<()>
 
 /// This process's effective user id (a D-Bus caller with the same uid is its own operator).
 pub fn euid() -> u32 {
-    // SAFETY: geteuid(2) takes no arguments and cannot fail.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::geteuid()
+    rustix::process::geteuid().as_raw()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_connection_is_seen_without_being_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        assert!(!connection_waiting(&listener));
+        let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert!(connection_waiting(&listener));
+        assert!(connection_waiting(&listener), "seeing it does not take it");
+        listener.accept().unwrap();
+        assert!(!connection_waiting(&listener));
+    }
+
+    #[test]
+    fn terminate_child_sends_sigterm() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        terminate_child(child.id());
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGTERM));
+    }
+
+    #[test]
+    fn euid_is_the_processes_effective_uid() {
+        let out = Command::new("id").arg("-u").output().unwrap();
+        let id: u32 = String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(euid(), id);
     }
 }
