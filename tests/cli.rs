@@ -24,6 +24,27 @@ fn llorch(url: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A script tells what failed by the exit code (docs/CONFIGURATION.md, `llorch`): nothing
+/// listening is 69 (retry later), an address that is no URL is 64 (fix the command).
+#[test]
+fn the_cli_exits_with_the_code_of_what_failed() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let code = |url: &str| {
+        Command::new(bin("llorch"))
+            .args(["status", "--dbus", "off"])
+            .env("LLORCH_URL", url)
+            .env_remove("LLORCH_API_KEY")
+            .output()
+            .expect("run llorch")
+            .status
+            .code()
+    };
+    assert_eq!(code(&url), Some(llorch_wire::exit::UNAVAILABLE), "{url}");
+    assert_eq!(code("ftp://nowhere"), Some(llorch_wire::exit::USAGE));
+}
+
 #[test]
 fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
     let _g = serial();
