@@ -6,15 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::StatusCode;
 use llorch_wire::node::PoolStatus;
 use llorch_wire::task::NodeView;
-use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::time::Instant;
 
 use crate::events::Event;
 use crate::outcome::CancelReason;
-use crate::state::{Refusal, State};
+use crate::refusal::Refusal;
+use crate::state::State;
 
 /// How long a node may take to drain or resume a pool (it only flips a flag).
 pub const NODE_ACTION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,29 +40,16 @@ pub async fn pool_action(
     let (node_id, client) = match <[_; 1]>::try_from(found) {
         Ok([one]) => one,
         Err(found) if found.is_empty() => {
-            let on = on_node
-                .map(|n| format!(" on node {n:?}"))
-                .unwrap_or_default();
-            return Err((
-                StatusCode::NOT_FOUND,
-                ErrorBody::invalid(
-                    "pool_id",
-                    format!("pool {id:?} is not known{on}; see GET /v2/pools"),
-                ),
-            ));
+            return Err(Refusal::UnknownPool {
+                pool: id.to_string(),
+                on_node: on_node.map(str::to_string),
+            });
         }
         Err(found) => {
-            let nodes: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
-            return Err((
-                StatusCode::CONFLICT,
-                ErrorBody::invalid(
-                    "node",
-                    format!(
-                        "pool {id:?} is on nodes {}; say which with ?node=NODE (D-Bus: the node argument)",
-                        nodes.join(", ")
-                    ),
-                ),
-            ));
+            return Err(Refusal::AmbiguousPool {
+                pool: id.to_string(),
+                nodes: found.into_iter().map(|(n, _)| n).collect(),
+            });
         }
     };
     let (path, empty) = (format!("/v2/pools/{id}/{action}"), serde_json::json!({}));
@@ -71,26 +57,17 @@ pub async fn pool_action(
     // A node that takes the connection and never answers must not hold the operator's request.
     let answer = tokio::time::timeout(NODE_ACTION_TIMEOUT, call)
         .await
-        .map_err(|_| {
-            (
-                StatusCode::GATEWAY_TIMEOUT,
-                ErrorBody::new(
-                    ErrorCode::NodeUnavailable,
-                    format!(
-                        "node {node_id} did not answer within {} s to {action} pool {id}; try again",
-                        NODE_ACTION_TIMEOUT.as_secs()
-                    ),
-                ),
-            )
+        .map_err(|_| Refusal::NodeSilent {
+            node: node_id.clone(),
+            action: action.to_string(),
+            pool: id.to_string(),
+            within: NODE_ACTION_TIMEOUT,
         })?;
-    let status: PoolStatus = answer.map_err(|e| {
-        (
-            StatusCode::BAD_GATEWAY,
-            ErrorBody::new(
-                ErrorCode::NodeUnavailable,
-                format!("node {node_id} did not {action} pool {id}: {e}"),
-            ),
-        )
+    let status: PoolStatus = answer.map_err(|e| Refusal::NodeFailed {
+        node: node_id.clone(),
+        action: action.to_string(),
+        pool: id.to_string(),
+        error: e.to_string(),
     })?;
     let old = {
         let mut core = state.core();
@@ -125,13 +102,9 @@ pub fn node_action(
     let view = {
         let mut core = state.core();
         if !core.registry.set_draining(id, draining) {
-            return Err((
-                StatusCode::NOT_FOUND,
-                ErrorBody::invalid(
-                    "node_id",
-                    format!("node {id:?} is not known; see GET /v2/nodes"),
-                ),
-            ));
+            return Err(Refusal::UnknownNode {
+                node: id.to_string(),
+            });
         }
         let node = &core.registry.nodes[id];
         core.registry.node_view(node, Instant::now())
@@ -156,28 +129,15 @@ pub fn cancel_task(state: &State, task_id: &str, operator: &str) -> Result<bool,
     let task = match <[_; 1]>::try_from(found) {
         Ok([one]) => one,
         Err(found) if found.is_empty() => {
-            return Err((
-                StatusCode::NOT_FOUND,
-                ErrorBody::invalid(
-                    "task_id",
-                    format!(
-                        "task {task_id:?} is not known (finished tasks are kept for 5 minutes)"
-                    ),
-                ),
-            ))
+            return Err(Refusal::UnknownTask {
+                task_id: task_id.to_string(),
+            })
         }
         Err(found) => {
-            let clients: Vec<&str> = found.iter().map(|t| t.client.as_str()).collect();
-            return Err((
-                StatusCode::CONFLICT,
-                ErrorBody::invalid(
-                    "task_id",
-                    format!(
-                        "task id {task_id:?} was chosen by several API keys ({}); cancel it with that key's own POST /v2/tasks/{{id}}/cancel",
-                        clients.join(", ")
-                    ),
-                ),
-            ));
+            return Err(Refusal::AmbiguousTask {
+                task_id: task_id.to_string(),
+                clients: found.iter().map(|t| t.client.clone()).collect(),
+            });
         }
     };
     let canceled = state.cancel(&task, CancelReason::Operator);

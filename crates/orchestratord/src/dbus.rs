@@ -16,7 +16,8 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::Value;
 
 use crate::events::Event;
-use crate::state::{Refusal, State};
+use crate::refusal::Refusal;
+use crate::state::State;
 
 pub use llorch_bus::PROPERTY_PERIOD;
 
@@ -32,7 +33,8 @@ pub struct Orchestrator {
 
 /// A refusal of the shared action, as a D-Bus error: `Forbidden` is the bus's `AccessDenied`,
 /// every other code is `org.llamaorch.Error.<Code>` (`InvalidParams`, `NodeUnavailable`, ...).
-fn bus_error((_, body): Refusal) -> BusError {
+fn bus_error(refusal: Refusal) -> BusError {
+    let body = refusal.body();
     match body.code {
         llorch_wire::ErrorCode::Forbidden | llorch_wire::ErrorCode::Unauthorized => {
             BusError::access_denied(body.message)

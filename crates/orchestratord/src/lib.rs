@@ -5,6 +5,8 @@
 //!   [`state::Submission`]s; [`api::nodes`] takes registrations and heartbeats.
 //! - [`state`]: [`state::State::submit`] admits (model, placement feasibility, deadline, queue
 //!   policy); [`state::State::cancel`] cancels.
+//! - [`refusal`]: why the core declines a request ([`refusal::Refusal`]); [`api`] maps each to
+//!   an HTTP status and envelope, [`dbus`] to a D-Bus error name.
 //! - [`admission`]: the bounded queue (priorities, fair turns, drop-lru, deadlines) and the
 //!   service-rate estimate behind `Retry-After` and `predicted_start_ms`.
 //! - [`placement`]: the pure placement function.
@@ -37,6 +39,7 @@ pub mod events;
 pub mod metrics;
 pub mod outcome;
 pub mod placement;
+pub mod refusal;
 pub mod registry;
 pub mod state;
 pub mod sync;

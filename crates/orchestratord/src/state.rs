@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hyper::StatusCode;
 use llorch_wire::engine::GenerateRequest;
 use llorch_wire::task::{PlacementHints, Priority, TaskAccepted, TaskEnd, TaskStreams};
 use llorch_wire::{ErrorBody, ErrorCode};
@@ -21,11 +20,9 @@ use crate::config::Config;
 use crate::metrics::{Finished, Gauges, Metrics, NODE_STATES, POOL_STATES};
 use crate::outcome::{Api, CancelReason, Outcome, Rejection};
 use crate::placement::{capacity_for, place, Ask, Placement};
+use crate::refusal::Refusal;
 use crate::registry::{Registry, Sessions};
 use crate::tasks::{Task, TaskEvent, TaskTable};
-
-/// A refusal before a stream starts: the status and the typed body.
-pub type Refusal = (StatusCode, ErrorBody);
 
 pub struct Core {
     pub queue: Queue<Arc<Task>>,
@@ -227,23 +224,15 @@ impl State {
         use std::sync::atomic::Ordering;
         let mut map = crate::sync::lock(&self.subscribers);
         let of_client = map.get(&task.client).copied().unwrap_or(0);
-        let refuse = |what: String| {
-            Err((
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorBody::new(ErrorCode::RateLimited, what).with_retry_after_ms(1000),
-            ))
-        };
         if of_client >= MAX_SUBSCRIBERS_PER_CLIENT {
-            return refuse(format!(
-                "this API key has {of_client} event streams open, the most allowed; close one first"
-            ));
+            return Err(Refusal::ClientStreams { open: of_client });
         }
         let of_task = task.subscribers.load(Ordering::Relaxed);
         if of_task >= MAX_SUBSCRIBERS_PER_TASK {
-            return refuse(format!(
-                "task {} has {of_task} event streams open, the most allowed; close one first",
-                task.id
-            ));
+            return Err(Refusal::TaskStreams {
+                task_id: task.id.clone(),
+                open: of_task,
+            });
         }
         task.subscribers.fetch_add(1, Ordering::Relaxed);
         map.insert(task.client.clone(), of_client + 1);
@@ -357,13 +346,7 @@ impl State {
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
                 {
-                    return Err((
-                        StatusCode::BAD_REQUEST,
-                        ErrorBody::invalid(
-                            "task_id",
-                            "task_id must be 1 to 128 characters of letters, digits, - _ . :",
-                        ),
-                    ));
+                    return Err(Refusal::InvalidTaskId);
                 }
                 id
             }
@@ -385,13 +368,7 @@ impl State {
             // Ids are per client: another key's task of the same id is neither found nor
             // revealed here.
             if tasks.contains(&task.key) {
-                return Err((
-                    StatusCode::CONFLICT,
-                    ErrorBody::invalid(
-                        "task_id",
-                        format!("task {task_id:?} already exists; choose another task_id or leave it out"),
-                    ),
-                ));
+                return Err(Refusal::TaskExists { task_id });
             }
             tasks.insert(task.clone());
         }
@@ -445,51 +422,21 @@ impl State {
         if core.registry.nodes.is_empty() {
             // Just started (or restarted): nodes register within a heartbeat, and until one
             // does no model is known. A retry soon succeeds; a 404 would be wrong.
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorBody::new(
-                    ErrorCode::NodeUnavailable,
-                    "no node has registered with the control plane yet; retry in a moment",
-                )
-                .with_retry_after_ms(1000),
-            ));
+            return Err(Refusal::NoNodes);
         }
         if !candidates.iter().any(|c| c.model_id == sub.model) {
-            let known = core.registry.models();
-            return Err((
-                StatusCode::NOT_FOUND,
-                ErrorBody {
-                    field: Some("model".into()),
-                    ..ErrorBody::new(
-                        ErrorCode::ModelNotFound,
-                        format!(
-                            "model {:?} is not served here; known models: {} (see GET /v1/models)",
-                            sub.model,
-                            if known.is_empty() {
-                                "none yet".to_string()
-                            } else {
-                                known.join(", ")
-                            }
-                        ),
-                    )
-                },
-            ));
+            return Err(Refusal::UnknownModel {
+                model: sub.model.clone(),
+                known: core.registry.models(),
+            });
         }
         if !candidates
             .iter()
             .any(|c| c.model_id == sub.model && c.node_online)
         {
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorBody::new(
-                    ErrorCode::NodeUnavailable,
-                    format!(
-                        "every node serving model {:?} is offline; retry when one reports again (see GET /v2/nodes)",
-                        sub.model
-                    ),
-                )
-                .with_retry_after_ms(5000),
-            ));
+            return Err(Refusal::ModelOffline {
+                model: sub.model.clone(),
+            });
         }
         let session_pool = sub
             .session_id
@@ -503,10 +450,7 @@ impl State {
             slot_wait: core.registry.slot_wait(&candidates, &sub.model),
         };
         if let Placement::Impossible { reason } = place(&candidates, &ask) {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                ErrorBody::invalid("placement", format!("cannot place this task: {reason}")),
-            ));
+            return Err(Refusal::Unplaceable { reason });
         }
         if let Some(ctx) = sub.ctx {
             let max_ctx = candidates
@@ -520,13 +464,11 @@ impl State {
                 .max()
                 .unwrap_or(0);
             if ctx > max_ctx {
-                return Err((
-                    StatusCode::BAD_REQUEST,
-                    ErrorBody::invalid(
-                        "ctx",
-                        format!("ctx is {ctx}; pools of model {:?} hold at most {max_ctx} tokens per slot", sub.model),
-                    ),
-                ));
+                return Err(Refusal::CtxTooLarge {
+                    ctx,
+                    max_ctx,
+                    model: sub.model.clone(),
+                });
             }
         }
         let (free, slots) = capacity_for(&candidates, &sub.model);
@@ -549,17 +491,12 @@ impl State {
         if let Some(deadline_ms) = sub.deadline_ms {
             if predicted > Duration::from_millis(deadline_ms) {
                 self.metrics.rejected(Rejection::Deadline);
-                return Err((
-                    StatusCode::TOO_MANY_REQUESTS,
-                    ErrorBody::new(
-                        ErrorCode::DeadlineUnmet,
-                        format!(
-                            "deadline_ms is {deadline_ms} but the task is predicted to start in {} ms ({ahead} tasks ahead); raise deadline_ms or retry later",
-                            predicted.as_millis()
-                        ),
-                    )
-                    .with_retry_after_ms(one_slot.as_millis().max(1) as u64),
-                ));
+                return Err(Refusal::DeadlineUnmet {
+                    deadline_ms,
+                    predicted,
+                    ahead,
+                    retry_after_ms: one_slot.as_millis().max(1) as u64,
+                });
             }
         }
         self.enqueue(&mut core, task, sub, predicted, one_slot)
@@ -606,17 +543,11 @@ impl State {
                 self.metrics.rejected(Rejection::QueueFull);
                 self.saturated(capacity);
                 let retry_ms = one_slot.as_millis().max(1) as u64;
-                return Err((
-                    StatusCode::TOO_MANY_REQUESTS,
-                    ErrorBody {
-                        policy_label: Some(policy.as_str().into()),
-                        ..ErrorBody::new(
-                            ErrorCode::AdmissionReject,
-                            format!("the queue is full ({capacity} tasks waiting); retry after the Retry-After interval"),
-                        )
-                        .with_retry_after_ms(retry_ms)
-                    },
-                ));
+                return Err(Refusal::QueueFull {
+                    capacity,
+                    policy,
+                    retry_after_ms: retry_ms,
+                });
             }
         };
         let position = core.queue.position(&task.key).unwrap_or(0);

@@ -28,9 +28,43 @@ use serde::de::DeserializeOwned;
 use crate::auth::presented_key;
 use crate::metrics::UNKNOWN_MODEL;
 use crate::outcome::{Api, Outcome};
-use crate::state::{new_id, Refusal, State};
+use crate::refusal::Refusal;
+use crate::state::{new_id, State};
 
 pub type AppState = Arc<State>;
+
+/// An HTTP refusal: the status and the typed body (the front's own refusals, and the core's
+/// [`Refusal`]s once mapped).
+pub type HttpRefusal = (StatusCode, ErrorBody);
+
+/// The HTTP status of a refusal of the core.
+pub fn status_of(refusal: &Refusal) -> StatusCode {
+    match refusal {
+        Refusal::InvalidTaskId | Refusal::Unplaceable { .. } | Refusal::CtxTooLarge { .. } => {
+            StatusCode::BAD_REQUEST
+        }
+        Refusal::UnknownModel { .. }
+        | Refusal::UnknownPool { .. }
+        | Refusal::UnknownNode { .. }
+        | Refusal::UnknownTask { .. } => StatusCode::NOT_FOUND,
+        Refusal::TaskExists { .. }
+        | Refusal::AmbiguousPool { .. }
+        | Refusal::AmbiguousTask { .. } => StatusCode::CONFLICT,
+        Refusal::DeadlineUnmet { .. }
+        | Refusal::QueueFull { .. }
+        | Refusal::ClientStreams { .. }
+        | Refusal::TaskStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Refusal::NoNodes | Refusal::ModelOffline { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::NodeFailed { .. } => StatusCode::BAD_GATEWAY,
+        Refusal::NodeSilent { .. } => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+impl From<Refusal> for HttpRefusal {
+    fn from(refusal: Refusal) -> Self {
+        (status_of(&refusal), refusal.body())
+    }
+}
 
 /// The correlation id of a request, echoed from `X-Correlation-Id` or generated.
 #[derive(Debug, Clone)]
@@ -45,7 +79,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn native((status, body): Refusal) -> Self {
+    pub fn native(refusal: impl Into<HttpRefusal>) -> Self {
+        let (status, body) = refusal.into();
         Self {
             status,
             body,
@@ -53,7 +88,8 @@ impl ApiError {
         }
     }
 
-    pub fn openai((status, body): Refusal) -> Self {
+    pub fn openai(refusal: impl Into<HttpRefusal>) -> Self {
+        let (status, body) = refusal.into();
         Self {
             status,
             body,
@@ -148,14 +184,14 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
 }
 
 /// The client a request comes from (the API key's name), or an `UNAUTHORIZED` refusal.
-pub fn authenticate(state: &State, headers: &HeaderMap) -> Result<String, Refusal> {
+pub fn authenticate(state: &State, headers: &HeaderMap) -> Result<String, HttpRefusal> {
     identify(state, headers).map(|(name, _)| name)
 }
 
 /// Like [`authenticate`], for the operator endpoints (drain, resume, the node list): the key
 /// must carry the `admin` mark, or the answer is 403 `FORBIDDEN`. Without API keys (loopback
 /// only) every caller is the operator.
-pub fn authorize_admin(state: &State, headers: &HeaderMap) -> Result<String, Refusal> {
+pub fn authorize_admin(state: &State, headers: &HeaderMap) -> Result<String, HttpRefusal> {
     let (name, admin) = identify(state, headers)?;
     if admin {
         return Ok(name);
@@ -171,7 +207,7 @@ pub fn authorize_admin(state: &State, headers: &HeaderMap) -> Result<String, Ref
 }
 
 /// The key's name and whether it is an admin key.
-fn identify(state: &State, headers: &HeaderMap) -> Result<(String, bool), Refusal> {
+fn identify(state: &State, headers: &HeaderMap) -> Result<(String, bool), HttpRefusal> {
     let keys = state.keys();
     let Some(keys) = &keys.api else {
         return Ok(("anonymous".into(), true));
@@ -202,12 +238,12 @@ fn identify(state: &State, headers: &HeaderMap) -> Result<(String, bool), Refusa
 }
 
 /// Reads a request body up to the configured limit (413 beyond it).
-pub async fn read_body(state: &State, body: Body) -> Result<Bytes, Refusal> {
+pub async fn read_body(state: &State, body: Body) -> Result<Bytes, HttpRefusal> {
     read_body_within(body, state.config.max_body_bytes).await
 }
 
 /// Reads the whole body, up to `limit` bytes (413 beyond).
-pub async fn read_body_within(body: Body, limit: usize) -> Result<Bytes, Refusal> {
+pub async fn read_body_within(body: Body, limit: usize) -> Result<Bytes, HttpRefusal> {
     Limited::new(body, limit)
         .collect()
         .await
@@ -231,7 +267,7 @@ pub async fn read_body_within(body: Body, limit: usize) -> Result<Bytes, Refusal
 }
 
 /// Decodes a JSON body, naming the field at fault.
-pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Refusal> {
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpRefusal> {
     llorch_wire::json::parse(bytes).map_err(|e| (StatusCode::BAD_REQUEST, e))
 }
 
@@ -319,4 +355,282 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::from_fn(correlation))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::admission::Policy;
+
+    /// Each refusal of the core answers with the status and body the HTTP API gave before
+    /// refusals were typed (the expected pairs are the old code's, verbatim).
+    #[test]
+    fn refusals_answer_with_their_status_and_body() {
+        let invalid = |f: &str, m: &str| ErrorBody::invalid(f, m);
+        let cases: Vec<(Refusal, HttpRefusal)> = vec![
+            (
+                Refusal::InvalidTaskId,
+                (
+                    StatusCode::BAD_REQUEST,
+                    invalid(
+                        "task_id",
+                        "task_id must be 1 to 128 characters of letters, digits, - _ . :",
+                    ),
+                ),
+            ),
+            (
+                Refusal::TaskExists {
+                    task_id: "t".into(),
+                },
+                (
+                    StatusCode::CONFLICT,
+                    invalid(
+                        "task_id",
+                        "task \"t\" already exists; choose another task_id or leave it out",
+                    ),
+                ),
+            ),
+            (
+                Refusal::NoNodes,
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorBody::new(
+                        ErrorCode::NodeUnavailable,
+                        "no node has registered with the control plane yet; retry in a moment",
+                    )
+                    .with_retry_after_ms(1000),
+                ),
+            ),
+            (
+                Refusal::UnknownModel {
+                    model: "x".into(),
+                    known: vec!["a".into(), "b".into()],
+                },
+                (
+                    StatusCode::NOT_FOUND,
+                    ErrorBody {
+                        field: Some("model".into()),
+                        ..ErrorBody::new(
+                            ErrorCode::ModelNotFound,
+                            "model \"x\" is not served here; known models: a, b (see GET /v1/models)",
+                        )
+                    },
+                ),
+            ),
+            (
+                Refusal::UnknownModel {
+                    model: "x".into(),
+                    known: vec![],
+                },
+                (
+                    StatusCode::NOT_FOUND,
+                    ErrorBody {
+                        field: Some("model".into()),
+                        ..ErrorBody::new(
+                            ErrorCode::ModelNotFound,
+                            "model \"x\" is not served here; known models: none yet (see GET /v1/models)",
+                        )
+                    },
+                ),
+            ),
+            (
+                Refusal::ModelOffline { model: "m".into() },
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorBody::new(
+                        ErrorCode::NodeUnavailable,
+                        "every node serving model \"m\" is offline; retry when one reports again (see GET /v2/nodes)",
+                    )
+                    .with_retry_after_ms(5000),
+                ),
+            ),
+            (
+                Refusal::Unplaceable {
+                    reason: "why".into(),
+                },
+                (
+                    StatusCode::BAD_REQUEST,
+                    invalid("placement", "cannot place this task: why"),
+                ),
+            ),
+            (
+                Refusal::CtxTooLarge {
+                    ctx: 9000,
+                    max_ctx: 4096,
+                    model: "m".into(),
+                },
+                (
+                    StatusCode::BAD_REQUEST,
+                    invalid(
+                        "ctx",
+                        "ctx is 9000; pools of model \"m\" hold at most 4096 tokens per slot",
+                    ),
+                ),
+            ),
+            (
+                Refusal::DeadlineUnmet {
+                    deadline_ms: 10,
+                    predicted: Duration::from_millis(1500),
+                    ahead: 3,
+                    retry_after_ms: 700,
+                },
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorBody::new(
+                        ErrorCode::DeadlineUnmet,
+                        "deadline_ms is 10 but the task is predicted to start in 1500 ms (3 tasks ahead); raise deadline_ms or retry later",
+                    )
+                    .with_retry_after_ms(700),
+                ),
+            ),
+            (
+                Refusal::QueueFull {
+                    capacity: 8,
+                    policy: Policy::Reject,
+                    retry_after_ms: 250,
+                },
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorBody {
+                        policy_label: Some(Policy::Reject.as_str().into()),
+                        ..ErrorBody::new(
+                            ErrorCode::AdmissionReject,
+                            "the queue is full (8 tasks waiting); retry after the Retry-After interval",
+                        )
+                        .with_retry_after_ms(250)
+                    },
+                ),
+            ),
+            (
+                Refusal::ClientStreams { open: 256 },
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorBody::new(
+                        ErrorCode::RateLimited,
+                        "this API key has 256 event streams open, the most allowed; close one first",
+                    )
+                    .with_retry_after_ms(1000),
+                ),
+            ),
+            (
+                Refusal::TaskStreams {
+                    task_id: "t".into(),
+                    open: 8,
+                },
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorBody::new(
+                        ErrorCode::RateLimited,
+                        "task t has 8 event streams open, the most allowed; close one first",
+                    )
+                    .with_retry_after_ms(1000),
+                ),
+            ),
+            (
+                Refusal::UnknownPool {
+                    pool: "p".into(),
+                    on_node: Some("n".into()),
+                },
+                (
+                    StatusCode::NOT_FOUND,
+                    invalid(
+                        "pool_id",
+                        "pool \"p\" is not known on node \"n\"; see GET /v2/pools",
+                    ),
+                ),
+            ),
+            (
+                Refusal::UnknownPool {
+                    pool: "p".into(),
+                    on_node: None,
+                },
+                (
+                    StatusCode::NOT_FOUND,
+                    invalid("pool_id", "pool \"p\" is not known; see GET /v2/pools"),
+                ),
+            ),
+            (
+                Refusal::AmbiguousPool {
+                    pool: "p".into(),
+                    nodes: vec!["a".into(), "b".into()],
+                },
+                (
+                    StatusCode::CONFLICT,
+                    invalid(
+                        "node",
+                        "pool \"p\" is on nodes a, b; say which with ?node=NODE (D-Bus: the node argument)",
+                    ),
+                ),
+            ),
+            (
+                Refusal::NodeSilent {
+                    node: "n".into(),
+                    action: "drain".into(),
+                    pool: "p".into(),
+                    within: Duration::from_secs(5),
+                },
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    ErrorBody::new(
+                        ErrorCode::NodeUnavailable,
+                        "node n did not answer within 5 s to drain pool p; try again",
+                    ),
+                ),
+            ),
+            (
+                Refusal::NodeFailed {
+                    node: "n".into(),
+                    action: "resume".into(),
+                    pool: "p".into(),
+                    error: "boom".into(),
+                },
+                (
+                    StatusCode::BAD_GATEWAY,
+                    ErrorBody::new(
+                        ErrorCode::NodeUnavailable,
+                        "node n did not resume pool p: boom",
+                    ),
+                ),
+            ),
+            (
+                Refusal::UnknownNode { node: "n".into() },
+                (
+                    StatusCode::NOT_FOUND,
+                    invalid("node_id", "node \"n\" is not known; see GET /v2/nodes"),
+                ),
+            ),
+            (
+                Refusal::UnknownTask {
+                    task_id: "t".into(),
+                },
+                (
+                    StatusCode::NOT_FOUND,
+                    invalid(
+                        "task_id",
+                        "task \"t\" is not known (finished tasks are kept for 5 minutes)",
+                    ),
+                ),
+            ),
+            (
+                Refusal::AmbiguousTask {
+                    task_id: "t".into(),
+                    clients: vec!["k1".into(), "k2".into()],
+                },
+                (
+                    StatusCode::CONFLICT,
+                    invalid(
+                        "task_id",
+                        "task id \"t\" was chosen by several API keys (k1, k2); cancel it with that key's own POST /v2/tasks/{id}/cancel",
+                    ),
+                ),
+            ),
+        ];
+        for (refusal, expected) in cases {
+            let name = format!("{refusal:?}");
+            let answer: HttpRefusal = refusal.into();
+            assert_eq!(answer, expected, "{name}");
+        }
+    }
 }

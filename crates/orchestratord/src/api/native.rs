@@ -19,15 +19,17 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{
-    authenticate, authorize_admin, parse, read_body, sse, ApiError, AppState, CorrelationId, Meter,
+    authenticate, authorize_admin, parse, read_body, sse, ApiError, AppState, CorrelationId,
+    HttpRefusal, Meter,
 };
 use crate::outcome::Api;
-use crate::state::{Refusal, Submission};
+use crate::refusal::Refusal;
+use crate::state::Submission;
 use crate::tasks::{Follower, Task};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-fn native<T>(r: std::result::Result<T, Refusal>) -> Result<T> {
+fn native<T>(r: std::result::Result<T, impl Into<HttpRefusal>>) -> Result<T> {
     r.map_err(ApiError::native)
 }
 
@@ -38,13 +40,9 @@ fn own_task(state: &AppState, client: &str, id: &str) -> Result<Arc<Task>> {
 }
 
 fn unknown_task(id: &str) -> ApiError {
-    ApiError::native((
-        StatusCode::NOT_FOUND,
-        ErrorBody::invalid(
-            "task_id",
-            format!("task {id:?} is not known (finished tasks are kept for 5 minutes)"),
-        ),
-    ))
+    ApiError::native(Refusal::UnknownTask {
+        task_id: id.to_string(),
+    })
 }
 
 /// `POST /v2/tasks`.

@@ -30,16 +30,15 @@ use axum::{Extension, Json};
 use llorch_wire::ErrorBody;
 use serde_json::{json, Value};
 
-use super::{authenticate, ApiError, AppState, CorrelationId, Meter};
+use super::{authenticate, ApiError, AppState, CorrelationId, HttpRefusal, Meter};
 use crate::outcome::Api;
-use crate::state::Refusal;
 use request::{decode, ChatRequest, CompletionRequest, CHAT_FIELDS, COMPLETION_FIELDS};
 pub use response::error_envelope;
 use run::run;
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-fn oai<T>(r: std::result::Result<T, Refusal>) -> Result<T> {
+fn oai<T>(r: std::result::Result<T, impl Into<HttpRefusal>>) -> Result<T> {
     r.map_err(ApiError::openai)
 }
 
