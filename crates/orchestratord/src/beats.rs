@@ -17,7 +17,7 @@ use llorch_wire::beat::{self, BEAT_LEN};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::BeatOutcome;
+use crate::ops::Beats;
 use crate::state::State;
 
 /// How often the socket is read. Small next to any heartbeat interval (1 s at the least), so
@@ -49,28 +49,14 @@ pub async fn serve(state: Arc<State>, socket: UdpSocket, shutdown: CancellationT
             continue;
         }
         let now = Instant::now();
-        let (mut ok, mut asked, mut rejected) = (0u64, 0u64, malformed);
-        let mut replies = Vec::new();
-        let queued = {
-            let mut core = state.core();
-            for (datagram, from) in &batch {
-                let Some(b) = beat::parse(datagram) else {
-                    rejected += 1;
-                    continue;
-                };
-                match core.registry.beat(&b, now) {
-                    BeatOutcome::Ok => ok += 1,
-                    BeatOutcome::ReportAsked => {
-                        asked += 1;
-                        if replies.len() < MAX_REPLIES_PER_BATCH {
-                            replies.push((b.session, *from));
-                        }
-                    }
-                    BeatOutcome::Rejected => rejected += 1,
-                }
-            }
-            !core.queue.is_empty()
-        };
+        let Beats {
+            ok,
+            asked,
+            rejected,
+            replies,
+            queued,
+        } = crate::ops::beats(&state, &batch, MAX_REPLIES_PER_BATCH, now);
+        let rejected = rejected + malformed;
         for (session, to) in replies {
             // Best effort: a lost answer is asked again by the node's next beat.
             let _ = socket.send_to(&beat::report_request(session), to);

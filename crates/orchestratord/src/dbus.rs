@@ -17,7 +17,7 @@ use zbus::zvariant::Value;
 
 use crate::events::Event;
 use crate::refusal::Refusal;
-use crate::state::State;
+use crate::state::{Core, State};
 
 pub use llorch_bus::PROPERTY_PERIOD;
 
@@ -63,7 +63,10 @@ fn digest(value: impl std::hash::Hash) -> u64 {
 
 impl Snapshot {
     fn take(state: &State) -> Self {
-        let core = state.core();
+        state.read(Self::of)
+    }
+
+    fn of(core: &Core) -> Self {
         let now = Instant::now();
         let registry = &core.registry;
         let ready = registry.serving().0;
@@ -128,26 +131,30 @@ impl Snapshot {
 }
 
 fn nodes(state: &State) -> Vec<NodeEntry> {
-    let core = state.core();
     let now = Instant::now();
-    core.registry
-        .nodes
-        .values()
-        .map(|n| {
-            (
-                n.id.clone(),
-                n.state(now).to_string(),
-                n.address.clone(),
-                now.duration_since(n.last_seen).as_millis() as u64,
-                n.pools.iter().map(|p| p.pool_id.clone()).collect(),
-                n.draining,
-            )
-        })
-        .collect()
+    state.read(|core| {
+        core.registry
+            .nodes
+            .values()
+            .map(|n| {
+                (
+                    n.id.clone(),
+                    n.state(now).to_string(),
+                    n.address.clone(),
+                    now.duration_since(n.last_seen).as_millis() as u64,
+                    n.pools.iter().map(|p| p.pool_id.clone()).collect(),
+                    n.draining,
+                )
+            })
+            .collect()
+    })
 }
 
 fn pools(state: &State) -> Vec<PoolEntry> {
-    let core = state.core();
+    state.read(pool_entries)
+}
+
+fn pool_entries(core: &Core) -> Vec<PoolEntry> {
     let mut out = Vec::new();
     for n in core.registry.nodes.values() {
         for p in &n.pools {
@@ -177,18 +184,18 @@ impl Orchestrator {
     /// Tasks waiting in the admission queue.
     #[zbus(property)]
     fn queue_depth(&self) -> u32 {
-        u32::try_from(self.state.core().queue.len()).unwrap_or(u32::MAX)
+        u32::try_from(self.state.queue_depth()).unwrap_or(u32::MAX)
     }
 
     #[zbus(property)]
     fn queue_capacity(&self) -> u32 {
-        u32::try_from(self.state.core().queue.capacity()).unwrap_or(u32::MAX)
+        u32::try_from(self.state.queue_capacity()).unwrap_or(u32::MAX)
     }
 
     /// Tasks holding a slot now.
     #[zbus(property)]
     fn running_tasks(&self) -> u32 {
-        self.state.core().registry.total_leased()
+        self.state.running_tasks()
     }
 
     #[zbus(property)]

@@ -37,6 +37,7 @@ pub mod dbus;
 pub mod dispatch;
 pub mod events;
 pub mod metrics;
+pub mod ops;
 pub mod outcome;
 pub mod placement;
 pub mod refusal;

@@ -11,7 +11,7 @@ use llorch_wire::{ErrorBody, ErrorCode};
 use crate::admission::Policy;
 
 /// A request the core refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
     /// A task id the client chose is not 1 to 128 characters of letters, digits, `-_.:`.
     InvalidTaskId,
@@ -78,11 +78,49 @@ pub enum Refusal {
         task_id: String,
         clients: Vec<String>,
     },
+    /// What a node sent (a registration, a heartbeat) is not valid; the body names the field.
+    InvalidReport(ErrorBody),
+    /// A node registered a plain-HTTP address off this host, and plaintext is not allowed.
+    PlaintextAddress { address: String },
+    /// The registry keeps as many nodes as allowed ([`crate::registry::MAX_NODES`]).
+    NodesFull,
+    /// A heartbeat of a node the control plane does not know (it restarted): register again.
+    NotRegistered { node: String },
 }
 
 impl Refusal {
     /// The typed error every front sends for this refusal.
     pub fn body(&self) -> ErrorBody {
+        match self {
+            Self::InvalidTaskId
+            | Self::TaskExists { .. }
+            | Self::ClientStreams { .. }
+            | Self::TaskStreams { .. }
+            | Self::UnknownTask { .. }
+            | Self::AmbiguousTask { .. } => self.task_body(),
+            Self::NoNodes
+            | Self::UnknownModel { .. }
+            | Self::ModelOffline { .. }
+            | Self::Unplaceable { .. }
+            | Self::CtxTooLarge { .. }
+            | Self::DeadlineUnmet { .. }
+            | Self::QueueFull { .. } => self.admission_body(),
+            Self::UnknownPool { .. }
+            | Self::AmbiguousPool { .. }
+            | Self::NodeSilent { .. }
+            | Self::NodeFailed { .. }
+            | Self::UnknownNode { .. }
+            | Self::InvalidReport(_)
+            | Self::PlaintextAddress { .. }
+            | Self::NodesFull
+            | Self::NotRegistered { .. } => self.node_body(),
+        }
+    }
+
+    /// Refusals about a task by its id, and its event streams.
+    fn task_body(&self) -> ErrorBody {
+        let rate_limited =
+            |what: String| ErrorBody::new(ErrorCode::RateLimited, what).with_retry_after_ms(1000);
         match self {
             Self::InvalidTaskId => ErrorBody::invalid(
                 "task_id",
@@ -92,25 +130,49 @@ impl Refusal {
                 "task_id",
                 format!("task {task_id:?} already exists; choose another task_id or leave it out"),
             ),
+            Self::ClientStreams { open } => rate_limited(format!(
+                "this API key has {open} event streams open, the most allowed; close one first"
+            )),
+            Self::TaskStreams { task_id, open } => rate_limited(format!(
+                "task {task_id} has {open} event streams open, the most allowed; close one first"
+            )),
+            Self::UnknownTask { task_id } => ErrorBody::invalid(
+                "task_id",
+                format!("task {task_id:?} is not known (finished tasks are kept for 5 minutes)"),
+            ),
+            Self::AmbiguousTask { task_id, clients } => ErrorBody::invalid(
+                "task_id",
+                format!(
+                    "task id {task_id:?} was chosen by several API keys ({}); cancel it with that key's own POST /v2/tasks/{{id}}/cancel",
+                    clients.join(", ")
+                ),
+            ),
+            _ => unreachable!("body() sends only task refusals here"),
+        }
+    }
+
+    /// Refusals of admission: the model, the placement hints, the deadline, the queue.
+    fn admission_body(&self) -> ErrorBody {
+        match self {
             Self::NoNodes => ErrorBody::new(
                 ErrorCode::NodeUnavailable,
                 "no node has registered with the control plane yet; retry in a moment",
             )
             .with_retry_after_ms(1000),
-            Self::UnknownModel { model, known } => ErrorBody {
-                field: Some("model".into()),
-                ..ErrorBody::new(
-                    ErrorCode::ModelNotFound,
-                    format!(
-                        "model {model:?} is not served here; known models: {} (see GET /v1/models)",
-                        if known.is_empty() {
-                            "none yet".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                )
-            },
+            Self::UnknownModel { model, known } => {
+                let known = if known.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    known.join(", ")
+                };
+                ErrorBody {
+                    field: Some("model".into()),
+                    ..ErrorBody::new(
+                        ErrorCode::ModelNotFound,
+                        format!("model {model:?} is not served here; known models: {known} (see GET /v1/models)"),
+                    )
+                }
+            }
             Self::ModelOffline { model } => ErrorBody::new(
                 ErrorCode::NodeUnavailable,
                 format!(
@@ -154,20 +216,13 @@ impl Refusal {
                 )
                 .with_retry_after_ms(*retry_after_ms)
             },
-            Self::ClientStreams { open } => ErrorBody::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "this API key has {open} event streams open, the most allowed; close one first"
-                ),
-            )
-            .with_retry_after_ms(1000),
-            Self::TaskStreams { task_id, open } => ErrorBody::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "task {task_id} has {open} event streams open, the most allowed; close one first"
-                ),
-            )
-            .with_retry_after_ms(1000),
+            _ => unreachable!("body() sends only admission refusals here"),
+        }
+    }
+
+    /// Refusals about nodes and pools: operator actions, and what nodes report.
+    fn node_body(&self) -> ErrorBody {
+        match self {
             Self::UnknownPool { pool, on_node } => {
                 let on = on_node
                     .as_ref()
@@ -210,17 +265,27 @@ impl Refusal {
                 "node_id",
                 format!("node {node:?} is not known; see GET /v2/nodes"),
             ),
-            Self::UnknownTask { task_id } => ErrorBody::invalid(
-                "task_id",
-                format!("task {task_id:?} is not known (finished tasks are kept for 5 minutes)"),
-            ),
-            Self::AmbiguousTask { task_id, clients } => ErrorBody::invalid(
-                "task_id",
+            Self::InvalidReport(body) => body.clone(),
+            Self::PlaintextAddress { address } => ErrorBody::invalid(
+                "address",
                 format!(
-                    "task id {task_id:?} was chosen by several API keys ({}); cancel it with that key's own POST /v2/tasks/{{id}}/cancel",
-                    clients.join(", ")
+                    "{address} is plain HTTP off this host: prompts and the node token would cross the network in the clear; give the node API TLS (node.tls_cert, node.tls_key, an https:// address) or start orchestratord with --allow-plaintext"
                 ),
             ),
+            Self::NodesFull => ErrorBody::new(
+                ErrorCode::NodeUnavailable,
+                format!(
+                    "the control plane already keeps {} nodes; offline nodes are forgotten after {} s, or remove nodes from service",
+                    crate::registry::MAX_NODES,
+                    crate::registry::FORGET_OFFLINE_AFTER.as_secs()
+                ),
+            )
+            .with_retry_after_ms(60_000),
+            Self::NotRegistered { node } => ErrorBody::new(
+                ErrorCode::NodeUnavailable,
+                format!("node {node:?} is not registered; register again"),
+            ),
+            _ => unreachable!("body() sends only node refusals here"),
         }
     }
 }

@@ -40,13 +40,16 @@ pub type HttpRefusal = (StatusCode, ErrorBody);
 /// The HTTP status of a refusal of the core.
 pub fn status_of(refusal: &Refusal) -> StatusCode {
     match refusal {
-        Refusal::InvalidTaskId | Refusal::Unplaceable { .. } | Refusal::CtxTooLarge { .. } => {
-            StatusCode::BAD_REQUEST
-        }
+        Refusal::InvalidTaskId
+        | Refusal::Unplaceable { .. }
+        | Refusal::CtxTooLarge { .. }
+        | Refusal::InvalidReport(_)
+        | Refusal::PlaintextAddress { .. } => StatusCode::BAD_REQUEST,
         Refusal::UnknownModel { .. }
         | Refusal::UnknownPool { .. }
         | Refusal::UnknownNode { .. }
-        | Refusal::UnknownTask { .. } => StatusCode::NOT_FOUND,
+        | Refusal::UnknownTask { .. }
+        | Refusal::NotRegistered { .. } => StatusCode::NOT_FOUND,
         Refusal::TaskExists { .. }
         | Refusal::AmbiguousPool { .. }
         | Refusal::AmbiguousTask { .. } => StatusCode::CONFLICT,
@@ -54,7 +57,9 @@ pub fn status_of(refusal: &Refusal) -> StatusCode {
         | Refusal::QueueFull { .. }
         | Refusal::ClientStreams { .. }
         | Refusal::TaskStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
-        Refusal::NoNodes | Refusal::ModelOffline { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::NoNodes | Refusal::ModelOffline { .. } | Refusal::NodesFull => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         Refusal::NodeFailed { .. } => StatusCode::BAD_GATEWAY,
         Refusal::NodeSilent { .. } => StatusCode::GATEWAY_TIMEOUT,
     }
@@ -623,6 +628,46 @@ mod tests {
                     invalid(
                         "task_id",
                         "task id \"t\" was chosen by several API keys (k1, k2); cancel it with that key's own POST /v2/tasks/{id}/cancel",
+                    ),
+                ),
+            ),
+            (
+                Refusal::InvalidReport(invalid("pools[0].slots_total", "too many")),
+                (
+                    StatusCode::BAD_REQUEST,
+                    invalid("pools[0].slots_total", "too many"),
+                ),
+            ),
+            (
+                Refusal::PlaintextAddress {
+                    address: "http://10.0.0.2:9200".into(),
+                },
+                (
+                    StatusCode::BAD_REQUEST,
+                    invalid(
+                        "address",
+                        "http://10.0.0.2:9200 is plain HTTP off this host: prompts and the node token would cross the network in the clear; give the node API TLS (node.tls_cert, node.tls_key, an https:// address) or start orchestratord with --allow-plaintext",
+                    ),
+                ),
+            ),
+            (
+                Refusal::NodesFull,
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorBody::new(
+                        ErrorCode::NodeUnavailable,
+                        "the control plane already keeps 1024 nodes; offline nodes are forgotten after 3600 s, or remove nodes from service",
+                    )
+                    .with_retry_after_ms(60_000),
+                ),
+            ),
+            (
+                Refusal::NotRegistered { node: "n".into() },
+                (
+                    StatusCode::NOT_FOUND,
+                    ErrorBody::new(
+                        ErrorCode::NodeUnavailable,
+                        "node \"n\" is not registered; register again",
                     ),
                 ),
             ),

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use llorch_wire::engine::GenerateRequest;
 use llorch_wire::node::PoolStatus;
 use llorch_wire::task::{
-    Capabilities, PoolCapability, PoolsAnswer, QueueView, SessionInfo, TaskInfo, TaskRequest,
+    Capabilities, PoolCapability, PoolsAnswer, SessionInfo, TaskInfo, TaskRequest,
 };
 use llorch_wire::ErrorBody;
 use tokio::sync::mpsc;
@@ -237,23 +237,10 @@ pub async fn session(
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>> {
     let client = native(authenticate(&state, &headers))?;
-    let now = Instant::now();
-    let core = state.core();
-    let s = core
-        .sessions
-        .get(&client, &id, now)
-        .ok_or_else(|| unknown_session(&id))?;
-    let left = core
-        .sessions
-        .ttl()
-        .saturating_sub(now.duration_since(s.last_used));
-    Ok(Json(SessionInfo {
-        session_id: id.clone(),
-        pool_id: s.pool.1.clone(),
-        slot: s.slot,
-        turns: s.turns,
-        expires_in_ms: left.as_millis() as u64,
-    }))
+    state
+        .session_info(&client, &id, Instant::now())
+        .map(Json)
+        .ok_or_else(|| unknown_session(&id))
 }
 
 /// `DELETE /v2/sessions/{id}`.
@@ -263,7 +250,7 @@ pub async fn delete_session(
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     let client = native(authenticate(&state, &headers))?;
-    if state.core().sessions.remove(&client, &id) {
+    if state.forget_session(&client, &id) {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(unknown_session(&id))
@@ -273,20 +260,7 @@ pub async fn delete_session(
 /// `GET /v2/pools`: every pool with its slots, and the queue.
 pub async fn pools(Ext(state): Ext<AppState>, headers: HeaderMap) -> Result<Json<PoolsAnswer>> {
     native(authenticate(&state, &headers))?;
-    let core = state.core();
-    let interactive = core.queue.count(llorch_wire::task::Priority::Interactive) as u32;
-    let batch = core.queue.count(llorch_wire::task::Priority::Batch) as u32;
-    Ok(Json(PoolsAnswer {
-        pools: core.registry.pool_views(),
-        queue: QueueView {
-            depth: core.queue.len() as u32,
-            capacity: core.queue.capacity() as u32,
-            interactive,
-            batch,
-            running: core.registry.total_leased(),
-            policy: core.queue.policy().as_str().into(),
-        },
-    }))
+    Ok(Json(state.pools_answer()))
 }
 
 /// `POST /v2/pools/{id}/drain` and `…/resume` (admin): passed to the pool's node, whose answer
@@ -335,9 +309,7 @@ pub async fn capabilities(
     headers: HeaderMap,
 ) -> Result<Json<Capabilities>> {
     native(authenticate(&state, &headers))?;
-    let core = state.core();
-    let pools = core
-        .registry
+    let pools = state
         .pool_views()
         .into_iter()
         .map(|p| PoolCapability {
@@ -364,41 +336,5 @@ pub async fn availability(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>> {
     native(authenticate(&state, &headers))?;
-    let now = Instant::now();
-    let core = state.core();
-    let mut models: std::collections::BTreeMap<&str, Vec<serde_json::Value>> = Default::default();
-    for node in core.registry.nodes.values() {
-        for p in &node.pools {
-            let key = (node.id.clone(), p.pool_id.clone());
-            let busy = core.registry.leased(&key);
-            models
-                .entry(p.model_id.as_str())
-                .or_default()
-                .push(serde_json::json!({
-                    "node_id": node.id,
-                    "node_state": node.state(now),
-                    "node_draining": node.draining,
-                    "pool_id": p.pool_id,
-                    "state": p.state,
-                    "slots_total": p.slots_total,
-                    "slots_free": p.slots_total.saturating_sub(busy),
-                }));
-        }
-    }
-    let candidates = core.registry.candidates();
-    let list: Vec<serde_json::Value> = models
-        .into_iter()
-        .map(|(model, locations)| {
-            let of_model = || candidates.iter().filter(move |c| c.model_id == model);
-            let serving = of_model().any(|c| c.serving() || c.standby() || c.waking());
-            let online = of_model().any(|c| c.node_online);
-            serde_json::json!({
-                "model_id": model,
-                "available": serving,
-                "nodes_online": online,
-                "locations": locations,
-            })
-        })
-        .collect();
-    Ok(Json(serde_json::json!({ "models": list })))
+    Ok(Json(state.availability(Instant::now())))
 }

@@ -61,7 +61,7 @@ fn unix_now() -> u64 {
 pub async fn models(Ext(state): Ext<AppState>, headers: HeaderMap) -> Result<Json<Value>> {
     oai(authenticate(&state, &headers))?;
     let created = unix_now();
-    let models = state.core().registry.models();
+    let models = state.models();
     let data: Vec<Value> = models
         .into_iter()
         .map(
