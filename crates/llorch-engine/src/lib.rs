@@ -24,6 +24,7 @@ pub mod slots;
 pub mod text;
 
 use std::path::PathBuf;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -137,6 +138,10 @@ pub fn check_model(config: &EngineConfig) -> Result<llorch_gguf::GgufInfo, Engin
 /// no generation request has been in progress for that long: it stops accepting first, serves
 /// what the connections it already accepted still send, and leaves new connections waiting on
 /// the socket, where the socket's owner (systemd, or pool-managerd) starts the next engine.
+///
+/// The phases, in order: take the socket and serve it ([`Server::start`]), load the model
+/// ([`load_model`]), start the decode thread ([`DecodeThread::start`]), announce readiness
+/// ([`announce_ready`]), then wait and stop ([`unload`] when idle, [`drain`] on `shutdown`).
 pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<(), EngineError> {
     check_model(&config)?;
     let (listener, origin) = llorch_os::unix_listener("engine", &config.socket)?;
@@ -145,71 +150,127 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         ListenerOrigin::Bound(p) => tracing::info!(socket = %p.display(), "Serving on the socket."),
     }
     let shared = Arc::new(Shared::new(config.model_path.display().to_string()));
-
     // Serve /health (503 while loading) from the start, so a caller can watch the load.
-    let stop_accepting = CancellationToken::new();
-    let idle = CancellationToken::new();
-    let server = {
-        let shared = Arc::clone(&shared);
-        let stop = stop_accepting.clone();
-        let idle = idle.clone();
-        let idle_exit = config.idle_exit;
-        tokio::spawn(async move {
-            let graceful = GracefulShutdown::new();
-            let idle_clock = async {
-                match idle_exit {
-                    Some(d) => {
-                        shared.wait_loaded().await;
-                        shared.activity.idle_for(d).await
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(idle_clock);
-            loop {
-                let stream = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok((s, _)) => s,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "Accept failed.");
-                            continue;
-                        }
-                    },
-                    _ = stop.cancelled() => break,
-                    () = &mut idle_clock => {
-                        // Nothing new is accepted from here; what the accepted connections
-                        // still send is served in full before the engine exits.
-                        idle.cancel();
-                        graceful.shutdown().await;
-                        return;
-                    }
-                };
-                let shared = Arc::clone(&shared);
-                // Until its first request arrives, a connection keeps the engine from going
-                // idle: it may carry a generation request.
-                let arrival = std::sync::Mutex::new(Some(shared.activity.arriving()));
-                let svc = service_fn(move |req| {
-                    let first = arrival.lock().expect("arrival lock").take();
-                    http::handle(Arc::clone(&shared), req, first)
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "Connection ended with an error.");
-                    }
-                });
-            }
-            // Streams end once their final event is written; do not wait on a stuck client
-            // forever.
-            let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
-        })
+    let server = Server::start(listener, Arc::clone(&shared), config.idle_exit);
+    let model = load_model(&config, &shared).await?;
+    let decode = DecodeThread::start(&config, &model, &shared).await?;
+    let handoff_path = announce_ready(&config, &shared, &model, &decode)?;
+    let stopped = Stopped {
+        server,
+        shared,
+        decode,
+        handoff_path,
+        origin,
     };
+    let unload_idle = tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = stopped.server.idle.cancelled() => true,
+    };
+    if unload_idle {
+        unload(&config, stopped).await;
+    } else {
+        drain(&config, stopped).await;
+    }
+    Ok(())
+}
 
+/// The task that accepts connections on the engine's socket and serves them.
+struct Server {
+    task: tokio::task::JoinHandle<()>,
+    /// Cancelled by [`drain`]: stop accepting, then give open connections a moment to end.
+    stop_accepting: CancellationToken,
+    /// Cancelled by the server when the idle clock ran out; it stopped accepting by then.
+    idle: CancellationToken,
+}
+
+impl Server {
+    fn start(
+        listener: tokio::net::UnixListener,
+        shared: Arc<Shared>,
+        idle_exit: Option<Duration>,
+    ) -> Self {
+        let stop_accepting = CancellationToken::new();
+        let idle = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(
+            listener,
+            shared,
+            idle_exit,
+            stop_accepting.clone(),
+            idle.clone(),
+        ));
+        Self {
+            task,
+            stop_accepting,
+            idle,
+        }
+    }
+}
+
+/// Accepts and serves connections until `stop` is cancelled or, with `idle_exit`, until no
+/// generation request has been in progress for that long (then cancels `idle`).
+async fn accept_loop(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Shared>,
+    idle_exit: Option<Duration>,
+    stop: CancellationToken,
+    idle: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let idle_clock = async {
+        match idle_exit {
+            Some(d) => {
+                shared.wait_loaded().await;
+                shared.activity.idle_for(d).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(idle_clock);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Accept failed.");
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+            () = &mut idle_clock => {
+                // Nothing new is accepted from here; what the accepted connections
+                // still send is served in full before the engine exits.
+                idle.cancel();
+                graceful.shutdown().await;
+                return;
+            }
+        };
+        let shared = Arc::clone(&shared);
+        // Until its first request arrives, a connection keeps the engine from going
+        // idle: it may carry a generation request.
+        let arrival = std::sync::Mutex::new(Some(shared.activity.arriving()));
+        let svc = service_fn(move |req| {
+            let first = arrival.lock().expect("arrival lock").take();
+            http::handle(Arc::clone(&shared), req, first)
+        });
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "Connection ended with an error.");
+            }
+        });
+    }
+    // Streams end once their final event is written; do not wait on a stuck client
+    // forever.
+    let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
+}
+
+/// Loads the model on a blocking thread. Meanwhile the service manager gets a status line with
+/// the progress and more start time each second, so the unit's start timeout need not be
+/// guessed per model.
+async fn load_model(config: &EngineConfig, shared: &Shared) -> Result<Arc<Model>, EngineError> {
     let started = std::time::Instant::now();
-    // While the model loads: a status line with the progress, and more start time each second,
-    // so the unit's start timeout need not be guessed per model.
     llorch_os::service::status(&format!("loading model {}", config.model_id));
     llorch_os::service::extend_timeout(LOAD_EXTENSION);
     let loading = {
@@ -248,41 +309,73 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         chat_template = model.has_chat_template(),
         "Model loaded."
     );
+    Ok(model)
+}
 
-    let slots = Arc::new(Mutex::new(SlotTable::new(
-        config.slots as usize,
-        config.ctx_per_slot,
-    )));
-    let (commands, receiver) = std::sync::mpsc::sync_channel(config.slots as usize);
-    let (loop_started, loop_result) = tokio::sync::oneshot::channel::<Result<(), String>>();
-    let decode_thread = {
-        let model = Arc::clone(&model);
-        let slots = Arc::clone(&slots);
-        let ctx = config.ctx_per_slot;
-        let threads = config.threads;
-        let metrics = Arc::clone(&shared.metrics);
-        std::thread::Builder::new()
-            .name("decode".into())
-            .spawn(move || {
-                let mut started = Some(loop_started);
-                let result =
-                    decode::run(model, slots, ctx, threads, receiver, metrics, &mut || {
-                        if let Some(tx) = started.take() {
-                            let _ = tx.send(Ok(()));
-                        }
-                    });
-                if let Some(tx) = started.take() {
-                    let _ = tx.send(result.clone());
-                }
-                result
-            })
-            .expect("spawn the decode thread")
-    };
-    loop_result
-        .await
-        .map_err(|_| EngineError::Load("the decode loop did not start".into()))?
-        .map_err(EngineError::Load)?;
+/// The decode thread and what the request handlers need to hand it work.
+struct DecodeThread {
+    slots: Arc<Mutex<SlotTable>>,
+    commands: SyncSender<decode::Command>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+}
 
+impl DecodeThread {
+    /// Starts the decode loop on its own thread and returns once it has created its llama
+    /// context (or failed to).
+    async fn start(
+        config: &EngineConfig,
+        model: &Arc<Model>,
+        shared: &Shared,
+    ) -> Result<Self, EngineError> {
+        let slots = Arc::new(Mutex::new(SlotTable::new(
+            config.slots as usize,
+            config.ctx_per_slot,
+        )));
+        let (commands, receiver) = std::sync::mpsc::sync_channel(config.slots as usize);
+        let (loop_started, loop_result) = tokio::sync::oneshot::channel::<Result<(), String>>();
+        let thread = {
+            let model = Arc::clone(model);
+            let slots = Arc::clone(&slots);
+            let ctx = config.ctx_per_slot;
+            let threads = config.threads;
+            let metrics = Arc::clone(&shared.metrics);
+            std::thread::Builder::new()
+                .name("decode".into())
+                .spawn(move || {
+                    let mut started = Some(loop_started);
+                    let result =
+                        decode::run(model, slots, ctx, threads, receiver, metrics, &mut || {
+                            if let Some(tx) = started.take() {
+                                let _ = tx.send(Ok(()));
+                            }
+                        });
+                    if let Some(tx) = started.take() {
+                        let _ = tx.send(result.clone());
+                    }
+                    result
+                })
+                .expect("spawn the decode thread")
+        };
+        loop_result
+            .await
+            .map_err(|_| EngineError::Load("the decode loop did not start".into()))?
+            .map_err(EngineError::Load)?;
+        Ok(Self {
+            slots,
+            commands,
+            thread,
+        })
+    }
+}
+
+/// Writes the handoff file, lets the request handlers in and tells the service manager the
+/// engine is ready. Returns the handoff file's path.
+fn announce_ready(
+    config: &EngineConfig,
+    shared: &Shared,
+    model: &Arc<Model>,
+    decode: &DecodeThread,
+) -> Result<PathBuf, EngineError> {
     let handoff_path = handoff::write(
         &config.handoff_dir,
         &Handoff {
@@ -305,9 +398,9 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
     // Held requests (a socket-activated engine's first) go ahead once the handoff file is
     // there, so the node sees the pool ready no later than their answer.
     shared.set_ready(Ready {
-        model: Arc::clone(&model),
-        slots: Arc::clone(&slots),
-        commands: commands.clone(),
+        model: Arc::clone(model),
+        slots: Arc::clone(&decode.slots),
+        commands: decode.commands.clone(),
         ctx_per_slot: config.ctx_per_slot,
     });
     tracing::info!(pool = %config.pool_id, handoff = %handoff_path.display(), slots = config.slots, "Engine ready.");
@@ -318,40 +411,63 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         config.slots,
         config.ctx_per_slot
     ));
+    Ok(handoff_path)
+}
 
-    let unload = tokio::select! {
-        () = shutdown.cancelled() => false,
-        () = idle.cancelled() => true,
-    };
-    if unload {
-        let secs = config.idle_exit.map_or(0, |d| d.as_secs());
-        tracing::info!(
-            pool = %config.pool_id,
-            idle_secs = secs,
-            "No generation request for {secs} s; unloading the model."
-        );
-        // Not ready any more: nobody sends work or scrapes here now; what comes waits on the
-        // socket for the next engine.
-        if let Err(e) = handoff::remove(&handoff_path) {
-            tracing::warn!(error = %e, file = %handoff_path.display(), "Cannot remove the handoff file.");
+/// What a ready engine holds that stopping takes apart.
+struct Stopped {
+    server: Server,
+    shared: Arc<Shared>,
+    decode: DecodeThread,
+    handoff_path: PathBuf,
+    origin: ListenerOrigin,
+}
+
+impl Stopped {
+    fn remove_handoff(&self) {
+        if let Err(e) = handoff::remove(&self.handoff_path) {
+            tracing::warn!(error = %e, file = %self.handoff_path.display(), "Cannot remove the handoff file.");
         }
-        llorch_os::service::status("unloading: finishing the open connections");
-        // The server task ends once every accepted connection is done. STOPPING=1 only then:
-        // it starts the service manager's stop timeout, which must not cut a request short.
-        let _ = server.await;
-        llorch_os::service::stopping();
-        if let ListenerOrigin::Bound(p) = origin {
+    }
+
+    /// Removes the socket file this process bound, lets go of the request handlers' state and
+    /// waits for the decode thread, which ends once nothing can send it work.
+    fn release(self) {
+        if let ListenerOrigin::Bound(p) = self.origin {
             let _ = std::fs::remove_file(p);
         }
-        drop(shared);
-        drop(commands);
-        let _ = decode_thread.join();
-        tracing::info!("Unloaded.");
-        return Ok(());
+        drop(self.shared);
+        drop(self.decode.commands);
+        let _ = self.decode.thread.join();
     }
-    llorch_os::service::stopping();
+}
 
-    // Drain: refuse new work, give in-flight requests the grace period, then cancel them.
+/// Unloads after the idle time of an on-demand pool: the server stopped accepting already and
+/// finishes the connections it has; new ones wait on the socket for the next engine.
+async fn unload(config: &EngineConfig, mut stopped: Stopped) {
+    let secs = config.idle_exit.map_or(0, |d| d.as_secs());
+    tracing::info!(
+        pool = %config.pool_id,
+        idle_secs = secs,
+        "No generation request for {secs} s; unloading the model."
+    );
+    // Not ready any more: nobody sends work or scrapes here now; what comes waits on the
+    // socket for the next engine.
+    stopped.remove_handoff();
+    llorch_os::service::status("unloading: finishing the open connections");
+    // The server task ends once every accepted connection is done. STOPPING=1 only then:
+    // it starts the service manager's stop timeout, which must not cut a request short.
+    let _ = (&mut stopped.server.task).await;
+    llorch_os::service::stopping();
+    stopped.release();
+    tracing::info!("Unloaded.");
+}
+
+/// Drains on `shutdown`: refuses new work, gives in-flight requests the grace period, then
+/// cancels them and stops serving.
+async fn drain(config: &EngineConfig, mut stopped: Stopped) {
+    llorch_os::service::stopping();
+    let shared = &stopped.shared;
     tracing::info!(
         busy = shared.busy_slots(),
         grace_secs = config.grace_secs,
@@ -367,21 +483,13 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
             busy = shared.busy_slots(),
             "Grace period over; cancelling in-flight requests."
         );
-        let _ = commands.try_send(decode::Command::CancelAll(
+        let _ = stopped.decode.commands.try_send(decode::Command::CancelAll(
             "the engine is stopping; the request was cancelled after the grace period".into(),
         ));
     }
-    stop_accepting.cancel();
-    let _ = server.await;
-    if let Err(e) = handoff::remove(&handoff_path) {
-        tracing::warn!(error = %e, file = %handoff_path.display(), "Cannot remove the handoff file.");
-    }
-    if let ListenerOrigin::Bound(p) = origin {
-        let _ = std::fs::remove_file(p);
-    }
-    drop(shared);
-    drop(commands);
-    let _ = decode_thread.join();
+    stopped.server.stop_accepting.cancel();
+    let _ = (&mut stopped.server.task).await;
+    stopped.remove_handoff();
+    stopped.release();
     tracing::info!("Stopped.");
-    Ok(())
 }
