@@ -3,12 +3,21 @@
 //!
 //! orchestratord is the only client of the engines, so its lease count is the truth about busy
 //! slots; the node's report says which pools exist and whether they are ready.
+//!
+//! - this file: nodes (registration, heartbeats, offline and forgotten nodes), suspect pools,
+//!   and the snapshots and views read from them;
+//! - [`beats`]: liveness-beat sessions and what a beat does;
+//! - [`leases`]: slot leases and service rates;
+//! - [`sessions`]: session affinity.
+
+mod beats;
+mod leases;
+mod sessions;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use llorch_client::HttpClient;
-use llorch_wire::beat::{Beat, BeatGrant, BeatKey};
 use llorch_wire::node::{GpuReport, PoolState, PoolStatus};
 use llorch_wire::task::{NodeView, PoolView};
 use tokio::time::Instant;
@@ -16,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::ServiceRate;
 use crate::placement::Candidate;
+pub use beats::{BeatOutcome, BeatSession};
+pub use sessions::{Session, Sessions, MAX_SESSIONS};
 
 pub type PoolKey = (String, String);
 
@@ -25,9 +36,6 @@ pub const MAX_NODES: usize = 1024;
 /// How long an offline node is kept (listed offline, its pools unplaced) before it is
 /// forgotten. It registers again whenever it comes back.
 pub const FORGET_OFFLINE_AFTER: Duration = Duration::from_secs(3600);
-/// The most sessions kept at once; beyond it the least recently used one is evicted (its
-/// next turn simply has no affinity).
-pub const MAX_SESSIONS: usize = 65_536;
 
 /// The shortest time a pool stays suspect when its node keeps reporting the same engine ready:
 /// long enough that a heartbeat sent before the node noticed a crash cannot clear the mark.
@@ -56,51 +64,6 @@ pub struct Node {
     pub offline_beats: u32,
     /// Its liveness-beat session, granted at registration when the control plane reads beats.
     pub beat: Option<BeatSession>,
-}
-
-/// A node registration's beat session ([`llorch_wire::beat`]): its id, key, and the highest
-/// counter taken so far (a beat must count higher).
-#[derive(Debug)]
-pub struct BeatSession {
-    pub id: u64,
-    pub key: BeatKey,
-    pub counter: u64,
-    /// Beats are answered with a request for a full heartbeat until one arrives (set when the
-    /// node tokens are reloaded: a revoked token stops at the node's next beat).
-    pub report_due: bool,
-}
-
-impl BeatSession {
-    /// A fresh session for a registration, and the grant that tells the node of it (beats to
-    /// `port`). None only when the system's random source fails.
-    pub fn new(port: u16) -> Option<(BeatSession, BeatGrant)> {
-        let (key, hex) = BeatKey::generate()?;
-        let id = llorch_wire::id::random_u64();
-        let grant = BeatGrant {
-            port,
-            session: id,
-            key: hex,
-        };
-        let session = BeatSession {
-            id,
-            key,
-            counter: 0,
-            report_due: false,
-        };
-        Some((session, grant))
-    }
-}
-
-/// What became of one beat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BeatOutcome {
-    /// Taken: the node is seen now.
-    Ok,
-    /// Ask the sender for a full report: the session is unknown (the control plane restarted,
-    /// or the node registered again since) or its node is offline (a report brings it back).
-    ReportAsked,
-    /// A tag that does not verify, or a counter not above the last: dropped, no answer.
-    Rejected,
 }
 
 impl Node {
@@ -172,34 +135,6 @@ impl Registry {
         }
     }
 
-    /// Applies one liveness beat. A verified beat of an online node counts as a heartbeat
-    /// that repeats the node's last report: the node is seen now, and its pools' suspect
-    /// marks older than [`SUSPECT_FOR`] lapse, as a repeated report would clear them.
-    pub fn beat(&mut self, beat: &Beat<'_>, now: Instant) -> BeatOutcome {
-        let Some(node) = self
-            .beat_sessions
-            .get(&beat.session)
-            .and_then(|id| self.nodes.get_mut(id))
-        else {
-            return BeatOutcome::ReportAsked;
-        };
-        let Some(session) = node.beat.as_mut().filter(|s| s.id == beat.session) else {
-            return BeatOutcome::ReportAsked;
-        };
-        if !beat.verify(&session.key) || beat.counter <= session.counter {
-            return BeatOutcome::Rejected;
-        }
-        session.counter = beat.counter;
-        if !node.online || session.report_due {
-            return BeatOutcome::ReportAsked;
-        }
-        node.last_seen = now;
-        let id = &node.id;
-        self.suspect
-            .retain(|(n, _), (_, since)| n != id || now.duration_since(*since) < SUSPECT_FOR);
-        BeatOutcome::Ok
-    }
-
     /// Applies a heartbeat and returns the pools it replaced (moved, not copied: the caller
     /// may compare them with the new ones); None when the node is unknown (it must register
     /// again).
@@ -248,13 +183,6 @@ impl Registry {
             }
         }
         Some(std::mem::replace(&mut node.pools, pools))
-    }
-
-    /// Makes every node's next beat ask for a full heartbeat (which checks its token again).
-    pub fn ask_reports(&mut self) {
-        for b in self.nodes.values_mut().filter_map(|n| n.beat.as_mut()) {
-            b.report_due = true;
-        }
     }
 
     /// Whether a registration of `node_id` would exceed [`MAX_NODES`].
@@ -306,33 +234,6 @@ impl Registry {
             .find(|p| p.pool_id == key.1)
     }
 
-    pub fn lease(&mut self, key: &PoolKey) {
-        *self.leases.entry(key.clone()).or_default() += 1;
-    }
-
-    pub fn release(&mut self, key: &PoolKey, model: &str, held: Option<Duration>) {
-        if let Some(n) = self.leases.get_mut(key) {
-            *n = n.saturating_sub(1);
-        }
-        if self.nodes.get(&key.0).is_some_and(|n| n.draining) && self.running_on(&key.0) == 0 {
-            tracing::info!(node_id = %key.0, "Node drained: no task runs on it any more.");
-        }
-        if let Some(held) = held {
-            self.rates
-                .entry(model.to_string())
-                .or_default()
-                .record(held);
-        }
-    }
-
-    /// Tasks running on a node's pools (the leases orchestratord holds there).
-    pub fn running_on(&self, node_id: &str) -> u32 {
-        self.leases
-            .iter()
-            .filter(|((n, _), _)| n == node_id)
-            .fold(0, |sum, (_, l)| sum.saturating_add(*l))
-    }
-
     /// Drains (`true`) or resumes a node; false when it is unknown.
     pub fn set_draining(&mut self, node_id: &str, draining: bool) -> bool {
         match self.nodes.get_mut(node_id) {
@@ -359,36 +260,6 @@ impl Registry {
             staged_models: node.staged_models.clone(),
             gpus: node.gpus.clone(),
         }
-    }
-
-    /// Leases held now, by pool (in no particular order).
-    pub fn leases(&self) -> impl Iterator<Item = (&PoolKey, u32)> {
-        self.leases
-            .iter()
-            .map(|(k, n)| (k, *n))
-            .filter(|(_, n)| *n > 0)
-    }
-
-    pub fn leased(&self, key: &PoolKey) -> u32 {
-        self.leases.get(key).copied().unwrap_or(0)
-    }
-
-    pub fn total_leased(&self) -> u32 {
-        self.leases.values().fold(0, |n, l| n.saturating_add(*l))
-    }
-
-    pub fn rate(&self, model: &str) -> Option<&ServiceRate> {
-        self.rates.get(model)
-    }
-
-    /// How long until a slot of a loaded pool serving `model` frees up: the model's mean
-    /// service time spread over those pools' slots.
-    pub fn slot_wait(&self, candidates: &[Candidate], model: &str) -> std::time::Duration {
-        let (_, slots) = crate::placement::capacity_for(candidates, model);
-        let default_rate = ServiceRate::default();
-        self.rate(model)
-            .unwrap_or(&default_rate)
-            .predict_start(0, 0, slots.max(1))
     }
 
     /// The snapshot placement decides on. A pool of a node that missed a heartbeat counts as
@@ -495,140 +366,11 @@ impl Registry {
     }
 }
 
-/// Session affinity: which pool and slot hold a session's KV cache.
-#[derive(Debug, Clone)]
-pub struct Session {
-    pub pool: PoolKey,
-    pub slot: u32,
-    pub turns: u32,
-    pub last_used: Instant,
-}
-
-/// Sessions by (client, session id): a client sees and steers only its own sessions. Bounded
-/// by age (the TTL, purged every half second by the node watcher) and by count (the least
-/// recently used is evicted when a new session would exceed the capacity).
-#[derive(Debug)]
-pub struct Sessions {
-    ttl: Duration,
-    capacity: usize,
-    map: HashMap<(String, String), Session>,
-}
-
-impl Sessions {
-    pub fn new(ttl: Duration) -> Self {
-        Self::with_capacity(ttl, MAX_SESSIONS)
-    }
-
-    pub fn with_capacity(ttl: Duration, capacity: usize) -> Self {
-        Self {
-            ttl,
-            capacity: capacity.max(1),
-            map: HashMap::new(),
-        }
-    }
-
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    pub fn get(&self, client: &str, id: &str, now: Instant) -> Option<&Session> {
-        self.map
-            .get(&(client.to_string(), id.to_string()))
-            .filter(|s| now.duration_since(s.last_used) < self.ttl)
-    }
-
-    /// Drops expired sessions; returns how many.
-    pub fn purge(&mut self, now: Instant) -> usize {
-        let before = self.map.len();
-        let ttl = self.ttl;
-        self.map
-            .retain(|_, s| now.duration_since(s.last_used) < ttl);
-        before - self.map.len()
-    }
-
-    /// Records a turn of a session; true when another session was evicted to make room.
-    pub fn record(
-        &mut self,
-        client: &str,
-        id: &str,
-        pool: PoolKey,
-        slot: u32,
-        now: Instant,
-    ) -> bool {
-        let key = (client.to_string(), id.to_string());
-        let mut evicted = false;
-        if !self.map.contains_key(&key) && self.map.len() >= self.capacity {
-            // Full: the expired go first, then the least recently used (a scan only when the
-            // table is full, never on every turn).
-            if self.purge(now) == 0 {
-                if let Some(oldest) = self
-                    .map
-                    .iter()
-                    .min_by_key(|(_, s)| s.last_used)
-                    .map(|(k, _)| k.clone())
-                {
-                    self.map.remove(&oldest);
-                    evicted = true;
-                }
-            }
-        }
-        let s = self.map.entry(key).or_insert(Session {
-            pool: pool.clone(),
-            slot,
-            turns: 0,
-            last_used: now,
-        });
-        s.pool = pool;
-        s.slot = slot;
-        s.turns += 1;
-        s.last_used = now;
-        evicted
-    }
-
-    pub fn remove(&mut self, client: &str, id: &str) -> bool {
-        self.map
-            .remove(&(client.to_string(), id.to_string()))
-            .is_some()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn sessions_are_bounded_by_count_and_evict_the_least_recently_used() {
-        let now = Instant::now();
-        let mut s = Sessions::with_capacity(Duration::from_secs(600), 3);
-        let pool = || ("n".to_string(), "p".to_string());
-        for (i, id) in ["a", "b", "c"].iter().enumerate() {
-            let at = now + Duration::from_secs(i as u64);
-            assert!(!s.record("k", id, pool(), 0, at));
-        }
-        // "a" is used again, so "b" is now the least recently used.
-        assert!(!s.record("k", "a", pool(), 0, now + Duration::from_secs(5)));
-        assert!(s.record("k", "d", pool(), 0, now + Duration::from_secs(6)));
-        assert_eq!(s.len(), 3);
-        let later = now + Duration::from_secs(7);
-        assert!(s.get("k", "b", later).is_none());
-        for id in ["a", "c", "d"] {
-            assert!(s.get("k", id, later).is_some(), "{id}");
-        }
-        // Expired sessions make room before anyone recent is evicted.
-        let much_later = now + Duration::from_secs(605);
-        assert!(!s.record("k", "e", pool(), 0, much_later));
-        assert_eq!(s.len(), 2, "d and e: a and c expired, nobody was evicted");
-    }
-
-    fn node(id: &str, last_seen: Instant) -> Node {
+    pub(super) fn node(id: &str, last_seen: Instant) -> Node {
         Node {
             id: id.into(),
             address: "unix:/nonexistent.sock".into(),
@@ -670,7 +412,7 @@ mod tests {
     }
 
     /// A heartbeat of node `w` with these pools and nothing else; false when `w` is unknown.
-    fn beat(r: &mut Registry, pools: Vec<PoolStatus>) -> bool {
+    pub(super) fn beat(r: &mut Registry, pools: Vec<PoolStatus>) -> bool {
         r.heartbeat("w", pools, vec![], GpuReport::default())
             .is_some()
     }
@@ -734,72 +476,6 @@ mod tests {
         assert_eq!(r.nodes["p"].state(at(1600)), "suspect");
         assert!(!r.expire_nodes(at(4900)).contains(&"p".to_string()));
         assert!(r.expire_nodes(at(5100)).contains(&"p".to_string()));
-    }
-
-    #[test]
-    fn a_verified_beat_keeps_a_node_seen_and_anything_else_does_not() {
-        use llorch_wire::beat;
-        let start = Instant::now();
-        let (key, _) = BeatKey::generate().unwrap();
-        let (wrong, _) = BeatKey::generate().unwrap();
-        let mut n = node("w", start);
-        n.pools = vec![PoolStatus::new("p", "m", PoolState::Ready, 2, 1024)];
-        n.beat = Some(BeatSession {
-            id: 9,
-            key: key.clone(),
-            counter: 0,
-            report_due: false,
-        });
-        let mut r = Registry::default();
-        r.register(n);
-        let at = |ms| start + Duration::from_millis(ms);
-        let apply = |r: &mut Registry, session, counter, key: &BeatKey, now| {
-            let d = beat::encode(session, counter, key);
-            r.beat(&beat::parse(&d).unwrap(), now)
-        };
-        // A pool marked suspect (its engine failed a request) and a node about to be suspect.
-        r.mark_suspect(&("w".into(), "p".into()));
-        assert_eq!(apply(&mut r, 9, 1, &key, at(500)), BeatOutcome::Ok);
-        assert_eq!(r.nodes["w"].state(at(1900)), "online", "seen at 0.5 s");
-        assert!(
-            r.candidates()[0].suspect,
-            "the pool's mark is younger than SUSPECT_FOR"
-        );
-        // Replayed, counted lower, or tagged with another key: dropped; the node is not seen.
-        assert_eq!(apply(&mut r, 9, 1, &key, at(900)), BeatOutcome::Rejected);
-        assert_eq!(apply(&mut r, 9, 5, &wrong, at(900)), BeatOutcome::Rejected);
-        assert_eq!(r.nodes["w"].state(at(2100)), "suspect");
-        // A later beat lifts the pool's mark once SUSPECT_FOR has passed, as a repeated report.
-        let later = Instant::now() + SUSPECT_FOR;
-        assert_eq!(apply(&mut r, 9, 2, &key, later), BeatOutcome::Ok);
-        assert!(!r.candidates()[0].suspect);
-        // After a reload of the node tokens, beats ask for a heartbeat until one comes.
-        r.ask_reports();
-        assert_eq!(apply(&mut r, 9, 3, &key, later), BeatOutcome::ReportAsked);
-        let pools = r.nodes["w"].pools.clone();
-        assert!(beat(&mut r, pools));
-        assert_eq!(apply(&mut r, 9, 4, &key, later), BeatOutcome::Ok);
-        // Unknown sessions are asked for a report; so is an offline node, which a beat does not
-        // bring back (only a report does).
-        assert_eq!(apply(&mut r, 10, 1, &key, later), BeatOutcome::ReportAsked);
-        assert_eq!(r.expire_nodes(later + Duration::from_secs(4)), ["w"]);
-        assert_eq!(
-            apply(&mut r, 9, 5, &key, later + Duration::from_secs(4)),
-            BeatOutcome::ReportAsked
-        );
-        assert!(!r.nodes["w"].online);
-        // A new registration replaces the session: the old one is unknown from then on.
-        let mut again = node("w", later);
-        again.beat = Some(BeatSession {
-            id: 11,
-            key: key.clone(),
-            counter: 0,
-            report_due: false,
-        });
-        r.register(again);
-        assert_eq!(apply(&mut r, 9, 6, &key, later), BeatOutcome::ReportAsked);
-        assert_eq!(apply(&mut r, 11, 1, &key, later), BeatOutcome::Ok);
-        assert_eq!(r.beat_sessions.len(), 1);
     }
 
     #[test]
