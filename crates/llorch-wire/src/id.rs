@@ -28,19 +28,29 @@ pub fn valid_model_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
 }
 
-/// A random 64-bit number, for ids. Every `RandomState` has fresh random keys; hashing a
-/// counter under it gives a random number without another dependency.
+/// A random 64-bit number from the operating system's CSPRNG (ring's `SystemRandom`, already
+/// here for the beats' HMAC), for ids a client or a node must not be able to guess: task ids,
+/// beat sessions, tool call ids.
 pub fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    h.finish()
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    // getrandom(2) fails only where the kernel has no such call (before Linux 3.17) or a
+    // seccomp filter forbids it; no id is better than a guessable one.
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the operating system's random source (getrandom) is available");
+    u64::from_le_bytes(bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_ids_differ() {
+        let ids: std::collections::HashSet<u64> = (0..1000).map(|_| random_u64()).collect();
+        assert_eq!(ids.len(), 1000);
+    }
 
     #[test]
     fn ids_are_path_safe() {
