@@ -221,9 +221,12 @@ impl Default for Config {
 use llorch_os::service::credential;
 
 impl Args {
-    pub fn into_config(self) -> Result<Config, ConfigError> {
-        let api_keys_path = self.api_keys.or_else(|| credential("api-keys"));
-        let node_tokens_path = self.node_tokens.or_else(|| credential("node-tokens"));
+    pub fn into_config(mut self) -> Result<Config, ConfigError> {
+        let api_keys_path = self.api_keys.take().or_else(|| credential("api-keys"));
+        let node_tokens_path = self
+            .node_tokens
+            .take()
+            .or_else(|| credential("node-tokens"));
         let api_keys = match &api_keys_path {
             Some(p) => Some(ApiKeys::load(p, KeyKind::Api)?),
             None => None,
@@ -232,8 +235,8 @@ impl Args {
             Some(p) => Some(ApiKeys::load(p, KeyKind::Node)?),
             None => None,
         };
-        let tls_cert = self.tls_cert.or_else(|| credential("tls-cert"));
-        let tls_key = self.tls_key.or_else(|| credential("tls-key"));
+        let tls_cert = self.tls_cert.take().or_else(|| credential("tls-cert"));
+        let tls_key = self.tls_key.take().or_else(|| credential("tls-key"));
         let tls = match (&tls_cert, &tls_key) {
             (Some(cert), Some(key)) => Some(ServerTls(llorch_http::tls::acceptor(cert, key)?)),
             (None, None) => None,
@@ -250,7 +253,7 @@ impl Args {
                 ))
             }
         };
-        let node_roots = match self.node_ca.or_else(|| credential("node-ca")) {
+        let node_roots = match self.node_ca.take().or_else(|| credential("node-ca")) {
             Some(p) => llorch_client::TlsRoots::from_pem_file(&p).map_err(ConfigError::NodeCa)?,
             None => llorch_client::TlsRoots::system(),
         };
@@ -263,6 +266,35 @@ impl Args {
         if tls.is_none() && !self.allow_plaintext && !self.listen.ip().is_loopback() {
             return Err(ConfigError::PlaintextOffLoopback(self.listen));
         }
+        self.check_ranges()?;
+        Ok(Config {
+            listen: self.listen,
+            api_keys,
+            node_tokens,
+            api_keys_path,
+            node_tokens_path,
+            queue_capacity: self.queue_capacity,
+            policy: self.admission_policy,
+            max_body_bytes: self.max_body_bytes,
+            session_ttl: Duration::from_secs(self.session_ttl_secs),
+            default_max_tokens: self.default_max_tokens,
+            stream_idle: Duration::from_secs(self.stream_idle_secs),
+            sse_keepalive: Duration::from_secs(self.sse_keepalive_secs),
+            max_connections: self.max_connections,
+            header_read: Duration::from_secs(self.header_read_secs),
+            registration_grace: Duration::from_secs(self.registration_grace_secs),
+            offline_after_beats: self.offline_after_beats,
+            tls,
+            node_roots,
+            allow_plaintext: self.allow_plaintext,
+            dbus: self.dbus,
+            beats_listen: self.beats_listen,
+            beat_port: None,
+        })
+    }
+
+    /// Refuses numbers out of their range, naming the flag.
+    fn check_ranges(&self) -> Result<(), ConfigError> {
         if self.queue_capacity == 0 || self.queue_capacity > 1_000_000 {
             return Err(ConfigError::Value(
                 "queue-capacity",
@@ -323,30 +355,7 @@ impl Args {
                 "must be at least 1".into(),
             ));
         }
-        Ok(Config {
-            listen: self.listen,
-            api_keys,
-            node_tokens,
-            api_keys_path,
-            node_tokens_path,
-            queue_capacity: self.queue_capacity,
-            policy: self.admission_policy,
-            max_body_bytes: self.max_body_bytes,
-            session_ttl: Duration::from_secs(self.session_ttl_secs),
-            default_max_tokens: self.default_max_tokens,
-            stream_idle: Duration::from_secs(self.stream_idle_secs),
-            sse_keepalive: Duration::from_secs(self.sse_keepalive_secs),
-            max_connections: self.max_connections,
-            header_read: Duration::from_secs(self.header_read_secs),
-            registration_grace: Duration::from_secs(self.registration_grace_secs),
-            offline_after_beats: self.offline_after_beats,
-            tls,
-            node_roots,
-            allow_plaintext: self.allow_plaintext,
-            dbus: self.dbus,
-            beats_listen: self.beats_listen,
-            beat_port: None,
-        })
+        Ok(())
     }
 }
 

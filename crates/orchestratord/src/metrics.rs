@@ -76,6 +76,17 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     canceled: IntCounterVec,
     placements: IntCounterVec,
+    node: NodeMetrics,
+    evictions: IntCounterVec,
+    /// Set once the model label set is full (to say so once).
+    labels_full: std::sync::atomic::AtomicBool,
+    /// Models some node registered: the bounded set of `model` label values.
+    models: RwLock<HashSet<String>>,
+}
+
+/// The node registry's metrics: nodes, pools and slots by state, heartbeats, beats and node
+/// life events.
+struct NodeMetrics {
     nodes: IntGaugeVec,
     pools: IntGaugeVec,
     slots: IntGaugeVec,
@@ -83,11 +94,73 @@ pub struct Metrics {
     beats: IntCounterVec,
     node_events: IntCounterVec,
     nodes_draining: IntGauge,
-    evictions: IntCounterVec,
-    /// Set once the model label set is full (to say so once).
-    labels_full: std::sync::atomic::AtomicBool,
-    /// Models some node registered: the bounded set of `model` label values.
-    models: RwLock<HashSet<String>>,
+}
+
+impl NodeMetrics {
+    fn new(r: &Registry) -> Self {
+        Self {
+            nodes: gauge(r, "llorch_nodes", "Registered nodes by state.", &["state"]),
+            pools: gauge(
+                r,
+                "llorch_pools",
+                "Pools of all nodes by state.",
+                &["state"],
+            ),
+            slots: gauge(
+                r,
+                "llorch_slots",
+                "Slots of ready pools on online nodes.",
+                &["state"],
+            ),
+            heartbeats: counter(
+                r,
+                "llorch_node_heartbeats_total",
+                "Node heartbeats received by outcome.",
+                &["outcome"],
+            ),
+            beats: counter(
+                r,
+                "llorch_node_beats_total",
+                "Node liveness beats (UDP) received by outcome.",
+                &["outcome"],
+            ),
+            node_events: counter(
+                r,
+                "llorch_node_events_total",
+                "Node life events: joined (registered), lost (went offline), back (reported again after being offline).",
+                &["event"],
+            ),
+            nodes_draining: register(
+                r,
+                IntGauge::new(
+                    "llorch_nodes_draining",
+                    "Nodes an operator drained (nothing new is placed on them).",
+                ),
+            ),
+        }
+    }
+
+    /// Starts the series of every known label value at 0.
+    fn start_series(&self) {
+        for e in ["joined", "lost", "back"] {
+            self.node_events.with_label_values(&[e]);
+        }
+        for s in ["online", "offline"] {
+            self.nodes.with_label_values(&[s]);
+        }
+        for s in POOL_STATES.iter().map(|s| s.as_str()).chain(["offline"]) {
+            self.pools.with_label_values(&[s]);
+        }
+        for s in ["busy", "free"] {
+            self.slots.with_label_values(&[s]);
+        }
+        for o in HEARTBEAT_OUTCOMES {
+            self.heartbeats.with_label_values(&[o]);
+        }
+        for o in BEAT_OUTCOMES {
+            self.beats.with_label_values(&[o]);
+        }
+    }
 }
 
 fn histogram(
@@ -193,44 +266,7 @@ impl Metrics {
                 "Dispatcher decisions about queued tasks.",
                 &["outcome"],
             ),
-            nodes: gauge(&r, "llorch_nodes", "Registered nodes by state.", &["state"]),
-            pools: gauge(
-                &r,
-                "llorch_pools",
-                "Pools of all nodes by state.",
-                &["state"],
-            ),
-            slots: gauge(
-                &r,
-                "llorch_slots",
-                "Slots of ready pools on online nodes.",
-                &["state"],
-            ),
-            heartbeats: counter(
-                &r,
-                "llorch_node_heartbeats_total",
-                "Node heartbeats received by outcome.",
-                &["outcome"],
-            ),
-            beats: counter(
-                &r,
-                "llorch_node_beats_total",
-                "Node liveness beats (UDP) received by outcome.",
-                &["outcome"],
-            ),
-            node_events: counter(
-                &r,
-                "llorch_node_events_total",
-                "Node life events: joined (registered), lost (went offline), back (reported again after being offline).",
-                &["event"],
-            ),
-            nodes_draining: register(
-                &r,
-                IntGauge::new(
-                    "llorch_nodes_draining",
-                    "Nodes an operator drained (nothing new is placed on them).",
-                ),
-            ),
+            node: NodeMetrics::new(&r),
             evictions: counter(
                 &r,
                 "llorch_evictions_total",
@@ -242,9 +278,7 @@ impl Metrics {
             registry: r,
         };
         m.queue_capacity.set(queue_capacity as i64);
-        for e in ["joined", "lost", "back"] {
-            m.node_events.with_label_values(&[e]);
-        }
+        m.node.start_series();
         for p in [Priority::Interactive, Priority::Batch] {
             m.queue_depth.with_label_values(&[p.as_str()]);
         }
@@ -256,21 +290,6 @@ impl Metrics {
         }
         for d in Decision::ALL {
             m.placements.with_label_values(&[d.as_str()]);
-        }
-        for s in ["online", "offline"] {
-            m.nodes.with_label_values(&[s]);
-        }
-        for s in POOL_STATES.iter().map(|s| s.as_str()).chain(["offline"]) {
-            m.pools.with_label_values(&[s]);
-        }
-        for s in ["busy", "free"] {
-            m.slots.with_label_values(&[s]);
-        }
-        for o in HEARTBEAT_OUTCOMES {
-            m.heartbeats.with_label_values(&[o]);
-        }
-        for o in BEAT_OUTCOMES {
-            m.beats.with_label_values(&[o]);
         }
         for t in EVICTION_TABLES {
             m.evictions.with_label_values(&[t]);
@@ -364,19 +383,19 @@ impl Metrics {
     }
 
     pub fn heartbeat(&self, outcome: &str) {
-        self.heartbeats.with_label_values(&[outcome]).inc();
+        self.node.heartbeats.with_label_values(&[outcome]).inc();
     }
 
     /// `n` liveness beats with one outcome (one of [`BEAT_OUTCOMES`]).
     pub fn beats(&self, outcome: &str, n: u64) {
         if n > 0 {
-            self.beats.with_label_values(&[outcome]).inc_by(n);
+            self.node.beats.with_label_values(&[outcome]).inc_by(n);
         }
     }
 
     /// A node joined, was lost, or came back (`llorch_node_events_total{event}`).
     pub fn node_event(&self, event: &str) {
-        self.node_events.with_label_values(&[event]).inc();
+        self.node.node_events.with_label_values(&[event]).inc();
     }
 
     /// Records a finished task (called exactly once per admitted task).
@@ -418,19 +437,25 @@ impl Metrics {
             .with_label_values(&[Priority::Batch.as_str()])
             .set(g.queue_depth[1]);
         for (state, n) in NODE_STATES.iter().zip(g.nodes) {
-            self.nodes.with_label_values(&[state]).set(n);
+            self.node.nodes.with_label_values(&[state]).set(n);
         }
-        self.nodes_draining.set(g.nodes_draining);
+        self.node.nodes_draining.set(g.nodes_draining);
         for (i, s) in POOL_STATES
             .iter()
             .map(|s| s.as_str())
             .chain(["offline"])
             .enumerate()
         {
-            self.pools.with_label_values(&[s]).set(g.pools[i]);
+            self.node.pools.with_label_values(&[s]).set(g.pools[i]);
         }
-        self.slots.with_label_values(&["busy"]).set(g.slots_busy);
-        self.slots.with_label_values(&["free"]).set(g.slots_free);
+        self.node
+            .slots
+            .with_label_values(&["busy"])
+            .set(g.slots_busy);
+        self.node
+            .slots
+            .with_label_values(&["free"])
+            .set(g.slots_free);
     }
 
     /// The text exposition.

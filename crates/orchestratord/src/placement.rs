@@ -110,17 +110,15 @@ pub fn capacity_for(candidates: &[Candidate], model: &str) -> (u32, u32) {
         })
 }
 
-/// Decides where `ask` runs given `pools`. Pure: the same inputs give the same answer.
-pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
-    let mut reasons = Vec::new();
-    let serving: Vec<&Candidate> = pools.iter().filter(|p| p.model_id == ask.model).collect();
-    if serving.is_empty() {
-        return Placement::Impossible {
-            reason: format!("no pool serves model {:?}", ask.model),
-        };
-    }
-    let empty = PlacementHints::default();
-    let hints = ask.hints.unwrap_or(&empty);
+/// The pools of `serving` (those of the task's model) that the placement hints allow: node
+/// hints first, as they narrow the pools the pool hints then choose among. `Err`: why the
+/// hints can never be met.
+fn eligible<'a, 'p>(
+    pools: &[Candidate<'p>],
+    serving: Vec<&'a Candidate<'p>>,
+    ask: &Ask<'_>,
+    hints: &PlacementHints,
+) -> Result<Vec<&'a Candidate<'p>>, String> {
     // Node hints first: they narrow the pools the pool hints then choose among.
     let serving: Vec<&Candidate> = match &hints.pin_node_id {
         Some(pin) => {
@@ -135,7 +133,7 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
                 } else {
                     format!("pinned node {pin:?} does not exist")
                 };
-                return Placement::Impossible { reason };
+                return Err(reason);
             }
             on
         }
@@ -146,9 +144,10 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
         .filter(|p| !hints.avoid_nodes.iter().any(|x| x == p.node_id))
         .collect();
     if serving.is_empty() {
-        return Placement::Impossible {
-            reason: format!("every node serving model {:?} is in avoid_nodes", ask.model),
-        };
+        return Err(format!(
+            "every node serving model {:?} is in avoid_nodes",
+            ask.model
+        ));
     }
     let eligible: Vec<&Candidate> = if let Some(pin) = &hints.pin_pool_id {
         match serving.iter().find(|p| p.pool_id == pin) {
@@ -159,7 +158,7 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
                 } else {
                     format!("pinned pool {pin:?} does not exist")
                 };
-                return Placement::Impossible { reason };
+                return Err(reason);
             }
         }
     } else {
@@ -169,9 +168,10 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
             .filter(|p| !hints.avoid_pools.iter().any(|x| x == p.pool_id))
             .collect();
         if not_avoided.is_empty() {
-            return Placement::Impossible {
-                reason: format!("every pool serving model {:?} is in avoid_pools", ask.model),
-            };
+            return Err(format!(
+                "every pool serving model {:?} is in avoid_pools",
+                ask.model
+            ));
         }
         let prefers = !hints.prefer_pools.is_empty() || !hints.prefer_nodes.is_empty();
         if prefers && hints.allow_fallback == Some(false) {
@@ -181,17 +181,33 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
                 .filter(|p| preferred(hints, p))
                 .collect();
             if preferred.is_empty() {
-                return Placement::Impossible {
-                    reason: format!(
+                return Err(format!(
                         "none of prefer_pools or prefer_nodes serves model {:?} and allow_fallback is false",
                         ask.model
-                    ),
-                };
+                    ));
             }
             preferred
         } else {
             not_avoided
         }
+    };
+    Ok(eligible)
+}
+
+/// Decides where `ask` runs given `pools`. Pure: the same inputs give the same answer.
+pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
+    let mut reasons = Vec::new();
+    let serving: Vec<&Candidate> = pools.iter().filter(|p| p.model_id == ask.model).collect();
+    if serving.is_empty() {
+        return Placement::Impossible {
+            reason: format!("no pool serves model {:?}", ask.model),
+        };
+    }
+    let empty = PlacementHints::default();
+    let hints = ask.hints.unwrap_or(&empty);
+    let eligible = match eligible(pools, serving, ask, hints) {
+        Ok(eligible) => eligible,
+        Err(reason) => return Placement::Impossible { reason },
     };
     let mut ready: Vec<&Candidate> = Vec::new();
     let mut standby: Vec<&Candidate> = Vec::new();
