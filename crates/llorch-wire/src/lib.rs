@@ -14,6 +14,7 @@ pub mod id;
 pub mod json;
 pub mod node;
 pub mod plan;
+pub mod sampling;
 pub mod schema;
 pub mod sse;
 pub mod task;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{ChatMessage, FinishReason};
 use crate::node::PoolState;
+use crate::sampling::{sampling_fields, sampling_request};
 
 /// Task priority: `interactive` tasks are always dispatched before `batch` tasks.
 #[derive(
@@ -51,90 +52,70 @@ pub struct PlacementHints {
     pub avoid_nodes: Vec<String>,
 }
 
-/// `POST /v2/tasks`. Field names follow the original llama-orch design.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskRequest {
-    /// Client-chosen id; generated when absent. A duplicate of a known task is a 409.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub task_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_id: Option<String>,
-    /// A model id from `GET /v1/models` or `GET /v2/meta/capabilities`.
-    pub model_ref: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub messages: Option<Vec<ChatMessage>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u32>,
-    #[serde(default)]
-    pub priority: Priority,
-    /// Milliseconds from submission by which the task must have started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
-    /// The engine's sampler extensions (ranges in docs/API.md, checked as the engine does).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_p: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub typical_p: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repeat_penalty: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repeat_last_n: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub ignore_eos: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stop: Vec<String>,
-    /// Structured output: the answer is JSON valid against this JSON Schema (`{"type":
-    /// "object"}` for any object). See the engine's `GenerateRequest::json_schema`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub json_schema: Option<serde_json::Value>,
-    /// Refuse schema keywords the grammar cannot enforce instead of ignoring them.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub json_schema_strict: bool,
-    /// A llama.cpp GBNF grammar the answer follows (not with `json_schema`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grammar: Option<String>,
-    /// Tools the model may call, `tool_choice` and `parallel_tool_calls`, as on
-    /// `/v1/chat/completions`. The answer of a call is its JSON text (`{"name", "arguments"}`,
-    /// or a list of them), in the `token` events.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tools: Vec<crate::tools::Tool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_choice: Option<crate::tools::ToolChoice>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub parallel_tool_calls: bool,
-    /// Answers to generate (1 to 16); `token` events carry their choice in `c`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n: Option<u32>,
-    /// Log-probabilities in each `token` event's `lp`, with this many alternatives (0 to 20).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub placement: Option<PlacementHints>,
-    /// Accepted for compatibility with the original API; only `completion` exists.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<String>,
-    /// Accepted for compatibility; only `llamacpp` exists.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub engine: Option<String>,
-    /// Accepted for compatibility: the context the task needs; checked against the pools.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ctx: Option<u32>,
-}
+sampling_fields!(sampling_request! {
+    /// `POST /v2/tasks`. Field names follow the original llama-orch design.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct TaskRequest {
+        /// Client-chosen id; generated when absent. A duplicate of a known task is a 409.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub task_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub session_id: Option<String>,
+        /// A model id from `GET /v1/models` or `GET /v2/meta/capabilities`.
+        pub model_ref: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub prompt: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub messages: Option<Vec<ChatMessage>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub max_tokens: Option<u32>,
+        #[serde(default)]
+        pub priority: Priority,
+        /// Milliseconds from submission by which the task must have started.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub deadline_ms: Option<u64>,
+    }
+    // Then the sampling fields (`crate::sampling`), then these.
+    {
+        /// Structured output: the answer is JSON valid against this JSON Schema (`{"type":
+        /// "object"}` for any object). See the engine's `GenerateRequest::json_schema`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub json_schema: Option<serde_json::Value>,
+        /// Refuse schema keywords the grammar cannot enforce instead of ignoring them.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub json_schema_strict: bool,
+        /// A llama.cpp GBNF grammar the answer follows (not with `json_schema`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub grammar: Option<String>,
+        /// Tools the model may call, `tool_choice` and `parallel_tool_calls`, as on
+        /// `/v1/chat/completions`. The answer of a call is its JSON text (`{"name", "arguments"}`,
+        /// or a list of them), in the `token` events.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub tools: Vec<crate::tools::Tool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub tool_choice: Option<crate::tools::ToolChoice>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub parallel_tool_calls: bool,
+        /// Answers to generate (1 to 16); `token` events carry their choice in `c`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub n: Option<u32>,
+        /// Log-probabilities in each `token` event's `lp`, with this many alternatives (0 to 20).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub logprobs: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub placement: Option<PlacementHints>,
+        /// Accepted for compatibility with the original API; only `completion` exists.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub workload: Option<String>,
+        /// Accepted for compatibility; only `llamacpp` exists.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub engine: Option<String>,
+        /// Accepted for compatibility: the context the task needs; checked against the pools.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub ctx: Option<u32>,
+    }
+});
 
 /// The 202 answer to `POST /v2/tasks`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

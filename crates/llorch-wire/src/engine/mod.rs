@@ -12,6 +12,7 @@ pub use status::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorBody;
+use crate::sampling::{sampling_fields, sampling_request};
 use crate::tools::{Tool, ToolCall, ToolChoice};
 
 /// Defaults applied when a request leaves a sampling field out. They follow llama.cpp's own.
@@ -70,95 +71,65 @@ impl ChatMessage {
     }
 }
 
-/// `POST /generate`: one generation request to one engine.
-///
-/// Unknown fields are rejected so a misspelt parameter is never silently ignored.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerateRequest {
-    /// Raw prompt text, sent to the model as is. Exactly one of `prompt` and `messages`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<String>,
-    /// Chat messages, rendered with the model's chat template from its GGUF metadata.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub messages: Option<Vec<ChatMessage>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u32>,
-    /// 0 means greedy decoding.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
-    /// 0 disables top-k.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_p: Option<f32>,
-    /// 1.0 disables the penalty.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repeat_penalty: Option<f32>,
-    /// Locally typical sampling; 1.0 disables it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub typical_p: Option<f32>,
-    /// Tokens the penalties look back over: 0 disables them, -1 is the slot's whole context.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repeat_last_n: Option<i32>,
-    /// Subtracted once from every token already present (OpenAI's meaning), -2 to 2.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f32>,
-    /// Subtracted per occurrence of a token already present, -2 to 2.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u32>,
-    /// Generation ends before the first occurrence of any of these; the stop string itself is
-    /// never sent.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stop: Vec<String>,
-    /// Keep generating past the model's end-of-generation token, up to `max_tokens` (for
-    /// benchmarks that need a fixed length).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub ignore_eos: bool,
-    /// Structured output: the answer is JSON that validates against this JSON Schema, enforced
-    /// while decoding by a llama.cpp grammar converted from it. `{"type": "object"}` is JSON
-    /// mode. Checked by [`crate::schema::check`] (strict or not: see `json_schema_strict`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub json_schema: Option<serde_json::Value>,
-    /// Refuse the keywords of `json_schema` that the grammar cannot enforce (OpenAI's `strict`),
-    /// instead of ignoring them.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub json_schema_strict: bool,
-    /// A grammar in llama.cpp's GBNF syntax (root rule `root`) that the answer follows. Not
-    /// together with `json_schema`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grammar: Option<String>,
-    /// Tools the model may call (chat only), in OpenAI's shape.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tools: Vec<Tool>,
-    /// How the model may use `tools`: `none` (they are left out of the prompt), `auto` (the
-    /// model decides; needs a chat template that takes tools), `required` or a named function
-    /// (the answer is a call, enforced by a grammar). Default: `auto` with tools.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_choice: Option<ToolChoice>,
-    /// With `required`: the answer may be a list of calls.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub parallel_tool_calls: bool,
-    /// Answers to generate for the prompt (1 to 16, default 1). They run one after another in
-    /// the request's slot: the prompt is evaluated once and each further answer starts from
-    /// its KV cache (only the prompt's last token is evaluated again, for its logits).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n: Option<u32>,
-    /// Return each generated token's log-probability and this many most likely alternatives
-    /// (0 to 20) in the `token` events' `lp`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<u32>,
-    /// Preferred slot (for example the one that holds this session's KV cache). Used when free.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slot: Option<u32>,
-    /// The caller's task id, for logs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub task_id: Option<String>,
-}
+sampling_fields!(sampling_request! {
+    /// `POST /generate`: one generation request to one engine.
+    ///
+    /// Unknown fields are rejected so a misspelt parameter is never silently ignored.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct GenerateRequest {
+        /// Raw prompt text, sent to the model as is. Exactly one of `prompt` and `messages`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub prompt: Option<String>,
+        /// Chat messages, rendered with the model's chat template from its GGUF metadata.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub messages: Option<Vec<ChatMessage>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub max_tokens: Option<u32>,
+    }
+    // Then the sampling fields (`crate::sampling`), then these.
+    {
+        /// Structured output: the answer is JSON that validates against this JSON Schema, enforced
+        /// while decoding by a llama.cpp grammar converted from it. `{"type": "object"}` is JSON
+        /// mode. Checked by [`crate::schema::check`] (strict or not: see `json_schema_strict`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub json_schema: Option<serde_json::Value>,
+        /// Refuse the keywords of `json_schema` that the grammar cannot enforce (OpenAI's `strict`),
+        /// instead of ignoring them.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub json_schema_strict: bool,
+        /// A grammar in llama.cpp's GBNF syntax (root rule `root`) that the answer follows. Not
+        /// together with `json_schema`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub grammar: Option<String>,
+        /// Tools the model may call (chat only), in OpenAI's shape.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub tools: Vec<Tool>,
+        /// How the model may use `tools`: `none` (they are left out of the prompt), `auto` (the
+        /// model decides; needs a chat template that takes tools), `required` or a named function
+        /// (the answer is a call, enforced by a grammar). Default: `auto` with tools.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub tool_choice: Option<ToolChoice>,
+        /// With `required`: the answer may be a list of calls.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub parallel_tool_calls: bool,
+        /// Answers to generate for the prompt (1 to 16, default 1). They run one after another in
+        /// the request's slot: the prompt is evaluated once and each further answer starts from
+        /// its KV cache (only the prompt's last token is evaluated again, for its logits).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub n: Option<u32>,
+        /// Return each generated token's log-probability and this many most likely alternatives
+        /// (0 to 20) in the `token` events' `lp`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub logprobs: Option<u32>,
+        /// Preferred slot (for example the one that holds this session's KV cache). Used when free.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub slot: Option<u32>,
+        /// The caller's task id, for logs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub task_id: Option<String>,
+    }
+});
 
 /// The roles a chat message may have.
 pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
