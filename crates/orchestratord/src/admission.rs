@@ -48,7 +48,6 @@ type Key = (Priority, u64, u64);
 pub struct Entry<T> {
     pub task_id: String,
     pub model: String,
-    pub client: String,
     pub priority: Priority,
     pub deadline: Option<Instant>,
     /// What the dispatcher needs to run the task.
@@ -175,7 +174,6 @@ impl<T> Queue<T> {
         self.insert(Entry {
             task_id,
             model,
-            client,
             priority,
             deadline,
             item,

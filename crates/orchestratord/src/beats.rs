@@ -22,9 +22,9 @@ use crate::state::State;
 
 /// How often the socket is read. Small next to any heartbeat interval (1 s at the least), so
 /// the time a beat waits is noise in the node's suspect and offline deadlines.
-pub const BATCH_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const BATCH_EVERY: Duration = Duration::from_millis(100);
 /// The most datagrams taken per read; more wait for the next one or drop in the kernel.
-pub const MAX_PER_BATCH: usize = 4096;
+pub(crate) const MAX_PER_BATCH: usize = 4096;
 /// The most report requests sent per read: answers to strangers stay bounded (and each is
 /// smaller than the datagram it answers, so none amplifies).
 const MAX_REPLIES_PER_BATCH: usize = 256;

@@ -20,7 +20,7 @@ pub const NODE_ACTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Drains (`drain`) or resumes (`resume`) a pool, through its node; the node's answer updates
 /// the registry at once. Pool ids are unique per node, not across nodes: `on_node` says which.
-pub async fn pool_action(
+pub(crate) async fn pool_action(
     state: &Arc<State>,
     id: &str,
     on_node: Option<&str>,
@@ -93,7 +93,7 @@ pub async fn pool_action(
 
 /// Drains (`true`) or resumes a node: nothing new is placed on a drained node, its running
 /// tasks finish; the answer says how many still run.
-pub fn node_action(
+pub(crate) fn node_action(
     state: &State,
     id: &str,
     draining: bool,
@@ -124,7 +124,7 @@ pub fn node_action(
 /// own tasks through `POST /v2/tasks/{id}/cancel`). Returns whether it was still running or
 /// queued. Ids live in each API key's namespace: an id that two keys chose is refused as
 /// ambiguous rather than guessed.
-pub fn cancel_task(state: &State, task_id: &str, operator: &str) -> Result<bool, Refusal> {
+pub(crate) fn cancel_task(state: &State, task_id: &str, operator: &str) -> Result<bool, Refusal> {
     let found = state.tasks().with_id(task_id);
     let task = match <[_; 1]>::try_from(found) {
         Ok([one]) => one,

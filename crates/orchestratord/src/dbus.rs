@@ -19,15 +19,15 @@ use crate::events::Event;
 use crate::refusal::Refusal;
 use crate::state::{Core, State};
 
-pub use llorch_bus::PROPERTY_PERIOD;
+pub(crate) use llorch_bus::PROPERTY_PERIOD;
 
 /// `Nodes`: id, state (`online`, `suspect`, `offline`), address, milliseconds since its last
 /// heartbeat, its pool ids, and whether an operator drained it.
-pub type NodeEntry = (String, String, String, u64, Vec<String>, bool);
+pub(crate) type NodeEntry = (String, String, String, u64, Vec<String>, bool);
 /// `Pools`: node, pool, model, state, free slots, total slots, on demand.
-pub type PoolEntry = (String, String, String, String, u32, u32, bool);
+pub(crate) type PoolEntry = (String, String, String, String, u32, u32, bool);
 
-pub struct Orchestrator {
+pub(crate) struct Orchestrator {
     state: Arc<State>,
 }
 

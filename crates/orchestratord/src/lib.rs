@@ -27,24 +27,24 @@
 //! reach a panic (registrations and heartbeats are validated whole before use, sums over node
 //! input saturate).
 
-pub mod admission;
-pub mod api;
-pub mod auth;
+pub(crate) mod admission;
+pub(crate) mod api;
+pub(crate) mod auth;
 pub mod beats;
 pub mod config;
 pub mod control;
 pub mod dbus;
 pub mod dispatch;
-pub mod events;
-pub mod metrics;
-pub mod ops;
-pub mod outcome;
+pub(crate) mod events;
+pub(crate) mod metrics;
+pub(crate) mod ops;
+pub(crate) mod outcome;
 pub mod placement;
-pub mod refusal;
+pub(crate) mod refusal;
 pub mod registry;
 pub mod state;
-pub mod sync;
-pub mod tasks;
+pub(crate) mod sync;
+pub(crate) mod tasks;
 
 #[cfg(test)]
 mod layering;

@@ -38,7 +38,7 @@ pub struct Candidate<'a> {
 }
 
 /// What loading a standby pool is assumed to cost before its node has measured a load.
-pub const DEFAULT_LOAD_TIME: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_LOAD_TIME: Duration = Duration::from_secs(10);
 
 impl Candidate<'_> {
     /// Ready on an online node and not suspect: it may take work (slots permitting).
@@ -97,7 +97,7 @@ pub enum Placement {
 }
 
 /// Free and total slots of ready pools serving `model`.
-pub fn capacity_for(candidates: &[Candidate], model: &str) -> (u32, u32) {
+pub(crate) fn capacity_for(candidates: &[Candidate], model: &str) -> (u32, u32) {
     candidates
         .iter()
         .filter(|c| c.model_id == model && c.serving())

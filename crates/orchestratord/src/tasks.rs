@@ -464,14 +464,6 @@ impl TaskTable {
         self.purge(Instant::now())
     }
 
-    pub fn len(&self) -> usize {
-        self.tasks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
-    }
-
     /// Forgets finished tasks past their retention, beyond the count or beyond the bytes;
     /// returns how many went for the bytes.
     fn purge(&mut self, now: Instant) -> usize {

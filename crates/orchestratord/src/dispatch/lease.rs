@@ -13,9 +13,9 @@ use crate::tasks::Task;
 /// A leased slot. It is returned exactly once: explicitly before a task's final event (so a
 /// client that saw `end` finds the slot free for its next request), or by `Drop` on any other
 /// path, so none can leak it.
-pub struct Lease {
+pub(crate) struct Lease {
     state: Arc<State>,
-    pub pool: PoolKey,
+    pub(crate) pool: PoolKey,
     model: String,
     since: Instant,
     /// Whether the hold time counts toward the service rate (false when the task never ran).
@@ -37,7 +37,7 @@ impl Lease {
     }
 
     /// Returns the slot now; later calls and the drop do nothing.
-    pub fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         if std::mem::replace(&mut self.released, true) {
             return;
         }

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::state::State;
 
 /// Marks nodes offline that stopped heartbeating; runs until shutdown.
-pub async fn watch_nodes(state: Arc<State>) {
+pub(crate) async fn watch_nodes(state: Arc<State>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut awaiting = true;
     loop {

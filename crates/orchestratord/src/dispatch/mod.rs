@@ -29,8 +29,8 @@ use crate::placement::{place, Ask, Candidate, Placement};
 use crate::registry::{PoolKey, Registry, Sessions};
 use crate::state::{Core, State};
 use crate::tasks::Task;
-pub use lease::Lease;
-pub use liveness::watch_nodes;
+pub(crate) use lease::Lease;
+pub(crate) use liveness::watch_nodes;
 
 /// How many times a task may be sent to a pool whose node or engine then fails before the
 /// stream starts. A request that crashes its engine each time must not crash it forever (and
@@ -72,7 +72,7 @@ struct Work {
 }
 
 /// Runs until shutdown: expires deadlines, places what can be placed, starts the streams.
-pub async fn run(state: Arc<State>) {
+pub(crate) async fn run(state: Arc<State>) {
     // The watchdog is fed from this loop: if dispatching wedges, the service manager restarts
     // the daemon. A tick every second keeps an idle loop turning, and refreshes the status line.
     let mut watchdog = llorch_os::service::Watchdog::from_env();

@@ -10,18 +10,18 @@ use super::{Registry, SUSPECT_FOR};
 /// counter taken so far (a beat must count higher).
 #[derive(Debug)]
 pub struct BeatSession {
-    pub id: u64,
-    pub key: BeatKey,
-    pub counter: u64,
+    pub(crate) id: u64,
+    pub(crate) key: BeatKey,
+    pub(crate) counter: u64,
     /// Beats are answered with a request for a full heartbeat until one arrives (set when the
     /// node tokens are reloaded: a revoked token stops at the node's next beat).
-    pub report_due: bool,
+    pub(crate) report_due: bool,
 }
 
 impl BeatSession {
     /// A fresh session for a registration, and the grant that tells the node of it (beats to
     /// `port`). None only when the system's random source fails.
-    pub fn new(port: u16) -> Option<(BeatSession, BeatGrant)> {
+    pub(crate) fn new(port: u16) -> Option<(BeatSession, BeatGrant)> {
         let (key, hex) = BeatKey::generate()?;
         let id = llorch_wire::id::random_u64();
         let grant = BeatGrant {
@@ -41,7 +41,7 @@ impl BeatSession {
 
 /// What became of one beat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BeatOutcome {
+pub(crate) enum BeatOutcome {
     /// Taken: the node is seen now.
     Ok,
     /// Ask the sender for a full report: the session is unknown (the control plane restarted,
@@ -55,7 +55,7 @@ impl Registry {
     /// Applies one liveness beat. A verified beat of an online node counts as a heartbeat
     /// that repeats the node's last report: the node is seen now, and its pools' suspect
     /// marks older than [`SUSPECT_FOR`] lapse, as a repeated report would clear them.
-    pub fn beat(&mut self, beat: &Beat<'_>, now: Instant) -> BeatOutcome {
+    pub(crate) fn beat(&mut self, beat: &Beat<'_>, now: Instant) -> BeatOutcome {
         let Some(node) = self
             .beat_sessions
             .get(&beat.session)
@@ -81,7 +81,7 @@ impl Registry {
     }
 
     /// Makes every node's next beat ask for a full heartbeat (which checks its token again).
-    pub fn ask_reports(&mut self) {
+    pub(crate) fn ask_reports(&mut self) {
         for b in self.nodes.values_mut().filter_map(|n| n.beat.as_mut()) {
             b.report_due = true;
         }

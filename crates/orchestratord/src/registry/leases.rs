@@ -9,11 +9,11 @@ use crate::admission::ServiceRate;
 use crate::placement::Candidate;
 
 impl Registry {
-    pub fn lease(&mut self, key: &PoolKey) {
+    pub(crate) fn lease(&mut self, key: &PoolKey) {
         *self.leases.entry(key.clone()).or_default() += 1;
     }
 
-    pub fn release(&mut self, key: &PoolKey, model: &str, held: Option<Duration>) {
+    pub(crate) fn release(&mut self, key: &PoolKey, model: &str, held: Option<Duration>) {
         if let Some(n) = self.leases.get_mut(key) {
             *n = n.saturating_sub(1);
         }
@@ -29,7 +29,7 @@ impl Registry {
     }
 
     /// Tasks running on a node's pools (the leases orchestratord holds there).
-    pub fn running_on(&self, node_id: &str) -> u32 {
+    pub(crate) fn running_on(&self, node_id: &str) -> u32 {
         self.leases
             .iter()
             .filter(|((n, _), _)| n == node_id)
@@ -37,28 +37,28 @@ impl Registry {
     }
 
     /// Leases held now, by pool (in no particular order).
-    pub fn leases(&self) -> impl Iterator<Item = (&PoolKey, u32)> {
+    pub(crate) fn leases(&self) -> impl Iterator<Item = (&PoolKey, u32)> {
         self.leases
             .iter()
             .map(|(k, n)| (k, *n))
             .filter(|(_, n)| *n > 0)
     }
 
-    pub fn leased(&self, key: &PoolKey) -> u32 {
+    pub(crate) fn leased(&self, key: &PoolKey) -> u32 {
         self.leases.get(key).copied().unwrap_or(0)
     }
 
-    pub fn total_leased(&self) -> u32 {
+    pub(crate) fn total_leased(&self) -> u32 {
         self.leases.values().fold(0, |n, l| n.saturating_add(*l))
     }
 
-    pub fn rate(&self, model: &str) -> Option<&ServiceRate> {
+    pub(crate) fn rate(&self, model: &str) -> Option<&ServiceRate> {
         self.rates.get(model)
     }
 
     /// How long until a slot of a loaded pool serving `model` frees up: the model's mean
     /// service time spread over those pools' slots.
-    pub fn slot_wait(&self, candidates: &[Candidate], model: &str) -> std::time::Duration {
+    pub(crate) fn slot_wait(&self, candidates: &[Candidate], model: &str) -> std::time::Duration {
         let (_, slots) = crate::placement::capacity_for(candidates, model);
         let default_rate = ServiceRate::default();
         self.rate(model)

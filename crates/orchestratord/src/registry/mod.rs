@@ -25,21 +25,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::ServiceRate;
 use crate::placement::Candidate;
-pub use beats::{BeatOutcome, BeatSession};
-pub use sessions::{Session, Sessions, MAX_SESSIONS};
+pub(crate) use beats::{BeatOutcome, BeatSession};
+pub(crate) use sessions::Sessions;
 
-pub type PoolKey = (String, String);
+pub(crate) type PoolKey = (String, String);
 
 /// The most nodes the control plane keeps. A registration of a new node id beyond it is
 /// refused (503); nodes offline for [`FORGET_OFFLINE_AFTER`] are forgotten to make room.
-pub const MAX_NODES: usize = 1024;
+pub(crate) const MAX_NODES: usize = 1024;
 /// How long an offline node is kept (listed offline, its pools unplaced) before it is
 /// forgotten. It registers again whenever it comes back.
-pub const FORGET_OFFLINE_AFTER: Duration = Duration::from_secs(3600);
+pub(crate) const FORGET_OFFLINE_AFTER: Duration = Duration::from_secs(3600);
 
 /// The shortest time a pool stays suspect when its node keeps reporting the same engine ready:
 /// long enough that a heartbeat sent before the node noticed a crash cannot clear the mark.
-pub const SUSPECT_FOR: Duration = Duration::from_secs(1);
+pub(crate) const SUSPECT_FOR: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Node {
@@ -67,19 +67,19 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn offline_after(&self) -> Duration {
+    pub(crate) fn offline_after(&self) -> Duration {
         self.heartbeat * self.offline_beats
     }
 
     /// Whether the node missed its last heartbeat (none for 1.5 intervals) while still online:
     /// it is `suspect`, and nothing new is placed on it until it reports again; its running
     /// tasks go on until it is offline.
-    pub fn missed_beat(&self, now: Instant) -> bool {
+    pub(crate) fn missed_beat(&self, now: Instant) -> bool {
         self.online && now.duration_since(self.last_seen) > self.heartbeat + self.heartbeat / 2
     }
 
     /// `online`, `suspect` or `offline`.
-    pub fn state(&self, now: Instant) -> &'static str {
+    pub(crate) fn state(&self, now: Instant) -> &'static str {
         if !self.online {
             "offline"
         } else if self.missed_beat(now) {
@@ -92,7 +92,7 @@ impl Node {
 
 #[derive(Debug, Default)]
 pub struct Registry {
-    pub nodes: BTreeMap<String, Node>,
+    pub(crate) nodes: BTreeMap<String, Node>,
     leases: HashMap<PoolKey, u32>,
     /// Pools whose engine or node failed a request, with the engine pid reported then and when
     /// the mark was set. They are skipped until their node reports the pool not ready, or ready
@@ -138,7 +138,7 @@ impl Registry {
     /// Applies a heartbeat and returns the pools it replaced (moved, not copied: the caller
     /// may compare them with the new ones); None when the node is unknown (it must register
     /// again).
-    pub fn heartbeat(
+    pub(crate) fn heartbeat(
         &mut self,
         node_id: &str,
         pools: Vec<PoolStatus>,
@@ -186,13 +186,13 @@ impl Registry {
     }
 
     /// Whether a registration of `node_id` would exceed [`MAX_NODES`].
-    pub fn full_for(&self, node_id: &str) -> bool {
+    pub(crate) fn full_for(&self, node_id: &str) -> bool {
         !self.nodes.contains_key(node_id) && self.nodes.len() >= MAX_NODES
     }
 
     /// Forgets nodes offline for longer than [`FORGET_OFFLINE_AFTER`]; returns their ids.
     /// Leases their tasks still hold are returned as those tasks end.
-    pub fn forget_nodes(&mut self, now: Instant) -> Vec<String> {
+    pub(crate) fn forget_nodes(&mut self, now: Instant) -> Vec<String> {
         let gone: Vec<String> = self
             .nodes
             .values()
@@ -209,7 +209,7 @@ impl Registry {
     }
 
     /// Marks nodes offline that missed their heartbeats; returns their ids.
-    pub fn expire_nodes(&mut self, now: Instant) -> Vec<String> {
+    pub(crate) fn expire_nodes(&mut self, now: Instant) -> Vec<String> {
         let mut lost = Vec::new();
         for node in self.nodes.values_mut() {
             if node.online && now.duration_since(node.last_seen) > node.offline_after() {
@@ -221,12 +221,12 @@ impl Registry {
         lost
     }
 
-    pub fn mark_suspect(&mut self, key: &PoolKey) {
+    pub(crate) fn mark_suspect(&mut self, key: &PoolKey) {
         let pid = self.pool(key).and_then(|p| p.engine_pid);
         self.suspect.insert(key.clone(), (pid, Instant::now()));
     }
 
-    pub fn pool(&self, key: &PoolKey) -> Option<&PoolStatus> {
+    pub(crate) fn pool(&self, key: &PoolKey) -> Option<&PoolStatus> {
         self.nodes
             .get(&key.0)?
             .pools
@@ -235,7 +235,7 @@ impl Registry {
     }
 
     /// Drains (`true`) or resumes a node; false when it is unknown.
-    pub fn set_draining(&mut self, node_id: &str, draining: bool) -> bool {
+    pub(crate) fn set_draining(&mut self, node_id: &str, draining: bool) -> bool {
         match self.nodes.get_mut(node_id) {
             Some(n) => {
                 n.draining = draining;
@@ -246,7 +246,7 @@ impl Registry {
     }
 
     /// The view of one node.
-    pub fn node_view(&self, node: &Node, now: Instant) -> NodeView {
+    pub(crate) fn node_view(&self, node: &Node, now: Instant) -> NodeView {
         NodeView {
             node_id: node.id.clone(),
             address: node.address.clone(),
@@ -302,7 +302,7 @@ impl Registry {
     }
 
     /// Model ids served by any registered pool, whatever its state.
-    pub fn models(&self) -> Vec<String> {
+    pub(crate) fn models(&self) -> Vec<String> {
         let mut m: Vec<String> = self
             .nodes
             .values()
@@ -315,7 +315,7 @@ impl Registry {
 
     /// (serving, ready pools, on-demand pools on standby): requests are served when a pool is
     /// ready or an on-demand pool waits on standby (its first request loads the model).
-    pub fn serving(&self) -> (bool, usize, usize) {
+    pub(crate) fn serving(&self) -> (bool, usize, usize) {
         let candidates = self.candidates();
         let standby = candidates.iter().filter(|c| c.standby()).count();
         let ready = candidates
@@ -325,14 +325,7 @@ impl Registry {
         (ready + standby > 0, ready, standby)
     }
 
-    pub fn ready_pools(&self) -> usize {
-        self.candidates()
-            .iter()
-            .filter(|c| c.node_online && c.state == PoolState::Ready)
-            .count()
-    }
-
-    pub fn pool_views(&self) -> Vec<PoolView> {
+    pub(crate) fn pool_views(&self) -> Vec<PoolView> {
         let mut out = Vec::new();
         for node in self.nodes.values() {
             for p in &node.pools {
@@ -358,7 +351,7 @@ impl Registry {
         out
     }
 
-    pub fn node_views(&self, now: Instant) -> Vec<NodeView> {
+    pub(crate) fn node_views(&self, now: Instant) -> Vec<NodeView> {
         self.nodes
             .values()
             .map(|n| self.node_view(n, now))

@@ -10,33 +10,33 @@ use super::PoolKey;
 
 /// The most sessions kept at once; beyond it the least recently used one is evicted (its
 /// next turn simply has no affinity).
-pub const MAX_SESSIONS: usize = 65_536;
+pub(crate) const MAX_SESSIONS: usize = 65_536;
 
 /// Session affinity: which pool and slot hold a session's KV cache.
 #[derive(Debug, Clone)]
-pub struct Session {
-    pub pool: PoolKey,
-    pub slot: u32,
-    pub turns: u32,
-    pub last_used: Instant,
+pub(crate) struct Session {
+    pub(crate) pool: PoolKey,
+    pub(crate) slot: u32,
+    pub(crate) turns: u32,
+    pub(crate) last_used: Instant,
 }
 
 /// Sessions by (client, session id): a client sees and steers only its own sessions. Bounded
 /// by age (the TTL, purged every half second by the node watcher) and by count (the least
 /// recently used is evicted when a new session would exceed the capacity).
 #[derive(Debug)]
-pub struct Sessions {
+pub(crate) struct Sessions {
     ttl: Duration,
     capacity: usize,
     map: HashMap<(String, String), Session>,
 }
 
 impl Sessions {
-    pub fn new(ttl: Duration) -> Self {
+    pub(crate) fn new(ttl: Duration) -> Self {
         Self::with_capacity(ttl, MAX_SESSIONS)
     }
 
-    pub fn with_capacity(ttl: Duration, capacity: usize) -> Self {
+    pub(crate) fn with_capacity(ttl: Duration, capacity: usize) -> Self {
         Self {
             ttl,
             capacity: capacity.max(1),
@@ -44,26 +44,23 @@ impl Sessions {
         }
     }
 
-    pub fn ttl(&self) -> Duration {
+    pub(crate) fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    pub fn get(&self, client: &str, id: &str, now: Instant) -> Option<&Session> {
+    pub(crate) fn get(&self, client: &str, id: &str, now: Instant) -> Option<&Session> {
         self.map
             .get(&(client.to_string(), id.to_string()))
             .filter(|s| now.duration_since(s.last_used) < self.ttl)
     }
 
     /// Drops expired sessions; returns how many.
-    pub fn purge(&mut self, now: Instant) -> usize {
+    pub(crate) fn purge(&mut self, now: Instant) -> usize {
         let before = self.map.len();
         let ttl = self.ttl;
         self.map
@@ -72,7 +69,7 @@ impl Sessions {
     }
 
     /// Records a turn of a session; true when another session was evicted to make room.
-    pub fn record(
+    pub(crate) fn record(
         &mut self,
         client: &str,
         id: &str,
@@ -110,7 +107,7 @@ impl Sessions {
         evicted
     }
 
-    pub fn remove(&mut self, client: &str, id: &str) -> bool {
+    pub(crate) fn remove(&mut self, client: &str, id: &str) -> bool {
         self.map
             .remove(&(client.to_string(), id.to_string()))
             .is_some()

@@ -18,19 +18,19 @@ use crate::tasks::Task;
 
 /// What a front end (OpenAI or native) hands to admission.
 #[derive(Debug)]
-pub struct Submission {
-    pub task_id: Option<String>,
-    pub model: String,
-    pub request: GenerateRequest,
-    pub priority: Priority,
-    pub deadline_ms: Option<u64>,
-    pub session_id: Option<String>,
-    pub hints: Option<PlacementHints>,
-    pub client: String,
-    pub correlation_id: String,
+pub(crate) struct Submission {
+    pub(crate) task_id: Option<String>,
+    pub(crate) model: String,
+    pub(crate) request: GenerateRequest,
+    pub(crate) priority: Priority,
+    pub(crate) deadline_ms: Option<u64>,
+    pub(crate) session_id: Option<String>,
+    pub(crate) hints: Option<PlacementHints>,
+    pub(crate) client: String,
+    pub(crate) correlation_id: String,
     /// The context the client says the task needs (native `ctx`); checked against the pools.
-    pub ctx: Option<u32>,
-    pub api: Api,
+    pub(crate) ctx: Option<u32>,
+    pub(crate) api: Api,
 }
 
 impl State {
@@ -52,7 +52,10 @@ impl State {
     }
 
     /// Admits a task to the queue, or refuses it.
-    pub fn submit(self: &Arc<Self>, sub: Submission) -> Result<(Arc<Task>, TaskAccepted), Refusal> {
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        sub: Submission,
+    ) -> Result<(Arc<Task>, TaskAccepted), Refusal> {
         let task_id = match sub.task_id.clone() {
             Some(id) => {
                 if id.is_empty()

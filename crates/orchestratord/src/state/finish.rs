@@ -15,14 +15,14 @@ use crate::tasks::{Task, TaskEvent};
 impl State {
     /// Ends a task with an error event; the first final event of a task also schedules its
     /// removal and writes its metrics and journal record.
-    pub fn finish(&self, task: &Task, body: ErrorBody) {
+    pub(crate) fn finish(&self, task: &Task, body: ErrorBody) {
         if task.fail(body) {
             self.finished(task);
         }
     }
 
     /// Ends a task with its `end` event (see [`State::finish`]).
-    pub fn complete(&self, task: &Task, end: TaskEnd) {
+    pub(crate) fn complete(&self, task: &Task, end: TaskEnd) {
         if task.push(TaskEvent::End(end)) {
             self.finished(task);
         }
@@ -92,7 +92,7 @@ impl State {
 
     /// Ends the queued tasks whose model no node serves (called once the registration grace
     /// is over): they waited for a node that did not come.
-    pub fn fail_unknown_models(&self) {
+    pub(crate) fn fail_unknown_models(&self) {
         let orphans: Vec<Arc<Task>> = {
             let mut core = self.core();
             let known = core.registry.models();
@@ -129,7 +129,7 @@ impl State {
 
     /// Cancels a task: a queued one leaves the queue and ends at once; a running one is
     /// stopped by its dispatch, which frees the slot. Returns false for a finished task.
-    pub fn cancel(&self, task: &Arc<Task>, reason: CancelReason) -> bool {
+    pub(crate) fn cancel(&self, task: &Arc<Task>, reason: CancelReason) -> bool {
         if task.is_finished() {
             return false;
         }
@@ -152,7 +152,7 @@ impl State {
     }
 
     /// Ends every queued task (orchestratord is stopping); running ones end with their streams.
-    pub fn fail_queued(&self, why: &str) {
+    pub(crate) fn fail_queued(&self, why: &str) {
         let queued: Vec<Arc<Task>> = {
             let mut core = self.core();
             let ids: Vec<String> = core.queue.iter().map(|e| e.task_id.clone()).collect();

@@ -22,18 +22,18 @@ use crate::config::Config;
 use crate::metrics::{Gauges, Metrics, NODE_STATES, POOL_STATES};
 use crate::registry::{Registry, Sessions};
 use crate::tasks::{Task, TaskTable};
-pub use admit::Submission;
-pub use subscribers::{Subscriber, MAX_SUBSCRIBERS_PER_CLIENT, MAX_SUBSCRIBERS_PER_TASK};
+pub(crate) use admit::Submission;
+pub(crate) use subscribers::Subscriber;
 
-pub struct Core {
-    pub queue: Queue<Arc<Task>>,
-    pub registry: Registry,
-    pub sessions: Sessions,
+pub(crate) struct Core {
+    pub(crate) queue: Queue<Arc<Task>>,
+    pub(crate) registry: Registry,
+    pub(crate) sessions: Sessions,
 }
 
 impl Core {
     /// The snapshot behind the metrics' gauges of the queue and the registry.
-    pub fn gauges(&self, now: Instant) -> Gauges {
+    pub(crate) fn gauges(&self, now: Instant) -> Gauges {
         let mut g = Gauges {
             queue_depth: [
                 self.queue.count(Priority::Interactive) as i64,
@@ -67,27 +67,27 @@ impl Core {
 
 /// Client API keys and node tokens; replaced as a whole on reload (SIGHUP).
 #[derive(Debug, Default)]
-pub struct Keys {
-    pub api: Option<crate::auth::ApiKeys>,
-    pub node: Option<crate::auth::ApiKeys>,
+pub(crate) struct Keys {
+    pub(crate) api: Option<crate::auth::ApiKeys>,
+    pub(crate) node: Option<crate::auth::ApiKeys>,
 }
 
 pub struct State {
-    pub config: Config,
+    pub(crate) config: Config,
     keys: std::sync::RwLock<Arc<Keys>>,
     core: Mutex<Core>,
     tasks: Mutex<TaskTable>,
     /// Wakes the dispatcher: a task arrived, a slot freed, a node reported.
-    pub wake: Notify,
-    pub shutdown: CancellationToken,
-    pub started: Instant,
-    pub metrics: Metrics,
+    pub(crate) wake: Notify,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) started: Instant,
+    pub(crate) metrics: Metrics,
     /// The queue refused or evicted since it last had room (logged once per episode).
     saturated: std::sync::atomic::AtomicBool,
     /// Native event-stream subscribers per client.
     subscribers: Mutex<HashMap<String, u32>>,
     /// Operator events for the D-Bus front ([`State::announce`]).
-    pub events: tokio::sync::broadcast::Sender<crate::events::Event>,
+    pub(crate) events: tokio::sync::broadcast::Sender<crate::events::Event>,
 }
 
 impl State {
@@ -118,29 +118,29 @@ impl State {
     }
 
     /// Tells the D-Bus front (if any) of an operator event; never waits.
-    pub fn announce(&self, event: crate::events::Event) {
+    pub(crate) fn announce(&self, event: crate::events::Event) {
         let _ = self.events.send(event);
     }
 
     /// Whether anyone listens to operator events (so the heartbeat path can skip the diff).
-    pub fn announcing(&self) -> bool {
+    pub(crate) fn announcing(&self) -> bool {
         self.events.receiver_count() > 0
     }
 
     /// Whether requests are served: a pool is ready, or an on-demand pool is on standby (its
     /// first request loads the model). `/health/ready` and D-Bus `Ready`.
-    pub fn serving(&self) -> (bool, usize, usize) {
+    pub(crate) fn serving(&self) -> (bool, usize, usize) {
         self.core().registry.serving()
     }
 
     /// The keys in force now.
-    pub fn keys(&self) -> Arc<Keys> {
+    pub(crate) fn keys(&self) -> Arc<Keys> {
         crate::sync::read(&self.keys).clone()
     }
 
     /// Reads the key files again (SIGHUP). A file that no longer parses leaves the keys in
     /// force unchanged; running streams are not touched either way. Returns the key counts.
-    pub fn reload_keys(&self) -> Result<(usize, usize), crate::auth::KeysError> {
+    pub(crate) fn reload_keys(&self) -> Result<(usize, usize), crate::auth::KeysError> {
         use crate::auth::{ApiKeys, KeyKind, KeysError};
         let load = |p: &Option<std::path::PathBuf>, kind| -> Result<_, KeysError> {
             p.as_deref().map(|p| ApiKeys::load(p, kind)).transpose()
@@ -158,20 +158,20 @@ impl State {
     }
 
     /// Sets the metrics' gauges for a scrape: read under the core lock, set without it.
-    pub fn read_gauges(&self) {
+    pub(crate) fn read_gauges(&self) {
         let gauges = self.core().gauges(Instant::now());
         self.metrics.set_gauges(&gauges);
     }
 
-    pub fn core(&self) -> MutexGuard<'_, Core> {
+    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
         crate::sync::lock(&self.core)
     }
 
-    pub fn tasks(&self) -> MutexGuard<'_, TaskTable> {
+    pub(crate) fn tasks(&self) -> MutexGuard<'_, TaskTable> {
         crate::sync::lock(&self.tasks)
     }
 
-    pub fn task(&self, client: &str, id: &str) -> Option<Arc<Task>> {
+    pub(crate) fn task(&self, client: &str, id: &str) -> Option<Arc<Task>> {
         self.tasks().get(&Task::key_for(client, id))
     }
 
@@ -180,7 +180,7 @@ impl State {
     /// intervals of the start (a heartbeat answered 404, or refused, makes it register again),
     /// so the wait ends 1.5 intervals (the longest any registered node uses) after the start,
     /// and at the latest after `--registration-grace-secs`.
-    pub fn awaiting_registrations(&self, registry: &Registry, now: Instant) -> bool {
+    pub(crate) fn awaiting_registrations(&self, registry: &Registry, now: Instant) -> bool {
         now < self.grace_end(registry)
     }
 
@@ -197,7 +197,7 @@ impl State {
     }
 
     /// The service manager's status line: pools, queue, slots.
-    pub fn status_line(&self) -> String {
+    pub(crate) fn status_line(&self) -> String {
         let core = self.core();
         let candidates = core.registry.candidates();
         let ready = candidates
@@ -223,13 +223,13 @@ impl State {
         )
     }
 
-    pub fn queue_position(&self, task: &Task) -> Option<u32> {
+    pub(crate) fn queue_position(&self, task: &Task) -> Option<u32> {
         self.core().queue.position(&task.key)
     }
 }
 
 /// A fresh id: a prefix and 16 random hex digits.
-pub fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", llorch_wire::id::random_u64())
 }
 

@@ -8,13 +8,13 @@ use crate::refusal::Refusal;
 use crate::tasks::Task;
 
 /// Native event streams (`GET /v2/tasks/{id}/events`) one task may have open at once.
-pub const MAX_SUBSCRIBERS_PER_TASK: u32 = 8;
+pub(crate) const MAX_SUBSCRIBERS_PER_TASK: u32 = 8;
 /// Native event streams one client (API key) may have open at once, all tasks together.
-pub const MAX_SUBSCRIBERS_PER_CLIENT: u32 = 256;
+pub(crate) const MAX_SUBSCRIBERS_PER_CLIENT: u32 = 256;
 
 /// One open native event stream, counted against its task's and its client's limits until
 /// dropped.
-pub struct Subscriber {
+pub(crate) struct Subscriber {
     state: Arc<State>,
     task: Arc<Task>,
 }
@@ -37,7 +37,7 @@ impl Drop for Subscriber {
 impl State {
     /// Opens a native event stream on `task`: 429 `RATE_LIMITED` when the task or its client
     /// has as many open as allowed.
-    pub fn subscribe(self: &Arc<Self>, task: &Arc<Task>) -> Result<Subscriber, Refusal> {
+    pub(crate) fn subscribe(self: &Arc<Self>, task: &Arc<Task>) -> Result<Subscriber, Refusal> {
         use std::sync::atomic::Ordering;
         let mut map = crate::sync::lock(&self.subscribers);
         let of_client = map.get(&task.client).copied().unwrap_or(0);

@@ -9,22 +9,22 @@ use super::{Core, State};
 
 impl State {
     /// Model ids served by any registered pool, whatever its state (`GET /v1/models`).
-    pub fn models(&self) -> Vec<String> {
+    pub(crate) fn models(&self) -> Vec<String> {
         self.core().registry.models()
     }
 
     /// Every node as `GET /v2/nodes` lists it.
-    pub fn node_views(&self, now: Instant) -> Vec<NodeView> {
+    pub(crate) fn node_views(&self, now: Instant) -> Vec<NodeView> {
         self.core().registry.node_views(now)
     }
 
     /// Every pool of every node, with its leased slots.
-    pub fn pool_views(&self) -> Vec<PoolView> {
+    pub(crate) fn pool_views(&self) -> Vec<PoolView> {
         self.core().registry.pool_views()
     }
 
     /// `GET /v2/pools`: every pool with its slots, and the queue.
-    pub fn pools_answer(&self) -> PoolsAnswer {
+    pub(crate) fn pools_answer(&self) -> PoolsAnswer {
         let core = self.core();
         let interactive = core.queue.count(Priority::Interactive) as u32;
         let batch = core.queue.count(Priority::Batch) as u32;
@@ -42,7 +42,7 @@ impl State {
     }
 
     /// A client's session `id`, unless it is unknown or expired.
-    pub fn session_info(&self, client: &str, id: &str, now: Instant) -> Option<SessionInfo> {
+    pub(crate) fn session_info(&self, client: &str, id: &str, now: Instant) -> Option<SessionInfo> {
         let core = self.core();
         let s = core.sessions.get(client, id, now)?;
         let left = core
@@ -59,14 +59,14 @@ impl State {
     }
 
     /// Forgets a client's session; false when it was not known.
-    pub fn forget_session(&self, client: &str, id: &str) -> bool {
+    pub(crate) fn forget_session(&self, client: &str, id: &str) -> bool {
         self.core().sessions.remove(client, id)
     }
 
     /// `GET /v2/catalog/availability`: which models are on which nodes and pools, and whether
     /// a request for each can be placed now (`available`), waits (`placeable` pools all busy,
     /// draining or suspect), or is refused (every node offline).
-    pub fn availability(&self, now: Instant) -> Value {
+    pub(crate) fn availability(&self, now: Instant) -> Value {
         let core = self.core();
         let mut models: std::collections::BTreeMap<&str, Vec<Value>> = Default::default();
         for node in core.registry.nodes.values() {
@@ -103,23 +103,23 @@ impl State {
     }
 
     /// Tasks waiting in the queue.
-    pub fn queue_depth(&self) -> usize {
+    pub(crate) fn queue_depth(&self) -> usize {
         self.core().queue.len()
     }
 
-    pub fn queue_capacity(&self) -> usize {
+    pub(crate) fn queue_capacity(&self) -> usize {
         self.core().queue.capacity()
     }
 
     /// Tasks holding a slot now.
-    pub fn running_tasks(&self) -> u32 {
+    pub(crate) fn running_tasks(&self) -> u32 {
         self.core().registry.total_leased()
     }
 
     /// Runs `read` on the core under its lock and returns what it computed: for a front that
     /// needs several values read at one moment (D-Bus property digests). `read` is synchronous,
     /// so the lock can never be held across an `.await`; keep it short.
-    pub fn read<R>(&self, read: impl FnOnce(&Core) -> R) -> R {
+    pub(crate) fn read<R>(&self, read: impl FnOnce(&Core) -> R) -> R {
         read(&self.core())
     }
 }
