@@ -16,76 +16,16 @@ use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use zbus::zvariant::OwnedObjectPath;
 
+use self::proxies::{JobProxy, ManagerProxy, ServiceProxy, UnitProxy};
 use super::{BoxFuture, EngineExit, EngineHandle, LaunchError, Launcher};
 use crate::config::{PoolConfig, RuntimeLayout};
 
-#[zbus::proxy(
-    interface = "org.freedesktop.systemd1.Manager",
-    default_service = "org.freedesktop.systemd1",
-    default_path = "/org/freedesktop/systemd1"
-)]
-trait Manager {
-    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
-    fn set_unit_properties(
-        &self,
-        name: &str,
-        runtime: bool,
-        properties: &[(&str, zbus::zvariant::Value<'_>)],
-    ) -> zbus::Result<()>;
-    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
-    fn subscribe(&self) -> zbus::Result<()>;
-    #[zbus(signal)]
-    fn job_removed(
-        &self,
-        id: u32,
-        job: OwnedObjectPath,
-        unit: String,
-        result: String,
-    ) -> zbus::Result<()>;
-}
-
-#[zbus::proxy(
-    interface = "org.freedesktop.systemd1.Unit",
-    default_service = "org.freedesktop.systemd1"
-)]
-trait Unit {
-    #[zbus(property)]
-    fn active_state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn sub_state(&self) -> zbus::Result<String>;
-}
-
-#[zbus::proxy(
-    interface = "org.freedesktop.systemd1.Job",
-    default_service = "org.freedesktop.systemd1"
-)]
-trait Job {
-    #[zbus(property)]
-    fn state(&self) -> zbus::Result<String>;
-}
+mod proxies;
 
 /// How long a job wait goes without systemd's `JobRemoved` signal before it asks whether the
 /// job still exists: a lost signal (a bus hiccup, a reconnect) must not hang a pool for good,
 /// and a job that legitimately takes long (a large download) must not be cut short.
 pub const JOB_CHECK_EVERY: Duration = Duration::from_secs(30);
-
-#[zbus::proxy(
-    interface = "org.freedesktop.systemd1.Service",
-    default_service = "org.freedesktop.systemd1"
-)]
-trait Service {
-    #[zbus(property, name = "MainPID")]
-    fn main_pid(&self) -> zbus::Result<u32>;
-    #[zbus(property)]
-    fn exec_main_code(&self) -> zbus::Result<i32>;
-    #[zbus(property)]
-    fn exec_main_status(&self) -> zbus::Result<i32>;
-    #[zbus(property, name = "NRestarts")]
-    fn n_restarts(&self) -> zbus::Result<u32>;
-}
 
 /// Where the templates expect a pool's settings.
 pub const POOL_ENV_DIR: &str = "/run/llama-orch/pools";
