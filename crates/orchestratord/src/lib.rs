@@ -1,31 +1,53 @@
 //! orchestratord: the control plane.
 //!
-//! Code map (where a request is admitted, placed, streamed and cancelled):
-//! - [`api`]: HTTP routes; [`api::openai`] and [`api::native`] turn requests into
+//! Code map (where a request is admitted, placed, streamed and cancelled). The fronts
+//! translate; the core decides:
+//!
+//! Fronts, which authenticate, decode and map answers, and never take the core's lock:
+//! - [`api`]: HTTP routes (`api/mod.rs`), error envelopes and the HTTP status of each
+//!   refusal (`api/error.rs`); [`api::openai`] (`request.rs` validation, `run.rs` the task,
+//!   `response.rs` whole answers, `stream.rs` chunks) and [`api::native`] turn requests into
 //!   [`state::Submission`]s; [`api::nodes`] takes registrations and heartbeats.
-//! - [`state`]: [`state::State::submit`] admits (model, placement feasibility, deadline, queue
-//!   policy); [`state::State::cancel`] cancels.
-//! - [`refusal`]: why the core declines a request ([`refusal::Refusal`]); [`api`] maps each to
-//!   an HTTP status and envelope, [`dbus`] to a D-Bus error name.
+//! - [`dbus`]: `org.llamaorch.Orchestrator1`, its properties, methods and signals.
+//! - [`beats`]: the UDP socket that reads liveness beats in batches.
+//!
+//! The core:
+//! - [`state`]: [`state::State`] and the core behind its one short lock; `state/admit.rs`:
+//!   [`state::State::submit`] admits (model, placement feasibility, deadline, queue policy);
+//!   `finish.rs`: a task's end, [`state::State::cancel`], the journal record; `views.rs`: the
+//!   read-only views the fronts call; `subscribers.rs`: event-stream limits.
+//! - [`control`]: operator actions (drain, resume, cancel any task, reload keys); [`ops`]:
+//!   node registration, heartbeats and batches of beats. Both are shared by every front.
+//! - [`refusal`]: why the core declines a request ([`refusal::Refusal`]); each front maps it
+//!   to its own answer.
 //! - [`admission`]: the bounded queue (priorities, fair turns, drop-lru, deadlines) and the
 //!   service-rate estimate behind `Retry-After` and `predicted_start_ms`.
 //! - [`placement`]: the pure placement function.
-//! - [`dispatch`]: the dispatcher loop, slot leases, streaming a task from its node.
+//! - [`dispatch`]: the dispatcher loop (`dispatch/mod.rs`), slot leases (`lease.rs`),
+//!   forwarding a task to its node and relaying its events (`forward.rs`), node liveness
+//!   (`liveness.rs`).
 //! - [`tasks`]: tasks and their bounded event logs (late subscribers get the whole stream).
-//! - [`registry`]: nodes, pools, leases, suspect pools, sessions.
-//! - [`metrics`]: the Prometheus metrics and the journal record of each finished task
-//!   ([`state::State::finish`] and [`state::State::complete`] write both, once per task).
-//! - [`outcome`]: the domain's label vocabularies (front, outcome, rejection, cancel reason,
-//!   placement decision), below both [`tasks`] and [`metrics`].
-//! - [`control`]: operator actions (drain, resume, cancel any task, reload keys), shared by
-//!   the HTTP API and the D-Bus front [`dbus`] (`org.llamaorch.Orchestrator1`); [`events`]:
-//!   the operator events that front turns into signals.
+//! - [`registry`]: nodes, pools and suspect pools (`registry/mod.rs`), beat sessions
+//!   (`beats.rs`), leases and service rates (`leases.rs`), sessions (`sessions.rs`).
+//! - [`metrics`]: the Prometheus metrics, set from events and from a [`metrics::Gauges`]
+//!   snapshot ([`state::State::finish`] and [`state::State::complete`] write a task's
+//!   metrics and journal record, once per task); [`events`]: the operator events the D-Bus
+//!   front turns into signals.
+//! - [`outcome`]: the label vocabularies (front, outcome, rejection, cancel reason, placement
+//!   decision), below both [`tasks`] and [`metrics`].
 //! - [`auth`], [`config`]; [`sync`]: the lock helpers that outlive a panic.
+//!
+//! Layering: no module reaches itself through another (`layering.rs` tests it); shared types
+//! move down ([`outcome`], [`metrics::Gauges`]) rather than up.
 //!
 //! Invariants: only [`placement`] decides where a task runs; a slot lease is returned exactly
 //! once (by `Drop`); no lock is held across an `.await`; nothing a client or a node sends can
 //! reach a panic (registrations and heartbeats are validated whole before use, sums over node
 //! input saturate).
+
+// The code map above links the crate's internals on purpose: it is read in the source and in
+// `cargo doc --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub(crate) mod admission;
 pub(crate) mod api;

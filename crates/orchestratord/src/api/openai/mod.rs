@@ -11,7 +11,7 @@
 //! parameters too.//!
 //! - this file: the routes' handlers, from the request to the task and back;
 //! - [`request`]: the request bodies, their validation, the engine request they become;
-//! - [`run`]: admitting the task and reading its events (cancelled when the client goes away);
+//! - [`run`](mod@run): admitting the task and reading its events (cancelled when the client goes away);
 //! - [`response`]: encoding whole answers and OpenAI's error envelope;
 //! - [`stream`]: encoding chunks of a streamed answer.
 
