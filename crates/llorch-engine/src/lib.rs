@@ -3,7 +3,8 @@
 //! Code map:
 //! - [`config`]: flags and the engine plan, validated before anything loads.
 //! - [`model`]: loading with llama-cpp-2, chat template rendering, tokenization.
-//! - [`http`]: the Unix-socket API; admission of a request (validate, tokenize, reserve a slot).
+//! - [`http`]: the Unix-socket API: routing, the accept loop and idle exit, admission of a
+//!   request (validate, render, tokenize, reserve a slot) and the SSE body, one file each.
 //! - [`slots`]: the slot table and prefix-cache-aware slot choice.
 //! - [`decode`]: the continuous-batching decode loop that owns the llama context.
 //! - [`text`]: UTF-8-safe streaming and stop strings.
@@ -28,15 +29,12 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use llorch_os::ListenerOrigin;
 use llorch_wire::handoff::{Handoff, HANDOFF_VERSION};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EngineConfig;
-use crate::http::{Ready, Shared};
+use crate::http::{Ready, Server, Shared};
 use crate::model::Model;
 use crate::slots::SlotTable;
 
@@ -140,8 +138,8 @@ pub fn check_model(config: &EngineConfig) -> Result<llorch_gguf::GgufInfo, Engin
 /// the socket, where the socket's owner (systemd, or pool-managerd) starts the next engine.
 ///
 /// The phases, in order: take the socket and serve it ([`Server::start`]), load the model
-/// ([`load_model`]), start the decode thread ([`DecodeThread::start`]), announce readiness
-/// ([`announce_ready`]), then wait and stop ([`unload`] when idle, [`drain`] on `shutdown`).
+/// (`load_model`), start the decode thread (`DecodeThread::start`), announce readiness
+/// (`announce_ready`), then wait and stop (`unload` when idle, `drain` on `shutdown`).
 pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<(), EngineError> {
     check_model(&config)?;
     let (listener, origin) = llorch_os::unix_listener("engine", &config.socket)?;
@@ -164,7 +162,7 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
     };
     let unload_idle = tokio::select! {
         () = shutdown.cancelled() => false,
-        () = stopped.server.idle.cancelled() => true,
+        () = stopped.server.idle() => true,
     };
     if unload_idle {
         unload(&config, stopped).await;
@@ -172,98 +170,6 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         drain(&config, stopped).await;
     }
     Ok(())
-}
-
-/// The task that accepts connections on the engine's socket and serves them.
-struct Server {
-    task: tokio::task::JoinHandle<()>,
-    /// Cancelled by [`drain`]: stop accepting, then give open connections a moment to end.
-    stop_accepting: CancellationToken,
-    /// Cancelled by the server when the idle clock ran out; it stopped accepting by then.
-    idle: CancellationToken,
-}
-
-impl Server {
-    fn start(
-        listener: tokio::net::UnixListener,
-        shared: Arc<Shared>,
-        idle_exit: Option<Duration>,
-    ) -> Self {
-        let stop_accepting = CancellationToken::new();
-        let idle = CancellationToken::new();
-        let task = tokio::spawn(accept_loop(
-            listener,
-            shared,
-            idle_exit,
-            stop_accepting.clone(),
-            idle.clone(),
-        ));
-        Self {
-            task,
-            stop_accepting,
-            idle,
-        }
-    }
-}
-
-/// Accepts and serves connections until `stop` is cancelled or, with `idle_exit`, until no
-/// generation request has been in progress for that long (then cancels `idle`).
-async fn accept_loop(
-    listener: tokio::net::UnixListener,
-    shared: Arc<Shared>,
-    idle_exit: Option<Duration>,
-    stop: CancellationToken,
-    idle: CancellationToken,
-) {
-    let graceful = GracefulShutdown::new();
-    let idle_clock = async {
-        match idle_exit {
-            Some(d) => {
-                shared.wait_loaded().await;
-                shared.activity.idle_for(d).await
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(idle_clock);
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Accept failed.");
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => break,
-            () = &mut idle_clock => {
-                // Nothing new is accepted from here; what the accepted connections
-                // still send is served in full before the engine exits.
-                idle.cancel();
-                graceful.shutdown().await;
-                return;
-            }
-        };
-        let shared = Arc::clone(&shared);
-        // Until its first request arrives, a connection keeps the engine from going
-        // idle: it may carry a generation request.
-        let arrival = std::sync::Mutex::new(Some(shared.activity.arriving()));
-        let svc = service_fn(move |req| {
-            let first = arrival.lock().expect("arrival lock").take();
-            http::handle(Arc::clone(&shared), req, first)
-        });
-        let conn =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "Connection ended with an error.");
-            }
-        });
-    }
-    // Streams end once their final event is written; do not wait on a stuck client
-    // forever.
-    let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
 }
 
 /// Loads the model on a blocking thread. Meanwhile the service manager gets a status line with
@@ -457,7 +363,7 @@ async fn unload(config: &EngineConfig, mut stopped: Stopped) {
     llorch_os::service::status("unloading: finishing the open connections");
     // The server task ends once every accepted connection is done. STOPPING=1 only then:
     // it starts the service manager's stop timeout, which must not cut a request short.
-    let _ = (&mut stopped.server.task).await;
+    stopped.server.finished().await;
     llorch_os::service::stopping();
     stopped.release();
     tracing::info!("Unloaded.");
@@ -487,8 +393,8 @@ async fn drain(config: &EngineConfig, mut stopped: Stopped) {
             "the engine is stopping; the request was cancelled after the grace period".into(),
         ));
     }
-    stopped.server.stop_accepting.cancel();
-    let _ = (&mut stopped.server.task).await;
+    stopped.server.stop_accepting();
+    stopped.server.finished().await;
     stopped.remove_handoff();
     stopped.release();
     tracing::info!("Stopped.");

@@ -1,0 +1,331 @@
+//! Admission of `POST /generate`: from the request to a [`Job`] in the decode loop's queue,
+//! with its slot reserved. Each step refuses with the status and the field at fault: the
+//! engine's phase, the body (size, JSON, ranges), the requested slot, the chat template and
+//! tools, the grammar (parsed here once), the prompt's length in tokens, and a free slot.
+//! It does not run the job (`decode.rs`) nor choose the slot (`slots.rs`).
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use llorch_wire::engine::{defaults, GenerateRequest};
+use llorch_wire::tools::{self, ToolChoice};
+use llorch_wire::{ErrorBody, ErrorCode};
+use tokio::sync::mpsc;
+
+use super::{
+    ArrivalGuard, Ready, Refusal, ResponseBody, Shared, SseBody, DRAINING, READY, RETRY_AFTER_SECS,
+};
+use crate::decode::{Command, Job};
+use crate::model::Model;
+use crate::sampler::Sampling;
+use crate::slots::Reservation;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Admits one generation request and answers with its SSE stream.
+pub(super) async fn generate(
+    shared: &Shared,
+    req: Request<Incoming>,
+    received: Instant,
+    arrival: Option<ArrivalGuard>,
+) -> Result<Response<ResponseBody>, Refusal> {
+    // Counted from arrival until the answer's body is dropped, so the engine never unloads
+    // under a request, even one waiting for the load.
+    let activity = shared.activity.begin();
+    drop(arrival);
+    shared.wait_loaded().await;
+    let ready = serving(shared)?;
+    let correlation_id = req
+        .headers()
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(128).collect::<String>());
+    let body = read_body(req).await?;
+    let request = parse(&body).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+    request
+        .validate()
+        .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+    let n_slots = ready.slots.lock().expect("slot table lock").len();
+    check_slot(&request, n_slots)?;
+    let (text, field) = prompt_text(&request, &ready.model)?;
+    let grammar = grammar_of(&request, &ready.model)?;
+    let prompt = tokenize(ready, &text, field)?;
+    let reservation = reserve(ready, &prompt, &request, n_slots)?;
+    let max_tokens = request.max_tokens.unwrap_or(defaults::MAX_TOKENS);
+    // Every event of a job fits: at most one token event per generated token (bounded by the
+    // slot context), one flush of held-back text and one final event. So the decode loop's
+    // `try_send` never finds the channel full, and a slow client cannot stall other slots.
+    let n = request.n.unwrap_or(1);
+    let capacity = (max_tokens.min(ready.ctx_per_slot) as usize + 1) * n as usize + 1;
+    let (tx, rx) = mpsc::channel(capacity);
+    let sampling = sampling_of(&request, ready.ctx_per_slot);
+    let job = Job {
+        slot: reservation.slot,
+        prompt,
+        sampling,
+        grammar,
+        max_tokens,
+        stop: request.stop,
+        ignore_eos: request.ignore_eos,
+        n,
+        events: tx,
+        received,
+        task_id: request.task_id,
+        correlation_id,
+    };
+    submit(ready, job)?;
+    let resp = Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .header("x-llorch-slot", reservation.slot)
+        .body(Either::Right(SseBody::new(rx, activity)))
+        .expect("static response");
+    Ok(resp)
+}
+
+/// The loaded model and slots, or the refusal of an engine that is stopping (or, after
+/// [`Shared::wait_loaded`], impossibly still loading).
+fn serving(shared: &Shared) -> Result<&Ready, Refusal> {
+    match shared.phase.load(Ordering::SeqCst) {
+        READY => Ok(shared.ready().expect("ready phase has a model")),
+        DRAINING => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                ErrorCode::PoolUnavailable,
+                "the engine is stopping and takes no new requests",
+            ),
+        )),
+        _ => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                ErrorCode::PoolUnready,
+                format!("the engine is still loading {}", shared.model_path),
+            )
+            .with_retry_after_ms(RETRY_AFTER_SECS * 1000),
+        )),
+    }
+}
+
+/// Reads the whole body, at most [`MAX_BODY_BYTES`] (413 beyond).
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refusal> {
+    let body = Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorBody::invalid(
+                        "body",
+                        format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                    ),
+                )
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::invalid("body", format!("cannot read the request body: {e}")),
+                )
+            }
+        })?
+        .to_bytes();
+    Ok(body)
+}
+
+/// A requested slot must exist.
+fn check_slot(request: &GenerateRequest, n_slots: usize) -> Result<(), Refusal> {
+    if let Some(s) = request.slot {
+        if s as usize >= n_slots {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                ErrorBody::invalid(
+                    "slot",
+                    format!("slot is {s}; this engine has slots 0 to {}", n_slots - 1),
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The prompt as text: the request's `prompt`, or its `messages` rendered with the model's chat
+/// template; with the name of the field it came from, for refusals.
+fn prompt_text(
+    request: &GenerateRequest,
+    model: &Model,
+) -> Result<(String, &'static str), Refusal> {
+    match (&request.prompt, &request.messages) {
+        (Some(p), _) => Ok((p.clone(), "prompt")),
+        (None, Some(m)) => {
+            let choice = request.effective_tool_choice();
+            if choice == ToolChoice::Auto && !model.template_takes_tools() {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::invalid(
+                        "tool_choice",
+                        "this model's chat template does not take tools, so the model cannot choose between answering and calling one: use tool_choice \"required\" or a named function (the call is then enforced by a grammar), or \"none\"",
+                    ),
+                ));
+            }
+            let text = model
+                .render_chat(m, &request.tools, &choice, request.parallel_tool_calls)
+                .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+            Ok((text, "messages"))
+        }
+        (None, None) => unreachable!("validate() requires one of them"),
+    }
+}
+
+/// The request's grammar in GBNF: its `grammar`, or its `json_schema` converted by llama.cpp.
+/// Parsed here once, so a grammar that does not parse is the request's 400, not a stream error.
+fn grammar_of(request: &GenerateRequest, model: &Model) -> Result<Option<String>, Refusal> {
+    let choice = request.effective_tool_choice();
+    let forced = choice
+        .forced()
+        .then(|| tools::call_schema(&request.tools, &choice, request.parallel_tool_calls));
+    let (schema, field) = match (&forced, &request.json_schema) {
+        (Some(s), _) => (Some(s), "tools"),
+        (None, Some(s)) => (Some(s), "json_schema"),
+        (None, None) => (None, "grammar"),
+    };
+    let (gbnf, field) = match (schema, &request.grammar) {
+        (Some(schema), _) => {
+            let gbnf = llama_cpp_2::json_schema_to_grammar(&schema.to_string()).map_err(|e| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    ErrorBody::invalid(
+                        field,
+                        format!("llama.cpp cannot turn {field} into a grammar ({e}); simplify the schema"),
+                    ),
+                )
+            })?;
+            (gbnf, field)
+        }
+        (None, Some(g)) => (g.clone(), "grammar"),
+        (None, None) => return Ok(None),
+    };
+    crate::sampler::grammar(&model.llama, &gbnf).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            ErrorBody::invalid(
+                field,
+                format!("{field} does not give a grammar llama.cpp can parse ({e}); the parser's message is in the engine's log"),
+            ),
+        )
+    })?;
+    Ok(Some(gbnf))
+}
+
+/// Tokenizes the prompt, which must give at least one token and leave room in a slot for the
+/// answer.
+fn tokenize(ready: &Ready, text: &str, field: &'static str) -> Result<Vec<i32>, Refusal> {
+    let prompt = ready.model.tokenize(text);
+    if prompt.is_empty() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            ErrorBody::invalid(field, format!("{field} renders to no tokens")),
+        ));
+    }
+    if prompt.len() >= ready.ctx_per_slot as usize {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            ErrorBody::invalid(
+                field,
+                format!(
+                    "{field} is {} tokens; a slot of this engine holds {} tokens including the answer (shorten the {field} or give the pool a larger ctx)",
+                    prompt.len(),
+                    ready.ctx_per_slot
+                ),
+            ),
+        ));
+    }
+    Ok(prompt)
+}
+
+/// Reserves a slot for the prompt (the requested one if free); 503 with `Retry-After` when
+/// every slot is busy: the engine never queues.
+fn reserve(
+    ready: &Ready,
+    prompt: &[i32],
+    request: &GenerateRequest,
+    n_slots: usize,
+) -> Result<Reservation, Refusal> {
+    let reservation = ready
+        .slots
+        .lock()
+        .expect("slot table lock")
+        .reserve(prompt, request.slot.map(|s| s as usize));
+    reservation.ok_or_else(|| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                ErrorCode::PoolUnavailable,
+                format!("all {n_slots} slots of this engine are busy; retry later"),
+            )
+            .with_retry_after_ms(RETRY_AFTER_SECS * 1000),
+        )
+    })
+}
+
+/// The request's sampling parameters, defaults filled in and `repeat_last_n` bounded by the
+/// slot context.
+fn sampling_of(request: &GenerateRequest, ctx_per_slot: u32) -> Sampling {
+    Sampling {
+        temperature: request.temperature.unwrap_or(defaults::TEMPERATURE),
+        top_p: request.top_p.unwrap_or(defaults::TOP_P),
+        top_k: request.top_k.unwrap_or(defaults::TOP_K),
+        min_p: request.min_p.unwrap_or(defaults::MIN_P),
+        repeat_penalty: request.repeat_penalty.unwrap_or(defaults::REPEAT_PENALTY),
+        typical_p: request.typical_p.unwrap_or(defaults::TYPICAL_P),
+        repeat_last_n: match request.repeat_last_n.unwrap_or(defaults::REPEAT_LAST_N) {
+            -1 => ctx_per_slot as i32,
+            n => n.min(ctx_per_slot as i32),
+        },
+        presence_penalty: request.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: request.frequency_penalty.unwrap_or(0.0),
+        seed: request.seed.unwrap_or_else(random_seed),
+        logprobs: request.logprobs,
+    }
+}
+
+/// Hands the job to the decode loop.
+fn submit(ready: &Ready, job: Job) -> Result<(), Refusal> {
+    let slot = job.slot;
+    if ready
+        .commands
+        .try_send(Command::Run(Box::new(job)))
+        .is_err()
+    {
+        // The decode loop is gone (stopping) or, impossibly, its queue is longer than the
+        // slot count. Give the slot back.
+        ready
+            .slots
+            .lock()
+            .expect("slot table lock")
+            .release(slot, Vec::new());
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(ErrorCode::PoolUnavailable, "the decode loop is not running"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses the body, naming the field at fault for type errors and unknown fields.
+fn parse(body: &[u8]) -> Result<GenerateRequest, ErrorBody> {
+    llorch_wire::json::parse(body)
+}
+
+/// A seed for a request that gave none. Every `RandomState` gets fresh random keys, so the
+/// hash of nothing under it is a random number without a new dependency.
+fn random_seed() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as u32
+}
