@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{PoolConfig, RuntimeLayout};
-use crate::launcher::{EngineHandle, Launcher};
+use crate::launcher::{EngineExit, EngineHandle, Launcher};
 use crate::metrics::Restart;
 use crate::state::{Node, Phase};
 
@@ -118,6 +118,9 @@ fn not_on_demand(pool: &PoolConfig) -> String {
 /// Runs one pool until `shutdown` is cancelled; on shutdown stops the engine (SIGTERM, grace,
 /// SIGKILL) and returns once it is gone. Operator commands arrive on `commands` (the node's
 /// table holds the sender) and are answered in every phase.
+///
+/// Each phase is one method of [`Supervisor`] that returns the next [`Step`]; this loop only
+/// drives them.
 pub async fn supervise(
     node: Arc<Node>,
     pool: PoolConfig,
@@ -127,255 +130,355 @@ pub async fn supervise(
     shutdown: CancellationToken,
 ) {
     let id = pool.id.clone();
-    let (sender, mut commands) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
+    let (sender, commands) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
     node.update(&id, |p| p.commands = Some(sender));
-    let handoff_path = layout.handoff_file(&id);
-    let mut backoff = Backoff::default();
-    let mut plan: Option<PathBuf> = None;
-    // An operator asked for the engine: an on-demand pool does not wait for a request.
-    let mut load_now = false;
-    'pool: loop {
-        if shutdown.is_cancelled() {
-            break;
+    let mut s = Supervisor {
+        handoff_path: layout.handoff_file(&id),
+        id,
+        node,
+        pool,
+        launcher,
+        layout,
+        grace,
+        shutdown,
+        commands,
+        backoff: Backoff::default(),
+        plan: None,
+        load_now: false,
+    };
+    let mut step = Step::Provision;
+    loop {
+        step = match step {
+            Step::Provision => s.provision().await,
+            Step::Activate(plan) => s.activate(plan).await,
+            Step::Start(plan) => s.start(plan).await,
+            Step::Serve { engine, pid } => s.serve(engine, pid).await,
+            Step::Backoff { delay, restart } => s.backoff(delay, restart).await,
+            Step::Stop => return s.stop().await,
+            Step::Stopped => return,
+        };
+    }
+}
+
+/// A phase of a pool's supervision; each one's method returns the next.
+enum Step {
+    /// Stage the model and write the engine plan, unless a plan exists: every pass starts
+    /// here, and a cancelled shutdown ends it.
+    Provision,
+    /// Clear a stale handoff file; an on-demand pool waits on standby until its engine is
+    /// wanted.
+    Activate(PathBuf),
+    /// Start the engine from its plan.
+    Start(PathBuf),
+    /// The engine runs: wait for its exit, an operator's command or shutdown.
+    Serve {
+        engine: Box<dyn EngineHandle>,
+        pid: Option<u32>,
+    },
+    /// Wait out a retry delay; `restart` counts a restart once it is over.
+    Backoff { delay: Duration, restart: bool },
+    /// Shutdown with no engine running: close the on-demand socket, mark the pool stopped.
+    Stop,
+    /// Shutdown that stopped the engine already; nothing is left to do.
+    Stopped,
+}
+
+/// What one pool's supervision owns between its phases.
+struct Supervisor {
+    id: String,
+    node: Arc<Node>,
+    pool: PoolConfig,
+    launcher: Arc<dyn Launcher>,
+    layout: RuntimeLayout,
+    grace: Duration,
+    shutdown: CancellationToken,
+    commands: tokio::sync::mpsc::Receiver<Request>,
+    handoff_path: PathBuf,
+    backoff: Backoff,
+    /// The plan of the last provisioning, while it can be used again.
+    plan: Option<PathBuf>,
+    /// An operator asked for the engine: an on-demand pool does not wait for a request.
+    load_now: bool,
+}
+
+impl Supervisor {
+    async fn provision(&mut self) -> Step {
+        let id = &self.id;
+        if self.shutdown.is_cancelled() {
+            return Step::Stop;
         }
         // The pool's own handoff directory (its engine may write nowhere else): made before
         // anything can start the engine (socket activation too), and again if it was removed.
-        if let Err(e) = layout.create_pool_handoff_dir(&id) {
+        if let Err(e) = self.layout.create_pool_handoff_dir(id) {
             tracing::warn!(pool_id = %id, error = %e, "Cannot make the pool's handoff directory; the engine will not be able to report ready.");
         }
-        let plan_path = match &plan {
-            Some(p) if p.exists() => p.clone(),
-            _ => {
-                node.update(&id, |p| {
-                    p.phase = Phase::Provisioning;
-                    p.engine_pid = None;
-                });
-                tracing::info!(pool_id = %id, model = %pool.model.id, "Provisioning the model.");
-                let gpu_free = gpu_free(&node, &pool);
-                let provision = launcher.provision(&pool, &gpu_free);
-                tokio::pin!(provision);
-                let result = loop {
-                    tokio::select! {
-                        r = &mut provision => break r,
-                        () = shutdown.cancelled() => break 'pool,
-                        Some(req) = commands.recv() => load_now |= answer_without_engine(req, &pool),
-                    }
-                };
-                match result {
-                    Ok(p) => {
-                        let need = planned_vram(&p);
-                        node.update(&id, |e| {
-                            e.staged = true;
-                            e.vram_need = need;
-                        });
-                        plan = Some(p.clone());
-                        p
-                    }
-                    Err(e) => {
-                        if let crate::launcher::LaunchError::Provision { exit, .. } = &e {
-                            if exit.code.is_some_and(|c| (10..=13).contains(&c)) {
-                                node.metrics.verification_failed(&id);
-                                tracing::error!(
-                                    message_id = llorch_os::message_id::MODEL_VERIFICATION_FAILED,
-                                    pool_id = %id,
-                                    model = %pool.model.id,
-                                    exit = %exit.describe(),
-                                    "The provisioner refused the model file."
-                                );
-                            }
-                        }
-                        let why = format!("provisioning failed: {e}");
-                        node.metrics.start_failed(&id, Restart::ProvisionFailed);
-                        fail(&node, &id, why);
-                        match backoff_wait(backoff.next_delay(), &shutdown, &mut commands, &pool)
-                            .await
-                        {
-                            Wait::Shutdown => break,
-                            Wait::Elapsed => {}
-                            Wait::Asked => load_now = true,
-                        }
-                        continue;
-                    }
+        if let Some(p) = self.plan.as_ref().filter(|p| p.exists()) {
+            return Step::Activate(p.clone());
+        }
+        self.node.update(id, |p| {
+            p.phase = Phase::Provisioning;
+            p.engine_pid = None;
+        });
+        tracing::info!(pool_id = %id, model = %self.pool.model.id, "Provisioning the model.");
+        let gpu_free = gpu_free(&self.node, &self.pool);
+        let result = {
+            let provision = self.launcher.provision(&self.pool, &gpu_free);
+            tokio::pin!(provision);
+            loop {
+                tokio::select! {
+                    r = &mut provision => break r,
+                    () = self.shutdown.cancelled() => return Step::Stop,
+                    Some(req) = self.commands.recv() => self.load_now |= answer_without_engine(req, &self.pool),
                 }
             }
         };
+        match result {
+            Ok(p) => {
+                let need = planned_vram(&p);
+                self.node.update(id, |e| {
+                    e.staged = true;
+                    e.vram_need = need;
+                });
+                self.plan = Some(p.clone());
+                Step::Activate(p)
+            }
+            Err(e) => {
+                if let crate::launcher::LaunchError::Provision { exit, .. } = &e {
+                    if exit.code.is_some_and(|c| (10..=13).contains(&c)) {
+                        self.node.metrics.verification_failed(id);
+                        tracing::error!(
+                            message_id = llorch_os::message_id::MODEL_VERIFICATION_FAILED,
+                            pool_id = %id,
+                            model = %self.pool.model.id,
+                            exit = %exit.describe(),
+                            "The provisioner refused the model file."
+                        );
+                    }
+                }
+                let why = format!("provisioning failed: {e}");
+                self.node.metrics.start_failed(id, Restart::ProvisionFailed);
+                fail(&self.node, id, why);
+                self.retry()
+            }
+        }
+    }
+
+    async fn activate(&mut self, plan: PathBuf) -> Step {
+        let id = &self.id;
         // A handoff file left by an engine that could not remove it (killed) is stale; one whose
         // engine still runs (systemd already restarted it, under the systemd launcher) is not.
-        let found = read_handoff_pid(&handoff_path);
+        let found = read_handoff_pid(&self.handoff_path);
         let running = match found {
-            Some(pid) => launcher.engine_running(&pool, pid).await,
+            Some(pid) => self.launcher.engine_running(&self.pool, pid).await,
             None => false,
         };
         if !running {
             // Only the file that was judged (or one that does not parse): an engine that
             // socket activation started meanwhile may have written a new one. No engine has
             // pid 0.
-            remove_stale_handoff(&handoff_path, Some(found.unwrap_or(0)));
+            remove_stale_handoff(&self.handoff_path, Some(found.unwrap_or(0)));
         }
-        if pool.on_demand && !running {
-            let wait = std::mem::take(&mut load_now);
+        if self.pool.on_demand && !running {
+            let wait = std::mem::take(&mut self.load_now);
             match standby(
-                &node,
-                &pool,
-                launcher.as_ref(),
-                &shutdown,
-                &mut commands,
+                &self.node,
+                &self.pool,
+                self.launcher.as_ref(),
+                &self.shutdown,
+                &mut self.commands,
                 wait,
             )
             .await
             {
                 Ok(true) => {}
-                Ok(false) => break,
+                Ok(false) => return Step::Stop,
                 Err(e) => {
                     let why = format!("cannot listen for requests: {e}");
-                    node.metrics.start_failed(&id, Restart::StartFailed);
-                    fail(&node, &id, why);
-                    match backoff_wait(backoff.next_delay(), &shutdown, &mut commands, &pool).await
-                    {
-                        Wait::Shutdown => break,
-                        Wait::Elapsed => {}
-                        Wait::Asked => load_now = true,
-                    }
-                    continue;
+                    self.node.metrics.start_failed(id, Restart::StartFailed);
+                    fail(&self.node, id, why);
+                    return self.retry();
                 }
             }
         }
-        load_now = false;
+        self.load_now = false;
         // The staged file may have gone since it was provisioned (deleted from the cache, a
         // cache on a tmpfs after a reboot): stage it again rather than start an engine that
         // cannot load it.
-        if let Some(missing) = planned_model_missing(&plan_path) {
+        if let Some(missing) = planned_model_missing(&plan) {
             tracing::warn!(pool_id = %id, model = %missing, "The staged model file is gone; provisioning it again.");
-            plan = None;
-            continue;
+            self.plan = None;
+            return Step::Provision;
         }
-        let mut engine = match launcher.start_engine(&pool, &plan_path).await {
+        Step::Start(plan)
+    }
+
+    async fn start(&mut self, plan: PathBuf) -> Step {
+        let id = &self.id;
+        let engine = match self.launcher.start_engine(&self.pool, &plan).await {
             Ok(h) => h,
             Err(e) => {
                 let why = format!("cannot start the engine: {e}");
-                node.metrics.start_failed(&id, Restart::StartFailed);
-                fail(&node, &id, why);
-                match backoff_wait(backoff.next_delay(), &shutdown, &mut commands, &pool).await {
-                    Wait::Shutdown => break,
-                    Wait::Elapsed => {}
-                    Wait::Asked => load_now = true,
-                }
-                continue;
+                self.node.metrics.start_failed(id, Restart::StartFailed);
+                fail(&self.node, id, why);
+                return self.retry();
             }
         };
         let pid = engine.pid();
         tracing::info!(pool_id = %id, pid, "Engine started; waiting for its handoff file.");
-        node.update(&id, |p| {
+        self.node.update(id, |p| {
             p.phase = Phase::Running;
             p.engine_pid = pid;
             p.engine_started = Some(Instant::now());
         });
+        Step::Serve { engine, pid }
+    }
+
+    async fn serve(&mut self, mut engine: Box<dyn EngineHandle>, pid: Option<u32>) -> Step {
         // Commands that need nothing done come back here without touching the engine.
         let outcome = loop {
             tokio::select! {
                 exit = engine.wait() => break Running::Exited(exit),
-                () = shutdown.cancelled() => break Running::Shutdown,
-                Some(req) = commands.recv() => match req.command {
+                () = self.shutdown.cancelled() => break Running::Shutdown,
+                Some(req) = self.commands.recv() => match req.command {
                     Command::Load => {
                         let _ = req.reply.send(Ok(()));
                     }
-                    Command::Unload if !pool.on_demand => {
-                        let _ = req.reply.send(Err(not_on_demand(&pool)));
+                    Command::Unload if !self.pool.on_demand => {
+                        let _ = req.reply.send(Err(not_on_demand(&self.pool)));
                     }
                     Command::Unload | Command::Restart => break Running::Asked(req),
                 },
             }
         };
         match outcome {
-            Running::Exited(exit) => {
-                if pool.on_demand && exit.success() {
-                    // It unloaded itself after its keep-alive without work.
-                    tracing::info!(pool_id = %id, pid, "The engine unloaded after its keep-alive; the pool is on standby.");
-                    remove_stale_handoff(&handoff_path, pid);
-                    node.update(&id, |p| {
-                        if p.handoff.as_ref().is_some_and(|h| Some(h.pid) == pid) {
-                            p.handoff = None;
-                        }
-                        p.engine_pid = None;
-                        p.engine_started = None;
-                    });
-                    backoff.reset();
-                    continue;
-                }
-                let ready_for = node
-                    .read(&id, |p| p.ready_since.map(|t| t.elapsed()))
-                    .flatten();
-                if ready_for.is_some_and(|d| d >= BACKOFF_RESET_AFTER) {
-                    backoff.reset();
-                }
-                // The start time is taken when the engine becomes ready.
-                let was_ready = node
-                    .read(&id, |p| p.engine_started.is_none())
-                    .unwrap_or(false);
-                let restart = if was_ready {
-                    Restart::Crashed
-                } else {
-                    // It could not load: the staged file may be damaged. Provisioning verifies
-                    // it again (and fetches it again when it is) before the next start.
-                    plan = None;
-                    Restart::StartFailed
-                };
-                node.metrics.start_failed(&id, restart);
-                tracing::error!(
-                    message_id = llorch_os::message_id::ENGINE_CRASHED,
-                    pool_id = %id,
-                    pid,
-                    exit = %exit.describe(),
-                    was_ready,
-                    "The engine exited without being asked to."
-                );
-                // A killed engine cannot remove its handoff file; do it for it.
-                remove_stale_handoff(&handoff_path, pid);
-                let delay = backoff.next_delay();
-                fail(&node, &id, format!("the engine {exit}"));
-                // Forget the exited engine's handoff, not a newer one's.
-                node.update(&id, |p| {
-                    if p.handoff.as_ref().is_some_and(|h| Some(h.pid) == pid) {
-                        p.handoff = None;
-                    }
-                });
-                tracing::info!(pool_id = %id, delay_ms = delay.as_millis() as u64, "Restarting the engine after a delay.");
-                match backoff_wait(delay, &shutdown, &mut commands, &pool).await {
-                    Wait::Shutdown => break,
-                    Wait::Elapsed => {}
-                    Wait::Asked => load_now = true,
-                }
-                node.update(&id, |p| p.restarts += 1);
-            }
+            Running::Exited(exit) => self.exited(exit, pid),
             Running::Shutdown => {
-                stop_engine(&node, &id, engine, grace, &handoff_path, false).await;
-                if pool.on_demand {
-                    launcher.close_on_demand(&pool).await;
+                stop_engine(
+                    &self.node,
+                    &self.id,
+                    engine,
+                    self.grace,
+                    &self.handoff_path,
+                    false,
+                )
+                .await;
+                if self.pool.on_demand {
+                    self.launcher.close_on_demand(&self.pool).await;
                 }
-                return;
+                Step::Stopped
             }
             Running::Asked(req) => {
+                let id = &self.id;
                 tracing::info!(pool_id = %id, command = req.command.as_str(), by = %req.by, "Pool command from an operator: stopping the engine.");
                 // The socket keeps listening: requests made meanwhile wait for the next engine.
-                stop_engine(&node, &id, engine, grace, &handoff_path, true).await;
-                node.update(&id, |p| {
+                stop_engine(&self.node, id, engine, self.grace, &self.handoff_path, true).await;
+                self.node.update(id, |p| {
                     p.handoff = None;
                     p.engine_started = None;
                 });
-                backoff.reset();
-                load_now = req.command == Command::Restart;
+                self.backoff.reset();
+                self.load_now = req.command == Command::Restart;
                 let _ = req.reply.send(Ok(()));
+                Step::Provision
             }
         }
     }
-    if pool.on_demand {
-        launcher.close_on_demand(&pool).await;
+
+    /// The engine exited without being asked to: an on-demand engine that unloaded goes back
+    /// to standby; anything else is a failure, retried after a delay.
+    fn exited(&mut self, exit: EngineExit, pid: Option<u32>) -> Step {
+        let id = &self.id;
+        if self.pool.on_demand && exit.success() {
+            // It unloaded itself after its keep-alive without work.
+            tracing::info!(pool_id = %id, pid, "The engine unloaded after its keep-alive; the pool is on standby.");
+            remove_stale_handoff(&self.handoff_path, pid);
+            self.node.update(id, |p| {
+                if p.handoff.as_ref().is_some_and(|h| Some(h.pid) == pid) {
+                    p.handoff = None;
+                }
+                p.engine_pid = None;
+                p.engine_started = None;
+            });
+            self.backoff.reset();
+            return Step::Provision;
+        }
+        let ready_for = self
+            .node
+            .read(id, |p| p.ready_since.map(|t| t.elapsed()))
+            .flatten();
+        if ready_for.is_some_and(|d| d >= BACKOFF_RESET_AFTER) {
+            self.backoff.reset();
+        }
+        // The start time is taken when the engine becomes ready.
+        let was_ready = self
+            .node
+            .read(id, |p| p.engine_started.is_none())
+            .unwrap_or(false);
+        let restart = if was_ready {
+            Restart::Crashed
+        } else {
+            // It could not load: the staged file may be damaged. Provisioning verifies
+            // it again (and fetches it again when it is) before the next start.
+            self.plan = None;
+            Restart::StartFailed
+        };
+        self.node.metrics.start_failed(id, restart);
+        tracing::error!(
+            message_id = llorch_os::message_id::ENGINE_CRASHED,
+            pool_id = %id,
+            pid,
+            exit = %exit.describe(),
+            was_ready,
+            "The engine exited without being asked to."
+        );
+        // A killed engine cannot remove its handoff file; do it for it.
+        remove_stale_handoff(&self.handoff_path, pid);
+        let delay = self.backoff.next_delay();
+        fail(&self.node, id, format!("the engine {exit}"));
+        // Forget the exited engine's handoff, not a newer one's.
+        self.node.update(id, |p| {
+            if p.handoff.as_ref().is_some_and(|h| Some(h.pid) == pid) {
+                p.handoff = None;
+            }
+        });
+        tracing::info!(pool_id = %id, delay_ms = delay.as_millis() as u64, "Restarting the engine after a delay.");
+        Step::Backoff {
+            delay,
+            restart: true,
+        }
     }
-    node.update(&id, |p| {
-        p.phase = Phase::Stopped;
-        p.engine_pid = None;
-        p.activation_socket = None;
-    });
+
+    /// A failed phase: retry after the next backoff delay (no restart counted).
+    fn retry(&mut self) -> Step {
+        Step::Backoff {
+            delay: self.backoff.next_delay(),
+            restart: false,
+        }
+    }
+
+    async fn backoff(&mut self, delay: Duration, restart: bool) -> Step {
+        match backoff_wait(delay, &self.shutdown, &mut self.commands, &self.pool).await {
+            Wait::Shutdown => return Step::Stop,
+            Wait::Elapsed => {}
+            Wait::Asked => self.load_now = true,
+        }
+        if restart {
+            self.node.update(&self.id, |p| p.restarts += 1);
+        }
+        Step::Provision
+    }
+
+    /// Leaves the pool stopped, with its on-demand socket closed.
+    async fn stop(self) {
+        if self.pool.on_demand {
+            self.launcher.close_on_demand(&self.pool).await;
+        }
+        self.node.update(&self.id, |p| {
+            p.phase = Phase::Stopped;
+            p.engine_pid = None;
+            p.activation_socket = None;
+        });
+    }
 }
 
 /// The model file a plan names, when it no longer exists (None when it does, or when the plan
@@ -388,7 +491,7 @@ fn planned_model_missing(plan: &std::path::Path) -> Option<String> {
 
 /// How the wait on a running engine ended.
 enum Running {
-    Exited(crate::launcher::EngineExit),
+    Exited(EngineExit),
     Shutdown,
     Asked(Request),
 }
