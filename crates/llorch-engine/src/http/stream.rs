@@ -11,7 +11,7 @@ use http_body::{Body, Frame};
 use llorch_wire::engine::EngineEvent;
 use tokio::sync::mpsc;
 
-use super::ActivityGuard;
+use super::idle::ActivityGuard;
 
 /// The SSE body of one generation. It ends when the decode loop drops the sender after the
 /// final event; dropping it (the client went away) closes the channel, which the decode loop
