@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use llorch_wire::node::PoolStatus;
 
-use crate::state::Node;
-use crate::supervisor::{Command, Request};
+use crate::state::{Command, Node, Request};
 
 /// How long `Load`, `Unload` and `Restart` may take to be carried out: an engine's stop grace
 /// and then some. (A load is not waited for: the pool's state says when it is ready.)

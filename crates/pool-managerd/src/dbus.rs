@@ -19,8 +19,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{OwnedObjectPath, Value};
 
 use crate::control::{ControlError, ReloadRequest};
-use crate::state::Node;
-use crate::supervisor::Command;
+use crate::state::{Command, Node};
 
 /// A pool object's path.
 pub fn pool_path(id: &str) -> String {

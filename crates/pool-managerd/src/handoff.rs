@@ -157,8 +157,8 @@ fn restore(node: &Node, layout: &RuntimeLayout, watcher: &mut notify::Recommende
             None if running => {
                 let (reply, _) = tokio::sync::oneshot::channel();
                 let asked = commands.is_some_and(|c| {
-                    c.try_send(crate::supervisor::Request {
-                        command: crate::supervisor::Command::Restart,
+                    c.try_send(crate::state::Request {
+                        command: crate::state::Command::Restart,
                         by: "pool-managerd (its handoff file was removed with the directory)"
                             .into(),
                         reply,

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{PoolConfig, RuntimeLayout};
 use crate::launcher::{EngineExit, EngineHandle, Launcher};
 use crate::metrics::Restart;
+pub use crate::state::{Command, Request};
 use crate::state::{Node, Phase};
 
 /// First retry delay after a failure.
@@ -55,38 +56,6 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = BACKOFF_START;
     }
-}
-
-/// An operator's command to a pool's supervisor (D-Bus `Load`, `Unload`, `Restart`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    /// Load the model now: an on-demand pool on standby starts its engine (which unloads again
-    /// after its keep-alive without work); a failed pool retries at once; otherwise nothing.
-    Load,
-    /// Stop an on-demand pool's engine and go back to standby (its socket keeps listening).
-    Unload,
-    /// Stop the engine if one runs and start it again (an on-demand pool ends up loaded); a
-    /// failed pool retries at once.
-    Restart,
-}
-
-impl Command {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Load => "Load",
-            Self::Unload => "Unload",
-            Self::Restart => "Restart",
-        }
-    }
-}
-
-/// A command with whom it came from and where the answer goes (sent once it was carried out:
-/// after the engine stopped, for `Unload` and `Restart`).
-#[derive(Debug)]
-pub struct Request {
-    pub command: Command,
-    pub by: String,
-    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 /// Commands that may wait for one pool's supervisor.
