@@ -3,6 +3,10 @@
 //! node must keep serving).
 //!
 //! Build the binaries first: `cargo build -p llorch-engine -p engine-provisioner -p pool-managerd`.
+//!
+//! Each test starts its node with [`Rig::start`], from a [`NodeSpec`] that says how its
+//! configuration differs from the default one, and waits for the node's states with
+//! [`Rig::wait_status`] (or checks one holds with [`Rig::assert_status_holds`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -38,12 +42,38 @@ impl Drop for Daemon {
     }
 }
 
-fn write_config(dir: &Path, slots: &str) -> PathBuf {
-    write_config_with(dir, slots, "", "")
+/// How a test's node configuration differs from the default: one CPU pool `default` of the
+/// default model, 1024 tokens a slot, two threads.
+struct NodeSpec<'a> {
+    slots: &'a str,
+    /// Extra lines in `[node]`.
+    node_extra: &'a str,
+    /// Extra lines in `[[pools]]`.
+    pool_extra: &'a str,
+    /// Extra lines in `[pools.model]`.
+    model_extra: &'a str,
+    /// `node.engine_bin`, when not the built `llorch-engine`.
+    engine_bin: Option<&'a str>,
 }
 
-/// A node configuration with extra lines in `[node]` and `[pools.model]`.
-fn write_config_with(dir: &Path, slots: &str, node_extra: &str, model_extra: &str) -> PathBuf {
+impl Default for NodeSpec<'_> {
+    fn default() -> Self {
+        Self {
+            slots: "2",
+            node_extra: "",
+            pool_extra: "",
+            model_extra: "",
+            engine_bin: None,
+        }
+    }
+}
+
+/// Writes `<dir>/node.toml` for `spec` and returns its path.
+fn write_config(dir: &Path, spec: &NodeSpec<'_>) -> PathBuf {
+    let engine = match spec.engine_bin {
+        Some(e) => e.to_string(),
+        None => bin("llorch-engine").display().to_string(),
+    };
     let config = format!(
         r#"
 [node]
@@ -62,6 +92,7 @@ id = "default"
 slots = {slots}
 ctx = 1024
 threads = 2
+{pool_extra}
 
 [pools.model]
 id = "smollm2-135m"
@@ -70,9 +101,12 @@ source = "{model}"
 "#,
         port = free_port(),
         dir = dir.display(),
-        engine = bin("llorch-engine").display(),
         provisioner = bin("engine-provisioner").display(),
         model = model_path().display(),
+        slots = spec.slots,
+        node_extra = spec.node_extra,
+        pool_extra = spec.pool_extra,
+        model_extra = spec.model_extra,
     );
     let path = dir.join("node.toml");
     std::fs::write(&path, config).unwrap();
@@ -96,45 +130,103 @@ fn spawn_node(dir: &Path, config: &Path, notify: &NotifySocket) -> Daemon {
     Daemon { child, log }
 }
 
-/// A client of the node API of a node started by [`spawn_node`] on [`write_config`]'s file.
-fn node_client(dir: &Path) -> HttpClient {
-    HttpClient::new(&format!("unix:{}/node.sock", dir.display())).unwrap()
+/// A node under test: its directory, configuration file, the socket that hears what it tells
+/// its service manager, the daemon, and a client of its node API.
+struct Rig {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    notify: NotifySocket,
+    daemon: Daemon,
+    client: HttpClient,
 }
 
-async fn status(client: &HttpClient) -> PoolStatus {
-    status_of(client, "default").await
+impl Rig {
+    /// Writes the configuration for `spec` in a fresh directory and starts pool-managerd on it.
+    fn start(spec: &NodeSpec<'_>) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("pm-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let config = write_config(dir.path(), spec);
+        let notify = NotifySocket::bind(dir.path());
+        let daemon = spawn_node(dir.path(), &config, &notify);
+        let client = HttpClient::new(&format!("unix:{}/node.sock", dir.path().display())).unwrap();
+        Self {
+            dir,
+            config,
+            notify,
+            daemon,
+            client,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// The `default` pool's status now.
+    async fn status(&self) -> PoolStatus {
+        status_of(&self.client, "default").await
+    }
+
+    /// Waits until the pool's status satisfies `cond`, looking again each time pool-managerd
+    /// tells its service manager something: every state change is followed by a `STATUS=` line.
+    async fn wait_status(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        cond: impl Fn(&PoolStatus) -> bool,
+    ) -> PoolStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            let st = self
+                .client
+                .get_json::<PoolStatus>("/v2/pools/default")
+                .await
+                .ok();
+            if let Some(st) = st.as_ref().filter(|st| cond(st)) {
+                return st.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                self.notify.next(left).is_some(),
+                "timed out after {limit:?} waiting for {what}; last status {st:?}\n{}",
+                self.daemon.log()
+            );
+        }
+    }
+
+    /// Waits up to `limit_secs` until the pool is in `state`.
+    async fn wait_state(&mut self, state: PoolState, limit_secs: u64, what: &str) -> PoolStatus {
+        self.wait_status(what, Duration::from_secs(limit_secs), |s| s.state == state)
+            .await
+    }
+
+    /// Checks the pool's status against `check` now and each time pool-managerd tells its
+    /// service manager something, for `period`: every state change would be caught.
+    async fn assert_status_holds(&mut self, period: Duration, check: impl Fn(&PoolStatus)) {
+        let deadline = Instant::now() + period;
+        loop {
+            check(&self.status().await);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.notify.next(left).is_none() {
+                break;
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the daemon's exit, which must be 0 (it comes once every
+    /// engine has stopped); returns its log.
+    fn terminate(&mut self) -> String {
+        signal(self.daemon.child.id(), libc::SIGTERM);
+        let code = self.daemon.child.wait().unwrap();
+        assert_eq!(code.code(), Some(0), "{}", self.daemon.log());
+        self.daemon.log()
+    }
 }
 
 async fn status_of(client: &HttpClient, pool: &str) -> PoolStatus {
     client.get_json(&format!("/v2/pools/{pool}")).await.unwrap()
-}
-
-/// Waits until the pool's status satisfies `cond`, looking again each time pool-managerd tells
-/// its service manager something: every state change is followed by a `STATUS=` line.
-async fn wait_status(
-    client: &HttpClient,
-    notify: &mut NotifySocket,
-    daemon: &Daemon,
-    what: &str,
-    limit: Duration,
-    cond: impl Fn(&PoolStatus) -> bool,
-) -> PoolStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        let st = client
-            .get_json::<PoolStatus>("/v2/pools/default")
-            .await
-            .ok();
-        if let Some(st) = st.as_ref().filter(|st| cond(st)) {
-            return st.clone();
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            notify.next(left).is_some(),
-            "timed out after {limit:?} waiting for {what}; last status {st:?}\n{}",
-            daemon.log()
-        );
-    }
 }
 
 async fn generate(
@@ -155,30 +247,49 @@ async fn generate(
         .unwrap()
 }
 
+/// Sends `PARIS` and returns the answer's text.
+async fn ask_paris(client: &HttpClient, correlation: &str) -> String {
+    let resp = generate(client, PARIS, correlation).await;
+    assert_eq!(resp.status(), 200);
+    EventStream::from_response(resp, Path::new("node"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap()
+        .text
+}
+
+/// The error body of a refused request.
+async fn error_body(resp: hyper::Response<hyper::body::Incoming>) -> ErrorBody {
+    serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap()
+}
+
+fn process_runs(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
 const PARIS: &str = r#"{"messages":[{"role":"user","content":"What city is the capital of France?"}],"max_tokens":16,"temperature":0}"#;
 const LONG: &str = r#"{"messages":[{"role":"user","content":"Tell me a long story."}],"max_tokens":400,"ignore_eos":true,"temperature":0}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_serves_restarts_drains_and_stops_cleanly() {
-    let dir = tempfile::Builder::new()
-        .prefix("pm-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let config = write_config(dir.path(), "2");
-    let mut notify = NotifySocket::bind(dir.path());
-    let mut daemon = spawn_node(dir.path(), &config, &notify);
-    let client = node_client(dir.path());
+    let mut rig = Rig::start(&NodeSpec::default());
+    let first_pid = becomes_ready_and_serves(&mut rig).await;
+    fails_and_recovers_when_its_engine_is_killed(&mut rig, first_pid).await;
+    drains_and_resumes(&rig).await;
+    // A body over 4 MiB is refused before it reaches the engine.
+    let big = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(4 * 1024 * 1024 + 1));
+    assert_eq!(generate(&rig.client, &big, "corr-big").await.status(), 413);
+    stops_cleanly_on_sigterm(&mut rig).await;
+}
 
-    // Ready, reported with the engine's pid and version.
-    let ready = wait_status(
-        &client,
-        &mut notify,
-        &daemon,
-        "the pool to become ready",
-        Duration::from_secs(120),
-        |s| s.state == PoolState::Ready,
-    )
-    .await;
+/// Ready, reported with the engine's pid and version; a forward streams tokens and an end
+/// event, with the correlation id echoed; unknown pools are named. Returns the engine's pid.
+async fn becomes_ready_and_serves(rig: &mut Rig) -> u32 {
+    let ready = rig
+        .wait_state(PoolState::Ready, 120, "the pool to become ready")
+        .await;
     let first_pid = ready
         .engine_pid
         .expect("a ready pool reports its engine pid");
@@ -187,13 +298,13 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
         (ready.slots_total, ready.ctx_per_slot, ready.restarts),
         (2, 1024, 0)
     );
+    let client = &rig.client;
     let health: serde_json::Value = client.get_json("/health").await.unwrap();
     assert_eq!(health["status"], "ok");
     let all: Vec<PoolStatus> = client.get_json("/v2/pools").await.unwrap();
     assert_eq!(all.len(), 1);
 
-    // A forward streams tokens and an end event, with the correlation id echoed.
-    let resp = generate(&client, PARIS, "corr-paris").await;
+    let resp = generate(client, PARIS, "corr-paris").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-correlation-id"], "corr-paris");
     assert!(resp.headers()["content-type"]
@@ -213,7 +324,6 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
         done.tokens
     );
 
-    // Unknown pools are named.
     let err = client
         .get_json::<PoolStatus>("/v2/pools/nope")
         .await
@@ -223,10 +333,13 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
         Some(hyper::StatusCode::NOT_FOUND),
         "{err}"
     );
+    first_pid
+}
 
-    // The engine is killed in the middle of a long answer: the stream ends with a typed error,
-    // the pool fails, and comes back by itself.
-    let resp = generate(&client, LONG, "corr-long").await;
+/// The engine is killed in the middle of a long answer: the stream ends with a typed error,
+/// the pool fails, and comes back by itself.
+async fn fails_and_recovers_when_its_engine_is_killed(rig: &mut Rig, first_pid: u32) {
+    let resp = generate(&rig.client, LONG, "corr-long").await;
     assert_eq!(resp.status(), 200);
     let mut stream = EventStream::from_response(resp, Path::new("node"))
         .await
@@ -236,7 +349,7 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
         matches!(first, llorch_wire::engine::EngineEvent::Token(_)),
         "{first:?}"
     );
-    assert_eq!(status(&client).await.slots_busy, 1);
+    assert_eq!(rig.status().await.slots_busy, 1);
     signal(first_pid, libc::SIGKILL);
     match stream.collect().await {
         Err(StreamFailure::Event(body)) => {
@@ -244,51 +357,45 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
         }
         other => panic!("expected an ENGINE_FAILED error event, got {other:?}"),
     }
-    let failed = wait_status(
-        &client,
-        &mut notify,
-        &daemon,
-        "the pool to notice the dead engine",
-        Duration::from_secs(10),
-        |s| matches!(s.state, PoolState::Failed | PoolState::Loading) && s.last_error.is_some(),
-    )
-    .await;
+    let failed = rig
+        .wait_status(
+            "the pool to notice the dead engine",
+            Duration::from_secs(10),
+            |s| matches!(s.state, PoolState::Failed | PoolState::Loading) && s.last_error.is_some(),
+        )
+        .await;
     assert!(
         failed.last_error.as_deref().unwrap().contains("signal 9"),
         "{failed:?}"
     );
-    let back = wait_status(
-        &client,
-        &mut notify,
-        &daemon,
-        "the pool to come back",
-        Duration::from_secs(60),
-        |s| s.state == PoolState::Ready,
-    )
-    .await;
+    let back = rig
+        .wait_state(PoolState::Ready, 60, "the pool to come back")
+        .await;
     assert_eq!(back.restarts, 1, "{back:?}");
     assert_ne!(back.engine_pid, Some(first_pid));
     assert_eq!(back.slots_busy, 0, "the broken forward no longer counts");
+}
 
-    // Drain refuses new work with 503 POOL_UNAVAILABLE; resume takes it again.
+/// Drain refuses new work with 503 POOL_UNAVAILABLE; resume takes it again.
+async fn drains_and_resumes(rig: &Rig) {
+    let client = &rig.client;
     let drained: PoolStatus = client
         .post_json("/v2/pools/default/drain", &serde_json::json!({}))
         .await
         .unwrap();
     assert!(drained.draining);
     assert_eq!(drained.state, PoolState::Draining);
-    let resp = generate(&client, PARIS, "corr-drained").await;
+    let resp = generate(client, PARIS, "corr-drained").await;
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
-    let body: ErrorBody =
-        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let body = error_body(resp).await;
     assert_eq!(body.code, ErrorCode::PoolUnavailable);
     let resumed: PoolStatus = client
         .post_json("/v2/pools/default/resume", &serde_json::json!({}))
         .await
         .unwrap();
     assert_eq!((resumed.state, resumed.draining), (PoolState::Ready, false));
-    let resp = generate(&client, PARIS, "corr-resumed").await;
+    let resp = generate(client, PARIS, "corr-resumed").await;
     assert_eq!(resp.status(), 200);
     let done = EventStream::from_response(resp, Path::new("node"))
         .await
@@ -297,27 +404,21 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
         .await
         .unwrap();
     assert!(done.text.contains("Paris"), "{:?}", done.text);
+}
 
-    // A body over 4 MiB is refused before it reaches the engine.
-    let big = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(4 * 1024 * 1024 + 1));
-    assert_eq!(generate(&client, &big, "corr-big").await.status(), 413);
-
-    // SIGTERM: the engine stops, the handoff file and the socket go, exit 0.
-    let engine_pid = status(&client).await.engine_pid.unwrap();
-    signal(daemon.child.id(), libc::SIGTERM);
-    // Its exit is the event; it comes once every engine has stopped.
-    let code = daemon.child.wait().unwrap();
-    assert_eq!(code.code(), Some(0), "{}", daemon.log());
+/// SIGTERM: the engine stops, the handoff file and the socket go, exit 0.
+async fn stops_cleanly_on_sigterm(rig: &mut Rig) {
+    let engine_pid = rig.status().await.engine_pid.unwrap();
+    let log = rig.terminate();
     assert!(
-        !Path::new(&format!("/proc/{engine_pid}")).exists(),
+        !process_runs(engine_pid),
         "the engine {engine_pid} outlived pool-managerd"
     );
     assert!(
-        !dir.path().join("run/handoff/default/default.json").exists(),
+        !rig.path("run/handoff/default/default.json").exists(),
         "stale handoff file"
     );
-    assert!(!dir.path().join("node.sock").exists(), "stale node socket");
-    let log = daemon.log();
+    assert!(!rig.path("node.sock").exists(), "stale node socket");
     assert!(log.contains("Engine ready."), "{log}");
     assert!(
         log.contains("Removed a stale handoff file."),
@@ -329,64 +430,60 @@ async fn a_node_serves_restarts_drains_and_stops_cleanly() {
     );
 }
 
-/// Sends `PARIS` and returns the answer's text.
-async fn ask_paris(client: &HttpClient, correlation: &str) -> String {
-    let resp = generate(client, PARIS, correlation).await;
-    assert_eq!(resp.status(), 200);
-    EventStream::from_response(resp, Path::new("node"))
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap()
-        .text
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep_alive() {
-    let dir = tempfile::Builder::new()
-        .prefix("pm-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let config = write_config(dir.path(), "2");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "threads = 2\n",
-        "threads = 2\non_demand = true\nkeep_alive_secs = 2\n",
-    );
-    std::fs::write(&config, text).unwrap();
-    let mut notify = NotifySocket::bind(dir.path());
-    let mut daemon = spawn_node(dir.path(), &config, &notify);
-    let client = node_client(dir.path());
-    let socket = dir.path().join("run/engines/default.sock");
-    let handoff = dir.path().join("run/handoff/default/default.json");
+    let mut rig = Rig::start(&NodeSpec {
+        pool_extra: "on_demand = true\nkeep_alive_secs = 2",
+        ..NodeSpec::default()
+    });
+    waits_on_standby(&mut rig).await;
+    let first_pid = loads_on_request_and_unloads(&mut rig).await;
+    let again = loads_again_on_the_next_request(&mut rig, first_pid).await;
+    keeps_an_open_connection_loaded(&mut rig, again).await;
 
-    // Provisioned, then on standby: the socket listens, no engine runs, no model is loaded.
-    let standby = wait_status(
-        &client,
-        &mut notify,
-        &daemon,
-        "the pool to go on standby",
-        Duration::from_secs(60),
-        |s| s.state == PoolState::Standby,
-    )
-    .await;
+    // SIGTERM: the engine stops and the socket goes.
+    let log = rig.terminate();
+    assert!(
+        !rig.path("run/engines/default.sock").exists(),
+        "stale standby socket"
+    );
+    assert_eq!(
+        log.matches("The engine unloaded after its keep-alive")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        !log.contains(llorch_os::message_id::ENGINE_CRASHED),
+        "an unload is not a crash: {log}"
+    );
+}
+
+/// Provisioned, then on standby: the socket listens, no engine runs, no model is loaded.
+async fn waits_on_standby(rig: &mut Rig) {
+    let standby = rig
+        .wait_state(PoolState::Standby, 60, "the pool to go on standby")
+        .await;
     assert!(standby.on_demand, "{standby:?}");
     assert_eq!((standby.engine_pid, standby.load_ms), (None, None));
-    assert!(socket.exists(), "the standby socket listens");
-    assert!(!handoff.exists());
+    assert!(
+        rig.path("run/engines/default.sock").exists(),
+        "the standby socket listens"
+    );
+    assert!(!rig.path("run/handoff/default/default.json").exists());
+}
 
-    // The first request starts the engine, waits for the model, and gets its answer.
-    let answer = ask_paris(&client, "corr-cold").await;
+/// The first request starts the engine, waits for the model, and gets its answer; two
+/// seconds without work, the engine exits cleanly, and the pool is on standby again, with no
+/// restart counted. Returns the engine's pid.
+async fn loads_on_request_and_unloads(rig: &mut Rig) -> u32 {
+    let socket = rig.path("run/engines/default.sock");
+    let handoff = rig.path("run/handoff/default/default.json");
+    let answer = ask_paris(&rig.client, "corr-cold").await;
     assert!(answer.contains("Paris"), "{answer:?}");
-    let loaded = wait_status(
-        &client,
-        &mut notify,
-        &daemon,
-        "the loaded pool to be ready",
-        Duration::from_secs(5),
-        |s| s.state == PoolState::Ready,
-    )
-    .await;
+    let loaded = rig
+        .wait_state(PoolState::Ready, 5, "the loaded pool to be ready")
+        .await;
     let first_pid = loaded.engine_pid.expect("a loaded pool has an engine");
     assert!(
         loaded.load_ms.is_some(),
@@ -394,17 +491,13 @@ async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep
     );
     assert!(handoff.exists());
 
-    // Two seconds without work: the engine exits cleanly, and the pool is on standby again,
-    // with no restart counted.
-    let unloaded = wait_status(
-        &client,
-        &mut notify,
-        &daemon,
-        "the engine to unload after its keep-alive",
-        Duration::from_secs(30),
-        |s| s.state == PoolState::Standby,
-    )
-    .await;
+    let unloaded = rig
+        .wait_state(
+            PoolState::Standby,
+            30,
+            "the engine to unload after its keep-alive",
+        )
+        .await;
     assert_eq!(
         (unloaded.engine_pid, unloaded.restarts),
         (None, 0),
@@ -412,44 +505,40 @@ async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep
     );
     assert!(unloaded.last_error.is_none(), "{unloaded:?}");
     assert!(
-        !Path::new(&format!("/proc/{first_pid}")).exists(),
+        !process_runs(first_pid),
         "the unloaded engine {first_pid} still runs"
     );
     assert!(!handoff.exists(), "the engine removed its handoff file");
     assert!(socket.exists(), "the socket still listens");
+    first_pid
+}
 
-    // The next request loads it again.
-    let answer = ask_paris(&client, "corr-again").await;
+/// The next request loads it again, in a new engine; returns the new engine's status.
+async fn loads_again_on_the_next_request(rig: &mut Rig, first_pid: u32) -> PoolStatus {
+    let answer = ask_paris(&rig.client, "corr-again").await;
     assert!(answer.contains("Paris"), "{answer:?}");
-    let again = wait_status(
-        &client,
-        &mut notify,
-        &daemon,
-        "the reloaded pool to be ready",
-        Duration::from_secs(5),
-        |s| s.state == PoolState::Ready,
-    )
-    .await;
+    let again = rig
+        .wait_state(PoolState::Ready, 5, "the reloaded pool to be ready")
+        .await;
     assert_ne!(again.engine_pid, Some(first_pid), "a new engine serves");
+    again
+}
 
-    // A connection that is open but has not sent its request yet may carry work: the engine
-    // does not unload under it, however long past the keep-alive, and serves it.
+/// A connection that is open but has not sent its request yet may carry work: the engine
+/// does not unload under it, however long past the keep-alive, and serves it.
+async fn keeps_an_open_connection_loaded(rig: &mut Rig, again: PoolStatus) {
+    let socket = rig.path("run/engines/default.sock");
     let mut pending = tokio::net::UnixStream::connect(&socket).await.unwrap();
     // 2.5 keep-alives: every status line pool-managerd sends meanwhile is a chance to catch an
     // unload; none may come.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let held = status(&client).await;
+    rig.assert_status_holds(Duration::from_secs(5), |held| {
         assert_eq!(
             (held.state, held.engine_pid),
             (PoolState::Ready, again.engine_pid),
             "the engine unloaded under an open connection"
         );
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || notify.next(left).is_none() {
-            break;
-        }
-    }
+    })
+    .await;
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let request = format!(
@@ -464,74 +553,41 @@ async fn an_on_demand_pool_loads_on_the_first_request_and_unloads_after_its_keep
             "{answer}"
         );
     }
-    wait_status(
-        &client,
-        &mut notify,
-        &daemon,
+    rig.wait_state(
+        PoolState::Standby,
+        30,
         "the engine to unload once the connection is served",
-        Duration::from_secs(30),
-        |s| s.state == PoolState::Standby,
     )
     .await;
-
-    // SIGTERM: the engine stops and the socket goes.
-    signal(daemon.child.id(), libc::SIGTERM);
-    let code = daemon.child.wait().unwrap();
-    assert_eq!(code.code(), Some(0), "{}", daemon.log());
-    assert!(!socket.exists(), "stale standby socket");
-    let log = daemon.log();
-    assert_eq!(
-        log.matches("The engine unloaded after its keep-alive")
-            .count(),
-        2,
-        "{log}"
-    );
-    assert!(
-        !log.contains(llorch_os::message_id::ENGINE_CRASHED),
-        "an unload is not a crash: {log}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_for_an_engine_that_cannot_start_is_told_why() {
-    let dir = tempfile::Builder::new()
-        .prefix("pm-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let config = write_config(dir.path(), "1");
-    let engine = bin("llorch-engine").display().to_string();
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&engine, "/nonexistent/llorch-engine")
-        .replace("threads = 2\n", "threads = 2\non_demand = true\n");
-    std::fs::write(&config, text).unwrap();
-    let mut notify = NotifySocket::bind(dir.path());
-    let daemon = spawn_node(dir.path(), &config, &notify);
-    let client = node_client(dir.path());
-    wait_status(
-        &client,
-        &mut notify,
-        &daemon,
-        "the pool to go on standby",
-        Duration::from_secs(60),
-        |s| s.state == PoolState::Standby,
-    )
-    .await;
+    let mut rig = Rig::start(&NodeSpec {
+        slots: "1",
+        pool_extra: "on_demand = true",
+        engine_bin: Some("/nonexistent/llorch-engine"),
+        ..NodeSpec::default()
+    });
+    rig.wait_state(PoolState::Standby, 60, "the pool to go on standby")
+        .await;
     // The request waits on the socket; the engine cannot be spawned: a 503 that says why,
     // not a request left waiting.
-    let resp = tokio::time::timeout(Duration::from_secs(30), generate(&client, PARIS, "corr-x"))
-        .await
-        .expect("the waiting request is answered");
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        generate(&rig.client, PARIS, "corr-x"),
+    )
+    .await
+    .expect("the waiting request is answered");
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
-    let body: ErrorBody =
-        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let body = error_body(resp).await;
     assert_eq!(body.code, ErrorCode::PoolUnready, "{body:?}");
     assert!(
         body.message.contains("could not start") && body.message.contains("engine_bin"),
         "{body:?}"
     );
-    let st = status(&client).await;
+    let st = rig.status().await;
     assert!(
         st.last_error
             .as_deref()
@@ -544,7 +600,7 @@ async fn a_request_waiting_for_an_engine_that_cannot_start_is_told_why() {
 fn bad_configuration_exits_64_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_pool-managerd");
-    let good = write_config(dir.path(), "2");
+    let good = write_config(dir.path(), &NodeSpec::default());
     let out = Command::new(bin)
         .arg("--config")
         .arg(&good)
@@ -558,7 +614,13 @@ fn bad_configuration_exits_64_naming_the_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let bad = write_config(dir.path(), "0");
+    let bad = write_config(
+        dir.path(),
+        &NodeSpec {
+            slots: "0",
+            ..NodeSpec::default()
+        },
+    );
     for extra in [&[][..], &["--check-config"][..]] {
         let out = Command::new(bin)
             .arg("--config")
@@ -578,21 +640,16 @@ fn bad_configuration_exits_64_naming_the_key() {
 /// metric the LlorchModelVerificationFailed alert watches) on the metrics-only TCP listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_failing_verification_is_counted_on_the_metrics_listener() {
-    let dir = tempfile::Builder::new()
-        .prefix("pm-")
-        .tempdir_in("/tmp")
-        .unwrap();
     let port = free_port();
-    let config = write_config_with(
-        dir.path(),
-        "1",
-        &format!("metrics_listen = \"127.0.0.1:{port}\""),
-        &format!("sha256 = \"{}\"", "0".repeat(64)),
-    );
-    let mut notify = NotifySocket::bind(dir.path());
-    let daemon = spawn_node(dir.path(), &config, &notify);
+    let mut rig = Rig::start(&NodeSpec {
+        slots: "1",
+        node_extra: &format!("metrics_listen = \"127.0.0.1:{port}\""),
+        model_extra: &format!("sha256 = \"{}\"", "0".repeat(64)),
+        ..NodeSpec::default()
+    });
     // The pool's failure reaches the status line after its counters moved.
-    notify.wait_for("default failed", Duration::from_secs(60));
+    rig.notify
+        .wait_for("default failed", Duration::from_secs(60));
     let metrics = HttpClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
     let s = llorch_tests::prom::scrape(&metrics).await;
     assert!(
@@ -601,7 +658,7 @@ async fn a_model_failing_verification_is_counted_on_the_metrics_listener() {
             &[("reason", "provision_failed")]
         ) >= 1.0,
         "no counted verification failure:\n{}",
-        daemon.log()
+        rig.daemon.log()
     );
     let pool = [("pool", "default")];
     assert!(s.sum("llorch_model_verification_failures_total", &pool) >= 1.0);
@@ -626,11 +683,11 @@ async fn a_model_failing_verification_is_counted_on_the_metrics_listener() {
         0.0
     );
     assert!(
-        daemon
+        rig.daemon
             .log()
             .contains("The provisioner refused the model file."),
         "{}",
-        daemon.log()
+        rig.daemon.log()
     );
     // The metrics listener serves nothing else.
     let pools = metrics.get_json::<serde_json::Value>("/v2/pools").await;
@@ -645,69 +702,78 @@ async fn a_model_failing_verification_is_counted_on_the_metrics_listener() {
 /// pass the checks changes nothing. Each reload is framed by RELOADING=1 and READY=1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_pool_changes_without_touching_the_others() {
-    let dir = tempfile::Builder::new()
-        .prefix("pm-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let config = write_config(dir.path(), "2");
-    let original = std::fs::read_to_string(&config).unwrap();
-    let mut notify = NotifySocket::bind(dir.path());
-    let daemon = spawn_node(dir.path(), &config, &notify);
-    let pid = daemon.child.id();
-    let client = node_client(dir.path());
-    let ready = wait_status(
-        &client,
-        &mut notify,
-        &daemon,
-        "the pool to become ready",
-        Duration::from_secs(120),
-        |s| s.state == PoolState::Ready,
-    )
-    .await;
+    let mut rig = Rig::start(&NodeSpec::default());
+    let original = std::fs::read_to_string(&rig.config).unwrap();
+    let ready = rig
+        .wait_state(PoolState::Ready, 120, "the pool to become ready")
+        .await;
     let engine = ready.engine_pid.unwrap();
 
     // A long answer runs on the default pool through every reload below.
-    let resp = generate(&client, LONG, "corr-reload").await;
+    let resp = generate(&rig.client, LONG, "corr-reload").await;
     assert_eq!(resp.status(), 200);
     let mut stream = EventStream::from_response(resp, Path::new("node"))
         .await
         .unwrap();
     assert_eq!(stream.next_frame().await.unwrap().unwrap().event, "token");
 
-    // Add a pool.
+    let second_pid = reload_adds_a_pool(&mut rig, &original).await;
+    reload_of_a_broken_file_changes_nothing(&mut rig).await;
+    reload_removes_the_added_pool(&mut rig, &original, second_pid, engine).await;
+
+    // The stream that ran through the reloads ends normally.
+    let rest = stream.collect().await.expect("the stream ran to its end");
+    assert!(rest.tokens.len() > 100, "{} tokens", rest.tokens.len());
+}
+
+/// Writes `text` as the configuration, sends SIGHUP, and waits for the reload's RELOADING=1
+/// and READY=1 (`ready_within` for the latter).
+fn reload(rig: &mut Rig, text: &str, ready_within: Duration) {
+    std::fs::write(&rig.config, text).unwrap();
+    signal(rig.daemon.child.id(), libc::SIGHUP);
+    rig.notify.wait_for("RELOADING=1", Duration::from_secs(10));
+    rig.notify.wait_for("READY=1", ready_within);
+}
+
+/// Adds a pool; returns its engine's pid once it is ready.
+async fn reload_adds_a_pool(rig: &mut Rig, original: &str) -> u32 {
     let second = format!(
         "{original}\n[[pools]]\nid = \"second\"\nslots = 1\nctx = 512\nthreads = 1\n\n[pools.model]\nid = \"smollm2-135m\"\nsource = \"{}\"\n",
         model_path().display()
     );
-    std::fs::write(&config, &second).unwrap();
-    signal(pid, libc::SIGHUP);
-    notify.wait_for("RELOADING=1", Duration::from_secs(10));
-    notify.wait_for("READY=1", Duration::from_secs(10));
+    reload(rig, &second, Duration::from_secs(10));
     // Each state change is followed by a status line naming every pool.
-    notify.wait_for("second ready", Duration::from_secs(60));
-    let second_pid = status_of(&client, "second").await.engine_pid.unwrap();
+    rig.notify.wait_for("second ready", Duration::from_secs(60));
+    status_of(&rig.client, "second").await.engine_pid.unwrap()
+}
 
-    // A file that does not parse changes nothing.
-    std::fs::write(&config, "[node\n").unwrap();
-    signal(pid, libc::SIGHUP);
-    notify.wait_for("RELOADING=1", Duration::from_secs(10));
-    notify.wait_for("READY=1", Duration::from_secs(10));
-    assert!(daemon.log().contains("Reload refused"), "{}", daemon.log());
-    let pools: Vec<PoolStatus> = client.get_json("/v2/pools").await.unwrap();
+/// A file that does not parse changes nothing.
+async fn reload_of_a_broken_file_changes_nothing(rig: &mut Rig) {
+    reload(rig, "[node\n", Duration::from_secs(10));
+    assert!(
+        rig.daemon.log().contains("Reload refused"),
+        "{}",
+        rig.daemon.log()
+    );
+    let pools: Vec<PoolStatus> = rig.client.get_json("/v2/pools").await.unwrap();
     assert_eq!(pools.len(), 2, "{pools:?}");
+}
 
-    // Remove the added pool again: its engine stops, the default pool's does not.
-    std::fs::write(&config, &original).unwrap();
-    signal(pid, libc::SIGHUP);
-    notify.wait_for("RELOADING=1", Duration::from_secs(10));
-    notify.wait_for("READY=1", Duration::from_secs(30));
-    let pools: Vec<PoolStatus> = client.get_json("/v2/pools").await.unwrap();
+/// Removes the added pool again: its engine stops, the default pool's does not.
+async fn reload_removes_the_added_pool(
+    rig: &mut Rig,
+    original: &str,
+    second_pid: u32,
+    engine: u32,
+) {
+    reload(rig, original, Duration::from_secs(30));
+    let pools: Vec<PoolStatus> = rig.client.get_json("/v2/pools").await.unwrap();
     assert_eq!(
         pools.iter().map(|p| p.pool_id.as_str()).collect::<Vec<_>>(),
         ["default"]
     );
     assert!(
-        !std::path::Path::new(&format!("/proc/{second_pid}")).exists(),
+        !process_runs(second_pid),
         "the removed pool's engine still runs"
     );
     assert_eq!(
@@ -715,8 +781,4 @@ async fn sighup_applies_pool_changes_without_touching_the_others() {
         Some(engine),
         "the default pool was restarted"
     );
-
-    // The stream that ran through the reloads ends normally.
-    let rest = stream.collect().await.expect("the stream ran to its end");
-    assert!(rest.tokens.len() > 100, "{} tokens", rest.tokens.len());
 }
