@@ -242,19 +242,14 @@ async fn wait_nodes(
     logs: &Path,
     done: impl Fn(&[NodeView]) -> bool,
 ) -> Duration {
-    let start = Instant::now();
-    loop {
+    let done = &done;
+    llorch_tests::wait_until(what, limit, || async move {
         let n = nodes(c).await;
-        if done(&n) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{what}: not after {limit:?}: {n:?}\n{}",
-            all_logs(logs)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        done(&n)
+            .then_some(())
+            .ok_or_else(|| format!("{n:?}\n{}", all_logs(logs)))
+    })
+    .await
 }
 
 /// Every daemon log of the run, for a failure message.

@@ -5,11 +5,11 @@
 //! (each with its own runtime), so no task of one runtime ever waits on it.
 #![allow(clippy::await_holding_lock)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use llorch_client::{ClientError, StreamFailure};
-use llorch_tests::{bin, model_path, serial, wait_for, Engine, UnixClient};
+use llorch_tests::{bin, model_path, serial, wait_for, wait_until, Engine, UnixClient};
 use llorch_wire::engine::{
     ChatMessage, EngineEvent, FinishReason, GenerateRequest, HealthState, SlotState,
 };
@@ -266,18 +266,18 @@ async fn cancelling_one_stream_frees_its_slot_while_the_others_continue() {
     assert_eq!(client.slots().await.unwrap().busy, 3);
     let cancelled = streams.remove(0);
     drop(cancelled);
-    let dropped_at = Instant::now();
-    loop {
-        let status = client.slots().await.unwrap();
-        if status.busy == 2 {
-            break;
-        }
-        assert!(
-            dropped_at.elapsed() < Duration::from_secs(1),
-            "slot not freed: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let c = &client;
+    wait_until(
+        "the dropped stream's slot to be freed",
+        Duration::from_secs(1),
+        || async move {
+            let status = c.slots().await.unwrap();
+            (status.busy == 2)
+                .then_some(())
+                .ok_or(format!("{status:?}"))
+        },
+    )
+    .await;
     // The other two are still running and finish normally with all their tokens.
     for s in streams {
         let done = s.collect().await.unwrap();
@@ -317,14 +317,18 @@ async fn a_full_engine_answers_503_with_retry_after_instead_of_queueing() {
     }
     drop(running);
     // The cancelled stream's slot is free within one decode step; then the engine serves again.
-    let dropped_at = Instant::now();
-    while client.slots().await.unwrap().busy > 0 {
-        assert!(
-            dropped_at.elapsed() < Duration::from_secs(1),
-            "slot not freed"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let c = &client;
+    wait_until(
+        "the cancelled stream's slot to be freed",
+        Duration::from_secs(1),
+        || async move {
+            let status = c.slots().await.unwrap();
+            (status.busy == 0)
+                .then_some(())
+                .ok_or(format!("{status:?}"))
+        },
+    )
+    .await;
     let ok = client
         .generate(&greedy_chat("Hi", 4))
         .await

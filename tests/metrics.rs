@@ -5,14 +5,14 @@
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::StatusCode;
 use llorch_client::{HttpClient, UnixClient};
 use llorch_tests::prom::{documented, names_used, scrape, Documented, Scrape};
 use llorch_tests::stack::{signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
-use llorch_tests::{frames, post, repo_root, serial, wait_for};
+use llorch_tests::{frames, post, repo_root, serial, wait_for, wait_until};
 use serde_json::{json, Value};
 
 const M: &str = MODEL_ID;
@@ -151,18 +151,20 @@ async fn every_documented_metric_is_exported_and_moves_with_traffic() {
     });
 
     // The engine frees the cancelled task's slot at its next step.
-    let start = Instant::now();
-    while scrape_engine(&engine_socket)
-        .await
-        .sum("llorch_engine_slots", &[("state", "free")])
-        < 4.0
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the engine kept a slot busy"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let socket = &engine_socket;
+    wait_until(
+        "the engine to free the cancelled task's slot",
+        Duration::from_secs(5),
+        || async move {
+            let free = scrape_engine(socket)
+                .await
+                .sum("llorch_engine_slots", &[("state", "free")]);
+            (free >= 4.0)
+                .then_some(())
+                .ok_or(format!("{free} of 4 slots free"))
+        },
+    )
+    .await;
 
     let orch1 = scrape(&orch).await;
     let node1 = scrape(&node).await;

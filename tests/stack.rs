@@ -16,7 +16,7 @@ use llorch_client::{ClientError, EventStream, HttpClient};
 use llorch_tests::stack::{
     alive, cpu_ticks, signal, Stack, StackOptions, MODEL_ID, NODE_TOKEN, TEST_KEY,
 };
-use llorch_tests::{frames, post, serial};
+use llorch_tests::{frames, post, serial, wait_until};
 use llorch_wire::engine::ChatMessage;
 use llorch_wire::sse::Frame;
 use llorch_wire::task::{PoolsAnswer, Priority, TaskAccepted, TaskEnd, TaskRequest};
@@ -92,18 +92,12 @@ async fn pools(client: &HttpClient) -> PoolsAnswer {
 
 /// Waits until the pool shows no busy slot and an empty queue.
 async fn wait_idle(client: &HttpClient, limit: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
+    wait_until("no busy slot and an empty queue", limit, || async move {
         let p = pools(client).await;
-        if p.pools.iter().all(|p| p.slots_busy == 0) && p.queue.depth == 0 {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "slots still busy after {limit:?}: {p:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        let idle = p.pools.iter().all(|p| p.slots_busy == 0) && p.queue.depth == 0;
+        idle.then_some(()).ok_or(format!("{p:?}"))
+    })
+    .await
 }
 
 /// The `data:` payloads of an OpenAI stream.
@@ -481,14 +475,18 @@ async fn a_client_that_disconnects_frees_its_slot_within_a_second() {
     eprintln!("slot free {freed:?} after the client went away");
     // Not only orchestratord's lease: the engine itself stops generating and frees its slot
     // (within a decode step; a second is the bound, not a measurement).
-    let dropped = Instant::now();
-    while engine.slots().await.unwrap().busy > 0 {
-        assert!(
-            dropped.elapsed() < Duration::from_secs(1),
-            "the engine kept generating for a client that went away"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let e = &engine;
+    wait_until(
+        "the engine to stop generating for a client that went away",
+        Duration::from_secs(1),
+        || async move {
+            let status = e.slots().await.unwrap();
+            (status.busy == 0)
+                .then_some(())
+                .ok_or(format!("{status:?}"))
+        },
+    )
+    .await;
     // The one slot serves the next client at once.
     let (status, _, v) = post(
         &c,

@@ -146,6 +146,29 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Polls `probe` every few milliseconds until it says `Ok`, and returns how long that took;
+/// fails after `limit`, naming `what` and the last state the probe described in its `Err`.
+/// The one async wait of the tests (a slot freed, a pool idle, a node back): each waits for
+/// the state it needs, never for a fixed time.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut probe: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match probe().await {
+            Ok(()) => return start.elapsed(),
+            Err(state) => state,
+        };
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Serializes the tests that run engines: on a two-core machine, parallel engines would turn
 /// latency checks into measurements of each other.
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
