@@ -3,8 +3,9 @@
 //! are evaluated in chunks inside the same batches as other slots' next tokens, so a long
 //! prompt never stalls streams already running.
 //!
-//! The loop receives jobs whose slot was already reserved in the [`SlotTable`], and it is the
-//! only place that releases a slot, exactly once per job, whatever way the job ends.
+//! The loop receives jobs whose slot was already reserved in the [`SlotTable`], each holding
+//! the slot's [`SlotLease`]. [`DecodeLoop::finish`] releases it, exactly once per job, whatever
+//! way the job ends; the one other release here is a job refused before it started.
 
 use std::num::NonZeroU32;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -24,7 +25,7 @@ use tokio::sync::mpsc::Sender;
 use crate::metrics::{Metrics, Throughput};
 use crate::model::{backend, Model};
 use crate::sampler::{self, Sampler, Sampling};
-use crate::slots::{common_prefix, SlotTable};
+use crate::slots::{common_prefix, SlotLease, SlotTable};
 use crate::text::{Output, TextStream};
 
 /// Tokens evaluated per `llama_decode` call at most (prompt chunks plus one per generating slot).
@@ -32,7 +33,9 @@ pub const BATCH_TOKENS: usize = 512;
 
 /// One admitted request, with its slot already reserved.
 pub struct Job {
-    pub slot: usize,
+    /// The job's slot, returned to the slot table with what its KV cache holds when the job
+    /// ends (or, if the job never reaches the loop, when it is dropped).
+    pub lease: SlotLease,
     pub prompt: Vec<i32>,
     pub sampling: Sampling,
     /// The request's grammar in GBNF (structured output), already checked to parse.
@@ -42,7 +45,7 @@ pub struct Job {
     pub ignore_eos: bool,
     /// Choices to generate, one after another in this slot (1 or more).
     pub n: u32,
-    /// Bounded by the number of events the job can produce (see `http.rs`), so `try_send`
+    /// Bounded by the number of events the job can produce (see `http/admit.rs`), so `try_send`
     /// never finds it full; a closed channel means the client went away.
     pub events: Sender<EngineEvent>,
     /// When the engine received the request; time to first token counts from here.
@@ -50,6 +53,12 @@ pub struct Job {
     pub task_id: Option<String>,
     /// The `X-Correlation-Id` of the request that carried this job, for logs.
     pub correlation_id: Option<String>,
+}
+
+impl Job {
+    pub fn slot(&self) -> usize {
+        self.lease.slot()
+    }
 }
 
 pub enum Command {
@@ -121,7 +130,6 @@ impl Active {
 
 pub struct DecodeLoop {
     model: Arc<Model>,
-    slots: Arc<Mutex<SlotTable>>,
     ctx_per_slot: u32,
     /// Tokens in each slot's KV cache (sequence id = slot index).
     kv: Vec<Vec<i32>>,
@@ -156,7 +164,6 @@ pub fn run(
         .map_err(|e| format!("cannot create the llama context: {e}"))?;
     let mut this = DecodeLoop {
         model,
-        slots,
         ctx_per_slot,
         kv: vec![Vec::new(); n_slots],
         active: (0..n_slots).map(|_| None).collect(),
@@ -269,7 +276,7 @@ impl DecodeLoop {
     }
 
     fn start(&mut self, ctx: &mut LlamaContext<'_>, job: Box<Job>, n_vocab: i32) {
-        let slot = job.slot;
+        let slot = job.slot();
         debug_assert!(self.active[slot].is_none(), "slot {slot} reserved twice");
         // The HTTP handler parsed the grammar already, so this does not fail on the request.
         let grammar = match job
@@ -280,10 +287,7 @@ impl DecodeLoop {
             None => None,
             Some(Ok(g)) => Some(g),
             Some(Err(e)) => {
-                self.slots
-                    .lock()
-                    .expect("slot table lock")
-                    .release(slot, self.kv[slot].clone());
+                job.lease.release(self.kv[slot].clone());
                 let err = ErrorBody::new(
                     ErrorCode::EngineFailed,
                     format!("cannot build the grammar sampler: {e}"),
@@ -515,10 +519,7 @@ impl DecodeLoop {
         );
         // Release before the final event goes out: a client that saw `end` and sends its next
         // request at once must find the slot free.
-        self.slots
-            .lock()
-            .expect("slot table lock")
-            .release(slot, self.kv[slot].clone());
+        a.job.lease.release(self.kv[slot].clone());
         let _ = a.job.events.try_send(event);
     }
 }

@@ -1,7 +1,10 @@
 //! The slot table: which slots are busy and which tokens each slot's KV cache holds. Request
-//! handlers reserve a slot here (choosing by shared prefix); the decode loop releases it and
-//! publishes the tokens it left in the cache. One short synchronous lock, never held across an
-//! await.
+//! handlers reserve a slot here (choosing by shared prefix) and get a [`SlotLease`]; the lease
+//! is the only way a slot goes back: the decode loop releases it with the tokens it left in
+//! the cache, and a job that never reached the decode loop returns it on drop. One short
+//! synchronous lock, never held across an await.
+
+use std::sync::{Arc, Mutex};
 
 use llorch_wire::engine::{SlotState, SlotStatus, SlotsStatus};
 
@@ -49,10 +52,29 @@ impl SlotTable {
         self.slots.iter().filter(|s| s.busy).count()
     }
 
+    /// Reserves a slot of `table` for `prompt` (chosen as [`SlotTable::reserve`] says) and
+    /// returns its lease. `None` when all are busy.
+    pub fn lease(
+        table: &Arc<Mutex<SlotTable>>,
+        prompt: &[i32],
+        preferred: Option<usize>,
+    ) -> Option<SlotLease> {
+        let reservation = table
+            .lock()
+            .expect("slot table lock")
+            .reserve(prompt, preferred)?;
+        Some(SlotLease {
+            table: Arc::clone(table),
+            reservation,
+            returned: false,
+        })
+    }
+
     /// Reserves a free slot for `prompt`: the preferred one when it is free, otherwise the free
     /// slot sharing the longest token prefix with the prompt, ties going to the least recently
     /// used (so the cache of a recent conversation survives longest). `None` when all are busy.
-    pub fn reserve(&mut self, prompt: &[i32], preferred: Option<usize>) -> Option<Reservation> {
+    /// Private: outside this file a slot is reserved as a [`SlotLease`], so it goes back.
+    fn reserve(&mut self, prompt: &[i32], preferred: Option<usize>) -> Option<Reservation> {
         let chosen = match preferred {
             Some(p) if self.slots.get(p).is_some_and(|s| !s.busy) => p,
             _ => self
@@ -79,8 +101,9 @@ impl SlotTable {
         })
     }
 
-    /// Returns a slot, recording the tokens its KV cache now holds.
-    pub fn release(&mut self, slot: usize, cached: Vec<i32>) {
+    /// Returns a slot, recording the tokens its KV cache now holds. Called only by
+    /// [`SlotLease`], so once per reservation.
+    fn release(&mut self, slot: usize, cached: Vec<i32>) {
         let s = &mut self.slots[slot];
         debug_assert!(s.busy, "slot {slot} released twice");
         s.busy = false;
@@ -106,6 +129,46 @@ impl SlotTable {
                     cached_tokens: s.cached.len() as u32,
                 })
                 .collect(),
+        }
+    }
+}
+
+/// A reserved slot. It goes back to the table exactly once: by [`SlotLease::release`], which
+/// the decode loop calls with the tokens left in the slot's KV cache before the job's final
+/// event, or on drop, with nothing cached, for a job that never reached the decode loop.
+#[derive(Debug)]
+pub struct SlotLease {
+    table: Arc<Mutex<SlotTable>>,
+    reservation: Reservation,
+    returned: bool,
+}
+
+impl SlotLease {
+    pub fn slot(&self) -> usize {
+        self.reservation.slot
+    }
+
+    /// Returns the slot, recording the tokens its KV cache now holds.
+    pub fn release(mut self, cached: Vec<i32>) {
+        self.give_back(cached);
+    }
+
+    fn give_back(&mut self, cached: Vec<i32>) {
+        self.returned = true;
+        self.table
+            .lock()
+            .expect("slot table lock")
+            .release(self.reservation.slot, cached);
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        // Not while a panic unwinds (a job dropped with a panicking decode thread): the table's
+        // lock may be poisoned, and a second panic here would abort. Such a slot stays busy,
+        // as it always has.
+        if !self.returned && !std::thread::panicking() {
+            self.give_back(Vec::new());
         }
     }
 }
@@ -143,6 +206,24 @@ mod tests {
         assert_eq!(t.busy(), 3);
         t.release(1, vec![]);
         assert_eq!(t.status().busy, 2);
+    }
+
+    #[test]
+    fn a_lease_goes_back_once_by_release_or_by_drop() {
+        let t = Arc::new(Mutex::new(SlotTable::new(2, 100)));
+        let a = SlotTable::lease(&t, &[1, 2], Some(0)).unwrap();
+        let b = SlotTable::lease(&t, &[1, 2], None).unwrap();
+        assert_eq!((a.slot(), b.slot()), (0, 1));
+        assert!(SlotTable::lease(&t, &[1], None).is_none(), "all busy");
+        a.release(vec![1, 2, 3]);
+        drop(b);
+        let status = t.lock().unwrap().status();
+        assert_eq!(status.busy, 0);
+        assert_eq!(status.slots[0].cached_tokens, 3);
+        assert_eq!(
+            status.slots[1].cached_tokens, 0,
+            "a dropped lease records no cache"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::{
 use crate::decode::{Command, Job};
 use crate::model::Model;
 use crate::sampler::Sampling;
-use crate::slots::Reservation;
+use crate::slots::{SlotLease, SlotTable};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
@@ -55,7 +55,8 @@ pub(super) async fn generate(
     let (text, field) = prompt_text(&request, &ready.model)?;
     let grammar = grammar_of(&request, &ready.model)?;
     let prompt = tokenize(ready, &text, field)?;
-    let reservation = reserve(ready, &prompt, &request, n_slots)?;
+    let lease = reserve(ready, &prompt, &request, n_slots)?;
+    let slot = lease.slot();
     let max_tokens = request.max_tokens.unwrap_or(defaults::MAX_TOKENS);
     // Every event of a job fits: at most one token event per generated token (bounded by the
     // slot context), one flush of held-back text and one final event. So the decode loop's
@@ -65,7 +66,7 @@ pub(super) async fn generate(
     let (tx, rx) = mpsc::channel(capacity);
     let sampling = sampling_of(&request, ready.ctx_per_slot);
     let job = Job {
-        slot: reservation.slot,
+        lease,
         prompt,
         sampling,
         grammar,
@@ -83,7 +84,7 @@ pub(super) async fn generate(
         .status(StatusCode::OK)
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
-        .header("x-llorch-slot", reservation.slot)
+        .header("x-llorch-slot", slot)
         .body(Either::Right(SseBody::new(rx, activity)))
         .expect("static response");
     Ok(resp)
@@ -254,13 +255,8 @@ fn reserve(
     prompt: &[i32],
     request: &GenerateRequest,
     n_slots: usize,
-) -> Result<Reservation, Refusal> {
-    let reservation = ready
-        .slots
-        .lock()
-        .expect("slot table lock")
-        .reserve(prompt, request.slot.map(|s| s as usize));
-    reservation.ok_or_else(|| {
+) -> Result<SlotLease, Refusal> {
+    SlotTable::lease(&ready.slots, prompt, request.slot.map(|s| s as usize)).ok_or_else(|| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorBody::new(
@@ -295,19 +291,14 @@ fn sampling_of(request: &GenerateRequest, ctx_per_slot: u32) -> Sampling {
 
 /// Hands the job to the decode loop.
 fn submit(ready: &Ready, job: Job) -> Result<(), Refusal> {
-    let slot = job.slot;
     if ready
         .commands
         .try_send(Command::Run(Box::new(job)))
         .is_err()
     {
         // The decode loop is gone (stopping) or, impossibly, its queue is longer than the
-        // slot count. Give the slot back.
-        ready
-            .slots
-            .lock()
-            .expect("slot table lock")
-            .release(slot, Vec::new());
+        // slot count. The job came back in the error and is dropped with it, and its lease
+        // gives the slot back.
         return Err((
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorBody::new(ErrorCode::PoolUnavailable, "the decode loop is not running"),
