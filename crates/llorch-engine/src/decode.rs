@@ -4,7 +4,7 @@
 //! prompt never stalls streams already running.
 //!
 //! The loop receives jobs whose slot was already reserved in the [`SlotTable`], each holding
-//! the slot's [`SlotLease`]. [`DecodeLoop::finish`] releases it, exactly once per job, whatever
+//! the slot's [`SlotLease`]. `DecodeLoop::finish` releases it, exactly once per job, whatever
 //! way the job ends; the one other release here is a job refused before it started.
 
 use std::num::NonZeroU32;

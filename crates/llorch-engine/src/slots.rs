@@ -52,7 +52,7 @@ impl SlotTable {
         self.slots.iter().filter(|s| s.busy).count()
     }
 
-    /// Reserves a slot of `table` for `prompt` (chosen as [`SlotTable::reserve`] says) and
+    /// Reserves a slot of `table` for `prompt` (chosen as `SlotTable::reserve` says) and
     /// returns its lease. `None` when all are busy.
     pub fn lease(
         table: &Arc<Mutex<SlotTable>>,
