@@ -37,6 +37,13 @@ struct Remote {
     ca: Option<PathBuf>,
 }
 
+impl Remote {
+    /// The HTTP client for `--url`, with `--ca` and `$LLORCH_API_KEY`.
+    fn client(&self) -> anyhow::Result<llorch_client::HttpClient> {
+        remote::client(&self.url, self.ca.as_deref(), api_key())
+    }
+}
+
 #[derive(clap::Args)]
 struct Bus {
     /// The bus to find orchestratord on: auto (the system bus), system, session, or off (HTTP
@@ -45,49 +52,53 @@ struct Bus {
     dbus: llorch_bus::Mode,
 }
 
+/// `llorch up`'s settings.
+#[derive(clap::Args)]
+struct UpArgs {
+    /// GGUF model file (default: the bundled model fetched by scripts/setup.sh).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Expected sha256 of --model.
+    #[arg(long)]
+    sha256: Option<String>,
+    /// Model id clients use (default: smollm2-135m for the default model, else the file
+    /// name without .gguf).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Public API address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[arg(long, default_value_t = 4)]
+    slots: u32,
+    /// Context per slot, in tokens.
+    #[arg(long, default_value_t = 2048)]
+    ctx: u32,
+    /// Model cache directory.
+    #[arg(long, env = "LLORCH_MODEL_CACHE", default_value_os_t = default_cache())]
+    cache: PathBuf,
+    /// Runtime directory for sockets, handoff files and logs (default: a fresh temporary
+    /// directory, removed on exit).
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+    /// API key file for orchestratord (`NAME KEY` lines).
+    #[arg(long)]
+    api_keys: Option<PathBuf>,
+    /// Queue capacity of orchestratord.
+    #[arg(long)]
+    queue_capacity: Option<usize>,
+    /// Admission policy when the queue is full: reject or drop-lru.
+    #[arg(long)]
+    admission_policy: Option<String>,
+    /// Offer the daemons on D-Bus (docs/DBUS.md): off, auto, system or session.
+    #[arg(long, default_value = "off")]
+    dbus: llorch_bus::Mode,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the home profile without systemd: orchestratord, pool-managerd and one engine on
     /// the default model (or --model), until Ctrl-C.
-    Up {
-        /// GGUF model file (default: the bundled model fetched by scripts/setup.sh).
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Expected sha256 of --model.
-        #[arg(long)]
-        sha256: Option<String>,
-        /// Model id clients use (default: smollm2-135m for the default model, else the file
-        /// name without .gguf).
-        #[arg(long)]
-        model_id: Option<String>,
-        /// Public API address.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        #[arg(long, default_value_t = 4)]
-        slots: u32,
-        /// Context per slot, in tokens.
-        #[arg(long, default_value_t = 2048)]
-        ctx: u32,
-        /// Model cache directory.
-        #[arg(long, env = "LLORCH_MODEL_CACHE", default_value_os_t = default_cache())]
-        cache: PathBuf,
-        /// Runtime directory for sockets, handoff files and logs (default: a fresh temporary
-        /// directory, removed on exit).
-        #[arg(long)]
-        runtime_dir: Option<PathBuf>,
-        /// API key file for orchestratord (`NAME KEY` lines).
-        #[arg(long)]
-        api_keys: Option<PathBuf>,
-        /// Queue capacity of orchestratord.
-        #[arg(long)]
-        queue_capacity: Option<usize>,
-        /// Admission policy when the queue is full: reject or drop-lru.
-        #[arg(long)]
-        admission_policy: Option<String>,
-        /// Offer the daemons on D-Bus (docs/DBUS.md): off, auto, system or session.
-        #[arg(long, default_value = "off")]
-        dbus: llorch_bus::Mode,
-    },
+    Up(UpArgs),
     /// Stream an answer to one prompt (from orchestratord, or from an engine with --engine).
     Generate {
         #[command(flatten)]
@@ -231,69 +242,24 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
-        Cmd::Up {
-            model,
-            sha256,
-            model_id,
-            listen,
-            slots,
-            ctx,
-            cache,
-            runtime_dir,
-            api_keys,
-            queue_capacity,
-            admission_policy,
-            dbus,
-        } => {
-            let (model, sha256, model_id) = match model {
-                None => (
-                    default_model(),
-                    Some(DEFAULT_MODEL_SHA256.to_string()),
-                    model_id.unwrap_or_else(|| DEFAULT_MODEL_ID.into()),
-                ),
-                Some(m) => {
-                    let id = model_id.unwrap_or_else(|| {
-                        m.file_stem()
-                            .map(|s| s.to_string_lossy().into_owned())
-                            .unwrap_or_else(|| "model".into())
-                    });
-                    (m, sha256, id)
-                }
-            };
-            let mut orchestratord_args = Vec::new();
-            if let Some(k) = api_keys {
-                orchestratord_args.extend(["--api-keys".to_string(), k.display().to_string()]);
-            }
-            if let Some(q) = queue_capacity {
-                orchestratord_args.extend(["--queue-capacity".to_string(), q.to_string()]);
-            }
-            if let Some(p) = admission_policy {
-                orchestratord_args.extend(["--admission-policy".to_string(), p]);
-            }
-            llorch::up::run(UpOptions {
-                model,
-                sha256,
-                model_id,
-                listen,
-                slots,
-                ctx,
-                cache,
-                runtime_dir,
-                orchestratord_args,
-                dbus,
-            })
-            .await
-        }
+    let result = run(Cli::parse().command).await;
+    if let Err(e) = result {
+        eprintln!("llorch: {e:#}");
+        std::process::exit(llorch::exit::code(&e));
+    }
+}
+
+/// Runs one command.
+async fn run(command: Cmd) -> anyhow::Result<()> {
+    match command {
+        Cmd::Up(args) => up(args).await,
         Cmd::Generate {
-            remote: r,
             engine: Some(engine),
             max_tokens,
             temperature,
             prompt,
             ..
         } => {
-            let _ = r;
             let req = GenerateRequest {
                 max_tokens: Some(max_tokens),
                 temperature,
@@ -310,31 +276,22 @@ async fn main() {
             max_tokens,
             temperature,
             prompt,
-        } => match remote::client(&r.url, r.ca.as_deref(), api_key()) {
-            Ok(c) => {
-                remote::generate(
-                    &c,
-                    GenerateOptions {
-                        model,
-                        max_tokens,
-                        temperature,
-                        prompt,
-                    },
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        },
+        } => {
+            let options = GenerateOptions {
+                model,
+                max_tokens,
+                temperature,
+                prompt,
+            };
+            remote::generate(&r.client()?, options).await
+        }
         Cmd::Chat {
             remote: r,
             model,
             max_tokens,
             temperature,
             system,
-        } => match remote::client(&r.url, r.ca.as_deref(), api_key()) {
-            Ok(c) => remote::chat(&c, model, max_tokens, temperature, system).await,
-            Err(e) => Err(e),
-        },
+        } => remote::chat(&r.client()?, model, max_tokens, temperature, system).await,
         Cmd::Status {
             remote: r,
             bus: true,
@@ -347,44 +304,19 @@ async fn main() {
                 r.url
             )),
         },
-        Cmd::Status { remote: r, .. } => {
-            match remote::client(&r.url, r.ca.as_deref(), api_key()) {
-                Ok(c) => remote::status(&c, &mut std::io::stdout()).await,
-                Err(e) => Err(e),
-            }
-        }
+        Cmd::Status { remote: r, .. } => remote::status(&r.client()?, &mut std::io::stdout()).await,
         Cmd::Pools {
             remote: r,
             dbus,
             action,
-        } => {
-            let (verb, pool, node) = match action {
-                PoolAction::Drain { pool, node } => ("drain", pool, node),
-                PoolAction::Resume { pool, node } => ("resume", pool, node),
-            };
-            let done = match llorch::bus::orchestrator(dbus.dbus).await {
-                Some(proxy) => llorch::bus::pool_action(&proxy, verb, &pool, node.as_deref()).await,
-                None => Ok(false),
-            };
-            match done {
-                Ok(true) => Ok(()),
-                Ok(false) => match remote::client(&r.url, r.ca.as_deref(), api_key()) {
-                    Ok(c) => remote::pool_action(&c, verb, &pool, node.as_deref()).await,
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            }
-        }
+        } => pools(r, dbus, action).await,
         Cmd::Nodes { remote: r, action } => {
-            match remote::client(&r.url, r.ca.as_deref(), api_key()) {
-                Ok(c) => match action {
-                    NodeAction::Drain { node, wait } => {
-                        remote::node_drain(&c, &node, wait.map(std::time::Duration::from_secs))
-                            .await
-                    }
-                    NodeAction::Resume { node } => remote::node_resume(&c, &node).await,
-                },
-                Err(e) => Err(e),
+            let c = r.client()?;
+            match action {
+                NodeAction::Drain { node, wait } => {
+                    remote::node_drain(&c, &node, wait.map(std::time::Duration::from_secs)).await
+                }
+                NodeAction::Resume { node } => remote::node_resume(&c, &node).await,
             }
         }
         Cmd::Demo {
@@ -403,9 +335,77 @@ async fn main() {
             })
             .await
         }
-    };
-    if let Err(e) = result {
-        eprintln!("llorch: {e:#}");
-        std::process::exit(llorch::exit::code(&e));
     }
+}
+
+/// `llorch up`: the default model unless `--model` names one, and the flags orchestratord takes.
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let UpArgs {
+        model,
+        sha256,
+        model_id,
+        listen,
+        slots,
+        ctx,
+        cache,
+        runtime_dir,
+        api_keys,
+        queue_capacity,
+        admission_policy,
+        dbus,
+    } = args;
+    let (model, sha256, model_id) = match model {
+        None => (
+            default_model(),
+            Some(DEFAULT_MODEL_SHA256.to_string()),
+            model_id.unwrap_or_else(|| DEFAULT_MODEL_ID.into()),
+        ),
+        Some(m) => {
+            let id = model_id.unwrap_or_else(|| {
+                m.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into())
+            });
+            (m, sha256, id)
+        }
+    };
+    let mut orchestratord_args = Vec::new();
+    if let Some(k) = api_keys {
+        orchestratord_args.extend(["--api-keys".to_string(), k.display().to_string()]);
+    }
+    if let Some(q) = queue_capacity {
+        orchestratord_args.extend(["--queue-capacity".to_string(), q.to_string()]);
+    }
+    if let Some(p) = admission_policy {
+        orchestratord_args.extend(["--admission-policy".to_string(), p]);
+    }
+    llorch::up::run(UpOptions {
+        model,
+        sha256,
+        model_id,
+        listen,
+        slots,
+        ctx,
+        cache,
+        runtime_dir,
+        orchestratord_args,
+        dbus,
+    })
+    .await
+}
+
+/// `llorch pools drain|resume`: over D-Bus when orchestratord is there, else HTTP.
+async fn pools(r: Remote, dbus: Bus, action: PoolAction) -> anyhow::Result<()> {
+    let (verb, pool, node) = match action {
+        PoolAction::Drain { pool, node } => ("drain", pool, node),
+        PoolAction::Resume { pool, node } => ("resume", pool, node),
+    };
+    let done = match llorch::bus::orchestrator(dbus.dbus).await {
+        Some(proxy) => llorch::bus::pool_action(&proxy, verb, &pool, node.as_deref()).await?,
+        None => false,
+    };
+    if done {
+        return Ok(());
+    }
+    remote::pool_action(&r.client()?, verb, &pool, node.as_deref()).await
 }

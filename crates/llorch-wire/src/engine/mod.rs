@@ -150,8 +150,25 @@ impl GenerateRequest {
     }
 
     /// Checks every field's range. The engine adds the checks that need the model (prompt
-    /// length against the slot context, slot index against the slot count).
+    /// length against the slot context, slot index against the slot count). The first field
+    /// at fault is named, in this order.
     pub fn validate(&self) -> Result<(), ErrorBody> {
+        self.validate_input()?;
+        self.validate_tools()?;
+        if self.max_tokens == Some(0) {
+            return Err(ErrorBody::invalid(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ));
+        }
+        self.validate_sampling()?;
+        self.validate_choices()?;
+        self.validate_structured()?;
+        self.validate_stop()
+    }
+
+    /// A prompt or messages, and each message well formed.
+    fn validate_input(&self) -> Result<(), ErrorBody> {
         match (&self.prompt, &self.messages) {
             (Some(_), Some(_)) => {
                 return Err(ErrorBody::invalid(
@@ -214,13 +231,11 @@ impl GenerateRequest {
                 ));
             }
         }
-        self.validate_tools()?;
-        if self.max_tokens == Some(0) {
-            return Err(ErrorBody::invalid(
-                "max_tokens",
-                "max_tokens must be at least 1",
-            ));
-        }
+        Ok(())
+    }
+
+    /// The sampling ranges (`crate::sampling`), `stop` aside.
+    fn validate_sampling(&self) -> Result<(), ErrorBody> {
         check_range(
             "temperature",
             self.temperature,
@@ -280,6 +295,11 @@ impl GenerateRequest {
         let m = limits::MAX_ABS_PENALTY;
         check_range("presence_penalty", self.presence_penalty, -m, m, true)?;
         check_range("frequency_penalty", self.frequency_penalty, -m, m, true)?;
+        Ok(())
+    }
+
+    /// `n` and `logprobs`.
+    fn validate_choices(&self) -> Result<(), ErrorBody> {
         if let Some(n) = self.n {
             if !(1..=limits::MAX_CHOICES).contains(&n) {
                 return Err(ErrorBody::invalid(
@@ -299,6 +319,11 @@ impl GenerateRequest {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `json_schema` or `grammar`, not both, each well formed.
+    fn validate_structured(&self) -> Result<(), ErrorBody> {
         if let Some(schema) = &self.json_schema {
             if self.grammar.is_some() {
                 return Err(ErrorBody::invalid(
@@ -320,6 +345,11 @@ impl GenerateRequest {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// At most a few `stop` strings, none empty or long.
+    fn validate_stop(&self) -> Result<(), ErrorBody> {
         if self.stop.len() > limits::MAX_STOP_STRINGS {
             return Err(ErrorBody::invalid(
                 "stop",
