@@ -3,18 +3,31 @@
 //! plane, and serves the node API that forwards dispatched work to local engines.
 //!
 //! Modules, by what they own:
-//! - [`config`]: the TOML configuration and its validation.
-//! - [`launcher`]: starting and stopping processes, behind the [`launcher::Launcher`] trait.
-//! - [`supervisor`]: one task per pool; restarts with backoff.
+//! - [`config`]: the TOML configuration (`config/`: `schema.rs` the serde types, `validate.rs`
+//!   the checks, one function per section, and the [`config::Checked`] result, `reload.rs` the
+//!   `[node]` keys a reload cannot apply, `layout.rs` the runtime directory's files).
+//! - [`launcher`]: starting and stopping processes, behind the [`launcher::Launcher`] trait
+//!   (`launcher/mod.rs`); `process.rs` runs child processes, `systemd/` template units over
+//!   D-Bus (its zbus proxies in `systemd/proxies.rs`).
+//! - [`supervisor`]: one task per pool, one method per phase (provision, activate, start,
+//!   serve, backoff); restarts with backoff.
 //! - [`pools`]: the set of running pools, changed on reload (SIGHUP).
 //! - [`handoff`]: the inotify watcher of the handoff directory.
 //! - [`gpu`]: the GPU inventory from NVML (none on a CPU node).
-//! - [`state`]: the shared pool table and the derived pool state.
+//! - [`state`]: the shared pool table, the derived pool state, and the operator commands
+//!   ([`state::Command`]) its per-pool channel carries to the supervisor.
 //! - [`api`]: the node API (axum) and the streaming forward.
 //! - [`control`]: operator actions (drain, resume, load, unload, restart, reload), shared by
 //!   the node API and the D-Bus front [`dbus`] (`org.llamaorch.PoolManager1`).
 //! - [`register`]: registration and heartbeats.
 //! - [`metrics`]: Prometheus metrics, GPU gauges, the engines' metrics re-exported.
+//!
+//! This file starts them in order ([`run_with`]: listener, watcher, pools, heartbeats, API,
+//! D-Bus, then the reload loop) and stops them in reverse.
+//!
+//! Dependencies between the modules go one way: `config` and `gpu` at the bottom, then
+//! `metrics`, `state`, `launcher`, `supervisor`, `pools`, and the fronts (`api`, `control`,
+//! `dbus`, `register`, `handoff`) on top; none imports a module that imports it back.
 
 pub mod api;
 pub mod config;
@@ -164,43 +177,9 @@ pub async fn run_with(
         source,
     })?;
     let node = Node::new(config.pools());
-    let roots = match &config.control_plane_ca {
-        Some(ca) => llorch_client::TlsRoots::from_pem_file(ca).map_err(RunError::ControlPlane)?,
-        None => llorch_client::TlsRoots::system(),
-    };
-    let client = llorch_client::HttpClient::with_roots(&config.node().control_plane, &roots)
-        .map_err(RunError::ControlPlane)?
-        .with_token(config.token.as_ref().map(|t| t.0.clone()));
-
+    let client = control_plane_client(&config)?;
     // Listen first, so a bad address fails before any engine starts.
-    let mut bound = None;
-    let listener = match &config.listen {
-        Listen::Unix(path) => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|source| RunError::Runtime {
-                    path: dir.to_owned(),
-                    source,
-                })?;
-            }
-            let (l, origin) = llorch_os::unix_listener("node-api", path)?;
-            tracing::info!(socket = %path.display(), origin = ?origin, "Node API listening.");
-            if matches!(origin, llorch_os::ListenerOrigin::Bound(_)) {
-                bound = Some(path.clone());
-            }
-            Listener::Unix(l)
-        }
-        Listen::Tcp(addr) => {
-            // Socket activation on TCP too: a cloud node's pool-managerd.socket drop-in
-            // (ListenStream=<ip>:9200) passes the listener, and a restart refuses nobody.
-            let (l, origin) = llorch_os::tcp_listener("node-api", *addr).await?;
-            let local = l.local_addr().map_err(|source| RunError::Tcp {
-                addr: *addr,
-                source,
-            })?;
-            tracing::info!(address = %local, origin = ?origin, "Node API listening.");
-            Listener::Tcp(l)
-        }
-    };
+    let (listener, bound) = listen_node_api(&config.listen).await?;
 
     // Tasks that must end before the engines stop (watcher, heartbeats) and the supervisors.
     let stop_pools = CancellationToken::new();
@@ -228,47 +207,8 @@ pub async fn run_with(
     ));
 
     let stop_api = CancellationToken::new();
-    let metrics_server = match config.node().metrics_listen {
-        Some(addr) => {
-            let (l, _) = llorch_os::tcp_listener("metrics", addr).await?;
-            tracing::info!(address = %addr, "Metrics listening.");
-            let app = api::metrics_router(node.clone());
-            let stop_api = stop_api.clone();
-            Some(tokio::spawn(llorch_http::serve(
-                l,
-                app,
-                llorch_http::Limits::default(),
-                None,
-                stop_api,
-            )))
-        }
-        None => None,
-    };
-    let app = api::router(node.clone(), config.token.as_ref().map(|t| t.0.clone()));
-    let tls = match &config.tls {
-        Some((cert, key)) => Some(llorch_http::tls::acceptor(cert, key).map_err(RunError::Tls)?),
-        None => None,
-    };
-    if let Listen::Tcp(addr) = &config.listen {
-        if tls.is_none() && !addr.ip().is_loopback() {
-            tracing::warn!(listen = %addr, "The node API serves plain HTTP off loopback (allow_plaintext): the node token and prompts cross the network in the clear.");
-        }
-    }
-    if llorch_client::leaves_host_in_clear(&config.node().control_plane) {
-        tracing::warn!(control_plane = %config.node().control_plane, "The control plane is reached over plain HTTP on another host (allow_plaintext): the node token crosses the network in the clear.");
-    }
-    let server = {
-        let stop_api = stop_api.clone();
-        // The node API takes the control plane's forwards (one connection per running task)
-        // and, in the cloud, faces the network: bounded like orchestratord's listener.
-        let limits = llorch_http::Limits::default();
-        tokio::spawn(async move {
-            match listener {
-                Listener::Unix(l) => llorch_http::serve(l, app, limits, None, stop_api).await,
-                Listener::Tcp(l) => llorch_http::serve(l, app, limits, tls, stop_api).await,
-            }
-        })
-    };
+    let metrics_server = serve_metrics(&config, &node, &stop_api).await?;
+    let server = serve_node_api(&config, &node, listener, &stop_api)?;
     // Operators' reloads (D-Bus) join SIGHUP's in the loop below.
     let (reloads, mut reload_requests) = tokio::sync::mpsc::channel::<control::ReloadRequest>(4);
     let bus = dbus::start(
@@ -282,37 +222,14 @@ pub async fn run_with(
     .map_err(RunError::Bus)?;
     tracing::info!(node_id = %config.node().id, pools = config.pools().len(), "Node started.");
 
-    let mut hangups = match &reload_from {
-        Some(_) => Some(
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .map_err(RunError::Serve)?,
-        ),
-        None => None,
-    };
-    let mut running = config;
-    loop {
-        let hangup = async {
-            match hangups.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            _ = hangup => {
-                if let Some(path) = &reload_from {
-                    let _ = reload(path, &mut running, &mut pools).await;
-                }
-            }
-            Some(reply) = reload_requests.recv() => {
-                let outcome = match &reload_from {
-                    Some(path) => reload(path, &mut running, &mut pools).await,
-                    None => Err("pool-managerd runs without a configuration file to read again".into()),
-                };
-                let _ = reply.send(outcome);
-            }
-        }
-    }
+    serve_until_shutdown(
+        config,
+        reload_from.as_deref(),
+        &mut pools,
+        &mut reload_requests,
+        &shutdown,
+    )
+    .await?;
     tracing::info!("Shutting down: no new forwards; stopping every engine.");
     llorch_os::service::stopping();
     node.shutting_down.store(true, Ordering::SeqCst);
@@ -338,6 +255,154 @@ pub async fn run_with(
     tracing::info!("Node stopped.");
     // The loop itself cannot fail (accept errors are retried); a panic in it is reported.
     served.map_err(|e| RunError::Serve(std::io::Error::other(e.to_string())))
+}
+
+/// The HTTP client of the control plane, with the configured CA (else the system's roots)
+/// and the node token.
+fn control_plane_client(config: &Checked) -> Result<llorch_client::HttpClient, RunError> {
+    let roots = match &config.control_plane_ca {
+        Some(ca) => llorch_client::TlsRoots::from_pem_file(ca).map_err(RunError::ControlPlane)?,
+        None => llorch_client::TlsRoots::system(),
+    };
+    Ok(
+        llorch_client::HttpClient::with_roots(&config.node().control_plane, &roots)
+            .map_err(RunError::ControlPlane)?
+            .with_token(config.token.as_ref().map(|t| t.0.clone())),
+    )
+}
+
+/// The node API's listener (passed by systemd, or bound here); with the socket file's path
+/// when this process bound it and so must remove it.
+async fn listen_node_api(listen: &Listen) -> Result<(Listener, Option<PathBuf>), RunError> {
+    let mut bound = None;
+    let listener = match listen {
+        Listen::Unix(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| RunError::Runtime {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+            }
+            let (l, origin) = llorch_os::unix_listener("node-api", path)?;
+            tracing::info!(socket = %path.display(), origin = ?origin, "Node API listening.");
+            if matches!(origin, llorch_os::ListenerOrigin::Bound(_)) {
+                bound = Some(path.clone());
+            }
+            Listener::Unix(l)
+        }
+        Listen::Tcp(addr) => {
+            // Socket activation on TCP too: a cloud node's pool-managerd.socket drop-in
+            // (ListenStream=<ip>:9200) passes the listener, and a restart refuses nobody.
+            let (l, origin) = llorch_os::tcp_listener("node-api", *addr).await?;
+            let local = l.local_addr().map_err(|source| RunError::Tcp {
+                addr: *addr,
+                source,
+            })?;
+            tracing::info!(address = %local, origin = ?origin, "Node API listening.");
+            Listener::Tcp(l)
+        }
+    };
+    Ok((listener, bound))
+}
+
+/// A listener's serving task; it ends once its stop token is cancelled.
+type ServeTask = tokio::task::JoinHandle<()>;
+
+/// The metrics-only listener (`node.metrics_listen`), when one is configured.
+async fn serve_metrics(
+    config: &Checked,
+    node: &Arc<Node>,
+    stop_api: &CancellationToken,
+) -> Result<Option<ServeTask>, RunError> {
+    let Some(addr) = config.node().metrics_listen else {
+        return Ok(None);
+    };
+    let (l, _) = llorch_os::tcp_listener("metrics", addr).await?;
+    tracing::info!(address = %addr, "Metrics listening.");
+    let app = api::metrics_router(node.clone());
+    let stop_api = stop_api.clone();
+    Ok(Some(tokio::spawn(llorch_http::serve(
+        l,
+        app,
+        llorch_http::Limits::default(),
+        None,
+        stop_api,
+    ))))
+}
+
+/// Serves the node API on `listener` (TLS when configured) until `stop_api` is cancelled;
+/// warns when tokens or prompts would cross the network in the clear.
+fn serve_node_api(
+    config: &Checked,
+    node: &Arc<Node>,
+    listener: Listener,
+    stop_api: &CancellationToken,
+) -> Result<ServeTask, RunError> {
+    let app = api::router(node.clone(), config.token.as_ref().map(|t| t.0.clone()));
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(llorch_http::tls::acceptor(cert, key).map_err(RunError::Tls)?),
+        None => None,
+    };
+    if let Listen::Tcp(addr) = &config.listen {
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(listen = %addr, "The node API serves plain HTTP off loopback (allow_plaintext): the node token and prompts cross the network in the clear.");
+        }
+    }
+    if llorch_client::leaves_host_in_clear(&config.node().control_plane) {
+        tracing::warn!(control_plane = %config.node().control_plane, "The control plane is reached over plain HTTP on another host (allow_plaintext): the node token crosses the network in the clear.");
+    }
+    let stop_api = stop_api.clone();
+    // The node API takes the control plane's forwards (one connection per running task)
+    // and, in the cloud, faces the network: bounded like orchestratord's listener.
+    let limits = llorch_http::Limits::default();
+    Ok(tokio::spawn(async move {
+        match listener {
+            Listener::Unix(l) => llorch_http::serve(l, app, limits, None, stop_api).await,
+            Listener::Tcp(l) => llorch_http::serve(l, app, limits, tls, stop_api).await,
+        }
+    }))
+}
+
+/// The main loop: applies reloads (SIGHUP when `reload_from` is given, and operators'
+/// requests) until `shutdown` is cancelled.
+async fn serve_until_shutdown(
+    config: Checked,
+    reload_from: Option<&std::path::Path>,
+    pools: &mut pools::Pools,
+    reload_requests: &mut tokio::sync::mpsc::Receiver<control::ReloadRequest>,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
+    let mut hangups = match reload_from {
+        Some(_) => Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(RunError::Serve)?,
+        ),
+        None => None,
+    };
+    let mut running = config;
+    loop {
+        let hangup = async {
+            match hangups.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = hangup => {
+                if let Some(path) = reload_from {
+                    let _ = reload(path, &mut running, pools).await;
+                }
+            }
+            Some(reply) = reload_requests.recv() => {
+                let outcome = match reload_from {
+                    Some(path) => reload(path, &mut running, pools).await,
+                    None => Err("pool-managerd runs without a configuration file to read again".into()),
+                };
+                let _ = reply.send(outcome);
+            }
+        }
+    }
 }
 
 /// SIGHUP: reads the configuration again. A file that does not pass the checks changes
