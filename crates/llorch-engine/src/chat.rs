@@ -250,67 +250,21 @@ impl serde_json::ser::Formatter for PythonFormatter {
     }
 }
 
-/// `strftime_now(format)`: the current UTC date and time, with the directives templates use.
+/// `strftime_now(format)`: the current UTC date and time, formatted as Python's `strftime`
+/// does (chrono's directives are the same for what templates use: `%d %B %Y`, `%Y-%m-%d`).
 fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    let (y, m, d) = civil_from_days(days);
-    let rem = secs % 86_400;
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    let mut out = String::new();
-    let mut chars = format.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('Y') => out.push_str(&y.to_string()),
-            Some('m') => out.push_str(&format!("{m:02}")),
-            Some('d') => out.push_str(&format!("{d:02}")),
-            Some('B') => out.push_str(MONTHS[(m - 1) as usize]),
-            Some('b') => out.push_str(&MONTHS[(m - 1) as usize][..3]),
-            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
-            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
-            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(other);
-            }
-            None => out.push('%'),
-        }
-    }
-    out
+    strftime(&format, chrono::Utc::now())
 }
 
-/// Year, month and day of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+/// `format` with the directives of `at`. A format chrono cannot read (a template is untrusted
+/// input) comes back as it was rather than failing the render.
+fn strftime(format: &str, at: chrono::DateTime<chrono::Utc>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    match write!(out, "{}", at.format(format)) {
+        Ok(()) => out,
+        Err(_) => format.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -479,8 +433,18 @@ I will call get_weather({"city":"Paris"}).<|im_end|>"#
 
     #[test]
     fn strftime_now_formats_a_date() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_000), (2024, 10, 4));
+        use chrono::TimeZone;
+        let at = chrono::Utc.with_ymd_and_hms(2024, 10, 4, 7, 5, 9).unwrap();
+        assert_eq!(strftime("%d %B %Y", at), "04 October 2024");
+        assert_eq!(
+            strftime("%Y-%m-%d %H:%M:%S %b %%", at),
+            "2024-10-04 07:05:09 Oct %"
+        );
+        assert_eq!(
+            strftime("%Q", at),
+            "%Q",
+            "an unknown directive fails nothing"
+        );
         let today = strftime_now("%d %B %Y".into());
         assert!(
             today.len() >= 11 && today.ends_with(|c: char| c.is_ascii_digit()),

@@ -148,7 +148,7 @@ pub fn run(
     metrics: Arc<Metrics>,
     started: &mut dyn FnMut(),
 ) -> Result<(), String> {
-    let n_slots = slots.lock().expect("slot table lock").len();
+    let n_slots = llorch_os::sync::lock(&slots).len();
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(ctx_per_slot * n_slots as u32))
         .with_n_seq_max(n_slots as u32)

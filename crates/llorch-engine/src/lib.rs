@@ -38,21 +38,11 @@ use crate::http::{Ready, Server, Shared};
 use crate::model::Model;
 use crate::slots::SlotTable;
 
-/// Exit codes, after sysexits.h where one fits.
-pub mod exit {
-    /// Configuration invalid.
-    pub const USAGE: i32 = 64;
-    /// The model file is not a usable GGUF file (not GGUF, truncated, malformed).
-    pub const DATAERR: i32 = 65;
-    /// The model file does not exist or cannot be read.
-    pub const NOINPUT: i32 = 66;
-    /// The socket cannot be bound or taken.
-    pub const UNAVAILABLE: i32 = 69;
-    /// llama.cpp failed to load the model or create its context.
-    pub const SOFTWARE: i32 = 70;
-    /// The handoff file cannot be written.
-    pub const CANTCREAT: i32 = 73;
-}
+/// Exit codes (the workspace's, `llorch_wire::exit`): 64 configuration invalid; 65 the model
+/// file is not a usable GGUF file (not GGUF, truncated, malformed); 66 it does not exist or
+/// cannot be read; 69 the socket cannot be bound or taken; 70 llama.cpp failed to load the
+/// model or create its context; 73 the handoff file cannot be written.
+pub use llorch_wire::exit;
 
 /// Start time asked of the service manager each second while the model loads.
 const LOAD_EXTENSION: Duration = Duration::from_secs(10);

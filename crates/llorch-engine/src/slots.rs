@@ -59,10 +59,7 @@ impl SlotTable {
         prompt: &[i32],
         preferred: Option<usize>,
     ) -> Option<SlotLease> {
-        let reservation = table
-            .lock()
-            .expect("slot table lock")
-            .reserve(prompt, preferred)?;
+        let reservation = llorch_os::sync::lock(table).reserve(prompt, preferred)?;
         Some(SlotLease {
             table: Arc::clone(table),
             reservation,
@@ -155,10 +152,7 @@ impl SlotLease {
 
     fn give_back(&mut self, cached: Vec<i32>) {
         self.returned = true;
-        self.table
-            .lock()
-            .expect("slot table lock")
-            .release(self.reservation.slot, cached);
+        llorch_os::sync::lock(&self.table).release(self.reservation.slot, cached);
     }
 }
 
@@ -217,7 +211,7 @@ mod tests {
         assert!(SlotTable::lease(&t, &[1], None).is_none(), "all busy");
         a.release(vec![1, 2, 3]);
         drop(b);
-        let status = t.lock().unwrap().status();
+        let status = llorch_os::sync::lock(&t).status();
         assert_eq!(status.busy, 0);
         assert_eq!(status.slots[0].cached_tokens, 3);
         assert_eq!(

@@ -50,7 +50,7 @@ pub(super) async fn generate(
     request
         .validate()
         .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
-    let n_slots = ready.slots.lock().expect("slot table lock").len();
+    let n_slots = llorch_os::sync::lock(&ready.slots).len();
     check_slot(&request, n_slots)?;
     let (text, field) = prompt_text(&request, &ready.model)?;
     let grammar = grammar_of(&request, &ready.model)?;
@@ -312,11 +312,7 @@ fn parse(body: &[u8]) -> Result<GenerateRequest, ErrorBody> {
     llorch_wire::json::parse(body)
 }
 
-/// A seed for a request that gave none. Every `RandomState` gets fresh random keys, so the
-/// hash of nothing under it is a random number without a new dependency.
+/// A seed for a request that gave none.
 fn random_seed() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish() as u32
+    llorch_wire::id::random_u64() as u32
 }

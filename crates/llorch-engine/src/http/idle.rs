@@ -41,21 +41,21 @@ impl Default for Activity {
 impl Activity {
     /// Counts one generation request from now until the guard drops.
     pub fn begin(self: &Arc<Self>) -> ActivityGuard {
-        self.state.lock().expect("activity lock").generating += 1;
+        llorch_os::sync::lock(&self.state).generating += 1;
         self.changed.notify_waiters();
         ActivityGuard(Arc::clone(self))
     }
 
     /// Counts one accepted connection until its first request arrives (the guard drops).
     pub fn arriving(self: &Arc<Self>) -> ArrivalGuard {
-        self.state.lock().expect("activity lock").arriving += 1;
+        llorch_os::sync::lock(&self.state).arriving += 1;
         self.changed.notify_waiters();
         ArrivalGuard(Arc::clone(self))
     }
 
     /// Restarts the idle clock.
     pub fn touch(&self) {
-        self.state.lock().expect("activity lock").last = Instant::now();
+        llorch_os::sync::lock(&self.state).last = Instant::now();
         self.changed.notify_waiters();
     }
 
@@ -69,7 +69,7 @@ impl Activity {
                 generating,
                 arriving,
                 last,
-            } = *self.state.lock().expect("activity lock");
+            } = *llorch_os::sync::lock(&self.state);
             if generating > 0 || arriving > 0 {
                 woken.await;
                 continue;
@@ -93,7 +93,7 @@ pub struct ActivityGuard(Arc<Activity>);
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
         {
-            let mut s = self.0.state.lock().expect("activity lock");
+            let mut s = llorch_os::sync::lock(&self.0.state);
             s.generating -= 1;
             s.last = Instant::now();
         }
@@ -107,7 +107,7 @@ pub struct ArrivalGuard(Arc<Activity>);
 
 impl Drop for ArrivalGuard {
     fn drop(&mut self) {
-        self.0.state.lock().expect("activity lock").arriving -= 1;
+        llorch_os::sync::lock(&self.0.state).arriving -= 1;
         self.0.changed.notify_waiters();
     }
 }

@@ -120,7 +120,7 @@ impl Shared {
 
     pub fn busy_slots(&self) -> usize {
         self.ready()
-            .map(|r| r.slots.lock().expect("slot table lock").busy())
+            .map(|r| llorch_os::sync::lock(&r.slots).busy())
             .unwrap_or(0)
     }
 }
@@ -144,13 +144,13 @@ pub async fn handle(
         (&Method::GET, "/slots") => match shared.ready() {
             Some(r) => json(
                 StatusCode::OK,
-                &r.slots.lock().expect("slot table lock").status(),
+                &llorch_os::sync::lock(&r.slots).status(),
             ),
             None => unready(&shared),
         },
         (&Method::GET, "/metrics") => {
             let slots = shared.ready().map(|r| {
-                let t = r.slots.lock().expect("slot table lock");
+                let t = llorch_os::sync::lock(&r.slots);
                 (t.busy(), t.len())
             });
             Response::builder()

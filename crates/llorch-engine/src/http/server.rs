@@ -103,7 +103,7 @@ async fn accept_loop(
         // idle: it may carry a generation request.
         let arrival = std::sync::Mutex::new(Some(shared.activity.arriving()));
         let svc = service_fn(move |req| {
-            let first = arrival.lock().expect("arrival lock").take();
+            let first = llorch_os::sync::lock(&arrival).take();
             handle(Arc::clone(&shared), req, first)
         });
         let conn =
