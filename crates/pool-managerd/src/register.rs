@@ -49,138 +49,213 @@ pub async fn run(
     identity: Identity,
     shutdown: CancellationToken,
 ) {
-    let interval = Duration::from_secs(identity.heartbeat_secs);
-    let heartbeat_path = format!("/v2/nodes/{}/heartbeat", identity.node_id);
-    let mut registered = false;
-    // Fed from this loop, the node agent's own work loop; it wakes at least every half
-    // watchdog period even between heartbeats.
-    let mut watchdog = llorch_os::service::Watchdog::from_env();
-    let mut announced_ready = false;
-    // Assume reachable, so the first failure is logged.
-    let mut reachable = true;
-    // After a failed call the next one comes sooner (100 ms, doubling up to the interval), so
-    // a control plane that restarts (its socket held by systemd) sees the node again quickly.
-    let mut retry = RETRY_START;
-    // The beat session of this registration, when the control plane granted one.
-    let mut beats: Option<Beats> = None;
-    // A full heartbeat must go out: something changed, or the last call was not taken.
-    let mut report_due = true;
-    let mut last_call = Instant::now();
+    let mut s = Reporter::new(node, client, identity);
     loop {
-        let (pools, gpus) = node.report();
-        let beat_now = registered && !report_due;
-        if let Some(b) = beats
+        let (pools, gpus) = s.node.report();
+        let after = match s.beat().await {
+            Some(after) => after,
+            None => s.call(&pools, gpus).await,
+        };
+        if let After::CallAgain = after {
+            continue;
+        }
+        llorch_os::service::status(&status_line(&pools, s.client.address(), s.registered));
+        let next = s.next_call();
+        if !s.wait(next, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// What the loop does once a beat or a call went out.
+enum After {
+    /// Report the status and wait for the next call.
+    Wait,
+    /// Call again at once (a beat could not be sent; the control plane forgot the node).
+    CallAgain,
+}
+
+/// The heartbeat task's state between calls.
+struct Reporter {
+    node: Arc<Node>,
+    client: HttpClient,
+    identity: Identity,
+    interval: Duration,
+    heartbeat_path: String,
+    registered: bool,
+    /// Fed from this loop, the node agent's own work loop; it wakes at least every half
+    /// watchdog period even between heartbeats.
+    watchdog: llorch_os::service::Watchdog,
+    announced_ready: bool,
+    /// Assume reachable, so the first failure is logged.
+    reachable: bool,
+    /// After a failed call the next one comes sooner (100 ms, doubling up to the interval), so
+    /// a control plane that restarts (its socket held by systemd) sees the node again quickly.
+    retry: Duration,
+    /// The beat session of this registration, when the control plane granted one.
+    beats: Option<Beats>,
+    /// A full heartbeat must go out: something changed, or the last call was not taken.
+    report_due: bool,
+    last_call: Instant,
+}
+
+impl Reporter {
+    fn new(node: Arc<Node>, client: HttpClient, identity: Identity) -> Self {
+        Self {
+            node,
+            client,
+            interval: Duration::from_secs(identity.heartbeat_secs),
+            heartbeat_path: format!("/v2/nodes/{}/heartbeat", identity.node_id),
+            identity,
+            registered: false,
+            watchdog: llorch_os::service::Watchdog::from_env(),
+            announced_ready: false,
+            reachable: true,
+            retry: RETRY_START,
+            beats: None,
+            report_due: true,
+            last_call: Instant::now(),
+        }
+    }
+
+    /// Sends a beat when one is due instead of a heartbeat; None when none is.
+    async fn beat(&mut self) -> Option<After> {
+        let beat_now = self.registered && !self.report_due;
+        let b = self
+            .beats
             .as_mut()
-            .filter(|b| beat_now && b.sent < b.report_after())
-        {
-            if let Err(e) = b.send().await {
-                // A closed port (an ICMP answer to the last beat) or no route: a full
-                // heartbeat says more, at once.
-                node.metrics.beat_sent("failed");
-                tracing::debug!(error = %e, "A beat could not be sent; sending a heartbeat.");
-                report_due = true;
-                continue;
-            }
-            node.metrics.beat_sent("sent");
-        } else {
-            last_call = Instant::now();
-            let result: Result<NodeAck, ClientError> = if registered {
-                let hb = Heartbeat {
-                    pools: pools.clone(),
-                    staged_models: node.staged_models(),
-                    gpus,
-                };
-                within(interval, client.post_json(&heartbeat_path, &hb)).await
-            } else {
-                let reg = Registration {
-                    node_id: identity.node_id.clone(),
-                    address: identity.advertise.clone(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    heartbeat_secs: identity.heartbeat_secs,
-                    pools: pools.clone(),
-                    staged_models: node.staged_models(),
-                    gpus,
-                };
-                within(interval, client.post_json("/v2/nodes/register", &reg)).await
+            .filter(|b| beat_now && b.sent < b.report_after())?;
+        if let Err(e) = b.send().await {
+            // A closed port (an ICMP answer to the last beat) or no route: a full
+            // heartbeat says more, at once.
+            self.node.metrics.beat_sent("failed");
+            tracing::debug!(error = %e, "A beat could not be sent; sending a heartbeat.");
+            self.report_due = true;
+            return Some(After::CallAgain);
+        }
+        self.node.metrics.beat_sent("sent");
+        Some(After::Wait)
+    }
+
+    /// Registers, or heartbeats once registered, and takes the answer.
+    async fn call(&mut self, pools: &[PoolStatus], gpus: llorch_wire::node::GpuReport) -> After {
+        let interval = self.interval;
+        let client = &self.client;
+        self.last_call = Instant::now();
+        let result: Result<NodeAck, ClientError> = if self.registered {
+            let hb = Heartbeat {
+                pools: pools.to_vec(),
+                staged_models: self.node.staged_models(),
+                gpus,
             };
-            node.metrics.heartbeat_sent(match &result {
-                Ok(_) => "ok",
-                Err(e) if status_of(e).is_some() => "refused",
-                Err(_) => "unreachable",
-            });
-            match result {
-                Ok(ack) => {
-                    report_due = false;
-                    if registered {
-                        beats = beats.and_then(|b| b.reported(ack.beat_counter, client.address()));
-                    }
-                    if !reachable {
-                        tracing::info!(control_plane = %client.address(), "Control plane reachable again.");
-                        reachable = true;
-                    }
-                    if !registered {
-                        tracing::info!(
-                            control_plane = %client.address(),
-                            node_id = %ack.node_id,
-                            offline_after_secs = ack.offline_after_secs,
-                            beats = ack.beat.is_some(),
-                            "Registered with the control plane."
-                        );
-                        registered = true;
-                        beats = match &ack.beat {
-                            Some(grant) => Beats::open(grant, client.address())
-                                .await
-                                .inspect_err(|e| tracing::warn!(error = %e, "Cannot send liveness beats; heartbeating over HTTP every interval."))
-                                .ok(),
-                            None => None,
-                        };
-                        if !announced_ready {
-                            // Ready once registered: from now on the control plane can place
-                            // work on this node.
-                            llorch_os::service::ready();
-                            announced_ready = true;
-                        }
-                    }
-                }
-                Err(e) if registered && status_of(&e) == Some(StatusCode::NOT_FOUND) => {
-                    tracing::info!(control_plane = %client.address(), "The control plane does not know this node; registering again.");
-                    registered = false;
-                    beats = None;
-                    reachable = true;
-                    continue;
-                }
-                Err(e) => {
-                    report_due = true;
-                    if reachable {
-                        tracing::warn!(
-                            control_plane = %client.address(),
-                            error = %e,
-                            retry_secs = identity.heartbeat_secs,
-                            "Control plane unreachable; the node keeps serving and retries every interval."
-                        );
-                        reachable = false;
-                    }
+            within(interval, client.post_json(&self.heartbeat_path, &hb)).await
+        } else {
+            let reg = Registration {
+                node_id: self.identity.node_id.clone(),
+                address: self.identity.advertise.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                heartbeat_secs: self.identity.heartbeat_secs,
+                pools: pools.to_vec(),
+                staged_models: self.node.staged_models(),
+                gpus,
+            };
+            within(interval, client.post_json("/v2/nodes/register", &reg)).await
+        };
+        self.node.metrics.heartbeat_sent(match &result {
+            Ok(_) => "ok",
+            Err(e) if status_of(e).is_some() => "refused",
+            Err(_) => "unreachable",
+        });
+        match result {
+            Ok(ack) => self.taken(ack).await,
+            Err(e) if self.registered && status_of(&e) == Some(StatusCode::NOT_FOUND) => {
+                tracing::info!(control_plane = %self.client.address(), "The control plane does not know this node; registering again.");
+                self.registered = false;
+                self.beats = None;
+                self.reachable = true;
+                return After::CallAgain;
+            }
+            Err(e) => {
+                self.report_due = true;
+                if self.reachable {
+                    tracing::warn!(
+                        control_plane = %self.client.address(),
+                        error = %e,
+                        retry_secs = self.identity.heartbeat_secs,
+                        "Control plane unreachable; the node keeps serving and retries every interval."
+                    );
+                    self.reachable = false;
                 }
             }
         }
-        llorch_os::service::status(&status_line(&pools, client.address(), registered));
-        let next = if reachable {
-            retry = RETRY_START;
+        After::Wait
+    }
+
+    /// The control plane took a registration or heartbeat.
+    async fn taken(&mut self, ack: NodeAck) {
+        let client = &self.client;
+        self.report_due = false;
+        if self.registered {
+            self.beats = self
+                .beats
+                .take()
+                .and_then(|b| b.reported(ack.beat_counter, client.address()));
+        }
+        if !self.reachable {
+            tracing::info!(control_plane = %client.address(), "Control plane reachable again.");
+            self.reachable = true;
+        }
+        if !self.registered {
+            tracing::info!(
+                control_plane = %client.address(),
+                node_id = %ack.node_id,
+                offline_after_secs = ack.offline_after_secs,
+                beats = ack.beat.is_some(),
+                "Registered with the control plane."
+            );
+            self.registered = true;
+            self.beats = match &ack.beat {
+                Some(grant) => Beats::open(grant, client.address())
+                    .await
+                    .inspect_err(|e| tracing::warn!(error = %e, "Cannot send liveness beats; heartbeating over HTTP every interval."))
+                    .ok(),
+                None => None,
+            };
+            if !self.announced_ready {
+                // Ready once registered: from now on the control plane can place
+                // work on this node.
+                llorch_os::service::ready();
+                self.announced_ready = true;
+            }
+        }
+    }
+
+    /// When the next beat or call is due.
+    fn next_call(&mut self) -> Instant {
+        let interval = self.interval;
+        if self.reachable {
+            self.retry = RETRY_START;
             // Beating, the next call is the next beat.
-            match &beats {
-                Some(_) if registered && !report_due => {
+            match &self.beats {
+                Some(_) if self.registered && !self.report_due => {
                     Instant::now() + interval / BEATS_PER_INTERVAL
                 }
                 _ => Instant::now() + interval,
             }
         } else {
-            let wait = retry.min(interval);
-            retry = (retry * 2).min(interval);
+            let wait = self.retry.min(interval);
+            self.retry = (self.retry * 2).min(interval);
             Instant::now() + wait
-        };
+        }
+    }
+
+    /// Waits until `next`, a pool's change or the control plane's request for a report,
+    /// feeding the watchdog meanwhile; false on shutdown.
+    async fn wait(&mut self, next: Instant, shutdown: &CancellationToken) -> bool {
         loop {
-            watchdog.feed();
-            let feed_by = watchdog
+            self.watchdog.feed();
+            let feed_by = self
+                .watchdog
                 .period()
                 .map(|p| Instant::now() + p)
                 .unwrap_or(next)
@@ -188,25 +263,25 @@ pub async fn run(
             tokio::select! {
                 () = tokio::time::sleep_until(feed_by) => {
                     if Instant::now() >= next {
-                        break;
+                        return true;
                     }
                 }
-                () = node.changed.notified() => {
+                () = self.node.changed.notified() => {
                     // Let a burst of changes (failed, loading, ready) settle into one heartbeat.
                     tokio::select! {
                         () = tokio::time::sleep(COALESCE) => {}
-                        () = shutdown.cancelled() => return,
+                        () = shutdown.cancelled() => return false,
                     }
-                    report_due = true;
-                    break;
+                    self.report_due = true;
+                    return true;
                 }
-                () = report_requested(beats.as_ref()), if !report_due => {
-                    report_due = true;
-                    if last_call.elapsed() >= REPORT_REQUEST_SPACING {
-                        break;
+                () = report_requested(self.beats.as_ref()), if !self.report_due => {
+                    self.report_due = true;
+                    if self.last_call.elapsed() >= REPORT_REQUEST_SPACING {
+                        return true;
                     }
                 }
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return false,
             }
         }
     }
