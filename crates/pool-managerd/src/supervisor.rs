@@ -88,7 +88,7 @@ fn not_on_demand(pool: &PoolConfig) -> String {
 /// SIGKILL) and returns once it is gone. Operator commands arrive on `commands` (the node's
 /// table holds the sender) and are answered in every phase.
 ///
-/// Each phase is one method of [`Supervisor`] that returns the next [`Step`]; this loop only
+/// Each phase is one method of `Supervisor` that returns the next `Step`; this loop only
 /// drives them.
 pub async fn supervise(
     node: Arc<Node>,
