@@ -19,7 +19,8 @@
 //! - [`api`]: the node API (axum) and the streaming forward.
 //! - [`control`]: operator actions (drain, resume, load, unload, restart, reload), shared by
 //!   the node API and the D-Bus front [`dbus`] (`org.llamaorch.PoolManager1`).
-//! - [`register`]: registration and heartbeats.
+//! - [`register`]: registration and heartbeats (`register/mod.rs`), and the UDP liveness beats
+//!   that replace unchanged heartbeats (`register/beats.rs`).
 //! - [`metrics`]: Prometheus metrics, GPU gauges, the engines' metrics re-exported.
 //!
 //! This file starts them in order ([`run_with`]: listener, watcher, pools, heartbeats, API,

@@ -9,7 +9,7 @@
 //! When the registration's answer grants a beat session (the control plane reads UDP beats,
 //! [`llorch_wire::beat`]), an interval in which nothing changed and the last report was taken
 //! sends [`BEATS_PER_INTERVAL`] beats instead of a heartbeat; a full heartbeat still goes out
-//! on every change, after any failure, every [`REPORT_EVERY`] intervals, and when the control
+//! on every change, after any failure, every [`REPORT_EVERY`](llorch_wire::beat::REPORT_EVERY) intervals, and when the control
 //! plane answers a beat asking for one (it restarted, or has the node offline). The first
 //! report comes one interval after registration: when the control plane took none of the beats
 //! sent since (UDP filtered on the way), the node says so once and heartbeats over HTTP until
@@ -20,13 +20,15 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 use llorch_client::{status_of, ClientError, HttpClient};
-use llorch_wire::beat::{self, BeatGrant, BeatKey, BEATS_PER_INTERVAL, REPLY_LEN, REPORT_EVERY};
+use llorch_wire::beat::BEATS_PER_INTERVAL;
 use llorch_wire::node::{Heartbeat, NodeAck, PoolStatus, Registration};
-use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use self::beats::{report_requested, Beats};
 use crate::state::Node;
+
+mod beats;
 
 /// State changes closer together than this go out in one heartbeat.
 pub const COALESCE: Duration = Duration::from_millis(50);
@@ -287,114 +289,6 @@ impl Reporter {
     }
 }
 
-/// The sending end of a beat session.
-struct Beats {
-    socket: UdpSocket,
-    session: u64,
-    key: BeatKey,
-    counter: u64,
-    /// Whether a report showed that beats arrive.
-    verified: bool,
-    /// Beats sent since the last report.
-    sent: u32,
-    /// The counter when the last report went out.
-    counter_at_report: u64,
-}
-
-impl Beats {
-    /// A socket connected to the grant's port on the control plane's host (the host of
-    /// `control_plane`, the URL the node registered at).
-    async fn open(grant: &BeatGrant, control_plane: &str) -> Result<Beats, String> {
-        let key = BeatKey::from_hex(&grant.key)?;
-        let uri: hyper::Uri = control_plane
-            .parse()
-            .map_err(|e| format!("{control_plane} is not a URL: {e}"))?;
-        let host = uri
-            .host()
-            .filter(|_| uri.scheme_str() != Some("unix"))
-            .ok_or_else(|| format!("{control_plane} is not reached over IP"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let to = tokio::net::lookup_host((host, grant.port))
-            .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{host} has no address"))?;
-        let from = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-        let socket = UdpSocket::bind(from)
-            .await
-            .map_err(|e| format!("cannot bind a UDP socket: {e}"))?;
-        socket
-            .connect(to)
-            .await
-            .map_err(|e| format!("cannot reach {to} over UDP: {e}"))?;
-        Ok(Beats {
-            socket,
-            session: grant.session,
-            key,
-            counter: 0,
-            verified: false,
-            sent: 0,
-            counter_at_report: 0,
-        })
-    }
-
-    /// After a report was taken: `taken` is the highest counter the control plane took. None
-    /// of two or more beats since the last report taken means they do not arrive (the older
-    /// of them was sent half an interval before, and beats are read every 100 ms): beats stop
-    /// until the next registration.
-    fn reported(mut self, taken: Option<u64>, control_plane: &str) -> Option<Beats> {
-        if self.sent >= 2 {
-            self.verified = taken.unwrap_or(0) > self.counter_at_report;
-            if !self.verified {
-                tracing::warn!(
-                    control_plane = %control_plane,
-                    port = self.socket.peer_addr().map(|a| a.port()).unwrap_or(0),
-                    "Liveness beats do not reach the control plane (is its UDP port filtered?); heartbeating over HTTPS every interval instead."
-                );
-                return None;
-            }
-        }
-        self.sent = 0;
-        self.counter_at_report = self.counter;
-        Some(self)
-    }
-
-    /// Beats that may go between two reports: until a report showed that beats arrive, one
-    /// interval's (the check comes early); then [`REPORT_EVERY`] intervals'.
-    fn report_after(&self) -> u32 {
-        if self.verified {
-            REPORT_EVERY * BEATS_PER_INTERVAL
-        } else {
-            BEATS_PER_INTERVAL
-        }
-    }
-
-    async fn send(&mut self) -> std::io::Result<()> {
-        self.counter += 1;
-        self.sent += 1;
-        self.socket
-            .send(&beat::encode(self.session, self.counter, &self.key))
-            .await
-            .map(drop)
-    }
-}
-
-/// Resolves when the control plane asks for a full report of this session (or the socket
-/// reports an error, such as a closed port); never without beats.
-async fn report_requested(beats: Option<&Beats>) {
-    let Some(b) = beats else {
-        return std::future::pending().await;
-    };
-    let mut buf = [0u8; REPLY_LEN + 1];
-    loop {
-        match b.socket.recv(&mut buf).await {
-            Ok(n) if beat::parse_report_request(&buf[..n]) == Some(b.session) => return,
-            Ok(_) => {}
-            Err(_) => return,
-        }
-    }
-}
-
 /// The first retry delay after a failed registration or heartbeat.
 const RETRY_START: Duration = Duration::from_millis(100);
 
@@ -462,6 +356,7 @@ pub async fn final_heartbeat(node: &Node, client: &HttpClient, identity: &Identi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llorch_wire::beat::{self, BeatGrant, BeatKey};
     use std::sync::Mutex;
 
     use axum::extract::{Path, State};
@@ -519,7 +414,7 @@ mod tests {
         tokio::spawn(async move { axum::serve(listener, app).await });
         let cfg = crate::config::parse(
             std::path::Path::new("t.toml"),
-            include_str!("../examples/node.toml"),
+            include_str!("../../examples/node.toml"),
         )
         .unwrap();
         let node = Node::new(cfg.pools());
