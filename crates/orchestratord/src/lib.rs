@@ -35,10 +35,11 @@
 //!   front turns into signals.
 //! - [`outcome`]: the label vocabularies (front, outcome, rejection, cancel reason, placement
 //!   decision), below both [`tasks`] and [`metrics`].
-//! - [`auth`], [`config`]; [`sync`]: the lock helpers that outlive a panic.
+//! - [`auth`], [`config`]. Locks are taken through `llorch_os::sync` (the workspace's policy:
+//!   they outlive a panic).
 //!
-//! Layering: no module reaches itself through another (`layering.rs` tests it); shared types
-//! move down ([`outcome`], [`metrics::Gauges`]) rather than up.
+//! Layering: no module reaches itself through another (`tests/layout.rs` checks every crate);
+//! shared types move down ([`outcome`], [`metrics::Gauges`]) rather than up.
 //!
 //! Invariants: only [`placement`] decides where a task runs; a slot lease is returned exactly
 //! once (by `Drop`); no lock is held across an `.await`; nothing a client or a node sends can
@@ -65,11 +66,7 @@ pub mod placement;
 pub(crate) mod refusal;
 pub mod registry;
 pub mod state;
-pub(crate) mod sync;
 pub(crate) mod tasks;
-
-#[cfg(test)]
-mod layering;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,13 +78,9 @@ use tokio_util::sync::CancellationToken;
 pub use config::{Args, Config};
 pub use state::State;
 
-/// Exit codes.
-pub mod exit {
-    /// Configuration invalid.
-    pub const USAGE: i32 = 64;
-    /// The listener cannot be bound or taken.
-    pub const UNAVAILABLE: i32 = 69;
-}
+/// Exit codes (the workspace's, `llorch_wire::exit`): 64 configuration invalid; 69 a listener
+/// or the D-Bus name cannot be had; 70 an internal failure (signal handlers, the server loop).
+pub use llorch_wire::exit;
 
 /// How long open streams may run after shutdown was asked before the process exits anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

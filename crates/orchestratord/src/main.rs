@@ -76,7 +76,7 @@ async fn main() {
     let shutdown = CancellationToken::new();
     if let Err(e) = llorch_os::service::cancel_on_stop_signal(shutdown.clone()) {
         eprintln!("orchestratord: cannot install signal handlers: {e}");
-        std::process::exit(1);
+        std::process::exit(exit::SOFTWARE);
     }
     let dbus = config.dbus;
     let state = orchestratord::State::new(config);
@@ -94,7 +94,7 @@ async fn main() {
     }
     if let Err(e) = orchestratord::serve_state(state, listener, shutdown).await {
         eprintln!("orchestratord: {e}");
-        std::process::exit(1);
+        std::process::exit(exit::SOFTWARE);
     }
     tracing::info!("Stopped.");
 }

@@ -306,7 +306,7 @@ impl Metrics {
     /// Starts the series of models a node registered (at 0), once per model.
     pub fn add_models<'a>(&self, models: impl IntoIterator<Item = &'a str>) {
         for model in models {
-            if !crate::sync::read(&self.models).contains(model) {
+            if !llorch_os::sync::read(&self.models).contains(model) {
                 self.add_model(model);
             }
         }
@@ -314,7 +314,7 @@ impl Metrics {
 
     fn add_model(&self, model: &str) {
         {
-            let mut models = crate::sync::write(&self.models);
+            let mut models = llorch_os::sync::write(&self.models);
             if models.contains(model) {
                 return;
             }
@@ -347,7 +347,7 @@ impl Metrics {
     /// The `model` label for a model name from a request: itself when a node registered it,
     /// else `unknown` (labels come only from bounded sets).
     pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
-        if crate::sync::read(&self.models).contains(model) {
+        if llorch_os::sync::read(&self.models).contains(model) {
             model
         } else {
             UNKNOWN_MODEL
@@ -496,6 +496,6 @@ mod label_tests {
             models[MAX_MODEL_LABELS - 2]
         );
         assert_eq!(m.model_label(&models[MAX_MODEL_LABELS]), UNKNOWN_MODEL);
-        assert_eq!(crate::sync::read(&m.models).len(), MAX_MODEL_LABELS);
+        assert_eq!(llorch_os::sync::read(&m.models).len(), MAX_MODEL_LABELS);
     }
 }

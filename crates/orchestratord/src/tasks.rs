@@ -243,16 +243,16 @@ impl Task {
 
     /// The request to send to the engine; None once the task ended.
     pub fn request(&self) -> Option<GenerateRequest> {
-        crate::sync::lock(&self.request).clone()
+        llorch_os::sync::lock(&self.request).clone()
     }
 
     /// Drops the request (the prompt) when the task ends.
     pub fn forget_request(&self) {
-        crate::sync::lock(&self.request).take();
+        llorch_os::sync::lock(&self.request).take();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
-        crate::sync::lock(&self.log)
+        llorch_os::sync::lock(&self.log)
     }
 
     pub fn phase(&self) -> (Phase, Option<String>) {

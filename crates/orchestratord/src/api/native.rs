@@ -95,22 +95,11 @@ async fn submit_request(
             ),
         )));
     }
+    let sampling = req.sampling();
     let engine = GenerateRequest {
         prompt: req.prompt,
         messages: req.messages,
         max_tokens: Some(req.max_tokens.unwrap_or(state.config.default_max_tokens)),
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        min_p: req.min_p,
-        typical_p: req.typical_p,
-        repeat_penalty: req.repeat_penalty,
-        repeat_last_n: req.repeat_last_n,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        ignore_eos: req.ignore_eos,
-        seed: req.seed,
-        stop: req.stop,
         json_schema: req.json_schema,
         json_schema_strict: req.json_schema_strict,
         grammar: req.grammar,
@@ -120,7 +109,8 @@ async fn submit_request(
         tool_choice: req.tool_choice,
         parallel_tool_calls: req.parallel_tool_calls,
         ..GenerateRequest::default()
-    };
+    }
+    .with_sampling(sampling);
     native(engine.validate().map_err(|e| (StatusCode::BAD_REQUEST, e)))?;
     let (_task, accepted) = native(state.submit(Submission {
         task_id: req.task_id,

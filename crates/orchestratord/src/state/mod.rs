@@ -135,7 +135,7 @@ impl State {
 
     /// The keys in force now.
     pub(crate) fn keys(&self) -> Arc<Keys> {
-        crate::sync::read(&self.keys).clone()
+        llorch_os::sync::read(&self.keys).clone()
     }
 
     /// Reads the key files again (SIGHUP). A file that no longer parses leaves the keys in
@@ -153,7 +153,7 @@ impl State {
             keys.api.as_ref().map_or(0, |k| k.len()),
             keys.node.as_ref().map_or(0, |k| k.len()),
         );
-        *crate::sync::write(&self.keys) = Arc::new(keys);
+        *llorch_os::sync::write(&self.keys) = Arc::new(keys);
         Ok(counts)
     }
 
@@ -164,11 +164,11 @@ impl State {
     }
 
     pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
-        crate::sync::lock(&self.core)
+        llorch_os::sync::lock(&self.core)
     }
 
     pub(crate) fn tasks(&self) -> MutexGuard<'_, TaskTable> {
-        crate::sync::lock(&self.tasks)
+        llorch_os::sync::lock(&self.tasks)
     }
 
     pub(crate) fn task(&self, client: &str, id: &str) -> Option<Arc<Task>> {

@@ -24,7 +24,7 @@ impl Drop for Subscriber {
         self.task
             .subscribers
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        let mut map = crate::sync::lock(&self.state.subscribers);
+        let mut map = llorch_os::sync::lock(&self.state.subscribers);
         if let Some(n) = map.get_mut(&self.task.client) {
             *n -= 1;
             if *n == 0 {
@@ -39,7 +39,7 @@ impl State {
     /// has as many open as allowed.
     pub(crate) fn subscribe(self: &Arc<Self>, task: &Arc<Task>) -> Result<Subscriber, Refusal> {
         use std::sync::atomic::Ordering;
-        let mut map = crate::sync::lock(&self.subscribers);
+        let mut map = llorch_os::sync::lock(&self.subscribers);
         let of_client = map.get(&task.client).copied().unwrap_or(0);
         if of_client >= MAX_SUBSCRIBERS_PER_CLIENT {
             return Err(Refusal::ClientStreams { open: of_client });

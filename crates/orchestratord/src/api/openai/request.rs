@@ -5,6 +5,7 @@
 use axum::body::Body;
 use axum::http::HeaderMap;
 use llorch_wire::engine::{limits, ChatMessage, GenerateRequest};
+use llorch_wire::sampling::Sampling;
 use llorch_wire::tools::{Tool, ToolCall, ToolChoice};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -229,6 +230,16 @@ impl Common {
     fn engine_request(&self, base: GenerateRequest, max_tokens: u32) -> GenerateRequest {
         GenerateRequest {
             max_tokens: Some(max_tokens),
+            n: self.n,
+            ..base
+        }
+        .with_sampling(self.sampling())
+    }
+
+    /// OpenAI's sampling fields in the shared shape: `stop` as a string or a list, the
+    /// `repetition_penalty` alias, a 64-bit `seed`.
+    fn sampling(&self) -> Sampling {
+        Sampling {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
@@ -241,17 +252,11 @@ impl Common {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             // OpenAI seeds are 64-bit; the engine's are 32-bit: the low half keeps determinism.
             seed: self.seed.map(|s| s as u32),
-            stop: self.stop(),
-            n: self.n,
-            ..base
-        }
-    }
-
-    fn stop(&self) -> Vec<String> {
-        match &self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) => v.clone(),
+            stop: match &self.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s.clone()],
+                Some(Stop::Many(v)) => v.clone(),
+            },
         }
     }
 
