@@ -54,15 +54,9 @@ use crate::config::{Checked, Listen};
 use crate::launcher::{Launcher, ProcessLauncher};
 use crate::state::Node;
 
-/// Exit codes, after sysexits.h.
-pub mod exit {
-    /// The configuration is invalid.
-    pub const CONFIG: i32 = 64;
-    /// The node API cannot listen, or the runtime directory cannot be prepared.
-    pub const UNAVAILABLE: i32 = 69;
-    /// An internal error.
-    pub const SOFTWARE: i32 = 70;
-}
+/// Exit codes (the workspace's, `llorch_wire::exit`): 64 the configuration is invalid; 69 the
+/// node API cannot listen, or the runtime directory cannot be prepared; 70 an internal error.
+pub use llorch_wire::exit;
 
 /// Why the node could not run.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +93,7 @@ impl RunError {
             Self::Runtime { .. } | Self::Listen(_) | Self::Tcp { .. } | Self::Watch(_) => {
                 exit::UNAVAILABLE
             }
-            Self::ControlPlane(_) | Self::Tls(_) => exit::CONFIG,
+            Self::ControlPlane(_) | Self::Tls(_) => exit::USAGE,
             Self::Launcher(_) | Self::Bus(_) => exit::UNAVAILABLE,
             Self::Serve(_) => exit::SOFTWARE,
         }

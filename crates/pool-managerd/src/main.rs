@@ -33,7 +33,7 @@ fn main() {
         Ok(c) => c,
         Err(e) => {
             llorch_os::service::config_rejected("pool-managerd", &e);
-            std::process::exit(exit::CONFIG);
+            std::process::exit(exit::USAGE);
         }
     };
     config.dbus = args.dbus;

@@ -248,7 +248,7 @@ impl Node {
         operator: bool,
     ) -> Option<R> {
         let (r, changed) = {
-            let mut pools = self.pools.lock().expect("pool table lock");
+            let mut pools = llorch_os::sync::lock(&self.pools);
             let entry = pools.get_mut(pool)?;
             let before = entry.state;
             let r = f(entry);
@@ -289,7 +289,7 @@ impl Node {
 
     /// Reads a pool's entry under the lock.
     pub fn read<R>(&self, pool: &str, f: impl FnOnce(&PoolEntry) -> R) -> Option<R> {
-        let pools = self.pools.lock().expect("pool table lock");
+        let pools = llorch_os::sync::lock(&self.pools);
         pools.get(pool).map(f)
     }
 
@@ -300,7 +300,7 @@ impl Node {
     }
 
     pub fn status(&self, pool: &str) -> Option<PoolStatus> {
-        let pools = self.pools.lock().expect("pool table lock");
+        let pools = llorch_os::sync::lock(&self.pools);
         let seq = self.changes.load(Ordering::SeqCst);
         pools.get(pool).map(|p| PoolStatus { seq, ..p.status() })
     }
@@ -315,7 +315,7 @@ impl Node {
     /// it.
     pub fn report(&self) -> (Vec<PoolStatus>, llorch_wire::node::GpuReport) {
         let gpus = self.gpus.read();
-        let pools = self.pools.lock().expect("pool table lock");
+        let pools = llorch_os::sync::lock(&self.pools);
         let statuses = self.statuses_of(&pools, self.gpus.has_nvml().then_some(&gpus));
         (statuses, gpus)
     }
@@ -343,7 +343,7 @@ impl Node {
 
     /// Model ids whose pool got past provisioning.
     pub fn staged_models(&self) -> Vec<String> {
-        let pools = self.pools.lock().expect("pool table lock");
+        let pools = llorch_os::sync::lock(&self.pools);
         let mut ids: Vec<String> = pools
             .values()
             .filter(|p| p.staged)
@@ -358,10 +358,7 @@ impl Node {
     /// one step under the table's lock.
     pub fn put_pool(&self, config: PoolConfig) {
         let id = config.id.clone();
-        self.pools
-            .lock()
-            .expect("pool table lock")
-            .insert(id.clone(), PoolEntry::new(config));
+        llorch_os::sync::lock(&self.pools).insert(id.clone(), PoolEntry::new(config));
         self.metrics.add_pool(&id);
         self.changed.notify_one();
     }
@@ -369,7 +366,7 @@ impl Node {
     /// Removes a pool whose supervisor has stopped (configuration reload).
     pub fn remove_pool(&self, id: &str) {
         {
-            let mut pools = self.pools.lock().expect("pool table lock");
+            let mut pools = llorch_os::sync::lock(&self.pools);
             pools.remove(id);
             // Under the same lock as a scrape's gauge update, so the gauges stay gone.
             self.metrics.remove_pool(id);
@@ -380,7 +377,7 @@ impl Node {
     /// The node's metrics exposition: pool gauges set from the table under its lock.
     pub fn encode_metrics(&self) -> String {
         {
-            let pools = self.pools.lock().expect("pool table lock");
+            let pools = llorch_os::sync::lock(&self.pools);
             self.metrics
                 .set_pool_gauges(&self.statuses_of(&pools, None));
         }
@@ -389,7 +386,7 @@ impl Node {
 
     /// The sockets of the engines that serve now (ready or draining), by pool.
     pub fn engine_sockets(&self) -> Vec<(String, PathBuf)> {
-        let pools = self.pools.lock().expect("pool table lock");
+        let pools = llorch_os::sync::lock(&self.pools);
         pools
             .values()
             .filter(|p| matches!(p.state, PoolState::Ready | PoolState::Draining))
@@ -401,7 +398,7 @@ impl Node {
     }
 
     pub fn pool_ids(&self) -> Vec<String> {
-        let pools = self.pools.lock().expect("pool table lock");
+        let pools = llorch_os::sync::lock(&self.pools);
         pools.keys().cloned().collect()
     }
 }

@@ -213,7 +213,7 @@ impl Supervisor {
             }
             Err(e) => {
                 if let crate::launcher::LaunchError::Provision { exit, .. } = &e {
-                    if exit.code.is_some_and(|c| (10..=13).contains(&c)) {
+                    if exit.code.is_some_and(llorch_wire::exit::is_model_fault) {
                         self.node.metrics.verification_failed(id);
                         tracing::error!(
                             message_id = llorch_os::message_id::MODEL_VERIFICATION_FAILED,

@@ -48,11 +48,7 @@ impl ProcessLauncher {
     }
 
     fn held_socket(&self, pool: &str) -> Option<Arc<UnixListener>> {
-        self.sockets
-            .lock()
-            .expect("socket table lock")
-            .get(pool)
-            .cloned()
+        llorch_os::sync::lock(&self.sockets).get(pool).cloned()
     }
 
     fn log_file(&self, path: &Path) -> Result<std::fs::File, LaunchError> {
@@ -99,10 +95,7 @@ impl Launcher for ProcessLauncher {
                 source: std::io::Error::other(e.to_string()),
             })?;
             listener.set_nonblocking(true).map_err(io)?;
-            self.sockets
-                .lock()
-                .expect("socket table lock")
-                .insert(pool.id.clone(), Arc::new(listener));
+            llorch_os::sync::lock(&self.sockets).insert(pool.id.clone(), Arc::new(listener));
             Ok(path)
         })
     }
@@ -129,11 +122,7 @@ impl Launcher for ProcessLauncher {
 
     fn close_on_demand<'a>(&'a self, pool: &'a PoolConfig) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let held = self
-                .sockets
-                .lock()
-                .expect("socket table lock")
-                .remove(&pool.id);
+            let held = llorch_os::sync::lock(&self.sockets).remove(&pool.id);
             if held.is_some() {
                 let _ = std::fs::remove_file(self.layout.engine_socket(&pool.id));
             }
@@ -330,22 +319,10 @@ pub fn log_tail(path: &Path) -> String {
     strip_ansi(&lines[start..].join(" | "))
 }
 
-/// Removes ANSI colour sequences (`ESC [ ... m`), in case a child coloured its log anyway.
+/// Removes ANSI escape sequences (colours, cursor moves, titles), in case a child coloured its
+/// log anyway: the tail goes into a pool's `last_error`, which other tools print.
 fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    strip_ansi_escapes::strip_str(s)
 }
 
 #[cfg(test)]
