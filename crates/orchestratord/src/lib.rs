@@ -157,6 +157,9 @@ pub async fn serve_state(
     // served: a request that arrives on one (its TLS handshake was still running when the stop
     // came) is placed and answered, not left in a queue nobody reads until the process exits.
     let why = "orchestratord is stopping; submit the task again when it is back";
+    // What can start now starts first: a task admitted a moment before the stop has not met
+    // the dispatcher yet, and failing it would turn a free slot into a retry.
+    dispatch::settle(&state, Duration::from_millis(500)).await;
     state.fail_queued(why);
     let mut server = server;
     if tokio::time::timeout(SHUTDOWN_GRACE - LAST_CALL, &mut server)

@@ -32,6 +32,24 @@ use crate::tasks::Task;
 pub(crate) use lease::Lease;
 pub(crate) use liveness::watch_nodes;
 
+/// At a stop, lets the dispatcher finish a pass that began after this call, so a task admitted
+/// just before the stop is placed if a slot is free now instead of being failed unseen. Waits
+/// at most `limit` (a wedged dispatcher must not hold the stop).
+pub(crate) async fn settle(state: &State, limit: Duration) {
+    let mut passes = state.passes.subscribe();
+    let _ = tokio::time::timeout(limit, async {
+        // Two passes: one may already be under way with a snapshot older than this call.
+        for _ in 0..2 {
+            let seen = *passes.borrow_and_update();
+            state.wake.notify_one();
+            if passes.wait_for(|n| *n != seen).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
 /// How many times a task may be sent to a pool whose node or engine then fails before the
 /// stream starts. A request that crashes its engine each time must not crash it forever (and
 /// mark the pool suspect each time); after this many it ends with `ENGINE_FAILED`.
@@ -128,6 +146,7 @@ pub(crate) async fn run(state: Arc<State>) {
         for d in started {
             tokio::spawn(forward::stream_task(state.clone(), d));
         }
+        state.passes.send_modify(|n| *n = n.wrapping_add(1));
         let sleep = async {
             match next_deadline {
                 Some(d) => tokio::time::sleep_until(d).await,

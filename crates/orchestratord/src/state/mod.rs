@@ -79,6 +79,8 @@ pub struct State {
     tasks: Mutex<TaskTable>,
     /// Wakes the dispatcher: a task arrived, a slot freed, a node reported.
     pub(crate) wake: Notify,
+    /// Passes the dispatcher has finished (a stop waits for one that saw every queued task).
+    pub(crate) passes: tokio::sync::watch::Sender<u64>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) started: Instant,
     pub(crate) metrics: Metrics,
@@ -112,6 +114,7 @@ impl State {
             core: Mutex::new(core),
             tasks: Mutex::new(TaskTable::default()),
             wake: Notify::new(),
+            passes: tokio::sync::watch::Sender::new(0),
             shutdown: CancellationToken::new(),
             started: Instant::now(),
         })
