@@ -171,19 +171,7 @@ async fn pump(
 ) {
     let mut follower = Follower::new(task);
     let mut idle = sse::keep_alive_timer(keep_alive);
-    loop {
-        let batch = tokio::select! {
-            b = follower.next_batch() => b,
-            _ = idle.tick() => {
-                if tx.send(Bytes::from_static(sse::KEEP_ALIVE_COMMENT)).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            _ = tx.closed() => return,
-        };
-        idle.reset();
-        let Some(events) = batch else { return };
+    while let Some(events) = sse::next_batch(&mut follower, &mut idle, &tx).await {
         let mut out = String::new();
         for e in &events {
             out.push_str(&e.to_sse());

@@ -26,6 +26,28 @@ pub fn keep_alive_timer(every: std::time::Duration) -> tokio::time::Interval {
     tokio::time::interval_at(tokio::time::Instant::now() + every, every)
 }
 
+/// The next batch of a task's events for a stream on `tx`, sending a keep-alive comment each
+/// time `idle` fires while none comes (and restarting `idle` once events came). `None` when the
+/// task's log has nothing more or the client went away: the stream ends.
+pub(crate) async fn next_batch(
+    follower: &mut crate::tasks::Follower,
+    idle: &mut tokio::time::Interval,
+    tx: &mpsc::Sender<Bytes>,
+) -> Option<Vec<crate::tasks::TaskEvent>> {
+    loop {
+        let batch = tokio::select! {
+            b = follower.next_batch() => b,
+            _ = idle.tick() => {
+                tx.send(Bytes::from_static(KEEP_ALIVE_COMMENT)).await.ok()?;
+                continue;
+            }
+            _ = tx.closed() => return None,
+        };
+        idle.reset();
+        return batch;
+    }
+}
+
 pub struct ChannelBody {
     rx: mpsc::Receiver<Bytes>,
 }

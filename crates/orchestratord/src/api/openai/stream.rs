@@ -50,23 +50,10 @@ pub(super) async fn pump(
     loop {
         let events = match pending.take() {
             Some(e) => e,
-            None => {
-                let batch = tokio::select! {
-                    b = follower.next_batch() => b,
-                    _ = idle.tick() => {
-                        if tx.send(Bytes::from_static(sse::KEEP_ALIVE_COMMENT)).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    _ = tx.closed() => return,
-                };
-                idle.reset();
-                match batch {
-                    Some(e) => e,
-                    None => return,
-                }
-            }
+            None => match sse::next_batch(&mut follower, &mut idle, &tx).await {
+                Some(e) => e,
+                None => return,
+            },
         };
         let mut done = false;
         for e in events {
