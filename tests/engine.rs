@@ -145,14 +145,11 @@ async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
         "What do bees make?",
         "How many legs does a spider have?",
     ];
+    // Solo answers, one after another.
     let mut solo = Vec::new();
-    // Solo answers on slots 0 to 3 in turn, so each slot's cache holds one known prompt.
-    for (i, q) in questions.iter().enumerate() {
+    for q in &questions {
         let c = client
-            .generate(&GenerateRequest {
-                slot: Some(i as u32),
-                ..greedy_chat(q, 40)
-            })
+            .generate(&greedy_chat(q, 40))
             .await
             .unwrap()
             .collect()
@@ -160,6 +157,11 @@ async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
             .unwrap();
         solo.push(c);
     }
+    // All four at once on a fresh engine, so no cache (slot, shared or host) holds a prompt:
+    // each goes to its own slot, the prompts evaluated in shared batches.
+    assert!(engine.stop().success());
+    let engine = Engine::start(&[]);
+    let client = engine.client();
     // Decode steps that held more than one sequence, from the engine's batch-size histogram.
     let shared_steps = || async {
         let (_, body) = client.get_bytes("/metrics").await.unwrap();
@@ -168,18 +170,11 @@ async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
             - scrape.sum("llorch_engine_batch_size_bucket", &[("le", "1")])
     };
     let shared_before = shared_steps().await;
-    // All four at once; each goes to its own slot, prompts evaluated in shared batches.
     let tasks: Vec<_> = questions
         .iter()
-        .enumerate()
-        .map(|(i, q)| {
+        .map(|q| {
             let client = client.clone();
-            let req = GenerateRequest {
-                // Send each prompt to a slot that holds another prompt's cache, so the prompts
-                // are evaluated again, in shared batches, not served from their solo caches.
-                slot: Some((solo[i].end.slot + 1) % 4),
-                ..greedy_chat(q, 40)
-            };
+            let req = greedy_chat(q, 40);
             tokio::spawn(async move {
                 client
                     .generate(&req)
@@ -195,8 +190,9 @@ async fn four_concurrent_requests_complete_and_agree_with_their_solo_answers() {
     for t in tasks {
         together.push(t.await.unwrap());
     }
-    for (s, t) in solo.iter().zip(&together) {
-        assert!(t.end.cached_tokens < s.end.prompt_tokens - 1, "{:?}", t.end);
+    // At most the chat template's opening can come from another slot's cells.
+    for t in &together {
+        assert!(t.end.cached_tokens < t.end.prompt_tokens - 1, "{:?}", t.end);
     }
     let slots: std::collections::HashSet<u32> = together.iter().map(|c| c.end.slot).collect();
     assert_eq!(slots.len(), 4, "each request had its own slot");

@@ -75,6 +75,10 @@ struct PlanArgs {
     /// (on-demand pools); 0 or absent: it stays loaded.
     #[arg(long)]
     idle_exit_secs: Option<u64>,
+    /// Host memory for the engine's prefix cache in MiB (0: off; absent: the engine's
+    /// default).
+    #[arg(long)]
+    prefix_cache_mib: Option<u64>,
     /// Free memory of each of the pool's GPUs in MiB, in the pool's order (`24000,11800`);
     /// with it a GPU pool is checked against the memory estimate before its engine starts.
     #[arg(long, value_delimiter = ',')]
@@ -211,6 +215,7 @@ fn run(cli: Cli) -> Result<(), ProvisionError> {
                 socket: args.socket,
                 handoff_dir: args.handoff_dir,
                 idle_exit_secs: args.idle_exit_secs,
+                prefix_cache_mib: args.prefix_cache_mib,
                 gpu_free_bytes: args
                     .gpu_free_mib
                     .iter()

@@ -21,6 +21,8 @@ pub struct PoolSettings {
     pub handoff_dir: String,
     /// Seconds without work after which the engine unloads (on-demand pools); None: never.
     pub idle_exit_secs: Option<u64>,
+    /// The engine's host prefix cache in MiB (0: off; None: the engine's default).
+    pub prefix_cache_mib: Option<u64>,
     /// Free bytes of each of the pool's GPUs, in the pool's order (pool-managerd reads them
     /// from NVML); empty when unknown, and then nothing is refused.
     pub gpu_free_bytes: Vec<u64>,
@@ -118,6 +120,7 @@ pub fn build(settings: &PoolSettings, staged: &Staged) -> Result<EnginePlan, Pro
         socket: settings.socket.clone(),
         handoff_dir: settings.handoff_dir.clone(),
         idle_exit_secs: settings.idle_exit_secs.filter(|s| *s > 0),
+        prefix_cache_mib: settings.prefix_cache_mib,
         memory,
     })
 }
@@ -189,6 +192,7 @@ mod tests {
             socket: String::new(),
             handoff_dir: String::new(),
             idle_exit_secs: None,
+            prefix_cache_mib: None,
             gpu_free_bytes: vec![23_500 << 20, 11_600 << 20],
             gpu_only: true,
         };

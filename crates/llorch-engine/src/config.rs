@@ -28,6 +28,8 @@ pub struct EngineConfig {
     pub grace_secs: u64,
     /// Exit cleanly after this long without a generation request (on-demand pools).
     pub idle_exit: Option<std::time::Duration>,
+    /// The host prefix cache's bound in bytes (0: off).
+    pub prefix_cache_bytes: usize,
 }
 
 /// Command line of `llorch-engine`.
@@ -75,6 +77,11 @@ pub struct Args {
     /// request; 0 means never. Default: the plan's `idle_exit_secs`.
     #[arg(long)]
     pub idle_exit_secs: Option<u64>,
+    /// Host memory for prompt states kept after their slot moved on (the prefix cache), in
+    /// MiB; 0 turns it off. Default: the plan's `prefix_cache_mib`, else
+    /// `llorch_wire::plan::defaults::prefix_cache_mib` of the memory available now.
+    #[arg(long)]
+    pub prefix_cache_mib: Option<u64>,
     /// Check the configuration and the model file's header, then exit.
     #[arg(long)]
     pub check_config: bool,
@@ -173,6 +180,15 @@ impl Args {
                 .or_else(|| p.and_then(|p| p.idle_exit_secs))
                 .filter(|s| *s > 0)
                 .map(std::time::Duration::from_secs),
+            prefix_cache_bytes: self
+                .prefix_cache_mib
+                .or_else(|| p.and_then(|p| p.prefix_cache_mib))
+                .unwrap_or_else(|| {
+                    llorch_wire::plan::defaults::prefix_cache_mib(llorch_os::mem::available_bytes())
+                })
+                .saturating_mul(1 << 20)
+                .try_into()
+                .unwrap_or(usize::MAX),
             model_path,
             model_id,
             pool_id,

@@ -16,6 +16,7 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::{LlamaStateSeqFlags, SeqState};
 use llorch_wire::engine::{
     ChoiceEnd, EndEvent, EngineEvent, FinishReason, TokenEvent, TokenLogprob,
 };
@@ -24,8 +25,9 @@ use tokio::sync::mpsc::Sender;
 
 use crate::metrics::{Metrics, Throughput};
 use crate::model::{backend, Model};
+use crate::prefix::{self, HostCache, Source};
 use crate::sampler::{self, Sampler, Sampling};
-use crate::slots::{common_prefix, SlotLease, SlotTable};
+use crate::slots::{SlotLease, SlotTable};
 use crate::text::{Output, TextStream};
 
 /// Tokens evaluated per `llama_decode` call at most (prompt chunks plus one per generating slot).
@@ -128,11 +130,23 @@ impl Active {
     }
 }
 
+/// The loop's settings, from the engine's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub ctx_per_slot: u32,
+    pub threads: u32,
+    /// The host prefix cache's bound in bytes (0: no host cache; slots still share cells).
+    pub prefix_cache_bytes: usize,
+}
+
 pub struct DecodeLoop {
     model: Arc<Model>,
     ctx_per_slot: u32,
-    /// Tokens in each slot's KV cache (sequence id = slot index).
+    /// Tokens in each slot's KV cache (sequence id = slot index). The cache is unified: slots
+    /// that share a prefix share its cells.
     kv: Vec<Vec<i32>>,
+    /// Prompt states saved in host memory when their slot moved on (see `prefix.rs`).
+    host: HostCache<SeqState>,
     active: Vec<Option<Active>>,
     metrics: Arc<Metrics>,
     throughput: Throughput,
@@ -142,13 +156,19 @@ pub struct DecodeLoop {
 pub fn run(
     model: Arc<Model>,
     slots: Arc<Mutex<SlotTable>>,
-    ctx_per_slot: u32,
-    threads: u32,
+    settings: Settings,
     commands: Receiver<Command>,
     metrics: Arc<Metrics>,
     started: &mut dyn FnMut(),
 ) -> Result<(), String> {
+    let Settings {
+        ctx_per_slot,
+        threads,
+        prefix_cache_bytes,
+    } = settings;
     let n_slots = llorch_os::sync::lock(&slots).len();
+    // One unified KV cache of `ctx_per_slot` cells a slot: sequences that share a prefix share
+    // its cells, so the cells in use never exceed what separate per-slot caches would hold.
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(ctx_per_slot * n_slots as u32))
         .with_n_seq_max(n_slots as u32)
@@ -156,7 +176,7 @@ pub fn run(
         .with_n_ubatch(BATCH_TOKENS as u32)
         .with_n_threads(threads as i32)
         .with_n_threads_batch(threads as i32)
-        .with_kv_unified(false);
+        .with_kv_unified(true);
     let model_ref = Arc::clone(&model);
     let mut ctx = model_ref
         .llama
@@ -166,10 +186,14 @@ pub fn run(
         model,
         ctx_per_slot,
         kv: vec![Vec::new(); n_slots],
+        host: HostCache::new(prefix_cache_bytes),
         active: (0..n_slots).map(|_| None).collect(),
         metrics,
         throughput: Throughput::default(),
     };
+    this.metrics
+        .prefix_limit_bytes
+        .set(prefix_cache_bytes as i64);
     started();
     this.run(&mut ctx, commands);
     Ok(())
@@ -296,21 +320,7 @@ impl DecodeLoop {
                 return;
             }
         };
-        // Reuse the longest prefix already in this slot's cache. At least one prompt token is
-        // evaluated again, because sampling needs its logits.
-        let mut keep = common_prefix(&self.kv[slot], &job.prompt);
-        if keep == job.prompt.len() {
-            keep -= 1;
-        }
-        if !matches!(
-            ctx.clear_kv_cache_seq(Some(slot as u32), Some(keep as u32), None),
-            Ok(true)
-        ) {
-            // The cache could not be cut at `keep` (some model kinds cannot): start over.
-            let _ = ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
-            keep = 0;
-        }
-        self.kv[slot].truncate(keep);
+        let keep = self.reuse(ctx, slot, &job.prompt);
         let active = Active {
             sampler: job.sampling.sampler(n_vocab, grammar),
             logprobs: Vec::new(),
@@ -328,6 +338,85 @@ impl DecodeLoop {
             job,
         };
         self.active[slot] = Some(active);
+    }
+
+    /// Fills `slot`'s KV cache with the longest prefix of `prompt` found in any slot or in the
+    /// host cache (`prefix.rs` chooses), saving what the slot held to the host cache first
+    /// when it would be lost, and returns how many prompt tokens the slot now holds. At least
+    /// one prompt token is left to evaluate, because sampling needs its logits. Whatever
+    /// fails here falls back to computing the whole prompt.
+    fn reuse(&mut self, ctx: &mut LlamaContext<'_>, slot: usize, prompt: &[i32]) -> usize {
+        let seq = slot as i32;
+        let limit = prompt.len().saturating_sub(1);
+        let mut plan = prefix::plan(slot, &self.kv, &self.host, prompt);
+        let own_kept = match plan.source {
+            Source::Own => plan.tokens.min(limit),
+            _ => 0,
+        };
+        if self.host.limit() > 0 && prefix::worth_saving(slot, own_kept, &self.kv, &self.host) {
+            self.save(ctx, slot);
+            // Saving may have evicted or merged entries: choose again.
+            plan = prefix::plan(slot, &self.kv, &self.host, prompt);
+        }
+        let mut keep = plan.tokens.min(limit);
+        let cut = |ctx: &mut LlamaContext<'_>, keep: usize| {
+            matches!(
+                ctx.clear_kv_cache_seq(Some(slot as u32), Some(keep as u32), None),
+                Ok(true)
+            )
+        };
+        let done = match plan.source {
+            // Some model kinds cannot cut a sequence at `keep`; they start over.
+            Source::Own => cut(ctx, keep),
+            Source::Slot(from) => {
+                let _ = ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+                ctx.copy_kv_cache_seq(from as i32, seq, Some(0), Some(keep as u32))
+                    .is_ok()
+            }
+            Source::Host(i) => {
+                let (state, bytes) = self.host.take_use(i);
+                let restored = ctx.state_seq_set(state, seq);
+                if let Err(e) = &restored {
+                    tracing::warn!(slot, error = %e, "Cannot restore a cached prompt state; computing the prompt.");
+                } else {
+                    self.metrics.prefix_restored_bytes.inc_by(bytes as u64);
+                }
+                restored.is_ok() && cut(ctx, keep)
+            }
+        };
+        if !done {
+            let _ = ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+            keep = 0;
+        }
+        self.kv[slot].clear();
+        self.kv[slot].extend_from_slice(&prompt[..keep]);
+        if keep > 0 {
+            self.metrics
+                .prefix_hit_tokens
+                .with_label_values(&[plan.source.label()])
+                .inc_by(keep as u64);
+        }
+        keep
+    }
+
+    /// Saves `slot`'s KV cells to the host cache (evicting the least recently used entries to
+    /// stay within its bound).
+    fn save(&mut self, ctx: &LlamaContext<'_>, slot: usize) {
+        match ctx.state_seq_get(slot as i32, LlamaStateSeqFlags::empty()) {
+            Ok(state) => {
+                let bytes = state.byte_len();
+                let r = self.host.insert(self.kv[slot].clone(), state, bytes);
+                if r.stored {
+                    self.metrics.prefix_saved_bytes.inc_by(bytes as u64);
+                }
+                self.metrics.prefix_evictions.inc_by(u64::from(r.evicted));
+                self.metrics.prefix_bytes.set(self.host.bytes() as i64);
+                self.metrics.prefix_entries.set(self.host.len() as i64);
+            }
+            Err(e) => {
+                tracing::warn!(slot, error = %e, "Cannot save a slot's prompt state to the host cache.");
+            }
+        }
     }
 
     /// Puts one token per generating slot and prompt chunks into the batch. Returns the number

@@ -20,6 +20,7 @@ pub mod handoff;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod prefix;
 pub mod sampler;
 pub mod slots;
 pub mod text;
@@ -232,15 +233,18 @@ impl DecodeThread {
         let thread = {
             let model = Arc::clone(model);
             let slots = Arc::clone(&slots);
-            let ctx = config.ctx_per_slot;
-            let threads = config.threads;
+            let settings = decode::Settings {
+                ctx_per_slot: config.ctx_per_slot,
+                threads: config.threads,
+                prefix_cache_bytes: config.prefix_cache_bytes,
+            };
             let metrics = Arc::clone(&shared.metrics);
             std::thread::Builder::new()
                 .name("decode".into())
                 .spawn(move || {
                     let mut started = Some(loop_started);
                     let result =
-                        decode::run(model, slots, ctx, threads, receiver, metrics, &mut || {
+                        decode::run(model, slots, settings, receiver, metrics, &mut || {
                             if let Some(tx) = started.take() {
                                 let _ = tx.send(Ok(()));
                             }

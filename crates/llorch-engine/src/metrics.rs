@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use llorch_metrics::prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 use llorch_metrics::register;
 
@@ -17,6 +18,14 @@ pub struct Metrics {
     pub tokens_per_second: Gauge,
     pub prompt_tokens: IntCounter,
     pub generated_tokens: IntCounter,
+    /// The prefix cache (`prefix.rs`): prompt tokens not computed, by where they came from.
+    pub prefix_hit_tokens: IntCounterVec,
+    pub prefix_restored_bytes: IntCounter,
+    pub prefix_saved_bytes: IntCounter,
+    pub prefix_evictions: IntCounter,
+    pub prefix_bytes: IntGauge,
+    pub prefix_entries: IntGauge,
+    pub prefix_limit_bytes: IntGauge,
     slots: IntGaugeVec,
 }
 
@@ -72,6 +81,59 @@ impl Metrics {
                 &r,
                 IntCounter::new("llorch_engine_generated_tokens_total", "Tokens generated."),
             ),
+            prefix_hit_tokens: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "llorch_prefix_cache_hit_tokens_total",
+                        "Prompt tokens reused instead of computed, by source: the request's \
+                         own slot, cells shared with another slot, or the host cache.",
+                    ),
+                    &["source"],
+                ),
+            ),
+            prefix_restored_bytes: register(
+                &r,
+                IntCounter::new(
+                    "llorch_prefix_cache_restored_bytes_total",
+                    "Bytes of prompt state restored from the host cache into a slot.",
+                ),
+            ),
+            prefix_saved_bytes: register(
+                &r,
+                IntCounter::new(
+                    "llorch_prefix_cache_saved_bytes_total",
+                    "Bytes of prompt state saved to the host cache when a slot moved on.",
+                ),
+            ),
+            prefix_evictions: register(
+                &r,
+                IntCounter::new(
+                    "llorch_prefix_cache_evictions_total",
+                    "Host cache entries evicted (least recently used) to stay within the bound.",
+                ),
+            ),
+            prefix_bytes: register(
+                &r,
+                IntGauge::new(
+                    "llorch_prefix_cache_bytes",
+                    "Bytes of prompt state held in the host cache.",
+                ),
+            ),
+            prefix_entries: register(
+                &r,
+                IntGauge::new(
+                    "llorch_prefix_cache_entries",
+                    "Prompt states held in the host cache.",
+                ),
+            ),
+            prefix_limit_bytes: register(
+                &r,
+                IntGauge::new(
+                    "llorch_prefix_cache_limit_bytes",
+                    "The host cache's bound in bytes (0: off).",
+                ),
+            ),
             slots: register(
                 &r,
                 IntGaugeVec::new(
@@ -83,6 +145,9 @@ impl Metrics {
         };
         for s in ["busy", "free"] {
             m.slots.with_label_values(&[s]);
+        }
+        for s in ["slot", "shared", "host"] {
+            m.prefix_hit_tokens.with_label_values(&[s]);
         }
         m
     }

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use llorch_wire::engine::{SlotState, SlotStatus, SlotsStatus};
 
+use crate::prefix::common_prefix;
+
 #[derive(Debug, Clone, Default)]
 struct Slot {
     busy: bool,
@@ -165,10 +167,6 @@ impl Drop for SlotLease {
             self.give_back(Vec::new());
         }
     }
-}
-
-pub fn common_prefix(a: &[i32], b: &[i32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 #[cfg(test)]

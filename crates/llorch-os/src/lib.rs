@@ -14,6 +14,7 @@
 //! daemons has an `unsafe` block (tests that signal their own children aside).
 
 pub mod fs;
+pub mod mem;
 pub mod message_id;
 pub mod process;
 pub mod service;

@@ -10,6 +10,16 @@ pub const PLAN_VERSION: u32 = 1;
 pub mod defaults {
     pub const SLOTS: u32 = 4;
     pub const CTX_PER_SLOT: u32 = 2048;
+
+    /// The default bound of an engine's host prefix cache, in MiB: an eighth of the memory
+    /// available (`MemAvailable`) when the pool is planned, at most 2 GiB; 256 MiB when the
+    /// available memory is unknown.
+    pub fn prefix_cache_mib(available_bytes: Option<u64>) -> u64 {
+        match available_bytes {
+            Some(b) => ((b / 8) >> 20).min(2048),
+            None => 256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +45,10 @@ pub struct EnginePlan {
     /// it stays loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_exit_secs: Option<u64>,
+    /// Host memory, in MiB, for prompt states kept after their slot moved on (the engine's
+    /// prefix cache); 0: off; absent: the engine's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_mib: Option<u64>,
     /// The provisioner's estimate of the engine's memory (absent when the header lacks the
     /// numbers); for GPU pools also how it fits the GPUs' free memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]

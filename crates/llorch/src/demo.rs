@@ -74,6 +74,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             socket: socket.display().to_string(),
             handoff_dir: handoff_dir.display().to_string(),
             idle_exit_secs: None,
+            prefix_cache_mib: None,
             gpu_free_bytes: Vec::new(),
             gpu_only: false,
         },

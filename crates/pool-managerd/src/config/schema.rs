@@ -123,6 +123,12 @@ pub struct PoolConfig {
     /// 0: no bound.
     #[serde(default)]
     pub memory_max_mib: Option<u64>,
+    /// Host memory in MiB for the engine's prefix cache: prompt states kept after their slot
+    /// moved on, restored instead of recomputed (0: off). Absent: an eighth of the memory
+    /// available when the pool is planned, at most 2 GiB. Counted in the engine's memory
+    /// bound.
+    #[serde(default)]
+    pub prefix_cache_mib: Option<u64>,
     /// GPU pools: refuse to start when the model's estimated memory does not fit the GPUs'
     /// free memory, instead of offloading only the layers that fit (the rest then run on the
     /// CPU, many times slower). Default false.
@@ -258,6 +264,14 @@ impl PoolConfig {
         self.on_demand
             .then(|| self.keep_alive_secs.unwrap_or(DEFAULT_KEEP_ALIVE_SECS))
             .filter(|s| *s > 0)
+    }
+
+    /// The engine's prefix cache in MiB: `prefix_cache_mib`, or the default for the memory
+    /// available now.
+    pub fn prefix_cache_mib(&self) -> u64 {
+        self.prefix_cache_mib.unwrap_or_else(|| {
+            llorch_wire::plan::defaults::prefix_cache_mib(llorch_os::mem::available_bytes())
+        })
     }
 
     /// `CUDA_VISIBLE_DEVICES` for a GPU pool (`0,1`, or its UUIDs), None for a CPU pool.

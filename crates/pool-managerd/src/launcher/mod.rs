@@ -37,11 +37,13 @@ pub const MEMORY_MARGIN: u64 = 512 << 20;
 /// The memory bound of a pool's engine, in bytes: the operator's `memory_max_mib`, or the
 /// model file plus the f16 KV cache of every slot (`kv_per_token` from the GGUF header), a
 /// quarter more, and [`MEMORY_MARGIN`]. None: no bound (`memory_max_mib = 0`, or the header
-/// does not say how large the cache is).
+/// does not say how large the cache is). The host prefix cache (`prefix_cache_bytes`, from the
+/// plan) is added, with one slot's KV for the state being saved while the cache is full.
 pub fn engine_memory_bound(
     pool: &PoolConfig,
     model_bytes: u64,
     kv_per_token: Option<u64>,
+    prefix_cache_bytes: u64,
 ) -> Option<u64> {
     match pool.memory_max_mib {
         Some(0) => return None,
@@ -49,7 +51,13 @@ pub fn engine_memory_bound(
         None => {}
     }
     let tokens = u64::from(pool.slots) * u64::from(pool.ctx);
-    let need = model_bytes.saturating_add(kv_per_token?.saturating_mul(tokens));
+    let kv = kv_per_token?;
+    let need = model_bytes.saturating_add(kv.saturating_mul(tokens));
+    let cache = match prefix_cache_bytes {
+        0 => 0,
+        b => b.saturating_add(kv.saturating_mul(u64::from(pool.ctx))),
+    };
+    let need = need.saturating_add(cache);
     Some(need.saturating_add(need / 4).saturating_add(MEMORY_MARGIN))
 }
 
@@ -74,6 +82,10 @@ pub fn plan_flags(pool: &PoolConfig, gpu_free: &[u64]) -> Vec<String> {
     if pool.gpu_only {
         flags.push("--gpu-only".into());
     }
+    flags.extend([
+        "--prefix-cache-mib".into(),
+        pool.prefix_cache_mib().to_string(),
+    ]);
     flags
 }
 
@@ -225,23 +237,28 @@ mod tests {
         // The default model (98 MB file, 23,040 KV bytes a token) on 4 slots of 1024 tokens:
         // llama.cpp measured 92 MiB of weights, 90 MiB of KV cache and 104 MiB of compute
         // buffer; the bound leaves room for that and the runtime.
-        let b = engine_memory_bound(&pool(""), 98_000_000, Some(23_040)).unwrap();
+        let b = engine_memory_bound(&pool(""), 98_000_000, Some(23_040), 0).unwrap();
         let need = 98_000_000 + 90 * MIB;
         assert_eq!(b, need + need / 4 + MEMORY_MARGIN);
         assert!(b > 92 * MIB + 90 * MIB + 104 * MIB + 128 * MIB, "{b}");
+        // A host prefix cache is counted, with one slot's KV for a state being saved.
+        let with_cache =
+            engine_memory_bound(&pool(""), 98_000_000, Some(23_040), 256 * MIB).unwrap();
+        let need = need + 256 * MIB + 23_040 * 1024;
+        assert_eq!(with_cache, need + need / 4 + MEMORY_MARGIN);
         // The operator's value wins; 0 means none; an unreadable header means none.
         assert_eq!(
-            engine_memory_bound(&pool("memory_max_mib = 2048"), 98_000_000, Some(1)),
+            engine_memory_bound(&pool("memory_max_mib = 2048"), 98_000_000, Some(1), 0),
             Some(2048 * MIB)
         );
         assert_eq!(
-            engine_memory_bound(&pool("memory_max_mib = 0"), 1, Some(1)),
+            engine_memory_bound(&pool("memory_max_mib = 0"), 1, Some(1), 0),
             None
         );
-        assert_eq!(engine_memory_bound(&pool(""), 98_000_000, None), None);
+        assert_eq!(engine_memory_bound(&pool(""), 98_000_000, None, 0), None);
         // Nothing overflows.
         assert_eq!(
-            engine_memory_bound(&pool(""), u64::MAX, Some(u64::MAX)),
+            engine_memory_bound(&pool(""), u64::MAX, Some(u64::MAX), u64::MAX),
             Some(u64::MAX)
         );
     }

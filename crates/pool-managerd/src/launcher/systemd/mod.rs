@@ -104,6 +104,7 @@ impl SystemdLauncher {
                     pool,
                     plan.model.size_bytes,
                     plan.model.kv_bytes_per_token,
+                    plan.prefix_cache_mib.unwrap_or(0).saturating_mul(1 << 20),
                 )
             });
         if bound.is_none() && pool.memory_max_mib != Some(0) {
@@ -608,6 +609,7 @@ slots = 4
 ctx = 2048
 threads = 8
 devices = "cuda:0"
+prefix_cache_mib = 64
 [model]
 id = "m"
 source = "/models/a \"b\".gguf"
@@ -622,7 +624,7 @@ sha256 = "abc"
         );
         assert!(env.contains("LLORCH_SLOTS=4\nLLORCH_CTX=2048\n"), "{env}");
         assert!(
-            env.contains("LLORCH_PLAN_ARGS=\"--gpu-layers 999 --sha256 abc --threads 8\"\n"),
+            env.contains("LLORCH_PLAN_ARGS=\"--gpu-layers 999 --sha256 abc --threads 8 --prefix-cache-mib 64\"\n"),
             "{env}"
         );
         // A GPU pool's GPUs' free memory and gpu_only reach the provisioner.
@@ -632,7 +634,7 @@ sha256 = "abc"
         };
         let env = pool_env(&gpu, &[24_000 << 20, 11_800 << 20]);
         assert!(
-            env.contains("LLORCH_PLAN_ARGS=\"--gpu-layers 999 --sha256 abc --threads 8 --gpu-free-mib 24000,11800 --gpu-only\"\n"),
+            env.contains("LLORCH_PLAN_ARGS=\"--gpu-layers 999 --sha256 abc --threads 8 --gpu-free-mib 24000,11800 --gpu-only --prefix-cache-mib 64\"\n"),
             "{env}"
         );
         assert_eq!(engine_unit("p0"), "llorch-engine@p0.service");

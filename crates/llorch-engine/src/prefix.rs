@@ -1,0 +1,315 @@
+//! The prefix cache past the slot. A prompt's KV cells come from wherever they are cheapest:
+//!
+//! 1. the request's own slot, when its cache already starts with the prompt (nothing to do);
+//! 2. another slot, busy or idle, that holds a longer prefix: the KV cache is unified, so the
+//!    new sequence shares those cells (`llama_memory_seq_cp`, no copy, no compute) and a
+//!    system prompt used by four slots is held and computed once;
+//! 3. the host cache ([`HostCache`]): prompt states saved in host memory when a slot moved on
+//!    to another prompt, restored into the slot (a copy of the saved cells) when one is the
+//!    longest prefix;
+//! 4. otherwise the prompt is computed.
+//!
+//! [`plan`] makes that choice (pure, unit tested); `decode.rs` carries it out on the llama
+//! context. The host cache is bounded in bytes and evicts the least recently used entry.
+
+/// A slot's state is saved to the host cache when it holds at least this many tokens that the
+/// next request would drop; shorter states cost more to manage than to recompute.
+pub const MIN_SAVE_TOKENS: usize = 64;
+/// A host entry is restored only when it saves at least this many tokens over the slot's own
+/// cache: a restore copies the entry's cells, which a few tokens of prefill would beat.
+pub const MIN_RESTORE_GAIN: usize = 32;
+
+/// Where a request's reused prompt tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Its own slot's cache.
+    Own,
+    /// Another slot's cells, shared.
+    Slot(usize),
+    /// A host cache entry (index into [`HostCache`]), restored.
+    Host(usize),
+}
+
+impl Source {
+    /// The label of `llorch_prefix_cache_hit_tokens_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Own => "slot",
+            Source::Slot(_) => "shared",
+            Source::Host(_) => "host",
+        }
+    }
+}
+
+/// The choice for one request: where its first `tokens` prompt tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub source: Source,
+    pub tokens: usize,
+}
+
+/// Picks the source that saves the most prompt tokens for `prompt` in `slot`, given what every
+/// slot's cache holds (`kv`, sequence id = index) and the host cache. Ties go to the cheaper
+/// source: own slot, then a shared slot, then the host cache (which must beat the best slot by
+/// [`MIN_RESTORE_GAIN`]).
+pub fn plan<S>(slot: usize, kv: &[Vec<i32>], host: &HostCache<S>, prompt: &[i32]) -> Plan {
+    let mut best = Plan {
+        source: Source::Own,
+        tokens: common_prefix(&kv[slot], prompt),
+    };
+    for (i, cached) in kv.iter().enumerate() {
+        let n = common_prefix(cached, prompt);
+        if i != slot && n > best.tokens {
+            best = Plan {
+                source: Source::Slot(i),
+                tokens: n,
+            };
+        }
+    }
+    if let Some((i, n)) = host.longest(prompt) {
+        if n >= best.tokens + MIN_RESTORE_GAIN {
+            best = Plan {
+                source: Source::Host(i),
+                tokens: n,
+            };
+        }
+    }
+    best
+}
+
+/// Whether the cache of `slot` is worth saving before it is cut back to `keep` tokens: it
+/// holds at least [`MIN_SAVE_TOKENS`] that would be lost, and no other slot nor host entry
+/// already holds all of it.
+pub fn worth_saving<S>(slot: usize, keep: usize, kv: &[Vec<i32>], host: &HostCache<S>) -> bool {
+    let held = &kv[slot];
+    held.len() >= MIN_SAVE_TOKENS
+        && held.len().saturating_sub(keep) >= MIN_SAVE_TOKENS
+        && !kv
+            .iter()
+            .enumerate()
+            .any(|(i, other)| i != slot && common_prefix(other, held) == held.len())
+        && !host.covers(held)
+}
+
+pub fn common_prefix(a: &[i32], b: &[i32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+struct Entry<S> {
+    tokens: Vec<i32>,
+    state: S,
+    bytes: usize,
+    last_used: u64,
+}
+
+/// Prompt states in host memory, keyed by their tokens, at most `limit` bytes in all. `S` is
+/// llama.cpp's opaque sequence state in the engine (a plain value in the tests).
+pub struct HostCache<S> {
+    entries: Vec<Entry<S>>,
+    bytes: usize,
+    limit: usize,
+    clock: u64,
+}
+
+/// What an insert did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    pub stored: bool,
+    /// Entries evicted to make room (least recently used first).
+    pub evicted: u32,
+    /// Entries dropped because the new one extends them (it restores them too).
+    pub subsumed: u32,
+}
+
+impl<S> HostCache<S> {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            bytes: 0,
+            limit,
+            clock: 0,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry sharing the longest prefix with `prompt`, and that length (`None`: no entry
+    /// shares a token).
+    pub fn longest(&self, prompt: &[i32]) -> Option<(usize, usize)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, common_prefix(&e.tokens, prompt)))
+            .filter(|(_, n)| *n > 0)
+            .max_by_key(|(i, n)| (*n, std::cmp::Reverse(*i)))
+    }
+
+    /// Whether an entry starts with all of `tokens`.
+    pub fn covers(&self, tokens: &[i32]) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.tokens.len() >= tokens.len() && e.tokens[..tokens.len()] == *tokens)
+    }
+
+    /// Entry `i`'s state, marked as used now.
+    pub fn take_use(&mut self, i: usize) -> (&S, usize) {
+        self.clock += 1;
+        let e = &mut self.entries[i];
+        e.last_used = self.clock;
+        (&e.state, e.bytes)
+    }
+
+    /// Stores `state` (`bytes` long) for `tokens`, dropping the entries it extends and then the
+    /// least recently used until it fits. A state larger than the whole bound is not stored.
+    pub fn insert(&mut self, tokens: Vec<i32>, state: S, bytes: usize) -> Inserted {
+        let mut out = Inserted::default();
+        if bytes > self.limit {
+            return out;
+        }
+        let before = self.entries.len();
+        let mut freed = 0;
+        self.entries.retain(|e| {
+            let extended = e.tokens.len() <= tokens.len() && tokens[..e.tokens.len()] == e.tokens;
+            if extended {
+                freed += e.bytes;
+            }
+            !extended
+        });
+        self.bytes -= freed;
+        out.subsumed = (before - self.entries.len()) as u32;
+        while self.bytes + bytes > self.limit {
+            let Some((oldest, _)) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+            else {
+                break;
+            };
+            let e = self.entries.swap_remove(oldest);
+            self.bytes -= e.bytes;
+            out.evicted += 1;
+        }
+        self.clock += 1;
+        self.entries.push(Entry {
+            tokens,
+            state,
+            bytes,
+            last_used: self.clock,
+        });
+        self.bytes += bytes;
+        out.stored = true;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(start: i32, n: usize) -> Vec<i32> {
+        (start..start + n as i32).collect()
+    }
+
+    #[test]
+    fn eviction_keeps_the_bound_and_drops_the_least_recently_used() {
+        let mut c = HostCache::new(1000);
+        assert!(c.insert(tokens(0, 100), "a", 400).stored);
+        assert!(c.insert(tokens(1000, 100), "b", 400).stored);
+        // Using `a` makes `b` the least recently used.
+        let (i, n) = c.longest(&tokens(0, 50)).unwrap();
+        assert_eq!(n, 50);
+        assert_eq!(*c.take_use(i).0, "a");
+        let r = c.insert(tokens(2000, 100), "c", 400);
+        assert_eq!((r.stored, r.evicted), (true, 1));
+        assert!(c.bytes() <= c.limit());
+        assert!(c.longest(&tokens(1000, 10)).is_none(), "b was evicted");
+        assert!(c.longest(&tokens(0, 10)).is_some(), "a stayed");
+        // A state larger than the bound is refused and evicts nothing.
+        let r = c.insert(tokens(3000, 100), "huge", 1001);
+        assert_eq!(r, Inserted::default());
+        assert_eq!(c.len(), 2);
+        // Many inserts never pass the bound.
+        for k in 0..50 {
+            c.insert(tokens(10_000 + k * 200, 100), "x", 300);
+            assert!(c.bytes() <= c.limit(), "bound kept after insert {k}");
+        }
+    }
+
+    #[test]
+    fn a_longer_state_replaces_the_prefixes_it_extends() {
+        let mut c = HostCache::new(10_000);
+        c.insert(tokens(0, 100), 1, 100);
+        c.insert(tokens(0, 50), 2, 50);
+        assert!(c.covers(&tokens(0, 100)));
+        assert!(c.covers(&tokens(0, 30)));
+        assert!(!c.covers(&tokens(0, 101)));
+        let r = c.insert(tokens(0, 200), 3, 200);
+        assert_eq!(r.subsumed, 2);
+        assert_eq!((c.len(), c.bytes()), (1, 200));
+    }
+
+    #[test]
+    fn the_plan_takes_the_source_that_saves_the_most() {
+        let system = tokens(0, 300);
+        let prompt = [system.clone(), tokens(5000, 40)].concat();
+        let mut host = HostCache::new(1 << 20);
+        // Own slot empty, slot 2 holds the system prompt and an old question: share it.
+        let kv = vec![
+            vec![],
+            tokens(9000, 10),
+            [system.clone(), tokens(7000, 40)].concat(),
+        ];
+        assert_eq!(
+            plan(0, &kv, &host, &prompt),
+            Plan {
+                source: Source::Slot(2),
+                tokens: 300
+            }
+        );
+        // A host entry with the whole prompt beats it by more than the restore threshold.
+        host.insert(prompt.clone(), (), 1);
+        assert_eq!(
+            plan(0, &kv, &host, &prompt),
+            Plan {
+                source: Source::Host(0),
+                tokens: prompt.len()
+            }
+        );
+        // Own slot wins ties: nothing to move.
+        let kv = vec![prompt.clone(), prompt.clone(), vec![]];
+        assert_eq!(plan(0, &kv, &host, &prompt).source, Source::Own);
+        // A host entry that gains less than MIN_RESTORE_GAIN is not worth a copy.
+        let kv = vec![prompt[..prompt.len() - 10].to_vec(), vec![], vec![]];
+        assert_eq!(plan(0, &kv, &host, &prompt).source, Source::Own);
+    }
+
+    #[test]
+    fn a_slot_is_saved_only_when_its_cache_would_be_lost() {
+        let long = tokens(0, 200);
+        let mut host: HostCache<()> = HostCache::new(1 << 20);
+        let kv = vec![long.clone(), vec![]];
+        assert!(worth_saving(0, 0, &kv, &host));
+        assert!(!worth_saving(0, 190, &kv, &host), "little is dropped");
+        let short = vec![tokens(0, 10), vec![]];
+        assert!(!worth_saving(0, 0, &short, &host), "too short");
+        let shared = vec![long.clone(), [long.clone(), tokens(900, 5)].concat()];
+        assert!(!worth_saving(0, 0, &shared, &host), "another slot holds it");
+        host.insert(long.clone(), (), 1);
+        assert!(!worth_saving(0, 0, &kv, &host), "already in the host cache");
+    }
+}

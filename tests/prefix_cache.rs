@@ -1,0 +1,244 @@
+//! The engine's prefix cache past the slot (docs/ARCHITECTURE.md, "The prefix cache"), end to
+//! end on the real default model: greedy answers from shared and restored prefixes equal cold
+//! ones, a system prompt is computed once for four slots, and the host cache keeps its bound.
+//!
+//! Each test holds `serial()` for its whole run, across awaits (see tests/engine.rs).
+#![allow(clippy::await_holding_lock)]
+
+use llorch_client::{Completion, UnixClient};
+use llorch_tests::prom::Scrape;
+use llorch_tests::{serial, Engine};
+use llorch_wire::engine::{ChatMessage, GenerateRequest};
+
+/// A system prompt of about 480 tokens, different for each `topic`.
+fn system_prompt(topic: &str) -> String {
+    let mut s = format!("You are a careful assistant for questions about {topic}. ");
+    for i in 0..24 {
+        s.push_str(&format!(
+            "Rule {i}: answer about {topic} in plain words, keep it short and name your source. "
+        ));
+    }
+    s
+}
+
+fn chat(system: &str, question: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        temperature: Some(0.0),
+        max_tokens: Some(max_tokens),
+        ..GenerateRequest::chat(vec![
+            ChatMessage::new("system", system),
+            ChatMessage::new("user", question),
+        ])
+    }
+}
+
+async fn run(client: &UnixClient, req: &GenerateRequest) -> Completion {
+    client.generate(req).await.unwrap().collect().await.unwrap()
+}
+
+async fn scrape(client: &UnixClient) -> Scrape {
+    let (_, body) = client.get_bytes("/metrics").await.unwrap();
+    Scrape::parse(std::str::from_utf8(&body).unwrap())
+}
+
+/// Greedy answers from reused cells agree with the cold answer. The cells hold the same values,
+/// but they sit elsewhere in the unified cache, next to other sequences, and attention sums
+/// over them in another order; where two tokens are nearly tied greedy decoding may then pick
+/// the other (docs/ARCHITECTURE.md, "Batching and determinism"). Wrong cells (positions,
+/// another prompt) fail at once; so the first 8 pieces must be equal, and most answers are.
+fn agrees(got: &Completion, cold: &Completion, how: &str) {
+    let shared = got
+        .tokens
+        .iter()
+        .zip(&cold.tokens)
+        .take_while(|(a, b)| a == b)
+        .count();
+    eprintln!(
+        "{how}: {:?}\ncold: {:?}\n{shared} pieces agree",
+        got.text, cold.text
+    );
+    assert!(
+        shared >= 8.min(cold.tokens.len()),
+        "{how}: {:?} diverges early from the cold answer {:?}",
+        got.text,
+        cold.text
+    );
+}
+
+/// The answer to `req` from a fresh engine, where nothing is cached.
+async fn cold(req: &GenerateRequest) -> Completion {
+    let engine = Engine::start(&["--slots", "2"]);
+    let c = run(&engine.client(), req).await;
+    assert_eq!(c.end.cached_tokens, 0);
+    assert!(engine.stop().success());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_and_restored_prefixes_give_the_same_greedy_answers_as_cold_prompts() {
+    let _serial = serial();
+    let system = system_prompt("astronomy");
+    let first = chat(&system, "What is a planet?", 24);
+    let second = chat(&system, "What is a comet?", 24);
+    let cold_first = cold(&first).await;
+    let cold_second = cold(&second).await;
+
+    let engine = Engine::start(&["--slots", "2"]);
+    let client = engine.client();
+    let a = run(
+        &client,
+        &GenerateRequest {
+            slot: Some(0),
+            ..first.clone()
+        },
+    )
+    .await;
+    assert_eq!(a.end.cached_tokens, 0);
+    agrees(&a, &cold_first, "cold in both");
+
+    // The second question in the other slot shares the system prompt's cells with slot 0.
+    let b = run(
+        &client,
+        &GenerateRequest {
+            slot: Some(1),
+            ..second.clone()
+        },
+    )
+    .await;
+    assert_eq!(b.end.slot, 1);
+    assert!(
+        b.end.cached_tokens * 10 >= b.end.prompt_tokens * 8,
+        "the system prompt came from slot 0: {:?}",
+        b.end
+    );
+    agrees(&b, &cold_second, "shared cells");
+    let m = scrape(&client).await;
+    assert!(
+        m.sum(
+            "llorch_prefix_cache_hit_tokens_total",
+            &[("source", "shared")]
+        ) > 0.0
+    );
+
+    // Two other conversations push both out of the slots, into the host cache.
+    for topic in ["botany", "geology"] {
+        run(&client, &chat(&system_prompt(topic), "Say hello.", 4)).await;
+    }
+    let m = scrape(&client).await;
+    assert!(
+        m.sum("llorch_prefix_cache_entries", &[]) >= 1.0,
+        "saved to the host cache"
+    );
+
+    // The first conversation again: restored from host memory, the same answer as cold.
+    let again = run(&client, &first).await;
+    assert_eq!(again.end.cached_tokens, again.end.prompt_tokens - 1);
+    agrees(&again, &cold_first, "restored cells");
+    let m = scrape(&client).await;
+    assert!(
+        m.sum(
+            "llorch_prefix_cache_hit_tokens_total",
+            &[("source", "host")]
+        ) > 0.0
+    );
+    assert!(m.sum("llorch_prefix_cache_restored_bytes_total", &[]) > 0.0);
+    assert!(engine.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_slots_with_one_system_prompt_compute_it_once() {
+    let _serial = serial();
+    let engine = Engine::start(&["--slots", "4"]);
+    let client = engine.client();
+    let system = system_prompt("cooking");
+    let first = run(
+        &client,
+        &GenerateRequest {
+            slot: Some(0),
+            ..chat(&system, "How do I boil an egg?", 8)
+        },
+    )
+    .await;
+    let computed = || async {
+        scrape(&client)
+            .await
+            .sum("llorch_engine_prompt_tokens_total", &[])
+    };
+    let before = computed().await;
+    let questions = [
+        "How do I fry rice?",
+        "What is a roux?",
+        "How long to bake bread?",
+    ];
+    let tasks: Vec<_> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let client = client.clone();
+            let req = GenerateRequest {
+                slot: Some(i as u32 + 1),
+                ..chat(&system, q, 8)
+            };
+            tokio::spawn(async move { run(&client, &req).await })
+        })
+        .collect();
+    let mut slots = std::collections::BTreeSet::new();
+    for t in tasks {
+        let c = t.await.unwrap();
+        slots.insert(c.end.slot);
+        // Everything up to the question came from slot 0's cells.
+        assert!(
+            c.end.cached_tokens * 10 >= first.end.prompt_tokens * 8,
+            "{:?}, first prompt {}",
+            c.end,
+            first.end.prompt_tokens
+        );
+    }
+    assert_eq!(slots.len(), 3, "three slots of their own: {slots:?}");
+    // The three computed only their questions (and the template around them), not the
+    // system prompt again.
+    let computed_now = computed().await - before;
+    assert!(
+        computed_now < f64::from(first.end.prompt_tokens),
+        "{computed_now} prompt tokens computed for three requests sharing a {}-token prompt",
+        first.end.prompt_tokens
+    );
+    assert!(engine.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_cache_stays_within_its_bound_by_evicting_the_least_recently_used() {
+    let _serial = serial();
+    // About 500 tokens of 23,040 bytes each: some 11 MiB a state, so 24 MiB holds two.
+    let engine = Engine::start(&["--slots", "1", "--prefix-cache-mib", "24"]);
+    let client = engine.client();
+    let limit = 24.0 * 1024.0 * 1024.0;
+    let topics = ["rivers", "birds", "trains", "music", "chess", "tea"];
+    for topic in topics {
+        run(&client, &chat(&system_prompt(topic), "Hi.", 2)).await;
+        let m = scrape(&client).await;
+        assert_eq!(m.sum("llorch_prefix_cache_limit_bytes", &[]), limit);
+        let held = m.sum("llorch_prefix_cache_bytes", &[]);
+        assert!(held <= limit, "{held} bytes held over a {limit} bound");
+    }
+    let m = scrape(&client).await;
+    let entries = m.sum("llorch_prefix_cache_entries", &[]);
+    let evictions = m.sum("llorch_prefix_cache_evictions_total", &[]);
+    assert!((1.0..=2.0).contains(&entries), "{entries} entries");
+    // Five states were saved (the last stays in the slot); at most two fit.
+    assert!(evictions >= 3.0, "{evictions} evictions");
+    // The oldest was evicted: its prompt is computed again; the newest saved one is restored.
+    let oldest = run(&client, &chat(&system_prompt("rivers"), "Hi.", 2)).await;
+    assert!(
+        oldest.end.cached_tokens * 2 < oldest.end.prompt_tokens,
+        "{:?}",
+        oldest.end
+    );
+    let recent = run(&client, &chat(&system_prompt("tea"), "Hi.", 2)).await;
+    assert!(
+        recent.end.cached_tokens * 10 >= recent.end.prompt_tokens * 8,
+        "{:?}",
+        recent.end
+    );
+    assert!(engine.stop().success());
+}
