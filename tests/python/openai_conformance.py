@@ -305,5 +305,14 @@ for kwargs, param in (
     except openai.BadRequestError as e:
         assert e.param == param, (kwargs, e)
 
+# The prefix cache shows in usage: the same long prompt twice, the second mostly cached.
+long_ask = [{"role": "system", "content": "You answer questions about tides. " * 40},
+            {"role": "user", "content": "When is high tide?"}]
+first = client.chat.completions.create(model=model, messages=long_ask, max_tokens=4, temperature=0)
+again = client.chat.completions.create(model=model, messages=long_ask, max_tokens=4, temperature=0)
+assert again.usage.prompt_tokens == first.usage.prompt_tokens, (first.usage, again.usage)
+assert again.usage.prompt_tokens_details.cached_tokens >= again.usage.prompt_tokens - 1, again.usage
+assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens // 2, first.usage
+
 print("checked", json.dumps(checked, sort_keys=True))
 print("conformance ok")

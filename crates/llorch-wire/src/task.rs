@@ -157,6 +157,9 @@ pub struct MetricsEvent {
 pub struct TaskEnd {
     pub task_id: String,
     pub tokens_in: u32,
+    /// Prompt tokens that came from the engine's prefix cache instead of being computed.
+    #[serde(default)]
+    pub cached_tokens: u32,
     pub tokens_out: u32,
     pub queue_ms: u64,
     /// From submission to the first token, as orchestratord saw it.

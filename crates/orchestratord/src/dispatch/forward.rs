@@ -347,6 +347,7 @@ fn complete(
         TaskEnd {
             task_id: task.id.clone(),
             tokens_in: end.prompt_tokens,
+            cached_tokens: end.cached_tokens,
             tokens_out: end.completion_tokens,
             queue_ms,
             ttft_ms: first.duration_since(task.submitted).as_millis() as u64,

@@ -64,6 +64,7 @@ pub(super) fn usage(end: &TaskEnd) -> Value {
         "prompt_tokens": end.tokens_in,
         "completion_tokens": end.tokens_out,
         "total_tokens": end.tokens_in + end.tokens_out,
+        "prompt_tokens_details": {"cached_tokens": end.cached_tokens},
     })
 }
 

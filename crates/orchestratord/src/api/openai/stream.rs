@@ -250,6 +250,7 @@ mod tests {
         let end = TaskEnd {
             task_id: "t".into(),
             tokens_in: 3,
+            cached_tokens: 1,
             tokens_out: 2,
             queue_ms: 0,
             ttft_ms: 1,
@@ -284,6 +285,7 @@ mod tests {
         assert_eq!(v[2]["choices"][0]["finish_reason"], "length");
         assert_eq!(v[3]["choices"].as_array().unwrap().len(), 0);
         assert_eq!(v[3]["usage"]["total_tokens"], 5);
+        assert_eq!(v[3]["usage"]["prompt_tokens_details"]["cached_tokens"], 1);
 
         let mut c = Chunks::new(Kind::Completion, "cmpl-1", 7, "m", 1, false);
         let mut out = Vec::new();
