@@ -242,3 +242,95 @@ async fn the_host_cache_stays_within_its_bound_by_evicting_the_least_recently_us
     );
     assert!(engine.stop().success());
 }
+
+/// A native chat task of `system` and `question`, run to its end: (pool, end event).
+async fn placed_chat(
+    client: &llorch_client::HttpClient,
+    system: &str,
+    question: &str,
+    pin: Option<&str>,
+) -> (String, llorch_wire::task::TaskEnd) {
+    use llorch_wire::task::{PlacementHints, TaskAccepted, TaskInfo, TaskRequest};
+    let req = TaskRequest {
+        model_ref: llorch_tests::stack::MODEL_ID.into(),
+        messages: Some(vec![
+            ChatMessage::new("system", system),
+            ChatMessage::new("user", question),
+        ]),
+        max_tokens: Some(2),
+        temperature: Some(0.0),
+        placement: pin.map(|p| PlacementHints {
+            pin_pool_id: Some(p.into()),
+            ..PlacementHints::default()
+        }),
+        ..TaskRequest::default()
+    };
+    let accepted: TaskAccepted = client.post_json("/v2/tasks", &req).await.unwrap();
+    let frames = llorch_tests::frames(client.events(&accepted.streams.sse).await.unwrap()).await;
+    let end = frames
+        .iter()
+        .find(|f| f.event == "end")
+        .unwrap_or_else(|| panic!("no end event in {frames:?}"));
+    let end = serde_json::from_str(&end.data).unwrap();
+    let info: TaskInfo = client
+        .get_json(&format!("/v2/tasks/{}", accepted.task_id))
+        .await
+        .unwrap();
+    (info.pool_id.expect("the task ran on a pool"), end)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_sends_a_shared_system_prompt_to_the_pool_that_holds_it() {
+    use llorch_tests::stack::{Stack, StackOptions};
+    let _serial = serial();
+    // Two idle pools of the model: by free slots alone every task would go to `default` (the
+    // smaller id wins a tie).
+    let second = format!(
+        "\n[[pools]]\nid = \"second\"\nslots = 2\nctx = 1024\nthreads = 1\n\n[pools.model]\nid = \"{}\"\nsource = \"{}\"\n",
+        llorch_tests::stack::MODEL_ID,
+        llorch_tests::model_path().display()
+    );
+    let mut stack = Stack::start(StackOptions {
+        slots: 2,
+        api_keys: false,
+        extra_node_toml: second,
+        ..StackOptions::default()
+    });
+    stack.wait_ready();
+    let client = stack.client();
+    llorch_tests::wait_until(
+        "both pools ready",
+        std::time::Duration::from_secs(120),
+        || async {
+            let p: llorch_wire::task::PoolsAnswer = client
+                .get_json("/v2/pools")
+                .await
+                .map_err(|e| e.to_string())?;
+            let ready = p
+                .pools
+                .iter()
+                .filter(|p| p.state == llorch_wire::node::PoolState::Ready)
+                .count();
+            if ready == 2 {
+                Ok(())
+            } else {
+                Err(format!("{ready} pools ready"))
+            }
+        },
+    )
+    .await;
+    let system = system_prompt("sailing");
+    // The first user of the system prompt is pinned to `second`, which then holds it.
+    let (pool, first) = placed_chat(&client, &system, "What is a jib?", Some("second")).await;
+    assert_eq!(pool, "second");
+    assert!(first.cached_tokens * 2 < first.tokens_in, "{first:?}");
+    // Later users go there for it and compute only their question.
+    for q in ["What is a keel?", "How do I tack?", "What is a boom?"] {
+        let (pool, end) = placed_chat(&client, &system, q, None).await;
+        assert_eq!(pool, "second", "placed for the cached system prompt");
+        assert!(end.cached_tokens * 10 >= end.tokens_in * 8, "{end:?}");
+    }
+    // Another system prompt has no cache anywhere: free slots decide (a tie: `default`).
+    let (pool, _) = placed_chat(&client, &system_prompt("knitting"), "Hi?", None).await;
+    assert_eq!(pool, "default");
+}

@@ -55,6 +55,10 @@ pub struct Args {
     /// Seconds a session keeps its affinity to the pool holding its KV cache.
     #[arg(long, env = "LLORCH_SESSION_TTL_SECS", default_value_t = defaults::SESSION_TTL_SECS)]
     pub session_ttl_secs: u64,
+    /// Score pools by the prompt prefix they probably hold (cache-aware placement); `false`
+    /// places by free slots alone.
+    #[arg(long, env = "LLORCH_CACHE_AWARE_PLACEMENT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cache_aware_placement: bool,
     /// `max_tokens` of a request that gives none (the engine also stops at its slot's context).
     #[arg(long, env = "LLORCH_DEFAULT_MAX_TOKENS", default_value_t = defaults::DEFAULT_MAX_TOKENS)]
     pub default_max_tokens: u32,
@@ -137,6 +141,8 @@ pub struct Config {
     pub policy: Policy,
     pub max_body_bytes: usize,
     pub session_ttl: Duration,
+    /// Cache-aware placement on (`--cache-aware-placement`).
+    pub cache_aware_placement: bool,
     pub default_max_tokens: u32,
     pub stream_idle: Duration,
     pub sse_keepalive: Duration,
@@ -201,6 +207,7 @@ impl Default for Config {
             policy: Policy::Reject,
             max_body_bytes: defaults::MAX_BODY_BYTES,
             session_ttl: Duration::from_secs(defaults::SESSION_TTL_SECS),
+            cache_aware_placement: true,
             default_max_tokens: defaults::DEFAULT_MAX_TOKENS,
             stream_idle: Duration::from_secs(defaults::STREAM_IDLE_SECS),
             sse_keepalive: Duration::from_secs(defaults::SSE_KEEPALIVE_SECS),
@@ -277,6 +284,7 @@ impl Args {
             policy: self.admission_policy,
             max_body_bytes: self.max_body_bytes,
             session_ttl: Duration::from_secs(self.session_ttl_secs),
+            cache_aware_placement: self.cache_aware_placement,
             default_max_tokens: self.default_max_tokens,
             stream_idle: Duration::from_secs(self.stream_idle_secs),
             sse_keepalive: Duration::from_secs(self.sse_keepalive_secs),

@@ -63,6 +63,7 @@ pub(crate) mod metrics;
 pub(crate) mod ops;
 pub(crate) mod outcome;
 pub mod placement;
+pub(crate) mod prefixes;
 pub(crate) mod refusal;
 pub mod registry;
 pub mod state;

@@ -171,6 +171,8 @@ pub struct Task {
     pub client: String,
     pub session_id: Option<String>,
     pub hints: Option<PlacementHints>,
+    /// Its prompt's prefix blocks, for cache-aware placement (hashes only: no prompt text).
+    pub prefix: Vec<crate::prefixes::Block>,
     /// What is sent to the engine (the slot hint is added at dispatch), until the task ends:
     /// a finished task is kept for its info and late readers, and must not keep its prompt
     /// (up to the body limit, for each of thousands of retained tasks).
@@ -214,6 +216,7 @@ impl Task {
             client,
             session_id,
             hints,
+            prefix: crate::prefixes::blocks(&request),
             request: Mutex::new(Some(request)),
             submitted: Instant::now(),
             correlation_id,

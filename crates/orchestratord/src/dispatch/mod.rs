@@ -183,10 +183,23 @@ fn take_work(state: &Arc<State>) -> Work {
         queue,
         registry,
         sessions,
+        prefixes,
     } = core;
     // No snapshot without work: heartbeats wake this loop too, and a snapshot of thousands of
     // pools is the pass's largest cost.
     let models: Vec<String> = queue.models().map(str::to_string).collect();
+    // A pool that is not ready (restarting, unloaded, gone) starts again with empty caches:
+    // forgotten before tasks are placed by what it held (only then, so heartbeats, which wake
+    // this loop too, do not pay for it).
+    if !models.is_empty() && !prefixes.is_empty() {
+        prefixes.retain(|node, pool| {
+            registry.nodes.get(node).is_some_and(|n| {
+                n.pools
+                    .iter()
+                    .any(|p| p.pool_id == pool && p.state == llorch_wire::node::PoolState::Ready)
+            })
+        });
+    }
     let candidates = if models.is_empty() {
         Vec::new()
     } else {
@@ -201,6 +214,7 @@ fn take_work(state: &Arc<State>) -> Work {
         queue,
         registry,
         sessions,
+        prefixes,
         candidates,
         work: Work {
             expired,
@@ -238,6 +252,7 @@ struct Pass<'a> {
     queue: &'a mut Queue<Arc<Task>>,
     registry: &'a Registry,
     sessions: &'a Sessions,
+    prefixes: &'a mut crate::prefixes::PrefixIndex,
     candidates: Vec<Candidate<'a>>,
     work: Work,
     /// Leases taken by this pass, applied once the snapshot (which borrows the registry) ends.
@@ -303,6 +318,21 @@ impl Pass<'_> {
                 .map(|s| (s.pool.0.as_str(), s.pool.1.as_str())),
             hints: task.hints.as_ref(),
             slot_wait: self.registry.slot_wait(&self.candidates, &task.model),
+            cached: self
+                .candidates
+                .iter()
+                .filter(|c| {
+                    self.state.config.cache_aware_placement
+                        && !self.prefixes.is_empty()
+                        && c.model_id == task.model
+                        && !task.prefix.is_empty()
+                })
+                .map(|c| {
+                    let bytes = self.prefixes.expected(c.node_id, c.pool_id, &task.prefix);
+                    (c.node_id, c.pool_id, bytes)
+                })
+                .filter(|(_, _, bytes)| *bytes > 0)
+                .collect(),
         };
         match place(&self.candidates, &ask) {
             Placement::Wait { .. } => false,
@@ -334,6 +364,7 @@ impl Pass<'_> {
                 tracing::debug!(task_id = %task.id, pool_id = %pool_id, ?reasons, "Placed.");
                 self.state.metrics.decision(Decision::Placed);
                 let key: PoolKey = (node_id, pool_id);
+                self.prefixes.record(&key, &task.prefix);
                 self.leased.push(key.clone());
                 let mut cold = false;
                 if let Some(c) = self

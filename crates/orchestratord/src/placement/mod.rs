@@ -2,8 +2,16 @@
 //!
 //! Filters first (model served, node online, pool ready, not draining, a free slot, pin and
 //! avoid and prefer-without-fallback), then a score (session affinity for KV cache reuse, then
-//! preference, then the most free slots), then a deterministic tie-break on the pool id. Only
-//! this module decides where a task runs; the dispatcher applies the decision.
+//! preference, then the prompt's expected cached prefix, then the most free slots), then a
+//! deterministic tie-break on the pool id. Only this module decides where a task runs; the
+//! dispatcher applies the decision.
+//!
+//! The cache bonus (cache-aware placement) holds only while a pool runs no more than its share
+//! of the model's running tasks plus one: a pool's share is its slots over the slots of every
+//! ready pool of the model, and the test is `busy × all slots ≤ slots × (all busy + 1)` before
+//! the task is added. So a popular prefix draws its requests to the pool that holds it until
+//! that pool runs one task more than an even spread would give it; then they spread by free
+//! slots, and the next pool to serve the prefix caches it too.
 //!
 //! A loaded pool always wins over an on-demand pool on `standby`. A standby pool is chosen only
 //! when no loaded pool has a free slot, and then only when its load time (as its node last
@@ -79,6 +87,26 @@ pub struct Ask<'a> {
     /// How long a slot of a loaded pool takes to free up (the model's measured service time
     /// over its slots): what waiting costs, against loading a standby pool.
     pub slot_wait: Duration,
+    /// Pools that probably hold the start of the prompt, as (node id, pool id, bytes of the
+    /// prompt's text) from the prefix index.
+    pub cached: Vec<(&'a str, &'a str, u32)>,
+}
+
+impl Ask<'_> {
+    /// Bytes of the prompt that `p` probably holds.
+    fn cached_on(&self, p: &Candidate) -> u32 {
+        self.cached
+            .iter()
+            .find(|(n, id, _)| *n == p.node_id && *id == p.pool_id)
+            .map_or(0, |c| c.2)
+    }
+}
+
+/// Whether `p` may take one more task for its cache: it runs no more than its share of the
+/// running tasks plus one (`busy` and `slots` are those of every ready pool of the model).
+fn within_share(p: &Candidate, busy: u64, slots: u64) -> bool {
+    let own_busy = u64::from(p.slots_total.saturating_sub(p.free_slots));
+    own_busy * slots <= u64::from(p.slots_total) * (busy + 1)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -245,13 +273,33 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
             None => ready.push(p),
         }
     }
-    let score = |p: &Candidate| -> (bool, bool, u32) {
+    let (busy, slots) = ready.iter().fold((0u64, 0u64), |(b, s), p| {
+        (
+            b + u64::from(p.slots_total.saturating_sub(p.free_slots)),
+            s + u64::from(p.slots_total),
+        )
+    });
+    let cache = |p: &Candidate| -> u32 {
+        match ask.cached_on(p) {
+            0 => 0,
+            _ if !within_share(p, busy, slots) => 0,
+            bytes => bytes,
+        }
+    };
+    let score = |p: &Candidate| -> (bool, bool, u32, u32) {
         (
             ask.session_pool == Some((p.node_id, p.pool_id)),
             preferred(hints, p),
+            cache(p),
             p.free_slots,
         )
     };
+    // A pool that holds the prefix but lost its bonus to the load rule, for the reasons.
+    let crowded = ready
+        .iter()
+        .filter(|p| ask.cached_on(p) > 0 && !within_share(p, busy, slots))
+        .map(|p| (p.pool_id, ask.cached_on(p)))
+        .max_by_key(|c| c.1);
     // Highest score wins; among equals the smallest pool id, then node id, so the choice never
     // depends on the order the snapshot was built in.
     let best = ready.into_iter().max_by(|a, b| {
@@ -261,12 +309,22 @@ pub fn place(pools: &[Candidate], ask: &Ask<'_>) -> Placement {
     });
     match best {
         Some(p) => {
-            let (session, preferred, free) = score(p);
+            let (session, preferred, cached, free) = score(p);
             if session {
                 reasons.push(format!("{}: holds the session's KV cache", p.pool_id));
             }
             if preferred {
                 reasons.push(format!("{}: preferred", p.pool_id));
+            }
+            if cached > 0 {
+                reasons.push(format!(
+                    "{}: probably holds the first {cached} bytes of the prompt (cache)",
+                    p.pool_id
+                ));
+            } else if let Some((id, bytes)) = crowded {
+                reasons.push(format!(
+                    "{id}: probably holds the first {bytes} bytes of the prompt, but runs more than its share of the model's tasks"
+                ));
             }
             reasons.push(format!("{}: {free} free slots", p.pool_id));
             Placement::Place {
@@ -326,312 +384,4 @@ fn place_cold(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pool<'a>(id: &'a str, model: &'a str, free: u32) -> Candidate<'a> {
-        Candidate {
-            pool_id: id,
-            node_id: "n1",
-            model_id: model,
-            state: PoolState::Ready,
-            node_online: true,
-            free_slots: free,
-            slots_total: 4,
-            suspect: false,
-            load_ms: None,
-            on_demand: false,
-            vram: None,
-        }
-    }
-
-    fn placed(p: Placement) -> String {
-        match p {
-            Placement::Place { pool_id, .. } => pool_id,
-            other => panic!("expected a placement, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn least_loaded_wins_and_ties_break_on_pool_id() {
-        let pools = [pool("b", "m", 2), pool("a", "m", 2), pool("c", "m", 1)];
-        let ask = Ask {
-            model: "m",
-            ..Ask::default()
-        };
-        assert_eq!(placed(place(&pools, &ask)), "a");
-        let pools = [pool("b", "m", 3), pool("a", "m", 2)];
-        assert_eq!(placed(place(&pools, &ask)), "b");
-        // Order of the snapshot does not matter.
-        let mut rev = pools.clone();
-        rev.reverse();
-        assert_eq!(place(&pools, &ask), place(&rev, &ask));
-    }
-
-    #[test]
-    fn filters_model_state_slots_and_node() {
-        let mut loading = pool("a", "m", 4);
-        loading.state = PoolState::Loading;
-        let mut offline = pool("b", "m", 4);
-        offline.node_online = false;
-        let full = pool("c", "m", 0);
-        let other = pool("d", "x", 4);
-        let mut draining = pool("e", "m", 4);
-        draining.state = PoolState::Draining;
-        let mut suspect = pool("f", "m", 4);
-        suspect.suspect = true;
-        let pools = [loading, offline, full, other, draining, suspect];
-        let ask = Ask {
-            model: "m",
-            ..Ask::default()
-        };
-        match place(&pools, &ask) {
-            Placement::Wait { reasons } => {
-                assert_eq!(reasons.len(), 5, "{reasons:?}");
-                assert!(reasons.iter().any(|r| r == "a: loading"));
-                assert!(reasons.iter().any(|r| r == "c: no free slot"));
-            }
-            other => panic!("{other:?}"),
-        }
-        let ask = Ask {
-            model: "nope",
-            ..Ask::default()
-        };
-        assert!(matches!(place(&pools, &ask), Placement::Impossible { .. }));
-    }
-
-    fn standby(id: &str, free: u32, load_ms: Option<u64>) -> Candidate<'_> {
-        Candidate {
-            state: PoolState::Standby,
-            load_ms,
-            on_demand: true,
-            ..pool(id, "m", free)
-        }
-    }
-
-    #[test]
-    fn loaded_pools_win_and_standby_pools_count_their_load_time() {
-        let ask = |slot_wait_ms| Ask {
-            model: "m",
-            slot_wait: Duration::from_millis(slot_wait_ms),
-            ..Ask::default()
-        };
-        // A loaded pool with a free slot wins, however many slots the standby pool has.
-        let pools = [standby("a", 4, Some(100)), pool("b", "m", 1)];
-        assert_eq!(placed(place(&pools, &ask(10_000))), "b");
-        // No loaded pool: the standby pool loads; the quickest load wins.
-        let pools = [standby("a", 4, Some(900)), standby("b", 4, Some(300))];
-        match place(&pools, &ask(0)) {
-            Placement::Place {
-                pool_id, reasons, ..
-            } => {
-                assert_eq!(pool_id, "b");
-                assert!(
-                    reasons
-                        .iter()
-                        .any(|r| r == "b: standby; its model loads first (~300 ms)"),
-                    "{reasons:?}"
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        // Without a measured load the default estimate counts.
-        let pools = [standby("a", 4, None), standby("b", 4, Some(20_000))];
-        assert_eq!(placed(place(&pools, &ask(0))), "a");
-        // Loaded pools are full: load only when that is quicker than a slot freeing up.
-        let pools = [standby("a", 4, Some(2_000)), pool("b", "m", 0)];
-        assert!(matches!(place(&pools, &ask(500)), Placement::Wait { .. }));
-        assert_eq!(placed(place(&pools, &ask(5_000))), "a");
-        // A GPU pool whose model does not fit its GPUs' free memory now is not loaded; one
-        // that fits is.
-        let gib = 1u64 << 30;
-        let mut big = standby("a", 4, Some(100));
-        big.vram = Some((20 * gib, 8 * gib));
-        let mut fits = standby("b", 4, Some(9_000));
-        fits.vram = Some((6 * gib, 8 * gib));
-        match place(&[big.clone(), fits], &ask(0)) {
-            Placement::Place {
-                pool_id, reasons, ..
-            } => {
-                assert_eq!(pool_id, "b");
-                assert!(
-                    reasons.contains(
-                        &"a: on demand; needs 20480 MiB of VRAM, its GPUs have 8192 MiB free"
-                            .to_string()
-                    ),
-                    "{reasons:?}"
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(place(&[big], &ask(0)), Placement::Wait { .. }));
-        // A suspect or offline standby pool is not loaded.
-        let mut suspect = standby("a", 4, Some(1));
-        suspect.suspect = true;
-        let mut offline = standby("b", 4, Some(1));
-        offline.node_online = false;
-        assert!(matches!(
-            place(&[suspect, offline], &ask(0)),
-            Placement::Wait { .. }
-        ));
-        // A pool that is loading already takes the next tasks too, before another copy of the
-        // model is loaded elsewhere; a plain pool that is loading does not.
-        let mut waking = standby("b", 3, Some(5_000));
-        waking.state = PoolState::Loading;
-        let pools = [standby("a", 4, Some(100)), waking.clone()];
-        assert_eq!(placed(place(&pools, &ask(0))), "b");
-        waking.on_demand = false;
-        let pools = [standby("a", 4, Some(100)), waking];
-        assert_eq!(placed(place(&pools, &ask(0))), "a");
-        // A pin to a standby pool loads it.
-        let pin = PlacementHints {
-            pin_pool_id: Some("a".into()),
-            ..PlacementHints::default()
-        };
-        let pools = [standby("a", 4, Some(2_000)), pool("b", "m", 4)];
-        let pinned = Ask {
-            hints: Some(&pin),
-            ..ask(0)
-        };
-        assert_eq!(placed(place(&pools, &pinned)), "a");
-    }
-
-    #[test]
-    fn session_affinity_beats_load() {
-        let pools = [pool("a", "m", 4), pool("b", "m", 1)];
-        let ask = Ask {
-            model: "m",
-            session_pool: Some(("n1", "b")),
-            ..Ask::default()
-        };
-        assert_eq!(placed(place(&pools, &ask)), "b");
-        // A full session pool is not waited for: another pool serves the turn.
-        let pools = [pool("a", "m", 4), pool("b", "m", 0)];
-        assert_eq!(placed(place(&pools, &ask)), "a");
-    }
-
-    #[test]
-    fn pins_prefers_and_avoids() {
-        let pools = [pool("a", "m", 4), pool("b", "m", 1), pool("c", "x", 4)];
-        let pin_b = PlacementHints {
-            pin_pool_id: Some("b".into()),
-            ..PlacementHints::default()
-        };
-        fn ask(h: &PlacementHints) -> Ask<'_> {
-            Ask {
-                model: "m",
-                hints: Some(h),
-                ..Ask::default()
-            }
-        }
-        assert_eq!(placed(place(&pools, &ask(&pin_b))), "b");
-        // A pin to a busy pool waits for it.
-        let busy = [pool("a", "m", 4), pool("b", "m", 0)];
-        assert!(matches!(place(&busy, &ask(&pin_b)), Placement::Wait { .. }));
-        for pin in ["c", "zz"] {
-            let h = PlacementHints {
-                pin_pool_id: Some(pin.into()),
-                ..PlacementHints::default()
-            };
-            assert!(matches!(
-                place(&pools, &ask(&h)),
-                Placement::Impossible { .. }
-            ));
-        }
-        let avoid_a = PlacementHints {
-            avoid_pools: vec!["a".into()],
-            ..PlacementHints::default()
-        };
-        assert_eq!(placed(place(&pools, &ask(&avoid_a))), "b");
-        let avoid_all = PlacementHints {
-            avoid_pools: vec!["a".into(), "b".into()],
-            ..PlacementHints::default()
-        };
-        assert!(matches!(
-            place(&pools, &ask(&avoid_all)),
-            Placement::Impossible { .. }
-        ));
-        let prefer_b = PlacementHints {
-            prefer_pools: vec!["b".into()],
-            ..PlacementHints::default()
-        };
-        assert_eq!(placed(place(&pools, &ask(&prefer_b))), "b");
-        // Without fallback, a busy preferred pool is waited for.
-        let prefer_only = PlacementHints {
-            prefer_pools: vec!["b".into()],
-            allow_fallback: Some(false),
-            ..PlacementHints::default()
-        };
-        assert!(matches!(
-            place(&busy, &ask(&prefer_only)),
-            Placement::Wait { .. }
-        ));
-        let with_fallback = PlacementHints {
-            allow_fallback: Some(true),
-            ..prefer_only.clone()
-        };
-        assert_eq!(placed(place(&busy, &ask(&with_fallback))), "a");
-    }
-
-    #[test]
-    fn pool_ids_repeat_across_nodes_and_node_hints_choose() {
-        let on = |node: &'static str, free| Candidate {
-            node_id: node,
-            ..pool("default", "m", free)
-        };
-        let pools = [on("w2", 2), on("w3", 2)];
-        let at = |p: Placement| match p {
-            Placement::Place { node_id, .. } => node_id,
-            other => panic!("{other:?}"),
-        };
-        // A session sticks to its node, whichever order the snapshot has.
-        for session in ["w2", "w3"] {
-            let ask = Ask {
-                model: "m",
-                session_pool: Some((session, "default")),
-                ..Ask::default()
-            };
-            assert_eq!(at(place(&pools, &ask)), session);
-            let mut rev = pools.clone();
-            rev.reverse();
-            assert_eq!(at(place(&rev, &ask)), session);
-        }
-        let hinted = |h: PlacementHints| {
-            let ask = Ask {
-                model: "m",
-                hints: Some(&h),
-                ..Ask::default()
-            };
-            place(&pools, &ask)
-        };
-        let pin = |n: &str| PlacementHints {
-            pin_node_id: Some(n.into()),
-            ..PlacementHints::default()
-        };
-        assert_eq!(at(hinted(pin("w3"))), "w3");
-        assert!(
-            matches!(hinted(pin("w9")), Placement::Impossible { reason } if reason.contains("does not exist"))
-        );
-        let avoid = PlacementHints {
-            avoid_nodes: vec!["w2".into()],
-            ..PlacementHints::default()
-        };
-        assert_eq!(at(hinted(avoid)), "w3");
-        let all = PlacementHints {
-            avoid_nodes: vec!["w2".into(), "w3".into()],
-            ..PlacementHints::default()
-        };
-        assert!(matches!(hinted(all), Placement::Impossible { .. }));
-        let prefer = PlacementHints {
-            prefer_nodes: vec!["w3".into()],
-            ..PlacementHints::default()
-        };
-        assert_eq!(at(hinted(prefer)), "w3");
-        let strict = PlacementHints {
-            prefer_nodes: vec!["w9".into()],
-            allow_fallback: Some(false),
-            ..PlacementHints::default()
-        };
-        assert!(matches!(hinted(strict), Placement::Impossible { .. }));
-    }
-}
+mod tests;

@@ -166,6 +166,7 @@ impl State {
             session_pool: session_pool.as_ref().map(|(n, p)| (n.as_str(), p.as_str())),
             hints: sub.hints.as_ref(),
             slot_wait: core.registry.slot_wait(&candidates, &sub.model),
+            cached: Vec::new(),
         };
         if let Placement::Impossible { reason } = place(&candidates, &ask) {
             return Err(Refusal::Unplaceable { reason });

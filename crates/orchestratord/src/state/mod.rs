@@ -29,6 +29,8 @@ pub(crate) struct Core {
     pub(crate) queue: Queue<Arc<Task>>,
     pub(crate) registry: Registry,
     pub(crate) sessions: Sessions,
+    /// Where each prompt prefix was placed, for cache-aware placement.
+    pub(crate) prefixes: crate::prefixes::PrefixIndex,
 }
 
 impl Core {
@@ -102,6 +104,7 @@ impl State {
             queue: Queue::new(config.queue_capacity, config.policy),
             registry: Registry::default(),
             sessions: Sessions::new(config.session_ttl),
+            prefixes: Default::default(),
         };
         let metrics = Metrics::new(config.queue_capacity);
         Arc::new(Self {
