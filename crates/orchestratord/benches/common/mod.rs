@@ -5,6 +5,8 @@
 
 use std::process::Command;
 
+pub mod stack;
+
 pub use llorch_tests::bench::{env_or, loadavg, median, quantile};
 pub use llorch_tests::stack::{free_port, terminate};
 pub use llorch_tests::{bin, model_path};
