@@ -42,10 +42,10 @@ async fn scrape(client: &UnixClient) -> Scrape {
 }
 
 /// Greedy answers from reused cells agree with the cold answer. The cells hold the same values,
-/// but they sit elsewhere in the unified cache, next to other sequences, and attention sums
-/// over them in another order; where two tokens are nearly tied greedy decoding may then pick
-/// the other (docs/ARCHITECTURE.md, "Batching and determinism"). Wrong cells (positions,
-/// another prompt) fail at once; so the first 8 pieces must be equal, and most answers are.
+/// but the last prompt token is evaluated alone instead of in the prompt's batch, so where two
+/// tokens are nearly tied greedy decoding may pick the other (docs/ARCHITECTURE.md, "Batching
+/// and determinism"). Wrong cells (positions, another prompt) fail at once; so the first 8
+/// pieces must be equal.
 fn agrees(got: &Completion, cold: &Completion, how: &str) {
     let shared = got
         .tokens
@@ -96,7 +96,7 @@ async fn shared_and_restored_prefixes_give_the_same_greedy_answers_as_cold_promp
     assert_eq!(a.end.cached_tokens, 0);
     agrees(&a, &cold_first, "cold in both");
 
-    // The second question in the other slot shares the system prompt's cells with slot 0.
+    // The second question in the other slot takes the system prompt from slot 0.
     let b = run(
         &client,
         &GenerateRequest {
@@ -111,7 +111,7 @@ async fn shared_and_restored_prefixes_give_the_same_greedy_answers_as_cold_promp
         "the system prompt came from slot 0: {:?}",
         b.end
     );
-    agrees(&b, &cold_second, "shared cells");
+    agrees(&b, &cold_second, "copied from slot 0");
     let m = scrape(&client).await;
     assert!(
         m.sum(

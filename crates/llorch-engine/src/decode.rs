@@ -142,8 +142,7 @@ pub struct Settings {
 pub struct DecodeLoop {
     model: Arc<Model>,
     ctx_per_slot: u32,
-    /// Tokens in each slot's KV cache (sequence id = slot index). The cache is unified: slots
-    /// that share a prefix share its cells.
+    /// Tokens in each slot's KV cache (sequence id = slot index, each with its own cells).
     kv: Vec<Vec<i32>>,
     /// Prompt states saved in host memory when their slot moved on (see `prefix.rs`).
     host: HostCache<SeqState>,
@@ -167,8 +166,8 @@ pub fn run(
         prefix_cache_bytes,
     } = settings;
     let n_slots = llorch_os::sync::lock(&slots).len();
-    // One unified KV cache of `ctx_per_slot` cells a slot: sequences that share a prefix share
-    // its cells, so the cells in use never exceed what separate per-slot caches would hold.
+    // `ctx_per_slot` cells a slot, each slot its own (not unified: a sequence's answer must not
+    // depend on which other sequences' cells sit next to its own; docs/ARCHITECTURE.md).
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(ctx_per_slot * n_slots as u32))
         .with_n_seq_max(n_slots as u32)
@@ -176,7 +175,7 @@ pub fn run(
         .with_n_ubatch(BATCH_TOKENS as u32)
         .with_n_threads(threads as i32)
         .with_n_threads_batch(threads as i32)
-        .with_kv_unified(true);
+        .with_kv_unified(false);
     let model_ref = Arc::clone(&model);
     let mut ctx = model_ref
         .llama
@@ -368,10 +367,14 @@ impl DecodeLoop {
         let done = match plan.source {
             // Some model kinds cannot cut a sequence at `keep`; they start over.
             Source::Own => cut(ctx, keep),
+            // Each slot has its own cells (a unified cache would share them, but makes greedy
+            // answers depend on what other sequences sit next to them): the other slot's state
+            // is copied in, then cut to the shared prefix.
             Source::Slot(from) => {
-                let _ = ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
-                ctx.copy_kv_cache_seq(from as i32, seq, Some(0), Some(keep as u32))
-                    .is_ok()
+                match ctx.state_seq_get(from as i32, LlamaStateSeqFlags::empty()) {
+                    Ok(state) => ctx.state_seq_set(&state, seq).is_ok() && cut(ctx, keep),
+                    Err(_) => false,
+                }
             }
             Source::Host(i) => {
                 let (state, bytes) = self.host.take_use(i);

@@ -87,7 +87,7 @@ impl Metrics {
                     Opts::new(
                         "llorch_prefix_cache_hit_tokens_total",
                         "Prompt tokens reused instead of computed, by source: the request's \
-                         own slot, cells shared with another slot, or the host cache.",
+                         own slot, a copy from another slot, or the host cache.",
                     ),
                     &["source"],
                 ),

@@ -1,9 +1,9 @@
 //! The prefix cache past the slot. A prompt's KV cells come from wherever they are cheapest:
 //!
 //! 1. the request's own slot, when its cache already starts with the prompt (nothing to do);
-//! 2. another slot, busy or idle, that holds a longer prefix: the KV cache is unified, so the
-//!    new sequence shares those cells (`llama_memory_seq_cp`, no copy, no compute) and a
-//!    system prompt used by four slots is held and computed once;
+//! 2. another slot, busy or idle, that holds a longer prefix: its sequence state is copied into
+//!    the slot and cut to the shared prefix (a memory copy, no compute), so a system prompt used
+//!    by four slots is computed once;
 //! 3. the host cache ([`HostCache`]): prompt states saved in host memory when a slot moved on
 //!    to another prompt, restored into the slot (a copy of the saved cells) when one is the
 //!    longest prefix;

@@ -16,8 +16,7 @@
 //! - The compute buffer, with flash attention (llama.cpp's `auto` turns it on for CUDA and the
 //!   CPU), was measured on the default model at four context sizes: logits for one ubatch
 //!   (`ubatch × n_vocab × 4`), activations (`ubatch × (n_ff + 3 × n_embd) × 4`), the attention
-//!   mask over the unified KV cache of every slot (`ubatch × ctx_per_slot × slots × 2`) and
-//!   1 MiB. It sits on the GPU that holds the output.
+//!   mask (`ubatch × ctx_per_slot × 2`) and 1 MiB. It sits on the GPU that holds the output.
 //! - A CUDA process also holds its context and cuBLAS workspace on each GPU it uses:
 //!   [`CUDA_OVERHEAD_BYTES`], an assumption `scripts/gpu-smoke.sh` compares with the truth.
 
@@ -228,8 +227,7 @@ pub fn estimate(info: &GgufInfo, request: Request) -> Result<Estimate, EstimateE
     let ubatch = request.ubatch as u64;
     let compute = sum(&[
         sum(&[n_vocab, n_ff, n_embd.saturating_mul(3)]).saturating_mul(ubatch * 4),
-        // The engine's KV cache is unified: the mask spans every slot's cells.
-        ubatch.saturating_mul(tokens).saturating_mul(2),
+        ubatch * request.ctx_per_slot as u64 * 2,
         MIB,
     ]);
     // On the CPU a tied head is the embedding already mapped, not a second copy.
