@@ -23,6 +23,7 @@ demo: build
 ## that cannot run here (llorch_tests::skip) is counted as skipped, not passed; under CI=true
 ## it fails instead, since CI installs everything.
 test: build
+	@mkdir -p target
 	rm -f target/skipped.log
 	set -o pipefail; LLORCH_SKIP_LOG="$(CURDIR)/target/skipped.log" $(CARGO) test --workspace 2>&1 | tee target/test.log
 	@touch target/skipped.log; awk -v s="$$(wc -l < target/skipped.log)" '/^test result:/ { p += $$4; f += $$6 } \
