@@ -135,7 +135,8 @@ impl Active {
 pub struct Settings {
     pub ctx_per_slot: u32,
     pub threads: u32,
-    /// The host prefix cache's bound in bytes (0: no host cache; slots still share cells).
+    /// The host prefix cache's bound in bytes (0: no host cache; slots still copy from each
+    /// other).
     pub prefix_cache_bytes: usize,
 }
 

@@ -15,16 +15,17 @@
 /// A slot's state is saved to the host cache when it holds at least this many tokens that the
 /// next request would drop; shorter states cost more to manage than to recompute.
 pub const MIN_SAVE_TOKENS: usize = 64;
-/// A host entry is restored only when it saves at least this many tokens over the slot's own
-/// cache: a restore copies the entry's cells, which a few tokens of prefill would beat.
-pub const MIN_RESTORE_GAIN: usize = 32;
+/// Another slot's state or a host entry is copied in only when it saves at least this many
+/// tokens over the slot's own cache: a copy moves the whole saved sequence, which a few tokens
+/// of prefill would beat.
+pub const MIN_COPY_GAIN: usize = 32;
 
 /// Where a request's reused prompt tokens come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// Its own slot's cache.
     Own,
-    /// Another slot's cells, shared.
+    /// Another slot's sequence state, copied.
     Slot(usize),
     /// A host cache entry (index into [`HostCache`]), restored.
     Host(usize),
@@ -49,32 +50,41 @@ pub struct Plan {
 }
 
 /// Picks the source that saves the most prompt tokens for `prompt` in `slot`, given what every
-/// slot's cache holds (`kv`, sequence id = index) and the host cache. Ties go to the cheaper
-/// source: own slot, then a shared slot, then the host cache (which must beat the best slot by
-/// [`MIN_RESTORE_GAIN`]).
+/// slot's cache holds (`kv`, sequence id = index) and the host cache. Another slot and the host
+/// cache are both copies of a whole sequence state, so either must beat the slot's own cache by
+/// [`MIN_COPY_GAIN`] tokens; between them the longer wins, another slot on a tie (it stays
+/// where it is, while a host entry's use reorders the cache).
 pub fn plan<S>(slot: usize, kv: &[Vec<i32>], host: &HostCache<S>, prompt: &[i32]) -> Plan {
-    let mut best = Plan {
+    let own = Plan {
         source: Source::Own,
         tokens: common_prefix(&kv[slot], prompt),
     };
+    let mut copy = Plan {
+        source: Source::Own,
+        tokens: 0,
+    };
     for (i, cached) in kv.iter().enumerate() {
         let n = common_prefix(cached, prompt);
-        if i != slot && n > best.tokens {
-            best = Plan {
+        if i != slot && n > copy.tokens {
+            copy = Plan {
                 source: Source::Slot(i),
                 tokens: n,
             };
         }
     }
     if let Some((i, n)) = host.longest(prompt) {
-        if n >= best.tokens + MIN_RESTORE_GAIN {
-            best = Plan {
+        if n > copy.tokens {
+            copy = Plan {
                 source: Source::Host(i),
                 tokens: n,
             };
         }
     }
-    best
+    if copy.tokens >= own.tokens + MIN_COPY_GAIN {
+        copy
+    } else {
+        own
+    }
 }
 
 /// Whether the cache of `slot` is worth saving before it is cut back to `keep` tokens: it
@@ -293,7 +303,7 @@ mod tests {
         // Own slot wins ties: nothing to move.
         let kv = vec![prompt.clone(), prompt.clone(), vec![]];
         assert_eq!(plan(0, &kv, &host, &prompt).source, Source::Own);
-        // A host entry that gains less than MIN_RESTORE_GAIN is not worth a copy.
+        // A host entry that gains less than MIN_COPY_GAIN is not worth a copy.
         let kv = vec![prompt[..prompt.len() - 10].to_vec(), vec![], vec![]];
         assert_eq!(plan(0, &kv, &host, &prompt).source, Source::Own);
     }
