@@ -23,7 +23,7 @@
     in
     {
       # The cluster library (nix/lib/cluster.nix): check and hosts.
-      lib = { inherit (cluster) check hosts nodeTokensText; };
+      lib = { inherit (cluster) check hosts nodeTokensText nodeTokensTextFor; };
 
       overlays.default = final: _prev: {
         llama-orch = final.callPackage ./nix/package.nix { };

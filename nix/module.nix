@@ -57,6 +57,15 @@ let
           Required for `http(s)://` sources; taken from `source.sha256` when Nix fetches it.
         '';
       };
+      allowHttp = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Let engine-provisioner fetch a plain `http://` source on another host (anyone on the
+          path sees which model is fetched and can cut it off; the sha256 still decides what
+          is staged). Loopback is always allowed.
+        '';
+      };
     };
   };
 

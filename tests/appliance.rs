@@ -602,6 +602,39 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         .success()
     };
     assert!(!bus_socket(engine), "the engine sees the system bus");
+    // Only pool-managerd's user reaches an engine's socket: not another engine, not a
+    // provisioner, not orchestratord, though all share the group llama-orch.
+    let engine_health = |user: &str| {
+        c.sh(&[
+            "setpriv",
+            &format!("--reuid={user}"),
+            "--regid=llama-orch",
+            "--init-groups",
+            "curl",
+            "-sf",
+            "-m",
+            "5",
+            "--unix-socket",
+            "/run/llama-orch/engines/default.sock",
+            "http://engine/health",
+        ])
+        .status
+        .success()
+    };
+    assert!(
+        engine_health("llama-orch"),
+        "pool-managerd's user cannot reach its engine"
+    );
+    for other in [
+        "llama-orch-engine",
+        "llama-orch-provisioner",
+        "llama-orch-api",
+    ] {
+        assert!(
+            !engine_health(other),
+            "{other} reached the default pool's engine"
+        );
+    }
     assert!(bus_socket(c.main_pid("pool-managerd.service")));
     // Its memory is bounded, sized from the model and its KV cache (2 slots of 1024 tokens
     // here), and pool-managerd said so; its tasks too.
@@ -692,6 +725,60 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     let (status, body) = chat(port, &[]);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("Paris"), "{body}");
+
+    // Revocation by reload. systemd 252 does not refresh LoadCredential= on reload, so the
+    // unit copies the secrets itself on every start and reload. API keys where there were
+    // none take a restart; then a key removed from its file and a reload: 401 at once.
+    let (ops, bob) = ("ops-key-0123456789abcdef", "bob-key-0123456789abcdef");
+    let write_secret = |path: &str, text: &str| {
+        c.ok(&["sh", "-c", &format!("umask 077; printf '{text}' > {path}")]);
+    };
+    write_secret(
+        "/etc/llama-orch/api-keys",
+        &format!("ops {ops} admin\\nbob {bob}\\n"),
+    );
+    c.ok(&["systemctl", "restart", "orchestratord.service"]);
+    c.wait_until("the node to register again", Duration::from_secs(30), |c| {
+        c.show("orchestratord.service", "StatusText")
+            .starts_with(SERVING)
+    });
+    let with_key =
+        |key: &str, path: &str| curl(port, &["-H", &format!("authorization: Bearer {key}")], path);
+    assert_eq!(with_key(bob, "/v1/models").0, 200);
+    assert_eq!(curl(port, &[], "/v1/models").0, 401);
+    write_secret("/etc/llama-orch/api-keys", &format!("ops {ops} admin\\n"));
+    c.ok(&["systemctl", "reload", "orchestratord.service"]);
+    let (status, body) = with_key(bob, "/v1/models");
+    assert_eq!(
+        status, 401,
+        "a removed key still works after the reload: {body}"
+    );
+    assert_eq!(with_key(ops, "/v1/models").0, 200);
+    // The node token rotated in node-tokens (the node still holds the old one) and a reload:
+    // the node's next beat asks for its report, whose old token is refused, and the node
+    // goes offline.
+    write_secret(
+        "/etc/llama-orch/node-tokens",
+        "* rotated-token-0123456789abcdef\\n",
+    );
+    c.ok(&["systemctl", "reload", "orchestratord.service"]);
+    c.wait_until(
+        "the node's old token refused",
+        Duration::from_secs(30),
+        |c| {
+            !c.journal(&[
+                "-u",
+                "orchestratord.service",
+                // llorch_os::message_id::NODE_REFUSED
+                "MESSAGE_ID=93706c9873b647948d70f1c152461b28",
+            ])
+            .is_empty()
+        },
+    );
+    c.wait_until("the node offline", Duration::from_secs(30), |_| {
+        let (status, body) = with_key(ops, "/v2/nodes");
+        status == 200 && body.contains("\"offline\"")
+    });
 
     // A clean poweroff.
     assert!(

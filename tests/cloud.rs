@@ -183,7 +183,7 @@ fn worker_config(dir: &Path, w: &Worker, cp_ip: &str, ca: &Ca, token: &str) -> P
     std::fs::create_dir_all(&home).unwrap();
     let cert = ca.server(&format!("{}-node", w.id), &[&w.ip]);
     let token_file = home.join("node-token");
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    llorch_tests::write_secret(&token_file, &format!("{token}\n"));
     let config = home.join("node.toml");
     std::fs::write(
         &config,
@@ -336,9 +336,9 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
     let ca = Ca::new(dir.path(), "cluster");
     let cp_cert = ca.server("control-plane", &["10.231.2.1", "10.231.3.1", "127.0.0.1"]);
     let keys = dir.path().join("api-keys");
-    std::fs::write(&keys, format!("ops {TEST_KEY} admin\n")).unwrap();
+    llorch_tests::write_secret(&keys, &format!("ops {TEST_KEY} admin\n"));
     let tokens = dir.path().join("node-tokens");
-    std::fs::write(&tokens, format!("w2 {TOKEN_W2}\nw3 {TOKEN_W3}\n")).unwrap();
+    llorch_tests::write_secret(&tokens, &format!("w2 {TOKEN_W2}\nw3 {TOKEN_W3}\n"));
     let orch_log = dir.path().join("orchestratord.log");
     // orchestratord reports READY=1 and its status line (pools ready, nodes) here: the test
     // waits for those events.
@@ -616,6 +616,23 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
         (boot, detect, recover)
     });
     let (boot, detect, recover) = report;
+    // A worker's token from the worker's own network may not register an address of the
+    // control plane's machine: orchestratord would dial its own sockets with that token.
+    let (status, field) = block_on_in(&workers[0].ns.0, || async {
+        let w2 = HttpClient::with_roots(&format!("https://10.231.2.1:{API_PORT}"), &roots)
+            .unwrap()
+            .with_token(Some(TOKEN_W2.into()));
+        let (status, _, v) = post(
+            &w2,
+            "/v2/nodes/register",
+            &json!({"node_id": "w2", "address": "unix:/run/llama-orch/pool-managerd.sock", "version": "0", "heartbeat_secs": 1, "pools": []}),
+        )
+        .await;
+        (status, v["field"].as_str().unwrap_or_default().to_string())
+    });
+    assert_eq!((status.as_u16(), field.as_str()), (400, "address"));
+    assert!(orch_text()
+        .contains("Refused a registration from another machine naming an address of this one."));
     // Each worker's engine parsed its own staged copy of the model: nothing was shared.
     for w in ["w2", "w3"] {
         let cache = dir.path().join(w).join("cache");
@@ -769,9 +786,9 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
     let ca = Ca::new(dir.path(), "cluster");
     let cp_cert = ca.server("control-plane", &["10.231.2.1", "10.231.3.1", "127.0.0.1"]);
     let keys = dir.path().join("api-keys");
-    std::fs::write(&keys, format!("ops {TEST_KEY} admin\n")).unwrap();
+    llorch_tests::write_secret(&keys, &format!("ops {TEST_KEY} admin\n"));
     let tokens = dir.path().join("node-tokens");
-    std::fs::write(&tokens, format!("w2 {TOKEN_W2}\nw3 {TOKEN_W3}\n")).unwrap();
+    llorch_tests::write_secret(&tokens, &format!("w2 {TOKEN_W2}\nw3 {TOKEN_W3}\n"));
 
     // Each host gets what the NixOS module renders for it from nix/examples/cloud.nix through
     // the cluster library (node.toml, drop-ins for listen addresses, credentials and
@@ -810,7 +827,7 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
     let worker_stage = |id: &str, ip: &str, token: &str| -> PathBuf {
         let cert = ca.server(&format!("{id}-node"), &[ip]);
         let token_file = dir.path().join(format!("{id}-node-token"));
-        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        llorch_tests::write_secret(&token_file, &format!("{token}\n"));
         // The example's model path, for the provisioner to stage.
         let model_dir = dir.path().join(id).join("root/srv/models");
         std::fs::create_dir_all(&model_dir).unwrap();

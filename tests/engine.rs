@@ -390,6 +390,27 @@ async fn bad_requests_get_a_400_naming_the_field_and_disturb_no_one() {
             "{err}"
         );
     }
+    // A grammar nested deeper than llama.cpp's recursive parser survives: refused before it.
+    let nested = serde_json::json!({
+        "prompt": "Hi",
+        "grammar": format!("root ::= {}\"a\"{}", "(".repeat(20_000), ")".repeat(20_000)),
+    })
+    .to_string();
+    let (status, err) = status_and_error(&client, &nested).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["field"], "grammar", "{err}");
+    // The deepest chain of rules a grammar may hold is parsed and advanced on threads with
+    // room for it: the answer follows it.
+    let chain: String = (0..1000)
+        .map(|i| format!("r{i} ::= r{}\n", i + 1))
+        .chain(["r1000 ::= \"ok\"\nroot ::= r0\n".to_string()])
+        .collect();
+    let req = serde_json::json!({"prompt": "Hi", "grammar": chain, "max_tokens": 4}).to_string();
+    let resp = client.post_raw("/generate", req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let text =
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert!(text.contains("event: end"), "{text:.500}");
     let (_, err) = status_and_error(&client, &too_long).await;
     assert!(err["message"].as_str().unwrap().contains("512"), "{err}");
     // Just over the 4 MiB limit: the engine answers 413 without reading the rest, and a rest

@@ -374,9 +374,9 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
     let Some(n) = nix_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("node-tokens");
-    std::fs::write(&tokens, "* 0123456789abcdef0123456789abcdef\n").unwrap();
+    llorch_tests::write_secret(&tokens, "* 0123456789abcdef0123456789abcdef\n");
     let keys = dir.path().join("api-keys");
-    std::fs::write(&keys, "ops 0123456789abcdef0123 admin\n").unwrap();
+    llorch_tests::write_secret(&keys, "ops 0123456789abcdef0123 admin\n");
 
     // Home, on the real default model: node.toml and orchestratord's environment.
     let model = model_path();
@@ -460,7 +460,7 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
     // Workers: their node.toml (the model where the cloud test puts it), TLS and token from
     // credentials.
     let token = dir.path().join("node-token");
-    std::fs::write(&token, "w-token-0123456789abcdef\n").unwrap();
+    llorch_tests::write_secret(&token, "w-token-0123456789abcdef\n");
     for (w, ip) in [("w2", "10.231.2.2"), ("w3", "10.231.3.2")] {
         let root = dir.path().join(w);
         write_files(&root, &hosts[w]);

@@ -165,7 +165,10 @@ async fn a_bogus_node_cannot_register_or_crash_the_stack() {
     let answer = chat(&url).await;
     let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text.contains("Paris"), "{answer}");
-    let client = HttpClient::new(&url).unwrap();
+    // The node list is an operator's: with the token `llorch up` wrote for `llorch`.
+    let client = HttpClient::new(&url)
+        .unwrap()
+        .with_token(llorch::up::admin_token_for(&url));
     let nodes: Value = client.get_json("/v2/nodes").await.unwrap();
     let ids: Vec<&str> = nodes
         .as_array()

@@ -64,7 +64,7 @@ fn status_with_key(port: u16, path: &str, key: &str) -> u16 {
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     write!(
         c,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut head = String::new();
@@ -79,7 +79,7 @@ fn orchestratord_reports_ready_status_watchdog_reload_and_stopping() {
     let mut notify = NotifySocket::bind(dir.path());
     let port = free_port();
     let keys = dir.path().join("api-keys");
-    std::fs::write(&keys, "alice alice-key-0123456789abcdef\n").unwrap();
+    llorch_tests::write_secret(&keys, "alice alice-key-0123456789abcdef\n");
     let mut orch = Command::new(bin("orchestratord"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .arg("--api-keys")

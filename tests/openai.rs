@@ -172,6 +172,34 @@ async fn native_tasks_take_a_json_schema_tools_and_logprobs() {
         other => panic!("unexpected answer {other:?}: {body}"),
     };
     assert_eq!(refused["field"], "grammar", "{refused}");
+
+    // 20,000 nested groups (well inside the 64 KiB a grammar may hold) once aborted the engine
+    // on llama.cpp's recursive parser, and dispatch sent it to the next attempts: refused here
+    // with a 400 naming the field, the engine never restarts, and the next request is answered.
+    let nested = format!("root ::= {}\"a\"{}", "(".repeat(20_000), ")".repeat(20_000));
+    let (status, _, refused) = post(
+        &c,
+        "/v2/tasks",
+        &json!({"model_ref": MODEL_ID, "prompt": "x", "grammar": nested, "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused:.300}");
+    assert_eq!(refused["field"], "grammar", "{refused:.300}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("64 deep"),
+        "{refused:.300}"
+    );
+    let answered: TaskAccepted = c
+        .post_json(
+            "/v2/tasks",
+            &json!({"model_ref": MODEL_ID, "prompt": "x", "grammar": "root ::= \"yes\"", "max_tokens": 4}),
+        )
+        .await
+        .unwrap();
+    let events = frames(c.events(&answered.streams.sse).await.unwrap()).await;
+    assert!(events.iter().any(|f| f.event == "end"), "{events:?}");
+    let pools: llorch_wire::task::PoolsAnswer = c.get_json("/v2/pools").await.unwrap();
+    assert_eq!(pools.pools[0].restarts, 0, "{pools:?}");
 }
 
 /// `n` choices for one prompt: each its own index and text, usage summed, and the prompt is

@@ -334,3 +334,42 @@ async fn placement_sends_a_shared_system_prompt_to_the_pool_that_holds_it() {
     let (pool, _) = placed_chat(&client, &system_prompt("knitting"), "Hi?", None).await;
     assert_eq!(pool, "default");
 }
+
+/// One API key cannot probe another's prompts through the cache: what key A's system prompt
+/// left in the pool is reused for A (its `cached_tokens` say so) and never for key B, who sees
+/// `cached_tokens: 0` for the same prompt and pays for all of it, as if nothing were cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_never_reuses_or_sees_another_keys_cached_prompt() {
+    use llorch_tests::stack::{Stack, StackOptions, TEST_KEY};
+    let _serial = serial();
+    let stack = Stack::start(StackOptions {
+        slots: 2,
+        ..StackOptions::default()
+    });
+    let a = stack.client();
+    let b = llorch_client::HttpClient::new(&stack.url())
+        .unwrap()
+        .with_token(Some("other-key-0123456789abcdef".into()));
+    let _ = TEST_KEY;
+    let system = system_prompt("a secret project");
+    let (_, first) = placed_chat(&a, &system, "What is the plan?", None).await;
+    assert!(first.cached_tokens * 2 < first.tokens_in, "{first:?}");
+    let (_, again) = placed_chat(&a, &system, "Who leads it?", None).await;
+    assert!(
+        again.cached_tokens * 10 >= again.tokens_in * 8,
+        "A reuses its own: {again:?}"
+    );
+    // B sends A's system prompt: nothing of it is reused (both slots and the host cache hold
+    // it for A by now).
+    let (_, probe) = placed_chat(&b, &system, "Who leads it?", None).await;
+    assert_eq!(
+        probe.cached_tokens, 0,
+        "B learned that A sent it: {probe:?}"
+    );
+    // B's own repeat is reused for B.
+    let (_, own) = placed_chat(&b, &system, "When is it due?", None).await;
+    assert!(
+        own.cached_tokens * 10 >= own.tokens_in * 8,
+        "B reuses its own: {own:?}"
+    );
+}

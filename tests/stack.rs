@@ -16,7 +16,7 @@ use llorch_client::{ClientError, EventStream, HttpClient};
 use llorch_tests::stack::{
     alive, cpu_ticks, signal, Stack, StackOptions, MODEL_ID, NODE_TOKEN, TEST_KEY,
 };
-use llorch_tests::{frames, post, serial, wait_until};
+use llorch_tests::{frames, post, serial, wait_for, wait_until};
 use llorch_wire::engine::ChatMessage;
 use llorch_wire::sse::Frame;
 use llorch_wire::task::{PoolsAnswer, Priority, TaskAccepted, TaskEnd, TaskRequest};
@@ -728,6 +728,130 @@ async fn killing_the_engine_fails_the_stream_and_the_pool_recovers_for_queued_ta
     assert!(!alive(first_pid));
 }
 
+/// Connections waiting in the accept queue of the listening Unix socket at `path` (`ss -xl`:
+/// the listening socket's receive queue).
+fn unix_backlog(path: &str) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-xlnH"])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.split_whitespace().any(|f| f == path))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let at = f.iter().position(|x| *x == "LISTEN")?;
+            f.get(at + 1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// An engine that dies while taking a task (the task may be what kills it: a hostile grammar
+/// or prompt) must not be handed the same task again after its restart, nor another pool:
+/// the task ends with a final, non-retriable ENGINE_FAILED, and the pool recovers for others.
+#[tokio::test]
+async fn a_task_an_engine_died_on_is_not_sent_again() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions {
+        slots: 1,
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    let handoff = stack.handoff().expect("handoff");
+    // Stopped, the engine leaves the forwarded request in its socket's accept queue; killed
+    // there, it dies holding the request, as a crash on the request would.
+    signal(handoff.pid, libc::SIGSTOP);
+    let doomed = submit(&c, &long_task(8)).await;
+    wait_for(
+        "the request in the engine's accept queue",
+        Duration::from_secs(30),
+        || unix_backlog(&handoff.socket) >= 1,
+    );
+    signal(handoff.pid, libc::SIGKILL);
+    let f = frames(c.events(&doomed.streams.sse).await.unwrap()).await;
+    let err = error_of(&f);
+    assert_eq!(err.code, ErrorCode::EngineFailed, "{err:?}");
+    assert!(!err.retriable, "{err:?}");
+    assert!(err.message.contains("not retried"), "{err:?}");
+    // The node restarted the engine once; the next task is served.
+    let next = submit(&c, &long_task(4)).await;
+    let f = frames(c.events(&next.streams.sse).await.unwrap()).await;
+    assert!(end_of(&f).tokens_out > 0, "{f:?}\n{}", stack.logs());
+    assert_eq!(pools(&c).await.pools[0].restarts, 1);
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An engine (which parses untrusted model files) owns its handoff directory. A FIFO or a link
+/// to `/dev/zero` planted under its handoff file's name must neither block pool-managerd nor
+/// fill its memory; the pool serves again once a real file is back.
+#[tokio::test]
+async fn a_hostile_handoff_file_neither_blocks_nor_bloats_the_node() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions {
+        slots: 1,
+        ..StackOptions::default()
+    });
+    let c = stack.client();
+    let node = HttpClient::new(&format!("unix:{}", stack.node_socket().display())).unwrap();
+    let node_pid = stack.node.as_ref().unwrap().pid();
+    let file = stack.runtime().join("handoff/default/default.json");
+    let original = std::fs::read(&file).unwrap();
+    let before = rss_kib(node_pid);
+    let warnings = || {
+        stack
+            .node
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .matches("Cannot read a handoff file.")
+            .count()
+    };
+    for (i, plant) in ["fifo", "/dev/zero"].into_iter().enumerate() {
+        std::fs::remove_file(&file).unwrap();
+        if plant == "fifo" {
+            let made = std::process::Command::new("mkfifo")
+                .arg(&file)
+                .status()
+                .unwrap();
+            assert!(made.success());
+        } else {
+            std::os::unix::fs::symlink(plant, &file).unwrap();
+        }
+        wait_for(
+            "pool-managerd to refuse the planted file",
+            Duration::from_secs(10),
+            || warnings() > i,
+        );
+        let asked = Instant::now();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(1), node.get_json::<Value>("/v2/pools")).await;
+        assert!(
+            matches!(answer, Ok(Ok(_))),
+            "{plant}: {answer:?} after {:?}",
+            asked.elapsed()
+        );
+    }
+    let grown = rss_kib(node_pid).saturating_sub(before);
+    assert!(grown < 32 * 1024, "pool-managerd grew by {grown} KiB");
+    // The engine writes its file back as it does, atomically: the pool serves again.
+    std::fs::remove_file(&file).unwrap();
+    let tmp = file.with_file_name(".default.json.tmp");
+    std::fs::write(&tmp, &original).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let next = submit(&c, &long_task(4)).await;
+    let f = frames(c.events(&next.streams.sse).await.unwrap()).await;
+    assert!(end_of(&f).tokens_out > 0, "{f:?}\n{}", stack.logs());
+}
+
 #[tokio::test]
 async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
     let _g = serial();
@@ -1083,6 +1207,41 @@ async fn node_tokens_guard_registration_and_the_node_api() {
         .unwrap()
         .log_text()
         .contains("Refused a node token used for another node id."));
+    // A token's line may name the models and the slots its node may register: rewritten and
+    // reloaded, node-a's token may still report its own pool, but not claim another model's
+    // traffic nor more slots than its line allows (403 naming the field).
+    let tokens = stack.dir.path().join("node-tokens");
+    llorch_tests::write_secret(
+        &tokens,
+        &format!("node-a {NODE_TOKEN} models={MODEL_ID} slots=4\n"),
+    );
+    signal(stack.orch.as_ref().unwrap().pid(), libc::SIGHUP);
+    let claim = |model: &str, slots: u32| {
+        json!({"pools": [{"pool_id": "default", "model_id": model, "state": "ready",
+                          "slots_total": slots, "slots_busy": 0, "ctx_per_slot": 1024,
+                          "device": "cpu"}], "staged_models": []})
+    };
+    wait_for("the reload", Duration::from_secs(10), || {
+        stack.logs().contains("Reloaded the key files.")
+    });
+    let (status, _, v) = post(
+        &holder,
+        "/v2/nodes/node-a/heartbeat",
+        &claim("llama-70b", 4),
+    )
+    .await;
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::FORBIDDEN, Some("pools[0].model_id")),
+        "{v}"
+    );
+    let (status, _, v) = post(&holder, "/v2/nodes/node-a/heartbeat", &claim(MODEL_ID, 256)).await;
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::FORBIDDEN, Some("pools")),
+        "{v}"
+    );
+    assert!(v["message"].as_str().unwrap().contains("slots"), "{v}");
     // The node list and pool drains are for admin keys: a client key without the mark is
     // refused (403), and nothing is drained.
     let other = HttpClient::new(&stack.url())

@@ -125,4 +125,19 @@ rec {
   # The worker tokens file the control plane needs, from "NODE_ID" -> token text (for tests
   # and for secrets tools that template files; never put real tokens in the Nix store).
   nodeTokensText = tokens: lib.concatStrings (mapAttrsToList (id: t: "${id} ${t}\n") tokens);
+
+  # The same for a cluster, each line limited to what the cluster gives that worker: the model
+  # ids of its pools and their slots together (`models=` and `slots=`: orchestratord refuses a
+  # report beyond them, so one worker's token cannot capture another model's traffic).
+  # `tokens`: node id -> token text.
+  nodeTokensTextFor = spec: tokens: lib.concatStrings (mapAttrsToList
+    (name: w:
+      let
+        id = nodeId name w;
+        pools = lib.attrValues (w.pools or { });
+        models = lib.unique (map (p: spec.models.${p.model}.id) pools);
+        slots = lib.foldl' (n: p: n + (p.slots or 4)) 0 pools;
+      in
+      "${id} ${tokens.${id}} models=${concatStringsSep "," models} slots=${toString slots}\n")
+    spec.workers);
 }

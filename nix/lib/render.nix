@@ -36,6 +36,7 @@ let
       "source = ${str p.model.resolvedSource}"
     ]
     ++ optional (p.model.sha256 != null) "sha256 = ${str p.model.sha256}"
+    ++ optional (p.model.allowHttp or false) "allow_http = true"
   );
 in
 {
@@ -74,6 +75,9 @@ in
       "LLORCH_ADMISSION_POLICY=${api.admissionPolicy}"
       "LLORCH_OFFLINE_AFTER_BEATS=${toString api.offlineAfterBeats}"
       "LLORCH_LOG=${logLevel}"
+      # The module passes every key file as a credential (LoadCredential=, below): the files
+      # the package's unit stages from /etc/llama-orch must not win over them.
+      "LLORCH_SECRETS_DIR="
     ]
     ++ optional api.allowPlaintext "LLORCH_ALLOW_PLAINTEXT=true"
     ++ mapAttrsToList (k: v: "${k}=${v}") api.extraEnvironment;

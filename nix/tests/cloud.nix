@@ -14,7 +14,7 @@ let
     heartbeatSecs = 1;
     pools.default = { model = "smollm2"; slots = 2; ctx = 1024; };
   };
-  hosts = self.lib.hosts {
+  spec = {
     allowPlaintext = true;
     controlPlane = {
       host = "cp";
@@ -25,6 +25,7 @@ let
     models.smollm2 = import ./model.nix { inherit pkgs; };
     workers = { w2 = worker "w2"; w3 = worker "w3"; };
   };
+  hosts = self.lib.hosts spec;
   # Test secrets only: a real cluster keeps them out of the Nix store.
   secrets = files: { environment.etc = builtins.mapAttrs (_: text: { inherit text; mode = "0600"; }) files; };
   node = name: files: {
@@ -39,7 +40,7 @@ in
   nodes = {
     cp = node "cp" {
       "llama-orch/secrets/api-keys" = "ops ${key} admin\n";
-      "llama-orch/secrets/node-tokens" = self.lib.nodeTokensText tokens;
+      "llama-orch/secrets/node-tokens" = self.lib.nodeTokensTextFor spec tokens;
     };
     w2 = node "w2" { "llama-orch/secrets/node-token" = "${tokens.w2}\n"; };
     w3 = node "w3" { "llama-orch/secrets/node-token" = "${tokens.w3}\n"; };

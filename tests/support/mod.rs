@@ -118,6 +118,15 @@ fn record_skip(test: &str, why: &dyn std::fmt::Display, ci: bool, log: Option<&P
     }
 }
 
+/// Writes a key or token file as an operator must: readable by its owner alone (the daemons
+/// refuse key files other users can read).
+pub fn write_secret(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
 /// A workspace binary built next to this test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -203,11 +203,10 @@ impl Stack {
 
     pub fn start_orchestratord(&mut self) {
         let keys = self.dir.path().join("api-keys");
-        std::fs::write(
+        crate::write_secret(
             &keys,
-            format!("tester {TEST_KEY} admin\nother other-key-0123456789abcdef\n"),
-        )
-        .expect("write keys");
+            &format!("tester {TEST_KEY} admin\nother other-key-0123456789abcdef\n"),
+        );
         let log = self.dir.path().join("logs/orchestratord.log");
         let mut cmd = Command::new(bin("orchestratord"));
         cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)])
@@ -219,7 +218,7 @@ impl Stack {
         }
         if self.opts.node_token {
             let tokens = self.dir.path().join("node-tokens");
-            std::fs::write(&tokens, format!("node-a {NODE_TOKEN}\n")).expect("write tokens");
+            crate::write_secret(&tokens, &format!("node-a {NODE_TOKEN}\n"));
             cmd.arg("--node-tokens").arg(&tokens);
         }
         let child = cmd
@@ -257,7 +256,7 @@ impl Stack {
         let runtime = self.runtime();
         let token = if self.opts.node_token {
             let path = self.dir.path().join("node-token");
-            std::fs::write(&path, NODE_TOKEN).expect("write node token");
+            crate::write_secret(&path, NODE_TOKEN);
             format!("token_file = \"{}\"\n", path.display())
         } else {
             String::new()
@@ -301,7 +300,7 @@ source = "{model}"
         )
     }
 
-    fn start_node(&mut self) {
+    pub fn start_node(&mut self) {
         let config = self.dir.path().join("node.toml");
         std::fs::write(&config, self.node_config()).expect("write node config");
         let log = self.dir.path().join("logs/pool-managerd.log");

@@ -28,6 +28,12 @@ impl Up {
     /// Starts `llorch up` with `slots` slots and waits until it prints the endpoint (a pool is
     /// ready). `runtime` must not be shared with another stack.
     pub fn start(runtime: &Path, slots: u32) -> Up {
+        Self::start_with_env(runtime, slots, &[])
+    }
+
+    /// [`Up::start`] with environment variables for `llorch up` and the daemons it starts
+    /// (orchestratord reads its flags from `LLORCH_*` variables too).
+    pub fn start_with_env(runtime: &Path, slots: u32, env: &[(&str, &str)]) -> Up {
         let mut child = Command::new(bin("llorch"))
             .args([
                 "up",
@@ -43,6 +49,7 @@ impl Up {
             .arg(std::env::temp_dir().join("llorch-test-cache"))
             .arg("--runtime-dir")
             .arg(runtime)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

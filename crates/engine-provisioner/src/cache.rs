@@ -27,6 +27,46 @@ const CHUNK: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    downloads: Downloads,
+}
+
+/// What a download may be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Downloads {
+    /// Plain `http://` to another host (`--allow-http`): anyone on the path sees which model
+    /// is fetched and can cut it off (the sha256 pin still decides what is staged). Loopback
+    /// is always allowed.
+    pub allow_http: bool,
+    /// The most bytes a download may have (`--max-download-bytes`); None: the free space of
+    /// the cache's file system when the download starts.
+    pub max_bytes: Option<u64>,
+}
+
+/// Whether `url` (http or https) names a loopback host.
+fn loopback_url(url: &str) -> bool {
+    let Some(rest) = url.split_once("://").map(|(_, r)| r) else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = if authority.starts_with('[') {
+        authority
+            .split(']')
+            .next()
+            .unwrap_or("")
+            .trim_start_matches('[')
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Bytes free for an unprivileged writer on the file system of `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// A model file in the cache, verified.
@@ -71,7 +111,16 @@ pub fn is_sha256_hex(s: &str) -> bool {
 
 impl Cache {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            downloads: Downloads::default(),
+        }
+    }
+
+    /// The same cache, with what downloads may be.
+    pub fn with_downloads(mut self, downloads: Downloads) -> Self {
+        self.downloads = downloads;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -140,6 +189,13 @@ impl Cache {
                 "downloads must be pinned: give the sha256 of {source}"
             )));
         }
+        if let Source::Http(url) = source {
+            if url.starts_with("http://") && !self.downloads.allow_http && !loopback_url(url) {
+                return Err(ProvisionError::Usage(format!(
+                    "{url} is plain http://: anyone on the path sees which model is fetched and can cut it off; use https://, or allow it with --allow-http (the pool setting model.allow_http = true)"
+                )));
+            }
+        }
         self.mkdirs()?;
         // One provisioner at a time stages a given model (two pools of one model start
         // together): the second waits, then finds the blob staged and only verifies it, instead
@@ -173,7 +229,14 @@ impl Cache {
         };
         let (sha256, size) = match source {
             Source::File(p) => copy_hashing(p, &tmp, progress)?,
-            Source::Http(url) => download_hashing(url, &tmp, progress)?,
+            Source::Http(url) => {
+                let limit = self
+                    .downloads
+                    .max_bytes
+                    .or_else(|| free_bytes(&self.root))
+                    .unwrap_or(u64::MAX);
+                download_hashing(url, &tmp, progress, limit, self.downloads.allow_http)?
+            }
         };
         progress.finish();
         if let Some(e) = expected {
@@ -385,10 +448,14 @@ fn copy_hashing(
     })
 }
 
+/// Downloads `url` into `dst`, hashing as it goes; at most `limit` bytes (a larger announced
+/// length is refused before any byte is written, a longer body when it passes the limit).
 fn download_hashing(
     url: &str,
     dst: &Path,
     progress: &mut dyn Progress,
+    limit: u64,
+    allow_http: bool,
 ) -> Result<(String, u64), ProvisionError> {
     let fail = |reason: String| ProvisionError::Download {
         url: url.to_string(),
@@ -400,6 +467,14 @@ fn download_hashing(
         // stall bound below (no byte for that long ends the download).
         .timeout_recv_body(None)
         .timeout_recv_response(Some(Duration::from_secs(60)))
+        // An https:// source is not redirected to plain http://, nor a loopback http://
+        // source to another host, unless plain http is allowed.
+        .https_only(url.starts_with("https://") && !allow_http)
+        .max_redirects(if url.starts_with("http://") && !allow_http {
+            0
+        } else {
+            10
+        })
         .build()
         .into();
     let resp = agent.get(url).call().map_err(|e| fail(e.to_string()))?;
@@ -408,7 +483,12 @@ fn download_hashing(
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = resp.into_body().into_with_config().limit(u64::MAX).reader();
+    if let Some(t) = total.filter(|t| *t > limit) {
+        return Err(fail(format!(
+            "it is {t} bytes, more than the {limit} allowed (--max-download-bytes, else the cache's free space)"
+        )));
+    }
+    let body = resp.into_body().into_with_config().limit(limit).reader();
     let mut reader = StallReader::new(body, stall_timeout());
     let (sha, size) = pump(&mut reader, dst, total, progress, |e| fail(e.to_string()))?;
     if let Some(t) = total {

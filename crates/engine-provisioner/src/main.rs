@@ -44,6 +44,12 @@ struct StageArgs {
     /// Model cache directory.
     #[arg(long, env = "LLORCH_MODEL_CACHE", default_value_os_t = default_cache())]
     cache: PathBuf,
+    /// Allow a plain http:// source on another host (loopback is always allowed).
+    #[arg(long)]
+    allow_http: bool,
+    /// The most bytes a download may have (default: the cache's free space when it starts).
+    #[arg(long)]
+    max_download_bytes: Option<u64>,
 }
 
 #[derive(Args)]
@@ -164,8 +170,16 @@ fn stage(args: &StageArgs) -> Result<(String, engine_provisioner::Staged), Provi
         last_decile: None,
         shown: false,
     };
-    let staged =
-        Cache::new(&args.cache).stage(&model_id, &source, args.sha256.as_deref(), &mut reporter)?;
+    let downloads = engine_provisioner::cache::Downloads {
+        allow_http: args.allow_http,
+        max_bytes: args.max_download_bytes,
+    };
+    let staged = Cache::new(&args.cache).with_downloads(downloads).stage(
+        &model_id,
+        &source,
+        args.sha256.as_deref(),
+        &mut reporter,
+    )?;
     Ok((model_id, staged))
 }
 

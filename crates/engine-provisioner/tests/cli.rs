@@ -303,6 +303,58 @@ fn downloads_must_be_pinned_and_http_errors_are_reported() {
 }
 
 #[test]
+fn downloads_are_bounded_in_size_and_plain_http_only_to_loopback_unless_allowed() {
+    let f = Fixture::new();
+    let model = f.model.clone();
+    let sum = sha(&f.model);
+    // Plain http:// to another host: refused before any connection, naming the switch.
+    let out = f.stage("http://models.example.invalid/tiny.gguf", Some(&sum), &[]);
+    assert_eq!(out.status.code(), Some(exit::USAGE), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--allow-http"), "{}", stderr(&out));
+    // Allowed, it is tried (and fails here for want of the host, not of the rule).
+    let out = f.stage(
+        "http://models.example.invalid/tiny.gguf",
+        Some(&sum),
+        &["--allow-http"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(exit::DOWNLOAD_FAILED),
+        "{}",
+        stderr(&out)
+    );
+    // Larger than the bound: refused from its announced length, nothing staged.
+    let url = serve(model.clone(), "200 OK", usize::MAX);
+    let small = (model.len() - 1).to_string();
+    let out = f.stage(
+        &format!("{url}/tiny.gguf"),
+        Some(&sum),
+        &["--max-download-bytes", &small],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(exit::DOWNLOAD_FAILED),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("allowed"), "{}", stderr(&out));
+    assert!(!f
+        .cache()
+        .join("blobs")
+        .join(format!("sha256-{sum}.gguf"))
+        .exists());
+    // Within it (loopback http:// needs no switch): staged.
+    let url = serve(model.clone(), "200 OK", usize::MAX);
+    let enough = model.len().to_string();
+    let out = f.stage(
+        &format!("{url}/tiny.gguf"),
+        Some(&sum),
+        &["--max-download-bytes", &enough],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
 fn plan_writes_what_the_engine_reads() {
     let f = Fixture::new();
     let plan = f.path("plan.json");

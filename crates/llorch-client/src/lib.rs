@@ -7,7 +7,7 @@
 mod http;
 mod tls;
 pub use http::{status_of, HttpClient, CONNECT_TIMEOUT};
-pub use tls::{leaves_host_in_clear, TlsRoots};
+pub use tls::{leaves_host_in_clear, names_this_host, TlsRoots};
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};

@@ -94,9 +94,51 @@ pub fn leaves_host_in_clear(address: &str) -> bool {
     !loopback
 }
 
+/// Whether a node address names the machine it is read on: a `unix:` socket, or an
+/// `http(s)://` URL of a loopback host.
+pub fn names_this_host(address: &str) -> bool {
+    if address.starts_with("unix:") {
+        return true;
+    }
+    let Some(rest) = address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::leaves_host_in_clear;
+    use super::{leaves_host_in_clear, names_this_host};
+
+    #[test]
+    fn addresses_of_this_host() {
+        for here in [
+            "unix:/run/llama-orch/pool-managerd.sock",
+            "http://127.0.0.1:9000",
+            "https://localhost:9443/",
+            "http://[::1]:1",
+        ] {
+            assert!(names_this_host(here), "{here}");
+        }
+        for there in [
+            "http://10.0.0.2:9000",
+            "https://w2.example:9443",
+            "ftp://127.0.0.1",
+        ] {
+            assert!(!names_this_host(there), "{there}");
+        }
+    }
 
     #[test]
     fn only_plain_http_to_another_host_is_in_the_clear() {

@@ -22,7 +22,31 @@ use serde_json::json;
 /// minijinja fuel per render (about one unit per instruction): far above what real templates
 /// use on long conversations, far below a render that would hold a request for seconds.
 const FUEL: u64 = 5_000_000;
+/// The most a render may write: far above any prompt a slot holds (the request body is at most
+/// 4 MiB), so a template that writes more (`{% for i in range(100) %}{{ "x" * 100000000 }}…`,
+/// a handful of steps) fails instead of filling memory. minijinja bounds each repeated string
+/// at 100 MB itself.
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
 const NAME: &str = "chat_template";
+
+/// The render's output, refusing to grow past [`MAX_RENDERED_BYTES`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other(format!(
+                "the chat template wrote more than {MAX_RENDERED_BYTES} bytes"
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -110,12 +134,16 @@ impl ChatTemplate {
             .env
             .get_template(NAME)
             .map_err(|e| RenderError::Failed(e.to_string()))?;
+        let mut out = Bounded(Vec::new());
         template
-            .render(ctx)
+            .render_captured_to(ctx, &mut out)
+            .map(drop)
             .map_err(|e| match e.detail().and_then(|d| d.strip_prefix(REFUSED)) {
                 Some(why) => RenderError::Refused(why.to_string()),
                 None => RenderError::Failed(error_chain(&e)),
-            })
+            })?;
+        String::from_utf8(out.0)
+            .map_err(|_| RenderError::Failed("the chat template wrote invalid UTF-8".into()))
     }
 }
 
@@ -429,6 +457,17 @@ I will call get_weather({"city":"Paris"}).<|im_end|>"#
             Err(RenderError::Failed(_))
         ));
         assert!(ChatTemplate::new("{% for %}", String::new(), String::new()).is_err());
+        // Few steps, much output: bounded in bytes, not only in fuel.
+        let t = ChatTemplate::new(
+            "{% for i in range(100) %}{{ 'x' * 100000000 }}{% endfor %}",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        match t.render(&history(), &[], &ToolChoice::None, false) {
+            Err(RenderError::Failed(why)) => assert!(why.contains("more than"), "{why}"),
+            other => panic!("{:?}", other.map(|s| s.len())),
+        }
     }
 
     #[test]

@@ -145,6 +145,8 @@ pub struct DecodeLoop {
     ctx_per_slot: u32,
     /// Tokens in each slot's KV cache (sequence id = slot index, each with its own cells).
     kv: Vec<Vec<i32>>,
+    /// Whose prompt each slot's cells hold (the cache scope of the request that filled it).
+    scopes: Vec<u64>,
     /// Prompt states saved in host memory when their slot moved on (see `prefix.rs`).
     host: HostCache<SeqState>,
     active: Vec<Option<Active>>,
@@ -186,6 +188,7 @@ pub fn run(
         model,
         ctx_per_slot,
         kv: vec![Vec::new(); n_slots],
+        scopes: vec![0; n_slots],
         host: HostCache::new(prefix_cache_bytes),
         active: (0..n_slots).map(|_| None).collect(),
         metrics,
@@ -320,7 +323,7 @@ impl DecodeLoop {
                 return;
             }
         };
-        let keep = self.reuse(ctx, slot, &job.prompt);
+        let keep = self.reuse(ctx, slot, &job.prompt, job.lease.scope());
         let active = Active {
             sampler: job.sampling.sampler(n_vocab, grammar),
             logprobs: Vec::new(),
@@ -345,18 +348,26 @@ impl DecodeLoop {
     /// when it would be lost, and returns how many prompt tokens the slot now holds. At least
     /// one prompt token is left to evaluate, because sampling needs its logits. Whatever
     /// fails here falls back to computing the whole prompt.
-    fn reuse(&mut self, ctx: &mut LlamaContext<'_>, slot: usize, prompt: &[i32]) -> usize {
+    fn reuse(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        slot: usize,
+        prompt: &[i32],
+        scope: u64,
+    ) -> usize {
         let seq = slot as i32;
         let limit = prompt.len().saturating_sub(1);
-        let mut plan = prefix::plan(slot, &self.kv, &self.host, prompt);
+        let mut plan = prefix::plan(slot, &self.kv, &self.scopes, &self.host, prompt, scope);
         let own_kept = match plan.source {
             Source::Own => plan.tokens.min(limit),
             _ => 0,
         };
-        if self.host.limit() > 0 && prefix::worth_saving(slot, own_kept, &self.kv, &self.host) {
+        if self.host.limit() > 0
+            && prefix::worth_saving(slot, own_kept, &self.kv, &self.scopes, &self.host)
+        {
             self.save(ctx, slot);
             // Saving may have evicted or merged entries: choose again.
-            plan = prefix::plan(slot, &self.kv, &self.host, prompt);
+            plan = prefix::plan(slot, &self.kv, &self.scopes, &self.host, prompt, scope);
         }
         let mut keep = plan.tokens.min(limit);
         let cut = |ctx: &mut LlamaContext<'_>, keep: usize| {
@@ -394,6 +405,7 @@ impl DecodeLoop {
         }
         self.kv[slot].clear();
         self.kv[slot].extend_from_slice(&prompt[..keep]);
+        self.scopes[slot] = scope;
         if keep > 0 {
             self.metrics
                 .prefix_hit_tokens
@@ -409,7 +421,9 @@ impl DecodeLoop {
         match ctx.state_seq_get(slot as i32, LlamaStateSeqFlags::empty()) {
             Ok(state) => {
                 let bytes = state.byte_len();
-                let r = self.host.insert(self.kv[slot].clone(), state, bytes);
+                let r = self
+                    .host
+                    .insert(self.kv[slot].clone(), self.scopes[slot], state, bytes);
                 if r.stored {
                     self.metrics.prefix_saved_bytes.inc_by(bytes as u64);
                 }

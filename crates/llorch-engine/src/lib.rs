@@ -241,6 +241,7 @@ impl DecodeThread {
             let metrics = Arc::clone(&shared.metrics);
             std::thread::Builder::new()
                 .name("decode".into())
+                .stack_size(crate::sampler::GRAMMAR_STACK_BYTES)
                 .spawn(move || {
                     let mut started = Some(loop_started);
                     let result =

@@ -54,17 +54,35 @@ pub struct Plan {
 /// cache are both copies of a whole sequence state, so either must beat the slot's own cache by
 /// [`MIN_COPY_GAIN`] tokens; between them the longer wins, another slot on a tie (it stays
 /// where it is, while a host entry's use reorders the cache).
-pub fn plan<S>(slot: usize, kv: &[Vec<i32>], host: &HostCache<S>, prompt: &[i32]) -> Plan {
+///
+/// Only state of the request's `scope` counts (orchestratord gives each API key one): what
+/// another key's prompts left behind is never reused, so no key can learn from its speed or
+/// its `cached_tokens` what another key sent. A slot of another scope counts as empty.
+pub fn plan<S, T: AsRef<[i32]>>(
+    slot: usize,
+    kv: &[T],
+    scopes: &[u64],
+    host: &HostCache<S>,
+    prompt: &[i32],
+    scope: u64,
+) -> Plan {
+    let held = |i: usize| -> &[i32] {
+        if scopes[i] == scope {
+            kv[i].as_ref()
+        } else {
+            &[]
+        }
+    };
     let own = Plan {
         source: Source::Own,
-        tokens: common_prefix(&kv[slot], prompt),
+        tokens: common_prefix(held(slot), prompt),
     };
     let mut copy = Plan {
         source: Source::Own,
         tokens: 0,
     };
-    for (i, cached) in kv.iter().enumerate() {
-        let n = common_prefix(cached, prompt);
+    for i in 0..kv.len() {
+        let n = common_prefix(held(i), prompt);
         if i != slot && n > copy.tokens {
             copy = Plan {
                 source: Source::Slot(i),
@@ -72,7 +90,7 @@ pub fn plan<S>(slot: usize, kv: &[Vec<i32>], host: &HostCache<S>, prompt: &[i32]
             };
         }
     }
-    if let Some((i, n)) = host.longest(prompt) {
+    if let Some((i, n)) = host.longest(prompt, scope) {
         if n > copy.tokens {
             copy = Plan {
                 source: Source::Host(i),
@@ -89,16 +107,22 @@ pub fn plan<S>(slot: usize, kv: &[Vec<i32>], host: &HostCache<S>, prompt: &[i32]
 
 /// Whether the cache of `slot` is worth saving before it is cut back to `keep` tokens: it
 /// holds at least [`MIN_SAVE_TOKENS`] that would be lost, and no other slot nor host entry
-/// already holds all of it.
-pub fn worth_saving<S>(slot: usize, keep: usize, kv: &[Vec<i32>], host: &HostCache<S>) -> bool {
-    let held = &kv[slot];
+/// of its scope already holds all of it.
+pub fn worth_saving<S, T: AsRef<[i32]>>(
+    slot: usize,
+    keep: usize,
+    kv: &[T],
+    scopes: &[u64],
+    host: &HostCache<S>,
+) -> bool {
+    let held = kv[slot].as_ref();
+    let scope = scopes[slot];
     held.len() >= MIN_SAVE_TOKENS
         && held.len().saturating_sub(keep) >= MIN_SAVE_TOKENS
-        && !kv
-            .iter()
-            .enumerate()
-            .any(|(i, other)| i != slot && common_prefix(other, held) == held.len())
-        && !host.covers(held)
+        && !kv.iter().enumerate().any(|(i, other)| {
+            i != slot && scopes[i] == scope && common_prefix(other.as_ref(), held) == held.len()
+        })
+        && !host.covers(held, scope)
 }
 
 pub fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -107,6 +131,8 @@ pub fn common_prefix(a: &[i32], b: &[i32]) -> usize {
 
 struct Entry<S> {
     tokens: Vec<i32>,
+    /// Whose prompts these are (see [`plan`]).
+    scope: u64,
     state: S,
     bytes: usize,
     last_used: u64,
@@ -159,20 +185,23 @@ impl<S> HostCache<S> {
 
     /// The entry sharing the longest prefix with `prompt`, and that length (`None`: no entry
     /// shares a token).
-    pub fn longest(&self, prompt: &[i32]) -> Option<(usize, usize)> {
+    pub fn longest(&self, prompt: &[i32], scope: u64) -> Option<(usize, usize)> {
         self.entries
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.scope == scope)
             .map(|(i, e)| (i, common_prefix(&e.tokens, prompt)))
             .filter(|(_, n)| *n > 0)
             .max_by_key(|(i, n)| (*n, std::cmp::Reverse(*i)))
     }
 
     /// Whether an entry starts with all of `tokens`.
-    pub fn covers(&self, tokens: &[i32]) -> bool {
-        self.entries
-            .iter()
-            .any(|e| e.tokens.len() >= tokens.len() && e.tokens[..tokens.len()] == *tokens)
+    pub fn covers(&self, tokens: &[i32], scope: u64) -> bool {
+        self.entries.iter().any(|e| {
+            e.scope == scope
+                && e.tokens.len() >= tokens.len()
+                && e.tokens[..tokens.len()] == *tokens
+        })
     }
 
     /// Entry `i`'s state, marked as used now.
@@ -185,7 +214,7 @@ impl<S> HostCache<S> {
 
     /// Stores `state` (`bytes` long) for `tokens`, dropping the entries it extends and then the
     /// least recently used until it fits. A state larger than the whole bound is not stored.
-    pub fn insert(&mut self, tokens: Vec<i32>, state: S, bytes: usize) -> Inserted {
+    pub fn insert(&mut self, tokens: Vec<i32>, scope: u64, state: S, bytes: usize) -> Inserted {
         let mut out = Inserted::default();
         if bytes > self.limit {
             return out;
@@ -193,7 +222,9 @@ impl<S> HostCache<S> {
         let before = self.entries.len();
         let mut freed = 0;
         self.entries.retain(|e| {
-            let extended = e.tokens.len() <= tokens.len() && tokens[..e.tokens.len()] == e.tokens;
+            let extended = e.scope == scope
+                && e.tokens.len() <= tokens.len()
+                && tokens[..e.tokens.len()] == e.tokens;
             if extended {
                 freed += e.bytes;
             }
@@ -217,6 +248,7 @@ impl<S> HostCache<S> {
         self.clock += 1;
         self.entries.push(Entry {
             tokens,
+            scope,
             state,
             bytes,
             last_used: self.clock,
@@ -238,24 +270,24 @@ mod tests {
     #[test]
     fn eviction_keeps_the_bound_and_drops_the_least_recently_used() {
         let mut c = HostCache::new(1000);
-        assert!(c.insert(tokens(0, 100), "a", 400).stored);
-        assert!(c.insert(tokens(1000, 100), "b", 400).stored);
+        assert!(c.insert(tokens(0, 100), 0, "a", 400).stored);
+        assert!(c.insert(tokens(1000, 100), 0, "b", 400).stored);
         // Using `a` makes `b` the least recently used.
-        let (i, n) = c.longest(&tokens(0, 50)).unwrap();
+        let (i, n) = c.longest(&tokens(0, 50), 0).unwrap();
         assert_eq!(n, 50);
         assert_eq!(*c.take_use(i).0, "a");
-        let r = c.insert(tokens(2000, 100), "c", 400);
+        let r = c.insert(tokens(2000, 100), 0, "c", 400);
         assert_eq!((r.stored, r.evicted), (true, 1));
         assert!(c.bytes() <= c.limit());
-        assert!(c.longest(&tokens(1000, 10)).is_none(), "b was evicted");
-        assert!(c.longest(&tokens(0, 10)).is_some(), "a stayed");
+        assert!(c.longest(&tokens(1000, 10), 0).is_none(), "b was evicted");
+        assert!(c.longest(&tokens(0, 10), 0).is_some(), "a stayed");
         // A state larger than the bound is refused and evicts nothing.
-        let r = c.insert(tokens(3000, 100), "huge", 1001);
+        let r = c.insert(tokens(3000, 100), 0, "huge", 1001);
         assert_eq!(r, Inserted::default());
         assert_eq!(c.len(), 2);
         // Many inserts never pass the bound.
         for k in 0..50 {
-            c.insert(tokens(10_000 + k * 200, 100), "x", 300);
+            c.insert(tokens(10_000 + k * 200, 100), 0, "x", 300);
             assert!(c.bytes() <= c.limit(), "bound kept after insert {k}");
         }
     }
@@ -263,12 +295,12 @@ mod tests {
     #[test]
     fn a_longer_state_replaces_the_prefixes_it_extends() {
         let mut c = HostCache::new(10_000);
-        c.insert(tokens(0, 100), 1, 100);
-        c.insert(tokens(0, 50), 2, 50);
-        assert!(c.covers(&tokens(0, 100)));
-        assert!(c.covers(&tokens(0, 30)));
-        assert!(!c.covers(&tokens(0, 101)));
-        let r = c.insert(tokens(0, 200), 3, 200);
+        c.insert(tokens(0, 100), 0, 1, 100);
+        c.insert(tokens(0, 50), 0, 2, 50);
+        assert!(c.covers(&tokens(0, 100), 0));
+        assert!(c.covers(&tokens(0, 30), 0));
+        assert!(!c.covers(&tokens(0, 101), 0));
+        let r = c.insert(tokens(0, 200), 0, 3, 200);
         assert_eq!(r.subsumed, 2);
         assert_eq!((c.len(), c.bytes()), (1, 200));
     }
@@ -285,16 +317,16 @@ mod tests {
             [system.clone(), tokens(7000, 40)].concat(),
         ];
         assert_eq!(
-            plan(0, &kv, &host, &prompt),
+            plan(0, &kv, &[0; 3], &host, &prompt, 0),
             Plan {
                 source: Source::Slot(2),
                 tokens: 300
             }
         );
         // A host entry with the whole prompt beats it by more than the restore threshold.
-        host.insert(prompt.clone(), (), 1);
+        host.insert(prompt.clone(), 0, (), 1);
         assert_eq!(
-            plan(0, &kv, &host, &prompt),
+            plan(0, &kv, &[0; 3], &host, &prompt, 0),
             Plan {
                 source: Source::Host(0),
                 tokens: prompt.len()
@@ -302,10 +334,10 @@ mod tests {
         );
         // Own slot wins ties: nothing to move.
         let kv = vec![prompt.clone(), prompt.clone(), vec![]];
-        assert_eq!(plan(0, &kv, &host, &prompt).source, Source::Own);
+        assert_eq!(plan(0, &kv, &[0; 3], &host, &prompt, 0).source, Source::Own);
         // A host entry that gains less than MIN_COPY_GAIN is not worth a copy.
         let kv = vec![prompt[..prompt.len() - 10].to_vec(), vec![], vec![]];
-        assert_eq!(plan(0, &kv, &host, &prompt).source, Source::Own);
+        assert_eq!(plan(0, &kv, &[0; 3], &host, &prompt, 0).source, Source::Own);
     }
 
     #[test]
@@ -313,13 +345,54 @@ mod tests {
         let long = tokens(0, 200);
         let mut host: HostCache<()> = HostCache::new(1 << 20);
         let kv = vec![long.clone(), vec![]];
-        assert!(worth_saving(0, 0, &kv, &host));
-        assert!(!worth_saving(0, 190, &kv, &host), "little is dropped");
+        assert!(worth_saving(0, 0, &kv, &[0; 2], &host));
+        assert!(
+            !worth_saving(0, 190, &kv, &[0; 2], &host),
+            "little is dropped"
+        );
         let short = vec![tokens(0, 10), vec![]];
-        assert!(!worth_saving(0, 0, &short, &host), "too short");
+        assert!(!worth_saving(0, 0, &short, &[0; 2], &host), "too short");
         let shared = vec![long.clone(), [long.clone(), tokens(900, 5)].concat()];
-        assert!(!worth_saving(0, 0, &shared, &host), "another slot holds it");
-        host.insert(long.clone(), (), 1);
-        assert!(!worth_saving(0, 0, &kv, &host), "already in the host cache");
+        assert!(
+            !worth_saving(0, 0, &shared, &[0; 2], &host),
+            "another slot holds it"
+        );
+        host.insert(long.clone(), 0, (), 1);
+        assert!(
+            !worth_saving(0, 0, &kv, &[0; 2], &host),
+            "already in the host cache"
+        );
+    }
+
+    #[test]
+    fn another_scopes_state_is_never_reused() {
+        let system = tokens(0, 300);
+        let prompt = [system.clone(), tokens(5000, 40)].concat();
+        let mut host = HostCache::new(1 << 20);
+        // Slot 1 and a host entry hold the system prompt, both of scope 7 (another key).
+        let kv = vec![system.clone(), [system.clone(), tokens(7000, 40)].concat()];
+        host.insert(prompt.clone(), 7, (), 1);
+        let own = plan(0, &kv, &[7, 7], &host, &prompt, 9);
+        assert_eq!(
+            (own.source, own.tokens),
+            (Source::Own, 0),
+            "nothing of scope 7"
+        );
+        // Scope 7 itself finds them.
+        assert_eq!(
+            plan(0, &kv, &[7, 7], &host, &prompt, 7).source,
+            Source::Host(0)
+        );
+        // Saving looks only at the slot's own scope: the host entry of scope 7 does not cover
+        // slot 0 of scope 9.
+        let kv = vec![system.clone(), vec![]];
+        assert!(worth_saving(0, 0, &kv, &[9, 0], &host));
+        host.insert(system.clone(), 9, (), 1);
+        assert!(!worth_saving(0, 0, &kv, &[9, 0], &host));
+        assert_eq!(
+            host.len(),
+            2,
+            "a scope's entry does not replace another scope's"
+        );
     }
 }

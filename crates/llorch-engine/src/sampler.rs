@@ -100,9 +100,29 @@ impl Sampling {
     }
 }
 
+/// Stack of the threads that parse grammars and run the decode loop (which advances them):
+/// llama.cpp recurses once per nested group and once per rule that starts with a rule, and
+/// the bounds of `llorch_wire::gbnf` keep that depth far below what this holds. Only the
+/// pages a thread touches are committed.
+pub const GRAMMAR_STACK_BYTES: usize = 64 << 20;
+
 /// Parses a GBNF grammar for `model` (root rule `root`).
 pub fn grammar(model: &LlamaModel, gbnf: &str) -> Result<LlamaSampler, String> {
     LlamaSampler::grammar(model, gbnf, "root").map_err(|e| e.to_string())
+}
+
+/// Checks that a GBNF grammar parses for `model`, on a thread of [`GRAMMAR_STACK_BYTES`]
+/// (a request handler's thread has 2 MiB).
+pub fn check_grammar(model: &LlamaModel, gbnf: &str) -> Result<(), String> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("grammar".into())
+            .stack_size(GRAMMAR_STACK_BYTES)
+            .spawn_scoped(s, || grammar(model, gbnf).map(drop))
+            .map_err(|e| format!("cannot start a thread to parse the grammar: {e}"))?
+            .join()
+            .map_err(|_| "parsing the grammar panicked".to_string())?
+    })
 }
 
 pub enum Sampler {

@@ -15,6 +15,8 @@ struct Slot {
     busy: bool,
     /// Tokens in this slot's KV cache, as of the end of its last request.
     cached: Vec<i32>,
+    /// Whose prompt they are (`prefix::plan`): another scope's count as nothing.
+    scope: u64,
     /// Logical clock of the last reservation, for least-recently-used tie-breaks.
     last_used: u64,
 }
@@ -31,6 +33,8 @@ pub struct SlotTable {
 pub struct Reservation {
     pub slot: usize,
     pub shared_prefix: usize,
+    /// The cache scope of the request it was reserved for.
+    pub scope: u64,
 }
 
 impl SlotTable {
@@ -59,9 +63,10 @@ impl SlotTable {
     pub fn lease(
         table: &Arc<Mutex<SlotTable>>,
         prompt: &[i32],
+        scope: u64,
         preferred: Option<usize>,
     ) -> Option<SlotLease> {
-        let reservation = llorch_os::sync::lock(table).reserve(prompt, preferred)?;
+        let reservation = llorch_os::sync::lock(table).reserve(prompt, scope, preferred)?;
         Some(SlotLease {
             table: Arc::clone(table),
             reservation,
@@ -73,7 +78,19 @@ impl SlotTable {
     /// slot sharing the longest token prefix with the prompt, ties going to the least recently
     /// used (so the cache of a recent conversation survives longest). `None` when all are busy.
     /// Private: outside this file a slot is reserved as a [`SlotLease`], so it goes back.
-    fn reserve(&mut self, prompt: &[i32], preferred: Option<usize>) -> Option<Reservation> {
+    fn reserve(
+        &mut self,
+        prompt: &[i32],
+        scope: u64,
+        preferred: Option<usize>,
+    ) -> Option<Reservation> {
+        let shared = |s: &Slot| {
+            if s.scope == scope {
+                common_prefix(&s.cached, prompt)
+            } else {
+                0
+            }
+        };
         let chosen = match preferred {
             Some(p) if self.slots.get(p).is_some_and(|s| !s.busy) => p,
             _ => self
@@ -83,7 +100,7 @@ impl SlotTable {
                 .filter(|(_, s)| !s.busy)
                 .max_by_key(|(i, s)| {
                     (
-                        common_prefix(&s.cached, prompt),
+                        shared(s),
                         std::cmp::Reverse(s.last_used),
                         std::cmp::Reverse(*i),
                     )
@@ -96,17 +113,19 @@ impl SlotTable {
         slot.last_used = self.clock;
         Some(Reservation {
             slot: chosen,
-            shared_prefix: common_prefix(&slot.cached, prompt),
+            shared_prefix: shared(slot),
+            scope,
         })
     }
 
     /// Returns a slot, recording the tokens its KV cache now holds. Called only by
     /// [`SlotLease`], so once per reservation.
-    fn release(&mut self, slot: usize, cached: Vec<i32>) {
+    fn release(&mut self, slot: usize, cached: Vec<i32>, scope: u64) {
         let s = &mut self.slots[slot];
         debug_assert!(s.busy, "slot {slot} released twice");
         s.busy = false;
         s.cached = cached;
+        s.scope = scope;
     }
 
     pub fn status(&self) -> SlotsStatus {
@@ -147,6 +166,11 @@ impl SlotLease {
         self.reservation.slot
     }
 
+    /// The cache scope of the request the slot was reserved for.
+    pub fn scope(&self) -> u64 {
+        self.reservation.scope
+    }
+
     /// Returns the slot, recording the tokens its KV cache now holds.
     pub fn release(mut self, cached: Vec<i32>) {
         self.give_back(cached);
@@ -154,7 +178,11 @@ impl SlotLease {
 
     fn give_back(&mut self, cached: Vec<i32>) {
         self.returned = true;
-        llorch_os::sync::lock(&self.table).release(self.reservation.slot, cached);
+        llorch_os::sync::lock(&self.table).release(
+            self.reservation.slot,
+            cached,
+            self.reservation.scope,
+        );
     }
 }
 
@@ -178,35 +206,43 @@ mod tests {
         let mut t = SlotTable::new(3, 100);
         // Fill caches: slot 0 has [1,2,3], slot 1 has [1,2,9,9], slot 2 empty.
         for (want, cache) in [(0, vec![1, 2, 3]), (1, vec![1, 2, 9, 9])] {
-            let r = t.reserve(&cache, Some(want)).unwrap();
-            t.release(r.slot, cache);
+            let r = t.reserve(&cache, 0, Some(want)).unwrap();
+            t.release(r.slot, cache, 0);
         }
-        let r = t.reserve(&[1, 2, 9, 5], None).unwrap();
+        let r = t.reserve(&[1, 2, 9, 5], 0, None).unwrap();
         assert_eq!(
             r,
             Reservation {
                 slot: 1,
-                shared_prefix: 3
+                shared_prefix: 3,
+                scope: 0,
             }
         );
+        // Another scope shares nothing with them.
+        t.release(r.slot, vec![1, 2, 9, 9], 0);
+        let other = t.reserve(&[1, 2, 9, 5], 4, Some(1)).unwrap();
+        assert_eq!((other.slot, other.shared_prefix), (1, 0));
+        t.release(other.slot, vec![1, 2, 9, 9], 0);
+        let again = t.reserve(&[1, 2, 9, 5], 0, Some(1)).unwrap();
+        assert_eq!((again.slot, again.shared_prefix), (1, 3));
         // No prefix anywhere: the least recently used free slot (2 was never used).
-        let r2 = t.reserve(&[7], None).unwrap();
+        let r2 = t.reserve(&[7], 0, None).unwrap();
         assert_eq!(r2.slot, 2);
-        let r3 = t.reserve(&[7], None).unwrap();
+        let r3 = t.reserve(&[7], 0, None).unwrap();
         assert_eq!(r3.slot, 0);
-        assert_eq!(t.reserve(&[7], None), None, "all busy");
+        assert_eq!(t.reserve(&[7], 0, None), None, "all busy");
         assert_eq!(t.busy(), 3);
-        t.release(1, vec![]);
+        t.release(1, vec![], 0);
         assert_eq!(t.status().busy, 2);
     }
 
     #[test]
     fn a_lease_goes_back_once_by_release_or_by_drop() {
         let t = Arc::new(Mutex::new(SlotTable::new(2, 100)));
-        let a = SlotTable::lease(&t, &[1, 2], Some(0)).unwrap();
-        let b = SlotTable::lease(&t, &[1, 2], None).unwrap();
+        let a = SlotTable::lease(&t, &[1, 2], 0, Some(0)).unwrap();
+        let b = SlotTable::lease(&t, &[1, 2], 0, None).unwrap();
         assert_eq!((a.slot(), b.slot()), (0, 1));
-        assert!(SlotTable::lease(&t, &[1], None).is_none(), "all busy");
+        assert!(SlotTable::lease(&t, &[1], 0, None).is_none(), "all busy");
         a.release(vec![1, 2, 3]);
         drop(b);
         let status = llorch_os::sync::lock(&t).status();
@@ -221,9 +257,9 @@ mod tests {
     #[test]
     fn a_busy_preferred_slot_falls_back_to_another() {
         let mut t = SlotTable::new(2, 100);
-        let a = t.reserve(&[1], Some(1)).unwrap();
+        let a = t.reserve(&[1], 0, Some(1)).unwrap();
         assert_eq!(a.slot, 1);
-        let b = t.reserve(&[1], Some(1)).unwrap();
+        let b = t.reserve(&[1], 0, Some(1)).unwrap();
         assert_eq!(b.slot, 0);
     }
 }

@@ -1,6 +1,8 @@
 //! The accept loop of every llama-orch HTTP listener (orchestratord's public API, pool-managerd's
-//! node API and metrics listener): at most `max_connections` connections are served at once
-//! (further ones wait in the kernel's listen backlog, nothing is refused), each must send a
+//! node API and metrics listener): at most `max_connections` connections are served at once; at
+//! the limit, a new connection closes the one idle the longest (no request in flight: see
+//! [`idle`]), and waits in the kernel's listen backlog only when every connection is busy with
+//! a request. Each must send a
 //! request's headers within `header_read` of the server being ready to read them (a client
 //! that trickles its headers, or a keep-alive connection idle that long, is closed), and on
 //! shutdown the listener closes while open connections finish their current request (one
@@ -13,6 +15,7 @@
 //! header deadline) before any HTTP is read; one that does not (a plaintext client, a scanner)
 //! is closed and logged.
 
+mod idle;
 pub mod tls;
 
 use std::sync::Arc;
@@ -32,6 +35,28 @@ use tokio_util::task::TaskTracker;
 /// then answered and the connection closed. Connections that were served already close when
 /// idle, at once.
 pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
+/// The address a request came from, in its extensions (`Extension<Peer>`): the peer's IP for
+/// TCP listeners, None for Unix sockets (a local process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub Option<std::net::IpAddr>);
+
+/// A listener's peer address, as a [`Peer`].
+pub trait PeerAddr {
+    fn peer(&self) -> Peer;
+}
+
+impl PeerAddr for std::net::SocketAddr {
+    fn peer(&self) -> Peer {
+        Peer(Some(self.ip()))
+    }
+}
+
+impl PeerAddr for tokio::net::unix::SocketAddr {
+    fn peer(&self) -> Peer {
+        Peer(None)
+    }
+}
 
 /// How one listener's connections are bounded.
 #[derive(Debug, Clone, Copy)]
@@ -59,9 +84,10 @@ pub async fn serve<L: Listener>(
     tls: Option<tls::Acceptor>,
     shutdown: CancellationToken,
 ) where
-    L::Addr: std::fmt::Debug,
+    L::Addr: std::fmt::Debug + PeerAddr,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let idle = Arc::new(idle::IdleSet::default());
     // Every connection, its TLS handshake included: the loop ends when the last one did.
     let connections = TaskTracker::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -69,23 +95,46 @@ pub async fn serve<L: Listener>(
         .header_read_timeout(limits.header_read)
         .keep_alive(true);
     loop {
-        // A permit first: at the limit, the next connection stays in the backlog.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = shutdown.cancelled() => break,
-        };
         // axum's Listener retries failed accepts (out of descriptors, say) after a pause.
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break,
         };
+        // A permit for it: at the limit, the connection idle the longest makes room; when
+        // every connection has a request in flight, this one waits (and the next ones wait in
+        // the backlog).
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => break,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                // Until a place frees: each time a connection turns idle, it makes room.
+                let mut got = None;
+                loop {
+                    if idle.evict_oldest() {
+                        tracing::debug!(peer = ?peer, "At the connection limit: closed the connection idle the longest.");
+                    }
+                    tokio::select! {
+                        p = permits.clone().acquire_owned() => {
+                            got = p.ok();
+                            break;
+                        }
+                        () = idle.turned_idle() => {}
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+                match got {
+                    Some(p) => p,
+                    None => break,
+                }
+            }
+        };
+        let conn = idle.register();
+        let from = peer.peer();
         let (app, http, shutdown) = (app.clone(), http.clone(), shutdown.clone());
         let Some(tls) = &tls else {
             connections.spawn(async move {
-                serve_one(TokioIo::new(stream), app, http, shutdown).await;
+                serve_one(TokioIo::new(stream), app, http, shutdown, &conn, from).await;
+                conn.closed();
                 drop(permit);
             });
             continue;
@@ -94,15 +143,23 @@ pub async fn serve<L: Listener>(
         let tls = tls.clone();
         let deadline = limits.header_read;
         connections.spawn(async move {
-            match tokio::time::timeout(deadline, tls.accept(stream)).await {
-                Ok(Ok(stream)) => serve_one(TokioIo::new(stream), app, http, shutdown).await,
-                Ok(Err(e)) => {
+            let handshake = tokio::select! {
+                h = tokio::time::timeout(deadline, tls.accept(stream)) => Some(h),
+                () = conn.evict.cancelled() => None,
+            };
+            match handshake {
+                Some(Ok(Ok(stream))) => {
+                    serve_one(TokioIo::new(stream), app, http, shutdown, &conn, from).await
+                }
+                Some(Ok(Err(e))) => {
                     tracing::info!(peer = ?peer, error = %e, "Closed a connection that did not complete a TLS handshake.");
                 }
-                Err(_) => {
+                Some(Err(_)) => {
                     tracing::info!(peer = ?peer, "Closed a connection whose TLS handshake took longer than the header deadline.");
                 }
+                None => {}
             }
+            conn.closed();
             drop(permit);
         });
     }
@@ -115,25 +172,48 @@ pub async fn serve<L: Listener>(
 /// (a request in flight is answered first); one that has not had its first request yet waits
 /// up to [`FIRST_REQUEST_GRACE`] for it, so a client whose connection was accepted just before
 /// the stop is answered rather than cut off.
-async fn serve_one<I>(io: I, app: Router, http: Http1, shutdown: CancellationToken)
-where
+async fn serve_one<I>(
+    io: I,
+    app: Router,
+    http: Http1,
+    shutdown: CancellationToken,
+    conn_idle: &Arc<idle::Conn>,
+    from: Peer,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     use hyper::service::Service;
     let first = Arc::new(Notify::new());
     let served = Arc::new(AtomicBool::new(false));
     let svc = TowerToHyperService::new(app);
-    let (mark, seen) = (first.clone(), served.clone());
-    let service = hyper::service::service_fn(move |req| {
-        if !seen.swap(true, Ordering::Relaxed) {
-            mark.notify_one();
-        }
-        svc.call(req)
-    });
+    let (mark, seen, tracked) = (first.clone(), served.clone(), conn_idle.clone());
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(from);
+            if !seen.swap(true, Ordering::Relaxed) {
+                mark.notify_one();
+            }
+            // Busy from the request's head to the end of its response body.
+            let busy = tracked.busy();
+            let answer = svc.call(req);
+            async move {
+                let resp = answer.await?;
+                Ok::<_, std::convert::Infallible>(
+                    resp.map(|inner| axum::body::Body::new(idle::Tracked { inner, _busy: busy })),
+                )
+            }
+        });
     let conn = http.serve_connection(io, service);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => return,
+        // Evicted while idle: what is still being written (the end of the last answer) goes
+        // out, a request that arrived meanwhile is answered, then the connection closes.
+        () = conn_idle.evict.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(FIRST_REQUEST_GRACE, conn.as_mut()).await;
+            return;
+        }
         () = shutdown.cancelled() => {}
     }
     if !served.load(Ordering::Relaxed) {
@@ -160,7 +240,12 @@ mod tests {
         let app = Router::new().route("/health", get(|| async { "ok" }));
         let mut http = Http1::new();
         http.timer(TokioTimer::new());
-        let task = tokio::spawn(serve_one(TokioIo::new(server), app, http, stop.clone()));
+        let stop = stop.clone();
+        let task = tokio::spawn(async move {
+            let set = Arc::new(idle::IdleSet::default());
+            let conn = set.register();
+            serve_one(TokioIo::new(server), app, http, stop, &conn, Peer(None)).await
+        });
         (client, task)
     }
 

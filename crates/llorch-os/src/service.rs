@@ -96,11 +96,17 @@ impl Watchdog {
     }
 }
 
-/// `$CREDENTIALS_DIRECTORY/<name>`, when the service manager passed such a credential
-/// (`LoadCredential=`).
+/// Where a secret named `name` was passed to this service: `$LLORCH_SECRETS_DIR/<name>` (a
+/// directory the unit refreshes on every reload, see orchestratord.service), else
+/// `$CREDENTIALS_DIRECTORY/<name>` (`LoadCredential=`, which systemd before 259 does not
+/// refresh on reload); None when neither holds it.
 pub fn credential(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(std::env::var_os("CREDENTIALS_DIRECTORY")?).join(name);
-    p.exists().then_some(p)
+    ["LLORCH_SECRETS_DIR", "CREDENTIALS_DIRECTORY"]
+        .into_iter()
+        .filter_map(std::env::var_os)
+        .filter(|d| !d.is_empty())
+        .map(|d| PathBuf::from(d).join(name))
+        .find(|p| p.exists())
 }
 
 /// A fresh secret for a token file: 32 bytes from the kernel's random source, as 64 hex digits.

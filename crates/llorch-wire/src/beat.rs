@@ -13,9 +13,16 @@
 //! restarted control plane has no key), so a node takes it only as a hint to send its
 //! authenticated report sooner, never as a statement.
 //!
+//! A beat the control plane takes is acknowledged, under the session's key, so a node learns
+//! within one interval that its beats stopped arriving (dropped by a filter, or crowded out of
+//! the control plane's socket by a flood) and sends its authenticated report over HTTPS
+//! instead. Only a beat that verified is acknowledged: a stranger's datagram gets nothing, or
+//! the report request, which is smaller than what caused it.
+//!
 //! ```text
 //! beat  (52 bytes): "LOB1" | session u64 BE | counter u64 BE | HMAC-SHA256(key, first 20 bytes)
 //! reply (13 bytes): "LOB1" | session u64 BE | 1 (send a full report)
+//! ack   (53 bytes): "LOB1" | session u64 BE | counter u64 BE | 2 | HMAC-SHA256(key, first 21 bytes)
 //! ```
 
 use ring::hmac;
@@ -27,6 +34,9 @@ pub const MAGIC: [u8; 4] = *b"LOB1";
 pub const BEAT_LEN: usize = 4 + 8 + 8 + TAG_LEN;
 /// Bytes in a reply.
 pub const REPLY_LEN: usize = 4 + 8 + 1;
+/// Bytes in an acknowledgement.
+pub const ACK_LEN: usize = ACK_SIGNED_LEN + TAG_LEN;
+const ACK_SIGNED_LEN: usize = 4 + 8 + 8 + 1;
 /// Bytes of a session key.
 pub const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 32;
@@ -38,8 +48,10 @@ pub const REPORT_EVERY: u32 = 12;
 /// Beats per heartbeat interval: two, so one lost datagram never leaves a gap of 1.5
 /// intervals (what makes a node suspect). A beat costs the control plane a few microseconds.
 pub const BEATS_PER_INTERVAL: u32 = 2;
-/// The reply's only kind: send a full report now.
+/// The reply's kind: send a full report now.
 const REPLY_REPORT: u8 = 1;
+/// The acknowledgement's kind byte.
+const REPLY_ACK: u8 = 2;
 
 /// What a registration's answer grants a node that may beat: where, as which session, and the
 /// key of its tags (hex). Absent when the control plane takes no beats; the node then sends a
@@ -52,6 +64,10 @@ pub struct BeatGrant {
     pub session: u64,
     /// The session's HMAC-SHA256 key, 64 hex digits.
     pub key: String,
+    /// Whether each beat taken is acknowledged (control planes before acknowledgements leave
+    /// it out, and their nodes do not wait for one).
+    #[serde(default)]
+    pub acks: bool,
 }
 
 /// The key stays out of logs.
@@ -145,6 +161,35 @@ pub fn report_request(session: u64) -> [u8; REPLY_LEN] {
     out
 }
 
+/// The acknowledgement of the beat of `session` numbered `counter`.
+pub fn ack(session: u64, counter: u64, key: &BeatKey) -> [u8; ACK_LEN] {
+    let mut out = [0u8; ACK_LEN];
+    out[..4].copy_from_slice(&MAGIC);
+    out[4..12].copy_from_slice(&session.to_be_bytes());
+    out[12..20].copy_from_slice(&counter.to_be_bytes());
+    out[20] = REPLY_ACK;
+    let tag = hmac::sign(&key.0, &out[..ACK_SIGNED_LEN]);
+    out[ACK_SIGNED_LEN..].copy_from_slice(tag.as_ref());
+    out
+}
+
+/// The counter an acknowledgement of `session` confirms, when it verifies under `key`.
+pub fn parse_ack(datagram: &[u8], session: u64, key: &BeatKey) -> Option<u64> {
+    if datagram.len() != ACK_LEN || datagram[..4] != MAGIC || datagram[20] != REPLY_ACK {
+        return None;
+    }
+    if u64::from_be_bytes(datagram[4..12].try_into().ok()?) != session {
+        return None;
+    }
+    hmac::verify(
+        &key.0,
+        &datagram[..ACK_SIGNED_LEN],
+        &datagram[ACK_SIGNED_LEN..],
+    )
+    .ok()?;
+    Some(u64::from_be_bytes(datagram[12..20].try_into().ok()?))
+}
+
 /// The session a reply asks a full report of; None for anything else.
 pub fn parse_report_request(datagram: &[u8]) -> Option<u64> {
     if datagram.len() != REPLY_LEN || datagram[..4] != MAGIC || datagram[12] != REPLY_REPORT {
@@ -193,6 +238,23 @@ mod tests {
         assert_eq!(parse(&report_request(42)), None);
     }
 
+    #[test]
+    fn an_ack_verifies_for_its_session_and_key_only() {
+        let (key, _) = BeatKey::generate().unwrap();
+        let (other, _) = BeatKey::generate().unwrap();
+        let a = ack(9, 41, &key);
+        assert_eq!(parse_ack(&a, 9, &key), Some(41));
+        assert_eq!(parse_ack(&a, 8, &key), None);
+        assert_eq!(parse_ack(&a, 9, &other), None);
+        for i in 0..ACK_LEN {
+            let mut bad = a;
+            bad[i] ^= 1;
+            assert_eq!(parse_ack(&bad, 9, &key), None, "byte {i} changed");
+        }
+        assert_eq!(parse_ack(&encode(9, 41, &key), 9, &key), None);
+        assert_eq!(parse_report_request(&a), None);
+    }
+
     proptest! {
         #[test]
         fn any_datagram_parses_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
@@ -201,6 +263,7 @@ mod tests {
                 prop_assert!(!b.verify(&key));
             }
             let _ = parse_report_request(&bytes);
+            prop_assert_eq!(parse_ack(&bytes, 1, &key), None);
         }
     }
 }

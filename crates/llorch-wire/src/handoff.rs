@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 /// Version of the handoff format; bumped when a field changes meaning.
 pub const HANDOFF_VERSION: u32 = 1;
 
+/// The largest handoff file a reader takes (a real one is a few hundred bytes): the engine that
+/// writes it is less trusted than pool-managerd, which reads it.
+pub const MAX_HANDOFF_BYTES: u64 = 64 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Handoff {
     pub version: u32,

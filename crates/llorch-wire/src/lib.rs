@@ -9,6 +9,7 @@ pub mod beat;
 pub mod engine;
 pub mod error;
 pub mod exit;
+pub mod gbnf;
 pub mod handoff;
 pub mod id;
 pub mod json;

@@ -22,6 +22,9 @@ pub mod defaults {
     }
 }
 
+/// The largest plan file a reader takes (the provisioner writes a few kilobytes).
+pub const MAX_PLAN_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnginePlan {

@@ -38,9 +38,11 @@ struct Remote {
 }
 
 impl Remote {
-    /// The HTTP client for `--url`, with `--ca` and `$LLORCH_API_KEY`.
+    /// The HTTP client for `--url`, with `--ca` and `$LLORCH_API_KEY` (else the operator's
+    /// token: `$LLORCH_ADMIN_TOKEN`, or the one `llorch up` wrote for a loopback URL).
     fn client(&self) -> anyhow::Result<llorch_client::HttpClient> {
-        remote::client(&self.url, self.ca.as_deref(), api_key())
+        let credential = api_key().or_else(|| llorch::up::admin_token_for(&self.url));
+        remote::client(&self.url, self.ca.as_deref(), credential)
     }
 }
 

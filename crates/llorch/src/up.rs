@@ -242,6 +242,76 @@ pub fn node_token_files(runtime: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((token_file, tokens_file))
 }
 
+/// Where `llorch up` leaves the operator's token of the stack on `port` for `llorch` to send:
+/// `$XDG_RUNTIME_DIR/llama-orch/admin-PORT.token`, else under `~/.cache/llama-orch/run/`, in a
+/// directory only this user can enter.
+pub fn admin_token_path(port: u16) -> PathBuf {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| PathBuf::from(d).join("llama-orch"))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/llama-orch/run"))
+        })
+        .unwrap_or_else(|| std::env::temp_dir().join("llama-orch-run"));
+    base.join(format!("admin-{port}.token"))
+}
+
+/// The operator's token to send to `url`: `$LLORCH_ADMIN_TOKEN`, else, for a loopback URL, the
+/// one `llorch up` wrote for its port.
+pub fn admin_token_for(url: &str) -> Option<String> {
+    if let Some(t) = std::env::var("LLORCH_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        return Some(t);
+    }
+    let uri: hyper::Uri = url.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return None;
+    }
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let text = std::fs::read_to_string(admin_token_path(port)).ok()?;
+    text.lines()
+        .next()
+        .map(|l| l.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// Writes a fresh operator token for the stack on `port` (mode 0600, in a directory of mode
+/// 0700), replacing one an earlier run left.
+fn write_admin_token(port: u16) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let path = admin_token_path(port);
+    let dir = path.parent().expect("a file in a directory");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", dir.display()))?;
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("remove {}", path.display()))
+        }
+        _ => {}
+    }
+    let token = llorch_os::service::random_token().context("read /dev/urandom")?;
+    llorch_os::service::write_secret(&path, &format!("{token}\n"))
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
+
 pub async fn run(mut opts: UpOptions) -> anyhow::Result<()> {
     if !opts.model.exists() {
         bail!(
@@ -275,6 +345,9 @@ pub async fn run(mut opts: UpOptions) -> anyhow::Result<()> {
     opts.listen = api.local_addr()?;
     let config_path = runtime.join("node.toml");
     std::fs::write(&config_path, node_config(&opts, &runtime, &token_file))?;
+    // The operator's credential: without API keys every other caller is an anonymous client
+    // (a web page can reach 127.0.0.1 too), and `llorch` finds this file by the port.
+    let admin_token = write_admin_token(opts.listen.port())?;
 
     // Listen for Ctrl-C and SIGTERM once, for the whole run, so no signal falls between two
     // waits.
@@ -285,6 +358,8 @@ pub async fn run(mut opts: UpOptions) -> anyhow::Result<()> {
         opts.listen.to_string(),
         "--node-tokens".to_string(),
         tokens_file.display().to_string(),
+        "--admin-token-file".to_string(),
+        admin_token.display().to_string(),
         "--dbus".to_string(),
         opts.dbus.to_string(),
     ];
@@ -324,6 +399,7 @@ pub async fn run(mut opts: UpOptions) -> anyhow::Result<()> {
     if let Err(e) = ready {
         node.stop().await?;
         orch.stop().await?;
+        let _ = std::fs::remove_file(&admin_token);
         return Err(e);
     }
     println!(
@@ -347,7 +423,9 @@ pub async fn run(mut opts: UpOptions) -> anyhow::Result<()> {
     }
     // Stop both even if stopping the first fails.
     let node_stopped = node.stop().await;
-    orch.stop().await?;
+    let orch_stopped = orch.stop().await;
+    let _ = std::fs::remove_file(&admin_token);
+    orch_stopped?;
     node_stopped?;
     eprintln!("llorch: stopped");
     Ok(())

@@ -137,8 +137,15 @@ async fn heartbeats(nodes: usize, beats: bool) {
     let exe = std::env::var_os("LLORCH_BENCH_ORCHESTRATORD")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| bin("orchestratord"));
+    // The node list is an operator's: the bench holds the operator's token.
+    let admin = dir.path().join("admin-token");
+    std::fs::write(&admin, "bench-admin-0123456789abcdef\n").expect("admin token");
+    std::fs::set_permissions(&admin, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod admin token");
     let mut cmd = Command::new(exe);
-    cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+    cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--admin-token-file")
+        .arg(&admin);
     if beats {
         cmd.args(["--beats-listen", &format!("127.0.0.1:{port}")]);
     }
@@ -158,7 +165,11 @@ async fn heartbeats(nodes: usize, beats: bool) {
         assert!(start.elapsed() < Duration::from_secs(30), "not listening");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let client = Arc::new(HttpClient::new(&format!("http://127.0.0.1:{port}")).expect("url"));
+    let client = Arc::new(
+        HttpClient::new(&format!("http://127.0.0.1:{port}"))
+            .expect("url")
+            .with_token(Some("bench-admin-0123456789abcdef".into())),
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = status_mb(pid, "VmRSS:");
     let mut grants = Vec::new();

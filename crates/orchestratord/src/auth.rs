@@ -31,6 +31,8 @@ pub enum KeysError {
     },
     #[error("{0} holds no keys; add `NAME KEY` lines or leave the option out to run without keys on loopback")]
     Empty(PathBuf),
+    #[error("{path} can be read by other users (mode {mode:o}); it holds secrets: chmod 600 it (or pass it as a systemd credential)")]
+    Exposed { path: PathBuf, mode: u32 },
 }
 
 /// What a key file holds: client API keys, or node tokens bound to node ids.
@@ -45,10 +47,96 @@ pub enum KeyKind {
 /// The name a node token of a single-node install carries: it may act as any node id.
 pub const ANY_NODE: &str = "*";
 
+#[derive(Clone)]
 struct Key {
     name: String,
     digest: [u8; 32],
     admin: bool,
+    grant: NodeGrant,
+}
+
+/// What a node token may register, from its line's `models=` and `slots=` fields: None is no
+/// limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeGrant {
+    /// The model ids its pools may serve.
+    pub models: Option<Vec<String>>,
+    /// The most slots its pools may hold together.
+    pub max_slots: Option<u32>,
+}
+
+impl NodeGrant {
+    /// Why `pools` (pool id, model id, slots) exceed the grant, naming the field; None when
+    /// they do not.
+    pub fn refuses(&self, pools: &[(&str, &str, u32)]) -> Option<(String, String)> {
+        if let Some(models) = &self.models {
+            for (i, (pool, model, _)) in pools.iter().enumerate() {
+                if !models.iter().any(|m| m == model) {
+                    return Some((
+                        format!("pools[{i}].model_id"),
+                        format!("pool {pool:?} serves model {model:?}, which this node's token does not allow (its line in node-tokens lists models={})", models.join(",")),
+                    ));
+                }
+            }
+        }
+        if let Some(max) = self.max_slots {
+            let total: u64 = pools.iter().map(|(_, _, s)| u64::from(*s)).sum();
+            if total > u64::from(max) {
+                return Some((
+                    "pools".into(),
+                    format!("the pools hold {total} slots, more than the {max} this node's token allows (slots= in node-tokens)"),
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// A node token line's fields after the token: `models=ID[,ID…]` and `slots=N`, each at most
+/// once. The error never quotes a field (a swapped line would put the token there).
+fn node_grant(fields: &[&str]) -> Result<NodeGrant, String> {
+    let mut grant = NodeGrant::default();
+    for field in fields {
+        match field.split_once('=') {
+            Some(("models", list)) if grant.models.is_none() => {
+                let models: Vec<String> = list.split(',').map(str::to_string).collect();
+                if models.iter().any(|m| !llorch_wire::id::valid_model_id(m)) {
+                    return Err("models= takes model ids separated by commas".into());
+                }
+                grant.models = Some(models);
+            }
+            Some(("slots", n)) if grant.max_slots.is_none() => {
+                grant.max_slots = Some(
+                    n.parse::<u32>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or("slots= takes a number of slots, at least 1")?,
+                );
+            }
+            _ => {
+                return Err(
+                    "after the node id and the token, a line may give models=ID,ID and slots=N, each once".into(),
+                )
+            }
+        }
+    }
+    Ok(grant)
+}
+
+/// Reads a file of secrets, refusing one that other users can read: a key file left at mode
+/// 0644 gives every local user every key.
+fn read_secret_file(path: &Path) -> Result<String, KeysError> {
+    let read = |source| KeysError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(mode) = llorch_os::fs::exposed_secret(path).map_err(read)? {
+        return Err(KeysError::Exposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    std::fs::read_to_string(path).map_err(read)
 }
 
 /// Who presented a valid key.
@@ -58,6 +146,8 @@ pub struct Holder<'a> {
     pub name: &'a str,
     /// Whether the key carries the `admin` mark.
     pub admin: bool,
+    /// What a node token may register.
+    pub grant: &'a NodeGrant,
 }
 
 impl Holder<'_> {
@@ -68,6 +158,7 @@ impl Holder<'_> {
 }
 
 /// A set of named API keys.
+#[derive(Clone)]
 pub struct ApiKeys {
     keys: Vec<Key>,
 }
@@ -86,11 +177,45 @@ pub fn fingerprint(key: &str) -> String {
 
 impl ApiKeys {
     pub fn load(path: &Path, kind: KeyKind) -> Result<Self, KeysError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_secret_file(path)?;
         Self::parse_kind(&text, path, kind)
+    }
+
+    /// The operator's token file (`--admin-token-file`): its first line that is neither empty
+    /// nor a `#` comment is the token, which acts as a key named `operator` marked `admin`.
+    pub fn load_admin_token(path: &Path) -> Result<Self, KeysError> {
+        Self::parse_admin_token(&read_secret_file(path)?, path)
+    }
+
+    /// An operator's token file's text (see [`ApiKeys::load_admin_token`]).
+    pub fn parse_admin_token(text: &str, path: &Path) -> Result<Self, KeysError> {
+        let Some((i, token)) = text
+            .lines()
+            .map(str::trim)
+            .enumerate()
+            .find(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        else {
+            return Err(KeysError::Empty(path.to_owned()));
+        };
+        if token.len() < MIN_KEY_LEN || token.contains(char::is_whitespace) {
+            return Err(KeysError::Line {
+                path: path.to_owned(),
+                line: i + 1,
+                message: format!(
+                    "the admin token must be one word of at least {MIN_KEY_LEN} characters"
+                ),
+            });
+        }
+        Ok(Self {
+            keys: vec![Key {
+                // Not a name an API key file can hold (no parentheses there): the operator's
+                // tasks, fair share and cache scope are never a key's.
+                name: "(operator)".into(),
+                digest: Sha256::digest(token.as_bytes()).into(),
+                admin: true,
+                grant: NodeGrant::default(),
+            }],
+        })
     }
 
     /// An API key file.
@@ -111,26 +236,23 @@ impl ApiKeys {
                 continue;
             }
             let mut parts = line.split_whitespace();
-            let (Some(name), Some(key), mark, None) =
-                (parts.next(), parts.next(), parts.next(), parts.next())
-            else {
+            let (Some(name), Some(key)) = (parts.next(), parts.next()) else {
                 return Err(line_err(match kind {
                     KeyKind::Api => "expected a name, a key and optionally `admin`".into(),
                     KeyKind::Node => "expected a node id (or `*`) and a token".into(),
                 }));
             };
-            let admin = match (kind, mark) {
-                (_, None) => false,
-                (KeyKind::Api, Some("admin")) => true,
-                (KeyKind::Api, Some(m)) => {
-                    return Err(line_err(format!(
-                        "the third field may only be `admin`, not {m:?}"
-                    )))
+            let rest: Vec<&str> = parts.collect();
+            let mut grant = NodeGrant::default();
+            let admin = match (kind, rest.as_slice()) {
+                (_, []) => false,
+                (KeyKind::Api, ["admin"]) => true,
+                (KeyKind::Api, _) => {
+                    return Err(line_err("the third field may only be `admin`".into()))
                 }
-                (KeyKind::Node, Some(_)) => {
-                    return Err(line_err(
-                        "a node token line has two fields, the node id and the token".into(),
-                    ))
+                (KeyKind::Node, fields) => {
+                    grant = node_grant(fields).map_err(line_err)?;
+                    false
                 }
             };
             match kind {
@@ -139,15 +261,15 @@ impl ApiKeys {
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
                     {
-                        return Err(line_err(format!(
-                            "name {name:?} may hold only letters, digits, - _ . @"
-                        )));
+                        return Err(line_err(
+                            "the name (first field) may hold only letters, digits, - _ . @".into(),
+                        ));
                     }
                 }
                 KeyKind::Node => {
                     if name != ANY_NODE && !llorch_wire::id::valid_id(name) {
                         return Err(line_err(format!(
-                            "{name:?} is not a node id (1 to {} of A-Z a-z 0-9 _ . -) nor `*`",
+                            "the first field is not a node id (1 to {} of A-Z a-z 0-9 _ . -) nor `*`",
                             llorch_wire::id::MAX_ID_LEN
                         )));
                     }
@@ -159,18 +281,23 @@ impl ApiKeys {
                     }
                 }
             }
+            // Neither field is ever echoed: with the columns swapped, the "name" is the key,
+            // and this message goes to the journal.
             if key.len() < MIN_KEY_LEN {
                 return Err(line_err(format!(
-                    "the key of {name:?} is shorter than {MIN_KEY_LEN} characters"
+                    "the key (second field) is shorter than {MIN_KEY_LEN} characters; were the columns swapped?"
                 )));
             }
             if keys.iter().any(|k| k.name == name) {
-                return Err(line_err(format!("name {name:?} appears twice")));
+                return Err(line_err(
+                    "the name (first field) appears on an earlier line too".into(),
+                ));
             }
             keys.push(Key {
                 name: name.to_string(),
                 digest: Sha256::digest(key.as_bytes()).into(),
                 admin,
+                grant,
             });
         }
         if keys.is_empty() {
@@ -190,6 +317,7 @@ impl ApiKeys {
                 found = Some(Holder {
                     name: k.name.as_str(),
                     admin: k.admin,
+                    grant: &k.grant,
                 });
             }
         }
@@ -281,6 +409,74 @@ mod tests {
         ] {
             let err = node(bad).unwrap_err().to_string();
             assert!(err.starts_with("keys:"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn node_token_lines_may_limit_models_and_slots() {
+        let p = Path::new("keys");
+        let node = |t: &str| ApiKeys::parse_kind(t, p, KeyKind::Node);
+        let tokens = node("w1 0123456789abcdef0123 models=m1,q:7b slots=8\n").unwrap();
+        let grant = tokens.check("0123456789abcdef0123").unwrap().grant.clone();
+        assert_eq!(
+            grant.models.as_deref(),
+            Some(&["m1".to_string(), "q:7b".into()][..])
+        );
+        assert_eq!(grant.max_slots, Some(8));
+        assert_eq!(grant.refuses(&[("a", "m1", 4), ("b", "q:7b", 4)]), None);
+        let (field, why) = grant.refuses(&[("a", "m1", 4), ("b", "other", 1)]).unwrap();
+        assert_eq!(field, "pools[1].model_id");
+        assert!(why.contains("\"other\""), "{why}");
+        assert_eq!(grant.refuses(&[("a", "m1", 9)]).unwrap().0, "pools");
+        // No fields: no limits.
+        let free = node("w1 0123456789abcdef0123\n").unwrap();
+        assert_eq!(
+            *free.check("0123456789abcdef0123").unwrap().grant,
+            NodeGrant::default()
+        );
+        for bad in [
+            "w1 0123456789abcdef0123 slots=0\n",
+            "w1 0123456789abcdef0123 slots=8 slots=9\n",
+            "w1 0123456789abcdef0123 models=a/b\n",
+            "w1 0123456789abcdef0123 gpus=2\n",
+        ] {
+            let err = node(bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with("keys:1:") && !err.contains("0123456789abcdef0123"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_files_readable_by_others_are_refused_and_no_message_holds_a_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "alice 0123456789abcdef0123\n").unwrap();
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = ApiKeys::load(&path, KeyKind::Api).unwrap_err().to_string();
+            assert!(err.contains("chmod 600"), "{mode:o}: {err}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        ApiKeys::load(&path, KeyKind::Api).unwrap();
+        // Columns swapped, a bad mark, a duplicate, a short key: the key text never shows.
+        let secret = "s3cr3t-0123456789abcdef";
+        for text in [
+            format!("{secret} alice\n"),
+            format!("alice {secret} root\n"),
+            format!("alice {secret}\nalice {secret}\n"),
+            format!("{secret}/x {secret}\n"),
+        ] {
+            let err = ApiKeys::parse(&text, Path::new("keys"))
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("s3cr3t"), "{err}");
+            let err = ApiKeys::parse_kind(&text, Path::new("keys"), KeyKind::Node)
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("s3cr3t"), "{err}");
         }
     }
 

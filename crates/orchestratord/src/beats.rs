@@ -1,46 +1,68 @@
-//! Liveness beats from nodes ([`llorch_wire::beat`]): one UDP socket, read in batches.
+//! Liveness beats from nodes ([`llorch_wire::beat`]): one UDP socket, read whenever datagrams
+//! wait.
 //!
 //! A heartbeat over HTTPS costs orchestratord about 120 us of CPU, most of it waking up for
 //! the request and answering it; 1,000 nodes every 5 s made that 2.5% of a core. A beat is a
-//! 52-byte datagram nobody answers. The socket is not registered with the runtime's poller:
-//! datagrams wait in the kernel's buffer, and this task wakes every [`BATCH_EVERY`] to read
-//! what came, verify each tag and apply the batch under one lock. The socket buffer bounds
-//! what can wait; at most [`MAX_PER_BATCH`] are taken per wake-up, so a flood costs bounded
-//! work and drops in the kernel.
+//! 52-byte datagram, verified and applied in a batch under one lock, and acknowledged with one
+//! datagram. The socket is read as soon as it is readable, what waits is taken in one batch (at
+//! most [`MAX_PER_BATCH`]), so a flood of forged datagrams (no key needed to send them) does
+//! not sit in the kernel's buffer crowding out real beats: it costs a parse and a lookup each.
+//! The buffer is made as large as the kernel allows ([`RECEIVE_BUFFER`]; the socket unit sets
+//! `ReceiveBuffer=`, which may exceed that). A node whose beats are lost anyway learns it from
+//! the missing acknowledgements within one interval and reports over HTTPS.
 
 use std::io::ErrorKind;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use llorch_wire::beat::{self, BEAT_LEN};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ops::Beats;
 use crate::state::State;
 
-/// How often the socket is read. Small next to any heartbeat interval (1 s at the least), so
-/// the time a beat waits is noise in the node's suspect and offline deadlines.
-pub(crate) const BATCH_EVERY: Duration = Duration::from_millis(100);
-/// The most datagrams taken per read; more wait for the next one or drop in the kernel.
+/// The window the answers to strangers are counted in.
+pub(crate) const REPLY_WINDOW: Duration = Duration::from_millis(100);
+/// The most datagrams taken per batch; more are read in the next one, at once.
 pub(crate) const MAX_PER_BATCH: usize = 4096;
-/// The most report requests sent per read: answers to strangers stay bounded (and each is
-/// smaller than the datagram it answers, so none amplifies).
-const MAX_REPLIES_PER_BATCH: usize = 256;
+/// The most report requests sent per [`REPLY_WINDOW`]: answers to strangers stay bounded
+/// (and each is smaller than the datagram it answers, so none amplifies).
+const MAX_REPLIES_PER_WINDOW: usize = 256;
+/// The receive buffer asked for (`SO_RCVBUF`; the kernel caps it at `net.core.rmem_max`).
+pub(crate) const RECEIVE_BUFFER: usize = 8 << 20;
 
 /// Reads beats from `socket` until `shutdown`.
-pub async fn serve(state: Arc<State>, socket: UdpSocket, shutdown: CancellationToken) {
-    if let Err(e) = socket.set_nonblocking(true) {
-        tracing::error!(error = %e, "Cannot read the beats socket; nodes heartbeat over HTTP.");
-        return;
-    }
-    let mut tick = tokio::time::interval(BATCH_EVERY);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+pub async fn serve(state: Arc<State>, socket: std::net::UdpSocket, shutdown: CancellationToken) {
+    let raised = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, RECEIVE_BUFFER);
+    let buffer = rustix::net::sockopt::socket_recv_buffer_size(&socket).unwrap_or(0);
+    tracing::debug!(
+        bytes = buffer,
+        asked = RECEIVE_BUFFER,
+        raised = raised.is_ok(),
+        "Beats socket receive buffer."
+    );
+    let socket = match socket
+        .set_nonblocking(true)
+        .and_then(|()| UdpSocket::from_std(socket))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot read the beats socket; nodes heartbeat over HTTP.");
+            return;
+        }
+    };
     let mut batch: Vec<([u8; BEAT_LEN], SocketAddr)> = Vec::new();
+    let mut window = Instant::now();
+    let mut replies_left = MAX_REPLIES_PER_WINDOW;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            r = socket.readable() => if let Err(e) = r {
+                tracing::error!(error = %e, "The beats socket failed; nodes heartbeat over HTTP.");
+                return;
+            },
             () = shutdown.cancelled() => return,
         }
         let malformed = read_batch(&socket, &mut batch);
@@ -49,17 +71,27 @@ pub async fn serve(state: Arc<State>, socket: UdpSocket, shutdown: CancellationT
             continue;
         }
         let now = Instant::now();
+        if now.duration_since(window) >= REPLY_WINDOW {
+            window = now;
+            replies_left = MAX_REPLIES_PER_WINDOW;
+        }
         let Beats {
             ok,
             asked,
             rejected,
             replies,
+            acks,
             queued,
-        } = crate::ops::beats(&state, &batch, MAX_REPLIES_PER_BATCH, now);
+        } = crate::ops::beats(&state, &batch, replies_left, now);
+        replies_left -= replies.len();
         let rejected = rejected + malformed;
+        // Best effort: a lost acknowledgement costs the node one HTTPS report, a lost report
+        // request is asked again by its next beat.
+        for (ack, to) in acks {
+            let _ = socket.try_send_to(&ack, to);
+        }
         for (session, to) in replies {
-            // Best effort: a lost answer is asked again by the node's next beat.
-            let _ = socket.send_to(&beat::report_request(session), to);
+            let _ = socket.try_send_to(&beat::report_request(session), to);
         }
         state.metrics.beats("ok", ok);
         state.metrics.beats("report_asked", asked);
@@ -82,7 +114,7 @@ fn read_batch(socket: &UdpSocket, batch: &mut Vec<([u8; BEAT_LEN], SocketAddr)>)
     // One byte more than a beat: a longer datagram is truncated to it and seen as too long.
     let mut buf = [0u8; BEAT_LEN + 1];
     while batch.len() + (dropped as usize) < MAX_PER_BATCH {
-        match socket.recv_from(&mut buf) {
+        match socket.try_recv_from(&mut buf) {
             Ok((n, from)) if n == BEAT_LEN => {
                 let mut d = [0u8; BEAT_LEN];
                 d.copy_from_slice(&buf[..BEAT_LEN]);

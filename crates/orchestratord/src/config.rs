@@ -43,6 +43,22 @@ pub struct Args {
     /// heartbeat. Default: `$CREDENTIALS_DIRECTORY/node-tokens` when that file exists.
     #[arg(long, env = "LLORCH_NODE_TOKENS")]
     pub node_tokens: Option<PathBuf>,
+    /// File holding one token (its first line) that acts as an API key marked `admin`: the
+    /// operator's credential where there are no API keys (`llorch up` writes one for each
+    /// run). Default: `$CREDENTIALS_DIRECTORY/admin-token` when that file exists. Without it
+    /// and without admin keys, the operator endpoints are refused over HTTP (D-Bus remains).
+    #[arg(long, env = "LLORCH_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Names besides loopback ones under which clients reach this server (`Host`), comma
+    /// separated: on a loopback listener (or wherever this is given) a request for any other
+    /// name is refused with 421, which stops DNS rebinding. `*` turns the check off.
+    #[arg(long, env = "LLORCH_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Web origins (`https://chat.example.com`) whose pages may call the API from a browser,
+    /// comma separated; they get CORS answers. Other origins are refused with 403. `*` allows
+    /// any origin and needs API keys.
+    #[arg(long, env = "LLORCH_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     /// Tasks that may wait in the queue.
     #[arg(long, env = "LLORCH_QUEUE_CAPACITY", default_value_t = defaults::QUEUE_CAPACITY)]
     pub queue_capacity: usize,
@@ -127,6 +143,11 @@ pub struct Args {
     /// Validate the configuration (and key files) and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Copy node-tokens, api-keys and admin-token from /etc/llama-orch into
+    /// `$RUNTIME_DIRECTORY` for the service's user, and exit: what the unit runs as root
+    /// before each start and reload (`orchestratord::secrets`).
+    #[arg(long)]
+    pub stage_secrets: bool,
 }
 
 #[derive(Debug)]
@@ -137,6 +158,13 @@ pub struct Config {
     /// Where the keys came from, to read them again on SIGHUP.
     pub api_keys_path: Option<PathBuf>,
     pub node_tokens_path: Option<PathBuf>,
+    /// The operator's token (`--admin-token-file`), and where it came from.
+    pub admin_token: Option<ApiKeys>,
+    pub admin_token_path: Option<PathBuf>,
+    /// `--allowed-hosts`.
+    pub allowed_hosts: Vec<String>,
+    /// `--cors-origins`.
+    pub cors_origins: CorsOrigins,
     pub queue_capacity: usize,
     pub policy: Policy,
     pub max_body_bytes: usize,
@@ -165,6 +193,60 @@ pub struct Config {
     /// The UDP port beats are read on, once the socket is taken or bound: registrations are
     /// granted beat sessions only then.
     pub beat_port: Option<u16>,
+}
+
+/// Which origins may call the API from a browser (`--cors-origins`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// None but the API's own origin.
+    #[default]
+    None,
+    /// These origins (`scheme://host[:port]`, lower case).
+    List(Vec<String>),
+    /// Any origin (`*`; only with API keys, which a page cannot send on its own).
+    Any,
+}
+
+impl CorsOrigins {
+    /// Parses `--cors-origins` values: `*`, or origins such as `https://chat.example.com`.
+    pub fn parse(values: &[String]) -> Result<Self, String> {
+        if values.is_empty() {
+            return Ok(Self::None);
+        }
+        if values.iter().any(|v| v == "*") {
+            if values.len() > 1 {
+                return Err("`*` allows every origin and must stand alone".into());
+            }
+            return Ok(Self::Any);
+        }
+        let mut list = Vec::new();
+        for v in values {
+            let origin = v.trim_end_matches('/').to_ascii_lowercase();
+            let Some((scheme, authority)) = origin.split_once("://") else {
+                return Err(format!(
+                    "{v:?} is not an origin: write it as scheme://host[:port], e.g. https://chat.example.com"
+                ));
+            };
+            if !matches!(scheme, "http" | "https")
+                || authority.is_empty()
+                || authority.contains(['/', '?', '#', '@', ' '])
+            {
+                return Err(format!(
+                    "{v:?} is not an origin: write it as http(s)://host[:port], no path"
+                ));
+            }
+            list.push(origin);
+        }
+        Ok(Self::List(list))
+    }
+
+    pub(crate) fn allows(&self, origin: &str) -> bool {
+        match self {
+            Self::None => false,
+            Self::Any => true,
+            Self::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
 }
 
 /// The public listener's TLS acceptor.
@@ -203,6 +285,10 @@ impl Default for Config {
             node_tokens: None,
             api_keys_path: None,
             node_tokens_path: None,
+            admin_token: None,
+            admin_token_path: None,
+            allowed_hosts: Vec::new(),
+            cors_origins: Default::default(),
             queue_capacity: defaults::QUEUE_CAPACITY,
             policy: Policy::Reject,
             max_body_bytes: defaults::MAX_BODY_BYTES,
@@ -242,6 +328,35 @@ impl Args {
             Some(p) => Some(ApiKeys::load(p, KeyKind::Node)?),
             None => None,
         };
+        let admin_token_path = self
+            .admin_token_file
+            .take()
+            .or_else(|| credential("admin-token"));
+        let admin_token = match &admin_token_path {
+            Some(p) => Some(ApiKeys::load_admin_token(p)?),
+            None => None,
+        };
+        let cors_origins = CorsOrigins::parse(&self.cors_origins)
+            .map_err(|e| ConfigError::Value("cors-origins", e))?;
+        if cors_origins == CorsOrigins::Any && api_keys.is_none() {
+            return Err(ConfigError::Value(
+                "cors-origins",
+                "`*` without API keys would let every web page the user opens drive this server; list the origins, or give --api-keys".into(),
+            ));
+        }
+        for h in &self.allowed_hosts {
+            if h.is_empty()
+                || (h != "*"
+                    && !h
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-_[]:".contains(c)))
+            {
+                return Err(ConfigError::Value(
+                    "allowed-hosts",
+                    format!("{h:?} is not a host name; give names such as box.lan, without scheme or port"),
+                ));
+            }
+        }
         let tls_cert = self.tls_cert.take().or_else(|| credential("tls-cert"));
         let tls_key = self.tls_key.take().or_else(|| credential("tls-key"));
         let tls = match (&tls_cert, &tls_key) {
@@ -280,6 +395,10 @@ impl Args {
             node_tokens,
             api_keys_path,
             node_tokens_path,
+            admin_token,
+            admin_token_path,
+            allowed_hosts: std::mem::take(&mut self.allowed_hosts),
+            cors_origins,
             queue_capacity: self.queue_capacity,
             policy: self.admission_policy,
             max_body_bytes: self.max_body_bytes,
@@ -396,10 +515,36 @@ mod tests {
     }
 
     #[test]
+    fn browser_settings_are_checked() {
+        let err = |args: &[&str]| {
+            let mut all = vec!["orchestratord"];
+            all.extend_from_slice(args);
+            Args::parse_from(all).into_config().unwrap_err().to_string()
+        };
+        // Every origin, without keys: every page the user opens could drive the server.
+        assert!(err(&["--cors-origins", "*"]).starts_with("--cors-origins"));
+        assert!(err(&["--cors-origins", "chat.example.com"]).contains("scheme://"));
+        assert!(err(&["--allowed-hosts", "http://box.lan"]).starts_with("--allowed-hosts"));
+        let ok = Args::parse_from([
+            "orchestratord",
+            "--cors-origins",
+            "https://chat.example.com,http://localhost:3000",
+            "--allowed-hosts",
+            "box.lan",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(ok.allowed_hosts, ["box.lan"]);
+        assert!(ok.cors_origins.allows("http://localhost:3000"));
+    }
+
+    #[test]
     fn off_loopback_needs_api_keys_and_node_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let keys = dir.path().join("keys");
         std::fs::write(&keys, "a 0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let keys = keys.to_str().unwrap();
         let open = |args: &[&str]| {
             let mut all = vec!["orchestratord", "--listen", "0.0.0.0:8080"];

@@ -150,11 +150,10 @@ pub(crate) fn cancel_task(state: &State, task_id: &str, operator: &str) -> Resul
 pub fn reload_keys(state: &State, by: &str) -> Result<(usize, usize), crate::auth::KeysError> {
     llorch_os::service::reloading();
     let result = state.reload_keys();
-    if result.is_ok() {
-        // A revoked node token must not live on in beats: every node's next beat is answered
-        // with a request for its (authenticated) heartbeat.
-        state.core().registry.ask_reports();
-    }
+    // A revoked node token must not live on in beats: every node's next beat is answered with
+    // a request for its (authenticated) heartbeat. Also when another file failed: the node
+    // tokens may have been read again all the same.
+    state.core().registry.ask_reports();
     match &result {
         Ok((api, node)) => tracing::info!(
             api_keys = api,
@@ -166,7 +165,7 @@ pub fn reload_keys(state: &State, by: &str) -> Result<(usize, usize), crate::aut
             message_id = llorch_os::message_id::CONFIG_REJECTED,
             error = %e,
             by = %by,
-            "Reload failed; the keys in force are unchanged."
+            "Reload failed for a key file; its keys stay in force, the other files were read again."
         ),
     }
     llorch_os::service::ready();

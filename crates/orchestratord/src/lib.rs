@@ -66,6 +66,7 @@ pub mod placement;
 pub(crate) mod prefixes;
 pub(crate) mod refusal;
 pub mod registry;
+pub mod secrets;
 pub mod state;
 pub(crate) mod tasks;
 
@@ -76,6 +77,7 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use auth::ApiKeys;
 pub use config::{Args, Config};
 pub use state::State;
 
@@ -128,7 +130,12 @@ pub async fn serve_state(
 ) -> std::io::Result<()> {
     let dispatcher = tokio::spawn(supervise_dispatcher(state.clone()));
     let watcher = tokio::spawn(dispatch::watch_nodes(state.clone()));
-    let app = api::router(state.clone());
+    let boundary = api::Boundary::new(
+        listener.local_addr().ok(),
+        &state.config.allowed_hosts,
+        state.config.cors_origins.clone(),
+    );
+    let app = api::router(state.clone(), boundary);
     let limits = llorch_http::Limits {
         max_connections: state.config.max_connections,
         header_read: state.config.header_read,

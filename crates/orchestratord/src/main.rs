@@ -8,6 +8,24 @@ use tokio_util::sync::CancellationToken;
 async fn main() {
     llorch_os::service::init_logging("info");
     let args = Args::parse();
+    if args.stage_secrets {
+        let Some(to) = std::env::var_os("RUNTIME_DIRECTORY") else {
+            eprintln!("orchestratord: --stage-secrets needs $RUNTIME_DIRECTORY (the unit's RuntimeDirectory=)");
+            std::process::exit(exit::USAGE);
+        };
+        // systemd sets one directory per RuntimeDirectory= entry, colon separated.
+        let to = std::path::PathBuf::from(to.to_string_lossy().split(':').next().unwrap_or(""));
+        match orchestratord::secrets::stage(std::path::Path::new("/etc/llama-orch"), &to) {
+            Ok(n) => {
+                tracing::info!(files = n, to = %to.display(), "Staged the key files.");
+                return;
+            }
+            Err(e) => {
+                eprintln!("orchestratord: --stage-secrets: {e}");
+                std::process::exit(exit::UNAVAILABLE);
+            }
+        }
+    }
     let check_only = args.check_config;
     let config = match args.into_config() {
         Ok(c) => c,

@@ -177,6 +177,8 @@ pub struct Beats {
     pub rejected: u64,
     /// The sessions to ask for a full report, and where to (at most `max_replies`).
     pub replies: Vec<(u64, SocketAddr)>,
+    /// The acknowledgements of the beats taken, and where to.
+    pub acks: Vec<([u8; llorch_wire::beat::ACK_LEN], SocketAddr)>,
     /// Whether tasks wait in the queue (a node seen again may free the way for them).
     pub queued: bool,
 }
@@ -196,7 +198,10 @@ pub fn beats(
             continue;
         };
         match core.registry.beat(&b, now) {
-            BeatOutcome::Ok => out.ok += 1,
+            BeatOutcome::Ok(ack) => {
+                out.ok += 1;
+                out.acks.push((ack, *from));
+            }
             BeatOutcome::ReportAsked => {
                 out.asked += 1;
                 if out.replies.len() < max_replies {

@@ -51,18 +51,29 @@ fn hasher() -> impl Hasher {
         .build_hasher()
 }
 
-/// The chain of blocks of `req`'s prompt (empty for an empty prompt).
+/// The cache scope of a client (an API key's name): engines reuse prompt state only within
+/// one scope. Keyed per process, so the number says nothing about the name.
+pub(crate) fn scope_of(client: &str) -> u64 {
+    let mut h = hasher();
+    h.write(b"scope");
+    h.write(client.as_bytes());
+    h.finish()
+}
+
+/// The chain of blocks of `req`'s prompt (empty for an empty prompt), seeded with its cache
+/// scope: two clients' identical prompts are different chains, as engines keep them apart.
 pub(crate) fn blocks(req: &GenerateRequest) -> Vec<Block> {
+    let seed = req.cache_scope.unwrap_or(0);
     match (&req.messages, &req.prompt) {
-        (Some(messages), _) => message_blocks(messages),
-        (None, Some(prompt)) => prompt_blocks(prompt),
+        (Some(messages), _) => message_blocks(messages, seed),
+        (None, Some(prompt)) => prompt_blocks(prompt, seed),
         (None, None) => Vec::new(),
     }
 }
 
-fn message_blocks(messages: &[ChatMessage]) -> Vec<Block> {
+fn message_blocks(messages: &[ChatMessage], seed: u64) -> Vec<Block> {
     let mut out = Vec::with_capacity(messages.len().min(MAX_BLOCKS));
-    let (mut prev, mut bytes) = (0u64, 0u32);
+    let (mut prev, mut bytes) = (seed, 0u32);
     for m in messages.iter().take(MAX_BLOCKS) {
         let mut h = hasher();
         h.write_u64(prev);
@@ -87,9 +98,9 @@ fn message_blocks(messages: &[ChatMessage]) -> Vec<Block> {
     out
 }
 
-fn prompt_blocks(prompt: &str) -> Vec<Block> {
+fn prompt_blocks(prompt: &str, seed: u64) -> Vec<Block> {
     let mut out = Vec::new();
-    let mut prev = 0u64;
+    let mut prev = seed;
     for (i, chunk) in prompt
         .as_bytes()
         .chunks(PROMPT_BLOCK)

@@ -204,10 +204,13 @@ impl Task {
         client: String,
         session_id: Option<String>,
         hints: Option<PlacementHints>,
-        request: GenerateRequest,
+        mut request: GenerateRequest,
         correlation_id: String,
         api: Api,
     ) -> Self {
+        // Each client (API key) is a cache scope of its own: no client reuses, or learns from
+        // `cached_tokens` or from speed, what another client's prompts left in a cache.
+        request.cache_scope = Some(crate::prefixes::scope_of(&client));
         Self {
             key: Self::key_for(&client, &id),
             id,

@@ -26,6 +26,13 @@ impl Drop for Harness {
     }
 }
 
+/// The operator's token: the node list is an operator's.
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+
+fn admin_token() -> orchestratord::ApiKeys {
+    orchestratord::ApiKeys::parse_admin_token(ADMIN_TOKEN, std::path::Path::new("test")).unwrap()
+}
+
 async fn start() -> Harness {
     let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", api.local_addr().unwrap());
@@ -33,6 +40,7 @@ async fn start() -> Harness {
     let beats = socket.local_addr().unwrap();
     let config = orchestratord::Config {
         beat_port: Some(beats.port()),
+        admin_token: Some(admin_token()),
         ..orchestratord::Config::default()
     };
     let shutdown = CancellationToken::new();
@@ -44,7 +52,9 @@ async fn start() -> Harness {
     ));
     tokio::spawn(orchestratord::serve_state(state, api, shutdown.clone()));
     Harness {
-        client: HttpClient::new(&url).unwrap(),
+        client: HttpClient::new(&url)
+            .unwrap()
+            .with_token(Some(ADMIN_TOKEN.into())),
         beats,
         shutdown,
     }
@@ -124,6 +134,18 @@ async fn beats_keep_a_node_online_and_nothing_else_does() {
         );
     }
     until_counted(&h.client, "ok", 7).await;
+    // Each beat taken was acknowledged, under the session's key, in order.
+    let mut buf = [0u8; 64];
+    for counter in 1..=7 {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), node.recv(&mut buf))
+            .await
+            .expect("an acknowledgement")
+            .unwrap();
+        assert_eq!(
+            beat::parse_ack(&buf[..n], grant.session, &key),
+            Some(counter)
+        );
+    }
     // A heartbeat's answer says which beats were taken: the node's check that they arrive.
     let hb = Heartbeat {
         pools: reg.pools.clone(),

@@ -1,9 +1,10 @@
 //! orchestratord against nodes that fail in the ways a network and a crashing engine do. It
 //! runs in process on a real socket; the node is a stand-in on another socket that registers,
 //! heartbeats, and answers forwarded requests badly:
-//! - it closes every forwarded request's connection before any header, as pool-managerd does
-//!   when its engine dies under the request: the task is tried `MAX_DISPATCH_ATTEMPTS` times and
-//!   then ends with `ENGINE_FAILED`, it is not requeued forever;
+//! - it closes every forwarded request's connection before any header, as a node whose agent
+//!   dies under the request does: the task is tried `MAX_DISPATCH_ATTEMPTS` times and then ends
+//!   with `ENGINE_FAILED`, it is not requeued forever (an engine that dies under the request is
+//!   answered 502 by its node, and that task is not tried again at all: tests/stack.rs);
 //! - it takes connections and never answers: an operator's drain gets 504 within
 //!   `NODE_ACTION_TIMEOUT`;
 //! - it sends an error's head and stalls its body: the dispatch gives up on the body within
@@ -75,10 +76,19 @@ async fn start(behaviour: Node) -> Harness {
     let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", api.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let state = orchestratord::State::new(orchestratord::Config::default());
+    // The operator's token: a drain is an operator's.
+    let admin = "admin-token-0123456789abcdef";
+    let state = orchestratord::State::new(orchestratord::Config {
+        admin_token: Some(
+            orchestratord::ApiKeys::parse_admin_token(admin, std::path::Path::new("test")).unwrap(),
+        ),
+        ..orchestratord::Config::default()
+    });
     tokio::spawn(orchestratord::serve_state(state, api, shutdown.clone()));
 
-    let client = HttpClient::new(&url).unwrap();
+    let client = HttpClient::new(&url)
+        .unwrap()
+        .with_token(Some(admin.into()));
     let _: NodeAck = client
         .post_json(
             "/v2/nodes/register",

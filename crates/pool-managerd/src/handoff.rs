@@ -192,7 +192,10 @@ pub fn pool_of(path: &Path) -> Option<&str> {
 fn refresh(node: &Node, layout: &RuntimeLayout, pool: &str) {
     let path = layout.handoff_file(pool);
     let expected = layout.engine_socket(pool);
-    let handoff = match std::fs::read(&path) {
+    let handoff = match llorch_os::fs::read_untrusted(
+        &path,
+        llorch_wire::handoff::MAX_HANDOFF_BYTES,
+    ) {
         Ok(bytes) => match serde_json::from_slice::<Handoff>(&bytes) {
             Ok(h) if h.pool_id == pool && Path::new(&h.socket) == expected => Some(h),
             Ok(h) if h.pool_id == pool => {

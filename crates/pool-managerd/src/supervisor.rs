@@ -453,7 +453,7 @@ impl Supervisor {
 /// The model file a plan names, when it no longer exists (None when it does, or when the plan
 /// cannot be read: starting the engine then says why).
 fn planned_model_missing(plan: &std::path::Path) -> Option<String> {
-    let bytes = std::fs::read(plan).ok()?;
+    let bytes = llorch_os::fs::read_untrusted(plan, llorch_wire::plan::MAX_PLAN_BYTES).ok()?;
     let plan: llorch_wire::plan::EnginePlan = serde_json::from_slice(&bytes).ok()?;
     (!std::path::Path::new(&plan.model.path).exists()).then_some(plan.model.path)
 }
@@ -578,7 +578,8 @@ fn fail(node: &Node, id: &str, error: String) {
 
 /// The pid a pool's handoff file names, if it exists and parses.
 fn read_handoff_pid(path: &Path) -> Option<u32> {
-    let bytes = std::fs::read(path).ok()?;
+    let bytes =
+        llorch_os::fs::read_untrusted(path, llorch_wire::handoff::MAX_HANDOFF_BYTES).ok()?;
     serde_json::from_slice::<llorch_wire::handoff::Handoff>(&bytes)
         .ok()
         .map(|h| h.pid)
@@ -590,7 +591,7 @@ fn read_handoff_pid(path: &Path) -> Option<u32> {
 fn remove_stale_handoff(path: &Path, pid: Option<u32>) {
     let stale = match pid {
         None => path.exists(),
-        Some(pid) => std::fs::read(path)
+        Some(pid) => llorch_os::fs::read_untrusted(path, llorch_wire::handoff::MAX_HANDOFF_BYTES)
             .ok()
             .and_then(|b| serde_json::from_slice::<llorch_wire::handoff::Handoff>(&b).ok())
             .is_none_or(|h| h.pid == pid),
@@ -625,7 +626,7 @@ fn gpu_free(node: &Node, pool: &PoolConfig) -> Vec<u64> {
 /// The VRAM the plan at `path` says the engine needs on its GPUs; None for a CPU pool or a
 /// plan without an estimate.
 fn planned_vram(path: &Path) -> Option<u64> {
-    let text = std::fs::read(path).ok()?;
+    let text = llorch_os::fs::read_untrusted(path, llorch_wire::plan::MAX_PLAN_BYTES).ok()?;
     let plan: llorch_wire::plan::EnginePlan = serde_json::from_slice(&text).ok()?;
     plan.memory.map(|m| m.gpu_total_bytes()).filter(|b| *b > 0)
 }

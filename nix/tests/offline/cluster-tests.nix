@@ -87,4 +87,8 @@ lib.runTests {
     expr = cluster.nodeTokensText { w2 = "a"; w3 = "b"; };
     expected = "w2 a\nw3 b\n";
   };
+  testNodeTokensTextForLimitsEachWorker = {
+    expr = cluster.nodeTokensTextFor example { w2 = "a"; w3 = "b"; };
+    expected = "w2 a models=smollm2-135m slots=2\nw3 b models=smollm2-135m slots=2\n";
+  };
 }

@@ -210,7 +210,7 @@ fn grammar_of(request: &GenerateRequest, model: &Model) -> Result<Option<String>
         (None, Some(g)) => (g.clone(), "grammar"),
         (None, None) => return Ok(None),
     };
-    crate::sampler::grammar(&model.llama, &gbnf).map_err(|e| {
+    crate::sampler::check_grammar(&model.llama, &gbnf).map_err(|e| {
         (
             StatusCode::BAD_REQUEST,
             ErrorBody::invalid(
@@ -256,7 +256,14 @@ fn reserve(
     request: &GenerateRequest,
     n_slots: usize,
 ) -> Result<SlotLease, Refusal> {
-    SlotTable::lease(&ready.slots, prompt, request.slot.map(|s| s as usize)).ok_or_else(|| {
+    let scope = request.cache_scope.unwrap_or(0);
+    SlotTable::lease(
+        &ready.slots,
+        prompt,
+        scope,
+        request.slot.map(|s| s as usize),
+    )
+    .ok_or_else(|| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorBody::new(

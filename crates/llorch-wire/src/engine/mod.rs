@@ -128,6 +128,11 @@ sampling_fields!(sampling_request! {
         /// The caller's task id, for logs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub task_id: Option<String>,
+        /// Whose prompt this is, as an opaque number: the engine reuses cached prompt state
+        /// only between requests of the same scope (absent: scope 0). orchestratord gives
+        /// each API key its own, so one key cannot learn from reuse what another key sent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub cache_scope: Option<u64>,
     }
 });
 
@@ -344,6 +349,7 @@ impl GenerateRequest {
                     ),
                 ));
             }
+            crate::gbnf::check(g).map_err(|e| ErrorBody::invalid("grammar", e))?;
         }
         Ok(())
     }

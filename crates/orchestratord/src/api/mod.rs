@@ -7,6 +7,7 @@
 //! - [`sse`]: the streaming response body.
 //! - `error.rs`: refusals of the core as HTTP statuses, and the error envelopes.
 
+mod boundary;
 mod error;
 pub mod native;
 pub mod nodes;
@@ -31,6 +32,7 @@ use crate::auth::presented_key;
 use crate::metrics::UNKNOWN_MODEL;
 use crate::outcome::{Api, Outcome};
 use crate::state::{new_id, State};
+pub use boundary::Boundary;
 pub use error::{status_for, ApiError, HttpRefusal};
 
 pub type AppState = Arc<State>;
@@ -86,29 +88,39 @@ pub fn authenticate(state: &State, headers: &HeaderMap) -> Result<String, HttpRe
     identify(state, headers).map(|(name, _)| name)
 }
 
-/// Like [`authenticate`], for the operator endpoints (drain, resume, the node list): the key
-/// must carry the `admin` mark, or the answer is 403 `FORBIDDEN`. Without API keys (loopback
-/// only) every caller is the operator.
+/// Like [`authenticate`], for the operator endpoints (drain, resume, the node list): the
+/// caller must present a key marked `admin` or the operator's token (`--admin-token-file`),
+/// or the answer is 403 `FORBIDDEN`. Without API keys, other callers are anonymous clients,
+/// not operators: a web page can reach a loopback listener too.
 pub fn authorize_admin(state: &State, headers: &HeaderMap) -> Result<String, HttpRefusal> {
     let (name, admin) = identify(state, headers)?;
     if admin {
         return Ok(name);
     }
-    tracing::info!(client = %name, "Refused an operator request from a key without the admin mark.");
+    tracing::info!(client = %name, "Refused an operator request from a caller without the admin credential.");
+    let message = if state.keys().api.is_some() {
+        format!("the API key {name:?} may not do this; operator endpoints need a key marked `admin` in the API key file (or the token of --admin-token-file)")
+    } else {
+        "operator endpoints need the admin credential: `llorch` sends the token `llorch up` wrote for it; otherwise give orchestratord --admin-token-file and send that token as `Authorization: Bearer`, or act over D-Bus (`llorch pools drain`, docs/DBUS.md)".to_string()
+    };
     Err((
         StatusCode::FORBIDDEN,
-        ErrorBody::new(
-            ErrorCode::Forbidden,
-            format!("the API key {name:?} may not do this; operator endpoints need a key marked `admin` in the API key file"),
-        ),
+        ErrorBody::new(ErrorCode::Forbidden, message),
     ))
 }
 
-/// The key's name and whether it is an admin key.
+/// The caller's name and whether it holds an admin credential.
 fn identify(state: &State, headers: &HeaderMap) -> Result<(String, bool), HttpRefusal> {
     let keys = state.keys();
+    let presented = presented_key(headers);
+    if let (Some(admin), Some(p)) = (&keys.admin, presented) {
+        if let Some(holder) = admin.check(p) {
+            return Ok((holder.name.to_string(), true));
+        }
+    }
     let Some(keys) = &keys.api else {
-        return Ok(("anonymous".into(), true));
+        // No keys (loopback only): every client shares one namespace of unguessable task ids.
+        return Ok(("anonymous".into(), false));
     };
     let unauthorized = |m: &str| {
         (
@@ -224,7 +236,8 @@ async fn not_found(req: Request) -> ApiError {
     }
 }
 
-pub fn router(state: AppState) -> Router {
+/// The routes, behind the browser checks of `boundary`.
+pub fn router(state: AppState, boundary: Boundary) -> Router {
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -251,6 +264,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/nodes/{id}/drain", post(nodes::drain))
         .route("/v2/nodes/{id}/resume", post(nodes::resume))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(boundary),
+            boundary::guard,
+        ))
         .layer(axum::middleware::from_fn(correlation))
         .with_state(state)
 }

@@ -20,14 +20,17 @@ type Result<T> = std::result::Result<T, ApiError>;
 /// The node id a request's node token is bound to (`*`: any), or 401 when the control plane
 /// requires node tokens and the request has no valid one. `None`: tokens are not required
 /// (loopback without a node-tokens file).
-fn node_token(state: &State, headers: &HeaderMap) -> Result<Option<String>> {
+fn node_token(
+    state: &State,
+    headers: &HeaderMap,
+) -> Result<Option<(String, crate::auth::NodeGrant)>> {
     let keys = state.keys();
     let Some(tokens) = &keys.node else {
         return Ok(None);
     };
     let presented = presented_key(headers);
     if let Some(holder) = presented.and_then(|k| tokens.check(k)) {
-        return Ok(Some(holder.name.to_string()));
+        return Ok(Some((holder.name.to_string(), holder.grant.clone())));
     }
     tracing::warn!(
         message_id = llorch_os::message_id::NODE_REFUSED,
@@ -69,20 +72,75 @@ fn check_binding(bound: Option<&str>, node_id: &str) -> Result<()> {
     )))
 }
 
+/// A node may register an address of the control plane's own machine (`unix:`, loopback) only
+/// from that machine: a token holder elsewhere would otherwise make orchestratord dial its own
+/// local sockets and ports with that token.
+fn check_address(address: &str, peer: Option<&llorch_http::Peer>) -> Result<()> {
+    let remote = peer
+        .and_then(|p| p.0)
+        .is_some_and(|ip| !ip.to_canonical().is_loopback());
+    if remote && llorch_client::names_this_host(address) {
+        tracing::warn!(
+            message_id = llorch_os::message_id::NODE_REFUSED,
+            address = %address,
+            "Refused a registration from another machine naming an address of this one."
+        );
+        return Err(ApiError::native((
+            StatusCode::BAD_REQUEST,
+            ErrorBody::invalid(
+                "address",
+                format!("{address:?} names the control plane's own machine (a unix: socket or a loopback address), but the registration came from another machine; set node.advertise to an address the control plane reaches the node at"),
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// 403 when the pools a node reports exceed what its token may register (`models=`,
+/// `slots=` in node-tokens): a token holder cannot capture another model's traffic or claim
+/// more slots than its line allows.
+fn check_grant(
+    token: Option<&(String, crate::auth::NodeGrant)>,
+    pools: &[llorch_wire::node::PoolStatus],
+) -> Result<()> {
+    let Some((name, grant)) = token else {
+        return Ok(());
+    };
+    let claimed: Vec<(&str, &str, u32)> = pools
+        .iter()
+        .map(|p| (p.pool_id.as_str(), p.model_id.as_str(), p.slots_total))
+        .collect();
+    let Some((field, why)) = grant.refuses(&claimed) else {
+        return Ok(());
+    };
+    tracing::warn!(
+        message_id = llorch_os::message_id::NODE_REFUSED,
+        token = %name,
+        field = %field,
+        "Refused a node report beyond what its token allows."
+    );
+    let mut body = ErrorBody::new(ErrorCode::Forbidden, why);
+    body.field = Some(field);
+    Err(ApiError::native((StatusCode::FORBIDDEN, body)))
+}
+
 /// `POST /v2/nodes/register`.
 pub async fn register(
     Ext(state): Ext<AppState>,
+    peer: Option<axum::Extension<llorch_http::Peer>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<NodeAck>> {
     // A request without a valid token is refused before its body is read; the binding to a
     // node id is checked once the body names it.
-    let bound = node_token(&state, &headers)?;
+    let token = node_token(&state, &headers)?;
     let bytes = read_body_within(body, limits::MAX_BODY_BYTES)
         .await
         .map_err(ApiError::native)?;
     let reg: Registration = parse(&bytes).map_err(ApiError::native)?;
-    check_binding(bound.as_deref(), &reg.node_id)?;
+    check_binding(token.as_ref().map(|(n, _)| n.as_str()), &reg.node_id)?;
+    check_grant(token.as_ref(), &reg.pools)?;
+    check_address(&reg.address, peer.as_ref().map(|p| &p.0))?;
     let presented = presented_key(&headers).map(str::to_string);
     crate::ops::register(&state, reg, presented)
         .map(Json)
@@ -115,11 +173,13 @@ async fn heartbeat_request(
     id: String,
     body: Body,
 ) -> Result<Json<NodeAck>> {
-    check_binding(node_token(state, &headers)?.as_deref(), &id)?;
+    let token = node_token(state, &headers)?;
+    check_binding(token.as_ref().map(|(n, _)| n.as_str()), &id)?;
     let bytes = read_body_within(body, limits::MAX_BODY_BYTES)
         .await
         .map_err(ApiError::native)?;
     let hb: Heartbeat = parse(&bytes).map_err(ApiError::native)?;
+    check_grant(token.as_ref(), &hb.pools)?;
     crate::ops::heartbeat(state, id, hb)
         .map(Json)
         .map_err(ApiError::native)

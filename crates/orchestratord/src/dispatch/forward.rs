@@ -187,6 +187,22 @@ async fn send(
                     (StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE, _) => {
                         return Err(lease.end(task, body, false));
                     }
+                    // The engine took the request and died before answering it: the
+                    // request may be what kills it (a hostile grammar or prompt), so it is
+                    // not sent to the next pool, which it would kill too. The node restarts
+                    // the engine; the pool is skipped until the node reports again.
+                    (StatusCode::BAD_GATEWAY, ErrorCode::EngineFailed) => {
+                        tracing::warn!(task_id = %task.id, pool_id = %lease.pool.1, reason = %body.message, "The engine failed while taking the task; ending the task instead of trying another pool.");
+                        let why = format!(
+                            "the engine of pool {} failed while taking this task ({}); it is not retried on another pool in case the request itself crashes engines",
+                            lease.pool.1, body.message
+                        );
+                        let body = ErrorBody {
+                            retriable: false,
+                            ..ErrorBody::new(ErrorCode::EngineFailed, why)
+                        };
+                        return Err(lease.end(task, body, true));
+                    }
                     (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => {
                         tracing::warn!(node_id = %lease.pool.0, "The node refused orchestratord's node token.");
                         let why = format!("node {} refused the control plane's token; an operator must fix the node tokens", lease.pool.0);

@@ -28,6 +28,7 @@ impl BeatSession {
             port,
             session: id,
             key: hex,
+            acks: true,
         };
         let session = BeatSession {
             id,
@@ -42,8 +43,8 @@ impl BeatSession {
 /// What became of one beat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BeatOutcome {
-    /// Taken: the node is seen now.
-    Ok,
+    /// Taken: the node is seen now; the acknowledgement to send back.
+    Ok([u8; llorch_wire::beat::ACK_LEN]),
     /// Ask the sender for a full report: the session is unknown (the control plane restarted,
     /// or the node registered again since) or its node is offline (a report brings it back).
     ReportAsked,
@@ -70,6 +71,7 @@ impl Registry {
             return BeatOutcome::Rejected;
         }
         session.counter = beat.counter;
+        let ack = llorch_wire::beat::ack(beat.session, beat.counter, &session.key);
         if !node.online || session.report_due {
             return BeatOutcome::ReportAsked;
         }
@@ -77,7 +79,7 @@ impl Registry {
         let id = &node.id;
         self.suspect
             .retain(|(n, _), (_, since)| n != id || now.duration_since(*since) < SUSPECT_FOR);
-        BeatOutcome::Ok
+        BeatOutcome::Ok(ack)
     }
 
     /// Makes every node's next beat ask for a full heartbeat (which checks its token again).
@@ -120,7 +122,10 @@ mod tests {
         };
         // A pool marked suspect (its engine failed a request) and a node about to be suspect.
         r.mark_suspect(&("w".into(), "p".into()));
-        assert_eq!(apply(&mut r, 9, 1, &key, at(500)), BeatOutcome::Ok);
+        assert!(matches!(
+            apply(&mut r, 9, 1, &key, at(500)),
+            BeatOutcome::Ok(_)
+        ));
         assert_eq!(r.nodes["w"].state(at(1900)), "online", "seen at 0.5 s");
         assert!(
             r.candidates()[0].suspect,
@@ -132,14 +137,20 @@ mod tests {
         assert_eq!(r.nodes["w"].state(at(2100)), "suspect");
         // A later beat lifts the pool's mark once SUSPECT_FOR has passed, as a repeated report.
         let later = Instant::now() + SUSPECT_FOR;
-        assert_eq!(apply(&mut r, 9, 2, &key, later), BeatOutcome::Ok);
+        assert!(matches!(
+            apply(&mut r, 9, 2, &key, later),
+            BeatOutcome::Ok(_)
+        ));
         assert!(!r.candidates()[0].suspect);
         // After a reload of the node tokens, beats ask for a heartbeat until one comes.
         r.ask_reports();
         assert_eq!(apply(&mut r, 9, 3, &key, later), BeatOutcome::ReportAsked);
         let pools = r.nodes["w"].pools.clone();
         assert!(beat(&mut r, pools));
-        assert_eq!(apply(&mut r, 9, 4, &key, later), BeatOutcome::Ok);
+        assert!(matches!(
+            apply(&mut r, 9, 4, &key, later),
+            BeatOutcome::Ok(_)
+        ));
         // Unknown sessions are asked for a report; so is an offline node, which a beat does not
         // bring back (only a report does).
         assert_eq!(apply(&mut r, 10, 1, &key, later), BeatOutcome::ReportAsked);
@@ -159,7 +170,10 @@ mod tests {
         });
         r.register(again);
         assert_eq!(apply(&mut r, 9, 6, &key, later), BeatOutcome::ReportAsked);
-        assert_eq!(apply(&mut r, 11, 1, &key, later), BeatOutcome::Ok);
+        assert!(matches!(
+            apply(&mut r, 11, 1, &key, later),
+            BeatOutcome::Ok(_)
+        ));
         assert_eq!(r.beat_sessions.len(), 1);
     }
 }

@@ -72,6 +72,8 @@ impl Core {
 pub(crate) struct Keys {
     pub(crate) api: Option<crate::auth::ApiKeys>,
     pub(crate) node: Option<crate::auth::ApiKeys>,
+    /// The operator's token (`--admin-token-file`).
+    pub(crate) admin: Option<crate::auth::ApiKeys>,
 }
 
 pub struct State {
@@ -99,6 +101,7 @@ impl State {
         let keys = Keys {
             api: config.api_keys.take(),
             node: config.node_tokens.take(),
+            admin: config.admin_token.take(),
         };
         let core = Core {
             queue: Queue::new(config.queue_capacity, config.policy),
@@ -144,23 +147,45 @@ impl State {
         llorch_os::sync::read(&self.keys).clone()
     }
 
-    /// Reads the key files again (SIGHUP). A file that no longer parses leaves the keys in
-    /// force unchanged; running streams are not touched either way. Returns the key counts.
+    /// Reads the key files again (SIGHUP), each on its own: a file that no longer parses (or
+    /// is gone) keeps its keys in force, and does not stop the others from being reloaded (a
+    /// node token removed from its file is revoked even while the API key file is broken). An
+    /// operator token file that is gone revokes the operator token. Running streams are not
+    /// touched. Returns the key counts, or the first file's error after applying the rest.
     pub(crate) fn reload_keys(&self) -> Result<(usize, usize), crate::auth::KeysError> {
         use crate::auth::{ApiKeys, KeyKind, KeysError};
+        let old = self.keys();
+        let mut first_error: Option<KeysError> = None;
+        let mut keep = |loaded: Result<Option<ApiKeys>, KeysError>, old: &Option<ApiKeys>| {
+            loaded.unwrap_or_else(|e| {
+                first_error.get_or_insert(e);
+                old.clone()
+            })
+        };
         let load = |p: &Option<std::path::PathBuf>, kind| -> Result<_, KeysError> {
             p.as_deref().map(|p| ApiKeys::load(p, kind)).transpose()
         };
+        let admin = match self.config.admin_token_path.as_deref() {
+            Some(p) if !p.exists() => Ok(None),
+            p => p.map(ApiKeys::load_admin_token).transpose(),
+        };
         let keys = Keys {
-            api: load(&self.config.api_keys_path, KeyKind::Api)?,
-            node: load(&self.config.node_tokens_path, KeyKind::Node)?,
+            api: keep(load(&self.config.api_keys_path, KeyKind::Api), &old.api),
+            node: keep(
+                load(&self.config.node_tokens_path, KeyKind::Node),
+                &old.node,
+            ),
+            admin: keep(admin, &old.admin),
         };
         let counts = (
             keys.api.as_ref().map_or(0, |k| k.len()),
             keys.node.as_ref().map_or(0, |k| k.len()),
         );
         *llorch_os::sync::write(&self.keys) = Arc::new(keys);
-        Ok(counts)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(counts),
+        }
     }
 
     /// Sets the metrics' gauges for a scrape: read under the core lock, set without it.
@@ -236,7 +261,13 @@ impl State {
 
 /// A fresh id: a prefix and 16 random hex digits.
 pub(crate) fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", llorch_wire::id::random_u64())
+    // 128 bits: a task id is all another anonymous client of a home stack would need to
+    // read a task's output.
+    format!(
+        "{prefix}-{:016x}{:016x}",
+        llorch_wire::id::random_u64(),
+        llorch_wire::id::random_u64()
+    )
 }
 
 #[cfg(test)]

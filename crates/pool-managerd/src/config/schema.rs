@@ -296,6 +296,11 @@ pub struct ModelConfig {
     /// Required for URLs (the provisioner refuses downloads without it).
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Allow a plain `http://` source on another host (loopback is always allowed): anyone on
+    /// the path sees which model is fetched and can cut it off; the sha256 still decides what
+    /// is staged.
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 #[cfg(test)]

@@ -422,7 +422,26 @@ fn check_model(
             "a model downloaded from a URL needs its sha256; add sha256 = \"<64 hex digits>\"",
         ));
     }
+    if model.source.starts_with("http://") && !model.allow_http && !loopback_url(&model.source) {
+        return Err(invalid(
+            path,
+            key("model.allow_http"),
+            "the model source is plain http://: anyone on the path sees which model is fetched and can cut it off; use https://, or set allow_http = true",
+        ));
+    }
     Ok(())
+}
+
+/// Whether a URL names a loopback host (plain http:// to it crosses no network).
+fn loopback_url(url: &str) -> bool {
+    url.parse::<hyper::Uri>().ok().is_some_and(|u| {
+        u.host().is_some_and(|h| {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            h.eq_ignore_ascii_case("localhost")
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        })
+    })
 }
 
 /// `node.token_file` (or the node-token credential), required when the node API listens off
@@ -438,6 +457,16 @@ fn read_token(
         .or_else(|| llorch_os::service::credential("node-token"));
     let token = match token_path {
         Some(p) => {
+            if let Ok(Some(mode)) = llorch_os::fs::exposed_secret(&p) {
+                return Err(invalid(
+                    path,
+                    "node.token_file",
+                    format!(
+                        "{} can be read by other users (mode {mode:o}); it holds the node's token: chmod 600 it (or pass it as the node-token credential)",
+                        p.display()
+                    ),
+                ));
+            }
             let text = std::fs::read_to_string(&p).map_err(|e| {
                 invalid(
                     path,
@@ -487,6 +516,17 @@ mod tests {
             key_of(&EXAMPLE.replace(source, "source = \"/srv/a\\nLLORCH_CTX=\\\"1\\\"\"")),
             "pools[0].model.source"
         );
+        // Plain http:// to another host needs allow_http; loopback does not.
+        // (The example's model has its sha256.)
+        let plain = "source = \"http://models.example.com/m.gguf\"".to_string();
+        assert_eq!(
+            key_of(&EXAMPLE.replace(source, &plain)),
+            "pools[0].model.allow_http"
+        );
+        let allowed = format!("{plain}\nallow_http = true");
+        assert!(parse_str(&EXAMPLE.replace(source, &allowed)).is_ok());
+        let local = "source = \"http://127.0.0.1:8000/m.gguf\"";
+        assert!(parse_str(&EXAMPLE.replace(source, local)).is_ok());
         assert_eq!(
             key_of(&EXAMPLE.replace("slots = 4", "slots = 0")),
             "pools[0].slots"
@@ -605,6 +645,11 @@ mod tests {
         assert_eq!(key_of(&with(&short)), "node.token_file");
         let good = dir.path().join("good");
         std::fs::write(&good, "node-token-0123456789\n").unwrap();
+        // Readable by others: refused, naming the fix.
+        let err = parse_str(&with(&good)).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&good, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let c = parse_str(&with(&good)).unwrap();
         assert_eq!(c.token, Some(Secret("node-token-0123456789".into())));
         assert!(!format!("{c:?}").contains("node-token-0123456789"));

@@ -69,6 +69,9 @@ pub fn plan_flags(pool: &PoolConfig, gpu_free: &[u64]) -> Vec<String> {
     if let Some(h) = &pool.model.sha256 {
         flags.extend(["--sha256".into(), h.clone()]);
     }
+    if pool.model.allow_http {
+        flags.push("--allow-http".into());
+    }
     if let Some(t) = pool.threads {
         flags.extend(["--threads".into(), t.to_string()]);
     }

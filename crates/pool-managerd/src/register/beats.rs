@@ -1,7 +1,9 @@
 //! The sending end of a beat session: the UDP socket to the control plane's beats port, the
 //! session's key and counter, and whether a report showed that beats arrive.
 
-use llorch_wire::beat::{self, BeatGrant, BeatKey, BEATS_PER_INTERVAL, REPLY_LEN, REPORT_EVERY};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use llorch_wire::beat::{self, BeatGrant, BeatKey, ACK_LEN, BEATS_PER_INTERVAL, REPORT_EVERY};
 use tokio::net::UdpSocket;
 
 /// The sending end of a beat session.
@@ -16,6 +18,10 @@ pub(super) struct Beats {
     pub(super) sent: u32,
     /// The counter when the last report went out.
     counter_at_report: u64,
+    /// Whether the control plane acknowledges each beat it takes.
+    acks: bool,
+    /// The highest counter acknowledged.
+    acked: AtomicU64,
 }
 
 impl Beats {
@@ -52,6 +58,8 @@ impl Beats {
             verified: false,
             sent: 0,
             counter_at_report: 0,
+            acks: grant.acks,
+            acked: AtomicU64::new(0),
         })
     }
 
@@ -86,6 +94,17 @@ impl Beats {
         }
     }
 
+    /// Whether the beats of the last interval went unacknowledged (counting from the last
+    /// report): the control plane did not take them, whatever the reason, and a report over
+    /// HTTPS must go now, before the node turns suspect there. Never without acknowledgements.
+    pub(super) fn unacknowledged(&self) -> bool {
+        let answered = self
+            .acked
+            .load(Ordering::Relaxed)
+            .max(self.counter_at_report);
+        self.acks && self.counter >= answered + u64::from(BEATS_PER_INTERVAL)
+    }
+
     pub(super) async fn send(&mut self) -> std::io::Result<()> {
         self.counter += 1;
         self.sent += 1;
@@ -97,16 +116,21 @@ impl Beats {
 }
 
 /// Resolves when the control plane asks for a full report of this session (or the socket
-/// reports an error, such as a closed port); never without beats.
+/// reports an error, such as a closed port); never without beats. Takes the acknowledgements
+/// meanwhile.
 pub(super) async fn report_requested(beats: Option<&Beats>) {
     let Some(b) = beats else {
         return std::future::pending().await;
     };
-    let mut buf = [0u8; REPLY_LEN + 1];
+    let mut buf = [0u8; ACK_LEN + 1];
     loop {
         match b.socket.recv(&mut buf).await {
             Ok(n) if beat::parse_report_request(&buf[..n]) == Some(b.session) => return,
-            Ok(_) => {}
+            Ok(n) => {
+                if let Some(counter) = beat::parse_ack(&buf[..n], b.session, &b.key) {
+                    b.acked.fetch_max(counter, Ordering::Relaxed);
+                }
+            }
             Err(_) => return,
         }
     }

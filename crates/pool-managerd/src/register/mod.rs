@@ -127,6 +127,16 @@ impl Reporter {
             .beats
             .as_mut()
             .filter(|b| beat_now && b.sent < b.report_after())?;
+        if b.unacknowledged() {
+            // Lost on the way, or crowded out of the control plane's socket by a flood: the
+            // report goes over HTTPS before the node turns suspect there.
+            self.node.metrics.beat_sent("unacknowledged");
+            tracing::debug!(
+                "The last interval's beats were not acknowledged; sending a heartbeat."
+            );
+            self.report_due = true;
+            return Some(After::CallAgain);
+        }
         if let Err(e) = b.send().await {
             // A closed port (an ICMP answer to the last beat) or no route: a full
             // heartbeat says more, at once.
@@ -522,6 +532,11 @@ mod tests {
 
     impl BeatingRig {
         async fn start() -> Self {
+            Self::start_with(false).await
+        }
+
+        /// `acks`: the grant says beats are acknowledged.
+        async fn start_with(acks: bool) -> Self {
             let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
             let (key, hex_key) = BeatKey::generate().unwrap();
             let fake = Arc::new(Beating {
@@ -531,6 +546,7 @@ mod tests {
                     port: udp.local_addr().unwrap().port(),
                     session: 77,
                     key: hex_key,
+                    acks,
                 },
                 taken: Default::default(),
             });
@@ -621,6 +637,35 @@ mod tests {
         rig.node
             .update("default", |p| p.phase = crate::state::Phase::Failed);
         assert_eq!(rig.call(4).await, "heartbeat failed");
+        rig.stop().await;
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_beats_give_way_to_a_heartbeat_within_an_interval() {
+        let rig = BeatingRig::start_with(true).await;
+        let ack = |counter: u64| beat::ack(77, counter, &rig.key);
+        // Taken and acknowledged: beats go on after the first check.
+        for counter in 1..=4 {
+            let (c, from) = rig.beat(true).await;
+            assert_eq!(c, counter);
+            rig.udp.send_to(&ack(c), from).await.unwrap();
+            if counter == 2 {
+                assert_eq!(rig.call(2).await, "heartbeat provisioning");
+            }
+        }
+        // Taken but not acknowledged (crowded out of the socket, or the acks lost; a forged
+        // ack counts for nothing): after one interval of them, a heartbeat instead of a beat.
+        let (forged_key, _) = BeatKey::generate().unwrap();
+        let (five, from) = rig.beat(true).await;
+        rig.udp
+            .send_to(&beat::ack(77, five, &forged_key), from)
+            .await
+            .unwrap();
+        let (six, _) = rig.beat(true).await;
+        assert_eq!((five, six), (5, 6));
+        let six_at = Instant::now();
+        assert_eq!(rig.call(3).await, "heartbeat provisioning");
+        assert!(six_at.elapsed() < Duration::from_millis(900));
         rig.stop().await;
     }
 

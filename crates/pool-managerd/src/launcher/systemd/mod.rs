@@ -96,7 +96,7 @@ impl SystemdLauncher {
     /// cannot be set is logged and the pool goes on without one.
     async fn bound_memory(&self, pool: &PoolConfig, plan: &Path) {
         let unit = engine_unit(&pool.id);
-        let bound = std::fs::read(plan)
+        let bound = llorch_os::fs::read_untrusted(plan, llorch_wire::plan::MAX_PLAN_BYTES)
             .ok()
             .and_then(|b| serde_json::from_slice::<llorch_wire::plan::EnginePlan>(&b).ok())
             .and_then(|plan| {
@@ -378,7 +378,8 @@ impl Launcher for SystemdLauncher {
             // The provisioner's own words, when it could say them (engine-provisioner writes
             // them next to the plan); a node agent cannot read the journal.
             let said = self.layout.plan_file(&pool.id).with_extension("json.error");
-            if let Ok(text) = std::fs::read_to_string(&said) {
+            if let Ok(bytes) = llorch_os::fs::read_untrusted(&said, 64 * 1024) {
+                let text = String::from_utf8_lossy(&bytes);
                 let text: String = text.trim().chars().take(600).collect();
                 exit.log_tail = text;
             }

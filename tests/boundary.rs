@@ -1,0 +1,261 @@
+//! The trust boundary of the home stack as `llorch up` starts it, tried as a web page in the
+//! user's browser would (docs/SECURITY.md, "A web page in the user's browser"): cross-origin
+//! simple requests, DNS rebinding (a foreign `Host`), unlisted origins and their preflights,
+//! and operator endpoints without the operator's credential. Each check is also tried from
+//! the side that must keep working: the listed origin, the listed host, `llorch` itself.
+//!
+//! Holds `serial()` for its whole run (see engine.rs).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use llorch_tests::stack::MODEL_ID;
+use llorch_tests::up::Up;
+use llorch_tests::{bin, serial};
+
+/// One request on its own connection, written byte for byte as given: the status, the
+/// headers (lower-case names) and the body.
+fn raw(
+    listen: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(listen).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("host: {listen}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!(
+        "content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+fn pool_state(listen: &str) -> String {
+    let (status, _, body) = raw(listen, "GET", "/v2/pools", &[], "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["pools"][0]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_web_page_cannot_drive_the_home_stack() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start_with_env(
+        &dir.path().join("run"),
+        1,
+        &[
+            ("LLORCH_CORS_ORIGINS", "http://app.example:3000"),
+            ("LLORCH_ALLOWED_HOSTS", "box.lan"),
+        ],
+    );
+    let l = up.listen.as_str();
+    let chat = format!(
+        r#"{{"model":"{MODEL_ID}","max_tokens":2,"temperature":0,"messages":[{{"role":"user","content":"Hi"}}]}}"#
+    );
+    let json = ("content-type", "application/json");
+    let evil = ("origin", "http://evil.example");
+
+    // A "simple" cross-origin POST (text/plain: no preflight in a browser) to an operator
+    // endpoint and to generation: refused, and the pool keeps serving.
+    let (status, _, body) = raw(
+        l,
+        "POST",
+        "/v2/pools/default/drain",
+        &[evil, ("content-type", "text/plain")],
+        "{}",
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("--cors-origins"), "{body}");
+    let (status, _, body) = raw(
+        l,
+        "POST",
+        "/v1/chat/completions",
+        &[evil, ("content-type", "text/plain")],
+        &chat,
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(pool_state(l), "ready");
+
+    // The same body without an Origin (a form or a script that strips it): not JSON, so 415.
+    let (status, _, body) = raw(
+        l,
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "text/plain")],
+        &chat,
+    );
+    assert_eq!(status, 415, "{body}");
+    assert!(body.to_ascii_lowercase().contains("content-type"), "{body}");
+    let (status, _, body) = raw(
+        l,
+        "POST",
+        "/v2/tasks",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "{}",
+    );
+    assert_eq!(status, 415, "{body}");
+
+    // DNS rebinding: the page's own name resolved to 127.0.0.1; the browser sends that name.
+    let port = l.rsplit(':').next().unwrap();
+    let foreign = format!("evil.example:{port}");
+    let (status, _, body) = raw(l, "GET", "/v1/models", &[("host", &foreign)], "");
+    assert_eq!(status, 421, "{body}");
+    assert!(body.contains("--allowed-hosts"), "{body}");
+    let (status, _, body) = raw(l, "POST", "/v2/tasks", &[("host", &foreign), json], &chat);
+    assert_eq!(status, 421, "{body}");
+    // Probes name hosts as they like: liveness answers whatever the Host.
+    let (status, _, body) = raw(l, "GET", "/health/live", &[("host", &foreign)], "");
+    assert_eq!(status, 200, "{body}");
+    // A listed name and loopback names are served.
+    for host in [
+        format!("box.lan:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let (status, _, body) = raw(l, "GET", "/v1/models", &[("host", &host)], "");
+        assert_eq!(status, 200, "{host}: {body}");
+    }
+
+    // An unlisted origin, with a JSON body and after a preflight: both refused.
+    let (status, _, body) = raw(
+        l,
+        "OPTIONS",
+        "/v1/chat/completions",
+        &[
+            evil,
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type"),
+        ],
+        "",
+    );
+    assert_eq!(status, 403, "{body}");
+    let (status, head, body) = raw(l, "POST", "/v1/chat/completions", &[evil, json], &chat);
+    assert_eq!(status, 403, "{body}");
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    // The listed origin gets its preflight and its answer, with CORS headers naming it.
+    let app = ("origin", "http://app.example:3000");
+    let (status, head, _) = raw(
+        l,
+        "OPTIONS",
+        "/v1/chat/completions",
+        &[
+            app,
+            ("access-control-request-method", "POST"),
+            (
+                "access-control-request-headers",
+                "content-type, authorization",
+            ),
+        ],
+        "",
+    );
+    assert_eq!(status, 204, "{head}");
+    assert!(
+        head.contains("access-control-allow-origin: http://app.example:3000"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers:") && head.contains("authorization"),
+        "{head}"
+    );
+    let (status, head, body) = raw(l, "POST", "/v1/chat/completions", &[app, json], &chat);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        head.contains("access-control-allow-origin: http://app.example:3000"),
+        "{head}"
+    );
+    // A page served by the API's own origin is not cross-origin.
+    let own = format!("http://{l}");
+    let (status, _, body) = raw(
+        l,
+        "POST",
+        "/v1/chat/completions",
+        &[("origin", &own), json],
+        &chat,
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // Operator endpoints need the operator's credential even on loopback.
+    let (status, _, body) = raw(l, "POST", "/v2/pools/default/drain", &[json], "{}");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("admin credential"), "{body}");
+    let (status, _, body) = raw(l, "GET", "/v2/nodes", &[], "");
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(pool_state(l), "ready");
+    // `llorch` finds the token `llorch up` wrote for this port (mode 0600), and may.
+    let token_file = llorch::up::admin_token_path(port.parse().unwrap());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "{}: {mode:o}", token_file.display());
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let bearer = format!("Bearer {token}");
+    let (status, _, body) = raw(l, "GET", "/v2/nodes", &[("authorization", &bearer)], "");
+    assert_eq!(status, 200, "{body}");
+    let out = Command::new(bin("llorch"))
+        .args(["pools", "drain", "default", "--dbus", "off"])
+        .env("LLORCH_URL", &up.url)
+        .env_remove("LLORCH_API_KEY")
+        .env_remove("LLORCH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pool_state(l), "draining");
+    let (status, _, body) = raw(
+        l,
+        "POST",
+        "/v2/pools/default/resume",
+        &[("authorization", &bearer)],
+        "",
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // Task ids carry 128 random bits: knowing one is the only way to read another client's
+    // task on a stack without keys.
+    let task = format!(r#"{{"model_ref":"{MODEL_ID}","prompt":"Hi","max_tokens":1}}"#);
+    let (status, _, body) = raw(l, "POST", "/v2/tasks", &[json], &task);
+    assert_eq!(status, 202, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = v["task_id"].as_str().unwrap();
+    let hex = id.strip_prefix("task-").unwrap_or_else(|| panic!("{id}"));
+    assert!(
+        hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+        "{id}"
+    );
+    drop(up);
+    assert!(
+        !token_file.exists(),
+        "the token outlives its stack: {}",
+        token_file.display()
+    );
+}
