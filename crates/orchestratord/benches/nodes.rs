@@ -143,9 +143,9 @@ async fn heartbeats(nodes: usize, beats: bool) {
     std::fs::set_permissions(&admin, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("chmod admin token");
     let mut cmd = Command::new(exe);
+    // Through the environment, so an older binary (LLORCH_BENCH_ORCHESTRATORD) still starts.
     cmd.args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--admin-token-file")
-        .arg(&admin);
+        .env("LLORCH_ADMIN_TOKEN_FILE", &admin);
     if beats {
         cmd.args(["--beats-listen", &format!("127.0.0.1:{port}")]);
     }

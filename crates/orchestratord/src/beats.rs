@@ -3,10 +3,11 @@
 //!
 //! A heartbeat over HTTPS costs orchestratord about 120 us of CPU, most of it waking up for
 //! the request and answering it; 1,000 nodes every 5 s made that 2.5% of a core. A beat is a
-//! 52-byte datagram, verified and applied in a batch under one lock, and acknowledged with one
-//! datagram. The socket is read as soon as it is readable, what waits is taken in one batch (at
-//! most [`MAX_PER_BATCH`]), so a flood of forged datagrams (no key needed to send them) does
-//! not sit in the kernel's buffer crowding out real beats: it costs a parse and a lookup each.
+//! 52-byte datagram, verified and applied in a batch under one lock; every second beat of a
+//! session is acknowledged with one datagram. The socket is read when it is readable, what
+//! waits is taken in one batch (at most [`MAX_PER_BATCH`]), and the next wait starts
+//! [`COALESCE`] later, so beats share wake-ups; a flood of forged datagrams (no key needed to
+//! send them) costs a parse and a lookup each.
 //! The buffer is made as large as the kernel allows ([`RECEIVE_BUFFER`]; the socket unit sets
 //! `ReceiveBuffer=`, which may exceed that). A node whose beats are lost anyway learns it from
 //! the missing acknowledgements within one interval and reports over HTTPS.
@@ -33,6 +34,12 @@ pub(crate) const MAX_PER_BATCH: usize = 4096;
 const MAX_REPLIES_PER_WINDOW: usize = 256;
 /// The receive buffer asked for (`SO_RCVBUF`; the kernel caps it at `net.core.rmem_max`).
 pub(crate) const RECEIVE_BUFFER: usize = 8 << 20;
+/// After a batch, the socket is left to fill this long before it is waited on again: beats
+/// share wake-ups (one per beat doubled the control plane's CPU for 1,000 nodes,
+/// docs/PERFORMANCE.md). A flood fills the kernel's default buffer (about 270 beats) in this
+/// time, and real beats may drop with it; the socket unit's `ReceiveBuffer=8M` holds a flood of
+/// 20,000 a second, and a node whose beats go unacknowledged reports over HTTPS anyway.
+pub(crate) const COALESCE: Duration = Duration::from_millis(100);
 
 /// Reads beats from `socket` until `shutdown`.
 pub async fn serve(state: Arc<State>, socket: std::net::UdpSocket, shutdown: CancellationToken) {
@@ -66,8 +73,10 @@ pub async fn serve(state: Arc<State>, socket: std::net::UdpSocket, shutdown: Can
             () = shutdown.cancelled() => return,
         }
         let malformed = read_batch(&socket, &mut batch);
+        let full = batch.len() + malformed as usize >= MAX_PER_BATCH;
         if batch.is_empty() {
             state.metrics.beats("rejected", malformed);
+            coalesce(full, &shutdown).await;
             continue;
         }
         let now = Instant::now();
@@ -102,6 +111,17 @@ pub async fn serve(state: Arc<State>, socket: std::net::UdpSocket, shutdown: Can
         // A suspect node seen again may free the way for waiting tasks.
         if ok > 0 && queued {
             state.wake.notify_one();
+        }
+        coalesce(full, &shutdown).await;
+    }
+}
+
+/// Waits [`COALESCE`] before the next read, unless the last batch was full (more waits now).
+async fn coalesce(full: bool, shutdown: &CancellationToken) {
+    if !full {
+        tokio::select! {
+            () = tokio::time::sleep(COALESCE) => {}
+            () = shutdown.cancelled() => {}
         }
     }
 }

@@ -200,7 +200,11 @@ pub fn beats(
         match core.registry.beat(&b, now) {
             BeatOutcome::Ok(ack) => {
                 out.ok += 1;
-                out.acks.push((ack, *from));
+                // Every second beat is acknowledged: a node checks for an acknowledgement of
+                // the beats of its last interval (two), and one an interval halves the cost.
+                if b.counter % 2 == 0 {
+                    out.acks.push((ack, *from));
+                }
             }
             BeatOutcome::ReportAsked => {
                 out.asked += 1;

@@ -134,9 +134,9 @@ async fn beats_keep_a_node_online_and_nothing_else_does() {
         );
     }
     until_counted(&h.client, "ok", 7).await;
-    // Each beat taken was acknowledged, under the session's key, in order.
+    // Every second beat taken (even counters) was acknowledged, under the session's key.
     let mut buf = [0u8; 64];
-    for counter in 1..=7 {
+    for counter in [2, 4, 6] {
         let n = tokio::time::timeout(std::time::Duration::from_secs(5), node.recv(&mut buf))
             .await
             .expect("an acknowledgement")
