@@ -422,7 +422,10 @@ fn check_model(
             "a model downloaded from a URL needs its sha256; add sha256 = \"<64 hex digits>\"",
         ));
     }
-    if model.source.starts_with("http://") && !model.allow_http && !loopback_url(&model.source) {
+    if model.source.starts_with("http://")
+        && !model.allow_http
+        && !llorch_client::names_this_host(&model.source)
+    {
         return Err(invalid(
             path,
             key("model.allow_http"),
@@ -430,18 +433,6 @@ fn check_model(
         ));
     }
     Ok(())
-}
-
-/// Whether a URL names a loopback host (plain http:// to it crosses no network).
-fn loopback_url(url: &str) -> bool {
-    url.parse::<hyper::Uri>().ok().is_some_and(|u| {
-        u.host().is_some_and(|h| {
-            let h = h.trim_start_matches('[').trim_end_matches(']');
-            h.eq_ignore_ascii_case("localhost")
-                || h.parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        })
-    })
 }
 
 /// `node.token_file` (or the node-token credential), required when the node API listens off
