@@ -1,7 +1,8 @@
 {
   description = "llama-orch: a systemd-native appliance that serves language models from the GPUs of one machine or a cluster";
 
-  # A release branch. flake.lock pins it when generated on a machine with network
+  # A release branch: its rustc (nix/rustc-version) is the workspace's rust-version, which
+  # nix/package.nix asserts. flake.lock pins it when generated on a machine with network
   # (`nix flake lock`); the build machines of this project have none (docs/NIXOS.md).
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
 
@@ -25,15 +26,23 @@
       # The cluster library (nix/lib/cluster.nix): check and hosts.
       lib = { inherit (cluster) check hosts nodeTokensText nodeTokensTextFor; };
 
+      # pkgs.llama-orch, built with that nixpkgs' config (cudaSupport, cudaCapabilities).
       overlays.default = final: _prev: {
         llama-orch = final.callPackage ./nix/package.nix { };
       };
 
       packages = eachSystem (system: pkgs: {
         default = pkgs.callPackage ./nix/package.nix { };
-        # The CUDA engine, for cudaCapabilities (override it for one GPU generation: docs/NIXOS.md).
-        cuda = (import nixpkgs { inherit system; config = { allowUnfree = true; cudaSupport = true; }; }).callPackage ./nix/package.nix
-          { cudaSupport = true; };
+        # The CUDA engine for Ampere, Ada and Hopper (nixpkgs' cudaCapabilities; override the
+        # package's cudaCapabilities for one GPU generation: docs/NIXOS.md).
+        cuda =
+          let
+            cudaPkgs = import nixpkgs {
+              inherit system;
+              config = { allowUnfree = true; cudaSupport = true; cudaCapabilities = [ "8.0" "8.6" "8.9" "9.0" ]; };
+            };
+          in
+          cudaPkgs.callPackage ./nix/package.nix { };
       });
 
       # nix run . -- MODEL.gguf [llorch up options]: the home stack on one model, until Ctrl-C.

@@ -5,8 +5,9 @@
 #   worker         pool-managerd, its provisioner and its engines; registers with a control plane
 #
 # The units come from the package (systemd.packages, the same files the appliance test boots);
-# this module adds drop-ins (listen addresses, credentials, environment, GPU devices), renders
-# /etc/llama-orch/node.toml, creates the users and opens the firewall when asked.
+# this module adds drop-ins (listen addresses, credentials, environment, GPU devices, what
+# `nixos-rebuild switch` restarts or reloads), renders /etc/llama-orch/node.toml, creates the
+# users and opens the firewall when asked.
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.llama-orch;
@@ -14,15 +15,26 @@ let
   inherit (lib) mkOption mkEnableOption mkIf types literalExpression;
 
   idType = types.strMatching "[A-Za-z0-9_.-]{1,64}";
+  # A secret is a file on the host, never in the Nix store (world-readable): an absolute path
+  # as a string. lib.types.pathWith (nixpkgs 25.05) refuses a Nix path, a relative path and a
+  # store path with one message; an older lib gets the same rule by hand.
+  secretPath =
+    if types ? pathWith then types.pathWith { inStore = false; absolute = true; }
+    else
+      types.addCheck (types.strMatching "/.*") (p: !lib.hasPrefix "${builtins.storeDir}/" p) // {
+        description = "absolute path not in the Nix store";
+      };
   fileOption = description: mkOption {
-    type = types.nullOr types.str;
+    type = types.nullOr secretPath;
     default = null;
     example = "/run/secrets/llama-orch/${description}";
     description = ''
       Path of the ${description} file on the host. It is handed to the daemon with
-      `LoadCredential=` and never copied into the Nix store: give a string, not a Nix path.
+      `LoadCredential=` and never copied into the Nix store: an absolute path as a string, not a
+      Nix path (which would copy the secret into the world-readable store).
     '';
   };
+  settingsFormat = pkgs.formats.toml { };
 
   modelType = types.submodule {
     options = {
@@ -108,6 +120,9 @@ let
   };
 
   isHome = cfg.role == "home";
+  # Home: where llama-orch-node-token.service writes the node token of this machine's own
+  # node agent (root's, mode 0700; the daemons get the files with LoadCredential=).
+  secretsDir = "/var/lib/llama-orch-secrets";
   isControl = cfg.role == "control-plane";
   isWorker = cfg.role == "worker";
   runsApi = isHome || isControl;
@@ -120,9 +135,17 @@ let
     if isHome then "unix:/run/llama-orch/pool-managerd.sock"
     else render.hostPort cfg.node.address cfg.node.port;
   nodeTls = cfg.node.tls.certFile != null && cfg.node.tls.keyFile != null;
+  # Home: orchestratord's local socket (orchestratord-local.socket, plain HTTP on a Unix socket
+  # of the group llama-orch), whatever api.address is: a LAN address with TLS has no loopback
+  # plain-HTTP listener for the node agent to reach.
+  localApi = "/run/llama-orch/orchestratord.sock";
   controlPlane =
     if cfg.node.controlPlane != null then cfg.node.controlPlane
-    else "http://${render.hostPort (if apiLoopback then cfg.api.address else "127.0.0.1") cfg.api.port}";
+    else "unix:${localApi}";
+  # What `nixos-rebuild switch` must apply: a change of [node] restarts pool-managerd, a change
+  # of the pools reloads it (SIGHUP applies added, removed and changed pools in place).
+  nodeSection = render.nodeSection { node = cfg.node; listen = nodeListen; inherit controlPlane; inherit (cfg) settings; };
+  poolsSection = render.poolsSection { inherit pools; inherit (cfg) settings; };
 
   # A Nix path or a derivation is in the store; `{ url; sha256; }` is fetched into it.
   inStore = src: builtins.isPath src || lib.isDerivation src;
@@ -138,6 +161,39 @@ let
 
   gpuPools = lib.filterAttrs (_: p: p.gpus != [ ]) cfg.pools;
   cudaPackage = cfg.package.cudaSupport or false;
+  # The NVIDIA driver on the host: its kernel module and device nodes, and its user-space
+  # libraries (libcuda, libnvidia-ml) in /run/opengl-driver/lib, where the CUDA package looks.
+  nvidiaDriver = config.hardware.graphics.enable
+    && (lib.elem "nvidia" config.services.xserver.videoDrivers || config.hardware.nvidia.datacenter.enable);
+  # The drop-in of a unit that opens NVIDIA devices: none but these (DevicePolicy=closed), and
+  # /proc/driver/nvidia, which the driver's libraries read.
+  nvidiaDevices = allow: {
+    PrivateDevices = false;
+    DevicePolicy = "closed";
+    DeviceAllow = allow;
+    ProcSubset = "all";
+  };
+
+  # Rendered from settings (the keys the module does not model), so they may not repeat a key
+  # the module writes: TOML refuses a key given twice.
+  settingsProblems =
+    let
+      clash = keys: attrs: lib.intersectLists keys (lib.attrNames attrs);
+      node = cfg.settings.node or { };
+      poolSettings = cfg.settings.pools or { };
+    in
+    map (k: "services.llama-orch.settings: node.toml has [node] and [[pools]] only, not \"${k}\".")
+      (lib.subtractLists [ "node" "pools" ] (lib.attrNames cfg.settings))
+    ++ lib.optional (!builtins.isAttrs node) "services.llama-orch.settings.node must be an attribute set (the keys of [node])."
+    ++ lib.optional (!builtins.isAttrs poolSettings) "services.llama-orch.settings.pools must be an attribute set: pool id -> keys of its [[pools]] table."
+    ++ map (k: "services.llama-orch.settings.node.${k} is written by the module: set its option instead (docs/NIXOS.md, \"Options\").")
+      (lib.optionals (builtins.isAttrs node) (clash render.nodeKeys node))
+    ++ lib.optionals (builtins.isAttrs poolSettings) (lib.concatLists (lib.mapAttrsToList
+      (id: extra:
+        if !(cfg.pools ? ${id}) then [ "services.llama-orch.settings.pools.${id}: there is no pool ${id} in services.llama-orch.pools." ]
+        else if !builtins.isAttrs extra then [ "services.llama-orch.settings.pools.${id} must be an attribute set (keys of its [[pools]] table)." ]
+        else map (k: "services.llama-orch.settings.pools.${id}.${k} is written by the module: set services.llama-orch.pools.${id}'s option instead.") (clash render.poolKeys extra))
+      poolSettings));
 
   poolAssertions = lib.concatLists (lib.mapAttrsToList
     (name: p: [
@@ -155,7 +211,11 @@ let
       }
       {
         assertion = p.gpus == [ ] || cudaPackage;
-        message = "services.llama-orch.pools.${name}.gpus is set but services.llama-orch.package is a CPU build: use the flake's packages.<system>.cuda.";
+        message = "services.llama-orch.pools.${name}.gpus is set but services.llama-orch.package is a CPU build: use a CUDA build (the flake's packages.<system>.cuda, or pkgs.llama-orch of a nixpkgs with config.cudaSupport = true).";
+      }
+      {
+        assertion = p.gpus == [ ] || nvidiaDriver;
+        message = "services.llama-orch.pools.${name}.gpus is set but the NVIDIA driver is not: set hardware.graphics.enable = true (libcuda and libnvidia-ml in /run/opengl-driver/lib) and services.xserver.videoDrivers = [ \"nvidia\" ] (the driver, also on a host without X; or hardware.nvidia.datacenter.enable = true), with hardware.nvidia.open chosen for your GPU.";
       }
       {
         assertion = lib.all builtins.isInt p.gpus || lib.all builtins.isString p.gpus;
@@ -172,10 +232,31 @@ in
   options.services.llama-orch = {
     enable = mkEnableOption "llama-orch, serving language models from this machine's GPUs (or CPUs)";
 
-    package = mkOption {
-      type = types.package;
-      defaultText = literalExpression "llama-orch.packages.\${system}.default";
-      description = "The llama-orch package: binaries, units, sysusers, tmpfiles, D-Bus and polkit files. Use the `cuda` package for GPU pools.";
+    package = lib.mkPackageOption pkgs "llama-orch" {
+      extraDescription = ''
+        Binaries, units, sysusers, tmpfiles, D-Bus and polkit files. `pkgs.llama-orch` comes from
+        the flake's `overlays.default` (built with nixpkgs' `config`: `cudaSupport = true` gives
+        the CUDA engine); the flake's `nixosModules.default` sets the flake's own package. Use a
+        CUDA build (the flake's `packages.<system>.cuda`) for GPU pools.
+      '';
+    };
+
+    settings = mkOption {
+      type = settingsFormat.type;
+      default = { };
+      example = literalExpression ''
+        {
+          node.launcher = "systemd";
+          pools.default.prefix_cache_mib = 512;
+        }
+      '';
+      description = ''
+        Keys of /etc/llama-orch/node.toml the module does not model (docs/CONFIGURATION.md,
+        `pool-managerd`): `node` adds keys to `[node]`, `pools.<id>` to that pool's `[[pools]]`
+        table. A key the module writes from its options is refused (set the option); pool-managerd
+        refuses unknown keys, so `pool-managerd --config /etc/llama-orch/node.toml --check-config`
+        (run before each start) names a misspelt one.
+      '';
     };
 
     role = mkOption {
@@ -236,7 +317,7 @@ in
         type = types.nullOr types.str;
         default = null;
         example = "https://cp.example.internal:8443";
-        description = "Worker: the control plane's URL. Home: derived from api.address and api.port.";
+        description = "Worker: the control plane's URL. Home: default `unix:/run/llama-orch/orchestratord.sock`, orchestratord's local socket (orchestratord-local.socket), whatever api.address is.";
       };
       controlPlaneCaFile = fileOption "control-plane-ca" // { description = "PEM CA the control plane's certificate is verified against."; };
       address = mkOption { type = types.str; default = "127.0.0.1"; example = "10.0.0.2"; description = "Worker: address of the node API, where the control plane dispatches work."; };
@@ -316,7 +397,11 @@ in
           || builtins.match "http://(127[.][0-9.]+|localhost|[[]::1[]])(:[0-9]+)?/?" cfg.node.controlPlane != null;
         message = "services.llama-orch.node.controlPlane ${toString cfg.node.controlPlane} is plain HTTP to another host: use https:// (or node.allowPlaintext = true).";
       }
-    ] ++ lib.optionals runsNode poolAssertions;
+    ] ++ lib.optionals runsNode poolAssertions
+    ++ map (message: { assertion = false; inherit message; }) (
+      if runsNode then settingsProblems
+      else lib.optional (cfg.settings != { }) "services.llama-orch.settings is for node.toml, which a control-plane host does not have: orchestratord's settings are api.* and api.extraEnvironment."
+    );
 
     environment.systemPackages = [ cfg.package ];
     systemd.packages = [ cfg.package ];
@@ -347,62 +432,100 @@ in
         node = cfg.node;
         listen = nodeListen;
         inherit controlPlane pools;
+        inherit (cfg) settings;
       };
     };
 
     systemd.targets.llama-orch = mkIf isHome { overrideStrategy = "asDropin"; wantedBy = [ "multi-user.target" ]; };
 
+    # Sockets on an IP address bind with FreeBind=: at boot they start before the network is
+    # configured (sockets.target), when a specific address is not on an interface yet.
     systemd.sockets = {
       orchestratord =
         if runsApi then {
           overrideStrategy = "asDropin";
           wantedBy = [ "sockets.target" ];
-          socketConfig.ListenStream = [ "" apiListen ];
+          socketConfig = { ListenStream = [ "" apiListen ]; FreeBind = true; };
         } else { enable = false; };
       # The package's unit listens on loopback; this puts it on the API's address and port.
       orchestratord-beats = mkIf (runsApi && cfg.api.beats) {
         overrideStrategy = "asDropin";
         wantedBy = [ "sockets.target" ];
-        socketConfig.ListenDatagram = [ "" apiListen ];
+        socketConfig = { ListenDatagram = [ "" apiListen ]; FreeBind = true; };
       };
+      # Home: orchestratord's API in plain HTTP on a Unix socket, for this machine's node agent
+      # (node.toml's control_plane). A worker runs no orchestratord: masked, as its other units.
+      orchestratord-local =
+        if isHome then {
+          overrideStrategy = "asDropin";
+          wantedBy = [ "sockets.target" ];
+        } else if isWorker then { enable = false; } else { };
       pool-managerd = mkIf runsNode {
         overrideStrategy = "asDropin";
         wantedBy = [ "sockets.target" ];
-        socketConfig = mkIf isWorker { ListenStream = [ "" nodeListen ]; };
+        socketConfig = mkIf isWorker { ListenStream = [ "" nodeListen ]; FreeBind = true; };
       };
     };
 
     systemd.services = {
       orchestratord =
-        if runsApi then {
-          overrideStrategy = "asDropin";
-          serviceConfig = {
-            Environment = render.apiEnvironment { inherit (cfg) api logLevel; listen = apiListen; };
-            LoadCredential = render.credentials {
-              node-tokens = if cfg.api.nodeTokensFile != null then cfg.api.nodeTokensFile else "/etc/llama-orch/node-tokens";
-              api-keys = cfg.api.apiKeysFile;
-              tls-cert = cfg.api.tls.certFile;
-              tls-key = cfg.api.tls.keyFile;
-              node-ca = cfg.api.nodeCaFile;
+        if runsApi then
+          let
+            serviceConfig = {
+              Environment = render.apiEnvironment { inherit (cfg) api logLevel; listen = apiListen; };
+              LoadCredential = render.credentials {
+                node-tokens = if cfg.api.nodeTokensFile != null then cfg.api.nodeTokensFile else "${secretsDir}/node-tokens";
+                api-keys = cfg.api.apiKeysFile;
+                tls-cert = cfg.api.tls.certFile;
+                tls-key = cfg.api.tls.keyFile;
+                node-ca = cfg.api.nodeCaFile;
+              };
             };
-          };
-        } else { enable = false; };
+          in
+          {
+            overrideStrategy = "asDropin";
+            inherit serviceConfig;
+            # Its settings and the paths of its credentials: a change restarts it on switch
+            # (LoadCredential= is read at start only). A changed key file is not seen here:
+            # `systemctl restart orchestratord` after editing one (docs/NIXOS.md).
+            restartTriggers = serviceConfig.Environment ++ serviceConfig.LoadCredential;
+          } else { enable = false; };
       pool-managerd = mkIf runsNode {
         overrideStrategy = "asDropin";
         wantedBy = [ "multi-user.target" ];
+        restartTriggers = [ nodeSection ];
+        reloadTriggers = [ poolsSection ];
         serviceConfig = {
           Environment = [ "LLORCH_LOG=${cfg.logLevel}" ];
           LoadCredential = render.credentials {
-            node-token = if cfg.node.tokenFile != null then cfg.node.tokenFile else "/etc/llama-orch/node-token";
+            node-token = if cfg.node.tokenFile != null then cfg.node.tokenFile else "${secretsDir}/node-token";
             tls-cert = cfg.node.tls.certFile;
             tls-key = cfg.node.tls.keyFile;
             control-plane-ca = cfg.node.controlPlaneCaFile;
           };
-        };
+        }
+        # GPU nodes: NVML (libnvidia-ml) reads every GPU of the node for its reports and the
+        # fit check, and numbers them as the driver does only when it can open them all: the
+        # driver's GPU device class (major 195: /dev/nvidiaN and /dev/nvidiactl, named
+        # nvidia-frontend or nvidia in /proc/devices), not nvidia-uvm (CUDA's, the engines').
+        // lib.optionalAttrs (gpuPools != { }) (nvidiaDevices [ "/dev/nvidiactl rw" "char-nvidia-frontend rw" "char-nvidia rw" ]);
       };
       # Home only: the node token of this machine's own node agent, generated once (its shell
-      # line needs od, tr and mv, which NixOS keeps out of systemd's default PATH).
-      llama-orch-node-token = if isHome then { overrideStrategy = "asDropin"; path = [ pkgs.coreutils ]; } else { enable = false; };
+      # line needs od, tr and mv, which NixOS keeps out of systemd's default PATH). Under
+      # /var/lib, not the package's /etc/llama-orch: NixOS owns /etc, state lives in /var/lib.
+      llama-orch-node-token =
+        if isHome then {
+          overrideStrategy = "asDropin";
+          path = [ pkgs.coreutils ];
+          # An empty ConditionPathExists= drops the unit's conditions on /etc/llama-orch.
+          unitConfig.ConditionPathExists = [ "" "!${secretsDir}/node-token" "!${secretsDir}/node-tokens" ];
+          serviceConfig = {
+            ConfigurationDirectory = [ "" ];
+            StateDirectory = baseNameOf secretsDir;
+            StateDirectoryMode = "0700";
+            WorkingDirectory = secretsDir;
+          };
+        } else { enable = false; };
     } // lib.mapAttrs'
       # What llama-orch-gpu-generator writes elsewhere (pool_managerd::gpu::engine_dropin;
       # tests/nix.rs compares the two): exactly the pool's GPUs and the driver's shared nodes.
@@ -413,12 +536,8 @@ in
             "CUDA_DEVICE_ORDER=PCI_BUS_ID"
             "CUDA_VISIBLE_DEVICES=${lib.concatMapStringsSep "," toString p.gpus}"
           ];
-          PrivateDevices = false;
-          DevicePolicy = "closed";
-          DeviceAllow = [ "/dev/nvidiactl rw" "/dev/nvidia-uvm rw" "/dev/nvidia-uvm-tools rw" "char-nvidia-caps r" ]
-            ++ map (i: "/dev/nvidia${toString i} rw") (lib.filter builtins.isInt p.gpus);
-          ProcSubset = "all";
-        };
+        } // nvidiaDevices ([ "/dev/nvidiactl rw" "/dev/nvidia-uvm rw" "/dev/nvidia-uvm-tools rw" "char-nvidia-caps r" ]
+          ++ map (i: "/dev/nvidia${toString i} rw") (lib.filter builtins.isInt p.gpus));
       })
       (if runsNode then gpuPools else { });
 

@@ -2,26 +2,35 @@
 # the llorch CLI, with the systemd units, sysusers, tmpfiles, D-Bus policy and polkit files of
 # systemd/ installed where NixOS (and any systemd distribution) looks for them.
 #
-#   pkgs.callPackage ./package.nix { }                          CPU, portable llama.cpp
+#   pkgs.callPackage ./package.nix { }                          CPU, portable llama.cpp; CUDA
+#                                                               when nixpkgs' config.cudaSupport
 #   pkgs.callPackage ./package.nix { cpuLevel = "x86-64-v3"; }  AVX2/FMA/F16C (2x faster on CPU)
 #   pkgs.callPackage ./package.nix { cudaSupport = true; }      CUDA engine (unfree nixpkgs)
 { lib
+, config ? { }
 , rustPlatform
+  # The rustc of rustPlatform (nixpkgs' own; give both when overriding rustPlatform).
+, rustc
 , cmake
 , pkg-config
-, cudaSupport ? false
+, symlinkJoin
+  # nixpkgs' convention: `import nixpkgs { config = { cudaSupport = true; allowUnfree = true; }; }`.
+, cudaSupport ? config.cudaSupport or false
 , cudaPackages ? { }
 , autoAddDriverRunpath ? null
   # llama.cpp's CPU kernels: "portable" (x86-64 baseline, runs everywhere), "x86-64-v3"
   # (AVX2, FMA, F16C, BMI2: every x86 server since 2013; what `make build` uses) or "native"
   # (the build machine's own CPU: only for a binary built where it runs).
 , cpuLevel ? "portable"
-  # CUDA architectures compiled in (CMAKE_CUDA_ARCHITECTURES): Ampere (80, 86), Ada (89),
-  # Hopper (90). One entry builds several times faster.
-, cudaCapabilities ? [ "80" "86" "89" "90" ]
+  # CUDA capabilities compiled in (CMAKE_CUDA_ARCHITECTURES), such as [ "8.9" ] (or "89"):
+  # null takes nixpkgs' (cudaPackages.flags, which follow config.cudaCapabilities). One
+  # entry builds several times faster.
+, cudaCapabilities ? null
 }:
 let
   cargoToml = builtins.fromTOML (builtins.readFile ../Cargo.toml);
+  # The workspace's minimum rustc (Cargo.toml); nix/rustc-version records nixos-25.05's.
+  rustVersion = cargoToml.workspace.package.rust-version;
   x86Flags = [ "GGML_AVX" "GGML_AVX2" "GGML_FMA" "GGML_F16C" "GGML_BMI2" ];
   cpuEnv =
     {
@@ -35,8 +44,27 @@ let
     if cudaSupport then rustPlatform.buildRustPackage.override { stdenv = cudaPackages.backendStdenv; }
     else rustPlatform.buildRustPackage;
   bins = [ "orchestratord" "pool-managerd" "engine-provisioner" "llorch-engine" "llorch" ];
+
+  cudaArchitectures =
+    if cudaCapabilities != null then lib.concatMapStringsSep ";" (lib.replaceStrings [ "." ] [ "" ]) cudaCapabilities
+    else cudaPackages.flags.cmakeCudaArchitecturesString;
+  # llama-cpp-sys-2 links cudart_static, cublas_static, cublasLt_static, culibos and libcuda
+  # (the driver's stub) by name, searching `lib64` and `lib64/stubs` of each prefix in
+  # CUDA_LIBRARY_PATH (find_cuda_helper; otherwise /opt/cuda and /usr/local/cuda*, absent in
+  # the sandbox). nixpkgs splits each CUDA library into outputs (lib, static, stubs): one prefix
+  # gathers them. CUDA 13 moved culibos into a package of its own.
+  cudaLibraries = symlinkJoin {
+    name = "llama-orch-cuda-libraries";
+    paths = lib.unique (lib.concatMap (p: map (o: lib.getOutput o p) [ "lib" "static" "stubs" ])
+      ([ cudaPackages.cuda_cudart cudaPackages.libcublas ] ++ lib.optional (cudaPackages ? cuda_culibos) cudaPackages.cuda_culibos));
+    postBuild = "[ -e $out/lib64 ] || ln -s lib $out/lib64";
+  };
 in
 assert cudaSupport -> cudaPackages ? cuda_nvcc;
+assert lib.assertMsg (!lib.versionOlder rustc.version rustVersion) ''
+  llama-orch needs rustc ${rustVersion} or newer (rust-version in Cargo.toml), but this nixpkgs' rustPlatform has rustc ${rustc.version}.
+  Build it with the nixpkgs of flake.nix (nixos-25.05${lib.optionalString (builtins.pathExists ./rustc-version) ", rustc ${lib.fileContents ./rustc-version}"}: nix/rustc-version) or newer:
+  if your flake sets inputs.llama-orch.inputs.nixpkgs.follows = "nixpkgs", your nixpkgs must be that new, or drop the follows.'';
 buildRustPackage ({
   pname = "llama-orch";
   version = cargoToml.workspace.package.version;
@@ -88,7 +116,19 @@ buildRustPackage ({
     install -Dm0644 systemd/llama-orch.polkit.rules $out/share/polkit-1/rules.d/50-llama-orch.rules
   '';
 
-  passthru = { inherit cudaSupport cpuLevel cudaCapabilities; };
+  # ld-wrapper gives a binary a RUNPATH entry for each -L directory it linked a shared library
+  # from: the joined CUDA prefix (for the libcuda stub) would keep the static CUDA libraries in
+  # the closure. libcuda is the driver's, found at run time in /run/opengl-driver/lib
+  # (autoAddDriverRunpath); the build fails if a reference to the prefix remains.
+  postFixup = lib.optionalString cudaSupport ''
+    for f in $out/bin/*; do
+      rpath=$(patchelf --print-rpath "$f" 2>/dev/null) || continue
+      patchelf --set-rpath "$(printf '%s' "$rpath" | tr ':' '\n' | grep -v '^${cudaLibraries}' | paste -sd:)" "$f"
+    done
+  '';
+  disallowedReferences = lib.optional cudaSupport cudaLibraries;
+
+  passthru = { inherit cudaSupport cpuLevel; } // lib.optionalAttrs cudaSupport { inherit cudaArchitectures cudaLibraries; };
 
   meta = {
     description = "A systemd-native appliance that serves language models from the GPUs of one machine or a cluster";
@@ -97,5 +137,6 @@ buildRustPackage ({
     mainProgram = "llorch";
   };
 } // cpuEnv // lib.optionalAttrs cudaSupport {
-  CMAKE_CUDA_ARCHITECTURES = lib.concatStringsSep ";" cudaCapabilities;
+  CMAKE_CUDA_ARCHITECTURES = cudaArchitectures;
+  CUDA_LIBRARY_PATH = "${cudaLibraries}";
 })

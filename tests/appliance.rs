@@ -350,6 +350,15 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         "/etc/llama-orch/node-tokens",
     ]);
     assert_eq!(modes.trim(), "600 root\n600 root", "{modes}");
+    // orchestratord's local socket (plain HTTP for this machine's node agent): its group and
+    // the API's user only.
+    let local = c.ok(&[
+        "stat",
+        "-c",
+        "%a %U %G",
+        "/run/llama-orch/orchestratord.sock",
+    ]);
+    assert_eq!(local.trim(), "660 llama-orch-api llama-orch", "{local}");
     let bogus = r#"{"node_id":"intruder","address":"http://bad host:1","version":"0","heartbeat_secs":5,"pools":[]}"#;
     let (status, body) = curl(
         port,

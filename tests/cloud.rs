@@ -136,14 +136,31 @@ fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 /// A veth link from the control plane's namespace (`to-<id>`, 10.231.<net>.1) to a worker's
 /// (`to-cp`, 10.231.<net>.2).
 fn link(cp: &Netns, worker: &Netns, id: &str, net: &str) {
+    link_without_addresses(cp, worker, id);
+    add_addresses(cp, worker, id, net);
+}
+
+/// The link up, without its addresses yet: what a host's sockets meet at boot, before the
+/// network is configured.
+fn link_without_addresses(cp: &Netns, worker: &Netns, id: &str) {
     let name = format!("to-{id}");
     cp.ip(&[
         "link", "add", &name, "type", "veth", "peer", "name", "to-cp", "netns", &worker.0,
     ]);
-    cp.ip(&["addr", "add", &format!("10.231.{net}.1/24"), "dev", &name]);
     cp.ip(&["link", "set", &name, "up"]);
-    worker.ip(&["addr", "add", &format!("10.231.{net}.2/24"), "dev", "to-cp"]);
     worker.ip(&["link", "set", "to-cp", "up"]);
+}
+
+/// The addresses of a link made by [`link_without_addresses`].
+fn add_addresses(cp: &Netns, worker: &Netns, id: &str, net: &str) {
+    cp.ip(&[
+        "addr",
+        "add",
+        &format!("10.231.{net}.1/24"),
+        "dev",
+        &format!("to-{id}"),
+    ]);
+    worker.ip(&["addr", "add", &format!("10.231.{net}.2/24"), "dev", "to-cp"]);
 }
 
 /// Runs the future `f` makes on a current-thread runtime, on a thread that joined the
@@ -780,8 +797,10 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
     let cp_ns = Netns::add(format!("llorch-{tag}-cp"));
     let w2_ns = Netns::add(format!("llorch-{tag}-w2"));
     let w3_ns = Netns::add(format!("llorch-{tag}-w3"));
-    link(&cp_ns, &w2_ns, "w2", "2");
-    link(&cp_ns, &w3_ns, "w3", "3");
+    // The addresses come after the units started (below), as a network configured late at
+    // boot: sockets bound to an address must bind anyway (FreeBind=, from the module).
+    link_without_addresses(&cp_ns, &w2_ns, "w2");
+    link_without_addresses(&cp_ns, &w3_ns, "w3");
 
     let ca = Ca::new(dir.path(), "cluster");
     let cp_cert = ca.server("control-plane", &["10.231.2.1", "10.231.3.1", "127.0.0.1"]);
@@ -807,8 +826,10 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
                 &format!("install -m 0600 /mnt/llorch/{name} /etc/llama-orch/secrets/{name}\n");
         }
         let units = llorch_tests::nix::start_units(&hosts[id]).join(" ");
+        // --no-block: a worker's pool-managerd is ready once registered, and the network
+        // it registers over comes after (add_addresses below).
         install += &format!(
-            "systemctl daemon-reload\nsystemctl start {units} || {{ journalctl --no-pager -n 40; exit 1; }}\n"
+            "systemctl daemon-reload\nsystemctl start --no-block {units} || {{ journalctl --no-pager -n 40; exit 1; }}\n"
         );
         stage_host(&stage, &[secrets, extra].concat(), &install);
         stage
@@ -865,6 +886,25 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
     let cp = boot("cp", &cp_stage, &cp_ns);
     let w2 = boot("w2", &w2_stage, &w2_ns);
     let w3 = boot("w3", &w3_stage, &w3_ns);
+    // The workers' node API sockets listen on their addresses before the hosts have them.
+    for w in [&w2, &w3] {
+        w.wait_until(
+            "pool-managerd.socket listening before its address exists",
+            Duration::from_secs(30),
+            |c| {
+                let state = c.show("pool-managerd.socket", "ActiveState");
+                assert_ne!(
+                    state,
+                    "failed",
+                    "{}",
+                    c.ok(&["journalctl", "--no-pager", "-n", "30"])
+                );
+                state == "active"
+            },
+        );
+    }
+    add_addresses(&cp_ns, &w2_ns, "w2", "2");
+    add_addresses(&cp_ns, &w3_ns, "w3", "3");
     let roots = TlsRoots::from_pem_file(&ca.cert).unwrap();
     let journal = |c: &Container, unit: &str| c.ok(&["journalctl", "--no-pager", "-u", unit]);
     // orchestratord's "node joined" records (MESSAGE_ID in docs/METRICS.md).

@@ -103,6 +103,10 @@ fn cluster_library_tests_pass() {
     assert_eq!(failures, Value::Array(vec![]), "lib.runTests failures");
 }
 
+/// What a GPU host sets for the NVIDIA driver (the module asserts it when a pool has GPUs).
+const NVIDIA_DRIVER: &str =
+    "hardware.graphics.enable = true; services.xserver.videoDrivers = [ \"nvidia\" ];";
+
 /// The module with the home example and `extra` (a Nix module expression) on top.
 fn home_with(n: &Nix, extra: &str, cuda: bool) -> Result<Value, String> {
     let modules = format!("[ ./nix/examples/home.nix ({extra}) ]");
@@ -188,6 +192,10 @@ fn module_refuses_bad_settings_with_the_message_a_user_reads() {
             "services.llama-orch.pools is set on a control-plane host",
         ),
         (
+            "{ lib, ... }: { services.llama-orch = { role = lib.mkForce \"control-plane\"; pools = lib.mkForce { }; api.nodeTokensFile = \"/run/t\"; settings.node.launcher = \"process\"; }; }",
+            "services.llama-orch.settings is for node.toml, which a control-plane host does not have",
+        ),
+        (
             "{ lib, ... }: { services.llama-orch.role = lib.mkForce \"worker\"; }",
             "services.llama-orch.node.controlPlane is required on a worker",
         ),
@@ -213,6 +221,8 @@ fn module_renders_gpu_devices_fetched_models_and_on_demand_pools() {
     let host = home_with(
         n,
         r#"{ lib, ... }: {
+          hardware.graphics.enable = true;
+          services.xserver.videoDrivers = [ "nvidia" ];
           services.llama-orch.pools.default = { gpus = [ 1 ]; onDemand = true; keepAliveSecs = 60; };
           services.llama-orch.pools.fetched = {
             model = { id = "m"; source = { url = "https://example.org/m.gguf";
@@ -293,7 +303,7 @@ fn module_binds_gpus_by_uuid_through_the_generator() {
     let uuid = "GPU-8d2a5f31-1c44-4b6e-9a0b-3f9e2c7d1e11";
     let host = home_with(
         n,
-        &format!("{{ services.llama-orch.pools.default = {{ gpus = [ \"{uuid}\" ]; gpuOnly = true; }}; }}"),
+        &format!("{{ {NVIDIA_DRIVER} services.llama-orch.pools.default = {{ gpus = [ \"{uuid}\" ]; gpuOnly = true; }}; }}"),
         true,
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -337,6 +347,524 @@ fn module_binds_gpus_by_uuid_through_the_generator() {
     );
 }
 
+/// The module's drop-in for `unit` on `host`.
+fn dropin<'a>(host: &'a Value, unit: &str) -> &'a str {
+    file(
+        host,
+        &format!("/etc/systemd/system/{unit}.d/overrides.conf"),
+    )
+}
+
+/// The package under nixpkgs' conventions: `config.cudaSupport` picks the CUDA build, its
+/// architectures come from `cudaPackages.flags` (`config.cudaCapabilities`) unless the
+/// package's own `cudaCapabilities` overrides them, and llama-cpp-sys-2 finds nixpkgs' CUDA
+/// libraries through CUDA_LIBRARY_PATH: one prefix gathering cuda_cudart's and libcublas's
+/// outputs, whose `lib64` is where find_cuda_helper looks.
+#[test]
+fn package_follows_nixpkgs_cuda_config_and_finds_its_libraries() {
+    let Some(n) = nix_or_skip() else { return };
+    let env = |config: &str, args: &str| -> Value {
+        n.eval(
+            "nix/tests/offline/package-env.nix",
+            &[("config", config), ("args", args)],
+        )
+        .unwrap_or_else(|e| panic!("config {config}, args {args}:\n{e}"))
+    };
+    let cpu = env("{ }", "{ }");
+    assert_eq!(cpu["cudaSupport"], false, "{cpu:#}");
+    assert_eq!(cpu["CUDA_LIBRARY_PATH"], Value::Null, "{cpu:#}");
+    assert_eq!(cpu["CMAKE_CUDA_ARCHITECTURES"], Value::Null, "{cpu:#}");
+
+    let cuda = env(
+        "{ cudaSupport = true; cudaCapabilities = [ \"8.6\" \"8.9\" ]; }",
+        "{ }",
+    );
+    assert_eq!(cuda["cudaSupport"], true, "{cuda:#}");
+    assert_eq!(cuda["stdenvName"], "backendStdenv", "{cuda:#}");
+    assert!(
+        cuda["cargoBuildFlags"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("--features=llorch-engine/cuda")),
+        "{cuda:#}"
+    );
+    assert_eq!(cuda["CMAKE_CUDA_ARCHITECTURES"], "86;89", "{cuda:#}");
+    let libs = &cuda["cudaLibraries"];
+    assert_eq!(cuda["CUDA_LIBRARY_PATH"], libs["path"], "{cuda:#}");
+    assert!(
+        libs["path"].as_str().is_some_and(
+            |p| p.starts_with("/nix/store/") && p.ends_with("-llama-orch-cuda-libraries")
+        ),
+        "{cuda:#}"
+    );
+    assert_eq!(
+        libs["paths"],
+        serde_json::json!(["cuda_cudart", "libcublas"]),
+        "{cuda:#}"
+    );
+    assert!(
+        libs["postBuild"]
+            .as_str()
+            .is_some_and(|s| s.contains("ln -s lib $out/lib64")),
+        "{cuda:#}"
+    );
+    // The static libraries are for the link only: no reference to them may stay.
+    assert_eq!(
+        cuda["disallowedReferences"],
+        serde_json::json!(["llama-orch-cuda-libraries"]),
+        "{cuda:#}"
+    );
+    assert_eq!(
+        cpu["disallowedReferences"],
+        serde_json::json!([]),
+        "{cpu:#}"
+    );
+
+    // The package's own list wins over nixpkgs' flags, and an explicit cudaSupport over config.
+    let one = env(
+        "{ cudaSupport = true; }",
+        "{ cudaCapabilities = [ \"9.0\" ]; }",
+    );
+    assert_eq!(one["CMAKE_CUDA_ARCHITECTURES"], "90", "{one:#}");
+    let off = env("{ cudaSupport = true; }", "{ cudaSupport = false; }");
+    assert_eq!(off["cudaSupport"], false, "{off:#}");
+    assert_eq!(off["CUDA_LIBRARY_PATH"], Value::Null, "{off:#}");
+}
+
+/// A version `1.86` or `1.86.0` as numbers, for comparing.
+fn version(v: &str) -> Vec<u64> {
+    let mut parts: Vec<u64> = v
+        .trim()
+        .split('.')
+        .map(|p| p.parse().unwrap_or_else(|_| panic!("not a version: {v:?}")))
+        .collect();
+    parts.resize(3, 0);
+    parts
+}
+
+/// The flake builds with the rustc of the NixOS release it follows (nix/rustc-version): the
+/// lock file may hold no crate that needs a newer one, and the workspace's `rust-version`
+/// (which every member declares, so cargo's resolver picks versions that build with it) says
+/// the same. Raise nix/rustc-version only with the flake's nixpkgs.
+#[test]
+fn the_lock_file_builds_with_the_pinned_nixos_rustc() {
+    let pinned =
+        std::fs::read_to_string(repo_root().join("nix/rustc-version")).expect("nix/rustc-version");
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    let out = Command::new(cargo)
+        .current_dir(repo_root())
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cargo metadata: {}", text(&out));
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let members: Vec<&str> = meta["workspace_members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    let mut too_new = Vec::new();
+    for p in meta["packages"].as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        let declared = p["rust_version"].as_str();
+        if members.contains(&p["id"].as_str().unwrap()) {
+            assert!(
+                declared.is_some(),
+                "{name} does not declare rust-version (add `rust-version.workspace = true`)"
+            );
+        }
+        if let Some(v) = declared.filter(|v| version(v) > version(&pinned)) {
+            too_new.push(format!("{name} {} needs rustc {v}", p["version"]));
+        }
+    }
+    assert!(
+        too_new.is_empty(),
+        "nix/rustc-version is {}, but:\n{}\n(`cargo update -p NAME` picks the newest version that builds with rust-version)",
+        pinned.trim(),
+        too_new.join("\n")
+    );
+}
+
+/// The workspace's rust-version is a floor the package enforces at evaluation: a nixpkgs whose
+/// rustc is older (a flake that makes llama-orch's nixpkgs follow an old one) gets a message
+/// naming both versions and the way out, not a compile error an hour into the build. The
+/// stand-in's rustc is nixos-25.05's, as nix/rustc-version records it.
+#[test]
+fn package_refuses_a_rustc_older_than_the_workspace_rust_version() {
+    let Some(n) = nix_or_skip() else { return };
+    let cargo = std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
+    let rust_version = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = \"")?.strip_suffix('"'))
+        .expect("rust-version in Cargo.toml");
+    let recorded =
+        std::fs::read_to_string(repo_root().join("nix/rustc-version")).expect("nix/rustc-version");
+    let ok = n
+        .eval("nix/tests/offline/package-env.nix", &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        ok["rustcVersion"],
+        recorded.trim(),
+        "nix/tests/offline/pkgs.nix's rustc is not the one nix/rustc-version records"
+    );
+    let err = n
+        .eval(
+            "nix/tests/offline/package-env.nix",
+            &[("args", "{ rustc = { version = \"1.80.0\"; }; }")],
+        )
+        .unwrap_err();
+    for needle in [
+        format!(
+            "llama-orch needs rustc {rust_version} or newer (rust-version in Cargo.toml), \
+             but this nixpkgs' rustPlatform has rustc 1.80.0"
+        ),
+        "inputs.llama-orch.inputs.nixpkgs.follows".to_owned(),
+    ] {
+        assert!(err.contains(&needle), "{needle:?} is not in:\n{err}");
+    }
+}
+
+/// A home box serving its LAN: the API on a LAN address with keys and TLS.
+const LAN_HOME: &str = r#"{
+  services.llama-orch.api = {
+    address = "192.168.1.10";
+    apiKeysFile = "/run/secrets/llama-orch/api-keys";
+    tls = { certFile = "/run/secrets/llama-orch/api.pem"; keyFile = "/run/secrets/llama-orch/api.key"; };
+  };
+}"#;
+
+/// Nothing listens in plain HTTP on loopback when the API is on a LAN address with TLS: the
+/// home node agent reaches orchestratord on its local Unix socket, which the module enables.
+#[test]
+fn home_node_agent_reaches_orchestratord_on_its_local_socket() {
+    let Some(n) = nix_or_skip() else { return };
+    let host = home_with(n, LAN_HOME, false).unwrap_or_else(|e| panic!("{e}"));
+    let toml = file(&host, "/etc/llama-orch/node.toml");
+    assert!(
+        toml.contains("\ncontrol_plane = \"unix:/run/llama-orch/orchestratord.sock\"\n"),
+        "{toml}"
+    );
+    assert!(
+        start_units(&host).contains(&"orchestratord-local.socket".to_owned()),
+        "{:?}",
+        start_units(&host)
+    );
+    assert_eq!(
+        values(dropin(&host, "orchestratord.socket"), "ListenStream"),
+        ["", "192.168.1.10:8080"]
+    );
+    // A control plane given explicitly still wins.
+    let other = home_with(
+        n,
+        "{ services.llama-orch.node.controlPlane = \"https://cp.example.internal:8443\"; }",
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let toml = file(&other, "/etc/llama-orch/node.toml");
+    assert!(
+        toml.contains("\ncontrol_plane = \"https://cp.example.internal:8443\"\n"),
+        "{toml}"
+    );
+    // Only a home box has the local socket; a worker, which runs no orchestratord, masks it.
+    let hosts = n.cloud_hosts();
+    assert!(!start_units(&hosts["cp"]).contains(&"orchestratord-local.socket".to_owned()));
+    assert!(
+        files(&hosts["w2"]).contains(&(
+            "/etc/systemd/system/orchestratord-local.socket".to_owned(),
+            None
+        )),
+        "{:#}",
+        hosts["w2"]
+    );
+}
+
+/// Every socket bound to an IP address binds with FreeBind=: sockets.target comes before the
+/// network is configured, when a specific address is not on an interface yet.
+#[test]
+fn sockets_on_ip_addresses_bind_before_the_network_is_configured() {
+    let Some(n) = nix_or_skip() else { return };
+    let hosts = n.cloud_hosts();
+    for (host, unit) in [
+        ("cp", "orchestratord.socket"),
+        ("cp", "orchestratord-beats.socket"),
+        ("w2", "pool-managerd.socket"),
+        ("w3", "pool-managerd.socket"),
+    ] {
+        let d = dropin(&hosts[host], unit);
+        assert_eq!(values(d, "FreeBind"), ["true"], "{host} {unit}:\n{d}");
+    }
+    let home = home_with(n, LAN_HOME, false).unwrap_or_else(|e| panic!("{e}"));
+    let api = dropin(&home, "orchestratord.socket");
+    assert_eq!(values(api, "FreeBind"), ["true"], "{api}");
+    // The home node API is a Unix socket: the package's unit as it is.
+    assert!(
+        !files(&home)
+            .iter()
+            .any(|(p, _)| p.contains("pool-managerd.socket")),
+        "{home:#}"
+    );
+}
+
+/// `nixos-rebuild switch` applies a change: a pool change reloads pool-managerd (only its
+/// X-Reload-Triggers differ, which switch-to-configuration turns into a reload; SIGHUP applies
+/// pools in place), a [node] change restarts it (X-Restart-Triggers: [node] applies at a start
+/// only), and a change of orchestratord's settings restarts orchestratord.
+#[test]
+fn switch_reloads_pool_changes_and_restarts_node_changes() {
+    let Some(n) = nix_or_skip() else { return };
+    let render = |extra: &str| -> Value {
+        home_with(n, extra, false).unwrap_or_else(|e| panic!("{extra}:\n{e}"))
+    };
+    let base = render("{ }");
+    let slots =
+        render("{ lib, ... }: { services.llama-orch.pools.default.slots = lib.mkForce 3; }");
+    let node = render("{ services.llama-orch.node.heartbeatSecs = 7; }");
+    let api = render("{ services.llama-orch.api.queueCapacity = 512; }");
+    assert!(file(&slots, "/etc/llama-orch/node.toml").contains("\nslots = 3\n"));
+
+    let pmd = |h: &Value| dropin(h, "pool-managerd.service").to_owned();
+    let without = |t: &str, key: &str| -> Vec<String> {
+        let prefix = format!("{key}=");
+        t.lines()
+            .filter(|l| !l.starts_with(&prefix))
+            .map(str::to_owned)
+            .collect()
+    };
+    let (b, s, nd) = (pmd(&base), pmd(&slots), pmd(&node));
+    assert_eq!(values(&b, "X-Reload-Triggers").len(), 1, "{b}");
+    assert_eq!(values(&b, "X-Restart-Triggers").len(), 1, "{b}");
+    assert_ne!(
+        values(&b, "X-Reload-Triggers"),
+        values(&s, "X-Reload-Triggers"),
+        "a pool change must change the reload trigger:\n{b}\n{s}"
+    );
+    assert_eq!(
+        without(&b, "X-Reload-Triggers"),
+        without(&s, "X-Reload-Triggers"),
+        "a pool change must change nothing else of pool-managerd's unit (it would restart):\n{b}\n{s}"
+    );
+    assert_ne!(
+        values(&b, "X-Restart-Triggers"),
+        values(&nd, "X-Restart-Triggers"),
+        "a [node] change must restart pool-managerd:\n{b}\n{nd}"
+    );
+    assert_eq!(
+        values(&b, "X-Reload-Triggers"),
+        values(&nd, "X-Reload-Triggers"),
+        "{b}\n{nd}"
+    );
+
+    let orchestratord =
+        |h: &Value| values(dropin(h, "orchestratord.service"), "X-Restart-Triggers");
+    assert_eq!(orchestratord(&base).len(), 1);
+    assert_ne!(orchestratord(&base), orchestratord(&api));
+    assert_eq!(orchestratord(&base), orchestratord(&slots));
+}
+
+/// pool-managerd reads every GPU of a GPU node through NVML (its reports, the fit check):
+/// its unit opens the driver's GPU devices, not only the engines'. And a GPU pool needs the
+/// NVIDIA driver on the host, which the module asserts with the options to set.
+#[test]
+fn gpu_nodes_open_nvml_to_pool_managerd_and_require_the_nvidia_driver() {
+    let Some(n) = nix_or_skip() else { return };
+    let gpu = |driver: &str| {
+        home_with(
+            n,
+            &format!("{{ {driver} services.llama-orch.pools.default.gpus = [ 1 ]; }}"),
+            true,
+        )
+    };
+    let host = gpu(NVIDIA_DRIVER).unwrap_or_else(|e| panic!("{e}"));
+    let pmd = dropin(&host, "pool-managerd.service");
+    assert_eq!(values(pmd, "PrivateDevices"), ["false"], "{pmd}");
+    assert_eq!(values(pmd, "DevicePolicy"), ["closed"], "{pmd}");
+    assert_eq!(
+        values(pmd, "DeviceAllow"),
+        [
+            "/dev/nvidiactl rw",
+            "char-nvidia-frontend rw",
+            "char-nvidia rw"
+        ],
+        "{pmd}"
+    );
+    assert_eq!(values(pmd, "ProcSubset"), ["all"], "{pmd}");
+    // A CPU node's agent opens no device (the package's PrivateDevices=yes stands).
+    let cpu = home_with(n, "{ }", false).unwrap_or_else(|e| panic!("{e}"));
+    let pmd = dropin(&cpu, "pool-managerd.service");
+    for key in [
+        "PrivateDevices",
+        "DevicePolicy",
+        "DeviceAllow",
+        "ProcSubset",
+    ] {
+        assert!(values(pmd, key).is_empty(), "{key}: {pmd}");
+    }
+    // Without the driver a GPU pool is refused, naming the options.
+    let err = gpu("").unwrap_err();
+    for message in [
+        "services.llama-orch.pools.default.gpus is set but the NVIDIA driver is not: set hardware.graphics.enable = true",
+        "services.xserver.videoDrivers = [ \"nvidia\" ]",
+    ] {
+        assert!(err.contains(message), "{message:?} is not in:\n{err}");
+    }
+    // Either half alone is not enough; the datacenter driver stands for videoDrivers.
+    assert!(gpu("hardware.graphics.enable = true;").is_err());
+    assert!(gpu("services.xserver.videoDrivers = [ \"nvidia\" ];").is_err());
+    gpu("hardware.graphics.enable = true; hardware.nvidia.datacenter.enable = true;")
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// nix/module.nix imported without the flake has a package: pkgs.llama-orch of the overlay,
+/// built with that nixpkgs' config (cudaSupport gives the CUDA build that GPU pools need).
+#[test]
+fn module_package_defaults_to_pkgs_llama_orch() {
+    let Some(n) = nix_or_skip() else { return };
+    let eval = |modules: &str, config: &str| {
+        n.eval(
+            "nix/tests/offline/eval.nix",
+            &[
+                ("modules", modules),
+                ("setPackage", "false"),
+                ("nixpkgsConfig", config),
+            ],
+        )
+    };
+    let home = eval("[ ./nix/examples/home.nix ]", "{ }").unwrap_or_else(|e| panic!("{e}"));
+    let packages = home["packages"].as_array().unwrap();
+    assert!(
+        packages.len() == 1
+            && packages[0]
+                .as_str()
+                .is_some_and(|p| p.starts_with("llama-orch-")),
+        "{home:#}"
+    );
+    let gpu = format!(
+        "[ ./nix/examples/home.nix ({{ {NVIDIA_DRIVER} services.llama-orch.pools.default.gpus = [ 0 ]; }}) ]"
+    );
+    eval(gpu.as_str(), "{ cudaSupport = true; }").unwrap_or_else(|e| panic!("{e}"));
+    let err = eval(gpu.as_str(), "{ }").unwrap_err();
+    assert!(
+        err.contains("services.llama-orch.package is a CPU build"),
+        "{err}"
+    );
+}
+
+/// services.llama-orch.settings adds the node.toml keys the module does not model (the check
+/// test above runs pool-managerd --check-config on them); a key the module writes, a pool it
+/// does not have and a table node.toml does not have are refused.
+#[test]
+fn module_settings_add_keys_the_module_does_not_model() {
+    let Some(n) = nix_or_skip() else { return };
+    let host = home_with(
+        n,
+        r#"{ services.llama-orch.settings = {
+          node = { launcher = "process"; engine_bin = "/opt/llorch/llorch-engine"; };
+          pools.default = { prefix_cache_mib = 0; };
+        }; }"#,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let toml = file(&host, "/etc/llama-orch/node.toml");
+    let (node, pools) = toml.split_once("[[pools]]").unwrap();
+    assert!(
+        node.contains("\nengine_bin = \"/opt/llorch/llorch-engine\"\nlauncher = \"process\"\n"),
+        "{toml}"
+    );
+    // In the pool's own table, before its [pools.model].
+    let (pool, _) = pools.split_once("[pools.model]").unwrap();
+    assert!(pool.contains("\nprefix_cache_mib = 0\n"), "{toml}");
+
+    let err = home_with(
+        n,
+        r#"{ services.llama-orch.settings = {
+          node.listen = "0.0.0.0:1"; pools.default.slots = 3; pools.other.x = 1; metrics = { };
+        }; }"#,
+        false,
+    )
+    .unwrap_err();
+    for message in [
+        "services.llama-orch.settings.node.listen is written by the module: set its option instead",
+        "services.llama-orch.settings.pools.default.slots is written by the module",
+        "services.llama-orch.settings.pools.other: there is no pool other in services.llama-orch.pools",
+        "services.llama-orch.settings: node.toml has [node] and [[pools]] only, not \"metrics\"",
+    ] {
+        assert!(err.contains(message), "{message:?} is not in:\n{err}");
+    }
+}
+
+/// Secrets are files on the host: a relative path, a store path (world-readable) and a Nix path
+/// (which would copy the secret into the store) are refused by the option's type.
+#[test]
+fn module_refuses_secret_paths_that_are_relative_or_in_the_store() {
+    let Some(n) = nix_or_skip() else { return };
+    for value in [
+        "\"api-keys\"",
+        "\"/nix/store/00000000000000000000000000000000-api-keys\"",
+        "./nix/examples/home.nix",
+    ] {
+        let module = format!("{{ services.llama-orch.api.apiKeysFile = {value}; }}");
+        let err = home_with(n, &module, false).unwrap_err();
+        assert!(
+            err.contains(
+                "services.llama-orch.api.apiKeysFile' is not of type `null or absolute path not in the Nix store'"
+            ),
+            "{module}:\n{err}"
+        );
+    }
+    home_with(
+        n,
+        "{ services.llama-orch.api.apiKeysFile = \"/run/secrets/llama-orch/api-keys\"; }",
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Home: the generated node token is state under /var/lib (root's, mode 0700), not a file
+/// under /etc, which NixOS owns; the daemons get it from there.
+#[test]
+fn home_node_token_is_state_under_var_lib() {
+    let Some(n) = nix_or_skip() else { return };
+    let host = home_with(n, "{ }", false).unwrap_or_else(|e| panic!("{e}"));
+    let token = dropin(&host, "llama-orch-node-token.service");
+    assert_eq!(
+        values(token, "StateDirectory"),
+        ["llama-orch-secrets"],
+        "{token}"
+    );
+    assert_eq!(values(token, "StateDirectoryMode"), ["0700"], "{token}");
+    assert_eq!(
+        values(token, "WorkingDirectory"),
+        ["/var/lib/llama-orch-secrets"],
+        "{token}"
+    );
+    assert_eq!(values(token, "ConfigurationDirectory"), [""], "{token}");
+    assert_eq!(
+        values(token, "ConditionPathExists"),
+        [
+            "",
+            "!/var/lib/llama-orch-secrets/node-token",
+            "!/var/lib/llama-orch-secrets/node-tokens"
+        ],
+        "{token}"
+    );
+    assert!(
+        values(dropin(&host, "orchestratord.service"), "LoadCredential")
+            .contains(&"node-tokens:/var/lib/llama-orch-secrets/node-tokens".to_owned())
+    );
+    assert!(
+        values(dropin(&host, "pool-managerd.service"), "LoadCredential")
+            .contains(&"node-token:/var/lib/llama-orch-secrets/node-token".to_owned())
+    );
+    for (path, text) in files(&host) {
+        let text = text.unwrap_or_default();
+        assert!(
+            !text.contains("/etc/llama-orch/node-token"),
+            "{path}:\n{text}"
+        );
+    }
+}
+
 /// Run a daemon's `--check-config` with the environment of a rendered drop-in and its
 /// `LoadCredential=` ids mapped to `creds` (id -> file), as systemd would hand them over.
 fn check_config(program: &Path, args: &[&str], dropin: &str, creds: &[(&str, &Path)]) {
@@ -378,19 +906,27 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
     let keys = dir.path().join("api-keys");
     llorch_tests::write_secret(&keys, "ops 0123456789abcdef0123 admin\n");
 
-    // Home, on the real default model: node.toml and orchestratord's environment.
+    // Home, on the real default model, with keys the module does not model (settings):
+    // node.toml and orchestratord's environment.
     let model = model_path();
     let home = home_with(
         n,
         &format!(
-            "{{ lib, ... }}: {{ services.llama-orch.pools.default.model.source = lib.mkForce {}; }}",
+            "{{ lib, ... }}: {{ services.llama-orch.pools.default.model.source = lib.mkForce {}; \
+             services.llama-orch.settings = {{ node.launcher = \"systemd\"; pools.default.prefix_cache_mib = 64; }}; }}",
             serde_json::to_string(&model.display().to_string()).unwrap()
         ),
         false,
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    let rendered = file(&home, "/etc/llama-orch/node.toml");
+    assert!(
+        rendered.contains("\nlauncher = \"systemd\"\n"),
+        "{rendered}"
+    );
+    assert!(rendered.contains("\nprefix_cache_mib = 64\n"), "{rendered}");
     let toml = dir.path().join("node.toml");
-    std::fs::write(&toml, file(&home, "/etc/llama-orch/node.toml")).unwrap();
+    std::fs::write(&toml, rendered).unwrap();
     let out = Command::new(bin("pool-managerd"))
         .arg("--config")
         .arg(&toml)
@@ -411,6 +947,7 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
         start_units(&home),
         [
             "orchestratord.socket",
+            "orchestratord-local.socket",
             "pool-managerd.socket",
             "llama-orch.target",
             "pool-managerd.service"
@@ -618,6 +1155,12 @@ fn flake_outputs_evaluate_against_an_offline_nixpkgs() {
         "{flags}"
     );
     assert_eq!(json(&format!("{sys}.cuda.stdenvName")), "backendStdenv");
+    assert!(
+        json(&format!("{sys}.cuda.CUDA_LIBRARY_PATH"))
+            .as_str()
+            .is_some_and(|p| p.ends_with("-llama-orch-cuda-libraries")),
+        "the CUDA package names no CUDA_LIBRARY_PATH"
+    );
     let install = json(&format!("{sys}.default.postInstall"));
     for unit in ["orchestratord.service", "llorch-engine@.service"] {
         assert!(repo_root().join("systemd").join(unit).exists());

@@ -15,7 +15,20 @@ let
   isLoopback = address:
     address == "localhost" || address == "::1" || lib.hasPrefix "127." address;
 
-  poolToml = id: p: concatStringsSep "\n" (
+  # A TOML value (services.llama-orch.settings): strings, integers, floats, booleans, lists and
+  # inline tables; null drops the key.
+  key = k: if builtins.match "[A-Za-z0-9_-]+" k != null then k else str k;
+  value = v:
+    if builtins.isString v || builtins.isPath v then str "${v}"
+    else if builtins.isBool v then lib.boolToString v
+    else if builtins.isInt v || builtins.isFloat v then toString v
+    else if builtins.isList v then "[${concatStringsSep ", " (map value v)}]"
+    else if builtins.isAttrs v then "{ ${concatStringsSep ", " (keyValues v)} }"
+    else throw "llama-orch: ${builtins.typeOf v} is not a TOML value";
+  keyValues = attrs: mapAttrsToList (k: v: "${key k} = ${value v}") (lib.filterAttrs (_: v: v != null) attrs);
+
+  # One [[pools]] table; `extra`: more keys of it (settings.pools.<id>).
+  poolToml = extra: id: p: concatStringsSep "\n" (
     [
       "[[pools]]"
       "id = ${str id}"
@@ -29,6 +42,7 @@ let
     ++ optional p.onDemand "on_demand = true"
     ++ optional (p.keepAliveSecs != null) "keep_alive_secs = ${toString p.keepAliveSecs}"
     ++ optional (p.memoryMaxMiB != null) "memory_max_mib = ${toString p.memoryMaxMiB}"
+    ++ keyValues (extra.${id} or { })
     ++ [
       ""
       "[pools.model]"
@@ -38,19 +52,14 @@ let
     ++ optional (p.model.sha256 != null) "sha256 = ${str p.model.sha256}"
     ++ optional (p.model.allowHttp or false) "allow_http = true"
   );
-in
-{
-  inherit hostPort isLoopback;
 
-  # node.toml (docs/CONFIGURATION.md, `pool-managerd`). `node` is services.llama-orch.node with
-  # `listen` and `controlPlane` already chosen for the role; `pools` maps pool ids to their
-  # settings, each model with `resolvedSource` (a store path or the run-time source).
-  nodeToml = { node, listen, controlPlane, pools }:
+  # node.toml's [node] table (restart: pool-managerd applies it only when it starts) and its
+  # pools (reload: SIGHUP applies added, removed and changed pools). `settings`: the keys the
+  # module does not model, `node` for [node] and `pools.<id>` for a pool's table.
+  nodeSection = { node, listen, controlPlane, settings ? { } }:
     concatStringsSep "\n"
       (
         [
-          "# Written by the llama-orch NixOS module; check with"
-          "# pool-managerd --config /etc/llama-orch/node.toml --check-config"
           "[node]"
           "id = ${str node.id}"
           "control_plane = ${str controlPlane}"
@@ -64,8 +73,29 @@ in
         ]
         ++ optional node.allowPlaintext "allow_plaintext = true"
         ++ optional (node.metricsListen != null) "metrics_listen = ${str node.metricsListen}"
-        ++ lib.concatMap (p: [ "" p ]) (mapAttrsToList poolToml pools)
+        ++ keyValues (settings.node or { })
       ) + "\n";
+  poolsSection = { pools, settings ? { } }:
+    lib.concatMapStrings (p: "\n${p}\n") (mapAttrsToList (poolToml (settings.pools or { })) pools);
+
+  # The keys the module writes itself (settings may not repeat them: TOML refuses a key twice).
+  nodeKeys = [ "id" "control_plane" "listen" "advertise" "cache_dir" "runtime_dir" "heartbeat_secs" "allow_plaintext" "metrics_listen" ];
+  poolKeys = [ "id" "slots" "ctx" "devices" "gpu_only" "threads" "on_demand" "keep_alive_secs" "memory_max_mib" "model" ];
+in
+{
+  inherit hostPort isLoopback nodeSection poolsSection nodeKeys poolKeys;
+
+  # node.toml (docs/CONFIGURATION.md, `pool-managerd`). `node` is services.llama-orch.node with
+  # `listen` and `controlPlane` already chosen for the role; `pools` maps pool ids to their
+  # settings, each model with `resolvedSource` (a store path or the run-time source);
+  # `settings` is services.llama-orch.settings.
+  nodeToml = { node, listen, controlPlane, pools, settings ? { } }:
+    ''
+      # Written by the llama-orch NixOS module; check with
+      # pool-managerd --config /etc/llama-orch/node.toml --check-config
+    ''
+    + nodeSection { inherit node listen controlPlane settings; }
+    + poolsSection { inherit pools settings; };
 
   # orchestratord's settings as the environment variables it reads (one per flag).
   apiEnvironment = { api, listen, logLevel }:

@@ -99,6 +99,11 @@ pub fn unix_listener(
         let listener = UnixListener::from_std(std_listener).map_err(ListenError::Inherited)?;
         return Ok((listener, ListenerOrigin::Inherited));
     }
+    bind_unix_nonblocking(path)
+}
+
+/// [`bind_unix`], as a Tokio listener.
+fn bind_unix_nonblocking(path: &Path) -> Result<(UnixListener, ListenerOrigin), ListenError> {
     let std_listener = bind_unix(path)?;
     std_listener
         .set_nonblocking(true)
@@ -112,6 +117,29 @@ pub fn unix_listener(
             path: path.to_owned(),
             source,
         })
+}
+
+/// An optional Unix listener: the inherited one named `name` (by `FileDescriptorName=` only:
+/// an optional socket is never guessed), else `path` bound here when one is given; None when
+/// neither.
+pub fn optional_unix_listener(
+    name: &str,
+    path: Option<&Path>,
+) -> Result<Option<(UnixListener, ListenerOrigin)>, ListenError> {
+    let named = {
+        let fds = inherited();
+        let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+        names
+            .split(':')
+            .position(|x| x == name)
+            .filter(|i| *i < fds.len())
+            .is_some()
+    };
+    match (named, path) {
+        (true, _) => unix_listener(name, path.unwrap_or(Path::new(""))).map(Some),
+        (false, Some(p)) => bind_unix_nonblocking(p).map(Some),
+        (false, None) => Ok(None),
+    }
 }
 
 /// Takes the inherited TCP listener named `name` when the process was socket activated, and

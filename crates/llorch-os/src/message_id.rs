@@ -14,6 +14,11 @@ pub const MODEL_VERIFICATION_FAILED: &str = "19c7666871564f3da5f1259a0b03c8c9";
 pub const NODE_JOINED: &str = "d7c6ac74af534de981c716cb00c6c97a";
 /// orchestratord: a node missed its heartbeats and is offline.
 pub const NODE_LOST: &str = "5fbc07f9aa4c46aa8c447f64e22c02df";
+/// orchestratord: a node left on a clean stop of its node agent (no alert: nothing was lost).
+pub const NODE_LEFT: &str = "0b8c4f1e6a2d4f59b3e7c91d5a6f2e84";
+/// orchestratord: a node's API could not be reached (connection or TLS) while tasks were sent
+/// to it: a wrong address or a certificate the control plane does not trust.
+pub const NODE_UNREACHABLE: &str = "6d2a9e47c1b84f0e8a35f7d2c4b91e63";
 /// A daemon refused its configuration (at start or on reload).
 pub const CONFIG_REJECTED: &str = "eeed5bc405024c9ba51f3679fe20df43";
 /// orchestratord: the queue refused or evicted a task for the first time since it had room.

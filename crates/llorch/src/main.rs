@@ -246,6 +246,13 @@ async fn main() {
         .init();
     let result = run(Cli::parse().command).await;
     if let Err(e) = result {
+        // `llorch status | head`: the reader went away; that is not an error worth a word.
+        if e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        }) {
+            std::process::exit(0);
+        }
         eprintln!("llorch: {e:#}");
         std::process::exit(llorch::exit::code(&e));
     }

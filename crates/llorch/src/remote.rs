@@ -25,6 +25,21 @@ pub fn client(
         .with_token(key))
 }
 
+/// A client error in the words of what went wrong: orchestratord could not be reached, or it
+/// answered and refused (a missing or non-admin key is not an unreachable server).
+pub fn explain(client: &HttpClient, e: llorch_client::ClientError) -> anyhow::Error {
+    use hyper::StatusCode;
+    let at = client.address();
+    let context = match llorch_client::status_of(&e) {
+        Some(status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)) => format!(
+            "orchestratord at {at} refused the request ({status}): give an admin API key in LLORCH_API_KEY (or run on the machine of `llorch up`, whose operator token is sent for you)"
+        ),
+        Some(status) => format!("orchestratord at {at} answered {status}"),
+        None => format!("cannot reach orchestratord at {at}"),
+    };
+    anyhow::Error::new(e).context(context)
+}
+
 /// The model to use: the one given, else the only (or first) model the server lists.
 pub async fn pick_model(client: &HttpClient, model: Option<String>) -> anyhow::Result<String> {
     if let Some(m) = model {
@@ -157,7 +172,7 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
     let nodes: Vec<NodeView> = client
         .get_json("/v2/nodes")
         .await
-        .with_context(|| format!("cannot reach orchestratord at {}", client.address()))?;
+        .map_err(|e| explain(client, e))?;
     let pools: PoolsAnswer = client.get_json("/v2/pools").await?;
     let mut rows = vec![node_header()];
     for n in &nodes {

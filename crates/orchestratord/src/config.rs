@@ -35,8 +35,9 @@ pub struct Args {
     /// Address of the public API.
     #[arg(long, env = "LLORCH_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
-    /// API key file: one `NAME KEY` per line. Default: `$CREDENTIALS_DIRECTORY/api-keys` when
-    /// that file exists. Without keys the daemon serves loopback only.
+    /// API key file: one `NAME KEY` per line, `NAME KEY admin` for an operator's key (drain,
+    /// resume, nodes, reload). Default: `$CREDENTIALS_DIRECTORY/api-keys` when that file
+    /// exists. Without keys the daemon serves loopback only.
     #[arg(long, env = "LLORCH_API_KEYS")]
     pub api_keys: Option<PathBuf>,
     /// Node token file (`NAME TOKEN` lines) that pool-managerd must present to register and
@@ -135,6 +136,12 @@ pub struct Args {
     /// taken without it. Without either, nodes heartbeat over HTTP as before.
     #[arg(long, env = "LLORCH_BEATS_LISTEN")]
     pub beats_listen: Option<SocketAddr>,
+    /// A Unix socket serving the same API in plain HTTP, for the node agent of this machine
+    /// when the API itself listens elsewhere (a LAN address, TLS only). Who may connect is the
+    /// socket file's mode. An inherited socket named `local` (orchestratord-local.socket) is
+    /// taken without it.
+    #[arg(long, env = "LLORCH_LOCAL_SOCKET")]
+    pub local_socket: Option<PathBuf>,
     /// Where to offer `org.llamaorch.Orchestrator1` (docs/DBUS.md): `auto` (the system bus
     /// when the name can be owned there, else none, said once), `system`, `session` (each
     /// fatal when it cannot be had) or `off`.
@@ -190,6 +197,8 @@ pub struct Config {
     pub dbus: llorch_bus::Mode,
     /// Where to bind the beats socket when none is inherited (`--beats-listen`).
     pub beats_listen: Option<SocketAddr>,
+    /// Where to bind the local socket when none is inherited (`--local-socket`).
+    pub local_socket: Option<PathBuf>,
     /// The UDP port beats are read on, once the socket is taken or bound: registrations are
     /// granted beat sessions only then.
     pub beat_port: Option<u16>,
@@ -263,12 +272,12 @@ impl std::fmt::Debug for ServerTls {
 pub enum ConfigError {
     #[error(transparent)]
     Keys(#[from] KeysError),
-    #[error("--listen {0} is not a loopback address and no API keys are configured; give --api-keys (or the api-keys credential) or listen on 127.0.0.1")]
-    OpenWithoutKeys(SocketAddr),
-    #[error("--listen {0} is not a loopback address and no node tokens are configured: anyone who reaches it could register a node and receive prompts; give --node-tokens (or the node-tokens credential) or listen on 127.0.0.1")]
-    OpenWithoutNodeTokens(SocketAddr),
-    #[error("--listen {0} is not a loopback address and has no TLS: API keys, node tokens and prompts would cross the network in the clear; give --tls-cert and --tls-key (or the tls-cert and tls-key credentials), or --allow-plaintext to accept that")]
-    PlaintextOffLoopback(SocketAddr),
+    /// Off loopback, every missing guard at once (API keys, node tokens, TLS), one per line.
+    #[error("--listen {listen} is not a loopback address, and:\n{}", .missing.join("\n"))]
+    OffLoopback {
+        listen: SocketAddr,
+        missing: Vec<&'static str>,
+    },
     #[error(transparent)]
     Tls(#[from] llorch_http::tls::TlsError),
     #[error("--node-ca: {0}")]
@@ -306,6 +315,7 @@ impl Default for Config {
             allow_plaintext: false,
             dbus: llorch_bus::Mode::Off,
             beats_listen: None,
+            local_socket: None,
             beat_port: None,
         }
     }
@@ -379,14 +389,22 @@ impl Args {
             Some(p) => llorch_client::TlsRoots::from_pem_file(&p).map_err(ConfigError::NodeCa)?,
             None => llorch_client::TlsRoots::system(),
         };
-        if api_keys.is_none() && !self.listen.ip().is_loopback() {
-            return Err(ConfigError::OpenWithoutKeys(self.listen));
-        }
-        if node_tokens.is_none() && !self.listen.ip().is_loopback() {
-            return Err(ConfigError::OpenWithoutNodeTokens(self.listen));
-        }
-        if tls.is_none() && !self.allow_plaintext && !self.listen.ip().is_loopback() {
-            return Err(ConfigError::PlaintextOffLoopback(self.listen));
+        if !self.listen.ip().is_loopback() {
+            // Each missing guard is named, not only the first: one fix, one restart.
+            let missing: Vec<&'static str> = [
+                (api_keys.is_none(), "- no API keys are configured: anyone who reaches it could use the API; give --api-keys (or the api-keys credential) or listen on 127.0.0.1"),
+                (node_tokens.is_none(), "- no node tokens are configured: anyone who reaches it could register a node and receive prompts; give --node-tokens (or the node-tokens credential)"),
+                (tls.is_none() && !self.allow_plaintext, "- it has no TLS: API keys, node tokens and prompts would cross the network in the clear; give --tls-cert and --tls-key (or the tls-cert and tls-key credentials), or --allow-plaintext to accept that"),
+            ]
+            .into_iter()
+            .filter_map(|(missing, why)| missing.then_some(why))
+            .collect();
+            if !missing.is_empty() {
+                return Err(ConfigError::OffLoopback {
+                    listen: self.listen,
+                    missing,
+                });
+            }
         }
         self.check_ranges()?;
         Ok(Config {
@@ -416,6 +434,7 @@ impl Args {
             allow_plaintext: self.allow_plaintext,
             dbus: self.dbus,
             beats_listen: self.beats_listen,
+            local_socket: self.local_socket,
             beat_port: None,
         })
     }
@@ -512,6 +531,28 @@ mod tests {
             .into_config()
             .unwrap();
         assert_eq!(ok.sse_keepalive, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn off_loopback_every_missing_guard_is_named() {
+        // CREDENTIALS_DIRECTORY may name files in the test's environment; none here.
+        let err = Args::parse_from(["orchestratord", "--listen", "0.0.0.0:8443"])
+            .into_config()
+            .unwrap_err()
+            .to_string();
+        for flag in ["--api-keys", "--node-tokens", "--tls-cert"] {
+            assert!(err.contains(flag), "{flag} missing from: {err}");
+        }
+        let err = Args::parse_from([
+            "orchestratord",
+            "--listen",
+            "0.0.0.0:8443",
+            "--allow-plaintext",
+        ])
+        .into_config()
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("--tls-cert"), "{err}");
     }
 
     #[test]

@@ -163,7 +163,7 @@ fn pool_entries(core: &Core) -> Vec<PoolEntry> {
                 n.id.clone(),
                 p.pool_id.clone(),
                 p.model_id.clone(),
-                p.state.to_string(),
+                n.pool_state(p).to_string(),
                 p.slots_total.saturating_sub(leased),
                 p.slots_total,
                 p.on_demand,

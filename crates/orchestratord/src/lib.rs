@@ -123,6 +123,37 @@ async fn supervise_dispatcher(state: Arc<State>) {
     }
 }
 
+/// Serves the API in plain HTTP on a Unix socket (`--local-socket`, or the inherited socket
+/// named `local`) until `shutdown` fires: how this machine's node agent reaches a control plane
+/// whose API listens only on another address or only in TLS. The socket file's owner and mode
+/// decide who connects; requests pass the same checks as on a loopback listener.
+pub async fn serve_local(
+    state: Arc<State>,
+    listener: tokio::net::UnixListener,
+    shutdown: CancellationToken,
+) {
+    let (app, limits) = app_for(&state, None);
+    llorch_http::serve(listener, app, limits, None, shutdown).await;
+}
+
+/// The API's router for a listener at `local` (None: a Unix socket), with its connection
+/// bounds.
+fn app_for(
+    state: &Arc<State>,
+    local: Option<std::net::SocketAddr>,
+) -> (axum::Router, llorch_http::Limits) {
+    let boundary = api::Boundary::new(
+        local,
+        &state.config.allowed_hosts,
+        state.config.cors_origins.clone(),
+    );
+    let limits = llorch_http::Limits {
+        max_connections: state.config.max_connections,
+        header_read: state.config.header_read,
+    };
+    (api::router(state.clone(), boundary), limits)
+}
+
 pub async fn serve_state(
     state: Arc<State>,
     listener: TcpListener,
@@ -130,16 +161,7 @@ pub async fn serve_state(
 ) -> std::io::Result<()> {
     let dispatcher = tokio::spawn(supervise_dispatcher(state.clone()));
     let watcher = tokio::spawn(dispatch::watch_nodes(state.clone()));
-    let boundary = api::Boundary::new(
-        listener.local_addr().ok(),
-        &state.config.allowed_hosts,
-        state.config.cors_origins.clone(),
-    );
-    let app = api::router(state.clone(), boundary);
-    let limits = llorch_http::Limits {
-        max_connections: state.config.max_connections,
-        header_read: state.config.header_read,
-    };
+    let (app, limits) = app_for(&state, listener.local_addr().ok());
     // Small SSE writes must leave at once: Nagle's algorithm would hold them for an ACK.
     let listener = listener.tap_io(|s| {
         let _ = s.set_nodelay(true);

@@ -58,16 +58,20 @@ async fn main() {
         .unwrap_or_default();
     // An inherited socket may listen elsewhere than --listen says: the same rules apply to it.
     if let Some(a) = listener.local_addr().ok().filter(|a| !a.ip().is_loopback()) {
-        if config.api_keys.is_none() {
-            eprintln!("orchestratord: the inherited socket {a} is not loopback and no API keys are configured");
-            std::process::exit(exit::USAGE);
-        }
-        if config.node_tokens.is_none() {
-            eprintln!("orchestratord: the inherited socket {a} is not loopback and no node tokens are configured (give --node-tokens or the node-tokens credential)");
-            std::process::exit(exit::USAGE);
-        }
-        if config.tls.is_none() && !config.allow_plaintext {
-            eprintln!("orchestratord: the inherited socket {a} is not loopback and has no TLS (give --tls-cert and --tls-key, or the tls-cert and tls-key credentials, or --allow-plaintext)");
+        // Every missing guard at once, as for --listen.
+        let missing: Vec<&str> = [
+            (config.api_keys.is_none(), "- no API keys are configured (give --api-keys or the api-keys credential)"),
+            (config.node_tokens.is_none(), "- no node tokens are configured (give --node-tokens or the node-tokens credential)"),
+            (config.tls.is_none() && !config.allow_plaintext, "- it has no TLS (give --tls-cert and --tls-key, or the tls-cert and tls-key credentials, or --allow-plaintext)"),
+        ]
+        .into_iter()
+        .filter_map(|(missing, why)| missing.then_some(why))
+        .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "orchestratord: the inherited socket {a} is not loopback, and:\n{}",
+                missing.join("\n")
+            );
             std::process::exit(exit::USAGE);
         }
         if config.tls.is_none() {
@@ -91,6 +95,16 @@ async fn main() {
         config.beat_port = at.map(|a| a.port());
         tracing::info!(beats = ?at, origin = ?origin, "Reading node liveness beats (UDP).");
     }
+    let local = match llorch_os::optional_unix_listener("local", config.local_socket.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("orchestratord: --local-socket: {e}");
+            std::process::exit(exit::UNAVAILABLE);
+        }
+    };
+    if let Some((_, origin)) = &local {
+        tracing::info!(origin = ?origin, "Serving the API on the local socket (plain HTTP, for this machine's node agent).");
+    }
     let shutdown = CancellationToken::new();
     if let Err(e) = llorch_os::service::cancel_on_stop_signal(shutdown.clone()) {
         eprintln!("orchestratord: cannot install signal handlers: {e}");
@@ -105,6 +119,16 @@ async fn main() {
             socket,
             shutdown.clone(),
         ));
+    }
+    if let Some((listener, origin)) = local {
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            orchestratord::serve_local(state, listener, shutdown).await;
+            // A socket file bound here is this process's to remove.
+            if let llorch_os::ListenerOrigin::Bound(path) = origin {
+                let _ = std::fs::remove_file(path);
+            }
+        });
     }
     if let Err(e) = orchestratord::dbus::start(state.clone(), dbus).await {
         eprintln!("orchestratord: {e} (choose another bus with --dbus, or --dbus off)");

@@ -127,7 +127,7 @@ impl NodeMetrics {
             node_events: counter(
                 r,
                 "llorch_node_events_total",
-                "Node life events: joined (registered), lost (went offline), back (reported again after being offline).",
+                "Node life events: joined (registered), lost (went offline), back (reported again after being offline), left (its agent stopped cleanly).",
                 &["event"],
             ),
             nodes_draining: register(
@@ -142,13 +142,17 @@ impl NodeMetrics {
 
     /// Starts the series of every known label value at 0.
     fn start_series(&self) {
-        for e in ["joined", "lost", "back"] {
+        for e in ["joined", "lost", "back", "left"] {
             self.node_events.with_label_values(&[e]);
         }
         for s in ["online", "offline"] {
             self.nodes.with_label_values(&[s]);
         }
-        for s in POOL_STATES.iter().map(|s| s.as_str()).chain(["offline"]) {
+        for s in POOL_STATES
+            .iter()
+            .map(|s| s.as_str())
+            .chain([PoolState::Offline.as_str()])
+        {
             self.pools.with_label_values(&[s]);
         }
         for s in ["busy", "free"] {
@@ -443,7 +447,7 @@ impl Metrics {
         for (i, s) in POOL_STATES
             .iter()
             .map(|s| s.as_str())
-            .chain(["offline"])
+            .chain([PoolState::Offline.as_str()])
             .enumerate()
         {
             self.node.pools.with_label_values(&[s]).set(g.pools[i]);

@@ -169,6 +169,47 @@ pub fn heartbeat(state: &State, id: String, hb: Heartbeat) -> Result<NodeAck, Re
     })
 }
 
+/// A node leaves (its agent stopped cleanly, after draining): it is forgotten at once, its
+/// pools leave every view, and no lost-node alert follows. [`Refusal::NotRegistered`] when it
+/// is not known.
+pub fn leave(state: &State, id: String) -> Result<(), Refusal> {
+    let (removed, events) = {
+        let mut core = state.core();
+        let old = core
+            .registry
+            .nodes
+            .get(&id)
+            .map(|n| n.pools.clone())
+            .unwrap_or_default();
+        let removed = core.registry.remove(&id);
+        let events = if removed && state.announcing() {
+            crate::events::pool_changes(&id, &old, &[], "the node left")
+        } else {
+            Vec::new()
+        };
+        (removed, events)
+    };
+    if !removed {
+        return Err(Refusal::NotRegistered { node: id });
+    }
+    state.metrics.node_event("left");
+    state.announce(crate::events::Event::NodeLost {
+        node: id.clone(),
+        reason: "it left (its node agent stopped)".into(),
+    });
+    for e in events {
+        state.announce(e);
+    }
+    tracing::info!(
+        message_id = llorch_os::message_id::NODE_LEFT,
+        node_id = %id,
+        "Node left."
+    );
+    // Tasks waiting for its pools are placed elsewhere, or wait for them to come back.
+    state.wake.notify_one();
+    Ok(())
+}
+
 /// What became of one batch of beats.
 #[derive(Debug, Default)]
 pub struct Beats {

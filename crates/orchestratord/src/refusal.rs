@@ -236,7 +236,7 @@ impl Refusal {
             Self::AmbiguousPool { pool, nodes } => ErrorBody::invalid(
                 "node",
                 format!(
-                    "pool {pool:?} is on nodes {}; say which with ?node=NODE (D-Bus: the node argument)",
+                    "pool {pool:?} is on nodes {}; say which with ?node=NODE (llorch pools drain|resume: --node NODE; D-Bus: the node argument)",
                     nodes.join(", ")
                 ),
             ),

@@ -102,6 +102,8 @@ fn reason(p: &PoolStatus) -> String {
         PoolState::Draining => "the engine is stopping".into(),
         PoolState::Standby => "on standby: the first request loads the model".into(),
         PoolState::Failed => p.last_error.clone().unwrap_or_default(),
+        // Only the control plane says it; a node never holds it.
+        PoolState::Offline => "the control plane does not hear this node".into(),
     }
 }
 

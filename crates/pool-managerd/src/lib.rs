@@ -234,6 +234,8 @@ pub async fn run_with(
     pools.join().await;
     let _ = watcher.await;
     let _ = heartbeats.await;
+    // A clean stop is not a lost node: the control plane forgets it now, without an alert.
+    register::leave(&client, &identity).await;
     // Engines are gone, so every forwarded stream has ended; the server stops at once.
     stop_api.cancel();
     let served = server.await;

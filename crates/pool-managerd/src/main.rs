@@ -38,6 +38,15 @@ fn main() {
     };
     config.dbus = args.dbus;
     if args.check_config {
+        // What only a check at hand can see: a local model file that is not there (a running
+        // node reports it as the pool's error and keeps its other pools).
+        let missing = pool_managerd::config::missing_local_sources(&config);
+        if !missing.is_empty() {
+            for m in &missing {
+                eprintln!("pool-managerd: {}: {m}", args.config.display());
+            }
+            std::process::exit(exit::USAGE);
+        }
         println!(
             "configuration ok: node {}, {} pool(s), listening on {}",
             config.node().id,

@@ -633,6 +633,30 @@ fn bad_configuration_exits_64_naming_the_key() {
         assert!(stderr.contains("pools[0].slots"), "{stderr}");
         assert!(stderr.contains("node.toml"), "{stderr}");
     }
+
+    // A local model file that is not there: the check names the pool's key and the file,
+    // instead of saying ok and leaving the pool to fail after the start.
+    let text = std::fs::read_to_string(write_config(dir.path(), &NodeSpec::default())).unwrap();
+    let model = model_path().display().to_string();
+    let missing = dir.path().join("missing.gguf");
+    let gone = dir.path().join("gone.toml");
+    std::fs::write(
+        &gone,
+        text.replace(&model, &format!("file:{}", missing.display())),
+    )
+    .unwrap();
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(&gone)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("pools[0].model.source") && stderr.contains("missing.gguf"),
+        "{stderr}"
+    );
 }
 
 /// A model whose checksum does not match is refused by the provisioner: the pool fails and

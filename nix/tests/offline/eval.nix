@@ -4,10 +4,14 @@
 #
 #   nix-instantiate --eval --strict --json nix/tests/offline/eval.nix \
 #     --arg lib 'import <vendored lib>' --arg modules '[ ./nix/examples/home.nix ]'
-{ lib, modules, hostName ? "host", cudaPackage ? false }:
+#
+# `setPackage = false` leaves services.llama-orch.package at its default (pkgs.llama-orch of
+# the overlay, built with `nixpkgsConfig`), as nix/module.nix imported without the flake.
+{ lib, modules, hostName ? "host", cudaPackage ? false, setPackage ? true, nixpkgsConfig ? { } }:
 let
   pkgs = import ./pkgs.nix {
     inherit lib;
+    config = nixpkgsConfig;
     overlay = final: _: {
       llama-orch = final.callPackage ../../package.nix { };
       llama-orch-cuda = final.callPackage ../../package.nix { cudaSupport = true; };
@@ -20,7 +24,7 @@ let
       {
         _module.args.pkgs = pkgs;
         networking.hostName = hostName;
-        services.llama-orch.package = if cudaPackage then pkgs.llama-orch-cuda else pkgs.llama-orch;
+        services.llama-orch.package = lib.mkIf setPackage (if cudaPackage then pkgs.llama-orch-cuda else pkgs.llama-orch);
       }
     ] ++ modules;
   };

@@ -32,8 +32,21 @@ let
       overrideStrategy = mkOption { type = types.enum [ "asDropinIfExists" "asDropin" ]; default = "asDropinIfExists"; };
       wantedBy = mkOption { type = types.listOf types.str; default = [ ]; };
       unitConfig = settings;
+      restartTriggers = mkOption { type = types.listOf types.unspecified; default = [ ]; };
+      reloadTriggers = mkOption { type = types.listOf types.unspecified; default = [ ]; };
     } // extra;
   };
+
+  # nixos/lib/systemd-lib.nix (unitConfig): each list of triggers becomes a file in the store,
+  # named in [Unit]. switch-to-configuration restarts a unit whose files changed, and only
+  # reloads it when X-Reload-Triggers is all that changed.
+  triggers = name: u:
+    let
+      file = kind: list: pkgs.writeText "${kind}-${name}"
+        (toString (map (x: if builtins.isPath x then "${x}" else x) (lib.flatten list)));
+    in
+    lib.optionalAttrs (u.restartTriggers != [ ]) { X-Restart-Triggers = "${file "X-Restart-Triggers" u.restartTriggers}"; }
+    // lib.optionalAttrs (u.reloadTriggers != [ ]) { X-Reload-Triggers = "${file "X-Reload-Triggers" u.reloadTriggers}"; };
 
   # What NixOS puts on disk for the units of one kind.
   unitFiles = kind: units: sections:
@@ -41,7 +54,8 @@ let
       (name: u:
         let
           file = "${name}.${kind}";
-          text = section "Unit" u.unitConfig + lib.concatStrings (lib.mapAttrsToList (s: attr: section s u.${attr}) sections);
+          text = section "Unit" (u.unitConfig // triggers name u)
+            + lib.concatStrings (lib.mapAttrsToList (s: attr: section s u.${attr}) sections);
         in
         if !u.enable then [{ path = "/etc/systemd/system/${file}"; link = "/dev/null"; }]
         else lib.optional (text != "") { path = "/etc/systemd/system/${file}.d/overrides.conf"; inherit text; })
@@ -64,6 +78,10 @@ in
     networking.hostName = mkOption { type = types.strMatching "^$|^[[:alnum:]]([[:alnum:]_-]{0,61}[[:alnum:]])?$"; default = "nixos"; };
     networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
     networking.firewall.allowedUDPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
+    # The NVIDIA driver (nixos/modules/hardware/video/nvidia.nix and graphics.nix, NixOS 24.11+).
+    hardware.graphics.enable = mkOption { type = types.bool; default = false; };
+    hardware.nvidia.datacenter.enable = mkOption { type = types.bool; default = false; };
+    services.xserver.videoDrivers = mkOption { type = types.listOf types.str; default = [ "modesetting" "fbdev" ]; };
     environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
     environment.etc = mkOption {
       type = types.attrsOf (types.submodule {
@@ -100,6 +118,8 @@ in
     systemd.targets = mkOption { type = types.attrsOf (unit { }); default = { }; };
     systemd.generators = mkOption { type = types.attrsOf types.path; default = { }; };
     boot.isContainer = mkOption { type = types.bool; default = false; };
+    # The VM tests switch into these (nix/tests/home.nix); not evaluated here.
+    specialisation = mkOption { type = types.attrsOf types.unspecified; default = { }; };
     virtualisation.memorySize = mkOption { type = types.ints.positive; default = 1024; };
     virtualisation.cores = mkOption { type = types.ints.positive; default = 1; };
     system.stateVersion = mkOption { type = types.str; default = "25.05"; };
@@ -132,6 +152,7 @@ in
       firewall = config.networking.firewall.allowedTCPPorts;
       firewallUdp = config.networking.firewall.allowedUDPPorts;
       users = lib.attrNames config.users.users;
+      packages = map (p: p.name) config.systemd.packages;
       groups = lib.attrNames config.users.groups;
     };
 }

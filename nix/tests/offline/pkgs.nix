@@ -19,7 +19,6 @@ let
     "unzip"
     "curl"
     "cargo"
-    "rustc"
     "clippy"
     "rustfmt"
     "python3"
@@ -35,10 +34,15 @@ let
     "jq"
     "autoAddDriverRunpath"
   ];
+  # nixpkgs' default CUDA capabilities stand in as this list (the real one follows the CUDA
+  # release); config.cudaCapabilities replaces it, as in nixpkgs.
+  cudaCapabilities = config.cudaCapabilities or [ "7.5" "8.0" "8.6" "8.9" "9.0" ];
   pkgs = lib.fix (lib.extends overlay (self: lib.genAttrs tools (n: stub n { }) // {
     inherit lib system config;
     stdenv = stub "stdenv" { } // { hostPlatform = { inherit system; }; };
     callPackage = lib.callPackageWith self;
+    # nixos-25.05's rustc (nix/rustc-version; tests/nix.rs compares the two).
+    rustc = stub "rustc-1.86.0" { version = "1.86.0"; };
     rustPlatform = {
       bindgenHook = stub "rust-bindgen-hook" { };
       buildRustPackage = lib.makeOverridable
@@ -51,7 +55,32 @@ let
             }) // args.passthru or { } // { meta = args.meta or { }; })
         { inherit (self) stdenv; };
     };
-    cudaPackages = lib.genAttrs [ "cuda_nvcc" "cuda_cudart" "cuda_cccl" "libcublas" "backendStdenv" ] (n: stub n { });
+    cudaPackages = lib.genAttrs [ "cuda_nvcc" "cuda_cudart" "cuda_cccl" "libcublas" "backendStdenv" ] (n: stub n { }) // {
+      # pkgs/development/cuda-modules/flags.nix: CMake's architectures, "8.9" -> "89".
+      flags = {
+        inherit cudaCapabilities;
+        cmakeCudaArchitecturesString = lib.concatMapStringsSep ";" (lib.replaceStrings [ "." ] [ "" ]) cudaCapabilities;
+      };
+    };
+    symlinkJoin = args: stub args.name (plain args);
+    writeText = name: text: stub name { inherit text; };
+    # pkgs/pkgs-lib/formats.nix: the TOML value type (generate is not used by the module).
+    formats.toml = _: {
+      type =
+        let
+          valueType = lib.types.oneOf [
+            lib.types.bool
+            lib.types.int
+            lib.types.float
+            lib.types.str
+            lib.types.path
+            (lib.types.attrsOf valueType)
+            (lib.types.listOf valueType)
+          ] // { description = "TOML value"; };
+        in
+        valueType;
+      generate = name: value: stub name { text = builtins.toJSON value; };
+    };
     fetchurl = { url, sha256, name ? baseNameOf url }: derivation {
       inherit name system url;
       builder = "builtin:fetchurl";

@@ -67,10 +67,14 @@ pub enum PoolState {
     Failed,
     /// An on-demand pool whose model is not loaded: the first request starts its engine.
     Standby,
+    /// The control plane's word, never a node's: the pool's node missed its heartbeats, so
+    /// nothing is known of the pool and nothing is placed on it. What `/v2/pools`, `llorch
+    /// status`, D-Bus and `llorch_pools{state}` say of every pool of an offline node.
+    Offline,
 }
 
 impl PoolState {
-    /// Every state, in lifecycle order.
+    /// Every state a node reports, in lifecycle order ([`PoolState::Offline`] is not one).
     pub const ALL: [PoolState; 6] = [
         Self::Provisioning,
         Self::Loading,
@@ -88,6 +92,7 @@ impl PoolState {
             Self::Draining => "draining",
             Self::Failed => "failed",
             Self::Standby => "standby",
+            Self::Offline => "offline",
         }
     }
 }

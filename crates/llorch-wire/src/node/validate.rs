@@ -78,6 +78,12 @@ fn check_pools(pools: &[PoolStatus]) -> Result<(), ErrorBody> {
                 ),
             ));
         }
+        if p.state == PoolState::Offline {
+            return Err(invalid(
+                field("state"),
+                "offline is what the control plane says of a node it does not hear; report the pool's own state",
+            ));
+        }
         if pools[..i].iter().any(|q| q.pool_id == p.pool_id) {
             return Err(invalid(
                 field("pool_id"),
@@ -345,6 +351,19 @@ mod tests {
         cpu.gpus = GpuReport::default();
         let json = serde_json::to_value(&cpu).unwrap();
         assert!(json.get("gpus").is_none(), "{json}");
+    }
+
+    #[test]
+    fn a_node_may_not_report_a_pool_offline() {
+        let mut r = registration();
+        r.pools[0].state = PoolState::Offline;
+        assert_eq!(field_of(&r), "pools[0].state");
+        let hb = Heartbeat {
+            pools: r.pools,
+            staged_models: vec![],
+            gpus: GpuReport::default(),
+        };
+        assert_eq!(hb.validate().unwrap_err().field.unwrap(), "pools[0].state");
     }
 
     #[test]

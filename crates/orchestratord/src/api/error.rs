@@ -323,7 +323,7 @@ mod tests {
                     StatusCode::CONFLICT,
                     invalid(
                         "node",
-                        "pool \"p\" is on nodes a, b; say which with ?node=NODE (D-Bus: the node argument)",
+                        "pool \"p\" is on nodes a, b; say which with ?node=NODE (llorch pools drain|resume: --node NODE; D-Bus: the node argument)",
                     ),
                 ),
             ),

@@ -261,6 +261,7 @@ pub fn router(state: AppState, boundary: Boundary) -> Router {
         .route("/v2/nodes", get(nodes::list))
         .route("/v2/nodes/register", post(nodes::register))
         .route("/v2/nodes/{id}/heartbeat", post(nodes::heartbeat))
+        .route("/v2/nodes/{id}/leave", post(nodes::leave))
         .route("/v2/nodes/{id}/drain", post(nodes::drain))
         .route("/v2/nodes/{id}/resume", post(nodes::resume))
         .fallback(not_found)

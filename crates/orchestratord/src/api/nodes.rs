@@ -96,6 +96,50 @@ fn check_address(address: &str, peer: Option<&llorch_http::Peer>) -> Result<()> 
     Ok(())
 }
 
+/// How long a registration waits for the TLS check of the node's API.
+const REACH_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A node whose API speaks TLS must be reachable, with a certificate this control plane
+/// trusts, before it is registered: otherwise it would show `ready` and every task placed on
+/// it would fail. Any HTTP answer proves the handshake; a connection or TLS failure refuses
+/// the registration with what went wrong (the node retries, and logs it).
+async fn check_reachable(state: &State, address: &str) -> Result<()> {
+    let Ok(client) = llorch_client::HttpClient::with_roots(address, &state.config.node_roots)
+    else {
+        // Registration validation names the address's fault.
+        return Ok(());
+    };
+    if !client.is_tls() {
+        return Ok(());
+    }
+    let answer = tokio::time::timeout(REACH_CHECK, async {
+        let req = client.build(
+            client.request(axum::http::Method::GET, "/health"),
+            bytes::Bytes::new(),
+        )?;
+        client.send(req).await.map(|_| ())
+    })
+    .await;
+    let why = match answer {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no TLS handshake within {} s", REACH_CHECK.as_secs()),
+    };
+    tracing::warn!(
+        message_id = llorch_os::message_id::NODE_REFUSED,
+        address = %address,
+        reason = %why,
+        "Refused a registration: the node's API cannot be reached over TLS."
+    );
+    Err(ApiError::native((
+        StatusCode::BAD_REQUEST,
+        ErrorBody::invalid(
+            "address",
+            format!("the control plane cannot reach the node's API at {address} ({why}); check that the address is where the control plane reaches the node (node.advertise) and that the node's certificate is signed by the CA the control plane trusts (orchestratord --node-ca) and names that address"),
+        ),
+    )))
+}
+
 /// 403 when the pools a node reports exceed what its token may register (`models=`,
 /// `slots=` in node-tokens): a token holder cannot capture another model's traffic or claim
 /// more slots than its line allows.
@@ -141,6 +185,10 @@ pub async fn register(
     check_binding(token.as_ref().map(|(n, _)| n.as_str()), &reg.node_id)?;
     check_grant(token.as_ref(), &reg.pools)?;
     check_address(&reg.address, peer.as_ref().map(|p| &p.0))?;
+    // Only an address that passed validation is dialled.
+    reg.validate()
+        .map_err(|b| ApiError::native(crate::refusal::Refusal::InvalidReport(b)))?;
+    check_reachable(&state, &reg.address).await?;
     let presented = presented_key(&headers).map(str::to_string);
     crate::ops::register(&state, reg, presented)
         .map(Json)
@@ -182,6 +230,20 @@ async fn heartbeat_request(
     check_grant(token.as_ref(), &hb.pools)?;
     crate::ops::heartbeat(state, id, hb)
         .map(Json)
+        .map_err(ApiError::native)
+}
+
+/// `POST /v2/nodes/{id}/leave` (the node's token): a node agent that stops cleanly leaves,
+/// and is forgotten at once instead of being called lost.
+pub async fn leave(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let token = node_token(&state, &headers)?;
+    check_binding(token.as_ref().map(|(n, _)| n.as_str()), &id)?;
+    crate::ops::leave(&state, id)
+        .map(|()| StatusCode::NO_CONTENT)
         .map_err(ApiError::native)
 }
 

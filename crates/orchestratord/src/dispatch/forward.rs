@@ -38,6 +38,8 @@ pub(super) enum Outcome {
     Requeue {
         suspect: bool,
         why: String,
+        /// The node itself could not be reached (connection or TLS), not its pool.
+        unreachable: bool,
     },
 }
 
@@ -63,14 +65,33 @@ pub(super) async fn stream_task(state: Arc<State>, d: Dispatched) {
             lease.end(&task, ErrorBody::new(ErrorCode::NodeUnavailable, why), false)
         }
     };
-    if let Outcome::Requeue { suspect, why } = outcome {
+    if let Outcome::Requeue {
+        suspect,
+        why,
+        unreachable,
+    } = outcome
+    {
         let attempts = task.failed_attempts.fetch_add(1, Ordering::Relaxed) + 1;
         if attempts >= MAX_DISPATCH_ATTEMPTS {
-            tracing::warn!(task_id = %task.id, pool_id = %lease.pool.1, attempts, reason = %why, "The task failed on every attempt; ending it.");
-            let why = format!(
-                "the task failed {attempts} times before its stream started (last: {why}); it may crash the engine, or the pools serving it are failing"
-            );
-            lease.end(&task, ErrorBody::new(ErrorCode::EngineFailed, why), suspect);
+            let body = if unreachable {
+                // The node, not the request: say where it could not be reached.
+                tracing::warn!(message_id = llorch_os::message_id::NODE_UNREACHABLE, task_id = %task.id, node_id = %lease.pool.0, attempts, reason = %why, "The node could not be reached on every attempt; ending the task.");
+                ErrorBody::new(
+                    ErrorCode::NodeUnavailable,
+                    format!(
+                        "the task was sent {attempts} times and the node could not be reached (last: {why}); an operator must check the node's address and that the control plane trusts its certificate"
+                    ),
+                )
+            } else {
+                tracing::warn!(task_id = %task.id, pool_id = %lease.pool.1, attempts, reason = %why, "The task failed on every attempt; ending it.");
+                ErrorBody::new(
+                    ErrorCode::EngineFailed,
+                    format!(
+                        "the task failed {attempts} times before its stream started (last: {why}); it may crash the engine, or the pools serving it are failing"
+                    ),
+                )
+            };
+            lease.end(&task, body, suspect);
             drop(lease);
             return;
         }
@@ -165,6 +186,7 @@ async fn send(
                 return Err(Outcome::Requeue {
                     suspect: true,
                     why: e.to_string(),
+                    unreachable: matches!(e, ClientError::Unreachable { .. }),
                 });
             }
             Ok(resp) if resp.status() == StatusCode::OK => return Ok(resp),
@@ -218,6 +240,7 @@ async fn send(
                     _ => {
                         tracing::info!(task_id = %task.id, pool_id = %lease.pool.1, status = %status, reason = %body.message, "Pool cannot take the task; it goes back to the queue.");
                         return Err(Outcome::Requeue {
+                            unreachable: false,
                             suspect: true,
                             why: format!(
                                 "pool {} answered {status}: {}",

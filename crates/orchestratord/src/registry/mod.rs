@@ -78,6 +78,16 @@ impl Node {
         self.online && now.duration_since(self.last_seen) > self.heartbeat + self.heartbeat / 2
     }
 
+    /// A pool's state as every view tells it (`/v2/pools`, `llorch status`, D-Bus, metrics):
+    /// what the node last reported, or `offline` once the node is.
+    pub(crate) fn pool_state(&self, p: &PoolStatus) -> PoolState {
+        if self.online {
+            p.state
+        } else {
+            PoolState::Offline
+        }
+    }
+
     /// `online`, `suspect` or `offline`.
     pub(crate) fn state(&self, now: Instant) -> &'static str {
         if !self.online {
@@ -208,6 +218,20 @@ impl Registry {
         gone
     }
 
+    /// Forgets a node that left (its agent stopped cleanly); false when it is unknown. Tasks
+    /// still running there end (its `lost` token), and their leases return as they do.
+    pub(crate) fn remove(&mut self, node_id: &str) -> bool {
+        let Some(node) = self.nodes.remove(node_id) else {
+            return false;
+        };
+        node.lost.cancel();
+        if let Some(b) = node.beat {
+            self.beat_sessions.remove(&b.id);
+        }
+        self.suspect.retain(|(n, _), _| n != node_id);
+        true
+    }
+
     /// Marks nodes offline that missed their heartbeats; returns their ids.
     pub(crate) fn expire_nodes(&mut self, now: Instant) -> Vec<String> {
         let mut lost = Vec::new();
@@ -250,7 +274,8 @@ impl Registry {
         NodeView {
             node_id: node.id.clone(),
             address: node.address.clone(),
-            online: node.online,
+            // One word everywhere: a suspect node is not called online.
+            online: node.state(now) == "online",
             state: node.state(now).to_string(),
             draining: node.draining,
             running: self.running_on(&node.id),
@@ -326,6 +351,7 @@ impl Registry {
     }
 
     pub(crate) fn pool_views(&self) -> Vec<PoolView> {
+        let now = Instant::now();
         let mut out = Vec::new();
         for node in self.nodes.values() {
             for p in &node.pools {
@@ -334,8 +360,8 @@ impl Registry {
                     pool_id: p.pool_id.clone(),
                     node_id: node.id.clone(),
                     model_id: p.model_id.clone(),
-                    state: p.state,
-                    node_online: node.online,
+                    state: node.pool_state(p),
+                    node_online: node.state(now) == "online",
                     slots_total: p.slots_total,
                     slots_busy: self.leased(&key),
                     ctx_per_slot: p.ctx_per_slot,

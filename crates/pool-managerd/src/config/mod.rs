@@ -65,6 +65,33 @@ pub fn load(path: &Path) -> Result<Checked, ConfigError> {
     parse(path, &text)
 }
 
+/// The local model files (a path or a `file:` URL) of the pools that are not readable
+/// files, one line each naming the pool's key and what to do; what `--check-config` adds to
+/// the parse, which a running node leaves to each pool (its error, its retries).
+pub fn missing_local_sources(config: &Checked) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, pool) in config.pools().iter().enumerate() {
+        let source = &pool.model.source;
+        if source.starts_with("http://") || source.starts_with("https://") {
+            continue;
+        }
+        let file = source
+            .strip_prefix("file://")
+            .or_else(|| source.strip_prefix("file:"))
+            .unwrap_or(source);
+        let problem = match std::fs::metadata(file) {
+            Ok(m) if m.is_file() => continue,
+            Ok(_) => "is not a regular file".to_string(),
+            Err(e) => e.to_string(),
+        };
+        out.push(format!(
+            "pools[{i}].model.source (pool {:?}): {file}: {problem}; put the GGUF file there, or point source at it",
+            pool.id
+        ));
+    }
+    out
+}
+
 /// Parses and validates configuration text; `path` names the file in errors.
 pub fn parse(path: &Path, text: &str) -> Result<Checked, ConfigError> {
     let value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {

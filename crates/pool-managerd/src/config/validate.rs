@@ -134,15 +134,16 @@ pub(super) fn validate(path: &Path, config: Config) -> Result<Checked, ConfigErr
 
 /// `node.control_plane` and `node.control_plane_ca`; returns the CA file to verify against.
 fn check_control_plane(path: &Path, node: &NodeConfig) -> Result<Option<PathBuf>, ConfigError> {
-    let control_plane_ok = (node.control_plane.starts_with("http://")
-        || node.control_plane.starts_with("https://"))
+    let control_plane_ok = ["http://", "https://", "unix:/"]
+        .iter()
+        .any(|scheme| node.control_plane.starts_with(scheme))
         && llorch_client::HttpClient::new(&node.control_plane).is_ok();
     if !control_plane_ok {
         return Err(invalid(
             path,
             "node.control_plane",
             format!(
-                "{:?} is not an https://host:port (or http://host:port) address of orchestratord",
+                "{:?} is not an https://host:port (or http://host:port) address of orchestratord, nor the unix:/path of its local socket",
                 node.control_plane
             ),
         ));
@@ -572,7 +573,7 @@ mod tests {
     #[test]
     fn urls_need_a_sha256() {
         let text = EXAMPLE.replace(
-            "source = \"/var/cache/llama-orch/default-model/SmolLM2-135M-Instruct.Q4_1.gguf\"",
+            "source = \"/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf\"",
             "source = \"https://example.org/m.gguf\"",
         );
         let text = text

@@ -190,12 +190,23 @@ impl Reporter {
             Err(e) => {
                 self.report_due = true;
                 if self.reachable {
-                    tracing::warn!(
-                        control_plane = %self.client.address(),
-                        error = %e,
-                        retry_secs = self.identity.heartbeat_secs,
-                        "Control plane unreachable; the node keeps serving and retries every interval."
-                    );
+                    let retry = "the node keeps serving and tries again after 0.1 s, doubling the wait up to every heartbeat interval";
+                    match status_of(&e) {
+                        // It answered: the node's token, id or report is what it refuses.
+                        Some(status) => tracing::warn!(
+                            control_plane = %self.client.address(),
+                            status = %status,
+                            error = %e,
+                            max_retry_secs = self.identity.heartbeat_secs,
+                            "The control plane refused this node ({status}): fix what the error names (node token, node id, address, pools); {retry}."
+                        ),
+                        None => tracing::warn!(
+                            control_plane = %self.client.address(),
+                            error = %e,
+                            max_retry_secs = self.identity.heartbeat_secs,
+                            "Control plane unreachable; {retry}."
+                        ),
+                    }
                     self.reachable = false;
                 }
             }
@@ -360,6 +371,32 @@ pub async fn final_heartbeat(node: &Node, client: &HttpClient, identity: &Identi
     .await;
     if let Err(e) = sent {
         tracing::debug!(error = %e, "The last heartbeat did not reach the control plane.");
+    }
+}
+
+/// On a clean stop, once the engines are gone: tells the control plane this node leaves, so
+/// it forgets the node at once instead of waiting for missed heartbeats (which would count as
+/// a lost node and page someone). Best effort, at most one second.
+pub async fn leave(client: &HttpClient, identity: &Identity) {
+    let path = format!("/v2/nodes/{}/leave", identity.node_id);
+    let sent = within(Duration::from_secs(1), async {
+        let resp = client.post_raw(&path, "{}", &[]).await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(llorch_client::error_from_response(resp).await)
+        }
+    })
+    .await;
+    match sent {
+        Ok(()) => tracing::info!(control_plane = %client.address(), "Left the control plane."),
+        // Never registered (refused, or the control plane restarted): nothing to leave.
+        Err(e) if status_of(&e) == Some(StatusCode::NOT_FOUND) => {
+            tracing::info!(control_plane = %client.address(), "The control plane does not know this node; nothing to leave.");
+        }
+        Err(e) => {
+            tracing::warn!(control_plane = %client.address(), error = %e, "Could not tell the control plane this node leaves; it will call the node lost once its heartbeats are missed.")
+        }
     }
 }
 
