@@ -320,8 +320,15 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     stage(stage_dir.path(), port, &pools(), "");
     let mut c = boot(stage_dir.path(), "test");
 
-    // Socket activation: with only the socket started, the first request starts orchestratord.
-    c.ok(&["systemctl", "start", "orchestratord.socket"]);
+    // Socket activation: with only the sockets started (as sockets.target does at boot; a
+    // socket whose service already runs refuses to start), the first request starts
+    // orchestratord.
+    c.ok(&[
+        "systemctl",
+        "start",
+        "orchestratord.socket",
+        "orchestratord-local.socket",
+    ]);
     assert_eq!(c.show("orchestratord.service", "ActiveState"), "inactive");
     let (status, body) = curl(port, &[], "/health/live");
     assert_eq!(status, 200, "{body}");
