@@ -58,25 +58,7 @@ async fn main() {
         .unwrap_or_default();
     // An inherited socket may listen elsewhere than --listen says: the same rules apply to it.
     if let Some(a) = listener.local_addr().ok().filter(|a| !a.ip().is_loopback()) {
-        // Every missing guard at once, as for --listen.
-        let missing: Vec<&str> = [
-            (config.api_keys.is_none(), "- no API keys are configured (give --api-keys or the api-keys credential)"),
-            (config.node_tokens.is_none(), "- no node tokens are configured (give --node-tokens or the node-tokens credential)"),
-            (config.tls.is_none() && !config.allow_plaintext, "- it has no TLS (give --tls-cert and --tls-key, or the tls-cert and tls-key credentials, or --allow-plaintext)"),
-        ]
-        .into_iter()
-        .filter_map(|(missing, why)| missing.then_some(why))
-        .collect();
-        if !missing.is_empty() {
-            eprintln!(
-                "orchestratord: the inherited socket {a} is not loopback, and:\n{}",
-                missing.join("\n")
-            );
-            std::process::exit(exit::USAGE);
-        }
-        if config.tls.is_none() {
-            tracing::warn!(listen = %a, "Serving plain HTTP off loopback (--allow-plaintext): API keys, node tokens and prompts cross the network in the clear.");
-        }
+        guard_off_loopback(&config, a);
     }
     if config.allow_plaintext {
         tracing::warn!("--allow-plaintext: nodes may register http:// addresses off this host; prompts sent to them cross the network in the clear.");
@@ -95,16 +77,7 @@ async fn main() {
         config.beat_port = at.map(|a| a.port());
         tracing::info!(beats = ?at, origin = ?origin, "Reading node liveness beats (UDP).");
     }
-    let local = match llorch_os::optional_unix_listener("local", config.local_socket.as_deref()) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("orchestratord: --local-socket: {e}");
-            std::process::exit(exit::UNAVAILABLE);
-        }
-    };
-    if let Some((_, origin)) = &local {
-        tracing::info!(origin = ?origin, "Serving the API on the local socket (plain HTTP, for this machine's node agent).");
-    }
+    let local = local_socket(&config);
     let shutdown = CancellationToken::new();
     if let Err(e) = llorch_os::service::cancel_on_stop_signal(shutdown.clone()) {
         eprintln!("orchestratord: cannot install signal handlers: {e}");
@@ -150,4 +123,45 @@ async fn reload_on_hangup(state: std::sync::Arc<orchestratord::State>) {
     while hup.recv().await.is_some() {
         let _ = orchestratord::control::reload_keys(&state, "SIGHUP");
     }
+}
+
+/// Off loopback, an inherited socket needs what `--listen` off loopback needs: keys, node
+/// tokens and TLS (or `--allow-plaintext`). Every missing one is named, then exit 64.
+fn guard_off_loopback(config: &orchestratord::Config, a: std::net::SocketAddr) {
+    // Every missing guard at once, as for --listen.
+    let missing: Vec<&str> = [
+            (config.api_keys.is_none(), "- no API keys are configured (give --api-keys or the api-keys credential)"),
+            (config.node_tokens.is_none(), "- no node tokens are configured (give --node-tokens or the node-tokens credential)"),
+            (config.tls.is_none() && !config.allow_plaintext, "- it has no TLS (give --tls-cert and --tls-key, or the tls-cert and tls-key credentials, or --allow-plaintext)"),
+        ]
+        .into_iter()
+        .filter_map(|(missing, why)| missing.then_some(why))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "orchestratord: the inherited socket {a} is not loopback, and:\n{}",
+            missing.join("\n")
+        );
+        std::process::exit(exit::USAGE);
+    }
+    if config.tls.is_none() {
+        tracing::warn!(listen = %a, "Serving plain HTTP off loopback (--allow-plaintext): API keys, node tokens and prompts cross the network in the clear.");
+    }
+}
+
+/// The local socket (`--local-socket`, or the inherited one named `local`), when there is one.
+fn local_socket(
+    config: &orchestratord::Config,
+) -> Option<(tokio::net::UnixListener, llorch_os::ListenerOrigin)> {
+    let local = match llorch_os::optional_unix_listener("local", config.local_socket.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("orchestratord: --local-socket: {e}");
+            std::process::exit(exit::UNAVAILABLE);
+        }
+    };
+    if let Some((_, origin)) = &local {
+        tracing::info!(origin = ?origin, "Serving the API on the local socket (plain HTTP, for this machine's node agent).");
+    }
+    local
 }
