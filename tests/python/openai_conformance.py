@@ -220,7 +220,8 @@ except openai.BadRequestError as e:
 
 # --- Tool calls -----------------------------------------------------------------------------
 # The default model's template has no tool support: `required` and named calls are enforced by
-# a grammar from the tools' parameter schemas; `auto` is a 400 that says why.
+# a grammar from the tools' parameter schemas; under `auto` the tools are described and a
+# grammar allows one whole call or plain text, and the model chooses.
 weather = {
     "type": "object",
     "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 40},
@@ -287,10 +288,40 @@ assert r.choices[0].message.tool_calls is None, r
 # The answer uses the result (greedy; the default model answers "... 18 degrees Celsius ...").
 assert "18" in answer or "sun" in answer.lower(), answer
 
+# `auto` (the default with tools), as every agent loop sends it: answered, not refused. The
+# default model answers a greeting in text (it opens with `{` on none of the prompts measured,
+# docs/API.md), streamed and not.
+hello = [{"role": "user", "content": "Say hello to me."}]
+r = client.chat.completions.create(model=model, messages=hello, tools=tools, temperature=0, max_tokens=40)
+conforms("CreateChatCompletionResponse", r.model_dump(exclude_unset=True))
+assert r.choices[0].message.tool_calls is None, r
+assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length"), r
+text = ""
+for c in client.chat.completions.create(model=model, messages=hello, tools=tools, tool_choice="auto",
+                                        temperature=0, max_tokens=40, stream=True):
+    conforms("CreateChatCompletionStreamResponse", c.model_dump(exclude_unset=True))
+    if c.choices:
+        assert not c.choices[0].delta.tool_calls, c
+        text += c.choices[0].delta.content or ""
+# (Greedy, yet not always the same words: a prompt restored from the cache and one computed
+# anew differ in the last bits.)
+assert text and not text.lstrip().startswith("{"), text
+# Shown an earlier call in its history (as the sentence "I will call get_weather({...})."),
+# the default model answers the next question the same way, and that is a call.
+oslo = [{"role": "user", "content": "What is the weather in Oslo?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo", "unit": "celsius"})}}]},
+        {"role": "user", "content": "What is the weather in Paris?"}]
+r = client.chat.completions.create(model=model, messages=oslo, tools=tools, temperature=0, max_tokens=60)
+conforms("CreateChatCompletionResponse", r.model_dump(exclude_unset=True))
+assert r.choices[0].finish_reason == "tool_calls", r
+auto_call = r.choices[0].message.tool_calls[0]
+assert auto_call.function.name == "get_weather" and auto_call.id.startswith("call_"), auto_call
+assert json.loads(auto_call.function.arguments)["city"] == "Paris", auto_call
+
 # Refusals name the parameter.
 for kwargs, param in (
-    ({"tools": tools, "tool_choice": "auto"}, "tool_choice"),
-    ({"tools": tools}, "tool_choice"),
     ({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"},
      "tools[0].function.name"),

@@ -9,9 +9,11 @@
 //! - A template is untrusted input (it comes with the model file): rendering runs on fuel, so a
 //!   template that loops forever fails instead of hanging the request handler.
 //! - A template that takes `tools` (its source uses the variable) gets them and the messages
-//!   with `tool_calls` and `tool` roles as they are. A template that does not is still usable
-//!   with forced calls: the tools are described in a system message ([`tools::generic_prompt`]),
-//!   earlier calls appear as a sentence naming them, and tool results as user messages.
+//!   with `tool_calls` and `tool` roles as they are. A template that does not is still usable,
+//!   with every `tool_choice`: the tools are described in a system message
+//!   ([`tools::generic_prompt`]; a grammar makes a forced answer a call, and an `auto` answer a
+//!   call or plain text), earlier calls appear as a sentence naming them, and tool results as
+//!   user messages.
 
 use llorch_wire::engine::ChatMessage;
 use llorch_wire::tools::{self, Tool, ToolChoice};
@@ -107,8 +109,8 @@ impl ChatTemplate {
         let offered = !tools.is_empty() && *choice != ToolChoice::None;
         let native = offered && self.takes_tools;
         let mut list: Vec<serde_json::Value> = Vec::with_capacity(messages.len() + 1);
-        // Forced calls on a template without tools (auto was refused before this): the tools
-        // go into the first system message, or a new one.
+        // Tools offered to a template without them: they go into the first system message, or
+        // a new one.
         let prompt = (offered && !native).then(|| tools::generic_prompt(tools, choice, parallel));
         if let Some(p) = &prompt {
             if messages.first().is_none_or(|m| m.role != "system") {

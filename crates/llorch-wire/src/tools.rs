@@ -159,8 +159,9 @@ pub fn call_schema(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> Value
     }
 }
 
-/// The system prompt that describes the tools to a model whose template does not take them,
-/// for forced calls (the grammar does the rest).
+/// The system prompt that describes the tools to a model whose template does not take them
+/// (the grammar does the rest): for forced calls, answer with the call; for `auto`, answer
+/// with one call or in plain text.
 pub fn generic_prompt(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> String {
     let list: Vec<Value> = tools
         .iter()
@@ -181,10 +182,130 @@ pub fn generic_prompt(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> St
     } else {
         "one JSON object {\"name\": <function name>, \"arguments\": <arguments object>}"
     };
-    format!(
-        "You can call these functions:\n{}\nCall a function by answering with {shape}, and nothing else.",
-        serde_json::to_string_pretty(&list).expect("values serialize")
-    )
+    let list = serde_json::to_string_pretty(&list).expect("values serialize");
+    if *choice == ToolChoice::Auto {
+        // Each function as what it does and an example call (its required arguments filled
+        // with placeholders): the request it serves next to the call's shape.
+        let each: Vec<String> = tools
+            .iter()
+            .map(|t| {
+                let call = json!({"name": t.function.name, "arguments": example_arguments(t)});
+                match t.function.description.as_deref().filter(|d| !d.is_empty()) {
+                    Some(d) => format!("- {d}: {call}"),
+                    None => format!("- {}: {call}", t.function.name),
+                }
+            })
+            .collect();
+        return format!(
+            "You can call these functions:\n{list}\nWhen the user asks for one of these, answer with the call as one JSON object, and nothing else:\n{}\nOtherwise answer in plain text.",
+            each.join("\n")
+        );
+    }
+    format!("You can call these functions:\n{list}\nCall a function by answering with {shape}, and nothing else.")
+}
+
+/// A function's arguments for an example call: each required property with a placeholder of
+/// its type (the first of an `enum`).
+fn example_arguments(t: &Tool) -> Value {
+    let params = t.function.parameters.as_ref();
+    let props = params
+        .and_then(|p| p.get("properties"))
+        .and_then(Value::as_object);
+    let required = params
+        .and_then(|p| p.get("required"))
+        .and_then(Value::as_array);
+    let mut out = serde_json::Map::new();
+    for name in required.into_iter().flatten().filter_map(Value::as_str) {
+        let schema = props.and_then(|p| p.get(name));
+        let value = match schema {
+            Some(s)
+                if s.get("enum")
+                    .and_then(Value::as_array)
+                    .is_some_and(|e| !e.is_empty()) =>
+            {
+                s["enum"][0].clone()
+            }
+            Some(s) => match s.get("type").and_then(Value::as_str) {
+                Some("integer" | "number") => json!(1),
+                Some("boolean") => json!(true),
+                Some("array") => json!([]),
+                Some("object") => json!({}),
+                _ => json!("..."),
+            },
+            None => json!("..."),
+        };
+        out.insert(name.to_string(), value);
+    }
+    Value::Object(out)
+}
+
+/// The rule a call grammar's `root` becomes in [`auto_grammar`].
+const AUTO_CALL: &str = "llorch-call";
+
+/// The grammar of an `auto` answer on a template without tool support: `call_gbnf` (one call,
+/// from [`call_schema`] through llama.cpp's JSON Schema converter, its start rule `root`) or
+/// plain text that does not start with `{` or white space. The first character is the model's
+/// choice; the answer is then either a whole call or text, and [`parse_auto`] reads it back.
+pub fn auto_grammar(call_gbnf: &str) -> String {
+    let mut out = String::with_capacity(call_gbnf.len() + 128);
+    out.push_str("root ::= llorch-call | llorch-text\n");
+    out.push_str("llorch-text ::= [^{ \\t\\r\\n] [^\\x00]*\n");
+    for line in call_gbnf.lines() {
+        match line.trim_start().strip_prefix("root") {
+            Some(rest) if rest.trim_start().starts_with("::=") => {
+                out.push_str(AUTO_CALL);
+                out.push_str(rest);
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The calls of an `auto` answer from a model without tool support: a whole JSON call object
+/// `{"name": …, "arguments": …}` (the shape [`auto_grammar`] enforces), or the sentence its
+/// history shows earlier calls as, `I will call name({…}).` ([`calls_as_text`]; a model shown
+/// its earlier calls that way answers the next one the same way). `None` for anything else,
+/// which is text.
+pub fn parse_auto(text: &str) -> Option<Vec<ToolCall>> {
+    let t = text.trim();
+    if t.starts_with('{') {
+        let v: Value = serde_json::from_str(t).ok()?;
+        let o = v.as_object()?;
+        // Only a call's keys: an answer that happens to be other JSON stays text.
+        if !o.get("name")?.as_str().is_some_and(valid_name)
+            || o.keys().any(|k| k != "name" && k != "arguments")
+        {
+            return None;
+        }
+        return Some(vec![to_call(&v)?]);
+    }
+    parse_said(t)
+}
+
+/// `I will call a({…}) and b({…}).`: each name must be a function name and each argument an
+/// object, or it is not a call.
+fn parse_said(text: &str) -> Option<Vec<ToolCall>> {
+    let mut rest = text.strip_prefix("I will call ")?.strip_suffix('.')?;
+    let mut calls = Vec::new();
+    loop {
+        let (name, after) = rest.split_once('(')?;
+        if !valid_name(name) {
+            return None;
+        }
+        let mut values = serde_json::Deserializer::from_str(after).into_iter::<Value>();
+        let arguments = values.next()?.ok()?;
+        if !arguments.is_object() {
+            return None;
+        }
+        let after = after[values.byte_offset()..].strip_prefix(')')?;
+        calls.push(to_call(&json!({"name": name, "arguments": arguments}))?);
+        if after.is_empty() {
+            return Some(calls);
+        }
+        rest = after.strip_prefix(" and ")?;
+    }
 }
 
 /// How an assistant's earlier calls appear in the history of a model without tool support: a
@@ -280,6 +401,52 @@ mod tests {
                 strict: None,
             },
         }
+    }
+
+    #[test]
+    fn auto_answers_are_a_whole_call_or_text() {
+        let calls =
+            parse_auto(" {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}")
+                .unwrap();
+        assert_eq!(calls[0].function.name, "get_weather");
+        assert_eq!(calls[0].function.arguments, r#"{"city":"Paris"}"#);
+        // The sentence of the history, read back: what calls_as_text writes.
+        let said = parse_auto(
+            r#"I will call get_weather({"city": "Paris"}) and get_time({"zone": "CET"})."#,
+        )
+        .unwrap();
+        assert_eq!(
+            said.iter()
+                .map(|c| c.function.name.as_str())
+                .collect::<Vec<_>>(),
+            ["get_weather", "get_time"]
+        );
+        assert_eq!(said[1].function.arguments, r#"{"zone":"CET"}"#);
+        let round = calls_as_text(&said);
+        assert_eq!(parse_auto(&round).unwrap().len(), 2, "{round}");
+        for text in [
+            "Hello! How can I help?",
+            "{\"name\": \"bad name\", \"arguments\": {}}",
+            "{\"name\": \"f\", \"arguments\": {}, \"also\": 1}",
+            "{\"answer\": 42}",
+            "{\"name\": \"f\", \"arguments\": {",
+            "I will call you tomorrow.",
+            "I will call get_weather(Paris).",
+            "I will call get_weather({\"city\": \"Paris\"}) now.",
+            "I will call bad name({}).",
+        ] {
+            assert!(parse_auto(text).is_none(), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_auto_grammar_offers_the_call_or_text() {
+        let g = auto_grammar("root ::= \"{\" space \"}\"\nspace ::= \" \"?\n");
+        assert!(g.starts_with("root ::= llorch-call | llorch-text\n"), "{g}");
+        assert!(g.contains("\nllorch-call ::= \"{\" space \"}\"\n"), "{g}");
+        assert!(g.contains("\nspace ::= \" \"?\n"), "{g}");
+        assert_eq!(g.matches("root ::=").count(), 1, "{g}");
+        crate::gbnf::check(&g).unwrap();
     }
 
     #[test]

@@ -164,15 +164,6 @@ fn prompt_text(
         (Some(p), _) => Ok((p.clone(), "prompt")),
         (None, Some(m)) => {
             let choice = request.effective_tool_choice();
-            if choice == ToolChoice::Auto && !model.template_takes_tools() {
-                return Err((
-                    StatusCode::BAD_REQUEST,
-                    ErrorBody::invalid(
-                        "tool_choice",
-                        "this model's chat template does not take tools, so the model cannot choose between answering and calling one: use tool_choice \"required\" or a named function (the call is then enforced by a grammar), or \"none\"",
-                    ),
-                ));
-            }
             let text = model
                 .render_chat(m, &request.tools, &choice, request.parallel_tool_calls)
                 .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
@@ -186,8 +177,16 @@ fn prompt_text(
 /// Parsed here once, so a grammar that does not parse is the request's 400, not a stream error.
 fn grammar_of(request: &GenerateRequest, model: &Model) -> Result<Option<String>, Refusal> {
     let choice = request.effective_tool_choice();
-    let forced = choice
-        .forced()
+    // `auto` on a template without tool support (its tools described in a system message):
+    // the model answers in text or with one call, which the grammar keeps well formed. (Tools
+    // with a request's own grammar or JSON Schema are refused before this.)
+    let auto = choice == ToolChoice::Auto
+        && !request.tools.is_empty()
+        && request.prompt.is_none()
+        && !model.template_takes_tools()
+        && request.json_schema.is_none()
+        && request.grammar.is_none();
+    let forced = (choice.forced() || auto)
         .then(|| tools::call_schema(&request.tools, &choice, request.parallel_tool_calls));
     let (schema, field) = match (&forced, &request.json_schema) {
         (Some(s), _) => (Some(s), "tools"),
@@ -205,7 +204,14 @@ fn grammar_of(request: &GenerateRequest, model: &Model) -> Result<Option<String>
                     ),
                 )
             })?;
-            (gbnf, field)
+            (
+                if auto {
+                    tools::auto_grammar(&gbnf)
+                } else {
+                    gbnf
+                },
+                field,
+            )
         }
         (None, Some(g)) => (g.clone(), "grammar"),
         (None, None) => return Ok(None),

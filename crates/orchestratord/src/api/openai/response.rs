@@ -141,7 +141,15 @@ pub(super) fn read_calls(
     }
     match tools {
         ToolChoice::None => (Vec::new(), text),
-        ToolChoice::Auto => llorch_wire::tools::parse_tagged(&text),
+        // A template's own tags (`<tool_call>…</tool_call>`), else what a model without tool
+        // support writes for a call (a whole call object, or its history's sentence).
+        ToolChoice::Auto => match llorch_wire::tools::parse_tagged(&text) {
+            (calls, rest) if !calls.is_empty() => (calls, rest),
+            (_, text) => match llorch_wire::tools::parse_auto(&text) {
+                Some(calls) => (calls, String::new()),
+                None => (Vec::new(), text),
+            },
+        },
         ToolChoice::Required | ToolChoice::Function(_) => {
             match llorch_wire::tools::parse_forced(&text) {
                 Some(calls) => (calls, String::new()),
