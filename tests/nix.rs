@@ -271,6 +271,11 @@ fn module_renders_gpu_devices_fetched_models_and_on_demand_pools() {
 /// The drop-in `llama-orch-gpu-generator` writes for `pool` from the node.toml the module
 /// rendered for `host`.
 fn generated_dropin(host: &Value, pool: &str) -> String {
+    generated_unit_dropin(host, &format!("llorch-engine@{pool}.service"))
+}
+
+/// What llama-orch-gpu-generator writes for `unit` from the host's rendered node.toml.
+fn generated_unit_dropin(host: &Value, unit: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let toml = dir.path().join("node.toml");
     std::fs::write(&toml, file(host, "/etc/llama-orch/node.toml")).unwrap();
@@ -280,10 +285,11 @@ fn generated_dropin(host: &Value, pool: &str) -> String {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    std::fs::read_to_string(dir.path().join(format!(
-        "gen/llorch-engine@{pool}.service.d/50-llama-orch-gpu.conf"
-    )))
-    .unwrap()
+    std::fs::read_to_string(
+        dir.path()
+            .join(format!("gen/{unit}.d/50-llama-orch-gpu.conf")),
+    )
+    .unwrap_or_else(|e| panic!("the generator wrote no drop-in for {unit}: {e}"))
 }
 
 /// A drop-in's settings, sorted, comments left out, booleans as the generator spells them.
@@ -689,6 +695,24 @@ fn gpu_nodes_open_nvml_to_pool_managerd_and_require_the_nvidia_driver() {
         "{pmd}"
     );
     assert_eq!(values(pmd, "ProcSubset"), ["all"], "{pmd}");
+    // The same settings the systemd generator writes on hosts without the module.
+    let generated = generated_unit_dropin(&host, "pool-managerd.service");
+    let device_keys = |t: &str| -> Vec<String> {
+        settings(t)
+            .into_iter()
+            .filter(|l| {
+                [
+                    "PrivateDevices=",
+                    "DevicePolicy=",
+                    "DeviceAllow=",
+                    "ProcSubset=",
+                ]
+                .iter()
+                .any(|k| l.starts_with(k))
+            })
+            .collect()
+    };
+    assert_eq!(device_keys(pmd), device_keys(&generated), "{generated}");
     // A CPU node's agent opens no device (the package's PrivateDevices=yes stands).
     let cpu = home_with(n, "{ }", false).unwrap_or_else(|e| panic!("{e}"));
     let pmd = dropin(&cpu, "pool-managerd.service");

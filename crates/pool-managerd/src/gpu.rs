@@ -86,6 +86,34 @@ pub fn engine_dropin(
     Some(text)
 }
 
+/// The drop-in of `pool-managerd.service` on a node with GPU pools (None without): the node
+/// agent reads every GPU through NVML (its reports, the fit check), and NVML numbers them as
+/// the driver does only when it can open them all, so it may open the driver's control device
+/// and its GPU device class (major 195, named `nvidia-frontend` or `nvidia` in
+/// `/proc/devices`), under `DevicePolicy=closed`; not `nvidia-uvm`, which only CUDA uses. The
+/// NixOS module writes the same settings (tests/nix.rs compares them).
+pub fn node_agent_dropin(pools: &[PoolConfig]) -> Option<String> {
+    let gpu_pools: Vec<&str> = pools
+        .iter()
+        .filter(|p| p.cuda_visible_devices().is_some())
+        .map(|p| p.id.as_str())
+        .collect();
+    if gpu_pools.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "# Written by llama-orch-gpu-generator from node.toml: GPU pools {}.\n\
+         [Service]\n\
+         PrivateDevices=no\n\
+         DevicePolicy=closed\n\
+         DeviceAllow=/dev/nvidiactl rw\n\
+         DeviceAllow=char-nvidia-frontend rw\n\
+         DeviceAllow=char-nvidia rw\n\
+         ProcSubset=all\n",
+        gpu_pools.join(", ")
+    ))
+}
+
 /// The GPU of `report` that `gpu` names (by CUDA index or UUID).
 fn find<'a>(report: &'a GpuReport, gpu: &Gpu) -> Option<&'a GpuStatus> {
     report.devices.iter().find(|d| match gpu {
@@ -243,6 +271,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(engine_dropin(&cpu.pools()[0], &Default::default()), None);
+        // The node agent: NVML's devices on a GPU node, nothing on a CPU node.
+        let agent = node_agent_dropin(cfg.pools()).unwrap();
+        assert!(
+            agent.contains(
+                "\nPrivateDevices=no\nDevicePolicy=closed\nDeviceAllow=/dev/nvidiactl rw\n"
+            ),
+            "{agent}"
+        );
+        assert!(!agent.contains("nvidia-uvm"), "{agent}");
+        assert_eq!(node_agent_dropin(cpu.pools()), None);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! `/usr/lib/systemd/system-generators/`). At boot and on every `systemctl daemon-reload` it
 //! reads `/etc/llama-orch/node.toml` and, for each GPU pool, writes the drop-in that lets that
 //! pool's engine unit open its GPUs and nothing else (`pool_managerd::gpu::engine_dropin`) into
-//! the first directory systemd gives it. CPU pools get nothing. It never fails the boot: a
+//! the first directory systemd gives it, and on a node with GPU pools the one that lets
+//! pool-managerd read them through NVML (`pool_managerd::gpu::node_agent_dropin`). CPU pools
+//! get nothing. It never fails the boot: a
 //! missing or unreadable node.toml is no GPU pool, said on stderr (the journal).
 //!
 //! `LLORCH_NODE_CONFIG` names another node.toml (for a run by hand).
@@ -36,11 +38,14 @@ fn main() {
     };
     let minors =
         pool_managerd::gpu::driver_minors(std::path::Path::new(pool_managerd::gpu::PROC_GPUS));
-    for pool in checked.pools() {
-        let Some(text) = pool_managerd::gpu::engine_dropin(pool, &minors) else {
-            continue;
-        };
-        let dir = out.join(format!("llorch-engine@{}.service.d", pool.id));
+    let agent = pool_managerd::gpu::node_agent_dropin(checked.pools())
+        .map(|text| ("pool-managerd.service.d".to_string(), text));
+    let engines = checked.pools().iter().filter_map(|pool| {
+        pool_managerd::gpu::engine_dropin(pool, &minors)
+            .map(|text| (format!("llorch-engine@{}.service.d", pool.id), text))
+    });
+    for (dir, text) in agent.into_iter().chain(engines) {
+        let dir = out.join(dir);
         if let Err(e) = write(&dir, &text) {
             eprintln!(
                 "llama-orch-gpu-generator: cannot write {}: {e}",
