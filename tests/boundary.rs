@@ -156,6 +156,13 @@ fn a_web_page_cannot_drive_the_home_stack() {
     let (status, head, body) = raw(l, "POST", "/v1/chat/completions", &[evil, json], &chat);
     assert_eq!(status, 403, "{body}");
     assert!(!head.contains("access-control-allow-origin"), "{head}");
+    // Anthropic's surface is behind the same check, and refuses in its own envelope.
+    let (status, _, body) = raw(l, "POST", "/v1/messages", &[evil, json], &chat);
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains(r#""type":"error""#) && body.contains("permission_error"),
+        "{body}"
+    );
     // The listed origin gets its preflight and its answer, with CORS headers naming it.
     let app = ("origin", "http://app.example:3000");
     let (status, head, _) = raw(

@@ -149,7 +149,11 @@ fn assert_names_what_is_missing(prefix: &[String], root: &Path, out: &Output) {
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("missing model:"), "{}", text(out));
-    assert!(stdout.contains("missing python: openai=="), "{}", text(out));
+    assert!(
+        stdout.contains("missing python: openai==") && stdout.contains("anthropic=="),
+        "{}",
+        text(out)
+    );
     assert!(
         stdout.contains("missing nix tools: deadnix@"),
         "{}",

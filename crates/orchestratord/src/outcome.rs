@@ -12,16 +12,23 @@ use llorch_wire::ErrorCode;
 pub enum Api {
     OpenAiChat,
     OpenAiCompletions,
+    AnthropicMessages,
     Native,
 }
 
 impl Api {
-    pub const ALL: [Api; 3] = [Api::OpenAiChat, Api::OpenAiCompletions, Api::Native];
+    pub const ALL: [Api; 4] = [
+        Api::OpenAiChat,
+        Api::OpenAiCompletions,
+        Api::AnthropicMessages,
+        Api::Native,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OpenAiChat => "openai_chat",
             Self::OpenAiCompletions => "openai_completions",
+            Self::AnthropicMessages => "anthropic_messages",
             Self::Native => "native",
         }
     }

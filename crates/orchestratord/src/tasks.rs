@@ -219,7 +219,12 @@ impl Task {
             client,
             session_id,
             hints,
-            prefix: crate::prefixes::blocks(&request),
+            // A count computes nothing an engine would keep.
+            prefix: if request.count_only {
+                Vec::new()
+            } else {
+                crate::prefixes::blocks(&request)
+            },
             request: Mutex::new(Some(request)),
             submitted: Instant::now(),
             correlation_id,

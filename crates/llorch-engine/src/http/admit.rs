@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use llorch_wire::engine::{defaults, GenerateRequest};
+use llorch_wire::engine::{defaults, EndEvent, EngineEvent, FinishReason, GenerateRequest};
 use llorch_wire::tools::{self, ToolChoice};
 use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::mpsc;
@@ -54,6 +54,13 @@ pub(super) async fn generate(
     check_slot(&request, n_slots)?;
     let (text, field) = prompt_text(&request, &ready.model)?;
     let grammar = grammar_of(&request, &ready.model)?;
+    if request.count_only {
+        return Ok(counted(
+            ready.model.tokenize(&text).len(),
+            received,
+            activity,
+        ));
+    }
     let prompt = tokenize(ready, &text, field)?;
     let lease = reserve(ready, &prompt, &request, n_slots)?;
     let slot = lease.slot();
@@ -88,6 +95,32 @@ pub(super) async fn generate(
         .body(Either::Right(SseBody::new(rx, activity)))
         .expect("static response");
     Ok(resp)
+}
+
+/// The answer of a `count_only` request: one `end` event whose `prompt_tokens` is the count.
+fn counted(
+    prompt_tokens: usize,
+    received: Instant,
+    activity: super::idle::ActivityGuard,
+) -> Response<ResponseBody> {
+    let (tx, rx) = mpsc::channel(1);
+    let end = EngineEvent::End(EndEvent {
+        finish_reason: FinishReason::Stop,
+        prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+        cached_tokens: 0,
+        completion_tokens: 0,
+        ttft_ms: received.elapsed().as_secs_f64() * 1000.0,
+        decode_ms: 0.0,
+        slot: 0,
+        choices: Vec::new(),
+    });
+    let _ = tx.try_send(end);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Either::Right(SseBody::new(rx, activity)))
+        .expect("static response")
 }
 
 /// The loaded model and slots, or the refusal of an engine that is stopping (or, after

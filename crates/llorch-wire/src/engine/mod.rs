@@ -128,6 +128,11 @@ sampling_fields!(sampling_request! {
         /// The caller's task id, for logs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub task_id: Option<String>,
+        /// Count the prompt's tokens and answer at once (Anthropic's `count_tokens`): the stream
+        /// is one `end` event whose `prompt_tokens` is the count, and nothing is decoded nor
+        /// a slot taken.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub count_only: bool,
         /// Whose prompt this is, as an opaque number: the engine reuses cached prompt state
         /// only between requests of the same scope (absent: scope 0). orchestratord gives
         /// each API key its own, so one key cannot learn from reuse what another key sent.

@@ -23,7 +23,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use llorch_wire::{ErrorBody, ErrorCode};
 
-use super::ApiError;
+use super::{ApiError, Envelope};
 use crate::config::CorsOrigins;
 
 /// The checks' settings, fixed when the listener is known.
@@ -95,7 +95,7 @@ fn refuse(path: &str, status: StatusCode, code: ErrorCode, message: String) -> R
     ApiError {
         status,
         body: ErrorBody::new(code, message),
-        openai: path.starts_with("/v1/"),
+        envelope: Envelope::of_path(path),
     }
     .into_response()
 }

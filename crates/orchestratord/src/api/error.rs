@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use llorch_wire::{ErrorBody, ErrorCode};
 
-use super::openai;
+use super::{anthropic, openai};
 use crate::refusal::Refusal;
 
 /// An HTTP refusal: the status and the typed body (the front's own refusals, and the core's
@@ -49,12 +49,36 @@ impl From<Refusal> for HttpRefusal {
     }
 }
 
+/// The error envelope of each surface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    /// The native [`ErrorBody`] (`/v2`, health, metrics).
+    Native,
+    /// `{"error": {message, type, param, code}}` (`/v1`).
+    OpenAi,
+    /// `{"type": "error", "error": {type, message}}` (`/v1/messages…`).
+    Anthropic,
+}
+
+impl Envelope {
+    /// The envelope of the surface a path belongs to (for refusals made before a route runs).
+    pub fn of_path(path: &str) -> Self {
+        if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            Self::Anthropic
+        } else if path.starts_with("/v1/") {
+            Self::OpenAi
+        } else {
+            Self::Native
+        }
+    }
+}
+
 /// An error answer in the envelope of the API it belongs to.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub body: ErrorBody,
-    pub openai: bool,
+    pub envelope: Envelope,
 }
 
 impl ApiError {
@@ -63,7 +87,7 @@ impl ApiError {
         Self {
             status,
             body,
-            openai: false,
+            envelope: Envelope::Native,
         }
     }
 
@@ -72,7 +96,16 @@ impl ApiError {
         Self {
             status,
             body,
-            openai: true,
+            envelope: Envelope::OpenAi,
+        }
+    }
+
+    pub fn anthropic(refusal: impl Into<HttpRefusal>) -> Self {
+        let (status, body) = refusal.into();
+        Self {
+            status,
+            body,
+            envelope: Envelope::Anthropic,
         }
     }
 }
@@ -80,10 +113,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let retry = self.body.retry_after_ms;
-        let json = if self.openai {
-            openai::error_envelope(self.status, &self.body)
-        } else {
-            serde_json::to_vec(&self.body).expect("bodies serialize")
+        let json = match self.envelope {
+            Envelope::OpenAi => openai::error_envelope(self.status, &self.body),
+            Envelope::Anthropic => anthropic::error_envelope(self.status, &self.body),
+            Envelope::Native => serde_json::to_vec(&self.body).expect("bodies serialize"),
         };
         let mut resp = (
             self.status,

@@ -1,14 +1,18 @@
-//! The HTTP front: routes, the correlation id, authentication, body limits and the two error
-//! envelopes (OpenAI's under `/v1`, the native one elsewhere).
+//! The HTTP front: routes, the correlation id, authentication, body limits and the error
+//! envelopes (OpenAI's under `/v1`, Anthropic's under `/v1/messages`, the native one elsewhere).
 //!
 //! - [`openai`]: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+//! - [`anthropic`]: `/v1/messages`, `/v1/messages/count_tokens`.
+//! - `interactive.rs`: admitting a client surface's request, and cancelling it on disconnect.
 //! - [`native`]: `/v2/tasks…`, `/v2/sessions/…`, `/v2/pools…`, `/v2/meta/capabilities`.
 //! - [`nodes`]: node registration and heartbeats, `/v2/nodes`.
 //! - [`sse`]: the streaming response body.
 //! - `error.rs`: refusals of the core as HTTP statuses, and the error envelopes.
 
+pub mod anthropic;
 mod boundary;
 mod error;
+mod interactive;
 pub mod native;
 pub mod nodes;
 pub mod openai;
@@ -33,7 +37,7 @@ use crate::metrics::UNKNOWN_MODEL;
 use crate::outcome::{Api, Outcome};
 use crate::state::{new_id, State};
 pub use boundary::Boundary;
-pub use error::{status_for, ApiError, HttpRefusal};
+pub use error::{status_for, ApiError, Envelope, HttpRefusal};
 
 pub type AppState = Arc<State>;
 
@@ -232,7 +236,7 @@ async fn not_found(req: Request) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         body,
-        openai: path.starts_with("/v1/"),
+        envelope: Envelope::of_path(&path),
     }
 }
 
@@ -245,6 +249,8 @@ pub fn router(state: AppState, boundary: Boundary) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v2/tasks", post(native::submit))
         .route("/v2/tasks/{id}", get(native::task_info))
         .route("/v2/tasks/{id}/events", get(native::events))

@@ -34,6 +34,7 @@ use super::{authenticate, ApiError, AppState, CorrelationId, HttpRefusal, Meter}
 use crate::outcome::Api;
 use request::{decode, ChatRequest, CompletionRequest, CHAT_FIELDS, COMPLETION_FIELDS};
 pub use response::error_envelope;
+pub(crate) use response::read_calls;
 use run::run;
 
 type Result<T> = std::result::Result<T, ApiError>;

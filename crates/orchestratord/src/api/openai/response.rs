@@ -131,7 +131,7 @@ pub(super) fn choice_reason(end: &TaskEnd, i: usize) -> FinishReason {
 
 /// The tool calls of a finished answer, and its text outside them. Only an answer that ended
 /// by itself is read for calls: one cut by `max_tokens` is text, with `finish_reason: length`.
-pub(super) fn read_calls(
+pub(crate) fn read_calls(
     tools: &ToolChoice,
     reason: FinishReason,
     text: String,

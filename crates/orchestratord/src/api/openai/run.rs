@@ -2,40 +2,19 @@
 //! are read into one whole answer or handed to the stream, and it is cancelled when the client
 //! goes away.
 
-use std::sync::Arc;
-
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use llorch_wire::engine::GenerateRequest;
-use llorch_wire::task::Priority;
 use llorch_wire::{ErrorBody, ErrorCode};
 
 use super::request::Common;
 use super::response::{choice_of, whole_answer, Answer, Kind, Shape};
 use super::{oai, stream, unix_now, Result};
+use crate::api::interactive::{admit, first_events, Admitted, CancelOnDrop};
 use crate::api::{sse, status_for, ApiError, AppState, CorrelationId, Meter};
 use crate::outcome::Api;
-use crate::state::{State, Submission};
-use crate::tasks::{Follower, Task, TaskEvent};
-
-/// Cancels the task when the request (or its stream) is dropped before the task ended: the
-/// client went away.
-pub(super) struct CancelOnDrop {
-    state: Arc<State>,
-    task: Arc<Task>,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if self
-            .state
-            .cancel(&self.task, crate::outcome::CancelReason::Disconnect)
-        {
-            tracing::debug!(task_id = %self.task.id, "Client went away; task cancelled.");
-        }
-    }
-}
+use crate::tasks::{Follower, TaskEvent};
 
 pub(super) async fn run(
     state: AppState,
@@ -55,25 +34,11 @@ pub(super) async fn run(
     // With tools in play the whole answer is read before it is known to be calls or text.
     let tools = engine.effective_tool_choice();
     let n = engine.n.unwrap_or(1);
-    let (task, _) = oai(state.submit(Submission {
-        task_id: None,
-        model: model.clone(),
-        request: engine,
-        priority: Priority::Interactive,
-        deadline_ms: None,
-        session_id: None,
-        hints: None,
-        client,
-        correlation_id: cid.0,
-        ctx: None,
-        api: meter.api,
-    }))?;
-    meter.admitted();
-    let guard = CancelOnDrop {
-        state: state.clone(),
-        task: task.clone(),
-    };
-    let follower = Follower::new(task.clone());
+    let Admitted {
+        task,
+        follower,
+        guard,
+    } = oai(admit(&state, cid, client, model.clone(), engine, meter))?;
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{}", &task.id[5..]),
         Kind::Completion => format!("cmpl-{}", &task.id[5..]),
@@ -128,21 +93,8 @@ async fn streamed(
     shape: Shape,
     include_usage: bool,
 ) -> Result<Response> {
-    // Streaming: wait for the task to start, so a refusal is still an HTTP error. A start that
-    // takes longer than the keep-alive interval (`--sse-keepalive-secs`: a long queue, a model
-    // loading on demand) commits to the stream instead, and keep-alive comments flow until the
-    // first text; a failure after that is an error chunk.
     let keep_alive = state.config.sse_keepalive;
-    let first = match tokio::time::timeout(keep_alive, follower.next_batch()).await {
-        Ok(batch) => {
-            let first = batch.unwrap_or_default();
-            if let Some(TaskEvent::Error(body)) = first.iter().find(|e| e.is_final()) {
-                return Err(ApiError::openai((status_for(body.code), body.clone())));
-            }
-            Some(first)
-        }
-        Err(_) => None,
-    };
+    let first = oai(first_events(&mut follower, keep_alive).await)?;
     let (tx, resp) = sse::channel();
     tokio::spawn(stream::pump(
         tx,

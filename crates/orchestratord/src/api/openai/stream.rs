@@ -15,7 +15,7 @@ use super::response::{
     choice_of, choice_reason, error_object, finish_reason, logprobs_json, read_calls, usage,
     Answer, Kind, Shape, SYSTEM_FINGERPRINT,
 };
-use super::run::CancelOnDrop;
+use crate::api::interactive::CancelOnDrop;
 use crate::api::{sse, status_for};
 use crate::tasks::{Follower, TaskEvent};
 
