@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian or Ubuntu machine for llama-orch: installs the system packages the
 # build and the tests need (when run as root or with sudo), then fetches and verifies the bundled
-# default model once into a cache outside the repository, and installs the official OpenAI and
-# Anthropic Python clients the tests drive the stack with. Safe to run again: it skips what is done.
+# default model once into a cache outside the repository, and installs the official OpenAI,
+# Anthropic and Ollama Python clients the tests drive the stack with. Safe to run again: it skips what is done.
 #
 #   scripts/setup.sh           do what is missing; prints the model path on its last line
 #   scripts/setup.sh --check   change nothing: print what is missing and what it would do
@@ -22,7 +22,7 @@ MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 # The official clients the tests drive the stack with, each at its newest release, and
 # jsonschema (answers validate against OpenAI's published schema and the request's schema).
-PY_PACKAGES=("openai==3.63.0" "anthropic==2.17.0" "jsonschema==4.26.0")
+PY_PACKAGES=("openai==3.63.0" "anthropic==2.17.0" "ollama==0.6.3" "jsonschema==4.26.0")
 # Linter and formatter of the Nix files (tests/nix.rs), built with cargo into the cache.
 NIX_TOOLS=("deadnix@1.3.1" "nixpkgs-fmt@1.3.0")
 CACHE="${LLORCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-orch}"
@@ -177,8 +177,8 @@ else
   say "default model verified: $MODEL_PATH"
 fi
 
-# --- Python libraries for the tests: the official OpenAI and Anthropic clients (clients work ---
-# --- unchanged) and jsonschema (answers validate against OpenAI's published schema) ----------
+# --- Python libraries for the tests: the official OpenAI, Anthropic and Ollama clients -------
+# --- (clients work unchanged) and jsonschema (answers validate against OpenAI's schema) ------
 # Installed with --target into the cache (no virtualenv needed, and allowed on distributions
 # that mark the system Python as externally managed).
 if ! python_ok; then
@@ -187,7 +187,7 @@ if ! python_ok; then
   python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
     --target "$PY_DIR.tmp" "${PY_PACKAGES[@]}" 2>&1 |
     grep -v -e 'dependency resolver' -e 'requires' -e 'root' >&2 || true
-  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai, anthropic, jsonschema' || { say "could not install ${PY_PACKAGES[*]}"; exit 1; }
+  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai, anthropic, ollama, jsonschema' || { say "could not install ${PY_PACKAGES[*]}"; exit 1; }
   rm -rf "$PY_DIR" && mv "$PY_DIR.tmp" "$PY_DIR"
 fi
 # --- deadnix and nixpkgs-fmt for the Nix tests (crates.io; Debian packages neither) ----------

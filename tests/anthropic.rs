@@ -4,34 +4,20 @@
 //! like any task.
 #![allow(clippy::await_holding_lock)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use llorch_client::EventStream;
-use llorch_tests::stack::{Stack, StackOptions, MODEL_ID, TEST_KEY};
-use llorch_tests::{prom, python_path, serial, wait_until};
+use llorch_tests::stack::{Stack, StackOptions, MODEL_ID};
+use llorch_tests::{prom, serial, wait_until};
 use serde_json::{json, Value};
 
 #[test]
 fn the_official_anthropic_client_drives_messages() {
     let _g = serial();
     let stack = Stack::start(StackOptions::default());
-    let script = llorch_tests::repo_root().join("tests/python/anthropic_client.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args([stack.url().as_str(), TEST_KEY, MODEL_ID])
-        .env("PYTHONPATH", python_path())
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("anthropic ok"),
-        "anthropic_client.py failed\n{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stack.logs()
-    );
-    // Each request went through the same bookkeeping as /v1: counted under its own api label
-    // and recorded in the task's journal line.
+    stack.python("anthropic_client.py", &[], "anthropic ok");
+    // Each request went through the same bookkeeping as /v1: recorded in the task's journal
+    // line under its own api label.
     let logs = stack.logs();
     assert!(
         logs.contains("api=\"anthropic_messages\"") || logs.contains("api=anthropic_messages"),
@@ -76,18 +62,7 @@ async fn a_streamed_message_whose_client_goes_away_frees_its_slot() {
         "the engine generates"
     );
     drop(s);
-    let e = &engine;
-    wait_until(
-        "the engine to stop generating for a client that went away",
-        Duration::from_secs(2),
-        || async move {
-            let status = e.slots().await.unwrap();
-            (status.busy == 0)
-                .then_some(())
-                .ok_or(format!("{status:?}"))
-        },
-    )
-    .await;
+    stack.wait_engine_idle(Duration::from_secs(2)).await;
     let c = &c;
     wait_until(
         "the cancelled message to be counted",

@@ -4,34 +4,11 @@
 //! `/v2` task API.
 #![allow(clippy::await_holding_lock)]
 
-use std::process::Command;
-
-use llorch_tests::stack::{Stack, StackOptions, MODEL_ID, TEST_KEY};
-use llorch_tests::{frames, openai_spec, post, python_path, serial};
+use llorch_tests::stack::{Stack, StackOptions, MODEL_ID};
+use llorch_tests::{frames, openai_spec, post, serial};
 use llorch_wire::engine::{ChatMessage, TokenEvent};
 use llorch_wire::task::{TaskAccepted, TaskRequest};
 use serde_json::{json, Value};
-
-/// Runs a script of `tests/python/` against the stack with the test environment's Python
-/// packages; returns its stdout, failing with both outputs and the stack's logs.
-fn python(stack: &Stack, script: &str, args: &[&str]) -> String {
-    let path = llorch_tests::repo_root().join("tests/python").join(script);
-    let out = Command::new("python3")
-        .arg(&path)
-        .args([stack.url().as_str(), TEST_KEY, MODEL_ID])
-        .args(args)
-        .env("PYTHONPATH", python_path())
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{script} failed\n{stdout}\n{stderr}\n{}",
-        stack.logs()
-    );
-    stdout
-}
 
 #[test]
 fn answers_conform_to_openais_schema_and_structured_output_validates() {
@@ -43,12 +20,11 @@ fn answers_conform_to_openais_schema_and_structured_output_validates() {
         return;
     };
     let stack = Stack::start(StackOptions::default());
-    let out = python(
-        &stack,
+    stack.python(
         "openai_conformance.py",
         &[spec.to_str().expect("utf-8 path")],
+        "conformance ok",
     );
-    assert!(out.contains("conformance ok"), "{out}");
 }
 
 /// The native API takes the same options: a JSON Schema, tools and log-probabilities on

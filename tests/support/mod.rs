@@ -55,11 +55,11 @@ pub fn model_path() -> PathBuf {
     path
 }
 
-/// The Python packages `scripts/setup.sh` installs for the tests (the official `openai` and
-/// `anthropic` clients and `jsonschema`), for `PYTHONPATH`.
+/// The Python packages `scripts/setup.sh` installs for the tests (the official `openai`,
+/// `anthropic` and `ollama` clients and `jsonschema`), for `PYTHONPATH`.
 pub fn python_path() -> PathBuf {
     let dir = cache_dir().join("python");
-    for package in ["openai", "anthropic", "jsonschema"] {
+    for package in ["openai", "anthropic", "ollama", "jsonschema"] {
         assert!(
             dir.join(package).exists(),
             "the {package} Python package is not in {}; run scripts/setup.sh (make test does)",

@@ -378,6 +378,46 @@ source = "{model}"
         serde_json::from_str(&text).ok()
     }
 
+    /// Waits until the engine itself generates nothing (its own slots, not orchestratord's
+    /// leases): what a client that went away must lead to within a decode step.
+    pub async fn wait_engine_idle(&self, limit: Duration) {
+        let engine = crate::UnixClient::new(self.handoff().expect("handoff").socket);
+        let e = &engine;
+        crate::wait_until(
+            "the engine to stop generating for a client that went away",
+            limit,
+            || async move {
+                let status = e.slots().await.unwrap();
+                (status.busy == 0)
+                    .then_some(())
+                    .ok_or(format!("{status:?}"))
+            },
+        )
+        .await;
+    }
+
+    /// Runs a script of `tests/python/` against this stack (`URL KEY MODEL` and `args`) with
+    /// the official clients `scripts/setup.sh` installed; returns its stdout, failing with both
+    /// outputs and the stack's logs unless it succeeds and prints `ok_line`.
+    pub fn python(&self, script: &str, args: &[&str], ok_line: &str) -> String {
+        let path = crate::repo_root().join("tests/python").join(script);
+        let out = Command::new("python3")
+            .arg(&path)
+            .args([self.url().as_str(), TEST_KEY, MODEL_ID])
+            .args(args)
+            .env("PYTHONPATH", crate::python_path())
+            .output()
+            .expect("run python3");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && stdout.contains(ok_line),
+            "{script} failed\n{stdout}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        stdout
+    }
+
     pub fn logs(&self) -> String {
         format!(
             "orchestratord:\n{}\npool-managerd:\n{}",

@@ -13,14 +13,16 @@ pub enum Api {
     OpenAiChat,
     OpenAiCompletions,
     AnthropicMessages,
+    Ollama,
     Native,
 }
 
 impl Api {
-    pub const ALL: [Api; 4] = [
+    pub const ALL: [Api; 5] = [
         Api::OpenAiChat,
         Api::OpenAiCompletions,
         Api::AnthropicMessages,
+        Api::Ollama,
         Api::Native,
     ];
 
@@ -29,6 +31,7 @@ impl Api {
             Self::OpenAiChat => "openai_chat",
             Self::OpenAiCompletions => "openai_completions",
             Self::AnthropicMessages => "anthropic_messages",
+            Self::Ollama => "ollama",
             Self::Native => "native",
         }
     }

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use llorch_wire::{ErrorBody, ErrorCode};
 
-use super::{anthropic, openai};
+use super::{anthropic, ollama, openai};
 use crate::refusal::Refusal;
 
 /// An HTTP refusal: the status and the typed body (the front's own refusals, and the core's
@@ -58,6 +58,8 @@ pub enum Envelope {
     OpenAi,
     /// `{"type": "error", "error": {type, message}}` (`/v1/messages…`).
     Anthropic,
+    /// `{"error": "message"}` (`/api/…`).
+    Ollama,
 }
 
 impl Envelope {
@@ -67,6 +69,8 @@ impl Envelope {
             Self::Anthropic
         } else if path.starts_with("/v1/") {
             Self::OpenAi
+        } else if path.starts_with("/api/") {
+            Self::Ollama
         } else {
             Self::Native
         }
@@ -100,6 +104,15 @@ impl ApiError {
         }
     }
 
+    pub fn ollama(refusal: impl Into<HttpRefusal>) -> Self {
+        let (status, body) = refusal.into();
+        Self {
+            status,
+            body,
+            envelope: Envelope::Ollama,
+        }
+    }
+
     pub fn anthropic(refusal: impl Into<HttpRefusal>) -> Self {
         let (status, body) = refusal.into();
         Self {
@@ -116,6 +129,7 @@ impl IntoResponse for ApiError {
         let json = match self.envelope {
             Envelope::OpenAi => openai::error_envelope(self.status, &self.body),
             Envelope::Anthropic => anthropic::error_envelope(self.status, &self.body),
+            Envelope::Ollama => ollama::error_envelope(self.status, &self.body),
             Envelope::Native => serde_json::to_vec(&self.body).expect("bodies serialize"),
         };
         let mut resp = (

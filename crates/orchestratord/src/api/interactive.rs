@@ -6,8 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use llorch_wire::engine::GenerateRequest;
-use llorch_wire::task::Priority;
+use llorch_wire::task::{Priority, TaskEnd};
+use llorch_wire::{ErrorBody, ErrorCode};
 
 use super::{status_for, AppState, CorrelationId, HttpRefusal, Meter};
 use crate::state::{State, Submission};
@@ -69,6 +71,26 @@ pub(crate) fn admit(
         follower: Follower::new(task.clone()),
         task,
     })
+}
+
+/// Reads a task to its end (an answer that is not streamed): its whole text and how it
+/// ended, or the task's error.
+pub(crate) async fn read_to_end(follower: &mut Follower) -> Result<(String, TaskEnd), HttpRefusal> {
+    let mut text = String::new();
+    while let Some(events) = follower.next_batch().await {
+        for e in events {
+            match e {
+                TaskEvent::Token(t) => text.push_str(&t.t),
+                TaskEvent::End(end) => return Ok((text, end)),
+                TaskEvent::Error(body) => return Err((status_for(body.code), body)),
+                _ => {}
+            }
+        }
+    }
+    Err((
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorBody::new(ErrorCode::Internal, "the task ended without a result"),
+    ))
 }
 
 /// Before a stream is committed to: waits for the task's first events, so a refusal (a full

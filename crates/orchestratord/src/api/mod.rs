@@ -1,8 +1,10 @@
 //! The HTTP front: routes, the correlation id, authentication, body limits and the error
-//! envelopes (OpenAI's under `/v1`, Anthropic's under `/v1/messages`, the native one elsewhere).
+//! envelopes (OpenAI's under `/v1`, Anthropic's under `/v1/messages`, Ollama's under `/api`, the
+//! native one elsewhere).
 //!
 //! - [`openai`]: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
 //! - [`anthropic`]: `/v1/messages`, `/v1/messages/count_tokens`.
+//! - [`ollama`]: `/api/chat`, `/api/generate`, `/api/tags`, `/api/ps`, `/api/show`, `/api/version`.
 //! - `interactive.rs`: admitting a client surface's request, and cancelling it on disconnect.
 //! - [`native`]: `/v2/tasks…`, `/v2/sessions/…`, `/v2/pools…`, `/v2/meta/capabilities`.
 //! - [`nodes`]: node registration and heartbeats, `/v2/nodes`.
@@ -15,6 +17,7 @@ mod error;
 mod interactive;
 pub mod native;
 pub mod nodes;
+pub mod ollama;
 pub mod openai;
 pub mod sse;
 
@@ -251,6 +254,14 @@ pub fn router(state: AppState, boundary: Boundary) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/api/version", get(ollama::version))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/show", post(ollama::show))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/embed", post(ollama::embed))
+        .route("/api/embeddings", post(ollama::embed))
         .route("/v2/tasks", post(native::submit))
         .route("/v2/tasks/{id}", get(native::task_info))
         .route("/v2/tasks/{id}/events", get(native::events))

@@ -86,9 +86,14 @@ impl http_body::Body for ChannelBody {
 
 /// A channel and the SSE response that drains it.
 pub fn channel() -> (mpsc::Sender<Bytes>, Response) {
+    channel_of("text/event-stream")
+}
+
+/// A channel and the streamed response of `content_type` that drains it (Ollama's NDJSON).
+pub fn channel_of(content_type: &'static str) -> (mpsc::Sender<Bytes>, Response) {
     let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
     let resp = Response::builder()
-        .header("content-type", "text/event-stream")
+        .header("content-type", content_type)
         .header("cache-control", "no-cache")
         .header("x-accel-buffering", "no")
         .body(Body::new(ChannelBody { rx }))

@@ -18,16 +18,14 @@ use axum::extract::State as Ext;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use llorch_wire::{ErrorBody, ErrorCode};
+use llorch_wire::ErrorBody;
 use serde_json::json;
 
-use super::interactive::{admit, first_events, Admitted};
+use super::interactive::{admit, first_events, read_to_end, Admitted};
 use super::{
-    authenticate, parse, read_body, sse, status_for, ApiError, AppState, CorrelationId,
-    HttpRefusal, Meter,
+    authenticate, parse, read_body, sse, ApiError, AppState, CorrelationId, HttpRefusal, Meter,
 };
 use crate::outcome::Api;
-use crate::tasks::{Follower, TaskEvent};
 use request::{rename_field, MessagesRequest};
 pub use response::error_envelope;
 use response::Shape;
@@ -98,7 +96,7 @@ async fn messages_request(
         max_tokens,
     };
     if !stream {
-        let end = read_to_end(&mut follower).await?;
+        let end = ant(read_to_end(&mut follower).await)?;
         drop(guard);
         let (text, end) = end;
         return Ok(Json(response::message(&shape, text, &end)).into_response());
@@ -108,27 +106,6 @@ async fn messages_request(
     let (tx, resp) = sse::channel();
     tokio::spawn(stream::pump(tx, follower, guard, shape, keep_alive, first));
     Ok(resp)
-}
-
-/// Reads a task to its end: the whole text and how it ended, or the task's error.
-async fn read_to_end(follower: &mut Follower) -> Result<(String, llorch_wire::task::TaskEnd)> {
-    let mut text = String::new();
-    while let Some(events) = follower.next_batch().await {
-        for e in events {
-            match e {
-                TaskEvent::Token(t) => text.push_str(&t.t),
-                TaskEvent::End(end) => return Ok((text, end)),
-                TaskEvent::Error(body) => {
-                    return Err(ApiError::anthropic((status_for(body.code), body)))
-                }
-                _ => {}
-            }
-        }
-    }
-    Err(ApiError::anthropic((
-        StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorBody::new(ErrorCode::Internal, "the task ended without a result"),
-    )))
 }
 
 /// `POST /v1/messages/count_tokens`: the prompt the request would have, as the model's
@@ -175,7 +152,7 @@ async fn count_request(
         guard,
         ..
     } = ant(admit(&state, cid, client, model, engine, meter))?;
-    let (_, end) = read_to_end(&mut follower).await?;
+    let (_, end) = ant(read_to_end(&mut follower).await)?;
     drop(guard);
     Ok(Json(json!({"input_tokens": end.tokens_in})).into_response())
 }
