@@ -57,6 +57,18 @@ m = client.messages.create(model=model, max_tokens=3, extra_body=GREEDY,
                            messages=[{"role": "user", "content": "Tell me a long story."}])
 assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 3, m
 
+# A stop sequence ends the answer before it, and is named.
+for streamed in (False, True):
+    kwargs = dict(model=model, max_tokens=24, messages=ask, extra_body=GREEDY, stop_sequences=["Paris"],
+                  system="You answer in one short sentence.")
+    if streamed:
+        with client.messages.stream(**kwargs) as s:
+            m = s.get_final_message()
+    else:
+        m = client.messages.create(**kwargs)
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == "Paris", m
+    assert "Paris" not in m.content[0].text, m
+
 # --- Structured output (output_config.format) -------------------------------------------------
 city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                                           "country": {"enum": ["France", "Spain"]}},

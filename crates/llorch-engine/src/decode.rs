@@ -75,6 +75,8 @@ struct Active {
     /// Log-probabilities of tokens whose text has not been sent yet.
     logprobs: Vec<TokenLogprob>,
     text: TextStream,
+    /// The stop string that ended the current choice, when one did.
+    stop_hit: Option<String>,
     /// Prompt tokens not yet evaluated.
     pending: std::collections::VecDeque<i32>,
     /// The token sampled last step, to be evaluated next step.
@@ -328,6 +330,7 @@ impl DecodeLoop {
             sampler: job.sampling.sampler(n_vocab, grammar),
             logprobs: Vec::new(),
             text: TextStream::new(job.stop.clone()),
+            stop_hit: None,
             pending: job.prompt[keep..].iter().copied().collect(),
             next: None,
             cached: keep as u32,
@@ -514,7 +517,10 @@ impl DecodeLoop {
             vocab.token_to_piece_into(token, &mut piece, false, None);
             let (text, stopped) = match a.text.push(&piece) {
                 Output::Text(t) => (t, false),
-                Output::Stopped(t) => (t, true),
+                Output::Stopped(t, stop) => {
+                    a.stop_hit = Some(stop);
+                    (t, true)
+                }
             };
             a.send_text(text);
             if stopped {
@@ -578,6 +584,7 @@ impl DecodeLoop {
             .and_then(|g| sampler::grammar(&self.model.llama, g).ok());
         a.sampler = sampling.sampler(n_vocab, grammar);
         a.text = TextStream::new(a.job.stop.clone());
+        a.stop_hit = None;
         a.logprobs.clear();
         a.generated = 0;
         a.next = None;
@@ -611,6 +618,7 @@ impl DecodeLoop {
                     decode_ms: ms(now - first),
                     slot: slot as u32,
                     choices: std::mem::take(&mut a.ended),
+                    stop_sequence: a.stop_hit.take(),
                 })
             }
             Err(body) => EngineEvent::Error(body),

@@ -17,8 +17,8 @@ pub struct TextStream {
 pub enum Output {
     /// Text safe to send (may be empty).
     Text(String),
-    /// A stop string matched; this is the text before it. Generation ends.
-    Stopped(String),
+    /// A stop string matched: the text before it, and the stop string. Generation ends.
+    Stopped(String, String),
 }
 
 impl TextStream {
@@ -51,15 +51,15 @@ impl TextStream {
     }
 
     fn release(&mut self) -> Output {
-        if let Some(at) = self
+        if let Some((at, stop)) = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s)))
+            .min_by_key(|(at, _)| *at)
         {
-            let before = self.held[..at].to_string();
+            let (before, stop) = (self.held[..at].to_string(), stop.clone());
             self.held.clear();
-            return Output::Stopped(before);
+            return Output::Stopped(before, stop);
         }
         // Keep the longest suffix of `held` that is a proper prefix of some stop string.
         let keep = self
@@ -105,7 +105,7 @@ mod tests {
         for p in pieces {
             match s.push(p) {
                 Output::Text(t) => out.push_str(&t),
-                Output::Stopped(t) => {
+                Output::Stopped(t, _) => {
                     out.push_str(&t);
                     return (out, true);
                 }
@@ -138,9 +138,11 @@ mod tests {
         let (text, stopped) = run(&["</end>"], &[b"a </e", b"x>"]);
         assert_eq!(text, "a </ex>");
         assert!(!stopped);
-        // The earliest of several stop strings wins.
+        // The earliest of several stop strings wins, and is named.
         let (text, _) = run(&["cd", "b"], &[b"abcd"]);
         assert_eq!(text, "a");
+        let mut s = TextStream::new(vec!["cd".into(), "b".into()]);
+        assert_eq!(s.push(b"abcd"), Output::Stopped("a".into(), "b".into()));
     }
 
     #[test]

@@ -169,6 +169,9 @@ pub struct TaskEnd {
     /// With `n` > 1: how each choice ended (`tokens_out` is their sum).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub choices: Vec<crate::engine::ChoiceEnd>,
+    /// The stop string that ended the (last) answer, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_sequence: Option<String>,
 }
 
 /// `GET /v2/tasks/{id}`.

@@ -403,7 +403,7 @@ pub async fn run(mut opts: UpOptions) -> anyhow::Result<()> {
         return Err(e);
     }
     println!(
-        "llama-orch is serving {} at {url}/v1 (OpenAI) and {url}/v2 (native)",
+        "llama-orch is serving {} at {url}/v1 (OpenAI), {url} (Anthropic and Ollama clients) and {url}/v2 (native)",
         opts.model_id
     );
     println!(

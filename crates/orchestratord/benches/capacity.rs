@@ -184,6 +184,7 @@ fn frames(tokens: u32) -> Arc<[Bytes]> {
             decode_ms: 0.0,
             slot: 0,
             choices: Vec::new(),
+            stop_sequence: None,
         })
         .to_sse(),
     ));

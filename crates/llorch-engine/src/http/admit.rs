@@ -113,6 +113,7 @@ fn counted(
         decode_ms: 0.0,
         slot: 0,
         choices: Vec::new(),
+        stop_sequence: None,
     });
     let _ = tx.try_send(end);
     Response::builder()

@@ -98,6 +98,10 @@ pub struct EndEvent {
     /// `finish_reason` the last one's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub choices: Vec<ChoiceEnd>,
+    /// The stop string that ended the (last) answer, when one did (`finish_reason` is then
+    /// `stop`); absent when the model ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_sequence: Option<String>,
 }
 
 /// Every event a `POST /generate` stream can carry.
@@ -177,6 +181,7 @@ mod tests {
                     finish_reason: FinishReason::Stop,
                     completion_tokens: 1,
                 }],
+                stop_sequence: Some("\n\n".into()),
             }),
             EngineEvent::Error(ErrorBody::new(ErrorCode::Canceled, "engine stopping")),
         ];

@@ -393,6 +393,7 @@ fn complete(
             decode_time_ms: decode.as_millis() as u64,
             finish_reason: end.finish_reason,
             choices: end.choices,
+            stop_sequence: end.stop_sequence,
         },
     );
 }

@@ -60,12 +60,13 @@ pub(super) fn tool_use_block(call: &ToolCall) -> Value {
     json!({"type": "tool_use", "id": tool_use_id(call), "name": call.function.name, "input": input})
 }
 
-/// Why the answer ended, as Anthropic says it: a call is `tool_use`; a cut answer is
-/// `max_tokens` when it used them all and `model_context_window_exceeded` when the slot's
-/// context filled first.
+/// Why the answer ended, as Anthropic says it: a call is `tool_use`; a stop string is
+/// `stop_sequence` (named in `stop_sequence`); a cut answer is `max_tokens` when it used them
+/// all and `model_context_window_exceeded` when the slot's context filled first.
 pub(super) fn stop_reason(shape: &Shape, calls: &[ToolCall], end: &TaskEnd) -> &'static str {
     match end.finish_reason {
         _ if !calls.is_empty() => "tool_use",
+        FinishReason::Stop if end.stop_sequence.is_some() => "stop_sequence",
         FinishReason::Stop => "end_turn",
         FinishReason::Length if end.tokens_out < shape.max_tokens => {
             "model_context_window_exceeded"
@@ -105,7 +106,7 @@ pub(super) fn message(shape: &Shape, text: String, end: &TaskEnd) -> Value {
         "model": shape.model,
         "content": content(text, &calls),
         "stop_reason": stop_reason(shape, &calls, end),
-        "stop_sequence": null,
+        "stop_sequence": end.stop_sequence,
         "usage": usage(end),
     })
 }

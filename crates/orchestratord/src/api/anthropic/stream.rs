@@ -117,7 +117,7 @@ impl Blocks {
             out,
             "message_delta",
             &json!({"type": "message_delta",
-                "delta": {"stop_reason": stop_reason(shape, &calls, end), "stop_sequence": null},
+                "delta": {"stop_reason": stop_reason(shape, &calls, end), "stop_sequence": end.stop_sequence},
                 "usage": usage(end)}),
         );
         event(out, "message_stop", &json!({"type": "message_stop"}));
@@ -214,6 +214,7 @@ mod tests {
             decode_time_ms: 1,
             finish_reason: reason,
             choices: Vec::new(),
+            stop_sequence: None,
         }
     }
 

@@ -257,6 +257,7 @@ mod tests {
             decode_time_ms: 1,
             finish_reason: llorch_wire::engine::FinishReason::Length,
             choices: Vec::new(),
+            stop_sequence: None,
         };
         let mut c = Chunks::new(Kind::Chat, "chatcmpl-1", 7, "m\"x", 1, true);
         let mut out = Vec::new();
