@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use llorch_client::EventStream;
 use llorch_tests::stack::{Stack, StackOptions, MODEL_ID};
-use llorch_tests::{prom, serial, wait_until};
+use llorch_tests::{prom, serial};
 use serde_json::{json, Value};
 
 #[test]
@@ -63,17 +63,12 @@ async fn a_streamed_message_whose_client_goes_away_frees_its_slot() {
     );
     drop(s);
     stack.wait_engine_idle(Duration::from_secs(2)).await;
-    let c = &c;
-    wait_until(
-        "the cancelled message to be counted",
+    prom::wait_sum(
+        &c,
+        "llorch_requests_total",
+        &[("api", "anthropic_messages"), ("outcome", "canceled")],
+        1.0,
         Duration::from_secs(2),
-        || async move {
-            let n = prom::scrape(c).await.sum(
-                "llorch_requests_total",
-                &[("api", "anthropic_messages"), ("outcome", "canceled")],
-            );
-            (n == 1.0).then_some(()).ok_or(format!("{n} counted"))
-        },
     )
     .await;
 }

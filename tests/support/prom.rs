@@ -168,6 +168,25 @@ fn parse_sample(line: &str) -> Sample {
     }
 }
 
+/// Waits (at most `limit`) until the sum of `name` over the samples with `labels` is `want`.
+pub async fn wait_sum(
+    client: &llorch_client::HttpClient,
+    name: &str,
+    labels: &[(&str, &str)],
+    want: f64,
+    limit: std::time::Duration,
+) {
+    crate::wait_until(
+        &format!("{name}{labels:?} to be {want}"),
+        limit,
+        || async move {
+            let n = scrape(client).await.sum(name, labels);
+            (n == want).then_some(()).ok_or(format!("{n}"))
+        },
+    )
+    .await;
+}
+
 /// One scrape of `GET /metrics`, checked for its status and the text format's content type.
 pub async fn scrape(client: &llorch_client::HttpClient) -> Scrape {
     use http_body_util::BodyExt;

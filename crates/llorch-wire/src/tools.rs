@@ -58,6 +58,17 @@ pub struct FunctionCall {
     pub arguments: String,
 }
 
+impl ToolCall {
+    /// The arguments as a JSON object, for the surfaces that send them as one (Anthropic's
+    /// `input`, Ollama's `arguments`); `{}` when the text is not an object.
+    pub fn arguments_object(&self) -> Value {
+        serde_json::from_str(&self.function.arguments)
+            .ok()
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}))
+    }
+}
+
 /// `tool_choice`: `"none"`, `"auto"`, `"required"` or
 /// `{"type": "function", "function": {"name": ...}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]

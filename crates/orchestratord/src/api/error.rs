@@ -146,6 +146,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The message of an envelope that has no field of its own for the parameter at fault
+/// (Anthropic's, Ollama's): prefixed with the field, unless it already starts with it.
+pub(crate) fn message_naming_field(body: &ErrorBody) -> String {
+    match &body.field {
+        Some(f) if !body.message.starts_with(f.as_str()) => format!("{f}: {}", body.message),
+        _ => body.message.clone(),
+    }
+}
+
 /// The HTTP status for a final error event seen before a response started.
 pub fn status_for(code: ErrorCode) -> StatusCode {
     match code {

@@ -96,9 +96,8 @@ async fn messages_request(
         max_tokens,
     };
     if !stream {
-        let end = ant(read_to_end(&mut follower).await)?;
+        let (text, end) = ant(read_to_end(&mut follower).await)?;
         drop(guard);
-        let (text, end) = end;
         return Ok(Json(response::message(&shape, text, &end)).into_response());
     }
     let keep_alive = state.config.sse_keepalive;
@@ -145,6 +144,7 @@ async fn count_request(
     let model = req.model.clone();
     let mut engine = req.into_engine().map_err(bad)?;
     engine.count_only = true;
+    // Nothing is generated: the queue's prediction of its service time is one token's.
     engine.max_tokens = Some(1);
     engine.validate().map_err(bad)?;
     let Admitted {

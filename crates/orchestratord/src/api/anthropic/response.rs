@@ -36,10 +36,7 @@ pub(super) fn error_json(status: StatusCode, body: &ErrorBody) -> Value {
         502..=504 => "overloaded_error",
         _ => "api_error",
     };
-    let message = match &body.field {
-        Some(f) if !body.message.starts_with(f.as_str()) => format!("{f}: {}", body.message),
-        _ => body.message.clone(),
-    };
+    let message = crate::api::error::message_naming_field(body);
     json!({"type": "error", "error": {"type": kind, "message": message}})
 }
 
@@ -53,11 +50,8 @@ fn tool_use_id(call: &ToolCall) -> String {
 
 /// A `tool_use` block: the call's arguments as the `input` object.
 pub(super) fn tool_use_block(call: &ToolCall) -> Value {
-    let input: Value = serde_json::from_str(&call.function.arguments)
-        .ok()
-        .filter(Value::is_object)
-        .unwrap_or_else(|| json!({}));
-    json!({"type": "tool_use", "id": tool_use_id(call), "name": call.function.name, "input": input})
+    json!({"type": "tool_use", "id": tool_use_id(call), "name": call.function.name,
+        "input": call.arguments_object()})
 }
 
 /// Why the answer ended, as Anthropic says it: a call is `tool_use`; a stop string is

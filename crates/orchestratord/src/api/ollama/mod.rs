@@ -24,7 +24,6 @@ use bytes::Bytes;
 use llorch_wire::engine::GenerateRequest;
 use llorch_wire::tools::ToolChoice;
 use llorch_wire::{ErrorBody, ErrorCode};
-use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -34,9 +33,9 @@ use super::{
 };
 use crate::outcome::Api;
 use crate::tasks::{Follower, TaskEvent};
-use request::{ChatRequest, Common, GenerateBody};
+use request::{Answerable, ChatRequest, Common, GenerateBody};
 pub use response::error_envelope;
-use response::{Kind, Shape};
+use response::Shape;
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -90,27 +89,18 @@ fn known(state: &AppState, model: &str) -> Result<()> {
     if state.models().iter().any(|m| m == model) {
         return Ok(());
     }
-    Err(ApiError::ollama((
+    Err(ApiError::ollama(not_found(model)))
+}
+
+/// Ollama's words for a model no pool serves, which its clients look for.
+fn not_found(model: &str) -> HttpRefusal {
+    (
         StatusCode::NOT_FOUND,
         ErrorBody::new(
             ErrorCode::ModelNotFound,
             format!("model '{model}' not found"),
         ),
-    )))
-}
-
-/// Authenticates and decodes a body into the shared part and the endpoint's own.
-async fn decode<T: DeserializeOwned>(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<(String, Common, T)> {
-    let client = oll(authenticate(state, headers))?;
-    let bytes = oll(read_body(state, body).await)?;
-    let value: Value = oll(parse(&bytes))?;
-    let common: Common = llorch_wire::json::from_value(&value).map_err(bad)?;
-    let own: T = llorch_wire::json::from_value(&value).map_err(bad)?;
-    Ok((client, common, own))
+    )
 }
 
 /// `POST /api/chat`.
@@ -120,29 +110,7 @@ pub async fn chat(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let meter = Meter::new(Api::Ollama);
-    let received = Instant::now();
-    let result = async {
-        let (client, common, req) = decode::<ChatRequest>(&state, &headers, body).await?;
-        meter.model(&req.model);
-        let shape = Shape {
-            kind: Kind::Chat,
-            model: req.model.clone(),
-            received,
-            tools: ToolChoice::None,
-        };
-        // Ollama's words for an unknown model, which its clients look for.
-        known(&state, &req.model)?;
-        if req.is_load() {
-            return Ok(Json(response::load_line(&shape)).into_response());
-        }
-        let engine = req
-            .into_engine(&common, state.config.default_max_tokens)
-            .map_err(bad)?;
-        run(&state, cid, client, engine, &common, shape, &meter).await
-    }
-    .await;
-    meter.count(&state, result)
+    answer::<ChatRequest>(state, cid, headers, body).await
 }
 
 /// `POST /api/generate`.
@@ -152,20 +120,34 @@ pub async fn generate(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    answer::<GenerateBody>(state, cid, headers, body).await
+}
+
+/// Chat and generate: authenticates and decodes the body, answers a load request at once,
+/// and otherwise runs the engine request.
+async fn answer<T: Answerable>(
+    state: AppState,
+    cid: CorrelationId,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let meter = Meter::new(Api::Ollama);
     let received = Instant::now();
     let result = async {
-        let (client, common, req) = decode::<GenerateBody>(&state, &headers, body).await?;
-        meter.model(&req.model);
+        let client = oll(authenticate(&state, &headers))?;
+        let bytes = oll(read_body(&state, body).await)?;
+        let value: Value = oll(parse(&bytes))?;
+        let (common, req) = request::decode::<T>(&value).map_err(bad)?;
+        meter.model(req.model());
         let shape = Shape {
-            kind: Kind::Generate,
-            model: req.model.clone(),
+            kind: T::KIND,
+            model: req.model().to_string(),
             received,
             tools: ToolChoice::None,
         };
-        // Ollama's words for an unknown model, which its clients look for.
-        known(&state, &req.model)?;
         if req.is_load() {
+            // No task: the model is checked here (a task's admission checks it otherwise).
+            known(&state, &shape.model)?;
             return Ok(Json(response::load_line(&shape)).into_response());
         }
         let engine = req
@@ -189,14 +171,14 @@ async fn run(
 ) -> Result<Response> {
     engine.validate().map_err(bad)?;
     shape.tools = engine.effective_tool_choice();
-    let admitted = oll(admit(
-        state,
-        cid,
-        client,
-        shape.model.clone(),
-        engine,
-        meter,
-    ))?;
+    let admitted = admit(state, cid, client, shape.model.clone(), engine, meter).map_err(|e| {
+        // The admission's refusal of an unknown model, in Ollama's words.
+        if e.1.code == ErrorCode::ModelNotFound {
+            ApiError::ollama(not_found(&shape.model))
+        } else {
+            ApiError::ollama(e)
+        }
+    })?;
     let (mut follower, guard) = (admitted.follower, admitted.guard);
     if !common.streams() {
         let (text, end) = oll(read_to_end(&mut follower).await)?;
@@ -287,7 +269,10 @@ async fn pump(
 }
 
 /// `POST /api/embed` and `/api/embeddings`: no pool serves embeddings yet (docs/API.md).
-pub async fn embed() -> ApiError {
+pub async fn embed(Ext(state): Ext<AppState>, headers: HeaderMap) -> ApiError {
+    if let Err(e) = authenticate(&state, &headers) {
+        return ApiError::ollama(e);
+    }
     ApiError::ollama((
         StatusCode::NOT_IMPLEMENTED,
         ErrorBody::new(

@@ -14,6 +14,8 @@ use llorch_wire::ErrorBody;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::response::Kind;
+
 type Result<T> = std::result::Result<T, ErrorBody>;
 
 /// Options of Ollama's model loader and of samplers the engine does not have: accepted, no
@@ -135,35 +137,22 @@ struct OllamaFunction {
     arguments: Option<Value>,
 }
 
-/// `POST /api/chat`.
+/// `POST /api/chat` (its own fields; [`Common`]'s come from the same body).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct ChatRequest {
-    pub(super) model: String,
+    model: String,
     #[serde(default)]
     messages: Vec<Message>,
     #[serde(default)]
     tools: Option<Vec<Tool>>,
-    // Shared with `Common` (decoded from the same body).
-    #[serde(default, rename = "stream")]
-    _stream: Option<Value>,
-    #[serde(default, rename = "format")]
-    _format: Option<Value>,
-    #[serde(default, rename = "options")]
-    _options: Option<Value>,
-    #[serde(default, rename = "keep_alive")]
-    _keep_alive: Option<Value>,
-    #[serde(default, rename = "think")]
-    _think: Option<Value>,
 }
 
-/// `POST /api/generate`.
+/// `POST /api/generate` (its own fields; [`Common`]'s come from the same body).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct GenerateBody {
-    pub(super) model: String,
+    model: String,
     #[serde(default)]
-    pub(super) prompt: Option<String>,
+    prompt: Option<String>,
     #[serde(default)]
     system: Option<String>,
     #[serde(default)]
@@ -176,20 +165,46 @@ pub(super) struct GenerateBody {
     context: Option<Vec<Value>>,
     #[serde(default)]
     images: Option<Vec<Value>>,
-    #[serde(default, rename = "stream")]
-    _stream: Option<Value>,
-    #[serde(default, rename = "format")]
-    _format: Option<Value>,
-    #[serde(default, rename = "options")]
-    _options: Option<Value>,
-    #[serde(default, rename = "keep_alive")]
-    _keep_alive: Option<Value>,
-    #[serde(default, rename = "think")]
-    _think: Option<Value>,
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ErrorBody {
     ErrorBody::invalid(field, message)
+}
+
+/// The fields of [`Common`].
+const COMMON_FIELDS: &[&str] = &["stream", "format", "options", "keep_alive", "think"];
+
+/// A body of `/api/chat` or `/api/generate`: what the one handler of both needs.
+pub(super) trait Answerable: serde::de::DeserializeOwned {
+    /// Whether its answer is a chat `message` or a generate `response`.
+    const KIND: Kind;
+    /// Its own fields (besides [`COMMON_FIELDS`]).
+    const FIELDS: &'static [&'static str];
+    fn model(&self) -> &str;
+    /// Whether there is nothing to answer: Ollama then only loads the model.
+    fn is_load(&self) -> bool;
+    fn into_engine(self, common: &Common, default_max_tokens: u32) -> Result<GenerateRequest>;
+}
+
+/// Decodes a body into the shared part and the endpoint's own, refusing (by name) a field
+/// neither knows.
+pub(super) fn decode<T: Answerable>(value: &Value) -> Result<(Common, T)> {
+    let Value::Object(map) = value else {
+        return Err(invalid("body", "the request body must be a JSON object"));
+    };
+    if let Some(k) = map
+        .keys()
+        .find(|k| !COMMON_FIELDS.contains(&k.as_str()) && !T::FIELDS.contains(&k.as_str()))
+    {
+        return Err(invalid(
+            k.as_str(),
+            format!("{k}: this server does not take this field"),
+        ));
+    }
+    Ok((
+        llorch_wire::json::from_value(value)?,
+        llorch_wire::json::from_value(value)?,
+    ))
 }
 
 impl Common {
@@ -336,17 +351,19 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>> {
     Ok(out)
 }
 
-impl ChatRequest {
-    /// Whether there is nothing to answer: Ollama then only loads the model.
-    pub(super) fn is_load(&self) -> bool {
+impl Answerable for ChatRequest {
+    const KIND: Kind = Kind::Chat;
+    const FIELDS: &'static [&'static str] = &["model", "messages", "tools"];
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn is_load(&self) -> bool {
         self.messages.is_empty()
     }
 
-    pub(super) fn into_engine(
-        self,
-        common: &Common,
-        default_max_tokens: u32,
-    ) -> Result<GenerateRequest> {
+    fn into_engine(self, common: &Common, default_max_tokens: u32) -> Result<GenerateRequest> {
         let base = GenerateRequest {
             tools: self.tools.unwrap_or_default(),
             ..GenerateRequest::chat(chat_messages(self.messages)?)
@@ -355,18 +372,22 @@ impl ChatRequest {
     }
 }
 
-impl GenerateBody {
-    /// Whether there is nothing to answer: Ollama then only loads the model.
-    pub(super) fn is_load(&self) -> bool {
+impl Answerable for GenerateBody {
+    const KIND: Kind = Kind::Generate;
+    const FIELDS: &'static [&'static str] = &[
+        "model", "prompt", "system", "raw", "suffix", "template", "context", "images",
+    ];
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn is_load(&self) -> bool {
         self.prompt.as_deref().unwrap_or_default().is_empty()
     }
 
     /// The prompt through the model's chat template (with `system`), or as is with `raw`.
-    pub(super) fn into_engine(
-        self,
-        common: &Common,
-        default_max_tokens: u32,
-    ) -> Result<GenerateRequest> {
+    fn into_engine(self, common: &Common, default_max_tokens: u32) -> Result<GenerateRequest> {
         let refused = [
             (
                 "suffix",
@@ -415,8 +436,7 @@ mod tests {
     use serde_json::json;
 
     fn chat(body: Value) -> Result<GenerateRequest> {
-        let common: Common = llorch_wire::json::from_value(&body)?;
-        let req: ChatRequest = llorch_wire::json::from_value(&body)?;
+        let (common, req) = decode::<ChatRequest>(&body)?;
         req.into_engine(&common, 256)
     }
 

@@ -33,11 +33,7 @@ pub fn error_envelope(_status: StatusCode, body: &ErrorBody) -> Vec<u8> {
 }
 
 pub(super) fn error_json(body: &ErrorBody) -> Value {
-    let message = match &body.field {
-        Some(f) if !body.message.starts_with(f.as_str()) => format!("{f}: {}", body.message),
-        _ => body.message.clone(),
-    };
-    json!({"error": message})
+    json!({"error": crate::api::error::message_naming_field(body)})
 }
 
 pub(super) fn now_rfc3339() -> String {
@@ -56,11 +52,7 @@ pub(super) fn text_line(shape: &Shape, text: &str) -> Value {
 
 /// A call as Ollama writes one: `{"function": {"name", "arguments": {...}}}`.
 fn call_json(call: &ToolCall) -> Value {
-    let arguments: Value = serde_json::from_str(&call.function.arguments)
-        .ok()
-        .filter(Value::is_object)
-        .unwrap_or_else(|| json!({}));
-    json!({"function": {"name": call.function.name, "arguments": arguments}})
+    json!({"function": {"name": call.function.name, "arguments": call.arguments_object()}})
 }
 
 /// The last line, or the whole answer when not streamed: `text` is the answer's text when
