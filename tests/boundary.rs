@@ -127,6 +127,22 @@ fn a_web_page_cannot_drive_the_home_stack() {
     assert!(body.contains("--allowed-hosts"), "{body}");
     let (status, _, body) = raw(l, "POST", "/v2/tasks", &[("host", &foreign), json], &chat);
     assert_eq!(status, 421, "{body}");
+    // Ollama's listing and chat too (a page must not read the models or generate), refused in
+    // Ollama's envelope.
+    let (status, _, body) = raw(l, "GET", "/api/tags", &[("host", &foreign)], "");
+    assert_eq!(status, 421, "{body}");
+    assert!(body.starts_with(r#"{"error":"#), "{body}");
+    let (status, _, body) = raw(l, "POST", "/api/chat", &[evil, json], &chat);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.starts_with(r#"{"error":"#), "{body}");
+    let (status, _, body) = raw(
+        l,
+        "POST",
+        "/api/generate",
+        &[evil, ("content-type", "text/plain")],
+        "{}",
+    );
+    assert_eq!(status, 403, "{body}");
     // Probes name hosts as they like: liveness answers whatever the Host.
     let (status, _, body) = raw(l, "GET", "/health/live", &[("host", &foreign)], "");
     assert_eq!(status, 200, "{body}");

@@ -1,13 +1,14 @@
 //! Ollama's API against the real stack and the real default model: the official `ollama`
 //! Python client (listings, chat and generate streamed and not, structured output, tools,
-//! errors), and a streamed chat cancelled by closing the connection, counted like any task.
+//! errors), a streamed chat cancelled by closing the connection, counted like any task, and
+//! the key every new route needs.
 #![allow(clippy::await_holding_lock)]
 
 use std::time::Duration;
 
 use http_body_util::BodyExt;
 use llorch_tests::stack::{Stack, StackOptions, MODEL_ID};
-use llorch_tests::{prom, serial, wait_until};
+use llorch_tests::{prom, serial};
 use serde_json::{json, Value};
 
 #[test]
@@ -22,6 +23,58 @@ fn the_official_ollama_client_drives_the_api() {
         logs.contains("api=\"ollama\"") || logs.contains("api=ollama"),
         "no task record with the ollama api label:\n{logs}"
     );
+}
+
+/// Every route of the Anthropic and Ollama surfaces needs a key once keys are configured, and
+/// refuses without one in its own envelope, before reading the body; `/api/version` alone
+/// answers (it tells only the version, as `/health` tells readiness).
+#[tokio::test]
+async fn the_new_surfaces_refuse_a_caller_without_a_key() {
+    let _g = serial();
+    let stack = Stack::start(StackOptions::default());
+    let anon = stack.client().with_token(None);
+    let body = serde_json::to_vec(&json!({"model": MODEL_ID, "max_tokens": 4,
+        "messages": [{"role": "user", "content": "Hi"}]}))
+    .unwrap();
+    for (method, path) in [
+        ("POST", "/v1/messages"),
+        ("POST", "/v1/messages/count_tokens"),
+        ("GET", "/api/tags"),
+        ("GET", "/api/ps"),
+        ("POST", "/api/show"),
+        ("POST", "/api/chat"),
+        ("POST", "/api/generate"),
+        ("POST", "/api/embed"),
+        ("POST", "/api/embeddings"),
+        ("GET", "/api/version"),
+    ] {
+        let resp = if method == "GET" {
+            let req = anon
+                .request(hyper::Method::GET, path)
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            anon.send(req).await.unwrap()
+        } else {
+            anon.post_raw(path, body.clone(), &[]).await.unwrap()
+        };
+        let status = resp.status();
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&text).unwrap();
+        if path == "/api/version" {
+            assert_eq!(status, 200, "{v}");
+            assert!(v["version"].is_string(), "{v}");
+            continue;
+        }
+        assert_eq!(status, 401, "{path}: {v}");
+        if path.starts_with("/v1/") {
+            assert_eq!(v["error"]["type"], "authentication_error", "{path}: {v}");
+        } else {
+            assert!(
+                v["error"].as_str().unwrap().contains("API key"),
+                "{path}: {v}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -59,17 +112,12 @@ async fn a_streamed_chat_whose_client_goes_away_frees_its_slot() {
     assert_eq!(first["message"]["role"], "assistant", "{first}");
     drop(body);
     stack.wait_engine_idle(Duration::from_secs(2)).await;
-    let c = &c;
-    wait_until(
-        "the cancelled chat to be counted",
+    prom::wait_sum(
+        &c,
+        "llorch_requests_total",
+        &[("api", "ollama"), ("outcome", "canceled")],
+        1.0,
         Duration::from_secs(2),
-        || async move {
-            let n = prom::scrape(c).await.sum(
-                "llorch_requests_total",
-                &[("api", "ollama"), ("outcome", "canceled")],
-            );
-            (n == 1.0).then_some(()).ok_or(format!("{n} counted"))
-        },
     )
     .await;
 }
