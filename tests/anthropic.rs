@@ -6,10 +6,9 @@
 
 use std::time::Duration;
 
-use llorch_client::EventStream;
 use llorch_tests::stack::{Stack, StackOptions, MODEL_ID};
 use llorch_tests::{prom, serial};
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[test]
 fn the_official_anthropic_client_drives_messages() {
@@ -39,30 +38,10 @@ async fn a_streamed_message_whose_client_goes_away_frees_its_slot() {
         "stream": true,
         "messages": [{"role": "user", "content": "Tell me a very long story about a lighthouse keeper."}],
     });
-    let resp = c
-        .post_raw("/v1/messages", serde_json::to_vec(&body).unwrap(), &[])
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut s = EventStream::from_response(resp, std::path::Path::new("m"))
-        .await
-        .unwrap();
-    let mut names = Vec::new();
-    while !names.iter().any(|n| n == "content_block_delta") {
-        let frame = s.next_frame().await.unwrap().unwrap();
-        let data: Value = serde_json::from_str(&frame.data).unwrap();
-        assert_eq!(data["type"], frame.event.as_str(), "{frame:?}");
-        names.push(frame.event);
-    }
+    let names = stack
+        .stream_then_go_away("/v1/messages", body, "content_block_delta")
+        .await;
     assert_eq!(names[..3], ["message_start", "ping", "content_block_start"]);
-    let engine = llorch_client::UnixClient::new(stack.handoff().expect("handoff").socket);
-    assert_eq!(
-        engine.slots().await.unwrap().busy,
-        1,
-        "the engine generates"
-    );
-    drop(s);
-    stack.wait_engine_idle(Duration::from_secs(2)).await;
     prom::wait_sum(
         &c,
         "llorch_requests_total",

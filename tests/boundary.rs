@@ -179,6 +179,16 @@ fn a_web_page_cannot_drive_the_home_stack() {
         body.contains(r#""type":"error""#) && body.contains("permission_error"),
         "{body}"
     );
+    // So are the Responses API and its stored answers: a page can neither make one nor read
+    // or delete what a client stored.
+    for (method, path, body) in [
+        ("POST", "/v1/responses", chat.as_str()),
+        ("GET", "/v1/responses/resp_0123", ""),
+        ("DELETE", "/v1/responses/resp_0123", ""),
+    ] {
+        let (status, _, answer) = raw(l, method, path, &[evil, json], body);
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+    }
     // The listed origin gets its preflight and its answer, with CORS headers naming it.
     let app = ("origin", "http://app.example:3000");
     let (status, head, _) = raw(

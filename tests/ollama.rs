@@ -39,6 +39,9 @@ async fn the_new_surfaces_refuse_a_caller_without_a_key() {
     for (method, path) in [
         ("POST", "/v1/messages"),
         ("POST", "/v1/messages/count_tokens"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/responses/resp_0123"),
+        ("DELETE", "/v1/responses/resp_0123"),
         ("GET", "/api/tags"),
         ("GET", "/api/ps"),
         ("POST", "/api/show"),
@@ -48,9 +51,9 @@ async fn the_new_surfaces_refuse_a_caller_without_a_key() {
         ("POST", "/api/embeddings"),
         ("GET", "/api/version"),
     ] {
-        let resp = if method == "GET" {
+        let resp = if method != "POST" {
             let req = anon
-                .request(hyper::Method::GET, path)
+                .request(hyper::Method::from_bytes(method.as_bytes()).unwrap(), path)
                 .body(http_body_util::Full::new(bytes::Bytes::new()))
                 .unwrap();
             anon.send(req).await.unwrap()

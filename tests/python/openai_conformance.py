@@ -4,7 +4,6 @@ and checks structured output and log-probabilities with the official `openai` cl
 Usage: python3 openai_conformance.py URL API_KEY MODEL OPENAPI_JSON_GZ
 Prints "conformance ok" on success; any failure raises with the offending answer.
 """
-import gzip
 import json
 import sys
 import urllib.error
@@ -12,44 +11,13 @@ import urllib.request
 
 import jsonschema
 import openai
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
+
+from openai_spec import Spec
 
 url, key, model, spec_path = sys.argv[1:5]
-with gzip.open(spec_path, "rt") as f:
-    spec = json.load(f)
-
-
-def openapi_nullable(node):
-    """The document is OpenAPI 3.1 but still marks optional values with OpenAPI 3.0's
-    `nullable: true`, which JSON Schema ignores: give such a schema null as an alternative."""
-    if isinstance(node, list):
-        return [openapi_nullable(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    node = {k: openapi_nullable(v) for k, v in node.items()}
-    if node.pop("nullable", False) is True:
-        return {"anyOf": [node, {"type": "null"}]}
-    return node
-
-
-spec = openapi_nullable(spec)
-registry = Registry().with_resource(
-    "urn:openai", Resource.from_contents(spec, default_specification=DRAFT202012)
-)
-checked = {}
-
-
-def conforms(schema_name, instance):
-    schema = {"$ref": "urn:openai#/components/schemas/" + schema_name}
-    validator = jsonschema.Draft202012Validator(schema, registry=registry)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
-    if errors:
-        raise SystemExit(
-            f"{schema_name} violated: {errors[0].message} at {list(errors[0].path)}\n"
-            + json.dumps(instance, indent=1)[:3000]
-        )
-    checked[schema_name] = checked.get(schema_name, 0) + 1
+spec = Spec(spec_path)
+conforms = spec.conforms
+checked = spec.checked
 
 
 def post(path, body):

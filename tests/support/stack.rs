@@ -396,6 +396,43 @@ source = "{model}"
         .await;
     }
 
+    /// Posts a streamed request whose events are named (`event: NAME`, the data's `type`),
+    /// reads until the event `until` arrived while the engine generates, then goes away and
+    /// waits for the engine to stop: the slot of a client that left is free within a decode
+    /// step. Returns the names of the events read.
+    pub async fn stream_then_go_away(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        until: &str,
+    ) -> Vec<String> {
+        let c = self.client();
+        let resp = c
+            .post_raw(path, serde_json::to_vec(&body).unwrap(), &[])
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let mut s = llorch_client::EventStream::from_response(resp, Path::new("s"))
+            .await
+            .unwrap();
+        let mut names = Vec::new();
+        while !names.iter().any(|n| n == until) {
+            let frame = s.next_frame().await.unwrap().expect("the stream goes on");
+            let data: serde_json::Value = serde_json::from_str(&frame.data).unwrap();
+            assert_eq!(data["type"], frame.event.as_str(), "{frame:?}");
+            names.push(frame.event);
+        }
+        let engine = crate::UnixClient::new(self.handoff().expect("handoff").socket);
+        assert_eq!(
+            engine.slots().await.unwrap().busy,
+            1,
+            "the engine generates"
+        );
+        drop(s);
+        self.wait_engine_idle(Duration::from_secs(2)).await;
+        names
+    }
+
     /// Runs a script of `tests/python/` against this stack (`URL KEY MODEL` and `args`) with
     /// the official clients `scripts/setup.sh` installed; returns its stdout, failing with both
     /// outputs and the stack's logs unless it succeeds and prints `ok_line`.

@@ -16,6 +16,8 @@ pub mod defaults {
     pub const QUEUE_CAPACITY: usize = 256;
     pub const MAX_BODY_BYTES: usize = 1 << 20;
     pub const SESSION_TTL_SECS: u64 = 600;
+    pub const RESPONSES_TTL_SECS: u64 = 3600;
+    pub const RESPONSES_STORE_MIB: usize = 64;
     pub const DEFAULT_MAX_TOKENS: u32 = 1024;
     pub const STREAM_IDLE_SECS: u64 = 120;
     pub const SSE_KEEPALIVE_SECS: u64 = 15;
@@ -72,6 +74,13 @@ pub struct Args {
     /// Seconds a session keeps its affinity to the pool holding its KV cache.
     #[arg(long, env = "LLORCH_SESSION_TTL_SECS", default_value_t = defaults::SESSION_TTL_SECS)]
     pub session_ttl_secs: u64,
+    /// Seconds a stored answer of the Responses API can be named by `previous_response_id`.
+    #[arg(long, env = "LLORCH_RESPONSES_TTL_SECS", default_value_t = defaults::RESPONSES_TTL_SECS)]
+    pub responses_ttl_secs: u64,
+    /// Memory the stored answers of the Responses API may hold together, in MiB (one API key
+    /// at most a quarter of it; the oldest go first). 0 stores nothing.
+    #[arg(long, env = "LLORCH_RESPONSES_STORE_MIB", default_value_t = defaults::RESPONSES_STORE_MIB)]
+    pub responses_store_mib: usize,
     /// Score pools by the prompt prefix they probably hold (cache-aware placement); `false`
     /// places by free slots alone.
     #[arg(long, env = "LLORCH_CACHE_AWARE_PLACEMENT", default_value_t = true, action = clap::ArgAction::Set)]
@@ -176,6 +185,10 @@ pub struct Config {
     pub policy: Policy,
     pub max_body_bytes: usize,
     pub session_ttl: Duration,
+    /// `--responses-ttl-secs`.
+    pub responses_ttl: Duration,
+    /// `--responses-store-mib`, in bytes.
+    pub responses_store_bytes: usize,
     /// Cache-aware placement on (`--cache-aware-placement`).
     pub cache_aware_placement: bool,
     pub default_max_tokens: u32,
@@ -302,6 +315,8 @@ impl Default for Config {
             policy: Policy::Reject,
             max_body_bytes: defaults::MAX_BODY_BYTES,
             session_ttl: Duration::from_secs(defaults::SESSION_TTL_SECS),
+            responses_ttl: Duration::from_secs(defaults::RESPONSES_TTL_SECS),
+            responses_store_bytes: defaults::RESPONSES_STORE_MIB << 20,
             cache_aware_placement: true,
             default_max_tokens: defaults::DEFAULT_MAX_TOKENS,
             stream_idle: Duration::from_secs(defaults::STREAM_IDLE_SECS),
@@ -421,6 +436,8 @@ impl Args {
             policy: self.admission_policy,
             max_body_bytes: self.max_body_bytes,
             session_ttl: Duration::from_secs(self.session_ttl_secs),
+            responses_ttl: Duration::from_secs(self.responses_ttl_secs),
+            responses_store_bytes: self.responses_store_mib.saturating_mul(1 << 20),
             cache_aware_placement: self.cache_aware_placement,
             default_max_tokens: self.default_max_tokens,
             stream_idle: Duration::from_secs(self.stream_idle_secs),

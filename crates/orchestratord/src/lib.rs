@@ -7,7 +7,9 @@
 //! - [`api`]: HTTP routes (`api/mod.rs`), error envelopes and the HTTP status of each
 //!   refusal (`api/error.rs`); [`api::openai`] (`request.rs` validation, `run.rs` the task,
 //!   `response.rs` whole answers, `stream.rs` chunks) and [`api::native`] turn requests into
-//!   [`state::Submission`]s; [`api::nodes`] takes registrations and heartbeats.
+//!   [`state::Submission`]s; [`api::anthropic`], [`api::responses`] and [`api::ollama`]
+//!   translate their surfaces into the same engine request; [`api::nodes`] takes
+//!   registrations and heartbeats.
 //! - [`dbus`]: `org.llamaorch.Orchestrator1`, its properties, methods and signals.
 //! - [`beats`]: the UDP socket that reads liveness beats in batches.
 //!
@@ -35,6 +37,7 @@
 //!   front turns into signals.
 //! - [`outcome`]: the label vocabularies (front, outcome, rejection, cancel reason, placement
 //!   decision), below both [`tasks`] and [`metrics`].
+//! - [`conversations`]: stored answers of the Responses API (per key, bounded, with a TTL).
 //! - [`auth`], [`config`]. Locks are taken through `llorch_os::sync` (the workspace's policy:
 //!   they outlive a panic).
 //!
@@ -56,6 +59,7 @@ pub(crate) mod auth;
 pub mod beats;
 pub mod config;
 pub mod control;
+pub(crate) mod conversations;
 pub mod dbus;
 pub mod dispatch;
 pub(crate) mod events;

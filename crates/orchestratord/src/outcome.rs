@@ -12,15 +12,17 @@ use llorch_wire::ErrorCode;
 pub enum Api {
     OpenAiChat,
     OpenAiCompletions,
+    OpenAiResponses,
     AnthropicMessages,
     Ollama,
     Native,
 }
 
 impl Api {
-    pub const ALL: [Api; 5] = [
+    pub const ALL: [Api; 6] = [
         Api::OpenAiChat,
         Api::OpenAiCompletions,
+        Api::OpenAiResponses,
         Api::AnthropicMessages,
         Api::Ollama,
         Api::Native,
@@ -30,6 +32,7 @@ impl Api {
         match self {
             Self::OpenAiChat => "openai_chat",
             Self::OpenAiCompletions => "openai_completions",
+            Self::OpenAiResponses => "openai_responses",
             Self::AnthropicMessages => "anthropic_messages",
             Self::Ollama => "ollama",
             Self::Native => "native",

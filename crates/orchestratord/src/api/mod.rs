@@ -3,6 +3,7 @@
 //! native one elsewhere).
 //!
 //! - [`openai`]: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+//! - [`responses`]: `/v1/responses`, `/v1/responses/{id}`.
 //! - [`anthropic`]: `/v1/messages`, `/v1/messages/count_tokens`.
 //! - [`ollama`]: `/api/chat`, `/api/generate`, `/api/tags`, `/api/ps`, `/api/show`, `/api/version`.
 //! - `interactive.rs`: admitting a client surface's request, and cancelling it on disconnect.
@@ -14,11 +15,13 @@
 pub mod anthropic;
 mod boundary;
 mod error;
+mod fields;
 mod interactive;
 pub mod native;
 pub mod nodes;
 pub mod ollama;
 pub mod openai;
+pub mod responses;
 pub mod sse;
 
 use std::sync::Arc;
@@ -252,6 +255,11 @@ pub fn router(state: AppState, boundary: Boundary) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/api/version", get(ollama::version))

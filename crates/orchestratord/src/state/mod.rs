@@ -94,6 +94,8 @@ pub struct State {
     subscribers: Mutex<HashMap<String, u32>>,
     /// Operator events for the D-Bus front ([`State::announce`]).
     pub(crate) events: tokio::sync::broadcast::Sender<crate::events::Event>,
+    /// Stored answers of the Responses API (`previous_response_id`).
+    pub(crate) conversations: crate::conversations::Conversations,
 }
 
 impl State {
@@ -115,6 +117,10 @@ impl State {
             saturated: Default::default(),
             subscribers: Default::default(),
             events: tokio::sync::broadcast::Sender::new(crate::events::CAPACITY),
+            conversations: crate::conversations::Conversations::new(
+                config.responses_ttl,
+                config.responses_store_bytes,
+            ),
             config,
             keys: std::sync::RwLock::new(Arc::new(keys)),
             core: Mutex::new(core),

@@ -11,6 +11,8 @@ use llorch_wire::ErrorBody;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::api::fields::{invalid, known_keys, object, string_at};
+
 type Result<T> = std::result::Result<T, ErrorBody>;
 
 /// The body of `POST /v1/messages` (and, without `max_tokens` and `stream`, of
@@ -53,44 +55,6 @@ pub(super) struct MessagesRequest {
     #[serde(default)]
     #[allow(dead_code)]
     cache_control: Option<Value>,
-}
-
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ErrorBody {
-    ErrorBody::invalid(field, message)
-}
-
-/// An object's string field, or a refusal naming `at.key`.
-fn string_at(obj: &Map<String, Value>, key: &str, at: &str) -> Result<String> {
-    match obj.get(key) {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(invalid(
-            format!("{at}.{key}"),
-            format!("{at}.{key} must be a string"),
-        )),
-        None => Err(invalid(
-            format!("{at}.{key}"),
-            format!("{at}.{key}: field required"),
-        )),
-    }
-}
-
-/// Refuses keys of `obj` outside `known`, naming the first.
-fn known_keys(obj: &Map<String, Value>, known: &[&str], at: &str) -> Result<()> {
-    match obj.keys().find(|k| !known.contains(&k.as_str())) {
-        None => Ok(()),
-        Some(k) => Err(invalid(
-            format!("{at}.{k}"),
-            format!(
-                "{at}.{k}: this server does not take this field (known: {})",
-                known.join(", ")
-            ),
-        )),
-    }
-}
-
-fn object<'a>(v: &'a Value, at: &str) -> Result<&'a Map<String, Value>> {
-    v.as_object()
-        .ok_or_else(|| invalid(at, format!("{at} must be an object")))
 }
 
 /// The text of a list of `text` blocks (`system`, a `tool_result`'s content), joined by

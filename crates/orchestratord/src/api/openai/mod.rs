@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 
 use super::{authenticate, ApiError, AppState, CorrelationId, HttpRefusal, Meter};
 use crate::outcome::Api;
+pub(crate) use request::response_format;
 use request::{decode, ChatRequest, CompletionRequest, CHAT_FIELDS, COMPLETION_FIELDS};
 pub use response::error_envelope;
 pub(crate) use response::read_calls;
@@ -51,7 +52,7 @@ fn bad_body(e: ErrorBody) -> ApiError {
     ApiError::openai((StatusCode::BAD_REQUEST, e))
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -293,7 +293,7 @@ fn chat_logprobs(logprobs: Option<bool>, top: Option<u32>) -> Result<Option<u32>
 /// `response_format` as the engine's JSON Schema and strictness: `text` is none, `json_object`
 /// is any object, `json_schema` is the given schema, checked here so the error names OpenAI's
 /// parameter and the place in the schema.
-fn response_format(rf: &Value) -> Result<(Option<Value>, bool)> {
+pub(crate) fn response_format(rf: &Value) -> Result<(Option<Value>, bool)> {
     match rf.get("type").and_then(Value::as_str) {
         Some("text") => Ok((None, false)),
         Some("json_object") => Ok((Some(json!({"type": "object"})), false)),
