@@ -104,6 +104,11 @@ let
         default = false;
         description = "Refuse the pool when the model does not fit its GPUs' free memory, instead of running the layers that do not fit on the CPU.";
       };
+      embeddings = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Serve embeddings (/v1/embeddings, /api/embed) from this pool too: the engine keeps a context of ctx tokens for them beside its slots.";
+      };
       threads = mkOption { type = types.nullOr types.ints.positive; default = null; description = "CPU threads of the engine (default: one per core)."; };
       onDemand = mkOption { type = types.bool; default = false; description = "Load the model on the first request instead of at start."; };
       keepAliveSecs = mkOption {

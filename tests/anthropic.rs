@@ -17,11 +17,7 @@ fn the_official_anthropic_client_drives_messages() {
     stack.python("anthropic_client.py", &[], "anthropic ok");
     // Each request went through the same bookkeeping as /v1: recorded in the task's journal
     // line under its own api label.
-    let logs = stack.logs();
-    assert!(
-        logs.contains("api=\"anthropic_messages\"") || logs.contains("api=anthropic_messages"),
-        "no task record with the anthropic api label:\n{logs}"
-    );
+    stack.assert_recorded("anthropic_messages");
 }
 
 #[tokio::test]

@@ -937,6 +937,7 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
         n,
         &format!(
             "{{ lib, ... }}: {{ services.llama-orch.pools.default.model.source = lib.mkForce {}; \
+             services.llama-orch.pools.default.embeddings = true; \
              services.llama-orch.settings = {{ node.launcher = \"systemd\"; pools.default.prefix_cache_mib = 64; }}; }}",
             serde_json::to_string(&model.display().to_string()).unwrap()
         ),
@@ -949,6 +950,7 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
         "{rendered}"
     );
     assert!(rendered.contains("\nprefix_cache_mib = 64\n"), "{rendered}");
+    assert!(rendered.contains("\nembeddings = true\n"), "{rendered}");
     let toml = dir.path().join("node.toml");
     std::fs::write(&toml, rendered).unwrap();
     let out = Command::new(bin("pool-managerd"))

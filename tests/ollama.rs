@@ -18,11 +18,7 @@ fn the_official_ollama_client_drives_the_api() {
     stack.python("ollama_client.py", &[], "ollama ok");
     // Each request went through the same bookkeeping as /v1: recorded in the task's journal
     // line under its own api label.
-    let logs = stack.logs();
-    assert!(
-        logs.contains("api=\"ollama\"") || logs.contains("api=ollama"),
-        "no task record with the ollama api label:\n{logs}"
-    );
+    stack.assert_recorded("ollama");
 }
 
 /// Every route of the Anthropic and Ollama surfaces needs a key once keys are configured, and

@@ -30,11 +30,7 @@ fn the_official_openai_client_drives_responses() {
         out.contains("\"ResponseStreamEvent\""),
         "no stream event was validated: {out}"
     );
-    let logs = stack.logs();
-    assert!(
-        logs.contains("api=\"openai_responses\"") || logs.contains("api=openai_responses"),
-        "no task record with the responses api label:\n{logs}"
-    );
+    stack.assert_recorded("openai_responses");
 }
 
 #[tokio::test]

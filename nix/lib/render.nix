@@ -38,6 +38,7 @@ let
     ++ optional (p.gpus != [ ] && lib.all builtins.isInt p.gpus) "devices = ${str "cuda:${concatStringsSep "," (map toString p.gpus)}"}"
     ++ optional (p.gpus != [ ] && lib.all builtins.isString p.gpus) "devices = [${concatStringsSep ", " (map str p.gpus)}]"
     ++ optional (p.gpuOnly or false) "gpu_only = true"
+    ++ optional (p.embeddings or false) "embeddings = true"
     ++ optional (p.threads != null) "threads = ${toString p.threads}"
     ++ optional p.onDemand "on_demand = true"
     ++ optional (p.keepAliveSecs != null) "keep_alive_secs = ${toString p.keepAliveSecs}"
@@ -80,7 +81,7 @@ let
 
   # The keys the module writes itself (settings may not repeat them: TOML refuses a key twice).
   nodeKeys = [ "id" "control_plane" "listen" "advertise" "cache_dir" "runtime_dir" "heartbeat_secs" "allow_plaintext" "metrics_listen" ];
-  poolKeys = [ "id" "slots" "ctx" "devices" "gpu_only" "threads" "on_demand" "keep_alive_secs" "memory_max_mib" "model" ];
+  poolKeys = [ "id" "slots" "ctx" "devices" "gpu_only" "embeddings" "threads" "on_demand" "keep_alive_secs" "memory_max_mib" "model" ];
 in
 {
   inherit hostPort isLoopback nodeSection poolsSection nodeKeys poolKeys;

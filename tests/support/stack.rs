@@ -42,6 +42,8 @@ pub struct StackOptions {
     pub model: Option<PathBuf>,
     /// More of node.toml after the default pool (more `[[pools]]`).
     pub extra_node_toml: String,
+    /// The default pool serves embeddings too.
+    pub embeddings: bool,
 }
 
 impl Default for StackOptions {
@@ -59,6 +61,7 @@ impl Default for StackOptions {
             orch_env: Vec::new(),
             model: None,
             extra_node_toml: String::new(),
+            embeddings: false,
         }
     }
 }
@@ -277,6 +280,7 @@ id = "default"
 slots = {slots}
 ctx = {ctx}
 threads = 2
+embeddings = {embeddings}
 
 [pools.model]
 id = "{MODEL_ID}"
@@ -290,6 +294,7 @@ source = "{model}"
             provisioner = bin("engine-provisioner").display(),
             slots = self.opts.slots,
             ctx = self.opts.ctx,
+            embeddings = self.opts.embeddings,
             model = self.opts.model.clone().unwrap_or_else(model_path).display(),
             extra = self.opts.extra_node_toml,
             sha256 = if self.opts.model.is_some() {
@@ -453,6 +458,16 @@ source = "{model}"
             self.logs()
         );
         stdout
+    }
+
+    /// Fails unless orchestratord recorded a finished task under the `api` label (its
+    /// journal line of the task).
+    pub fn assert_recorded(&self, api: &str) {
+        let logs = self.logs();
+        assert!(
+            logs.contains(&format!("api=\"{api}\"")) || logs.contains(&format!("api={api}")),
+            "no task record with api={api}:\n{logs}"
+        );
     }
 
     pub fn logs(&self) -> String {

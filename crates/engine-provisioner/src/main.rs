@@ -93,6 +93,9 @@ struct PlanArgs {
     /// layers that fit.
     #[arg(long)]
     gpu_only: bool,
+    /// Serve embeddings too (the pool's `embeddings` setting).
+    #[arg(long)]
+    embeddings: bool,
 }
 
 /// `$CACHE_DIRECTORY/models` under systemd (`CacheDirectory=`), else the user's cache.
@@ -236,6 +239,7 @@ fn run(cli: Cli) -> Result<(), ProvisionError> {
                     .map(|m| m.saturating_mul(1 << 20))
                     .collect(),
                 gpu_only: args.gpu_only,
+                embeddings: args.embeddings,
             };
             let plan = engine_provisioner::plan::build(&settings, &staged)?;
             engine_provisioner::plan::write(&args.out, &plan)?;

@@ -29,6 +29,8 @@ pub struct PoolSettings {
     /// Refuse the pool when the model does not fit its GPUs, instead of offloading only the
     /// layers that fit and running the rest on the CPU.
     pub gpu_only: bool,
+    /// Serve embeddings too.
+    pub embeddings: bool,
 }
 
 /// Tokens per micro-batch of the engine (`llorch_engine::decode::BATCH_TOKENS`).
@@ -121,6 +123,7 @@ pub fn build(settings: &PoolSettings, staged: &Staged) -> Result<EnginePlan, Pro
         handoff_dir: settings.handoff_dir.clone(),
         idle_exit_secs: settings.idle_exit_secs.filter(|s| *s > 0),
         prefix_cache_mib: settings.prefix_cache_mib,
+        embeddings: settings.embeddings,
         memory,
     })
 }
@@ -195,6 +198,7 @@ mod tests {
             prefix_cache_mib: None,
             gpu_free_bytes: vec![23_500 << 20, 11_600 << 20],
             gpu_only: true,
+            embeddings: false,
         };
         let request = Request {
             slots: 2,

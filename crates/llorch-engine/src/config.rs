@@ -30,6 +30,8 @@ pub struct EngineConfig {
     pub idle_exit: Option<std::time::Duration>,
     /// The host prefix cache's bound in bytes (0: off).
     pub prefix_cache_bytes: usize,
+    /// Serve `embed` requests, from a context of `ctx_per_slot` tokens of their own.
+    pub embeddings: bool,
 }
 
 /// Command line of `llorch-engine`.
@@ -82,6 +84,10 @@ pub struct Args {
     /// `llorch_wire::plan::defaults::prefix_cache_mib` of the memory available now.
     #[arg(long)]
     pub prefix_cache_mib: Option<u64>,
+    /// Serve embeddings too (`embed` requests), from a context of `--ctx` tokens beside the
+    /// slots. Default: the plan's `embeddings`.
+    #[arg(long)]
+    pub embeddings: bool,
     /// Check the configuration and the model file's header, then exit.
     #[arg(long)]
     pub check_config: bool,
@@ -189,6 +195,7 @@ impl Args {
                 .saturating_mul(1 << 20)
                 .try_into()
                 .unwrap_or(usize::MAX),
+            embeddings: self.embeddings || p.is_some_and(|p| p.embeddings),
             model_path,
             model_id,
             pool_id,

@@ -619,6 +619,7 @@ impl DecodeLoop {
                     slot: slot as u32,
                     choices: std::mem::take(&mut a.ended),
                     stop_sequence: a.stop_hit.take(),
+                    embeddings: Vec::new(),
                 })
             }
             Err(body) => EngineEvent::Error(body),

@@ -16,6 +16,7 @@
 pub mod chat;
 pub mod config;
 pub mod decode;
+pub mod embed;
 pub mod handoff;
 pub mod http;
 pub mod metrics;
@@ -143,7 +144,20 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
     let server = Server::start(listener, Arc::clone(&shared), config.idle_exit);
     let model = load_model(&config, &shared).await?;
     let decode = DecodeThread::start(&config, &model, &shared).await?;
-    let handoff_path = announce_ready(&config, &shared, &model, &decode)?;
+    let embedder = match config.embeddings {
+        true => Some(Arc::new(
+            embed::Embedder::start(
+                &model,
+                config.ctx_per_slot,
+                config.threads,
+                config.slots as usize,
+            )
+            .await
+            .map_err(EngineError::Load)?,
+        )),
+        false => None,
+    };
+    let handoff_path = announce_ready(&config, &shared, &model, &decode, embedder)?;
     let stopped = Stopped {
         server,
         shared,
@@ -276,6 +290,7 @@ fn announce_ready(
     shared: &Shared,
     model: &Arc<Model>,
     decode: &DecodeThread,
+    embedder: Option<Arc<embed::Embedder>>,
 ) -> Result<PathBuf, EngineError> {
     let handoff_path = handoff::write(
         &config.handoff_dir,
@@ -303,6 +318,7 @@ fn announce_ready(
         slots: Arc::clone(&decode.slots),
         commands: decode.commands.clone(),
         ctx_per_slot: config.ctx_per_slot,
+        embedder,
     });
     tracing::info!(pool = %config.pool_id, handoff = %handoff_path.display(), slots = config.slots, "Engine ready.");
     llorch_os::service::ready_with_status(&format!(

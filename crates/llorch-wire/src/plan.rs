@@ -52,6 +52,9 @@ pub struct EnginePlan {
     /// prefix cache); 0: off; absent: the engine's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_cache_mib: Option<u64>,
+    /// Serve embeddings too (`embed` requests), from a context of their own beside the slots.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub embeddings: bool,
     /// The provisioner's estimate of the engine's memory (absent when the header lacks the
     /// numbers); for GPU pools also how it fits the GPUs' free memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]

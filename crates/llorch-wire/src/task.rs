@@ -172,6 +172,9 @@ pub struct TaskEnd {
     /// The stop string that ended the (last) answer, when one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_sequence: Option<String>,
+    /// An embedding request's vectors, one per input in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<Vec<f32>>,
 }
 
 /// `GET /v2/tasks/{id}`.

@@ -77,6 +77,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             prefix_cache_mib: None,
             gpu_free_bytes: Vec::new(),
             gpu_only: false,
+            embeddings: false,
         },
         &staged,
     )?;

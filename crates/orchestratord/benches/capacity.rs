@@ -185,6 +185,7 @@ fn frames(tokens: u32) -> Arc<[Bytes]> {
             slot: 0,
             choices: Vec::new(),
             stop_sequence: None,
+            embeddings: Vec::new(),
         })
         .to_sse(),
     ));

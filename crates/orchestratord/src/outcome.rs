@@ -13,16 +13,18 @@ pub enum Api {
     OpenAiChat,
     OpenAiCompletions,
     OpenAiResponses,
+    OpenAiEmbeddings,
     AnthropicMessages,
     Ollama,
     Native,
 }
 
 impl Api {
-    pub const ALL: [Api; 6] = [
+    pub const ALL: [Api; 7] = [
         Api::OpenAiChat,
         Api::OpenAiCompletions,
         Api::OpenAiResponses,
+        Api::OpenAiEmbeddings,
         Api::AnthropicMessages,
         Api::Ollama,
         Api::Native,
@@ -33,6 +35,7 @@ impl Api {
             Self::OpenAiChat => "openai_chat",
             Self::OpenAiCompletions => "openai_completions",
             Self::OpenAiResponses => "openai_responses",
+            Self::OpenAiEmbeddings => "openai_embeddings",
             Self::AnthropicMessages => "anthropic_messages",
             Self::Ollama => "ollama",
             Self::Native => "native",

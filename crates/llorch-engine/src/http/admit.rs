@@ -11,7 +11,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use llorch_wire::engine::{defaults, EndEvent, EngineEvent, FinishReason, GenerateRequest};
+use llorch_wire::engine::{
+    defaults, EmbedInput, EndEvent, EngineEvent, FinishReason, GenerateRequest,
+};
 use llorch_wire::tools::{self, ToolChoice};
 use llorch_wire::{ErrorBody, ErrorCode};
 use tokio::sync::mpsc;
@@ -52,11 +54,16 @@ pub(super) async fn generate(
         .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
     let n_slots = llorch_os::sync::lock(&ready.slots).len();
     check_slot(&request, n_slots)?;
+    if let Some(inputs) = &request.embed {
+        let (tokens, vectors) = embedded(ready, inputs, request.embed_truncate).await?;
+        return Ok(end_only(tokens, vectors, received, activity));
+    }
     let (text, field) = prompt_text(&request, &ready.model)?;
     let grammar = grammar_of(&request, &ready.model)?;
     if request.count_only {
-        return Ok(counted(
+        return Ok(end_only(
             ready.model.tokenize(&text).len(),
+            Vec::new(),
             received,
             activity,
         ));
@@ -97,9 +104,11 @@ pub(super) async fn generate(
     Ok(resp)
 }
 
-/// The answer of a `count_only` request: one `end` event whose `prompt_tokens` is the count.
-fn counted(
+/// The answer of a `count_only` or `embed` request: one `end` event whose `prompt_tokens` is
+/// the count, with the vectors of an `embed` request.
+fn end_only(
     prompt_tokens: usize,
+    embeddings: Vec<Vec<f32>>,
     received: Instant,
     activity: super::idle::ActivityGuard,
 ) -> Response<ResponseBody> {
@@ -114,6 +123,7 @@ fn counted(
         slot: 0,
         choices: Vec::new(),
         stop_sequence: None,
+        embeddings,
     });
     let _ = tx.try_send(end);
     Response::builder()
@@ -122,6 +132,67 @@ fn counted(
         .header("cache-control", "no-cache")
         .body(Either::Right(SseBody::new(rx, activity)))
         .expect("static response")
+}
+
+/// The vectors of an `embed` request and the tokens read: each input tokenized (text) or
+/// checked against the vocabulary (token ids), and against the embedding context (cut to it
+/// with `truncate`, refused otherwise, naming `input[i]`).
+async fn embedded(
+    ready: &Ready,
+    inputs: &[EmbedInput],
+    truncate: bool,
+) -> Result<(usize, Vec<Vec<f32>>), Refusal> {
+    let bad = |field: String, message: String| {
+        (StatusCode::BAD_REQUEST, ErrorBody::invalid(field, message))
+    };
+    let Some(embedder) = &ready.embedder else {
+        return Err(bad(
+            "model".into(),
+            "this pool does not serve embeddings; set embeddings = true on its pool in node.toml (docs/CONFIGURATION.md)".into(),
+        ));
+    };
+    let n_vocab = i64::from(ready.model.llama.n_vocab());
+    let limit = embedder.ctx as usize;
+    let mut tokens = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.iter().enumerate() {
+        let mut t = match input {
+            EmbedInput::Text(s) => ready.model.tokenize(s),
+            EmbedInput::Tokens(ids) => {
+                if let Some(id) = ids.iter().find(|id| i64::from(**id) >= n_vocab) {
+                    return Err(bad(
+                        format!("input[{i}]"),
+                        format!("input[{i}] holds token {id}, which is not in the model's vocabulary (0 to {})", n_vocab - 1),
+                    ));
+                }
+                ids.iter().map(|id| *id as i32).collect()
+            }
+        };
+        if t.len() > limit {
+            if !truncate {
+                return Err(bad(
+                    format!("input[{i}]"),
+                    format!("input[{i}] is {} tokens; this pool embeds at most {limit} (its ctx): shorten it, or ask for truncation", t.len()),
+                ));
+            }
+            t.truncate(limit);
+        }
+        tokens.push(t);
+    }
+    let total = tokens.iter().map(Vec::len).sum();
+    match embedder.embed(tokens).await {
+        Ok(vectors) => Ok((total, vectors)),
+        Err(crate::embed::EmbedError::Busy) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                ErrorCode::PoolUnavailable,
+                "more embedding requests wait than the pool has slots; retry shortly",
+            ),
+        )),
+        Err(crate::embed::EmbedError::Failed(m)) => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorBody::new(ErrorCode::EngineFailed, m),
+        )),
+    }
 }
 
 /// The loaded model and slots, or the refusal of an engine that is stopping (or, after

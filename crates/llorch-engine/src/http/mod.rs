@@ -71,6 +71,8 @@ pub struct Ready {
     pub slots: Arc<Mutex<SlotTable>>,
     pub commands: SyncSender<Command>,
     pub ctx_per_slot: u32,
+    /// Embeddings, when the pool serves them.
+    pub embedder: Option<Arc<crate::embed::Embedder>>,
 }
 
 impl Shared {

@@ -102,6 +102,9 @@ pub struct EndEvent {
     /// `stop`); absent when the model ended it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_sequence: Option<String>,
+    /// An `embed` request's vectors, one per input in order (L2-normalised).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<Vec<f32>>,
 }
 
 /// Every event a `POST /generate` stream can carry.
@@ -182,6 +185,7 @@ mod tests {
                     completion_tokens: 1,
                 }],
                 stop_sequence: Some("\n\n".into()),
+                embeddings: Vec::new(),
             }),
             EngineEvent::Error(ErrorBody::new(ErrorCode::Canceled, "engine stopping")),
         ];

@@ -3,9 +3,11 @@
 //! The request and its validation are here; [`events`] holds the SSE events of a generation and
 //! [`status`] the `GET /slots` and `GET /health` bodies.
 
+pub mod embed;
 pub mod events;
 pub mod status;
 
+pub use embed::{EmbedInput, MAX_EMBED_INPUTS};
 pub use events::*;
 pub use status::*;
 
@@ -138,6 +140,14 @@ sampling_fields!(sampling_request! {
         /// each API key its own, so one key cannot learn from reuse what another key sent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub cache_scope: Option<u64>,
+        /// Embed these inputs instead of generating ([`embed`]); the pool must serve
+        /// embeddings.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub embed: Option<Vec<EmbedInput>>,
+        /// With `embed`: cut an input longer than the engine's embedding context to fit,
+        /// instead of refusing it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub embed_truncate: bool,
     }
 });
 
@@ -179,6 +189,9 @@ impl GenerateRequest {
 
     /// A prompt or messages, and each message well formed.
     fn validate_input(&self) -> Result<(), ErrorBody> {
+        if let Some(inputs) = &self.embed {
+            return embed::validate(self, inputs);
+        }
         match (&self.prompt, &self.messages) {
             (Some(_), Some(_)) => {
                 return Err(ErrorBody::invalid(

@@ -1,15 +1,17 @@
-//! What every client-facing surface (OpenAI's `/v1`, Anthropic's `/v1/messages`) does once its
-//! request is translated into an engine request: admit it as an `interactive` task, read its
-//! events, wait for it to start before committing to a stream, and cancel it when the client
-//! goes away (the request, or the stream that answers it, is dropped).
+//! What every client-facing surface (OpenAI's `/v1`, Anthropic's `/v1/messages`, Ollama's
+//! `/api`) does once its request is translated into an engine request: admit it as an
+//! `interactive` task, read its events, wait for it to start before committing to a stream,
+//! and cancel it when the client goes away (the request, or the stream that answers it, is
+//! dropped). Embedding requests (`/v1/embeddings`, `/api/embed`) are read here too.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use llorch_wire::engine::GenerateRequest;
+use llorch_wire::engine::{EmbedInput, GenerateRequest};
 use llorch_wire::task::{Priority, TaskEnd};
 use llorch_wire::{ErrorBody, ErrorCode};
+use serde_json::Value;
 
 use super::{status_for, AppState, CorrelationId, HttpRefusal, Meter};
 use crate::state::{State, Submission};
@@ -110,5 +112,110 @@ pub(crate) async fn first_events(
             Ok(Some(first))
         }
         Err(_) => Ok(None),
+    }
+}
+
+/// An embedding request's `input` as the engine takes it: a string, a list of strings, a list
+/// of token ids (one input), or a list of such lists, as OpenAI's `input` is (Ollama's is the
+/// first two). Refusals name `input` or the item at fault.
+pub(crate) fn embed_inputs(input: &Value) -> Result<Vec<EmbedInput>, ErrorBody> {
+    let token = |v: &Value| v.as_u64().and_then(|t| u32::try_from(t).ok());
+    let items = match input {
+        Value::String(s) => return Ok(vec![EmbedInput::Text(s.clone())]),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            let ids: Option<Vec<u32>> = items.iter().map(token).collect();
+            return ids.map(|t| vec![EmbedInput::Tokens(t)]).ok_or_else(|| {
+                ErrorBody::invalid("input", "input's token ids must be integers from 0")
+            });
+        }
+        Value::Array(items) => items,
+        _ => {
+            return Err(ErrorBody::invalid(
+                "input",
+                "input must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
+            ))
+        }
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::String(s) => Ok(EmbedInput::Text(s.clone())),
+            Value::Array(ids) => ids
+                .iter()
+                .map(token)
+                .collect::<Option<Vec<u32>>>()
+                .map(EmbedInput::Tokens)
+                .ok_or_else(|| {
+                    ErrorBody::invalid(
+                        format!("input[{i}]"),
+                        format!("input[{i}]'s token ids must be integers from 0"),
+                    )
+                }),
+            _ => Err(ErrorBody::invalid(
+                format!("input[{i}]"),
+                format!("input[{i}] must be a string or a list of token ids"),
+            )),
+        })
+        .collect()
+}
+
+/// Runs an embedding request to its end, at `interactive` priority like the other client
+/// requests (placed, metered, recorded and cancelled on disconnect the same way): its end
+/// carries the vectors, in input order, and the tokens read.
+pub(crate) async fn embed(
+    state: &AppState,
+    cid: CorrelationId,
+    client: String,
+    model: String,
+    (inputs, truncate): (Vec<EmbedInput>, bool),
+    meter: &Meter,
+) -> Result<TaskEnd, HttpRefusal> {
+    let engine = GenerateRequest {
+        embed: Some(inputs),
+        embed_truncate: truncate,
+        // Nothing is generated: the queue's prediction of its service time is one token's.
+        max_tokens: Some(1),
+        ..GenerateRequest::default()
+    };
+    engine
+        .validate()
+        .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+    let Admitted {
+        mut follower,
+        guard,
+        ..
+    } = admit(state, cid, client, model, engine, meter)?;
+    let (_, end) = read_to_end(&mut follower).await?;
+    drop(guard);
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn inputs_take_openais_four_shapes() {
+        let text = |s: &str| EmbedInput::Text(s.into());
+        assert_eq!(embed_inputs(&json!("a")).unwrap(), [text("a")]);
+        assert_eq!(
+            embed_inputs(&json!(["a", "b"])).unwrap(),
+            [text("a"), text("b")]
+        );
+        assert_eq!(
+            embed_inputs(&json!([1, 2])).unwrap(),
+            [EmbedInput::Tokens(vec![1, 2])]
+        );
+        assert_eq!(
+            embed_inputs(&json!([[1], [2, 3]])).unwrap(),
+            [EmbedInput::Tokens(vec![1]), EmbedInput::Tokens(vec![2, 3])]
+        );
+        let field = |v: Value| embed_inputs(&v).unwrap_err().field.unwrap();
+        assert_eq!(field(json!([1, -2])), "input");
+        assert_eq!(field(json!(["a", {"b": 1}])), "input[1]");
+        assert_eq!(field(json!([[1], [1.5]])), "input[1]");
+        assert_eq!(field(json!(7)), "input");
     }
 }

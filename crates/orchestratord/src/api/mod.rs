@@ -2,7 +2,7 @@
 //! envelopes (OpenAI's under `/v1`, Anthropic's under `/v1/messages`, Ollama's under `/api`, the
 //! native one elsewhere).
 //!
-//! - [`openai`]: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+//! - [`openai`]: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`.
 //! - [`responses`]: `/v1/responses`, `/v1/responses/{id}`.
 //! - [`anthropic`]: `/v1/messages`, `/v1/messages/count_tokens`.
 //! - [`ollama`]: `/api/chat`, `/api/generate`, `/api/tags`, `/api/ps`, `/api/show`, `/api/version`.
@@ -191,6 +191,18 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpRefusal> {
     llorch_wire::json::parse(bytes).map_err(|e| (StatusCode::BAD_REQUEST, e))
 }
 
+/// What a client surface's handler reads first: the caller (or 401), then its body as JSON
+/// (413 beyond the limit, 400 for what is not JSON).
+pub async fn client_json(
+    state: &State,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(String, serde_json::Value), HttpRefusal> {
+    let client = authenticate(state, headers)?;
+    let bytes = read_body(state, body).await?;
+    Ok((client, parse(&bytes)?))
+}
+
 async fn correlation(mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
@@ -255,6 +267,7 @@ pub fn router(state: AppState, boundary: Boundary) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/responses", post(responses::create))
         .route(
             "/v1/responses/{id}",
@@ -269,7 +282,7 @@ pub fn router(state: AppState, boundary: Boundary) -> Router {
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
         .route("/api/embed", post(ollama::embed))
-        .route("/api/embeddings", post(ollama::embed))
+        .route("/api/embeddings", post(ollama::embeddings))
         .route("/v2/tasks", post(native::submit))
         .route("/v2/tasks/{id}", get(native::task_info))
         .route("/v2/tasks/{id}/events", get(native::events))

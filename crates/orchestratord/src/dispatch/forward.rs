@@ -394,6 +394,7 @@ fn complete(
             finish_reason: end.finish_reason,
             choices: end.choices,
             stop_sequence: end.stop_sequence,
+            embeddings: end.embeddings,
         },
     );
 }

@@ -134,6 +134,10 @@ pub struct PoolConfig {
     /// CPU, many times slower). Default false.
     #[serde(default)]
     pub gpu_only: bool,
+    /// Serve embeddings (`/v1/embeddings`, `/api/embed`) from this pool too: the engine keeps
+    /// a context of `ctx` tokens for them beside its slots. Default false.
+    #[serde(default)]
+    pub embeddings: bool,
     pub model: ModelConfig,
 }
 

@@ -50,7 +50,8 @@ pub fn engine_memory_bound(
         Some(mib) => return Some(mib.saturating_mul(1 << 20)),
         None => {}
     }
-    let tokens = u64::from(pool.slots) * u64::from(pool.ctx);
+    // The embedding context holds one more slot's worth of KV.
+    let tokens = (u64::from(pool.slots) + u64::from(pool.embeddings)) * u64::from(pool.ctx);
     let kv = kv_per_token?;
     let need = model_bytes.saturating_add(kv.saturating_mul(tokens));
     let cache = match prefix_cache_bytes {
@@ -84,6 +85,9 @@ pub fn plan_flags(pool: &PoolConfig, gpu_free: &[u64]) -> Vec<String> {
     }
     if pool.gpu_only {
         flags.push("--gpu-only".into());
+    }
+    if pool.embeddings {
+        flags.push("--embeddings".into());
     }
     flags.extend([
         "--prefix-cache-mib".into(),

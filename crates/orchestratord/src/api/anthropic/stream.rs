@@ -215,6 +215,7 @@ mod tests {
             finish_reason: reason,
             choices: Vec::new(),
             stop_sequence: None,
+            embeddings: Vec::new(),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Ollama's API on the same listener: `/api/chat` and `/api/generate` (NDJSON streams by
 //! default, one object with `stream: false`), `/api/tags`, `/api/ps`, `/api/show` and
-//! `/api/version`, with Ollama's field names and `{"error": "..."}`. Chat and generate become
+//! `/api/version`, `/api/embed` and `/api/embeddings`, with Ollama's field names and `{"error": "..."}`. Chat and generate become
 //! the same engine request as `/v1`, and go through the same admission (`interactive`),
 //! placement, metrics (`api="ollama"`), journal record and cancellation on disconnect. With API
 //! keys configured every route needs one, as on `/v1` (the Ollama client sends it as
@@ -8,8 +8,10 @@
 //!
 //! - this file: the routes' handlers and the NDJSON stream;
 //! - [`request`]: the bodies, `options`, `format`, the engine request they become;
+//! - [`embed`](mod@embed): `/api/embed` and `/api/embeddings`;
 //! - [`response`]: the answer objects, the listings, the error envelope.
 
+mod embed;
 mod request;
 mod response;
 
@@ -29,10 +31,12 @@ use tokio::sync::mpsc;
 
 use super::interactive::{admit, read_to_end, CancelOnDrop};
 use super::{
-    authenticate, parse, read_body, sse, ApiError, AppState, CorrelationId, HttpRefusal, Meter,
+    authenticate, client_json, parse, read_body, sse, ApiError, AppState, CorrelationId,
+    HttpRefusal, Meter,
 };
 use crate::outcome::Api;
 use crate::tasks::{Follower, TaskEvent};
+pub use embed::{embed, embeddings};
 use request::{Answerable, ChatRequest, Common, GenerateBody};
 pub use response::error_envelope;
 use response::Shape;
@@ -134,9 +138,7 @@ async fn answer<T: Answerable>(
     let meter = Meter::new(Api::Ollama);
     let received = Instant::now();
     let result = async {
-        let client = oll(authenticate(&state, &headers))?;
-        let bytes = oll(read_body(&state, body).await)?;
-        let value: Value = oll(parse(&bytes))?;
+        let (client, value) = oll(client_json(&state, &headers, body).await)?;
         let (common, req) = request::decode::<T>(&value).map_err(bad)?;
         meter.model(req.model());
         let shape = Shape {
@@ -159,6 +161,16 @@ async fn answer<T: Answerable>(
     meter.count(&state, result)
 }
 
+/// A refusal in Ollama's envelope; the admission's refusal of an unknown model in Ollama's
+/// words.
+fn refusal(model: &str, e: HttpRefusal) -> ApiError {
+    if e.1.code == ErrorCode::ModelNotFound {
+        ApiError::ollama(not_found(model))
+    } else {
+        ApiError::ollama(e)
+    }
+}
+
 /// Validates and admits the engine request; answers whole or as an NDJSON stream.
 async fn run(
     state: &AppState,
@@ -171,14 +183,8 @@ async fn run(
 ) -> Result<Response> {
     engine.validate().map_err(bad)?;
     shape.tools = engine.effective_tool_choice();
-    let admitted = admit(state, cid, client, shape.model.clone(), engine, meter).map_err(|e| {
-        // The admission's refusal of an unknown model, in Ollama's words.
-        if e.1.code == ErrorCode::ModelNotFound {
-            ApiError::ollama(not_found(&shape.model))
-        } else {
-            ApiError::ollama(e)
-        }
-    })?;
+    let admitted = admit(state, cid, client, shape.model.clone(), engine, meter)
+        .map_err(|e| refusal(&shape.model, e))?;
     let (mut follower, guard) = (admitted.follower, admitted.guard);
     if !common.streams() {
         let (text, end) = oll(read_to_end(&mut follower).await)?;
@@ -266,18 +272,4 @@ async fn pump(
             return;
         }
     }
-}
-
-/// `POST /api/embed` and `/api/embeddings`: no pool serves embeddings yet (docs/API.md).
-pub async fn embed(Ext(state): Ext<AppState>, headers: HeaderMap) -> ApiError {
-    if let Err(e) = authenticate(&state, &headers) {
-        return ApiError::ollama(e);
-    }
-    ApiError::ollama((
-        StatusCode::NOT_IMPLEMENTED,
-        ErrorBody::new(
-            ErrorCode::InvalidParams,
-            "embeddings are not served by this server yet",
-        ),
-    ))
 }

@@ -1,4 +1,5 @@
-//! The OpenAI-compatible API: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, streaming
+//! The OpenAI-compatible API: `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
+//! `/v1/embeddings`, streaming
 //! (`chat.completion.chunk` / `text_completion` events ending in `data: [DONE]`) and not, with
 //! OpenAI's error envelope. Requests go through the same queue as native tasks, at
 //! `interactive` priority. A client that disconnects cancels its task, which frees the slot.
@@ -13,8 +14,10 @@
 //! - [`request`]: the request bodies, their validation, the engine request they become;
 //! - [`run`](mod@run): admitting the task and reading its events (cancelled when the client goes away);
 //! - [`response`]: encoding whole answers and OpenAI's error envelope;
-//! - [`stream`]: encoding chunks of a streamed answer.
+//! - [`stream`]: encoding chunks of a streamed answer;
+//! - [`embeddings`](mod@embeddings): `/v1/embeddings`.
 
+mod embeddings;
 mod request;
 mod response;
 mod run;
@@ -32,6 +35,7 @@ use serde_json::{json, Value};
 
 use super::{authenticate, ApiError, AppState, CorrelationId, HttpRefusal, Meter};
 use crate::outcome::Api;
+pub use embeddings::embeddings;
 pub(crate) use request::response_format;
 use request::{decode, ChatRequest, CompletionRequest, CHAT_FIELDS, COMPLETION_FIELDS};
 pub use response::error_envelope;

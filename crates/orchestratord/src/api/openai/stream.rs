@@ -258,6 +258,7 @@ mod tests {
             finish_reason: llorch_wire::engine::FinishReason::Length,
             choices: Vec::new(),
             stop_sequence: None,
+            embeddings: Vec::new(),
         };
         let mut c = Chunks::new(Kind::Chat, "chatcmpl-1", 7, "m\"x", 1, true);
         let mut out = Vec::new();

@@ -26,7 +26,7 @@ use llorch_wire::ErrorBody;
 use serde_json::{json, Map, Value};
 
 use super::interactive::{admit, first_events, read_to_end, Admitted};
-use super::{authenticate, parse, read_body, sse, ApiError, AppState, CorrelationId, Meter};
+use super::{authenticate, client_json, sse, ApiError, AppState, CorrelationId, Meter};
 use crate::conversations::Stored;
 use crate::outcome::Api;
 use request::{rename_field, CreateResponse};
@@ -129,9 +129,7 @@ async fn create_request(
     body: Body,
     meter: &Meter,
 ) -> Result<Response> {
-    let client = oai(authenticate(&state, &headers))?;
-    let bytes = oai(read_body(&state, body).await)?;
-    let value: Value = oai(parse(&bytes))?;
+    let (client, value) = oai(client_json(&state, &headers, body).await)?;
     let req: CreateResponse = llorch_wire::json::from_value(&value).map_err(bad)?;
     meter.model(&req.model);
     let history = match &req.previous_response_id {

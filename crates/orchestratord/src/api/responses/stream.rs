@@ -266,6 +266,7 @@ mod tests {
             finish_reason: reason,
             choices: Vec::new(),
             stop_sequence: None,
+            embeddings: Vec::new(),
         }
     }
 
