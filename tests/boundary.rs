@@ -76,16 +76,32 @@ fn a_web_page_cannot_drive_the_home_stack() {
     let chat = format!(
         r#"{{"model":"{MODEL_ID}","max_tokens":2,"temperature":0,"messages":[{{"role":"user","content":"Hi"}}]}}"#
     );
-    let json = ("content-type", "application/json");
-    let evil = ("origin", "http://evil.example");
+    simple_cross_origin_requests_are_refused(l, &chat);
+    bodies_that_are_not_json_are_refused(l, &chat);
+    a_foreign_host_is_refused_and_listed_hosts_are_served(l, &chat);
+    unlisted_origins_are_refused_on_every_surface(l, &chat);
+    the_listed_origin_and_the_apis_own_are_served(l, &chat);
+    let token_file = operator_endpoints_need_the_operators_token(&up);
+    task_ids_are_unguessable(l);
+    drop(up);
+    assert!(
+        !token_file.exists(),
+        "the token outlives its stack: {}",
+        token_file.display()
+    );
+}
 
+const JSON: (&str, &str) = ("content-type", "application/json");
+const EVIL: (&str, &str) = ("origin", "http://evil.example");
+
+fn simple_cross_origin_requests_are_refused(l: &str, chat: &str) {
     // A "simple" cross-origin POST (text/plain: no preflight in a browser) to an operator
     // endpoint and to generation: refused, and the pool keeps serving.
     let (status, _, body) = raw(
         l,
         "POST",
         "/v2/pools/default/drain",
-        &[evil, ("content-type", "text/plain")],
+        &[EVIL, ("content-type", "text/plain")],
         "{}",
     );
     assert_eq!(status, 403, "{body}");
@@ -94,19 +110,21 @@ fn a_web_page_cannot_drive_the_home_stack() {
         l,
         "POST",
         "/v1/chat/completions",
-        &[evil, ("content-type", "text/plain")],
-        &chat,
+        &[EVIL, ("content-type", "text/plain")],
+        chat,
     );
     assert_eq!(status, 403, "{body}");
     assert_eq!(pool_state(l), "ready");
+}
 
+fn bodies_that_are_not_json_are_refused(l: &str, chat: &str) {
     // The same body without an Origin (a form or a script that strips it): not JSON, so 415.
     let (status, _, body) = raw(
         l,
         "POST",
         "/v1/chat/completions",
         &[("content-type", "text/plain")],
-        &chat,
+        chat,
     );
     assert_eq!(status, 415, "{body}");
     assert!(body.to_ascii_lowercase().contains("content-type"), "{body}");
@@ -118,28 +136,30 @@ fn a_web_page_cannot_drive_the_home_stack() {
         "{}",
     );
     assert_eq!(status, 415, "{body}");
+}
 
-    // DNS rebinding: the page's own name resolved to 127.0.0.1; the browser sends that name.
+fn a_foreign_host_is_refused_and_listed_hosts_are_served(l: &str, chat: &str) {
     let port = l.rsplit(':').next().unwrap();
+    // DNS rebinding: the page's own name resolved to 127.0.0.1; the browser sends that name.
     let foreign = format!("evil.example:{port}");
     let (status, _, body) = raw(l, "GET", "/v1/models", &[("host", &foreign)], "");
     assert_eq!(status, 421, "{body}");
     assert!(body.contains("--allowed-hosts"), "{body}");
-    let (status, _, body) = raw(l, "POST", "/v2/tasks", &[("host", &foreign), json], &chat);
+    let (status, _, body) = raw(l, "POST", "/v2/tasks", &[("host", &foreign), JSON], chat);
     assert_eq!(status, 421, "{body}");
     // Ollama's listing and chat too (a page must not read the models or generate), refused in
     // Ollama's envelope.
     let (status, _, body) = raw(l, "GET", "/api/tags", &[("host", &foreign)], "");
     assert_eq!(status, 421, "{body}");
     assert!(body.starts_with(r#"{"error":"#), "{body}");
-    let (status, _, body) = raw(l, "POST", "/api/chat", &[evil, json], &chat);
+    let (status, _, body) = raw(l, "POST", "/api/chat", &[EVIL, JSON], chat);
     assert_eq!(status, 403, "{body}");
     assert!(body.starts_with(r#"{"error":"#), "{body}");
     let (status, _, body) = raw(
         l,
         "POST",
         "/api/generate",
-        &[evil, ("content-type", "text/plain")],
+        &[EVIL, ("content-type", "text/plain")],
         "{}",
     );
     assert_eq!(status, 403, "{body}");
@@ -155,25 +175,27 @@ fn a_web_page_cannot_drive_the_home_stack() {
         let (status, _, body) = raw(l, "GET", "/v1/models", &[("host", &host)], "");
         assert_eq!(status, 200, "{host}: {body}");
     }
+}
 
+fn unlisted_origins_are_refused_on_every_surface(l: &str, chat: &str) {
     // An unlisted origin, with a JSON body and after a preflight: both refused.
     let (status, _, body) = raw(
         l,
         "OPTIONS",
         "/v1/chat/completions",
         &[
-            evil,
+            EVIL,
             ("access-control-request-method", "POST"),
             ("access-control-request-headers", "content-type"),
         ],
         "",
     );
     assert_eq!(status, 403, "{body}");
-    let (status, head, body) = raw(l, "POST", "/v1/chat/completions", &[evil, json], &chat);
+    let (status, head, body) = raw(l, "POST", "/v1/chat/completions", &[EVIL, JSON], chat);
     assert_eq!(status, 403, "{body}");
     assert!(!head.contains("access-control-allow-origin"), "{head}");
     // Anthropic's surface is behind the same check, and refuses in its own envelope.
-    let (status, _, body) = raw(l, "POST", "/v1/messages", &[evil, json], &chat);
+    let (status, _, body) = raw(l, "POST", "/v1/messages", &[EVIL, JSON], chat);
     assert_eq!(status, 403, "{body}");
     assert!(
         body.contains(r#""type":"error""#) && body.contains("permission_error"),
@@ -182,13 +204,16 @@ fn a_web_page_cannot_drive_the_home_stack() {
     // So are the Responses API and its stored answers: a page can neither make one nor read
     // or delete what a client stored.
     for (method, path, body) in [
-        ("POST", "/v1/responses", chat.as_str()),
+        ("POST", "/v1/responses", chat),
         ("GET", "/v1/responses/resp_0123", ""),
         ("DELETE", "/v1/responses/resp_0123", ""),
     ] {
-        let (status, _, answer) = raw(l, method, path, &[evil, json], body);
+        let (status, _, answer) = raw(l, method, path, &[EVIL, JSON], body);
         assert_eq!(status, 403, "{method} {path}: {answer}");
     }
+}
+
+fn the_listed_origin_and_the_apis_own_are_served(l: &str, chat: &str) {
     // The listed origin gets its preflight and its answer, with CORS headers naming it.
     let app = ("origin", "http://app.example:3000");
     let (status, head, _) = raw(
@@ -214,7 +239,7 @@ fn a_web_page_cannot_drive_the_home_stack() {
         head.contains("access-control-allow-headers:") && head.contains("authorization"),
         "{head}"
     );
-    let (status, head, body) = raw(l, "POST", "/v1/chat/completions", &[app, json], &chat);
+    let (status, head, body) = raw(l, "POST", "/v1/chat/completions", &[app, JSON], chat);
     assert_eq!(status, 200, "{body}");
     assert!(
         head.contains("access-control-allow-origin: http://app.example:3000"),
@@ -226,13 +251,17 @@ fn a_web_page_cannot_drive_the_home_stack() {
         l,
         "POST",
         "/v1/chat/completions",
-        &[("origin", &own), json],
-        &chat,
+        &[("origin", &own), JSON],
+        chat,
     );
     assert_eq!(status, 200, "{body}");
+}
 
+fn operator_endpoints_need_the_operators_token(up: &Up) -> std::path::PathBuf {
     // Operator endpoints need the operator's credential even on loopback.
-    let (status, _, body) = raw(l, "POST", "/v2/pools/default/drain", &[json], "{}");
+    let l = up.listen.as_str();
+    let port = l.rsplit(':').next().unwrap();
+    let (status, _, body) = raw(l, "POST", "/v2/pools/default/drain", &[JSON], "{}");
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("admin credential"), "{body}");
     let (status, _, body) = raw(l, "GET", "/v2/nodes", &[], "");
@@ -272,11 +301,14 @@ fn a_web_page_cannot_drive_the_home_stack() {
         "",
     );
     assert_eq!(status, 200, "{body}");
+    token_file
+}
 
+fn task_ids_are_unguessable(l: &str) {
     // Task ids carry 128 random bits: knowing one is the only way to read another client's
     // task on a stack without keys.
     let task = format!(r#"{{"model_ref":"{MODEL_ID}","prompt":"Hi","max_tokens":1}}"#);
-    let (status, _, body) = raw(l, "POST", "/v2/tasks", &[json], &task);
+    let (status, _, body) = raw(l, "POST", "/v2/tasks", &[JSON], &task);
     assert_eq!(status, 202, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let id = v["task_id"].as_str().unwrap();
@@ -284,11 +316,5 @@ fn a_web_page_cannot_drive_the_home_stack() {
     assert!(
         hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()),
         "{id}"
-    );
-    drop(up);
-    assert!(
-        !token_file.exists(),
-        "the token outlives its stack: {}",
-        token_file.display()
     );
 }

@@ -263,13 +263,30 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
         assert_eq!(serde_json::from_str::<Value>(&f.data).unwrap()["i"], n);
     }
 
-    // A subscriber that comes after the end gets the very same stream.
-    let late = frames(c.events(&accepted.streams.sse).await.unwrap()).await;
-    assert_eq!(late, live);
+    a_late_subscriber_gets_the_same_stream(&c, &accepted.streams.sse, &live).await;
+    task_ids_are_per_key(&stack, &c, &req, &accepted.streams.sse, &live).await;
+    the_sessions_next_turn_reuses_the_kv_cache(&c, &req, &live, end.tokens_in).await;
+    a_cancel_mid_stream_frees_the_slot(&c).await;
+    an_idle_stack_spins_no_daemon(&stack).await;
+    the_capabilities_name_the_pool(&c).await;
+}
 
+async fn a_late_subscriber_gets_the_same_stream(c: &HttpClient, sse: &str, live: &[Frame]) {
+    // A subscriber that comes after the end gets the very same stream.
+    let late = frames(c.events(sse).await.unwrap()).await;
+    assert_eq!(late, live);
+}
+
+async fn task_ids_are_per_key(
+    stack: &Stack,
+    c: &HttpClient,
+    req: &TaskRequest,
+    sse: &str,
+    live: &[Frame],
+) {
     // A duplicate task id of the same key is refused.
     let dup = c
-        .post_json::<_, TaskAccepted>("/v2/tasks", &req)
+        .post_json::<_, TaskAccepted>("/v2/tasks", req)
         .await
         .unwrap_err();
     assert!(
@@ -295,9 +312,16 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
     let other_frames = frames(other.events(&accepted_other.streams.sse).await.unwrap()).await;
     assert!(end_of(&other_frames).tokens_out <= 4);
     // The first key still reads its own task, unchanged.
-    let again = frames(c.events(&accepted.streams.sse).await.unwrap()).await;
+    let again = frames(c.events(sse).await.unwrap()).await;
     assert_eq!(again, live);
+}
 
+async fn the_sessions_next_turn_reuses_the_kv_cache(
+    c: &HttpClient,
+    req: &TaskRequest,
+    live: &[Frame],
+    tokens_in: u32,
+) {
     // The session remembers the pool and slot; the next turn reuses the KV cache.
     let s: Value = c.get_json("/v2/sessions/s1").await.unwrap();
     assert_eq!(s["pool_id"], "default");
@@ -305,15 +329,15 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
     let mut follow = req.clone();
     follow.task_id = None;
     let mut msgs = user("What city is the capital of France?");
-    msgs.push(ChatMessage::new("assistant", event_text(&live)));
+    msgs.push(ChatMessage::new("assistant", event_text(live)));
     msgs.push(ChatMessage::new("user", "And of Italy?"));
     follow.messages = Some(msgs);
-    let a2 = submit(&c, &follow).await;
+    let a2 = submit(c, &follow).await;
     let second = frames(c.events(&a2.streams.sse).await.unwrap()).await;
     let metrics: Value =
         serde_json::from_str(&second.iter().find(|f| f.event == "metrics").unwrap().data).unwrap();
     assert!(
-        metrics["cached_tokens"].as_u64().unwrap() >= end.tokens_in as u64,
+        metrics["cached_tokens"].as_u64().unwrap() >= tokens_in as u64,
         "{metrics}"
     );
     let resp = c
@@ -325,9 +349,11 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+}
 
+async fn a_cancel_mid_stream_frees_the_slot(c: &HttpClient) {
     // Cancel mid-stream: tokens stop, the stream ends with CANCELED, the slot is free.
-    let accepted = submit(&c, &long_task(600)).await;
+    let accepted = submit(c, &long_task(600)).await;
     let mut stream = c.events(&accepted.streams.sse).await.unwrap();
     skip_tokens(&mut stream, 5).await;
     let canceled: Value = c
@@ -346,14 +372,16 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
         "tokens kept coming after cancel: {}",
         rest.len()
     );
-    let freed = wait_idle(&c, Duration::from_secs(1)).await;
+    let freed = wait_idle(c, Duration::from_secs(1)).await;
     eprintln!("slot free {freed:?} after cancel");
     let info: Value = c
         .get_json(&format!("/v2/tasks/{}", accepted.task_id))
         .await
         .unwrap();
     assert_eq!(info["state"], "canceled");
+}
 
+async fn an_idle_stack_spins_no_daemon(stack: &Stack) {
     // An idle stack is idle: no daemon spins (a handoff watcher that reacted to its own reads
     // once kept pool-managerd at a full core).
     let pids = [
@@ -366,7 +394,9 @@ async fn native_flow_late_subscriber_sessions_and_cancel() {
         let used = cpu_ticks(*pid) - b;
         assert!(used < 10, "pid {pid} used {used} of 100 ticks while idle");
     }
+}
 
+async fn the_capabilities_name_the_pool(c: &HttpClient) {
     let caps: Value = c.get_json("/v2/meta/capabilities").await.unwrap();
     assert_eq!(caps["pools"][0]["model_id"], MODEL_ID);
     assert_eq!(caps["pools"][0]["slots"], 4);
@@ -865,61 +895,81 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
         tokio::spawn(async move { frames(c.events(&sse).await.unwrap()).await })
     };
 
-    let chat = |extra: Value| {
-        let mut b = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
-        for (k, v) in extra.as_object().unwrap() {
-            b[k] = v.clone();
-        }
-        b
-    };
+    each_bad_parameter_is_named(&c).await;
+    malformed_and_oversized_bodies_are_refused(&c).await;
+    missing_and_wrong_keys_are_refused(&stack).await;
+    the_correlation_id_reaches_every_hop(&stack, &c).await;
+    another_key_cannot_see_or_cancel_the_task(&stack, &bystander.task_id).await;
+    // The bystander's stream was not disturbed.
+    let f = watcher.await.unwrap();
+    assert_eq!(end_of(&f).tokens_out, 120);
+    let _ = TEST_KEY;
+}
+
+/// A chat request to the default model with `extra`'s fields set.
+fn chat_with(extra: Value) -> Value {
+    let mut b = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+/// Every bad parameter of `/v1` and `/v2` is refused with its status and named.
+async fn each_bad_parameter_is_named(c: &HttpClient) {
     // (path, body, status, param or field)
     let cases: Vec<(&str, Value, u16, &str)> = vec![
         (
             "/v1/chat/completions",
-            chat(json!({"model": "gpt-9"})),
+            chat_with(json!({"model": "gpt-9"})),
             404,
             "model",
         ),
         (
             "/v1/chat/completions",
-            chat(json!({"temperature": "hot"})),
+            chat_with(json!({"temperature": "hot"})),
             400,
             "temperature",
         ),
         (
             "/v1/chat/completions",
-            chat(json!({"temperature": 5.0})),
+            chat_with(json!({"temperature": 5.0})),
             400,
             "temperature",
         ),
         (
             "/v1/chat/completions",
-            chat(json!({"max_tokens": -3})),
+            chat_with(json!({"max_tokens": -3})),
             400,
             "max_tokens",
         ),
-        ("/v1/chat/completions", chat(json!({"n": 17})), 400, "n"),
         (
             "/v1/chat/completions",
-            chat(json!({"tools": [{"type": "function"}]})),
+            chat_with(json!({"n": 17})),
+            400,
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            chat_with(json!({"tools": [{"type": "function"}]})),
             400,
             "tools[0]",
         ),
         (
             "/v1/chat/completions",
-            chat(json!({"top_logprobs": 2})),
+            chat_with(json!({"top_logprobs": 2})),
             400,
             "logprobs",
         ),
         (
             "/v1/chat/completions",
-            chat(json!({"frobnicate": 1})),
+            chat_with(json!({"frobnicate": 1})),
             400,
             "frobnicate",
         ),
         (
             "/v1/chat/completions",
-            chat(json!({"messages": [{"role": "wizard", "content": "x"}]})),
+            chat_with(json!({"messages": [{"role": "wizard", "content": "x"}]})),
             400,
             "messages[0].role",
         ),
@@ -956,7 +1006,7 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
         ("/v2/tasks", json!({"model_ref": MODEL_ID}), 400, "prompt"),
     ];
     for (path, body, status, field) in cases {
-        let (got, headers, v) = post(&c, path, &body).await;
+        let (got, headers, v) = post(c, path, &body).await;
         assert_eq!(got.as_u16(), status, "{path} {body}: {v}");
         assert!(headers.contains_key("x-correlation-id"));
         if path.starts_with("/v1") {
@@ -968,6 +1018,9 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
             assert!(v["code"].is_string());
         }
     }
+}
+
+async fn malformed_and_oversized_bodies_are_refused(c: &HttpClient) {
     // Malformed JSON and an oversized body.
     let resp = c
         .post_raw("/v1/chat/completions", "{\"model\": ", &[])
@@ -984,9 +1037,12 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
     );
     let resp = c.post_raw("/v2/tasks", huge, &[]).await.unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+async fn missing_and_wrong_keys_are_refused(stack: &Stack) {
     // Missing and wrong API keys.
     let anon = HttpClient::new(&stack.url()).unwrap();
-    let (status, _, v) = post(&anon, "/v1/chat/completions", &chat(json!({}))).await;
+    let (status, _, v) = post(&anon, "/v1/chat/completions", &chat_with(json!({}))).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(v["error"]["code"], "invalid_api_key");
     let wrong = HttpClient::new(&stack.url())
@@ -1005,6 +1061,9 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
         !log.contains("wrong-key-0123456789abcdef"),
         "a key reached the log"
     );
+}
+
+async fn the_correlation_id_reaches_every_hop(stack: &Stack, c: &HttpClient) {
     // The correlation id is echoed.
     let cid = (
         HeaderName::from_static("x-correlation-id"),
@@ -1013,7 +1072,7 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
     let resp = c
         .post_raw(
             "/v1/chat/completions",
-            serde_json::to_vec(&chat(json!({}))).unwrap(),
+            serde_json::to_vec(&chat_with(json!({}))).unwrap(),
             &[cid],
         )
         .await
@@ -1026,12 +1085,15 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
     assert!(engine_log.contains("corr-123"), "{engine_log}");
     assert!(stack.node.as_ref().unwrap().log_text().contains("corr-123"));
     assert!(stack.orch.as_ref().unwrap().log_text().contains("corr-123"));
+}
+
+async fn another_key_cannot_see_or_cancel_the_task(stack: &Stack, task_id: &str) {
     // Another client's key does not see, stream or cancel this client's task.
     let other = HttpClient::new(&stack.url())
         .unwrap()
         .with_token(Some("other-key-0123456789abcdef".into()));
     let err = other
-        .get_json::<Value>(&format!("/v2/tasks/{}", bystander.task_id))
+        .get_json::<Value>(&format!("/v2/tasks/{}", task_id))
         .await
         .unwrap_err();
     assert!(
@@ -1044,17 +1106,8 @@ async fn bad_requests_get_typed_errors_and_do_not_disturb_others() {
         ),
         "{err}"
     );
-    let (status, _, _) = post(
-        &other,
-        &format!("/v2/tasks/{}/cancel", bystander.task_id),
-        &json!({}),
-    )
-    .await;
+    let (status, _, _) = post(&other, &format!("/v2/tasks/{}/cancel", task_id), &json!({})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    // The bystander's stream was not disturbed.
-    let f = watcher.await.unwrap();
-    assert_eq!(end_of(&f).tokens_out, 120);
-    let _ = TEST_KEY;
 }
 
 /// Connections waiting in `port`'s accept queue (the listening socket's receive queue in
@@ -1176,6 +1229,13 @@ async fn node_tokens_guard_registration_and_the_node_api() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{v}");
+    a_token_registers_only_its_own_node(&stack, &c).await;
+    a_tokens_line_bounds_its_models_and_slots(&stack).await;
+    operator_endpoints_need_an_admin_key(&c, &stack.url()).await;
+    the_node_api_needs_the_node_token(&stack).await;
+}
+
+async fn a_token_registers_only_its_own_node(stack: &Stack, c: &HttpClient) {
     // Registration without the token is refused...
     let reg = json!({"node_id": "intruder", "address": "http://127.0.0.1:1", "version": "0",
                      "heartbeat_secs": 5, "pools": []});
@@ -1207,9 +1267,15 @@ async fn node_tokens_guard_registration_and_the_node_api() {
         .unwrap()
         .log_text()
         .contains("Refused a node token used for another node id."));
+}
+
+async fn a_tokens_line_bounds_its_models_and_slots(stack: &Stack) {
     // A token's line may name the models and the slots its node may register: rewritten and
     // reloaded, node-a's token may still report its own pool, but not claim another model's
     // traffic nor more slots than its line allows (403 naming the field).
+    let holder = HttpClient::new(&stack.url())
+        .unwrap()
+        .with_token(Some(NODE_TOKEN.into()));
     let tokens = stack.dir.path().join("node-tokens");
     llorch_tests::write_secret(
         &tokens,
@@ -1242,9 +1308,12 @@ async fn node_tokens_guard_registration_and_the_node_api() {
         "{v}"
     );
     assert!(v["message"].as_str().unwrap().contains("slots"), "{v}");
+}
+
+async fn operator_endpoints_need_an_admin_key(c: &HttpClient, url: &str) {
     // The node list and pool drains are for admin keys: a client key without the mark is
     // refused (403), and nothing is drained.
-    let other = HttpClient::new(&stack.url())
+    let other = HttpClient::new(url)
         .unwrap()
         .with_token(Some("other-key-0123456789abcdef".into()));
     for path in ["/v2/pools/default/drain", "/v2/pools/default/resume"] {
@@ -1264,7 +1333,7 @@ async fn node_tokens_guard_registration_and_the_node_api() {
         "{err}"
     );
     assert_eq!(
-        pools(&c).await.pools[0].state,
+        pools(c).await.pools[0].state,
         llorch_wire::node::PoolState::Ready
     );
     // The same key still generates: the mark scopes operator endpoints only.
@@ -1275,7 +1344,10 @@ async fn node_tokens_guard_registration_and_the_node_api() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    // ...and so is the node API without it.
+}
+
+async fn the_node_api_needs_the_node_token(stack: &Stack) {
+    // The node API refuses a caller without the node token.
     let node_api = HttpClient::new(&format!(
         "unix:{}",
         stack.runtime().join("pool-managerd.sock").display()
