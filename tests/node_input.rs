@@ -77,14 +77,32 @@ async fn a_bogus_node_cannot_register_or_crash_the_stack() {
     let token = token.trim();
     assert!(token.len() >= 32, "a real secret: {token:?}");
 
+    registrations_without_the_nodes_token_are_refused(&url, token).await;
+    each_bad_field_of_a_registration_or_heartbeat_is_named(&url, token).await;
+    the_stack_serves_as_before_with_only_the_real_node(&url).await;
+    assert!(alive(up.child.id()), "llorch up is still running");
+    assert!(
+        matches!(up.child.try_wait(), Ok(None)),
+        "llorch up stopped: {}",
+        up.stop_and_stderr()
+    );
+    // Stopping is clean: both daemons exit 0 (a panic would have been exit status 101).
+    llorch_tests::stack::signal(up.child.id(), libc::SIGINT);
+    let status = tokio::task::block_in_place(|| up.child.wait()).unwrap();
+    let stderr = up.stderr_after_exit();
+    assert!(status.success(), "{status}\n{stderr}");
+    assert!(!stderr.contains("exited unexpectedly"), "{stderr}");
+}
+
+async fn registrations_without_the_nodes_token_are_refused(url: &str, token: &str) {
     // The exact request that used to panic orchestratord: refused without the token, before
     // any of it is read.
     let the_request = registration("http://bad host:1", vec![pool("default", 4294967295)]);
-    let (status, body) = post(&url, None, "/v2/nodes/register", &the_request).await;
+    let (status, body) = post(url, None, "/v2/nodes/register", &the_request).await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["code"], "UNAUTHORIZED");
     let (status, _) = post(
-        &url,
+        url,
         Some("not-the-token-0123456789"),
         "/v2/nodes/register",
         &the_request,
@@ -94,14 +112,19 @@ async fn a_bogus_node_cannot_register_or_crash_the_stack() {
     // The token is bound to node "home": as another node id it is refused (403).
     let mut intruder = registration("http://127.0.0.1:1", vec![pool("default", 1)]);
     intruder["node_id"] = json!("intruder");
-    let (status, body) = post(&url, Some(token), "/v2/nodes/register", &intruder).await;
+    let (status, body) = post(url, Some(token), "/v2/nodes/register", &intruder).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["code"], "FORBIDDEN", "{body}");
+}
 
+async fn each_bad_field_of_a_registration_or_heartbeat_is_named(url: &str, token: &str) {
     // With the token, each bad field is a 400 that names it.
     let many: Vec<Value> = (0..10_000).map(|i| pool(&format!("p{i}"), 1)).collect();
     let cases = [
-        (the_request.clone(), "address"),
+        (
+            registration("http://bad host:1", vec![pool("default", 4294967295)]),
+            "address",
+        ),
         (
             registration("http://127.0.0.1:1", vec![pool("default", 4294967295)]),
             "pools[0].slots_total",
@@ -125,7 +148,7 @@ async fn a_bogus_node_cannot_register_or_crash_the_stack() {
         ),
     ];
     for (body, field) in &cases {
-        let (status, answer) = post(&url, Some(token), "/v2/nodes/register", body).await;
+        let (status, answer) = post(url, Some(token), "/v2/nodes/register", body).await;
         assert_eq!(status, 400, "{field}: {answer}");
         assert_eq!(answer["code"], "INVALID_PARAMS", "{answer}");
         assert_eq!(answer["field"], *field, "{answer}");
@@ -156,19 +179,21 @@ async fn a_bogus_node_cannot_register_or_crash_the_stack() {
         ),
     ];
     for (body, field) in &heartbeats {
-        let (status, answer) = post(&url, Some(token), "/v2/nodes/home/heartbeat", body).await;
+        let (status, answer) = post(url, Some(token), "/v2/nodes/home/heartbeat", body).await;
         assert_eq!(status, 400, "{field}: {answer}");
         assert_eq!(answer["field"], *field, "{answer}");
     }
+}
 
+async fn the_stack_serves_as_before_with_only_the_real_node(url: &str) {
     // orchestratord is alive and serves as before, on the real node's pool.
-    let answer = chat(&url).await;
+    let answer = chat(url).await;
     let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text.contains("Paris"), "{answer}");
     // The node list is an operator's: with the token `llorch up` wrote for `llorch`.
-    let client = HttpClient::new(&url)
+    let client = HttpClient::new(url)
         .unwrap()
-        .with_token(llorch::up::admin_token_for(&url));
+        .with_token(llorch::up::admin_token_for(url));
     let nodes: Value = client.get_json("/v2/nodes").await.unwrap();
     let ids: Vec<&str> = nodes
         .as_array()
@@ -179,17 +204,4 @@ async fn a_bogus_node_cannot_register_or_crash_the_stack() {
     assert_eq!(ids, ["home"], "no bogus node was registered: {nodes}");
     let pools: Value = client.get_json("/v2/pools").await.unwrap();
     assert_eq!(pools["pools"][0]["slots_total"], 2, "{pools}");
-
-    assert!(alive(up.child.id()), "llorch up is still running");
-    assert!(
-        matches!(up.child.try_wait(), Ok(None)),
-        "llorch up stopped: {}",
-        up.stop_and_stderr()
-    );
-    // Stopping is clean: both daemons exit 0 (a panic would have been exit status 101).
-    llorch_tests::stack::signal(up.child.id(), libc::SIGINT);
-    let status = tokio::task::block_in_place(|| up.child.wait()).unwrap();
-    let stderr = up.stderr_after_exit();
-    assert!(status.success(), "{status}\n{stderr}");
-    assert!(!stderr.contains("exited unexpectedly"), "{stderr}");
 }

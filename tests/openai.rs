@@ -4,6 +4,7 @@
 //! `/v2` task API.
 #![allow(clippy::await_holding_lock)]
 
+use llorch_client::HttpClient;
 use llorch_tests::stack::{Stack, StackOptions, MODEL_ID};
 use llorch_tests::{frames, openai_spec, post, serial};
 use llorch_wire::engine::{ChatMessage, TokenEvent};
@@ -83,6 +84,12 @@ async fn native_tasks_take_a_json_schema_tools_and_logprobs() {
         assert!(t.logprob <= 0.0);
     }
 
+    a_forced_call_is_a_valid_call(&c).await;
+    bad_schemas_and_grammars_are_refused_by_name(&c).await;
+    a_deeply_nested_grammar_does_not_abort_the_engine(&c).await;
+}
+
+async fn a_forced_call_is_a_valid_call(c: &HttpClient) {
     // A forced call: the answer is the call's JSON, its arguments valid for the tool.
     let call: TaskAccepted = c
         .post_json(
@@ -110,10 +117,12 @@ async fn native_tasks_take_a_json_schema_tools_and_logprobs() {
     assert_eq!(v["name"], "get_time", "{v}");
     assert!(v["arguments"]["zone"].is_string(), "{v}");
     assert_eq!(v["arguments"].as_object().unwrap().len(), 1, "{v}");
+}
 
+async fn bad_schemas_and_grammars_are_refused_by_name(c: &HttpClient) {
     // One validation for both front ends: a bad schema is a 400 naming the field and place.
     let (status, _, body) = post(
-        &c,
+        c,
         "/v2/tasks",
         &json!({"model_ref": MODEL_ID, "prompt": "x", "json_schema": {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}, "json_schema_strict": true}),
     )
@@ -128,7 +137,7 @@ async fn native_tasks_take_a_json_schema_tools_and_logprobs() {
         "{body}"
     );
     let (status, _, body) = post(
-        &c,
+        c,
         "/v2/tasks",
         &json!({"model_ref": MODEL_ID, "prompt": "x", "grammar": "root ::= (", "max_tokens": 4}),
     )
@@ -148,13 +157,15 @@ async fn native_tasks_take_a_json_schema_tools_and_logprobs() {
         other => panic!("unexpected answer {other:?}: {body}"),
     };
     assert_eq!(refused["field"], "grammar", "{refused}");
+}
 
+async fn a_deeply_nested_grammar_does_not_abort_the_engine(c: &HttpClient) {
     // 20,000 nested groups (well inside the 64 KiB a grammar may hold) once aborted the engine
     // on llama.cpp's recursive parser, and dispatch sent it to the next attempts: refused here
     // with a 400 naming the field, the engine never restarts, and the next request is answered.
     let nested = format!("root ::= {}\"a\"{}", "(".repeat(20_000), ")".repeat(20_000));
     let (status, _, refused) = post(
-        &c,
+        c,
         "/v2/tasks",
         &json!({"model_ref": MODEL_ID, "prompt": "x", "grammar": nested, "max_tokens": 4}),
     )
