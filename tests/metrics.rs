@@ -92,15 +92,27 @@ async fn every_documented_metric_is_exported_and_moves_with_traffic() {
     let engine_socket = stack.handoff().expect("ready pool").socket;
     let docs = documented();
     assert!(docs.len() >= 35, "METRICS.md lists {} metrics", docs.len());
-    let of = |role: &str| docs.iter().filter(|d| d.role == role).collect::<Vec<_>>();
 
     let orch0 = scrape(&orch).await;
     let node0 = scrape(&node).await;
 
+    let (usage, native_tokens) = traffic(&stack, &orch, &engine_socket).await;
+    let orch1 = scrape(&orch).await;
+    let node1 = scrape(&node).await;
+    let engine1 = scrape_engine(&engine_socket).await;
+    names_types_and_labels_are_as_documented([&orch1, &node1, &engine1], &docs);
+    orchestratords_counters_moved_with_the_traffic(&orch0, &orch1, &usage, native_tokens);
+    the_nodes_and_engines_counters_moved_with_it([&node0, &node1, &engine1], &usage, native_tokens);
+    scrapes_without_traffic_agree(&orch, &node).await;
+    the_dashboard_and_alerts_use_exported_names(&orch1, &node1, &docs);
+}
+
+/// Two answers, one invalid and one unauthorized request, one cancelled task: each answer's (prompt, completion) tokens, and the tokens the cancelled task produced.
+async fn traffic(stack: &Stack, orch: &HttpClient, engine_socket: &str) -> (Vec<(u64, u64)>, f64) {
     // Traffic: two answers, one invalid and one unauthorized request, one cancelled task.
     let mut usage = Vec::new();
     for _ in 0..2 {
-        let (status, body) = chat(&orch, paris()).await;
+        let (status, body) = chat(orch, paris()).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         usage.push((
             body["usage"]["prompt_tokens"].as_u64().unwrap(),
@@ -110,7 +122,7 @@ async fn every_documented_metric_is_exported_and_moves_with_traffic() {
     let mut tools = paris();
     tools["tools"] = json!([{"type": "function", "function": {"name": "not a name"}}]);
     tools["tool_choice"] = json!("required");
-    assert_eq!(chat(&orch, tools).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(chat(orch, tools).await.0, StatusCode::BAD_REQUEST);
     let anonymous = HttpClient::new(&stack.url()).unwrap();
     assert_eq!(chat(&anonymous, paris()).await.0, StatusCode::UNAUTHORIZED);
     let accepted: Value = orch
@@ -151,7 +163,7 @@ async fn every_documented_metric_is_exported_and_moves_with_traffic() {
     });
 
     // The engine frees the cancelled task's slot at its next step.
-    let socket = &engine_socket;
+    let socket = engine_socket;
     wait_until(
         "the engine to free the cancelled task's slot",
         Duration::from_secs(5),
@@ -165,33 +177,42 @@ async fn every_documented_metric_is_exported_and_moves_with_traffic() {
         },
     )
     .await;
+    (usage, native_tokens)
+}
 
-    let orch1 = scrape(&orch).await;
-    let node1 = scrape(&node).await;
-    let engine1 = scrape_engine(&engine_socket).await;
-
-    // Names, types and labels, as documented.
-    check_documented(&orch1, &of("orchestratord"), &[], "orchestratord");
-    check_documented(&node1, &of("pool-managerd"), &[], "pool-managerd");
-    check_documented(&engine1, &of("llorch-engine"), &[], "engine");
+fn names_types_and_labels_are_as_documented(
+    [orch1, node1, engine1]: [&Scrape; 3],
+    docs: &[Documented],
+) {
+    let of = |role: &str| docs.iter().filter(|d| d.role == role).collect::<Vec<_>>();
+    check_documented(orch1, &of("orchestratord"), &[], "orchestratord");
+    check_documented(node1, &of("pool-managerd"), &[], "pool-managerd");
+    check_documented(engine1, &of("llorch-engine"), &[], "engine");
     check_documented(
-        &node1,
+        node1,
         &of("llorch-engine"),
         &["pool"],
         "engine via pool-managerd",
     );
     for (s, role) in [
-        (&orch1, "orchestratord"),
-        (&node1, "pool-managerd"),
-        (&engine1, "llorch-engine"),
+        (orch1, "orchestratord"),
+        (node1, "pool-managerd"),
+        (engine1, "llorch-engine"),
     ] {
         assert_eq!(s.sum("llorch_build_info", &[("role", role)]), 1.0, "{role}");
         assert!(s.has("process_resident_memory_bytes", &[]), "{role}");
     }
+}
 
+fn orchestratords_counters_moved_with_the_traffic(
+    orch0: &Scrape,
+    orch1: &Scrape,
+    usage: &[(u64, u64)],
+    native_tokens: f64,
+) {
     // Counters moved by what the traffic did.
     let (prompt, completion): (u64, u64) = usage.iter().fold((0, 0), |a, u| (a.0 + u.0, a.1 + u.1));
-    let d = |name: &str, labels: &[(&str, &str)]| delta(&orch0, &orch1, name, labels);
+    let d = |name: &str, labels: &[(&str, &str)]| delta(orch0, orch1, name, labels);
     assert_eq!(
         d(
             "llorch_requests_total",
@@ -285,9 +306,16 @@ async fn every_documented_metric_is_exported_and_moves_with_traffic() {
         ),
         orch1.sum("llorch_time_to_first_token_seconds_count", &[("model", M)])
     );
+}
 
+fn the_nodes_and_engines_counters_moved_with_it(
+    [node0, node1, engine1]: [&Scrape; 3],
+    usage: &[(u64, u64)],
+    native_tokens: f64,
+) {
     let p = [("pool", "default")];
-    let dn = |name: &str, labels: &[(&str, &str)]| delta(&node0, &node1, name, labels);
+    let (prompt, completion): (u64, u64) = usage.iter().fold((0, 0), |a, u| (a.0 + u.0, a.1 + u.1));
+    let dn = |name: &str, labels: &[(&str, &str)]| delta(node0, node1, name, labels);
     let engine_generated = dn("llorch_engine_generated_tokens_total", &p);
     assert!(
         engine_generated >= completion as f64 + native_tokens,
@@ -367,16 +395,24 @@ async fn every_documented_metric_is_exported_and_moves_with_traffic() {
         engine1.sum("llorch_engine_decode_steps_total", &[]),
         node1.sum("llorch_engine_decode_steps_total", &p)
     );
+}
 
+async fn scrapes_without_traffic_agree(orch: &HttpClient, node: &HttpClient) {
     // Two scrapes in a row without traffic return the same values.
-    for (client, what) in [(&orch, "orchestratord"), (&node, "pool-managerd")] {
+    for (client, what) in [(orch, "orchestratord"), (node, "pool-managerd")] {
         let a = scrape(client).await.values(moves_with_time);
         let b = scrape(client).await.values(moves_with_time);
         assert_eq!(a, b, "{what}: a scrape changed a value");
     }
+}
 
+fn the_dashboard_and_alerts_use_exported_names(
+    orch1: &Scrape,
+    node1: &Scrape,
+    docs: &[Documented],
+) {
     // The dashboard and the alert rules use only names these daemons export.
-    let exported: BTreeSet<String> = [&orch1, &node1].iter().flat_map(|s| s.names()).collect();
+    let exported: BTreeSet<String> = [orch1, node1].iter().flat_map(|s| s.names()).collect();
     let nvml: BTreeSet<String> = docs
         .iter()
         .filter(|d| d.nvml_only)
@@ -497,6 +533,21 @@ async fn journald_gets_one_record_per_task_and_the_engine_crash() {
     let end: Value =
         serde_json::from_str(&log.iter().find(|f| f.event == "end").expect("end").data).unwrap();
 
+    one_record_holds_the_tasks_fields_and_no_secret(
+        &task_id,
+        &cid,
+        &end,
+        stack.orch.as_ref().unwrap().pid(),
+    );
+    an_engine_crash_is_recorded_and_counted(&mut stack, node_pid).await;
+}
+
+fn one_record_holds_the_tasks_fields_and_no_secret(
+    task_id: &str,
+    cid: &str,
+    end: &Value,
+    orch_pid: u32,
+) {
     // One record, with the task's fields; no prompt text, no key.
     let records = journal(
         &[
@@ -524,10 +575,7 @@ async fn journald_gets_one_record_per_task_and_the_engine_crash() {
     for k in ["QUEUE_MS", "TTFT_MS", "DURATION_MS", "FINISH_REASON"] {
         field(k);
     }
-    assert_eq!(
-        field("_PID"),
-        stack.orch.as_ref().unwrap().pid().to_string()
-    );
+    assert_eq!(field("_PID"), orch_pid.to_string());
     let text = r.to_string();
     assert!(
         !text.contains("capital of France"),
@@ -541,7 +589,9 @@ async fn journald_gets_one_record_per_task_and_the_engine_crash() {
         "{} records for one task: {all:?}",
         all.len()
     );
+}
 
+async fn an_engine_crash_is_recorded_and_counted(stack: &mut Stack, node_pid: u32) {
     // Kill the engine: the crash is found by its MESSAGE_ID, and counted.
     let engine_pid = stack.handoff().expect("ready").pid;
     signal(engine_pid, libc::SIGKILL);
