@@ -135,7 +135,6 @@ async fn workers_added_by_hand_register_leave_and_go_offline_truthfully() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let port = free_port();
-    let url = format!("https://127.0.0.1:{port}");
 
     // A cluster CA; the control plane's certificate; the worker w2's directory as the recipe
     // expects it: w2.pem, w2.key, ca.pem, the model.
@@ -143,7 +142,6 @@ async fn workers_added_by_hand_register_leave_and_go_offline_truthfully() {
     std::fs::create_dir_all(&w2).unwrap();
     let ca = Ca::new(&w2, "cluster");
     std::fs::copy(&ca.cert, w2.join("ca.pem")).unwrap();
-    let cp = ca.server("cp", &["127.0.0.1"]);
     ca.server("w2", &["127.0.0.1"]);
     // A worker whose certificate another CA signed: it trusts the control plane, but the
     // control plane does not trust it.
@@ -152,7 +150,68 @@ async fn workers_added_by_hand_register_leave_and_go_offline_truthfully() {
     Ca::new(&rogue, "elsewhere").server("rogue", &["127.0.0.1"]);
     std::fs::copy(&ca.cert, rogue.join("ca.pem")).unwrap();
 
-    // The control plane: TLS only on its port, the local socket for its own machine's node.
+    let cl = start_the_control_plane(d, port, &ca, &bus).await;
+    let home_node = the_local_node_registers_over_the_socket(&cl).await;
+    an_untrusted_worker_is_refused_at_registration(&cl, &rogue, &bus).await;
+    let (env, worker) = a_worker_added_by_the_recipe_serves(&cl, &w2, &bus).await;
+    a_killed_worker_is_offline_everywhere(&cl, worker, &bus).await;
+    a_restarted_worker_is_back_and_leaves_on_sigterm(&cl, &env, &bus).await;
+    the_cli_says_refused_and_ends_quietly(&cl);
+    drop(home_node);
+}
+
+/// The TLS-only control plane of the test, and what the recipes need of it.
+struct Cluster {
+    dir: std::path::PathBuf,
+    url: String,
+    c: HttpClient,
+    orch: Daemon,
+    tokens: std::path::PathBuf,
+    local: std::path::PathBuf,
+    ca_cert: std::path::PathBuf,
+}
+
+impl Cluster {
+    /// The control plane's recipe: a token for node `id`, added to its token file.
+    fn token_for(&self, id: &str) -> String {
+        let out = run_recipe(
+            "control-plane",
+            &[
+                ("NODE_ID", id.to_string()),
+                ("NODE_TOKENS", self.tokens.display().to_string()),
+                ("ORCHESTRATORD_PID", self.orch.pid().to_string()),
+            ],
+        )
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// The worker recipe's environment.
+    fn worker_env(
+        &self,
+        id: &str,
+        token: &str,
+        dir: &Path,
+        addr: &str,
+    ) -> Vec<(&'static str, String)> {
+        vec![
+            ("NODE_ID", id.to_string()),
+            ("TOKEN", token.to_string()),
+            ("CP", self.url.clone()),
+            ("ADDR", addr.to_string()),
+            ("DIR", dir.display().to_string()),
+            ("MODEL", model_path().display().to_string()),
+            ("SHA", SHA.to_string()),
+        ]
+    }
+}
+
+/// The control plane: TLS only on its port, the local socket for its own machine's node.
+async fn start_the_control_plane(d: &Path, port: u16, ca: &Ca, bus: &PrivateBus) -> Cluster {
+    let url = format!("https://127.0.0.1:{port}");
+    let cp = ca.server("cp", &["127.0.0.1"]);
     let keys = d.join("api-keys");
     write_secret(
         &keys,
@@ -205,8 +264,20 @@ async fn workers_added_by_hand_register_leave_and_go_offline_truthfully() {
     .await;
     // Nothing answers plain HTTP on the API's port.
     assert!(plain.get_json::<Value>("/health/live").await.is_err());
+    Cluster {
+        dir: d.to_path_buf(),
+        url,
+        c,
+        orch,
+        tokens,
+        local,
+        ca_cert: ca.cert.clone(),
+    }
+}
 
-    // 1. This machine's node agent reaches the TLS-only control plane over the local socket.
+/// This machine's node agent reaches the TLS-only control plane over the local socket.
+async fn the_local_node_registers_over_the_socket(cl: &Cluster) -> Daemon {
+    let (d, c, local) = (cl.dir.as_path(), &cl.c, &cl.local);
     let home = d.join("home");
     std::fs::create_dir_all(home.join("run")).unwrap();
     write_secret(&home.join("node-token"), HOME_TOKEN);
@@ -238,48 +309,28 @@ async fn workers_added_by_hand_register_leave_and_go_offline_truthfully() {
             .unwrap(),
         log: home_log,
     };
-    wait_pool(&c, "home", PoolState::Ready, || home_node.log_text()).await;
+    wait_pool(c, "home", PoolState::Ready, || home_node.log_text()).await;
+    home_node
+}
 
-    // 2. The recipes, literally: a token on the control plane, then the worker.
-    let token_for = |id: &str| {
-        let out = run_recipe(
-            "control-plane",
-            &[
-                ("NODE_ID", id.to_string()),
-                ("NODE_TOKENS", tokens.display().to_string()),
-                ("ORCHESTRATORD_PID", orch.pid().to_string()),
-            ],
-        )
-        .output()
-        .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
-    let worker_env = |id: &str, token: &str, dir: &Path, addr: &str| {
-        vec![
-            ("NODE_ID", id.to_string()),
-            ("TOKEN", token.to_string()),
-            ("CP", url.clone()),
-            ("ADDR", addr.to_string()),
-            ("DIR", dir.display().to_string()),
-            ("MODEL", model_path().display().to_string()),
-            ("SHA", SHA.to_string()),
-        ]
-    };
-
+async fn an_untrusted_worker_is_refused_at_registration(
+    cl: &Cluster,
+    rogue: &Path,
+    bus: &PrivateBus,
+) {
     // 3. The worker the control plane cannot verify is refused when it registers, with the
     // reason on both sides; it never shows up as a node.
-    let token = token_for("rogue");
+    let token = cl.token_for("rogue");
     assert_eq!(token.len(), 64, "{token}");
-    let env = worker_env(
+    let env = cl.worker_env(
         "rogue",
         &token,
-        &rogue,
+        rogue,
         &format!("127.0.0.1:{}", free_port()),
     );
-    let mut bad = start_worker(d, &env, "rogue.log", &bus);
+    let mut bad = start_worker(&cl.dir, &env, "rogue.log", bus);
     wait_until("the refusal of rogue", Duration::from_secs(60), || async {
-        let (o, w) = (orch.log_text(), bad.log_text());
+        let (o, w) = (cl.orch.log_text(), bad.log_text());
         if o.contains("Refused a registration: the node's API cannot be reached over TLS.")
             && w.contains("The control plane refused this node (400")
         {
@@ -290,22 +341,28 @@ async fn workers_added_by_hand_register_leave_and_go_offline_truthfully() {
     })
     .await;
     assert!(bad.log_text().contains("certificate"), "{}", bad.log_text());
-    assert!(!nodes(&c).await.iter().any(|n| n.node_id == "rogue"));
+    assert!(!nodes(&cl.c).await.iter().any(|n| n.node_id == "rogue"));
     bad.stop();
+}
 
+async fn a_worker_added_by_the_recipe_serves(
+    cl: &Cluster,
+    w2: &Path,
+    bus: &PrivateBus,
+) -> (Vec<(&'static str, String)>, Daemon) {
     // 4. The worker the recipe adds serves: with home's pool drained, a task goes to w2.
-    let token = token_for("w2");
+    let token = cl.token_for("w2");
     let addr = format!("127.0.0.1:{}", free_port());
-    let env = worker_env("w2", &token, &w2, &addr);
-    let mut worker = start_worker(d, &env, "w2.log", &bus);
-    wait_pool(&c, "w2", PoolState::Ready, || worker.log_text()).await;
-    let drained: Value = c
-        .post_json("/v2/pools/default/drain?node=home", &json!({}))
-        .await
-        .unwrap();
+    let env = cl.worker_env("w2", &token, w2, &addr);
+    let worker = start_worker(&cl.dir, &env, "w2.log", bus);
+    wait_pool(&cl.c, "w2", PoolState::Ready, || worker.log_text()).await;
+    let drained: Value =
+        cl.c.post_json("/v2/pools/default/drain?node=home", &json!({}))
+            .await
+            .unwrap();
     assert_eq!(drained["state"], "draining", "{drained}");
-    let answer: Value = c
-        .post_json(
+    let answer: Value =
+        cl.c.post_json(
             "/v1/chat/completions",
             &json!({"model": MODEL_ID, "max_tokens": 4,
                     "messages": [{"role": "user", "content": "Hi"}]}),
@@ -316,36 +373,39 @@ async fn workers_added_by_hand_register_leave_and_go_offline_truthfully() {
         answer["choices"][0]["message"]["content"].is_string(),
         "{answer}"
     );
+    (env, worker)
+}
 
+async fn a_killed_worker_is_offline_everywhere(cl: &Cluster, mut worker: Daemon, bus: &PrivateBus) {
     // 5. A SIGKILLed worker: offline, and its pool says so everywhere.
     signal(worker.pid(), libc::SIGKILL);
     let _ = worker.child.wait();
     wait_until("w2 offline", Duration::from_secs(60), || async {
-        let n = nodes(&c).await;
+        let n = nodes(&cl.c).await;
         match n.iter().find(|n| n.node_id == "w2") {
             Some(n) if n.state == "offline" => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
-    let w2_view = nodes(&c)
+    let w2_view = nodes(&cl.c)
         .await
         .into_iter()
         .find(|n| n.node_id == "w2")
         .unwrap();
     assert!(!w2_view.online, "{w2_view:?}");
-    let p = pools(&c).await;
+    let p = pools(&cl.c).await;
     let w2_pool = p.pools.iter().find(|p| p.node_id == "w2").unwrap();
     assert_eq!(w2_pool.state, PoolState::Offline, "{w2_pool:?}");
     assert!(!w2_pool.node_online);
-    let status = llorch(&url, &ca.cert, TEST_KEY, "status");
+    let status = llorch(&cl.url, &cl.ca_cert, TEST_KEY, "status");
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
         text.lines()
             .any(|l| l.starts_with("default") && l.contains("w2") && l.contains("offline")),
         "{text}"
     );
-    let m = metrics(&c).await;
+    let m = metrics(&cl.c).await;
     assert_eq!(m.sum("llorch_pools", &[("state", "offline")]), 1.0);
     assert_eq!(m.sum("llorch_nodes", &[("state", "offline")]), 1.0);
     assert_eq!(m.sum("llorch_node_events_total", &[("event", "lost")]), 1.0);
@@ -354,11 +414,17 @@ async fn workers_added_by_hand_register_leave_and_go_offline_truthfully() {
         on_bus.contains(&format!("\"w2\" \"default\" \"{MODEL_ID}\" \"offline\"")),
         "{on_bus}"
     );
+}
 
+async fn a_restarted_worker_is_back_and_leaves_on_sigterm(
+    cl: &Cluster,
+    env: &[(&str, String)],
+    bus: &PrivateBus,
+) {
     // 6. The same worker started again is back; SIGTERM then makes it leave: forgotten at
     // once, counted as left, and nothing offline for an alert to see.
-    let mut worker = start_worker(d, &env, "w2-again.log", &bus);
-    wait_pool(&c, "w2", PoolState::Ready, || worker.log_text()).await;
+    let mut worker = start_worker(&cl.dir, env, "w2-again.log", bus);
+    wait_pool(&cl.c, "w2", PoolState::Ready, || worker.log_text()).await;
     let status = worker.stop();
     assert!(status.success(), "{status:?}\n{}", worker.log_text());
     assert!(
@@ -366,31 +432,32 @@ async fn workers_added_by_hand_register_leave_and_go_offline_truthfully() {
         "{}",
         worker.log_text()
     );
-    assert!(!nodes(&c).await.iter().any(|n| n.node_id == "w2"));
-    assert!(!pools(&c).await.pools.iter().any(|p| p.node_id == "w2"));
-    let m = metrics(&c).await;
+    assert!(!nodes(&cl.c).await.iter().any(|n| n.node_id == "w2"));
+    assert!(!pools(&cl.c).await.pools.iter().any(|p| p.node_id == "w2"));
+    let m = metrics(&cl.c).await;
     assert_eq!(m.sum("llorch_node_events_total", &[("event", "left")]), 1.0);
     assert_eq!(m.sum("llorch_node_events_total", &[("event", "lost")]), 1.0);
     assert_eq!(m.sum("llorch_nodes", &[("state", "offline")]), 0.0);
-    assert!(orch.log_text().contains("Node left."));
+    assert!(cl.orch.log_text().contains("Node left."));
     // The recipe checked the configuration before it started the node.
     assert!(
         worker.log_text().contains("configuration ok: node w2"),
         "{}",
         worker.log_text()
     );
+}
 
+fn the_cli_says_refused_and_ends_quietly(cl: &Cluster) {
     // 7. The CLI's words: a key that may not is refused, not unreachable; a closed pipe is
     // the reader's business.
-    let out = llorch(&url, &ca.cert, OTHER_KEY, "status");
+    let out = llorch(&cl.url, &cl.ca_cert, OTHER_KEY, "status");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
         err.contains("refused the request (403") && !err.contains("cannot reach"),
         "{err}"
     );
-    let out = llorch(&url, &ca.cert, TEST_KEY, "status | head -1");
+    let out = llorch(&cl.url, &cl.ca_cert, TEST_KEY, "status | head -1");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{out:?}");
-    drop(home_node);
 }
