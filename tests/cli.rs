@@ -69,10 +69,35 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
     assert!(out.contains("Paris"), "{out}");
     assert!(err.contains("tokens/s"), "{err}");
 
+    a_two_turn_chat_on_the_terminal(&url);
+    status_shows_the_node_and_its_pool(&url);
+    pools_and_nodes_drain_and_resume(&url);
+    // Ctrl-C: everything stops, no engine is left, no handoff file stays behind.
+    let handoff = runtime.join("handoff/default/default.json");
+    let engine: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&handoff).unwrap()).unwrap();
+    let engine_pid = engine["pid"].as_u64().unwrap() as u32;
+    assert!(alive(engine_pid));
+    signal(up.child.id(), libc::SIGINT);
+    let status = up.child.wait().unwrap();
+    let stderr = up.stderr_after_exit();
+    assert!(status.success(), "{status}\n{stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+    wait_for("the engine to exit", Duration::from_secs(5), || {
+        !alive(engine_pid)
+    });
+    assert!(!handoff.exists());
+    assert!(
+        std::net::TcpStream::connect(&listen).is_err(),
+        "orchestratord still listens"
+    );
+}
+
+fn a_two_turn_chat_on_the_terminal(url: &str) {
     // A two-turn chat on the terminal: the second turn relies on the first.
     let mut chat = Command::new(bin("llorch"))
         .args(["chat", "--temperature", "0", "--max-tokens", "24"])
-        .env("LLORCH_URL", &url)
+        .env("LLORCH_URL", url)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -96,8 +121,11 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
         "{stdout}"
     );
     assert_eq!(stderr.matches("tokens/s").count(), 2, "{stderr}");
+}
 
-    let (ok, out, err) = llorch(&url, &["status"]);
+/// `llorch status`: the node online, its ready pool, its load time, the queue, a CPU node.
+fn status_shows_the_node_and_its_pool(url: &str) {
+    let (ok, out, err) = llorch(url, &["status"]);
     assert!(ok, "{err}");
     assert!(out.contains("home") && out.contains("online"), "{out}");
     let pool_line = out
@@ -122,50 +150,32 @@ fn llorch_up_serves_the_cli_and_stops_cleanly_on_ctrl_c() {
             .any(|l| l.starts_with("home") && l.contains("CPU only (no NVIDIA driver)")),
         "{out}"
     );
+}
 
-    let (ok, out, err) = llorch(&url, &["pools", "drain", "default"]);
+fn pools_and_nodes_drain_and_resume(url: &str) {
+    let (ok, out, err) = llorch(url, &["pools", "drain", "default"]);
     assert!(ok, "{err}");
     assert!(out.contains("draining"), "{out}");
-    let (ok, out, _) = llorch(&url, &["status"]);
+    let (ok, out, _) = llorch(url, &["status"]);
     assert!(
         ok && out
             .lines()
             .any(|l| l.starts_with("default") && l.contains("draining")),
         "{out}"
     );
-    let (ok, out, err) = llorch(&url, &["pools", "resume", "default"]);
+    let (ok, out, err) = llorch(url, &["pools", "resume", "default"]);
     assert!(ok, "{err}");
     assert!(out.contains("ready"), "{out}");
-    let (ok, _, err) = llorch(&url, &["pools", "drain", "nope"]);
+    let (ok, _, err) = llorch(url, &["pools", "drain", "nope"]);
     assert!(!ok && err.contains("nope"), "{err}");
     // A whole node: drained (nothing runs, so it is empty at once), shown, resumed.
-    let (ok, out, err) = llorch(&url, &["nodes", "drain", "home", "--wait", "10"]);
+    let (ok, out, err) = llorch(url, &["nodes", "drain", "home", "--wait", "10"]);
     assert!(ok, "{err}");
     assert!(out.contains("node home: drained"), "{out}");
-    let (ok, out, err) = llorch(&url, &["nodes", "resume", "home"]);
+    let (ok, out, err) = llorch(url, &["nodes", "resume", "home"]);
     assert!(ok && out.contains("placing work again"), "{out}{err}");
-    let (ok, _, err) = llorch(&url, &["nodes", "drain", "nope"]);
+    let (ok, _, err) = llorch(url, &["nodes", "drain", "nope"]);
     assert!(!ok && err.contains("nope"), "{err}");
-
-    // Ctrl-C: everything stops, no engine is left, no handoff file stays behind.
-    let handoff = runtime.join("handoff/default/default.json");
-    let engine: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&handoff).unwrap()).unwrap();
-    let engine_pid = engine["pid"].as_u64().unwrap() as u32;
-    assert!(alive(engine_pid));
-    signal(up.child.id(), libc::SIGINT);
-    let status = up.child.wait().unwrap();
-    let stderr = up.stderr_after_exit();
-    assert!(status.success(), "{status}\n{stderr}");
-    assert!(stderr.contains("stopped"), "{stderr}");
-    wait_for("the engine to exit", Duration::from_secs(5), || {
-        !alive(engine_pid)
-    });
-    assert!(!handoff.exists());
-    assert!(
-        std::net::TcpStream::connect(&listen).is_err(),
-        "orchestratord still listens"
-    );
 }
 
 /// The Python `openai` package that scripts/setup.sh installs into `$LLORCH_CACHE/python`.

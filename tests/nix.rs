@@ -980,9 +980,19 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
         ]
     );
 
-    // The cloud example's control plane: TLS, keys and tokens from credentials, off loopback.
     let hosts = n.cloud_hosts();
-    let ca = Ca::new(dir.path(), "cluster");
+    let ca = the_cloud_control_plane_passes_its_check(dir.path(), &hosts, &tokens, &keys);
+    the_cloud_workers_pass_their_checks(dir.path(), &hosts, &ca);
+}
+
+fn the_cloud_control_plane_passes_its_check(
+    dir: &Path,
+    hosts: &Value,
+    tokens: &Path,
+    keys: &Path,
+) -> Ca {
+    // The cloud example's control plane: TLS, keys and tokens from credentials, off loopback.
+    let ca = Ca::new(dir, "cluster");
     let cp_cert = ca.server("cp", &["10.231.2.1", "10.231.3.1"]);
     let cp = &hosts["cp"];
     let dropin = file(
@@ -995,8 +1005,8 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
         &[],
         dropin,
         &[
-            ("node-tokens", &tokens),
-            ("api-keys", &keys),
+            ("node-tokens", tokens),
+            ("api-keys", keys),
             ("tls-cert", &cp_cert.cert),
             ("tls-key", &cp_cert.key),
             ("node-ca", &ca.cert),
@@ -1019,18 +1029,21 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
     assert_eq!(values(beats, "ListenDatagram"), ["", "0.0.0.0:8443"]);
     assert!(start_units(cp).contains(&"orchestratord-beats.socket".to_owned()));
     assert_eq!(cp["firewallUdp"], serde_json::json!([8443]));
+    ca
+}
 
+fn the_cloud_workers_pass_their_checks(dir: &Path, hosts: &Value, ca: &Ca) {
     // Workers: their node.toml (the model where the cloud test puts it), TLS and token from
     // credentials.
-    let token = dir.path().join("node-token");
+    let token = dir.join("node-token");
     llorch_tests::write_secret(&token, "w-token-0123456789abcdef\n");
     for (w, ip) in [("w2", "10.231.2.2"), ("w3", "10.231.3.2")] {
-        let root = dir.path().join(w);
+        let root = dir.join(w);
         write_files(&root, &hosts[w]);
         let toml = root.join("etc/llama-orch/node.toml");
         let text_ = std::fs::read_to_string(&toml).unwrap().replace(
             "/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf",
-            &model.display().to_string(),
+            &model_path().display().to_string(),
         );
         std::fs::write(&toml, text_).unwrap();
         let cert = ca.server(w, &[ip]);

@@ -83,6 +83,9 @@ fn usage(pid: u32) -> (u64, usize) {
     (rss, fds)
 }
 
+/// Resident memory (KiB) and open descriptors of each daemon, sampled at a time.
+type Samples = Vec<(Duration, Vec<(u64, usize)>)>;
+
 fn main() {
     let minutes: f64 = std::env::var("SOAK_MINUTES")
         .ok()
@@ -106,6 +109,32 @@ fn main() {
         .unwrap();
     let client = stack.client();
 
+    let capacity = capacity(&rt, &client);
+    let rate = 0.8 * capacity;
+    println!("soak: capacity {capacity:.2} tasks/s (32 tokens each, 4 slots); offering {rate:.2} tasks/s for {minutes} min");
+    let (outcomes, mut samples, began) = soak(&rt, &client, &pids, rate, minutes);
+    // Settled: the last sample once every task is over, the abandoned ones too (they run on
+    // after their clients left): no slot busy, nothing queued or running.
+    llorch_tests::wait_for("the stack idle", Duration::from_secs(120), || {
+        stack.pools_blocking().is_some_and(|p| {
+            p.queue.depth == 0 && p.queue.running == 0 && p.pools.iter().all(|p| p.slots_busy == 0)
+        })
+    });
+    samples.push((
+        began.elapsed(),
+        pids.iter().map(|(_, p)| usage(*p)).collect(),
+    ));
+    let failed = verdict(&outcomes, &samples, &pids, minutes);
+    drop(stack);
+    if !failed.is_empty() {
+        println!("soak: FAILED: {}", failed.join("; "));
+        std::process::exit(1);
+    }
+    println!("soak: passed");
+}
+
+/// Tasks per second the stack serves: 4 clients back to back for 30 s, every task read to its end.
+fn capacity(rt: &tokio::runtime::Runtime, client: &HttpClient) -> f64 {
     // Capacity: 4 clients back to back for 30 s, every task read to its end.
     let done = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
@@ -125,14 +154,20 @@ fn main() {
             h.await.unwrap();
         }
     });
-    let capacity = done.load(Ordering::SeqCst) as f64 / start.elapsed().as_secs_f64();
-    let rate = 0.8 * capacity;
-    println!("soak: capacity {capacity:.2} tasks/s (32 tokens each, 4 slots); offering {rate:.2} tasks/s for {minutes} min");
+    done.load(Ordering::SeqCst) as f64 / start.elapsed().as_secs_f64()
+}
 
+fn soak(
+    rt: &tokio::runtime::Runtime,
+    client: &HttpClient,
+    pids: &[(&str, u32)],
+    rate: f64,
+    minutes: f64,
+) -> (Vec<Outcome>, Samples, Instant) {
     // The soak: one arrival every 1/rate s, each task on its own.
     let interval = Duration::from_secs_f64(1.0 / rate);
     let until = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
-    let mut samples: Vec<(Duration, Vec<(u64, usize)>)> = Vec::new();
+    let mut samples: Samples = Vec::new();
     let began = Instant::now();
     let outcomes = rt.block_on(async {
         let mut handles = Vec::new();
@@ -166,19 +201,18 @@ fn main() {
         }
         outcomes
     });
-    // Settled: the last sample once every task is over, the abandoned ones too (they run on
-    // after their clients left): no slot busy, nothing queued or running.
-    llorch_tests::wait_for("the stack idle", Duration::from_secs(120), || {
-        stack.pools_blocking().is_some_and(|p| {
-            p.queue.depth == 0 && p.queue.running == 0 && p.pools.iter().all(|p| p.slots_busy == 0)
-        })
-    });
-    samples.push((
-        began.elapsed(),
-        pids.iter().map(|(_, p)| usage(*p)).collect(),
-    ));
+    (outcomes, samples, began)
+}
+
+/// What failed: broken or hung tasks, and memory or descriptors that grew from the baseline to the last sample.
+fn verdict(
+    outcomes: &[Outcome],
+    samples: &Samples,
+    pids: &[(&str, u32)],
+    minutes: f64,
+) -> Vec<String> {
     let mut tally = std::collections::BTreeMap::new();
-    for o in &outcomes {
+    for o in outcomes {
         *tally.entry(*o).or_insert(0u32) += 1;
     }
     println!("soak: {} tasks: {tally:?}", outcomes.len());
@@ -213,10 +247,5 @@ fn main() {
             failed.push(format!("{name}'s descriptors grew from {fd0} to {fd1}"));
         }
     }
-    drop(stack);
-    if !failed.is_empty() {
-        println!("soak: FAILED: {}", failed.join("; "));
-        std::process::exit(1);
-    }
-    println!("soak: passed");
+    failed
 }
