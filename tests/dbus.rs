@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use llorch_client::HttpClient;
-use llorch_tests::bus::PrivateBus;
+use llorch_tests::bus::{Monitor, PrivateBus};
 use llorch_tests::stack::{alive, signal, Stack, StackOptions, MODEL_ID, TEST_KEY};
 use llorch_tests::{bin, frames, repo_root, serial};
 use llorch_wire::node::PoolState;
@@ -151,13 +151,29 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     });
     let c = stack.client();
 
+    introspection_matches_the_docs(&bus);
+    properties_read_the_http_apis_state(&bus, &stack);
+    llorch_acts_over_the_bus_without_a_key(&bus, &stack, &c).await;
+    let monitor = bus.monitor(&[ORCH, NODE]);
+    pools_drain_and_resume_on_the_bus(&bus, &c, &monitor).await;
+    queue_changes_are_announced_at_a_bounded_rate(&bus, &c, &monitor).await;
+    cancel_task_ends_a_stream(&bus, &c).await;
+    an_on_demand_pool_loads_and_unloads(&bus, &c, &monitor).await;
+    nodes_drain_and_keys_reload(&bus, &stack);
+    let new_engine = restart_starts_a_new_engine(&bus, &stack, &monitor);
+    reload_checks_the_configuration_first(&bus, &stack, &monitor);
+    a_stopped_node_is_lost_and_joins_again(&stack, &monitor);
+    another_user_may_read_but_not_act(&bus, &stack, &c, new_engine).await;
+}
+
+fn introspection_matches_the_docs(bus: &PrivateBus) {
     // What busctl introspects is what docs/DBUS.md lists, member by member.
     for (service, path, iface) in [
         (ORCH, ORCH_PATH, ORCH),
         (NODE, NODE_PATH, NODE),
         (NODE, DEFAULT_PATH, POOL),
     ] {
-        let have = introspected(&bus, service, path, iface);
+        let have = introspected(bus, service, path, iface);
         assert!(have.len() >= 4, "{iface}: {have:?}");
         assert_eq!(
             have,
@@ -175,19 +191,21 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
             && listed.contains(&format!("\"ondemand\" \"{ON_DEMAND_PATH}\" \"standby\"")),
         "{listed}"
     );
+}
 
+fn properties_read_the_http_apis_state(bus: &PrivateBus, stack: &Stack) {
     // Properties read the same state as the HTTP API.
-    assert_eq!(property(&bus, ORCH, ORCH_PATH, ORCH, "Ready"), "b true");
+    assert_eq!(property(bus, ORCH, ORCH_PATH, ORCH, "Ready"), "b true");
     assert_eq!(
-        property(&bus, ORCH, ORCH_PATH, ORCH, "QueueCapacity"),
+        property(bus, ORCH, ORCH_PATH, ORCH, "QueueCapacity"),
         "u 200"
     );
-    let nodes = property(&bus, ORCH, ORCH_PATH, ORCH, "Nodes");
+    let nodes = property(bus, ORCH, ORCH_PATH, ORCH, "Nodes");
     assert!(
         nodes.starts_with("a(ssstasb) 1 \"node-a\" \"online\""),
         "{nodes}"
     );
-    let pools_prop = property(&bus, ORCH, ORCH_PATH, ORCH, "Pools");
+    let pools_prop = property(bus, ORCH, ORCH_PATH, ORCH, "Pools");
     assert!(
         pools_prop.contains(&format!(
             "\"node-a\" \"default\" \"{MODEL_ID}\" \"ready\" 4 4 false"
@@ -195,19 +213,21 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         "{pools_prop}"
     );
     assert_eq!(
-        property(&bus, NODE, DEFAULT_PATH, POOL, "State"),
+        property(bus, NODE, DEFAULT_PATH, POOL, "State"),
         "s \"ready\""
     );
     assert_eq!(
-        property(&bus, NODE, DEFAULT_PATH, POOL, "Sha256"),
+        property(bus, NODE, DEFAULT_PATH, POOL, "Sha256"),
         "s \"b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53\""
     );
     let engine_pid = stack.handoff().expect("the default pool's handoff").pid;
     assert_eq!(
-        property(&bus, NODE, DEFAULT_PATH, POOL, "EnginePid"),
+        property(bus, NODE, DEFAULT_PATH, POOL, "EnginePid"),
         format!("u {engine_pid}")
     );
+}
 
+async fn llorch_acts_over_the_bus_without_a_key(bus: &PrivateBus, stack: &Stack, c: &HttpClient) {
     // llorch finds orchestratord on the bus and needs no API key there; over HTTP (--dbus
     // off) the same command without a key is refused, with one it works.
     let llorch = |args: &[&str], key: Option<&str>| {
@@ -228,7 +248,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "pool default: drain requested over D-Bus"
     );
-    assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Draining);
+    assert_eq!(http_pool(&pools(c).await, "default"), PoolState::Draining);
     let out = llorch(&["status", "--bus", "--dbus", "session"], None);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
@@ -245,14 +265,14 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         Some(TEST_KEY),
     );
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Ready);
+    assert_eq!(http_pool(&pools(c).await, "default"), PoolState::Ready);
+}
 
-    let monitor = bus.monitor(&[ORCH, NODE]);
-
+async fn pools_drain_and_resume_on_the_bus(bus: &PrivateBus, c: &HttpClient, monitor: &Monitor) {
     // DrainPool on the bus: the HTTP API shows the pool draining, both daemons signal it.
-    orch(&bus, &["DrainPool", "ss", "", "default"]);
-    assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Draining);
-    wait_seen(&monitor, "PoolStateChanged for the drain", |m| {
+    orch(bus, &["DrainPool", "ss", "", "default"]);
+    assert_eq!(http_pool(&pools(c).await, "default"), PoolState::Draining);
+    wait_seen(monitor, "PoolStateChanged for the drain", |m| {
         m.iter().any(|m| {
             is_signal(
                 m,
@@ -263,19 +283,25 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
             .iter()
             .any(|m| is_signal(m, "PoolStateChanged", &["default", "ready", "draining"]))
     });
-    orch(&bus, &["ResumePool", "ss", "node-a", "default"]);
-    assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Ready);
+    orch(bus, &["ResumePool", "ss", "node-a", "default"]);
+    assert_eq!(http_pool(&pools(c).await, "default"), PoolState::Ready);
     let unknown = bus.busctl(&orch_args(&["DrainPool", "ss", "", "nope"]));
     assert!(!unknown.status.success());
     assert!(
         String::from_utf8_lossy(&unknown.stderr).contains("pool \"nope\" is not known"),
         "{unknown:?}"
     );
+}
 
+async fn queue_changes_are_announced_at_a_bounded_rate(
+    bus: &PrivateBus,
+    c: &HttpClient,
+    monitor: &Monitor,
+) {
     // 200 short tasks wait behind the drained pool and fill the queue: the next two are
     // refused, and QueueSaturated says so once. Resumed, the tasks run: QueueDepth changes
     // 200 times, PropertiesChanged goes out at most four times a second (plus the edges).
-    orch(&bus, &["DrainPool", "ss", "", "default"]);
+    orch(bus, &["DrainPool", "ss", "", "default"]);
     let task = |id: String| TaskRequest {
         task_id: Some(id),
         model_ref: MODEL_ID.into(),
@@ -295,7 +321,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
             .await;
         assert!(refused.is_err(), "the full queue took another task");
     }
-    wait_seen(&monitor, "QueueSaturated", |m| {
+    wait_seen(monitor, "QueueSaturated", |m| {
         m.iter().any(|m| {
             m["type"] == "signal"
                 && m["member"] == "QueueSaturated"
@@ -304,9 +330,9 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
     });
     let from = monitor.messages().len();
     let start = Instant::now();
-    orch(&bus, &["ResumePool", "ss", "", "default"]);
+    orch(bus, &["ResumePool", "ss", "", "default"]);
     // The last changes are announced within one period: the queue empty, nothing running.
-    wait_seen(&monitor, "QueueDepth and RunningTasks back to 0", |m| {
+    wait_seen(monitor, "QueueDepth and RunningTasks back to 0", |m| {
         let (mut depth, mut running) = (None, None);
         for m in &m[from..] {
             if is_signal(m, "PropertiesChanged", &[ORCH]) {
@@ -317,7 +343,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         }
         depth == Some(0) && running == Some(0)
     });
-    let p = pools(&c).await;
+    let p = pools(c).await;
     assert_eq!((p.queue.depth, p.queue.running), (0, 0), "{p:?}");
     let window = start.elapsed();
     assert_eq!(
@@ -343,7 +369,9 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         "{depth_signals:?} in {window:?}"
     );
     assert!(depth_signals.iter().any(|d| *d > 0), "{depth_signals:?}");
+}
 
+async fn cancel_task_ends_a_stream(bus: &PrivateBus, c: &HttpClient) {
     // CancelTask ends a running stream with CANCELED, whoever submitted it.
     let long = TaskRequest {
         task_id: Some("dbus-cancel".into()),
@@ -361,28 +389,30 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
             tokens += 1;
         }
     }
-    let canceled = orch(&bus, &["CancelTask", "s", "dbus-cancel"]);
+    let canceled = orch(bus, &["CancelTask", "s", "dbus-cancel"]);
     assert_eq!(canceled.trim(), "b true");
     let rest = frames(stream).await;
     let last = rest.last().expect("the stream ends");
     assert_eq!(last.event, "error", "{rest:?}");
     let body: llorch_wire::ErrorBody = serde_json::from_str(&last.data).unwrap();
     assert_eq!(body.code, ErrorCode::Canceled, "{body:?}");
-    let again = orch(&bus, &["CancelTask", "s", "dbus-cancel"]);
+    let again = orch(bus, &["CancelTask", "s", "dbus-cancel"]);
     assert_eq!(again.trim(), "b false");
+}
 
+async fn an_on_demand_pool_loads_and_unloads(bus: &PrivateBus, c: &HttpClient, monitor: &Monitor) {
     // Load and Unload of the on-demand pool: its engine starts, and stops again.
     assert_eq!(
-        property(&bus, NODE, ON_DEMAND_PATH, POOL, "State"),
+        property(bus, NODE, ON_DEMAND_PATH, POOL, "State"),
         "s \"standby\""
     );
     assert_eq!(
-        property(&bus, NODE, ON_DEMAND_PATH, POOL, "EnginePid"),
+        property(bus, NODE, ON_DEMAND_PATH, POOL, "EnginePid"),
         "u 0"
     );
     bus.ok(&["call", NODE, ON_DEMAND_PATH, POOL, "Load"]);
     // pool-managerd says so at once; orchestratord with the node's next heartbeat.
-    wait_seen(&monitor, "the on-demand pool ready", |m| {
+    wait_seen(monitor, "the on-demand pool ready", |m| {
         m.iter()
             .any(|m| is_signal(m, "PoolStateChanged", &["ondemand", "loading", "ready"]))
             && m.iter().any(|m| {
@@ -393,20 +423,20 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
                 )
             })
     });
-    let pid: u32 = property(&bus, NODE, ON_DEMAND_PATH, POOL, "EnginePid")
+    let pid: u32 = property(bus, NODE, ON_DEMAND_PATH, POOL, "EnginePid")
         .trim_start_matches("u ")
         .parse()
         .unwrap();
     assert!(pid > 0 && alive(pid));
-    assert_eq!(http_pool(&pools(&c).await, "ondemand"), PoolState::Ready);
+    assert_eq!(http_pool(&pools(c).await, "ondemand"), PoolState::Ready);
     bus.ok(&["call", NODE, ON_DEMAND_PATH, POOL, "Unload"]);
     assert!(!alive(pid), "the engine {pid} still runs after Unload");
     assert_eq!(
-        property(&bus, NODE, ON_DEMAND_PATH, POOL, "EnginePid"),
+        property(bus, NODE, ON_DEMAND_PATH, POOL, "EnginePid"),
         "u 0"
     );
     assert_eq!(
-        property(&bus, NODE, ON_DEMAND_PATH, POOL, "State"),
+        property(bus, NODE, ON_DEMAND_PATH, POOL, "State"),
         "s \"standby\""
     );
     let not_on_demand = bus.busctl(&["call", NODE, DEFAULT_PATH, POOL, "Unload"]);
@@ -416,41 +446,48 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         "{not_on_demand:?}"
     );
     assert_eq!(
-        property(&bus, NODE, DEFAULT_PATH, POOL, "State"),
+        property(bus, NODE, DEFAULT_PATH, POOL, "State"),
         "s \"ready\""
     );
+}
 
+fn nodes_drain_and_keys_reload(bus: &PrivateBus, stack: &Stack) {
     // DrainNode and ResumeNode show in the Nodes property; ReloadKeys reads the key files.
-    orch(&bus, &["DrainNode", "s", "node-a"]);
-    let nodes = property(&bus, ORCH, ORCH_PATH, ORCH, "Nodes");
+    orch(bus, &["DrainNode", "s", "node-a"]);
+    let nodes = property(bus, ORCH, ORCH_PATH, ORCH, "Nodes");
     assert!(nodes.ends_with("true"), "{nodes}");
-    orch(&bus, &["ResumeNode", "s", "node-a"]);
-    let nodes = property(&bus, ORCH, ORCH_PATH, ORCH, "Nodes");
+    orch(bus, &["ResumeNode", "s", "node-a"]);
+    let nodes = property(bus, ORCH, ORCH_PATH, ORCH, "Nodes");
     assert!(nodes.ends_with("false"), "{nodes}");
-    orch(&bus, &["ReloadKeys"]);
+    orch(bus, &["ReloadKeys"]);
     assert!(
         stack.logs().contains("Reloaded the key files."),
         "{}",
         stack.logs()
     );
+}
 
+fn restart_starts_a_new_engine(bus: &PrivateBus, stack: &Stack, monitor: &Monitor) -> u32 {
     // Restart: a new engine serves the default pool.
     let old_engine = stack.handoff().expect("handoff").pid;
     bus.ok(&["call", NODE, DEFAULT_PATH, POOL, "Restart"]);
     assert!(!alive(old_engine), "the old engine {old_engine} still runs");
-    wait_seen(&monitor, "the default pool ready again", |m| {
+    wait_seen(monitor, "the default pool ready again", |m| {
         m.iter()
             .filter(|m| is_signal(m, "PoolStateChanged", &["default", "loading", "ready"]))
             .count()
             >= 1
     });
-    let new_engine: u32 = property(&bus, NODE, DEFAULT_PATH, POOL, "EnginePid")
+    let new_engine: u32 = property(bus, NODE, DEFAULT_PATH, POOL, "EnginePid")
         .trim_start_matches("u ")
         .parse()
         .unwrap();
     assert!(new_engine != old_engine && alive(new_engine));
-    assert_eq!(property(&bus, NODE, DEFAULT_PATH, POOL, "Restarts"), "u 0");
+    assert_eq!(property(bus, NODE, DEFAULT_PATH, POOL, "Restarts"), "u 0");
+    new_engine
+}
 
+fn reload_checks_the_configuration_first(bus: &PrivateBus, stack: &Stack, monitor: &Monitor) {
     // Reload: a node.toml that fails its checks changes nothing; one without the on-demand
     // pool removes its object.
     let config = stack.dir.path().join("node.toml");
@@ -467,7 +504,7 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         .contains(ON_DEMAND_PATH));
     std::fs::write(&config, good.replace(&on_demand_pool(), "")).unwrap();
     bus.ok(&["call", NODE, NODE_PATH, NODE, "Reload"]);
-    wait_seen(&monitor, "the on-demand pool removed", |m| {
+    wait_seen(monitor, "the on-demand pool removed", |m| {
         m.iter().any(|m| {
             is_signal(m, "PoolStateChanged", &["ondemand"]) && m["payload"]["data"][2] == ""
         })
@@ -478,23 +515,32 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
         "{tree}"
     );
     std::fs::write(&config, &good).unwrap();
+}
 
+fn a_stopped_node_is_lost_and_joins_again(stack: &Stack, monitor: &Monitor) {
     // A node that stops answering is lost, and joins again when it is back.
     let node_pid = stack.node.as_ref().expect("pool-managerd").pid();
     signal(node_pid, libc::SIGSTOP);
-    wait_seen(&monitor, "NodeLost", |m| {
+    wait_seen(monitor, "NodeLost", |m| {
         m.iter()
             .any(|m| is_signal(m, "NodeLost", &["node-a", "missed its heartbeats"]))
     });
     let joined_before = monitor.signals("NodeJoined").len();
     signal(node_pid, libc::SIGCONT);
-    wait_seen(&monitor, "NodeJoined after the node came back", |m| {
+    wait_seen(monitor, "NodeJoined after the node came back", |m| {
         m.iter()
             .filter(|m| is_signal(m, "NodeJoined", &["node-a"]))
             .count()
             > joined_before
     });
+}
 
+async fn another_user_may_read_but_not_act(
+    bus: &PrivateBus,
+    stack: &Stack,
+    c: &HttpClient,
+    new_engine: u32,
+) {
     // Another user: may read, may not act, may not own our names; the refusal is logged.
     if llorch_tests::rootfs::is_root() {
         let denied = bus.busctl_as(
@@ -541,9 +587,9 @@ async fn operators_drive_both_daemons_with_busctl_on_a_private_bus() {
                 || String::from_utf8_lossy(&own.stderr).contains("not allowed"),
             "{own:?}"
         );
-        assert_eq!(http_pool(&pools(&c).await, "default"), PoolState::Ready);
+        assert_eq!(http_pool(&pools(c).await, "default"), PoolState::Ready);
         assert_eq!(
-            property(&bus, NODE, DEFAULT_PATH, POOL, "EnginePid"),
+            property(bus, NODE, DEFAULT_PATH, POOL, "EnginePid"),
             format!("u {new_engine}")
         );
         let logs = stack.logs();
