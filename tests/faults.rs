@@ -373,6 +373,23 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
     c.ok(&["systemctl", "start", "llama-orch.target"]);
     settled(&c, port, "boot");
 
+    gpu_engine_units_get_exactly_their_devices(&c);
+    each_unit_holds_only_its_own_files_and_credentials(&c);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    sigkills_of_each_daemon_end_every_task(&c, &rt, port, &mut rng);
+    a_killed_provisioner_is_retried(&c, &rt, port, &mut rng);
+    let blob = a_deleted_or_replaced_model_is_staged_again(&c, &rt, port);
+    a_removed_handoff_directory_is_written_again(&c, &rt, port);
+    a_full_cache_fails_the_new_pool_only(&c, &rt, port, &blob);
+    drop(c);
+    drop(rt);
+}
+
+fn gpu_engine_units_get_exactly_their_devices(c: &Container) {
     // The GPU pool's engine unit, as the generator's drop-in makes it: exactly GPU 0 and the
     // driver's shared nodes, CUDA numbering as the driver's; the CPU pool's keeps no device.
     let gpu = "llorch-engine@gpu.service";
@@ -415,7 +432,9 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
         allowed.contains("/dev/nvidiactl rw") && !allowed.contains("/dev/nvidia0"),
         "{allowed}"
     );
+}
 
+fn each_unit_holds_only_its_own_files_and_credentials(c: &Container) {
     // Inside the default pool's engine unit (its mount namespace, its user), the engine may
     // write its own handoff directory and not the GPU pool's: it cannot forge or remove
     // another pool's handoff file.
@@ -483,6 +502,7 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
         "-c",
         "rm -r /run/systemd/system/engine-provisioner@probe.service.d && systemctl daemon-reload",
     ]);
+    let gpu = "llorch-engine@gpu.service";
     let exposure = c.ok(&["systemd-analyze", "security", "--no-pager", gpu]);
     let score: f64 = exposure
         .lines()
@@ -498,12 +518,14 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
         .unwrap_or_else(|| panic!("{exposure}"));
     eprintln!("faults: GPU engine unit exposure {score}");
     assert!(score <= 1.0, "GPU engine exposure {score}:\n{exposure}");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+}
 
+fn sigkills_of_each_daemon_end_every_task(
+    c: &Container,
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    rng: &mut Rng,
+) {
     // 1. SIGKILL at a seeded point inside the work, one daemon after another. Three clients on
     // two slots: one task always waits in the queue.
     for unit in [
@@ -512,19 +534,19 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
         "orchestratord.service",
     ] {
         let before = requests(port);
-        let load = Load::start(&rt, port, 3);
+        let load = Load::start(rt, port, 3);
         load.wait_streaming(2);
         let after = 1 + rng.below(60) as u32;
         load.wait_tokens(after);
         let killed = Instant::now();
-        kill(&c, unit);
+        kill(c, unit);
         eprintln!("faults: SIGKILL {unit} {after} tokens after the second stream started");
         // Let the loop run through the recovery: until tasks end well again.
         load.wait_streaming(load.started.load(Ordering::SeqCst) + 4);
-        let seen = load.finish(&rt);
+        let seen = load.finish(rt);
         let orchestratord = unit.starts_with("orchestratord");
         let (ends, errors) = judge(unit, &seen, orchestratord);
-        settled(&c, port, unit);
+        settled(c, port, unit);
         eprintln!("faults: {unit}: recovered in {:?}", killed.elapsed());
         if !orchestratord {
             // orchestratord saw what the clients saw (a restarted one starts from zero).
@@ -538,11 +560,18 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
             assert_eq!(delta("failed"), errors, "{unit}: failed");
         }
     }
+}
 
+fn a_killed_provisioner_is_retried(
+    c: &Container,
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    rng: &mut Rng,
+) {
     // 2. The provisioner, killed while it stages: pool-managerd restarts (stopping its
     // engine), provisions the pool again, and its provisioner dies at a seeded point; the
     // supervisor retries after a backoff and the pool comes back.
-    let load = Load::start(&rt, port, 3);
+    let load = Load::start(rt, port, 3);
     load.wait_streaming(2);
     let mut attempts = 0;
     let killed = loop {
@@ -566,7 +595,7 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
         // seeded delay inside that window.
         std::thread::sleep(Duration::from_millis(rng.below(300)));
         if c.show("engine-provisioner@default.service", "ActiveState") == "activating" {
-            kill(&c, "engine-provisioner@default.service");
+            kill(c, "engine-provisioner@default.service");
         }
         c.wait_until("the provisioner ended", Duration::from_secs(30), |c| {
             c.show("engine-provisioner@default.service", "ActiveState") != "activating"
@@ -576,13 +605,19 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
         }
     };
     load.wait_streaming(load.started.load(Ordering::SeqCst) + 4);
-    judge("provisioner", &load.finish(&rt), false);
-    settled(&c, port, "the provisioner's death");
+    judge("provisioner", &load.finish(rt), false);
+    settled(c, port, "the provisioner's death");
     eprintln!(
         "faults: provisioner: recovered in {:?} ({attempts} attempts)",
         killed.elapsed()
     );
+}
 
+fn a_deleted_or_replaced_model_is_staged_again(
+    c: &Container,
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+) -> String {
     // 3. The cached model deleted under a running engine (it maps the file: it serves on),
     // then the engine killed: the blob is staged again from the source. Then the blob
     // replaced by garbage (a new file renamed over it): verification catches it, it is
@@ -606,33 +641,47 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
             format!("head -c 1000000 /dev/urandom > {blob}.new && mv {blob}.new {blob}"),
         ),
     ] {
-        let load = Load::start(&rt, port, 3);
+        let load = Load::start(rt, port, 3);
         load.wait_streaming(2);
         c.ok(&["sh", "-c", &how]);
         load.wait_streaming(load.started.load(Ordering::SeqCst) + 2);
-        kill(&c, "llorch-engine@default.service");
+        kill(c, "llorch-engine@default.service");
         load.wait_streaming(load.started.load(Ordering::SeqCst) + 4);
-        judge(&format!("model file {what}"), &load.finish(&rt), false);
-        settled(&c, port, &format!("the model file {what}"));
+        judge(&format!("model file {what}"), &load.finish(rt), false);
+        settled(c, port, &format!("the model file {what}"));
         let size = c.ok(&["stat", "-c", "%s", &blob]);
         assert_eq!(size.trim(), "98362432", "the blob after it was {what}");
     }
+    blob
+}
 
+fn a_removed_handoff_directory_is_written_again(
+    c: &Container,
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+) {
     // 4. The handoff directory removed: the engine that runs serves on; the next one (the
     // engine killed) writes its handoff file again.
-    let load = Load::start(&rt, port, 3);
+    let load = Load::start(rt, port, 3);
     load.wait_streaming(2);
     c.ok(&["rm", "-rf", "/run/llama-orch/handoff"]);
     load.wait_streaming(load.started.load(Ordering::SeqCst) + 2);
-    kill(&c, "llorch-engine@default.service");
+    kill(c, "llorch-engine@default.service");
     load.wait_streaming(load.started.load(Ordering::SeqCst) + 4);
-    judge("handoff directory removed", &load.finish(&rt), false);
-    settled(&c, port, "the handoff directory's removal");
+    judge("handoff directory removed", &load.finish(rt), false);
+    settled(c, port, "the handoff directory's removal");
+}
 
+fn a_full_cache_fails_the_new_pool_only(
+    c: &Container,
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    blob: &str,
+) {
     // 5. The cache full: a second pool's model (98 MB) does not fit beside the first in the
     // 160 MiB cache. Its provisioning fails with the reason, leaves no partial file, and the
     // default pool serves on.
-    let load = Load::start(&rt, port, 2);
+    let load = Load::start(rt, port, 2);
     load.wait_streaming(1);
     let reload = c.sh(&[
         "sh",
@@ -674,18 +723,15 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
         .collect();
     assert_eq!(
         blobs,
-        [blob.as_str()],
+        [blob],
         "only the default model in the cache: {files}"
     );
-    judge("cache full", &load.finish(&rt), false);
+    judge("cache full", &load.finish(rt), false);
     c.ok(&[
         "sh",
         "-c",
         "mv /etc/llama-orch/node.toml.orig /etc/llama-orch/node.toml && systemctl reload pool-managerd",
     ]);
-    settled(&c, port, "the full cache");
+    settled(c, port, "the full cache");
     eprintln!("faults: cache full: {reason}");
-
-    drop(c);
-    drop(rt);
 }
