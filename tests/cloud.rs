@@ -394,7 +394,6 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
             log,
         ));
     }
-    let orch_text = || std::fs::read_to_string(&orch_log).unwrap_or_default();
     let cp_name = cp.0.clone();
     let w3_ns = workers[1].ns.0.clone();
     let roots = TlsRoots::from_pem_file(&ca.cert).unwrap();
@@ -414,229 +413,275 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
             assert_eq!(v.state, "online", "{v:?}");
         }
 
-        // 2. A chat is answered.
-        let (status, _, v) = post(
-                &c,
+        a_chat_is_answered(&c).await;
+        tasks_spread_over_both_workers(&c).await;
+        let detect = a_lost_link_ends_its_streams_and_work_moves(&c, &w3_ns).await;
+        let recover = the_link_comes_back_and_worker_3_serves(&c, &w3_ns, &mut notify).await;
+        a_session_stays_on_its_node(&c).await;
+        a_drained_node_finishes_its_work_first(&c, dir.path()).await;
+        foreign_tokens_and_plaintext_are_refused(&roots).await;
+        (boot, detect, recover)
+    });
+    let (boot, detect, recover) = report;
+    a_worker_cannot_register_the_control_planes_own_address(&workers[0].ns.0, &roots, &orch_log);
+    the_logs_and_metrics_tell_what_happened(dir.path(), &cp_name, &roots, &orch_log);
+    println!(
+        "cloud: both workers online after {boot:?}; lost worker's streams ended {detect:?} after its link went down; back online {recover:?} after the link came up"
+    );
+    for w in &mut workers {
+        if let Some(mut d) = w.daemon.take() {
+            let status = d.stop();
+            assert!(status.success(), "{}: {status}\n{}", w.id, d.log_text());
+        }
+    }
+}
+
+async fn a_chat_is_answered(c: &HttpClient) {
+    // 2. A chat is answered.
+    let (status, _, v) = post(
+                c,
                 "/v1/chat/completions",
                 &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What city is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
             )
             .await;
-        assert_eq!(status, 200, "{v}");
-        assert!(
-            v["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap()
-                .contains("Paris"),
-            "{v}"
-        );
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{v}"
+    );
+}
 
-        // 3. Eight concurrent tasks are spread over both workers.
-        let mut accepted = Vec::new();
-        for _ in 0..8 {
-            accepted.push(submit(&c, 12).await);
-        }
-        let runs = accepted.iter().map(|t| async {
-            let (node, s) = started(&c, t).await;
+async fn tasks_spread_over_both_workers(c: &HttpClient) {
+    // 3. Eight concurrent tasks are spread over both workers.
+    let mut accepted = Vec::new();
+    for _ in 0..8 {
+        accepted.push(submit(c, 12).await);
+    }
+    let runs = accepted.iter().map(|t| async {
+        let (node, s) = started(c, t).await;
+        let f = frames(s).await;
+        assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
+        node
+    });
+    let on: Vec<String> = join_all(runs).await;
+    assert!(
+        on.iter().any(|n| n == "w2") && on.iter().any(|n| n == "w3"),
+        "{on:?}"
+    );
+}
+
+async fn a_lost_link_ends_its_streams_and_work_moves(c: &HttpClient, w3_ns: &str) -> Duration {
+    // 4. Worker 3's link drops mid-stream: its streams end with NODE_UNAVAILABLE within
+    // the heartbeat timeout (3 × 1 s), it goes suspect then offline, and new tasks go to
+    // worker 2. Four long tasks fill both workers' two slots each.
+    let mut long = Vec::new();
+    for _ in 0..4 {
+        let t = submit(c, 400).await;
+        let (node, s) = started(c, &t).await;
+        long.push((node, s, t.task_id));
+    }
+    let (on_w3, on_w2): (Vec<_>, Vec<_>) = long.into_iter().partition(|(n, _, _)| n == "w3");
+    assert!(!on_w3.is_empty() && !on_w2.is_empty());
+    let link_down = Instant::now();
+    ip(&["-n", w3_ns, "link", "set", "to-cp", "down"]);
+    let mut detect = Duration::ZERO;
+    for (_, s, _) in on_w3 {
+        let f = frames(s).await;
+        let err = last_error(&f).unwrap_or_else(|| panic!("no error event: {f:?}"));
+        assert_eq!(err.code, ErrorCode::NodeUnavailable, "{err:?}");
+        assert!(err.retriable);
+        detect = link_down.elapsed();
+    }
+    assert!(detect < Duration::from_secs(6), "lost after {detect:?}");
+    let n = nodes(c).await;
+    assert_eq!(state_of(&n, "w3"), "offline", "{n:?}");
+    assert_eq!(state_of(&n, "w2"), "online", "{n:?}");
+    // The catalog says where the model is and that it is still available (on w2).
+    let cat: Value = c.get_json("/v2/catalog/availability").await.unwrap();
+    let m = &cat["models"][0];
+    assert_eq!(m["model_id"], MODEL_ID, "{cat}");
+    assert_eq!(m["available"], true, "{cat}");
+    let where_: Vec<(String, String)> = m["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["node_id"].as_str().unwrap().into(),
+                l["node_state"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(where_.contains(&("w3".into(), "offline".into())), "{cat}");
+    assert!(where_.contains(&("w2".into(), "online".into())), "{cat}");
+    // Worker 2's own tasks were not touched: still running, they are cancelled now to
+    // free its slots.
+    for (_, s, id) in on_w2 {
+        let info: Value = c.get_json(&format!("/v2/tasks/{id}")).await.unwrap();
+        assert_eq!(info["state"], "running", "{info}");
+        let (status, _, v) = post(c, &format!("/v2/tasks/{id}/cancel"), &json!({})).await;
+        assert!(status.is_success(), "{v}");
+        let f = frames(s).await;
+        assert_eq!(
+            last_error(&f).map(|e| e.code),
+            Some(ErrorCode::Canceled),
+            "{f:?}"
+        );
+    }
+    let t = submit(c, 4).await;
+    let (node, s) = started(c, &t).await;
+    assert_eq!(node, "w2");
+    assert!(frames(s).await.iter().any(|f| f.event == "end"));
+    detect
+}
+
+async fn the_link_comes_back_and_worker_3_serves(
+    c: &HttpClient,
+    w3_ns: &str,
+    notify: &mut NotifySocket,
+) -> Duration {
+    // 5. The link comes back: worker 3 is online again by itself and serves. (Its loss
+    // shows in the status line first, so a status from before it cannot answer the wait.)
+    notify.wait_for("1 of 2 pools ready on 2 nodes", Duration::from_secs(10));
+    let link_up = Instant::now();
+    ip(&["-n", w3_ns, "link", "set", "to-cp", "up"]);
+    notify.wait_for("2 of 2 pools ready on 2 nodes", Duration::from_secs(30));
+    let recover = link_up.elapsed();
+    assert_eq!(state_of(&nodes(c).await, "w3"), "online");
+    let mut on = Vec::new();
+    for _ in 0..3 {
+        let batch: Vec<TaskAccepted> = {
+            let mut b = Vec::new();
+            for _ in 0..4 {
+                b.push(submit(c, 8).await);
+            }
+            b
+        };
+        let runs = batch.iter().map(|t| async {
+            let (node, s) = started(c, t).await;
             let f = frames(s).await;
             assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
             node
         });
-        let on: Vec<String> = join_all(runs).await;
-        assert!(
-            on.iter().any(|n| n == "w2") && on.iter().any(|n| n == "w3"),
-            "{on:?}"
-        );
+        on.extend(join_all(runs).await);
+        if on.iter().any(|n| n == "w3") {
+            break;
+        }
+    }
+    assert!(
+        on.iter().any(|n| n == "w3"),
+        "worker 3 serves again: {on:?}"
+    );
+    recover
+}
 
-        // 4. Worker 3's link drops mid-stream: its streams end with NODE_UNAVAILABLE within
-        // the heartbeat timeout (3 × 1 s), it goes suspect then offline, and new tasks go to
-        // worker 2. Four long tasks fill both workers' two slots each.
-        let mut long = Vec::new();
-        for _ in 0..4 {
-            let t = submit(&c, 400).await;
-            let (node, s) = started(&c, &t).await;
-            long.push((node, s, t.task_id));
-        }
-        let (on_w3, on_w2): (Vec<_>, Vec<_>) = long.into_iter().partition(|(n, _, _)| n == "w3");
-        assert!(!on_w3.is_empty() && !on_w2.is_empty());
-        let link_down = Instant::now();
-        ip(&["-n", &w3_ns, "link", "set", "to-cp", "down"]);
-        let mut detect = Duration::ZERO;
-        for (_, s, _) in on_w3 {
-            let f = frames(s).await;
-            let err = last_error(&f).unwrap_or_else(|| panic!("no error event: {f:?}"));
-            assert_eq!(err.code, ErrorCode::NodeUnavailable, "{err:?}");
-            assert!(err.retriable);
-            detect = link_down.elapsed();
-        }
-        assert!(detect < Duration::from_secs(6), "lost after {detect:?}");
-        let n = nodes(&c).await;
-        assert_eq!(state_of(&n, "w3"), "offline", "{n:?}");
-        assert_eq!(state_of(&n, "w2"), "online", "{n:?}");
-        // The catalog says where the model is and that it is still available (on w2).
-        let cat: Value = c.get_json("/v2/catalog/availability").await.unwrap();
-        let m = &cat["models"][0];
-        assert_eq!(m["model_id"], MODEL_ID, "{cat}");
-        assert_eq!(m["available"], true, "{cat}");
-        let where_: Vec<(String, String)> = m["locations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| {
-                (
-                    l["node_id"].as_str().unwrap().into(),
-                    l["node_state"].as_str().unwrap().into(),
-                )
-            })
-            .collect();
-        assert!(where_.contains(&("w3".into(), "offline".into())), "{cat}");
-        assert!(where_.contains(&("w2".into(), "online".into())), "{cat}");
-        // Worker 2's own tasks were not touched: still running, they are cancelled now to
-        // free its slots.
-        for (_, s, id) in on_w2 {
-            let info: Value = c.get_json(&format!("/v2/tasks/{id}")).await.unwrap();
-            assert_eq!(info["state"], "running", "{info}");
-            let (status, _, v) = post(&c, &format!("/v2/tasks/{id}/cancel"), &json!({})).await;
-            assert!(status.is_success(), "{v}");
-            let f = frames(s).await;
-            assert_eq!(
-                last_error(&f).map(|e| e.code),
-                Some(ErrorCode::Canceled),
-                "{f:?}"
-            );
-        }
-        let t = submit(&c, 4).await;
-        let (node, s) = started(&c, &t).await;
-        assert_eq!(node, "w2");
-        assert!(frames(s).await.iter().any(|f| f.event == "end"));
-
-        // 5. The link comes back: worker 3 is online again by itself and serves. (Its loss
-        // shows in the status line first, so a status from before it cannot answer the wait.)
-        notify.wait_for("1 of 2 pools ready on 2 nodes", Duration::from_secs(10));
-        let link_up = Instant::now();
-        ip(&["-n", &w3_ns, "link", "set", "to-cp", "up"]);
-        notify.wait_for("2 of 2 pools ready on 2 nodes", Duration::from_secs(30));
-        let recover = link_up.elapsed();
-        assert_eq!(state_of(&nodes(&c).await, "w3"), "online");
-        let mut on = Vec::new();
-        for _ in 0..3 {
-            let batch: Vec<TaskAccepted> = {
-                let mut b = Vec::new();
-                for _ in 0..4 {
-                    b.push(submit(&c, 8).await);
-                }
-                b
-            };
-            let runs = batch.iter().map(|t| async {
-                let (node, s) = started(&c, t).await;
-                let f = frames(s).await;
-                assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
-                node
-            });
-            on.extend(join_all(runs).await);
-            if on.iter().any(|n| n == "w3") {
-                break;
-            }
-        }
-        assert!(
-            on.iter().any(|n| n == "w3"),
-            "worker 3 serves again: {on:?}"
-        );
-
-        // 6. A session stays on its node: its turns run where its KV cache is.
-        let mut session_nodes = Vec::new();
-        for turn in 0..3 {
-            let t: TaskAccepted = c
-                .post_json(
-                    "/v2/tasks",
-                    &json!({"model_ref": MODEL_ID, "session_id": "cloud-s1",
+async fn a_session_stays_on_its_node(c: &HttpClient) {
+    // 6. A session stays on its node: its turns run where its KV cache is.
+    let mut session_nodes = Vec::new();
+    for turn in 0..3 {
+        let t: TaskAccepted = c
+            .post_json(
+                "/v2/tasks",
+                &json!({"model_ref": MODEL_ID, "session_id": "cloud-s1",
                                 "prompt": format!("{PROMPT} turn {turn}"), "max_tokens": 4}),
-                )
-                .await
-                .unwrap();
-            let (node, s) = started(&c, &t).await;
-            assert!(frames(s).await.iter().any(|f| f.event == "end"));
-            session_nodes.push(node);
-        }
-        assert!(
-            session_nodes.windows(2).all(|w| w[0] == w[1]),
-            "{session_nodes:?}"
-        );
-
-        // 7. Drain worker 3 while a task runs there: the task finishes, nothing new goes
-        // there, and the node reports when it is empty; resumed, it takes work again.
-        let (mut running_w3, mut others) = (None, Vec::new());
-        for _ in 0..4 {
-            let t = submit(&c, 60).await;
-            let (node, s) = started(&c, &t).await;
-            if node == "w3" && running_w3.is_none() {
-                running_w3 = Some(s);
-            } else {
-                others.push(s);
-            }
-        }
-        let running_w3 = running_w3.expect("a task on w3");
-        let v: NodeView = c.post_json("/v2/nodes/w3/drain", &json!({})).await.unwrap();
-        assert!(v.draining && v.running >= 1, "{v:?}");
-        let t = submit(&c, 4).await;
-        let (node, s) = started(&c, &t).await;
-        assert_eq!(node, "w2", "nothing new on a draining node");
-        assert!(frames(s).await.iter().any(|f| f.event == "end"));
-        let f = frames(running_w3).await;
-        assert!(
-            f.iter().any(|f| f.event == "end"),
-            "the running task finished: {f:?}"
-        );
-        for s in others {
-            assert!(frames(s).await.iter().any(|f| f.event == "end"));
-        }
-        wait_nodes(&c, "w3 drained", Duration::from_secs(10), dir.path(), |n| {
-            n.iter()
-                .any(|v| v.node_id == "w3" && v.draining && v.running == 0)
-        })
-        .await;
-        // Pool ids repeat across nodes: an action on "default" must say which node.
-        let (status, _, v) = post(&c, "/v2/pools/default/drain", &json!({})).await;
-        assert_eq!(status, 409, "{v}");
-        assert!(v["message"].as_str().unwrap().contains("w2, w3"), "{v}");
-        let v: NodeView = c
-            .post_json("/v2/nodes/w3/resume", &json!({}))
+            )
             .await
             .unwrap();
-        assert!(!v.draining, "{v:?}");
+        let (node, s) = started(c, &t).await;
+        assert!(frames(s).await.iter().any(|f| f.event == "end"));
+        session_nodes.push(node);
+    }
+    assert!(
+        session_nodes.windows(2).all(|w| w[0] == w[1]),
+        "{session_nodes:?}"
+    );
+}
 
-        // 8. A worker's token used for another node id, an unknown token, and a plaintext
-        // client against the TLS listener are all refused and logged.
-        let w2_token = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
-            .unwrap()
-            .with_token(Some(TOKEN_W2.into()));
-        let (status, _, v) = post(
-            &w2_token,
-            "/v2/nodes/w3/heartbeat",
-            &json!({"pools": [], "staged_models": []}),
-        )
-        .await;
-        assert_eq!(status, 403, "{v}");
-        let bogus = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
-            .unwrap()
-            .with_token(Some("not-a-token-0123456789".into()));
-        let (status, _, v) = post(
+async fn a_drained_node_finishes_its_work_first(c: &HttpClient, dir: &Path) {
+    // 7. Drain worker 3 while a task runs there: the task finishes, nothing new goes
+    // there, and the node reports when it is empty; resumed, it takes work again.
+    let (mut running_w3, mut others) = (None, Vec::new());
+    for _ in 0..4 {
+        let t = submit(c, 60).await;
+        let (node, s) = started(c, &t).await;
+        if node == "w3" && running_w3.is_none() {
+            running_w3 = Some(s);
+        } else {
+            others.push(s);
+        }
+    }
+    let running_w3 = running_w3.expect("a task on w3");
+    let v: NodeView = c.post_json("/v2/nodes/w3/drain", &json!({})).await.unwrap();
+    assert!(v.draining && v.running >= 1, "{v:?}");
+    let t = submit(c, 4).await;
+    let (node, s) = started(c, &t).await;
+    assert_eq!(node, "w2", "nothing new on a draining node");
+    assert!(frames(s).await.iter().any(|f| f.event == "end"));
+    let f = frames(running_w3).await;
+    assert!(
+        f.iter().any(|f| f.event == "end"),
+        "the running task finished: {f:?}"
+    );
+    for s in others {
+        assert!(frames(s).await.iter().any(|f| f.event == "end"));
+    }
+    wait_nodes(c, "w3 drained", Duration::from_secs(10), dir, |n| {
+        n.iter()
+            .any(|v| v.node_id == "w3" && v.draining && v.running == 0)
+    })
+    .await;
+    // Pool ids repeat across nodes: an action on "default" must say which node.
+    let (status, _, v) = post(c, "/v2/pools/default/drain", &json!({})).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("w2, w3"), "{v}");
+    let v: NodeView = c
+        .post_json("/v2/nodes/w3/resume", &json!({}))
+        .await
+        .unwrap();
+    assert!(!v.draining, "{v:?}");
+}
+
+async fn foreign_tokens_and_plaintext_are_refused(roots: &TlsRoots) {
+    // 8. A worker's token used for another node id, an unknown token, and a plaintext
+    // client against the TLS listener are all refused and logged.
+    let w2_token = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), roots)
+        .unwrap()
+        .with_token(Some(TOKEN_W2.into()));
+    let (status, _, v) = post(
+        &w2_token,
+        "/v2/nodes/w3/heartbeat",
+        &json!({"pools": [], "staged_models": []}),
+    )
+    .await;
+    assert_eq!(status, 403, "{v}");
+    let bogus = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), roots)
+        .unwrap()
+        .with_token(Some("not-a-token-0123456789".into()));
+    let (status, _, v) = post(
                 &bogus,
                 "/v2/nodes/register",
                 &json!({"node_id": "w9", "address": "https://10.231.2.9:9200", "version": "0", "heartbeat_secs": 1, "pools": []}),
             )
             .await;
-        assert_eq!(status, 401, "{v}");
-        let plain = HttpClient::new(&format!("http://127.0.0.1:{API_PORT}"))
-            .unwrap()
-            .with_token(Some(TEST_KEY.into()));
-        assert!(plain.get_json::<Value>("/v2/nodes").await.is_err());
-        (boot, detect, recover)
-    });
-    let (boot, detect, recover) = report;
+    assert_eq!(status, 401, "{v}");
+    let plain = HttpClient::new(&format!("http://127.0.0.1:{API_PORT}"))
+        .unwrap()
+        .with_token(Some(TEST_KEY.into()));
+    assert!(plain.get_json::<Value>("/v2/nodes").await.is_err());
+}
+
+fn a_worker_cannot_register_the_control_planes_own_address(
+    ns: &str,
+    roots: &TlsRoots,
+    orch_log: &Path,
+) {
     // A worker's token from the worker's own network may not register an address of the
     // control plane's machine: orchestratord would dial its own sockets with that token.
-    let (status, field) = block_on_in(&workers[0].ns.0, || async {
-        let w2 = HttpClient::with_roots(&format!("https://10.231.2.1:{API_PORT}"), &roots)
+    let (status, field) = block_on_in(ns, || async {
+        let w2 = HttpClient::with_roots(&format!("https://10.231.2.1:{API_PORT}"), roots)
             .unwrap()
             .with_token(Some(TOKEN_W2.into()));
         let (status, _, v) = post(
@@ -648,11 +693,21 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
         (status, v["field"].as_str().unwrap_or_default().to_string())
     });
     assert_eq!((status.as_u16(), field.as_str()), (400, "address"));
-    assert!(orch_text()
+    let orch_text = std::fs::read_to_string(orch_log).unwrap_or_default();
+    assert!(orch_text
         .contains("Refused a registration from another machine naming an address of this one."));
+}
+
+fn the_logs_and_metrics_tell_what_happened(
+    dir: &Path,
+    cp_name: &str,
+    roots: &TlsRoots,
+    orch_log: &Path,
+) {
+    let orch_text = || std::fs::read_to_string(orch_log).unwrap_or_default();
     // Each worker's engine parsed its own staged copy of the model: nothing was shared.
     for w in ["w2", "w3"] {
-        let cache = dir.path().join(w).join("cache");
+        let cache = dir.join(w).join("cache");
         assert!(
             std::fs::read_dir(&cache).is_ok_and(|mut d| d.next().is_some()),
             "{cache:?}"
@@ -681,8 +736,8 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
     );
     // No flapping: worker 3 was lost once and came back once, and the metrics say the same.
     assert_eq!(log.matches("Node is back online.").count(), 1, "{log}");
-    let metrics = block_on_in(&cp_name, || async {
-        let c = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots).unwrap();
+    let metrics = block_on_in(cp_name, || async {
+        let c = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), roots).unwrap();
         let req = c
             .build(
                 c.request(hyper::Method::GET, "/metrics"),
@@ -708,15 +763,6 @@ fn a_control_plane_and_two_workers_on_separate_networks() {
     // The workers kept themselves online with beats between their reports.
     let beats = beats_taken(&llorch_tests::prom::Scrape::parse(&metrics));
     assert!(beats >= 10.0, "{beats} beats taken:\n{metrics}");
-    println!(
-        "cloud: both workers online after {boot:?}; lost worker's streams ended {detect:?} after its link went down; back online {recover:?} after the link came up"
-    );
-    for w in &mut workers {
-        if let Some(mut d) = w.daemon.take() {
-            let status = d.stop();
-            assert!(status.success(), "{}: {status}\n{}", w.id, d.log_text());
-        }
-    }
 }
 
 /// The liveness beats orchestratord took (`llorch_node_beats_total{outcome="ok"}`).
@@ -809,68 +855,13 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
     let tokens = dir.path().join("node-tokens");
     llorch_tests::write_secret(&tokens, &format!("w2 {TOKEN_W2}\nw3 {TOKEN_W3}\n"));
 
-    // Each host gets what the NixOS module renders for it from nix/examples/cloud.nix through
-    // the cluster library (node.toml, drop-ins for listen addresses, credentials and
-    // environment, masks), placed as NixOS would place them, and the secrets the example names
-    // under /etc/llama-orch/secrets. Then the units the module enables are started, as boot
-    // would. The control plane: orchestratord only, socket-activated on 0.0.0.0:8443 with TLS.
-    // The workers: pool-managerd on <ip>:9200 with TLS, engines as llorch-engine@ units.
-    let hosts = n.cloud_hosts();
-    let stage = |id: &str, secrets: &[(&str, &Path)], extra: &[(&str, &Path)]| -> PathBuf {
-        let stage = dir.path().join(id);
-        llorch_tests::nix::write_files(&stage.join("root"), &hosts[id]);
-        let mut install =
-            String::from("mkdir -p -m 0700 /etc/llama-orch/secrets\ncp -a /mnt/llorch/root/. /\n");
-        for (name, _) in secrets {
-            install +=
-                &format!("install -m 0600 /mnt/llorch/{name} /etc/llama-orch/secrets/{name}\n");
-        }
-        let units = llorch_tests::nix::start_units(&hosts[id]).join(" ");
-        // --no-block: a worker's pool-managerd is ready once registered, and the network
-        // it registers over comes after (add_addresses below).
-        install += &format!(
-            "systemctl daemon-reload\nsystemctl start --no-block {units} || {{ journalctl --no-pager -n 40; exit 1; }}\n"
-        );
-        stage_host(&stage, &[secrets, extra].concat(), &install);
-        stage
-    };
-    let cp_stage = stage(
-        "cp",
-        &[
-            ("node-tokens", &tokens),
-            ("api-keys", &keys),
-            ("cp.pem", &cp_cert.cert),
-            ("cp.key", &cp_cert.key),
-            ("ca.pem", &ca.cert),
-        ],
-        &[],
+    let [cp_stage, w2_stage, w3_stage] = stage_the_hosts(
+        dir.path(),
+        &n.cloud_hosts(),
+        &ca,
+        &cp_cert,
+        [&keys, &tokens],
     );
-    let worker_stage = |id: &str, ip: &str, token: &str| -> PathBuf {
-        let cert = ca.server(&format!("{id}-node"), &[ip]);
-        let token_file = dir.path().join(format!("{id}-node-token"));
-        llorch_tests::write_secret(&token_file, &format!("{token}\n"));
-        // The example's model path, for the provisioner to stage.
-        let model_dir = dir.path().join(id).join("root/srv/models");
-        std::fs::create_dir_all(&model_dir).unwrap();
-        std::os::unix::fs::symlink(
-            "/mnt/llorch/model.gguf",
-            model_dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
-        )
-        .unwrap();
-        stage(
-            id,
-            &[
-                ("node-token", &token_file),
-                ("node.pem", &cert.cert),
-                ("node.key", &cert.key),
-                ("ca.pem", &ca.cert),
-            ],
-            &[("model.gguf", &model_path())],
-        )
-    };
-    let w2_stage = worker_stage("w2", "10.231.2.2", TOKEN_W2);
-    let w3_stage = worker_stage("w3", "10.231.3.2", TOKEN_W3);
-
     let boot = |name: &str, stage: &Path, ns: &Netns| {
         let c = Container::boot(
             Vec::new(),
@@ -928,134 +919,12 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
         for v in &n {
             assert!(v.address.starts_with("https://10.231."), "{v:?}");
         }
-        // 2. A chat on each worker (pinned by node).
-        for node in ["w2", "w3"] {
-            let t: TaskAccepted = c
-                .post_json(
-                    "/v2/tasks",
-                    &json!({"model_ref": MODEL_ID, "prompt": "The capital of France is",
-                                "max_tokens": 4, "temperature": 0,
-                                "placement": {"pin_node_id": node}}),
-                )
-                .await
-                .unwrap();
-            let (on, s) = started(&c, &t).await;
-            assert_eq!(on, node);
-            let f = frames(s).await;
-            assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
-        }
-
-        // 3. SIGKILL pool-managerd on w2: systemd restarts it, it registers again, and its
-        // engine unit is started again in place of the old one: never two copies of the
-        // model (one engine process, the old one gone).
-        let engine_before = w2.main_pid("llorch-engine@default.service");
-        let pm_before = w2.main_pid("pool-managerd.service");
-        assert!(engine_before != 0 && pm_before != 0);
-        let killed = Instant::now();
-        w2.ok(&[
-            "systemctl",
-            "kill",
-            "--signal=KILL",
-            "--kill-whom=main",
-            "pool-managerd.service",
-        ]);
-        // The new pool-managerd registers again: the control plane's third "node joined".
-        cp.journal_n(&joined, 3, Duration::from_secs(30));
-        let pm = w2.main_pid("pool-managerd.service");
-        assert!(pm != 0 && pm != pm_before, "{pm} after {pm_before}");
-        assert_eq!(w2.show("pool-managerd.service", "ActiveState"), "active");
-        let t: TaskAccepted = c
-            .post_json(
-                "/v2/tasks",
-                &json!({"model_ref": MODEL_ID, "prompt": "The capital of France is",
-                            "max_tokens": 4, "temperature": 0,
-                            "placement": {"pin_node_id": "w2"}}),
-            )
-            .await
-            .unwrap();
-        let (_, s) = started(&c, &t).await;
-        assert!(frames(s).await.iter().any(|f| f.event == "end"));
-        let kill_recovery = killed.elapsed();
-        let engines = w2.ok(&[
-            "sh",
-            "-c",
-            "grep -lx llorch-engine /proc/[0-9]*/comm | wc -l",
-        ]);
-        assert_eq!(engines.trim(), "1", "one engine on w2");
-        let engine_after = w2.main_pid("llorch-engine@default.service");
-        assert_ne!(engine_after, 0);
-        let old_alive = w2.sh(&["test", "-e", &format!("/proc/{engine_before}")]);
-        assert!(
-            engine_after == engine_before || !old_alive.status.success(),
-            "the old engine {engine_before} still runs next to {engine_after}"
-        );
-
-        // 4. Restart orchestratord while a client keeps asking, one connection per request
-        // as curl does: no request fails. (A keep-alive connection that sits idle across
-        // the restart is closed by the old process; a request sent on it at that instant
-        // gets a connection error, which clients retry: docs/OPERATIONS.md.)
-        let mut answers = Vec::new();
-        let started_at = Instant::now();
-        let mut restarted = false;
-        while started_at.elapsed() < Duration::from_secs(8) {
-            let fresh = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), &roots)
-                .unwrap()
-                .with_token(Some(TEST_KEY.into()));
-            let (status, _, v) = post(
-                    &fresh,
-                    "/v1/chat/completions",
-                    &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What city is the capital of France?"}], "max_tokens": 8, "temperature": 0}),
-                )
-                .await;
-            answers.push((status, v));
-            if answers.len() == 3 && !restarted {
-                cp.ok(&[
-                    "systemctl",
-                    "restart",
-                    "--no-block",
-                    "orchestratord.service",
-                ]);
-                restarted = true;
-            }
-        }
-        assert!(restarted && answers.len() >= 5, "{}", answers.len());
-        for (status, v) in &answers {
-            assert_eq!(*status, 200, "a request failed across the restart: {v}");
-        }
-
-        // 5. w3's link drops mid-stream: its task ends with NODE_UNAVAILABLE, w3 goes
-        // offline; the link comes back and so does w3, by itself.
-        let t: TaskAccepted = c
-            .post_json(
-                "/v2/tasks",
-                &json!({"model_ref": MODEL_ID, "prompt": PROMPT, "max_tokens": 400,
-                            "temperature": 0, "placement": {"pin_node_id": "w3"}}),
-            )
-            .await
-            .unwrap();
-        let (_, s) = started(&c, &t).await;
-        let down = Instant::now();
-        ip(&["-n", &w3_ns.0, "link", "set", "to-cp", "down"]);
-        let f = frames(s).await;
-        let lost_after = down.elapsed();
-        assert_eq!(
-            last_error(&f).map(|e| e.code),
-            Some(ErrorCode::NodeUnavailable),
-            "{f:?}"
-        );
-        assert_eq!(state_of(&nodes(&c).await, "w3"), "offline");
-        ip(&["-n", &w3_ns.0, "link", "set", "to-cp", "up"]);
-        cp.journal_n(
-            &["-u", "orchestratord", "MESSAGE=Node is back online."],
-            1,
-            Duration::from_secs(30),
-        );
-        assert_eq!(state_of(&nodes(&c).await, "w3"), "online");
-        assert!(lost_after < Duration::from_secs(6), "{lost_after:?}");
-        // The workers beat over UDP through orchestratord-beats.socket between their reports.
-        let beats = beats_taken(&llorch_tests::prom::scrape(&c).await);
-        assert!(beats >= 10.0, "{beats} beats taken");
-        (boot_time, kill_recovery, answers.len())
+        a_chat_is_answered_on_each_worker(&c).await;
+        let kill_recovery =
+            a_killed_node_agent_returns_with_one_engine(&c, &cp, &w2, &joined).await;
+        let restart_answers = no_request_fails_across_a_restart(&cp, &roots).await;
+        a_lost_link_ends_the_stream_and_the_node_returns(&c, &cp, &w3_ns).await;
+        (boot_time, kill_recovery, restart_answers)
     });
     let out = Command::new("ip")
         .args(["netns", "exec", &cp_ns.0])
@@ -1081,4 +950,221 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
         "cloud under systemd: both workers registered {boot_time:?} after boot; pool-managerd SIGKILLed on w2 served again after {kill_recovery:?}, one engine; {restart_answers} requests across an orchestratord restart, all 200"
     );
     drop((w3, w2, cp));
+}
+
+fn stage_the_hosts(
+    dir: &Path,
+    hosts: &Value,
+    ca: &Ca,
+    cp_cert: &llorch_tests::pki::ServerCert,
+    [keys, tokens]: [&Path; 2],
+) -> [PathBuf; 3] {
+    // Each host gets what the NixOS module renders for it from nix/examples/cloud.nix through
+    // the cluster library (node.toml, drop-ins for listen addresses, credentials and
+    // environment, masks), placed as NixOS would place them, and the secrets the example names
+    // under /etc/llama-orch/secrets. Then the units the module enables are started, as boot
+    // would. The control plane: orchestratord only, socket-activated on 0.0.0.0:8443 with TLS.
+    // The workers: pool-managerd on <ip>:9200 with TLS, engines as llorch-engine@ units.
+    let stage = |id: &str, secrets: &[(&str, &Path)], extra: &[(&str, &Path)]| -> PathBuf {
+        let stage = dir.join(id);
+        llorch_tests::nix::write_files(&stage.join("root"), &hosts[id]);
+        let mut install =
+            String::from("mkdir -p -m 0700 /etc/llama-orch/secrets\ncp -a /mnt/llorch/root/. /\n");
+        for (name, _) in secrets {
+            install +=
+                &format!("install -m 0600 /mnt/llorch/{name} /etc/llama-orch/secrets/{name}\n");
+        }
+        let units = llorch_tests::nix::start_units(&hosts[id]).join(" ");
+        // --no-block: a worker's pool-managerd is ready once registered, and the network
+        // it registers over comes after (add_addresses below).
+        install += &format!(
+            "systemctl daemon-reload\nsystemctl start --no-block {units} || {{ journalctl --no-pager -n 40; exit 1; }}\n"
+        );
+        stage_host(&stage, &[secrets, extra].concat(), &install);
+        stage
+    };
+    let cp_stage = stage(
+        "cp",
+        &[
+            ("node-tokens", tokens),
+            ("api-keys", keys),
+            ("cp.pem", &cp_cert.cert),
+            ("cp.key", &cp_cert.key),
+            ("ca.pem", &ca.cert),
+        ],
+        &[],
+    );
+    let worker_stage = |id: &str, ip: &str, token: &str| -> PathBuf {
+        let cert = ca.server(&format!("{id}-node"), &[ip]);
+        let token_file = dir.join(format!("{id}-node-token"));
+        llorch_tests::write_secret(&token_file, &format!("{token}\n"));
+        // The example's model path, for the provisioner to stage.
+        let model_dir = dir.join(id).join("root/srv/models");
+        std::fs::create_dir_all(&model_dir).unwrap();
+        std::os::unix::fs::symlink(
+            "/mnt/llorch/model.gguf",
+            model_dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        )
+        .unwrap();
+        stage(
+            id,
+            &[
+                ("node-token", &token_file),
+                ("node.pem", &cert.cert),
+                ("node.key", &cert.key),
+                ("ca.pem", &ca.cert),
+            ],
+            &[("model.gguf", &model_path())],
+        )
+    };
+    let w2_stage = worker_stage("w2", "10.231.2.2", TOKEN_W2);
+    let w3_stage = worker_stage("w3", "10.231.3.2", TOKEN_W3);
+    [cp_stage, w2_stage, w3_stage]
+}
+
+async fn a_chat_is_answered_on_each_worker(c: &HttpClient) {
+    // 2. A chat on each worker (pinned by node).
+    for node in ["w2", "w3"] {
+        let t: TaskAccepted = c
+            .post_json(
+                "/v2/tasks",
+                &json!({"model_ref": MODEL_ID, "prompt": "The capital of France is",
+                                "max_tokens": 4, "temperature": 0,
+                                "placement": {"pin_node_id": node}}),
+            )
+            .await
+            .unwrap();
+        let (on, s) = started(c, &t).await;
+        assert_eq!(on, node);
+        let f = frames(s).await;
+        assert!(f.iter().any(|f| f.event == "end"), "{f:?}");
+    }
+}
+
+async fn a_killed_node_agent_returns_with_one_engine(
+    c: &HttpClient,
+    cp: &Container,
+    w2: &Container,
+    joined: &[&str],
+) -> Duration {
+    // 3. SIGKILL pool-managerd on w2: systemd restarts it, it registers again, and its
+    // engine unit is started again in place of the old one: never two copies of the
+    // model (one engine process, the old one gone).
+    let engine_before = w2.main_pid("llorch-engine@default.service");
+    let pm_before = w2.main_pid("pool-managerd.service");
+    assert!(engine_before != 0 && pm_before != 0);
+    let killed = Instant::now();
+    w2.ok(&[
+        "systemctl",
+        "kill",
+        "--signal=KILL",
+        "--kill-whom=main",
+        "pool-managerd.service",
+    ]);
+    // The new pool-managerd registers again: the control plane's third "node joined".
+    cp.journal_n(joined, 3, Duration::from_secs(30));
+    let pm = w2.main_pid("pool-managerd.service");
+    assert!(pm != 0 && pm != pm_before, "{pm} after {pm_before}");
+    assert_eq!(w2.show("pool-managerd.service", "ActiveState"), "active");
+    let t: TaskAccepted = c
+        .post_json(
+            "/v2/tasks",
+            &json!({"model_ref": MODEL_ID, "prompt": "The capital of France is",
+                            "max_tokens": 4, "temperature": 0,
+                            "placement": {"pin_node_id": "w2"}}),
+        )
+        .await
+        .unwrap();
+    let (_, s) = started(c, &t).await;
+    assert!(frames(s).await.iter().any(|f| f.event == "end"));
+    let kill_recovery = killed.elapsed();
+    let engines = w2.ok(&[
+        "sh",
+        "-c",
+        "grep -lx llorch-engine /proc/[0-9]*/comm | wc -l",
+    ]);
+    assert_eq!(engines.trim(), "1", "one engine on w2");
+    let engine_after = w2.main_pid("llorch-engine@default.service");
+    assert_ne!(engine_after, 0);
+    let old_alive = w2.sh(&["test", "-e", &format!("/proc/{engine_before}")]);
+    assert!(
+        engine_after == engine_before || !old_alive.status.success(),
+        "the old engine {engine_before} still runs next to {engine_after}"
+    );
+    kill_recovery
+}
+
+async fn no_request_fails_across_a_restart(cp: &Container, roots: &TlsRoots) -> usize {
+    // 4. Restart orchestratord while a client keeps asking, one connection per request
+    // as curl does: no request fails. (A keep-alive connection that sits idle across
+    // the restart is closed by the old process; a request sent on it at that instant
+    // gets a connection error, which clients retry: docs/OPERATIONS.md.)
+    let mut answers = Vec::new();
+    let started_at = Instant::now();
+    let mut restarted = false;
+    while started_at.elapsed() < Duration::from_secs(8) {
+        let fresh = HttpClient::with_roots(&format!("https://127.0.0.1:{API_PORT}"), roots)
+            .unwrap()
+            .with_token(Some(TEST_KEY.into()));
+        let (status, _, v) = post(
+                    &fresh,
+                    "/v1/chat/completions",
+                    &json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "What city is the capital of France?"}], "max_tokens": 8, "temperature": 0}),
+                )
+                .await;
+        answers.push((status, v));
+        if answers.len() == 3 && !restarted {
+            cp.ok(&[
+                "systemctl",
+                "restart",
+                "--no-block",
+                "orchestratord.service",
+            ]);
+            restarted = true;
+        }
+    }
+    assert!(restarted && answers.len() >= 5, "{}", answers.len());
+    for (status, v) in &answers {
+        assert_eq!(*status, 200, "a request failed across the restart: {v}");
+    }
+    answers.len()
+}
+
+async fn a_lost_link_ends_the_stream_and_the_node_returns(
+    c: &HttpClient,
+    cp: &Container,
+    w3_ns: &Netns,
+) {
+    // 5. w3's link drops mid-stream: its task ends with NODE_UNAVAILABLE, w3 goes
+    // offline; the link comes back and so does w3, by itself.
+    let t: TaskAccepted = c
+        .post_json(
+            "/v2/tasks",
+            &json!({"model_ref": MODEL_ID, "prompt": PROMPT, "max_tokens": 400,
+                            "temperature": 0, "placement": {"pin_node_id": "w3"}}),
+        )
+        .await
+        .unwrap();
+    let (_, s) = started(c, &t).await;
+    let down = Instant::now();
+    ip(&["-n", &w3_ns.0, "link", "set", "to-cp", "down"]);
+    let f = frames(s).await;
+    let lost_after = down.elapsed();
+    assert_eq!(
+        last_error(&f).map(|e| e.code),
+        Some(ErrorCode::NodeUnavailable),
+        "{f:?}"
+    );
+    assert_eq!(state_of(&nodes(c).await, "w3"), "offline");
+    ip(&["-n", &w3_ns.0, "link", "set", "to-cp", "up"]);
+    cp.journal_n(
+        &["-u", "orchestratord", "MESSAGE=Node is back online."],
+        1,
+        Duration::from_secs(30),
+    );
+    assert_eq!(state_of(&nodes(c).await, "w3"), "online");
+    assert!(lost_after < Duration::from_secs(6), "{lost_after:?}");
+    // The workers beat over UDP through orchestratord-beats.socket between their reports.
+    let beats = beats_taken(&llorch_tests::prom::scrape(c).await);
+    assert!(beats >= 10.0, "{beats} beats taken");
 }
