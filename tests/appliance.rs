@@ -101,10 +101,42 @@ fn as_nobody(c: &Container, args: &[&str]) -> std::process::Output {
     c.sh(&all)
 }
 
+/// A D-Bus property of `object` (service, path, interface), as busctl prints it.
+fn bus_property(c: &Container, object: [&str; 3], name: &str) -> String {
+    let mut args = vec!["busctl", "get-property"];
+    args.extend_from_slice(&object);
+    args.push(name);
+    c.ok(&args).trim().to_string()
+}
+
+/// The default pool's state, as the HTTP API says it.
+fn default_pool_state(port: u16) -> String {
+    let (status, body) = curl(port, &[], "/v2/pools");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pool_id"] == "default")
+        .unwrap()["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// The daemons on the real system bus with the shipped policy and real polkit: root may act,
 /// `nobody` may read but is refused (and logged), and Load/Unload drive the on-demand pool's
 /// engine unit through systemd.
 fn dbus_on_the_system_bus(c: &Container, port: u16) {
+    names_and_engine_units_belong_to_their_users(c);
+    root_drains_and_resumes_on_the_bus(c, port);
+    nobody_reads_and_is_refused_the_rest(c, port);
+    an_admin_group_member_may_act(c, port);
+    load_and_unload_drive_the_engine_unit(c);
+}
+
+fn names_and_engine_units_belong_to_their_users(c: &Container) {
     let tree = c.ok(&["busctl", "tree", "--no-pager", "org.llamaorch.PoolManager1"]);
     for pool in ["default", "ondemand"] {
         assert!(
@@ -112,13 +144,7 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
             "{tree}"
         );
     }
-    let prop = |c: &Container, object: [&str; 3], name: &str| -> String {
-        let mut args = vec!["busctl", "get-property"];
-        args.extend_from_slice(&object);
-        args.push(name);
-        c.ok(&args).trim().to_string()
-    };
-    assert_eq!(prop(c, ORCH, "Ready"), "b true");
+    assert_eq!(bus_property(c, ORCH, "Ready"), "b true");
     // Each name is owned by its daemon's user, as the policy wants.
     for (name, user) in [
         ("org.llamaorch.Orchestrator1", "llama-orch-api"),
@@ -157,7 +183,9 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
     );
     let allowed = start_engine("llama-orch");
     assert!(allowed.status.success(), "{allowed:?}");
+}
 
+fn root_drains_and_resumes_on_the_bus(c: &Container, port: u16) {
     // Root drains and resumes the default pool; the HTTP API agrees.
     let drain = |c: &Container, method: &str| {
         let mut args = vec!["busctl", "call"];
@@ -165,25 +193,13 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
         args.extend_from_slice(&[method, "ss", "", "default"]);
         c.ok(&args);
     };
-    let http_state = || -> String {
-        let (status, body) = curl(port, &[], "/v2/pools");
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        v["pools"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["pool_id"] == "default")
-            .unwrap()["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
     drain(c, "DrainPool");
-    assert_eq!(http_state(), "draining");
+    assert_eq!(default_pool_state(port), "draining");
     drain(c, "ResumePool");
-    assert_eq!(http_state(), "ready");
+    assert_eq!(default_pool_state(port), "ready");
+}
 
+fn nobody_reads_and_is_refused_the_rest(c: &Container, port: u16) {
     // nobody reads, and is refused a mutating call by polkit; the refusal is in the journal
     // with its uid, and nothing changed.
     let read = as_nobody(c, &["get-property", ORCH[0], ORCH[1], ORCH[2], "Ready"]);
@@ -221,7 +237,10 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
         String::from_utf8_lossy(&denied.stderr).contains("Access denied"),
         "{denied:?}"
     );
-    assert_eq!(http_state(), "ready");
+    assert_eq!(default_pool_state(port), "ready");
+}
+
+fn an_admin_group_member_may_act(c: &Container, port: u16) {
     // A member of llama-orch-admin is allowed by polkit itself (the shipped rule), no password.
     c.ok(&[
         "useradd",
@@ -257,10 +276,10 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
             "MESSAGE_ID=e4b3e844652a43f981c68f4663a5e12e"
         ])
     );
-    assert_eq!(http_state(), "draining");
+    assert_eq!(default_pool_state(port), "draining");
     let allowed = as_operator(c, "ResumePool");
     assert!(allowed.status.success(), "{allowed:?}");
-    assert_eq!(http_state(), "ready");
+    assert_eq!(default_pool_state(port), "ready");
     let refused = c.journal(&[
         "-u",
         "orchestratord",
@@ -269,11 +288,13 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["UID"], "65534", "{}", refused[0]);
     assert_eq!(refused[0]["METHOD"], "DrainPool", "{}", refused[0]);
+}
 
+fn load_and_unload_drive_the_engine_unit(c: &Container) {
     // Load starts the on-demand engine unit through systemd; Unload stops it, and the pool is
     // on standby with its socket listening.
     let ondemand = "llorch-engine@ondemand.service";
-    assert_eq!(prop(c, ON_DEMAND_POOL, "State"), "s \"standby\"");
+    assert_eq!(bus_property(c, ON_DEMAND_POOL, "State"), "s \"standby\"");
     let mut load = vec!["busctl", "call"];
     load.extend_from_slice(&ON_DEMAND_POOL);
     load.push("Load");
@@ -281,11 +302,14 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
     c.wait_until(
         "the on-demand pool loaded over D-Bus",
         Duration::from_secs(60),
-        |c| prop(c, ON_DEMAND_POOL, "State") == "s \"ready\"",
+        |c| bus_property(c, ON_DEMAND_POOL, "State") == "s \"ready\"",
     );
     let engine = c.main_pid(ondemand);
     assert_ne!(engine, 0);
-    assert_eq!(prop(c, ON_DEMAND_POOL, "EnginePid"), format!("u {engine}"));
+    assert_eq!(
+        bus_property(c, ON_DEMAND_POOL, "EnginePid"),
+        format!("u {engine}")
+    );
     let mut unload = vec!["busctl", "call"];
     unload.extend_from_slice(&ON_DEMAND_POOL);
     unload.push("Unload");
@@ -298,7 +322,7 @@ fn dbus_on_the_system_bus(c: &Container, port: u16) {
     c.wait_until(
         "the on-demand pool on standby",
         Duration::from_secs(30),
-        |c| prop(c, ON_DEMAND_POOL, "State") == "s \"standby\"",
+        |c| bus_property(c, ON_DEMAND_POOL, "State") == "s \"standby\"",
     );
 }
 
@@ -320,6 +344,29 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     stage(stage_dir.path(), port, &pools(), "");
     let mut c = boot(stage_dir.path(), "test");
 
+    socket_activation_starts_orchestratord(&c, port);
+    the_target_brings_the_pool_up(&c, port);
+    the_node_token_is_roots_alone(&c);
+    the_local_socket_is_for_the_node_agent(&c, port);
+    an_idle_node_agent_uses_no_cpu(&c);
+    status_shows_what_each_daemon_said(&c, port);
+    the_requests_journal_record_is_structured(&c);
+    an_on_demand_pool_loads_unloads_and_loads_again(&c, port);
+    no_connection_is_refused_across_a_restart(&c, port);
+    a_stuck_orchestratord_is_restarted_by_its_watchdog(&c, port);
+    the_engine_runs_confined_in_its_own_unit(&c);
+    a_killed_engine_is_restarted_and_serves(&c, port);
+    removed_keys_are_refused_after_a_reload(&c, port);
+    a_rotated_node_token_takes_the_node_offline(&c, port);
+    // A clean poweroff.
+    assert!(
+        c.poweroff(),
+        "the container did not power off cleanly:\n{}",
+        c.log_text()
+    );
+}
+
+fn socket_activation_starts_orchestratord(c: &Container, port: u16) {
     // Socket activation: with only the sockets started (as sockets.target does at boot; a
     // socket whose service already runs refuses to start), the first request starts
     // orchestratord.
@@ -333,7 +380,9 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     let (status, body) = curl(port, &[], "/health/live");
     assert_eq!(status, 200, "{body}");
     assert_eq!(c.show("orchestratord.service", "ActiveState"), "active");
+}
 
+fn the_target_brings_the_pool_up(c: &Container, port: u16) {
     // The target brings up the rest; the pool becomes ready and answers in English.
     c.ok(&["systemctl", "start", "llama-orch.target"]);
     c.wait_until("a ready pool", Duration::from_secs(120), |c| {
@@ -345,7 +394,9 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     let answer: Value = serde_json::from_str(&body).unwrap();
     let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text.contains("Paris"), "{text}");
+}
 
+fn the_node_token_is_roots_alone(c: &Container) {
     // The node token was generated once, before the daemons started, readable by root alone;
     // the node registered with it, and a local process without it cannot register.
     assert_eq!(c.show("llama-orch-node-token.service", "Result"), "success");
@@ -357,6 +408,9 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         "/etc/llama-orch/node-tokens",
     ]);
     assert_eq!(modes.trim(), "600 root\n600 root", "{modes}");
+}
+
+fn the_local_socket_is_for_the_node_agent(c: &Container, port: u16) {
     // orchestratord's local socket (plain HTTP for this machine's node agent): its group and
     // the API's user only.
     let local = c.ok(&[
@@ -380,7 +434,9 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         "/v2/nodes/register",
     );
     assert_eq!(status, 401, "{body}");
+}
 
+fn an_idle_node_agent_uses_no_cpu(c: &Container) {
     // Idle, pool-managerd (which follows its engine unit over D-Bus) uses next to no CPU:
     // utime + stime of its main process, in clock ticks (1/100 s), over two seconds.
     let node_pid = c.main_pid("pool-managerd.service");
@@ -390,12 +446,14 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         let f: Vec<&str> = after_comm.split_whitespace().collect();
         f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     };
-    let before = ticks(&c);
+    let before = ticks(c);
     std::thread::sleep(Duration::from_secs(2));
-    let used = ticks(&c) - before;
+    let used = ticks(c) - before;
     eprintln!("appliance: idle pool-managerd used {used} CPU ticks (1/100 s) in 2 s");
     assert!(used < 20, "idle pool-managerd used {used}/200 CPU ticks");
+}
 
+fn status_shows_what_each_daemon_said(c: &Container, port: u16) {
     // systemctl status shows what each daemon said in STATUS=.
     let orch = c.ok(&["systemctl", "status", "--no-pager", "orchestratord"]);
     assert!(orch.contains(&format!("Status: \"{SERVING}")), "{orch}");
@@ -406,7 +464,9 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         )),
         "{node}"
     );
+}
 
+fn the_requests_journal_record_is_structured(c: &Container) {
     // The request's journal record has the structured fields.
     let records = c.journal(&[
         "-u",
@@ -431,7 +491,9 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         "{r}"
     );
     assert_eq!(r["_SYSTEMD_UNIT"], "orchestratord.service");
+}
 
+fn an_on_demand_pool_loads_unloads_and_loads_again(c: &Container, port: u16) {
     // The on-demand pool: its socket listens and no engine runs, until the first request
     // starts the engine through the socket; the request waits for the model and is answered.
     let ondemand = "llorch-engine@ondemand.service";
@@ -475,7 +537,7 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
             "the unloaded engine left its handoff file"
         );
     };
-    unloaded("the on-demand engine to unload", &c);
+    unloaded("the on-demand engine to unload", c);
     let unloads = c.journal(&["-u", ondemand, "MESSAGE=Unloaded."]);
     assert_eq!(unloads.len(), 1, "{unloads:?}");
     // The next request loads it again.
@@ -483,10 +545,12 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     assert!(text.contains("Paris"), "{text}");
     let second_engine = c.main_pid(ondemand);
     assert!(second_engine != 0 && second_engine != first_engine);
-    unloaded("the on-demand engine to unload again", &c);
+    unloaded("the on-demand engine to unload again", c);
 
-    dbus_on_the_system_bus(&c, port);
+    dbus_on_the_system_bus(c, port);
+}
 
+fn no_connection_is_refused_across_a_restart(c: &Container, port: u16) {
     // Restart orchestratord while a client keeps asking: the socket stays with systemd, so no
     // connection is refused, and every request is answered 200: one that arrives before the
     // node registered again with the new process waits in its queue for it.
@@ -533,7 +597,9 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
             "a request failed across the restart: {status} {body}"
         );
     }
+}
 
+fn a_stuck_orchestratord_is_restarted_by_its_watchdog(c: &Container, port: u16) {
     // A stuck orchestratord (SIGSTOP) stops feeding its watchdog: systemd restarts it.
     c.wait_until("the node to register again", Duration::from_secs(30), |c| {
         c.show("orchestratord.service", "StatusText")
@@ -564,7 +630,9 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
             .starts_with(SERVING)
     });
     assert_eq!(chat(port, &[]).0, 200);
+}
 
+fn the_engine_runs_confined_in_its_own_unit(c: &Container) {
     // pool-managerd runs its engine as a unit of its own, started over D-Bus as the
     // unprivileged llama-orch user (the polkit rule).
     let engine = c.main_pid("llorch-engine@default.service");
@@ -675,7 +743,10 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         "{said:?}"
     );
     assert_eq!(c.show("llorch-engine@default.service", "TasksMax"), "1024");
+}
 
+fn a_killed_engine_is_restarted_and_serves(c: &Container, port: u16) {
+    let engine = c.main_pid("llorch-engine@default.service");
     // The engine is killed mid-stream: the client gets ENGINE_FAILED, systemd restarts the
     // engine, and the pool serves again.
     let long = serde_json::json!({
@@ -741,11 +812,16 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
     let (status, body) = chat(port, &[]);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("Paris"), "{body}");
+}
 
+/// The admin key the revocation step installs, used by the steps after it.
+const OPS_KEY: &str = "ops-key-0123456789abcdef";
+
+fn removed_keys_are_refused_after_a_reload(c: &Container, port: u16) {
     // Revocation by reload. systemd 252 does not refresh LoadCredential= on reload, so the
     // unit copies the secrets itself on every start and reload. API keys where there were
     // none take a restart; then a key removed from its file and a reload: 401 at once.
-    let (ops, bob) = ("ops-key-0123456789abcdef", "bob-key-0123456789abcdef");
+    let (ops, bob) = (OPS_KEY, "bob-key-0123456789abcdef");
     let write_secret = |path: &str, text: &str| {
         c.ok(&["sh", "-c", &format!("umask 077; printf '{text}' > {path}")]);
     };
@@ -770,6 +846,15 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         "a removed key still works after the reload: {body}"
     );
     assert_eq!(with_key(ops, "/v1/models").0, 200);
+}
+
+fn a_rotated_node_token_takes_the_node_offline(c: &Container, port: u16) {
+    let ops = OPS_KEY;
+    let write_secret = |path: &str, text: &str| {
+        c.ok(&["sh", "-c", &format!("umask 077; printf '{text}' > {path}")]);
+    };
+    let with_key =
+        |key: &str, path: &str| curl(port, &["-H", &format!("authorization: Bearer {key}")], path);
     // The node token rotated in node-tokens (the node still holds the old one) and a reload:
     // the node's next beat asks for its report, whose old token is refused, and the node
     // goes offline.
@@ -795,11 +880,4 @@ fn the_appliance_boots_serves_restarts_and_recovers_under_systemd() {
         let (status, body) = with_key(ops, "/v2/nodes");
         status == 200 && body.contains("\"offline\"")
     });
-
-    // A clean poweroff.
-    assert!(
-        c.poweroff(),
-        "the container did not power off cleanly:\n{}",
-        c.log_text()
-    );
 }

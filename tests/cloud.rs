@@ -897,7 +897,6 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
     add_addresses(&cp_ns, &w2_ns, "w2", "2");
     add_addresses(&cp_ns, &w3_ns, "w3", "3");
     let roots = TlsRoots::from_pem_file(&ca.cert).unwrap();
-    let journal = |c: &Container, unit: &str| c.ok(&["journalctl", "--no-pager", "-u", unit]);
     // orchestratord's "node joined" records (MESSAGE_ID in docs/METRICS.md).
     let joined = [
         "-u",
@@ -926,6 +925,15 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
         a_lost_link_ends_the_stream_and_the_node_returns(&c, &cp, &w3_ns).await;
         (boot_time, kill_recovery, restart_answers)
     });
+    llorch_drains_a_worker_over_tls(&cp, &cp_ns, &ca);
+    println!(
+        "cloud under systemd: both workers registered {boot_time:?} after boot; pool-managerd SIGKILLed on w2 served again after {kill_recovery:?}, one engine; {restart_answers} requests across an orchestratord restart, all 200"
+    );
+    drop((w3, w2, cp));
+}
+
+/// `llorch nodes drain` from the control plane's host, over TLS; the drain is in orchestratord's journal, and the credentials were readable by root alone.
+fn llorch_drains_a_worker_over_tls(cp: &Container, cp_ns: &Netns, ca: &Ca) {
     let out = Command::new("ip")
         .args(["netns", "exec", &cp_ns.0])
         .arg(bin("llorch"))
@@ -942,14 +950,10 @@ fn three_hosts_under_systemd_with_tls_and_credentials() {
         String::from_utf8_lossy(&out.stderr)
     );
     // orchestratord's journal holds the restart; the credentials were not readable by others.
-    let orch = journal(&cp, "orchestratord");
+    let orch = cp.ok(&["journalctl", "--no-pager", "-u", "orchestratord"]);
     assert!(orch.contains("Node drain requested."), "{orch}");
     let mode = cp.ok(&["stat", "-c", "%a %U", "/etc/llama-orch/secrets/cp.key"]);
     assert_eq!(mode.trim(), "600 root");
-    println!(
-        "cloud under systemd: both workers registered {boot_time:?} after boot; pool-managerd SIGKILLed on w2 served again after {kill_recovery:?}, one engine; {restart_answers} requests across an orchestratord restart, all 200"
-    );
-    drop((w3, w2, cp));
 }
 
 fn stage_the_hosts(

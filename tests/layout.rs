@@ -257,6 +257,39 @@ fn files_and_functions_stay_short() {
     assert!(faults.is_empty(), "{}", faults.join("\n"));
 }
 
+/// The end-to-end scenarios read as a list of named steps: no function of the tests (their
+/// support code included) runs past the same bound as the crates' code.
+#[test]
+fn scenario_tests_read_as_named_steps() {
+    let mut dirs = vec![repo_root().join("tests"), repo_root().join("tests/support")];
+    for (_, src) in crates() {
+        dirs.push(src.parent().unwrap().join("tests"));
+    }
+    let mut faults = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for file in entries.map(|e| e.unwrap().path()) {
+            if file.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            let rel = file
+                .strip_prefix(repo_root())
+                .unwrap()
+                .display()
+                .to_string();
+            for (n, f, line) in long_functions(&text) {
+                faults.push(format!(
+                    "{rel}:{line}: fn {f} is {n} lines (at most {MAX_FN_LINES}): name its steps"
+                ));
+            }
+        }
+    }
+    assert!(faults.is_empty(), "{}", faults.join("\n"));
+}
+
 #[test]
 fn the_checks_see_what_they_look_for() {
     let paths = crate_paths("use crate::a::B;\nuse crate::{b, c::{D, E}, d};\nx = my_crate::e;");
