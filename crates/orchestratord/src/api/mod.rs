@@ -79,6 +79,18 @@ impl Meter {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Runs one request of a surface with a meter of its `api`: the response, after counting
+    /// a refusal (an admitted request is counted when its task ends).
+    pub async fn run(
+        api: Api,
+        state: &State,
+        request: impl AsyncFnOnce(&Meter) -> Result<Response, ApiError>,
+    ) -> Response {
+        let meter = Meter::new(api);
+        let result = request(&meter).await;
+        meter.count(state, result)
+    }
+
     /// The response, after counting a refusal.
     pub fn count(&self, state: &State, result: Result<Response, ApiError>) -> Response {
         if let Err(e) = &result {

@@ -52,9 +52,10 @@ pub async fn submit(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let meter = Meter::new(Api::Native);
-    let result = submit_request(&state, cid, headers, body, &meter).await;
-    meter.count(&state, result)
+    Meter::run(Api::Native, &state, async |m| {
+        submit_request(&state, cid, headers, body, m).await
+    })
+    .await
 }
 
 async fn submit_request(

@@ -61,9 +61,10 @@ pub async fn messages(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let meter = Meter::new(Api::AnthropicMessages);
-    let result = messages_request(state.clone(), cid, headers, body, &meter).await;
-    meter.count(&state, result)
+    Meter::run(Api::AnthropicMessages, &state.clone(), async |m| {
+        messages_request(state, cid, headers, body, m).await
+    })
+    .await
 }
 
 async fn messages_request(
@@ -116,9 +117,10 @@ pub async fn count_tokens(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let meter = Meter::new(Api::AnthropicMessages);
-    let result = count_request(state.clone(), cid, headers, body, &meter).await;
-    meter.count(&state, result)
+    Meter::run(Api::AnthropicMessages, &state.clone(), async |m| {
+        count_request(state, cid, headers, body, m).await
+    })
+    .await
 }
 
 async fn count_request(

@@ -69,8 +69,7 @@ async fn embedding(
     body: Body,
     legacy: bool,
 ) -> Response {
-    let meter = Meter::new(Api::Ollama);
-    let result = async {
+    Meter::run(Api::Ollama, &state, async |meter| {
         let started = Instant::now();
         let (client, value) = oll(client_json(&state, &headers, body).await)?;
         let req: EmbedBody = llorch_wire::json::from_value(&value).map_err(bad)?;
@@ -88,7 +87,8 @@ async fn embedding(
         };
         let inputs = embed_inputs(&input).map_err(bad)?;
         let model = req.model.clone();
-        let end = run(&state, cid, client, model.clone(), (inputs, req.truncate != Some(false)), &meter)
+        let inputs = (inputs, req.truncate != Some(false));
+        let end = run(&state, cid, client, model.clone(), inputs, meter)
             .await
             .map_err(|e| refusal(&model, e))?;
         let width = end.embeddings.first().map_or(0, Vec::len);
@@ -110,7 +110,6 @@ async fn embedding(
             "prompt_eval_count": end.tokens_in,
         }))
         .into_response())
-    }
-    .await;
-    meter.count(&state, result)
+    })
+    .await
 }

@@ -135,9 +135,8 @@ async fn answer<T: Answerable>(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let meter = Meter::new(Api::Ollama);
     let received = Instant::now();
-    let result = async {
+    Meter::run(Api::Ollama, &state, async |meter| {
         let (client, value) = oll(client_json(&state, &headers, body).await)?;
         let (common, req) = request::decode::<T>(&value).map_err(bad)?;
         meter.model(req.model());
@@ -155,10 +154,9 @@ async fn answer<T: Answerable>(
         let engine = req
             .into_engine(&common, state.config.default_max_tokens)
             .map_err(bad)?;
-        run(&state, cid, client, engine, &common, shape, &meter).await
-    }
-    .await;
-    meter.count(&state, result)
+        run(&state, cid, client, engine, &common, shape, meter).await
+    })
+    .await
 }
 
 /// A refusal in Ollama's envelope; the admission's refusal of an unknown model in Ollama's

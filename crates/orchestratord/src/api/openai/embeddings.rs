@@ -46,9 +46,10 @@ pub async fn embeddings(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let meter = Meter::new(Api::OpenAiEmbeddings);
-    let result = embeddings_request(state.clone(), cid, headers, body, &meter).await;
-    meter.count(&state, result)
+    Meter::run(Api::OpenAiEmbeddings, &state.clone(), async |m| {
+        embeddings_request(state, cid, headers, body, m).await
+    })
+    .await
 }
 
 async fn embeddings_request(

@@ -83,9 +83,10 @@ pub async fn chat(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let meter = Meter::new(Api::OpenAiChat);
-    let result = chat_request(state.clone(), cid, headers, body, &meter).await;
-    meter.count(&state, result)
+    Meter::run(Api::OpenAiChat, &state.clone(), async |m| {
+        chat_request(state, cid, headers, body, m).await
+    })
+    .await
 }
 
 async fn chat_request(
@@ -108,9 +109,10 @@ pub async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let meter = Meter::new(Api::OpenAiCompletions);
-    let result = completion_request(state.clone(), cid, headers, body, &meter).await;
-    meter.count(&state, result)
+    Meter::run(Api::OpenAiCompletions, &state.clone(), async |m| {
+        completion_request(state, cid, headers, body, m).await
+    })
+    .await
 }
 
 async fn completion_request(

@@ -92,9 +92,10 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let meter = Meter::new(Api::OpenAiResponses);
-    let result = create_request(state.clone(), cid, headers, body, &meter).await;
-    meter.count(&state, result)
+    Meter::run(Api::OpenAiResponses, &state.clone(), async |m| {
+        create_request(state, cid, headers, body, m).await
+    })
+    .await
 }
 
 /// The parameters a response object echoes.
