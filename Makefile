@@ -9,7 +9,7 @@ MODEL := $(LLORCH_CACHE)/default-model/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CARGO ?= cargo
 
-.PHONY: run demo test test-appliance build-cuda test-cloud test-faults soak fuzz setup build bench lint fmt
+.PHONY: run demo test test-appliance build-cuda test-cloud test-faults soak fuzz setup build bench lint fmt deb
 
 ## Set up, build, and run the home stack on the default model at http://127.0.0.1:8080 until Ctrl-C.
 run: build
@@ -29,6 +29,13 @@ test: build
 	@touch target/skipped.log; awk -v s="$$(wc -l < target/skipped.log)" '/^test result:/ { p += $$4; f += $$6 } \
 	  END { printf "tests: %d passed, %d failed, %d skipped\n", p - s, f, s }' target/test.log
 	@if [ -s target/skipped.log ]; then echo "skipped:"; sed 's/^/  /' target/skipped.log; fi
+
+## The Debian package from release binaries (target/llama-orch_VERSION_ARCH.deb), checked by
+## lintian: `sudo apt install ./target/llama-orch_*.deb` (docs/OPERATIONS.md).
+deb:
+	$(CARGO) build --release --bins
+	scripts/build-deb.sh
+	lintian --fail-on error target/llama-orch_*_$$(dpkg --print-architecture).deb
 
 ## The appliance test alone: boot the units under a real systemd in systemd-nspawn.
 test-appliance: build

@@ -64,6 +64,7 @@ PACKAGES=(
   "iproute2|ip netns gives each host of the cloud test its own network"
   "dbus-daemon|the D-Bus tests start a private bus"
   "nix-bin|the Nix tests evaluate the flake, the NixOS module and the cluster library offline"
+  "lintian|checks the Debian package that make deb builds and the appliance test installs"
 )
 
 installed() {

@@ -385,6 +385,7 @@ fn every_task_ends_and_nothing_leaks_under_faults() {
     let blob = a_deleted_or_replaced_model_is_staged_again(&c, &rt, port);
     a_removed_handoff_directory_is_written_again(&c, &rt, port);
     a_full_cache_fails_the_new_pool_only(&c, &rt, port, &blob);
+    removing_the_package_stops_the_stack_and_purging_forgets_it(&c);
     drop(c);
     drop(rt);
 }
@@ -734,4 +735,46 @@ fn a_full_cache_fails_the_new_pool_only(
     ]);
     settled(c, port, "the full cache");
     eprintln!("faults: cache full: {reason}");
+}
+
+/// `dpkg -r` with the stack running stops every unit and keeps the model cache and the
+/// configuration; `dpkg -P` deletes the cache (here a file system of its own: its contents),
+/// the configuration and the generated node tokens. The system users stay, as Debian's do.
+fn removing_the_package_stops_the_stack_and_purging_forgets_it(c: &Container) {
+    // The processes of the stack's users (minbase has no pgrep).
+    let processes = || {
+        c.ok(&[
+            "sh",
+            "-c",
+            "for u in llama-orch llama-orch-api llama-orch-engine llama-orch-provisioner; do find /proc -maxdepth 1 -user $u -name '[0-9]*'; done",
+        ])
+    };
+    assert!(!processes().trim().is_empty(), "the stack runs");
+    c.ok(&["dpkg", "-r", "llama-orch"]);
+    let left = processes();
+    assert!(
+        left.trim().is_empty(),
+        "processes left after dpkg -r: {left}"
+    );
+    for kept in [
+        "/var/cache/llama-orch/models/blobs",
+        "/etc/llama-orch/node.toml",
+    ] {
+        assert!(
+            c.sh(&["test", "-e", kept]).status.success(),
+            "{kept} removed by dpkg -r"
+        );
+    }
+    assert!(!c
+        .sh(&["test", "-e", "/usr/bin/orchestratord"])
+        .status
+        .success());
+    c.ok(&["dpkg", "-P", "llama-orch"]);
+    let cache = c.ok(&["find", "/var/cache/llama-orch", "-mindepth", "1"]);
+    assert_eq!(cache.trim(), "", "the cache after dpkg -P");
+    assert!(
+        !c.sh(&["test", "-e", "/etc/llama-orch"]).status.success(),
+        "/etc/llama-orch after dpkg -P"
+    );
+    c.ok(&["id", "llama-orch"]);
 }

@@ -17,7 +17,7 @@ use llorch_tests::rootfs::{privileged, rootfs, try_root_prefix};
 use llorch_tests::{cache_dir, repo_root};
 
 /// Every Debian package the build and `make test` need (scripts/setup.sh's list).
-const REQUIRED: [&str; 13] = [
+const REQUIRED: [&str; 14] = [
     "cmake",
     "libclang-dev",
     "g++",
@@ -31,6 +31,7 @@ const REQUIRED: [&str; 13] = [
     "iproute2",
     "dbus-daemon",
     "nix-bin",
+    "lintian",
 ];
 
 /// Root privileges and the cached root filesystem, made once per test binary; None where this

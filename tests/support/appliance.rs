@@ -28,33 +28,34 @@ sha256 = "{MODEL_SHA256}"
     )
 }
 
-/// What the container gets at `/mnt/llorch` (read-only): binaries, units, configuration
-/// (`node.toml` with `pools`, the `[[pools]]` tables; the model is at `/mnt/llorch/model.gguf`),
-/// the model, and the install script a package's post-install step would run, followed by
-/// `extra_install` (shell lines).
+/// Builds the Debian package (`scripts/build-deb.sh --fast`) from this checkout's binaries
+/// (the ones the tests run) into `out`.
+pub fn build_deb(out: &Path) {
+    let bins = bin("orchestratord").parent().unwrap().to_path_buf();
+    let built = Command::new(repo_root().join("scripts/build-deb.sh"))
+        .arg("--fast")
+        .arg("--bins")
+        .arg(&bins)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("scripts/build-deb.sh");
+    assert!(
+        built.status.success(),
+        "build-deb.sh: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+}
+
+/// What the container gets at `/mnt/llorch` (read-only): the Debian package
+/// (`llama-orch.deb`), the node's configuration (`node.toml` with `pools`, the `[[pools]]`
+/// tables; the model is at `/mnt/llorch/model.gguf`), the model, the operator's drop-ins, and
+/// the install script: `dpkg -i`, then what an operator does after it, then `extra_install`
+/// (shell lines).
 pub fn stage(dir: &Path, port: u16, pools: &str, extra_install: &str) {
     let s = |p: &str| dir.join(p);
-    for d in ["bin", "units", "dropins", "generators"] {
-        std::fs::create_dir_all(s(d)).unwrap();
-    }
-    for b in [
-        "orchestratord",
-        "pool-managerd",
-        "llorch-engine",
-        "engine-provisioner",
-    ] {
-        std::fs::copy(bin(b), s("bin").join(b)).unwrap();
-    }
-    std::fs::copy(
-        bin("llama-orch-gpu-generator"),
-        s("generators").join("llama-orch-gpu-generator"),
-    )
-    .unwrap();
-    let units = repo_root().join("systemd");
-    for e in std::fs::read_dir(&units).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), s("units").join(e.file_name())).unwrap();
-    }
+    std::fs::create_dir_all(s("dropins")).unwrap();
+    build_deb(&s("llama-orch.deb"));
     if std::fs::hard_link(model_path(), s("model.gguf")).is_err() {
         std::fs::copy(model_path(), s("model.gguf")).unwrap();
     }
@@ -89,23 +90,20 @@ heartbeat_secs = 1
         format!(
             r#"#!/bin/sh
 set -e
-install -m 0755 /mnt/llorch/bin/* /usr/bin/
-install -D -m 0755 -t /usr/lib/systemd/system-generators /mnt/llorch/generators/llama-orch-gpu-generator
-cp /mnt/llorch/units/*.service /mnt/llorch/units/*.socket /mnt/llorch/units/*.target /etc/systemd/system/
-mkdir -p /etc/sysusers.d /etc/tmpfiles.d /etc/llama-orch /etc/systemd/system/orchestratord.socket.d /etc/systemd/system/orchestratord.service.d /etc/polkit-1/rules.d /usr/share/dbus-1/system.d /usr/share/polkit-1/actions
-cp /mnt/llorch/units/llama-orch.polkit.rules /etc/polkit-1/rules.d/50-llama-orch.rules
-cp /mnt/llorch/units/org.llamaorch.conf /usr/share/dbus-1/system.d/org.llamaorch.conf
-cp /mnt/llorch/units/org.llamaorch.policy /usr/share/polkit-1/actions/org.llamaorch.policy
-cp /mnt/llorch/units/llama-orch.sysusers.conf /etc/sysusers.d/llama-orch.conf
-cp /mnt/llorch/units/llama-orch.tmpfiles.conf /etc/tmpfiles.d/llama-orch.conf
+dpkg -i /mnt/llorch/llama-orch.deb
+# Nothing of the stack runs or is enabled after the package's install.
+for unit in llama-orch.target orchestratord.socket pool-managerd.service; do
+    if [ "$(systemctl is-enabled "$unit" 2>/dev/null)" = enabled ] || systemctl is-active --quiet "$unit"; then
+        echo "$unit is enabled or running after dpkg -i" >&2; exit 1
+    fi
+done
+id llama-orch-engine >/dev/null
+mkdir -p /etc/systemd/system/orchestratord.socket.d /etc/systemd/system/orchestratord.service.d
 cp /mnt/llorch/node.toml /etc/llama-orch/node.toml
 cp /mnt/llorch/dropins/port.conf /etc/systemd/system/orchestratord.socket.d/port.conf
 cp /mnt/llorch/dropins/watchdog.conf /etc/systemd/system/orchestratord.service.d/watchdog.conf
-systemd-sysusers
-systemd-tmpfiles --create
 {extra_install}
 systemctl daemon-reload
-systemctl reload dbus
 "#
         ),
     )
