@@ -8,16 +8,18 @@ export LLORCH_CACHE
 MODEL := $(LLORCH_CACHE)/default-model/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 CARGO ?= cargo
+# Where cargo puts what it builds (CARGO_TARGET_DIR when the user set one).
+BIN_DIR := $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: run demo test test-appliance build-cuda test-cloud test-faults soak fuzz setup build bench lint fmt deb
 
 ## Set up, build, and run the home stack on the default model at http://127.0.0.1:8080 until Ctrl-C.
 run: build
-	target/debug/llorch up --model "$(MODEL)" --sha256 $(MODEL_SHA256) --model-id smollm2-135m
+	"$(BIN_DIR)/debug/llorch" up --model "$(MODEL)" --sha256 $(MODEL_SHA256) --model-id smollm2-135m
 
 ## The engine alone: stage the default model, stream one answer, stop.
 demo: build
-	target/debug/llorch demo --model "$(MODEL)" --sha256 $(MODEL_SHA256)
+	"$(BIN_DIR)/debug/llorch" demo --model "$(MODEL)" --sha256 $(MODEL_SHA256)
 
 ## Set up, build, and run every test (unit, integration, end to end on the real model). A test
 ## that cannot run here (llorch_tests::skip) is counted as skipped, not passed; under CI=true
@@ -34,7 +36,7 @@ test: build
 ## lintian: `sudo apt install ./target/llama-orch_*.deb` (docs/OPERATIONS.md).
 deb:
 	$(CARGO) build --release --bins
-	scripts/build-deb.sh
+	scripts/build-deb.sh --bins "$(BIN_DIR)/release"
 	lintian --fail-on error target/llama-orch_*_$$(dpkg --print-architecture).deb
 
 ## The appliance test alone: boot the units under a real systemd in systemd-nspawn.

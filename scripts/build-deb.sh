@@ -14,7 +14,7 @@
 set -euo pipefail
 
 root_dir=$(cd "$(dirname "$0")/.." && pwd)
-bins="$root_dir/target/release"
+bins="${CARGO_TARGET_DIR:-$root_dir/target}/release"
 out=""
 fast=0
 while [ $# -gt 0 ]; do

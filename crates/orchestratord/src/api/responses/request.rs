@@ -373,8 +373,38 @@ fn text_format(text: &Value) -> Result<(Option<Value>, bool, Value)> {
     Ok((schema, strict, format.clone()))
 }
 
+/// `metadata` as OpenAI bounds it (it is echoed and stored): at most 16 pairs, keys of at most
+/// 64 characters, string values of at most 512.
+fn check_metadata(metadata: &Map<String, Value>) -> Result<()> {
+    if metadata.len() > 16 {
+        return Err(invalid(
+            "metadata",
+            format!("metadata has {} keys; at most 16", metadata.len()),
+        ));
+    }
+    for (k, v) in metadata {
+        let at = format!("metadata.{k}");
+        match v {
+            _ if k.chars().count() > 64 => {
+                return Err(invalid(at, "a metadata key is at most 64 characters"))
+            }
+            Value::String(s) if s.chars().count() <= 512 => {}
+            _ => {
+                return Err(invalid(
+                    at,
+                    "a metadata value is a string of at most 512 characters",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses what asks for OpenAI's hosted features, naming the field and what to do instead.
 fn refuse_hosted(req: &CreateResponse) -> Result<()> {
+    if let Some(m) = &req.metadata {
+        check_metadata(m)?;
+    }
     if req.background == Some(true) {
         return Err(invalid(
             "background",
@@ -577,6 +607,10 @@ mod tests {
         assert_eq!(
             field(json!({"model": "m", "input": "x", "background": true})),
             "background"
+        );
+        assert_eq!(
+            field(json!({"model": "m", "input": "x", "metadata": {"k": 1}})),
+            "metadata.k"
         );
         let err = llorch_wire::json::from_value::<CreateResponse>(
             &json!({"model": "m", "input": "x", "modalities": ["text"]}),
