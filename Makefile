@@ -11,7 +11,7 @@ CARGO ?= cargo
 # Where cargo puts what it builds (CARGO_TARGET_DIR when the user set one).
 BIN_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: run demo test test-appliance build-cuda test-cloud test-faults soak fuzz setup build bench lint fmt deb
+.PHONY: run demo test test-appliance build-cuda test-cloud test-faults soak fuzz setup build bench lint fmt deb repro
 
 ## Set up, build, and run the home stack on the default model at http://127.0.0.1:8080 until Ctrl-C.
 run: build
@@ -38,6 +38,12 @@ deb:
 	$(CARGO) build --release --bins
 	scripts/build-deb.sh --bins "$(BIN_DIR)/release"
 	lintian --fail-on error target/llama-orch_*_$$(dpkg --print-architecture).deb
+
+## Two release builds of this commit from fresh clones in different directories (own HOME and
+## target directory each), every binary's sha256 side by side; exit 1 when any differs
+## (scripts/repro.sh, about twice a release build; REPRO_DIR=<dir> keeps the builds).
+repro:
+	scripts/repro.sh
 
 ## The appliance test alone: boot the units under a real systemd in systemd-nspawn.
 test-appliance: build
