@@ -201,12 +201,17 @@ fn unlisted_origins_are_refused_on_every_surface(l: &str, chat: &str) {
         body.contains(r#""type":"error""#) && body.contains("permission_error"),
         "{body}"
     );
-    // So are the Responses API and its stored answers: a page can neither make one nor read
-    // or delete what a client stored.
+    // So are the Responses API and its stored answers (a page can neither make one nor read
+    // or delete what a client stored) and embeddings.
     for (method, path, body) in [
         ("POST", "/v1/responses", chat),
         ("GET", "/v1/responses/resp_0123", ""),
         ("DELETE", "/v1/responses/resp_0123", ""),
+        (
+            "POST",
+            "/v1/embeddings",
+            r#"{"model":"smollm2-135m","input":"Hi"}"#,
+        ),
     ] {
         let (status, _, answer) = raw(l, method, path, &[EVIL, JSON], body);
         assert_eq!(status, 403, "{method} {path}: {answer}");

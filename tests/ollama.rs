@@ -38,6 +38,7 @@ async fn the_new_surfaces_refuse_a_caller_without_a_key() {
         ("POST", "/v1/responses"),
         ("GET", "/v1/responses/resp_0123"),
         ("DELETE", "/v1/responses/resp_0123"),
+        ("POST", "/v1/embeddings"),
         ("GET", "/api/tags"),
         ("GET", "/api/ps"),
         ("POST", "/api/show"),

@@ -54,12 +54,15 @@ impl Inner {
     /// Drops expired responses (the oldest are at the front).
     fn expire(&mut self, ttl: Duration, now: Instant) {
         while let Some(id) = self.order.front() {
-            match self.entries.get(id) {
-                Some(e) if now.duration_since(e.at) < ttl => break,
-                _ => {
-                    let id = self.order.pop_front().expect("a front");
-                    self.remove(&id);
-                }
+            if self
+                .entries
+                .get(id)
+                .is_some_and(|e| now.duration_since(e.at) < ttl)
+            {
+                break;
+            }
+            if let Some(id) = self.order.pop_front() {
+                self.remove(&id);
             }
         }
     }

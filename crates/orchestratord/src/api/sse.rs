@@ -48,6 +48,37 @@ pub(crate) async fn next_batch(
     }
 }
 
+/// The batches of a task's events a stream sends: the batch read before the stream was
+/// committed to (if any), then the task's, with keep-alive comments while none comes. `None`
+/// once the task's log has nothing more or the client went away.
+pub(crate) struct Batches {
+    pending: Option<Vec<crate::tasks::TaskEvent>>,
+    idle: tokio::time::Interval,
+}
+
+impl Batches {
+    pub(crate) fn new(
+        first: Option<Vec<crate::tasks::TaskEvent>>,
+        keep_alive: std::time::Duration,
+    ) -> Self {
+        Self {
+            pending: first,
+            idle: keep_alive_timer(keep_alive),
+        }
+    }
+
+    pub(crate) async fn next(
+        &mut self,
+        follower: &mut crate::tasks::Follower,
+        tx: &mpsc::Sender<Bytes>,
+    ) -> Option<Vec<crate::tasks::TaskEvent>> {
+        match self.pending.take() {
+            Some(first) => Some(first),
+            None => next_batch(follower, &mut self.idle, tx).await,
+        }
+    }
+}
+
 pub struct ChannelBody {
     rx: mpsc::Receiver<Bytes>,
 }

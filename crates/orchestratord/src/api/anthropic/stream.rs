@@ -152,15 +152,10 @@ pub(super) async fn pump(
         open_text: false,
     };
     let mut held = String::new();
-    let mut pending = first;
-    let mut idle = sse::keep_alive_timer(keep_alive);
+    let mut batches = sse::Batches::new(first, keep_alive);
     loop {
-        let events = match pending.take() {
-            Some(e) => e,
-            None => match sse::next_batch(&mut follower, &mut idle, &tx).await {
-                Some(e) => e,
-                None => return,
-            },
+        let Some(events) = batches.next(&mut follower, &tx).await else {
+            return;
         };
         let mut done = false;
         let mut text = String::new();

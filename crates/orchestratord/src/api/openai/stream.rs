@@ -44,16 +44,11 @@ pub(super) async fn pump(
     // The role chunk goes out with the first batch of text, in one write.
     let mut out = Vec::new();
     chunks.role(&mut out);
-    let mut pending = first;
-    let mut idle = sse::keep_alive_timer(keep_alive);
+    let mut batches = sse::Batches::new(first, keep_alive);
     let mut held: Vec<Answer> = (0..n).map(|_| Answer::default()).collect();
     loop {
-        let events = match pending.take() {
-            Some(e) => e,
-            None => match sse::next_batch(&mut follower, &mut idle, &tx).await {
-                Some(e) => e,
-                None => return,
-            },
+        let Some(events) = batches.next(&mut follower, &tx).await else {
+            return;
         };
         let mut done = false;
         for e in events {

@@ -74,9 +74,8 @@ impl Events {
             );
             self.emit(json!({"type": "response.content_part.added", "item_id": id,
                 "output_index": index, "content_index": 0, "part": text_part("")}));
-            self.open = Some(String::new());
         }
-        self.open.as_mut().expect("open").push_str(text);
+        self.open.get_or_insert_default().push_str(text);
         self.emit(json!({"type": "response.output_text.delta", "item_id": id,
             "output_index": index, "content_index": 0, "delta": text, "logprobs": []}));
     }
@@ -197,29 +196,21 @@ pub(super) async fn pump(
     let mut keeper = Some(keeper);
     let mut events = Events::new();
     events.start(&shape);
-    let mut text = String::new();
-    let mut pending = first;
-    let mut idle = sse::keep_alive_timer(keep_alive);
+    // With tools in play the answer is held until it is known to be calls or text.
+    let mut held = String::new();
+    let mut batches = sse::Batches::new(first, keep_alive);
     loop {
-        let batch = match pending.take() {
-            Some(e) => e,
-            None => match sse::next_batch(&mut follower, &mut idle, &tx).await {
-                Some(e) => e,
-                None => return,
-            },
+        let Some(batch) = batches.next(&mut follower, &tx).await else {
+            return;
         };
         let mut done = false;
         for e in batch {
             match e {
-                TaskEvent::Token(t) => {
-                    if !buffered {
-                        events.text(&shape, &t.t);
-                    }
-                    text.push_str(&t.t);
-                }
+                TaskEvent::Token(t) if buffered => held.push_str(&t.t),
+                TaskEvent::Token(t) => events.text(&shape, &t.t),
                 TaskEvent::End(end) => {
                     let whole = if buffered {
-                        std::mem::take(&mut text)
+                        std::mem::take(&mut held)
                     } else {
                         events.open.clone().unwrap_or_default()
                     };
