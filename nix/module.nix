@@ -111,6 +111,11 @@ let
       };
       threads = mkOption { type = types.nullOr types.ints.positive; default = null; description = "CPU threads of the engine (default: one per core)."; };
       onDemand = mkOption { type = types.bool; default = false; description = "Load the model on the first request instead of at start."; };
+      pinned = mkOption {
+        type = types.bool;
+        default = false;
+        description = "On-demand pools: never unloaded to make room for another pool (its keep-alive still unloads it).";
+      };
       keepAliveSecs = mkOption {
         type = types.nullOr types.ints.unsigned;
         default = null;
@@ -205,6 +210,10 @@ let
       {
         assertion = builtins.match "[A-Za-z0-9_.-]{1,64}" name != null;
         message = "services.llama-orch.pools.\"${name}\": a pool id is 1 to 64 of A-Za-z0-9_.- (it names the pool's units).";
+      }
+      {
+        assertion = !p.pinned || p.onDemand;
+        message = "services.llama-orch.pools.${name}.pinned is set but onDemand is false: only on-demand pools are unloaded to make room.";
       }
       {
         assertion = p.keepAliveSecs == null || p.onDemand;
@@ -336,6 +345,26 @@ in
       allowPlaintext = mkOption { type = types.bool; default = false; description = "Allow plain HTTP across the network (logged as a warning)."; };
       heartbeatSecs = mkOption { type = types.ints.between 1 300; default = 5; description = "Seconds between heartbeats."; };
       metricsListen = mkOption { type = types.nullOr types.str; default = null; example = "0.0.0.0:9201"; description = "A metrics-only listener for Prometheus."; };
+      memoryBudgetMiB = mkOption {
+        type = types.nullOr (types.ints.between 64 1073741824);
+        default = null;
+        description = "Host memory (MiB) CPU pools' engines may hold together, each charged its memory bound; a request for an on-demand pool that does not fit unloads idle on-demand pools first, least recently used first. Default: three quarters of MemAvailable when pool-managerd starts.";
+      };
+      gpuMemoryBudgetMiB = mkOption {
+        type = types.nullOr (types.ints.between 64 1073741824);
+        default = null;
+        description = "Memory (MiB) of each GPU that GPU pools may hold together. Default: the GPU's total memory (NVML).";
+      };
+      maxLoaded = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "The most pools loaded at once, always-loaded ones included (default: no limit but the budgets).";
+      };
+      minResidentSecs = mkOption {
+        type = types.nullOr (types.ints.between 0 3600);
+        default = null;
+        description = "A pool loaded less than this many seconds ago is not unloaded to make room for another (default 10).";
+      };
     };
 
     pools = mkOption {

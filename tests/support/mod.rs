@@ -55,6 +55,20 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The second real model (Gemma 3 270M, Q4_K_M), fetched from PyPI in parts and verified by
+/// `scripts/setup.sh`, for the tests of several models on one box.
+pub fn second_model_path() -> PathBuf {
+    let path = std::env::var_os("LLORCH_TEST_SECOND_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("second-model/gemma-3-270m-q4_k_m.gguf"));
+    assert!(
+        path.exists(),
+        "the second model is not at {}; run scripts/setup.sh (make test does) or set LLORCH_TEST_SECOND_MODEL",
+        path.display()
+    );
+    path
+}
+
 /// The Python packages `scripts/setup.sh` installs for the tests (the official `openai`,
 /// `anthropic` and `ollama` clients and `jsonschema`), for `PYTHONPATH`.
 pub fn python_path() -> PathBuf {

@@ -44,6 +44,8 @@ pub struct StackOptions {
     pub extra_node_toml: String,
     /// The default pool serves embeddings too.
     pub embeddings: bool,
+    /// More keys of node.toml's `[node]` table (memory budgets, say).
+    pub node_keys: String,
 }
 
 impl Default for StackOptions {
@@ -62,6 +64,7 @@ impl Default for StackOptions {
             model: None,
             extra_node_toml: String::new(),
             embeddings: false,
+            node_keys: String::new(),
         }
     }
 }
@@ -274,7 +277,7 @@ runtime_dir = "{runtime}"
 heartbeat_secs = {hb}
 engine_bin = "{engine}"
 provisioner_bin = "{provisioner}"
-{token}
+{token}{node_keys}
 [[pools]]
 id = "default"
 slots = {slots}
@@ -297,6 +300,7 @@ source = "{model}"
             embeddings = self.opts.embeddings,
             model = self.opts.model.clone().unwrap_or_else(model_path).display(),
             extra = self.opts.extra_node_toml,
+            node_keys = self.opts.node_keys,
             sha256 = if self.opts.model.is_some() {
                 ""
             } else {

@@ -28,6 +28,10 @@ pub enum ErrorCode {
     /// A stream's reader fell so far behind the task that the events it had not read were
     /// dropped from the task's bounded log; the stream ends, the task goes on.
     SlowReader,
+    /// The model cannot be loaded: the node's memory is held by pools that are not unloaded
+    /// to make room (pinned, always loaded), or the model is larger than the whole budget.
+    /// The message names them.
+    InsufficientMemory,
     Internal,
 }
 
@@ -63,6 +67,7 @@ impl ErrorCode {
             Self::Forbidden => "FORBIDDEN",
             Self::RateLimited => "RATE_LIMITED",
             Self::SlowReader => "SLOW_READER",
+            Self::InsufficientMemory => "INSUFFICIENT_MEMORY",
             Self::Internal => "INTERNAL",
         }
     }

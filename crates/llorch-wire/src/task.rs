@@ -226,6 +226,18 @@ pub struct PoolView {
     /// The engine's last load time, start to ready, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_ms: Option<u64>,
+    /// What the pool is charged against its node's memory budgets while loaded (bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_charge_bytes: Option<u64>,
+    /// The charge counts now (loaded, loading or admitted to load).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_charged: bool,
+    /// Never unloaded to make room for another pool.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
+    /// Times the pool was unloaded to make room for another.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub swaps: u64,
 }
 
 /// One node in `GET /v2/nodes`.
@@ -288,4 +300,8 @@ pub struct PoolCapability {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_version: Option<String>,
     pub state: PoolState,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -47,6 +47,10 @@ fn pool_status() -> impl Strategy<Value = PoolStatus> {
                     seq: 0,
                     vram_need_bytes: None,
                     vram_free_bytes: None,
+                    memory_charge_bytes: None,
+                    memory_charged: false,
+                    pinned: false,
+                    swaps: 0,
                 }
             },
         )

@@ -16,6 +16,9 @@ use llorch_bus::Mode;
 pub trait Orchestrator {
     fn drain_pool(&self, node: &str, pool: &str) -> zbus::Result<()>;
     fn resume_pool(&self, node: &str, pool: &str) -> zbus::Result<()>;
+    fn load_pool(&self, node: &str, pool: &str) -> zbus::Result<()>;
+    fn unload_pool(&self, node: &str, pool: &str) -> zbus::Result<()>;
+    fn pin_pool(&self, node: &str, pool: &str, pinned: bool) -> zbus::Result<()>;
     #[zbus(property)]
     #[allow(clippy::type_complexity)]
     fn nodes(&self) -> zbus::Result<Vec<(String, String, String, u64, Vec<String>, bool)>>;
@@ -68,6 +71,10 @@ pub async fn pool_action(
     let node = node.unwrap_or("");
     let result = match action {
         "drain" => proxy.drain_pool(node, pool).await,
+        "load" => proxy.load_pool(node, pool).await,
+        "unload" => proxy.unload_pool(node, pool).await,
+        "pin" => proxy.pin_pool(node, pool, true).await,
+        "unpin" => proxy.pin_pool(node, pool, false).await,
         _ => proxy.resume_pool(node, pool).await,
     };
     match result {

@@ -144,7 +144,8 @@ enum Cmd {
         #[command(flatten)]
         dbus: Bus,
     },
-    /// Drain or resume a pool: over D-Bus when orchestratord is on the bus, else HTTP.
+    /// Drain, resume, load, unload, pin or unpin a pool: over D-Bus when orchestratord is on
+    /// the bus, else HTTP.
     Pools {
         #[command(flatten)]
         remote: Remote,
@@ -189,6 +190,30 @@ enum PoolAction {
     },
     /// Place work on the pool again.
     Resume {
+        pool: String,
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Load the pool's model now, unloading idle on-demand pools if its node needs the room.
+    Load {
+        pool: String,
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Unload an on-demand pool's model now (it loads again on the next request).
+    Unload {
+        pool: String,
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Never unload this on-demand pool to make room for another.
+    Pin {
+        pool: String,
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Let this on-demand pool be unloaded to make room again.
+    Unpin {
         pool: String,
         #[arg(long)]
         node: Option<String>,
@@ -403,11 +428,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     .await
 }
 
-/// `llorch pools drain|resume`: over D-Bus when orchestratord is there, else HTTP.
+/// `llorch pools drain|resume|load|unload|pin|unpin`: over D-Bus when orchestratord is there, else HTTP.
 async fn pools(r: Remote, dbus: Bus, action: PoolAction) -> anyhow::Result<()> {
     let (verb, pool, node) = match action {
         PoolAction::Drain { pool, node } => ("drain", pool, node),
         PoolAction::Resume { pool, node } => ("resume", pool, node),
+        PoolAction::Load { pool, node } => ("load", pool, node),
+        PoolAction::Unload { pool, node } => ("unload", pool, node),
+        PoolAction::Pin { pool, node } => ("pin", pool, node),
+        PoolAction::Unpin { pool, node } => ("unpin", pool, node),
     };
     let done = match llorch::bus::orchestrator(dbus.dbus).await {
         Some(proxy) => llorch::bus::pool_action(&proxy, verb, &pool, node.as_deref()).await?,

@@ -200,6 +200,8 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
         "STATE".into(),
         "SLOTS BUSY/TOTAL".into(),
         "LOAD".into(),
+        "MEMORY".into(),
+        "SWAPS".into(),
         "RESTARTS".into(),
         "LAST ERROR".into(),
     ]];
@@ -214,6 +216,8 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
             p.load_ms
                 .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
                 .unwrap_or_else(|| "-".into()),
+            memory_cell(p.memory_charge_bytes, p.memory_charged, p.pinned),
+            p.swaps.to_string(),
             p.restarts.to_string(),
             p.last_error
                 .as_deref()
@@ -297,6 +301,21 @@ pub fn node_row(
     ]
 }
 
+/// A pool's memory charge as the table shows it: `512 MiB` while charged, `(512 MiB)` while
+/// unloaded, and `pinned` when it is never unloaded for room.
+pub fn memory_cell(bytes: Option<u64>, charged: bool, pinned: bool) -> String {
+    let amount = match bytes {
+        Some(b) if charged => format!("{} MiB", b.div_ceil(1 << 20)),
+        Some(b) => format!("({} MiB)", b.div_ceil(1 << 20)),
+        None => "-".into(),
+    };
+    if pinned {
+        format!("{amount} pinned")
+    } else {
+        amount
+    }
+}
+
 /// A pool's state as the tables show it.
 pub fn pool_state(state: &str, on_demand: bool) -> String {
     if on_demand {
@@ -342,10 +361,11 @@ pub async fn pool_action(
         )
         .await?;
     println!(
-        "pool {}: {}{}",
+        "pool {}: {}{}{}",
         status.pool_id,
         status.state,
-        if status.draining { " (draining)" } else { "" }
+        if status.draining { " (draining)" } else { "" },
+        if status.pinned { " (pinned)" } else { "" }
     );
     Ok(())
 }

@@ -15,8 +15,11 @@ use crate::outcome::CancelReason;
 use crate::refusal::Refusal;
 use crate::state::State;
 
-/// How long a node may take to drain or resume a pool (it only flips a flag).
+/// How long a node may take to drain, resume, pin or unpin a pool (it only flips a flag).
 pub const NODE_ACTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a node may take to load or unload a pool: making room may wait for busy pools
+/// (the node's 90 s) and unload others (20 s each at most).
+pub const NODE_MODEL_ACTION_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// Drains (`drain`) or resumes (`resume`) a pool, through its node; the node's answer updates
 /// the registry at once. Pool ids are unique per node, not across nodes: `on_node` says which.
@@ -55,13 +58,17 @@ pub(crate) async fn pool_action(
     let (path, empty) = (format!("/v2/pools/{id}/{action}"), serde_json::json!({}));
     let call = client.post_json(&path, &empty);
     // A node that takes the connection and never answers must not hold the operator's request.
-    let answer = tokio::time::timeout(NODE_ACTION_TIMEOUT, call)
+    let limit = match action {
+        "load" | "unload" => NODE_MODEL_ACTION_TIMEOUT,
+        _ => NODE_ACTION_TIMEOUT,
+    };
+    let answer = tokio::time::timeout(limit, call)
         .await
         .map_err(|_| Refusal::NodeSilent {
             node: node_id.clone(),
             action: action.to_string(),
             pool: id.to_string(),
-            within: NODE_ACTION_TIMEOUT,
+            within: limit,
         })?;
     let status: PoolStatus = answer.map_err(|e| Refusal::NodeFailed {
         node: node_id.clone(),

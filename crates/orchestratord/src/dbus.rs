@@ -232,6 +232,49 @@ impl Orchestrator {
             .await
     }
 
+    /// Loads a pool's model now, making room as a request would (docs/DBUS.md).
+    async fn load_pool(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        node: String,
+        pool: String,
+    ) -> Result<(), BusError> {
+        self.pool_action(conn, &hdr, "LoadPool", node, pool, "load")
+            .await
+    }
+
+    /// Unloads an on-demand pool's model; returns once its engine stopped.
+    async fn unload_pool(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        node: String,
+        pool: String,
+    ) -> Result<(), BusError> {
+        self.pool_action(conn, &hdr, "UnloadPool", node, pool, "unload")
+            .await
+    }
+
+    /// Pins (`pinned`) or unpins an on-demand pool: a pinned pool is never unloaded to make
+    /// room for another.
+    async fn pin_pool(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        node: String,
+        pool: String,
+        pinned: bool,
+    ) -> Result<(), BusError> {
+        let (method, action) = if pinned {
+            ("PinPool", "pin")
+        } else {
+            ("PinPool", "unpin")
+        };
+        self.pool_action(conn, &hdr, method, node, pool, action)
+            .await
+    }
+
     /// Drains a node: nothing new is placed on any of its pools, running tasks finish.
     async fn drain_node(
         &self,

@@ -43,6 +43,7 @@ pub fn router(node: Arc<Node>, token: Option<String>) -> Router {
         .route("/v2/pools/{id}", get(pool))
         .route("/v2/pools/{id}/drain", post(drain))
         .route("/v2/pools/{id}/resume", post(resume))
+        .route("/v2/pools/{id}/{action}", post(operate))
         .route("/v2/pools/{id}/generate", post(generate));
     let protected = match token {
         Some(t) => {
@@ -178,6 +179,50 @@ async fn resume(
     set_draining(&node, &id, false)
 }
 
+/// `POST /v2/pools/{id}/load|unload|pin|unpin`: the operator's model actions, through the same
+/// code as D-Bus. `load` makes room as a request would and returns once the engine was asked
+/// to start; `unload` returns once it stopped.
+async fn operate(
+    State(node): State<Arc<Node>>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<PoolStatus>, ApiError> {
+    use crate::control::{self, ControlError};
+    use crate::state::Command;
+    let by = "the control plane";
+    let done = match action.as_str() {
+        "load" => control::command(&node, &id, Command::Load, by).await,
+        "unload" => control::command(&node, &id, Command::Unload, by).await,
+        "pin" | "unpin" => control::set_pinned(&node, &id, action == "pin", by).map(drop),
+        _ => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                ErrorBody::invalid(
+                    "action",
+                    format!("{action:?} is not a pool action; use drain, resume, load, unload, pin or unpin"),
+                ),
+            ))
+        }
+    };
+    done.map_err(|e| {
+        let (status, code) = match &e {
+            ControlError::UnknownPool { .. } => return unknown_pool(&node, &id),
+            ControlError::NotOnDemand(_) => (StatusCode::CONFLICT, ErrorCode::InvalidParams),
+            ControlError::NoRoom(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::InsufficientMemory,
+            ),
+            ControlError::Unavailable(_) | ControlError::Timeout { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::PoolUnready)
+            }
+            ControlError::ConfigRejected(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidParams),
+        };
+        ApiError(status, ErrorBody::new(code, e.to_string()))
+    })?;
+    node.status(&id)
+        .map(Json)
+        .ok_or_else(|| unknown_pool(&node, &id))
+}
+
 fn set_draining(node: &Node, id: &str, draining: bool) -> Result<Json<PoolStatus>, ApiError> {
     crate::control::set_draining(node, id, draining, "the control plane")
         .map(Json)
@@ -190,7 +235,8 @@ async fn generate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (socket, busy, waking) = admit(&node, &id)?;
+    // Refused at once (unknown, draining, not ready) before the body is read.
+    admit(&node, &id)?;
     let correlation = headers.get(CORRELATION).cloned();
     let body = Limited::new(body, MAX_BODY_BYTES)
         .collect()
@@ -212,8 +258,12 @@ async fn generate(
             }
         })?
         .to_bytes();
+    let by = correlation
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("a request");
     // Counted from here until the answer's body ends or is dropped.
-    let guard = BusyGuard::new(busy);
+    let (socket, guard, waking) = admit_with_room(&node, &id, by).await?;
     tracing::info!(
         pool_id = %id,
         correlation_id = correlation.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
@@ -317,12 +367,78 @@ async fn start_failed(node: &Node, id: &str) -> String {
 /// Checks that a pool exists and takes forwards; returns its engine socket, busy counter, and
 /// whether the request waits for an on-demand engine to start.
 #[allow(clippy::type_complexity)]
-fn admit(node: &Node, id: &str) -> Result<(std::path::PathBuf, Arc<AtomicU32>, bool), ApiError> {
-    let (socket, draining, state, busy) = node
-        .read(id, |p| {
-            (p.ready_socket(), p.draining, p.state, p.busy.clone())
+/// What admission found for a forward.
+enum Admission {
+    /// The pool takes it: the socket, the guard that counts it in flight, and whether the
+    /// engine is not ready yet (an on-demand pool loading).
+    Go(std::path::PathBuf, BusyGuard, bool),
+    /// The pool is not loaded (or is giving way to a swap): room must be made first.
+    NeedsRoom,
+}
+
+/// Admits a forward, making room for the pool first when it is not loaded; a forward counted
+/// in flight can no longer be unloaded under it.
+async fn admit_with_room(
+    node: &Arc<Node>,
+    id: &str,
+    by: &str,
+) -> Result<(std::path::PathBuf, BusyGuard, bool), ApiError> {
+    // Twice at most: a pool chosen for unloading meanwhile is made room for again.
+    for _ in 0..3 {
+        match admit(node, id)? {
+            Admission::Go(socket, guard, waking) => return Ok((socket, guard, waking)),
+            Admission::NeedsRoom => crate::memory::swap::make_room(node, id, by)
+                .await
+                .map_err(|e| room_error(id, e))?,
+        }
+    }
+    Err(ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorBody::new(
+            ErrorCode::PoolUnready,
+            format!("pool {id:?} kept being unloaded to make room for others; retry shortly"),
+        )
+        .with_retry_after_ms(RETRY_AFTER_MS),
+    ))
+}
+
+fn room_error(id: &str, e: crate::memory::swap::RoomError) -> ApiError {
+    use crate::memory::swap::RoomError;
+    match e {
+        RoomError::Refused(why) => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(ErrorCode::InsufficientMemory, why),
+        ),
+        e => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody::new(
+                ErrorCode::PoolUnready,
+                format!("no room could be made for pool {id:?}: {e}"),
+            )
+            .with_retry_after_ms(RETRY_AFTER_MS),
+        ),
+    }
+}
+
+/// Checks a forward against the pool's state and, when it can go, counts it in flight under
+/// the table's lock (the lock a swap holds while it marks a pool for unloading).
+fn admit(node: &Arc<Node>, id: &str) -> Result<Admission, ApiError> {
+    let found = node
+        .update(id, |p| {
+            let needs_room = p.evicting
+                || p.yielding
+                || (p.config.on_demand && p.phase == crate::state::Phase::Standby && !p.charged());
+            let go = (!needs_room && !p.draining)
+                .then(|| p.ready_socket())
+                .flatten()
+                .map(|s| (s, BusyGuard::new(p.busy.clone(), node.clone())));
+            if go.is_some() {
+                p.last_used = Some(tokio::time::Instant::now());
+            }
+            (go, needs_room, p.draining, p.state)
         })
         .ok_or_else(|| unknown_pool(node, id))?;
+    let (go, needs_room, draining, state) = found;
     let waking = state != llorch_wire::node::PoolState::Ready;
     if node.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError(
@@ -344,8 +460,9 @@ fn admit(node: &Node, id: &str) -> Result<(std::path::PathBuf, Arc<AtomicU32>, b
             .with_retry_after_ms(RETRY_AFTER_MS),
         ));
     }
-    match socket {
-        Some(s) => Ok((s, busy, waking)),
+    match go {
+        Some((socket, guard)) => Ok(Admission::Go(socket, guard, waking)),
+        None if needs_room => Ok(Admission::NeedsRoom),
         None => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorBody::new(
@@ -359,18 +476,20 @@ fn admit(node: &Node, id: &str) -> Result<(std::path::PathBuf, Arc<AtomicU32>, b
 
 /// Counts one forward in flight; the count drops when the guard does, whatever way the
 /// forward ends.
-struct BusyGuard(Arc<AtomicU32>);
+/// A swap waiting for the pool to go idle is woken when it drops.
+struct BusyGuard(Arc<AtomicU32>, Arc<Node>);
 
 impl BusyGuard {
-    fn new(busy: Arc<AtomicU32>) -> Self {
+    fn new(busy: Arc<AtomicU32>, node: Arc<Node>) -> Self {
         busy.fetch_add(1, Ordering::SeqCst);
-        Self(busy)
+        Self(busy, node)
     }
 }
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+        self.1.work_done.notify_waiters();
     }
 }
 

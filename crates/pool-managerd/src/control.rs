@@ -24,6 +24,9 @@ pub enum ControlError {
     Timeout { id: String, command: &'static str },
     #[error("{0}")]
     ConfigRejected(String),
+    /// No room could be made to load the pool (what holds the memory is named).
+    #[error("{0}")]
+    NoRoom(String),
 }
 
 impl ControlError {
@@ -35,6 +38,7 @@ impl ControlError {
             Self::Unavailable(_) => "Unavailable",
             Self::Timeout { .. } => "Timeout",
             Self::ConfigRejected(_) => "ConfigRejected",
+            Self::NoRoom(_) => "InsufficientMemory",
         }
     }
 }
@@ -65,7 +69,34 @@ pub fn set_draining(
     node.status(id).ok_or_else(|| unknown(node, id))
 }
 
-/// Hands `command` to the pool's supervisor and waits until it was carried out.
+/// Pins (`true`) or unpins an on-demand pool: a pinned pool is never unloaded to make room for
+/// another (its keep-alive still unloads it).
+pub fn set_pinned(
+    node: &Node,
+    id: &str,
+    pinned: bool,
+    by: &str,
+) -> Result<PoolStatus, ControlError> {
+    let on_demand = node
+        .read(id, |p| p.config.on_demand)
+        .ok_or_else(|| unknown(node, id))?;
+    if !on_demand {
+        return Err(ControlError::NotOnDemand(format!(
+            "pool {id} is not on demand: it is never unloaded to make room, so pinning it changes nothing"
+        )));
+    }
+    node.operator_change(id, |p| {
+        if p.pinned != pinned {
+            tracing::info!(pool_id = %id, pinned, by = %by, "Pin changed by an operator.");
+        }
+        p.pinned = pinned;
+    });
+    node.changed.notify_one();
+    node.status(id).ok_or_else(|| unknown(node, id))
+}
+
+/// Hands `command` to the pool's supervisor and waits until it was carried out. `Load` of an
+/// on-demand pool that is not loaded makes room for it first, as a request would.
 pub async fn command(
     node: &Node,
     id: &str,
@@ -76,6 +107,14 @@ pub async fn command(
         .read(id, |p| p.commands.clone())
         .ok_or_else(|| unknown(node, id))?
         .ok_or_else(|| ControlError::Unavailable(id.to_string()))?;
+    let needs_room = node
+        .read(id, |p| p.config.on_demand && !p.charged())
+        .unwrap_or(false);
+    if command == Command::Load && needs_room {
+        crate::memory::swap::make_room(node, id, by)
+            .await
+            .map_err(|e| ControlError::NoRoom(e.to_string()))?;
+    }
     let (reply, answer) = tokio::sync::oneshot::channel();
     let request = Request {
         command,

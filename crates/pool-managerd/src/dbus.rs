@@ -183,6 +183,19 @@ impl Pool {
             .map_err(bus_error)
     }
 
+    async fn pin_flag(
+        &self,
+        conn: &zbus::Connection,
+        hdr: &Header<'_>,
+        pinned: bool,
+    ) -> Result<(), BusError> {
+        let method = if pinned { "Pin" } else { "Unpin" };
+        let caller = authorize(conn, hdr, method).await?;
+        crate::control::set_pinned(&self.node, &self.id, pinned, &caller.to_string())
+            .map(drop)
+            .map_err(bus_error)
+    }
+
     async fn drain_flag(
         &self,
         conn: &zbus::Connection,
@@ -280,6 +293,28 @@ impl Pool {
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<(), BusError> {
         self.command(conn, &hdr, Command::Unload).await
+    }
+
+    /// Pins an on-demand pool: it is never unloaded to make room for another.
+    async fn pin(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<(), BusError> {
+        self.pin_flag(conn, &hdr, true).await
+    }
+
+    async fn unpin(
+        &self,
+        #[zbus(connection)] conn: &zbus::Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<(), BusError> {
+        self.pin_flag(conn, &hdr, false).await
+    }
+
+    #[zbus(property)]
+    fn pinned(&self) -> zbus::fdo::Result<bool> {
+        Ok(self.props()?.status.pinned)
     }
 
     /// Stops the engine and starts it again; returns once the old one stopped.

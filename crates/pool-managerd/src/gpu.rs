@@ -134,6 +134,11 @@ pub fn free_each(report: &GpuReport, gpus: &[Gpu]) -> Result<Vec<u64>, String> {
         .collect()
 }
 
+/// The total memory of `gpu` in `report`, when NVML reports it.
+pub fn total_of(report: &GpuReport, gpu: &Gpu) -> Option<u64> {
+    find(report, gpu).map(|d| d.memory_total_bytes)
+}
+
 /// The free bytes of `gpus` together in `report`; None for a CPU pool or when one of them is
 /// not in the report.
 pub fn free_of(report: &GpuReport, gpus: &[Gpu]) -> Option<u64> {

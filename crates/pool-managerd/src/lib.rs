@@ -37,6 +37,7 @@ pub mod dbus;
 pub mod gpu;
 pub mod handoff;
 pub mod launcher;
+pub mod memory;
 pub mod metrics;
 pub mod pools;
 pub mod register;
@@ -53,6 +54,34 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Checked, Listen};
 use crate::launcher::{Launcher, ProcessLauncher};
 use crate::state::Node;
+
+/// Sets the node's memory budgets from its configuration, `MemAvailable` now and NVML, and
+/// says what they are.
+fn set_memory_budgets(node: &Node, config: &Checked) {
+    let gpus = node.gpus.has_nvml().then(|| node.gpus.read());
+    let budgets = memory::budgets(
+        config.node(),
+        config.pools(),
+        llorch_os::mem::available_bytes(),
+        gpus.as_ref(),
+    );
+    let min_resident = Duration::from_secs(
+        config
+            .node()
+            .min_resident_secs
+            .unwrap_or(config::MIN_RESIDENT_SECS),
+    );
+    for (device, bytes) in &budgets.bytes {
+        tracing::info!(device = %device, budget_mib = bytes >> 20, "Memory budget for loaded pools.");
+    }
+    if let Some(m) = budgets.max_loaded {
+        tracing::info!(max_loaded = m, "At most this many pools loaded at once.");
+    }
+    *llorch_os::sync::lock(&node.memory) = memory::swap::Settings {
+        budgets,
+        min_resident,
+    };
+}
 
 /// Exit codes (the workspace's, `llorch_wire::exit`): 64 the configuration is invalid; 69 the
 /// node API cannot listen, or the runtime directory cannot be prepared; 70 an internal error.
@@ -172,6 +201,7 @@ pub async fn run_with(
         source,
     })?;
     let node = Node::new(config.pools());
+    set_memory_budgets(&node, &config);
     let client = control_plane_client(&config)?;
     // Listen first, so a bad address fails before any engine starts.
     let (listener, bound) = listen_node_api(&config.listen).await?;

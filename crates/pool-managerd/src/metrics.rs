@@ -44,6 +44,10 @@ pub struct Metrics {
     handoff_events: IntCounterVec,
     heartbeats_sent: IntCounterVec,
     beats_sent: IntCounterVec,
+    swaps: IntCounterVec,
+    unload_duration: HistogramVec,
+    pool_memory: IntGaugeVec,
+    device_memory: IntGaugeVec,
     gpu: Option<Gpu>,
 }
 
@@ -123,6 +127,35 @@ impl Metrics {
                 "Liveness beats (UDP) sent to the control plane: sent, or failed (the local send failed; the next call is a full heartbeat).",
                 &["outcome"],
             ),
+            swaps: counter(
+                &r,
+                "llorch_pool_swaps_total",
+                "Unloads of the pool to make room for another (least recently used first).",
+                &["pool"],
+            ),
+            unload_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "llorch_pool_unload_duration_seconds",
+                        "From the decision to unload a pool for room to its engine gone.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["pool"],
+                ),
+            ),
+            pool_memory: gauge(
+                &r,
+                "llorch_pool_memory_charged_bytes",
+                "What the pool is charged against the node's budgets now (0 while unloaded).",
+                &["pool"],
+            ),
+            device_memory: gauge(
+                &r,
+                "llorch_node_memory_bytes",
+                "Each budgeted device's budget and what the loaded pools are charged on it.",
+                &["device", "kind"],
+            ),
             gpu: Gpu::new(&r, gpus),
             registry: r,
         };
@@ -161,6 +194,30 @@ impl Metrics {
         }
         self.load_duration.with_label_values(&[pool]);
         self.verification_failures.with_label_values(&[pool]);
+        self.swaps.with_label_values(&[pool]);
+        self.unload_duration.with_label_values(&[pool]);
+        self.pool_memory.with_label_values(&[pool]);
+    }
+
+    /// Pool `pool` was unloaded, in `took`, to make room for another.
+    pub fn swapped(&self, pool: &str, took: Duration) {
+        self.swaps.with_label_values(&[pool]).inc();
+        self.unload_duration
+            .with_label_values(&[pool])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Each budgeted device: (device, budget, charged now), bytes.
+    pub fn set_memory(&self, devices: &[(String, u64, u64)]) {
+        for (device, budget, charged) in devices {
+            let g = |kind: &str, v: u64| {
+                self.device_memory
+                    .with_label_values(&[device, kind])
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            };
+            g("budget", *budget);
+            g("charged", *charged);
+        }
     }
 
     /// Drops the gauges of a pool removed on reload (its counters stay: they only grow).
@@ -171,6 +228,7 @@ impl Metrics {
         for s in POOL_STATES {
             let _ = self.pool_state.remove_label_values(&[pool, s.as_str()]);
         }
+        let _ = self.pool_memory.remove_label_values(&[pool]);
     }
 
     /// An engine wrote its handoff file `load` after it was started.
@@ -229,6 +287,11 @@ impl Metrics {
             self.pool_slots
                 .with_label_values(&[id, "free"])
                 .set(free.max(0));
+            let charged = match (p.memory_charged, p.memory_charge_bytes) {
+                (true, Some(b)) => i64::try_from(b).unwrap_or(i64::MAX),
+                _ => 0,
+            };
+            self.pool_memory.with_label_values(&[id]).set(charged);
         }
     }
 

@@ -123,11 +123,29 @@ pub struct PoolEntry {
     pub commands: Option<tokio::sync::mpsc::Sender<Request>>,
     /// GPU pools: the VRAM the plan says the engine needs on its GPUs.
     pub vram_need: Option<u64>,
+    /// What the pool is charged against the node's budgets while loaded (from its plan;
+    /// empty until provisioned).
+    pub charge: Vec<(crate::memory::Device, u64)>,
+    /// Never unloaded to make room (node.toml's `pinned`, or an operator's pin).
+    pub pinned: bool,
+    /// When it last took a request or was admitted to load: the least recently used idle
+    /// pool is unloaded first.
+    pub last_used: Option<Instant>,
+    /// When a request was admitted to load it (its charge counts from then, before the
+    /// engine starts).
+    pub admitted: Option<Instant>,
+    /// Chosen to be unloaded for room: new requests wait for the swap instead of using it.
+    pub evicting: bool,
+    /// A swap waits for this pool's work to end: new requests queue behind the swap.
+    pub yielding: bool,
+    /// Unloads made to load another pool.
+    pub swaps: u64,
 }
 
 impl PoolEntry {
     fn new(config: PoolConfig) -> Self {
         Self {
+            pinned: config.pinned,
             config,
             phase: Phase::Provisioning,
             engine_pid: None,
@@ -144,6 +162,12 @@ impl PoolEntry {
             busy: Arc::new(AtomicU32::new(0)),
             commands: None,
             vram_need: None,
+            charge: Vec::new(),
+            last_used: None,
+            admitted: None,
+            evicting: false,
+            yielding: false,
+            swaps: 0,
         }
     }
 
@@ -175,7 +199,34 @@ impl PoolEntry {
             seq: 0,
             vram_need_bytes: self.vram_need,
             vram_free_bytes: None,
+            memory_charge_bytes: (!self.charge.is_empty()).then(|| {
+                self.charge
+                    .iter()
+                    .fold(0u64, |a, (_, b)| a.saturating_add(*b))
+            }),
+            memory_charged: self.charged(),
+            pinned: self.pinned,
+            swaps: self.swaps,
         }
+    }
+
+    /// Whether the pool's charge counts against the budgets now: an engine runs or stops, an
+    /// always-loaded pool is on its way to loading, or a request was admitted to load it.
+    pub fn charged(&self) -> bool {
+        match self.phase {
+            Phase::Running | Phase::Stopping => true,
+            Phase::Provisioning => !self.config.on_demand,
+            Phase::Standby => self
+                .admitted
+                .is_some_and(|t| t.elapsed() < crate::memory::swap::ADMITTED_FOR),
+            Phase::Failed | Phase::Stopped => false,
+        }
+    }
+
+    /// Since when the pool holds its memory (ready, else started, else admitted): a pool
+    /// loaded less than `min_resident_secs` ago is not unloaded for another.
+    pub fn resident_since(&self) -> Option<Instant> {
+        self.ready_since.or(self.engine_started).or(self.admitted)
     }
 
     /// The engine's socket, when the pool can take a forward: a ready engine's, or the
@@ -209,6 +260,12 @@ pub struct Node {
     pub metrics: crate::metrics::Metrics,
     /// The node's GPUs (NVML), reported with every registration and heartbeat.
     pub gpus: Arc<crate::gpu::Inventory>,
+    /// The memory budgets and the swap rule's settings (`crate::memory`).
+    pub memory: Mutex<crate::memory::swap::Settings>,
+    /// Held by the one swap in progress: requests that need room take turns in arrival order.
+    pub room: tokio::sync::Mutex<()>,
+    /// Woken each time a forward ends (a swap may be waiting for a pool to go idle).
+    pub work_done: Notify,
 }
 
 impl Node {
@@ -232,6 +289,9 @@ impl Node {
             changes: std::sync::atomic::AtomicU64::new(1),
             metrics: crate::metrics::Metrics::new(pools.iter().map(|p| p.id.as_str()), &gpus),
             gpus,
+            memory: Mutex::new(crate::memory::swap::Settings::default()),
+            room: tokio::sync::Mutex::new(()),
+            work_done: Notify::new(),
         })
     }
 
@@ -287,6 +347,15 @@ impl Node {
         Some(r)
     }
 
+    /// Runs `f` on the whole table under its lock, without re-deriving states: for the memory
+    /// module's own fields (charges, admissions, eviction marks), which no state depends on.
+    /// The heartbeat is woken (the charges are reported); state watchers are not.
+    pub fn with_table<R>(&self, f: impl FnOnce(&mut BTreeMap<String, PoolEntry>) -> R) -> R {
+        let r = f(&mut llorch_os::sync::lock(&self.pools));
+        self.changed.notify_one();
+        r
+    }
+
     /// Reads a pool's entry under the lock.
     pub fn read<R>(&self, pool: &str, f: impl FnOnce(&PoolEntry) -> R) -> Option<R> {
         let pools = llorch_os::sync::lock(&self.pools);
@@ -332,7 +401,11 @@ impl Node {
             .map(|p| {
                 let mut s = p.status();
                 s.seq = seq;
-                s.vram_free_bytes = gpus.and_then(|g| crate::gpu::free_of(g, &p.config.gpus()));
+                // What the pool could have once idle on-demand pools on its GPUs made room:
+                // placement does not refuse a standby pool that a swap would fit.
+                s.vram_free_bytes = gpus
+                    .and_then(|g| crate::gpu::free_of(g, &p.config.gpus()))
+                    .map(|free| free.saturating_add(reclaimable(pools, p)));
                 if stopping && s.state == PoolState::Ready {
                     s.state = PoolState::Draining;
                 }
@@ -380,8 +453,30 @@ impl Node {
             let pools = llorch_os::sync::lock(&self.pools);
             self.metrics
                 .set_pool_gauges(&self.statuses_of(&pools, None));
+            self.metrics.set_memory(&self.memory_of(&pools));
         }
         self.metrics.encode()
+    }
+
+    /// Each budgeted device: its name, budget and what the charged pools hold on it (bytes).
+    pub fn memory_report(&self) -> Vec<(String, u64, u64)> {
+        self.memory_of(&llorch_os::sync::lock(&self.pools))
+    }
+
+    fn memory_of(&self, pools: &BTreeMap<String, PoolEntry>) -> Vec<(String, u64, u64)> {
+        let budgets = llorch_os::sync::lock(&self.memory).budgets.bytes.clone();
+        budgets
+            .into_iter()
+            .map(|(device, budget)| {
+                let charged = pools
+                    .values()
+                    .filter(|p| p.charged())
+                    .flat_map(|p| p.charge.iter())
+                    .filter(|(d, _)| *d == device)
+                    .fold(0u64, |a, (_, b)| a.saturating_add(*b));
+                (device.to_string(), budget, charged)
+            })
+            .collect()
     }
 
     /// The sockets of the engines that serve now (ready or draining), by pool.
@@ -401,6 +496,24 @@ impl Node {
         let pools = llorch_os::sync::lock(&self.pools);
         pools.keys().cloned().collect()
     }
+}
+
+/// The bytes idle, unpinned on-demand pools other than `p` hold on `p`'s GPUs: what making room
+/// for `p` could free now.
+fn reclaimable(pools: &BTreeMap<String, PoolEntry>, p: &PoolEntry) -> u64 {
+    let mine: Vec<&crate::memory::Device> = p
+        .charge
+        .iter()
+        .map(|(d, _)| d)
+        .filter(|d| matches!(d, crate::memory::Device::Gpu(_)))
+        .collect();
+    pools
+        .values()
+        .filter(|q| q.config.id != p.config.id && q.config.on_demand && !q.pinned && q.charged())
+        .filter(|q| q.busy.load(Ordering::SeqCst) == 0)
+        .flat_map(|q| q.charge.iter())
+        .filter(|(d, _)| mine.contains(&d))
+        .fold(0u64, |a, (_, b)| a.saturating_add(*b))
 }
 
 fn log_transition(

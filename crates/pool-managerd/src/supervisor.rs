@@ -204,9 +204,11 @@ impl Supervisor {
         match result {
             Ok(p) => {
                 let need = planned_vram(&p);
+                let charge = planned_charge(&self.pool, &p);
                 self.node.update(id, |e| {
                     e.staged = true;
                     e.vram_need = need;
+                    e.charge = charge;
                 });
                 self.plan = Some(p.clone());
                 Step::Activate(p)
@@ -298,6 +300,9 @@ impl Supervisor {
             p.phase = Phase::Running;
             p.engine_pid = pid;
             p.engine_started = Some(Instant::now());
+            // Charged as running from here; the admission that led here is spent.
+            p.admitted = None;
+            p.last_used = Some(Instant::now());
         });
         Step::Serve { engine, pid }
     }
@@ -618,6 +623,21 @@ fn gpu_free(node: &Node, pool: &PoolConfig) -> Vec<u64> {
         Ok(free) => free,
         Err(reason) => {
             tracing::warn!(pool_id = %pool.id, %reason, "The GPUs' free memory is unknown: the model's fit is not checked before it loads.");
+            Vec::new()
+        }
+    }
+}
+
+/// What the pool is charged while loaded, from the plan at `path` (nothing when it cannot be
+/// read: the pool is then not budgeted, and the log says so).
+fn planned_charge(pool: &PoolConfig, path: &Path) -> Vec<(crate::memory::Device, u64)> {
+    let plan = llorch_os::fs::read_untrusted(path, llorch_wire::plan::MAX_PLAN_BYTES)
+        .ok()
+        .and_then(|t| serde_json::from_slice::<llorch_wire::plan::EnginePlan>(&t).ok());
+    match plan {
+        Some(plan) => crate::memory::charge(pool, &plan),
+        None => {
+            tracing::warn!(pool_id = %pool.id, "Cannot read the pool's plan: its memory is not charged against the node's budgets.");
             Vec::new()
         }
     }

@@ -150,6 +150,19 @@ pub struct PoolStatus {
     /// read. Placement does not load a standby pool whose need is larger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vram_free_bytes: Option<u64>,
+    /// What the pool is charged against its node's memory budgets while loaded (bytes, summed
+    /// over its devices), once the model is staged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_charge_bytes: Option<u64>,
+    /// The charge counts now: loaded, loading, or admitted to load.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_charged: bool,
+    /// Never unloaded to make room for another pool.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
+    /// How many times the pool was unloaded to make room for another.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub swaps: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -183,6 +196,10 @@ impl PoolStatus {
             seq: 0,
             vram_need_bytes: None,
             vram_free_bytes: None,
+            memory_charge_bytes: None,
+            memory_charged: false,
+            pinned: false,
+            swaps: 0,
         }
     }
 }

@@ -167,9 +167,10 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         | ErrorCode::DeadlineUnmet
         | ErrorCode::RateLimited
         | ErrorCode::SlowReader => StatusCode::TOO_MANY_REQUESTS,
-        ErrorCode::PoolUnready | ErrorCode::PoolUnavailable | ErrorCode::NodeUnavailable => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        ErrorCode::PoolUnready
+        | ErrorCode::PoolUnavailable
+        | ErrorCode::NodeUnavailable
+        | ErrorCode::InsufficientMemory => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::EngineFailed => StatusCode::BAD_GATEWAY,
         ErrorCode::Canceled => StatusCode::from_u16(499).expect("valid status"),
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,

@@ -306,6 +306,7 @@ pub fn router(state: AppState, boundary: Boundary) -> Router {
         .route("/v2/pools", get(native::pools))
         .route("/v2/pools/{id}/drain", post(native::drain))
         .route("/v2/pools/{id}/resume", post(native::resume))
+        .route("/v2/pools/{id}/{action}", post(native::model_action))
         .route("/v2/meta/capabilities", get(native::capabilities))
         .route("/v2/catalog/availability", get(native::availability))
         .route("/v2/nodes", get(nodes::list))

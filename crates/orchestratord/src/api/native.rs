@@ -282,6 +282,29 @@ pub async fn resume(
     pool_action(state, headers, id, q.node, "resume").await
 }
 
+/// `POST /v2/pools/{id}/load|unload|pin|unpin` (admin): the node makes room and loads the
+/// model, unloads it, or pins it against being unloaded to make room.
+pub async fn model_action(
+    Ext(state): Ext<AppState>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<OnNode>,
+) -> Result<Json<PoolStatus>> {
+    let action = match action.as_str() {
+        a @ ("load" | "unload" | "pin" | "unpin") => a,
+        other => return Err(ApiError::native((
+            StatusCode::NOT_FOUND,
+            ErrorBody::invalid(
+                "action",
+                format!(
+                    "{other:?} is not a pool action; use drain, resume, load, unload, pin or unpin"
+                ),
+            ),
+        ))),
+    };
+    pool_action(state, headers, id, q.node, action).await
+}
+
 /// `GET /v2/meta/capabilities`.
 pub async fn capabilities(
     Ext(state): Ext<AppState>,

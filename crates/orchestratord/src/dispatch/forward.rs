@@ -204,9 +204,11 @@ async fn send(
                         busy_retries += 1;
                         tokio::time::sleep(BUSY_RETRY).await;
                     }
-                    // The engine refused the request itself (too long for a slot, …): the
-                    // client's error.
-                    (StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE, _) => {
+                    // The engine refused the request itself (too long for a slot, …), or the
+                    // node cannot make room for the model (what holds the memory is named):
+                    // the client's answer, not a reason to try again.
+                    (StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE, _)
+                    | (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::InsufficientMemory) => {
                         return Err(lease.end(task, body, false));
                     }
                     // The engine took the request and died before answering it: the

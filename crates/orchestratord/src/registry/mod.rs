@@ -371,6 +371,10 @@ impl Registry {
                     last_error: p.last_error.clone(),
                     on_demand: p.on_demand,
                     load_ms: p.load_ms,
+                    memory_charge_bytes: p.memory_charge_bytes,
+                    memory_charged: p.memory_charged,
+                    pinned: p.pinned,
+                    swaps: p.swaps,
                 });
             }
         }

@@ -24,7 +24,7 @@ pub use layout::RuntimeLayout;
 pub use reload::node_changes;
 pub use schema::{
     Config, DeviceList, Gpu, LauncherKind, ModelConfig, NodeConfig, PoolConfig,
-    DEFAULT_KEEP_ALIVE_SECS, MAX_ID_LEN, MAX_SLOTS, MIN_CTX,
+    DEFAULT_KEEP_ALIVE_SECS, MAX_ID_LEN, MAX_SLOTS, MIN_CTX, MIN_RESIDENT_SECS,
 };
 pub use validate::{valid_id, Checked, Listen, Secret};
 

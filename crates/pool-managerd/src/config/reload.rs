@@ -43,5 +43,18 @@ pub fn node_changes(old: &NodeConfig, new: &NodeConfig) -> Vec<&'static str> {
         old.metrics_listen != new.metrics_listen,
     );
     differ("node.launcher", old.launcher != new.launcher);
+    differ(
+        "node.memory_budget_mib",
+        old.memory_budget_mib != new.memory_budget_mib,
+    );
+    differ(
+        "node.gpu_memory_budget_mib",
+        old.gpu_memory_budget_mib != new.gpu_memory_budget_mib,
+    );
+    differ("node.max_loaded", old.max_loaded != new.max_loaded);
+    differ(
+        "node.min_resident_secs",
+        old.min_resident_secs != new.min_resident_secs,
+    );
     keys
 }

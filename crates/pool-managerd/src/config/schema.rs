@@ -79,7 +79,28 @@ pub struct NodeConfig {
     /// units, over D-Bus), or `auto` (systemd when pool-managerd is itself a systemd service).
     #[serde(default)]
     pub launcher: LauncherKind,
+    /// Host memory in MiB that CPU pools' engines may hold together (each charged its memory
+    /// bound). Absent: three quarters of `MemAvailable` when pool-managerd starts. A request
+    /// for an on-demand pool that does not fit unloads idle on-demand pools first
+    /// (docs/OPERATIONS.md, "Many models on one box").
+    #[serde(default)]
+    pub memory_budget_mib: Option<u64>,
+    /// Memory in MiB of each GPU that GPU pools may hold together. Absent: the GPU's total
+    /// memory as NVML reports it (no GPU budget without NVML).
+    #[serde(default)]
+    pub gpu_memory_budget_mib: Option<u64>,
+    /// The most pools loaded at once, always-loaded ones included. Absent: no limit but the
+    /// memory budgets.
+    #[serde(default)]
+    pub max_loaded: Option<u32>,
+    /// A pool that loaded less than this many seconds ago is not unloaded to make room for
+    /// another (default 10): two models that take turns swap at most once per this period.
+    #[serde(default)]
+    pub min_resident_secs: Option<u64>,
 }
+
+/// Default `node.min_resident_secs`.
+pub const MIN_RESIDENT_SECS: u64 = 10;
 
 /// `node.launcher`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -138,6 +159,10 @@ pub struct PoolConfig {
     /// a context of `ctx` tokens for them beside its slots. Default false.
     #[serde(default)]
     pub embeddings: bool,
+    /// On-demand pools: never unloaded to make room for another pool (it still unloads after
+    /// its keep-alive). Default false.
+    #[serde(default)]
+    pub pinned: bool,
     pub model: ModelConfig,
 }
 

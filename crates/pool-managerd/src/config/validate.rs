@@ -279,6 +279,32 @@ fn check_node_values(path: &Path, node: &NodeConfig) -> Result<(), ConfigError> 
             ),
         ));
     }
+    for (key, value) in [
+        ("node.memory_budget_mib", node.memory_budget_mib),
+        ("node.gpu_memory_budget_mib", node.gpu_memory_budget_mib),
+    ] {
+        if value.is_some_and(|m| m < 64) {
+            return Err(invalid(
+                path,
+                key,
+                "is below 64 MiB, where no engine fits; give the budget in MiB, or leave it out for the default",
+            ));
+        }
+    }
+    if node.max_loaded == Some(0) {
+        return Err(invalid(
+            path,
+            "node.max_loaded",
+            "0 would let no pool load; leave it out for no limit",
+        ));
+    }
+    if node.min_resident_secs.is_some_and(|s| s > 3600) {
+        return Err(invalid(
+            path,
+            "node.min_resident_secs",
+            "is more than an hour; a waiting request would give up long before; use 0 to 3600",
+        ));
+    }
     for (key, dir) in [
         ("node.cache_dir", &node.cache_dir),
         ("node.runtime_dir", &node.runtime_dir),
@@ -363,6 +389,13 @@ fn check_pool(
             path,
             key("keep_alive_secs"),
             "only on-demand pools unload; set on_demand = true, or remove keep_alive_secs",
+        ));
+    }
+    if pool.pinned && !pool.on_demand {
+        return Err(invalid(
+            path,
+            key("pinned"),
+            "only on-demand pools are unloaded to make room, so only they can be pinned; set on_demand = true, or remove pinned",
         ));
     }
     if pool.threads == Some(0) {
@@ -542,6 +575,21 @@ mod tests {
         assert_eq!(
             key_of(&EXAMPLE.replace("heartbeat_secs = 5", "heartbeat_secs = 0")),
             "node.heartbeat_secs"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("heartbeat_secs = 5", "heartbeat_secs = 5\nmax_loaded = 0")),
+            "node.max_loaded"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace(
+                "heartbeat_secs = 5",
+                "heartbeat_secs = 5\nmemory_budget_mib = 1"
+            )),
+            "node.memory_budget_mib"
+        );
+        assert_eq!(
+            key_of(&EXAMPLE.replace("slots = 4", "slots = 4\npinned = true")),
+            "pools[0].pinned"
         );
         assert_eq!(
             key_of(&EXAMPLE.replace("id = \"home\"", "id = \"a b\"")),

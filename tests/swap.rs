@@ -1,0 +1,149 @@
+//! Several models on one box, through the whole stack: orchestratord and pool-managerd with the
+//! default pool always loaded and two on-demand pools of two real models (Gemma 3 270M and the
+//! default model under another id), with room for one of them (`max_loaded = 2`). Clients use
+//! the OpenAI API; the operator uses `llorch pools pin|unpin|load|unload` over HTTP.
+//!
+//! The node's own decisions (memory budgets, least recently used, work in flight, one load for
+//! many requests) are tested on the node in `crates/pool-managerd/tests/swap.rs`.
+
+use std::process::Command;
+
+use llorch_client::HttpClient;
+use llorch_tests::stack::{Stack, StackOptions, TEST_KEY};
+use llorch_tests::{bin, model_path, second_model_path};
+use llorch_wire::task::{PoolView, PoolsAnswer};
+
+fn on_demand(id: &str, model_id: &str, source: &std::path::Path) -> String {
+    format!(
+        "\n[[pools]]\nid = \"{id}\"\nslots = 1\nctx = 512\nthreads = 1\non_demand = true\nprefix_cache_mib = 0\n\n[pools.model]\nid = \"{model_id}\"\nsource = \"{}\"\n",
+        source.display()
+    )
+}
+
+fn start() -> Stack {
+    let mut stack = Stack::start(StackOptions {
+        slots: 1,
+        ctx: 512,
+        node_keys: "max_loaded = 2\nmin_resident_secs = 0\n".into(),
+        extra_node_toml: on_demand("gemma", "gemma-270m", &second_model_path())
+            + &on_demand("small-b", "smollm2-b", &model_path()),
+        ..StackOptions::default()
+    });
+    stack.wait_ready();
+    stack
+}
+
+/// `llorch ARGS` as an operator with the admin key, over HTTP; its output, which must succeed.
+fn llorch(stack: &Stack, args: &[&str]) -> String {
+    let out = Command::new(bin("llorch"))
+        .args(args)
+        .env("LLORCH_URL", stack.url())
+        .env("LLORCH_API_KEY", TEST_KEY)
+        .env("LLORCH_DBUS", "off")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "llorch {args:?}: {text}\n{}",
+        stack.logs()
+    );
+    text
+}
+
+/// Waits (up to 20 s, looking each 50 ms) until the control plane's view of the pools, which
+/// the node's heartbeats update, satisfies `cond`.
+async fn wait_pools(
+    stack: &Stack,
+    c: &HttpClient,
+    what: &str,
+    cond: impl Fn(&PoolView, &PoolView) -> bool,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (gemma, small) = (pool(c, "gemma").await, pool(c, "small-b").await);
+        if cond(&gemma, &small) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {gemma:?} {small:?}\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn pool(c: &HttpClient, id: &str) -> PoolView {
+    let all: PoolsAnswer = c.get_json("/v2/pools").await.unwrap();
+    all.pools.into_iter().find(|p| p.pool_id == id).unwrap()
+}
+
+/// A greedy completion from `model`: (status, body).
+async fn complete(c: &HttpClient, model: &str) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({"model": model, "prompt": "The sky is", "max_tokens": 4, "temperature": 0});
+    let resp = c
+        .post_raw("/v1/completions", body.to_string(), &[])
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_take_turns_and_the_operator_pins_loads_and_unloads() {
+    let stack = start();
+    let c = stack.client();
+    each_model_answers_in_turn(&stack, &c).await;
+    a_pinned_model_refuses_the_other_at_once_naming_it(&stack, &c).await;
+    the_operator_loads_and_unloads(&stack, &c).await;
+}
+
+async fn each_model_answers_in_turn(stack: &Stack, c: &HttpClient) {
+    for model in ["gemma-270m", "smollm2-b", "gemma-270m", "smollm2-b"] {
+        let (status, body) = complete(c, model).await;
+        assert_eq!(status, 200, "{model}: {body}\n{}", stack.logs());
+        assert_eq!(body["model"], model);
+    }
+    // Each unloaded the other, least recently used first: gemma twice, small-b once.
+    wait_pools(stack, c, "the swaps reported", |gemma, small| {
+        (gemma.swaps, small.swaps) == (2, 1) && small.memory_charged && !gemma.memory_charged
+    })
+    .await;
+    assert!(pool(c, "small-b").await.memory_charge_bytes.unwrap() > 0);
+}
+
+async fn a_pinned_model_refuses_the_other_at_once_naming_it(stack: &Stack, c: &HttpClient) {
+    let out = llorch(stack, &["pools", "pin", "small-b"]);
+    assert!(out.contains("(pinned)"), "{out}");
+    let (status, body) = complete(c, "gemma-270m").await;
+    assert_eq!(status, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("small-b (pinned"), "{body}");
+    assert!(message.contains("at most 2 pools loaded"), "{body}");
+    llorch(stack, &["pools", "unpin", "small-b"]);
+}
+
+async fn the_operator_loads_and_unloads(stack: &Stack, c: &HttpClient) {
+    llorch(stack, &["pools", "load", "gemma"]);
+    // The load made room: small-b went, gemma is charged from the moment it was admitted.
+    wait_pools(
+        stack,
+        c,
+        "gemma loaded in place of small-b",
+        |gemma, small| gemma.memory_charged && !small.memory_charged && small.swaps == 2,
+    )
+    .await;
+    llorch(stack, &["pools", "unload", "gemma"]);
+    wait_pools(stack, c, "gemma unloaded", |gemma, _| !gemma.memory_charged).await;
+    let status = llorch(stack, &["status"]);
+    assert!(
+        status.contains("MEMORY") && status.contains("SWAPS"),
+        "{status}"
+    );
+}
