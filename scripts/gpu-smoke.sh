@@ -25,7 +25,11 @@
 #     and GPU KV, and its compute buffer is at most the estimate's;
 #   - the VRAM the engine process uses (nvidia-smi) is at most the estimate plus
 #     CUDA_OVERHEAD (512 MiB, the estimate's allowance for CUDA's own context per GPU);
-#   - the answer streams to its end with at least one token.
+#   - the answer streams to its end with at least one token;
+#   - swap step: pool-managerd (next to the engine) with two on-demand pools of the model on
+#     GPU 0 and `max_loaded = 1` answers a request to each in turn, unloading the first to load
+#     the second (its `swaps` is 1 and its engine is gone from the GPU); the first tokens of
+#     the cold load and of the swap are printed side by side.
 set -euo pipefail
 
 CPU=0
@@ -202,6 +206,51 @@ if not cpu:
         check("VRAM", False, "nvidia-smi lists no compute process for the engine")
 sys.exit(1 if failed else 0)
 EOF
+
+# --- Swap step: two on-demand pools, room for one -------------------------------------------
+kill -TERM "$engine_pid" 2>/dev/null || true
+wait "$engine_pid" 2>/dev/null || true
+engine_pid=""
+bindir="$(dirname "$ENGINE")"
+if [[ -x "$bindir/pool-managerd" && -x "$bindir/engine-provisioner" ]]; then
+  devices='"cuda:0"'
+  [[ $CPU == 1 ]] && devices='"cpu"'
+  swapdir="$work/swap"
+  mkdir -p "$swapdir"
+  {
+    printf '[node]\nid = "smoke"\ncontrol_plane = "http://127.0.0.1:9"\nlisten = "unix:%s/node.sock"\n' "$swapdir"
+    printf 'cache_dir = "%s/cache"\nruntime_dir = "%s/run"\nlauncher = "process"\nmax_loaded = 1\nmin_resident_secs = 0\n' "$swapdir" "$swapdir"
+    printf 'engine_bin = "%s/llorch-engine"\nprovisioner_bin = "%s/engine-provisioner"\n' "$bindir" "$bindir"
+    for p in first second; do
+      printf '\n[[pools]]\nid = "%s"\nslots = 1\nctx = 1024\ndevices = %s\non_demand = true\n\n[pools.model]\nid = "%s"\nsource = "%s"\n' "$p" "$devices" "$p" "$MODEL"
+    done
+  } >"$swapdir/node.toml"
+  LLORCH_LOG=info NO_COLOR=1 "$bindir/pool-managerd" --config "$swapdir/node.toml" >"$swapdir/pm.log" 2>&1 &
+  engine_pid=$!
+  node() { curl -sS --unix-socket "$swapdir/node.sock" "$@"; }
+  for _ in $(seq 1 600); do
+    [[ "$(node http://n/v2/pools 2>/dev/null | grep -o '"standby"' | wc -l)" == 2 ]] && break
+    sleep 0.1
+  done
+  ask() { # ask POOL: a short greedy answer from the pool, which must end with its end event
+    node -N -H 'content-type: application/json' -d '{"prompt":"The capital of France is","max_tokens":8,"temperature":0}' \
+      "http://n/v2/pools/$1/generate" | grep -q '^event: end'
+  }
+  whole=1
+  start=$(date +%s%N); ask first || whole=0; cold_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+  start=$(date +%s%N); ask second || whole=0; swap_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+  swaps="$(node http://n/v2/pools/first | python3 -c 'import json,sys; print(json.load(sys.stdin).get("swaps",0))')"
+  check "swap" "$([[ $swaps == 1 && $whole == 1 ]] && echo 1 || echo 0)" "pool first unloaded for second ($swaps swaps); whole answers: $whole; first request (cold load) $cold_ms ms, second (unload first, load second) $swap_ms ms"
+  if [[ $CPU == 0 ]]; then
+    apps="$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | wc -l)"
+    check "swap VRAM" "$([[ $apps == 1 ]] && echo 1 || echo 0)" "$apps engine process(es) on the GPU after the swap (want 1)"
+  fi
+  kill -TERM "$engine_pid" 2>/dev/null || true
+  wait "$engine_pid" 2>/dev/null || true
+  engine_pid=""
+else
+  check "swap" 0 "no pool-managerd and engine-provisioner next to $ENGINE"
+fi
 
 if [[ $fail == 0 ]]; then
   say "passed"

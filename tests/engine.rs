@@ -710,6 +710,7 @@ fn the_gpu_smoke_script_passes_its_cpu_dry_run_and_build_cuda_refuses_bad_archs(
         "ok    weights",
         "ok    KV cache",
         "ok    compute buffer",
+        "ok    swap: pool first unloaded for second (1 swaps); whole answers: 1",
         "gpu-smoke: passed",
     ] {
         assert!(said.contains(line), "{line:?} not in:\n{said}");

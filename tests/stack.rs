@@ -1364,6 +1364,15 @@ async fn the_node_api_needs_the_node_token(stack: &Stack) {
         ),
         "{err}"
     );
+    // So do the operator's model actions, which could otherwise unload or pin any pool.
+    for action in ["load", "unload", "pin", "unpin", "drain"] {
+        let err = node_api
+            .post_json::<_, Value>(&format!("/v2/pools/default/{action}"), &json!({}))
+            .await
+            .unwrap_err();
+        let status = llorch_client::status_of(&err);
+        assert_eq!(status, Some(StatusCode::UNAUTHORIZED), "{action}: {err}");
+    }
     let with = node_api.with_token(Some(NODE_TOKEN.into()));
     let pools: Value = with.get_json("/v2/pools").await.unwrap();
     assert_eq!(pools[0]["pool_id"], "default");

@@ -102,6 +102,7 @@ async fn models_take_turns_and_the_operator_pins_loads_and_unloads() {
     each_model_answers_in_turn(&stack, &c).await;
     a_pinned_model_refuses_the_other_at_once_naming_it(&stack, &c).await;
     the_operator_loads_and_unloads(&stack, &c).await;
+    only_an_admin_key_may_act_on_models(&stack, &c).await;
 }
 
 async fn each_model_answers_in_turn(stack: &Stack, c: &HttpClient) {
@@ -146,4 +147,23 @@ async fn the_operator_loads_and_unloads(stack: &Stack, c: &HttpClient) {
         status.contains("MEMORY") && status.contains("SWAPS"),
         "{status}"
     );
+}
+
+async fn only_an_admin_key_may_act_on_models(stack: &Stack, c: &HttpClient) {
+    // The stack's second key is valid but not marked admin.
+    let other = HttpClient::new(&stack.url())
+        .unwrap()
+        .with_token(Some("other-key-0123456789abcdef".into()));
+    for action in ["load", "unload", "pin", "unpin"] {
+        let resp = other
+            .post_raw(
+                &format!("/v2/pools/small-b/{action}"),
+                "{}".to_string(),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403, "{action}");
+    }
+    assert!(!pool(c, "small-b").await.pinned);
 }

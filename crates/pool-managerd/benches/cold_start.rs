@@ -25,12 +25,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llorch_client::{EventStream, HttpClient};
-use llorch_tests::bench::{env_or, median};
+use llorch_client::HttpClient;
+use llorch_tests::bench::{env_or, first_token, median, spawn_pool_managerd};
 use llorch_tests::notify::NotifySocket;
 use llorch_tests::stack::{free_port, terminate};
 use llorch_tests::{bin, model_path};
-use llorch_wire::engine::EngineEvent;
 use llorch_wire::node::{PoolState, PoolStatus};
 
 const REQUEST: &str = r#"{"messages":[{"role":"user","content":"What city is the capital of France?"}],"max_tokens":8,"temperature":0}"#;
@@ -85,27 +84,6 @@ async fn wait_state(client: &HttpClient, notify: &mut NotifySocket, want: PoolSt
     }
 }
 
-/// Sends the request; returns the time to its first token, after reading the whole answer.
-async fn first_token(client: &HttpClient, path: &str) -> Duration {
-    let sent = Instant::now();
-    let resp = client.post_raw(path, REQUEST, &[]).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut events = EventStream::from_response(resp, Path::new("node"))
-        .await
-        .unwrap();
-    let mut first = None;
-    while let Some(ev) = events.next_event().await {
-        match ev.unwrap() {
-            EngineEvent::Token(_) => {
-                first.get_or_insert_with(|| sent.elapsed());
-            }
-            EngineEvent::End(_) => break,
-            EngineEvent::Error(e) => panic!("the engine failed: {e:?}"),
-        }
-    }
-    first.expect("a token")
-}
-
 /// Starts the engine by hand on the pool's plan and times it until READY=1, then times its
 /// first request's first token.
 async fn plain_load(dir: &Path, plan: &Path, round: usize) -> (Duration, Duration) {
@@ -133,7 +111,7 @@ async fn plain_load(dir: &Path, plan: &Path, round: usize) -> (Duration, Duratio
     notify.wait_for("READY=1", Duration::from_secs(120));
     let load = started.elapsed();
     let engine = HttpClient::new(&format!("unix:{}", own.join("e.sock").display())).unwrap();
-    let first = first_token(&engine, "/generate").await;
+    let first = first_token(&engine, "/generate", REQUEST).await;
     terminate(&mut child, Duration::from_secs(10));
     (load, first)
 }
@@ -147,16 +125,7 @@ async fn main() {
         .unwrap();
     let config = write_config(dir.path());
     let mut notify = NotifySocket::bind(dir.path());
-    let mut node = Command::new(bin("pool-managerd"))
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify.path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("pool-managerd.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let client = HttpClient::new(&format!("unix:{}/node.sock", dir.path().display())).unwrap();
+    let (mut node, client) = spawn_pool_managerd(dir.path(), &config, &notify);
     wait_state(&client, &mut notify, PoolState::Standby).await;
     let plan = dir.path().join("run/plans/ondemand.json");
 
@@ -172,8 +141,8 @@ async fn main() {
         let (p, pf) = plain_load(dir.path(), &plan, round).await;
         wait_state(&client, &mut notify, PoolState::Standby).await;
         let path = "/v2/pools/ondemand/generate";
-        let c = first_token(&client, path).await;
-        let w = first_token(&client, path).await;
+        let c = first_token(&client, path, REQUEST).await;
+        let w = first_token(&client, path, REQUEST).await;
         let st: PoolStatus = client.get_json("/v2/pools/ondemand").await.unwrap();
         wait_state(&client, &mut notify, PoolState::Standby).await;
         if round == 0 {

@@ -387,7 +387,7 @@ async fn admit_with_room(
     for _ in 0..3 {
         match admit(node, id)? {
             Admission::Go(socket, guard, waking) => return Ok((socket, guard, waking)),
-            Admission::NeedsRoom => crate::memory::swap::make_room(node, id, by)
+            Admission::NeedsRoom => crate::swap::make_room(node, id, by)
                 .await
                 .map_err(|e| room_error(id, e))?,
         }
@@ -402,8 +402,8 @@ async fn admit_with_room(
     ))
 }
 
-fn room_error(id: &str, e: crate::memory::swap::RoomError) -> ApiError {
-    use crate::memory::swap::RoomError;
+fn room_error(id: &str, e: crate::swap::RoomError) -> ApiError {
+    use crate::swap::RoomError;
     match e {
         RoomError::Refused(why) => ApiError(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -111,7 +111,7 @@ pub async fn command(
         .read(id, |p| p.config.on_demand && !p.charged())
         .unwrap_or(false);
     if command == Command::Load && needs_room {
-        crate::memory::swap::make_room(node, id, by)
+        crate::swap::make_room(node, id, by)
             .await
             .map_err(|e| ControlError::NoRoom(e.to_string()))?;
     }

@@ -22,27 +22,31 @@
 //! - [`register`]: registration and heartbeats (`register/mod.rs`), and the UDP liveness beats
 //!   that replace unchanged heartbeats (`register/beats.rs`).
 //! - [`metrics`]: Prometheus metrics, GPU gauges, the engines' metrics re-exported.
+//! - [`budget`]: the node's memory budgets, what each pool is charged, and the pure decision
+//!   of which idle pools to unload to make room (`budget/room.rs`).
+//! - [`swap`]: making room for a request or an operator's load, one swap at a time.
 //!
 //! This file starts them in order ([`run_with`]: listener, watcher, pools, heartbeats, API,
 //! D-Bus, then the reload loop) and stops them in reverse.
 //!
 //! Dependencies between the modules go one way: `config` and `gpu` at the bottom, then
-//! `metrics`, `state`, `launcher`, `supervisor`, `pools`, and the fronts (`api`, `control`,
+//! `budget`, `metrics`, `state`, `swap`, `launcher`, `supervisor`, `pools`, and the fronts (`api`, `control`,
 //! `dbus`, `register`, `handoff`) on top; none imports a module that imports it back.
 
 pub mod api;
+pub mod budget;
 pub mod config;
 pub mod control;
 pub mod dbus;
 pub mod gpu;
 pub mod handoff;
 pub mod launcher;
-pub mod memory;
 pub mod metrics;
 pub mod pools;
 pub mod register;
 pub mod state;
 pub mod supervisor;
+pub mod swap;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -59,7 +63,7 @@ use crate::state::Node;
 /// says what they are.
 fn set_memory_budgets(node: &Node, config: &Checked) {
     let gpus = node.gpus.has_nvml().then(|| node.gpus.read());
-    let budgets = memory::budgets(
+    let budgets = budget::budgets(
         config.node(),
         config.pools(),
         llorch_os::mem::available_bytes(),
@@ -77,7 +81,7 @@ fn set_memory_budgets(node: &Node, config: &Checked) {
     if let Some(m) = budgets.max_loaded {
         tracing::info!(max_loaded = m, "At most this many pools loaded at once.");
     }
-    *llorch_os::sync::lock(&node.memory) = memory::swap::Settings {
+    *llorch_os::sync::lock(&node.memory) = budget::Settings {
         budgets,
         min_resident,
     };

@@ -125,7 +125,7 @@ pub struct PoolEntry {
     pub vram_need: Option<u64>,
     /// What the pool is charged against the node's budgets while loaded (from its plan;
     /// empty until provisioned).
-    pub charge: Vec<(crate::memory::Device, u64)>,
+    pub charge: Vec<(crate::budget::Device, u64)>,
     /// Never unloaded to make room (node.toml's `pinned`, or an operator's pin).
     pub pinned: bool,
     /// When it last took a request or was admitted to load: the least recently used idle
@@ -218,7 +218,7 @@ impl PoolEntry {
             Phase::Provisioning => !self.config.on_demand,
             Phase::Standby => self
                 .admitted
-                .is_some_and(|t| t.elapsed() < crate::memory::swap::ADMITTED_FOR),
+                .is_some_and(|t| t.elapsed() < crate::budget::ADMITTED_FOR),
             Phase::Failed | Phase::Stopped => false,
         }
     }
@@ -261,7 +261,7 @@ pub struct Node {
     /// The node's GPUs (NVML), reported with every registration and heartbeat.
     pub gpus: Arc<crate::gpu::Inventory>,
     /// The memory budgets and the swap rule's settings (`crate::memory`).
-    pub memory: Mutex<crate::memory::swap::Settings>,
+    pub memory: Mutex<crate::budget::Settings>,
     /// Held by the one swap in progress: requests that need room take turns in arrival order.
     pub room: tokio::sync::Mutex<()>,
     /// Woken each time a forward ends (a swap may be waiting for a pool to go idle).
@@ -289,7 +289,7 @@ impl Node {
             changes: std::sync::atomic::AtomicU64::new(1),
             metrics: crate::metrics::Metrics::new(pools.iter().map(|p| p.id.as_str()), &gpus),
             gpus,
-            memory: Mutex::new(crate::memory::swap::Settings::default()),
+            memory: Mutex::new(crate::budget::Settings::default()),
             room: tokio::sync::Mutex::new(()),
             work_done: Notify::new(),
         })
@@ -501,11 +501,11 @@ impl Node {
 /// The bytes idle, unpinned on-demand pools other than `p` hold on `p`'s GPUs: what making room
 /// for `p` could free now.
 fn reclaimable(pools: &BTreeMap<String, PoolEntry>, p: &PoolEntry) -> u64 {
-    let mine: Vec<&crate::memory::Device> = p
+    let mine: Vec<&crate::budget::Device> = p
         .charge
         .iter()
         .map(|(d, _)| d)
-        .filter(|d| matches!(d, crate::memory::Device::Gpu(_)))
+        .filter(|d| matches!(d, crate::budget::Device::Gpu(_)))
         .collect();
     pools
         .values()

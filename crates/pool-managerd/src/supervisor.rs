@@ -630,12 +630,12 @@ fn gpu_free(node: &Node, pool: &PoolConfig) -> Vec<u64> {
 
 /// What the pool is charged while loaded, from the plan at `path` (nothing when it cannot be
 /// read: the pool is then not budgeted, and the log says so).
-fn planned_charge(pool: &PoolConfig, path: &Path) -> Vec<(crate::memory::Device, u64)> {
+fn planned_charge(pool: &PoolConfig, path: &Path) -> Vec<(crate::budget::Device, u64)> {
     let plan = llorch_os::fs::read_untrusted(path, llorch_wire::plan::MAX_PLAN_BYTES)
         .ok()
         .and_then(|t| serde_json::from_slice::<llorch_wire::plan::EnginePlan>(&t).ok());
     match plan {
-        Some(plan) => crate::memory::charge(pool, &plan),
+        Some(plan) => crate::budget::charge(pool, &plan),
         None => {
             tracing::warn!(pool_id = %pool.id, "Cannot read the pool's plan: its memory is not charged against the node's budgets.");
             Vec::new()

@@ -292,15 +292,17 @@ pub async fn model_action(
 ) -> Result<Json<PoolStatus>> {
     let action = match action.as_str() {
         a @ ("load" | "unload" | "pin" | "unpin") => a,
-        other => return Err(ApiError::native((
-            StatusCode::NOT_FOUND,
-            ErrorBody::invalid(
-                "action",
-                format!(
+        other => {
+            return Err(ApiError::native((
+                StatusCode::NOT_FOUND,
+                ErrorBody::invalid(
+                    "action",
+                    format!(
                     "{other:?} is not a pool action; use drain, resume, load, unload, pin or unpin"
                 ),
-            ),
-        ))),
+                ),
+            )))
+        }
     };
     pool_action(state, headers, id, q.node, action).await
 }

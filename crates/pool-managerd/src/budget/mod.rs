@@ -1,9 +1,6 @@
-//! Many models on one box: the node's memory budgets, what each pool is charged, and making
-//! room for an on-demand pool by unloading idle ones.
-//!
-//! - `room.rs`: the decision, a pure function (which pools to unload, or wait, or refuse).
-//! - `swap.rs`: carrying it out for a request or an operator's load: one swap at a time per
-//!   node, in arrival order, unloading through the pools' supervisors.
+//! Many models on one box: the node's memory budgets, what each pool is charged, and the
+//! decision of which idle pools to unload to make room (`room.rs`, a pure function). Carrying
+//! it out for a request or an operator's load is [`crate::swap`]'s job.
 //!
 //! A pool's charge is what it may hold: a CPU pool its engine's memory bound (the same number
 //! the systemd launcher sets as the engine unit's `MemoryMax=`, so the kernel holds the engine
@@ -12,14 +9,23 @@
 //! what the engines can take, whatever their prefix caches grow to.
 
 pub mod room;
-pub mod swap;
 
 use llorch_wire::node::GpuReport;
 use llorch_wire::plan::EnginePlan;
 
-pub use room::{Budgets, Decision, Device, Resident};
+pub use room::{decide, Budgets, Decision, Device, Resident};
 
 use crate::config::{NodeConfig, PoolConfig};
+
+/// An admission that no engine start followed within this long stops being charged.
+pub const ADMITTED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The budgets and the swap rule's settings of a node.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub budgets: Budgets,
+    pub min_resident: std::time::Duration,
+}
 
 /// The default host budget: this share (percent) of `MemAvailable` when pool-managerd starts.
 pub const HOST_SHARE_PERCENT: u64 = 75;

@@ -1,4 +1,4 @@
-//! Making room for a pool: the decision of `room.rs`, carried out one swap at a time.
+//! Making room for a pool: the decision of [`crate::budget`], carried out one swap at a time.
 //!
 //! A request for a pool that is not loaded (on `standby`, or marked to yield or be evicted)
 //! takes the node's room lock, a fair mutex: requests that need room are served in arrival
@@ -23,22 +23,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::room::{decide, Budgets, Decision, Resident};
+use crate::budget::{decide, Decision, Resident};
 use crate::state::{Command, Node};
 
 /// The longest a request waits for busy pools to make room before it is refused (below the
 /// control plane's first-answer limit for a pool that is not loaded).
 pub const SWAP_WAIT: Duration = Duration::from_secs(90);
-/// An admission that no engine start followed within this long stops being charged.
-pub const ADMITTED_FOR: Duration = Duration::from_secs(30);
-
-/// The budgets and the swap rule's settings of a node.
-#[derive(Debug, Clone, Default)]
-pub struct Settings {
-    pub budgets: Budgets,
-    pub min_resident: Duration,
-}
-
 /// Why no room was made.
 #[derive(Debug, thiserror::Error)]
 pub enum RoomError {
