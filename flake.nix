@@ -31,19 +31,24 @@
         llama-orch = final.callPackage ./nix/package.nix { };
       };
 
-      packages = eachSystem (system: pkgs: {
-        default = pkgs.callPackage ./nix/package.nix { };
-        # The CUDA engine for Ampere, Ada and Hopper (nixpkgs' cudaCapabilities; override the
-        # package's cudaCapabilities for one GPU generation: docs/NIXOS.md).
-        cuda =
-          let
-            cudaPkgs = import nixpkgs {
-              inherit system;
-              config = { allowUnfree = true; cudaSupport = true; cudaCapabilities = [ "8.0" "8.6" "8.9" "9.0" ]; };
-            };
-          in
-          cudaPkgs.callPackage ./nix/package.nix { };
-      });
+      packages = eachSystem (system: pkgs:
+        let
+          cudaPkgs = import nixpkgs {
+            inherit system;
+            config = { allowUnfree = true; cudaSupport = true; cudaCapabilities = [ "8.0" "8.6" "8.9" "9.0" ]; };
+          };
+        in
+        {
+          default = pkgs.callPackage ./nix/package.nix { };
+          # The CUDA engine for Ampere, Ada and Hopper (nixpkgs' cudaCapabilities; override the
+          # package's cudaCapabilities for one GPU generation: docs/NIXOS.md).
+          cuda = cudaPkgs.callPackage ./nix/package.nix { };
+          # OCI images of the home stack (nix/image.nix): `nix build .#image && ./result |
+          # podman load`; the model mounted at /models/model.gguf, or built in with
+          # `.override { model = pkgs.fetchurl { ... }; }`.
+          image = pkgs.callPackage ./nix/image.nix { llama-orch = self.packages.${system}.default; };
+          image-cuda = cudaPkgs.callPackage ./nix/image.nix { llama-orch = self.packages.${system}.cuda; cuda = true; };
+        });
 
       # nix run . -- MODEL.gguf [llorch up options]: the home stack on one model, until Ctrl-C.
       apps = eachSystem (system: pkgs: {

@@ -89,6 +89,10 @@ let
       outputHash = sha256;
     };
     runCommand = name: env: script: stub name (plain env // { inherit script; });
+    cacert = stub "nss-cacert" { };
+    # pkgs/build-support/docker: the image's config, kept as JSON for the tests to read.
+    dockerTools.streamLayeredImage = args:
+      stub "stream-${args.name}" (plain (removeAttrs args [ "config" ]) // { configJson = builtins.toJSON args.config; });
     writeShellScriptBin = name: text: stub name { inherit text; } // { meta.mainProgram = name; };
     mkShell = args: stub (args.name or "nix-shell") (plain args);
     testers.runNixOSTest = import ./run-nixos-test.nix { inherit lib; pkgs = self; };
