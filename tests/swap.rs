@@ -147,6 +147,15 @@ async fn the_operator_loads_and_unloads(stack: &Stack, c: &HttpClient) {
         status.contains("MEMORY") && status.contains("SWAPS"),
         "{status}"
     );
+    // The node's budget and what is charged on it: the always-loaded default pool.
+    assert!(status.contains("CHARGED/BUDGET MiB"), "{status}");
+    let nodes: Vec<llorch_wire::task::NodeView> = c.get_json("/v2/nodes").await.unwrap();
+    let host = nodes[0].memory.iter().find(|m| m.device == "host").unwrap();
+    let default = pool(c, "default").await.memory_charge_bytes.unwrap();
+    assert!(
+        host.budget_bytes > 0 && host.charged_bytes >= default,
+        "{host:?}"
+    );
 }
 
 async fn only_an_admin_key_may_act_on_models(stack: &Stack, c: &HttpClient) {

@@ -264,6 +264,10 @@ pub struct NodeView {
     /// Its GPUs, as its last report gave them (`devices` empty on a CPU node).
     #[serde(default)]
     pub gpus: crate::node::GpuReport,
+    /// Its memory budgets and what its loaded pools are charged on each device, as its last
+    /// report gave them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory: Vec<crate::node::DeviceMemory>,
 }
 
 /// `GET /v2/pools`: pools and the queue.

@@ -129,7 +129,7 @@ proptest! {
         pools in proptest::collection::vec(pool_status(), 0..4),
         staged in proptest::collection::vec(".{0,140}", 0..4),
     ) {
-        let r = Registration { node_id, address, version, heartbeat_secs, pools, staged_models: staged, gpus: Default::default() };
+        let r = Registration { node_id, address, version, heartbeat_secs, pools, staged_models: staged, gpus: Default::default(), memory: Vec::new() };
         match r.validate() {
             Ok(()) => {
                 // What passed is what the bounds promise.

@@ -193,6 +193,11 @@ pub async fn status(client: &HttpClient, out: &mut dyn Write) -> anyhow::Result<
     writeln!(out)?;
     write_table(out, &gpu_rows(&nodes))?;
     writeln!(out)?;
+    let memory = memory_rows(&nodes);
+    if memory.len() > 1 {
+        write_table(out, &memory)?;
+        writeln!(out)?;
+    }
     let mut rows = vec![vec![
         "POOL".to_string(),
         "NODE".into(),
@@ -268,6 +273,27 @@ pub fn gpu_rows(nodes: &[NodeView]) -> Vec<Vec<String>> {
                 g.temperature_celsius
                     .map_or_else(|| "-".into(), |t| format!("{t} C")),
                 g.uuid.clone(),
+            ]);
+        }
+    }
+    rows
+}
+
+/// `llorch status`'s memory table: one row per budgeted device of each node, its budget and
+/// what the loaded pools are charged on it (only the header when no node reports budgets).
+pub fn memory_rows(nodes: &[NodeView]) -> Vec<Vec<String>> {
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    let mut rows = vec![["NODE", "DEVICE", "CHARGED/BUDGET MiB", "USED"]
+        .map(String::from)
+        .to_vec()];
+    for n in nodes {
+        for m in &n.memory {
+            let used = (m.charged_bytes as f64 / m.budget_bytes.max(1) as f64) * 100.0;
+            rows.push(vec![
+                n.node_id.clone(),
+                m.device.clone(),
+                format!("{}/{}", mib(m.charged_bytes), mib(m.budget_bytes)),
+                format!("{used:.0}%"),
             ]);
         }
     }
@@ -438,7 +464,18 @@ mod tests {
                 cuda_version: None,
                 devices,
             },
+            memory: vec![llorch_wire::node::DeviceMemory {
+                device: "host".into(),
+                budget_bytes: 1700 << 20,
+                charged_bytes: 850 << 20,
+            }],
         }
+    }
+
+    #[test]
+    fn the_memory_table_has_a_row_per_budgeted_device() {
+        let rows = memory_rows(&[node("box", vec![])]);
+        assert_eq!(rows[1], ["box", "host", "850/1700", "50%"]);
     }
 
     #[test]

@@ -327,6 +327,7 @@ impl Orch {
             pools: pools(),
             staged_models: Vec::new(),
             gpus: Default::default(),
+            memory: Vec::new(),
         };
         let _: NodeAck = client
             .post_json("/v2/nodes/register", &reg)
@@ -341,6 +342,7 @@ impl Orch {
                     pools: pools(),
                     staged_models: Vec::new(),
                     gpus: Default::default(),
+                    memory: Vec::new(),
                 };
                 let path = format!("/v2/nodes/{NODE_ID}/heartbeat");
                 if let Err(e) = hb_client.post_json::<_, NodeAck>(&path, &hb).await {

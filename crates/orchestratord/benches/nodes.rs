@@ -75,6 +75,7 @@ fn placement(nodes: usize) {
             draining: false,
             offline_beats: 3,
             beat: None,
+            memory: Vec::new(),
         });
     }
     let models: Vec<String> = (0..MODELS).map(|m| format!("model-{m}")).collect();
@@ -182,6 +183,7 @@ async fn heartbeats(nodes: usize, beats: bool) {
             pools: pools_of(i),
             staged_models: Vec::new(),
             gpus: Default::default(),
+            memory: Vec::new(),
         };
         let ack: NodeAck = client
             .post_json("/v2/nodes/register", &reg)
@@ -234,6 +236,7 @@ async fn heartbeats(nodes: usize, beats: bool) {
                 pools: pools_of(i),
                 staged_models: Vec::new(),
                 gpus: Default::default(),
+                memory: Vec::new(),
             };
             let path = format!("/v2/nodes/node-{i:04}/heartbeat");
             let mut answered = 0u64;

@@ -62,6 +62,7 @@ pub fn register(
         pools: reg.pools,
         staged_models: reg.staged_models,
         gpus: reg.gpus,
+        memory: reg.memory,
         client,
         lost: CancellationToken::new(),
         draining: false,
@@ -131,6 +132,9 @@ pub fn heartbeat(state: &State, id: String, hb: Heartbeat) -> Result<NodeAck, Re
         else {
             return Err(Refusal::NotRegistered { node: id });
         };
+        if let Some(node) = core.registry.nodes.get_mut(&id) {
+            node.memory = hb.memory;
+        }
         let node = &core.registry.nodes[&id];
         // Only while a D-Bus front listens: the heartbeat path of 1,000 nodes stays lean.
         let events = if state.announcing() {

@@ -108,6 +108,7 @@ async fn beats_keep_a_node_online_and_nothing_else_does() {
         pools: vec![PoolStatus::new("p", "m", PoolState::Ready, 1, 1024)],
         staged_models: vec![],
         gpus: Default::default(),
+        memory: Vec::new(),
     };
     let ack: NodeAck = h
         .client
@@ -151,6 +152,7 @@ async fn beats_keep_a_node_online_and_nothing_else_does() {
         pools: reg.pools.clone(),
         staged_models: vec![],
         gpus: Default::default(),
+        memory: Vec::new(),
     };
     let ack: NodeAck = h
         .client

@@ -100,6 +100,7 @@ async fn start(behaviour: Node) -> Harness {
                 pools: vec![pool()],
                 staged_models: vec![],
                 gpus: Default::default(),
+                memory: Vec::new(),
             },
         )
         .await
@@ -112,6 +113,7 @@ async fn start(behaviour: Node) -> Harness {
                 pools: vec![pool()],
                 staged_models: vec![],
                 gpus: Default::default(),
+                memory: Vec::new(),
             };
             let _: Result<NodeAck, _> = beats.post_json("/v2/nodes/n/heartbeat", &hb).await;
             tokio::time::sleep(Duration::from_millis(200)).await;

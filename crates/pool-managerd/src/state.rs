@@ -463,6 +463,20 @@ impl Node {
         self.memory_of(&llorch_os::sync::lock(&self.pools))
     }
 
+    /// The same, as a registration or heartbeat reports it.
+    pub fn device_memory(&self) -> Vec<llorch_wire::node::DeviceMemory> {
+        self.memory_report()
+            .into_iter()
+            .map(
+                |(device, budget_bytes, charged_bytes)| llorch_wire::node::DeviceMemory {
+                    device,
+                    budget_bytes,
+                    charged_bytes,
+                },
+            )
+            .collect()
+    }
+
     fn memory_of(&self, pools: &BTreeMap<String, PoolEntry>) -> Vec<(String, u64, u64)> {
         let budgets = llorch_os::sync::lock(&self.memory).budgets.bytes.clone();
         budgets

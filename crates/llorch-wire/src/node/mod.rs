@@ -259,6 +259,20 @@ pub struct Registration {
     /// The node's GPUs; left out by a CPU node (so an older control plane accepts it).
     #[serde(default, skip_serializing_if = "GpuReport::is_empty")]
     pub gpus: GpuReport,
+    /// Its memory budgets and what is charged on each (docs/OPERATIONS.md, "Many models on
+    /// one box").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory: Vec<DeviceMemory>,
+}
+
+/// One budgeted device of a node (`host`, or `gpu:<id>` as node.toml names the GPU): its
+/// memory budget for loaded pools and what the pools it charges hold now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMemory {
+    pub device: String,
+    pub budget_bytes: u64,
+    pub charged_bytes: u64,
 }
 
 /// `POST /v2/nodes/{id}/heartbeat`.
@@ -271,6 +285,9 @@ pub struct Heartbeat {
     /// Free memory and utilization move: every heartbeat carries them.
     #[serde(default, skip_serializing_if = "GpuReport::is_empty")]
     pub gpus: GpuReport,
+    /// The memory budgets and charges, as in [`Registration::memory`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory: Vec<DeviceMemory>,
 }
 
 /// The control plane's answer to a registration or heartbeat.

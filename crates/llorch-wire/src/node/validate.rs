@@ -274,7 +274,8 @@ impl Registration {
         }
         check_pools(&self.pools)?;
         check_staged(&self.staged_models)?;
-        check_gpus(&self.gpus)
+        check_gpus(&self.gpus)?;
+        check_memory(&self.memory)
     }
 }
 
@@ -283,8 +284,41 @@ impl Heartbeat {
     pub fn validate(&self) -> Result<(), ErrorBody> {
         check_pools(&self.pools)?;
         check_staged(&self.staged_models)?;
-        check_gpus(&self.gpus)
+        check_gpus(&self.gpus)?;
+        check_memory(&self.memory)
     }
+}
+
+/// The budgeted devices: the host and at most one entry per GPU, each named `host` or
+/// `gpu:<id>` with an id of a node.toml device (an index or a `GPU-…` UUID).
+fn check_memory(memory: &[DeviceMemory]) -> Result<(), ErrorBody> {
+    if memory.len() > limits::MAX_GPUS + 1 {
+        return Err(invalid(
+            "memory",
+            format!("{} devices; at most {}", memory.len(), limits::MAX_GPUS + 1),
+        ));
+    }
+    for (i, m) in memory.iter().enumerate() {
+        let named = m.device == "host"
+            || m.device.strip_prefix("gpu:").is_some_and(|g| {
+                !g.is_empty()
+                    && g.len() <= 64
+                    && g.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !named {
+            return Err(invalid(
+                format!("memory[{i}].device"),
+                "is not host or gpu:<index or GPU UUID>",
+            ));
+        }
+        if memory[..i].iter().any(|o| o.device == m.device) {
+            return Err(invalid(
+                format!("memory[{i}].device"),
+                format!("{} is reported twice", m.device),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -313,6 +347,7 @@ mod tests {
                 cuda_version: Some("12.4".into()),
                 devices: vec![gpu(0, "GPU-0a"), gpu(1, "GPU-1b")],
             },
+            memory: Vec::new(),
         }
     }
 
@@ -343,6 +378,7 @@ mod tests {
             pools: unix.pools,
             staged_models: vec![],
             gpus: GpuReport::default(),
+            memory: Vec::new(),
         }
         .validate()
         .unwrap();
@@ -362,6 +398,7 @@ mod tests {
             pools: r.pools,
             staged_models: vec![],
             gpus: GpuReport::default(),
+            memory: Vec::new(),
         };
         assert_eq!(hb.validate().unwrap_err().field.unwrap(), "pools[0].state");
     }
@@ -381,6 +418,39 @@ mod tests {
                 Box::new(|r| r.address = "unix:relative.sock".into()),
             ),
             ("address", Box::new(|r| r.address = "http://".into())),
+            (
+                "memory[0].device",
+                Box::new(|r| {
+                    r.memory = vec![DeviceMemory {
+                        device: "gpu:../../etc".into(),
+                        budget_bytes: 1,
+                        charged_bytes: 0,
+                    }]
+                }),
+            ),
+            (
+                "memory[1].device",
+                Box::new(|r| {
+                    let host = DeviceMemory {
+                        device: "host".into(),
+                        budget_bytes: 1,
+                        charged_bytes: 0,
+                    };
+                    r.memory = vec![host.clone(), host];
+                }),
+            ),
+            (
+                "memory",
+                Box::new(|r| {
+                    r.memory = (0..100)
+                        .map(|i| DeviceMemory {
+                            device: format!("gpu:{i}"),
+                            budget_bytes: 1,
+                            charged_bytes: 0,
+                        })
+                        .collect()
+                }),
+            ),
             (
                 "address",
                 Box::new(|r| r.address = format!("http://{}", "h".repeat(300))),

@@ -53,6 +53,8 @@ pub struct Node {
     pub staged_models: Vec<String>,
     /// Its GPUs, from its last registration or heartbeat.
     pub gpus: GpuReport,
+    /// Its memory budgets and charges, from its last registration or heartbeat.
+    pub memory: Vec<llorch_wire::node::DeviceMemory>,
     pub client: HttpClient,
     /// Fired when the node is marked offline: its running tasks end with `NODE_UNAVAILABLE`.
     pub lost: CancellationToken,
@@ -284,6 +286,7 @@ impl Registry {
             pools: node.pools.iter().map(|p| p.pool_id.clone()).collect(),
             staged_models: node.staged_models.clone(),
             gpus: node.gpus.clone(),
+            memory: node.memory.clone(),
         }
     }
 
@@ -404,6 +407,7 @@ mod tests {
             pools: vec![],
             staged_models: vec![],
             gpus: GpuReport::default(),
+            memory: Vec::new(),
             client: HttpClient::new("unix:/nonexistent.sock").unwrap(),
             lost: CancellationToken::new(),
             draining: false,

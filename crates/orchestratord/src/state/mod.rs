@@ -302,6 +302,7 @@ mod tests {
             pools: vec![PoolStatus::new("p", "m", PoolState::Ready, 1, 1024)],
             staged_models: vec![],
             gpus: Default::default(),
+            memory: Vec::new(),
             client: HttpClient::new("unix:/nonexistent.sock").unwrap(),
             lost: CancellationToken::new(),
             draining: false,

@@ -162,6 +162,7 @@ impl Reporter {
                 pools: pools.to_vec(),
                 staged_models: self.node.staged_models(),
                 gpus,
+                memory: self.node.device_memory(),
             };
             within(interval, client.post_json(&self.heartbeat_path, &hb)).await
         } else {
@@ -173,6 +174,7 @@ impl Reporter {
                 pools: pools.to_vec(),
                 staged_models: self.node.staged_models(),
                 gpus,
+                memory: self.node.device_memory(),
             };
             within(interval, client.post_json("/v2/nodes/register", &reg)).await
         };

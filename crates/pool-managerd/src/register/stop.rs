@@ -19,6 +19,7 @@ pub async fn final_heartbeat(node: &Node, client: &HttpClient, identity: &Identi
         pools,
         staged_models: node.staged_models(),
         gpus,
+        memory: node.device_memory(),
     };
     let path = format!("/v2/nodes/{}/heartbeat", identity.node_id);
     let sent = within(
