@@ -1115,6 +1115,54 @@ fn standin(n: &Nix, dir: &Path) -> PathBuf {
     s
 }
 
+/// The OCI images: llorch up on a mounted model, off loopback only with API keys, as nobody;
+/// the CUDA image carries the CUDA package and asks the container runtime for the driver.
+/// `json` evaluates a flake attribute.
+fn images_run_llorch_up_with_keys(json: &dyn Fn(&str) -> Value) {
+    let sys = "packages.x86_64-linux";
+    let config = |image: &str| -> Value {
+        serde_json::from_str(json(&format!("{sys}.{image}.configJson")).as_str().unwrap()).unwrap()
+    };
+    let (cpu, cuda) = (config("image"), config("image-cuda"));
+    for c in [&cpu, &cuda] {
+        assert!(
+            c["Entrypoint"][0]
+                .as_str()
+                .unwrap()
+                .ends_with("/bin/llorch"),
+            "{c}"
+        );
+        assert_eq!(c["Entrypoint"][1], "up", "{c}");
+        let cmd: Vec<&str> = c["Cmd"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        for pair in [
+            ["--model", "/models/model.gguf"],
+            ["--listen", "0.0.0.0:8080"],
+            ["--api-keys", "/etc/llama-orch/api-keys"],
+        ] {
+            assert!(cmd.windows(2).any(|w| w == pair), "{pair:?} in {cmd:?}");
+        }
+        assert_eq!(c["User"], "65534:65534", "{c}");
+        assert!(c["ExposedPorts"]["8080/tcp"].is_object(), "{c}");
+    }
+    assert_ne!(
+        cpu["Entrypoint"][0], cuda["Entrypoint"][0],
+        "the CUDA image has the CUDA package"
+    );
+    assert!(
+        cuda["Env"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("NVIDIA_VISIBLE_DEVICES=all")),
+        "{cuda}"
+    );
+    assert!(!cpu["Env"].to_string().contains("NVIDIA"), "{cpu}");
+}
+
 #[test]
 fn flake_outputs_evaluate_against_an_offline_nixpkgs() {
     let Some(n) = nix_or_skip() else { return };
@@ -1220,49 +1268,7 @@ fn flake_outputs_evaluate_against_an_offline_nixpkgs() {
             .is_some_and(|p| p.ends_with("-llama-orch-cuda-libraries")),
         "the CUDA package names no CUDA_LIBRARY_PATH"
     );
-    // The OCI images: llorch up on a mounted model, off loopback only with API keys, as nobody;
-    // the CUDA image carries the CUDA package and asks the container runtime for the driver.
-    let config = |image: &str| -> Value {
-        serde_json::from_str(json(&format!("{sys}.{image}.configJson")).as_str().unwrap()).unwrap()
-    };
-    let (cpu, cuda) = (config("image"), config("image-cuda"));
-    for c in [&cpu, &cuda] {
-        assert!(
-            c["Entrypoint"][0]
-                .as_str()
-                .unwrap()
-                .ends_with("/bin/llorch"),
-            "{c}"
-        );
-        assert_eq!(c["Entrypoint"][1], "up", "{c}");
-        let cmd: Vec<&str> = c["Cmd"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
-        for pair in [
-            ["--model", "/models/model.gguf"],
-            ["--listen", "0.0.0.0:8080"],
-            ["--api-keys", "/etc/llama-orch/api-keys"],
-        ] {
-            assert!(cmd.windows(2).any(|w| w == pair), "{pair:?} in {cmd:?}");
-        }
-        assert_eq!(c["User"], "65534:65534", "{c}");
-        assert!(c["ExposedPorts"]["8080/tcp"].is_object(), "{c}");
-    }
-    assert_ne!(
-        cpu["Entrypoint"][0], cuda["Entrypoint"][0],
-        "the CUDA image has the CUDA package"
-    );
-    assert!(
-        cuda["Env"]
-            .as_array()
-            .unwrap()
-            .contains(&Value::from("NVIDIA_VISIBLE_DEVICES=all")),
-        "{cuda}"
-    );
-    assert!(!cpu["Env"].to_string().contains("NVIDIA"), "{cpu}");
+    images_run_llorch_up_with_keys(&json);
     let install = json(&format!("{sys}.default.postInstall"));
     for unit in ["orchestratord.service", "llorch-engine@.service"] {
         assert!(repo_root().join("systemd").join(unit).exists());

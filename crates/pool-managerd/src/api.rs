@@ -211,7 +211,7 @@ async fn operate(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::InsufficientMemory,
             ),
-            ControlError::Unavailable(_) | ControlError::Timeout { .. } => {
+            ControlError::Unavailable(_) | ControlError::Timeout { .. } | ControlError::Busy(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::PoolUnready)
             }
             ControlError::ConfigRejected(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidParams),
@@ -374,6 +374,8 @@ enum Admission {
     Go(std::path::PathBuf, BusyGuard, bool),
     /// The pool is not loaded (or is giving way to a swap): room must be made first.
     NeedsRoom,
+    /// An on-demand pool between an unload and standby: look again once it settled.
+    Settling,
 }
 
 /// Admits a forward, making room for the pool first when it is not loaded; a forward counted
@@ -383,14 +385,33 @@ async fn admit_with_room(
     id: &str,
     by: &str,
 ) -> Result<(std::path::PathBuf, BusyGuard, bool), ApiError> {
-    // Twice at most: a pool chosen for unloading meanwhile is made room for again.
-    for _ in 0..3 {
-        match admit(node, id)? {
-            Admission::Go(socket, guard, waking) => return Ok((socket, guard, waking)),
-            Admission::NeedsRoom => crate::swap::make_room(node, id, by)
-                .await
-                .map_err(|e| room_error(id, e))?,
+    // A few rounds at most: a pool chosen for unloading meanwhile is made room for again.
+    let mut admitted = false;
+    for _ in 0..4 {
+        let found = admit(node, id);
+        match found {
+            Ok(Admission::Go(socket, guard, waking)) => return Ok((socket, guard, waking)),
+            Ok(Admission::Settling) => {
+                // Between an unload and standby: wait for its state to change.
+                let mut changes = node.generation.subscribe();
+                let _ = tokio::time::timeout(SETTLE_WAIT, changes.changed()).await;
+            }
+            Ok(Admission::NeedsRoom) => {
+                crate::swap::make_room(node, id, by)
+                    .await
+                    .map_err(|e| room_error(id, e))?;
+                admitted = true;
+            }
+            Err(e) => {
+                if admitted {
+                    crate::swap::withdraw(node, id);
+                }
+                return Err(e);
+            }
         }
+    }
+    if admitted {
+        crate::swap::withdraw(node, id);
     }
     Err(ApiError(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -401,6 +422,9 @@ async fn admit_with_room(
         .with_retry_after_ms(RETRY_AFTER_MS),
     ))
 }
+
+/// The longest a forward waits for an on-demand pool to settle on standby after an unload.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn room_error(id: &str, e: crate::swap::RoomError) -> ApiError {
     use crate::swap::RoomError;
@@ -435,10 +459,11 @@ fn admit(node: &Arc<Node>, id: &str) -> Result<Admission, ApiError> {
             if go.is_some() {
                 p.last_used = Some(tokio::time::Instant::now());
             }
-            (go, needs_room, p.draining, p.state)
+            let settling = p.config.on_demand && p.phase == crate::state::Phase::Stopped;
+            (go, needs_room, settling, p.draining, p.state)
         })
         .ok_or_else(|| unknown_pool(node, id))?;
-    let (go, needs_room, draining, state) = found;
+    let (go, needs_room, settling, draining, state) = found;
     let waking = state != llorch_wire::node::PoolState::Ready;
     if node.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError(
@@ -463,6 +488,7 @@ fn admit(node: &Arc<Node>, id: &str) -> Result<Admission, ApiError> {
     match go {
         Some((socket, guard)) => Ok(Admission::Go(socket, guard, waking)),
         None if needs_room => Ok(Admission::NeedsRoom),
+        None if settling => Ok(Admission::Settling),
         None => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorBody::new(

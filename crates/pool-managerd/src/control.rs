@@ -27,6 +27,9 @@ pub enum ControlError {
     /// No room could be made to load the pool (what holds the memory is named).
     #[error("{0}")]
     NoRoom(String),
+    /// Room could not be made now (pools with work held it past the wait); try again later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl ControlError {
@@ -39,6 +42,7 @@ impl ControlError {
             Self::Timeout { .. } => "Timeout",
             Self::ConfigRejected(_) => "ConfigRejected",
             Self::NoRoom(_) => "InsufficientMemory",
+            Self::Busy(_) => "Unavailable",
         }
     }
 }
@@ -113,7 +117,11 @@ pub async fn command(
     if command == Command::Load && needs_room {
         crate::swap::make_room(node, id, by)
             .await
-            .map_err(|e| ControlError::NoRoom(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::swap::RoomError::Refused(why) => ControlError::NoRoom(why),
+                // Busy pools or a failed unload: worth trying again, not a refusal.
+                e => ControlError::Busy(e.to_string()),
+            })?;
     }
     let (reply, answer) = tokio::sync::oneshot::channel();
     let request = Request {

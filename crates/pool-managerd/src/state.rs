@@ -215,12 +215,18 @@ impl PoolEntry {
     pub fn charged(&self) -> bool {
         match self.phase {
             Phase::Running | Phase::Stopping => true,
-            Phase::Provisioning => !self.config.on_demand,
-            Phase::Standby => self
-                .admitted
-                .is_some_and(|t| t.elapsed() < crate::budget::ADMITTED_FOR),
-            Phase::Failed | Phase::Stopped => false,
+            // An always-loaded pool loads again by itself after provisioning or a failure.
+            Phase::Provisioning | Phase::Failed => !self.config.on_demand || self.admission(),
+            Phase::Standby => self.admission(),
+            Phase::Stopped => false,
         }
+    }
+
+    /// A request or an operator was admitted to load this pool and its engine has not started
+    /// yet (an admission lapses after [`crate::budget::ADMITTED_FOR`]).
+    pub fn admission(&self) -> bool {
+        self.admitted
+            .is_some_and(|t| t.elapsed() < crate::budget::ADMITTED_FOR)
     }
 
     /// Since when the pool holds its memory (ready, else started, else admitted): a pool
@@ -630,5 +636,36 @@ mod tests {
         assert_eq!(node.status("default").unwrap().state, PoolState::Draining);
         assert_eq!(node.read("default", |p| p.ready_socket()).unwrap(), None);
         assert!(node.update("nope", |_| ()).is_none());
+    }
+
+    /// What counts against the budgets: an always-loaded pool in every phase but stopped (it
+    /// loads again by itself), an on-demand pool while its engine runs or while an admission to
+    /// load it is fresh, never one whose admission lapsed or whose start failed.
+    #[test]
+    fn charges_follow_what_can_hold_memory() {
+        let cfg = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            include_str!("../examples/node.toml"),
+        )
+        .unwrap();
+        let mut pool = PoolEntry::new(cfg.pools()[0].clone());
+        for phase in [Phase::Provisioning, Phase::Running, Phase::Failed] {
+            pool.phase = phase;
+            assert!(pool.charged(), "always loaded, {phase:?}");
+        }
+        pool.phase = Phase::Stopped;
+        assert!(!pool.charged());
+        pool.config.on_demand = true;
+        pool.phase = Phase::Standby;
+        assert!(!pool.charged());
+        pool.admitted = Some(Instant::now());
+        assert!(pool.charged() && pool.admission());
+        pool.admitted = Some(Instant::now() - crate::budget::ADMITTED_FOR);
+        assert!(!pool.charged(), "a lapsed admission is not charged");
+        pool.admitted = Some(Instant::now());
+        pool.phase = Phase::Failed;
+        assert!(pool.charged());
+        pool.admitted = None;
+        assert!(!pool.charged(), "a failed on-demand pool holds nothing");
     }
 }

@@ -320,6 +320,11 @@ impl Supervisor {
                     Command::Unload if !self.pool.on_demand => {
                         let _ = req.reply.send(Err(not_on_demand(&self.pool)));
                     }
+                    // Nobody waits for it any more (a swap that gave up): the pool may have
+                    // taken work since, so it is not carried out late.
+                    Command::Unload if req.reply.is_closed() => {
+                        tracing::info!(pool_id = %self.id, by = %req.by, "An unload nobody waits for any more is dropped.");
+                    }
                     Command::Unload | Command::Restart => break Running::Asked(req),
                 },
             }
@@ -578,6 +583,8 @@ fn fail(node: &Node, id: &str, error: String) {
         p.phase = Phase::Failed;
         p.engine_pid = None;
         p.last_error = Some(error);
+        // The request that was admitted to load it will not be served by this engine.
+        p.admitted = None;
     });
 }
 

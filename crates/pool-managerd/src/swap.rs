@@ -29,6 +29,12 @@ use crate::state::{Command, Node};
 /// The longest a request waits for busy pools to make room before it is refused (below the
 /// control plane's first-answer limit for a pool that is not loaded).
 pub const SWAP_WAIT: Duration = Duration::from_secs(90);
+/// How long a fresh admission counts as work in flight (the step from the room to the socket).
+const ADMISSION_HOLD: Duration = Duration::from_secs(2);
+
+/// How many times one request unloads pools for its room before it gives up.
+const MAX_UNLOAD_ROUNDS: u32 = 4;
+
 /// Why no room was made.
 #[derive(Debug, thiserror::Error)]
 pub enum RoomError {
@@ -46,9 +52,17 @@ pub enum RoomError {
 /// Makes room for pool `id` and admits it, waiting its turn; `by` names who asked (a request's
 /// correlation id, or an operator).
 pub async fn make_room(node: &Node, id: &str, by: &str) -> Result<(), RoomError> {
-    let _turn = node.room.lock().await;
+    // The wait for the turn counts in the limit too.
     let deadline = Instant::now() + SWAP_WAIT;
+    let Ok(_turn) = tokio::time::timeout_at(deadline, node.room.lock()).await else {
+        return Err(RoomError::TimedOut {
+            why: format!("other swaps held the node for pool {id}'s turn"),
+        });
+    };
     let mut changes = node.generation.subscribe();
+    // Unloads that left the decision as it was (a pool that took work meanwhile, say):
+    // decided again a few times, never spun on.
+    let mut unload_rounds = 0;
     let result = loop {
         // Registered before the table is read, so a forward that ends meanwhile is not missed.
         let work_done = node.work_done.notified();
@@ -64,6 +78,13 @@ pub async fn make_room(node: &Node, id: &str, by: &str) -> Result<(), RoomError>
                 break Ok(());
             }
             Decision::Unload(victims) => {
+                unload_rounds += 1;
+                if unload_rounds > MAX_UNLOAD_ROUNDS {
+                    break Err(RoomError::Unload(format!(
+                        "unloading {} did not make room for pool {id}",
+                        victims.join(", ")
+                    )));
+                }
                 if let Err(e) = unload_all(node, &victims, &pools, id, by).await {
                     break Err(e);
                 }
@@ -105,12 +126,27 @@ fn residents(node: &Node) -> Vec<Resident> {
                 loaded: p.charged(),
                 on_demand: p.config.on_demand,
                 pinned: p.pinned,
-                busy: p.busy.load(std::sync::atomic::Ordering::SeqCst),
+                // A pool admitted moments ago is as good as busy: its request is on its way
+                // from the room to the pool's socket, not counted in flight yet.
+                busy: p.busy.load(std::sync::atomic::Ordering::SeqCst)
+                    + u32::from(p.admitted.is_some_and(|t| t.elapsed() < ADMISSION_HOLD)),
                 last_used: p.last_used,
                 loaded_since: p.resident_since(),
             })
             .collect()
     })
+}
+
+/// Takes back an admission whose request did not go on to the pool's socket (refused, or gone),
+/// so the pool is not charged for an engine that will not start.
+pub fn withdraw(node: &Node, id: &str) {
+    node.with_table(|pools| {
+        if let Some(p) = pools.get_mut(id) {
+            if p.phase != crate::state::Phase::Running {
+                p.admitted = None;
+            }
+        }
+    });
 }
 
 /// Charges pool `id` from `now` and marks it used: the next decision counts it loaded.
@@ -172,6 +208,7 @@ async fn unload_all(
                 p.evicting = false;
                 if done.is_ok() {
                     p.swaps += 1;
+                    p.admitted = None;
                 }
             }
         });
