@@ -3,14 +3,22 @@
 //! default model under another id), with room for one of them (`max_loaded = 2`). Clients use
 //! the OpenAI API; the operator uses `llorch pools pin|unpin|load|unload` over HTTP.
 //!
+//! The second test does the same swap under real systemd: the Debian package installed in a
+//! booted container, where an unload stops an engine unit and keeps its socket listening, and a
+//! load is systemd's socket activation.
+//!
 //! The node's own decisions (memory budgets, least recently used, work in flight, one load for
 //! many requests) are tested on the node in `crates/pool-managerd/tests/swap.rs`.
 
+#![allow(clippy::await_holding_lock)]
+
 use std::process::Command;
+use std::time::Duration;
 
 use llorch_client::HttpClient;
-use llorch_tests::stack::{Stack, StackOptions, TEST_KEY};
-use llorch_tests::{bin, model_path, second_model_path};
+use llorch_tests::appliance::{boot, curl, default_pool, stage, MODEL_SHA256};
+use llorch_tests::stack::{free_port, Stack, StackOptions, TEST_KEY};
+use llorch_tests::{bin, model_path, second_model_path, serial};
 use llorch_wire::task::{PoolView, PoolsAnswer};
 
 fn on_demand(id: &str, model_id: &str, source: &std::path::Path) -> String {
@@ -97,6 +105,7 @@ async fn complete(c: &HttpClient, model: &str) -> (u16, serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_take_turns_and_the_operator_pins_loads_and_unloads() {
+    let _guard = serial();
     let stack = start();
     let c = stack.client();
     each_model_answers_in_turn(&stack, &c).await;
@@ -175,4 +184,69 @@ async fn only_an_admin_key_may_act_on_models(stack: &Stack, c: &HttpClient) {
         assert_eq!(resp.status(), 403, "{action}");
     }
     assert!(!pool(c, "small-b").await.pinned);
+}
+
+/// An on-demand pool of the appliance's model under another id, without a prefix cache.
+fn appliance_on_demand(id: &str) -> String {
+    format!(
+        "\n[[pools]]\nid = \"{id}\"\nslots = 1\nctx = 512\nthreads = 1\non_demand = true\nprefix_cache_mib = 0\n\n[pools.model]\nid = \"smollm2-{id}\"\nsource = \"/mnt/llorch/model.gguf\"\nsha256 = \"{MODEL_SHA256}\"\n"
+    )
+}
+
+#[test]
+fn models_swap_under_systemd() {
+    let _guard = serial();
+    let dir = tempfile::Builder::new()
+        .prefix("llorch-swap-")
+        .tempdir()
+        .unwrap();
+    let port = free_port();
+    // Keys of [node] first (the staged file's [node] table is still open), then the pools: the
+    // default pool always loaded, room for one of the two on-demand pools besides it.
+    let pools = format!(
+        "max_loaded = 2\nmin_resident_secs = 0\n{}{}{}",
+        default_pool(),
+        appliance_on_demand("one"),
+        appliance_on_demand("two")
+    );
+    stage(dir.path(), port, &pools, "");
+    let mut c = boot(dir.path(), "swap");
+    c.ok(&["systemctl", "start", "llama-orch.target"]);
+    c.wait_until(
+        "both on-demand pools on standby",
+        Duration::from_secs(120),
+        |c| {
+            c.show("orchestratord.service", "StatusText")
+                .starts_with("1 of 3 pools ready (2 on standby)")
+        },
+    );
+    let engine = |id: &str| format!("llorch-engine@{id}.service");
+    for (id, other) in [("one", "two"), ("two", "one"), ("one", "two")] {
+        let body = serde_json::json!({"model": format!("smollm2-{id}"), "prompt": "The sky is", "max_tokens": 4, "temperature": 0});
+        let (status, answer) = curl(
+            port,
+            &[
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body.to_string(),
+            ],
+            "/v1/completions",
+        );
+        assert_eq!(status, 200, "{id}: {answer}");
+        // The asked-for engine runs; the other one's unit stopped, its socket still listens.
+        assert_eq!(c.show(&engine(id), "ActiveState"), "active");
+        assert_eq!(c.show(&engine(other), "ActiveState"), "inactive");
+        assert_eq!(
+            c.show(&format!("llorch-engine@{other}.socket"), "ActiveState"),
+            "active"
+        );
+    }
+    let unloads = c.journal(&[
+        "-u",
+        "pool-managerd",
+        "MESSAGE=Unloading the least recently used idle pool to make room for another.",
+    ]);
+    assert_eq!(unloads.len(), 2, "{unloads:?}");
+    assert!(c.poweroff(), "{}", c.log_text());
 }
