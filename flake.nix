@@ -97,6 +97,16 @@
 
       nixosConfigurations = {
         home = example "home" [ ./nix/examples/home.nix ];
+        # A bootable disk image of the home box (nix/examples/appliance.nix):
+        # nix build .#nixosConfigurations.appliance.config.system.build.image
+        appliance = lib.nixosSystem {
+          system = "x86_64-linux";
+          modules = [
+            self.nixosModules.default
+            ./nix/examples/appliance.nix
+            { networking.hostName = "appliance"; system.stateVersion = "25.05"; }
+          ];
+        };
       } // lib.mapAttrs' (host: settings: lib.nameValuePair "cloud-${host}" (example host [ settings ]))
         (cluster.hosts (import ./nix/examples/cloud.nix));
 

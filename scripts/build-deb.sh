@@ -8,7 +8,7 @@
 #
 # The package: the binaries in /usr/bin, the generator, the units in /usr/lib/systemd/system,
 # sysusers and tmpfiles entries, the D-Bus policy and the polkit action and rule, a default
-# home configuration (/etc/llama-orch/node.toml, a conffile), the licence of llama-orch and of
+# home configuration (/etc/llama-orch/node.toml, a conffile), manual pages (help2man), the licence of llama-orch and of
 # what the binaries bundle (llama.cpp, every Rust crate), and maintainer scripts (packaging/deb)
 # that create users and directories and enable nothing.
 set -euo pipefail
@@ -55,6 +55,22 @@ install -m 0644 "$units/org.llamaorch.conf" "$pkg/usr/share/dbus-1/system.d/org.
 install -m 0644 "$units/org.llamaorch.policy" "$pkg/usr/share/polkit-1/actions/org.llamaorch.policy"
 install -m 0644 "$units/llama-orch.polkit.rules" "$pkg/usr/share/polkit-1/rules.d/50-llama-orch.rules"
 install -m 0644 "$root_dir/crates/pool-managerd/examples/node.toml" "$pkg/etc/llama-orch/node.toml"
+
+# Manual pages, from each binary's --help and --version (help2man), dated by the commit as
+# the changelog is, compressed without a timestamp: the same sources give the same pages.
+SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$root_dir" log -1 --format=%ct 2>/dev/null || date +%s)}"
+export SOURCE_DATE_EPOCH
+install -d "$pkg/usr/share/man/man1" "$pkg/usr/share/man/man8"
+man_page() { # man_page BINARY SECTION NAME
+  help2man --no-info --section "$2" --name "$3" --version-option=--version "$pkg/usr/bin/$1" |
+    gzip -9n >"$pkg/usr/share/man/man$2/$1.$2.gz"
+}
+man_page orchestratord 8 "llama-orch's control plane: public API, admission queue, placement, streaming"
+man_page pool-managerd 8 "llama-orch's node agent: GPUs, pools, engines, registration"
+man_page llorch-engine 8 "llama-orch's engine: one GGUF model served over a Unix socket"
+man_page engine-provisioner 8 "llama-orch's model stager: fetch, verify and plan a pool's model"
+man_page llorch 1 "llama-orch's command line: the home stack, chat, status and operator actions"
+chmod 0644 "$pkg"/usr/share/man/man*/*
 
 # Licences: llama-orch's, llama.cpp's (built into llorch-engine), every Rust crate's.
 doc="$pkg/usr/share/doc/llama-orch"

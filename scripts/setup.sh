@@ -71,6 +71,7 @@ PACKAGES=(
   "dbus-daemon|the D-Bus tests start a private bus"
   "nix-bin|the Nix tests evaluate the flake, the NixOS module and the cluster library offline"
   "lintian|checks the Debian package that make deb builds and the appliance test installs"
+  "help2man|make deb writes the binaries' manual pages from their --help"
 )
 
 installed() {

@@ -45,6 +45,11 @@ fn the_package_holds_the_appliance_and_lintian_finds_no_error() {
         "./etc/llama-orch/node.toml",
         "./usr/share/doc/llama-orch/copyright",
         "./usr/share/doc/llama-orch/THIRD-PARTY",
+        "./usr/share/man/man8/orchestratord.8.gz",
+        "./usr/share/man/man8/pool-managerd.8.gz",
+        "./usr/share/man/man8/llorch-engine.8.gz",
+        "./usr/share/man/man8/engine-provisioner.8.gz",
+        "./usr/share/man/man1/llorch.1.gz",
     ] {
         assert!(
             files.lines().any(|l| l.ends_with(path)),
@@ -112,5 +117,13 @@ fn the_package_holds_the_appliance_and_lintian_finds_no_error() {
         "lintian:\n{said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Every program has its manual page, and each page is well formed.
+    for tag in [
+        "no-manual-page",
+        "manpage-has-errors-from-man",
+        "manpage-has-bad-whatis-entry",
+    ] {
+        assert!(!said.contains(tag), "lintian: {tag}\n{said}");
+    }
     eprintln!("deb: lintian says\n{said}");
 }

@@ -1105,14 +1105,48 @@ fn standin(n: &Nix, dir: &Path) -> PathBuf {
     ] {
         std::fs::copy(offline.join(from), s.join(to)).unwrap();
     }
-    let out = Command::new("cp")
-        .arg("-r")
-        .arg(&n.lib)
-        .arg(s.join("lib"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    for (from, to) in [
+        (n.lib.clone(), s.join("lib")),
+        (offline.join("modules"), s.join("modules")),
+    ] {
+        let out = Command::new("cp")
+            .arg("-r")
+            .arg(from)
+            .arg(to)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
     s
+}
+
+/// The appliance's disk image: an EFI system partition with systemd-boot and the unified
+/// kernel image, and a root partition holding the system (the home box with its pool).
+fn the_appliance_image_holds_the_system_and_its_boot_loader(json: &dyn Fn(&str) -> Value) {
+    let build = "nixosConfigurations.appliance.config.system.build";
+    let parts: Value =
+        serde_json::from_str(json(&format!("{build}.image.partitions")).as_str().unwrap()).unwrap();
+    let esp = &parts["10-esp"];
+    assert_eq!(esp["repartConfig"]["Type"], "esp", "{parts}");
+    let contents = esp["contents"].as_object().unwrap();
+    assert!(contents.contains_key("/EFI/BOOT/BOOTX64.EFI"), "{parts}");
+    assert!(contents.contains_key("/EFI/Linux/nixos.efi"), "{parts}");
+    let root = &parts["20-root"];
+    assert_eq!(root["repartConfig"]["Label"], "nixos", "{parts}");
+    let toplevel = json(&format!("{build}.toplevel.drvPath"));
+    assert_eq!(root["storePaths"].as_array().unwrap().len(), 1, "{parts}");
+    assert!(
+        toplevel
+            .as_str()
+            .unwrap()
+            .ends_with("appliance-offline-stand-in.drv"),
+        "{toplevel}"
+    );
+    let files = json(&format!("{build}.llamaOrchFiles"));
+    assert!(
+        files["start"].to_string().contains("llama-orch.target"),
+        "{files}"
+    );
 }
 
 /// The OCI images: llorch up on a mounted model, off loopback only with API keys, as nobody;
@@ -1232,8 +1266,9 @@ fn flake_outputs_evaluate_against_an_offline_nixpkgs() {
     );
     assert_eq!(
         systems.as_object().unwrap().keys().collect::<Vec<_>>(),
-        ["cloud-cp", "cloud-w2", "cloud-w3", "home"]
+        ["appliance", "cloud-cp", "cloud-w2", "cloud-w3", "home"]
     );
+    the_appliance_image_holds_the_system_and_its_boot_loader(&json);
     let app = json("apps.x86_64-linux.default.program");
     assert!(app.as_str().unwrap().ends_with("/bin/llorch-up"), "{app}");
     // The flake's cloud hosts are the cluster library's, as tests/cloud.rs boots them.

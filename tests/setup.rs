@@ -17,7 +17,7 @@ use llorch_tests::rootfs::{privileged, rootfs, try_root_prefix};
 use llorch_tests::{cache_dir, repo_root};
 
 /// Every Debian package the build and `make test` need (scripts/setup.sh's list).
-const REQUIRED: [&str; 14] = [
+const REQUIRED: [&str; 15] = [
     "cmake",
     "libclang-dev",
     "g++",
@@ -32,6 +32,7 @@ const REQUIRED: [&str; 14] = [
     "dbus-daemon",
     "nix-bin",
     "lintian",
+    "help2man",
 ];
 
 /// Root privileges and the cached root filesystem, made once per test binary; None where this

@@ -118,6 +118,16 @@ in
     systemd.targets = mkOption { type = types.attrsOf (unit { }); default = { }; };
     systemd.generators = mkOption { type = types.attrsOf types.path; default = { }; };
     boot.isContainer = mkOption { type = types.bool; default = false; };
+    # What a bootable image sets (nix/examples/appliance.nix).
+    boot.loader.grub.enable = mkOption { type = types.bool; default = true; };
+    fileSystems = mkOption {
+      type = types.attrsOf (types.submodule {
+        options.device = mkOption { type = types.str; };
+        options.fsType = mkOption { type = types.str; default = "auto"; };
+      });
+      default = { };
+    };
+    system.boot.loader.ukiFile = mkOption { type = types.str; default = "nixos.efi"; };
     # The VM tests switch into these (nix/tests/home.nix); not evaluated here.
     specialisation = mkOption { type = types.attrsOf types.unspecified; default = { }; };
     virtualisation.memorySize = mkOption { type = types.ints.positive; default = 1024; };
@@ -135,6 +145,9 @@ in
     args = [ "-c" "echo 'offline stand-in: a NixOS system is built with nixpkgs only' >&2; exit 1" ];
     files = builtins.toJSON config.system.build.llamaOrchFiles;
   };
+
+  # nixos/modules/system/boot/uki.nix: the unified kernel image a bootable image carries.
+  config.system.build.uki = pkgs.writeText "uki-offline-stand-in" "";
 
   config.system.build.llamaOrchFiles =
     let

@@ -39,7 +39,7 @@ let
   cudaCapabilities = config.cudaCapabilities or [ "7.5" "8.0" "8.6" "8.9" "9.0" ];
   pkgs = lib.fix (lib.extends overlay (self: lib.genAttrs tools (n: stub n { }) // {
     inherit lib system config;
-    stdenv = stub "stdenv" { } // { hostPlatform = { inherit system; }; };
+    stdenv = stub "stdenv" { } // { hostPlatform = { inherit system; efiArch = if system == "aarch64-linux" then "aa64" else "x64"; }; };
     callPackage = lib.callPackageWith self;
     # nixos-25.05's rustc (nix/rustc-version; tests/nix.rs compares the two).
     rustc = stub "rustc-1.86.0" { version = "1.86.0"; };

@@ -12,7 +12,8 @@
       lib = (import ./lib).extend (_: _: {
         nixosSystem = { system ? "x86_64-linux", modules, specialArgs ? { } }:
           self.lib.evalModules {
-            inherit specialArgs;
+            # ./modules stands in for nixpkgs' nixos/modules (image/repart.nix alone).
+            specialArgs = { modulesPath = ./modules; } // specialArgs;
             modules = [ ./nixos-options.nix { _module.args.pkgs = pkgsFor { inherit system; }; } ] ++ modules;
           };
       });
