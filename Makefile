@@ -11,7 +11,7 @@ CARGO ?= cargo
 # Where cargo puts what it builds (CARGO_TARGET_DIR when the user set one).
 BIN_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: run demo test test-appliance build-cuda test-cloud test-faults soak fuzz setup build bench lint fmt deb repro
+.PHONY: run demo test test-appliance build-cuda test-cloud test-faults soak fuzz setup build bench lint fmt deb repro repro-cuda
 
 ## Set up, build, and run the home stack on the default model at http://127.0.0.1:8080 until Ctrl-C.
 run: build
@@ -44,6 +44,11 @@ deb:
 ## (scripts/repro.sh, about twice a release build; REPRO_DIR=<dir> keeps the builds).
 repro:
 	scripts/repro.sh
+
+## The same check of the CUDA engine (make build-cuda), for one architecture by default
+## (LLORCH_CUDA_ARCHS); about 35 minutes a build on 2 cores.
+repro-cuda:
+	scripts/repro.sh --cuda
 
 ## The appliance test alone: boot the units under a real systemd in systemd-nspawn.
 test-appliance: build
