@@ -19,6 +19,7 @@ use llorch_client::HttpClient;
 use llorch_tests::appliance::{boot, curl, default_pool, stage, MODEL_SHA256};
 use llorch_tests::stack::{free_port, Stack, StackOptions, TEST_KEY};
 use llorch_tests::{bin, model_path, second_model_path, serial};
+use llorch_wire::node::PoolStatus;
 use llorch_wire::task::{PoolView, PoolsAnswer};
 
 fn on_demand(id: &str, model_id: &str, source: &std::path::Path) -> String {
@@ -60,27 +61,19 @@ fn llorch(stack: &Stack, args: &[&str]) -> String {
     text
 }
 
-/// Waits (up to 20 s, looking each 50 ms) until the control plane's view of the pools, which
-/// the node's heartbeats update, satisfies `cond`.
-async fn wait_pools(
-    stack: &Stack,
-    c: &HttpClient,
-    what: &str,
-    cond: impl Fn(&PoolView, &PoolView) -> bool,
-) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let (gemma, small) = (pool(c, "gemma").await, pool(c, "small-b").await);
-        if cond(&gemma, &small) {
-            return;
+/// gemma's and small-b's status as their node holds it: exact the moment an answer or an
+/// operator's action returns (the control plane's view follows with the next heartbeat).
+async fn on_node(stack: &Stack) -> (PoolStatus, PoolStatus) {
+    let node = HttpClient::new(&format!("unix:{}", stack.node_socket().display())).unwrap();
+    let status = |id: &'static str| {
+        let node = node.clone();
+        async move {
+            node.get_json::<PoolStatus>(&format!("/v2/pools/{id}"))
+                .await
+                .unwrap()
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: {gemma:?} {small:?}\n{}",
-            stack.logs()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    };
+    (status("gemma").await, status("small-b").await)
 }
 
 async fn pool(c: &HttpClient, id: &str) -> PoolView {
@@ -121,11 +114,13 @@ async fn each_model_answers_in_turn(stack: &Stack, c: &HttpClient) {
         assert_eq!(body["model"], model);
     }
     // Each unloaded the other, least recently used first: gemma twice, small-b once.
-    wait_pools(stack, c, "the swaps reported", |gemma, small| {
-        (gemma.swaps, small.swaps) == (2, 1) && small.memory_charged && !gemma.memory_charged
-    })
-    .await;
-    assert!(pool(c, "small-b").await.memory_charge_bytes.unwrap() > 0);
+    let (gemma, small) = on_node(stack).await;
+    assert_eq!((gemma.swaps, small.swaps), (2, 1), "{gemma:?} {small:?}");
+    assert!(
+        small.memory_charged && !gemma.memory_charged,
+        "{gemma:?} {small:?}"
+    );
+    assert!(small.memory_charge_bytes.unwrap() > 0);
 }
 
 async fn a_pinned_model_refuses_the_other_at_once_naming_it(stack: &Stack, c: &HttpClient) {
@@ -142,15 +137,13 @@ async fn a_pinned_model_refuses_the_other_at_once_naming_it(stack: &Stack, c: &H
 async fn the_operator_loads_and_unloads(stack: &Stack, c: &HttpClient) {
     llorch(stack, &["pools", "load", "gemma"]);
     // The load made room: small-b went, gemma is charged from the moment it was admitted.
-    wait_pools(
-        stack,
-        c,
-        "gemma loaded in place of small-b",
-        |gemma, small| gemma.memory_charged && !small.memory_charged && small.swaps == 2,
-    )
-    .await;
+    let (gemma, small) = on_node(stack).await;
+    assert!(
+        gemma.memory_charged && !small.memory_charged && small.swaps == 2,
+        "{gemma:?} {small:?}"
+    );
     llorch(stack, &["pools", "unload", "gemma"]);
-    wait_pools(stack, c, "gemma unloaded", |gemma, _| !gemma.memory_charged).await;
+    assert!(!on_node(stack).await.0.memory_charged);
     let status = llorch(stack, &["status"]);
     assert!(
         status.contains("MEMORY") && status.contains("SWAPS"),
