@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use llorch_wire::node::PoolStatus;
 
-use crate::state::{Command, Node, Request};
+use crate::state::{Command, Node, Unanswered};
 
 /// How long `Load`, `Unload` and `Restart` may take to be carried out: an engine's stop grace
 /// and then some. (A load is not waited for: the pool's state says when it is ready.)
@@ -123,29 +123,16 @@ pub async fn command(
                 e => ControlError::Busy(e.to_string()),
             })?;
     }
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let request = Request {
-        command,
-        by: by.to_string(),
-        reply,
-    };
-    // A supervisor that stopped (pool removed, node stopping) has dropped its receiver.
-    let timeout = ControlError::Timeout {
-        id: id.to_string(),
-        command: command.as_str(),
-    };
-    let sent = tokio::time::timeout(COMMAND_TIMEOUT, sender.send(request)).await;
-    match sent {
-        Err(_) => return Err(timeout),
-        Ok(Err(_)) => return Err(ControlError::Unavailable(id.to_string())),
-        Ok(Ok(())) => {}
-    }
-    match tokio::time::timeout(COMMAND_TIMEOUT, answer).await {
-        Err(_) => Err(timeout),
-        Ok(Err(_)) => Err(ControlError::Unavailable(id.to_string())),
-        Ok(Ok(Err(why))) => Err(ControlError::NotOnDemand(why)),
-        Ok(Ok(Ok(()))) => Ok(()),
-    }
+    crate::state::ask(sender, command, by, COMMAND_TIMEOUT)
+        .await
+        .map_err(|e| match e {
+            Unanswered::NoSupervisor => ControlError::Unavailable(id.to_string()),
+            Unanswered::TimedOut => ControlError::Timeout {
+                id: id.to_string(),
+                command: command.as_str(),
+            },
+            Unanswered::Refused(why) => ControlError::NotOnDemand(why),
+        })
 }
 
 /// A request to read node.toml again, answered with what changed.

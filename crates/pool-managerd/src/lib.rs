@@ -14,8 +14,9 @@
 //! - [`pools`]: the set of running pools, changed on reload (SIGHUP).
 //! - [`handoff`]: the inotify watcher of the handoff directory.
 //! - [`gpu`]: the GPU inventory from NVML (none on a CPU node).
-//! - [`state`]: the shared pool table, the derived pool state, and the operator commands
-//!   ([`state::Command`]) its per-pool channel carries to the supervisor.
+//! - [`commands`]: the commands a pool's supervisor takes, and handing one over.
+//! - [`state`]: the shared pool table, the derived pool state, and each pool's channel of
+//!   commands ([`commands::Command`]) to its supervisor.
 //! - [`api`]: the node API (axum) and the streaming forward.
 //! - [`control`]: operator actions (drain, resume, load, unload, restart, reload), shared by
 //!   the node API and the D-Bus front [`dbus`] (`org.llamaorch.PoolManager1`).
@@ -29,12 +30,13 @@
 //! This file starts them in order ([`run_with`]: listener, watcher, pools, heartbeats, API,
 //! D-Bus, then the reload loop) and stops them in reverse.
 //!
-//! Dependencies between the modules go one way: `config` and `gpu` at the bottom, then
+//! Dependencies between the modules go one way: `config`, `gpu` and `commands` at the bottom, then
 //! `budget`, `metrics`, `state`, `swap`, `launcher`, `supervisor`, `pools`, and the fronts (`api`, `control`,
 //! `dbus`, `register`, `handoff`) on top; none imports a module that imports it back.
 
 pub mod api;
 pub mod budget;
+pub mod commands;
 pub mod config;
 pub mod control;
 pub mod dbus;

@@ -17,39 +17,7 @@ use tokio::time::Instant;
 
 use crate::config::PoolConfig;
 
-/// An operator's command to a pool's supervisor (D-Bus `Load`, `Unload`, `Restart`). It is
-/// declared here, beside the table that holds each supervisor's command channel
-/// ([`PoolEntry::commands`]), so the table does not depend on the supervisor that reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    /// Load the model now: an on-demand pool on standby starts its engine (which unloads again
-    /// after its keep-alive without work); a failed pool retries at once; otherwise nothing.
-    Load,
-    /// Stop an on-demand pool's engine and go back to standby (its socket keeps listening).
-    Unload,
-    /// Stop the engine if one runs and start it again (an on-demand pool ends up loaded); a
-    /// failed pool retries at once.
-    Restart,
-}
-
-impl Command {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Load => "Load",
-            Self::Unload => "Unload",
-            Self::Restart => "Restart",
-        }
-    }
-}
-
-/// A command with whom it came from and where the answer goes (sent once it was carried out:
-/// after the engine stopped, for `Unload` and `Restart`).
-#[derive(Debug)]
-pub struct Request {
-    pub command: Command,
-    pub by: String,
-    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
-}
+pub use crate::commands::{ask, Command, Request, Unanswered};
 
 /// What the supervisor is doing with a pool's processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -233,24 +233,15 @@ async fn ask_supervisor(node: &Node, id: &str, command: Command, by: &str) -> Re
         .read(id, |p| p.commands.clone())
         .flatten()
         .ok_or_else(|| format!("pool {id} has no supervisor now"))?;
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let request = crate::state::Request {
-        command,
-        by: by.to_string(),
-        reply,
-    };
-    let asked = async {
-        sender
-            .send(request)
-            .await
-            .map_err(|_| "its supervisor stopped".to_string())?;
-        answer
-            .await
-            .map_err(|_| "its supervisor stopped".to_string())?
-    };
-    tokio::time::timeout(UNLOAD_TIMEOUT, asked)
+    crate::state::ask(sender, command, by, UNLOAD_TIMEOUT)
         .await
-        .unwrap_or_else(|_| Err(format!("not done within {} s", UNLOAD_TIMEOUT.as_secs())))
+        .map_err(|e| match e {
+            crate::state::Unanswered::NoSupervisor => "its supervisor stopped".to_string(),
+            crate::state::Unanswered::TimedOut => {
+                format!("not done within {} s", UNLOAD_TIMEOUT.as_secs())
+            }
+            crate::state::Unanswered::Refused(why) => why,
+        })
 }
 
 /// Marks the pools in the way that have been loaded long enough: new requests for them queue
