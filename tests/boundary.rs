@@ -6,49 +6,11 @@
 //!
 //! Holds `serial()` for its whole run (see engine.rs).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
 
 use llorch_tests::stack::MODEL_ID;
 use llorch_tests::up::Up;
-use llorch_tests::{bin, serial};
-
-/// One request on its own connection, written byte for byte as given: the status, the
-/// headers (lower-case names) and the body.
-fn raw(
-    listen: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String, String) {
-    let mut s = TcpStream::connect(listen).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\n");
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-        req.push_str(&format!("host: {listen}\r\n"));
-    }
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!(
-        "content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    ));
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    (status, head.to_ascii_lowercase(), body.to_string())
-}
+use llorch_tests::{bin, raw, serial};
 
 fn pool_state(listen: &str) -> String {
     let (status, _, body) = raw(listen, "GET", "/v2/pools", &[], "");
@@ -322,4 +284,31 @@ fn task_ids_are_unguessable(l: &str) {
         hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()),
         "{id}"
     );
+    // The fleet stream (the web console's) lists tasks, but never their ids to anonymous
+    // callers, who share one namespace: it would hand out what the ids keep unguessable.
+    let out = Command::new("curl")
+        .args(["-sN", "--max-time", "2"])
+        .arg(format!("http://{l}/v2/events?interval_ms=250"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("event: snapshot"), "{text}");
+    assert!(
+        text.contains(r#""model":"smollm2-135m""#),
+        "the task is listed: {text}"
+    );
+    assert!(!text.contains(id) && !text.contains("task_id"), "{text}");
+    assert!(
+        !text.contains(r#""nodes""#),
+        "nodes are for the operator: {text}"
+    );
+    // A page elsewhere cannot read the stream.
+    let (status, _, _) = raw(
+        l,
+        "GET",
+        "/v2/events",
+        &[("origin", "http://evil.example")],
+        "",
+    );
+    assert_eq!(status, 403);
 }

@@ -17,7 +17,7 @@ use llorch_tests::rootfs::{privileged, rootfs, try_root_prefix};
 use llorch_tests::{cache_dir, repo_root};
 
 /// Every Debian package the build and `make test` need (scripts/setup.sh's list).
-const REQUIRED: [&str; 15] = [
+const REQUIRED: [&str; 16] = [
     "cmake",
     "libclang-dev",
     "g++",
@@ -33,6 +33,7 @@ const REQUIRED: [&str; 15] = [
     "nix-bin",
     "lintian",
     "help2man",
+    "chromium-driver",
 ];
 
 /// Root privileges and the cached root filesystem, made once per test binary; None where this

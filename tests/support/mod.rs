@@ -70,10 +70,10 @@ pub fn second_model_path() -> PathBuf {
 }
 
 /// The Python packages `scripts/setup.sh` installs for the tests (the official `openai`,
-/// `anthropic` and `ollama` clients and `jsonschema`), for `PYTHONPATH`.
+/// `anthropic` and `ollama` clients, `jsonschema` and `selenium`), for `PYTHONPATH`.
 pub fn python_path() -> PathBuf {
     let dir = cache_dir().join("python");
-    for package in ["openai", "anthropic", "ollama", "jsonschema"] {
+    for package in ["openai", "anthropic", "ollama", "jsonschema", "selenium"] {
         assert!(
             dir.join(package).exists(),
             "the {package} Python package is not in {}; run scripts/setup.sh (make test does)",
@@ -301,6 +301,42 @@ impl Drop for Engine {
             let _ = self.child.wait();
         }
     }
+}
+
+/// One request on its own connection, written byte for byte as given: the status, the
+/// headers (lower-case names) and the body.
+pub fn raw(
+    listen: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    let mut s = std::net::TcpStream::connect(listen).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("host: {listen}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!(
+        "content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    use std::io::{Read, Write};
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, head.to_ascii_lowercase(), body.to_string())
 }
 
 /// POSTs JSON and returns status, headers and the decoded body.

@@ -14,8 +14,10 @@ use llorch_wire::task::PoolsAnswer;
 
 use crate::{bin, model_path};
 
-/// The API key the test stacks accept.
+/// The API key the test stacks accept (named `tester`, marked admin).
 pub const TEST_KEY: &str = "test-key-0123456789abcdef";
+/// Another key of the test stacks (named `other`, a plain client).
+pub const OTHER_KEY: &str = "other-key-0123456789abcdef";
 pub const MODEL_ID: &str = "smollm2-135m";
 /// The node token of test stacks that require one.
 pub const NODE_TOKEN: &str = "node-token-0123456789abcdef";
@@ -211,7 +213,7 @@ impl Stack {
         let keys = self.dir.path().join("api-keys");
         crate::write_secret(
             &keys,
-            &format!("tester {TEST_KEY} admin\nother other-key-0123456789abcdef\n"),
+            &format!("tester {TEST_KEY} admin\nother {OTHER_KEY}\n"),
         );
         let log = self.dir.path().join("logs/orchestratord.log");
         let mut cmd = Command::new(bin("orchestratord"));

@@ -78,7 +78,7 @@ impl Up {
             stderr: Some(stderr),
         };
         // `llorch up` prints the endpoint once a pool is ready (so pool-managerd registered at
-        // the port the kernel chose), then a curl line to try.
+        // the port the kernel chose), then a curl line to try, then where the console is.
         let first = up.stdout.recv_timeout(Duration::from_secs(120));
         let first = match first {
             Ok(line) => line,
@@ -98,6 +98,12 @@ impl Up {
         up.listen = listen;
         let curl = up.stdout.recv_timeout(Duration::from_secs(5)).unwrap();
         assert!(curl.starts_with("try: curl"), "{curl}");
+        let console = up.stdout.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            console.starts_with(&format!("console: {}/ui/ ", up.url))
+                && console.contains("admin token from /"),
+            "{console}"
+        );
         up
     }
 

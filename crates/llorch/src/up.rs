@@ -242,6 +242,21 @@ pub fn node_token_files(runtime: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((token_file, tokens_file))
 }
 
+/// What `llorch up` prints once the stack serves: the endpoints, a request to try and the
+/// web console (tests/support/up.rs reads these three lines).
+fn announce(url: &str, model_id: &str, admin_token: &Path) {
+    println!(
+        "llama-orch is serving {model_id} at {url}/v1 (OpenAI), {url} (Anthropic and Ollama clients) and {url}/v2 (native)"
+    );
+    println!(
+        "try: curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
+    );
+    println!(
+        "console: {url}/ui/ in a browser on this machine; for operator actions paste the admin token from {}",
+        admin_token.display()
+    );
+}
+
 /// Where `llorch up` leaves the operator's token of the stack on `port` for `llorch` to send:
 /// `$XDG_RUNTIME_DIR/llama-orch/admin-PORT.token`, else under `~/.cache/llama-orch/run/`, in a
 /// directory only this user can enter.
@@ -402,14 +417,7 @@ pub async fn run(mut opts: UpOptions) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&admin_token);
         return Err(e);
     }
-    println!(
-        "llama-orch is serving {} at {url}/v1 (OpenAI), {url} (Anthropic and Ollama clients) and {url}/v2 (native)",
-        opts.model_id
-    );
-    println!(
-        "try: curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'",
-        opts.model_id
-    );
+    announce(&url, &opts.model_id, &admin_token);
     eprintln!("llorch: Ctrl-C stops everything.");
     let exited = tokio::select! {
         _ = stop.cancelled() => None,

@@ -70,3 +70,31 @@ pub fn pool_changes(
     }
     out
 }
+
+impl Event {
+    /// The event as `GET /v2/events` sends it (`event: notice`): its kind and fields.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Self::NodeJoined(node) => json!({"kind": "node_joined", "node_id": node}),
+            Self::NodeLost { node, reason } => {
+                json!({"kind": "node_lost", "node_id": node, "reason": reason})
+            }
+            Self::PoolStateChanged {
+                node,
+                pool,
+                old,
+                new,
+                reason,
+            } => json!({
+                "kind": "pool_state_changed",
+                "node_id": node,
+                "pool_id": pool,
+                "old": old,
+                "new": new,
+                "reason": reason,
+            }),
+            Self::QueueSaturated(depth) => json!({"kind": "queue_saturated", "depth": depth}),
+        }
+    }
+}

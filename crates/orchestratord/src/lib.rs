@@ -10,6 +10,9 @@
 //!   [`state::Submission`]s; [`api::anthropic`], [`api::responses`] and [`api::ollama`]
 //!   translate their surfaces into the same engine request; [`api::nodes`] takes
 //!   registrations and heartbeats.
+//! - [`console`]: the web console's pages and scripts under `/ui/` (embedded; they call the
+//!   API like any client); `api/watch.rs`: `GET /v2/events`, the fleet as a live stream of
+//!   snapshots (`state/snapshot.rs`) and operator events.
 //! - [`dbus`]: `org.llamaorch.Orchestrator1`, its properties, methods and signals.
 //! - [`beats`]: the UDP socket that reads liveness beats in batches.
 //!
@@ -58,6 +61,7 @@ pub(crate) mod api;
 pub(crate) mod auth;
 pub mod beats;
 pub mod config;
+pub(crate) mod console;
 pub mod control;
 pub(crate) mod conversations;
 pub mod dbus;

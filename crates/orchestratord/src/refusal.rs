@@ -48,6 +48,8 @@ pub enum Refusal {
     ClientStreams { open: u32 },
     /// The task has as many event streams open as allowed.
     TaskStreams { task_id: String, open: u32 },
+    /// As many fleet event streams (`GET /v2/events`) are open as allowed for this caller.
+    WatchStreams { open: u32, admin_reserved: u32 },
     /// No node (or not `on_node`) has a pool of this id.
     UnknownPool {
         pool: String,
@@ -96,6 +98,7 @@ impl Refusal {
             | Self::TaskExists { .. }
             | Self::ClientStreams { .. }
             | Self::TaskStreams { .. }
+            | Self::WatchStreams { .. }
             | Self::UnknownTask { .. }
             | Self::AmbiguousTask { .. } => self.task_body(),
             Self::NoNodes
@@ -135,6 +138,9 @@ impl Refusal {
             )),
             Self::TaskStreams { task_id, open } => rate_limited(format!(
                 "task {task_id} has {open} event streams open, the most allowed; close one first"
+            )),
+            Self::WatchStreams { open, admin_reserved } => rate_limited(format!(
+                "{open} fleet event streams (GET /v2/events) are open, the most allowed; close one (a console tab) first; the last {admin_reserved} are kept for the admin credential"
             )),
             Self::UnknownTask { task_id } => ErrorBody::invalid(
                 "task_id",

@@ -191,6 +191,8 @@ pub struct Task {
     pub failed_attempts: std::sync::atomic::AtomicU32,
     /// Native event streams open on it (see `state::MAX_SUBSCRIBERS_PER_TASK`).
     pub subscribers: std::sync::atomic::AtomicU32,
+    /// Why its (last) pool was chosen, as placement said (`GET /v2/events` shows it).
+    placement: Mutex<Vec<String>>,
     log: Mutex<Log>,
     changed: watch::Sender<usize>,
 }
@@ -234,6 +236,7 @@ impl Task {
             first_token: OnceLock::new(),
             failed_attempts: std::sync::atomic::AtomicU32::new(0),
             subscribers: std::sync::atomic::AtomicU32::new(0),
+            placement: Mutex::new(Vec::new()),
             log: Mutex::new(Log {
                 events: VecDeque::new(),
                 dropped: 0,
@@ -250,6 +253,16 @@ impl Task {
     /// are key-file tokens, task ids are validated), so no two pairs share a key.
     pub fn key_for(client: &str, id: &str) -> String {
         format!("{client}\n{id}")
+    }
+
+    /// Records why placement chose its pool (again, when it is placed again).
+    pub fn set_placement(&self, reasons: Vec<String>) {
+        *llorch_os::sync::lock(&self.placement) = reasons;
+    }
+
+    /// Why placement chose its pool; empty before it was placed.
+    pub fn placement(&self) -> Vec<String> {
+        llorch_os::sync::lock(&self.placement).clone()
     }
 
     /// The request to send to the engine; None once the task ended.
@@ -454,6 +467,11 @@ impl TaskTable {
 
     pub fn contains(&self, id: &str) -> bool {
         self.tasks.contains_key(id)
+    }
+
+    /// Every task kept: queued, running, and finished ones within their retention.
+    pub fn iter(&self) -> impl Iterator<Item = &std::sync::Arc<Task>> {
+        self.tasks.values()
     }
 
     pub fn insert(&mut self, task: std::sync::Arc<Task>) {

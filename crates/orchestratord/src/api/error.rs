@@ -34,7 +34,8 @@ pub fn status_of(refusal: &Refusal) -> StatusCode {
         Refusal::DeadlineUnmet { .. }
         | Refusal::QueueFull { .. }
         | Refusal::ClientStreams { .. }
-        | Refusal::TaskStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+        | Refusal::TaskStreams { .. }
+        | Refusal::WatchStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
         Refusal::NoNodes | Refusal::ModelOffline { .. } | Refusal::NodesFull => {
             StatusCode::SERVICE_UNAVAILABLE
         }

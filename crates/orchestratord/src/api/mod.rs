@@ -9,6 +9,7 @@
 //! - `interactive.rs`: admitting a client surface's request, and cancelling it on disconnect.
 //! - [`native`]: `/v2/tasks…`, `/v2/sessions/…`, `/v2/pools…`, `/v2/meta/capabilities`.
 //! - [`nodes`]: node registration and heartbeats, `/v2/nodes`.
+//! - `watch.rs`: `/v2/events`, the fleet as a live event stream (the web console follows it).
 //! - [`sse`]: the streaming response body.
 //! - `error.rs`: refusals of the core as HTTP statuses, and the error envelopes.
 
@@ -23,6 +24,7 @@ pub mod ollama;
 pub mod openai;
 pub mod responses;
 pub mod sse;
+mod watch;
 
 use std::sync::Arc;
 
@@ -258,21 +260,39 @@ async fn metrics(Ext(state): Ext<AppState>) -> impl IntoResponse {
 }
 
 async fn not_found(req: Request) -> ApiError {
-    let path = req.uri().path().to_string();
+    not_found_at(req.method().as_str(), req.uri().path())
+}
+
+/// `GET /`: a browser (it asks for HTML) goes to the web console; anything else gets the 404
+/// it got before the console existed.
+async fn root(headers: HeaderMap) -> Response {
+    let wants_html = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if wants_html {
+        return crate::console::redirect("/ui/");
+    }
+    not_found_at("GET", "/").into_response()
+}
+
+/// The 404 of a path no route serves.
+fn not_found_at(method: &str, path: &str) -> ApiError {
     let body = ErrorBody::invalid(
         "path",
-        format!("no such endpoint {} {path}; see docs/API.md", req.method()),
+        format!("no such endpoint {method} {path}; see docs/API.md"),
     );
     ApiError {
         status: StatusCode::NOT_FOUND,
         body,
-        envelope: Envelope::of_path(&path),
+        envelope: Envelope::of_path(path),
     }
 }
 
 /// The routes, behind the browser checks of `boundary`.
 pub fn router(state: AppState, boundary: Boundary) -> Router {
     Router::new()
+        .route("/", get(root))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -309,12 +329,14 @@ pub fn router(state: AppState, boundary: Boundary) -> Router {
         .route("/v2/pools/{id}/{action}", post(native::model_action))
         .route("/v2/meta/capabilities", get(native::capabilities))
         .route("/v2/catalog/availability", get(native::availability))
+        .route("/v2/events", get(watch::events))
         .route("/v2/nodes", get(nodes::list))
         .route("/v2/nodes/register", post(nodes::register))
         .route("/v2/nodes/{id}/heartbeat", post(nodes::heartbeat))
         .route("/v2/nodes/{id}/leave", post(nodes::leave))
         .route("/v2/nodes/{id}/drain", post(nodes::drain))
         .route("/v2/nodes/{id}/resume", post(nodes::resume))
+        .merge(crate::console::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(boundary),

@@ -362,6 +362,7 @@ impl Pass<'_> {
                     return false;
                 };
                 tracing::debug!(task_id = %task.id, pool_id = %pool_id, ?reasons, "Placed.");
+                task.set_placement(reasons);
                 self.state.metrics.decision(Decision::Placed);
                 let key: PoolKey = (node_id, pool_id);
                 self.prefixes.record(&key, &task.prefix);

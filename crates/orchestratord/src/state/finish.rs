@@ -66,6 +66,14 @@ impl State {
             tokens_in,
             tokens_out,
         });
+        if let (Some(started), Some(end)) = (&s.started, &s.end) {
+            self.tally(
+                (started.node_id.clone(), started.pool_id.clone()),
+                end.tokens_in,
+                end.cached_tokens,
+                end.tokens_out,
+            );
+        }
         // One journal record per task; field names become journald fields (TASK_ID, ...).
         // No prompt or generated text, no key: only the key's name.
         let started = s.started.as_ref();

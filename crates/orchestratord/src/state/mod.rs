@@ -6,6 +6,7 @@
 
 mod admit;
 mod finish;
+pub(crate) mod snapshot;
 mod subscribers;
 mod views;
 
@@ -96,6 +97,10 @@ pub struct State {
     pub(crate) events: tokio::sync::broadcast::Sender<crate::events::Event>,
     /// Stored answers of the Responses API (`previous_response_id`).
     pub(crate) conversations: crate::conversations::Conversations,
+    /// What finished tasks did on each pool (`GET /v2/events`).
+    tallies: Mutex<HashMap<crate::registry::PoolKey, snapshot::PoolTally>>,
+    /// Open `GET /v2/events` streams.
+    pub(crate) watchers: std::sync::atomic::AtomicU32,
 }
 
 impl State {
@@ -116,6 +121,8 @@ impl State {
             metrics,
             saturated: Default::default(),
             subscribers: Default::default(),
+            tallies: Default::default(),
+            watchers: Default::default(),
             events: tokio::sync::broadcast::Sender::new(crate::events::CAPACITY),
             conversations: crate::conversations::Conversations::new(
                 config.responses_ttl,

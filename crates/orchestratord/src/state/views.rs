@@ -26,18 +26,9 @@ impl State {
     /// `GET /v2/pools`: every pool with its slots, and the queue.
     pub(crate) fn pools_answer(&self) -> PoolsAnswer {
         let core = self.core();
-        let interactive = core.queue.count(Priority::Interactive) as u32;
-        let batch = core.queue.count(Priority::Batch) as u32;
         PoolsAnswer {
             pools: core.registry.pool_views(),
-            queue: QueueView {
-                depth: core.queue.len() as u32,
-                capacity: core.queue.capacity() as u32,
-                interactive,
-                batch,
-                running: core.registry.total_leased(),
-                policy: core.queue.policy().as_str().into(),
-            },
+            queue: queue_view(&core),
         }
     }
 
@@ -121,5 +112,17 @@ impl State {
     /// so the lock can never be held across an `.await`; keep it short.
     pub(crate) fn read<R>(&self, read: impl FnOnce(&Core) -> R) -> R {
         read(&self.core())
+    }
+}
+
+/// The queue's counts, as `GET /v2/pools` and `GET /v2/events` give them.
+pub(super) fn queue_view(core: &Core) -> QueueView {
+    QueueView {
+        depth: core.queue.len() as u32,
+        capacity: core.queue.capacity() as u32,
+        interactive: core.queue.count(Priority::Interactive) as u32,
+        batch: core.queue.count(Priority::Batch) as u32,
+        running: core.registry.total_leased(),
+        policy: core.queue.policy().as_str().into(),
     }
 }
