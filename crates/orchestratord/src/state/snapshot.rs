@@ -200,12 +200,14 @@ impl State {
         // The tasks under the task table's lock alone: the core lock is never taken with it.
         let mut recent: Vec<Arc<Task>> = self.tasks().iter().cloned().collect();
         recent.sort_unstable_by_key(|t| std::cmp::Reverse(t.submitted));
+        // Only the unfinished tasks' summaries: most kept tasks are finished ones.
         let running: Vec<(PoolKey, u32)> = recent
             .iter()
+            .filter(|t| !t.is_finished())
             .filter_map(|t| {
                 let s = t.summary();
                 let started = s.started?;
-                (!t.is_finished()).then_some(((started.node_id, started.pool_id), s.tokens))
+                Some(((started.node_id, started.pool_id), s.tokens))
             })
             .collect();
         let tasks = recent
