@@ -116,10 +116,41 @@ if [[ $ONLY_TOOLKIT == 1 ]]; then
   exit 0
 fi
 
+# --- nvcc, the same every time ------------------------------------------------------------------
+# nvcc names its intermediate files after its process id (tmpxft_<pid>_<n>-…cudafe1.cpp), and
+# those names end up in the objects, so two builds of the same source differ. Run each nvcc in
+# a PID namespace of its own, where it is process 1, with a private tmpfs as its TMPDIR (every
+# nvcc is process 1 there, so concurrent ones would otherwise share file names in /tmp). Where
+# namespaces are not allowed (no root and no unprivileged user namespaces), nvcc runs as is and
+# the engine builds, but not bit for bit the same twice.
+nvcc_wrapper() {
+  local real="$PREFIX/bin/nvcc" wrapper="$PREFIX/llama-orch-nvcc" userns=""
+  [ "$(id -u)" -eq 0 ] || userns="--user --map-root-user"
+  mkdir -p /tmp/llorch-nvcc
+  # shellcheck disable=SC2086
+  if ! unshare $userns --mount --pid --fork --kill-child -- \
+    sh -c 'mount -t tmpfs -o mode=1777 tmpfs /tmp/llorch-nvcc' 2>/dev/null; then
+    say "cannot run nvcc in a PID namespace here (unshare refused); building without it: the engine will not be bit for bit reproducible"
+    echo "$real"
+    return
+  fi
+  cat >"$wrapper.tmp" <<WRAPPER
+#!/bin/sh
+# Written by scripts/build-cuda.sh: nvcc as process 1 of a PID namespace, with a private TMPDIR.
+mkdir -p /tmp/llorch-nvcc
+exec unshare $userns --mount --pid --fork --kill-child -- sh -c \
+  'mount -t tmpfs -o mode=1777 tmpfs /tmp/llorch-nvcc && TMPDIR=/tmp/llorch-nvcc exec "\$0" "\$@"' \
+  "$real" "\$@"
+WRAPPER
+  chmod 755 "$wrapper.tmp"
+  mv "$wrapper.tmp" "$wrapper"
+  echo "$wrapper"
+}
+
 # --- The engine --------------------------------------------------------------------------------
 export CUDA_PATH="$PREFIX" CUDA_LIBRARY_PATH="$PREFIX"
-export CUDACXX="$PREFIX/bin/nvcc"
-export CMAKE_CUDA_COMPILER="$PREFIX/bin/nvcc"
+CUDACXX=$(nvcc_wrapper)
+export CUDACXX CMAKE_CUDA_COMPILER="$CUDACXX"
 export CMAKE_CUDA_ARCHITECTURES="$ARCHS"
 export LLORCH_CUDA_CUBLAS=dynamic
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
