@@ -8,7 +8,8 @@
 //!   API's Host check (DNS rebinding);
 //! - headless Chromium drives the pages (`tests/python/console_browser.py`): the overview, a
 //!   streamed request in the queue and the task list, the playground, operator actions with and
-//!   without the admin credential, a hostile string from a node, a phone-sized screen. Its
+//!   without the admin credential (drain, resume, load, unload, cancel), a hostile string from
+//!   a node, a phone-sized screen. Its
 //!   screenshots are saved under `target/console-screenshots/`.
 //!
 //! Holds `serial()` for its whole run (see engine.rs).
@@ -351,9 +352,16 @@ async fn the_console_works_in_a_browser() {
         return;
     };
     let _g = serial();
+    // One slot (a second request waits), and an on-demand pool of the same model to load and
+    // unload from the page.
+    let extra = format!(
+        "\n[[pools]]\nid = \"extra\"\nslots = 1\nctx = 512\nthreads = 1\non_demand = true\nprefix_cache_mib = 0\n\n[pools.model]\nid = \"smollm2-extra\"\nsource = \"{}\"\n",
+        llorch_tests::model_path().display()
+    );
     let stack = tokio::task::block_in_place(|| {
         Stack::start(StackOptions {
             slots: 1,
+            extra_node_toml: extra,
             ..Default::default()
         })
     });

@@ -1,9 +1,9 @@
 """Drives the web console in headless Chromium (Selenium and Debian's chromedriver) against a
 running stack: URL ADMIN_KEY MODEL OTHER_KEY SCREENSHOT_DIR. Prints `console ok` at the end.
 
-The stack has one slot (a second streamed request waits in the queue), API keys ADMIN_KEY
-(marked admin) and OTHER_KEY (a plain client), and a bogus node whose pool reports markup as
-its last error (it must show as text, and run nothing).
+The stack has one slot (a second streamed request waits in the queue), an on-demand pool
+`extra`, API keys ADMIN_KEY (marked admin) and OTHER_KEY (a plain client), and a bogus node
+whose pool reports markup as its last error (it must show as text, and run nothing).
 """
 
 import json
@@ -152,6 +152,16 @@ try:
     click("pools", "resume", pool="default")
     until("the resume answer", lambda: "now ready" in text("#message"))
     assert pool_state() == "ready"
+    # An on-demand model, loaded and unloaded from the page.
+    assert cell("pools", ".state", pool="extra") == "standby"
+    click("pools", "load", pool="extra")
+    until("the load answer", lambda: "load pool extra: now" in text("#message"), 150)
+    until("extra loaded", lambda: cell("pools", ".state", pool="extra") == "ready", 120)
+    assert pool_state("extra") == "ready"
+    click("pools", "unload", pool="extra")
+    until("the unload answer", lambda: "unload pool extra: now standby" in text("#message"), 60)
+    assert pool_state("extra") == "standby"
+    until("extra unloaded", lambda: cell("pools", ".state", pool="extra") == "standby")
     click("nodes", "drain-node", node="node-a")
     until("the node drained", lambda: "drained" in text("#message"))
     assert next(n for n in api("/v2/nodes") if n["node_id"] == "node-a")["draining"]

@@ -32,6 +32,8 @@ pub const MAX_FINISHED: usize = 4096;
 pub const MAX_LOG_BYTES: usize = 16 << 20;
 /// Bytes of the logs of all finished tasks kept together.
 pub const MAX_FINISHED_BYTES: usize = 256 << 20;
+/// Lines of placement reasons a task keeps.
+pub const MAX_PLACEMENT_REASONS: usize = 8;
 
 /// What an event costs in a log, roughly: its text and log-probabilities, plus a fixed part.
 fn event_bytes(e: &TaskEvent) -> usize {
@@ -255,8 +257,16 @@ impl Task {
         format!("{client}\n{id}")
     }
 
-    /// Records why placement chose its pool (again, when it is placed again).
-    pub fn set_placement(&self, reasons: Vec<String>) {
+    /// Records why placement chose its pool (again, when it is placed again). Placement says
+    /// something of every pool of the model it passed over; a task keeps the decisive lines,
+    /// which come last, and counts the rest (thousands of retained tasks on a cluster of
+    /// hundreds of pools must not keep a line per pool each).
+    pub fn set_placement(&self, mut reasons: Vec<String>) {
+        if reasons.len() > MAX_PLACEMENT_REASONS {
+            let cut = reasons.len() - (MAX_PLACEMENT_REASONS - 1);
+            reasons.drain(..cut);
+            reasons.insert(0, format!("{cut} more pools passed over"));
+        }
         *llorch_os::sync::lock(&self.placement) = reasons;
     }
 
@@ -540,6 +550,20 @@ mod tests {
             "cid".into(),
             Api::Native,
         )
+    }
+
+    #[test]
+    fn a_task_keeps_the_decisive_placement_reasons_only() {
+        let t = task();
+        let mut reasons: Vec<String> = (0..1000).map(|i| format!("p{i}: no free slot")).collect();
+        reasons.push("chosen: 3 free slots".into());
+        t.set_placement(reasons);
+        let kept = t.placement();
+        assert_eq!(kept.len(), MAX_PLACEMENT_REASONS);
+        assert_eq!(kept[0], "994 more pools passed over");
+        assert_eq!(kept.last().unwrap(), "chosen: 3 free slots");
+        t.set_placement(vec!["a: 1 free slots".into()]);
+        assert_eq!(t.placement(), ["a: 1 free slots"]);
     }
 
     #[tokio::test]
