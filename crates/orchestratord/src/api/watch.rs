@@ -17,11 +17,10 @@ use axum::response::Response;
 use bytes::Bytes;
 use llorch_wire::ErrorBody;
 use tokio::sync::{broadcast, mpsc};
-use tokio::time::Instant;
 
 use super::{identify, sse, ApiError, AppState};
 use crate::refusal::Refusal;
-use crate::state::snapshot::{Snapshot, Viewer};
+use crate::state::snapshot::{Totals, Viewer};
 use crate::state::State;
 
 /// Fleet event streams open at once, all callers together.
@@ -110,7 +109,7 @@ pub async fn events(
 
 fn frame(event: &str, data: &impl serde::Serialize) -> Bytes {
     let json = serde_json::to_string(data).unwrap_or_else(|_| "{}".into());
-    Bytes::from(format!("event: {event}\ndata: {json}\n\n"))
+    Bytes::from(llorch_wire::sse::frame(event, &json))
 }
 
 async fn follow(
@@ -121,7 +120,7 @@ async fn follow(
     tx: mpsc::Sender<Bytes>,
     _watcher: Watcher,
 ) {
-    let mut previous: Option<(Snapshot, Instant)> = None;
+    let mut totals = Totals::default();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -141,11 +140,9 @@ async fn follow(
             _ = tx.closed() => return,
             _ = state.shutdown.cancelled() => return,
         }
-        let now = Instant::now();
-        let snap = state.snapshot(&viewer, previous.as_ref().map(|(s, at)| (s, *at)));
+        let snap = state.snapshot(&viewer, &mut totals);
         if tx.send(frame("snapshot", &snap)).await.is_err() {
             return;
         }
-        previous = Some((snap, now));
     }
 }

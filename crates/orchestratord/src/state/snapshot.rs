@@ -186,13 +186,9 @@ impl State {
         t.tokens_out += u64::from(out);
     }
 
-    /// The fleet as `viewer` may see it. `previous` is the stream's last snapshot (for the
-    /// pools' tokens per second) and when it was taken.
-    pub(crate) fn snapshot(
-        &self,
-        viewer: &Viewer,
-        previous: Option<(&Snapshot, Instant)>,
-    ) -> Snapshot {
+    /// The fleet as `viewer` may see it. `totals` holds the stream's previous token counts
+    /// (for the pools' tokens per second) and is replaced with this snapshot's.
+    pub(crate) fn snapshot(&self, viewer: &Viewer, totals: &mut Totals) -> Snapshot {
         let now = Instant::now();
         // The tallies before the tasks: a task that finishes in between is missing from this
         // snapshot's token totals for a moment, never counted twice.
@@ -200,16 +196,17 @@ impl State {
         // The tasks under the task table's lock alone: the core lock is never taken with it.
         let mut recent: Vec<Arc<Task>> = self.tasks().iter().cloned().collect();
         recent.sort_unstable_by_key(|t| std::cmp::Reverse(t.submitted));
-        // Only the unfinished tasks' summaries: most kept tasks are finished ones.
-        let running: Vec<(PoolKey, u32)> = recent
-            .iter()
-            .filter(|t| !t.is_finished())
-            .filter_map(|t| {
-                let s = t.summary();
-                let started = s.started?;
-                Some(((started.node_id, started.pool_id), s.tokens))
-            })
-            .collect();
+        // Tokens streamed so far per pool; only the unfinished tasks' summaries are read (most
+        // kept tasks are finished ones).
+        let mut streaming: HashMap<PoolKey, u64> = HashMap::new();
+        for t in recent.iter().filter(|t| !t.is_finished()) {
+            let s = t.summary();
+            if let Some(started) = s.started {
+                *streaming
+                    .entry((started.node_id, started.pool_id))
+                    .or_default() += u64::from(s.tokens);
+            }
+        }
         let tasks = recent
             .iter()
             .filter(|t| viewer.sees(t).0)
@@ -217,7 +214,7 @@ impl State {
             .map(|t| task_entry(t, viewer, now))
             .collect();
         let core = self.core();
-        let pools = pool_entries(&core, &tallies, &running, previous, now);
+        let pools = pool_entries(&core, &tallies, &streaming, totals, now);
         Snapshot {
             at_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -231,35 +228,39 @@ impl State {
     }
 }
 
+/// Each pool's generated tokens when a stream's last snapshot was taken: what its next one
+/// computes tokens per second from.
+#[derive(Debug, Default)]
+pub(crate) struct Totals {
+    at: Option<Instant>,
+    tokens: HashMap<PoolKey, u64>,
+}
+
 fn pool_entries(
     core: &Core,
     tallies: &HashMap<PoolKey, PoolTally>,
-    running: &[(PoolKey, u32)],
-    previous: Option<(&Snapshot, Instant)>,
+    streaming: &HashMap<PoolKey, u64>,
+    totals: &mut Totals,
     now: Instant,
 ) -> Vec<PoolEntry> {
-    core.registry
+    let secs = totals.at.map(|at| now.duration_since(at).as_secs_f64());
+    let mut next = HashMap::new();
+    let pools = core
+        .registry
         .pool_views()
         .into_iter()
         .map(|view| {
             let key = (view.node_id.clone(), view.pool_id.clone());
             let tally = tallies.get(&key).copied().unwrap_or_default();
-            let streaming: u64 = running
-                .iter()
-                .filter(|(k, _)| *k == key)
-                .map(|(_, n)| u64::from(*n))
-                .sum();
-            let total = tally.tokens_out + streaming;
-            let tokens_per_second = previous.and_then(|(prev, at)| {
-                let before = prev
-                    .pools
-                    .iter()
-                    .find(|p| p.view.node_id == key.0 && p.view.pool_id == key.1)?;
-                let secs = now.duration_since(at).as_secs_f64();
-                (secs > 0.0)
-                    .then(|| total.saturating_sub(before.tokens_out_total) as f64 / secs)
-                    .map(|r| (r * 10.0).round() / 10.0)
-            });
+            let total = tally.tokens_out + streaming.get(&key).copied().unwrap_or(0);
+            let tokens_per_second = match (secs, totals.tokens.get(&key)) {
+                (Some(secs), Some(before)) if secs > 0.0 => {
+                    let rate = total.saturating_sub(*before) as f64 / secs;
+                    Some((rate * 10.0).round() / 10.0)
+                }
+                _ => None,
+            };
+            next.insert(key, total);
             PoolEntry {
                 view,
                 tokens_out_total: total,
@@ -269,7 +270,12 @@ fn pool_entries(
                 tasks_finished: tally.tasks,
             }
         })
-        .collect()
+        .collect();
+    *totals = Totals {
+        at: Some(now),
+        tokens: next,
+    };
+    pools
 }
 
 fn queue_entry(core: &Core, viewer: &Viewer, now: Instant) -> QueueEntry {
