@@ -308,6 +308,16 @@ fn the_console_pages_are_locked_down() {
     assert!(head.contains("location: /ui/"), "{head}");
     let (status, _, body) = raw(&listen, "GET", "/", &[("accept", "application/json")], "");
     assert_eq!(status, 404, "{body}");
+    // A cookie is not a credential: what a browser would attach to another site's request.
+    let (status, head, _) = raw(
+        &listen,
+        "GET",
+        "/v2/events",
+        &[("cookie", &format!("llorch-credential={TEST_KEY}"))],
+        "",
+    );
+    assert_eq!(status, 401);
+    assert!(!head.contains("set-cookie"), "{head}");
     // DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own name as Host.
     let (status, _, _) = raw(&listen, "GET", "/ui/", &[("host", "evil.example")], "");
     assert_eq!(status, 421);

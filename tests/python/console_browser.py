@@ -103,6 +103,8 @@ try:
     # The admin key: nodes too, and the actions work.
     use_key(KEY)
     until("the node", lambda: cell("nodes", ".state", node="node-a") == "online")
+    # The credential never becomes a cookie another site's request would carry.
+    assert d.get_cookies() == [], d.get_cookies()
     assert not d.find_element(By.ID, "nodes-note").is_displayed()
 
     # Two streamed requests on one slot: one runs, one waits in the queue.
