@@ -2,7 +2,7 @@
 //! with its slot reserved. Each step refuses with the status and the field at fault: the
 //! engine's phase, the body (size, JSON, ranges), the requested slot, the chat template and
 //! tools, the grammar (parsed here once), the prompt's length in tokens, and a free slot.
-//! It does not run the job (`decode.rs`) nor choose the slot (`slots.rs`).
+//! It does not run the job (`decode/`) nor choose the slot (`slots.rs`).
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;

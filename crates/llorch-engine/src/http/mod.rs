@@ -15,7 +15,7 @@
 //!   rendering, grammar, tokenizing, slot reservation);
 //! - `stream.rs`: [`SseBody`], the job's events written as SSE.
 //!
-//! It does not run generation (that is `decode.rs`) nor choose slots (`slots.rs`).
+//! It does not run generation (that is `decode/`) nor choose slots (`slots.rs`).
 
 mod admit;
 mod idle;

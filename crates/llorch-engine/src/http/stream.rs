@@ -1,6 +1,6 @@
 //! The SSE body of a generation: the events the decode loop sends for one job, written as
 //! `text/event-stream`. It owns the response's end of the job's event channel, and with it the
-//! request's place in the idle count; it does not produce events (that is `decode.rs`).
+//! request's place in the idle count; it does not produce events (that is `decode/`).
 
 use std::convert::Infallible;
 use std::pin::Pin;
