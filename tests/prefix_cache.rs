@@ -1,6 +1,7 @@
 //! The engine's prefix cache past the slot (docs/ARCHITECTURE.md, "The prefix cache"), end to
 //! end on the real default model: greedy answers from shared and restored prefixes equal cold
-//! ones, a system prompt is computed once for four slots, and the host cache keeps its bound.
+//! ones, a system prompt is computed once for four slots (one after another, or arriving
+//! together), and the host cache keeps its bound.
 //!
 //! Each test holds `serial()` for its whole run, across awaits (see tests/engine.rs).
 #![allow(clippy::await_holding_lock)]
@@ -206,6 +207,127 @@ async fn four_slots_with_one_system_prompt_compute_it_once() {
     assert!(engine.stop().success());
 }
 
+/// A system prompt of about 1,450 tokens: three steps of prefill (`BATCH_TOKENS` 512).
+fn long_system_prompt() -> String {
+    ["maps", "ships", "roads"].map(system_prompt).concat()
+}
+
+/// Requests that arrive together with one new system prompt compute it once: the first
+/// computes it, the others wait for its cells and copy them (`prefix::wait_for`) instead of
+/// splitting every batch between four copies of the same work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_requests_arriving_together_compute_a_new_system_prompt_once() {
+    let _serial = serial();
+    // About 1,450 tokens: three steps of prefill, so all four arrive while it is computed.
+    let system = long_system_prompt();
+    let questions = [
+        "How do I plant tomatoes?",
+        "When do I prune roses?",
+        "What is compost?",
+        "How often do I water basil?",
+    ];
+    let reference = cold(&chat(&system, questions[2], 8)).await;
+    let engine = Engine::start(&["--slots", "4"]);
+    let client = engine.client();
+    // All four are admitted before the loop's next step: their streams are open first.
+    let mut streams = Vec::new();
+    for (i, q) in questions.iter().enumerate() {
+        let req = GenerateRequest {
+            slot: Some(i as u32),
+            ..chat(&system, q, 8)
+        };
+        streams.push(client.generate(&req).await.unwrap());
+    }
+    let mut answers = Vec::new();
+    for s in streams {
+        answers.push(s.collect().await.unwrap());
+    }
+    let m = scrape(&client).await;
+    let computed = m.sum("llorch_engine_prompt_tokens_total", &[]);
+    let prompt = f64::from(answers[0].end.prompt_tokens);
+    let copied = answers
+        .iter()
+        .filter(|c| c.end.cached_tokens * 10 >= c.end.prompt_tokens * 8)
+        .count();
+    eprintln!(
+        "computed {computed} prompt tokens for four prompts of about {prompt}; waits {}",
+        m.sum("llorch_prefix_cache_waits_total", &[])
+    );
+    assert_eq!(
+        copied, 3,
+        "three of four take the system prompt from the first"
+    );
+    // Once: one whole prompt and three questions (each well under 100 tokens with its
+    // template), where side by side it would be nearly four whole prompts.
+    assert!(
+        computed < prompt + 300.0,
+        "{computed} prompt tokens computed for four requests sharing a {prompt}-token prompt"
+    );
+    agrees(&answers[2], &reference, "arrived together");
+    assert!(engine.stop().success());
+}
+
+/// A request waiting for another slot's prefix is not stranded when that slot's client goes
+/// away mid-prompt: it takes what was computed and computes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_finishes_when_the_slot_it_waits_for_is_cancelled() {
+    let _serial = serial();
+    // Three steps of prefill, so the second request arrives during them.
+    let system = long_system_prompt();
+    let req = |slot: u32, q: &str| GenerateRequest {
+        slot: Some(slot),
+        ..chat(&system, q, 8)
+    };
+    let reference = cold(&req(0, "Which way is north?")).await;
+    let engine = Engine::start(&["--slots", "2"]);
+    let client = engine.client();
+    let first = client
+        .generate(&req(0, "What is a compass?"))
+        .await
+        .unwrap();
+    let second = client
+        .generate(&req(1, "Which way is north?"))
+        .await
+        .unwrap();
+    drop(first);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(120), second.collect())
+        .await
+        .expect("the waiting request finished")
+        .unwrap();
+    let m = scrape(&client).await;
+    eprintln!(
+        "{:?}; waits {}",
+        answer.end,
+        m.sum("llorch_prefix_cache_waits_total", &[])
+    );
+    assert_eq!(m.sum("llorch_prefix_cache_waits_total", &[]), 1.0);
+    agrees(&answer, &reference, "after its donor was cancelled");
+    assert!(engine.stop().success());
+}
+
+/// Only a computation of the request's own scope is waited for: a request of another API key
+/// that arrives while one key's system prompt is computed computes it itself (waiting would
+/// let it learn, from its time to first token, that the other key sent that prompt just now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_never_waits_for_another_scopes_prompt() {
+    let _serial = serial();
+    let system = long_system_prompt();
+    let engine = Engine::start(&["--slots", "2"]);
+    let client = engine.client();
+    let req = |slot: u32, scope: u64| GenerateRequest {
+        slot: Some(slot),
+        cache_scope: Some(scope),
+        ..chat(&system, "Which way is north?", 4)
+    };
+    let a = client.generate(&req(0, 1)).await.unwrap();
+    let b = client.generate(&req(1, 2)).await.unwrap();
+    let (a, b) = (a.collect().await.unwrap(), b.collect().await.unwrap());
+    let m = scrape(&client).await;
+    assert_eq!(m.sum("llorch_prefix_cache_waits_total", &[]), 0.0);
+    assert_eq!((a.end.cached_tokens, b.end.cached_tokens), (0, 0));
+    assert!(engine.stop().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_cache_stays_within_its_bound_by_evicting_the_least_recently_used() {
     let _serial = serial();
@@ -283,15 +405,15 @@ async fn placed_chat(
 async fn placement_sends_a_shared_system_prompt_to_the_pool_that_holds_it() {
     use llorch_tests::stack::{Stack, StackOptions};
     let _serial = serial();
-    // Two idle pools of the model: by free slots alone every task would go to `default` (the
-    // smaller id wins a tie).
+    // Two idle pools of the model with 3 slots each: by free slots alone every task would go to
+    // `default` (the smaller id wins a tie).
     let second = format!(
-        "\n[[pools]]\nid = \"second\"\nslots = 2\nctx = 1024\nthreads = 1\n\n[pools.model]\nid = \"{}\"\nsource = \"{}\"\n",
+        "\n[[pools]]\nid = \"second\"\nslots = 3\nctx = 1024\nthreads = 1\n\n[pools.model]\nid = \"{}\"\nsource = \"{}\"\n",
         llorch_tests::stack::MODEL_ID,
         llorch_tests::model_path().display()
     );
     let mut stack = Stack::start(StackOptions {
-        slots: 2,
+        slots: 3,
         api_keys: false,
         extra_node_toml: second,
         ..StackOptions::default()
@@ -333,6 +455,56 @@ async fn placement_sends_a_shared_system_prompt_to_the_pool_that_holds_it() {
     // Another system prompt has no cache anywhere: free slots decide (a tie: `default`).
     let (pool, _) = placed_chat(&client, &system_prompt("knitting"), "Hi?", None).await;
     assert_eq!(pool, "default");
+    // The load rule (docs/ARCHITECTURE.md, "Cache-aware placement"): a pool keeps the bonus
+    // while it runs at most its share of the running tasks plus one, `busy x 6 <= 3 x (all
+    // busy + 1)` here. With one long task on `second` it still gets the system prompt, though
+    // `default` has more free slots...
+    let first_hold = hold(&client, "second").await;
+    let (pool, _) = placed_chat(&client, &system, "What is a mast?", None).await;
+    assert_eq!(pool, "second", "one task running: within its share");
+    // ...with two (12 > 9) it has a free slot but loses the bonus, and free slots decide.
+    let second_hold = hold(&client, "second").await;
+    let (pool, end) = placed_chat(&client, &system, "What is a hull?", None).await;
+    assert_eq!(pool, "default", "two of three slots busy: past its share");
+    assert!(end.cached_tokens * 2 < end.tokens_in, "{end:?}");
+    for (id, _stream) in [first_hold, second_hold] {
+        let (status, _, v) = llorch_tests::post(
+            &client,
+            &format!("/v2/tasks/{id}/cancel"),
+            &serde_json::json!({}),
+        )
+        .await;
+        assert!(status.is_success(), "{status} {v}");
+    }
+}
+
+/// Starts a long task pinned to `pool` and returns its id and stream once its first token is
+/// out: its slot is busy until it is cancelled.
+async fn hold(
+    client: &llorch_client::HttpClient,
+    pool: &str,
+) -> (String, llorch_client::EventStream) {
+    use llorch_wire::task::{PlacementHints, TaskAccepted, TaskRequest};
+    let req = TaskRequest {
+        model_ref: llorch_tests::stack::MODEL_ID.into(),
+        prompt: Some("Count slowly:".into()),
+        max_tokens: Some(900),
+        ignore_eos: true,
+        placement: Some(PlacementHints {
+            pin_pool_id: Some(pool.into()),
+            ..PlacementHints::default()
+        }),
+        ..TaskRequest::default()
+    };
+    let accepted: TaskAccepted = client.post_json("/v2/tasks", &req).await.unwrap();
+    let mut stream = client.events(&accepted.streams.sse).await.unwrap();
+    loop {
+        let frame = stream.next_frame().await.expect("a token").unwrap();
+        assert_ne!(frame.event, "end", "the long task ended early");
+        if frame.event == "token" {
+            return (accepted.task_id, stream);
+        }
+    }
 }
 
 /// One API key cannot probe another's prompts through the cache: what key A's system prompt

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub prefix_bytes: IntGauge,
     pub prefix_entries: IntGauge,
     pub prefix_limit_bytes: IntGauge,
+    /// Requests that waited for another slot to compute their prefix instead of computing it.
+    pub prefix_waits: IntCounter,
     slots: IntGaugeVec,
 }
 
@@ -38,13 +40,12 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let r = llorch_metrics::registry("llorch-engine");
+        let counter = |name: &str, help: &str| register(&r, IntCounter::new(name, help));
+        let int_gauge = |name: &str, help: &str| register(&r, IntGauge::new(name, help));
         let m = Self {
-            decode_steps: register(
-                &r,
-                IntCounter::new(
-                    "llorch_engine_decode_steps_total",
-                    "llama_decode calls, one per step of the continuous batch.",
-                ),
+            decode_steps: counter(
+                "llorch_engine_decode_steps_total",
+                "llama_decode calls, one per step of the continuous batch.",
             ),
             batch_size: register(
                 &r,
@@ -70,17 +71,11 @@ impl Metrics {
                     "Generated tokens per second of decoding, over the recent steps.",
                 ),
             ),
-            prompt_tokens: register(
-                &r,
-                IntCounter::new(
-                    "llorch_engine_prompt_tokens_total",
-                    "Prompt tokens evaluated (cache hits excluded).",
-                ),
+            prompt_tokens: counter(
+                "llorch_engine_prompt_tokens_total",
+                "Prompt tokens evaluated (cache hits excluded).",
             ),
-            generated_tokens: register(
-                &r,
-                IntCounter::new("llorch_engine_generated_tokens_total", "Tokens generated."),
-            ),
+            generated_tokens: counter("llorch_engine_generated_tokens_total", "Tokens generated."),
             prefix_hit_tokens: register(
                 &r,
                 IntCounterVec::new(
@@ -92,47 +87,34 @@ impl Metrics {
                     &["source"],
                 ),
             ),
-            prefix_restored_bytes: register(
-                &r,
-                IntCounter::new(
-                    "llorch_prefix_cache_restored_bytes_total",
-                    "Bytes of prompt state restored from the host cache into a slot.",
-                ),
+            prefix_restored_bytes: counter(
+                "llorch_prefix_cache_restored_bytes_total",
+                "Bytes of prompt state restored from the host cache into a slot.",
             ),
-            prefix_saved_bytes: register(
-                &r,
-                IntCounter::new(
-                    "llorch_prefix_cache_saved_bytes_total",
-                    "Bytes of prompt state saved to the host cache when a slot moved on.",
-                ),
+            prefix_saved_bytes: counter(
+                "llorch_prefix_cache_saved_bytes_total",
+                "Bytes of prompt state saved to the host cache when a slot moved on.",
             ),
-            prefix_evictions: register(
-                &r,
-                IntCounter::new(
-                    "llorch_prefix_cache_evictions_total",
-                    "Host cache entries evicted (least recently used) to stay within the bound.",
-                ),
+            prefix_evictions: counter(
+                "llorch_prefix_cache_evictions_total",
+                "Host cache entries evicted (least recently used) to stay within the bound.",
             ),
-            prefix_bytes: register(
-                &r,
-                IntGauge::new(
-                    "llorch_prefix_cache_bytes",
-                    "Bytes of prompt state held in the host cache.",
-                ),
+            prefix_bytes: int_gauge(
+                "llorch_prefix_cache_bytes",
+                "Bytes of prompt state held in the host cache.",
             ),
-            prefix_entries: register(
-                &r,
-                IntGauge::new(
-                    "llorch_prefix_cache_entries",
-                    "Prompt states held in the host cache.",
-                ),
+            prefix_entries: int_gauge(
+                "llorch_prefix_cache_entries",
+                "Prompt states held in the host cache.",
             ),
-            prefix_limit_bytes: register(
-                &r,
-                IntGauge::new(
-                    "llorch_prefix_cache_limit_bytes",
-                    "The host cache's bound in bytes (0: off).",
-                ),
+            prefix_limit_bytes: int_gauge(
+                "llorch_prefix_cache_limit_bytes",
+                "The host cache's bound in bytes (0: off).",
+            ),
+            prefix_waits: counter(
+                "llorch_prefix_cache_waits_total",
+                "Requests that waited for another slot computing their prefix, then copied it, \
+                     instead of computing it beside that slot.",
             ),
             slots: register(
                 &r,

@@ -7,9 +7,11 @@
 //! 3. the host cache ([`HostCache`]): prompt states saved in host memory when a slot moved on
 //!    to another prompt, restored into the slot (a copy of the saved cells) when one is the
 //!    longest prefix;
-//! 4. otherwise the prompt is computed.
+//! 4. otherwise the prompt is computed; and a request whose prefix another slot is computing
+//!    right now waits for it ([`wait_for`]) and then takes route 2, so a burst of requests with
+//!    one new system prompt computes it once.
 //!
-//! [`plan`] makes that choice (pure, unit tested); `decode.rs` carries it out on the llama
+//! [`plan`] makes that choice (pure, unit tested); `decode/` carries it out on the llama
 //! context. The host cache is bounded in bytes and evicts the least recently used entry.
 
 /// A slot's state is saved to the host cache when it holds at least this many tokens that the
@@ -123,6 +125,28 @@ pub fn worth_saving<S, T: AsRef<[i32]>>(
             i != slot && scopes[i] == scope && common_prefix(other.as_ref(), held) == held.len()
         })
         && !host.covers(held, scope)
+}
+
+/// The slot whose prompt, still being computed, this request should wait for rather than
+/// compute the same tokens beside it: the computing slot (`computing`: slot index and the whole
+/// prompt it is evaluating, same scope only) sharing the longest prefix with `prompt`, when that
+/// beats `planned` (what [`plan`] finds cached now) by at least [`MIN_COPY_GAIN`] tokens. The
+/// wait ends when that slot's cells hold the shared part; the request then copies them (a
+/// [`Source::Slot`] plan) and computes only the rest. So several requests arriving together with
+/// one new system prompt compute it once, where computing it side by side would split every
+/// batch between copies of the same work.
+pub fn wait_for<'a>(
+    planned: usize,
+    prompt: &[i32],
+    computing: impl Iterator<Item = (usize, &'a [i32])>,
+) -> Option<usize> {
+    // The last prompt token is always evaluated (its logits are sampled), so it is never shared.
+    let limit = prompt.len().saturating_sub(1);
+    computing
+        .map(|(slot, other)| (slot, common_prefix(other, prompt).min(limit)))
+        .filter(|(_, n)| *n >= planned + MIN_COPY_GAIN)
+        .max_by_key(|(slot, n)| (*n, std::cmp::Reverse(*slot)))
+        .map(|(slot, _)| slot)
 }
 
 pub fn common_prefix(a: &[i32], b: &[i32]) -> usize {
@@ -338,6 +362,34 @@ mod tests {
         // A host entry that gains less than MIN_COPY_GAIN is not worth a copy.
         let kv = vec![prompt[..prompt.len() - 10].to_vec(), vec![], vec![]];
         assert_eq!(plan(0, &kv, &[0; 3], &host, &prompt, 0).source, Source::Own);
+    }
+
+    #[test]
+    fn a_request_waits_for_the_slot_computing_the_longest_shared_prefix() {
+        let system = tokens(0, 300);
+        let mut mine = system.clone();
+        mine.extend(tokens(5000, 10));
+        let mut theirs = system[..200].to_vec();
+        theirs.extend(tokens(7000, 50));
+        let computing = [(1, theirs.as_slice()), (2, system.as_slice())];
+        // Slot 2 computes all 300 shared tokens, slot 1 only 200 of them.
+        assert_eq!(wait_for(0, &mine, computing.iter().copied()), Some(2));
+        // What is cached already counts: 280 of 300 are not worth a wait.
+        assert_eq!(wait_for(280, &mine, computing.iter().copied()), None);
+        assert_eq!(wait_for(268, &mine, computing.iter().copied()), Some(2));
+        // A prompt shorter than the gain, or nothing in common: no wait.
+        assert_eq!(wait_for(0, &tokens(0, 20), computing.iter().copied()), None);
+        assert_eq!(
+            wait_for(0, &tokens(9000, 400), computing.iter().copied()),
+            None
+        );
+        // Nothing computing: no wait.
+        assert_eq!(wait_for(0, &mine, std::iter::empty()), None);
+        // The same prompt: all but its last token is shared.
+        assert_eq!(
+            wait_for(0, &system, [(3, system.as_slice())].into_iter()),
+            Some(3)
+        );
     }
 
     #[test]

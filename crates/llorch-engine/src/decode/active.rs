@@ -19,6 +19,9 @@ pub(super) struct Active {
     pub(super) stop_hit: Option<String>,
     /// Prompt tokens not yet evaluated.
     pub(super) pending: std::collections::VecDeque<i32>,
+    /// The slot computing this job's prefix right now, which the job waits for before it takes
+    /// its cells (`prefix::wait_for`); nothing of the job is evaluated meanwhile.
+    pub(super) waiting: Option<usize>,
     /// The token sampled last step, to be evaluated next step.
     pub(super) next: Option<i32>,
     pub(super) cached: u32,

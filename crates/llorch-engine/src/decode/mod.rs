@@ -202,6 +202,7 @@ impl DecodeLoop {
                     );
                 }
             }
+            self.resume_waiting(ctx);
             for slot in 0..self.active.len() {
                 if self.active[slot].as_ref().is_some_and(|a| a.restart) {
                     self.next_choice(ctx, slot, n_vocab);
@@ -263,15 +264,35 @@ impl DecodeLoop {
                 return;
             }
         };
-        let keep = self.reuse(ctx, slot, &job.prompt, job.lease.scope());
+        let scope = job.lease.scope();
+        let planned = prefix::plan(slot, &self.kv, &self.scopes, &self.host, &job.prompt, scope);
+        let computing = self.active.iter().enumerate().filter_map(|(j, a)| {
+            let a = a.as_ref()?;
+            let busy = a.waiting.is_none() && !a.pending.is_empty() && a.job.lease.scope() == scope;
+            busy.then_some((j, a.job.prompt.as_slice()))
+        });
+        let waiting = prefix::wait_for(planned.tokens, &job.prompt, computing);
+        let keep = match waiting {
+            Some(donor) => {
+                tracing::debug!(
+                    slot,
+                    donor,
+                    "Waiting for another slot to compute the shared prefix."
+                );
+                self.metrics.prefix_waits.inc();
+                job.prompt.len()
+            }
+            None => self.reuse(ctx, slot, &job.prompt, scope),
+        };
         let active = Active {
             sampler: job.sampling.sampler(n_vocab, grammar),
             logprobs: Vec::new(),
             text: TextStream::new(job.stop.clone()),
             stop_hit: None,
             pending: job.prompt[keep..].iter().copied().collect(),
+            waiting,
             next: None,
-            cached: keep as u32,
+            cached: if waiting.is_some() { 0 } else { keep as u32 },
             generated: 0,
             choice: 0,
             ended: Vec::new(),
@@ -354,6 +375,37 @@ impl DecodeLoop {
                 .inc_by(keep as u64);
         }
         keep
+    }
+
+    /// Starts the prefill of each waiting job whose donor's cells now hold the prefix they share,
+    /// or whose donor stopped computing it (ended, cancelled, replaced): the job then takes the
+    /// best source there is (normally the donor's cells) and computes the rest.
+    fn resume_waiting(&mut self, ctx: &mut LlamaContext<'_>) {
+        for slot in 0..self.active.len() {
+            let Some((donor, prompt, scope)) = self.active[slot]
+                .as_ref()
+                .and_then(|a| Some((a.waiting?, &a.job.prompt, a.job.lease.scope())))
+            else {
+                continue;
+            };
+            let still_computing = self.active[donor].as_ref().is_some_and(|d| {
+                let shared = prefix::common_prefix(&d.job.prompt, prompt)
+                    .min(prompt.len().saturating_sub(1));
+                d.waiting.is_none()
+                    && !d.pending.is_empty()
+                    && prefix::common_prefix(&self.kv[donor], prompt) < shared
+            });
+            if still_computing {
+                continue;
+            }
+            let prompt = prompt.clone();
+            let keep = self.reuse(ctx, slot, &prompt, scope);
+            if let Some(a) = self.active[slot].as_mut() {
+                a.pending = prompt[keep..].iter().copied().collect();
+                a.cached = keep as u32;
+                a.waiting = None;
+            }
+        }
     }
 
     /// Saves `slot`'s KV cells to the host cache (evicting the least recently used entries to
