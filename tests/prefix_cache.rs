@@ -362,7 +362,44 @@ async fn the_host_cache_stays_within_its_bound_by_evicting_the_least_recently_us
         "{:?}",
         recent.end
     );
+    // The engine's peak resident memory stays inside the MemoryMax pool-managerd gives its
+    // unit for these settings (1 slot of the default 2,048 tokens, a 24 MiB host cache).
+    let peak = peak_rss(engine.child.id());
+    let model = llorch_tests::model_path();
+    let info = llorch_gguf::inspect(&model).unwrap();
+    let pool: pool_managerd::config::PoolConfig = toml::from_str(&format!(
+        "id = \"p\"\nslots = 1\nctx = 2048\n[model]\nid = \"m\"\nsource = \"{}\"\n",
+        model.display()
+    ))
+    .unwrap();
+    let bound = pool_managerd::launcher::engine_memory_bound(
+        &pool,
+        std::fs::metadata(&model).unwrap().len(),
+        info.kv_bytes_per_token(),
+        24 << 20,
+    )
+    .unwrap();
+    eprintln!(
+        "engine VmHWM {} MiB, MemoryMax {} MiB",
+        peak >> 20,
+        bound >> 20
+    );
+    assert!(
+        peak < bound,
+        "peak RSS {peak} over the unit's bound {bound}"
+    );
     assert!(engine.stop().success());
+}
+
+/// A process's peak resident set (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib * 1024
 }
 
 /// A native chat task of `system` and `question`, run to its end: (pool, end event).
