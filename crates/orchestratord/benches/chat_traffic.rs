@@ -9,6 +9,9 @@
 //!   out.
 //! - `multiturn`: 16 conversations of 6 turns, all 16 active at once (each sends its next turn
 //!   when its last answer is in, resending its whole history), 48 tokens out.
+//! - `burst`: 8 rounds, each a new system prompt of about 740 tokens sent by 4 clients at once
+//!   with their own short questions (an agent fanning out, or users arriving together), 16
+//!   tokens out; a round starts when the last one's answers are in.
 //!
 //! Reported per target: requests (turns) per second over the workload's wall time and time to
 //! first token (p50, p90). Each target starts fresh (nothing cached) before each workload.
@@ -17,7 +20,7 @@
 //! Settings come from the environment:
 //! - `LLORCH_BENCH_LLAMA_SERVER`: the llama-server binary (default: `llama-server` on `PATH`);
 //!   without one only llama-orch is measured and the comparison says SKIPPED.
-//! - `LLORCH_BENCH_WORKLOADS` (default `shared,multiturn`).
+//! - `LLORCH_BENCH_WORKLOADS` (default `shared,multiturn,burst`).
 //! - `LLORCH_BENCH_THREADS` (default 2), `LLORCH_BENCH_SLOTS` (default 4; 2048 tokens each).
 //! - `LLORCH_BENCH_MODEL` / `LLORCH_TEST_MODEL`: the GGUF (default: the bundled model).
 
@@ -299,10 +302,41 @@ async fn multiturn(url: &str) -> Outcome {
     }
 }
 
+/// `rounds` new system prompts, each sent by 4 clients at once.
+async fn burst(url: &str, rounds: usize) -> Outcome {
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    for r in 0..rounds {
+        let calls: Vec<_> = (0..4)
+            .map(|u| {
+                let url = url.to_string();
+                tokio::spawn(async move {
+                    let messages = [
+                        json!({"role": "system", "content": system_prompt(r)}),
+                        json!({"role": "user", "content": format!("Client {u} of round {r}: is it still under warranty?")}),
+                    ];
+                    chat(&url, &messages, 16).await
+                })
+            })
+            .collect();
+        for c in calls {
+            answers.push(c.await.expect("call"));
+        }
+    }
+    Outcome {
+        rate: answers.len() as f64 / started.elapsed().as_secs_f64(),
+        ttft: answers.iter().map(|a| a.ttft).collect(),
+        computed: answers.iter().map(|a| a.computed).sum(),
+    }
+}
+
 fn main() {
     let threads: u32 = env_or("LLORCH_BENCH_THREADS", 2);
     let slots: u32 = env_or("LLORCH_BENCH_SLOTS", 4);
-    let workloads: String = env_or("LLORCH_BENCH_WORKLOADS", "shared,multiturn".to_string());
+    let workloads: String = env_or(
+        "LLORCH_BENCH_WORKLOADS",
+        "shared,multiturn,burst".to_string(),
+    );
     let server = llama_server_bin();
     let mut targets = vec![Target::Orch];
     match &server {
@@ -333,6 +367,7 @@ fn main() {
                 let outcome = match workload {
                     "shared" => shared(&url, 8).await,
                     "multiturn" => multiturn(&url).await,
+                    "burst" => burst(&url, 8).await,
                     other => panic!("unknown workload {other}"),
                 };
                 drop(running);
