@@ -272,6 +272,7 @@ impl DecodeLoop {
             busy.then_some((j, a.job.prompt.as_slice()))
         });
         let waiting = prefix::wait_for(planned.tokens, &job.prompt, computing);
+        // Waiting: nothing of the prompt is placed yet (`resume_waiting` does it).
         let keep = match waiting {
             Some(donor) => {
                 tracing::debug!(
@@ -280,19 +281,21 @@ impl DecodeLoop {
                     "Waiting for another slot to compute the shared prefix."
                 );
                 self.metrics.prefix_waits.inc();
-                job.prompt.len()
+                None
             }
-            None => self.reuse(ctx, slot, &job.prompt, scope),
+            None => Some(self.reuse(ctx, slot, &job.prompt, scope, planned)),
         };
         let active = Active {
             sampler: job.sampling.sampler(n_vocab, grammar),
             logprobs: Vec::new(),
             text: TextStream::new(job.stop.clone()),
             stop_hit: None,
-            pending: job.prompt[keep..].iter().copied().collect(),
+            pending: keep.map_or_else(Default::default, |k| {
+                job.prompt[k..].iter().copied().collect()
+            }),
             waiting,
             next: None,
-            cached: if waiting.is_some() { 0 } else { keep as u32 },
+            cached: keep.unwrap_or(0) as u32,
             generated: 0,
             choice: 0,
             ended: Vec::new(),
@@ -306,7 +309,7 @@ impl DecodeLoop {
     }
 
     /// Fills `slot`'s KV cache with the longest prefix of `prompt` found in any slot or in the
-    /// host cache (`prefix.rs` chooses), saving what the slot held to the host cache first
+    /// host cache (`plan`, which `prefix::plan` chose for this state of the caches), saving what the slot held to the host cache first
     /// when it would be lost, and returns how many prompt tokens the slot now holds. At least
     /// one prompt token is left to evaluate, because sampling needs its logits. Whatever
     /// fails here falls back to computing the whole prompt.
@@ -316,10 +319,10 @@ impl DecodeLoop {
         slot: usize,
         prompt: &[i32],
         scope: u64,
+        mut plan: prefix::Plan,
     ) -> usize {
         let seq = slot as i32;
         let limit = prompt.len().saturating_sub(1);
-        let mut plan = prefix::plan(slot, &self.kv, &self.scopes, &self.host, prompt, scope);
         let own_kept = match plan.source {
             Source::Own => plan.tokens.min(limit),
             _ => 0,
@@ -399,7 +402,8 @@ impl DecodeLoop {
                 continue;
             }
             let prompt = prompt.clone();
-            let keep = self.reuse(ctx, slot, &prompt, scope);
+            let plan = prefix::plan(slot, &self.kv, &self.scopes, &self.host, &prompt, scope);
+            let keep = self.reuse(ctx, slot, &prompt, scope, plan);
             if let Some(a) = self.active[slot].as_mut() {
                 a.pending = prompt[keep..].iter().copied().collect();
                 a.cached = keep as u32;
